@@ -1,0 +1,126 @@
+//! The gang scheduler core. Pure: it takes a snapshot of nodes, running gangs and queued gangs
+//! plus the time, and returns placements and, for every gang it does not place, a reason a person
+//! can act on. It does no I/O, reads no clock and keeps no state between passes, so the running
+//! agent, `agentd replay` and the tests all drive exactly the same code.
+
+use std::collections::BTreeMap;
+
+/// What one replica asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Resources {
+    pub gpus: u32,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+}
+
+/// One GPU of a node, as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuSlot {
+    pub index: u32,
+    pub uuid: String,
+    pub product: String,
+    pub memory_mib: u64,
+    pub healthy: bool,
+}
+
+/// A node and its total capacity. What is already allocated comes separately, in
+/// [`Snapshot::running`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCapacity {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub gpus: Vec<GpuSlot>,
+    pub cpu_milli: u64,
+    pub memory_mib: u64,
+    /// False when the node is drained, not ready or lost: nothing new is placed on it.
+    pub schedulable: bool,
+}
+
+/// One replica of a gang: its name (`worker-3`), what it asks for, where it may go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRequest {
+    pub name: String,
+    pub resources: Resources,
+    /// Node labels that must match exactly (a pod template's `nodeSelector`).
+    pub node_selector: BTreeMap<String, String>,
+}
+
+/// A job waiting to be placed: all of its replicas go at once or none do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gang {
+    pub id: String,
+    pub queue: String,
+    pub priority: i32,
+    /// Submit time, seconds (wall clock in the agent, virtual in replay).
+    pub submitted_at: f64,
+    pub replicas: Vec<ReplicaRequest>,
+    /// How many replicas must be placed together; `None` means all of them.
+    pub min_available: Option<u32>,
+    /// The run time the user declared (`activeDeadlineSeconds`), used only to plan reservations
+    /// and backfill; never the true run time.
+    pub declared_runtime_s: Option<f64>,
+}
+
+/// Where one replica goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub replica: String,
+    pub node: String,
+    pub gpu_indices: Vec<u32>,
+    pub resources: Resources,
+}
+
+/// A gang that holds resources now (running, starting or restarting in place).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningGang {
+    pub id: String,
+    pub queue: String,
+    pub assignments: Vec<Assignment>,
+    /// When it is expected to end at the latest (start + declared run time), if declared.
+    pub expected_end: Option<f64>,
+}
+
+/// A named queue and its limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub name: String,
+    pub priority: i32,
+    pub weight: u32,
+    pub max_running_jobs: Option<u32>,
+    pub max_gpus: Option<u32>,
+}
+
+/// A placement decided in this pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub gang: String,
+    pub assignments: Vec<Assignment>,
+}
+
+/// A gang left waiting, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Waiting {
+    pub gang: String,
+    /// Short machine-readable class, e.g. `Unschedulable`, `QueueLimit`, `Reserved`.
+    pub reason: String,
+    /// A sentence a person can act on.
+    pub message: String,
+}
+
+/// Everything one pass looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot<'a> {
+    pub now: f64,
+    pub nodes: &'a [NodeCapacity],
+    pub running: &'a [RunningGang],
+    /// Queued gangs in any order; the scheduler orders them.
+    pub queued: &'a [Gang],
+    pub queues: &'a [QueueConfig],
+}
+
+/// What one pass decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decision {
+    pub placements: Vec<Placement>,
+    pub waiting: Vec<Waiting>,
+}

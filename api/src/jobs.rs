@@ -1,0 +1,1 @@
+//! Jobs on the wire (filled in by the jobs work).

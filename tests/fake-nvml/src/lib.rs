@@ -1,0 +1,1 @@
+//! A stand-in for NVML (to be filled in).
