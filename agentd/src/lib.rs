@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod exec;
 pub mod inventory;
 pub mod job;
