@@ -1,1 +1,4 @@
 //! (to be filled in)
+
+pub mod gpu;
+pub mod health;
