@@ -490,3 +490,38 @@ fn health_event(index: u32, uuid: &str, change: HealthChange) -> GpuHealthEvent 
         reason,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_can_move_into_spawn_blocking() {
+        fn assert_send<T: Send + 'static>() {}
+        assert_send::<GpuProbe>();
+        assert_send::<GpuSample>();
+    }
+
+    #[test]
+    fn health_events_read_as_sentences() {
+        let event = health_event(
+            3,
+            "GPU-x",
+            HealthChange::BecameUnhealthy {
+                reason: "XID 79".into(),
+            },
+        );
+        assert_eq!(event.to_string(), "GPU 3 (GPU-x) unhealthy: XID 79");
+        let event = health_event(
+            3,
+            "GPU-x",
+            HealthChange::BecameHealthy {
+                was: "XID 79".into(),
+            },
+        );
+        assert_eq!(
+            event.to_string(),
+            "GPU 3 (GPU-x) healthy again (was: XID 79)"
+        );
+    }
+}
