@@ -2,10 +2,20 @@
 //! drive agentd's real `nvml-wrapper` code path without a GPU.
 //!
 //! The file is named by `FAKE_NVML_CONFIG` and re-read on every call that needs it, so a test can
-//! change a GPU while the agent runs. Its format is in [`config`]. The library exports the NVML C
-//! functions agentd uses (see the list below); `nvml-wrapper` resolves each symbol lazily into a
-//! `Result`, so functions not exported here fail only when called, with
-//! `NvmlError::FailedToLoadSymbol`.
+//! change a GPU while the agent runs; a test should replace it by rename, so no call reads half a
+//! file. Its format is in [`config`]. `nvml-wrapper` resolves each symbol lazily into a `Result`,
+//! so functions not exported here fail only when called, with `NvmlError::FailedToLoadSymbol`.
+//!
+//! Exported: `nvmlInit`, `nvmlInit_v2`, `nvmlInitWithFlags`, `nvmlShutdown`, `nvmlErrorString`,
+//! `nvmlSystemGetDriverVersion`, `nvmlSystemGetNVMLVersion`, `nvmlSystemGetCudaDriverVersion`
+//! (and `_v2`), `nvmlDeviceGetCount` (and `_v2`), `nvmlDeviceGetHandleByIndex` (and `_v2`),
+//! `nvmlDeviceGetHandleByUUID`, `nvmlDeviceGetHandleByPciBusId_v2`, `nvmlDeviceGetIndex`,
+//! `nvmlDeviceGetName`, `nvmlDeviceGetUUID`, `nvmlDeviceGetPciInfo_v2`/`_v3`,
+//! `nvmlDeviceGetMemoryInfo` (and `_v2`), `nvmlDeviceGetUtilizationRates`,
+//! `nvmlDeviceGetTemperature`, `nvmlDeviceGetPowerUsage`, `nvmlDeviceGetEnforcedPowerLimit`,
+//! `nvmlDeviceGetPowerManagementLimit`, `nvmlDeviceGetTotalEnergyConsumption`,
+//! `nvmlDeviceGetTotalEccErrors`, `nvmlDeviceGetSupportedEventTypes`, `nvmlEventSetCreate`,
+//! `nvmlEventSetFree`, `nvmlDeviceRegisterEvents`, `nvmlEventSetWait_v2`.
 //!
 //! Modelled: init/shutdown reference counting (calls before init return
 //! `NVML_ERROR_UNINITIALIZED`); a GPU with `lost: true` answers `NVML_ERROR_GPU_IS_LOST` to every
