@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::api::{self, AgentIdentity, ApiState};
 use crate::config::Config;
+use crate::core::Core;
 use crate::inventory::{self, Sampler};
 use crate::store::Store;
 
@@ -63,10 +64,16 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     tracing::info!("database open");
 
     let (inventory_tx, inventory_rx) = watch::channel(Arc::default());
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = watch::channel(false);
     let span = tracing::info_span!("inventory", interval = ?config.inventory.interval);
-    let mut sampler = span.in_scope(|| Sampler::open(node_name.clone()))?;
-    let (sampler, first) = tokio::task::spawn_blocking(move || {
+    let nvml_library = Some(config.inventory.nvml_library.as_str())
+        .filter(|l| !l.is_empty())
+        .map(std::path::PathBuf::from);
+    let mut sampler = span.in_scope(|| {
+        Sampler::open(node_name.clone(), nvml_library.as_deref(), config.inventory.gpu_recovery_quiet)
+    })?;
+    let (sampler, (first, first_changes)) = tokio::task::spawn_blocking(move || {
         let first = sampler.sample();
         (sampler, first)
     })
@@ -82,10 +89,20 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         );
     });
     inventory_tx.send_replace(Arc::new(first));
+    for change in first_changes {
+        let _ = health_tx.send(change);
+    }
     let refresh = tokio::spawn(
-        inventory::refresh(sampler, config.inventory.interval, inventory_tx, stop.clone())
+        inventory::refresh(sampler, config.inventory.interval, inventory_tx, health_tx, stop.clone())
             .instrument(span),
     );
+
+    let (core, core_handle, core_inputs) = {
+        let _span = tracing::info_span!("core").entered();
+        Core::open(&config, node_name.clone(), store, inventory_rx.clone(), health_rx)
+            .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
+    };
+    let core = tokio::spawn(core.run(core_inputs, stop.clone()).instrument(tracing::info_span!("core")));
 
     let state = ApiState {
         agent: Arc::new(AgentIdentity {
@@ -99,6 +116,7 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         }),
         inventory: inventory_rx,
         ready: ready_rx,
+        core: core_handle,
     };
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())
@@ -109,6 +127,7 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
 
     let _ = server.await;
     let _ = refresh.await;
+    let store = core.await.map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket");
     }

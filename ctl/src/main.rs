@@ -1,6 +1,7 @@
 //! `agentctl`: talks to the local agent over its Unix socket. One module per subcommand;
 //! `output` prints. Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 agent unreachable.
 
+mod jobs;
 mod output;
 mod status;
 
@@ -31,6 +32,37 @@ enum Command {
     Status,
     /// The node's full inventory.
     Node,
+    /// Submit a TrainingJob or Kubeflow TFJob manifest (YAML or JSON; `-` reads standard input).
+    Submit {
+        file: PathBuf,
+        /// Wait for the job to finish, showing its progress; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs.
+    Jobs {
+        #[arg(long)]
+        queue: Option<String>,
+        /// Queued, Placed, Starting, Running, Restarting, Succeeded, Failed or Cancelled.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One job: state, reason, replicas and events.
+    Job { name: String },
+    /// A replica's output (the first replica unless --replica says which).
+    Logs {
+        name: String,
+        /// For example worker-0.
+        #[arg(long)]
+        replica: Option<String>,
+        /// Keep printing until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel an active job (its gang is stopped); remove a finished one.
+    Cancel { name: String },
+    /// The queues, their limits and what is in them.
+    Queues,
 }
 
 /// How a command failed, which decides the exit code.
@@ -75,6 +107,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Status => status::status(&client, cli.output).await,
             Command::Node => status::node(&client, cli.output).await,
+            Command::Submit { file, wait } => jobs::submit(&client, &file, wait, cli.output).await,
+            Command::Jobs { queue, state } => {
+                jobs::list(&client, queue.as_deref(), state.as_deref(), cli.output).await
+            }
+            Command::Job { name } => jobs::show(&client, &name, cli.output).await,
+            Command::Logs { name, replica, follow } => {
+                jobs::logs(&client, &name, replica.as_deref(), follow).await
+            }
+            Command::Cancel { name } => jobs::cancel(&client, &name, cli.output).await,
+            Command::Queues => jobs::queues(&client, cli.output).await,
         }
     });
     match result {

@@ -4,6 +4,7 @@
 //! logged with the caller's uid, taken from the socket (SO_PEERCRED).
 
 pub mod error;
+mod logs;
 mod routes;
 pub mod socket;
 
@@ -22,6 +23,8 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 pub use error::ApiError;
+
+use crate::core::{Command, CoreError, CoreHandle};
 pub use routes::Route;
 
 /// Bodies larger than this are refused with 413.
@@ -39,6 +42,7 @@ pub struct ApiState {
     pub inventory: watch::Receiver<Arc<NodeInventory>>,
     /// True once the agent is ready to take work (first inventory in, core running).
     pub ready: watch::Receiver<bool>,
+    pub core: CoreHandle,
 }
 
 /// The fixed facts about this agent that `status` reports.
@@ -97,7 +101,9 @@ async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> R
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let response = match declared_too_large(&req).and_then(|()| Route::parse(&method, &path)) {
+    let query = req.uri().query().map(str::to_owned);
+    let parsed = declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
+    let response = match parsed {
         Ok(route) => dispatch(state, route, req).await.unwrap_or_else(|e| error_response(&e)),
         Err(e) => error_response(&e),
     };
@@ -117,9 +123,15 @@ async fn dispatch(
     route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
     // Every route reads its body through the limit, even those that expect none, so that an
     // oversized request is always a 413 and never a half-read connection.
-    let _body = read_body(req).await?;
+    let body = read_body(req).await?;
+    let core = &state.core;
     match route {
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         Route::Readyz => {
@@ -131,6 +143,62 @@ async fn dispatch(
         }
         Route::Status => Ok(json(StatusCode::OK, &status(state))),
         Route::Node => Ok(json(StatusCode::OK, &*state.inventory.borrow().clone())),
+        Route::SubmitJob => {
+            check_manifest_type(content_type.as_deref())?;
+            if body.is_empty() {
+                return Err(ApiError::bad_request("the request body is empty: send a TrainingJob or TFJob manifest in YAML or JSON"));
+            }
+            let manifest = body.to_vec();
+            let status = core.ask(|reply| Command::Submit { manifest, reply }).await?;
+            Ok(json(StatusCode::CREATED, &status))
+        }
+        Route::ListJobs { queue, state } => {
+            let list = core.ask(|reply| Command::List { queue, state, reply }).await?;
+            Ok(json(StatusCode::OK, &list))
+        }
+        Route::GetJob { name } => {
+            Ok(json(StatusCode::OK, &core.ask(|reply| Command::Get { name, reply }).await?))
+        }
+        Route::CancelJob { name } => {
+            Ok(json(StatusCode::OK, &core.ask(|reply| Command::Cancel { name, reply }).await?))
+        }
+        Route::Queues => Ok(json(StatusCode::OK, &core.ask(|reply| Command::Queues { reply }).await?)),
+        Route::Events { after, limit, job } => {
+            let list = core.ask(|reply| Command::Events { after, limit, job, reply }).await?;
+            Ok(json(StatusCode::OK, &list))
+        }
+        Route::JobLogs { name, replica, follow } => logs::respond(core, name, replica, follow).await,
+    }
+}
+
+/// Manifests come as YAML or JSON; a form or a binary upload is a mistake worth naming.
+fn check_manifest_type(content_type: Option<&str>) -> Result<(), ApiError> {
+    match content_type {
+        None
+        | Some(
+            "" | "application/json" | "application/yaml" | "application/x-yaml" | "text/yaml"
+            | "text/x-yaml" | "text/plain",
+        ) => Ok(()),
+        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
+            "content type {other:?} is not a manifest; send application/yaml or application/json"
+        ))),
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        use agentd_api::error::FieldProblem;
+        match e {
+            CoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            CoreError::Spec(crate::job::SpecError::Syntax { .. }) => ApiError::bad_request(e.to_string()),
+            CoreError::Spec(crate::job::SpecError::Invalid(errors)) => ApiError::Invalid(
+                errors.into_iter().map(|f| FieldProblem { field: f.field, message: f.message }).collect(),
+            ),
+            CoreError::BadField { field, message } => ApiError::BadRequest { message, field: Some(field) },
+            CoreError::Conflict(message) => ApiError::Conflict(message),
+            CoreError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            CoreError::Store(e) => ApiError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -276,6 +276,30 @@ pub fn group_alive(pgid: u32) -> bool {
     })
 }
 
+/// Kills, after an agent crash, the processes of process group `pgid` that belong to `job`
+/// (their environment names it): a recycled group id of someone else's is left alone.
+/// Returns how many processes were killed.
+pub fn kill_leftovers(pgid: u32, job: &str) -> usize {
+    let marker = format!("AGENTD_JOB={job}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let pgrp = rest.split_whitespace().nth(2).and_then(|f| f.parse::<u32>().ok());
+        if pgrp != Some(pgid) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// Stops process groups: SIGTERM now, SIGKILL to whatever is left after `grace`.
 pub async fn stop_groups(pgids: Vec<u32>, grace: Duration) {
     for &pgid in &pgids {

@@ -3,14 +3,17 @@
 //! interval on the blocking pool and publishes the result, so readers never call into the
 //! hardware themselves.
 
+pub mod gpu;
+pub mod health;
 pub mod host;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentd_api::NodeInventory;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+pub use gpu::{GpuHealthEvent, GpuProbe};
 pub use host::{HostError, HostProbe};
 
 /// Seconds since the Unix epoch.
@@ -22,18 +25,41 @@ pub fn unix_now() -> f64 {
 pub struct Sampler {
     node_name: String,
     host: HostProbe,
+    /// `None` when no NVML library could be loaded: the node has zero GPUs.
+    gpu: Option<GpuProbe>,
 }
 
 impl Sampler {
-    pub fn open(node_name: String) -> Result<Self, HostError> {
-        Ok(Self { node_name, host: HostProbe::open()? })
+    /// Opens the host probe and, if the library loads, NVML. No NVML is not an error: it is a
+    /// machine without GPUs, said once in the log.
+    pub fn open(
+        node_name: String,
+        nvml_library: Option<&std::path::Path>,
+        recovery_quiet: Duration,
+    ) -> Result<Self, HostError> {
+        let gpu = match GpuProbe::open(nvml_library) {
+            Ok(probe) => {
+                tracing::info!(library = probe.library(), "NVML loaded");
+                Some(probe.with_recovery_quiet(recovery_quiet))
+            }
+            Err(e) => {
+                tracing::warn!("no GPUs: NVML is not available ({e})");
+                None
+            }
+        };
+        Ok(Self { node_name, host: HostProbe::open()?, gpu })
     }
 
-    /// One full reading. Blocking: call it from the blocking pool.
-    pub fn sample(&mut self) -> NodeInventory {
+    /// One full reading, and the GPU health changes it saw. Blocking: call it from the
+    /// blocking pool.
+    pub fn sample(&mut self) -> (NodeInventory, Vec<GpuHealthEvent>) {
+        let (gpu_driver, gpus, changes) = match self.gpu.as_mut().map(GpuProbe::sample) {
+            Some(sample) => (Some(sample.driver), sample.gpus, sample.changes),
+            None => (None, Vec::new(), Vec::new()),
+        };
         let host = self.host.sample();
         let facts = self.host.facts();
-        NodeInventory {
+        let inventory = NodeInventory {
             name: self.node_name.clone(),
             hostname: facts.hostname.clone(),
             kernel: facts.kernel.clone(),
@@ -42,18 +68,21 @@ impl Sampler {
             cpu: host.cpu,
             memory: host.memory,
             disks: host.disks,
-            gpu_driver: None,
-            gpus: Vec::new(),
+            gpu_driver,
+            gpus,
             sampled_at: unix_now(),
-        }
+        };
+        (inventory, changes)
     }
 }
 
-/// Samples every `interval` and publishes each reading, until `shutdown` resolves.
+/// Samples every `interval` and publishes each reading (and each GPU health change), until
+/// `shutdown` turns true.
 pub async fn refresh(
     sampler: Sampler,
     interval: Duration,
     tx: watch::Sender<Arc<NodeInventory>>,
+    health: mpsc::UnboundedSender<GpuHealthEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sampler = Some(sampler);
@@ -65,9 +94,9 @@ pub async fn refresh(
             _ = shutdown.changed() => return,
         }
         let mut s = sampler.take().expect("sampler is returned after every reading");
-        let Ok((s, inventory)) = tokio::task::spawn_blocking(move || {
-            let inventory = s.sample();
-            (s, inventory)
+        let Ok((s, (inventory, changes))) = tokio::task::spawn_blocking(move || {
+            let reading = s.sample();
+            (s, reading)
         })
         .await
         else {
@@ -76,5 +105,8 @@ pub async fn refresh(
         };
         sampler = Some(s);
         tx.send_replace(Arc::new(inventory));
+        for change in changes {
+            let _ = health.send(change);
+        }
     }
 }

@@ -15,4 +15,11 @@ pub const ALL: &[&str] = &[
      CREATE TABLE inventory_samples (time REAL NOT NULL, sample TEXT NOT NULL);
      CREATE INDEX inventory_samples_time ON inventory_samples (time);
      CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 2: jobs: the manifest as submitted, and the status the agent keeps.
+    "CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        manifest TEXT NOT NULL,
+        status TEXT NOT NULL,
+        updated REAL NOT NULL
+     );",
 ];

@@ -51,6 +51,24 @@ pub struct Event {
     pub message: String,
 }
 
+/// One change to the jobs table.
+#[derive(Debug, Clone)]
+pub enum JobWrite {
+    Upsert { name: String, manifest: String, status: String, time: f64 },
+    /// Removes the job and its events.
+    Delete { name: String },
+}
+
+/// An event to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub time: f64,
+    pub kind: &'static str,
+    pub object: String,
+    pub reason: String,
+    pub message: String,
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -207,6 +225,55 @@ impl Store {
             .map_err(self.sql())
     }
 
+    /// Writes job changes and new events in one transaction: all of them are durable when this
+    /// returns, or none are.
+    pub fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (name, manifest, status, updated) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(name) DO UPDATE SET status = excluded.status, updated = excluded.updated",
+                )
+                .map_err(sql)?;
+            let mut delete = tx.prepare_cached("DELETE FROM jobs WHERE name = ?1").map_err(sql)?;
+            let mut delete_events =
+                tx.prepare_cached("DELETE FROM events WHERE kind = 'job' AND object = ?1").map_err(sql)?;
+            for write in jobs {
+                match write {
+                    JobWrite::Upsert { name, manifest, status, time } => {
+                        upsert.execute(params![name, manifest, status, time]).map_err(sql)?;
+                    }
+                    JobWrite::Delete { name } => {
+                        delete.execute(params![name]).map_err(sql)?;
+                        delete_events.execute(params![name]).map_err(sql)?;
+                    }
+                }
+            }
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (time, kind, object, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sql)?;
+            for e in events {
+                insert.execute(params![e.time, e.kind, e.object, e.reason, e.message]).map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Every stored job: (name, manifest, status JSON).
+    pub fn jobs(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT name, manifest, status FROM jobs ORDER BY name").map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
     /// A value kept across restarts, such as the last pid set of running replicas.
     pub fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.conn
@@ -272,6 +339,33 @@ mod tests {
         let err = Store::open(dir.path()).err().expect("corrupt file must not open").to_string();
         assert!(err.contains("agentd.db"), "{err}");
         assert!(err.contains("move it away"), "{err}");
+    }
+
+    #[test]
+    fn job_batches_are_atomic_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let upsert = |name: &str, status: &str| JobWrite::Upsert {
+            name: name.into(),
+            manifest: "kind: TrainingJob".into(),
+            status: status.into(),
+            time: 1.0,
+        };
+        let event = |object: &str| NewEvent {
+            time: 1.0,
+            kind: "job",
+            object: object.into(),
+            reason: "Submitted".into(),
+            message: "m".into(),
+        };
+        store.write_batch(&[upsert("a", "{}"), upsert("b", "{}")], &[event("a"), event("b")]).unwrap();
+        store.write_batch(&[upsert("a", "{\"x\":1}"), JobWrite::Delete { name: "b".into() }], &[]).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let jobs = store.jobs().unwrap();
+        assert_eq!(jobs, vec![("a".into(), "kind: TrainingJob".into(), "{\"x\":1}".into())]);
+        assert_eq!(store.events(Some("job"), Some("b"), 0, 10).unwrap(), vec![], "events go with the job");
+        assert_eq!(store.events(Some("job"), Some("a"), 0, 10).unwrap().len(), 1);
     }
 
     #[test]
