@@ -83,7 +83,7 @@ fn validation_errors_name_every_field() {
     assert!(stderr.contains("spec.replicaSpecs.Worker.re"), "{stderr}");
 
     // Unknown queue: a 400 naming the queues that exist.
-    let job = manifest("q", "", &[("Worker", 1, "Never", 0, "true")]).replace("spec:\n", "spec:\n  queue: gpu\n");
+    let job = manifest("q", "", &[("Worker", 1, "Never", 0, "true")]).replacen("\nspec:\n", "\nspec:\n  queue: gpu\n", 1);
     let out = submit(&agent, &job);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
