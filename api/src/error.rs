@@ -43,7 +43,12 @@ pub struct ErrorBody {
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            error: ErrorDetail { code, message: message.into(), field: None, details: Vec::new() },
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+                field: None,
+                details: Vec::new(),
+            },
         }
     }
 
