@@ -363,7 +363,19 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
              TF_CONFIG; remove the field or set it to false",
         );
     }
-    // Fold the older inline run policy fields into runPolicy, refusing conflicting duplicates.
+    // Fold the older inline run policy fields into runPolicy, refusing conflicting duplicates;
+    // inline values are range-checked first so that errors name the field the user wrote.
+    let inline_ttl_seconds_after_finished = problems.count(
+        "spec.ttlSecondsAfterFinished",
+        spec.ttl_seconds_after_finished,
+        0,
+    );
+    let inline_active_deadline_seconds = problems.count(
+        "spec.activeDeadlineSeconds",
+        spec.active_deadline_seconds,
+        1,
+    );
+    let inline_backoff_limit = problems.count("spec.backoffLimit", spec.backoff_limit, 0);
     let mut wire = spec.run_policy.unwrap_or_default();
     wire.clean_pod_policy = problems.one_of(
         ("spec.runPolicy.cleanPodPolicy", wire.clean_pod_policy),
@@ -376,7 +388,7 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
         ),
         (
             "spec.ttlSecondsAfterFinished",
-            spec.ttl_seconds_after_finished,
+            inline_ttl_seconds_after_finished,
         ),
     );
     wire.active_deadline_seconds = problems.one_of(
@@ -384,11 +396,11 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
             "spec.runPolicy.activeDeadlineSeconds",
             wire.active_deadline_seconds,
         ),
-        ("spec.activeDeadlineSeconds", spec.active_deadline_seconds),
+        ("spec.activeDeadlineSeconds", inline_active_deadline_seconds),
     );
     wire.backoff_limit = problems.one_of(
         ("spec.runPolicy.backoffLimit", wire.backoff_limit),
-        ("spec.backoffLimit", spec.backoff_limit),
+        ("spec.backoffLimit", inline_backoff_limit),
     );
     let scheduling_at = if spec.scheduling_policy.is_some() && wire.scheduling_policy.is_none() {
         "spec.schedulingPolicy"

@@ -261,6 +261,80 @@ fn older_tfjob_with_inline_run_policy_is_accepted() {
 }
 
 #[test]
+fn inline_tfjob_fields_are_reported_where_they_were_written() {
+    let err = parse_str(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: old}\nspec:\n  backoffLimit: -1\n  activeDeadlineSeconds: 0\n  schedulingPolicy: {minAvailable: 0, scheduleTimeoutSeconds: 0}\n  tfReplicaSpecs:\n    Worker: {template: {spec: {containers: [{name: tensorflow}]}}}\n",
+    );
+    assert_eq!(
+        fields(err),
+        [
+            "spec.activeDeadlineSeconds",
+            "spec.backoffLimit",
+            "spec.schedulingPolicy.minAvailable",
+            "spec.schedulingPolicy.scheduleTimeoutSeconds",
+        ]
+    );
+}
+
+#[test]
+fn schedule_timeout_in_two_places_must_agree() {
+    let text = job_with("Worker=1").replace(
+        "spec:\n",
+        "spec:\n  runPolicy: {scheduleTimeoutSeconds: 60, schedulingPolicy: {scheduleTimeoutSeconds: 90}}\n",
+    );
+    assert_eq!(
+        fields(parse_str(&text)),
+        ["spec.runPolicy.schedulingPolicy.scheduleTimeoutSeconds"]
+    );
+    let text = job_with("Worker=1").replace(
+        "spec:\n",
+        "spec:\n  runPolicy: {schedulingPolicy: {scheduleTimeoutSeconds: 90}}\n",
+    );
+    let job = parse_str(&text).unwrap();
+    assert_eq!(job.spec.run_policy.schedule_timeout_seconds, Some(90));
+}
+
+#[test]
+fn replica_types_given_twice_in_different_case_are_refused() {
+    let err = parse_str(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: t}\nspec:\n  tfReplicaSpecs:\n    Worker: {}\n    worker: {}\n",
+    );
+    assert_eq!(fields(err), ["spec.tfReplicaSpecs.worker"]);
+}
+
+#[test]
+fn yaml_merge_keys_are_applied() {
+    let job = parse_str(
+        r"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: merge}
+spec:
+  replicaSpecs:
+    PS: &group
+      replicas: 1
+      template: {spec: {containers: [{name: tensorflow, command: [python3]}]}}
+    Worker:
+      <<: *group
+      replicas: 3
+",
+    )
+    .unwrap();
+    validate_for_standalone(&job).unwrap();
+    assert_eq!(job.spec.replica_specs[&ReplicaType::Worker].replicas, 3);
+}
+
+#[test]
+fn errors_read_as_sentences_naming_each_field() {
+    let err = validate(&parse_str(&job_with("Chief=2,PS=0")).unwrap()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.replicaSpecs.Chief.replicas: must be 1: a job has a single Chief; got 2; \
+         spec.replicaSpecs.PS.replicas: must be at least 1; remove PS from the replica groups to \
+         have none"
+    );
+}
+
+#[test]
 fn dynamic_workers_are_refused_with_a_reason() {
     let err = parse_str(
         "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: dyn}\nspec:\n  enableDynamicWorker: true\n  tfReplicaSpecs:\n    Worker: {replicas: 2, template: {spec: {containers: [{name: tensorflow}]}}}\n",
