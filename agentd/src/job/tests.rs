@@ -1022,3 +1022,76 @@ fn to_manifest_reads_back_to_the_same_job() {
         );
     }
 }
+
+// ---- properties ------------------------------------------------------------------------------
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn parse_never_panics_on_mangled_manifests(cut in 0usize..2000, junk in "[ -~\n]{0,16}") {
+            let text = String::from_utf8_lossy(NATIVE_EXAMPLE).into_owned();
+            let cut = cut.min(text.len());
+            let cut = (0..=cut).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let mangled = format!("{}{junk}{}", &text[..cut], &text[cut..]);
+            if let Ok(job) = parse(mangled.as_bytes()) {
+                let _ = validate_for_standalone(&job);
+                let _ = gang_request(&job, 0.0);
+            }
+        }
+
+        #[test]
+        fn binary_and_decimal_suffixes_scale_exactly(n in 0u64..1_000_000, i in 0usize..9) {
+            let (suffix, unit) = [
+                ("", 1u64), ("k", 1_000), ("M", 1_000_000), ("G", 1_000_000_000),
+                ("T", 1_000_000_000_000), ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30),
+                ("Ti", 1 << 40),
+            ][i];
+            prop_assert_eq!(parse_memory_bytes(&format!("{n}{suffix}")), Ok(n * unit));
+        }
+
+        #[test]
+        fn millicores_read_the_same_written_either_way(milli in 0u64..10_000_000) {
+            prop_assert_eq!(parse_cpu_milli(&format!("{milli}m")), Ok(milli));
+            let decimal = format!("{}.{:03}", milli / 1000, milli % 1000);
+            prop_assert_eq!(parse_cpu_milli(&decimal), Ok(milli));
+        }
+
+        #[test]
+        fn tf_config_lists_every_training_replica_and_names_the_task(
+            chief in 0u32..2, ps in 0u32..3, workers in 1u32..5, evaluator in 0u32..2,
+        ) {
+            let mut groups = vec![format!("Worker={workers}")];
+            if chief > 0 { groups.push("Chief=1".into()); }
+            if ps > 0 { groups.push(format!("PS={ps}")); }
+            if evaluator > 0 { groups.push("Evaluator=1".into()); }
+            let job = parse_str(&job_with(&groups.join(","))).unwrap();
+            validate_for_standalone(&job).unwrap();
+            let replicas = replica_names(&job);
+            let hosts = ClusterHosts::standalone(replicas.iter().copied().zip(30000u16..));
+            for &(t, i) in &replicas {
+                let config = tf_config(&job, &hosts, (t, i));
+                if replicas.len() == 1 {
+                    prop_assert!(config.is_none());
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(&config.unwrap()).unwrap();
+                prop_assert_eq!(&v["task"]["type"], t.as_tf_key());
+                prop_assert_eq!(&v["task"]["index"], i);
+                prop_assert_eq!(&v["environment"], "cloud");
+                let cluster = v["cluster"].as_object().unwrap();
+                prop_assert!(!cluster.contains_key("evaluator"));
+                let listed: usize = cluster.values().map(|m| m.as_array().unwrap().len()).sum();
+                prop_assert_eq!(listed as u32, chief + ps + workers);
+            }
+        }
+    }
+}
