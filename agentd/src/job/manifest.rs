@@ -111,6 +111,11 @@ struct RunPolicyWire {
     scheduling_policy: Option<SchedulingPolicyWire>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     suspend: Option<bool>,
+    /// Which controller reconciles the job in Kubeflow (defaulted by newer operators, so it is
+    /// in exported manifests). agentd runs the job itself, so the value does not matter.
+    #[serde(default, skip_serializing)]
+    #[expect(dead_code, reason = "accepted and ignored")]
+    managed_by: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -203,6 +208,7 @@ pub fn to_manifest(job: &TrainingJob) -> serde_json::Value {
         schedule_timeout_seconds: rp.schedule_timeout_seconds.map(clamp_i64),
         scheduling_policy: has_scheduling.then_some(scheduling),
         suspend: None,
+        managed_by: None,
     };
     let manifest = NativeManifest {
         api_version: NATIVE_API_VERSION.to_owned(),

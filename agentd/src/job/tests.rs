@@ -211,6 +211,8 @@ spec:
   successPolicy: AllWorkers
   enableDynamicWorker: false
   runPolicy:
+    suspend: false
+    managedBy: kubeflow.org/training-operator
     backoffLimit: 5
     ttlSecondsAfterFinished: 60
     activeDeadlineSeconds: 3600
@@ -342,6 +344,10 @@ fn dynamic_workers_are_refused_with_a_reason() {
     .unwrap_err();
     let message = message_for(&err, "spec.enableDynamicWorker");
     assert!(message.contains("not supported"), "{message}");
+    let err = parse_str(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: s}\nspec:\n  runPolicy: {suspend: true}\n  tfReplicaSpecs:\n    Worker: {replicas: 2, template: {spec: {containers: [{name: tensorflow}]}}}\n",
+    );
+    assert_eq!(fields(err), ["spec.runPolicy.suspend"]);
 }
 
 #[test]
