@@ -46,13 +46,16 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     let listener = {
         let _span = tracing::info_span!("api", socket = %config.socket.display()).entered();
         let listener = api::socket::bind(&config.socket)?;
-        listener.set_nonblocking(true).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::Runtime(e.to_string()))?;
         tokio::net::UnixListener::from_std(listener)
             .map_err(|e| DaemonError::Runtime(e.to_string()))?
     };
 
     let store = {
-        let _span = tracing::info_span!("store", path = %config.database_path().display()).entered();
+        let _span =
+            tracing::info_span!("store", path = %config.database_path().display()).entered();
         match Store::open(&config.state_dir) {
             Ok(store) => store,
             Err(e) => {
@@ -71,7 +74,11 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         .filter(|l| !l.is_empty())
         .map(std::path::PathBuf::from);
     let mut sampler = span.in_scope(|| {
-        Sampler::open(node_name.clone(), nvml_library.as_deref(), config.inventory.gpu_recovery_quiet)
+        Sampler::open(
+            node_name.clone(),
+            nvml_library.as_deref(),
+            config.inventory.gpu_recovery_quiet,
+        )
     })?;
     let (sampler, (first, first_changes)) = tokio::task::spawn_blocking(move || {
         let first = sampler.sample();
@@ -93,23 +100,40 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         let _ = health_tx.send(change);
     }
     let refresh = tokio::spawn(
-        inventory::refresh(sampler, config.inventory.interval, inventory_tx, health_tx, stop.clone())
-            .instrument(span),
+        inventory::refresh(
+            sampler,
+            config.inventory.interval,
+            inventory_tx,
+            health_tx,
+            stop.clone(),
+        )
+        .instrument(span),
     );
 
     let (core, core_handle, core_inputs) = {
         let _span = tracing::info_span!("core").entered();
-        Core::open(&config, node_name.clone(), store, inventory_rx.clone(), health_rx)
-            .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
+        Core::open(
+            &config,
+            node_name.clone(),
+            store,
+            inventory_rx.clone(),
+            health_rx,
+        )
+        .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
     };
-    let core = tokio::spawn(core.run(core_inputs, stop.clone()).instrument(tracing::info_span!("core")));
+    let core = tokio::spawn(
+        core.run(core_inputs, stop.clone())
+            .instrument(tracing::info_span!("core")),
+    );
 
     let state = ApiState {
         agent: Arc::new(AgentIdentity {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: "standalone".to_owned(),
             pid: std::process::id(),
-            started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             started,
             state_dir: config.state_dir.display().to_string(),
             socket: config.socket.display().to_string(),
@@ -123,11 +147,16 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
             .instrument(tracing::info_span!("api", socket = %config.socket.display())),
     );
     ready_tx.send_replace(true);
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "agent ready");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "agent ready"
+    );
 
     let _ = server.await;
     let _ = refresh.await;
-    let store = core.await.map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
+    let store = core
+        .await
+        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
     if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket");
     }
@@ -138,8 +167,10 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
         return std::future::pending().await;
     };

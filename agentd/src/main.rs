@@ -8,7 +8,11 @@ use agentd::config::{Config, LogFormat, Overrides};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentd", version, about = "GPU node agent and gang scheduler for distributed TensorFlow training")]
+#[command(
+    name = "agentd",
+    version,
+    about = "GPU node agent and gang scheduler for distributed TensorFlow training"
+)]
 struct Args {
     /// Configuration file (TOML). Default: /etc/agentd/agentd.toml if it exists.
     #[arg(long, env = "AGENTD_CONFIG", value_name = "FILE")]

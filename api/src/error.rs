@@ -64,7 +64,11 @@ impl std::fmt::Display for ErrorBody {
         let e = &self.error;
         if !e.details.is_empty() {
             let count = e.details.len();
-            write!(f, "the job spec is invalid ({count} problem{}):", if count == 1 { "" } else { "s" })?;
+            write!(
+                f,
+                "the job spec is invalid ({count} problem{}):",
+                if count == 1 { "" } else { "s" }
+            )?;
             for problem in &e.details {
                 write!(f, "\n  {}: {}", problem.field, problem.message)?;
             }

@@ -13,13 +13,22 @@ fn repo() -> &'static Path {
 
 /// The Python environment with tensorflow-cpu, created by the project's script on first use.
 fn python_env() -> String {
-    let out = Command::new(repo().join("scripts/python-env")).output().expect("scripts/python-env runs");
-    assert!(out.status.success(), "cannot set up TensorFlow: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(repo().join("scripts/python-env"))
+        .output()
+        .expect("scripts/python-env runs");
+    assert!(
+        out.status.success(),
+        "cannot set up TensorFlow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn run_example(agent: &Agent, file: &str, name: &str) {
-    let script = repo().join("examples/mnist_multiworker.py").canonicalize().unwrap();
+    let script = repo()
+        .join("examples/mnist_multiworker.py")
+        .canonicalize()
+        .unwrap();
     let manifest = std::fs::read_to_string(repo().join(file))
         .unwrap()
         .replace("examples/mnist_multiworker.py", script.to_str().unwrap());
@@ -39,7 +48,9 @@ fn run_example(agent: &Agent, file: &str, name: &str) {
     for replica in ["worker-0", "worker-1"] {
         let log = logs(replica);
         assert!(
-            log.contains(&format!("{replica}: joined a cluster of 2 replica(s) on 2 worker(s)")),
+            log.contains(&format!(
+                "{replica}: joined a cluster of 2 replica(s) on 2 worker(s)"
+            )),
             "{replica} did not train with its peer:\n{log}"
         );
         assert!(log.contains(&format!("{replica}: epoch 3/3")), "{log}");
