@@ -473,3 +473,50 @@ fn kill_9_of_the_agent_loses_nothing_and_leaves_no_orphans() {
     let waiter = agent.ctl_json(&["job", "waiter"]);
     assert_eq!(waiter["state"], "Queued");
 }
+
+#[test]
+fn stdin_submit_follow_logs_and_ttl_cleanup() {
+    let agent = agent(0);
+    let job = manifest(
+        "chatty",
+        "ttlSecondsAfterFinished: 2",
+        &[(
+            "Worker",
+            1,
+            "Never",
+            0,
+            "for i in 1 2 3; do echo line $i; sleep 0.3; done",
+        )],
+    );
+    let mut child = std::process::Command::new(e2e::agentctl_bin())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["submit", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), job.as_bytes()).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+
+    // Follow returns by itself once the job is over, with every line.
+    let follow = agent.ctl(&["logs", "chatty", "--follow"]);
+    assert!(follow.status.success());
+    let text = String::from_utf8_lossy(&follow.stdout);
+    for i in 1..=3 {
+        assert!(text.contains(&format!("line {i}")), "{text}");
+    }
+    assert!(text.contains("ended: exit code 0"), "{text}");
+    assert_eq!(agent.ctl_json(&["job", "chatty"])["state"], "Succeeded");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.ctl(&["job", "chatty"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finished job outlived its TTL"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let jobs = agent.ctl_json(&["jobs"]);
+    assert_eq!(jobs["jobs"], serde_json::json!([]));
+}
