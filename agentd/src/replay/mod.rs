@@ -323,6 +323,7 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayError> {
         .map(|n| {
             Policy::by_name(n).map(|mut p| {
                 p.explain = false;
+                p.list_waiting = false;
                 p
             })
         })

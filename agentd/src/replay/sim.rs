@@ -210,17 +210,13 @@ pub fn simulate(
             if !placed.is_empty() {
                 queued.retain(|g| !placed.contains(&g.id));
             }
-            for w in &decision.waiting {
-                match w.reason.as_str() {
-                    reason::BLOCKED => any_fit = true,
-                    reason::RESERVED => any_res = true,
-                    _ => {}
-                }
-                if alloc_at_first_wait.is_none()
-                    && (w.reason == reason::UNSCHEDULABLE || w.reason == reason::BLOCKED)
-                {
-                    alloc_at_first_wait = Some(allocated as f64 / total_gpus.max(1) as f64);
-                }
+            let count = |r: &str| decision.waiting_counts.get(r).copied().unwrap_or(0);
+            any_fit = count(reason::BLOCKED) > 0;
+            any_res = count(reason::RESERVED) > 0;
+            if alloc_at_first_wait.is_none()
+                && count(reason::UNSCHEDULABLE) + count(reason::BLOCKED) > 0
+            {
+                alloc_at_first_wait = Some(allocated as f64 / total_gpus.max(1) as f64);
             }
             any_wait = !queued.is_empty();
         }

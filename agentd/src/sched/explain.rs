@@ -190,6 +190,7 @@ pub fn never_fits(gang: &Gang, nodes: &[NodeCapacity]) -> Option<String> {
     }
     needs.sort_unstable_by(|a, b| b.cmp(a));
     let mut state = FreeState::empty(nodes, true);
+    state.rebuild_index();
     let mut taken: Vec<Taken> = Vec::new();
     if state.place(
         &needs,

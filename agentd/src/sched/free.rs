@@ -105,7 +105,8 @@ fn lowest_bits(mask: GpuMask, n: u32) -> GpuMask {
 
 impl FreeState {
     /// Every node empty. `ideal` counts every GPU and node (for "could this ever fit");
-    /// otherwise unhealthy GPUs and unschedulable nodes are left out.
+    /// otherwise unhealthy GPUs and unschedulable nodes are left out. Call
+    /// [`FreeState::rebuild_index`] before placing.
     pub fn empty(nodes: &[NodeCapacity], ideal: bool) -> Self {
         let mut state = FreeState {
             nodes: Vec::with_capacity(nodes.len()),
@@ -135,7 +136,6 @@ impl FreeState {
                 hold: None,
             });
         }
-        state.rebuild_index();
         state
     }
 

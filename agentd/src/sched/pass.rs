@@ -10,6 +10,41 @@ use super::{
     Reservation, Resources, Snapshot, Waiting, reason,
 };
 
+/// FNV-1a: node and queue names are short, and SipHash dominated a pass with many running
+/// gangs. Not exposed to untrusted keys in a way that matters: the map lives for one pass.
+#[derive(Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    // Whole words at a time: shapes hash as runs of integers.
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x0100_0000_01b3).rotate_left(23);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
 /// Resources one gang holds on one node.
 #[derive(Debug, Clone, Copy)]
 struct Alloc {
@@ -30,11 +65,9 @@ struct Holder<'a> {
 /// A queued gang in the form the pass works with.
 struct Prepared<'a> {
     gang: &'a Gang,
-    /// Replicas that must go together, largest first, and which replica each one is.
-    needs: Vec<Need>,
-    replica_of: Vec<usize>,
-    /// Replicas above `minAvailable`, placed one by one if they fit.
-    optional: Vec<(Need, usize)>,
+    /// How many replicas must go together (all, or `minAvailable`).
+    required: usize,
+    /// Index into the pass's shapes: the required replicas' needs, largest first.
     shape: usize,
     gpus: u64,
     score: f64,
@@ -62,16 +95,18 @@ struct Pass<'a> {
     now: f64,
     nodes: &'a [NodeCapacity],
     policy: &'a Policy,
-    queues: HashMap<&'a str, &'a QueueConfig>,
+    queues: FastMap<&'a str, &'a QueueConfig>,
+    limited: bool,
     selectors: SelectorTable,
     selector_ids: HashMap<&'a BTreeMap<String, String>, u32>,
     state: FreeState,
     ideal: Option<FreeState>,
     holders: Vec<Holder<'a>>,
-    shapes: HashMap<(Vec<Need>, usize), usize>,
+    shapes: FastMap<Vec<Need>, usize>,
+    shape_needs: Vec<Vec<Need>>,
     memo: Vec<ShapeMemo>,
     version: u64,
-    usage: HashMap<&'a str, (u32, u64)>,
+    usage: FastMap<&'a str, (u32, u64)>,
     scratch: Vec<Taken>,
     decision: Decision,
 }
@@ -99,7 +134,7 @@ fn mask_of_indices(node: &NodeCapacity, indices: &[u32]) -> GpuMask {
 
 impl<'a> Pass<'a> {
     fn new(snap: &Snapshot<'a>, policy: &'a Policy) -> Self {
-        let by_name: HashMap<&str, u32> = snap
+        let by_name: FastMap<&str, u32> = snap
             .nodes
             .iter()
             .enumerate()
@@ -107,10 +142,13 @@ impl<'a> Pass<'a> {
             .collect();
         let mut state = FreeState::empty(snap.nodes, false);
         let mut holders = Vec::with_capacity(snap.running.len());
-        let mut usage: HashMap<&str, (u32, u64)> = HashMap::new();
-        let mut running: Vec<&super::RunningGang> = snap.running.iter().collect();
-        running.sort_by(|a, b| a.id.cmp(&b.id));
-        for gang in running {
+        let mut usage: FastMap<&str, (u32, u64)> = FastMap::default();
+        let limited = snap
+            .queues
+            .iter()
+            .any(|q| q.max_running_jobs.is_some() || q.max_gpus.is_some());
+        // Occupying is order-independent; the reservation sorts holders itself.
+        for gang in snap.running {
             let mut allocs = Vec::with_capacity(gang.assignments.len());
             let mut gpus = 0u64;
             for a in &gang.assignments {
@@ -127,9 +165,11 @@ impl<'a> Pass<'a> {
                 state.occupy(node, alloc.gpus, alloc.cpu, alloc.mem);
                 allocs.push(alloc);
             }
-            let used = usage.entry(gang.queue.as_str()).or_default();
-            used.0 += 1;
-            used.1 += gpus;
+            if limited {
+                let used = usage.entry(gang.queue.as_str()).or_default();
+                used.0 += 1;
+                used.1 += gpus;
+            }
             holders.push(Holder {
                 id: &gang.id,
                 end: gang.expected_end,
@@ -144,12 +184,14 @@ impl<'a> Pass<'a> {
             nodes: snap.nodes,
             policy,
             queues: snap.queues.iter().map(|q| (q.name.as_str(), q)).collect(),
+            limited,
             selectors,
             selector_ids: HashMap::new(),
             state,
             ideal: None,
             holders,
-            shapes: HashMap::new(),
+            shapes: FastMap::default(),
+            shape_needs: Vec::new(),
             memo: Vec::new(),
             version: 0,
             usage,
@@ -189,33 +231,63 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Turns queued gangs into placement needs and sorts them in policy order.
+    /// The gang's required replicas, largest first, each with its replica index; and the
+    /// replicas above `minAvailable`, in declared order.
+    fn split(
+        &mut self,
+        gang: &'a Gang,
+        required: usize,
+    ) -> (Vec<Need>, Vec<usize>, Vec<(Need, usize)>) {
+        let mut pairs: Vec<(Need, usize)> = gang
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (self.need(r), i))
+            .collect();
+        let optional = pairs.split_off(required.min(pairs.len()));
+        pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let needs = pairs.iter().map(|p| p.0).collect();
+        let replica_of = pairs.iter().map(|p| p.1).collect();
+        (needs, replica_of, optional)
+    }
+
+    /// Turns queued gangs into shapes and sorts them in policy order. Gangs with the same
+    /// requests share one shape, so a pass works out each shape's fit once per state.
     fn prepare(&mut self, queued: &'a [Gang]) -> Vec<Prepared<'a>> {
         let mut out = Vec::with_capacity(queued.len());
+        let mut key: Vec<Need> = Vec::new();
         for gang in queued {
             let n = gang.replicas.len();
             let required = gang
                 .min_available
                 .map_or(n, |m| (m as usize).clamp(1, n.max(1)));
-            let mut pairs: Vec<(Need, usize)> = Vec::with_capacity(n);
-            for (i, replica) in gang.replicas.iter().enumerate() {
-                pairs.push((self.need(replica), i));
+            key.clear();
+            for replica in gang.replicas.iter().take(required) {
+                let need = self.need(replica);
+                key.push(need);
             }
-            let optional = pairs.split_off(required.min(pairs.len()));
-            pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            let needs: Vec<Need> = pairs.iter().map(|p| p.0).collect();
-            let replica_of = pairs.iter().map(|p| p.1).collect();
+            key.sort_unstable_by(|a, b| b.cmp(a));
+            // The count of optional replicas is part of the shape.
+            key.push(Need {
+                gpus: u32::MAX,
+                cpu: (n - required.min(n)) as u64,
+                mem: 0,
+                selector: u32::MAX,
+            });
+            let shape = if let Some(&shape) = self.shapes.get(key.as_slice()) {
+                shape
+            } else {
+                let shape = self.memo.len();
+                self.shapes.insert(key.clone(), shape);
+                self.shape_needs.push(key[..key.len() - 1].to_vec());
+                self.memo.push(ShapeMemo::default());
+                shape
+            };
             let gpus = gang
                 .replicas
                 .iter()
                 .map(|r| u64::from(r.resources.gpus))
                 .sum();
-            let key = (needs.clone(), optional.len());
-            let next = self.memo.len();
-            let shape = *self.shapes.entry(key).or_insert(next);
-            if shape == next {
-                self.memo.push(ShapeMemo::default());
-            }
             let score = match self.policy.order {
                 Order::Submit => 0.0,
                 Order::Priority { aging_s } => {
@@ -230,9 +302,7 @@ impl<'a> Pass<'a> {
             };
             out.push(Prepared {
                 gang,
-                needs,
-                replica_of,
-                optional,
+                required,
                 shape,
                 gpus,
                 score,
@@ -261,10 +331,11 @@ impl<'a> Pass<'a> {
             }
             if let Some(blocker) = fifo_head {
                 if self.fits(p, Mode::Any) {
-                    let msg = format!(
-                        "fits now, but strict FIFO keeps it behind {blocker}, which was submitted earlier and does not fit"
-                    );
-                    self.wait(p, reason::BLOCKED, || msg);
+                    self.wait(p, reason::BLOCKED, || {
+                        format!(
+                            "fits now, but strict FIFO keeps it behind {blocker}, which was submitted earlier and does not fit"
+                        )
+                    });
                 } else if self.never_fits(p) {
                     continue;
                 } else {
@@ -339,7 +410,11 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn wait(&mut self, p: &Prepared<'a>, reason: &str, message: impl FnOnce() -> String) {
+    fn wait(&mut self, p: &Prepared<'a>, reason: &'static str, message: impl FnOnce() -> String) {
+        *self.decision.waiting_counts.entry(reason).or_default() += 1;
+        if !self.policy.list_waiting {
+            return;
+        }
         let message = if self.policy.explain {
             message()
         } else {
@@ -357,7 +432,13 @@ impl<'a> Pass<'a> {
             return String::new();
         }
         let min_nodes = self.ideal_nodes(p).unwrap_or(1);
-        unschedulable_message(p.gang, &p.needs, min_nodes, &self.state, &self.selectors)
+        unschedulable_message(
+            p.gang,
+            &self.shape_needs[p.shape],
+            min_nodes,
+            &self.state,
+            &self.selectors,
+        )
     }
 
     fn reserved_message(&self, head: &Head<'_>) -> String {
@@ -402,12 +483,14 @@ impl<'a> Pass<'a> {
         if let Some(known) = self.memo[p.shape].ideal {
             return known;
         }
-        let ideal = self
-            .ideal
-            .get_or_insert_with(|| FreeState::empty(self.nodes, true));
+        let ideal = self.ideal.get_or_insert_with(|| {
+            let mut s = FreeState::empty(self.nodes, true);
+            s.rebuild_index();
+            s
+        });
         let mut taken = std::mem::take(&mut self.scratch);
         let result = if ideal.place(
-            &p.needs,
+            &self.shape_needs[p.shape],
             Mode::Any,
             super::Fit::BestFit,
             &self.selectors,
@@ -427,6 +510,9 @@ impl<'a> Pass<'a> {
     }
 
     fn queue_limit(&self, p: &Prepared<'a>) -> Option<String> {
+        if !self.limited {
+            return None;
+        }
         let q = self.queues.get(p.gang.queue.as_str())?;
         let (jobs, gpus) = self
             .usage
@@ -466,9 +552,13 @@ impl<'a> Pass<'a> {
             return true;
         }
         let mut taken = std::mem::take(&mut self.scratch);
-        let ok = self
-            .state
-            .place(&p.needs, mode, self.policy.fit, &self.selectors, &mut taken);
+        let ok = self.state.place(
+            &self.shape_needs[p.shape],
+            mode,
+            self.policy.fit,
+            &self.selectors,
+            &mut taken,
+        );
         self.state.undo(&mut taken);
         self.scratch = taken;
         self.remember(p.shape, mode, ok);
@@ -496,22 +586,26 @@ impl<'a> Pass<'a> {
             return false;
         }
         let mut taken = std::mem::take(&mut self.scratch);
-        let ok = self
-            .state
-            .place(&p.needs, mode, self.policy.fit, &self.selectors, &mut taken);
+        let ok = self.state.place(
+            &self.shape_needs[p.shape],
+            mode,
+            self.policy.fit,
+            &self.selectors,
+            &mut taken,
+        );
         if !ok {
             self.scratch = taken;
             self.remember(p.shape, mode, false);
             return false;
         }
-        let mut placed: Vec<(usize, Taken)> = p
-            .replica_of
+        let (_, replica_of, optional) = self.split(p.gang, p.required);
+        let mut placed: Vec<(usize, Taken)> = replica_of
             .iter()
             .copied()
             .zip(taken.iter().copied())
             .collect();
         // Replicas above minAvailable go one by one, where they fit.
-        for &(need, replica) in &p.optional {
+        for &(need, replica) in &optional {
             let mut one = Vec::with_capacity(1);
             if self
                 .state
@@ -586,22 +680,44 @@ impl<'a> Pass<'a> {
     /// those resources from gangs that would still be running then. `None` if it would not fit
     /// even with every holder gone (drained nodes, unhealthy GPUs).
     fn reserve(&mut self, p: &Prepared<'a>) -> Option<Reservation> {
-        let mut by_end: Vec<usize> = (0..self.holders.len()).collect();
-        by_end.sort_by(|&a, &b| {
+        // Gangs with a declared end release in end order. For the others there is no end to go
+        // by, so bet on the nodes closest to free: release first the gangs on nodes with the
+        // fewest busy GPUs, so the head waits on as few gangs as possible.
+        let busy = |h: &Holder<'_>| -> u32 {
+            h.allocs
+                .iter()
+                .map(|a| {
+                    let i = a.node as usize;
+                    (self.state.healthy[i] & !self.state.nodes[i].gpus).count_ones()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let mut by_end: Vec<(usize, u32)> = (0..self.holders.len())
+            .map(|i| (i, busy(&self.holders[i])))
+            .collect();
+        by_end.sort_by(|&(a, busy_a), &(b, busy_b)| {
             let (ha, hb) = (&self.holders[a], &self.holders[b]);
             match (ha.end, hb.end) {
                 (Some(x), Some(y)) => x.total_cmp(&y),
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
+                (None, None) => busy_a.cmp(&busy_b),
             }
             .then_with(|| ha.id.cmp(hb.id))
         });
+        let by_end: Vec<usize> = by_end.into_iter().map(|(i, _)| i).collect();
         let mut taken = Vec::new();
         let fits_after = |pass: &Self, k: usize, taken: &mut Vec<Taken>| -> Option<FreeState> {
             let mut hyp = pass.released(&by_end, k);
-            hyp.place(&p.needs, Mode::Any, pass.policy.fit, &pass.selectors, taken)
-                .then_some(hyp)
+            hyp.place(
+                &pass.shape_needs[p.shape],
+                Mode::Any,
+                pass.policy.fit,
+                &pass.selectors,
+                taken,
+            )
+            .then_some(hyp)
         };
         let mut hyp = fits_after(self, by_end.len(), &mut taken)?;
         // Fewest releases that let it fit; more free never makes a fit fail, so halve.
@@ -639,8 +755,8 @@ impl<'a> Pass<'a> {
         let holds: Vec<(u32, Hold)> = holds.into_iter().collect();
         self.state.hold(&holds);
         self.version += 1;
-        let mut assignments: Vec<(usize, Assignment)> = p
-            .replica_of
+        let (_, replica_of, _) = self.split(p.gang, p.required);
+        let mut assignments: Vec<(usize, Assignment)> = replica_of
             .iter()
             .zip(&taken)
             .map(|(&replica, t)| {

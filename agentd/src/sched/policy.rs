@@ -41,6 +41,9 @@ pub struct Policy {
     pub fit: Fit,
     /// Write a human message for every waiting gang. Replay turns it off: it only counts reasons.
     pub explain: bool,
+    /// List every waiting gang in [`super::Decision::waiting`]; when false only
+    /// [`super::Decision::waiting_counts`] is filled (replay, where queues run to thousands).
+    pub list_waiting: bool,
 }
 
 /// Errors from choosing a policy.
@@ -66,6 +69,7 @@ impl Policy {
             backfill: Backfill::None,
             fit: Fit::FirstFit,
             explain: true,
+            list_waiting: true,
         }
     }
 
@@ -77,6 +81,7 @@ impl Policy {
             backfill: Backfill::Greedy,
             fit: Fit::FirstFit,
             explain: true,
+            list_waiting: true,
         }
     }
 
@@ -88,6 +93,7 @@ impl Policy {
             backfill: Backfill::Greedy,
             fit: Fit::BestFit,
             explain: true,
+            list_waiting: true,
         }
     }
 
@@ -102,6 +108,7 @@ impl Policy {
             backfill: Backfill::Reservation,
             fit: Fit::BestFit,
             explain: true,
+            list_waiting: true,
         }
     }
 
