@@ -189,6 +189,8 @@ enum Route {
     Group(String),
     Resources(String, String),
     Resource(Target, bool),
+    OpenApiRoot,
+    OpenApiGroupVersion(String),
     Unknown,
 }
 
@@ -198,6 +200,8 @@ fn route(store: &Store, path: &str) -> Route {
     let (group, version, rest) = match s.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
+        ["openapi", "v3"] => return Route::OpenApiRoot,
+        ["openapi", "v3", gv @ ..] => return Route::OpenApiGroupVersion(gv.join("/")),
         ["api"] => return Route::CoreVersions,
         ["apis"] => return Route::Groups,
         ["apis", g] => return Route::Group((*g).to_string()),
@@ -386,6 +390,19 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
                 json_response(StatusCode::OK, &resources::resource_list(&gv, &matching))
             }
         }
+        Route::OpenApiRoot => {
+            let mut paths = serde_json::Map::new();
+            for t in state.store.types() {
+                let gv = if t.group.is_empty() { format!("api/{}", t.version) } else { format!("apis/{}/{}", t.group, t.version) };
+                let url = format!("/openapi/v3/{gv}?hash={:016X}", state.store.current_rv());
+                paths.insert(gv, json!({"serverRelativeURL": url}));
+            }
+            json_response(StatusCode::OK, &json!({"paths": paths}))
+        }
+        Route::OpenApiGroupVersion(gv) => match openapi_group_version(&state.store, &gv) {
+            Some(doc) => json_response(StatusCode::OK, &doc),
+            None => not_found_path(),
+        },
         Route::Unknown => not_found_path(),
         Route::Resource(target, watch_prefix) => {
             let rep = representation(&accept, &q);
@@ -396,6 +413,47 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         }
     };
     Ok(resp)
+}
+
+/// A minimal OpenAPI v3 document for one group version: the PATCH operation of each resource,
+/// tagged with its group-version-kind and the `fieldValidation` parameter, which is what kubectl
+/// reads to decide that the server validates fields and it need not. No schemas are published,
+/// so clients fall back to their compiled-in types.
+fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
+    let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => (String::new(), (*v).to_string()),
+        ["apis", g, v] => ((*g).to_string(), (*v).to_string()),
+        _ => return None,
+    };
+    let types: Vec<ResourceType> = store.types().into_iter().filter(|t| t.group == group && t.version == version).collect();
+    if types.is_empty() {
+        return None;
+    }
+    let mut paths = serde_json::Map::new();
+    for t in &types {
+        let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
+        let path = if t.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", t.plural)
+        };
+        let params = json!([
+            {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+            {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+            {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+            {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}}
+        ]);
+        let gvk = json!({"group": t.group, "version": t.version, "kind": t.kind});
+        paths.insert(path, json!({
+            "get": {"operationId": format!("read{}", t.kind), "x-kubernetes-action": "get", "x-kubernetes-group-version-kind": gvk,
+                    "responses": {"200": {"description": "OK"}}},
+            "put": {"operationId": format!("replace{}", t.kind), "x-kubernetes-action": "put", "x-kubernetes-group-version-kind": gvk,
+                    "parameters": params, "responses": {"200": {"description": "OK"}}},
+            "patch": {"operationId": format!("patch{}", t.kind), "x-kubernetes-action": "patch", "x-kubernetes-group-version-kind": gvk,
+                      "parameters": params, "responses": {"200": {"description": "OK"}}},
+        }));
+    }
+    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}))
 }
 
 fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, StoreError> {

@@ -666,6 +666,13 @@ impl Store {
     pub fn record_event(&self, involved: &Value, type_: &str, reason: &str, message: &str, component: &str, host: &str) {
         let mut inner = self.lock();
         let ns = meta_str(involved, "namespace").filter(|n| !n.is_empty()).unwrap_or("default").to_string();
+        let terminating = inner
+            .get(&GroupResource::new("", "namespaces"), "", &ns)
+            .map_or(true, |n| n.pointer("/metadata/deletionTimestamp").is_some());
+        if terminating {
+            // Namespace lifecycle admission refuses new content in a terminating namespace.
+            return;
+        }
         let uid = meta_str(involved, "uid").unwrap_or("").to_string();
         let key = (uid.clone(), reason.to_string(), message.to_string());
         let gr = GroupResource::new("", "events");

@@ -42,7 +42,7 @@ async fn kubectl_stdin(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) ->
         tokio::io::AsyncWriteExt::write_all(&mut input, text.as_bytes()).await.expect("stdin written");
     }
     drop(input);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("kubectl finishes in 60s").expect("kubectl output");
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.unwrap_or_else(|_| panic!("kubectl {args:?} did not finish in 60s")).expect("kubectl output");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -108,7 +108,7 @@ spec:
   ports: [{port: 2222, name: grpc}]
 ";
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_get_watch_describe_logs_delete() {
     if !kubectl_available() {
         eprintln!("kubectl is not installed: apt-get install -y --no-install-recommends kubernetes-client");
