@@ -17,7 +17,11 @@ pub struct FieldCause {
 
 impl FieldCause {
     pub fn required(field: &str) -> Self {
-        Self { field: field.into(), reason: "FieldValueRequired", message: "Required value".into() }
+        Self {
+            field: field.into(),
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+        }
     }
 
     pub fn invalid(field: &str, value: &str, why: &str) -> Self {
@@ -35,7 +39,9 @@ pub fn is_dns_subdomain(name: &str) -> bool {
         && name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -46,7 +52,10 @@ const NAME_RULE: &str = "a lowercase RFC 1123 subdomain must consist of lower ca
 /// Validation a real server would reject with 422 before storing anything.
 pub fn validate(ty: &ResourceType, obj: &Value) -> Vec<FieldCause> {
     let mut causes = Vec::new();
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     if !is_dns_subdomain(name) {
         causes.push(FieldCause::invalid("metadata.name", name, NAME_RULE));
     }
@@ -56,22 +65,33 @@ pub fn validate(ty: &ResourceType, obj: &Value) -> Vec<FieldCause> {
             Some(cs) if cs.is_empty() => causes.push(FieldCause::required("spec.containers")),
             Some(cs) => {
                 for (i, c) in cs.iter().enumerate() {
-                    if c.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    if c.get("name")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                    {
                         causes.push(FieldCause::required(&format!("spec.containers[{i}].name")));
                     }
-                    if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    if c.get("image")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                    {
                         causes.push(FieldCause::required(&format!("spec.containers[{i}].image")));
                     }
                 }
             }
         }
     }
-    if ty.plural == "services" && ty.group.is_empty() {
-        if let Some(ports) = obj.pointer("/spec/ports").and_then(Value::as_array) {
-            for (i, p) in ports.iter().enumerate() {
-                if !p.get("port").and_then(Value::as_i64).is_some_and(|n| (1..=65535).contains(&n)) {
-                    causes.push(FieldCause::required(&format!("spec.ports[{i}].port")));
-                }
+    if ty.plural == "services"
+        && ty.group.is_empty()
+        && let Some(ports) = obj.pointer("/spec/ports").and_then(Value::as_array)
+    {
+        for (i, p) in ports.iter().enumerate() {
+            if !p
+                .get("port")
+                .and_then(Value::as_i64)
+                .is_some_and(|n| (1..=65535).contains(&n))
+            {
+                causes.push(FieldCause::required(&format!("spec.ports[{i}].port")));
             }
         }
     }
@@ -119,7 +139,10 @@ pub fn on_create(ty: &ResourceType, obj: &mut Value, cluster_ip: impl FnOnce() -
     }
     match ty.plural.as_str() {
         "namespaces" => {
-            let name = obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null);
+            let name = obj
+                .pointer("/metadata/name")
+                .cloned()
+                .unwrap_or(Value::Null);
             obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
             obj["spec"]["finalizers"] = json!(["kubernetes"]);
             obj["status"] = json!({"phase": "Active"});
@@ -137,11 +160,14 @@ pub fn on_create(ty: &ResourceType, obj: &mut Value, cluster_ip: impl FnOnce() -
             set_default(spec, "securityContext", json!({}));
             if let Some(cs) = spec.get_mut("containers").and_then(Value::as_array_mut) {
                 for c in cs {
-                    let latest = c
-                        .get("image")
-                        .and_then(Value::as_str)
-                        .is_some_and(|i| !i.rsplit('/').next().unwrap_or(i).contains(':') || i.ends_with(":latest"));
-                    set_default(c, "imagePullPolicy", json!(if latest { "Always" } else { "IfNotPresent" }));
+                    let latest = c.get("image").and_then(Value::as_str).is_some_and(|i| {
+                        !i.rsplit('/').next().unwrap_or(i).contains(':') || i.ends_with(":latest")
+                    });
+                    set_default(
+                        c,
+                        "imagePullPolicy",
+                        json!(if latest { "Always" } else { "IfNotPresent" }),
+                    );
                     set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
                     set_default(c, "terminationMessagePolicy", json!("File"));
                     set_default(c, "resources", json!({}));
@@ -182,7 +208,12 @@ pub fn on_create(ty: &ResourceType, obj: &mut Value, cluster_ip: impl FnOnce() -
             let stored: Vec<Value> = obj
                 .pointer("/spec/versions")
                 .and_then(Value::as_array)
-                .map(|vs| vs.iter().filter(|v| v.get("storage") == Some(&json!(true))).filter_map(|v| v.get("name").cloned()).collect())
+                .map(|vs| {
+                    vs.iter()
+                        .filter(|v| v.get("storage") == Some(&json!(true)))
+                        .filter_map(|v| v.get("name").cloned())
+                        .collect()
+                })
                 .unwrap_or_default();
             obj["status"] = json!({
                 "acceptedNames": names,
@@ -193,14 +224,12 @@ pub fn on_create(ty: &ResourceType, obj: &mut Value, cluster_ip: impl FnOnce() -
                 ]
             });
         }
-        "events" => {
-            if ty.group.is_empty() {
-                let now = clock::now();
-                set_default(obj, "count", json!(1));
-                set_default(obj, "firstTimestamp", json!(now));
-                set_default(obj, "lastTimestamp", json!(now));
-                set_default(obj, "type", json!("Normal"));
-            }
+        "events" if ty.group.is_empty() => {
+            let now = clock::now();
+            set_default(obj, "count", json!(1));
+            set_default(obj, "firstTimestamp", json!(now));
+            set_default(obj, "lastTimestamp", json!(now));
+            set_default(obj, "type", json!("Normal"));
         }
         _ => {}
     }
@@ -278,12 +307,21 @@ mod tests {
 
     #[test]
     fn pod_defaults_and_qos() {
-        let ty = crate::resources::builtins().into_iter().find(|t| t.plural == "pods").unwrap();
+        let ty = crate::resources::builtins()
+            .into_iter()
+            .find(|t| t.plural == "pods")
+            .unwrap();
         let mut pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}, "status": {"phase": "Running"}});
         on_create(&ty, &mut pod, String::new);
-        assert_eq!(pod["status"], json!({"phase": "Pending", "qosClass": "BestEffort"}));
+        assert_eq!(
+            pod["status"],
+            json!({"phase": "Pending", "qosClass": "BestEffort"})
+        );
         assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always");
-        assert!(validate(&ty, &json!({"metadata": {"name": "p"}, "spec": {}}))[0].field == "spec.containers");
+        assert!(
+            validate(&ty, &json!({"metadata": {"name": "p"}, "spec": {}}))[0].field
+                == "spec.containers"
+        );
     }
 
     #[test]

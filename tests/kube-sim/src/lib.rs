@@ -32,7 +32,10 @@ pub use store::Store;
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
     #[error("binding {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("writing the kubeconfig: {0}")]
     Kubeconfig(#[source] std::io::Error),
     #[error("creating simulated nodes: {0}")]
@@ -71,7 +74,7 @@ impl Default for SimConfig {
             watch_history: 10_000,
             watch_buffer: 4096,
             bookmark_interval: Duration::from_secs(1),
-            pod_eviction_timeout: Duration::from_secs(300),
+            pod_eviction_timeout: Duration::from_mins(5),
         }
     }
 }
@@ -83,17 +86,37 @@ impl KubeSim {
     /// Binds, writes the kubeconfig, creates the nodes and starts serving. Needs a Tokio
     /// runtime.
     pub async fn start(config: SimConfig) -> Result<SimHandle, SimError> {
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| SimError::Bind { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| SimError::Bind { addr: config.listen, source })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| SimError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SimError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let store = Arc::new(Store::new(config.watch_history, config.watch_buffer));
         let logs = Arc::new(kubelet::PodLogs::default());
-        let kubelets = kubelet::Kubelets::new(store.clone(), logs.clone(), config.time_scale, config.pod_eviction_timeout);
+        let kubelets = kubelet::Kubelets::new(
+            store.clone(),
+            logs.clone(),
+            config.time_scale,
+            config.pod_eviction_timeout,
+        );
         let mut tasks = kubelets.start();
-        kubelets.add_nodes(0, config.nodes, config.gpus_per_node).map_err(SimError::Nodes)?;
+        kubelets
+            .add_nodes(0, config.nodes, config.gpus_per_node)
+            .map_err(SimError::Nodes)?;
         if let Some(path) = &config.kubeconfig {
             write_kubeconfig(path, addr)?;
         }
-        let state = Arc::new(server::ApiState { store: store.clone(), logs, addr, bookmark_interval: config.bookmark_interval });
+        let state = Arc::new(server::ApiState {
+            store: store.clone(),
+            logs,
+            addr,
+            bookmark_interval: config.bookmark_interval,
+        });
         let (stop_tx, mut stop_rx) = watch::channel(false);
         tasks.push(tokio::spawn(async move {
             loop {
@@ -106,8 +129,10 @@ impl KubeSim {
                 let state = state.clone();
                 let mut stop = stop_rx.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| server::handle(state.clone(), req));
-                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    let svc =
+                        hyper::service::service_fn(move |req| server::handle(state.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
                     tokio::select! {
                         _ = conn => {}
                         _ = stop.changed() => {}
@@ -116,7 +141,15 @@ impl KubeSim {
             }
         }));
         tracing::info!(%addr, nodes = config.nodes, "kube-sim serving");
-        Ok(SimHandle { addr, kubeconfig: config.kubeconfig, store, kubelets, gpus: config.gpus_per_node, stop: stop_tx, tasks })
+        Ok(SimHandle {
+            addr,
+            kubeconfig: config.kubeconfig,
+            store,
+            kubelets,
+            gpus: config.gpus_per_node,
+            stop: stop_tx,
+            tasks,
+        })
     }
 }
 
@@ -153,7 +186,9 @@ impl SimHandle {
     /// Adds `count` simulated nodes after the existing ones, each with the configured GPUs.
     pub fn add_nodes(&self, count: usize) -> Result<Vec<String>, SimError> {
         let first = self.kubelets.node_count();
-        self.kubelets.add_nodes(first, count, self.gpus).map_err(SimError::Nodes)
+        self.kubelets
+            .add_nodes(first, count, self.gpus)
+            .map_err(SimError::Nodes)
     }
 
     /// Stops a node's kubelet; false if there is no such simulated node.

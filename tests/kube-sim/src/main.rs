@@ -34,11 +34,17 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let time_scale = TimeScale::new(args.time_scale)
-        .with_context(|| format!("--time-scale {} must be a number above zero", args.time_scale))?;
+    let time_scale = TimeScale::new(args.time_scale).with_context(|| {
+        format!(
+            "--time-scale {} must be a number above zero",
+            args.time_scale
+        )
+    })?;
     let config = SimConfig {
         listen: args.listen,
         kubeconfig: args.kubeconfig,
@@ -48,11 +54,16 @@ fn main() -> anyhow::Result<()> {
         watch_history: args.watch_history,
         ..SimConfig::default()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the Tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?;
     runtime.block_on(async {
         let sim = KubeSim::start(config).await?;
         println!("kube-sim listening on {}", sim.url());
-        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
         sim.shutdown();
         Ok(())
     })

@@ -64,9 +64,13 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
                 a.push(value);
                 return Ok(());
             }
-            let i: usize = last.parse().map_err(|_| format!("{last:?} is not an array index"))?;
+            let i: usize = last
+                .parse()
+                .map_err(|_| format!("{last:?} is not an array index"))?;
             if i > a.len() {
-                return Err(format!("index {i} is past the end of the array at {parent:?}"));
+                return Err(format!(
+                    "index {i} is past the end of the array at {parent:?}"
+                ));
             }
             a.insert(i, value);
             Ok(())
@@ -78,9 +82,13 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), String> {
 fn remove(doc: &mut Value, path: &str) -> Result<Value, String> {
     let (parent, last) = split_pointer(path)?;
     match doc.pointer_mut(&parent) {
-        Some(Value::Object(m)) => m.remove(&last).ok_or_else(|| format!("{path:?} does not exist")),
+        Some(Value::Object(m)) => m
+            .remove(&last)
+            .ok_or_else(|| format!("{path:?} does not exist")),
         Some(Value::Array(a)) => {
-            let i: usize = last.parse().map_err(|_| format!("{last:?} is not an array index"))?;
+            let i: usize = last
+                .parse()
+                .map_err(|_| format!("{last:?} is not an array index"))?;
             if i >= a.len() {
                 return Err(format!("index {i} is out of range at {parent:?}"));
             }
@@ -102,7 +110,11 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
                 .ok_or_else(|| fail(format!("missing string field {name:?}")))
         };
         let path = field("path")?;
-        let value = || op.get("value").cloned().ok_or_else(|| fail("missing field \"value\"".into()));
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or_else(|| fail("missing field \"value\"".into()))
+        };
         match field("op")? {
             "add" => add(&mut doc, path, value()?).map_err(fail)?,
             "remove" => {
@@ -146,8 +158,14 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
 /// The key a built-in list field is merged by, as the `patchMergeKey` tags in k8s.io/api say.
 fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
     Some(match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
-        | "imagePullSecrets" | "containerStatuses" | "initContainerStatuses" => "name",
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "containerStatuses"
+        | "initContainerStatuses" => "name",
         "volumeMounts" => "mountPath",
         "volumeDevices" => "devicePath",
         "conditions" | "addresses" => "type",
@@ -180,7 +198,9 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), PatchErr
     if !target.is_object() {
         *target = Value::Object(Map::new());
     }
-    let Value::Object(t) = target else { return Ok(()) };
+    let Value::Object(t) = target else {
+        return Ok(());
+    };
     for (k, v) in patch {
         if k.starts_with("$setElementOrder/") || k == "$retainKeys" || k == "$patch" {
             continue;
@@ -196,7 +216,9 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) -> Result<(), PatchErr
                 t.remove(k);
             }
             Value::Array(items) => {
-                let existing = t.entry(k.clone()).or_insert_with(|| Value::Array(Vec::new()));
+                let existing = t
+                    .entry(k.clone())
+                    .or_insert_with(|| Value::Array(Vec::new()));
                 merge_list(k, existing, items)?;
             }
             Value::Object(_) => strategic_merge(t.entry(k.clone()).or_insert(Value::Null), v)?,
@@ -225,7 +247,11 @@ fn merge_list(field: &str, existing: &mut Value, items: &[Value]) -> Result<(), 
         .iter()
         .any(|i| i.get("$patch").and_then(Value::as_str) == Some("replace"));
     let Some(key) = merge_key(field, items).filter(|_| !replace_directive) else {
-        let kept: Vec<Value> = items.iter().filter(|i| i.get("$patch").is_none()).cloned().collect();
+        let kept: Vec<Value> = items
+            .iter()
+            .filter(|i| i.get("$patch").is_none())
+            .cloned()
+            .collect();
         *existing = Value::Array(kept);
         return Ok(());
     };
@@ -235,7 +261,9 @@ fn merge_list(field: &str, existing: &mut Value, items: &[Value]) -> Result<(), 
     };
     for item in items {
         let id = item.get(key).ok_or_else(|| {
-            PatchError::Strategic(format!("an element of {field:?} lacks its merge key {key:?}"))
+            PatchError::Strategic(format!(
+                "an element of {field:?} lacks its merge key {key:?}"
+            ))
         })?;
         let pos = e.iter().position(|x| x.get(key) == Some(id));
         if item.get("$patch").and_then(Value::as_str) == Some("delete") {
@@ -244,13 +272,12 @@ fn merge_list(field: &str, existing: &mut Value, items: &[Value]) -> Result<(), 
             }
             continue;
         }
-        match pos {
-            Some(p) => strategic_merge(&mut e[p], item)?,
-            None => {
-                let mut fresh = Value::Null;
-                strategic_merge(&mut fresh, item)?;
-                e.push(fresh);
-            }
+        if let Some(p) = pos {
+            strategic_merge(&mut e[p], item)?;
+        } else {
+            let mut fresh = Value::Null;
+            strategic_merge(&mut fresh, item)?;
+            e.push(fresh);
         }
     }
     Ok(())
@@ -274,7 +301,11 @@ mod tests {
         json_patch(&mut v, &json!([{"op": "add", "path": "/a/-", "value": 3}, {"op": "replace", "path": "/b", "value": "y"}])).unwrap();
         assert_eq!(v, json!({"a": [1, 2, 3], "b": "y"}));
         let before = v.clone();
-        let err = json_patch(&mut v, &json!([{"op": "remove", "path": "/b"}, {"op": "test", "path": "/a/0", "value": 9}])).unwrap_err();
+        let err = json_patch(
+            &mut v,
+            &json!([{"op": "remove", "path": "/b"}, {"op": "test", "path": "/a/0", "value": 9}]),
+        )
+        .unwrap_err();
         assert!(matches!(err, PatchError::Operation { index: 1, .. }));
         assert_eq!(v, before);
     }
@@ -293,8 +324,11 @@ mod tests {
                 {"name": "b", "$patch": "delete"}
             ]}
         })).unwrap();
-        assert_eq!(pod, json!({"spec": {"containers": [
+        assert_eq!(
+            pod,
+            json!({"spec": {"containers": [
             {"name": "a", "image": "x:2", "env": [{"name": "E1", "value": "1"}, {"name": "E2", "value": "2"}], "ports": [{"containerPort": 80, "name": "http"}]}
-        ]}, "metadata": {"finalizers": ["f1", "f2"]}}));
+        ]}, "metadata": {"finalizers": ["f1", "f2"]}})
+        );
     }
 }

@@ -13,7 +13,10 @@ pub struct GroupResource {
 
 impl GroupResource {
     pub fn new(group: &str, resource: &str) -> Self {
-        Self { group: group.to_string(), resource: resource.to_string() }
+        Self {
+            group: group.to_string(),
+            resource: resource.to_string(),
+        }
     }
 
     /// `pods` for the core group, `leases.coordination.k8s.io` otherwise, as error messages
@@ -95,7 +98,11 @@ fn builtin(
         kind: kind.into(),
         namespaced,
         short_names: short.iter().map(|s| (*s).to_string()).collect(),
-        categories: if matches!(plural, "pods" | "services") { vec!["all".into()] } else { vec![] },
+        categories: if matches!(plural, "pods" | "services") {
+            vec!["all".into()]
+        } else {
+            vec![]
+        },
         subresources: subresources.iter().map(|s| (*s).to_string()).collect(),
         printer_columns: None,
     }
@@ -104,14 +111,38 @@ fn builtin(
 /// The built-in types.
 pub fn builtins() -> Vec<ResourceType> {
     vec![
-        builtin("", "v1", "namespaces", "Namespace", false, &["ns"], &["status"]),
+        builtin(
+            "",
+            "v1",
+            "namespaces",
+            "Namespace",
+            false,
+            &["ns"],
+            &["status"],
+        ),
         builtin("", "v1", "nodes", "Node", false, &["no"], &["status"]),
-        builtin("", "v1", "pods", "Pod", true, &["po"], &["status", "binding", "eviction", "log"]),
+        builtin(
+            "",
+            "v1",
+            "pods",
+            "Pod",
+            true,
+            &["po"],
+            &["status", "binding", "eviction", "log"],
+        ),
         builtin("", "v1", "services", "Service", true, &["svc"], &["status"]),
         builtin("", "v1", "events", "Event", true, &["ev"], &[]),
         builtin("", "v1", "configmaps", "ConfigMap", true, &["cm"], &[]),
         builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"], &[]),
-        builtin("coordination.k8s.io", "v1", "leases", "Lease", true, &[], &[]),
+        builtin(
+            "coordination.k8s.io",
+            "v1",
+            "leases",
+            "Lease",
+            true,
+            &[],
+            &[],
+        ),
         builtin(
             "apiextensions.k8s.io",
             "v1",
@@ -130,14 +161,20 @@ pub enum CrdError {
     Missing { field: String },
     #[error("spec.scope: Unsupported value {0:?}: supported values: \"Cluster\", \"Namespaced\"")]
     Scope(String),
-    #[error("metadata.name: Invalid value {name:?}: must be spec.names.plural+\".\"+spec.group ({want:?})")]
+    #[error(
+        "metadata.name: Invalid value {name:?}: must be spec.names.plural+\".\"+spec.group ({want:?})"
+    )]
     Name { name: String, want: String },
 }
 
 /// The types a CustomResourceDefinition serves, one per served version.
 pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, CrdError> {
     let s = |p: &str| crd.pointer(p).and_then(Value::as_str).map(str::to_string);
-    let req = |p: &str, field: &str| s(p).ok_or_else(|| CrdError::Missing { field: field.into() });
+    let req = |p: &str, field: &str| {
+        s(p).ok_or_else(|| CrdError::Missing {
+            field: field.into(),
+        })
+    };
     let group = req("/spec/group", "group")?;
     let plural = req("/spec/names/plural", "names.plural")?;
     let kind = req("/spec/names/kind", "names.kind")?;
@@ -155,14 +192,20 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, CrdError> {
     let strings = |p: &str| -> Vec<String> {
         crd.pointer(p)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let versions = crd
         .pointer("/spec/versions")
         .and_then(Value::as_array)
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| CrdError::Missing { field: "versions".into() })?;
+        .ok_or_else(|| CrdError::Missing {
+            field: "versions".into(),
+        })?;
     let mut out = Vec::new();
     for v in versions {
         if v.get("served").and_then(Value::as_bool) == Some(false) {
@@ -171,7 +214,9 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, CrdError> {
         let version = v
             .get("name")
             .and_then(Value::as_str)
-            .ok_or_else(|| CrdError::Missing { field: "versions[].name".into() })?;
+            .ok_or_else(|| CrdError::Missing {
+                field: "versions[].name".into(),
+            })?;
         let mut subresources = Vec::new();
         if v.pointer("/subresources/status").is_some() {
             subresources.push("status".to_string());
@@ -186,10 +231,22 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, CrdError> {
                 cols.iter()
                     .map(|c| PrinterColumn {
                         name: c.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                        type_: c.get("type").and_then(Value::as_str).unwrap_or("string").into(),
-                        json_path: c.get("jsonPath").and_then(Value::as_str).unwrap_or("").into(),
+                        type_: c
+                            .get("type")
+                            .and_then(Value::as_str)
+                            .unwrap_or("string")
+                            .into(),
+                        json_path: c
+                            .get("jsonPath")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .into(),
                         priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
-                        description: c.get("description").and_then(Value::as_str).unwrap_or("").into(),
+                        description: c
+                            .get("description")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .into(),
                     })
                     .collect()
             })
@@ -211,16 +268,25 @@ pub fn from_crd(crd: &Value) -> Result<Vec<ResourceType>, CrdError> {
 }
 
 fn verbs(t: &ResourceType) -> Value {
-    json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"])
-        .as_array()
-        .map(|a| {
-            let mut a = a.clone();
-            if t.plural == "events" || t.plural == "leases" {
-                a.retain(|v| v != "deletecollection");
-            }
-            Value::Array(a)
-        })
-        .unwrap_or_default()
+    json!([
+        "create",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "update",
+        "watch"
+    ])
+    .as_array()
+    .map(|a| {
+        let mut a = a.clone();
+        if t.plural == "events" || t.plural == "leases" {
+            a.retain(|v| v != "deletecollection");
+        }
+        Value::Array(a)
+    })
+    .unwrap_or_default()
 }
 
 /// The `APIResourceList` for one group version.
@@ -273,18 +339,21 @@ mod tests {
     #[test]
     fn crd_yields_one_type_per_served_version() {
         let crd = json!({"metadata": {"name": "gangs.agentd.io"}, "spec": {
-            "group": "agentd.io", "scope": "Namespaced",
-            "names": {"plural": "gangs", "kind": "Gang", "shortNames": ["gg"]},
-            "versions": [
-                {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
-                 "additionalPrinterColumns": [{"name": "Size", "type": "integer", "jsonPath": ".spec.size"}]},
-                {"name": "v0", "served": false, "storage": false}
-            ]}});
+        "group": "agentd.io", "scope": "Namespaced",
+        "names": {"plural": "gangs", "kind": "Gang", "shortNames": ["gg"]},
+        "versions": [
+            {"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+             "additionalPrinterColumns": [{"name": "Size", "type": "integer", "jsonPath": ".spec.size"}]},
+            {"name": "v0", "served": false, "storage": false}
+        ]}});
         let types = from_crd(&crd).unwrap();
         assert_eq!(types.len(), 1);
         assert!(types[0].has_status());
         assert_eq!(types[0].singular, "gang");
-        assert_eq!(types[0].printer_columns.as_ref().unwrap()[0].json_path, ".spec.size");
+        assert_eq!(
+            types[0].printer_columns.as_ref().unwrap()[0].json_path,
+            ".spec.size"
+        );
         let mut bad = crd.clone();
         bad["metadata"]["name"] = json!("wrong");
         assert!(matches!(from_crd(&bad), Err(CrdError::Name { .. })));

@@ -103,8 +103,12 @@ impl LabelSelector {
                 LabelOp::NotIn(set) => v.is_none_or(|v| !set.iter().any(|s| s == v)),
                 LabelOp::Exists => v.is_some(),
                 LabelOp::NotExists => v.is_none(),
-                LabelOp::Gt(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v > *n),
-                LabelOp::Lt(n) => v.and_then(|v| v.parse::<i64>().ok()).is_some_and(|v| v < *n),
+                LabelOp::Gt(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|v| v > *n),
+                LabelOp::Lt(n) => v
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_some_and(|v| v < *n),
             }
         })
     }
@@ -119,7 +123,9 @@ fn parse_requirement(part: &str) -> Result<LabelRequirement, SelectorError> {
         if valid_label_key(k) {
             Ok(k.to_string())
         } else {
-            Err(err("key must be a qualified name: alphanumerics, '-', '_' or '.', at most 63 characters, optional DNS prefix and '/'"))
+            Err(err(
+                "key must be a qualified name: alphanumerics, '-', '_' or '.', at most 63 characters, optional DNS prefix and '/'",
+            ))
         }
     };
     let check_value = |v: &str| {
@@ -127,14 +133,19 @@ fn parse_requirement(part: &str) -> Result<LabelRequirement, SelectorError> {
         if valid_label_value(v) {
             Ok(v.to_string())
         } else {
-            Err(err("value must be at most 63 alphanumerics, '-', '_' or '.'"))
+            Err(err(
+                "value must be at most 63 alphanumerics, '-', '_' or '.'",
+            ))
         }
     };
     if part.is_empty() {
         return Err(err("empty requirement"));
     }
     if let Some(key) = part.strip_prefix('!') {
-        return Ok(LabelRequirement { key: check_key(key.trim())?, op: LabelOp::NotExists });
+        return Ok(LabelRequirement {
+            key: check_key(key.trim())?,
+            op: LabelOp::NotExists,
+        });
     }
     for (word, negate) in [(" notin ", true), (" in ", false)] {
         if let Some((key, rest)) = part.split_once(word) {
@@ -148,7 +159,11 @@ fn parse_requirement(part: &str) -> Result<LabelRequirement, SelectorError> {
                 .map(check_value)
                 .collect::<Result<Vec<_>, _>>()?;
             let key = check_key(key.trim())?;
-            let op = if negate { LabelOp::NotIn(values) } else { LabelOp::In(values) };
+            let op = if negate {
+                LabelOp::NotIn(values)
+            } else {
+                LabelOp::In(values)
+            };
             return Ok(LabelRequirement { key, op });
         }
     }
@@ -163,13 +178,20 @@ fn parse_requirement(part: &str) -> Result<LabelRequirement, SelectorError> {
                         .trim()
                         .parse::<i64>()
                         .map_err(|_| err("'>' and '<' need an integer value"))?;
-                    if kind == 2 { LabelOp::Gt(n) } else { LabelOp::Lt(n) }
+                    if kind == 2 {
+                        LabelOp::Gt(n)
+                    } else {
+                        LabelOp::Lt(n)
+                    }
                 }
             };
             return Ok(LabelRequirement { key, op });
         }
     }
-    Ok(LabelRequirement { key: check_key(part)?, op: LabelOp::Exists })
+    Ok(LabelRequirement {
+        key: check_key(part)?,
+        op: LabelOp::Exists,
+    })
 }
 
 /// A parsed `fieldSelector`: a conjunction of equalities and inequalities on dotted paths.
@@ -234,13 +256,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn pod(labels: Value) -> Value {
+    fn pod(labels: &Value) -> Value {
         json!({"metadata": {"name": "p", "labels": labels}, "spec": {"nodeName": "node-1"}, "status": {"phase": "Running"}})
     }
 
     #[test]
     fn label_selector_full_syntax() {
-        let p = pod(json!({"app": "web", "tier": "front", "gen": "3"}));
+        let p = pod(&json!({"app": "web", "tier": "front", "gen": "3"}));
         for (sel, want) in [
             ("app=web", true),
             ("app==web", true),
@@ -256,7 +278,11 @@ mod tests {
             ("app=web,tier in (front),!missing", true),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&p), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&p),
+                want,
+                "{sel}"
+            );
         }
     }
 
@@ -270,7 +296,7 @@ mod tests {
 
     #[test]
     fn field_selector_on_nested_paths() {
-        let p = pod(json!({}));
+        let p = pod(&json!({}));
         let f = FieldSelector::parse("spec.nodeName=node-1,status.phase!=Failed").unwrap();
         assert!(f.matches(&p));
         assert!(!FieldSelector::parse("metadata.name=q").unwrap().matches(&p));

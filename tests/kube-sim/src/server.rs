@@ -22,7 +22,9 @@ use crate::kubelet::PodLogs;
 use crate::patch;
 use crate::resources::{self, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOptions, EventType, Propagation, Store, StoreError, WatchEvent, WatchFrom, WriteMode};
+use crate::store::{
+    DeleteOptions, EventType, Propagation, Store, StoreError, WatchEvent, WatchFrom, WriteMode,
+};
 use crate::table::{self, IncludeObject};
 
 /// The largest request body accepted, as a real server's default.
@@ -38,7 +40,10 @@ impl hyper::body::Body for ApiBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
@@ -57,7 +62,11 @@ pub struct ApiState {
 type Resp = Response<ApiBody>;
 
 fn json_response(code: StatusCode, body: &Value) -> Resp {
-    bytes_response(code, "application/json", Bytes::from(serde_json::to_vec(body).unwrap_or_default()))
+    bytes_response(
+        code,
+        "application/json",
+        Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+    )
 }
 
 fn bytes_response(code: StatusCode, content_type: &str, body: Bytes) -> Resp {
@@ -85,38 +94,75 @@ fn error_response(err: &StoreError) -> Resp {
     let (code, reason, details) = match err {
         StoreError::NotFound { resource, name } => {
             let (kind, group) = resource.split_once('.').unwrap_or((resource, ""));
-            (StatusCode::NOT_FOUND, "NotFound", Some(json!({"name": name, "group": group, "kind": kind})))
+            (
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                Some(json!({"name": name, "group": group, "kind": kind})),
+            )
         }
         StoreError::AlreadyExists { resource, name } => {
             let (kind, group) = resource.split_once('.').unwrap_or((resource, ""));
-            (StatusCode::CONFLICT, "AlreadyExists", Some(json!({"name": name, "group": group, "kind": kind})))
+            (
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                Some(json!({"name": name, "group": group, "kind": kind})),
+            )
         }
         StoreError::Conflict { resource, name, .. } => {
             let (kind, group) = resource.split_once('.').unwrap_or((resource, ""));
-            (StatusCode::CONFLICT, "Conflict", Some(json!({"name": name, "group": group, "kind": kind})))
+            (
+                StatusCode::CONFLICT,
+                "Conflict",
+                Some(json!({"name": name, "group": group, "kind": kind})),
+            )
         }
-        StoreError::Invalid { group, kind, name, causes } => {
+        StoreError::Invalid {
+            group,
+            kind,
+            name,
+            causes,
+        } => {
             let causes: Vec<Value> = causes
                 .iter()
                 .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
                 .collect();
-            (StatusCode::UNPROCESSABLE_ENTITY, "Invalid", Some(json!({"name": name, "group": group, "kind": kind, "causes": causes})))
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                Some(json!({"name": name, "group": group, "kind": kind, "causes": causes})),
+            )
         }
         StoreError::Gone(_) => (StatusCode::GONE, "Expired", None),
         StoreError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest", None),
-        StoreError::Forbidden { resource, name, .. } => {
-            (StatusCode::FORBIDDEN, "Forbidden", Some(json!({"name": name, "kind": resource})))
+        StoreError::Forbidden { resource, name, .. } => (
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            Some(json!({"name": name, "kind": resource})),
+        ),
+        StoreError::MethodNotAllowed(_) => {
+            (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", None)
         }
-        StoreError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", None),
-        StoreError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", None),
+        StoreError::UnsupportedMediaType(_) => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            None,
+        ),
     };
-    json_response(code, &status_object(code.as_u16(), reason, &message, details))
+    json_response(
+        code,
+        &status_object(code.as_u16(), reason, &message, details),
+    )
 }
 
 fn not_found_path() -> Resp {
     json_response(
         StatusCode::NOT_FOUND,
-        &status_object(404, "NotFound", "the server could not find the requested resource", Some(json!({}))),
+        &status_object(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            Some(json!({})),
+        ),
     )
 }
 
@@ -127,7 +173,10 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            b'%' if i + 2 < b.len() => match s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 Some(v) => {
                     out.push(v);
                     i += 2;
@@ -158,7 +207,10 @@ impl Query {
     }
 
     fn get(&self, k: &str) -> Option<&str> {
-        self.0.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
     }
 
     fn flag(&self, k: &str) -> bool {
@@ -168,7 +220,10 @@ impl Query {
     fn number(&self, k: &str) -> Result<Option<i64>, StoreError> {
         self.get(k)
             .filter(|v| !v.is_empty())
-            .map(|v| v.parse::<i64>().map_err(|_| StoreError::BadRequest(format!("{k}: {v:?} is not an integer"))))
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| StoreError::BadRequest(format!("{k}: {v:?} is not an integer")))
+            })
             .transpose()
     }
 }
@@ -188,14 +243,19 @@ enum Route {
     Groups,
     Group(String),
     Resources(String, String),
-    Resource(Target, bool),
+    Resource(Box<Target>, bool),
     OpenApiRoot,
     OpenApiGroupVersion(String),
     Unknown,
 }
 
 fn route(store: &Store, path: &str) -> Route {
-    let segs: Vec<String> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+    let segs: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let (group, version, rest) = match s.as_slice() {
         ["version"] => return Route::Version,
@@ -216,7 +276,9 @@ fn route(store: &Store, path: &str) -> Route {
         r => (false, r),
     };
     let (namespace, rest) = match rest {
-        ["namespaces", ns, r @ ..] if !r.is_empty() && !(r.len() == 1 && r[0] == "status") => (Some((*ns).to_string()), r),
+        ["namespaces", ns, r @ ..] if !(r.is_empty() || r.len() == 1 && r[0] == "status") => {
+            (Some((*ns).to_string()), r)
+        }
         r => (None, r),
     };
     let (plural, name, sub) = match rest {
@@ -225,16 +287,26 @@ fn route(store: &Store, path: &str) -> Route {
         [p, n, sub] => (*p, Some((*n).to_string()), Some((*sub).to_string())),
         _ => return Route::Unknown,
     };
-    let Some(ty) = store.resource_type(group, version, plural) else { return Route::Unknown };
+    let Some(ty) = store.resource_type(group, version, plural) else {
+        return Route::Unknown;
+    };
     if namespace.is_some() && !ty.namespaced {
         return Route::Unknown;
     }
-    if let Some(sub) = &sub {
-        if !ty.subresources.iter().any(|s| s == sub) {
-            return Route::Unknown;
-        }
+    if let Some(sub) = &sub
+        && !ty.subresources.iter().any(|s| s == sub)
+    {
+        return Route::Unknown;
     }
-    Route::Resource(Target { ty, namespace, name, subresource: sub }, watch_prefix)
+    Route::Resource(
+        Box::new(Target {
+            ty,
+            namespace,
+            name,
+            subresource: sub,
+        }),
+        watch_prefix,
+    )
 }
 
 /// How the client wants objects back.
@@ -288,14 +360,21 @@ fn render_one(ty: &ResourceType, obj: &Value, rep: Representation, rv: u64) -> V
 }
 
 fn hex(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write;
+    s.bytes().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
     String::from_utf8(bytes?).ok()
 }
 
@@ -304,7 +383,11 @@ fn continue_token(rv: u64, key: &(String, String)) -> String {
 }
 
 fn parse_continue(token: &str) -> Result<(u64, (String, String)), StoreError> {
-    let bad = || StoreError::BadRequest(format!("continue key {token:?} is not valid: it must be a token returned by a previous list"));
+    let bad = || {
+        StoreError::BadRequest(format!(
+            "continue key {token:?} is not valid: it must be a token returned by a previous list"
+        ))
+    };
     let s = unhex(token).ok_or_else(bad)?;
     let mut parts = s.splitn(3, '/');
     let rv = parts.next().and_then(|r| r.parse().ok()).ok_or_else(bad)?;
@@ -320,8 +403,10 @@ struct Selectors {
 
 impl Selectors {
     fn parse(ty: &ResourceType, q: &Query) -> Result<Self, StoreError> {
-        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or("")).map_err(|e| StoreError::BadRequest(e.to_string()))?;
-        let mut fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or("")).map_err(|e| StoreError::BadRequest(e.to_string()))?;
+        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or(""))
+            .map_err(|e| StoreError::BadRequest(e.to_string()))?;
+        let mut fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or(""))
+            .map_err(|e| StoreError::BadRequest(e.to_string()))?;
         if ty.group == "events.k8s.io" {
             fields.rename_prefix("regarding.", "involvedObject.");
         }
@@ -338,22 +423,51 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return Ok(error_response(&StoreError::BadRequest(format!("reading the request body: {e}")))),
+        Err(e) => {
+            return Ok(error_response(&StoreError::BadRequest(format!(
+                "reading the request body: {e}"
+            ))));
+        }
     };
     if body.len() > MAX_BODY {
-        return Ok(json_response(StatusCode::PAYLOAD_TOO_LARGE, &status_object(413, "RequestEntityTooLarge", "the request body exceeds 3 MiB", None)));
+        return Ok(json_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &status_object(
+                413,
+                "RequestEntityTooLarge",
+                "the request body exceeds 3 MiB",
+                None,
+            ),
+        ));
     }
-    let header = |h: header::HeaderName| parts.headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let header = |h: header::HeaderName| {
+        parts
+            .headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     let accept = header(header::ACCEPT);
     let content_type = header(header::CONTENT_TYPE);
     let q = Query::parse(parts.uri.query());
     let resp = match route(&state.store, parts.uri.path()) {
-        Route::Version => json_response(StatusCode::OK, &json!({
+        Route::Version => json_response(
+            StatusCode::OK,
+            &json!({
             "major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-sim", "gitCommit": "0000000000000000000000000000000000000000",
-            "gitTreeState": "clean", "buildDate": "2025-04-23T00:00:00Z", "goVersion": "go1.24.2", "compiler": "gc", "platform": "linux/amd64"})),
-        Route::Health => bytes_response(StatusCode::OK, "text/plain; charset=utf-8", Bytes::from_static(b"ok")),
-        Route::CoreVersions => json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": state.addr.to_string()}]})),
+            "gitTreeState": "clean", "buildDate": "2025-04-23T00:00:00Z", "goVersion": "go1.24.2", "compiler": "gc", "platform": "linux/amd64"}),
+        ),
+        Route::Health => bytes_response(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            Bytes::from_static(b"ok"),
+        ),
+        Route::CoreVersions => json_response(
+            StatusCode::OK,
+            &json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": state.addr.to_string()}]}),
+        ),
         Route::Groups => {
             let types = state.store.types();
             let mut groups: Vec<(String, Vec<String>)> = Vec::new();
@@ -364,8 +478,14 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
                     None => groups.push((t.group.clone(), vec![t.version.clone()])),
                 }
             }
-            let groups: Vec<Value> = groups.iter().map(|(g, vs)| resources::api_group(g, vs)).collect();
-            json_response(StatusCode::OK, &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+            let groups: Vec<Value> = groups
+                .iter()
+                .map(|(g, vs)| resources::api_group(g, vs))
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            )
         }
         Route::Group(g) => {
             let mut versions: Vec<String> = Vec::new();
@@ -382,7 +502,10 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         }
         Route::Resources(g, v) => {
             let types = state.store.types();
-            let matching: Vec<&ResourceType> = types.iter().filter(|t| t.group == g && t.version == v).collect();
+            let matching: Vec<&ResourceType> = types
+                .iter()
+                .filter(|t| t.group == g && t.version == v)
+                .collect();
             if matching.is_empty() {
                 not_found_path()
             } else {
@@ -393,7 +516,11 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         Route::OpenApiRoot => {
             let mut paths = serde_json::Map::new();
             for t in state.store.types() {
-                let gv = if t.group.is_empty() { format!("api/{}", t.version) } else { format!("apis/{}/{}", t.group, t.version) };
+                let gv = if t.group.is_empty() {
+                    format!("api/{}", t.version)
+                } else {
+                    format!("apis/{}/{}", t.group, t.version)
+                };
                 let url = format!("/openapi/v3/{gv}?hash={:016X}", state.store.current_rv());
                 paths.insert(gv, json!({"serverRelativeURL": url}));
             }
@@ -406,7 +533,16 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         Route::Unknown => not_found_path(),
         Route::Resource(target, watch_prefix) => {
             let rep = representation(&accept, &q);
-            match serve_resource(&state, &parts.method, &target, &q, rep, watch_prefix, &content_type, &body) {
+            match serve_resource(
+                &state,
+                &parts.method,
+                &target,
+                &q,
+                rep,
+                watch_prefix,
+                &content_type,
+                &body,
+            ) {
                 Ok(r) => r,
                 Err(e) => error_response(&e),
             }
@@ -425,13 +561,21 @@ fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
         ["apis", g, v] => ((*g).to_string(), (*v).to_string()),
         _ => return None,
     };
-    let types: Vec<ResourceType> = store.types().into_iter().filter(|t| t.group == group && t.version == version).collect();
+    let types: Vec<ResourceType> = store
+        .types()
+        .into_iter()
+        .filter(|t| t.group == group && t.version == version)
+        .collect();
     if types.is_empty() {
         return None;
     }
     let mut paths = serde_json::Map::new();
     for t in &types {
-        let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
         let path = if t.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
         } else {
@@ -453,29 +597,33 @@ fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
                       "parameters": params, "responses": {"200": {"description": "OK"}}},
         }));
     }
-    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}))
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
 }
 
 fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, StoreError> {
     if content_type.contains("yaml") {
-        serde_yaml::from_slice(body).map_err(|e| StoreError::BadRequest(format!("the request body is not valid YAML: {e}")))
+        serde_yaml::from_slice(body)
+            .map_err(|e| StoreError::BadRequest(format!("the request body is not valid YAML: {e}")))
     } else if content_type.contains("protobuf") {
         Err(StoreError::UnsupportedMediaType(format!(
             "the body of the request was in an unknown format {content_type:?}: accepted media types include application/json and application/yaml"
         )))
     } else {
-        serde_json::from_slice(body).map_err(|e| StoreError::BadRequest(format!("the request body is not valid JSON: {e}")))
+        serde_json::from_slice(body)
+            .map_err(|e| StoreError::BadRequest(format!("the request body is not valid JSON: {e}")))
     }
 }
 
 fn check_kind(ty: &ResourceType, obj: &Value) -> Result<(), StoreError> {
-    if let Some(k) = obj.get("kind").and_then(Value::as_str) {
-        if k != ty.kind {
-            return Err(StoreError::BadRequest(format!(
-                "the kind of the body ({k}) does not match the resource {} (kind {})",
-                ty.plural, ty.kind
-            )));
-        }
+    if let Some(k) = obj.get("kind").and_then(Value::as_str)
+        && k != ty.kind
+    {
+        return Err(StoreError::BadRequest(format!(
+            "the kind of the body ({k}) does not match the resource {} (kind {})",
+            ty.plural, ty.kind
+        )));
     }
     Ok(())
 }
@@ -494,30 +642,50 @@ fn serve_resource(
     let store = &state.store;
     let ty = &t.ty;
     let ns = t.namespace.as_deref().unwrap_or("");
-    let to_storage = |v: Value| if ty.group == "events.k8s.io" { defaults::event_from_events_v1(&v) } else { v };
+    let to_storage = |v: Value| {
+        if ty.group == "events.k8s.io" {
+            defaults::event_from_events_v1(&v)
+        } else {
+            v
+        }
+    };
     match (method, t.name.as_deref(), t.subresource.as_deref()) {
         (&Method::GET, None, None) if watch_prefix || q.flag("watch") => watch(state, t, q, rep),
         (&Method::GET, None, None) => list(store, t, q, rep),
         (&Method::GET, Some(name), None | Some("status")) => {
             let obj = store.get(ty, ns, name)?;
-            Ok(json_response(StatusCode::OK, &render_one(ty, &obj, rep, store.current_rv())))
+            Ok(json_response(
+                StatusCode::OK,
+                &render_one(ty, &obj, rep, store.current_rv()),
+            ))
         }
         (&Method::GET, Some(name), Some("log")) => pod_log(state, ty, ns, name, q),
         (&Method::POST, None, None) => {
             let obj = to_storage(parse_body(content_type, body)?);
             check_kind(ty, &obj)?;
             if q.get("dryRun").is_some() {
-                return Err(StoreError::BadRequest("dryRun is not supported by kube-sim".into()));
+                return Err(StoreError::BadRequest(
+                    "dryRun is not supported by kube-sim".into(),
+                ));
             }
             let created = store.create(ty, ns, obj)?;
-            Ok(json_response(StatusCode::CREATED, &render_one(ty, &created, rep, store.current_rv())))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &render_one(ty, &created, rep, store.current_rv()),
+            ))
         }
         (&Method::POST, Some(name), Some("binding")) => {
             let b = parse_body(content_type, body)?;
-            let node = b.pointer("/target/name").and_then(Value::as_str).filter(|n| !n.is_empty()).ok_or_else(|| {
-                StoreError::Invalid { group: String::new(), kind: "Binding".into(), name: name.into(),
-                    causes: vec![defaults::FieldCause::required("target.name")] }
-            })?;
+            let node = b
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| StoreError::Invalid {
+                    group: String::new(),
+                    kind: "Binding".into(),
+                    name: name.into(),
+                    causes: vec![defaults::FieldCause::required("target.name")],
+                })?;
             let node = node.to_string();
             let bound = store.update_with(ty, ns, name, WriteMode::Whole, |cur| {
                 if let Some(existing) = cur.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
@@ -532,67 +700,140 @@ fn serve_resource(
                 p["status"]["conditions"] = json!(conds);
                 Ok(p)
             })?;
-            store.record_event(&bound, "Normal", "Scheduled", &format!("Successfully assigned {ns}/{name} to {node}"), "default-scheduler", "");
-            Ok(json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
+            store.record_event(
+                &bound,
+                "Normal",
+                "Scheduled",
+                &format!("Successfully assigned {ns}/{name} to {node}"),
+                "default-scheduler",
+                "",
+            );
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
         }
         (&Method::POST, Some(name), Some("eviction")) => {
             let e = parse_body(content_type, body)?;
             let opts = delete_options(e.get("deleteOptions").unwrap_or(&Value::Null), q)?;
             store.delete(ty, ns, name, &opts)?;
-            Ok(json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ))
         }
         (&Method::PUT, Some(name), sub @ (None | Some("status"))) => {
             let obj = to_storage(parse_body(content_type, body)?);
             check_kind(ty, &obj)?;
-            let mode = if sub.is_some() { WriteMode::Status } else { WriteMode::Spec };
+            let mode = if sub.is_some() {
+                WriteMode::Status
+            } else {
+                WriteMode::Spec
+            };
             let updated = store.update_with(ty, ns, name, mode, |_| Ok(obj))?;
-            Ok(json_response(StatusCode::OK, &render_one(ty, &updated, rep, store.current_rv())))
+            Ok(json_response(
+                StatusCode::OK,
+                &render_one(ty, &updated, rep, store.current_rv()),
+            ))
         }
         (&Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
             let p = patch_request(ty, content_type, body)?;
-            let mode = if sub.is_some() { WriteMode::Status } else { WriteMode::Spec };
+            let mode = if sub.is_some() {
+                WriteMode::Status
+            } else {
+                WriteMode::Spec
+            };
             let events_v1 = ty.group == "events.k8s.io";
             let updated = store.update_with(ty, ns, name, mode, |cur| {
-                let mut doc = if events_v1 { defaults::event_to_events_v1(cur) } else { cur.clone() };
+                let mut doc = if events_v1 {
+                    defaults::event_to_events_v1(cur)
+                } else {
+                    cur.clone()
+                };
                 match &p {
                     PatchBody::Merge(v) => patch::merge_patch(&mut doc, v),
-                    PatchBody::Json(v) => patch::json_patch(&mut doc, v).map_err(|e| StoreError::Invalid {
-                        group: ty.group.clone(), kind: ty.kind.clone(), name: name.into(),
-                        causes: vec![defaults::FieldCause { field: "patch".into(), reason: "FieldValueInvalid", message: e.to_string() }],
-                    })?,
-                    PatchBody::Strategic(v) => patch::strategic_merge(&mut doc, v).map_err(|e| StoreError::BadRequest(e.to_string()))?,
+                    PatchBody::Json(v) => {
+                        patch::json_patch(&mut doc, v).map_err(|e| StoreError::Invalid {
+                            group: ty.group.clone(),
+                            kind: ty.kind.clone(),
+                            name: name.into(),
+                            causes: vec![defaults::FieldCause {
+                                field: "patch".into(),
+                                reason: "FieldValueInvalid",
+                                message: e.to_string(),
+                            }],
+                        })?;
+                    }
+                    PatchBody::Strategic(v) => {
+                        patch::strategic_merge(&mut doc, v)
+                            .map_err(|e| StoreError::BadRequest(e.to_string()))?;
+                    }
                 }
-                Ok(if events_v1 { defaults::event_from_events_v1(&doc) } else { doc })
+                Ok(if events_v1 {
+                    defaults::event_from_events_v1(&doc)
+                } else {
+                    doc
+                })
             })?;
-            Ok(json_response(StatusCode::OK, &render_one(ty, &updated, rep, store.current_rv())))
+            Ok(json_response(
+                StatusCode::OK,
+                &render_one(ty, &updated, rep, store.current_rv()),
+            ))
         }
         (&Method::DELETE, Some(name), None) => {
-            let b = if body.is_empty() { Value::Null } else { parse_body(content_type, body)? };
+            let b = if body.is_empty() {
+                Value::Null
+            } else {
+                parse_body(content_type, body)?
+            };
             let opts = delete_options(&b, q)?;
             let (obj, gone) = store.delete(ty, ns, name, &opts)?;
-            let code = if gone { StatusCode::OK } else { StatusCode::ACCEPTED };
-            Ok(json_response(code, &render_one(ty, &obj, rep, store.current_rv())))
+            let code = if gone {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            Ok(json_response(
+                code,
+                &render_one(ty, &obj, rep, store.current_rv()),
+            ))
         }
         (&Method::DELETE, None, None) => {
-            let b = if body.is_empty() { Value::Null } else { parse_body(content_type, body)? };
+            let b = if body.is_empty() {
+                Value::Null
+            } else {
+                parse_body(content_type, body)?
+            };
             let opts = delete_options(&b, q)?;
             let sel = Selectors::parse(ty, q)?;
             let page = store.list(ty, t.namespace.as_deref(), &|o| sel.matches(o), None, None);
             let mut items = Vec::new();
             for o in page.items {
-                let n = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-                let ons = o.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+                let n = o
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let ons = o
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
                 if let Ok((d, _)) = store.delete(ty, ons, n, &opts) {
                     items.push(present(ty, &d).into_owned());
                 }
             }
-            Ok(json_response(StatusCode::OK, &json!({"kind": format!("{}List", ty.kind), "apiVersion": ty.api_version(),
-                "metadata": {"resourceVersion": store.current_rv().to_string()}, "items": items})))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"kind": format!("{}List", ty.kind), "apiVersion": ty.api_version(),
+                "metadata": {"resourceVersion": store.current_rv().to_string()}, "items": items}),
+            ))
         }
         _ => Err(StoreError::MethodNotAllowed(format!(
             "the server does not allow this method on the requested resource: {method} {}{}",
             ty.group_resource().qualified(),
-            t.subresource.as_deref().map(|s| format!("/{s}")).unwrap_or_default()
+            t.subresource
+                .as_deref()
+                .map(|s| format!("/{s}"))
+                .unwrap_or_default()
         ))),
     }
 }
@@ -603,9 +844,16 @@ enum PatchBody {
     Strategic(Value),
 }
 
-fn patch_request(ty: &ResourceType, content_type: &str, body: &[u8]) -> Result<PatchBody, StoreError> {
+fn patch_request(
+    ty: &ResourceType,
+    content_type: &str,
+    body: &[u8],
+) -> Result<PatchBody, StoreError> {
     let ct = content_type.split(';').next().unwrap_or("").trim();
-    let parse = || serde_json::from_slice::<Value>(body).map_err(|e| StoreError::BadRequest(format!("the patch is not valid JSON: {e}")));
+    let parse = || {
+        serde_json::from_slice::<Value>(body)
+            .map_err(|e| StoreError::BadRequest(format!("the patch is not valid JSON: {e}")))
+    };
     match ct {
         "application/merge-patch+json" => Ok(PatchBody::Merge(parse()?)),
         "application/json-patch+json" => Ok(PatchBody::Json(parse()?)),
@@ -623,7 +871,10 @@ fn patch_request(ty: &ResourceType, content_type: &str, body: &[u8]) -> Result<P
 }
 
 fn delete_options(body: &Value, q: &Query) -> Result<DeleteOptions, StoreError> {
-    let grace = body.get("gracePeriodSeconds").and_then(Value::as_i64).or(q.number("gracePeriodSeconds")?);
+    let grace = body
+        .get("gracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .or(q.number("gracePeriodSeconds")?);
     let policy = body
         .get("propagationPolicy")
         .and_then(Value::as_str)
@@ -637,7 +888,10 @@ fn delete_options(body: &Value, q: &Query) -> Result<DeleteOptions, StoreError> 
             ))),
         })
         .transpose()?;
-    let policy = match (policy, body.get("orphanDependents").and_then(Value::as_bool)) {
+    let policy = match (
+        policy,
+        body.get("orphanDependents").and_then(Value::as_bool),
+    ) {
         (Some(p), _) => Some(p),
         (None, Some(true)) => Some(Propagation::Orphan),
         (None, _) => None,
@@ -645,8 +899,14 @@ fn delete_options(body: &Value, q: &Query) -> Result<DeleteOptions, StoreError> 
     Ok(DeleteOptions {
         grace_period_seconds: grace,
         propagation: policy,
-        precondition_uid: body.pointer("/preconditions/uid").and_then(Value::as_str).map(str::to_string),
-        precondition_rv: body.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_string),
+        precondition_uid: body
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        precondition_rv: body
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
@@ -654,12 +914,22 @@ fn list(store: &Store, t: &Target, q: &Query, rep: Representation) -> Result<Res
     let ty = &t.ty;
     let sel = Selectors::parse(ty, q)?;
     let limit = q.number("limit")?.filter(|l| *l > 0).map(|l| l as usize);
-    let cont = q.get("continue").filter(|c| !c.is_empty()).map(parse_continue).transpose()?;
+    let cont = q
+        .get("continue")
+        .filter(|c| !c.is_empty())
+        .map(parse_continue)
+        .transpose()?;
     let (first_rv, after) = match cont {
         Some((rv, key)) => (Some(rv), Some(key)),
         None => (None, None),
     };
-    let page = store.list(ty, t.namespace.as_deref(), &|o| sel.matches(o), limit, after);
+    let page = store.list(
+        ty,
+        t.namespace.as_deref(),
+        &|o| sel.matches(o),
+        limit,
+        after.as_ref(),
+    );
     let rv = first_rv.unwrap_or(page.rv);
     let next = page.next.as_ref().map(|k| continue_token(rv, k));
     if let Representation::Table(inc) = rep {
@@ -672,7 +942,10 @@ fn list(store: &Store, t: &Target, q: &Query, rep: Representation) -> Result<Res
         return Ok(json_response(StatusCode::OK, &tbl));
     }
     let (kind, api_version) = match rep {
-        Representation::Metadata => ("PartialObjectMetadataList".to_string(), "meta.k8s.io/v1".to_string()),
+        Representation::Metadata => (
+            "PartialObjectMetadataList".to_string(),
+            "meta.k8s.io/v1".to_string(),
+        ),
         _ => (format!("{}List", ty.kind), ty.api_version()),
     };
     let mut meta = json!({"resourceVersion": rv.to_string()});
@@ -681,7 +954,9 @@ fn list(store: &Store, t: &Target, q: &Query, rep: Representation) -> Result<Res
         meta["remainingItemCount"] = json!(page.remaining);
     }
     let mut out = Vec::with_capacity(256 + page.items.len() * 512);
-    out.extend_from_slice(format!("{{\"kind\":\"{kind}\",\"apiVersion\":\"{api_version}\",\"metadata\":").as_bytes());
+    out.extend_from_slice(
+        format!("{{\"kind\":\"{kind}\",\"apiVersion\":\"{api_version}\",\"metadata\":").as_bytes(),
+    );
     serde_json::to_writer(&mut out, &meta).map_err(|e| StoreError::BadRequest(e.to_string()))?;
     out.extend_from_slice(b",\"items\":[");
     for (i, o) in page.items.iter().enumerate() {
@@ -695,20 +970,36 @@ fn list(store: &Store, t: &Target, q: &Query, rep: Representation) -> Result<Res
         r.map_err(|e| StoreError::BadRequest(e.to_string()))?;
     }
     out.extend_from_slice(b"]}");
-    Ok(bytes_response(StatusCode::OK, "application/json", Bytes::from(out)))
+    Ok(bytes_response(
+        StatusCode::OK,
+        "application/json",
+        Bytes::from(out),
+    ))
 }
 
-fn pod_log(state: &ApiState, ty: &ResourceType, ns: &str, name: &str, q: &Query) -> Result<Resp, StoreError> {
+fn pod_log(
+    state: &ApiState,
+    ty: &ResourceType,
+    ns: &str,
+    name: &str,
+    q: &Query,
+) -> Result<Resp, StoreError> {
     let pod = state.store.get(ty, ns, name)?;
     let containers: Vec<String> = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
-        .map(|cs| cs.iter().filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string)).collect())
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let container = match q.get("container").filter(|c| !c.is_empty()) {
         Some(c) if containers.iter().any(|x| x == c) => c.to_string(),
         Some(c) => {
-            return Err(StoreError::BadRequest(format!("container {c} is not valid for pod {name}")));
+            return Err(StoreError::BadRequest(format!(
+                "container {c} is not valid for pod {name}"
+            )));
         }
         None if containers.len() == 1 => containers[0].clone(),
         None => {
@@ -732,26 +1023,47 @@ fn pod_log(state: &ApiState, ty: &ResourceType, ns: &str, name: &str, q: &Query)
     if let Some(n) = q.number("tailLines")? {
         let lines: Vec<&str> = text.lines().collect();
         let keep = lines.len().saturating_sub(n.max(0) as usize);
-        text = lines[keep..].iter().map(|l| format!("{l}\n")).collect();
+        text = lines[keep..].iter().fold(String::new(), |mut out, l| {
+            out.push_str(l);
+            out.push('\n');
+            out
+        });
     }
-    Ok(bytes_response(StatusCode::OK, "text/plain", Bytes::from(text)))
+    Ok(bytes_response(
+        StatusCode::OK,
+        "text/plain",
+        Bytes::from(text),
+    ))
 }
 
-fn event_line(ty: &ResourceType, kind: &str, ev: &WatchEvent, rep: Representation, headers: bool) -> Bytes {
+fn event_line(
+    ty: &ResourceType,
+    kind: &str,
+    ev: &WatchEvent,
+    rep: Representation,
+    headers: bool,
+) -> Bytes {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(b"{\"type\":\"");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\",\"object\":");
     match rep {
         Representation::Object => {
-            let enc = ev.encoded.get_or_init(|| Bytes::from(serde_json::to_vec(present(ty, &ev.object).as_ref()).unwrap_or_default()));
+            let enc = ev.encoded.get_or_init(|| {
+                Bytes::from(
+                    serde_json::to_vec(present(ty, &ev.object).as_ref()).unwrap_or_default(),
+                )
+            });
             out.extend_from_slice(enc);
         }
         Representation::Metadata => {
             let _ = serde_json::to_writer(&mut out, &metadata_only(&ev.object));
         }
         Representation::Table(inc) => {
-            let _ = serde_json::to_writer(&mut out, &table::table(ty, &[&present(ty, &ev.object)], inc, headers, ev.rv, None));
+            let _ = serde_json::to_writer(
+                &mut out,
+                &table::table(ty, &[&present(ty, &ev.object)], inc, headers, ev.rv, None),
+            );
         }
     }
     out.extend_from_slice(b"}\n");
@@ -794,24 +1106,41 @@ fn filtered_kind(ev: &WatchEvent, sel: &Selectors) -> Option<EventType> {
     }
 }
 
-fn watch(state: &Arc<ApiState>, t: &Target, q: &Query, rep: Representation) -> Result<Resp, StoreError> {
+fn watch(
+    state: &Arc<ApiState>,
+    t: &Target,
+    q: &Query,
+    rep: Representation,
+) -> Result<Resp, StoreError> {
     let ty = t.ty.clone();
     let sel = Selectors::parse(&ty, q)?;
     if let Some(name) = &t.name {
-        return Err(StoreError::BadRequest(format!("watch of a single object {name:?}: use fieldSelector=metadata.name={name}")));
+        return Err(StoreError::BadRequest(format!(
+            "watch of a single object {name:?}: use fieldSelector=metadata.name={name}"
+        )));
     }
     let send_initial = q.flag("sendInitialEvents");
     let from = match q.get("resourceVersion").unwrap_or("") {
         _ if send_initial => WatchFrom::Snapshot,
         "" | "0" => WatchFrom::Snapshot,
-        v => WatchFrom::Version(v.parse().map_err(|_| StoreError::BadRequest(format!("resourceVersion: {v:?} is not a valid resource version")))?),
+        v => WatchFrom::Version(v.parse().map_err(|_| {
+            StoreError::BadRequest(format!(
+                "resourceVersion: {v:?} is not a valid resource version"
+            ))
+        })?),
     };
     let bookmarks = q.flag("allowWatchBookmarks");
-    let timeout = q.number("timeoutSeconds")?.filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
+    let timeout = q
+        .number("timeoutSeconds")?
+        .filter(|s| *s > 0)
+        .map(|s| Duration::from_secs(s as u64));
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let resp = {
         let mut r = Response::new(ApiBody::Stream(rx));
-        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
         r
     };
     let w = match state.store.watch(&ty, t.namespace.as_deref(), from) {
@@ -832,10 +1161,10 @@ fn watch(state: &Arc<ApiState>, t: &Target, q: &Query, rep: Representation) -> R
             l
         };
         for ev in &w.initial {
-            if let Some(kind) = filtered_kind(ev, &sel) {
-                if tx.send(line(ev, kind)).await.is_err() {
-                    return;
-                }
+            if let Some(kind) = filtered_kind(ev, &sel)
+                && tx.send(line(ev, kind)).await.is_err()
+            {
+                return;
             }
         }
         if send_initial && tx.send(bookmark(&ty, w.rv, true)).await.is_err() {
@@ -846,27 +1175,23 @@ fn watch(state: &Arc<ApiState>, t: &Target, q: &Query, rep: Representation) -> R
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
         loop {
-            let sleep_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+            let sleep_until =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_hours(24));
             tokio::select! {
-                ev = events.recv() => match ev {
-                    Some(ev) => {
-                        if let Some(kind) = filtered_kind(&ev, &sel) {
-                            if tx.send(line(&ev, kind)).await.is_err() { return; }
-                        }
+                ev = events.recv() => if let Some(ev) = ev {
+                    if let Some(kind) = filtered_kind(&ev, &sel)
+                        && tx.send(line(&ev, kind)).await.is_err() { return; }
+                } else {
+                    if w.dropped.load(Ordering::SeqCst) {
+                        let _ = tx.send(error_event(410, "Gone", "the watch was dropped because the client did not keep up with events; start a new watch")).await;
                     }
-                    None => {
-                        if w.dropped.load(Ordering::SeqCst) {
-                            let _ = tx.send(error_event(410, "Gone", "the watch was dropped because the client did not keep up with events; start a new watch")).await;
-                        }
-                        return;
-                    }
+                    return;
                 },
                 _ = tick.tick(), if bookmarks => {
                     let rv = store.current_rv();
                     while let Ok(ev) = events.try_recv() {
-                        if let Some(kind) = filtered_kind(&ev, &sel) {
-                            if tx.send(line(&ev, kind)).await.is_err() { return; }
-                        }
+                        if let Some(kind) = filtered_kind(&ev, &sel)
+                            && tx.send(line(&ev, kind)).await.is_err() { return; }
                     }
                     if tx.send(bookmark(&ty, rv, false)).await.is_err() { return; }
                 }
@@ -885,7 +1210,10 @@ mod tests {
     #[test]
     fn continue_tokens_round_trip() {
         let key = ("ns".to_string(), "pod-7".to_string());
-        assert_eq!(parse_continue(&continue_token(42, &key)).unwrap(), (42, key));
+        assert_eq!(
+            parse_continue(&continue_token(42, &key)).unwrap(),
+            (42, key)
+        );
         assert!(parse_continue("zz").is_err());
     }
 

@@ -24,15 +24,28 @@ pub enum StoreError {
     #[error("{resource} {name:?} already exists")]
     AlreadyExists { resource: String, name: String },
     #[error("Operation cannot be fulfilled on {resource} {name:?}: {reason}")]
-    Conflict { resource: String, name: String, reason: String },
+    Conflict {
+        resource: String,
+        name: String,
+        reason: String,
+    },
     #[error("{kind} {name:?} is invalid: {}", causes.iter().map(|c| format!("{}: {}", c.field, c.message)).collect::<Vec<_>>().join(", "))]
-    Invalid { group: String, kind: String, name: String, causes: Vec<FieldCause> },
+    Invalid {
+        group: String,
+        kind: String,
+        name: String,
+        causes: Vec<FieldCause>,
+    },
     #[error("{0}")]
     Gone(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{resource} {name:?} is forbidden: {reason}")]
-    Forbidden { resource: String, name: String, reason: String },
+    Forbidden {
+        resource: String,
+        name: String,
+        reason: String,
+    },
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error("{0}")]
@@ -70,7 +83,13 @@ pub struct WatchEvent {
 
 impl WatchEvent {
     fn new(kind: EventType, object: Arc<Value>, previous: Option<Arc<Value>>, rv: u64) -> Self {
-        Self { kind, object, previous, rv, encoded: std::sync::OnceLock::new() }
+        Self {
+            kind,
+            object,
+            previous,
+            rv,
+            encoded: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -175,7 +194,9 @@ pub struct Store {
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
-    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+    obj.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
 }
 
 fn owner_uids(obj: &Value) -> Vec<String> {
@@ -192,7 +213,11 @@ fn owner_uids(obj: &Value) -> Vec<String> {
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
-        .map(|f| f.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .map(|f| {
+            f.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -210,7 +235,9 @@ impl Store {
         let mut collections = HashMap::new();
         let types = resources::builtins();
         for t in &types {
-            collections.entry(t.group_resource()).or_insert_with(Collection::default);
+            collections
+                .entry(t.group_resource())
+                .or_insert_with(Collection::default);
         }
         let store = Self {
             inner: Mutex::new(Inner {
@@ -227,7 +254,9 @@ impl Store {
             history: history.max(1),
             watch_buffer: watch_buffer.max(1),
         };
-        let ns_type = store.resource_type("", "v1", "namespaces").expect("built-in");
+        let ns_type = store
+            .resource_type("", "v1", "namespaces")
+            .expect("built-in");
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             store.create(&ns_type, "", obj).expect("fresh store");
@@ -236,13 +265,17 @@ impl Store {
         let kubernetes = json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
             "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 6443}]}});
-        store.create(&svc, "default", kubernetes).expect("fresh store");
+        store
+            .create(&svc, "default", kubernetes)
+            .expect("fresh store");
         store
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves consistent-enough JSON; keep serving.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn current_rv(&self) -> u64 {
@@ -291,15 +324,20 @@ impl Store {
         ns: Option<&str>,
         filter: &dyn Fn(&Value) -> bool,
         limit: Option<usize>,
-        after: Option<(String, String)>,
+        after: Option<&(String, String)>,
     ) -> ListPage {
         let inner = self.lock();
         let rv = inner.rv;
         let Some(col) = inner.collections.get(&ty.group_resource()) else {
-            return ListPage { items: Vec::new(), rv, next: None, remaining: 0 };
+            return ListPage {
+                items: Vec::new(),
+                rv,
+                next: None,
+                remaining: 0,
+            };
         };
-        let start = match (&after, ns) {
-            (Some(k), _) => std::ops::Bound::Excluded(k.clone()),
+        let start = match (after, ns) {
+            (Some(k), _) => std::ops::Bound::Excluded((*k).clone()),
             (None, Some(ns)) => std::ops::Bound::Included((ns.to_string(), String::new())),
             (None, None) => std::ops::Bound::Unbounded,
         };
@@ -307,10 +345,10 @@ impl Store {
         let mut next = None;
         let mut remaining = 0;
         for (key, obj) in col.objects.range((start, std::ops::Bound::Unbounded)) {
-            if let Some(ns) = ns {
-                if key.0 != ns {
-                    break;
-                }
+            if let Some(ns) = ns
+                && key.0 != ns
+            {
+                break;
             }
             if !filter(obj) {
                 continue;
@@ -327,10 +365,20 @@ impl Store {
         if remaining == 0 {
             next = None;
         }
-        ListPage { items, rv, next, remaining }
+        ListPage {
+            items,
+            rv,
+            next,
+            remaining,
+        }
     }
 
-    pub fn watch(&self, ty: &ResourceType, ns: Option<&str>, from: WatchFrom) -> Result<Watch, StoreError> {
+    pub fn watch(
+        &self,
+        ty: &ResourceType,
+        ns: Option<&str>,
+        from: WatchFrom,
+    ) -> Result<Watch, StoreError> {
         let mut inner = self.lock();
         let rv = inner.rv;
         let gr = ty.group_resource();
@@ -341,9 +389,7 @@ impl Store {
                 .objects
                 .iter()
                 .filter(|(k, _)| in_ns(k))
-                .map(|(_, o)| {
-                    Arc::new(WatchEvent::new(EventType::Added, o.clone(), None, rv))
-                })
+                .map(|(_, o)| Arc::new(WatchEvent::new(EventType::Added, o.clone(), None, rv)))
                 .collect(),
             WatchFrom::Version(v) => {
                 if v < col.floor {
@@ -355,20 +401,38 @@ impl Store {
                 col.history
                     .iter()
                     .filter(|e| e.rv > v)
-                    .filter(|e| ns.is_none_or(|n| meta_str(&e.object, "namespace").unwrap_or("") == n))
+                    .filter(|e| {
+                        ns.is_none_or(|n| meta_str(&e.object, "namespace").unwrap_or("") == n)
+                    })
                     .cloned()
                     .collect()
             }
         };
         let (tx, events) = mpsc::channel(self.watch_buffer);
         let dropped = Arc::new(AtomicBool::new(false));
-        col.watchers.push(Watcher { namespace: ns.map(str::to_string), tx, dropped: dropped.clone() });
-        Ok(Watch { initial, events, dropped, rv })
+        col.watchers.push(Watcher {
+            namespace: ns.map(str::to_string),
+            tx,
+            dropped: dropped.clone(),
+        });
+        Ok(Watch {
+            initial,
+            events,
+            dropped,
+            rv,
+        })
     }
 
-    pub fn create(&self, ty: &ResourceType, ns: &str, mut obj: Value) -> Result<Arc<Value>, StoreError> {
+    pub fn create(
+        &self,
+        ty: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+    ) -> Result<Arc<Value>, StoreError> {
         if !obj.is_object() {
-            return Err(StoreError::BadRequest("the request body must be a JSON object".into()));
+            return Err(StoreError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
         }
         let mut inner = self.lock();
         let gr = ty.group_resource();
@@ -400,7 +464,8 @@ impl Store {
                     gr.qualified()
                 )));
             }
-            if let Some(body_ns) = meta_str(&obj, "namespace").filter(|n| !n.is_empty() && *n != ns) {
+            if let Some(body_ns) = meta_str(&obj, "namespace").filter(|n| !n.is_empty() && *n != ns)
+            {
                 return Err(StoreError::BadRequest(format!(
                     "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})"
                 )));
@@ -408,7 +473,10 @@ impl Store {
             let nsgr = GroupResource::new("", "namespaces");
             match inner.get(&nsgr, "", ns) {
                 Err(_) => {
-                    return Err(StoreError::NotFound { resource: "namespaces".into(), name: ns.into() });
+                    return Err(StoreError::NotFound {
+                        resource: "namespaces".into(),
+                        name: ns.into(),
+                    });
                 }
                 Ok(n) if n.pointer("/metadata/deletionTimestamp").is_some() => {
                     return Err(StoreError::Forbidden {
@@ -434,15 +502,32 @@ impl Store {
         }
         let causes = defaults::validate(ty, &obj);
         if !causes.is_empty() {
-            return Err(StoreError::Invalid { group: ty.group.clone(), kind: ty.kind.clone(), name, causes });
+            return Err(StoreError::Invalid {
+                group: ty.group.clone(),
+                kind: ty.kind.clone(),
+                name,
+                causes,
+            });
         }
-        if inner.collections.get(&gr).is_some_and(|c| c.objects.contains_key(&(ns.clone(), name.clone()))) {
-            return Err(StoreError::AlreadyExists { resource: gr.qualified(), name });
+        if inner
+            .collections
+            .get(&gr)
+            .is_some_and(|c| c.objects.contains_key(&(ns.clone(), name.clone())))
+        {
+            return Err(StoreError::AlreadyExists {
+                resource: gr.qualified(),
+                name,
+            });
         }
         obj["apiVersion"] = json!(ty.api_version());
         obj["kind"] = json!(ty.kind);
         let md = obj["metadata"].as_object_mut().expect("set above");
-        for k in ["deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"] {
+        for k in [
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "selfLink",
+        ] {
             md.remove(k);
         }
         md.insert("uid".into(), json!(clock::uuid()));
@@ -458,7 +543,11 @@ impl Store {
                 group: ty.group.clone(),
                 kind: ty.kind.clone(),
                 name: name.clone(),
-                causes: vec![FieldCause { field: "spec".into(), reason: "FieldValueInvalid", message: e.to_string() }],
+                causes: vec![FieldCause {
+                    field: "spec".into(),
+                    reason: "FieldValueInvalid",
+                    message: e.to_string(),
+                }],
             })?;
             for t in new_types {
                 inner.collections.entry(t.group_resource()).or_default();
@@ -485,24 +574,26 @@ impl Store {
         let old = inner.get(&gr, ns, name)?.clone();
         let mut new = change(&old)?;
         if !new.is_object() {
-            return Err(StoreError::BadRequest("the request body must be a JSON object".into()));
+            return Err(StoreError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
         }
         let old_rv = meta_str(&old, "resourceVersion").unwrap_or("");
-        if let Some(rv) = meta_str(&new, "resourceVersion").filter(|r| !r.is_empty()) {
-            if rv != old_rv {
-                return Err(StoreError::Conflict {
+        if let Some(rv) = meta_str(&new, "resourceVersion").filter(|r| !r.is_empty())
+            && rv != old_rv
+        {
+            return Err(StoreError::Conflict {
                     resource: gr.qualified(),
                     name: name.into(),
                     reason: "the object has been modified; please apply your changes to the latest version and try again".into(),
                 });
-            }
         }
-        if let Some(n) = meta_str(&new, "name") {
-            if n != name {
-                return Err(StoreError::BadRequest(format!(
-                    "the name of the object ({n}) does not match the name on the URL ({name})"
-                )));
-            }
+        if let Some(n) = meta_str(&new, "name")
+            && n != name
+        {
+            return Err(StoreError::BadRequest(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )));
         }
         if mode == WriteMode::Status {
             let mut merged = (*old).clone();
@@ -512,7 +603,14 @@ impl Store {
             if new.get("metadata").is_none_or(|m| !m.is_object()) {
                 new["metadata"] = json!({});
             }
-            for k in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "namespace", "generation"] {
+            for k in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "namespace",
+                "generation",
+            ] {
                 match old["metadata"].get(k) {
                     Some(v) => new["metadata"][k] = v.clone(),
                     None => {
@@ -545,12 +643,20 @@ impl Store {
                 strip(&old) != strip(&new)
             };
             if spec_changed {
-                let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+                let g = old
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1);
                 new["metadata"]["generation"] = json!(g + 1);
             }
             let causes = defaults::validate(ty, &new);
             if !causes.is_empty() {
-                return Err(StoreError::Invalid { group: ty.group.clone(), kind: ty.kind.clone(), name: name.into(), causes });
+                return Err(StoreError::Invalid {
+                    group: ty.group.clone(),
+                    kind: ty.kind.clone(),
+                    name: name.into(),
+                    causes,
+                });
             }
         }
         new["apiVersion"] = json!(ty.api_version());
@@ -566,7 +672,9 @@ impl Store {
             gone["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
             return Ok(Arc::new(gone));
         }
-        Ok(inner.commit(&gr, ns, name, Some(new), self.history).expect("updated"))
+        Ok(inner
+            .commit(&gr, ns, name, Some(new), self.history)
+            .expect("updated"))
     }
 
     /// Deletes an object, or marks it for deletion when finalizers or a graceful pod shutdown
@@ -582,23 +690,26 @@ impl Store {
         let gr = ty.group_resource();
         let ns = if ty.namespaced { ns } else { "" };
         let old = inner.get(&gr, ns, name)?.clone();
-        if let Some(uid) = &opts.precondition_uid {
-            if meta_str(&old, "uid") != Some(uid) {
-                return Err(StoreError::Conflict {
-                    resource: gr.qualified(),
-                    name: name.into(),
-                    reason: format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta_str(&old, "uid").unwrap_or("")),
-                });
-            }
+        if let Some(uid) = &opts.precondition_uid
+            && meta_str(&old, "uid") != Some(uid)
+        {
+            return Err(StoreError::Conflict {
+                resource: gr.qualified(),
+                name: name.into(),
+                reason: format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid").unwrap_or("")
+                ),
+            });
         }
-        if let Some(rv) = &opts.precondition_rv {
-            if meta_str(&old, "resourceVersion") != Some(rv) {
-                return Err(StoreError::Conflict {
+        if let Some(rv) = &opts.precondition_rv
+            && meta_str(&old, "resourceVersion") != Some(rv)
+        {
+            return Err(StoreError::Conflict {
                     resource: gr.qualified(),
                     name: name.into(),
                     reason: "the object has been modified; please apply your changes to the latest version and try again".into(),
                 });
-            }
         }
         let is_pod = gr == GroupResource::new("", "pods");
         let on_kubelet = is_pod
@@ -611,7 +722,9 @@ impl Store {
             Some("Succeeded" | "Failed")
         );
         let grace = opts.grace_period_seconds.unwrap_or_else(|| {
-            old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30)
+            old.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(30)
         });
         let propagation = opts.propagation.unwrap_or_default();
         let mut fins = finalizers(&old);
@@ -621,7 +734,10 @@ impl Store {
         }
         if propagation == Propagation::Foreground
             && !fins.iter().any(|f| f == "foregroundDeletion")
-            && inner.dependents.get(meta_str(&old, "uid").unwrap_or("")).is_some_and(|d| !d.is_empty())
+            && inner
+                .dependents
+                .get(meta_str(&old, "uid").unwrap_or(""))
+                .is_some_and(|d| !d.is_empty())
         {
             fins.push("foregroundDeletion".into());
         }
@@ -641,15 +757,17 @@ impl Store {
             new["metadata"]["deletionGracePeriodSeconds"] = json!(if graceful { grace } else { 0 });
         }
         new["metadata"]["finalizers"] = json!(fins);
-        if fins.is_empty() {
-            if let Some(m) = new["metadata"].as_object_mut() {
-                m.remove("finalizers");
-            }
+        if fins.is_empty()
+            && let Some(m) = new["metadata"].as_object_mut()
+        {
+            m.remove("finalizers");
         }
         if is_namespace {
             new["status"]["phase"] = json!("Terminating");
         }
-        let obj = inner.commit(&gr, ns, name, Some(new), self.history).expect("updated");
+        let obj = inner
+            .commit(&gr, ns, name, Some(new), self.history)
+            .expect("updated");
         if propagation == Propagation::Foreground {
             let uid = meta_str(&obj, "uid").unwrap_or("").to_string();
             inner.delete_dependents(&uid, self.history);
@@ -663,9 +781,20 @@ impl Store {
 
     /// Records a core/v1 event about `involved`, counting repeats as a real event recorder
     /// does.
-    pub fn record_event(&self, involved: &Value, type_: &str, reason: &str, message: &str, component: &str, host: &str) {
+    pub fn record_event(
+        &self,
+        involved: &Value,
+        type_: &str,
+        reason: &str,
+        message: &str,
+        component: &str,
+        host: &str,
+    ) {
         let mut inner = self.lock();
-        let ns = meta_str(involved, "namespace").filter(|n| !n.is_empty()).unwrap_or("default").to_string();
+        let ns = meta_str(involved, "namespace")
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_string();
         let terminating = inner
             .get(&GroupResource::new("", "namespaces"), "", &ns)
             .map_or(true, |n| n.pointer("/metadata/deletionTimestamp").is_some());
@@ -677,15 +806,15 @@ impl Store {
         let key = (uid.clone(), reason.to_string(), message.to_string());
         let gr = GroupResource::new("", "events");
         let now = clock::now();
-        if let Some(existing) = inner.event_index.get(&key).cloned() {
-            if let Ok(ev) = inner.get(&gr, &ns, &existing) {
-                let mut ev = (**ev).clone();
-                let count = ev.get("count").and_then(Value::as_i64).unwrap_or(1);
-                ev["count"] = json!(count + 1);
-                ev["lastTimestamp"] = json!(now);
-                inner.commit(&gr, &ns, &existing, Some(ev), self.history);
-                return;
-            }
+        if let Some(existing) = inner.event_index.get(&key).cloned()
+            && let Ok(ev) = inner.get(&gr, &ns, &existing)
+        {
+            let mut ev = (**ev).clone();
+            let count = ev.get("count").and_then(Value::as_i64).unwrap_or(1);
+            ev["count"] = json!(count + 1);
+            ev["lastTimestamp"] = json!(now);
+            inner.commit(&gr, &ns, &existing, Some(ev), self.history);
+            return;
         }
         let involved_name = meta_str(involved, "name").unwrap_or("");
         let name = format!("{involved_name}.{}", clock::random_hex(16));
@@ -716,30 +845,44 @@ impl Inner {
         self.collections
             .get(gr)
             .and_then(|c| c.objects.get(&(ns.to_string(), name.to_string())))
-            .ok_or_else(|| StoreError::NotFound { resource: gr.qualified(), name: name.into() })
+            .ok_or_else(|| StoreError::NotFound {
+                resource: gr.qualified(),
+                name: name.into(),
+            })
     }
 
     /// Stores (`Some`) or removes (`None`) an object under a new resourceVersion, keeps the
     /// owner index and CRD types in step, and tells watchers.
-    fn commit(&mut self, gr: &GroupResource, ns: &str, name: &str, obj: Option<Value>, history: usize) -> Option<Arc<Value>> {
+    fn commit(
+        &mut self,
+        gr: &GroupResource,
+        ns: &str,
+        name: &str,
+        obj: Option<Value>,
+        history: usize,
+    ) -> Option<Arc<Value>> {
         self.rv += 1;
         let rv = self.rv;
         let key = (ns.to_string(), name.to_string());
         let col = self.collections.entry(gr.clone()).or_default();
         let previous = col.objects.get(&key).cloned();
-        let (kind, object) = match obj {
-            Some(mut o) => {
-                o["metadata"]["resourceVersion"] = json!(rv.to_string());
-                let o = Arc::new(o);
-                col.objects.insert(key, o.clone());
-                (if previous.is_some() { EventType::Modified } else { EventType::Added }, o)
-            }
-            None => {
-                let Some(prev) = col.objects.remove(&key) else { return None };
-                let mut o = (*prev).clone();
-                o["metadata"]["resourceVersion"] = json!(rv.to_string());
-                (EventType::Deleted, Arc::new(o))
-            }
+        let (kind, object) = if let Some(mut o) = obj {
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let o = Arc::new(o);
+            col.objects.insert(key, o.clone());
+            (
+                if previous.is_some() {
+                    EventType::Modified
+                } else {
+                    EventType::Added
+                },
+                o,
+            )
+        } else {
+            let prev = col.objects.remove(&key)?;
+            let mut o = (*prev).clone();
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            (EventType::Deleted, Arc::new(o))
         };
         let event = Arc::new(WatchEvent::new(kind, object.clone(), previous.clone(), rv));
         col.history.push_back(event.clone());
@@ -762,8 +905,13 @@ impl Inner {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
-        self.listeners.retain(|(lgr, tx)| lgr != gr || tx.send(event.clone()).is_ok());
-        let oref = ObjectRef { gr: gr.clone(), namespace: ns.into(), name: name.into() };
+        self.listeners
+            .retain(|(lgr, tx)| lgr != gr || tx.send(event.clone()).is_ok());
+        let oref = ObjectRef {
+            gr: gr.clone(),
+            namespace: ns.into(),
+            name: name.into(),
+        };
         if let Some(prev) = &previous {
             for owner in owner_uids(prev) {
                 if let Some(d) = self.dependents.get_mut(&owner) {
@@ -775,14 +923,15 @@ impl Inner {
             if let Some(uid) = meta_str(&object, "uid") {
                 self.by_uid.remove(uid);
             }
-            if gr.resource == "customresourcedefinitions" && gr.group == "apiextensions.k8s.io" {
-                if let (Some(g), Some(p)) = (
+            if gr.resource == "customresourcedefinitions"
+                && gr.group == "apiextensions.k8s.io"
+                && let (Some(g), Some(p)) = (
                     object.pointer("/spec/group").and_then(Value::as_str),
                     object.pointer("/spec/names/plural").and_then(Value::as_str),
-                ) {
-                    self.types.retain(|t| !(t.group == g && t.plural == p));
-                    self.collections.remove(&GroupResource::new(g, p));
-                }
+                )
+            {
+                self.types.retain(|t| !(t.group == g && t.plural == p));
+                self.collections.remove(&GroupResource::new(g, p));
             }
             if gr.resource == "events" {
                 self.event_index.retain(|_, v| v != name);
@@ -792,7 +941,10 @@ impl Inner {
                 self.by_uid.insert(uid.to_string(), oref.clone());
             }
             for owner in owner_uids(&object) {
-                self.dependents.entry(owner).or_default().insert(oref.clone());
+                self.dependents
+                    .entry(owner)
+                    .or_default()
+                    .insert(oref.clone());
             }
         }
         (kind != EventType::Deleted).then_some(object)
@@ -802,9 +954,14 @@ impl Inner {
         let uid = meta_str(owner, "uid").unwrap_or("").to_string();
         let deps: Vec<ObjectRef> = self.dependents.remove(&uid).into_iter().flatten().collect();
         for d in deps {
-            let Ok(obj) = self.get(&d.gr, &d.namespace, &d.name) else { continue };
+            let Ok(obj) = self.get(&d.gr, &d.namespace, &d.name) else {
+                continue;
+            };
             let mut obj = (**obj).clone();
-            if let Some(refs) = obj.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) {
+            if let Some(refs) = obj
+                .pointer_mut("/metadata/ownerReferences")
+                .and_then(Value::as_array_mut)
+            {
                 refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
             }
             self.commit(&d.gr, &d.namespace, &d.name, Some(obj), history);
@@ -812,7 +969,13 @@ impl Inner {
     }
 
     fn delete_dependents(&mut self, uid: &str, history: usize) {
-        let deps: Vec<ObjectRef> = self.dependents.get(uid).into_iter().flatten().cloned().collect();
+        let deps: Vec<ObjectRef> = self
+            .dependents
+            .get(uid)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         for d in deps {
             self.delete_ref(&d, history);
         }
@@ -821,7 +984,9 @@ impl Inner {
     /// Deletes one object as the garbage collector would: at once unless finalizers or a
     /// kubelet's graceful shutdown hold it.
     fn delete_ref(&mut self, d: &ObjectRef, history: usize) {
-        let Ok(obj) = self.get(&d.gr, &d.namespace, &d.name) else { return };
+        let Ok(obj) = self.get(&d.gr, &d.namespace, &d.name) else {
+            return;
+        };
         if obj.pointer("/metadata/deletionTimestamp").is_some() {
             return;
         }
@@ -830,12 +995,18 @@ impl Inner {
                 .pointer("/spec/nodeName")
                 .and_then(Value::as_str)
                 .is_some_and(|n| self.kubelet_nodes.contains(n))
-            && !matches!(obj.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"));
+            && !matches!(
+                obj.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            );
         if finalizers(obj).is_empty() && !graceful {
             self.commit(&d.gr, &d.namespace, &d.name, None, history);
             return;
         }
-        let grace = obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30);
+        let grace = obj
+            .pointer("/spec/terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(30);
         let mut obj = (**obj).clone();
         obj["metadata"]["deletionTimestamp"] = json!(clock::now());
         obj["metadata"]["deletionGracePeriodSeconds"] = json!(if graceful { grace } else { 0 });
@@ -855,7 +1026,11 @@ impl Inner {
                     if k.0 != ns {
                         break;
                     }
-                    refs.push(ObjectRef { gr: gr.clone(), namespace: k.0.clone(), name: k.1.clone() });
+                    refs.push(ObjectRef {
+                        gr: gr.clone(),
+                        namespace: k.0.clone(),
+                        name: k.1.clone(),
+                    });
                 }
             }
         }
@@ -887,23 +1062,29 @@ impl Inner {
                     continue;
                 }
                 for d in deps {
-                    let Ok(obj) = self.get(&d.gr, &d.namespace, &d.name) else { continue };
+                    let Ok(obj) = self.get(&d.gr, &d.namespace, &d.name) else {
+                        continue;
+                    };
                     if owner_uids(obj).iter().all(|u| !self.by_uid.contains_key(u)) {
                         work.push(d.clone());
                     }
                 }
             }
-            self.dependents.retain(|owner, deps| self.by_uid.contains_key(owner) || !deps.is_empty());
+            self.dependents
+                .retain(|owner, deps| self.by_uid.contains_key(owner) || !deps.is_empty());
             let mut finished = Vec::new();
             for (uid, r) in &self.by_uid {
-                let Ok(obj) = self.get(&r.gr, &r.namespace, &r.name) else { continue };
+                let Ok(obj) = self.get(&r.gr, &r.namespace, &r.name) else {
+                    continue;
+                };
                 if obj.pointer("/metadata/deletionTimestamp").is_none() {
                     continue;
                 }
                 let fins = finalizers(obj);
                 let waiting = fins.iter().any(|f| f == "foregroundDeletion")
                     && self.dependents.get(uid).is_none_or(HashSet::is_empty);
-                let ns_done = r.gr == GroupResource::new("", "namespaces") && self.namespace_is_empty(&r.name);
+                let ns_done = r.gr == GroupResource::new("", "namespaces")
+                    && self.namespace_is_empty(&r.name);
                 if waiting || ns_done {
                     finished.push((r.clone(), obj.clone()));
                 }
@@ -915,7 +1096,10 @@ impl Inner {
             }
             for (r, obj) in finished {
                 let mut obj = (*obj).clone();
-                let fins: Vec<String> = finalizers(&obj).into_iter().filter(|f| f != "foregroundDeletion").collect();
+                let fins: Vec<String> = finalizers(&obj)
+                    .into_iter()
+                    .filter(|f| f != "foregroundDeletion")
+                    .collect();
                 let is_ns = r.gr.resource == "namespaces" && r.gr.group.is_empty();
                 if fins.is_empty() || is_ns {
                     self.commit(&r.gr, &r.namespace, &r.name, None, history);

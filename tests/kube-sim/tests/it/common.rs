@@ -16,13 +16,19 @@ pub struct Sim {
 
 impl Sim {
     pub fn kubeconfig(&self) -> PathBuf {
-        self.handle.kubeconfig_path().expect("kubeconfig written").to_path_buf()
+        self.handle
+            .kubeconfig_path()
+            .expect("kubeconfig written")
+            .to_path_buf()
     }
 }
 
 pub async fn start(config: SimConfig) -> Sim {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = SimConfig { kubeconfig: Some(dir.path().join("kubeconfig")), ..config };
+    let config = SimConfig {
+        kubeconfig: Some(dir.path().join("kubeconfig")),
+        ..config
+    };
     let handle = KubeSim::start(config).await.expect("simulator starts");
     Sim { handle, dir }
 }
@@ -32,9 +38,19 @@ pub async fn start_default() -> Sim {
 }
 
 /// One request on a fresh connection; the body is parsed as JSON when it is JSON.
-pub async fn request(sim: &Sim, method: &str, path: &str, content_type: &str, body: &str) -> (u16, Value) {
-    let stream = tokio::net::TcpStream::connect(sim.handle.addr()).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+pub async fn request(
+    sim: &Sim,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, Value) {
+    let stream = tokio::net::TcpStream::connect(sim.handle.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
     let req = http::Request::builder()
         .method(method)
@@ -47,7 +63,8 @@ pub async fn request(sim: &Sim, method: &str, path: &str, content_type: &str, bo
     let resp = sender.send_request(req).await.expect("response");
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, v)
 }
 
@@ -61,8 +78,12 @@ pub async fn post(sim: &Sim, path: &str, body: &Value) -> (u16, Value) {
 
 /// Opens a watch and returns a receiver of its event lines.
 pub async fn watch_lines(sim: &Sim, path: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
-    let stream = tokio::net::TcpStream::connect(sim.handle.addr()).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let stream = tokio::net::TcpStream::connect(sim.handle.addr())
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
     let req = http::Request::builder()
         .method("GET")
@@ -80,10 +101,10 @@ pub async fn watch_lines(sim: &Sim, path: &str) -> tokio::sync::mpsc::UnboundedR
                 buf.extend_from_slice(&data);
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if let Ok(v) = serde_json::from_slice(&line) {
-                        if tx.send(v).is_err() {
-                            return;
-                        }
+                    if let Ok(v) = serde_json::from_slice(&line)
+                        && tx.send(v).is_err()
+                    {
+                        return;
                     }
                 }
             }
@@ -93,7 +114,10 @@ pub async fn watch_lines(sim: &Sim, path: &str) -> tokio::sync::mpsc::UnboundedR
 }
 
 pub async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("watch event within 10s").expect("watch open")
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("watch event within 10s")
+        .expect("watch open")
 }
 
 /// Polls `check` until it returns `Some`, for up to `secs` seconds.
@@ -107,7 +131,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -20,12 +20,28 @@ fn venv() -> PathBuf {
 async fn python_client_lists_watches_and_patches() {
     let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python");
     let venv = venv();
-    let setup = Command::new(here.join("setup.sh")).arg(&venv).output().expect("setup.sh runs");
-    assert!(setup.status.success(), "installing the Python kubernetes client failed:\n{}", String::from_utf8_lossy(&setup.stderr));
+    let setup = Command::new(here.join("setup.sh"))
+        .arg(&venv)
+        .output()
+        .expect("setup.sh runs");
+    assert!(
+        setup.status.success(),
+        "installing the Python kubernetes client failed:\n{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
 
-    let config = kube_sim::SimConfig { nodes: 1, time_scale: kube_sim::TimeScale::new(10.0).unwrap(), ..kube_sim::SimConfig::default() };
+    let config = kube_sim::SimConfig {
+        nodes: 1,
+        time_scale: kube_sim::TimeScale::new(10.0).unwrap(),
+        ..kube_sim::SimConfig::default()
+    };
     let sim = common::start(config).await;
-    common::post(&sim, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", &crate::kubectl::gang_crd()).await;
+    common::post(
+        &sim,
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        &crate::kubectl::gang_crd(),
+    )
+    .await;
     common::post(&sim, "/apis/agentd.io/v1/namespaces/default/gangs", &json!({"apiVersion": "agentd.io/v1", "kind": "Gang", "metadata": {"name": "g"}, "spec": {"size": 4}})).await;
 
     let kubeconfig = sim.kubeconfig();
@@ -36,7 +52,11 @@ async fn python_client_lists_watches_and_patches() {
         .await
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "client_check.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client_check.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     for want in [
         "namespaces default,kube-node-lease,kube-public,kube-system",
