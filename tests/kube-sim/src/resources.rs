@@ -58,8 +58,21 @@ pub struct ResourceType {
 }
 
 impl ResourceType {
+    /// Where objects of this type are stored. `events.k8s.io/v1` events are core/v1 events
+    /// seen through another version, as in a real server, so both share one collection.
     pub fn group_resource(&self) -> GroupResource {
+        if self.group == "events.k8s.io" && self.plural == "events" {
+            return GroupResource::new("", "events");
+        }
         GroupResource::new(&self.group, &self.plural)
+    }
+
+    /// The apiVersion objects of this type are stored under.
+    pub fn storage_api_version(&self) -> String {
+        if self.group == "events.k8s.io" && self.plural == "events" {
+            return "v1".into();
+        }
+        self.api_version()
     }
 
     pub fn api_version(&self) -> String {

@@ -519,7 +519,7 @@ impl Store {
                 name,
             });
         }
-        obj["apiVersion"] = json!(ty.api_version());
+        obj["apiVersion"] = json!(ty.storage_api_version());
         obj["kind"] = json!(ty.kind);
         let md = obj["metadata"].as_object_mut().expect("set above");
         for k in [
@@ -659,7 +659,7 @@ impl Store {
                 });
             }
         }
-        new["apiVersion"] = json!(ty.api_version());
+        new["apiVersion"] = json!(ty.storage_api_version());
         new["kind"] = json!(ty.kind);
         if without_rv(&new) == without_rv(&old) {
             return Ok(old);

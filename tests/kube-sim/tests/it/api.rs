@@ -531,3 +531,35 @@ async fn discovery_lists_crd_types_once_created() {
         404
     );
 }
+
+#[tokio::test]
+async fn events_are_one_collection_seen_through_two_versions() {
+    let sim = common::start_default().await;
+    let ev = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e1"},
+        "regarding": {"kind": "Pod", "name": "p", "namespace": "default"}, "note": "gang admitted",
+        "reason": "Admitted", "type": "Normal", "reportingController": "agentd.io/scheduler", "reportingInstance": "agentd-0",
+        "action": "Admit", "eventTime": "2026-01-01T00:00:00.000000Z"});
+    let (code, created) = post(
+        &sim,
+        "/apis/events.k8s.io/v1/namespaces/default/events",
+        &ev,
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["note"], "gang admitted");
+    let (_, core) = get(&sim, "/api/v1/namespaces/default/events/e1").await;
+    assert_eq!(
+        (
+            core["message"].as_str(),
+            core["involvedObject"]["name"].as_str()
+        ),
+        (Some("gang admitted"), Some("p"))
+    );
+    let (_, listed) = get(
+        &sim,
+        "/apis/events.k8s.io/v1/namespaces/default/events?fieldSelector=regarding.name%3Dp",
+    )
+    .await;
+    assert_eq!(listed["items"][0]["reason"], "Admitted");
+    assert_eq!(listed["items"][0]["apiVersion"], "events.k8s.io/v1");
+}
