@@ -582,7 +582,6 @@ fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
             format!("{prefix}/{}/{{name}}", t.plural)
         };
         let params = json!([
-            {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
             {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
             {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
             {"name": "force", "in": "query", "schema": {"type": "boolean", "uniqueItems": true}}
@@ -649,6 +648,11 @@ fn serve_resource(
             v
         }
     };
+    if method != Method::GET && q.get("dryRun").is_some_and(|d| !d.is_empty()) {
+        return Err(StoreError::BadRequest(
+            "dryRun is not supported by kube-sim".into(),
+        ));
+    }
     match (method, t.name.as_deref(), t.subresource.as_deref()) {
         (&Method::GET, None, None) if watch_prefix || q.flag("watch") => watch(state, t, q, rep),
         (&Method::GET, None, None) => list(store, t, q, rep),
@@ -663,11 +667,6 @@ fn serve_resource(
         (&Method::POST, None, None) => {
             let obj = to_storage(parse_body(content_type, body)?);
             check_kind(ty, &obj)?;
-            if q.get("dryRun").is_some() {
-                return Err(StoreError::BadRequest(
-                    "dryRun is not supported by kube-sim".into(),
-                ));
-            }
             let created = store.create(ty, ns, obj)?;
             Ok(json_response(
                 StatusCode::CREATED,

@@ -80,6 +80,21 @@ async fn errors_are_status_objects_with_reason_and_code() {
 
     let (code, _) = post(&sim, "/api/v1/namespaces/nowhere/configmaps", &cm).await;
     assert_eq!(code, 404);
+
+    let (code, _) = request(
+        &sim,
+        "DELETE",
+        "/api/v1/namespaces/default/configmaps/c?dryRun=All",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_eq!(
+        get(&sim, "/api/v1/namespaces/default/configmaps/c").await.0,
+        200,
+        "a refused dry run deletes nothing"
+    );
 }
 
 #[tokio::test]
