@@ -178,6 +178,8 @@ struct Inner {
     dependents: HashMap<String, HashSet<ObjectRef>>,
     /// uid to object, for resolving owners.
     by_uid: HashMap<String, ObjectRef>,
+    /// uids of objects with a deletionTimestamp, so garbage collection need not scan everything.
+    terminating: HashSet<String>,
     /// Nodes whose simulated kubelet finishes pod deletion gracefully.
     kubelet_nodes: HashSet<String>,
     next_cluster_ip: u32,
@@ -246,6 +248,7 @@ impl Store {
                 collections,
                 dependents: HashMap::new(),
                 by_uid: HashMap::new(),
+                terminating: HashSet::new(),
                 kubelet_nodes: HashSet::new(),
                 next_cluster_ip: 1,
                 listeners: Vec::new(),
@@ -922,6 +925,7 @@ impl Inner {
         if kind == EventType::Deleted {
             if let Some(uid) = meta_str(&object, "uid") {
                 self.by_uid.remove(uid);
+                self.terminating.remove(uid);
             }
             if gr.resource == "customresourcedefinitions"
                 && gr.group == "apiextensions.k8s.io"
@@ -939,6 +943,9 @@ impl Inner {
         } else {
             if let Some(uid) = meta_str(&object, "uid") {
                 self.by_uid.insert(uid.to_string(), oref.clone());
+                if object.pointer("/metadata/deletionTimestamp").is_some() {
+                    self.terminating.insert(uid.to_string());
+                }
             }
             for owner in owner_uids(&object) {
                 self.dependents
@@ -1073,7 +1080,10 @@ impl Inner {
             self.dependents
                 .retain(|owner, deps| self.by_uid.contains_key(owner) || !deps.is_empty());
             let mut finished = Vec::new();
-            for (uid, r) in &self.by_uid {
+            for uid in &self.terminating {
+                let Some(r) = self.by_uid.get(uid) else {
+                    continue;
+                };
                 let Ok(obj) = self.get(&r.gr, &r.namespace, &r.name) else {
                     continue;
                 };
