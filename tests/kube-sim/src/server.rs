@@ -958,15 +958,19 @@ fn list(store: &Store, t: &Target, q: &Query, rep: Representation) -> Result<Res
     );
     serde_json::to_writer(&mut out, &meta).map_err(|e| StoreError::BadRequest(e.to_string()))?;
     out.extend_from_slice(b",\"items\":[");
-    for (i, o) in page.items.iter().enumerate() {
+    for (i, (o, stored)) in page.items.iter().zip(&page.stored).enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        let r = match rep {
-            Representation::Metadata => serde_json::to_writer(&mut out, &metadata_only(o)),
-            _ => serde_json::to_writer(&mut out, present(ty, o).as_ref()),
-        };
-        r.map_err(|e| StoreError::BadRequest(e.to_string()))?;
+        match (rep, stored) {
+            (Representation::Metadata, _) => serde_json::to_writer(&mut out, &metadata_only(o))
+                .map_err(|e| StoreError::BadRequest(e.to_string()))?,
+            (_, Some(ev)) if Arc::ptr_eq(&ev.object, o) => {
+                out.extend_from_slice(&encode_object(ty, ev));
+            }
+            _ => serde_json::to_writer(&mut out, present(ty, o).as_ref())
+                .map_err(|e| StoreError::BadRequest(e.to_string()))?,
+        }
     }
     out.extend_from_slice(b"]}");
     Ok(bytes_response(
@@ -1035,6 +1039,18 @@ fn pod_log(
     ))
 }
 
+/// The object of an event as JSON in the requested version; the encoding is cached on the
+/// event when the stored form is what the client sees, so watchers and lists share it.
+fn encode_object(ty: &ResourceType, ev: &WatchEvent) -> Bytes {
+    match present(ty, &ev.object) {
+        Cow::Borrowed(o) => ev
+            .encoded
+            .get_or_init(|| Bytes::from(serde_json::to_vec(o).unwrap_or_default()))
+            .clone(),
+        Cow::Owned(o) => Bytes::from(serde_json::to_vec(&o).unwrap_or_default()),
+    }
+}
+
 fn event_line(
     ty: &ResourceType,
     kind: &str,
@@ -1048,12 +1064,7 @@ fn event_line(
     out.extend_from_slice(b"\",\"object\":");
     match rep {
         Representation::Object => {
-            let enc = ev.encoded.get_or_init(|| {
-                Bytes::from(
-                    serde_json::to_vec(present(ty, &ev.object).as_ref()).unwrap_or_default(),
-                )
-            });
-            out.extend_from_slice(enc);
+            out.extend_from_slice(&encode_object(ty, ev));
         }
         Representation::Metadata => {
             let _ = serde_json::to_writer(&mut out, &metadata_only(&ev.object));

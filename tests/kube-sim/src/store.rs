@@ -120,6 +120,8 @@ struct Watcher {
 #[derive(Default)]
 struct Collection {
     objects: BTreeMap<(String, String), Arc<Value>>,
+    /// The event that produced each current object, whose cached encoding lists reuse.
+    latest: HashMap<(String, String), Arc<WatchEvent>>,
     history: VecDeque<Arc<WatchEvent>>,
     /// Every event with a resourceVersion above this one is still in `history`.
     floor: u64,
@@ -165,6 +167,8 @@ pub struct DeleteOptions {
 /// A page of a list.
 pub struct ListPage {
     pub items: Vec<Arc<Value>>,
+    /// For each item, the event that stored it, carrying its encoded JSON once computed.
+    pub stored: Vec<Option<Arc<WatchEvent>>>,
     pub rv: u64,
     pub next: Option<(String, String)>,
     pub remaining: usize,
@@ -334,6 +338,7 @@ impl Store {
         let Some(col) = inner.collections.get(&ty.group_resource()) else {
             return ListPage {
                 items: Vec::new(),
+                stored: Vec::new(),
                 rv,
                 next: None,
                 remaining: 0,
@@ -345,6 +350,7 @@ impl Store {
             (None, None) => std::ops::Bound::Unbounded,
         };
         let mut items = Vec::new();
+        let mut stored = Vec::new();
         let mut next = None;
         let mut remaining = 0;
         for (key, obj) in col.objects.range((start, std::ops::Bound::Unbounded)) {
@@ -361,6 +367,7 @@ impl Store {
                 continue;
             }
             items.push(obj.clone());
+            stored.push(col.latest.get(key).cloned());
             if limit.is_some_and(|l| items.len() >= l) {
                 next = Some(key.clone());
             }
@@ -370,6 +377,7 @@ impl Store {
         }
         ListPage {
             items,
+            stored,
             rv,
             next,
             remaining,
@@ -872,7 +880,7 @@ impl Inner {
         let (kind, object) = if let Some(mut o) = obj {
             o["metadata"]["resourceVersion"] = json!(rv.to_string());
             let o = Arc::new(o);
-            col.objects.insert(key, o.clone());
+            col.objects.insert(key.clone(), o.clone());
             (
                 if previous.is_some() {
                     EventType::Modified
@@ -888,6 +896,11 @@ impl Inner {
             (EventType::Deleted, Arc::new(o))
         };
         let event = Arc::new(WatchEvent::new(kind, object.clone(), previous.clone(), rv));
+        if kind == EventType::Deleted {
+            col.latest.remove(&key);
+        } else {
+            col.latest.insert(key, event.clone());
+        }
         col.history.push_back(event.clone());
         while col.history.len() > history {
             if let Some(e) = col.history.pop_front() {
