@@ -52,6 +52,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// Queues by name. When the file names none, `fast` and `slow` exist.
     pub queues: BTreeMap<String, QueueSettings>,
+    /// Labels of this node, matched against a job's `nodeSelector` (as Kubernetes node labels).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +131,7 @@ impl Default for Config {
             inventory: InventoryConfig::default(),
             jobs: JobsConfig::default(),
             queues: BTreeMap::new(),
+            labels: BTreeMap::new(),
         }
     }
 }

@@ -126,6 +126,7 @@ enum Internal {
 
 pub struct Core {
     node: String,
+    labels: BTreeMap<String, String>,
     state_dir: PathBuf,
     queues: BTreeMap<String, QueueSettings>,
     default_queue: String,
@@ -168,6 +169,7 @@ impl Core {
         let (internal_tx, internal) = mpsc::unbounded_channel();
         let mut core = Core {
             node,
+            labels: config.labels.clone(),
             state_dir: config.state_dir.clone(),
             queues: config.queues.clone(),
             default_queue: config.jobs.default_queue.clone(),
@@ -761,7 +763,9 @@ impl Core {
     fn schedule(&mut self) {
         self.needs_pass = false;
         let inventory = self.inventory.borrow().clone();
-        let nodes = [node_capacity(&inventory)];
+        let mut node = node_capacity(&inventory);
+        node.labels.extend(self.labels.clone());
+        let nodes = [node];
         let running: Vec<sched::RunningGang> = self
             .jobs
             .values()
@@ -849,15 +853,16 @@ impl Core {
         }
         let count = record.status.replicas.len();
         let generation = record.status.generation;
-        record.set_state(
-            JobState::Running,
-            "Running",
-            &format!("all {count} replicas running"),
-        );
+        let replicas = if count == 1 {
+            "1 replica".to_owned()
+        } else {
+            format!("all {count} replicas")
+        };
+        record.set_state(JobState::Running, "Running", &format!("{replicas} running"));
         self.event(
             &name,
             "Running",
-            format!("all {count} replicas started (generation {generation})"),
+            format!("{replicas} started (generation {generation})"),
         );
     }
 
