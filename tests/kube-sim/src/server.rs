@@ -1214,8 +1214,19 @@ fn watch(
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_hours(24));
             tokio::select! {
                 ev = events.recv() => if let Some(ev) = ev {
-                    if let Some(kind) = filtered_kind(&ev, &sel)
-                        && tx.send(line(&ev, kind)).await.is_err() { return; }
+                    // Events already waiting go out in one chunk: one write for many events
+                    // keeps a busy watcher from costing a system call per event.
+                    let mut batch = Vec::new();
+                    let mut next = Some(ev);
+                    while let Some(ev) = next.take() {
+                        if let Some(kind) = filtered_kind(&ev, &sel) {
+                            batch.extend_from_slice(&line(&ev, kind));
+                        }
+                        if batch.len() < 256 * 1024 {
+                            next = events.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() && tx.send(Bytes::from(batch)).await.is_err() { return; }
                 } else {
                     if w.dropped.load(Ordering::SeqCst) {
                         let _ = tx.send(error_event(410, "Gone", "the watch was dropped because the client did not keep up with events; start a new watch")).await;
