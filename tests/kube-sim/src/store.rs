@@ -660,15 +660,15 @@ impl Store {
                     .unwrap_or(1);
                 new["metadata"]["generation"] = json!(g + 1);
             }
-            let causes = defaults::validate(ty, &new);
-            if !causes.is_empty() {
-                return Err(StoreError::Invalid {
-                    group: ty.group.clone(),
-                    kind: ty.kind.clone(),
-                    name: name.into(),
-                    causes,
-                });
-            }
+        }
+        let causes = defaults::validate(ty, &new);
+        if !causes.is_empty() {
+            return Err(StoreError::Invalid {
+                group: ty.group.clone(),
+                kind: ty.kind.clone(),
+                name: name.into(),
+                causes,
+            });
         }
         new["apiVersion"] = json!(ty.storage_api_version());
         new["kind"] = json!(ty.kind);

@@ -51,6 +51,24 @@ async fn errors_are_status_objects_with_reason_and_code() {
     assert_eq!((code, s["reason"].as_str()), (422, Some("Invalid")));
     assert_eq!(s["details"]["causes"][0]["field"], "spec.containers");
 
+    let (code, s) = post(
+        &sim,
+        "/api/v1/namespaces",
+        &json!({"metadata": {"name": "bad", "labels": "x"}}),
+    )
+    .await;
+    assert_eq!(
+        (code, s["details"]["causes"][0]["field"].as_str()),
+        (422, Some("metadata.labels"))
+    );
+    let (code, _) = post(
+        &sim,
+        "/api/v1/namespaces/default/services",
+        &json!({"metadata": {"name": "bad"}, "spec": "x"}),
+    )
+    .await;
+    assert_eq!(code, 422);
+
     let (code, s) = request(
         &sim,
         "PUT",
