@@ -550,6 +550,21 @@ async fn discovery_lists_crd_types_once_created() {
     assert_eq!(code, 201);
     let (code, _) = request(
         &sim,
+        "PATCH",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gangs.agentd.io",
+        "application/json-patch+json",
+        r#"[{"op": "add", "path": "/spec/versions/-", "value": {"name": "v2", "served": true, "storage": false}}]"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, g) = get(&sim, "/apis/agentd.io/v2/namespaces/default/gangs/g").await;
+    assert_eq!(
+        (code, g["apiVersion"].as_str()),
+        (200, Some("agentd.io/v2")),
+        "a new version is served at once"
+    );
+    let (code, _) = request(
+        &sim,
         "DELETE",
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gangs.agentd.io",
         "application/json",
