@@ -317,7 +317,7 @@ async fn a_slow_watcher_is_dropped_with_410_and_writers_do_not_wait() {
             kube_sim::store::WatchFrom::Version(store.current_rv()),
         )
         .unwrap();
-    let started = std::time::Instant::now();
+    // Nothing reads the watch: if writers waited for watchers, this loop would never end.
     for i in 0..2000 {
         store
             .create(
@@ -327,7 +327,6 @@ async fn a_slow_watcher_is_dropped_with_410_and_writers_do_not_wait() {
             )
             .unwrap();
     }
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert!(w.dropped.load(std::sync::atomic::Ordering::SeqCst));
     let mut delivered = 0;
     while w.events.recv().await.is_some() {
