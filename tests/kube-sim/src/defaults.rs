@@ -52,6 +52,50 @@ const NAME_RULE: &str = "a lowercase RFC 1123 subdomain must consist of lower ca
 /// Validation a real server would reject with 422 before storing anything.
 pub fn validate(ty: &ResourceType, obj: &Value) -> Vec<FieldCause> {
     let mut causes = Vec::new();
+    for (ptr, field) in [
+        ("/metadata/labels", "metadata.labels"),
+        ("/metadata/annotations", "metadata.annotations"),
+    ] {
+        match obj.pointer(ptr) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) if m.values().all(Value::is_string) => {}
+            Some(_) => causes.push(FieldCause::invalid(
+                field,
+                "",
+                "must be a map of string keys to string values",
+            )),
+        }
+    }
+    for (ptr, field, want_array) in [
+        ("/metadata/finalizers", "metadata.finalizers", true),
+        (
+            "/metadata/ownerReferences",
+            "metadata.ownerReferences",
+            true,
+        ),
+        ("/spec", "spec", false),
+        ("/status", "status", false),
+    ] {
+        let ok = match obj.pointer(ptr) {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) if want_array => {
+                field != "metadata.finalizers" || a.iter().all(Value::is_string)
+            }
+            Some(Value::Object(_)) => !want_array,
+            Some(_) => false,
+        };
+        if !ok {
+            let what = if want_array {
+                "must be a list"
+            } else {
+                "must be an object"
+            };
+            causes.push(FieldCause::invalid(field, "", what));
+        }
+    }
+    if !causes.is_empty() {
+        return causes;
+    }
     let name = obj
         .pointer("/metadata/name")
         .and_then(Value::as_str)

@@ -244,6 +244,7 @@ enum Route {
     Group(String),
     Resources(String, String),
     Resource(Box<Target>, bool),
+    OpenApiV2,
     OpenApiRoot,
     OpenApiGroupVersion(String),
     Unknown,
@@ -260,6 +261,7 @@ fn route(store: &Store, path: &str) -> Route {
     let (group, version, rest) = match s.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
+        ["openapi", "v2"] => return Route::OpenApiV2,
         ["openapi", "v3"] => return Route::OpenApiRoot,
         ["openapi", "v3", gv @ ..] => return Route::OpenApiGroupVersion(gv.join("/")),
         ["api"] => return Route::CoreVersions,
@@ -513,6 +515,7 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
                 json_response(StatusCode::OK, &resources::resource_list(&gv, &matching))
             }
         }
+        Route::OpenApiV2 => openapi_v2(&accept),
         Route::OpenApiRoot => {
             let mut paths = serde_json::Map::new();
             for t in state.store.types() {
@@ -549,6 +552,28 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         }
     };
     Ok(resp)
+}
+
+/// An OpenAPI v2 document with no definitions. Older kubectl releases (Debian's 1.20) fetch it,
+/// in protobuf, before validating a manifest, and skip validation of kinds it does not define.
+fn openapi_v2(accept: &str) -> Resp {
+    if accept.contains("protobuf") {
+        // gnostic openapi_v2.Document { swagger = 1: "2.0", info = 2: Info { title = 1, version = 2 } }
+        let mut info = vec![0x0a, 10];
+        info.extend_from_slice(b"Kubernetes");
+        info.extend_from_slice(&[0x12, 7]);
+        info.extend_from_slice(b"v1.33.0");
+        let mut doc = vec![0x0a, 3];
+        doc.extend_from_slice(b"2.0");
+        doc.push(0x12);
+        doc.push(u8::try_from(info.len()).unwrap_or(0));
+        doc.extend_from_slice(&info);
+        return bytes_response(StatusCode::OK, "application/octet-stream", Bytes::from(doc));
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.33.0"}, "paths": {}, "definitions": {}}),
+    )
 }
 
 /// A minimal OpenAPI v3 document for one group version: the PATCH operation of each resource,
@@ -1189,8 +1214,19 @@ fn watch(
                 deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_hours(24));
             tokio::select! {
                 ev = events.recv() => if let Some(ev) = ev {
-                    if let Some(kind) = filtered_kind(&ev, &sel)
-                        && tx.send(line(&ev, kind)).await.is_err() { return; }
+                    // Events already waiting go out in one chunk: one write for many events
+                    // keeps a busy watcher from costing a system call per event.
+                    let mut batch = Vec::new();
+                    let mut next = Some(ev);
+                    while let Some(ev) = next.take() {
+                        if let Some(kind) = filtered_kind(&ev, &sel) {
+                            batch.extend_from_slice(&line(&ev, kind));
+                        }
+                        if batch.len() < 256 * 1024 {
+                            next = events.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() && tx.send(Bytes::from(batch)).await.is_err() { return; }
                 } else {
                     if w.dropped.load(Ordering::SeqCst) {
                         let _ = tx.send(error_event(410, "Gone", "the watch was dropped because the client did not keep up with events; start a new watch")).await;

@@ -660,15 +660,15 @@ impl Store {
                     .unwrap_or(1);
                 new["metadata"]["generation"] = json!(g + 1);
             }
-            let causes = defaults::validate(ty, &new);
-            if !causes.is_empty() {
-                return Err(StoreError::Invalid {
-                    group: ty.group.clone(),
-                    kind: ty.kind.clone(),
-                    name: name.into(),
-                    causes,
-                });
-            }
+        }
+        let causes = defaults::validate(ty, &new);
+        if !causes.is_empty() {
+            return Err(StoreError::Invalid {
+                group: ty.group.clone(),
+                kind: ty.kind.clone(),
+                name: name.into(),
+                causes,
+            });
         }
         new["apiVersion"] = json!(ty.storage_api_version());
         new["kind"] = json!(ty.kind);
@@ -676,6 +676,29 @@ impl Store {
             return Ok(old);
         }
         let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
+        if gr == GroupResource::new("apiextensions.k8s.io", "customresourcedefinitions")
+            && !deleting
+        {
+            // A changed CRD changes what is served: versions, scope, columns, subresources.
+            let new_types = resources::from_crd(&new).map_err(|e| StoreError::Invalid {
+                group: ty.group.clone(),
+                kind: ty.kind.clone(),
+                name: name.into(),
+                causes: vec![FieldCause {
+                    field: "spec".into(),
+                    reason: "FieldValueInvalid",
+                    message: e.to_string(),
+                }],
+            })?;
+            if let Some(first) = new_types.first() {
+                let (g, p) = (first.group.clone(), first.plural.clone());
+                inner.types.retain(|t| !(t.group == g && t.plural == p));
+            }
+            for t in new_types {
+                inner.collections.entry(t.group_resource()).or_default();
+                inner.types.push(t);
+            }
+        }
         if deleting && finalizers(&new).is_empty() {
             inner.commit(&gr, ns, name, None, self.history);
             inner.collect_garbage(self.history);

@@ -51,6 +51,24 @@ async fn errors_are_status_objects_with_reason_and_code() {
     assert_eq!((code, s["reason"].as_str()), (422, Some("Invalid")));
     assert_eq!(s["details"]["causes"][0]["field"], "spec.containers");
 
+    let (code, s) = post(
+        &sim,
+        "/api/v1/namespaces",
+        &json!({"metadata": {"name": "bad", "labels": "x"}}),
+    )
+    .await;
+    assert_eq!(
+        (code, s["details"]["causes"][0]["field"].as_str()),
+        (422, Some("metadata.labels"))
+    );
+    let (code, _) = post(
+        &sim,
+        "/api/v1/namespaces/default/services",
+        &json!({"metadata": {"name": "bad"}, "spec": "x"}),
+    )
+    .await;
+    assert_eq!(code, 422);
+
     let (code, s) = request(
         &sim,
         "PUT",
@@ -299,7 +317,7 @@ async fn a_slow_watcher_is_dropped_with_410_and_writers_do_not_wait() {
             kube_sim::store::WatchFrom::Version(store.current_rv()),
         )
         .unwrap();
-    let started = std::time::Instant::now();
+    // Nothing reads the watch: if writers waited for watchers, this loop would never end.
     for i in 0..2000 {
         store
             .create(
@@ -309,7 +327,6 @@ async fn a_slow_watcher_is_dropped_with_410_and_writers_do_not_wait() {
             )
             .unwrap();
     }
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert!(w.dropped.load(std::sync::atomic::Ordering::SeqCst));
     let mut delivered = 0;
     while w.events.recv().await.is_some() {
@@ -530,6 +547,21 @@ async fn discovery_lists_crd_types_once_created() {
     assert_eq!(list["resources"][1]["name"], "gangs/status");
     let (code, _) = post(&sim, "/apis/agentd.io/v1/namespaces/default/gangs", &json!({"apiVersion": "agentd.io/v1", "kind": "Gang", "metadata": {"name": "g"}, "spec": {"size": 2}})).await;
     assert_eq!(code, 201);
+    let (code, _) = request(
+        &sim,
+        "PATCH",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gangs.agentd.io",
+        "application/json-patch+json",
+        r#"[{"op": "add", "path": "/spec/versions/-", "value": {"name": "v2", "served": true, "storage": false}}]"#,
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, g) = get(&sim, "/apis/agentd.io/v2/namespaces/default/gangs/g").await;
+    assert_eq!(
+        (code, g["apiVersion"].as_str()),
+        (200, Some("agentd.io/v2")),
+        "a new version is served at once"
+    );
     let (code, _) = request(
         &sim,
         "DELETE",

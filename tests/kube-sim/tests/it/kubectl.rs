@@ -22,8 +22,7 @@ pub fn gang_crd() -> Value {
                     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"}]}]}})
 }
 
-/// Whether kubectl is here; CI installs it (Debian `kubernetes-client`), so its absence fails
-/// there but a developer machine without it skips with a message.
+/// Whether kubectl is here; `ci-deps.sh` installs it (Debian `kubernetes-client`).
 fn kubectl_available() -> bool {
     std::process::Command::new("kubectl")
         .arg("version")
@@ -132,12 +131,10 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_apply_get_watch_describe_logs_delete() {
-    if !kubectl_available() {
-        eprintln!(
-            "kubectl is not installed: apt-get install -y --no-install-recommends kubernetes-client"
-        );
-        return;
-    }
+    assert!(
+        kubectl_available(),
+        "kubectl is not installed: run tests/kube-sim/ci-deps.sh (apt-get install -y --no-install-recommends kubernetes-client)"
+    );
     let config = kube_sim::SimConfig {
         nodes: 2,
         time_scale: kube_sim::TimeScale::new(10.0).unwrap(),
