@@ -725,19 +725,33 @@ impl<'a> Pass<'a> {
             )
             .then_some(hyp)
         };
-        let mut hyp = fits_after(self, by_end.len(), &mut taken)?;
-        // Fewest releases that let it fit; more free never makes a fit fail, so halve.
-        let (mut lo, mut hi) = (0usize, by_end.len());
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            let mut t = Vec::new();
-            if let Some(h) = fits_after(self, mid, &mut t) {
-                hi = mid;
-                hyp = h;
-                taken = t;
-            } else {
-                lo = mid;
+        // Give up at once if it would not fit even with every holder gone.
+        fits_after(self, by_end.len(), &mut taken)?;
+        taken.clear();
+        // Release holders one by one, in that order, until it fits: the fewest it waits for.
+        let needs = &self.shape_needs[p.shape];
+        let total: u64 = needs.iter().map(|n| u64::from(n.gpus)).sum();
+        let mut hyp = self.state.clone();
+        let mut hi = 0;
+        for (k, &h) in by_end.iter().enumerate() {
+            for a in &self.holders[h].allocs {
+                hyp.release_indexed(a.node, a.gpus, a.cpu, a.mem);
             }
+            if hyp.free_gpus >= total
+                && hyp.place(
+                    needs,
+                    Mode::Any,
+                    self.policy.fit,
+                    &self.selectors,
+                    &mut taken,
+                )
+            {
+                hi = k + 1;
+                break;
+            }
+        }
+        if hi == 0 {
+            return None;
         }
         let k = hi;
         let start_at = if k == 0 {
