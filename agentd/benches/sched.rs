@@ -28,12 +28,12 @@ fn nodes() -> Vec<NodeCapacity> {
                     product: "H100".to_owned(),
                     memory_mib: 81_920,
                     // One GPU in 97 is unhealthy.
-                    healthy: (i * 8 + g as usize) % 97 != 0,
+                    healthy: !(i * 8 + g as usize).is_multiple_of(97),
                 })
                 .collect(),
             cpu_milli: 128_000,
             memory_mib: 1_024_000,
-            schedulable: i % 250 != 0,
+            schedulable: !i.is_multiple_of(250),
         })
         .collect()
 }
@@ -51,7 +51,7 @@ fn gang(i: usize) -> Gang {
     };
     Gang {
         id: format!("job-{i:05}"),
-        queue: if i % 3 == 0 { "slow" } else { "fast" }.to_owned(),
+        queue: if i.is_multiple_of(3) { "slow" } else { "fast" }.to_owned(),
         priority: (i % 5) as i32,
         submitted_at: i as f64,
         replicas: (0..replicas)
@@ -66,7 +66,9 @@ fn gang(i: usize) -> Gang {
             })
             .collect(),
         min_available: None,
-        declared_runtime_s: (i % 2 == 0).then_some(3_600.0 + (i % 7) as f64 * 600.0),
+        declared_runtime_s: i
+            .is_multiple_of(2)
+            .then_some(3_600.0 + (i % 7) as f64 * 600.0),
     }
 }
 
@@ -87,7 +89,7 @@ fn queues() -> Vec<QueueConfig> {
 /// Fills `fraction` of the cluster with running 4-GPU gangs with declared ends.
 fn busy(nodes: &[NodeCapacity], fraction: f64) -> Vec<RunningGang> {
     let mut out = Vec::new();
-    let mut k = 0;
+    let mut k = 0u32;
     for n in nodes.iter().take((nodes.len() as f64 * fraction) as usize) {
         for half in 0..2u32 {
             out.push(RunningGang {
@@ -103,7 +105,7 @@ fn busy(nodes: &[NodeCapacity], fraction: f64) -> Vec<RunningGang> {
                         memory_mib: 128_000,
                     },
                 }],
-                expected_end: (k % 3 != 0).then_some(1_000.0 + k as f64),
+                expected_end: (!k.is_multiple_of(3)).then_some(1_000.0 + f64::from(k)),
             });
             k += 1;
         }

@@ -208,12 +208,12 @@ fn route(rule: &str, jobs: &mut [TraceJob]) -> Result<(), ReplayError> {
     match rule {
         "trace" => {
             for j in jobs.iter_mut().filter(|j| j.queue.is_empty()) {
-                j.queue = "default".to_owned();
+                "default".clone_into(&mut j.queue);
             }
         }
         "one" => {
             for j in jobs.iter_mut() {
-                j.queue = "default".to_owned();
+                "default".clone_into(&mut j.queue);
             }
         }
         _ => {
@@ -228,7 +228,7 @@ fn route(rule: &str, jobs: &mut [TraceJob]) -> Result<(), ReplayError> {
                 })?;
             for j in jobs.iter_mut() {
                 let fast = j.limit_s.is_some_and(|l| l <= limit);
-                j.queue = if fast { "fast" } else { "slow" }.to_owned();
+                if fast { "fast" } else { "slow" }.clone_into(&mut j.queue);
             }
         }
     }

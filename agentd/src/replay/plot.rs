@@ -82,7 +82,7 @@ fn text<DB: DrawingBackend>(
     x: i32,
     y: i32,
     scale: i32,
-    color: &RGBColor,
+    color: RGBColor,
     text: &str,
 ) -> Result<(), String> {
     for (i, c) in text.chars().enumerate() {
@@ -132,7 +132,7 @@ fn panel<DB: DrawingBackend>(
     series: &[(String, Series)],
     x_label: &str,
 ) -> Result<(), String> {
-    let (w, h) = area.dim_in_pixel();
+    let (width, height) = area.dim_in_pixel();
     let (left, right, top, bottom) = (90i32, 20i32, 40i32, 50i32);
     let plot = area.margin(top, bottom, left, right);
     let mut chart = ChartBuilder::on(&plot)
@@ -148,35 +148,35 @@ fn panel<DB: DrawingBackend>(
             .map_err(|e| e.to_string())?;
     }
     let black = RGBColor(0, 0, 0);
-    let (pw, ph) = (w as i32 - left - right, h as i32 - top - bottom);
+    let (pw, ph) = (width as i32 - left - right, height as i32 - top - bottom);
     area.draw(&Rectangle::new(
         [(left, top), (left + pw, top + ph)],
         black.stroke_width(1),
     ))
     .map_err(|e| e.to_string())?;
-    text(area, left, 12, 3, &black, title)?;
-    for k in 0..=4 {
-        let f = f64::from(k) / 4.0;
-        let y = top + ph - (f * f64::from(ph)) as i32;
-        let label = short(f * y_max);
+    text(area, left, 12, 3, black, title)?;
+    for tick in 0..=4 {
+        let frac = f64::from(tick) / 4.0;
+        let y = top + ph - (frac * f64::from(ph)) as i32;
+        let label = short(frac * y_max);
         text(
             area,
             left - 10 - text_width(&label, 2),
             y - 5,
             2,
-            &black,
+            black,
             &label,
         )?;
         area.draw(&PathElement::new(vec![(left - 5, y), (left, y)], black))
             .map_err(|e| e.to_string())?;
-        let x = left + (f * f64::from(pw)) as i32;
-        let label = short(f * x_max);
+        let x = left + (frac * f64::from(pw)) as i32;
+        let label = short(frac * x_max);
         text(
             area,
             x - text_width(&label, 2) / 2,
             top + ph + 10,
             2,
-            &black,
+            black,
             &label,
         )?;
         area.draw(&PathElement::new(
@@ -190,7 +190,7 @@ fn panel<DB: DrawingBackend>(
         left + pw - text_width(x_label, 2),
         top + ph + 32,
         2,
-        &black,
+        black,
         x_label,
     )?;
     let mut lx = left + pw - 10;
@@ -199,7 +199,7 @@ fn panel<DB: DrawingBackend>(
         let color = COLORS[i % COLORS.len()];
         area.draw(&Rectangle::new([(lx, 14), (lx + 16, 22)], color.filled()))
             .map_err(|e| e.to_string())?;
-        text(area, lx + 22, 13, 2, &black, name)?;
+        text(area, lx + 22, 13, 2, black, name)?;
     }
     Ok(())
 }
@@ -215,7 +215,7 @@ pub fn draw(path: &Path, results: &[SimResult], title: &str) -> Result<(), PlotE
     let (top, bottom) = root.split_vertically(450);
     let t0 = results
         .iter()
-        .flat_map(|r| r.samples.first())
+        .filter_map(|r| r.samples.first())
         .map(|s| s.t)
         .fold(f64::INFINITY, f64::min);
     let t0 = if t0.is_finite() { t0 } else { 0.0 };

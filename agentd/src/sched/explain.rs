@@ -37,7 +37,7 @@ fn matches(node: &NodeCapacity, selector: &BTreeMap<String, String>) -> bool {
 }
 
 fn cpu(milli: u64) -> String {
-    if milli % 1000 == 0 {
+    if milli.is_multiple_of(1000) {
         format!("{} CPUs", milli / 1000)
     } else {
         format!("{milli}m CPU")

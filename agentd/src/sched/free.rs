@@ -141,10 +141,11 @@ impl FreeState {
 
     /// Recomputes buckets and totals from `nodes`, after bulk changes.
     pub fn rebuild_index(&mut self) {
+        // Sized by what could ever be free, so releasing never outgrows it.
         let top = self
-            .nodes
+            .healthy
             .iter()
-            .map(|n| n.gpus.count_ones() as usize)
+            .map(|h| h.count_ones() as usize)
             .max()
             .unwrap_or(0);
         self.buckets = vec![BTreeSet::new(); top + 1];
@@ -179,6 +180,17 @@ impl FreeState {
         n.gpus |= gpus & self.healthy[i];
         n.cpu = (n.cpu + cpu).min(self.capacity_cpu[i]);
         n.mem = (n.mem + mem).min(self.capacity_mem[i]);
+    }
+
+    /// Like [`FreeState::release`], keeping the index up to date.
+    pub fn release_indexed(&mut self, node: u32, gpus: GpuMask, cpu: u64, mem: u64) {
+        let before = self.nodes[node as usize].gpus.count_ones();
+        self.release(node, gpus, cpu, mem);
+        let after = self.nodes[node as usize].gpus.count_ones();
+        if self.usable[node as usize] {
+            self.free_gpus += u64::from(after - before);
+        }
+        self.reindex(node, before);
     }
 
     /// Installs a reservation overlay and reindexes.

@@ -75,8 +75,10 @@ struct Prepared<'a> {
 
 #[derive(Default)]
 struct ShapeMemo {
-    /// Whether it fits the empty cluster, and with how many nodes at least.
-    ideal: Option<Option<usize>>,
+    /// Whether the empty cluster has been tried yet.
+    ideal_known: bool,
+    /// The fewest nodes it takes on the empty cluster; `None` if it never fits.
+    ideal_nodes: Option<usize>,
     failed_any: bool,
     failed_outside: bool,
     /// The pass version at which a trial placement last succeeded, per mode.
@@ -116,7 +118,7 @@ struct Pass<'a> {
 pub fn schedule(snapshot: &Snapshot<'_>, policy: &Policy) -> Decision {
     let mut pass = Pass::new(snapshot, policy);
     let order = pass.prepare(snapshot.queued);
-    pass.run(order);
+    pass.run(&order);
     pass.decision
 }
 
@@ -317,10 +319,10 @@ impl<'a> Pass<'a> {
         out
     }
 
-    fn run(&mut self, order: Vec<Prepared<'a>>) {
+    fn run(&mut self, order: &[Prepared<'a>]) {
         let mut fifo_head: Option<&'a str> = None;
         let mut head: Option<Head<'a>> = None;
-        for p in &order {
+        for p in order {
             if p.gang.replicas.is_empty() {
                 self.wait(p, reason::NEVER_FITS, || "has no replicas".to_owned());
                 continue;
@@ -453,9 +455,10 @@ impl<'a> Pass<'a> {
                 t - self.now
             ),
             None => format!(
-                "fits now, but would delay {}, which holds a reservation for the resources it needs until {} end",
+                "fits now, but would delay {}, which holds a reservation for the resources it needs until {} {}",
                 head.id,
-                list(&head.after)
+                list(&head.after),
+                end_verb(head.after.len())
             ),
         }
     }
@@ -465,23 +468,25 @@ impl<'a> Pass<'a> {
         nodes.dedup();
         match r.start_at {
             Some(t) => format!(
-                "holds a reservation on {} to start by t={t:.0}s (in {:.0} s), when {} end",
+                "holds a reservation on {} to start by t={t:.0}s (in {:.0} s), when {} {}",
                 list_str(&nodes),
                 t - now,
-                list(&r.after)
+                list(&r.after),
+                end_verb(r.after.len())
             ),
             None => format!(
-                "holds a reservation on {}, to start when {} end (no declared run time, so no start time is known)",
+                "holds a reservation on {}, to start when {} {} (no declared run time, so no start time is known)",
                 list_str(&nodes),
-                list(&r.after)
+                list(&r.after),
+                end_verb(r.after.len())
             ),
         }
     }
 
     /// The fewest nodes the gang takes on the empty cluster, or `None` if it can never fit.
     fn ideal_nodes(&mut self, p: &Prepared<'a>) -> Option<usize> {
-        if let Some(known) = self.memo[p.shape].ideal {
-            return known;
+        if self.memo[p.shape].ideal_known {
+            return self.memo[p.shape].ideal_nodes;
         }
         let ideal = self.ideal.get_or_insert_with(|| {
             let mut s = FreeState::empty(self.nodes, true);
@@ -505,7 +510,8 @@ impl<'a> Pass<'a> {
             None
         };
         self.scratch = taken;
-        self.memo[p.shape].ideal = Some(result);
+        self.memo[p.shape].ideal_known = true;
+        self.memo[p.shape].ideal_nodes = result;
         result
     }
 
@@ -719,19 +725,33 @@ impl<'a> Pass<'a> {
             )
             .then_some(hyp)
         };
-        let mut hyp = fits_after(self, by_end.len(), &mut taken)?;
-        // Fewest releases that let it fit; more free never makes a fit fail, so halve.
-        let (mut lo, mut hi) = (0usize, by_end.len());
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            let mut t = Vec::new();
-            if let Some(h) = fits_after(self, mid, &mut t) {
-                hi = mid;
-                hyp = h;
-                taken = t;
-            } else {
-                lo = mid;
+        // Give up at once if it would not fit even with every holder gone.
+        fits_after(self, by_end.len(), &mut taken)?;
+        taken.clear();
+        // Release holders one by one, in that order, until it fits: the fewest it waits for.
+        let needs = &self.shape_needs[p.shape];
+        let total: u64 = needs.iter().map(|n| u64::from(n.gpus)).sum();
+        let mut hyp = self.state.clone();
+        let mut hi = 0;
+        for (k, &h) in by_end.iter().enumerate() {
+            for a in &self.holders[h].allocs {
+                hyp.release_indexed(a.node, a.gpus, a.cpu, a.mem);
             }
+            if hyp.free_gpus >= total
+                && hyp.place(
+                    needs,
+                    Mode::Any,
+                    self.policy.fit,
+                    &self.selectors,
+                    &mut taken,
+                )
+            {
+                hi = k + 1;
+                break;
+            }
+        }
+        if hi == 0 {
+            return None;
         }
         let k = hi;
         let start_at = if k == 0 {
@@ -775,6 +795,10 @@ impl<'a> Pass<'a> {
             assignments: assignments.into_iter().map(|(_, a)| a).collect(),
         })
     }
+}
+
+fn end_verb(n: usize) -> &'static str {
+    if n == 1 { "ends" } else { "end" }
 }
 
 fn list(ids: &[String]) -> String {

@@ -157,12 +157,14 @@ fn running_of(case: &Case) -> Vec<RunningGang> {
         .collect()
 }
 
+type Usage = HashMap<String, (BTreeSet<u32>, u64, u64)>;
+
 /// Per node: GPU indices in use, CPU and memory used; fails on a GPU used twice.
 fn usage<'a>(
     nodes: &[NodeCapacity],
     holders: impl Iterator<Item = &'a [Assignment]>,
-) -> Result<HashMap<String, (BTreeSet<u32>, u64, u64)>, TestCaseError> {
-    let mut used: HashMap<String, (BTreeSet<u32>, u64, u64)> = HashMap::new();
+) -> Result<Usage, TestCaseError> {
+    let mut used: Usage = HashMap::new();
     for assignments in holders {
         for a in assignments {
             let node = nodes.iter().find(|n| n.name == a.node);

@@ -282,7 +282,7 @@ fn reservation_lets_only_gangs_that_do_not_delay_the_head_backfill() {
     assert!(
         waiting(&d, "head")
             .message
-            .contains("holds a reservation on a to start by t=500s"),
+            .ends_with("holds a reservation on a to start by t=500s (in 400 s), when r1 ends"),
         "{}",
         waiting(&d, "head").message
     );
@@ -406,4 +406,29 @@ fn unknown_policy_names_the_allowed_ones() {
     for name in Policy::NAMES {
         assert_eq!(Policy::by_name(name).map(|p| p.name), Ok(name));
     }
+}
+
+#[test]
+fn counts_without_listing_match_the_listing() {
+    let nodes = [node("a", 8)];
+    let busy = [running("r1", "a", &[0, 1, 2, 3], Some(500.0))];
+    let queued = [
+        gang("head", 1.0, 1, 8),
+        gang("two", 2.0, 1, 2),
+        gang("big", 3.0, 2, 8),
+    ];
+    let listed = run(&nodes, &busy, &queued, &Policy::agentd());
+    let mut quiet = Policy::agentd();
+    quiet.list_waiting = false;
+    quiet.explain = false;
+    let counted = run(&nodes, &busy, &queued, &quiet);
+    assert!(counted.waiting.is_empty());
+    assert_eq!(counted.placements, listed.placements);
+    let mut by_reason = std::collections::BTreeMap::new();
+    for w in &listed.waiting {
+        *by_reason.entry(w.reason.as_str()).or_insert(0) += 1;
+    }
+    assert_eq!(counted.waiting_counts, by_reason);
+    assert_eq!(counted.waiting_counts.get(reason::NEVER_FITS), Some(&1));
+    assert_eq!(counted.waiting_counts.get(reason::RESERVED), Some(&1));
 }
