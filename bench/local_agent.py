@@ -1,0 +1,196 @@
+"""An agentd process in a temporary directory, for the benchmark scripts in this folder.
+
+Owns building the release binaries, writing the fake GPU file and the config, starting and
+stopping the agent (and any other process a benchmark starts), and HTTP over the agent's Unix
+socket. Python standard library only, so the benchmarks run on a machine with just Rust and
+Python installed.
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+AGENTD = os.path.join(RELEASE, "agentd")
+AGENTCTL = os.path.join(RELEASE, "agentctl")
+FAKE_NVML = os.path.join(RELEASE, "libfake_nvml.so")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def build():
+    """Builds the three release artefacts unless BENCH_NO_BUILD=1 says they are already built."""
+    if os.environ.get("BENCH_NO_BUILD") == "1":
+        for path in (AGENTD, AGENTCTL, FAKE_NVML):
+            if not os.path.exists(path):
+                sys.exit(f"BENCH_NO_BUILD=1 but {path} does not exist; build it or unset BENCH_NO_BUILD")
+        return
+    cmd = ["cargo", "build", "--release", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"]
+    print("== " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def fake_gpu(index):
+    """One fake GPU in the fake NVML library's JSON format (as tests/e2e writes them)."""
+    return {
+        "name": "NVIDIA H200",
+        "uuid": f"GPU-00000000-0000-0000-0000-{index:012d}",
+        "pci_bus_id": f"00000000:{0x19 + index:02X}:00.0",
+        "memory_total_bytes": 150_754_820_096,
+        "memory_used_bytes": 1_048_576 * index,
+        "utilization_gpu": 10 * index,
+        "utilization_memory": 5 * index,
+        "temperature_c": 30 + index,
+        "power_usage_mw": 72_000 + 1000 * index,
+        "power_limit_mw": 700_000,
+        "xid_events": [],
+        "lost": False,
+    }
+
+
+class Processes:
+    """Every process a benchmark starts, each in its own process group, so that all of them (and
+    their children) are stopped on exit, on error and on SIGINT/SIGTERM."""
+
+    def __init__(self):
+        self.started = []
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    @staticmethod
+    def _on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    def start(self, cmd, **kwargs):
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def stop(self, proc, grace=10.0):
+        """SIGTERM to the process, then SIGKILL to its whole group if it outlives `grace`."""
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            print(f"warning: process {proc.pid} ({proc.args[0]}) did not exit", file=sys.stderr)
+
+    def stop_all(self):
+        for proc in reversed(self.started):
+            self.stop(proc)
+        self.started.clear()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=30.0):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class Agent:
+    """An agent with `gpus` fake GPUs (0: the fake library with an empty GPU list) in a fresh
+    temporary directory."""
+
+    def __init__(self, processes, gpus, config="", label="agent"):
+        self.processes = processes
+        self.dir = tempfile.mkdtemp(prefix=f"bench-{label}-")
+        self.socket = os.path.join(self.dir, "agentd.sock")
+        self.state_dir = os.path.join(self.dir, "state")
+        self.gpu_file = os.path.join(self.dir, "gpus.json")
+        with open(self.gpu_file, "w") as f:
+            json.dump({"driver_version": "550.54.15", "cuda_version": 12040,
+                       "gpus": [fake_gpu(i) for i in range(gpus)]}, f, indent=2)
+        self.config = os.path.join(self.dir, "agentd.toml")
+        with open(self.config, "w") as f:
+            f.write('metrics_addr = "off"\nlog = "warn"\n' + config)
+        env = dict(os.environ, AGENTD_NVML_LIBRARY=FAKE_NVML, FAKE_NVML_CONFIG=self.gpu_file)
+        env.pop("AGENTD_SOCKET", None)
+        self.log_path = os.path.join(self.dir, "agentd.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = processes.start(
+            [AGENTD, "--config", self.config, "--state-dir", self.state_dir, "--socket", self.socket],
+            env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.pid = self.proc.pid
+        self._wait_ready(30.0)
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agentd exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                if self.request("GET", "/readyz", timeout=2.0)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agentd not ready in {timeout}s:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")[-4000:]
+
+    def request(self, method, path, body=None, headers=None, timeout=30.0):
+        """One request on a new connection; returns (status, body bytes)."""
+        conn = UnixHTTPConnection(self.socket, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def get_json(self, path):
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {status}: {body[:500]!r}")
+        return json.loads(body)
+
+    def ctl(self, *args):
+        return subprocess.run([AGENTCTL, "--socket", self.socket, *args], capture_output=True, check=True)
+
+    def rss_kib(self):
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS line")
+
+    def cpu_seconds(self):
+        """utime + stime of the whole process (all threads, living and ended)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # After the comm field: state is fields[0], utime is field 14 of stat, i.e. fields[11].
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def stop(self):
+        self.processes.stop(self.proc)
+        self.log.close()
+
+
+def percentile(values, p):
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * p // 100))
+    return ordered[int(rank) - 1]
