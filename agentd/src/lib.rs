@@ -9,6 +9,7 @@ pub mod config;
 pub mod exec;
 pub mod inventory;
 pub mod job;
+pub mod logging;
 pub mod metrics;
 pub mod replay;
 pub mod sched;
