@@ -606,3 +606,106 @@ fn the_service_sandbox_rates_exposure_at_4_or_lower() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The Debian package.
+
+/// Holds an exclusive lock on a machine-wide file: installing the package changes /usr/bin and
+/// /etc, so two test runs on one machine must take turns.
+struct MachineLock(std::fs::File);
+
+fn machine_lock(name: &str) -> MachineLock {
+    let path = std::env::temp_dir().join(format!("agentd-e2e-{name}.lock"));
+    let file = std::fs::File::create(&path).unwrap();
+    file.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+    MachineLock(file)
+}
+
+/// Purges the package when dropped, so a failed assertion leaves the machine as it was.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "agentd"]).output();
+    }
+}
+
+fn dpkg_status(package: &str) -> String {
+    let out = run(Command::new("dpkg-query").args(["-W", "-f=${db:Status-Abbrev}", package]));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
+    if !ensure_tool("dpkg-deb", "dpkg") || !ensure_tool("lintian", "lintian") {
+        return;
+    }
+    let _lock = machine_lock("deb");
+    let started = Instant::now();
+    let build = run(&mut Command::new(repo_root().join("packaging/build-deb")));
+    assert!(build.status.success(), "packaging/build-deb failed:\n{}", text(&build));
+    let deb = PathBuf::from(String::from_utf8_lossy(&build.stdout).lines().last().unwrap_or_default());
+    assert!(deb.exists(), "no package at {}:\n{}", deb.display(), text(&build));
+    let built = started.elapsed();
+
+    let lint = run(Command::new("lintian").args(["--fail-on", "error", "--no-tag-display-limit"]).arg(&deb));
+    let findings = text(&lint);
+    println!("lintian findings:\n{findings}");
+    assert!(lint.status.success() && !findings.lines().any(|l| l.starts_with("E: ")), "lintian errors:\n{findings}");
+
+    let _ = Command::new("dpkg").args(["--purge", "agentd"]).output();
+    let installed = Installed;
+    let install = run(Command::new("dpkg").arg("-i").arg(&deb));
+    assert!(install.status.success(), "dpkg -i failed:\n{}", text(&install));
+    assert_eq!(dpkg_status("agentd"), "ii");
+
+    for path in [
+        "/usr/bin/agentd",
+        "/usr/bin/agentctl",
+        "/lib/systemd/system/agentd.service",
+        "/lib/systemd/system/agentd.socket",
+        "/usr/lib/sysusers.d/agentd.conf",
+        "/usr/lib/tmpfiles.d/agentd.conf",
+        "/etc/agentd/agentd.toml",
+        "/usr/share/man/man1/agentctl.1.gz",
+        "/usr/share/bash-completion/completions/agentctl",
+        "/usr/share/zsh/vendor-completions/_agentctl",
+        "/usr/share/fish/vendor_completions.d/agentctl.fish",
+        "/usr/share/doc/agentd/copyright",
+        "/usr/share/doc/agentd/operations.md",
+        // postinst: the group, the directories, and the units enabled though systemd is not running.
+        "/var/lib/agentd",
+        "/etc/systemd/system/multi-user.target.wants/agentd.service",
+        "/etc/systemd/system/sockets.target.wants/agentd.socket",
+    ] {
+        assert!(Path::new(path).exists(), "{path} missing after dpkg -i");
+    }
+    assert!(run(Command::new("getent").args(["group", "agentd"])).status.success(), "no agentd group");
+    let conffiles = run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "agentd"]));
+    assert!(String::from_utf8_lossy(&conffiles.stdout).contains("/etc/agentd/agentd.toml"), "agentd.toml is not a conffile");
+
+    for binary in ["/usr/bin/agentd", "/usr/bin/agentctl"] {
+        let version = run(Command::new(binary).arg("--version"));
+        assert!(
+            version.status.success() && text(&version).contains(env!("CARGO_PKG_VERSION")),
+            "{binary} --version:\n{}",
+            text(&version)
+        );
+    }
+    // The installed units verify against the installed binary, man page included where man exists.
+    let man = if Path::new("/usr/bin/man").exists() { "--man=yes" } else { "--man=no" };
+    let verify = run(Command::new("systemd-analyze").args(["verify", man, "/lib/systemd/system/agentd.service", "/lib/systemd/system/agentd.socket"]));
+    assert!(verify.status.success() && text(&verify).trim().is_empty(), "verify installed units:\n{}", text(&verify));
+
+    let remove = run(Command::new("dpkg").args(["-r", "agentd"]));
+    assert!(remove.status.success(), "dpkg -r failed:\n{}", text(&remove));
+    assert!(!Path::new("/usr/bin/agentd").exists() && !Path::new("/lib/systemd/system/agentd.service").exists());
+    assert!(Path::new("/etc/agentd/agentd.toml").exists(), "dpkg -r keeps the conffile");
+    let purge = run(Command::new("dpkg").args(["--purge", "agentd"]));
+    assert!(purge.status.success(), "dpkg --purge failed:\n{}", text(&purge));
+    assert!(!Path::new("/etc/agentd/agentd.toml").exists() && !Path::new("/var/lib/agentd").exists());
+    assert!(!Path::new("/etc/systemd/system/multi-user.target.wants/agentd.service").exists());
+    assert_eq!(dpkg_status("agentd"), "");
+    drop(installed);
+    println!("deb: built in {:.0}s, whole test {:.0}s", built.as_secs_f64(), started.elapsed().as_secs_f64());
+}
