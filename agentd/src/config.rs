@@ -1,1 +1,450 @@
-//! (to be filled in)
+//! The agent's typed configuration: a TOML file in which every key is optional, overridden by
+//! environment variables, overridden by flags. Defaults are the documented constants below.
+//! Unknown keys are rejected by name so that a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/agentd/agentd.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
+pub const DEFAULT_SOCKET: &str = agentd_api::DEFAULT_SOCKET;
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9400";
+pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_GPU_RECOVERY_QUIET: Duration = Duration::from_secs(300);
+pub const DEFAULT_SAMPLE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_QUEUE: &str = "fast";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+/// The whole configuration, as `agentd --print-config` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The node's name; empty means the hostname.
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// `host:port` for the Prometheus endpoint, or `off`.
+    pub metrics_addr: MetricsAddr,
+    /// A `RUST_LOG`-style filter such as `info` or `agentd=debug,hyper=warn`.
+    pub log: String,
+    pub log_format: LogFormat,
+    pub inventory: InventoryConfig,
+    pub jobs: JobsConfig,
+    /// Queues by name. When the file names none, `fast` and `slow` exist.
+    pub queues: BTreeMap<String, QueueSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventoryConfig {
+    #[serde(with = "duration_text")]
+    pub interval: Duration,
+    /// Path of the NVML library; empty means `libnvidia-ml.so.1` from the loader's path.
+    pub nvml_library: String,
+    /// How long a GPU must be readable and free of critical XIDs before it is healthy again.
+    #[serde(with = "duration_text")]
+    pub gpu_recovery_quiet: Duration,
+    /// How long inventory samples are kept in the database.
+    #[serde(with = "duration_text")]
+    pub sample_retention: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The queue of a job that names none.
+    pub default_queue: String,
+    /// Time between SIGTERM and SIGKILL when a gang is stopped.
+    #[serde(with = "duration_text")]
+    pub kill_grace: Duration,
+    /// Each replica's log file is cut to its last half when it grows past this size.
+    pub log_max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub priority: i32,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running_jobs: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_gpus: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The metrics listen address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Off,
+    On(SocketAddr),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            metrics_addr: MetricsAddr::On(DEFAULT_METRICS_ADDR.parse().expect("valid constant")),
+            log: "info".to_owned(),
+            log_format: LogFormat::Text,
+            inventory: InventoryConfig::default(),
+            jobs: JobsConfig::default(),
+            queues: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_INVENTORY_INTERVAL,
+            nvml_library: String::new(),
+            gpu_recovery_quiet: DEFAULT_GPU_RECOVERY_QUIET,
+            sample_retention: DEFAULT_SAMPLE_RETENTION,
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            default_queue: DEFAULT_QUEUE.to_owned(),
+            kill_grace: DEFAULT_KILL_GRACE,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+        }
+    }
+}
+
+/// The queues that exist when the configuration names none.
+pub fn default_queues() -> BTreeMap<String, QueueSettings> {
+    BTreeMap::from([
+        (
+            "fast".to_owned(),
+            QueueSettings { priority: 10, weight: 1, max_running_jobs: None, max_gpus: None },
+        ),
+        (
+            "slow".to_owned(),
+            QueueSettings { priority: 1, weight: 1, max_running_jobs: None, max_gpus: None },
+        ),
+    ])
+}
+
+/// Values given on the command line or in the environment; each one set wins over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub metrics_addr: Option<String>,
+    pub nvml_library: Option<String>,
+    pub log: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub node_name: Option<String>,
+}
+
+impl Config {
+    /// Loads the file (when `path` is `None`, the default file if it exists), then applies
+    /// overrides and checks the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => Self::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                Self::from_file(Path::new(DEFAULT_CONFIG_FILE))?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs_err::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+    }
+
+    /// Parses TOML text; the error names the offending key and says what is allowed.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| {
+            // toml's message carries the key and a caret under it; keep it on one line.
+            e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+        })
+    }
+
+    fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        if let Some(v) = &o.state_dir {
+            self.state_dir.clone_from(v);
+        }
+        if let Some(v) = &o.socket {
+            self.socket.clone_from(v);
+        }
+        if let Some(v) = &o.metrics_addr {
+            self.metrics_addr = v.parse().map_err(|message| ConfigError::Invalid {
+                field: "metrics_addr".to_owned(),
+                message,
+            })?;
+        }
+        if let Some(v) = &o.nvml_library {
+            self.inventory.nvml_library.clone_from(v);
+        }
+        if let Some(v) = &o.log {
+            self.log.clone_from(v);
+        }
+        if let Some(v) = o.log_format {
+            self.log_format = v;
+        }
+        if let Some(v) = &o.node_name {
+            self.node_name.clone_from(v);
+        }
+        Ok(())
+    }
+
+    fn check(&mut self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| ConfigError::Invalid {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        };
+        if self.inventory.interval < Duration::from_millis(100) {
+            return Err(invalid("inventory.interval", "must be at least 100ms"));
+        }
+        if self.jobs.log_max_bytes < 4096 {
+            return Err(invalid("jobs.log_max_bytes", "must be at least 4096"));
+        }
+        if self.queues.is_empty() {
+            self.queues = default_queues();
+        }
+        for name in self.queues.keys() {
+            if !is_queue_name(name) {
+                return Err(invalid(
+                    &format!("queues.{name}"),
+                    "a queue name must be lower-case letters, digits and '-', at most 63 characters",
+                ));
+            }
+        }
+        if !self.queues.contains_key(&self.jobs.default_queue) {
+            return Err(ConfigError::Invalid {
+                field: "jobs.default_queue".to_owned(),
+                message: format!(
+                    "names queue {:?}, which is not configured; configured queues: {}",
+                    self.jobs.default_queue,
+                    self.queues.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The node name: configured, else the hostname.
+    pub fn node_name(&self) -> String {
+        if self.node_name.is_empty() {
+            sysinfo::System::host_name().unwrap_or_else(|_| "localhost".to_owned())
+        } else {
+            self.node_name.clone()
+        }
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join("agentd.db")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config always serializes")
+    }
+}
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self::Off);
+        }
+        s.parse().map(Self::On).map_err(|_| {
+            format!("{s:?} is not an address: give host:port such as 127.0.0.1:9400, or off")
+        })
+    }
+}
+
+impl fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Off => f.write_str("off"),
+            Self::On(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+impl Serialize for MetricsAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MetricsAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn is_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Parses durations written as `500ms`, `10s`, `5m`, `2h` or `1d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("{text:?} is not a duration: write a whole number and a unit, such as 500ms, 10s, 5m, 2h or 1d");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
+}
+
+/// Formats a duration in the largest unit that divides it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms > 0 && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let mut config = Config::from_toml("").unwrap();
+        config.check().unwrap();
+        assert_eq!(config.inventory.interval, Duration::from_secs(10));
+        assert_eq!(config.socket, Path::new("/run/agentd/agentd.sock"));
+        assert_eq!(config.queues["fast"].priority, 10);
+        assert_eq!(config.queues["slow"].priority, 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[inventory]\nintervall = \"5s\"\n").unwrap_err();
+        assert!(err.contains("intervall"), "{err}");
+        assert!(err.contains("interval"), "the allowed keys are listed: {err}");
+    }
+
+    #[test]
+    fn bad_duration_says_what_is_allowed() {
+        let err = Config::from_toml("[inventory]\ninterval = \"ten\"\n").unwrap_err();
+        assert!(err.contains("500ms, 10s, 5m"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agentd.toml");
+        std::fs::write(&file, "socket = \"/a.sock\"\nmetrics_addr = \"off\"\n").unwrap();
+        let config = Config::load(
+            Some(&file),
+            &Overrides { socket: Some("/b.sock".into()), ..Overrides::default() },
+        )
+        .unwrap();
+        assert_eq!(config.socket, Path::new("/b.sock"));
+        assert_eq!(config.metrics_addr, MetricsAddr::Off);
+    }
+
+    #[test]
+    fn missing_explicit_file_names_the_path() {
+        let err = Config::load(Some(Path::new("/nonexistent/agentd.toml")), &Overrides::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/agentd.toml"), "{err}");
+    }
+
+    #[test]
+    fn default_queue_must_exist() {
+        let mut config =
+            Config::from_toml("[jobs]\ndefault_queue = \"gpu\"\n[queues.batch]\npriority = 1\n")
+                .unwrap();
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("jobs.default_queue") && err.contains("batch"), "{err}");
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let mut config = Config::default();
+        config.check().unwrap();
+        let again = Config::from_toml(&config.to_toml()).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+}

@@ -6,6 +6,8 @@
 
 pub mod api;
 pub mod config;
+pub mod core;
+pub mod daemon;
 pub mod exec;
 pub mod inventory;
 pub mod job;

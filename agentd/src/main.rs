@@ -1,1 +1,99 @@
-fn main() {}
+//! The `agentd` binary: parses flags, loads the configuration, sets up logging and runs the
+//! agent. Everything else is library code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentd::config::{Config, LogFormat, Overrides};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "agentd", version, about = "GPU node agent and gang scheduler for distributed TensorFlow training")]
+struct Args {
+    /// Configuration file (TOML). Default: /etc/agentd/agentd.toml if it exists.
+    #[arg(long, env = "AGENTD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for the database and job logs. Default: /var/lib/agentd.
+    #[arg(long, env = "AGENTD_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The API's Unix socket. Default: /run/agentd/agentd.sock.
+    #[arg(long, env = agentd_api::SOCKET_ENV, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Prometheus endpoint address, or `off`. Default: 127.0.0.1:9400.
+    #[arg(long, env = "AGENTD_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<String>,
+    /// NVML library to load. Default: libnvidia-ml.so.1.
+    #[arg(long, env = "AGENTD_NVML_LIBRARY", value_name = "PATH")]
+    nvml_library: Option<String>,
+    /// The node's name. Default: the hostname.
+    #[arg(long, env = "AGENTD_NODE_NAME")]
+    node_name: Option<String>,
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `agentd=debug`).
+    #[arg(long, env = "AGENTD_LOG", value_name = "FILTER")]
+    log: Option<String>,
+    /// Log format when not running under journald.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Print the effective configuration (file, environment and flags merged) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        state_dir: args.state_dir,
+        socket: args.socket,
+        metrics_addr: args.metrics_addr,
+        nvml_library: args.nvml_library,
+        log: args.log,
+        log_format: args.log_format,
+        node_name: args.node_name,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("agentd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agentd::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("agentd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,1 +1,133 @@
-fn main() {}
+//! `agentctl`: talks to the local agent over its Unix socket. One module per subcommand;
+//! `output` prints. Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 agent unreachable.
+
+mod jobs;
+mod output;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentd_api::{Client, ClientError};
+use clap::{Parser, Subcommand};
+
+pub use output::Format;
+
+#[derive(Debug, Parser)]
+#[command(name = "agentctl", version, about = "Control the local agentd GPU node agent")]
+struct Cli {
+    /// The agent's socket.
+    #[arg(long, global = true, env = agentd_api::SOCKET_ENV, default_value = agentd_api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One screen about this node: agent, CPU, memory, disks and every GPU.
+    Status,
+    /// The node's full inventory.
+    Node,
+    /// Submit a TrainingJob or Kubeflow TFJob manifest (YAML or JSON; `-` reads standard input).
+    Submit {
+        file: PathBuf,
+        /// Wait for the job to finish, showing its progress; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs.
+    Jobs {
+        #[arg(long)]
+        queue: Option<String>,
+        /// Queued, Placed, Starting, Running, Restarting, Succeeded, Failed or Cancelled.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One job: state, reason, replicas and events.
+    Job { name: String },
+    /// A replica's output (the first replica unless --replica says which).
+    Logs {
+        name: String,
+        /// For example worker-0.
+        #[arg(long)]
+        replica: Option<String>,
+        /// Keep printing until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel an active job (its gang is stopped); remove a finished one.
+    Cancel { name: String },
+    /// The queues, their limits and what is in them.
+    Queues,
+}
+
+/// How a command failed, which decides the exit code.
+pub enum Failure {
+    Request(String),
+    Unreachable(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Unreachable { socket, source } => Failure::Unreachable(format!(
+                "cannot reach the agent at {}: {source}\n\
+                 Is agentd running? Start it with `systemctl start agentd`, or run \
+                 `agentd --socket {}` yourself; point agentctl at another agent with --socket or {}.",
+                socket.display(),
+                socket.display(),
+                agentd_api::SOCKET_ENV
+            )),
+            other => Failure::Request(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Request(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("agentctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = Client::new(&cli.socket);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Status => status::status(&client, cli.output).await,
+            Command::Node => status::node(&client, cli.output).await,
+            Command::Submit { file, wait } => jobs::submit(&client, &file, wait, cli.output).await,
+            Command::Jobs { queue, state } => {
+                jobs::list(&client, queue.as_deref(), state.as_deref(), cli.output).await
+            }
+            Command::Job { name } => jobs::show(&client, &name, cli.output).await,
+            Command::Logs { name, replica, follow } => {
+                jobs::logs(&client, &name, replica.as_deref(), follow).await
+            }
+            Command::Cancel { name } => jobs::cancel(&client, &name, cli.output).await,
+            Command::Queues => jobs::queues(&client, cli.output).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Request(message)) => {
+            eprintln!("agentctl: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(message)) => {
+            eprintln!("agentctl: {message}");
+            ExitCode::from(3)
+        }
+    }
+}

@@ -1,1 +1,7 @@
-//! (to be filled in)
+//! Executors: how a placed gang's replicas are started and stopped. Standalone mode runs them as
+//! local processes (`local`); cluster mode will run them as pods. The core decides what to run;
+//! an executor only does it and reports how each replica ended.
+
+pub mod local;
+
+pub use local::{LaunchSpec, LocalExecutor, ReplicaExit};

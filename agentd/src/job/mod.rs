@@ -1,1 +1,348 @@
-//! (to be filled in)
+//! The job model: what a training job is, how it is read from a manifest and checked, and the
+//! rules that follow from it (replica names, `TF_CONFIG`, restart and success policies, the gang
+//! the scheduler is asked to place).
+//!
+//! A job arrives as a native `TrainingJob` (`agentd.io/v1alpha1`) or as a Kubeflow `TFJob`
+//! (`kubeflow.org/v1`, accepted unchanged) in YAML or JSON. Both become the same [`TrainingJob`];
+//! only [`SourceKind`] remembers which form it came in, so error paths can use the user's own
+//! field names (`replicaSpecs` or `tfReplicaSpecs`).
+//!
+//! This module is pure: no I/O, no clock, no processes. The executors and the API call into it.
+
+mod manifest;
+mod policy;
+mod quantity;
+mod tf_config;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
+
+pub use manifest::{parse, to_manifest};
+pub use policy::{
+    BACKOFF_BASE, BACKOFF_CAP, ExitOutcome, RestartDecision, backoff_delay, job_succeeded,
+    restart_decision,
+};
+pub use quantity::{
+    QuantityError, parse_cpu_milli, parse_gpu_count, parse_memory_bytes, replica_resources,
+};
+pub use tf_config::{CLUSTER_PORT, ClusterHosts, tf_config};
+pub use validate::{Target, validate, validate_for, validate_for_standalone};
+
+/// The name of the container that runs the training code, as in Kubeflow.
+pub const TRAINING_CONTAINER: &str = "tensorflow";
+
+/// The number of whole-gang restarts allowed when `runPolicy.backoffLimit` is not set.
+///
+/// Kubeflow treats a missing limit as "no limit"; a gang that fails forever would then hold its
+/// GPUs forever, so agentd bounds it. Set `backoffLimit` explicitly for more.
+pub const DEFAULT_BACKOFF_LIMIT: u32 = 3;
+
+/// A training job: a gang of replica groups, all placed and started together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingJob {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// The form the manifest came in; decides the field names used in error paths.
+    pub source: SourceKind,
+    pub spec: JobSpec,
+}
+
+/// Which manifest form a job was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SourceKind {
+    /// `apiVersion: agentd.io/v1alpha1`, `kind: TrainingJob`.
+    #[default]
+    TrainingJob,
+    /// `apiVersion: kubeflow.org/v1`, `kind: TFJob`.
+    TfJob,
+}
+
+impl SourceKind {
+    /// The key that holds the replica specs in this form.
+    pub fn replica_specs_key(self) -> &'static str {
+        match self {
+            Self::TrainingJob => "replicaSpecs",
+            Self::TfJob => "tfReplicaSpecs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobSpec {
+    /// The queue named by the job; `None` means the configured default queue.
+    pub queue: Option<String>,
+    pub priority: i32,
+    pub run_policy: RunPolicy,
+    pub success_policy: SuccessPolicy,
+    pub replica_specs: BTreeMap<ReplicaType, ReplicaSpec>,
+}
+
+/// How the job as a whole is run: restarts, deadlines, clean-up and gang size.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunPolicy {
+    /// Whole-gang restarts allowed; `None` means [`DEFAULT_BACKOFF_LIMIT`].
+    pub backoff_limit: Option<u32>,
+    /// The longest the job may run, counted from its first start.
+    pub active_deadline_seconds: Option<u64>,
+    /// The longest the job may wait to be placed before it fails.
+    pub schedule_timeout_seconds: Option<u64>,
+    /// How long a finished job is kept before it is deleted.
+    pub ttl_seconds_after_finished: Option<u64>,
+    /// Which replicas to stop when the job ends; `None` means Kubeflow's default, `Running`.
+    pub clean_pod_policy: Option<CleanPodPolicy>,
+    /// How many replicas must be placed together; `None` means all of them.
+    pub min_available: Option<u32>,
+    /// A Kubernetes PriorityClass name, passed on to pods in cluster mode.
+    pub priority_class: Option<String>,
+}
+
+impl RunPolicy {
+    /// The restart budget in force: the declared `backoffLimit` or [`DEFAULT_BACKOFF_LIMIT`].
+    pub fn effective_backoff_limit(&self) -> u32 {
+        self.backoff_limit.unwrap_or(DEFAULT_BACKOFF_LIMIT)
+    }
+}
+
+/// Kubeflow's `cleanPodPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum CleanPodPolicy {
+    All,
+    Running,
+    None,
+}
+
+/// When the job counts as succeeded.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum SuccessPolicy {
+    /// The chief (or master) succeeds; without one, worker 0 succeeds. Written `""`.
+    #[default]
+    #[serde(rename = "")]
+    Default,
+    /// Every worker succeeds (only when there is no chief or master, as in Kubeflow).
+    AllWorkers,
+}
+
+/// The role of a replica group. The order is the order replicas are listed, named and placed in.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum ReplicaType {
+    Chief,
+    Master,
+    #[serde(rename = "PS")]
+    Ps,
+    Worker,
+    Evaluator,
+}
+
+impl ReplicaType {
+    pub const ALL: [ReplicaType; 5] = [
+        ReplicaType::Chief,
+        ReplicaType::Master,
+        ReplicaType::Ps,
+        ReplicaType::Worker,
+        ReplicaType::Evaluator,
+    ];
+
+    /// The name used in manifests: `Chief`, `Master`, `PS`, `Worker`, `Evaluator`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chief => "Chief",
+            Self::Master => "Master",
+            Self::Ps => "PS",
+            Self::Worker => "Worker",
+            Self::Evaluator => "Evaluator",
+        }
+    }
+
+    /// The lower-case name TensorFlow uses in `TF_CONFIG` and agentd uses in replica names.
+    pub fn as_tf_key(self) -> &'static str {
+        match self {
+            Self::Chief => "chief",
+            Self::Master => "master",
+            Self::Ps => "ps",
+            Self::Worker => "worker",
+            Self::Evaluator => "evaluator",
+        }
+    }
+
+    /// Reads a manifest key in any letter case (`worker`, `WORKER`, `Worker`), as Kubeflow does.
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str().eq_ignore_ascii_case(key))
+    }
+
+    /// Chief and Master are the same role under two names.
+    pub fn is_chief_or_master(self) -> bool {
+        matches!(self, Self::Chief | Self::Master)
+    }
+}
+
+impl fmt::Display for ReplicaType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Restart policy of a replica group.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum RestartPolicy {
+    /// Kubeflow's default for TFJob replicas.
+    #[default]
+    Never,
+    OnFailure,
+    Always,
+    /// Exit codes 1–127 are permanent failures, 128–255 are retryable.
+    ExitCode,
+}
+
+/// One replica group: how many, how they restart, and the pod template they run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReplicaSpec {
+    pub replicas: u32,
+    pub restart_policy: RestartPolicy,
+    pub template: PodTemplateSpec,
+}
+
+impl ReplicaSpec {
+    /// The container that runs the training code: the one named `tensorflow`, or the only one.
+    pub fn training_container(&self) -> Option<&Container> {
+        let containers = &self.template.spec.as_ref()?.containers;
+        containers
+            .iter()
+            .find(|c| c.name == TRAINING_CONTAINER)
+            .or(match containers.as_slice() {
+                [only] => Some(only),
+                _ => None,
+            })
+    }
+}
+
+impl TrainingJob {
+    /// Total number of replicas over all groups.
+    pub fn total_replicas(&self) -> u32 {
+        self.spec
+            .replica_specs
+            .values()
+            .fold(0u32, |n, s| n.saturating_add(s.replicas))
+    }
+}
+
+/// One problem with a manifest: where it is and what is allowed there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// A path such as `spec.replicaSpecs.Worker.replicas`.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a manifest was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The bytes are not a YAML or JSON document at all.
+    #[error("the manifest is not valid YAML or JSON: {message}")]
+    Syntax { message: String },
+    /// The document is readable but wrong; every problem found, each with its field path.
+    #[error("{}", join_field_errors(.0))]
+    Invalid(Vec<FieldError>),
+}
+
+impl SpecError {
+    /// The field problems, empty for a syntax error.
+    pub fn field_errors(&self) -> &[FieldError] {
+        match self {
+            Self::Syntax { .. } => &[],
+            Self::Invalid(errors) => errors,
+        }
+    }
+}
+
+fn join_field_errors(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The name of one replica: `worker-0`, `ps-1`, `chief-0`.
+pub fn replica_name(replica_type: ReplicaType, index: u32) -> String {
+    format!("{}-{index}", replica_type.as_tf_key())
+}
+
+/// Every replica of the job, in order: chief/master, ps, worker, evaluator; by index within each.
+pub fn replica_names(job: &TrainingJob) -> Vec<(ReplicaType, u32)> {
+    job.spec
+        .replica_specs
+        .iter()
+        .flat_map(|(&t, spec)| (0..spec.replicas).map(move |i| (t, i)))
+        .collect()
+}
+
+/// What the scheduler is asked to place for this job. Call it on a validated job: a resource
+/// quantity that does not parse counts as zero here, and [`validate`] reports it.
+///
+/// The gang's queue is the job's `spec.queue`, empty when the job names none; the agent is
+/// expected to resolve the configured default queue into `spec.queue` when it admits the job.
+pub fn gang_request(job: &TrainingJob, submitted_at: f64) -> crate::sched::Gang {
+    let replicas = job
+        .spec
+        .replica_specs
+        .iter()
+        .flat_map(|(&t, spec)| {
+            let resources = replica_resources(spec).unwrap_or_default();
+            let node_selector = spec
+                .template
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_selector.clone())
+                .unwrap_or_default();
+            (0..spec.replicas).map(move |i| crate::sched::ReplicaRequest {
+                name: replica_name(t, i),
+                resources,
+                node_selector: node_selector.clone(),
+            })
+        })
+        .collect();
+    crate::sched::Gang {
+        id: job.name.clone(),
+        queue: job.spec.queue.clone().unwrap_or_default(),
+        priority: job.spec.priority,
+        submitted_at,
+        replicas,
+        min_available: job.spec.run_policy.min_available,
+        declared_runtime_s: job
+            .spec
+            .run_policy
+            .active_deadline_seconds
+            .map(|s| s as f64),
+    }
+}

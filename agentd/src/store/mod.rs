@@ -1,1 +1,397 @@
-//! (to be filled in)
+//! The embedded database: one SQLite file in the state directory, in WAL mode, with versioned
+//! migrations. It holds what must survive a restart: jobs and their transitions, events, and a
+//! bounded window of inventory samples. It is synchronous; the core loop owns the one connection.
+
+mod migrations;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create state directory {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open database {}: {source}; check that the state directory is writable by the agent and the file is an agentd database (move it away to start afresh)", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("another agent is using the state directory {}; stop it first or give this one another --state-dir", path.display())]
+    Locked { path: PathBuf },
+    #[error("database {} was written by a newer agentd (schema version {found}, this agent knows up to {known}); upgrade agentd or move the file away", path.display())]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("database {}: {source}", path.display())]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("stored record {what} is unreadable: {message}")]
+    Corrupt { what: String, message: String },
+}
+
+/// Something that happened to a node or a job, with a reason class and a human message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: i64,
+    /// Seconds since the Unix epoch.
+    pub time: f64,
+    /// `node` or `job`.
+    pub kind: String,
+    pub object: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// One change to the jobs table.
+#[derive(Debug, Clone)]
+pub enum JobWrite {
+    Upsert { name: String, manifest: String, status: String, time: f64 },
+    /// Removes the job and its events.
+    Delete { name: String },
+}
+
+/// An event to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub time: f64,
+    pub kind: &'static str,
+    pub object: String,
+    pub reason: String,
+    pub message: String,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    /// Held for the life of the store: one agent per state directory.
+    _lock: std::fs::File,
+}
+
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = state_dir.join("agentd.lock");
+    let io = |source: std::io::Error| StoreError::StateDir { path: path.clone(), source };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StoreError::Locked { path: state_dir.to_owned() })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `state_dir` and brings its schema up to date.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        fs_err::create_dir_all(state_dir).map_err(|source| StoreError::StateDir {
+            path: state_dir.to_owned(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        })?;
+        let lock = lock_state_dir(state_dir)?;
+        let path = state_dir.join("agentd.db");
+        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(open_err)?;
+        // A corrupt or foreign file fails here, on the first read, rather than later.
+        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        // FULL: an acknowledged job survives power loss too, not only a crash of the agent.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        let mut store = Self { conn, path, _lock: lock };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sql { path: self.path.clone(), source }
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let version: i64 =
+            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(open_err)?;
+        let known = migrations::ALL.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew { path, found: version, known });
+        }
+        for (i, sql) in migrations::ALL.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction().map_err(open_err)?;
+            tx.execute_batch(sql).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(open_err)?;
+            tx.commit().map_err(open_err)?;
+        }
+        Ok(())
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(self.sql())
+    }
+
+    pub fn add_event(
+        &self,
+        time: f64,
+        kind: &str,
+        object: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<i64, StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO events (time, kind, object, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![time, kind, object, reason, message],
+            )
+            .map_err(self.sql())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Events in order, optionally only those of one object, only those after `after_id`.
+    pub fn events(
+        &self,
+        kind: Option<&str>,
+        object: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, time, kind, object, reason, message FROM events
+                 WHERE id > ?1 AND (?2 IS NULL OR kind = ?2) AND (?3 IS NULL OR object = ?3)
+                 ORDER BY id LIMIT ?4",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map(params![after_id, kind, object, limit], |r| {
+                Ok(Event {
+                    id: r.get(0)?,
+                    time: r.get(1)?,
+                    kind: r.get(2)?,
+                    object: r.get(3)?,
+                    reason: r.get(4)?,
+                    message: r.get(5)?,
+                })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// Keeps one inventory sample (JSON) and forgets samples older than `retention`.
+    pub fn add_inventory_sample(
+        &self,
+        time: f64,
+        sample_json: &str,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute("INSERT INTO inventory_samples (time, sample) VALUES (?1, ?2)", params![
+                time,
+                sample_json
+            ])
+            .map_err(self.sql())?;
+        self.conn
+            .execute("DELETE FROM inventory_samples WHERE time < ?1", params![
+                time - retention.as_secs_f64()
+            ])
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// The number of inventory samples kept and the time of the oldest.
+    pub fn inventory_window(&self) -> Result<(u64, Option<f64>), StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*), MIN(time) FROM inventory_samples", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })
+            .map_err(self.sql())
+    }
+
+    /// Writes job changes and new events in one transaction: all of them are durable when this
+    /// returns, or none are.
+    pub fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (name, manifest, status, updated) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(name) DO UPDATE SET status = excluded.status, updated = excluded.updated",
+                )
+                .map_err(sql)?;
+            let mut delete = tx.prepare_cached("DELETE FROM jobs WHERE name = ?1").map_err(sql)?;
+            let mut delete_events =
+                tx.prepare_cached("DELETE FROM events WHERE kind = 'job' AND object = ?1").map_err(sql)?;
+            for write in jobs {
+                match write {
+                    JobWrite::Upsert { name, manifest, status, time } => {
+                        upsert.execute(params![name, manifest, status, time]).map_err(sql)?;
+                    }
+                    JobWrite::Delete { name } => {
+                        delete.execute(params![name]).map_err(sql)?;
+                        delete_events.execute(params![name]).map_err(sql)?;
+                    }
+                }
+            }
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (time, kind, object, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sql)?;
+            for e in events {
+                insert.execute(params![e.time, e.kind, e.object, e.reason, e.message]).map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Every stored job: (name, manifest, status JSON).
+    pub fn jobs(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut stmt =
+            self.conn.prepare("SELECT name, manifest, status FROM jobs ORDER BY name").map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// A value kept across restarts, such as the last pid set of running replicas.
+    pub fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))
+            .optional()
+            .map_err(self.sql())
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Checkpoints the WAL into the main file; called on a clean shutdown.
+    pub fn close(self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        self.conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(|source| StoreError::Sql { path: path.clone(), source })?;
+        self.conn.close().map_err(|(_, source)| StoreError::Sql { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopening_keeps_events_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.add_event(1.0, "node", "n1", "GpuUnhealthy", "GPU 3 unhealthy: XID 79").unwrap();
+        store.close().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), migrations::ALL.len() as i64);
+        let events = store.events(Some("node"), None, 0, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].message, "GPU 3 unhealthy: XID 79");
+    }
+
+    #[test]
+    fn inventory_samples_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for t in 0..100 {
+            store.add_inventory_sample(f64::from(t), "{}", Duration::from_secs(10)).unwrap();
+        }
+        let (count, oldest) = store.inventory_window().unwrap();
+        assert_eq!(count, 11);
+        assert_eq!(oldest, Some(89.0));
+    }
+
+    #[test]
+    fn corrupt_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("agentd.db"), vec![b'x'; 8192]).unwrap();
+        let err = Store::open(dir.path()).err().expect("corrupt file must not open").to_string();
+        assert!(err.contains("agentd.db"), "{err}");
+        assert!(err.contains("move it away"), "{err}");
+    }
+
+    #[test]
+    fn job_batches_are_atomic_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let upsert = |name: &str, status: &str| JobWrite::Upsert {
+            name: name.into(),
+            manifest: "kind: TrainingJob".into(),
+            status: status.into(),
+            time: 1.0,
+        };
+        let event = |object: &str| NewEvent {
+            time: 1.0,
+            kind: "job",
+            object: object.into(),
+            reason: "Submitted".into(),
+            message: "m".into(),
+        };
+        store.write_batch(&[upsert("a", "{}"), upsert("b", "{}")], &[event("a"), event("b")]).unwrap();
+        store.write_batch(&[upsert("a", "{\"x\":1}"), JobWrite::Delete { name: "b".into() }], &[]).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let jobs = store.jobs().unwrap();
+        assert_eq!(jobs, vec![("a".into(), "kind: TrainingJob".into(), "{\"x\":1}".into())]);
+        assert_eq!(store.events(Some("job"), Some("b"), 0, 10).unwrap(), vec![], "events go with the job");
+        assert_eq!(store.events(Some("job"), Some("a"), 0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_agent_per_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("another agent is using the state directory"), "{err}");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("agentd.db")).unwrap();
+        conn.pragma_update(None, "user_version", 999).unwrap();
+        drop(conn);
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("newer agentd"), "{err}");
+    }
+
+    #[test]
+    fn unwritable_state_dir_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, "").unwrap();
+        let err = Store::open(&file.join("state")).err().unwrap().to_string();
+        assert!(err.contains("plain-file/state"), "{err}");
+    }
+}

@@ -1,0 +1,349 @@
+//! One job as the core keeps it: the parsed spec, the manifest as submitted, the status the API
+//! shows, and what the job holds now (its allocation and its process groups). The transitions
+//! are methods here; the core decides when to call them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
+use agentd_api::NodeInventory;
+
+use crate::exec::local::{self, LaunchSpec};
+use crate::job::{
+    self, ClusterHosts, ExitOutcome, FieldError, ReplicaType, RestartDecision, RestartPolicy,
+    SourceKind, SpecError, TrainingJob,
+};
+use crate::sched::{self, Assignment};
+
+/// Resources a generation of the gang holds until all its processes are gone.
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    pub generation: u32,
+    pub assignments: Vec<Assignment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobRecord {
+    pub job: TrainingJob,
+    pub manifest: String,
+    pub status: JobStatus,
+    /// When the job last entered the queue (submit or requeue): the schedule time-out counts
+    /// from here.
+    pub queued_since: f64,
+    /// When a restarting gang may be queued again.
+    pub restart_at: Option<f64>,
+    pub allocation: Option<Allocation>,
+}
+
+/// What one replica's end means for its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaVerdict {
+    /// The job is not running this generation any more (stopping, restarting, finished).
+    Ignored,
+    Succeeded { job_done: bool },
+    Restart { policy: RestartPolicy },
+    Fail { policy: RestartPolicy },
+}
+
+impl JobRecord {
+    pub fn new(job: TrainingJob, manifest: String, now: f64) -> Self {
+        let replicas = job::replica_names(&job)
+            .into_iter()
+            .map(|(t, i)| ReplicaStatus {
+                name: job::replica_name(t, i),
+                replica_type: t.as_tf_key().to_owned(),
+                index: i,
+                state: ReplicaState::Pending,
+                node: None,
+                gpus: Vec::new(),
+                gpu_indices: Vec::new(),
+                address: None,
+                pid: None,
+                exit_code: None,
+                signal: None,
+                started_at: None,
+                finished_at: None,
+            })
+            .collect();
+        let status = JobStatus {
+            name: job.name.clone(),
+            kind: match job.source {
+                SourceKind::TrainingJob => "TrainingJob",
+                SourceKind::TfJob => "TFJob",
+            }
+            .to_owned(),
+            queue: job.spec.queue.clone().unwrap_or_default(),
+            priority: job.spec.priority,
+            state: JobState::Queued,
+            reason: "Queued".to_owned(),
+            message: "waiting for the first scheduling pass".to_owned(),
+            submitted_at: now,
+            started_at: None,
+            finished_at: None,
+            restarts: 0,
+            backoff_limit: job.spec.run_policy.effective_backoff_limit(),
+            generation: 0,
+            replicas,
+            events: Vec::new(),
+        };
+        Self { job, manifest, status, queued_since: now, restart_at: None, allocation: None }
+    }
+
+    /// Rebuilds a record from what the store kept.
+    pub fn restore(job: TrainingJob, manifest: String, status: JobStatus) -> Self {
+        let queued_since = status.submitted_at;
+        Self { job, manifest, status, queued_since, restart_at: None, allocation: None }
+    }
+
+    pub fn is_active(&self) -> bool {
+        !self.status.state.is_finished()
+    }
+
+    /// Process groups that may still be running.
+    pub fn live_pgids(&self) -> Vec<u32> {
+        self.status
+            .replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Running)
+            .filter_map(|r| r.pid)
+            .collect()
+    }
+
+    pub fn allocated_gpus(&self) -> u32 {
+        self.allocation
+            .as_ref()
+            .map_or(0, |a| a.assignments.iter().map(|x| x.gpu_indices.len() as u32).sum())
+    }
+
+    pub fn running_gang(&self) -> Option<sched::RunningGang> {
+        let allocation = self.allocation.as_ref()?;
+        let deadline = self.job.spec.run_policy.active_deadline_seconds;
+        Some(sched::RunningGang {
+            id: self.status.name.clone(),
+            queue: self.status.queue.clone(),
+            assignments: allocation.assignments.clone(),
+            expected_end: match (self.status.started_at, deadline) {
+                (Some(start), Some(d)) => Some(start + d as f64),
+                _ => None,
+            },
+        })
+    }
+
+    pub fn queued_gang(&self) -> Option<sched::Gang> {
+        (self.status.state == JobState::Queued && self.allocation.is_none())
+            .then(|| job::gang_request(&self.job, self.status.submitted_at))
+    }
+
+    pub fn set_state(&mut self, state: JobState, reason: &str, message: &str) {
+        self.status.state = state;
+        reason.clone_into(&mut self.status.reason);
+        message.clone_into(&mut self.status.message);
+    }
+
+    /// Takes the placement: a new generation, every replica pending on its node and GPUs.
+    /// Returns a one-line summary for the event.
+    pub fn place(&mut self, placement: &sched::Placement, inventory: &NodeInventory, now: f64) -> String {
+        self.status.generation += 1;
+        self.restart_at = None;
+        self.allocation = Some(Allocation {
+            generation: self.status.generation,
+            assignments: placement.assignments.clone(),
+        });
+        let mut parts = Vec::new();
+        for a in &placement.assignments {
+            let Some(r) = self.status.replicas.iter_mut().find(|r| r.name == a.replica) else { continue };
+            r.state = ReplicaState::Pending;
+            r.node = Some(a.node.clone());
+            r.gpu_indices.clone_from(&a.gpu_indices);
+            r.gpus = a
+                .gpu_indices
+                .iter()
+                .filter_map(|i| inventory.gpus.iter().find(|g| g.index == *i).map(|g| g.uuid.clone()))
+                .collect();
+            r.pid = None;
+            r.exit_code = None;
+            r.signal = None;
+            r.started_at = None;
+            r.finished_at = None;
+            parts.push(if a.gpu_indices.is_empty() {
+                format!("{} on {}", a.replica, a.node)
+            } else {
+                let gpus: Vec<String> = a.gpu_indices.iter().map(ToString::to_string).collect();
+                format!("{} on {} GPUs {}", a.replica, a.node, gpus.join(","))
+            });
+        }
+        if self.status.started_at.is_none() {
+            self.status.started_at = Some(now);
+        }
+        self.set_state(JobState::Placed, "Placed", "placed; starting replicas");
+        format!("generation {}: {}", self.status.generation, parts.join("; "))
+    }
+
+    /// The processes to start for the placed generation, each with its `TF_CONFIG` and GPUs.
+    pub fn launch_specs(&mut self, log_dir: &Path) -> Result<Vec<LaunchSpec>, String> {
+        let names = job::replica_names(&self.job);
+        let mut ports = Vec::with_capacity(names.len());
+        for &replica in &names {
+            ports.push((replica, local::free_port().map_err(|e| e.to_string())?));
+        }
+        let hosts = ClusterHosts::standalone(ports);
+        let mut specs = Vec::with_capacity(names.len());
+        for (t, i) in names {
+            let name = job::replica_name(t, i);
+            let spec = &self.job.spec.replica_specs[&t];
+            let container = spec
+                .training_container()
+                .ok_or_else(|| format!("{name}: no training container"))?;
+            let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
+            argv.extend(container.args.clone().unwrap_or_default());
+            let mut env: BTreeMap<String, String> = container
+                .env
+                .iter()
+                .flatten()
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .collect();
+            let status = self
+                .status
+                .replicas
+                .iter_mut()
+                .find(|r| r.name == name)
+                .ok_or_else(|| format!("{name}: not in the job's status"))?;
+            status.address = hosts.get(t, i).map(str::to_owned);
+            if let Some(tf_config) = job::tf_config(&self.job, &hosts, (t, i)) {
+                env.insert("TF_CONFIG".to_owned(), tf_config);
+            }
+            env.insert("CUDA_VISIBLE_DEVICES".to_owned(), status.gpus.join(","));
+            env.insert("AGENTD_JOB".to_owned(), self.status.name.clone());
+            env.insert("AGENTD_REPLICA".to_owned(), name.clone());
+            env.insert("AGENTD_GENERATION".to_owned(), self.status.generation.to_string());
+            specs.push(LaunchSpec {
+                job: self.status.name.clone(),
+                replica: name.clone(),
+                generation: self.status.generation,
+                argv,
+                env,
+                working_dir: container.working_dir.clone().map(Into::into),
+                log_path: log_dir.join(format!("{name}.log")),
+            });
+        }
+        Ok(specs)
+    }
+
+    pub fn replica_started(&mut self, name: &str, pid: u32, now: f64) {
+        if let Some(r) = self.status.replicas.iter_mut().find(|r| r.name == name) {
+            r.state = ReplicaState::Running;
+            r.pid = Some(pid);
+            r.started_at = Some(now);
+        }
+    }
+
+    /// Records a replica's end and says what it means for the job.
+    pub fn replica_ended(&mut self, name: &str, exit: ExitOutcome, now: f64) -> Option<ReplicaVerdict> {
+        let running = matches!(self.status.state, JobState::Running | JobState::Starting);
+        let (t, _) = parse_replica_name(name)?;
+        let policy = self.job.spec.replica_specs.get(&t)?.restart_policy;
+        let decision = job::restart_decision(policy, exit);
+        let r = self.status.replicas.iter_mut().find(|r| r.name == name)?;
+        r.exit_code = exit.code;
+        r.signal = exit.signal;
+        r.finished_at = Some(now);
+        r.state = if decision == RestartDecision::Success {
+            ReplicaState::Succeeded
+        } else if running {
+            ReplicaState::Failed
+        } else {
+            ReplicaState::Terminated
+        };
+        if !running {
+            return Some(ReplicaVerdict::Ignored);
+        }
+        Some(match decision {
+            RestartDecision::Success => {
+                let succeeded = self
+                    .status
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state == ReplicaState::Succeeded)
+                    .filter_map(|r| parse_replica_name(&r.name))
+                    .collect();
+                ReplicaVerdict::Succeeded { job_done: job::job_succeeded(&self.job, &succeeded) }
+            }
+            RestartDecision::Restart => ReplicaVerdict::Restart { policy },
+            RestartDecision::Fail => ReplicaVerdict::Fail { policy },
+        })
+    }
+
+    /// Starts a restart: counts it and returns the process groups to stop.
+    pub fn begin_restart(&mut self, reason: &str, message: &str, restart_at: f64) -> Vec<u32> {
+        self.status.restarts += 1;
+        self.restart_at = Some(restart_at);
+        self.set_state(JobState::Restarting, reason, message);
+        self.stop_replicas()
+    }
+
+    /// Ends the job; returns the process groups to stop.
+    pub fn finish(&mut self, state: JobState, reason: &str, message: &str, now: f64) -> Vec<u32> {
+        self.set_state(state, reason, message);
+        self.status.finished_at = Some(now);
+        self.restart_at = None;
+        let keep_running = self.job.spec.run_policy.clean_pod_policy == Some(job::CleanPodPolicy::None)
+            && state == JobState::Succeeded;
+        if keep_running { Vec::new() } else { self.stop_replicas() }
+    }
+
+    /// Marks running replicas terminated and returns their process groups.
+    fn stop_replicas(&mut self) -> Vec<u32> {
+        let pgids = self.live_pgids();
+        for r in &mut self.status.replicas {
+            if r.state == ReplicaState::Running {
+                r.state = ReplicaState::Terminated;
+            }
+        }
+        pgids
+    }
+
+    /// Frees the allocation once a generation's processes are all gone; true if it did.
+    pub fn release(&mut self, generation: u32) -> bool {
+        match &self.allocation {
+            Some(a) if a.generation == generation => {
+                self.allocation = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Puts a restarting gang back in the queue.
+    pub fn requeue(&mut self, now: f64) {
+        self.queued_since = now;
+        self.restart_at = None;
+        self.set_state(JobState::Queued, "Requeued", "waiting to be placed again");
+    }
+}
+
+/// `worker-3` → (Worker, 3).
+pub fn parse_replica_name(name: &str) -> Option<(ReplicaType, u32)> {
+    let (t, i) = name.rsplit_once('-')?;
+    Some((ReplicaType::from_key(t)?, i.parse().ok()?))
+}
+
+/// Standalone mode runs the container's command with literal environment values only: a value
+/// taken from a Secret, ConfigMap or field reference would need a cluster to resolve.
+pub fn check_standalone_env(job: &TrainingJob) -> Result<(), SpecError> {
+    let mut errors = Vec::new();
+    let specs_at = format!("spec.{}", job.source.replica_specs_key());
+    for (t, spec) in &job.spec.replica_specs {
+        let Some(pod) = spec.template.spec.as_ref() else { continue };
+        for (ci, container) in pod.containers.iter().enumerate() {
+            for (ei, env) in container.env.iter().flatten().enumerate() {
+                if env.value_from.is_some() {
+                    errors.push(FieldError::new(
+                        format!("{specs_at}.{t}.template.spec.containers[{ci}].env[{ei}].valueFrom"),
+                        "not supported in standalone mode, which has no cluster to resolve it; give a literal value",
+                    ));
+                }
+            }
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(SpecError::Invalid(errors)) }
+}

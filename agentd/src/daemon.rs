@@ -1,0 +1,150 @@
+//! Start-up and shutdown of the agent: each part is built from the configuration in its own
+//! span, in order (store, socket, inventory, API), and taken down in reverse on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::api::{self, AgentIdentity, ApiState};
+use crate::config::Config;
+use crate::core::Core;
+use crate::inventory::{self, Sampler};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Socket(#[from] api::socket::SocketError),
+    #[error(transparent)]
+    Host(#[from] inventory::HostError),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then shuts down cleanly.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signals = tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested; finishing in-flight requests");
+        let _ = stop_tx.send(true);
+    });
+    let result = run_until(config, stop_rx).await;
+    signals.abort();
+    result
+}
+
+/// Runs the agent until `stop` turns true. Tests drive this directly.
+pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let node_name = config.node_name();
+
+    let listener = {
+        let _span = tracing::info_span!("api", socket = %config.socket.display()).entered();
+        let listener = api::socket::bind(&config.socket)?;
+        listener.set_nonblocking(true).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+        tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| DaemonError::Runtime(e.to_string()))?
+    };
+
+    let store = {
+        let _span = tracing::info_span!("store", path = %config.database_path().display()).entered();
+        match Store::open(&config.state_dir) {
+            Ok(store) => store,
+            Err(e) => {
+                let _ = std::fs::remove_file(&config.socket);
+                return Err(e.into());
+            }
+        }
+    };
+    tracing::info!("database open");
+
+    let (inventory_tx, inventory_rx) = watch::channel(Arc::default());
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let span = tracing::info_span!("inventory", interval = ?config.inventory.interval);
+    let nvml_library = Some(config.inventory.nvml_library.as_str())
+        .filter(|l| !l.is_empty())
+        .map(std::path::PathBuf::from);
+    let mut sampler = span.in_scope(|| {
+        Sampler::open(node_name.clone(), nvml_library.as_deref(), config.inventory.gpu_recovery_quiet)
+    })?;
+    let (sampler, (first, first_changes)) = tokio::task::spawn_blocking(move || {
+        let first = sampler.sample();
+        (sampler, first)
+    })
+    .await
+    .map_err(|e| DaemonError::Runtime(format!("first inventory reading failed: {e}")))?;
+    span.in_scope(|| {
+        tracing::info!(
+            node = %first.name,
+            cores = first.cpu.logical_cores,
+            memory_bytes = first.memory.total_bytes,
+            gpus = first.gpus.len(),
+            "first inventory"
+        );
+    });
+    inventory_tx.send_replace(Arc::new(first));
+    for change in first_changes {
+        let _ = health_tx.send(change);
+    }
+    let refresh = tokio::spawn(
+        inventory::refresh(sampler, config.inventory.interval, inventory_tx, health_tx, stop.clone())
+            .instrument(span),
+    );
+
+    let (core, core_handle, core_inputs) = {
+        let _span = tracing::info_span!("core").entered();
+        Core::open(&config, node_name.clone(), store, inventory_rx.clone(), health_rx)
+            .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
+    };
+    let core = tokio::spawn(core.run(core_inputs, stop.clone()).instrument(tracing::info_span!("core")));
+
+    let state = ApiState {
+        agent: Arc::new(AgentIdentity {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: "standalone".to_owned(),
+            pid: std::process::id(),
+            started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            started,
+            state_dir: config.state_dir.display().to_string(),
+            socket: config.socket.display().to_string(),
+        }),
+        inventory: inventory_rx,
+        ready: ready_rx,
+        core: core_handle,
+    };
+    let server = tokio::spawn(
+        api::serve(listener, state, stop.clone())
+            .instrument(tracing::info_span!("api", socket = %config.socket.display())),
+    );
+    ready_tx.send_replace(true);
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "agent ready");
+
+    let _ = server.await;
+    let _ = refresh.await;
+    let store = core.await.map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket");
+    }
+    store.close()?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

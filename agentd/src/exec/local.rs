@@ -1,0 +1,392 @@
+//! Replicas as local processes. Each replica is a child in its own process group (so a stop
+//! reaches everything it started), with its output in a size-bounded log file, and dies with
+//! the agent (`PR_SET_PDEATHSIG`). Process group ids are recorded by the core so that an agent
+//! that was killed can, on its next start, stop whatever its replicas left behind.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::job::ExitOutcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot start replica {replica} of job {job}: {program:?}: {source}")]
+    Spawn {
+        job: String,
+        replica: String,
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open log file {}: {source}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free local port: {0}")]
+    Port(std::io::Error),
+}
+
+/// Everything needed to start one replica.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub job: String,
+    pub replica: String,
+    pub generation: u32,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+    pub log_path: PathBuf,
+}
+
+/// How a replica of a generation ended.
+#[derive(Debug, Clone)]
+pub struct ReplicaExit {
+    pub job: String,
+    pub replica: String,
+    pub generation: u32,
+    pub outcome: ExitOutcome,
+}
+
+/// Starts replicas and reports their ends on a channel.
+#[derive(Clone)]
+pub struct LocalExecutor {
+    exits: mpsc::UnboundedSender<ReplicaExit>,
+    log_max_bytes: u64,
+}
+
+impl LocalExecutor {
+    pub fn new(exits: mpsc::UnboundedSender<ReplicaExit>, log_max_bytes: u64) -> Self {
+        Self { exits, log_max_bytes }
+    }
+
+    /// Starts one replica; returns its pid (which is also its process group id).
+    pub fn start(&self, spec: LaunchSpec) -> Result<u32, ExecError> {
+        let spawn_err = |source| ExecError::Spawn {
+            job: spec.job.clone(),
+            replica: spec.replica.clone(),
+            program: spec.argv.first().cloned().unwrap_or_default(),
+            source,
+        };
+        let Some((program, args)) = spec.argv.split_first() else {
+            return Err(spawn_err(std::io::Error::other("the command is empty")));
+        };
+        if let Some(parent) = spec.log_path.parent() {
+            fs_err::create_dir_all(parent).map_err(|e| ExecError::Log {
+                path: parent.to_owned(),
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            })?;
+        }
+        let mut log = LogFile::open(&spec.log_path, self.log_max_bytes)?;
+        log.write_marker(&format!(
+            "agentd: {} generation {} starting: {}",
+            spec.replica,
+            spec.generation,
+            spec.argv.join(" ")
+        ));
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .envs(inherited_env())
+            .envs(&spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(dir) = &spec.working_dir {
+            command.current_dir(dir);
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(spawn_err)?;
+        let pid = child.id().unwrap_or_default();
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+            let pumps = [
+                stdout.map(|s| tokio::spawn(pump(s, tx.clone()))),
+                stderr.map(|s| tokio::spawn(pump(s, tx.clone()))),
+            ];
+            drop(tx);
+            let writer = tokio::task::spawn_blocking(move || {
+                while let Some(chunk) = rx.blocking_recv() {
+                    log.write(&chunk);
+                }
+                log
+            });
+            let status = child.wait().await;
+            for pump in pumps.into_iter().flatten() {
+                let _ = pump.await;
+            }
+            let outcome = match status {
+                Ok(status) => ExitOutcome {
+                    code: status.code(),
+                    signal: status.signal(),
+                    oom_killed: false,
+                },
+                Err(_) => ExitOutcome::default(),
+            };
+            if let Ok(mut log) = writer.await {
+                log.write_marker(&format!(
+                    "agentd: {} generation {} ended: {}",
+                    spec.replica,
+                    spec.generation,
+                    describe(outcome)
+                ));
+            }
+            let _ = exits.send(ReplicaExit {
+                job: spec.job,
+                replica: spec.replica,
+                generation: spec.generation,
+                outcome,
+            });
+        });
+        Ok(pid)
+    }
+}
+
+/// A short human description of how a process ended.
+pub fn describe(outcome: ExitOutcome) -> String {
+    match (outcome.code, outcome.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => {
+            let name = Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+            format!("killed by {name}")
+        }
+        (None, None) => "lost".to_owned(),
+    }
+}
+
+/// The agent's own environment that replicas keep: what a login shell would give them.
+fn inherited_env() -> impl Iterator<Item = (String, String)> {
+    const KEEP: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV"];
+    std::env::vars().filter(|(k, _)| KEEP.contains(&k.as_str()))
+}
+
+async fn pump(mut source: impl tokio::io::AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match source.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send(buf[..n].to_vec()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A replica's log: `NAME.log`, and when it passes half the limit it moves to `NAME.log.1`
+/// (replacing the older one), so a replica never uses more than the limit on disk.
+pub struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    written: u64,
+    half: u64,
+}
+
+impl LogFile {
+    pub fn open(path: &Path, max_bytes: u64) -> Result<Self, ExecError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| ExecError::Log { path: path.to_owned(), source })?;
+        let written = file.metadata().map_or(0, |m| m.len());
+        Ok(Self { path: path.to_owned(), file, written, half: (max_bytes / 2).max(1) })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        if self.written + bytes.len() as u64 > self.half && self.written > 0 {
+            self.rotate();
+        }
+        // A full disk loses log lines, never the replica.
+        if self.file.write_all(bytes).is_ok() {
+            self.written += bytes.len() as u64;
+        }
+    }
+
+    fn write_marker(&mut self, line: &str) {
+        self.write(format!("--- {line} ---\n").as_bytes());
+    }
+
+    fn rotate(&mut self) {
+        let old = rotated_path(&self.path);
+        if std::fs::rename(&self.path, &old).is_err() {
+            return;
+        }
+        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+            self.file = file;
+            self.written = 0;
+        }
+    }
+}
+
+/// Where the older half of a log lives.
+pub fn rotated_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// Sends `signal` to a replica's whole process group. A group that is already gone is fine.
+pub fn signal_group(pgid: u32, signal: Signal) {
+    if pgid > 1 {
+        let _ = killpg(Pid::from_raw(pgid as i32), signal);
+    }
+}
+
+/// Whether any process of the group is still alive. Zombies do not count: a grandchild whose
+/// parent died is reparented, and its new parent may be slow to reap it.
+pub fn group_alive(pgid: u32) -> bool {
+    if pgid <= 1 || killpg(Pid::from_raw(pgid as i32), None).is_err() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else { return true };
+    entries.flatten().any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { return false };
+        // The command name may hold spaces and parentheses; the fields after its last ')' do not.
+        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let _ppid = fields.next();
+        let pgrp = fields.next().and_then(|f| f.parse::<u32>().ok());
+        pgrp == Some(pgid) && state != Some("Z")
+    })
+}
+
+/// Kills, after an agent crash, the processes of process group `pgid` that belong to `job`
+/// (their environment names it): a recycled group id of someone else's is left alone.
+/// Returns how many processes were killed.
+pub fn kill_leftovers(pgid: u32, job: &str) -> usize {
+    let marker = format!("AGENTD_JOB={job}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let pgrp = rest.split_whitespace().nth(2).and_then(|f| f.parse::<u32>().ok());
+        if pgrp != Some(pgid) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
+/// Stops process groups: SIGTERM now, SIGKILL to whatever is left after `grace`.
+pub async fn stop_groups(pgids: Vec<u32>, grace: Duration) {
+    for &pgid in &pgids {
+        signal_group(pgid, Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while pgids.iter().any(|&g| group_alive(g)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for &pgid in &pgids {
+        if group_alive(pgid) {
+            signal_group(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Picks a free TCP port on localhost for a replica to listen on. The port is checked free by
+/// binding it, and released just before the replica starts.
+pub fn free_port() -> Result<u16, ExecError> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(ExecError::Port)?;
+    listener.local_addr().map(|a| a.port()).map_err(ExecError::Port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker-0.log");
+        let mut log = LogFile::open(&path, 8192).unwrap();
+        for _ in 0..1000 {
+            log.write(&[b'x'; 100]);
+        }
+        let total = std::fs::metadata(&path).unwrap().len()
+            + std::fs::metadata(rotated_path(&path)).unwrap().len();
+        assert!(total <= 8192, "{total}");
+        assert!(total >= 4096, "{total}");
+    }
+
+    #[tokio::test]
+    async fn runs_a_replica_and_reports_its_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = LocalExecutor::new(tx, 1 << 20);
+        let log_path = dir.path().join("logs/j/worker-0.log");
+        let pid = executor
+            .start(LaunchSpec {
+                job: "j".into(),
+                replica: "worker-0".into(),
+                generation: 1,
+                argv: vec!["sh".into(), "-c".into(), "echo hello $GREETING; exit 3".into()],
+                env: BTreeMap::from([("GREETING".into(), "world".into())]),
+                working_dir: None,
+                log_path: log_path.clone(),
+            })
+            .unwrap();
+        assert!(pid > 1);
+        let exit = rx.recv().await.unwrap();
+        assert_eq!(exit.outcome.code, Some(3));
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains("hello world"), "{log}");
+        assert!(log.contains("ended: exit code 3"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn stopping_a_group_reaches_grandchildren() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = LocalExecutor::new(tx, 1 << 20);
+        let pid = executor
+            .start(LaunchSpec {
+                job: "j".into(),
+                replica: "ps-0".into(),
+                generation: 1,
+                // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
+                argv: vec!["sh".into(), "-c".into(), "trap '' TERM; sleep 300 & wait".into()],
+                env: BTreeMap::new(),
+                working_dir: None,
+                log_path: dir.path().join("ps-0.log"),
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop_groups(vec![pid], Duration::from_millis(300)).await;
+        let exit = rx.recv().await.unwrap();
+        assert_eq!(exit.outcome.signal, Some(9));
+        assert!(!group_alive(pid), "nothing of the group is left");
+    }
+}

@@ -1,0 +1,215 @@
+//! The rules that decide what happens when replicas end: restart or fail (per restart policy),
+//! whether the job has succeeded (per success policy), and how long to wait before a restart.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::{ReplicaType, RestartPolicy, SuccessPolicy, TrainingJob};
+
+/// How a replica's process (or container) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitOutcome {
+    /// The exit status, when it exited on its own.
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    pub signal: Option<i32>,
+    /// The kernel's (or kubelet's) OOM killer ended it.
+    pub oom_killed: bool,
+}
+
+impl ExitOutcome {
+    pub fn exited(code: i32) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::default()
+        }
+    }
+
+    pub fn signalled(signal: i32) -> Self {
+        Self {
+            signal: Some(signal),
+            ..Self::default()
+        }
+    }
+
+    pub fn oom() -> Self {
+        Self {
+            signal: Some(9),
+            oom_killed: true,
+            ..Self::default()
+        }
+    }
+
+    /// The exit code as a shell reports it: a signal `s` is `128 + s`.
+    pub fn effective_code(&self) -> Option<i32> {
+        self.code.or(self.signal.map(|s| 128 + s))
+    }
+}
+
+/// What to do about one replica that ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartDecision {
+    /// It finished its work (exit 0).
+    Success,
+    /// Restart the whole gang (counted against `backoffLimit`).
+    Restart,
+    /// A permanent failure: the job fails.
+    Fail,
+}
+
+/// Decides what one replica's end means under its group's restart policy.
+///
+/// - Exit 0 is success under every policy: a replica that finished is not run again.
+/// - `Never`: any failure fails the job.
+/// - `OnFailure`: failures restart, except OOM, which would recur with the same memory.
+/// - `Always`: every failure restarts, OOM included.
+/// - `ExitCode` (Kubeflow's rule): codes 1–127 are the program's own verdict and permanent;
+///   128–255 (killed by a signal, e.g. preempted or SIGKILLed) are retryable; OOM is permanent.
+///
+/// An end with neither code nor signal (the process was lost) counts as retryable, since nothing
+/// says the program itself failed.
+pub fn restart_decision(policy: RestartPolicy, exit: ExitOutcome) -> RestartDecision {
+    let code = exit.effective_code();
+    if code == Some(0) && !exit.oom_killed {
+        return RestartDecision::Success;
+    }
+    let retry_if = |retryable: bool| {
+        if retryable {
+            RestartDecision::Restart
+        } else {
+            RestartDecision::Fail
+        }
+    };
+    match policy {
+        RestartPolicy::Never => RestartDecision::Fail,
+        RestartPolicy::Always => RestartDecision::Restart,
+        RestartPolicy::OnFailure => retry_if(!exit.oom_killed),
+        RestartPolicy::ExitCode => {
+            retry_if(!exit.oom_killed && code.is_none_or(|c| !(1..=127).contains(&c)))
+        }
+    }
+}
+
+/// Has the job succeeded, given the replicas that have succeeded so far?
+///
+/// Kubeflow's rule: with a chief (or master), the job succeeds when it does, whatever the success
+/// policy; without one, `""` needs worker 0 and `AllWorkers` needs every worker.
+pub fn job_succeeded(job: &TrainingJob, succeeded: &BTreeSet<(ReplicaType, u32)>) -> bool {
+    let specs = &job.spec.replica_specs;
+    let all_of = |t: ReplicaType| {
+        specs
+            .get(&t)
+            .is_some_and(|s| s.replicas > 0 && (0..s.replicas).all(|i| succeeded.contains(&(t, i))))
+    };
+    if let Some(chief) = [ReplicaType::Chief, ReplicaType::Master]
+        .into_iter()
+        .find(|t| specs.contains_key(t))
+    {
+        return all_of(chief);
+    }
+    match job.spec.success_policy {
+        SuccessPolicy::AllWorkers => all_of(ReplicaType::Worker),
+        SuccessPolicy::Default => {
+            specs.contains_key(&ReplicaType::Worker)
+                && succeeded.contains(&(ReplicaType::Worker, 0))
+        }
+    }
+}
+
+/// The wait before the first restart.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
+/// The longest wait between restarts.
+pub const BACKOFF_CAP: Duration = Duration::from_mins(5);
+
+/// How long to wait before the next restart of a gang that has restarted `restarts` times so far:
+/// 10 s, doubled with each restart, at most 5 minutes (the kubelet's crash-loop back-off).
+pub fn backoff_delay(restarts: u32) -> Duration {
+    let factor = 1u32.checked_shl(restarts).unwrap_or(u32::MAX);
+    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_CAP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RestartDecision::{Fail, Restart, Success};
+    use RestartPolicy::{Always, ExitCode, Never, OnFailure};
+
+    #[test]
+    fn exit_zero_is_success_under_every_policy() {
+        for p in [Never, OnFailure, Always, ExitCode] {
+            assert_eq!(
+                restart_decision(p, ExitOutcome::exited(0)),
+                Success,
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn never_fails_on_any_failure() {
+        for exit in [
+            ExitOutcome::exited(1),
+            ExitOutcome::exited(137),
+            ExitOutcome::signalled(15),
+            ExitOutcome::oom(),
+            ExitOutcome::default(),
+        ] {
+            assert_eq!(restart_decision(Never, exit), Fail, "{exit:?}");
+        }
+    }
+
+    #[test]
+    fn on_failure_restarts_except_after_oom() {
+        assert_eq!(restart_decision(OnFailure, ExitOutcome::exited(1)), Restart);
+        assert_eq!(
+            restart_decision(OnFailure, ExitOutcome::signalled(9)),
+            Restart
+        );
+        assert_eq!(restart_decision(OnFailure, ExitOutcome::oom()), Fail);
+    }
+
+    #[test]
+    fn always_restarts_even_after_oom() {
+        assert_eq!(restart_decision(Always, ExitOutcome::exited(2)), Restart);
+        assert_eq!(restart_decision(Always, ExitOutcome::oom()), Restart);
+    }
+
+    #[test]
+    fn exit_code_rule_splits_at_128() {
+        for code in [1, 2, 126, 127] {
+            assert_eq!(
+                restart_decision(ExitCode, ExitOutcome::exited(code)),
+                Fail,
+                "{code}"
+            );
+        }
+        for code in [128, 130, 137, 143, 255] {
+            assert_eq!(
+                restart_decision(ExitCode, ExitOutcome::exited(code)),
+                Restart,
+                "{code}"
+            );
+        }
+        // Killed by SIGTERM: 143, retryable.
+        assert_eq!(
+            restart_decision(ExitCode, ExitOutcome::signalled(15)),
+            Restart
+        );
+        // OOM is permanent even though its code (137) is in the retryable range.
+        let oom_137 = ExitOutcome {
+            code: Some(137),
+            signal: None,
+            oom_killed: true,
+        };
+        assert_eq!(restart_decision(ExitCode, oom_137), Fail);
+        assert_eq!(restart_decision(ExitCode, ExitOutcome::default()), Restart);
+    }
+
+    #[test]
+    fn backoff_doubles_from_ten_seconds_to_five_minutes() {
+        let secs: Vec<u64> = (0..8).map(|r| backoff_delay(r).as_secs()).collect();
+        assert_eq!(secs, [10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff_delay(u32::MAX), BACKOFF_CAP);
+        assert_eq!(backoff_delay(40), BACKOFF_CAP);
+    }
+}

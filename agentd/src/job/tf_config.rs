@@ -1,0 +1,123 @@
+//! `TF_CONFIG`: the environment variable that tells each TensorFlow process who its peers are
+//! and which one it is, in the exact form the Kubeflow TFJob operator writes it.
+//!
+//! The rules, as the operator applies them:
+//! - `{"cluster":{...},"task":{"type":...,"index":...},"environment":"cloud"}`, in that key
+//!   order, compact, with the cluster's replica types sorted by name (the operator marshals a Go
+//!   map, and Go sorts map keys).
+//! - Replica types in lower case (`chief`, `master`, `ps`, `worker`); each lists one `host:port`
+//!   per replica, by index.
+//! - The evaluator is not part of the training cluster (TensorFlow's rule for `RunConfig`): it is
+//!   left out of `cluster`, but its own task type is `evaluator`.
+//! - A job of a single replica in total gets no `TF_CONFIG`: it is local training, and
+//!   TensorFlow would otherwise try to start a one-task cluster server.
+//! - In a cluster, a replica's host is its headless Service,
+//!   `<job>-<type>-<index>.<namespace>.svc[.<cluster domain>]`, on port 2222.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{ReplicaType, TrainingJob, replica_names};
+
+/// The port replicas listen on in cluster mode (Kubeflow's `tfjob-port`).
+pub const CLUSTER_PORT: u16 = 2222;
+
+/// Where each replica of a job can be reached: `host:port` by (type, index).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterHosts {
+    hosts: BTreeMap<(ReplicaType, u32), String>,
+}
+
+impl ClusterHosts {
+    /// Standalone mode: every replica on this machine, `localhost:<port>`, one port each.
+    pub fn standalone(ports: impl IntoIterator<Item = ((ReplicaType, u32), u16)>) -> Self {
+        Self {
+            hosts: ports
+                .into_iter()
+                .map(|(replica, port)| (replica, format!("localhost:{port}")))
+                .collect(),
+        }
+    }
+
+    /// Cluster mode: each replica behind its headless Service,
+    /// `<job>-<type>-<index>.<namespace>.svc[.<cluster_domain>]:<port>`. The namespace is the
+    /// job's, or `default`; an empty `cluster_domain` leaves the name ending in `.svc`, which the
+    /// cluster's DNS search path completes.
+    pub fn cluster(job: &TrainingJob, cluster_domain: &str, port: u16) -> Self {
+        let namespace = job.namespace.as_deref().unwrap_or("default");
+        let domain = if cluster_domain.is_empty() {
+            String::new()
+        } else {
+            format!(".{cluster_domain}")
+        };
+        Self {
+            hosts: replica_names(job)
+                .into_iter()
+                .map(|(t, i)| {
+                    let host = format!(
+                        "{}-{}-{i}.{namespace}.svc{domain}:{port}",
+                        job.name,
+                        t.as_tf_key()
+                    );
+                    ((t, i), host)
+                })
+                .collect(),
+        }
+    }
+
+    /// The `host:port` of one replica.
+    pub fn get(&self, replica_type: ReplicaType, index: u32) -> Option<&str> {
+        self.hosts.get(&(replica_type, index)).map(String::as_str)
+    }
+}
+
+#[derive(Serialize)]
+struct TfConfig<'a> {
+    cluster: BTreeMap<&'static str, Vec<&'a str>>,
+    task: Task,
+    environment: &'static str,
+}
+
+#[derive(Serialize)]
+struct Task {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+}
+
+/// The `TF_CONFIG` value for one replica, or `None` when it gets none: the job has a single
+/// replica in total, the replica is not part of the job, or `hosts` lacks a replica of the
+/// training cluster (which [`ClusterHosts::cluster`] never does).
+pub fn tf_config(
+    job: &TrainingJob,
+    hosts: &ClusterHosts,
+    replica: (ReplicaType, u32),
+) -> Option<String> {
+    if job.total_replicas() == 1 {
+        return None;
+    }
+    let (task_type, task_index) = replica;
+    if task_index >= job.spec.replica_specs.get(&task_type)?.replicas {
+        return None;
+    }
+    let mut cluster: BTreeMap<&'static str, Vec<&str>> = BTreeMap::new();
+    for (t, spec) in &job.spec.replica_specs {
+        if *t == ReplicaType::Evaluator {
+            continue;
+        }
+        let members = (0..spec.replicas)
+            .map(|i| hosts.get(*t, i))
+            .collect::<Option<Vec<_>>>()?;
+        cluster.insert(t.as_tf_key(), members);
+    }
+    let config = TfConfig {
+        cluster,
+        task: Task {
+            kind: task_type.as_tf_key(),
+            index: task_index,
+        },
+        environment: "cloud",
+    };
+    serde_json::to_string(&config).ok()
+}

@@ -1,0 +1,3 @@
+//! agentd's integration tests: one binary, one module per subsystem.
+
+mod gpu;

@@ -1,0 +1,3 @@
+//! End-to-end tests: the real `agentd` and `agentctl` binaries, run as a user would run them.
+
+mod agent;
