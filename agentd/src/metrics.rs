@@ -672,6 +672,63 @@ pub fn encode(registry: &Registry, format: Format) -> Result<String, std::fmt::E
     Ok(body)
 }
 
+/// The daemon's metrics endpoint, bound and running.
+#[derive(Debug)]
+pub struct Exporter {
+    /// The handle the core loop and API server report through.
+    pub metrics: Metrics,
+    /// Where it listens (the configured address, with the real port if that was 0).
+    pub addr: SocketAddr,
+    /// Ends after `stop` turns true and the scrapes in flight are answered.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds `addr` (so a taken port fails start-up, not some later scrape), registers the metrics,
+/// and serves them until `stop` turns true. Every inventory the refresh loop publishes on
+/// `inventory` is observed, so scrapes read the latest one and never call NVML.
+pub async fn start_exporter(
+    addr: SocketAddr,
+    mut inventory: tokio::sync::watch::Receiver<Arc<NodeInventory>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Exporter, MetricsError> {
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(MetricsError::LocalAddr)?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    metrics.observe_inventory(&inventory.borrow_and_update());
+
+    let observer = metrics.clone();
+    let mut observer_stop = stop.clone();
+    let task = tokio::spawn(async move {
+        let observe = async move {
+            loop {
+                tokio::select! {
+                    changed = inventory.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let latest = Arc::clone(&inventory.borrow_and_update());
+                        observer.observe_inventory(&latest);
+                    }
+                    _ = observer_stop.wait_for(|stop| *stop) => break,
+                }
+            }
+        };
+        let serve = serve_metrics_on(listener, Arc::new(registry), wait_for_stop(stop));
+        let ((), served) = tokio::join!(observe, serve);
+        if let Err(error) = served {
+            tracing::error!(%error, "metrics endpoint failed");
+        }
+    });
+    Ok(Exporter { metrics, addr, task })
+}
+
+async fn wait_for_stop(mut stop: tokio::sync::watch::Receiver<bool>) {
+    // A dropped sender means the agent is going away: stop too.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
 /// Serves `GET /metrics` on `addr` until `shutdown` completes, then finishes the scrapes in
 /// flight and returns.
 pub async fn serve_metrics(

@@ -10,8 +10,9 @@ use std::ffi::OsString;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
@@ -107,6 +108,28 @@ pub fn watchdog_ping() -> Result<(), SystemdError> {
 /// advises), or `None` when no watchdog is set for this process.
 pub fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|timeout| timeout / 2)
+}
+
+/// Pings the watchdog when half of `WatchdogSec=` has passed since the last ping; otherwise, and
+/// when there is no watchdog, does nothing. Call it on every turn of the core loop: the pings
+/// then stop exactly when the core stops turning, which is what the watchdog is for.
+pub fn watchdog_tick() {
+    static INTERVAL: OnceLock<Option<Duration>> = OnceLock::new();
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    /// Milliseconds after EPOCH of the last ping, plus one (0: never pinged).
+    static LAST_PING: AtomicU64 = AtomicU64::new(0);
+    let Some(interval) = *INTERVAL.get_or_init(watchdog_interval) else {
+        return;
+    };
+    let now = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+    let last = LAST_PING.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < interval.as_millis() as u64 {
+        return;
+    }
+    LAST_PING.store(now, Ordering::Relaxed);
+    if let Err(error) = watchdog_ping() {
+        tracing::warn!(%error, "cannot ping the systemd watchdog");
+    }
 }
 
 static LISTENER_TAKEN: AtomicBool = AtomicBool::new(false);

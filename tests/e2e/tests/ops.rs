@@ -23,7 +23,7 @@ use agentd_api::{GpuDriver, GpuInfo, NodeInventory};
 use prometheus_client::registry::Registry;
 
 // ---------------------------------------------------------------------------------------------
-// Helpers (kept here until the shared harness offers them).
+// Helpers.
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -517,23 +517,6 @@ fn indent(s: &str, prefix: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // systemd units.
 
-/// The agentd binary the workspace built (debug, else release), building it if neither exists.
-fn agentd_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| repo_root().join("target"), PathBuf::from);
-    for profile in ["debug", "release"] {
-        let binary = target.join(profile).join("agentd");
-        if binary.exists() {
-            return binary;
-        }
-    }
-    let out = run(Command::new(env!("CARGO"))
-        .args(["build", "-p", "agentd", "--bin", "agentd"])
-        .current_dir(repo_root()));
-    assert!(out.status.success(), "cannot build agentd:\n{}", text(&out));
-    target.join("debug/agentd")
-}
-
 /// Copies the units into `dir`, with ExecStart pointing at `binary` (verify insists that the
 /// program exists, and /usr/bin/agentd exists only once the package is installed).
 fn units_for_verify(dir: &Path, binary: &Path) -> (PathBuf, PathBuf) {
@@ -559,7 +542,7 @@ fn systemd_units_pass_verify() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (service, socket) = units_for_verify(dir.path(), &agentd_binary());
+    let (service, socket) = units_for_verify(dir.path(), &e2e::agentd_bin());
     // The man page exists only once the package is installed; the package test checks it.
     let out = run(Command::new("systemd-analyze")
         .arg("verify")
@@ -579,7 +562,7 @@ fn the_service_sandbox_rates_exposure_at_4_or_lower() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (service, _) = units_for_verify(dir.path(), &agentd_binary());
+    let (service, _) = units_for_verify(dir.path(), &e2e::agentd_bin());
     let out = run(Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&service));
@@ -708,4 +691,174 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
     assert_eq!(dpkg_status("agentd"), "");
     drop(installed);
     println!("deb: built in {:.0}s, whole test {:.0}s", built.as_secs_f64(), started.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The running agent.
+
+fn eight_fake_gpus() -> Vec<serde_json::Value> {
+    (0..8).map(e2e::fake_gpu).collect()
+}
+
+#[test]
+fn prometheus_scrapes_a_running_agent_with_fake_gpus() {
+    if !ensure_tool("prometheus", "prometheus") {
+        return;
+    }
+    let started = Instant::now();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = e2e::Agent::start(e2e::AgentOptions {
+        gpus: Some(eight_fake_gpus()),
+        env: vec![("AGENTD_METRICS_ADDR".into(), metrics.to_string())],
+        ..e2e::AgentOptions::default()
+    });
+
+    // What promtool thinks of the real agent's exposition.
+    let (status, body) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}\n{}", agent.log());
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(out.status.success() && text(&out).trim().is_empty(), "promtool check metrics:\n{}\n{body}", text(&out));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_prometheus, prometheus) = start_prometheus(metrics, dir.path());
+    let deadline = Instant::now() + Duration::from_mins(1);
+    assert_eq!(query_value(prometheus, r#"up{job="agentd"}"#, deadline), 1.0);
+    assert_eq!(query_value(prometheus, "agentd_up", deadline), 1.0);
+    assert_eq!(query_value(prometheus, "agentd_gpus", deadline), 8.0);
+    // Fake GPU 3: 33 °C, 75 W, 30% busy, as tests/e2e's fake_gpu(3) describes it.
+    let gpu3 = r#"gpu="3",uuid="GPU-00000000-0000-0000-0000-000000000003",model="NVIDIA H200""#;
+    assert_eq!(query_value(prometheus, &format!("agentd_gpu_temperature_celsius{{{gpu3}}}"), deadline), 33.0);
+    assert_eq!(query_value(prometheus, &format!("agentd_gpu_power_watts{{{gpu3}}}"), deadline), 75.0);
+    assert!((query_value(prometheus, &format!("agentd_gpu_utilization_ratio{{{gpu3}}}"), deadline) - 0.3).abs() < 1e-9);
+    assert_eq!(query_value(prometheus, "sum(agentd_gpu_healthy)", deadline), 8.0);
+    assert_eq!(
+        query_value(prometheus, r#"agentd_build_info{version="0.1.0"}"#, deadline),
+        1.0,
+        "the version is in agentd_build_info"
+    );
+    println!("agent + prometheus: {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// Collects what the agent sends to NOTIFY_SOCKET.
+struct NotifySocket {
+    path: PathBuf,
+    received: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&received);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends when the test process does; a read timeout just loops.
+            loop {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    sink.lock().unwrap().extend(message.lines().map(str::to_owned));
+                }
+            }
+        });
+        NotifySocket { path, received }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, line: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.lines().iter().any(|l| l == line) {
+            assert!(Instant::now() < deadline, "no {line} in {:?}", self.lines());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The agent as systemd runs it: the API socket bound by systemd and passed as fd 3
+/// (`systemd-socket-activate` does exactly what agentd.socket does), READY=1 on
+/// NOTIFY_SOCKET once it serves, watchdog pings from the core loop, STOPPING=1 on SIGTERM.
+#[test]
+fn socket_activation_readiness_watchdog_and_stopping_reach_systemd() {
+    if !ensure_tool("systemd-socket-activate", "systemd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentd.sock");
+    let notify = NotifySocket::bind(dir.path());
+    let gpus = dir.path().join("gpus.json");
+    e2e::write_fake_gpus(&gpus, &eight_fake_gpus());
+    let config = dir.path().join("agentd.toml");
+    fs_write(&config, "metrics_addr = \"off\"\n");
+    let log = std::fs::File::create(dir.path().join("agentd.log")).unwrap();
+    let child = Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&socket)
+        .arg(e2e::agentd_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env("AGENTD_NVML_LIBRARY", e2e::fake_nvml_lib())
+        .env("FAKE_NVML_CONFIG", &gpus)
+        .env_remove("AGENTD_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut activator = Running(child);
+    let agent_log = || std::fs::read_to_string(dir.path().join("agentd.log")).unwrap_or_default();
+
+    // The socket exists before the agent runs; the first connection starts it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "systemd-socket-activate did not bind {}", socket.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = run(Command::new(e2e::agentctl_bin()).arg("--socket").arg(&socket).args(["status", "-o", "json"]));
+    assert!(status.status.success(), "agentctl status over the inherited socket:\n{}\n{}", text(&status), agent_log());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["node"]["gpus"].as_array().map(Vec::len), Some(8));
+    assert!(agent_log().contains("using the API socket systemd passed in"), "{}", agent_log());
+
+    notify.wait_for("READY=1", Duration::from_secs(10));
+    // WatchdogSec=1s: the core loop pings every half second.
+    std::thread::sleep(Duration::from_secs(2));
+    let pings = notify.lines().iter().filter(|l| *l == "WATCHDOG=1").count();
+    assert!(pings >= 2, "only {pings} watchdog pings in 2s: {:?}", notify.lines());
+
+    // systemd-socket-activate execs the agent in place, so its pid is the agent's.
+    let pid = activator.0.id().to_string();
+    assert!(run(Command::new("kill").args(["-TERM", &pid])).status.success());
+    notify.wait_for("STOPPING=1", Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = activator.0.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "agent did not stop:\n{}", agent_log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "agent exited with {exit}:\n{}", agent_log());
+    let lines = notify.lines();
+    let ready = lines.iter().position(|l| l == "READY=1").unwrap();
+    let stopping = lines.iter().position(|l| l == "STOPPING=1").unwrap();
+    assert!(ready < stopping, "{lines:?}");
+    // The inherited socket belongs to systemd; the agent leaves it in place.
+    assert!(socket.exists(), "the agent removed the socket systemd owns");
 }
