@@ -79,6 +79,12 @@ pub struct JobsConfig {
     pub kill_grace: Duration,
     /// Each replica's log file is cut to its last half when it grows past this size.
     pub log_max_bytes: u64,
+    /// The wait before a gang's first restart; doubled with each further restart.
+    #[serde(with = "duration_text")]
+    pub restart_backoff: Duration,
+    /// The longest wait between restarts.
+    #[serde(with = "duration_text")]
+    pub restart_backoff_max: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +150,8 @@ impl Default for JobsConfig {
             default_queue: DEFAULT_QUEUE.to_owned(),
             kill_grace: DEFAULT_KILL_GRACE,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            restart_backoff: crate::job::BACKOFF_BASE,
+            restart_backoff_max: crate::job::BACKOFF_CAP,
         }
     }
 }

@@ -56,13 +56,20 @@ impl ErrorBody {
 
 impl std::fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.error.field {
-            Some(field) => write!(f, "{}: {}", field, self.error.message)?,
-            None => write!(f, "{}", self.error.message)?,
+        let e = &self.error;
+        if !e.details.is_empty() {
+            let count = e.details.len();
+            write!(f, "the job spec is invalid ({count} problem{}):", if count == 1 { "" } else { "s" })?;
+            for problem in &e.details {
+                write!(f, "\n  {}: {}", problem.field, problem.message)?;
+            }
+            return Ok(());
         }
-        for problem in &self.error.details {
-            write!(f, "\n  {}: {}", problem.field, problem.message)?;
+        match &e.field {
+            Some(field) if !e.message.starts_with(field.as_str()) => {
+                write!(f, "{field}: {}", e.message)
+            }
+            _ => f.write_str(&e.message),
         }
-        Ok(())
     }
 }

@@ -103,6 +103,7 @@ pub struct Core {
     queues: BTreeMap<String, QueueSettings>,
     default_queue: String,
     kill_grace: Duration,
+    backoff: (Duration, Duration),
     store: Store,
     executor: LocalExecutor,
     policy: Policy,
@@ -144,6 +145,7 @@ impl Core {
             queues: config.queues.clone(),
             default_queue: config.jobs.default_queue.clone(),
             kill_grace: config.jobs.kill_grace,
+            backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             store,
             executor: LocalExecutor::new(exits_tx, config.jobs.log_max_bytes),
             policy: Policy::agentd(),
@@ -594,7 +596,10 @@ impl Core {
             );
             return;
         }
-        let delay = job::backoff_delay(record.status.restarts);
+        // The job module's rule (doubling, capped), scaled to the configured base and cap.
+        let (base, cap) = self.backoff;
+        let factor = job::backoff_delay(record.status.restarts).as_secs_f64() / job::BACKOFF_BASE.as_secs_f64();
+        let delay = base.mul_f64(factor).min(cap);
         let pgids = record.begin_restart(reason, &message, unix_now() + delay.as_secs_f64());
         let generation = record.status.generation;
         let restarts = record.status.restarts;
@@ -603,7 +608,7 @@ impl Core {
         self.event(
             name,
             reason,
-            format!("{message}; restart {restarts} of {limit} in {} s", delay.as_secs()),
+            format!("{message}; restart {restarts} of {limit} in {:.1} s", delay.as_secs_f64()),
         );
     }
 

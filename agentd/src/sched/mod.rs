@@ -5,6 +5,34 @@
 
 use std::collections::BTreeMap;
 
+mod explain;
+mod free;
+mod pass;
+mod policy;
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use explain::never_fits;
+pub use free::MAX_GPUS_PER_NODE;
+pub use pass::schedule;
+pub use policy::{Backfill, Fit, Order, Policy, SchedError};
+
+/// The `reason` classes of [`Waiting`].
+pub mod reason {
+    /// No room now; the message says what it needs and what is free.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// The gang can never fit this cluster, even empty; the message says why.
+    pub const NEVER_FITS: &str = "NeverFits";
+    /// Its queue is at `max_running_jobs` or `max_gpus`.
+    pub const QUEUE_LIMIT: &str = "QueueLimit";
+    /// It fits now, but starting it would delay the gang that holds the reservation.
+    pub const RESERVED: &str = "Reserved";
+    /// It fits now, but a strict-FIFO policy keeps it behind the blocked head.
+    pub const BLOCKED: &str = "Blocked";
+}
+
 /// What one replica asks for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Resources {
@@ -123,4 +151,18 @@ pub struct Snapshot<'a> {
 pub struct Decision {
     pub placements: Vec<Placement>,
     pub waiting: Vec<Waiting>,
+    /// The resources held for the blocked head, if the policy reserves and one could be planned.
+    pub reservation: Option<Reservation>,
+}
+
+/// Resources held for the blocked head of the queue: where it will go, and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    pub gang: String,
+    /// When the head can start at the latest, from the running gangs' declared ends; `None` when
+    /// it waits on a gang that declared no run time.
+    pub start_at: Option<f64>,
+    /// Running gangs whose end the head waits for.
+    pub after: Vec<String>,
+    pub assignments: Vec<Assignment>,
 }

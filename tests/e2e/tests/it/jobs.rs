@@ -1,0 +1,299 @@
+//! Training jobs on one machine: validation, TF_CONFIG and GPUs, restart policies, deadlines,
+//! cancel, gang restarts, jobs that cannot fit, GPUs failing under a job, and agent crashes.
+
+use std::time::Duration;
+
+use e2e::{Agent, AgentOptions, fake_gpu, write_fake_gpus};
+use serde_json::Value;
+
+const FAST: &str = "[inventory]\ninterval = \"200ms\"\ngpu_recovery_quiet = \"60s\"\n\
+                    [jobs]\nrestart_backoff = \"200ms\"\nkill_grace = \"2s\"\n";
+
+fn agent(gpus: u32) -> Agent {
+    Agent::start(AgentOptions {
+        gpus: (gpus > 0).then(|| (0..gpus).map(fake_gpu).collect()),
+        config: FAST.into(),
+        ..AgentOptions::default()
+    })
+}
+
+/// A TrainingJob with the given replica groups, each `(type, replicas, restartPolicy, gpus, script)`.
+fn manifest(name: &str, run_policy: &str, groups: &[(&str, u32, &str, u32, &str)]) -> String {
+    let mut text = format!(
+        "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  runPolicy: {{{run_policy}}}\n  replicaSpecs:\n"
+    );
+    for (t, n, policy, gpus, script) in groups {
+        text += &format!(
+            "    {t}:\n      replicas: {n}\n      restartPolicy: {policy}\n      template:\n        spec:\n          containers:\n          - name: tensorflow\n            command: [sh, -c, {script:?}]\n            resources: {{limits: {{nvidia.com/gpu: {gpus}}}}}\n"
+        );
+    }
+    text
+}
+
+fn submit(agent: &Agent, manifest: &str) -> std::process::Output {
+    let path = agent.dir.path().join(format!("job-{}.yaml", rand_suffix()));
+    std::fs::write(&path, manifest).unwrap();
+    agent.ctl(&["submit", path.to_str().unwrap()])
+}
+
+fn submit_ok(agent: &Agent, manifest: &str) {
+    let out = submit(agent, manifest);
+    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Value {
+    agent.wait_for(&["job", name], timeout, |j| j["state"] == state)
+}
+
+fn pid_alive(pid: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+/// Processes anywhere on the machine whose environment names this job.
+fn processes_of(job: &str) -> Vec<u32> {
+    let marker = format!("AGENTD_JOB={job}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let environ = std::fs::read(e.path().join("environ")).ok()?;
+            (pid_alive(u64::from(pid)) && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+                .then_some(pid)
+        })
+        .collect()
+}
+
+fn reasons(job: &Value) -> Vec<String> {
+    job["events"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn validation_errors_name_every_field() {
+    let agent = agent(0);
+    let bad = "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {name: Bad_Name}\nspec:\n  replicaSpecs:\n    Worker: {replicas: -1, restartPolicy: Sometimes, template: {spec: {containers: [{name: tensorflow}]}}}\n    Boss: {replicas: 1}\n";
+    let out = submit(&agent, bad);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.replicaSpecs.Worker.re"), "{stderr}");
+
+    // Unknown queue: a 400 naming the queues that exist.
+    let job = manifest("q", "", &[("Worker", 1, "Never", 0, "true")]).replacen("\nspec:\n", "\nspec:\n  queue: gpu\n", 1);
+    let out = submit(&agent, &job);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.queue") && stderr.contains("fast") && stderr.contains("slow"), "{stderr}");
+
+    // Every problem at once, through the API's JSON.
+    let job = "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {name: Three_Problems}\nspec:\n  replicaSpecs:\n    Chief: {replicas: 2, template: {spec: {containers: [{name: tensorflow, command: [x]}]}}}\n    Worker: {replicas: 2, template: {spec: {containers: [{name: tensorflow, command: [x], resources: {limits: {cpu: lots}}}]}}}\n";
+    let out = submit(&agent, job);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("metadata.name"), "{stderr}");
+    assert!(stderr.contains("spec.replicaSpecs.Chief.replicas"), "{stderr}");
+    assert!(stderr.contains("spec.replicaSpecs.Worker.template.spec.containers[0].resources"), "{stderr}");
+
+    // A type error is found while reading, and named too.
+    let job = manifest("typo", "", &[("Worker", 1, "Sometimes", 0, "true")]);
+    let stderr = String::from_utf8_lossy(&submit(&agent, &job).stderr).into_owned();
+    assert!(stderr.contains("spec.replicaSpecs.Worker.restartPolicy") && stderr.contains("OnFailure"), "{stderr}");
+
+    let ok = manifest("dup", "", &[("Worker", 1, "Never", 0, "sleep 5")]);
+    submit_ok(&agent, &ok);
+    let out = submit(&agent, &ok);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
+
+#[test]
+fn gang_starts_with_tf_config_gpus_and_identity() {
+    let agent = agent(8);
+    let dir = agent.dir.path().display().to_string();
+    let script = format!("env > {dir}/env-$AGENTD_REPLICA; sleep 1");
+    submit_ok(&agent, &manifest("tf", "", &[("PS", 1, "Never", 0, &script), ("Worker", 2, "Never", 2, &script)]));
+    let job = wait_state(&agent, "tf", "Succeeded", Duration::from_secs(20));
+    let env = |replica: &str| -> std::collections::BTreeMap<String, String> {
+        std::fs::read_to_string(format!("{dir}/env-{replica}"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect()
+    };
+    let w1 = env("worker-1");
+    let tf: Value = serde_json::from_str(&w1["TF_CONFIG"]).unwrap();
+    assert_eq!(tf["task"], serde_json::json!({"type": "worker", "index": 1}));
+    assert_eq!(tf["environment"], "cloud");
+    assert_eq!(tf["cluster"]["worker"].as_array().unwrap().len(), 2);
+    assert_eq!(tf["cluster"]["ps"].as_array().unwrap().len(), 1);
+    let ports: std::collections::BTreeSet<&str> = ["ps", "worker"]
+        .iter()
+        .flat_map(|k| tf["cluster"][k].as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+        .collect();
+    assert_eq!(ports.len(), 3, "a port each: {ports:?}");
+    assert!(ports.iter().all(|p| p.starts_with("localhost:")));
+    assert_eq!(w1["AGENTD_JOB"], "tf");
+    assert_eq!(w1["AGENTD_REPLICA"], "worker-1");
+    let gpus: Vec<&str> = w1["CUDA_VISIBLE_DEVICES"].split(',').collect();
+    assert_eq!(gpus.len(), 2);
+    assert!(gpus.iter().all(|g| g.starts_with("GPU-")), "{gpus:?}");
+    assert_eq!(env("ps-0")["CUDA_VISIBLE_DEVICES"], "", "the PS asked for no GPU and sees none");
+    let w0_gpus: Vec<String> = env("worker-0")["CUDA_VISIBLE_DEVICES"].split(',').map(str::to_owned).collect();
+    assert!(w0_gpus.iter().all(|g| !gpus.contains(&g.as_str())), "no GPU shared");
+    let replicas = job["replicas"].as_array().unwrap();
+    assert_eq!(replicas[1]["name"], "worker-0");
+    assert_eq!(replicas[1]["gpus"].as_array().unwrap().len(), 2);
+    assert_eq!(replicas[1]["exit_code"], 0);
+    assert_eq!(reasons(&job)[..3], ["Submitted", "Placed", "Running"]);
+
+    let logs = agent.ctl(&["logs", "tf", "--replica", "worker-0"]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("ended: exit code 0"));
+}
+
+#[test]
+fn restart_policies_and_backoff_limit() {
+    let agent = agent(0);
+    let dir = agent.dir.path().display().to_string();
+    // OnFailure: fails once, then succeeds; the whole gang restarts once.
+    let flaky = format!("if [ -e {dir}/flaky ]; then exit 0; fi; touch {dir}/flaky; exit 3");
+    submit_ok(&agent, &manifest("flaky", "backoffLimit: 2", &[("Worker", 2, "OnFailure", 0, &flaky)]));
+    let job = wait_state(&agent, "flaky", "Succeeded", Duration::from_secs(20));
+    assert_eq!(job["restarts"], 1);
+    assert_eq!(job["generation"], 2);
+    assert!(reasons(&job).contains(&"ReplicaFailed".to_owned()));
+
+    // ExitCode: 1-127 is permanent.
+    submit_ok(&agent, &manifest("perm", "", &[("Worker", 1, "ExitCode", 0, "exit 2")]));
+    let job = wait_state(&agent, "perm", "Failed", Duration::from_secs(10));
+    assert_eq!(job["restarts"], 0);
+    assert!(job["message"].as_str().unwrap().contains("exit code 2"), "{job}");
+
+    // ExitCode: killed by a signal is retryable, until the backoff limit is spent.
+    submit_ok(&agent, &manifest("sig", "backoffLimit: 2", &[("Worker", 1, "ExitCode", 0, "kill -9 $$")]));
+    let job = wait_state(&agent, "sig", "Failed", Duration::from_secs(20));
+    assert_eq!(job["restarts"], 2);
+    assert_eq!(job["reason"], "BackoffLimitExceeded");
+
+    // Never: the first failure fails the job.
+    submit_ok(&agent, &manifest("never", "backoffLimit: 5", &[("Worker", 1, "Never", 0, "exit 130")]));
+    let job = wait_state(&agent, "never", "Failed", Duration::from_secs(10));
+    assert_eq!(job["restarts"], 0);
+
+    // Always restarts even a clean failure code.
+    submit_ok(&agent, &manifest("always", "backoffLimit: 1", &[("Worker", 1, "Always", 0, "exit 1")]));
+    let job = wait_state(&agent, "always", "Failed", Duration::from_secs(10));
+    assert_eq!(job["restarts"], 1);
+}
+
+#[test]
+fn one_failing_replica_restarts_the_whole_gang() {
+    let agent = agent(0);
+    let dir = agent.dir.path().display().to_string();
+    let script = format!(
+        "if [ \"$AGENTD_REPLICA\" = worker-1 ] && [ ! -e {dir}/failed ]; then touch {dir}/failed; sleep 0.5; exit 1; fi; echo $$ >> {dir}/pids-$AGENTD_REPLICA; sleep 300"
+    );
+    submit_ok(&agent, &manifest("gang", "backoffLimit: 3", &[("Worker", 2, "OnFailure", 0, &script)]));
+    let job = agent.wait_for(&["job", "gang"], Duration::from_secs(20), |j| {
+        j["generation"] == 2 && j["state"] == "Running"
+    });
+    assert_eq!(job["restarts"], 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let first: Vec<u64> = std::fs::read_to_string(format!("{dir}/pids-worker-0"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(first.len(), 2, "worker-0 ran in both generations");
+    assert!(!pid_alive(first[0]), "generation 1 of worker-0 was stopped with the gang");
+    assert!(pid_alive(first[1]));
+
+    // Cancel: nothing of the job is left running.
+    let out = agent.ctl(&["cancel", "gang"]);
+    assert!(out.status.success());
+    let job = wait_state(&agent, "gang", "Cancelled", Duration::from_secs(5));
+    assert_eq!(job["reason"], "Cancelled");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_of("gang").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "left behind: {:?}", processes_of("gang"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A second cancel removes the finished job.
+    assert!(agent.ctl(&["cancel", "gang"]).status.success());
+    assert_eq!(agent.ctl(&["job", "gang"]).status.code(), Some(1));
+}
+
+#[test]
+fn deadline_and_schedule_timeout() {
+    let agent = agent(8);
+    submit_ok(&agent, &manifest("slow", "activeDeadlineSeconds: 1", &[("Worker", 1, "OnFailure", 0, "sleep 60")]));
+    let job = wait_state(&agent, "slow", "Failed", Duration::from_secs(10));
+    assert_eq!(job["reason"], "DeadlineExceeded");
+
+    // 16 GPUs on an 8-GPU machine: it waits with a reason a person can act on, then fails.
+    submit_ok(&agent, &manifest("huge", "scheduleTimeoutSeconds: 3", &[("Worker", 2, "Never", 8, "true"), ("PS", 1, "Never", 1, "true")]));
+    let waiting = agent.wait_for(&["job", "huge"], Duration::from_secs(5), |j| j["reason"] != "Queued");
+    assert_eq!(waiting["state"], "Queued");
+    let message = waiting["message"].as_str().unwrap();
+    assert!(message.contains("17") || message.contains("16") || message.contains('8'), "{message}");
+    let job = wait_state(&agent, "huge", "Failed", Duration::from_secs(10));
+    assert_eq!(job["reason"], "ScheduleTimeout");
+    assert!(job["message"].as_str().unwrap().contains("scheduleTimeoutSeconds (3 s)"));
+}
+
+#[test]
+fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
+    let agent = agent(2);
+    submit_ok(&agent, &manifest("g", "backoffLimit: 3", &[("Worker", 1, "OnFailure", 1, "sleep 300")]));
+    let job = wait_state(&agent, "g", "Running", Duration::from_secs(10));
+    let used = job["replicas"][0]["gpu_indices"][0].as_u64().unwrap() as usize;
+    let mut gpus: Vec<_> = (0..2).map(fake_gpu).collect();
+    gpus[used]["xid_events"] = serde_json::json!([79]);
+    write_fake_gpus(&agent.gpu_config, &gpus);
+    let job = agent.wait_for(&["job", "g"], Duration::from_secs(10), |j| {
+        j["generation"] == 2 && j["state"] == "Running"
+    });
+    assert_eq!(job["restarts"], 1);
+    assert_ne!(job["replicas"][0]["gpu_indices"][0].as_u64().unwrap() as usize, used);
+    assert!(reasons(&job).contains(&"GpuUnhealthy".to_owned()), "{job}");
+
+    // The other GPU goes bad too: nothing healthy fits, so the job waits with that reason.
+    let other = 1 - used;
+    gpus[other]["xid_events"] = serde_json::json!([79]);
+    write_fake_gpus(&agent.gpu_config, &gpus);
+    let job = agent.wait_for(&["job", "g"], Duration::from_secs(10), |j| {
+        j["state"] == "Queued" && j["restarts"] == 2 && j["reason"] != "Requeued"
+    });
+    assert!(job["message"].as_str().unwrap().to_lowercase().contains("gpu"), "{job}");
+}
+
+#[test]
+fn kill_9_of_the_agent_loses_nothing_and_leaves_no_orphans() {
+    let mut agent = agent(0);
+    submit_ok(&agent, &manifest("runner", "backoffLimit: 3", &[("Worker", 2, "OnFailure", 0, "sleep 300")]));
+    // Queued behind a job that can never fit on this machine's CPUs.
+    let hog = manifest("waiter", "", &[("Worker", 1, "Never", 0, "true")])
+        .replace("nvidia.com/gpu: 0", "cpu: 100000");
+    submit_ok(&agent, &hog);
+    let job = wait_state(&agent, "runner", "Running", Duration::from_secs(10));
+    let old_pids: Vec<u64> = job["replicas"].as_array().unwrap().iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    agent.signal_and_wait(9, Duration::from_secs(5));
+    agent.spawn();
+    let job = wait_state(&agent, "runner", "Running", Duration::from_secs(15));
+    assert_eq!(job["restarts"], 1);
+    assert!(reasons(&job).contains(&"AgentRestarted".to_owned()), "{job}");
+    for pid in old_pids {
+        assert!(!pid_alive(pid), "replica {pid} of the killed agent is still running");
+    }
+    for pid in processes_of("runner") {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == b"AGENTD_GENERATION=2"),
+            "process {pid} is not of the new gang"
+        );
+    }
+    let waiter = agent.ctl_json(&["job", "waiter"]);
+    assert_eq!(waiter["state"], "Queued");
+}
