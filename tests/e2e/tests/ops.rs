@@ -593,15 +593,13 @@ fn the_service_sandbox_rates_exposure_at_4_or_lower() {
 // ---------------------------------------------------------------------------------------------
 // The Debian package.
 
-/// Holds an exclusive lock on a machine-wide file: installing the package changes /usr/bin and
-/// /etc, so two test runs on one machine must take turns.
-struct MachineLock(std::fs::File);
-
-fn machine_lock(name: &str) -> MachineLock {
+/// An exclusive lock on a machine-wide file, held until the returned file is dropped: installing
+/// the package changes /usr/bin and /etc, so two test runs on one machine must take turns.
+fn machine_lock(name: &str) -> std::fs::File {
     let path = std::env::temp_dir().join(format!("agentd-e2e-{name}.lock"));
     let file = std::fs::File::create(&path).unwrap();
     file.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
-    MachineLock(file)
+    file
 }
 
 /// Purges the package when dropped, so a failed assertion leaves the machine as it was.
@@ -802,9 +800,13 @@ fn socket_activation_readiness_watchdog_and_stopping_reach_systemd() {
     let config = dir.path().join("agentd.toml");
     fs_write(&config, "metrics_addr = \"off\"\n");
     let log = std::fs::File::create(dir.path().join("agentd.log")).unwrap();
-    let child = Command::new("systemd-socket-activate")
-        .arg("--listen")
-        .arg(&socket)
+    // systemd-socket-activate passes on only the variables named with -E, as systemd does.
+    let mut activate = Command::new("systemd-socket-activate");
+    activate.arg("--listen").arg(&socket);
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "AGENTD_NVML_LIBRARY", "FAKE_NVML_CONFIG"] {
+        activate.args(["-E", var]);
+    }
+    let child = activate
         .arg(e2e::agentd_bin())
         .arg("--config")
         .arg(&config)
@@ -861,4 +863,40 @@ fn socket_activation_readiness_watchdog_and_stopping_reach_systemd() {
     assert!(ready < stopping, "{lines:?}");
     // The inherited socket belongs to systemd; the agent leaves it in place.
     assert!(socket.exists(), "the agent removed the socket systemd owns");
+}
+
+/// The shipped /etc/agentd/agentd.toml is accepted as it is, and uncommenting every key in it
+/// changes nothing: the defaults it documents are the real ones.
+#[test]
+fn the_default_config_file_documents_the_real_defaults() {
+    let shipped = repo_root().join("packaging/agentd.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.toml");
+    fs_write(&empty, "");
+    let uncommented = dir.path().join("uncommented.toml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let keys: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(keys.lines().count() >= 20, "expected every key commented out in {}:\n{keys}", shipped.display());
+    fs_write(&uncommented, &keys);
+
+    let print = |config: &Path| {
+        let mut command = Command::new(e2e::agentd_bin());
+        command.arg("--config").arg(config).arg("--print-config");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("AGENTD_") || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        let out = run(&mut command);
+        assert!(out.status.success(), "agentd --config {} --print-config:\n{}", config.display(), text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let defaults = print(&empty);
+    assert_eq!(print(&shipped), defaults);
+    assert_eq!(print(&uncommented), defaults, "a commented default in agentd.toml is not the real default:\n{keys}");
 }
