@@ -629,7 +629,7 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
     assert!(deb.exists(), "no package at {}:\n{}", deb.display(), text(&build));
     let built = started.elapsed();
 
-    let lint = run(Command::new("lintian").args(["--fail-on", "error", "--no-tag-display-limit"]).arg(&deb));
+    let lint = run(Command::new("lintian").args(["--fail-on", "error", "--tag-display-limit", "0"]).arg(&deb));
     let findings = text(&lint);
     println!("lintian findings:\n{findings}");
     assert!(lint.status.success() && !findings.lines().any(|l| l.starts_with("E: ")), "lintian errors:\n{findings}");
@@ -874,8 +874,8 @@ fn the_default_config_file_documents_the_real_defaults() {
     let empty = dir.path().join("empty.toml");
     fs_write(&empty, "");
     let uncommented = dir.path().join("uncommented.toml");
-    let text = std::fs::read_to_string(&shipped).unwrap();
-    let keys: String = text
+    let shipped_text = std::fs::read_to_string(&shipped).unwrap();
+    let keys: String = shipped_text
         .lines()
         .filter_map(|l| l.strip_prefix('#'))
         .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
