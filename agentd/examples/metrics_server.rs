@@ -16,7 +16,10 @@ use prometheus_client::registry::Registry;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let addr: SocketAddr = args.next().unwrap_or_else(|| "127.0.0.1:9400".into()).parse()?;
+    let addr: SocketAddr = args
+        .next()
+        .unwrap_or_else(|| "127.0.0.1:9400".into())
+        .parse()?;
     let gpus: u32 = args.next().unwrap_or_else(|| "8".into()).parse()?;
 
     let mut registry = Registry::default();
@@ -27,16 +30,32 @@ fn main() -> anyhow::Result<()> {
         metrics.set_queue_depth(queue, 2);
         metrics.set_queue_overdue(queue, 0);
     }
-    metrics.set_jobs([("fast", "Running", 3), ("fast", "Queued", 2), ("slow", "Queued", 2)]);
+    metrics.set_jobs([
+        ("fast", "Running", 3),
+        ("fast", "Queued", 2),
+        ("slow", "Queued", 2),
+    ]);
     metrics.set_node_allocation(
         "bench-node",
         NodeAllocation {
-            capacity: Resources { gpus, cpu_milli: 64_000, memory_mib: 512 * 1024 },
-            allocated: Resources { gpus: gpus / 2, cpu_milli: 16_000, memory_mib: 128 * 1024 },
+            capacity: Resources {
+                gpus,
+                cpu_milli: 64_000,
+                memory_mib: 512 * 1024,
+            },
+            allocated: Resources {
+                gpus: gpus / 2,
+                cpu_milli: 16_000,
+                memory_mib: 128 * 1024,
+            },
             schedulable: true,
         },
     );
-    for (from, to) in [("Queued", "Placed"), ("Placed", "Starting"), ("Starting", "Running")] {
+    for (from, to) in [
+        ("Queued", "Placed"),
+        ("Placed", "Starting"),
+        ("Starting", "Running"),
+    ] {
         metrics.job_state_changed("fast", from, to);
     }
     metrics.gang_restarted("OOMKilled");
@@ -48,7 +67,9 @@ fn main() -> anyhow::Result<()> {
     }
     metrics.submit_to_running(Duration::from_secs(3));
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(serve_metrics(addr, Arc::new(registry), async {
         let _ = tokio::signal::ctrl_c().await;
     }))?;
@@ -77,8 +98,15 @@ fn inventory(n: u32) -> NodeInventory {
                 power_usage_watts: Some(512.25),
                 power_limit_watts: Some(700.0),
                 energy_joules: Some(123_456_789.5),
-                ecc_errors: Some(EccErrors { corrected: 0, uncorrected: 0 }),
-                xid_errors: if i == 0 { vec![XidCount { xid: 13, count: 1 }] } else { Vec::new() },
+                ecc_errors: Some(EccErrors {
+                    corrected: 0,
+                    uncorrected: 0,
+                }),
+                xid_errors: if i == 0 {
+                    vec![XidCount { xid: 13, count: 1 }]
+                } else {
+                    Vec::new()
+                },
                 healthy: true,
                 health_reason: None,
             })

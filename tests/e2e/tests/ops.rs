@@ -598,7 +598,8 @@ fn the_service_sandbox_rates_exposure_at_4_or_lower() {
 fn machine_lock(name: &str) -> std::fs::File {
     let path = std::env::temp_dir().join(format!("agentd-e2e-{name}.lock"));
     let file = std::fs::File::create(&path).unwrap();
-    file.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
     file
 }
 
@@ -624,20 +625,43 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
     let _lock = machine_lock("deb");
     let started = Instant::now();
     let build = run(&mut Command::new(repo_root().join("packaging/build-deb")));
-    assert!(build.status.success(), "packaging/build-deb failed:\n{}", text(&build));
-    let deb = PathBuf::from(String::from_utf8_lossy(&build.stdout).lines().last().unwrap_or_default());
-    assert!(deb.exists(), "no package at {}:\n{}", deb.display(), text(&build));
+    assert!(
+        build.status.success(),
+        "packaging/build-deb failed:\n{}",
+        text(&build)
+    );
+    let deb = PathBuf::from(
+        String::from_utf8_lossy(&build.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    );
+    assert!(
+        deb.exists(),
+        "no package at {}:\n{}",
+        deb.display(),
+        text(&build)
+    );
     let built = started.elapsed();
 
-    let lint = run(Command::new("lintian").args(["--fail-on", "error", "--tag-display-limit", "0"]).arg(&deb));
+    let lint = run(Command::new("lintian")
+        .args(["--fail-on", "error", "--tag-display-limit", "0"])
+        .arg(&deb));
     let findings = text(&lint);
     println!("lintian findings:\n{findings}");
-    assert!(lint.status.success() && !findings.lines().any(|l| l.starts_with("E: ")), "lintian errors:\n{findings}");
+    assert!(
+        lint.status.success() && !findings.lines().any(|l| l.starts_with("E: ")),
+        "lintian errors:\n{findings}"
+    );
 
     let _ = Command::new("dpkg").args(["--purge", "agentd"]).output();
     let installed = Installed;
     let install = run(Command::new("dpkg").arg("-i").arg(&deb));
-    assert!(install.status.success(), "dpkg -i failed:\n{}", text(&install));
+    assert!(
+        install.status.success(),
+        "dpkg -i failed:\n{}",
+        text(&install)
+    );
     assert_eq!(dpkg_status("agentd"), "ii");
 
     for path in [
@@ -661,9 +685,17 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
     ] {
         assert!(Path::new(path).exists(), "{path} missing after dpkg -i");
     }
-    assert!(run(Command::new("getent").args(["group", "agentd"])).status.success(), "no agentd group");
+    assert!(
+        run(Command::new("getent").args(["group", "agentd"]))
+            .status
+            .success(),
+        "no agentd group"
+    );
     let conffiles = run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "agentd"]));
-    assert!(String::from_utf8_lossy(&conffiles.stdout).contains("/etc/agentd/agentd.toml"), "agentd.toml is not a conffile");
+    assert!(
+        String::from_utf8_lossy(&conffiles.stdout).contains("/etc/agentd/agentd.toml"),
+        "agentd.toml is not a conffile"
+    );
 
     for binary in ["/usr/bin/agentd", "/usr/bin/agentctl"] {
         let version = run(Command::new(binary).arg("--version"));
@@ -674,21 +706,54 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
         );
     }
     // The installed units verify against the installed binary, man page included where man exists.
-    let man = if Path::new("/usr/bin/man").exists() { "--man=yes" } else { "--man=no" };
-    let verify = run(Command::new("systemd-analyze").args(["verify", man, "/lib/systemd/system/agentd.service", "/lib/systemd/system/agentd.socket"]));
-    assert!(verify.status.success() && text(&verify).trim().is_empty(), "verify installed units:\n{}", text(&verify));
+    let man = if Path::new("/usr/bin/man").exists() {
+        "--man=yes"
+    } else {
+        "--man=no"
+    };
+    let verify = run(Command::new("systemd-analyze").args([
+        "verify",
+        man,
+        "/lib/systemd/system/agentd.service",
+        "/lib/systemd/system/agentd.socket",
+    ]));
+    assert!(
+        verify.status.success() && text(&verify).trim().is_empty(),
+        "verify installed units:\n{}",
+        text(&verify)
+    );
 
     let remove = run(Command::new("dpkg").args(["-r", "agentd"]));
-    assert!(remove.status.success(), "dpkg -r failed:\n{}", text(&remove));
-    assert!(!Path::new("/usr/bin/agentd").exists() && !Path::new("/lib/systemd/system/agentd.service").exists());
-    assert!(Path::new("/etc/agentd/agentd.toml").exists(), "dpkg -r keeps the conffile");
+    assert!(
+        remove.status.success(),
+        "dpkg -r failed:\n{}",
+        text(&remove)
+    );
+    assert!(
+        !Path::new("/usr/bin/agentd").exists()
+            && !Path::new("/lib/systemd/system/agentd.service").exists()
+    );
+    assert!(
+        Path::new("/etc/agentd/agentd.toml").exists(),
+        "dpkg -r keeps the conffile"
+    );
     let purge = run(Command::new("dpkg").args(["--purge", "agentd"]));
-    assert!(purge.status.success(), "dpkg --purge failed:\n{}", text(&purge));
-    assert!(!Path::new("/etc/agentd/agentd.toml").exists() && !Path::new("/var/lib/agentd").exists());
+    assert!(
+        purge.status.success(),
+        "dpkg --purge failed:\n{}",
+        text(&purge)
+    );
+    assert!(
+        !Path::new("/etc/agentd/agentd.toml").exists() && !Path::new("/var/lib/agentd").exists()
+    );
     assert!(!Path::new("/etc/systemd/system/multi-user.target.wants/agentd.service").exists());
     assert_eq!(dpkg_status("agentd"), "");
     drop(installed);
-    println!("deb: built in {:.0}s, whole test {:.0}s", built.as_secs_f64(), started.elapsed().as_secs_f64());
+    println!(
+        "deb: built in {:.0}s, whole test {:.0}s",
+        built.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -721,28 +786,72 @@ fn prometheus_scrapes_a_running_agent_with_fake_gpus() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
-    assert!(out.status.success() && text(&out).trim().is_empty(), "promtool check metrics:\n{}\n{body}", text(&out));
+    assert!(
+        out.status.success() && text(&out).trim().is_empty(),
+        "promtool check metrics:\n{}\n{body}",
+        text(&out)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let (_prometheus, prometheus) = start_prometheus(metrics, dir.path());
     let deadline = Instant::now() + Duration::from_mins(1);
-    assert_eq!(query_value(prometheus, r#"up{job="agentd"}"#, deadline), 1.0);
+    assert_eq!(
+        query_value(prometheus, r#"up{job="agentd"}"#, deadline),
+        1.0
+    );
     assert_eq!(query_value(prometheus, "agentd_up", deadline), 1.0);
     assert_eq!(query_value(prometheus, "agentd_gpus", deadline), 8.0);
     // Fake GPU 3: 33 °C, 75 W, 30% busy, as tests/e2e's fake_gpu(3) describes it.
     let gpu3 = r#"gpu="3",uuid="GPU-00000000-0000-0000-0000-000000000003",model="NVIDIA H200""#;
-    assert_eq!(query_value(prometheus, &format!("agentd_gpu_temperature_celsius{{{gpu3}}}"), deadline), 33.0);
-    assert_eq!(query_value(prometheus, &format!("agentd_gpu_power_watts{{{gpu3}}}"), deadline), 75.0);
-    assert!((query_value(prometheus, &format!("agentd_gpu_utilization_ratio{{{gpu3}}}"), deadline) - 0.3).abs() < 1e-9);
-    assert_eq!(query_value(prometheus, "sum(agentd_gpu_healthy)", deadline), 8.0);
     assert_eq!(
-        query_value(prometheus, r#"agentd_build_info{version="0.1.0"}"#, deadline),
+        query_value(
+            prometheus,
+            &format!("agentd_gpu_temperature_celsius{{{gpu3}}}"),
+            deadline
+        ),
+        33.0
+    );
+    assert_eq!(
+        query_value(
+            prometheus,
+            &format!("agentd_gpu_power_watts{{{gpu3}}}"),
+            deadline
+        ),
+        75.0
+    );
+    assert!(
+        (query_value(
+            prometheus,
+            &format!("agentd_gpu_utilization_ratio{{{gpu3}}}"),
+            deadline
+        ) - 0.3)
+            .abs()
+            < 1e-9
+    );
+    assert_eq!(
+        query_value(prometheus, "sum(agentd_gpu_healthy)", deadline),
+        8.0
+    );
+    assert_eq!(
+        query_value(
+            prometheus,
+            r#"agentd_build_info{version="0.1.0"}"#,
+            deadline
+        ),
         1.0,
         "the version is in agentd_build_info"
     );
-    println!("agent + prometheus: {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "agent + prometheus: {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Collects what the agent sends to NOTIFY_SOCKET.
@@ -755,7 +864,9 @@ impl NotifySocket {
     fn bind(dir: &Path) -> Self {
         let path = dir.join("notify.sock");
         let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = Arc::clone(&received);
         std::thread::spawn(move || {
@@ -764,7 +875,9 @@ impl NotifySocket {
             loop {
                 if let Ok(n) = socket.recv(&mut buf) {
                     let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    sink.lock().unwrap().extend(message.lines().map(str::to_owned));
+                    sink.lock()
+                        .unwrap()
+                        .extend(message.lines().map(str::to_owned));
                 }
             }
         });
@@ -803,7 +916,12 @@ fn socket_activation_readiness_watchdog_and_stopping_reach_systemd() {
     // systemd-socket-activate passes on only the variables named with -E, as systemd does.
     let mut activate = Command::new("systemd-socket-activate");
     activate.arg("--listen").arg(&socket);
-    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "AGENTD_NVML_LIBRARY", "FAKE_NVML_CONFIG"] {
+    for var in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "AGENTD_NVML_LIBRARY",
+        "FAKE_NVML_CONFIG",
+    ] {
         activate.args(["-E", var]);
     }
     let child = activate
@@ -829,31 +947,59 @@ fn socket_activation_readiness_watchdog_and_stopping_reach_systemd() {
     // The socket exists before the agent runs; the first connection starts it.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !socket.exists() {
-        assert!(Instant::now() < deadline, "systemd-socket-activate did not bind {}", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate did not bind {}",
+            socket.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let status = run(Command::new(e2e::agentctl_bin()).arg("--socket").arg(&socket).args(["status", "-o", "json"]));
-    assert!(status.status.success(), "agentctl status over the inherited socket:\n{}\n{}", text(&status), agent_log());
+    let status = run(Command::new(e2e::agentctl_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["status", "-o", "json"]));
+    assert!(
+        status.status.success(),
+        "agentctl status over the inherited socket:\n{}\n{}",
+        text(&status),
+        agent_log()
+    );
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["node"]["gpus"].as_array().map(Vec::len), Some(8));
-    assert!(agent_log().contains("using the API socket systemd passed in"), "{}", agent_log());
+    assert!(
+        agent_log().contains("using the API socket systemd passed in"),
+        "{}",
+        agent_log()
+    );
 
     notify.wait_for("READY=1", Duration::from_secs(10));
     // WatchdogSec=1s: the core loop pings every half second.
     std::thread::sleep(Duration::from_secs(2));
     let pings = notify.lines().iter().filter(|l| *l == "WATCHDOG=1").count();
-    assert!(pings >= 2, "only {pings} watchdog pings in 2s: {:?}", notify.lines());
+    assert!(
+        pings >= 2,
+        "only {pings} watchdog pings in 2s: {:?}",
+        notify.lines()
+    );
 
     // systemd-socket-activate execs the agent in place, so its pid is the agent's.
     let pid = activator.0.id().to_string();
-    assert!(run(Command::new("kill").args(["-TERM", &pid])).status.success());
+    assert!(
+        run(Command::new("kill").args(["-TERM", &pid]))
+            .status
+            .success()
+    );
     notify.wait_for("STOPPING=1", Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
         if let Some(exit) = activator.0.try_wait().unwrap() {
             break exit;
         }
-        assert!(Instant::now() < deadline, "agent did not stop:\n{}", agent_log());
+        assert!(
+            Instant::now() < deadline,
+            "agent did not stop:\n{}",
+            agent_log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "agent exited with {exit}:\n{}", agent_log());
@@ -879,9 +1025,13 @@ fn the_default_config_file_documents_the_real_defaults() {
         .lines()
         .filter_map(|l| l.strip_prefix('#'))
         .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase() || c == '['))
-        .map(|l| format!("{l}\n"))
+        .flat_map(|l| [l, "\n"])
         .collect();
-    assert!(keys.lines().count() >= 20, "expected every key commented out in {}:\n{keys}", shipped.display());
+    assert!(
+        keys.lines().count() >= 20,
+        "expected every key commented out in {}:\n{keys}",
+        shipped.display()
+    );
     fs_write(&uncommented, &keys);
 
     let print = |config: &Path| {
@@ -893,10 +1043,19 @@ fn the_default_config_file_documents_the_real_defaults() {
             }
         }
         let out = run(&mut command);
-        assert!(out.status.success(), "agentd --config {} --print-config:\n{}", config.display(), text(&out));
+        assert!(
+            out.status.success(),
+            "agentd --config {} --print-config:\n{}",
+            config.display(),
+            text(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let defaults = print(&empty);
     assert_eq!(print(&shipped), defaults);
-    assert_eq!(print(&uncommented), defaults, "a commented default in agentd.toml is not the real default:\n{keys}");
+    assert_eq!(
+        print(&uncommented),
+        defaults,
+        "a commented default in agentd.toml is not the real default:\n{keys}"
+    );
 }
