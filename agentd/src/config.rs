@@ -15,8 +15,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/agentd";
 pub const DEFAULT_SOCKET: &str = agentd_api::DEFAULT_SOCKET;
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9400";
 pub const DEFAULT_INVENTORY_INTERVAL: Duration = Duration::from_secs(10);
-pub const DEFAULT_GPU_RECOVERY_QUIET: Duration = Duration::from_secs(300);
-pub const DEFAULT_SAMPLE_RETENTION: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_GPU_RECOVERY_QUIET: Duration = Duration::from_mins(5);
+pub const DEFAULT_SAMPLE_RETENTION: Duration = Duration::from_hours(24);
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_QUEUE: &str = "fast";
@@ -52,6 +52,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// Queues by name. When the file names none, `fast` and `slow` exist.
     pub queues: BTreeMap<String, QueueSettings>,
+    /// Labels of this node, matched against a job's `nodeSelector` (as Kubernetes node labels).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +131,7 @@ impl Default for Config {
             inventory: InventoryConfig::default(),
             jobs: JobsConfig::default(),
             queues: BTreeMap::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -161,11 +164,21 @@ pub fn default_queues() -> BTreeMap<String, QueueSettings> {
     BTreeMap::from([
         (
             "fast".to_owned(),
-            QueueSettings { priority: 10, weight: 1, max_running_jobs: None, max_gpus: None },
+            QueueSettings {
+                priority: 10,
+                weight: 1,
+                max_running_jobs: None,
+                max_gpus: None,
+            },
         ),
         (
             "slow".to_owned(),
-            QueueSettings { priority: 1, weight: 1, max_running_jobs: None, max_gpus: None },
+            QueueSettings {
+                priority: 1,
+                weight: 1,
+                max_running_jobs: None,
+                max_gpus: None,
+            },
         ),
     ])
 }
@@ -203,14 +216,22 @@ impl Config {
             path: path.to_owned(),
             source: std::io::Error::new(source.kind(), source.to_string()),
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
     }
 
     /// Parses TOML text; the error names the offending key and says what is allowed.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| {
             // toml's message carries the key and a caret under it; keep it on one line.
-            e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+            e.to_string()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
         })
     }
 
@@ -332,7 +353,9 @@ impl<'de> Deserialize<'de> for MetricsAddr {
 fn is_queue_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
@@ -340,9 +363,15 @@ fn is_queue_name(name: &str) -> bool {
 /// Parses durations written as `500ms`, `10s`, `5m`, `2h` or `1d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let bad = || format!("{text:?} is not a duration: write a whole number and a unit, such as 500ms, 10s, 5m, 2h or 1d");
+    let bad = || {
+        format!(
+            "{text:?} is not a duration: write a whole number and a unit, such as 500ms, 10s, 5m, 2h or 1d"
+        )
+    };
     let n: u64 = number.parse().map_err(|_| bad())?;
     let ms = match unit {
         "ms" => 1,
@@ -358,8 +387,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Formats a duration in the largest unit that divides it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
-        if ms > 0 && ms % size == 0 {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms > 0 && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -399,7 +433,10 @@ mod tests {
     fn unknown_key_is_named() {
         let err = Config::from_toml("[inventory]\nintervall = \"5s\"\n").unwrap_err();
         assert!(err.contains("intervall"), "{err}");
-        assert!(err.contains("interval"), "the allowed keys are listed: {err}");
+        assert!(
+            err.contains("interval"),
+            "the allowed keys are listed: {err}"
+        );
     }
 
     #[test]
@@ -415,7 +452,10 @@ mod tests {
         std::fs::write(&file, "socket = \"/a.sock\"\nmetrics_addr = \"off\"\n").unwrap();
         let config = Config::load(
             Some(&file),
-            &Overrides { socket: Some("/b.sock".into()), ..Overrides::default() },
+            &Overrides {
+                socket: Some("/b.sock".into()),
+                ..Overrides::default()
+            },
         )
         .unwrap();
         assert_eq!(config.socket, Path::new("/b.sock"));
@@ -424,9 +464,15 @@ mod tests {
 
     #[test]
     fn missing_explicit_file_names_the_path() {
-        let err = Config::load(Some(Path::new("/nonexistent/agentd.toml")), &Overrides::default())
-            .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/agentd.toml"), "{err}");
+        let err = Config::load(
+            Some(Path::new("/nonexistent/agentd.toml")),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/agentd.toml"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -435,7 +481,10 @@ mod tests {
             Config::from_toml("[jobs]\ndefault_queue = \"gpu\"\n[queues.batch]\npriority = 1\n")
                 .unwrap();
         let err = config.check().unwrap_err().to_string();
-        assert!(err.contains("jobs.default_queue") && err.contains("batch"), "{err}");
+        assert!(
+            err.contains("jobs.default_queue") && err.contains("batch"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -449,10 +498,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_mins(5));
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("-5s").is_err());
-        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration(Duration::from_mins(5)), "5m");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 }

@@ -64,7 +64,8 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     };
 
     let store = {
-        let _span = tracing::info_span!("store", path = %config.database_path().display()).entered();
+        let _span =
+            tracing::info_span!("store", path = %config.database_path().display()).entered();
         match Store::open(&config.state_dir) {
             Ok(store) => store,
             Err(e) => {
@@ -83,7 +84,11 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         .filter(|l| !l.is_empty())
         .map(std::path::PathBuf::from);
     let mut sampler = span.in_scope(|| {
-        Sampler::open(node_name.clone(), nvml_library.as_deref(), config.inventory.gpu_recovery_quiet)
+        Sampler::open(
+            node_name.clone(),
+            nvml_library.as_deref(),
+            config.inventory.gpu_recovery_quiet,
+        )
     })?;
     let (sampler, (first, first_changes)) = tokio::task::spawn_blocking(move || {
         let first = sampler.sample();
@@ -105,8 +110,14 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         let _ = health_tx.send(change);
     }
     let refresh = tokio::spawn(
-        inventory::refresh(sampler, config.inventory.interval, inventory_tx, health_tx, stop.clone())
-            .instrument(span),
+        inventory::refresh(
+            sampler,
+            config.inventory.interval,
+            inventory_tx,
+            health_tx,
+            stop.clone(),
+        )
+        .instrument(span),
     );
 
     let exporter = match config.metrics_addr {
@@ -129,17 +140,28 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
 
     let (core, core_handle, core_inputs) = {
         let _span = tracing::info_span!("core").entered();
-        Core::open(&config, node_name.clone(), store, inventory_rx.clone(), health_rx)
-            .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
+        Core::open(
+            &config,
+            node_name.clone(),
+            store,
+            inventory_rx.clone(),
+            health_rx,
+        )
+        .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
     };
-    let core = tokio::spawn(core.run(core_inputs, stop.clone()).instrument(tracing::info_span!("core")));
+    let core = tokio::spawn(
+        core.run(core_inputs, stop.clone())
+            .instrument(tracing::info_span!("core")),
+    );
 
     let state = ApiState {
         agent: Arc::new(AgentIdentity {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: "standalone".to_owned(),
             pid: std::process::id(),
-            started_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             started,
             state_dir: config.state_dir.display().to_string(),
             socket: config.socket.display().to_string(),
@@ -195,8 +217,10 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
         return std::future::pending().await;
     };

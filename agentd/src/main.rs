@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agentd::config::{Config, LogFormat, Overrides};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "agentd", version, about = "GPU node agent and gang scheduler for distributed TensorFlow training")]
+#[command(
+    name = "agentd",
+    version,
+    about = "GPU node agent and gang scheduler for distributed TensorFlow training"
+)]
 struct Args {
     /// Configuration file (TOML). Default: /etc/agentd/agentd.toml if it exists.
     #[arg(long, env = "AGENTD_CONFIG", value_name = "FILE")]
@@ -37,10 +41,27 @@ struct Args {
     /// Print the effective configuration (file, environment and flags merged) and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay a job trace against a cluster in virtual time and compare scheduling policies.
+    Replay(agentd::replay::ReplayArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Replay(replay)) = &args.command {
+        return match agentd::replay::run(replay) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentd replay: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let overrides = Overrides {
         state_dir: args.state_dir,
         socket: args.socket,

@@ -39,7 +39,9 @@ pub type StreamingResponse = Response<Incoming>;
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self {
+            socket: socket.into(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -54,9 +56,13 @@ impl Client {
         content_type: Option<&str>,
         body: Bytes,
     ) -> Result<StreamingResponse, ClientError> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Unreachable { socket: self.socket.clone(), source })?;
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -65,14 +71,20 @@ impl Client {
             // already reached the caller through the response.
             let _ = conn.await;
         });
-        let mut request = Request::builder().method(method).uri(path).header("host", "agentd");
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "agentd");
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
-        let request =
-            request.body(Full::new(body)).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let response =
-            sender.send_request(request).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let request = request
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         if response.status().is_success() {
             return Ok(response);
         }

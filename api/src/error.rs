@@ -43,7 +43,12 @@ pub struct ErrorBody {
 impl ErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            error: ErrorDetail { code, message: message.into(), field: None, details: Vec::new() },
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+                field: None,
+                details: Vec::new(),
+            },
         }
     }
 
@@ -59,7 +64,11 @@ impl std::fmt::Display for ErrorBody {
         let e = &self.error;
         if !e.details.is_empty() {
             let count = e.details.len();
-            write!(f, "the job spec is invalid ({count} problem{}):", if count == 1 { "" } else { "s" })?;
+            write!(
+                f,
+                "the job spec is invalid ({count} problem{}):",
+                if count == 1 { "" } else { "s" }
+            )?;
             for problem in &e.details {
                 write!(f, "\n  {}: {}", problem.field, problem.message)?;
             }

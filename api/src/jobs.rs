@@ -29,7 +29,10 @@ impl JobState {
     ];
 
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -47,7 +50,9 @@ impl JobState {
 
     /// Reads a state name in any letter case.
     pub fn parse(text: &str) -> Option<JobState> {
-        Self::ALL.into_iter().find(|s| s.as_str().eq_ignore_ascii_case(text))
+        Self::ALL
+            .into_iter()
+            .find(|s| s.as_str().eq_ignore_ascii_case(text))
     }
 }
 

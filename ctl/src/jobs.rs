@@ -4,14 +4,14 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentd_api::jobs::{JobList, JobState, JobStatus, QueueList};
 use agentd_api::Client;
+use agentd_api::jobs::{JobList, JobState, JobStatus, QueueList};
 use http_body_util::BodyExt;
-use hyper::body::Bytes;
 use hyper::Method;
+use hyper::body::Bytes;
 
-use crate::output::{self, Format, Table};
 use crate::Failure;
+use crate::output::{self, Format, Table};
 
 /// Reads a manifest from a file, or from standard input for `-`.
 fn read_manifest(file: &Path) -> Result<Vec<u8>, Failure> {
@@ -23,13 +23,25 @@ fn read_manifest(file: &Path) -> Result<Vec<u8>, Failure> {
     fs_err::read(file).map_err(|e| Failure::Request(e.to_string()))
 }
 
-pub async fn submit(client: &Client, file: &Path, wait: bool, format: Format) -> Result<(), Failure> {
+pub async fn submit(
+    client: &Client,
+    file: &Path,
+    wait: bool,
+    format: Format,
+) -> Result<(), Failure> {
     let manifest = read_manifest(file)?;
     let content_type = match file.extension().and_then(|e| e.to_str()) {
         Some("json") => "application/json",
         _ => "application/yaml",
     };
-    let bytes = client.request(Method::POST, "/v1/jobs", Some(content_type), Bytes::from(manifest)).await?;
+    let bytes = client
+        .request(
+            Method::POST,
+            "/v1/jobs",
+            Some(content_type),
+            Bytes::from(manifest),
+        )
+        .await?;
     let value: serde_json::Value = agentd_api::client::decode(&bytes)?;
     let status: JobStatus = serde_json::from_value(value.clone())
         .map_err(|e| Failure::Request(format!("unexpected answer from the agent: {e}")))?;
@@ -39,14 +51,25 @@ pub async fn submit(client: &Client, file: &Path, wait: bool, format: Format) ->
         }
         return Ok(());
     }
-    eprintln!("job {} submitted to queue {}; waiting for it to finish", status.name, status.queue);
+    eprintln!(
+        "job {} submitted to queue {}; waiting for it to finish",
+        status.name, status.queue
+    );
     let last = watch(client, &status.name).await?;
     if !output::print_structured(format, &serde_json::to_value(&last).unwrap_or_default())? {
-        println!("job {}: {} ({}: {})", last.name, last.state, last.reason, last.message);
+        println!(
+            "job {}: {} ({}: {})",
+            last.name, last.state, last.reason, last.message
+        );
     }
     match last.state {
         JobState::Succeeded => Ok(()),
-        _ => Err(Failure::Request(format!("job {} {}: {}", last.name, last.state.as_str().to_lowercase(), last.message))),
+        _ => Err(Failure::Request(format!(
+            "job {} {}: {}",
+            last.name,
+            last.state.as_str().to_lowercase(),
+            last.message
+        ))),
     }
 }
 
@@ -57,7 +80,11 @@ async fn watch(client: &Client, name: &str) -> Result<JobStatus, Failure> {
     let mut shown = String::new();
     loop {
         let job: JobStatus = client.get(&format!("/v1/jobs/{}", encode(name))).await?;
-        let running = job.replicas.iter().filter(|r| r.state == agentd_api::jobs::ReplicaState::Running).count();
+        let running = job
+            .replicas
+            .iter()
+            .filter(|r| r.state == agentd_api::jobs::ReplicaState::Running)
+            .count();
         let line = format!(
             "{} {}: {}/{} replicas running, {} restarts — {}",
             output::duration(started.elapsed().as_secs()),
@@ -84,7 +111,12 @@ async fn watch(client: &Client, name: &str) -> Result<JobStatus, Failure> {
     }
 }
 
-pub async fn list(client: &Client, queue: Option<&str>, state: Option<&str>, format: Format) -> Result<(), Failure> {
+pub async fn list(
+    client: &Client,
+    queue: Option<&str>,
+    state: Option<&str>,
+    format: Format,
+) -> Result<(), Failure> {
     let mut query = Vec::new();
     if let Some(q) = queue {
         query.push(format!("queue={}", encode(q)));
@@ -92,18 +124,25 @@ pub async fn list(client: &Client, queue: Option<&str>, state: Option<&str>, for
     if let Some(s) = state {
         query.push(format!("state={}", encode(s)));
     }
-    let path = if query.is_empty() { "/v1/jobs".to_owned() } else { format!("/v1/jobs?{}", query.join("&")) };
+    let path = if query.is_empty() {
+        "/v1/jobs".to_owned()
+    } else {
+        format!("/v1/jobs?{}", query.join("&"))
+    };
     let value = client.get_value(&path).await?;
     if output::print_structured(format, &value)? {
         return Ok(());
     }
-    let list: JobList = serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
+    let list: JobList =
+        serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
     if list.jobs.is_empty() {
         println!("no jobs");
         return Ok(());
     }
     let now = now();
-    let mut table = Table::new(["NAME", "QUEUE", "STATE", "REPLICAS", "GPUS", "RESTARTS", "AGE", "REASON"]);
+    let mut table = Table::new([
+        "NAME", "QUEUE", "STATE", "REPLICAS", "GPUS", "RESTARTS", "AGE", "REASON",
+    ]);
     for j in &list.jobs {
         let gpus: usize = j.replicas.iter().map(|r| r.gpu_indices.len()).sum();
         table.row(vec![
@@ -122,16 +161,22 @@ pub async fn list(client: &Client, queue: Option<&str>, state: Option<&str>, for
 }
 
 pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Failure> {
-    let value = client.get_value(&format!("/v1/jobs/{}", encode(name))).await?;
+    let value = client
+        .get_value(&format!("/v1/jobs/{}", encode(name)))
+        .await?;
     if output::print_structured(format, &value)? {
         return Ok(());
     }
-    let j: JobStatus = serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
+    let j: JobStatus =
+        serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
     println!("Name      {} ({})", j.name, j.kind);
     println!("Queue     {} (priority {})", j.queue, j.priority);
     println!("State     {}: {}", j.state, j.reason);
     println!("Message   {}", j.message);
-    println!("Restarts  {} of {} (generation {})", j.restarts, j.backoff_limit, j.generation);
+    println!(
+        "Restarts  {} of {} (generation {})",
+        j.restarts, j.backoff_limit, j.generation
+    );
     let mut table = Table::new(["REPLICA", "STATE", "NODE", "GPUS", "ADDRESS", "PID", "EXIT"]);
     for r in &j.replicas {
         table.row(vec![
@@ -141,7 +186,11 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
             if r.gpu_indices.is_empty() {
                 "-".into()
             } else {
-                r.gpu_indices.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                r.gpu_indices
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             },
             r.address.clone().unwrap_or_else(|| "-".into()),
             r.pid.map_or("-".into(), |p| p.to_string()),
@@ -158,13 +207,22 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
     let mut events = Table::new(["AGE", "REASON", "MESSAGE"]);
     let now = now();
     for e in &j.events {
-        events.row(vec![output::duration((now - e.time).max(0.0) as u64), e.reason.clone(), e.message.clone()]);
+        events.row(vec![
+            output::duration((now - e.time).max(0.0) as u64),
+            e.reason.clone(),
+            e.message.clone(),
+        ]);
     }
     print!("{}", events.render("  "));
     Ok(())
 }
 
-pub async fn logs(client: &Client, name: &str, replica: Option<&str>, follow: bool) -> Result<(), Failure> {
+pub async fn logs(
+    client: &Client,
+    name: &str,
+    replica: Option<&str>,
+    follow: bool,
+) -> Result<(), Failure> {
     let mut path = format!("/v1/jobs/{}/logs?follow={follow}", encode(name));
     if let Some(r) = replica {
         path.push_str(&format!("&replica={}", encode(r)));
@@ -173,7 +231,8 @@ pub async fn logs(client: &Client, name: &str, replica: Option<&str>, follow: bo
     let mut body = response.into_body();
     let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Failure::Request(format!("the log stream broke off: {e}")))?;
+        let frame =
+            frame.map_err(|e| Failure::Request(format!("the log stream broke off: {e}")))?;
         if let Some(data) = frame.data_ref() {
             out.write_all(data)?;
             out.flush()?;
@@ -183,12 +242,20 @@ pub async fn logs(client: &Client, name: &str, replica: Option<&str>, follow: bo
 }
 
 pub async fn cancel(client: &Client, name: &str, format: Format) -> Result<(), Failure> {
-    let bytes = client.request(Method::DELETE, &format!("/v1/jobs/{}", encode(name)), None, Bytes::new()).await?;
+    let bytes = client
+        .request(
+            Method::DELETE,
+            &format!("/v1/jobs/{}", encode(name)),
+            None,
+            Bytes::new(),
+        )
+        .await?;
     let value: serde_json::Value = agentd_api::client::decode(&bytes)?;
     if output::print_structured(format, &value)? {
         return Ok(());
     }
-    let j: JobStatus = serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
+    let j: JobStatus =
+        serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
     if j.state == JobState::Cancelled && j.reason == "Cancelled" {
         println!("job {} cancelled; its replicas are being stopped", j.name);
     } else {
@@ -202,8 +269,11 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
     if output::print_structured(format, &value)? {
         return Ok(());
     }
-    let list: QueueList = serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
-    let mut table = Table::new(["QUEUE", "PRIORITY", "WEIGHT", "QUEUED", "RUNNING", "GPUS", "LIMITS"]);
+    let list: QueueList =
+        serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
+    let mut table = Table::new([
+        "QUEUE", "PRIORITY", "WEIGHT", "QUEUED", "RUNNING", "GPUS", "LIMITS",
+    ]);
     for q in &list.queues {
         let mut limits = Vec::new();
         if let Some(n) = q.max_running_jobs {
@@ -213,13 +283,21 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
             limits.push(format!("{n} GPUs"));
         }
         table.row(vec![
-            if q.default { format!("{} (default)", q.name) } else { q.name.clone() },
+            if q.default {
+                format!("{} (default)", q.name)
+            } else {
+                q.name.clone()
+            },
             q.priority.to_string(),
             q.weight.to_string(),
             q.queued.to_string(),
             q.running.to_string(),
             q.gpus_in_use.to_string(),
-            if limits.is_empty() { "-".into() } else { limits.join(", ") },
+            if limits.is_empty() {
+                "-".into()
+            } else {
+                limits.join(", ")
+            },
         ]);
     }
     print!("{}", table.render(""));
@@ -227,14 +305,18 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
 }
 
 fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Percent-encodes a path or query component.
 fn encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

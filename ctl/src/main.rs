@@ -15,7 +15,11 @@ use clap::{Parser, Subcommand};
 pub use output::Format;
 
 #[derive(Debug, Parser)]
-#[command(name = "agentctl", version, about = "Control the local agentd GPU node agent")]
+#[command(
+    name = "agentctl",
+    version,
+    about = "Control the local agentd GPU node agent"
+)]
 struct Cli {
     /// The agent's socket.
     #[arg(long, global = true, env = agentd_api::SOCKET_ENV, default_value = agentd_api::DEFAULT_SOCKET)]
@@ -99,7 +103,10 @@ impl From<std::io::Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("agentctl: {e}");
@@ -116,9 +123,11 @@ fn main() -> ExitCode {
                 jobs::list(&client, queue.as_deref(), state.as_deref(), cli.output).await
             }
             Command::Job { name } => jobs::show(&client, &name, cli.output).await,
-            Command::Logs { name, replica, follow } => {
-                jobs::logs(&client, &name, replica.as_deref(), follow).await
-            }
+            Command::Logs {
+                name,
+                replica,
+                follow,
+            } => jobs::logs(&client, &name, replica.as_deref(), follow).await,
             Command::Cancel { name } => jobs::cancel(&client, &name, cli.output).await,
             Command::Queues => jobs::queues(&client, cli.output).await,
             Command::GenerateDocs { dir } => {

@@ -2,8 +2,8 @@
 
 use agentd_api::{Client, GpuInfo, NodeInventory, Status};
 
-use crate::output::{self, Format, Table};
 use crate::Failure;
+use crate::output::{self, Format, Table};
 
 pub async fn status(client: &Client, format: Format) -> Result<(), Failure> {
     let value = client.get_value("/v1/status").await?;
@@ -74,7 +74,15 @@ fn gpu_section(n: &NodeInventory) -> String {
         driver.driver_version,
         driver.cuda_version
     );
-    let mut table = Table::new(["GPU", "MODEL", "MEMORY USED", "UTIL", "TEMP", "POWER", "HEALTH"]);
+    let mut table = Table::new([
+        "GPU",
+        "MODEL",
+        "MEMORY USED",
+        "UTIL",
+        "TEMP",
+        "POWER",
+        "HEALTH",
+    ]);
     for g in &n.gpus {
         table.row(gpu_row(g));
     }
@@ -86,9 +94,14 @@ fn gpu_row(g: &GpuInfo) -> Vec<String> {
     vec![
         g.index.to_string(),
         g.name.clone(),
-        format!("{} / {}", output::bytes(g.memory_used_bytes), output::bytes(g.memory_total_bytes)),
+        format!(
+            "{} / {}",
+            output::bytes(g.memory_used_bytes),
+            output::bytes(g.memory_total_bytes)
+        ),
         format!("{}%", g.utilization_gpu_percent),
-        g.temperature_celsius.map_or("-".into(), |t| format!("{t}C")),
+        g.temperature_celsius
+            .map_or("-".into(), |t| format!("{t}C")),
         match (g.power_usage_watts, g.power_limit_watts) {
             (Some(u), Some(l)) => format!("{u:.0}/{l:.0} W"),
             (Some(u), None) => format!("{u:.0} W"),
@@ -135,9 +148,15 @@ pub fn render_node(n: &NodeInventory) -> String {
     text += &disks.render("  ");
     text += &gpu_section(n);
     for g in &n.gpus {
-        text += &format!("  GPU {}: {} {} at {}", g.index, g.name, g.uuid, g.pci_bus_id);
+        text += &format!(
+            "  GPU {}: {} {} at {}",
+            g.index, g.name, g.uuid, g.pci_bus_id
+        );
         if let Some(ecc) = g.ecc_errors {
-            text += &format!(", ECC corrected {} uncorrected {}", ecc.corrected, ecc.uncorrected);
+            text += &format!(
+                ", ECC corrected {} uncorrected {}",
+                ecc.corrected, ecc.uncorrected
+            );
         }
         if let Some(e) = g.energy_joules {
             text += &format!(", {e:.0} J since driver load");

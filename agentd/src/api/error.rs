@@ -9,9 +9,16 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{method} is not allowed on {path}; allowed: {allowed}")]
-    MethodNotAllowed { method: String, path: String, allowed: &'static str },
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
     #[error("{message}")]
-    BadRequest { message: String, field: Option<String> },
+    BadRequest {
+        message: String,
+        field: Option<String>,
+    },
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -28,7 +35,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::BadRequest { message: message.into(), field: None }
+        Self::BadRequest {
+            message: message.into(),
+            field: None,
+        }
     }
 
     /// The status and body. No `_` arm: a new error cannot ship without a status.
@@ -40,10 +50,13 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed)
             }
             Self::BadRequest { .. } => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
-            Self::UnsupportedMediaType(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType)
+            Self::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::UnsupportedMediaType,
+            ),
+            Self::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge)
             }
-            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidSpec),
             Self::Conflict(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
@@ -51,7 +64,9 @@ impl ApiError {
         };
         let mut body = ErrorBody::new(code, message);
         match self {
-            Self::BadRequest { field: Some(field), .. } => body.error.field = Some(field.clone()),
+            Self::BadRequest {
+                field: Some(field), ..
+            } => body.error.field = Some(field.clone()),
             Self::Invalid(problems) => {
                 if let [first, ..] = problems.as_slice() {
                     body.error.field = Some(first.field.clone());

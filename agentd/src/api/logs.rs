@@ -24,7 +24,11 @@ pub async fn respond(
     follow: bool,
 ) -> Result<Response<Body>, ApiError> {
     let files = core
-        .ask(|reply| Command::Logs { name: name.clone(), replica: replica.clone(), reply })
+        .ask(|reply| Command::Logs {
+            name: name.clone(),
+            replica: replica.clone(),
+            reply,
+        })
         .await?;
     let body: Body = if follow {
         let (tx, rx) = mpsc::channel(16);
@@ -38,7 +42,9 @@ pub async fn respond(
                 let _ = f.read_to_end(&mut text);
             }
         }
-        http_body_util::Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed()
+        http_body_util::Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed()
     };
     Ok(Response::builder()
         .status(StatusCode::OK)
@@ -51,10 +57,10 @@ pub async fn respond(
 async fn follow_log(core: CoreHandle, name: String, mut files: LogFiles, tx: mpsc::Sender<Bytes>) {
     let current = files.files.last().cloned().unwrap_or_default();
     for older in &files.files[..files.files.len().saturating_sub(1)] {
-        if let Ok(bytes) = std::fs::read(older) {
-            if tx.send(Bytes::from(bytes)).await.is_err() {
-                return;
-            }
+        if let Ok(bytes) = std::fs::read(older)
+            && tx.send(Bytes::from(bytes)).await.is_err()
+        {
+            return;
         }
     }
     let mut offset = 0u64;
@@ -75,7 +81,14 @@ async fn follow_log(core: CoreHandle, name: String, mut files: LogFiles, tx: mps
             return;
         }
         let replica = Some(files.replica.clone());
-        match core.ask(|reply| Command::Logs { name: name.clone(), replica, reply }).await {
+        match core
+            .ask(|reply| Command::Logs {
+                name: name.clone(),
+                replica,
+                reply,
+            })
+            .await
+        {
             Ok(latest) => files = latest,
             Err(_) => return,
         }
@@ -107,6 +120,8 @@ impl hyper::body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
     }
 }

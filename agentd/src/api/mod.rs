@@ -92,7 +92,10 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
         });
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}; closing them");
     }
 }
@@ -102,9 +105,12 @@ async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> R
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
-    let parsed = declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
+    let parsed =
+        declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
     let response = match parsed {
-        Ok(route) => dispatch(state, route, req).await.unwrap_or_else(|e| error_response(&e)),
+        Ok(route) => dispatch(state, route, req)
+            .await
+            .unwrap_or_else(|e| error_response(&e)),
         Err(e) => error_response(&e),
     };
     tracing::info!(
@@ -127,7 +133,13 @@ async fn dispatch(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
     // Every route reads its body through the limit, even those that expect none, so that an
     // oversized request is always a 413 and never a half-read connection.
     let body = read_body(req).await?;
@@ -136,9 +148,14 @@ async fn dispatch(
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         Route::Readyz => {
             if *state.ready.borrow() {
-                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ready"})))
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "ready"}),
+                ))
             } else {
-                Err(ApiError::Unavailable("the agent is starting: the first inventory is not in yet".into()))
+                Err(ApiError::Unavailable(
+                    "the agent is starting: the first inventory is not in yet".into(),
+                ))
             }
         }
         Route::Status => Ok(json(StatusCode::OK, &status(state))),
@@ -146,28 +163,54 @@ async fn dispatch(
         Route::SubmitJob => {
             check_manifest_type(content_type.as_deref())?;
             if body.is_empty() {
-                return Err(ApiError::bad_request("the request body is empty: send a TrainingJob or TFJob manifest in YAML or JSON"));
+                return Err(ApiError::bad_request(
+                    "the request body is empty: send a TrainingJob or TFJob manifest in YAML or JSON",
+                ));
             }
             let manifest = body.to_vec();
-            let status = core.ask(|reply| Command::Submit { manifest, reply }).await?;
+            let status = core
+                .ask(|reply| Command::Submit { manifest, reply })
+                .await?;
             Ok(json(StatusCode::CREATED, &status))
         }
         Route::ListJobs { queue, state } => {
-            let list = core.ask(|reply| Command::List { queue, state, reply }).await?;
+            let list = core
+                .ask(|reply| Command::List {
+                    queue,
+                    state,
+                    reply,
+                })
+                .await?;
             Ok(json(StatusCode::OK, &list))
         }
-        Route::GetJob { name } => {
-            Ok(json(StatusCode::OK, &core.ask(|reply| Command::Get { name, reply }).await?))
-        }
-        Route::CancelJob { name } => {
-            Ok(json(StatusCode::OK, &core.ask(|reply| Command::Cancel { name, reply }).await?))
-        }
-        Route::Queues => Ok(json(StatusCode::OK, &core.ask(|reply| Command::Queues { reply }).await?)),
+        Route::GetJob { name } => Ok(json(
+            StatusCode::OK,
+            &core.ask(|reply| Command::Get { name, reply }).await?,
+        )),
+        Route::CancelJob { name } => Ok(json(
+            StatusCode::OK,
+            &core.ask(|reply| Command::Cancel { name, reply }).await?,
+        )),
+        Route::Queues => Ok(json(
+            StatusCode::OK,
+            &core.ask(|reply| Command::Queues { reply }).await?,
+        )),
         Route::Events { after, limit, job } => {
-            let list = core.ask(|reply| Command::Events { after, limit, job, reply }).await?;
+            let list = core
+                .ask(|reply| Command::Events {
+                    after,
+                    limit,
+                    job,
+                    reply,
+                })
+                .await?;
             Ok(json(StatusCode::OK, &list))
         }
-        Route::JobLogs { name, replica, follow } => logs::respond(core, name, replica, follow).await,
+        Route::JobLogs {
+            name,
+            replica,
+            follow,
+        } => logs::respond(core, name, replica, follow).await,
     }
 }
 
@@ -190,11 +233,22 @@ impl From<CoreError> for ApiError {
         use agentd_api::error::FieldProblem;
         match e {
             CoreError::NotFound(_) => ApiError::NotFound(e.to_string()),
-            CoreError::Spec(crate::job::SpecError::Syntax { .. }) => ApiError::bad_request(e.to_string()),
+            CoreError::Spec(crate::job::SpecError::Syntax { .. }) => {
+                ApiError::bad_request(e.to_string())
+            }
             CoreError::Spec(crate::job::SpecError::Invalid(errors)) => ApiError::Invalid(
-                errors.into_iter().map(|f| FieldProblem { field: f.field, message: f.message }).collect(),
+                errors
+                    .into_iter()
+                    .map(|f| FieldProblem {
+                        field: f.field,
+                        message: f.message,
+                    })
+                    .collect(),
             ),
-            CoreError::BadField { field, message } => ApiError::BadRequest { message, field: Some(field) },
+            CoreError::BadField { field, message } => ApiError::BadRequest {
+                message,
+                field: Some(field),
+            },
             CoreError::Conflict(message) => ApiError::Conflict(message),
             CoreError::ShuttingDown => ApiError::Unavailable(e.to_string()),
             CoreError::Store(e) => ApiError::Internal(e.to_string()),
@@ -226,7 +280,9 @@ fn declared_too_large(req: &Request<Incoming>) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES });
+        return Err(ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        });
     }
     Ok(())
 }
@@ -234,12 +290,17 @@ fn declared_too_large(req: &Request<Incoming>) -> Result<(), ApiError> {
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] (also when no length was
 /// declared, as with chunked bodies).
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES })
-        }
-        Err(e) => Err(ApiError::bad_request(format!("cannot read the request body: {e}"))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        }),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
     }
 }
 
@@ -248,7 +309,11 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed())
+        .body(
+            Full::new(Bytes::from(bytes))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .expect("static headers are valid")
 }
 

@@ -14,13 +14,28 @@ pub enum Route {
     Readyz,
     Status,
     Node,
-    ListJobs { queue: Option<String>, state: Option<JobState> },
+    ListJobs {
+        queue: Option<String>,
+        state: Option<JobState>,
+    },
     SubmitJob,
-    GetJob { name: String },
-    CancelJob { name: String },
-    JobLogs { name: String, replica: Option<String>, follow: bool },
+    GetJob {
+        name: String,
+    },
+    CancelJob {
+        name: String,
+    },
+    JobLogs {
+        name: String,
+        replica: Option<String>,
+        follow: bool,
+    },
     Queues,
-    Events { after: i64, limit: u32, job: Option<String> },
+    Events {
+        after: i64,
+        limit: u32,
+        job: Option<String>,
+    },
 }
 
 impl Route {
@@ -57,30 +72,34 @@ impl Route {
             },
             (["v1", "jobs"], false) if method == Method::POST => Route::SubmitJob,
             (["v1", "jobs"], false) => return Err(not_allowed("GET, POST")),
-            (["v1", "jobs", name], true) => Route::GetJob { name: decode(name)? },
-            (["v1", "jobs", name], false) if method == Method::DELETE => {
-                Route::CancelJob { name: decode(name)? }
-            }
+            (["v1", "jobs", name], true) => Route::GetJob {
+                name: decode(name)?,
+            },
+            (["v1", "jobs", name], false) if method == Method::DELETE => Route::CancelJob {
+                name: decode(name)?,
+            },
             (["v1", "jobs", _], false) => return Err(not_allowed("GET, DELETE")),
             (["v1", "jobs", name, "logs"], true) => Route::JobLogs {
                 name: decode(name)?,
                 replica: query.get("replica").map(str::to_owned),
                 follow: query.flag("follow")?,
             },
-            (["v1", "jobs", _, "logs"], false) => return Err(not_allowed("GET")),
+            (["v1", "jobs", _, "logs"] | ["v1", "events"], false) => {
+                return Err(not_allowed("GET"));
+            }
             (["v1", "events"], true) => Route::Events {
                 after: query.number("after")?.unwrap_or(0),
                 limit: query.number("limit")?.map_or(Ok(1000), |n: i64| {
-                    u32::try_from(n).ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| {
-                        ApiError::BadRequest {
+                    u32::try_from(n)
+                        .ok()
+                        .filter(|n| (1..=10_000).contains(n))
+                        .ok_or_else(|| ApiError::BadRequest {
                             message: "must be between 1 and 10000".to_owned(),
                             field: Some("limit".to_owned()),
-                        }
-                    })
+                        })
                 })?,
                 job: query.get("job").map(str::to_owned),
             },
-            (["v1", "events"], false) => return Err(not_allowed("GET")),
             _ => return Err(ApiError::NotFound(format!("no such API path: {path}"))),
         };
         Ok(route)
@@ -118,7 +137,10 @@ impl Query {
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn flag(&self, key: &str) -> Result<bool, ApiError> {
@@ -176,16 +198,28 @@ mod tests {
 
     #[test]
     fn known_and_unknown_paths() {
-        assert_eq!(Route::parse(&Method::GET, "/v1/status", None).unwrap(), Route::Status);
-        assert_eq!(Route::parse(&Method::GET, "/v1/status/", None).unwrap(), Route::Status);
-        assert!(matches!(Route::parse(&Method::GET, "/v2/status", None), Err(ApiError::NotFound(_))));
+        assert_eq!(
+            Route::parse(&Method::GET, "/v1/status", None).unwrap(),
+            Route::Status
+        );
+        assert_eq!(
+            Route::parse(&Method::GET, "/v1/status/", None).unwrap(),
+            Route::Status
+        );
+        assert!(matches!(
+            Route::parse(&Method::GET, "/v2/status", None),
+            Err(ApiError::NotFound(_))
+        ));
         assert!(matches!(
             Route::parse(&Method::POST, "/v1/node", None),
             Err(ApiError::MethodNotAllowed { allowed: "GET", .. })
         ));
         assert!(matches!(
             Route::parse(&Method::PUT, "/v1/jobs/x", None),
-            Err(ApiError::MethodNotAllowed { allowed: "GET, DELETE", .. })
+            Err(ApiError::MethodNotAllowed {
+                allowed: "GET, DELETE",
+                ..
+            })
         ));
     }
 
@@ -193,13 +227,28 @@ mod tests {
     fn query_parameters_are_checked() {
         assert_eq!(
             Route::parse(&Method::GET, "/v1/jobs", Some("state=running&queue=fast")).unwrap(),
-            Route::ListJobs { queue: Some("fast".into()), state: Some(JobState::Running) }
+            Route::ListJobs {
+                queue: Some("fast".into()),
+                state: Some(JobState::Running)
+            }
         );
         let err = Route::parse(&Method::GET, "/v1/jobs", Some("state=sleeping")).unwrap_err();
-        assert!(matches!(err, ApiError::BadRequest { field: Some(ref f), .. } if f == "state"), "{err}");
+        assert!(
+            matches!(err, ApiError::BadRequest { field: Some(ref f), .. } if f == "state"),
+            "{err}"
+        );
         assert_eq!(
-            Route::parse(&Method::GET, "/v1/jobs/mnist/logs", Some("replica=worker-1&follow")).unwrap(),
-            Route::JobLogs { name: "mnist".into(), replica: Some("worker-1".into()), follow: true }
+            Route::parse(
+                &Method::GET,
+                "/v1/jobs/mnist/logs",
+                Some("replica=worker-1&follow")
+            )
+            .unwrap(),
+            Route::JobLogs {
+                name: "mnist".into(),
+                replica: Some("worker-1".into()),
+                follow: true
+            }
         );
         assert!(Route::parse(&Method::GET, "/v1/events", Some("limit=0")).is_err());
         assert!(Route::parse(&Method::GET, "/v1/jobs/%zz", None).is_err());

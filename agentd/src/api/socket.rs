@@ -27,20 +27,32 @@ pub enum SocketError {
 
 /// Binds the socket at `path`, ready to accept.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    let io = |action, source| SocketError::Io { action, path: path.to_owned(), source };
+    let io = |action, source| SocketError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io("create the directory of", e))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => return Err(SocketError::AlreadyRunning { path: path.to_owned() }),
+            Ok(_) => {
+                return Err(SocketError::AlreadyRunning {
+                    path: path.to_owned(),
+                });
+            }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 tracing::info!(socket = %path.display(), "replacing the stale socket of an agent that is gone");
                 std::fs::remove_file(path).map_err(|e| io("remove the stale socket", e))?;
             }
             Err(e) => return Err(io("check the existing socket", e)),
         },
-        Ok(_) => return Err(SocketError::NotASocket { path: path.to_owned() }),
+        Ok(_) => {
+            return Err(SocketError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(io("inspect", e)),
     }
@@ -76,8 +88,14 @@ mod tests {
         let path = dir.path().join("run/agentd/agentd.sock");
         let _listener = bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        let expected =
-            if nix::unistd::Group::from_name(SOCKET_GROUP).unwrap().is_some() { 0o660 } else { 0o600 };
+        let expected = if nix::unistd::Group::from_name(SOCKET_GROUP)
+            .unwrap()
+            .is_some()
+        {
+            0o660
+        } else {
+            0o600
+        };
         assert_eq!(mode, expected);
     }
 
@@ -105,7 +123,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agentd.sock");
         std::fs::write(&path, "precious").unwrap();
-        assert!(matches!(bind(&path).unwrap_err(), SocketError::NotASocket { .. }));
+        assert!(matches!(
+            bind(&path).unwrap_err(),
+            SocketError::NotASocket { .. }
+        ));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
     }
 }

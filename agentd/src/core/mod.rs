@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentd_api::NodeInventory;
 use agentd_api::jobs::{
     Event, EventList, JobList, JobState, JobStatus, QueueList, QueueStatus, ReplicaState,
 };
-use agentd_api::NodeInventory;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, QueueSettings};
@@ -55,14 +55,38 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 /// A request to the core, from the API.
 #[derive(Debug)]
 pub enum Command {
-    Submit { manifest: Vec<u8>, reply: Reply<JobStatus> },
-    List { queue: Option<String>, state: Option<JobState>, reply: Reply<JobList> },
-    Get { name: String, reply: Reply<JobStatus> },
+    Submit {
+        manifest: Vec<u8>,
+        reply: Reply<JobStatus>,
+    },
+    List {
+        queue: Option<String>,
+        state: Option<JobState>,
+        reply: Reply<JobList>,
+    },
+    Get {
+        name: String,
+        reply: Reply<JobStatus>,
+    },
     /// Cancels an active job; removes a finished one.
-    Cancel { name: String, reply: Reply<JobStatus> },
-    Queues { reply: Reply<QueueList> },
-    Events { after: i64, limit: u32, job: Option<String>, reply: Reply<EventList> },
-    Logs { name: String, replica: Option<String>, reply: Reply<LogFiles> },
+    Cancel {
+        name: String,
+        reply: Reply<JobStatus>,
+    },
+    Queues {
+        reply: Reply<QueueList>,
+    },
+    Events {
+        after: i64,
+        limit: u32,
+        job: Option<String>,
+        reply: Reply<EventList>,
+    },
+    Logs {
+        name: String,
+        replica: Option<String>,
+        reply: Reply<LogFiles>,
+    },
 }
 
 /// Where a replica's log is, and whether more can come.
@@ -85,7 +109,10 @@ impl CoreHandle {
     /// Sends a command built around a reply channel and waits for the answer.
     pub async fn ask<T>(&self, build: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(build(reply)).await.map_err(|_| CoreError::ShuttingDown)?;
+        self.tx
+            .send(build(reply))
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
     }
 }
@@ -99,6 +126,7 @@ enum Internal {
 
 pub struct Core {
     node: String,
+    labels: BTreeMap<String, String>,
     state_dir: PathBuf,
     queues: BTreeMap<String, QueueSettings>,
     default_queue: String,
@@ -141,6 +169,7 @@ impl Core {
         let (internal_tx, internal) = mpsc::unbounded_channel();
         let mut core = Core {
             node,
+            labels: config.labels.clone(),
             state_dir: config.state_dir.clone(),
             queues: config.queues.clone(),
             default_queue: config.jobs.default_queue.clone(),
@@ -160,7 +189,16 @@ impl Core {
         };
         core.recover()?;
         core.commit()?;
-        Ok((core, CoreHandle { tx }, CoreInputs { commands, exits, health, internal }))
+        Ok((
+            core,
+            CoreHandle { tx },
+            CoreInputs {
+                commands,
+                exits,
+                health,
+                internal,
+            },
+        ))
     }
 
     /// Runs until `stop` turns true; then stops every gang and writes the last changes.
@@ -179,7 +217,7 @@ impl Core {
                         }
                     }
                 }
-                Some(exit) = inputs.exits.recv() => self.replica_exited(exit),
+                Some(exit) = inputs.exits.recv() => self.replica_exited(&exit),
                 Some(change) = inputs.health.recv() => self.gpu_health_changed(&change),
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
                 Ok(()) = inventory.changed() => self.inventory_changed(),
@@ -191,7 +229,7 @@ impl Core {
                 _ = stop.wait_for(|s| *s) => break,
             }
             while let Ok(exit) = inputs.exits.try_recv() {
-                self.replica_exited(exit);
+                self.replica_exited(&exit);
             }
             if self.needs_pass {
                 self.schedule();
@@ -228,7 +266,11 @@ impl Core {
                     let _ = reply.send(result);
                 }));
             }
-            Command::List { queue, state, reply } => {
+            Command::List {
+                queue,
+                state,
+                reply,
+            } => {
                 let jobs = self
                     .jobs
                     .values()
@@ -250,7 +292,12 @@ impl Core {
             Command::Queues { reply } => {
                 let _ = reply.send(Ok(self.queue_list()));
             }
-            Command::Events { after, limit, job, reply } => {
+            Command::Events {
+                after,
+                limit,
+                job,
+                reply,
+            } => {
                 let result = self
                     .store
                     .events(job.as_ref().map(|_| "job"), job.as_deref(), after, limit)
@@ -270,7 +317,11 @@ impl Core {
                     .map_err(CoreError::from);
                 let _ = reply.send(result);
             }
-            Command::Logs { name, replica, reply } => {
+            Command::Logs {
+                name,
+                replica,
+                reply,
+            } => {
                 let _ = reply.send(self.logs(&name, replica.as_deref()));
             }
         }
@@ -280,7 +331,11 @@ impl Core {
         let mut parsed = job::parse(manifest)?;
         job::validate_for_standalone(&parsed)?;
         record::check_standalone_env(&parsed)?;
-        let queue = parsed.spec.queue.clone().unwrap_or_else(|| self.default_queue.clone());
+        let queue = parsed
+            .spec
+            .queue
+            .clone()
+            .unwrap_or_else(|| self.default_queue.clone());
         if !self.queues.contains_key(&queue) {
             return Err(CoreError::BadField {
                 field: "spec.queue".to_owned(),
@@ -297,7 +352,11 @@ impl Core {
                 parsed.name,
                 existing.status.state,
                 parsed.name,
-                if existing.status.state.is_finished() { "" } else { " (twice: once to cancel, once to remove)" },
+                if existing.status.state.is_finished() {
+                    ""
+                } else {
+                    " (twice: once to cancel, once to remove)"
+                },
             )));
         }
         let now = unix_now();
@@ -306,32 +365,51 @@ impl Core {
         let name = record.status.name.clone();
         let status = record.status.clone();
         self.jobs.insert(name.clone(), record);
-        self.event(&name, "Submitted", format!("accepted into queue {}", status.queue));
+        self.event(
+            &name,
+            "Submitted",
+            format!("accepted into queue {}", status.queue),
+        );
         self.dirty.insert(name);
         self.needs_pass = true;
         Ok(status)
     }
 
     fn get(&self, name: &str) -> Result<JobStatus, CoreError> {
-        let record = self.jobs.get(name).ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+        let record = self
+            .jobs
+            .get(name)
+            .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
         let mut status = record.status.clone();
         status.events = self
             .store
             .events(Some("job"), Some(name), 0, 10_000)?
             .into_iter()
-            .map(|e| agentd_api::jobs::JobEvent { time: e.time, reason: e.reason, message: e.message })
+            .map(|e| agentd_api::jobs::JobEvent {
+                time: e.time,
+                reason: e.reason,
+                message: e.message,
+            })
             .collect();
         Ok(status)
     }
 
     fn cancel(&mut self, name: &str) -> Result<JobStatus, CoreError> {
-        let record = self.jobs.get(name).ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+        let record = self
+            .jobs
+            .get(name)
+            .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
         if record.status.state.is_finished() {
             let status = record.status.clone();
             self.remove(name);
             return Ok(status);
         }
-        self.finish(name, JobState::Cancelled, "Cancelled", "cancelled by request".to_owned());
+        self.finish(
+            name,
+            JobState::Cancelled,
+            "Cancelled",
+            "cancelled by request".to_owned(),
+        );
         Ok(self.jobs[name].status.clone())
     }
 
@@ -377,7 +455,10 @@ impl Core {
     }
 
     fn logs(&self, name: &str, replica: Option<&str>) -> Result<LogFiles, CoreError> {
-        let record = self.jobs.get(name).ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+        let record = self
+            .jobs
+            .get(name)
+            .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
         let replica = match replica {
             Some(r) => {
                 if !record.status.replicas.iter().any(|s| s.name == r) {
@@ -385,13 +466,24 @@ impl Core {
                         field: "replica".to_owned(),
                         message: format!(
                             "job {name} has no replica {r:?}; replicas: {}",
-                            record.status.replicas.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                            record
+                                .status
+                                .replicas
+                                .iter()
+                                .map(|s| s.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     });
                 }
                 r.to_owned()
             }
-            None => record.status.replicas.first().map(|s| s.name.clone()).unwrap_or_default(),
+            None => record
+                .status
+                .replicas
+                .first()
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
         };
         let current = self.log_dir(name).join(format!("{replica}.log"));
         Ok(LogFiles {
@@ -420,18 +512,22 @@ impl Core {
     fn internal(&mut self, internal: Internal) {
         match internal {
             Internal::GangStopped { job, generation } => {
-                if let Some(record) = self.jobs.get_mut(&job) {
-                    if record.release(generation) {
-                        self.dirty.insert(job);
-                        self.needs_pass = true;
-                    }
+                if let Some(record) = self.jobs.get_mut(&job)
+                    && record.release(generation)
+                {
+                    self.dirty.insert(job);
+                    self.needs_pass = true;
                 }
             }
         }
     }
 
     fn gpu_health_changed(&mut self, change: &GpuHealthEvent) {
-        let (reason, level) = if change.healthy { ("GpuHealthy", "info") } else { ("GpuUnhealthy", "warn") };
+        let (reason, level) = if change.healthy {
+            ("GpuHealthy", "info")
+        } else {
+            ("GpuUnhealthy", "warn")
+        };
         tracing::debug!(level, "{change}");
         self.events.push(NewEvent {
             time: unix_now(),
@@ -446,31 +542,39 @@ impl Core {
     /// A new inventory: gangs on GPUs that turned unhealthy restart elsewhere.
     fn inventory_changed(&mut self) {
         let inventory = self.inventory.borrow_and_update().clone();
-        let unhealthy: BTreeMap<&str, &agentd_api::GpuInfo> =
-            inventory.gpus.iter().filter(|g| !g.healthy).map(|g| (g.uuid.as_str(), g)).collect();
+        let unhealthy: BTreeMap<&str, &agentd_api::GpuInfo> = inventory
+            .gpus
+            .iter()
+            .filter(|g| !g.healthy)
+            .map(|g| (g.uuid.as_str(), g))
+            .collect();
         let hit: Vec<(String, String)> = self
             .jobs
             .values()
             .filter(|r| r.is_active() && r.status.state != JobState::Restarting)
             .filter_map(|r| {
                 r.status.replicas.iter().find_map(|replica| {
-                    replica.gpus.iter().find_map(|uuid| unhealthy.get(uuid.as_str())).map(|gpu| {
-                        (
-                            r.status.name.clone(),
-                            format!(
-                                "GPU {} ({}) of {} became unhealthy: {}",
-                                gpu.index,
-                                gpu.uuid,
-                                replica.name,
-                                gpu.health_reason.as_deref().unwrap_or("unknown reason")
-                            ),
-                        )
-                    })
+                    replica
+                        .gpus
+                        .iter()
+                        .find_map(|uuid| unhealthy.get(uuid.as_str()))
+                        .map(|gpu| {
+                            (
+                                r.status.name.clone(),
+                                format!(
+                                    "GPU {} ({}) of {} became unhealthy: {}",
+                                    gpu.index,
+                                    gpu.uuid,
+                                    replica.name,
+                                    gpu.health_reason.as_deref().unwrap_or("unknown reason")
+                                ),
+                            )
+                        })
                 })
             })
             .collect();
         for (name, message) in hit {
-            self.restart_gang(&name, "GpuUnhealthy", message);
+            self.restart_gang(&name, "GpuUnhealthy", &message);
         }
         self.needs_pass = true;
     }
@@ -485,30 +589,29 @@ impl Core {
             let policy = &r.job.spec.run_policy;
             match r.status.state {
                 JobState::Queued => {
-                    if let Some(limit) = policy.schedule_timeout_seconds {
-                        if now - r.queued_since >= limit as f64 {
-                            expired.push((
-                                name.clone(),
-                                "ScheduleTimeout",
-                                format!(
-                                    "not placed within scheduleTimeoutSeconds ({limit} s): {}",
-                                    r.status.message
-                                ),
-                            ));
-                        }
+                    if let Some(limit) = policy.schedule_timeout_seconds
+                        && now - r.queued_since >= limit as f64
+                    {
+                        expired.push((
+                            name.clone(),
+                            "ScheduleTimeout",
+                            format!(
+                                "not placed within scheduleTimeoutSeconds ({limit} s): {}",
+                                r.status.message
+                            ),
+                        ));
                     }
                 }
                 JobState::Placed | JobState::Starting | JobState::Running => {
                     if let (Some(limit), Some(started)) =
                         (policy.active_deadline_seconds, r.status.started_at)
+                        && now - started >= limit as f64
                     {
-                        if now - started >= limit as f64 {
-                            expired.push((
-                                name.clone(),
-                                "DeadlineExceeded",
-                                format!("ran longer than activeDeadlineSeconds ({limit} s)"),
-                            ));
-                        }
+                        expired.push((
+                            name.clone(),
+                            "DeadlineExceeded",
+                            format!("ran longer than activeDeadlineSeconds ({limit} s)"),
+                        ));
                     }
                 }
                 JobState::Restarting => {
@@ -519,10 +622,10 @@ impl Core {
                 JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
                     if let (Some(ttl), Some(finished)) =
                         (policy.ttl_seconds_after_finished, r.status.finished_at)
+                        && now - finished >= ttl as f64
+                        && r.allocation.is_none()
                     {
-                        if now - finished >= ttl as f64 && r.allocation.is_none() {
-                            remove.push(name.clone());
-                        }
+                        remove.push(name.clone());
                     }
                 }
             }
@@ -535,27 +638,42 @@ impl Core {
             record.requeue(now);
             self.dirty.insert(name.clone());
             self.needs_pass = true;
-            self.event(&name, "Requeued", "back-off over; waiting to be placed again".to_owned());
+            self.event(
+                &name,
+                "Requeued",
+                "back-off over; waiting to be placed again".to_owned(),
+            );
         }
         for name in remove {
-            tracing::info!(job = name, "removing finished job: ttlSecondsAfterFinished passed");
+            tracing::info!(
+                job = name,
+                "removing finished job: ttlSecondsAfterFinished passed"
+            );
             self.remove(&name);
         }
     }
 
-    fn replica_exited(&mut self, exit: ReplicaExit) {
-        let Some(record) = self.jobs.get_mut(&exit.job) else { return };
+    fn replica_exited(&mut self, exit: &ReplicaExit) {
+        let Some(record) = self.jobs.get_mut(&exit.job) else {
+            return;
+        };
         if exit.generation != record.status.generation {
             return;
         }
         let now = unix_now();
-        let Some(outcome) = record.replica_ended(&exit.replica, exit.outcome, now) else { return };
+        let Some(outcome) = record.replica_ended(&exit.replica, exit.outcome, now) else {
+            return;
+        };
         self.dirty.insert(exit.job.clone());
         let described = local::describe(exit.outcome);
         match outcome {
             record::ReplicaVerdict::Ignored => {}
             record::ReplicaVerdict::Succeeded { job_done: false } => {
-                self.event(&exit.job, "ReplicaSucceeded", format!("{} completed", exit.replica));
+                self.event(
+                    &exit.job,
+                    "ReplicaSucceeded",
+                    format!("{} completed", exit.replica),
+                );
             }
             record::ReplicaVerdict::Succeeded { job_done: true } => {
                 self.finish(
@@ -569,7 +687,10 @@ impl Core {
                 self.restart_gang(
                     &exit.job,
                     "ReplicaFailed",
-                    format!("{} ended ({described}); restartPolicy {policy:?} restarts the gang", exit.replica),
+                    &format!(
+                        "{} ended ({described}); restartPolicy {policy:?} restarts the gang",
+                        exit.replica
+                    ),
                 );
             }
             record::ReplicaVerdict::Fail { policy } => {
@@ -584,8 +705,10 @@ impl Core {
     }
 
     /// Restarts a gang, or fails the job when its backoffLimit is spent.
-    fn restart_gang(&mut self, name: &str, reason: &str, message: String) {
-        let Some(record) = self.jobs.get_mut(name) else { return };
+    fn restart_gang(&mut self, name: &str, reason: &str, message: &str) {
+        let Some(record) = self.jobs.get_mut(name) else {
+            return;
+        };
         let limit = record.status.backoff_limit;
         if record.status.restarts >= limit {
             self.finish(
@@ -598,7 +721,8 @@ impl Core {
         }
         // The job module's rule (doubling, capped), scaled to the configured base and cap.
         let (base, cap) = self.backoff;
-        let factor = job::backoff_delay(record.status.restarts).as_secs_f64() / job::BACKOFF_BASE.as_secs_f64();
+        let factor = job::backoff_delay(record.status.restarts).as_secs_f64()
+            / job::BACKOFF_BASE.as_secs_f64();
         let delay = base.mul_f64(factor).min(cap);
         let pgids = record.begin_restart(reason, &message, unix_now() + delay.as_secs_f64());
         let generation = record.status.generation;
@@ -608,13 +732,18 @@ impl Core {
         self.event(
             name,
             reason,
-            format!("{message}; restart {restarts} of {limit} in {:.1} s", delay.as_secs_f64()),
+            format!(
+                "{message}; restart {restarts} of {limit} in {:.1} s",
+                delay.as_secs_f64()
+            ),
         );
     }
 
     /// Ends a job and stops what is left of its gang.
     fn finish(&mut self, name: &str, state: JobState, reason: &str, message: String) {
-        let Some(record) = self.jobs.get_mut(name) else { return };
+        let Some(record) = self.jobs.get_mut(name) else {
+            return;
+        };
         let pgids = record.finish(state, reason, &message, unix_now());
         let generation = record.status.generation;
         self.stop_gang(name, generation, pgids);
@@ -638,10 +767,19 @@ impl Core {
     fn schedule(&mut self) {
         self.needs_pass = false;
         let inventory = self.inventory.borrow().clone();
-        let nodes = [node_capacity(&inventory)];
-        let running: Vec<sched::RunningGang> =
-            self.jobs.values().filter_map(JobRecord::running_gang).collect();
-        let queued: Vec<sched::Gang> = self.jobs.values().filter_map(JobRecord::queued_gang).collect();
+        let mut node = node_capacity(&inventory);
+        node.labels.extend(self.labels.clone());
+        let nodes = [node];
+        let running: Vec<sched::RunningGang> = self
+            .jobs
+            .values()
+            .filter_map(JobRecord::running_gang)
+            .collect();
+        let queued: Vec<sched::Gang> = self
+            .jobs
+            .values()
+            .filter_map(JobRecord::queued_gang)
+            .collect();
         if queued.is_empty() {
             return;
         }
@@ -658,11 +796,19 @@ impl Core {
             .collect();
         let now = unix_now();
         let decision = sched::schedule(
-            &Snapshot { now, nodes: &nodes, running: &running, queued: &queued, queues: &queues },
+            &Snapshot {
+                now,
+                nodes: &nodes,
+                running: &running,
+                queued: &queued,
+                queues: &queues,
+            },
             &self.policy,
         );
         for waiting in decision.waiting {
-            let Some(record) = self.jobs.get_mut(&waiting.gang) else { continue };
+            let Some(record) = self.jobs.get_mut(&waiting.gang) else {
+                continue;
+            };
             if record.status.reason != waiting.reason || record.status.message != waiting.message {
                 record.status.reason.clone_from(&waiting.reason);
                 record.status.message.clone_from(&waiting.message);
@@ -679,7 +825,9 @@ impl Core {
     fn start(&mut self, placement: &sched::Placement, inventory: &NodeInventory) {
         let name = placement.gang.clone();
         let log_dir = self.log_dir(&name);
-        let Some(record) = self.jobs.get_mut(&name) else { return };
+        let Some(record) = self.jobs.get_mut(&name) else {
+            return;
+        };
         let summary = record.place(placement, inventory, unix_now());
         self.dirty.insert(name.clone());
         self.event(&name, "Placed", summary);
@@ -709,8 +857,17 @@ impl Core {
         }
         let count = record.status.replicas.len();
         let generation = record.status.generation;
-        record.set_state(JobState::Running, "Running", &format!("all {count} replicas running"));
-        self.event(&name, "Running", format!("all {count} replicas started (generation {generation})"));
+        let replicas = if count == 1 {
+            "1 replica".to_owned()
+        } else {
+            format!("all {count} replicas")
+        };
+        record.set_state(JobState::Running, "Running", &format!("{replicas} running"));
+        self.event(
+            &name,
+            "Running",
+            format!("{replicas} started (generation {generation})"),
+        );
     }
 
     /// Writes the turn's changes in one transaction, then sends the replies that waited on it.
@@ -761,8 +918,13 @@ impl Core {
 
 /// The node as the scheduler sees it: every GPU with its health, all CPUs and memory.
 pub fn node_capacity(inventory: &NodeInventory) -> NodeCapacity {
-    let product = inventory.gpus.first().map(|g| g.name.clone()).unwrap_or_default();
-    let mut labels = BTreeMap::from([("kubernetes.io/hostname".to_owned(), inventory.name.clone())]);
+    let product = inventory
+        .gpus
+        .first()
+        .map(|g| g.name.clone())
+        .unwrap_or_default();
+    let mut labels =
+        BTreeMap::from([("kubernetes.io/hostname".to_owned(), inventory.name.clone())]);
     if !product.is_empty() {
         labels.insert("agentd.io/gpu.product".to_owned(), product);
     }

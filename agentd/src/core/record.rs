@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
 use agentd_api::NodeInventory;
+use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
 
 use crate::exec::local::{self, LaunchSpec};
 use crate::job::{
@@ -40,9 +40,15 @@ pub struct JobRecord {
 pub enum ReplicaVerdict {
     /// The job is not running this generation any more (stopping, restarting, finished).
     Ignored,
-    Succeeded { job_done: bool },
-    Restart { policy: RestartPolicy },
-    Fail { policy: RestartPolicy },
+    Succeeded {
+        job_done: bool,
+    },
+    Restart {
+        policy: RestartPolicy,
+    },
+    Fail {
+        policy: RestartPolicy,
+    },
 }
 
 impl JobRecord {
@@ -86,13 +92,27 @@ impl JobRecord {
             replicas,
             events: Vec::new(),
         };
-        Self { job, manifest, status, queued_since: now, restart_at: None, allocation: None }
+        Self {
+            job,
+            manifest,
+            status,
+            queued_since: now,
+            restart_at: None,
+            allocation: None,
+        }
     }
 
     /// Rebuilds a record from what the store kept.
     pub fn restore(job: TrainingJob, manifest: String, status: JobStatus) -> Self {
         let queued_since = status.submitted_at;
-        Self { job, manifest, status, queued_since, restart_at: None, allocation: None }
+        Self {
+            job,
+            manifest,
+            status,
+            queued_since,
+            restart_at: None,
+            allocation: None,
+        }
     }
 
     pub fn is_active(&self) -> bool {
@@ -110,9 +130,12 @@ impl JobRecord {
     }
 
     pub fn allocated_gpus(&self) -> u32 {
-        self.allocation
-            .as_ref()
-            .map_or(0, |a| a.assignments.iter().map(|x| x.gpu_indices.len() as u32).sum())
+        self.allocation.as_ref().map_or(0, |a| {
+            a.assignments
+                .iter()
+                .map(|x| x.gpu_indices.len() as u32)
+                .sum()
+        })
     }
 
     pub fn running_gang(&self) -> Option<sched::RunningGang> {
@@ -142,7 +165,12 @@ impl JobRecord {
 
     /// Takes the placement: a new generation, every replica pending on its node and GPUs.
     /// Returns a one-line summary for the event.
-    pub fn place(&mut self, placement: &sched::Placement, inventory: &NodeInventory, now: f64) -> String {
+    pub fn place(
+        &mut self,
+        placement: &sched::Placement,
+        inventory: &NodeInventory,
+        now: f64,
+    ) -> String {
         self.status.generation += 1;
         self.restart_at = None;
         self.allocation = Some(Allocation {
@@ -151,14 +179,27 @@ impl JobRecord {
         });
         let mut parts = Vec::new();
         for a in &placement.assignments {
-            let Some(r) = self.status.replicas.iter_mut().find(|r| r.name == a.replica) else { continue };
+            let Some(r) = self
+                .status
+                .replicas
+                .iter_mut()
+                .find(|r| r.name == a.replica)
+            else {
+                continue;
+            };
             r.state = ReplicaState::Pending;
             r.node = Some(a.node.clone());
             r.gpu_indices.clone_from(&a.gpu_indices);
             r.gpus = a
                 .gpu_indices
                 .iter()
-                .filter_map(|i| inventory.gpus.iter().find(|g| g.index == *i).map(|g| g.uuid.clone()))
+                .filter_map(|i| {
+                    inventory
+                        .gpus
+                        .iter()
+                        .find(|g| g.index == *i)
+                        .map(|g| g.uuid.clone())
+                })
                 .collect();
             r.pid = None;
             r.exit_code = None;
@@ -176,7 +217,11 @@ impl JobRecord {
             self.status.started_at = Some(now);
         }
         self.set_state(JobState::Placed, "Placed", "placed; starting replicas");
-        format!("generation {}: {}", self.status.generation, parts.join("; "))
+        format!(
+            "generation {}: {}",
+            self.status.generation,
+            parts.join("; ")
+        )
     }
 
     /// The processes to start for the placed generation, each with its `TF_CONFIG` and GPUs.
@@ -215,7 +260,10 @@ impl JobRecord {
             env.insert("CUDA_VISIBLE_DEVICES".to_owned(), status.gpus.join(","));
             env.insert("AGENTD_JOB".to_owned(), self.status.name.clone());
             env.insert("AGENTD_REPLICA".to_owned(), name.clone());
-            env.insert("AGENTD_GENERATION".to_owned(), self.status.generation.to_string());
+            env.insert(
+                "AGENTD_GENERATION".to_owned(),
+                self.status.generation.to_string(),
+            );
             specs.push(LaunchSpec {
                 job: self.status.name.clone(),
                 replica: name.clone(),
@@ -238,7 +286,12 @@ impl JobRecord {
     }
 
     /// Records a replica's end and says what it means for the job.
-    pub fn replica_ended(&mut self, name: &str, exit: ExitOutcome, now: f64) -> Option<ReplicaVerdict> {
+    pub fn replica_ended(
+        &mut self,
+        name: &str,
+        exit: ExitOutcome,
+        now: f64,
+    ) -> Option<ReplicaVerdict> {
         let running = matches!(self.status.state, JobState::Running | JobState::Starting);
         let (t, _) = parse_replica_name(name)?;
         let policy = self.job.spec.replica_specs.get(&t)?.restart_policy;
@@ -266,7 +319,9 @@ impl JobRecord {
                     .filter(|r| r.state == ReplicaState::Succeeded)
                     .filter_map(|r| parse_replica_name(&r.name))
                     .collect();
-                ReplicaVerdict::Succeeded { job_done: job::job_succeeded(&self.job, &succeeded) }
+                ReplicaVerdict::Succeeded {
+                    job_done: job::job_succeeded(&self.job, &succeeded),
+                }
             }
             RestartDecision::Restart => ReplicaVerdict::Restart { policy },
             RestartDecision::Fail => ReplicaVerdict::Fail { policy },
@@ -286,9 +341,14 @@ impl JobRecord {
         self.set_state(state, reason, message);
         self.status.finished_at = Some(now);
         self.restart_at = None;
-        let keep_running = self.job.spec.run_policy.clean_pod_policy == Some(job::CleanPodPolicy::None)
+        let keep_running = self.job.spec.run_policy.clean_pod_policy
+            == Some(job::CleanPodPolicy::None)
             && state == JobState::Succeeded;
-        if keep_running { Vec::new() } else { self.stop_replicas() }
+        if keep_running {
+            Vec::new()
+        } else {
+            self.stop_replicas()
+        }
     }
 
     /// Marks running replicas terminated and returns their process groups.
@@ -333,7 +393,9 @@ pub fn check_standalone_env(job: &TrainingJob) -> Result<(), SpecError> {
     let mut errors = Vec::new();
     let specs_at = format!("spec.{}", job.source.replica_specs_key());
     for (t, spec) in &job.spec.replica_specs {
-        let Some(pod) = spec.template.spec.as_ref() else { continue };
+        let Some(pod) = spec.template.spec.as_ref() else {
+            continue;
+        };
         for (ci, container) in pod.containers.iter().enumerate() {
             for (ei, env) in container.env.iter().flatten().enumerate() {
                 if env.value_from.is_some() {
@@ -345,5 +407,9 @@ pub fn check_standalone_env(job: &TrainingJob) -> Result<(), SpecError> {
             }
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(SpecError::Invalid(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecError::Invalid(errors))
+    }
 }

@@ -16,7 +16,10 @@ impl Core {
             let status: JobStatus = match serde_json::from_str(&status_json) {
                 Ok(status) => status,
                 Err(e) => {
-                    tracing::error!(job = name, "stored status is unreadable ({e}); the job is dropped");
+                    tracing::error!(
+                        job = name,
+                        "stored status is unreadable ({e}); the job is dropped"
+                    );
                     self.deleted.insert(name);
                     continue;
                 }
@@ -27,7 +30,10 @@ impl Core {
                     parsed
                 }
                 Err(e) => {
-                    tracing::error!(job = name, "stored manifest no longer parses ({e}); the job is dropped");
+                    tracing::error!(
+                        job = name,
+                        "stored manifest no longer parses ({e}); the job is dropped"
+                    );
                     self.deleted.insert(name);
                     continue;
                 }
@@ -43,7 +49,12 @@ impl Core {
             for pgid in leftovers {
                 let killed = local::kill_leftovers(pgid, &name);
                 if killed > 0 {
-                    tracing::warn!(job = name, pgid, killed, "stopped replica processes left by the previous agent");
+                    tracing::warn!(
+                        job = name,
+                        pgid,
+                        killed,
+                        "stopped replica processes left by the previous agent"
+                    );
                 }
             }
             for r in &mut record.status.replicas {
@@ -62,7 +73,8 @@ impl Core {
                     record.requeue(now);
                     self.dirty.insert(name);
                 }
-                JobState::Queued | JobState::Succeeded | JobState::Failed | JobState::Cancelled => {}
+                JobState::Queued | JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
+                }
             }
         }
         tracing::info!(jobs = self.jobs.len(), "jobs restored");
@@ -81,7 +93,11 @@ impl Core {
                 now,
             );
             self.dirty.insert(name.to_owned());
-            self.event(name, "BackoffLimitExceeded", format!("{message}; no restarts left (backoffLimit {limit})"));
+            self.event(
+                name,
+                "BackoffLimitExceeded",
+                format!("{message}; no restarts left (backoffLimit {limit})"),
+            );
             return;
         }
         record.status.restarts += 1;
@@ -89,6 +105,10 @@ impl Core {
         record.requeue(now);
         record.set_state(JobState::Queued, "AgentRestarted", message);
         self.dirty.insert(name.to_owned());
-        self.event(name, "AgentRestarted", format!("{message}; restarting the gang (restart {restarts} of {limit})"));
+        self.event(
+            name,
+            "AgentRestarted",
+            format!("{message}; restarting the gang (restart {restarts} of {limit})"),
+        );
     }
 }

@@ -67,7 +67,10 @@ pub struct LocalExecutor {
 
 impl LocalExecutor {
     pub fn new(exits: mpsc::UnboundedSender<ReplicaExit>, log_max_bytes: u64) -> Self {
-        Self { exits, log_max_bytes }
+        Self {
+            exits,
+            log_max_bytes,
+        }
     }
 
     /// Starts one replica; returns its pid (which is also its process group id).
@@ -170,7 +173,8 @@ pub fn describe(outcome: ExitOutcome) -> String {
     match (outcome.code, outcome.signal) {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => {
-            let name = Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+            let name =
+                Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
             format!("killed by {name}")
         }
         (None, None) => "lost".to_owned(),
@@ -179,7 +183,17 @@ pub fn describe(outcome: ExitOutcome) -> String {
 
 /// The agent's own environment that replicas keep: what a login shell would give them.
 fn inherited_env() -> impl Iterator<Item = (String, String)> {
-    const KEEP: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "VIRTUAL_ENV"];
+    const KEEP: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "TMPDIR",
+        "VIRTUAL_ENV",
+    ];
     std::env::vars().filter(|(k, _)| KEEP.contains(&k.as_str()))
 }
 
@@ -212,9 +226,17 @@ impl LogFile {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| ExecError::Log { path: path.to_owned(), source })?;
+            .map_err(|source| ExecError::Log {
+                path: path.to_owned(),
+                source,
+            })?;
         let written = file.metadata().map_or(0, |m| m.len());
-        Ok(Self { path: path.to_owned(), file, written, half: (max_bytes / 2).max(1) })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            written,
+            half: (max_bytes / 2).max(1),
+        })
     }
 
     pub fn write(&mut self, bytes: &[u8]) {
@@ -236,7 +258,11 @@ impl LogFile {
         if std::fs::rename(&self.path, &old).is_err() {
             return;
         }
-        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+        if let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+        {
             self.file = file;
             self.written = 0;
         }
@@ -263,11 +289,17 @@ pub fn group_alive(pgid: u32) -> bool {
     if pgid <= 1 || killpg(Pid::from_raw(pgid as i32), None).is_err() {
         return false;
     }
-    let Ok(entries) = std::fs::read_dir("/proc") else { return true };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
     entries.flatten().any(|entry| {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { return false };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
         // The command name may hold spaces and parentheses; the fields after its last ')' do not.
-        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
         let mut fields = rest.split_whitespace();
         let state = fields.next();
         let _ppid = fields.next();
@@ -281,18 +313,38 @@ pub fn group_alive(pgid: u32) -> bool {
 /// Returns how many processes were killed.
 pub fn kill_leftovers(pgid: u32, job: &str) -> usize {
     let marker = format!("AGENTD_JOB={job}");
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     let mut killed = 0;
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let pgrp = rest.split_whitespace().nth(2).and_then(|f| f.parse::<u32>().ok());
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let pgrp = rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|f| f.parse::<u32>().ok());
         if pgrp != Some(pgid) {
             continue;
         }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             killed += 1;
         }
@@ -320,7 +372,10 @@ pub async fn stop_groups(pgids: Vec<u32>, grace: Duration) {
 /// binding it, and released just before the replica starts.
 pub fn free_port() -> Result<u16, ExecError> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(ExecError::Port)?;
-    listener.local_addr().map(|a| a.port()).map_err(ExecError::Port)
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(ExecError::Port)
 }
 
 #[cfg(test)]
@@ -352,7 +407,11 @@ mod tests {
                 job: "j".into(),
                 replica: "worker-0".into(),
                 generation: 1,
-                argv: vec!["sh".into(), "-c".into(), "echo hello $GREETING; exit 3".into()],
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo hello $GREETING; exit 3".into(),
+                ],
                 env: BTreeMap::from([("GREETING".into(), "world".into())]),
                 working_dir: None,
                 log_path: log_path.clone(),
@@ -377,7 +436,11 @@ mod tests {
                 replica: "ps-0".into(),
                 generation: 1,
                 // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
-                argv: vec!["sh".into(), "-c".into(), "trap '' TERM; sleep 300 & wait".into()],
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "trap '' TERM; sleep 300 & wait".into(),
+                ],
                 env: BTreeMap::new(),
                 working_dir: None,
                 log_path: dir.path().join("ps-0.log"),

@@ -9,9 +9,29 @@ use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
 
 /// Filesystem types that hold no user data.
 const PSEUDO_FILESYSTEMS: &[&str] = &[
-    "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
-    "devtmpfs", "efivarfs", "fusectl", "hugetlbfs", "mqueue", "nsfs", "proc", "pstore", "ramfs",
-    "rpc_pipefs", "securityfs", "squashfs", "sysfs", "tmpfs", "tracefs",
+    "autofs",
+    "binfmt_misc",
+    "bpf",
+    "cgroup",
+    "cgroup2",
+    "configfs",
+    "debugfs",
+    "devpts",
+    "devtmpfs",
+    "efivarfs",
+    "fusectl",
+    "hugetlbfs",
+    "mqueue",
+    "nsfs",
+    "proc",
+    "pstore",
+    "ramfs",
+    "rpc_pipefs",
+    "securityfs",
+    "squashfs",
+    "sysfs",
+    "tmpfs",
+    "tracefs",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +77,11 @@ impl HostProbe {
         )
         .map_err(err)?;
         let disks = Disks::new_with_refreshed_list().map_err(err)?;
-        let cpu_model =
-            system.cpus().first().map(|c| c.brand().trim().to_owned()).unwrap_or_default();
+        let cpu_model = system
+            .cpus()
+            .first()
+            .map(|c| c.brand().trim().to_owned())
+            .unwrap_or_default();
         let logical_cores = system.cpus().len() as u32;
         let facts = HostFacts {
             hostname: System::host_name().unwrap_or_default(),
@@ -69,7 +92,11 @@ impl HostProbe {
             physical_cores: System::physical_core_count().map_or(logical_cores, |n| n as u32),
             logical_cores,
         };
-        Ok(Self { system, disks, facts })
+        Ok(Self {
+            system,
+            disks,
+            facts,
+        })
     }
 
     pub fn facts(&self) -> &HostFacts {
@@ -167,10 +194,17 @@ mod tests {
             .unwrap();
         assert_eq!(sample.memory.total_bytes, total_kib * 1024);
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
-        let processors = cpuinfo.lines().filter(|l| l.starts_with("processor")).count() as u32;
+        let processors = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count() as u32;
         assert_eq!(sample.cpu.logical_cores, processors);
         assert!(sample.cpu.physical_cores >= 1 && sample.cpu.physical_cores <= processors);
-        assert!(sample.disks.iter().any(|d| d.mount_point == "/"), "{:?}", sample.disks);
+        assert!(
+            sample.disks.iter().any(|d| d.mount_point == "/"),
+            "{:?}",
+            sample.disks
+        );
         assert!((0.0..=1.0).contains(&sample.cpu.utilization));
     }
 }

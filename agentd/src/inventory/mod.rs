@@ -18,7 +18,9 @@ pub use host::{HostError, HostProbe};
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Takes inventory readings.
@@ -47,7 +49,11 @@ impl Sampler {
                 None
             }
         };
-        Ok(Self { node_name, host: HostProbe::open()?, gpu })
+        Ok(Self {
+            node_name,
+            host: HostProbe::open()?,
+            gpu,
+        })
     }
 
     /// One full reading, and the GPU health changes it saw. Blocking: call it from the
@@ -93,7 +99,9 @@ pub async fn refresh(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let mut s = sampler.take().expect("sampler is returned after every reading");
+        let mut s = sampler
+            .take()
+            .expect("sampler is returned after every reading");
         let Ok((s, (inventory, changes))) = tokio::task::spawn_blocking(move || {
             let reading = s.sample();
             (s, reading)

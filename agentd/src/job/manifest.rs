@@ -111,6 +111,11 @@ struct RunPolicyWire {
     scheduling_policy: Option<SchedulingPolicyWire>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     suspend: Option<bool>,
+    /// Which controller reconciles the job in Kubeflow (defaulted by newer operators, so it is
+    /// in exported manifests). agentd runs the job itself, so the value does not matter.
+    #[serde(default, skip_serializing)]
+    #[expect(dead_code, reason = "accepted and ignored")]
+    managed_by: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -203,6 +208,7 @@ pub fn to_manifest(job: &TrainingJob) -> serde_json::Value {
         schedule_timeout_seconds: rp.schedule_timeout_seconds.map(clamp_i64),
         scheduling_policy: has_scheduling.then_some(scheduling),
         suspend: None,
+        managed_by: None,
     };
     let manifest = NativeManifest {
         api_version: NATIVE_API_VERSION.to_owned(),
@@ -363,7 +369,19 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
              TF_CONFIG; remove the field or set it to false",
         );
     }
-    // Fold the older inline run policy fields into runPolicy, refusing conflicting duplicates.
+    // Fold the older inline run policy fields into runPolicy, refusing conflicting duplicates;
+    // inline values are range-checked first so that errors name the field the user wrote.
+    let inline_ttl_seconds_after_finished = problems.count(
+        "spec.ttlSecondsAfterFinished",
+        spec.ttl_seconds_after_finished,
+        0,
+    );
+    let inline_active_deadline_seconds = problems.count(
+        "spec.activeDeadlineSeconds",
+        spec.active_deadline_seconds,
+        1,
+    );
+    let inline_backoff_limit = problems.count("spec.backoffLimit", spec.backoff_limit, 0);
     let mut wire = spec.run_policy.unwrap_or_default();
     wire.clean_pod_policy = problems.one_of(
         ("spec.runPolicy.cleanPodPolicy", wire.clean_pod_policy),
@@ -376,7 +394,7 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
         ),
         (
             "spec.ttlSecondsAfterFinished",
-            spec.ttl_seconds_after_finished,
+            inline_ttl_seconds_after_finished,
         ),
     );
     wire.active_deadline_seconds = problems.one_of(
@@ -384,11 +402,11 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
             "spec.runPolicy.activeDeadlineSeconds",
             wire.active_deadline_seconds,
         ),
-        ("spec.activeDeadlineSeconds", spec.active_deadline_seconds),
+        ("spec.activeDeadlineSeconds", inline_active_deadline_seconds),
     );
     wire.backoff_limit = problems.one_of(
         ("spec.runPolicy.backoffLimit", wire.backoff_limit),
-        ("spec.backoffLimit", spec.backoff_limit),
+        ("spec.backoffLimit", inline_backoff_limit),
     );
     let scheduling_at = if spec.scheduling_policy.is_some() && wire.scheduling_policy.is_none() {
         "spec.schedulingPolicy"

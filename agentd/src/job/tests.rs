@@ -211,6 +211,8 @@ spec:
   successPolicy: AllWorkers
   enableDynamicWorker: false
   runPolicy:
+    suspend: false
+    managedBy: kubeflow.org/training-operator
     backoffLimit: 5
     ttlSecondsAfterFinished: 60
     activeDeadlineSeconds: 3600
@@ -261,6 +263,80 @@ fn older_tfjob_with_inline_run_policy_is_accepted() {
 }
 
 #[test]
+fn inline_tfjob_fields_are_reported_where_they_were_written() {
+    let err = parse_str(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: old}\nspec:\n  backoffLimit: -1\n  activeDeadlineSeconds: 0\n  schedulingPolicy: {minAvailable: 0, scheduleTimeoutSeconds: 0}\n  tfReplicaSpecs:\n    Worker: {template: {spec: {containers: [{name: tensorflow}]}}}\n",
+    );
+    assert_eq!(
+        fields(err),
+        [
+            "spec.activeDeadlineSeconds",
+            "spec.backoffLimit",
+            "spec.schedulingPolicy.minAvailable",
+            "spec.schedulingPolicy.scheduleTimeoutSeconds",
+        ]
+    );
+}
+
+#[test]
+fn schedule_timeout_in_two_places_must_agree() {
+    let text = job_with("Worker=1").replace(
+        "spec:\n",
+        "spec:\n  runPolicy: {scheduleTimeoutSeconds: 60, schedulingPolicy: {scheduleTimeoutSeconds: 90}}\n",
+    );
+    assert_eq!(
+        fields(parse_str(&text)),
+        ["spec.runPolicy.schedulingPolicy.scheduleTimeoutSeconds"]
+    );
+    let text = job_with("Worker=1").replace(
+        "spec:\n",
+        "spec:\n  runPolicy: {schedulingPolicy: {scheduleTimeoutSeconds: 90}}\n",
+    );
+    let job = parse_str(&text).unwrap();
+    assert_eq!(job.spec.run_policy.schedule_timeout_seconds, Some(90));
+}
+
+#[test]
+fn replica_types_given_twice_in_different_case_are_refused() {
+    let err = parse_str(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: t}\nspec:\n  tfReplicaSpecs:\n    Worker: {}\n    worker: {}\n",
+    );
+    assert_eq!(fields(err), ["spec.tfReplicaSpecs.worker"]);
+}
+
+#[test]
+fn yaml_merge_keys_are_applied() {
+    let job = parse_str(
+        r"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: merge}
+spec:
+  replicaSpecs:
+    PS: &group
+      replicas: 1
+      template: {spec: {containers: [{name: tensorflow, command: [python3]}]}}
+    Worker:
+      <<: *group
+      replicas: 3
+",
+    )
+    .unwrap();
+    validate_for_standalone(&job).unwrap();
+    assert_eq!(job.spec.replica_specs[&ReplicaType::Worker].replicas, 3);
+}
+
+#[test]
+fn errors_read_as_sentences_naming_each_field() {
+    let err = validate(&parse_str(&job_with("Chief=2,PS=0")).unwrap()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.replicaSpecs.Chief.replicas: must be 1: a job has a single Chief; got 2; \
+         spec.replicaSpecs.PS.replicas: must be at least 1; remove PS from the replica groups to \
+         have none"
+    );
+}
+
+#[test]
 fn dynamic_workers_are_refused_with_a_reason() {
     let err = parse_str(
         "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: dyn}\nspec:\n  enableDynamicWorker: true\n  tfReplicaSpecs:\n    Worker: {replicas: 2, template: {spec: {containers: [{name: tensorflow}]}}}\n",
@@ -268,6 +344,10 @@ fn dynamic_workers_are_refused_with_a_reason() {
     .unwrap_err();
     let message = message_for(&err, "spec.enableDynamicWorker");
     assert!(message.contains("not supported"), "{message}");
+    let err = parse_str(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {name: s}\nspec:\n  runPolicy: {suspend: true}\n  tfReplicaSpecs:\n    Worker: {replicas: 2, template: {spec: {containers: [{name: tensorflow}]}}}\n",
+    );
+    assert_eq!(fields(err), ["spec.runPolicy.suspend"]);
 }
 
 #[test]
@@ -946,5 +1026,78 @@ fn to_manifest_reads_back_to_the_same_job() {
                 ..job
             }
         );
+    }
+}
+
+// ---- properties ------------------------------------------------------------------------------
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn parse_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn parse_never_panics_on_mangled_manifests(cut in 0usize..2000, junk in "[ -~\n]{0,16}") {
+            let text = String::from_utf8_lossy(NATIVE_EXAMPLE).into_owned();
+            let cut = cut.min(text.len());
+            let cut = (0..=cut).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let mangled = format!("{}{junk}{}", &text[..cut], &text[cut..]);
+            if let Ok(job) = parse(mangled.as_bytes()) {
+                let _ = validate_for_standalone(&job);
+                let _ = gang_request(&job, 0.0);
+            }
+        }
+
+        #[test]
+        fn binary_and_decimal_suffixes_scale_exactly(n in 0u64..1_000_000, i in 0usize..9) {
+            let (suffix, unit) = [
+                ("", 1u64), ("k", 1_000), ("M", 1_000_000), ("G", 1_000_000_000),
+                ("T", 1_000_000_000_000), ("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30),
+                ("Ti", 1 << 40),
+            ][i];
+            prop_assert_eq!(parse_memory_bytes(&format!("{n}{suffix}")), Ok(n * unit));
+        }
+
+        #[test]
+        fn millicores_read_the_same_written_either_way(milli in 0u64..10_000_000) {
+            prop_assert_eq!(parse_cpu_milli(&format!("{milli}m")), Ok(milli));
+            let decimal = format!("{}.{:03}", milli / 1000, milli % 1000);
+            prop_assert_eq!(parse_cpu_milli(&decimal), Ok(milli));
+        }
+
+        #[test]
+        fn tf_config_lists_every_training_replica_and_names_the_task(
+            chief in 0u32..2, ps in 0u32..3, workers in 1u32..5, evaluator in 0u32..2,
+        ) {
+            let mut groups = vec![format!("Worker={workers}")];
+            if chief > 0 { groups.push("Chief=1".into()); }
+            if ps > 0 { groups.push(format!("PS={ps}")); }
+            if evaluator > 0 { groups.push("Evaluator=1".into()); }
+            let job = parse_str(&job_with(&groups.join(","))).unwrap();
+            validate_for_standalone(&job).unwrap();
+            let replicas = replica_names(&job);
+            let hosts = ClusterHosts::standalone(replicas.iter().copied().zip(30000u16..));
+            for &(t, i) in &replicas {
+                let config = tf_config(&job, &hosts, (t, i));
+                if replicas.len() == 1 {
+                    prop_assert!(config.is_none());
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(&config.unwrap()).unwrap();
+                prop_assert_eq!(&v["task"]["type"], t.as_tf_key());
+                prop_assert_eq!(&v["task"]["index"], i);
+                prop_assert_eq!(&v["environment"], "cloud");
+                let cluster = v["cluster"].as_object().unwrap();
+                prop_assert!(!cluster.contains_key("evaluator"));
+                let listed: usize = cluster.values().map(|m| m.as_array().unwrap().len()).sum();
+                prop_assert_eq!(listed as u32, chief + ps + workers);
+            }
+        }
     }
 }

@@ -151,6 +151,9 @@ pub struct Snapshot<'a> {
 pub struct Decision {
     pub placements: Vec<Placement>,
     pub waiting: Vec<Waiting>,
+    /// How many gangs wait for each reason (see [`reason`]); filled even when the policy does
+    /// not list them one by one.
+    pub waiting_counts: BTreeMap<&'static str, usize>,
     /// The resources held for the blocked head, if the policy reserves and one could be planned.
     pub reservation: Option<Reservation>,
 }

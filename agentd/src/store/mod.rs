@@ -27,7 +27,11 @@ pub enum StoreError {
     #[error("another agent is using the state directory {}; stop it first or give this one another --state-dir", path.display())]
     Locked { path: PathBuf },
     #[error("database {} was written by a newer agentd (schema version {found}, this agent knows up to {known}); upgrade agentd or move the file away", path.display())]
-    TooNew { path: PathBuf, found: i64, known: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("database {}: {source}", path.display())]
     Sql {
         path: PathBuf,
@@ -54,7 +58,12 @@ pub struct Event {
 /// One change to the jobs table.
 #[derive(Debug, Clone)]
 pub enum JobWrite {
-    Upsert { name: String, manifest: String, status: String, time: f64 },
+    Upsert {
+        name: String,
+        manifest: String,
+        status: String,
+        time: f64,
+    },
     /// Removes the job and its events.
     Delete { name: String },
 }
@@ -78,7 +87,10 @@ pub struct Store {
 
 fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, StoreError> {
     let path = state_dir.join("agentd.lock");
-    let io = |source: std::io::Error| StoreError::StateDir { path: path.clone(), source };
+    let io = |source: std::io::Error| StoreError::StateDir {
+        path: path.clone(),
+        source,
+    };
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -87,9 +99,9 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, StoreError> {
         .map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(StoreError::Locked { path: state_dir.to_owned() })
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: state_dir.to_owned(),
+        }),
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
@@ -103,15 +115,26 @@ impl Store {
         })?;
         let lock = lock_state_dir(state_dir)?;
         let path = state_dir.join("agentd.db");
-        let open_err = |source| StoreError::Open { path: path.clone(), source };
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(open_err)?;
         // A corrupt or foreign file fails here, on the first read, rather than later.
-        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
         // FULL: an acknowledged job survives power loss too, not only a crash of the agent.
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        let mut store = Self { conn, path, _lock: lock };
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        let mut store = Self {
+            conn,
+            path,
+            _lock: lock,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -121,22 +144,35 @@ impl Store {
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Sql { path: self.path.clone(), source }
+        |source| StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let open_err = |source| StoreError::Open { path: path.clone(), source };
-        let version: i64 =
-            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(open_err)?;
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
         let known = migrations::ALL.len() as i64;
         if version > known {
-            return Err(StoreError::TooNew { path, found: version, known });
+            return Err(StoreError::TooNew {
+                path,
+                found: version,
+                known,
+            });
         }
         for (i, sql) in migrations::ALL.iter().enumerate().skip(version as usize) {
             let tx = self.conn.transaction().map_err(open_err)?;
             tx.execute_batch(sql).map_err(open_err)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(open_err)?;
             tx.commit().map_err(open_err)?;
         }
         Ok(())
@@ -144,7 +180,9 @@ impl Store {
 
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(self.sql())
+        self.conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(self.sql())
     }
 
     pub fn add_event(
@@ -203,15 +241,16 @@ impl Store {
         retention: Duration,
     ) -> Result<(), StoreError> {
         self.conn
-            .execute("INSERT INTO inventory_samples (time, sample) VALUES (?1, ?2)", params![
-                time,
-                sample_json
-            ])
+            .execute(
+                "INSERT INTO inventory_samples (time, sample) VALUES (?1, ?2)",
+                params![time, sample_json],
+            )
             .map_err(self.sql())?;
         self.conn
-            .execute("DELETE FROM inventory_samples WHERE time < ?1", params![
-                time - retention.as_secs_f64()
-            ])
+            .execute(
+                "DELETE FROM inventory_samples WHERE time < ?1",
+                params![time - retention.as_secs_f64()],
+            )
             .map_err(self.sql())?;
         Ok(())
     }
@@ -219,17 +258,26 @@ impl Store {
     /// The number of inventory samples kept and the time of the oldest.
     pub fn inventory_window(&self) -> Result<(u64, Option<f64>), StoreError> {
         self.conn
-            .query_row("SELECT COUNT(*), MIN(time) FROM inventory_samples", [], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
-            })
+            .query_row(
+                "SELECT COUNT(*), MIN(time) FROM inventory_samples",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
             .map_err(self.sql())
     }
 
     /// Writes job changes and new events in one transaction: all of them are durable when this
     /// returns, or none are.
-    pub fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
+    pub fn write_batch(
+        &mut self,
+        jobs: &[JobWrite],
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let sql = |source| StoreError::Sql { path: path.clone(), source };
+        let sql = |source| StoreError::Sql {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(sql)?;
         {
             let mut upsert = tx
@@ -238,13 +286,23 @@ impl Store {
                      ON CONFLICT(name) DO UPDATE SET status = excluded.status, updated = excluded.updated",
                 )
                 .map_err(sql)?;
-            let mut delete = tx.prepare_cached("DELETE FROM jobs WHERE name = ?1").map_err(sql)?;
-            let mut delete_events =
-                tx.prepare_cached("DELETE FROM events WHERE kind = 'job' AND object = ?1").map_err(sql)?;
+            let mut delete = tx
+                .prepare_cached("DELETE FROM jobs WHERE name = ?1")
+                .map_err(sql)?;
+            let mut delete_events = tx
+                .prepare_cached("DELETE FROM events WHERE kind = 'job' AND object = ?1")
+                .map_err(sql)?;
             for write in jobs {
                 match write {
-                    JobWrite::Upsert { name, manifest, status, time } => {
-                        upsert.execute(params![name, manifest, status, time]).map_err(sql)?;
+                    JobWrite::Upsert {
+                        name,
+                        manifest,
+                        status,
+                        time,
+                    } => {
+                        upsert
+                            .execute(params![name, manifest, status, time])
+                            .map_err(sql)?;
                     }
                     JobWrite::Delete { name } => {
                         delete.execute(params![name]).map_err(sql)?;
@@ -258,7 +316,9 @@ impl Store {
                 )
                 .map_err(sql)?;
             for e in events {
-                insert.execute(params![e.time, e.kind, e.object, e.reason, e.message]).map_err(sql)?;
+                insert
+                    .execute(params![e.time, e.kind, e.object, e.reason, e.message])
+                    .map_err(sql)?;
             }
         }
         tx.commit().map_err(sql)
@@ -266,8 +326,10 @@ impl Store {
 
     /// Every stored job: (name, manifest, status JSON).
     pub fn jobs(&self) -> Result<Vec<(String, String, String)>, StoreError> {
-        let mut stmt =
-            self.conn.prepare("SELECT name, manifest, status FROM jobs ORDER BY name").map_err(self.sql())?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, manifest, status FROM jobs ORDER BY name")
+            .map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.sql())?;
@@ -277,7 +339,11 @@ impl Store {
     /// A value kept across restarts, such as the last pid set of running replicas.
     pub fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.conn
-            .query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM settings WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(self.sql())
     }
@@ -298,8 +364,13 @@ impl Store {
         let path = self.path.clone();
         self.conn
             .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
-            .map_err(|source| StoreError::Sql { path: path.clone(), source })?;
-        self.conn.close().map_err(|(_, source)| StoreError::Sql { path, source })
+            .map_err(|source| StoreError::Sql {
+                path: path.clone(),
+                source,
+            })?;
+        self.conn
+            .close()
+            .map_err(|(_, source)| StoreError::Sql { path, source })
     }
 }
 
@@ -311,10 +382,15 @@ mod tests {
     fn reopening_keeps_events_and_schema() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.add_event(1.0, "node", "n1", "GpuUnhealthy", "GPU 3 unhealthy: XID 79").unwrap();
+        store
+            .add_event(1.0, "node", "n1", "GpuUnhealthy", "GPU 3 unhealthy: XID 79")
+            .unwrap();
         store.close().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.schema_version().unwrap(), migrations::ALL.len() as i64);
+        assert_eq!(
+            store.schema_version().unwrap(),
+            migrations::ALL.len() as i64
+        );
         let events = store.events(Some("node"), None, 0, 10).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].message, "GPU 3 unhealthy: XID 79");
@@ -325,7 +401,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for t in 0..100 {
-            store.add_inventory_sample(f64::from(t), "{}", Duration::from_secs(10)).unwrap();
+            store
+                .add_inventory_sample(f64::from(t), "{}", Duration::from_secs(10))
+                .unwrap();
         }
         let (count, oldest) = store.inventory_window().unwrap();
         assert_eq!(count, 11);
@@ -336,7 +414,10 @@ mod tests {
     fn corrupt_database_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("agentd.db"), vec![b'x'; 8192]).unwrap();
-        let err = Store::open(dir.path()).err().expect("corrupt file must not open").to_string();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("corrupt file must not open")
+            .to_string();
         assert!(err.contains("agentd.db"), "{err}");
         assert!(err.contains("move it away"), "{err}");
     }
@@ -358,14 +439,37 @@ mod tests {
             reason: "Submitted".into(),
             message: "m".into(),
         };
-        store.write_batch(&[upsert("a", "{}"), upsert("b", "{}")], &[event("a"), event("b")]).unwrap();
-        store.write_batch(&[upsert("a", "{\"x\":1}"), JobWrite::Delete { name: "b".into() }], &[]).unwrap();
+        store
+            .write_batch(
+                &[upsert("a", "{}"), upsert("b", "{}")],
+                &[event("a"), event("b")],
+            )
+            .unwrap();
+        store
+            .write_batch(
+                &[
+                    upsert("a", "{\"x\":1}"),
+                    JobWrite::Delete { name: "b".into() },
+                ],
+                &[],
+            )
+            .unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         let jobs = store.jobs().unwrap();
-        assert_eq!(jobs, vec![("a".into(), "kind: TrainingJob".into(), "{\"x\":1}".into())]);
-        assert_eq!(store.events(Some("job"), Some("b"), 0, 10).unwrap(), vec![], "events go with the job");
-        assert_eq!(store.events(Some("job"), Some("a"), 0, 10).unwrap().len(), 1);
+        assert_eq!(
+            jobs,
+            vec![("a".into(), "kind: TrainingJob".into(), "{\"x\":1}".into())]
+        );
+        assert_eq!(
+            store.events(Some("job"), Some("b"), 0, 10).unwrap(),
+            vec![],
+            "events go with the job"
+        );
+        assert_eq!(
+            store.events(Some("job"), Some("a"), 0, 10).unwrap().len(),
+            1
+        );
     }
 
     #[test]
@@ -373,7 +477,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
         let err = Store::open(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("another agent is using the state directory"), "{err}");
+        assert!(
+            err.contains("another agent is using the state directory"),
+            "{err}"
+        );
     }
 
     #[test]

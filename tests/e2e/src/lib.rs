@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 /// The workspace's target directory for the profile the tests were built with.
 pub fn target_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let base = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let base =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     base.join(profile)
 }
 
@@ -20,7 +25,8 @@ pub fn build_binaries() -> &'static Path {
     BUILT.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&root).args(["build", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"]);
+        cmd.current_dir(&root)
+            .args(["build", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -101,12 +107,23 @@ impl Agent {
         let state_dir = dir.path().join("state");
         let config_path = dir.path().join("agentd.toml");
         let gpu_config = dir.path().join("gpus.json");
-        let mut agent =
-            Agent { dir, socket, state_dir, config_path, gpu_config, options, child: None };
+        let mut agent = Agent {
+            dir,
+            socket,
+            state_dir,
+            config_path,
+            gpu_config,
+            options,
+            child: None,
+        };
         if let Some(gpus) = &agent.options.gpus {
             write_fake_gpus(&agent.gpu_config, gpus);
         }
-        std::fs::write(&agent.config_path, format!("metrics_addr = \"off\"\n{}", agent.options.config)).unwrap();
+        std::fs::write(
+            &agent.config_path,
+            format!("metrics_addr = \"off\"\n{}", agent.options.config),
+        )
+        .unwrap();
         agent.spawn();
         agent
     }
@@ -126,10 +143,14 @@ impl Agent {
             .stderr(std::fs::File::create(self.dir.path().join("agentd.log")).unwrap());
         match &self.options.gpus {
             Some(_) => {
-                cmd.env("AGENTD_NVML_LIBRARY", fake_nvml_lib()).env("FAKE_NVML_CONFIG", &self.gpu_config);
+                cmd.env("AGENTD_NVML_LIBRARY", fake_nvml_lib())
+                    .env("FAKE_NVML_CONFIG", &self.gpu_config);
             }
             None => {
-                cmd.env("AGENTD_NVML_LIBRARY", self.dir.path().join("no-such-libnvidia-ml.so"));
+                cmd.env(
+                    "AGENTD_NVML_LIBRARY",
+                    self.dir.path().join("no-such-libnvidia-ml.so"),
+                );
             }
         }
         for (k, v) in &self.options.env {
@@ -143,13 +164,20 @@ impl Agent {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("agentd exited with {status} before it was ready:\n{}", self.log());
+                panic!(
+                    "agentd exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
             }
             let out = self.ctl(&["status", "-o", "json"]);
             if out.status.success() {
                 return;
             }
-            assert!(Instant::now() < deadline, "agentd not ready in {timeout:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agentd not ready in {timeout:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -190,13 +218,21 @@ impl Agent {
     pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
-        Command::new("kill").arg(format!("-{signal}")).arg(&pid).status().unwrap();
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(&pid)
+            .status()
+            .unwrap();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "agentd did not exit in {timeout:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agentd did not exit in {timeout:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -32,7 +32,10 @@ fn eight_gpus_with_models_memory_and_health() {
     }
     assert_eq!(status["node"]["gpu_driver"]["driver_version"], "550.54.15");
     let text = String::from_utf8(agent.ctl(&["status"]).stdout).unwrap();
-    assert!(text.contains("GPUs     8 (8 healthy), driver 550.54.15, CUDA 12.4"), "{text}");
+    assert!(
+        text.contains("GPUs     8 (8 healthy), driver 550.54.15, CUDA 12.4"),
+        "{text}"
+    );
     assert_eq!(text.matches("NVIDIA H200").count(), 8, "{text}");
 }
 
@@ -45,8 +48,13 @@ fn lost_gpu_and_xid_79_turn_unhealthy_then_recover() {
     gpus[6]["xid_events"] = serde_json::json!([13]);
     write_fake_gpus(&agent.gpu_config, &gpus);
     // Two refresh intervals (200 ms each) and the time agentctl takes.
-    let status = agent.wait_for(&["status"], Duration::from_secs(3), |s| !healthy(s, 3) && !healthy(s, 5));
-    assert!(healthy(&status, 6), "XID 13 is the application's fault, not the GPU's");
+    let status = agent.wait_for(&["status"], Duration::from_secs(3), |s| {
+        !healthy(s, 3) && !healthy(s, 5)
+    });
+    assert!(
+        healthy(&status, 6),
+        "XID 13 is the application's fault, not the GPU's"
+    );
     let reason = status["node"]["gpus"][5]["health_reason"].as_str().unwrap();
     assert!(reason.contains("79"), "{reason}");
     let text = String::from_utf8(agent.ctl(&["status"]).stdout).unwrap();
@@ -54,9 +62,18 @@ fn lost_gpu_and_xid_79_turn_unhealthy_then_recover() {
 
     gpus[3]["lost"] = false.into();
     write_fake_gpus(&agent.gpu_config, &gpus);
-    let recovered =
-        agent.wait_for(&["status"], Duration::from_secs(10), |s| healthy(s, 3) && healthy(s, 5));
-    assert_eq!(recovered["node"]["gpus"].as_array().unwrap().iter().filter(|g| g["healthy"] == true).count(), 8);
+    let recovered = agent.wait_for(&["status"], Duration::from_secs(10), |s| {
+        healthy(s, 3) && healthy(s, 5)
+    });
+    assert_eq!(
+        recovered["node"]["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["healthy"] == true)
+            .count(),
+        8
+    );
     let events = agent.ctl_json(&["status"]);
     assert!(events["node"]["gpus"][5]["health_reason"].is_null());
 }

@@ -1,6 +1,7 @@
 //! Training jobs on one machine: validation, TF_CONFIG and GPUs, restart policies, deadlines,
 //! cancel, gang restarts, jobs that cannot fit, GPUs failing under a job, and agent crashes.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use e2e::{Agent, AgentOptions, fake_gpu, write_fake_gpus};
@@ -23,7 +24,8 @@ fn manifest(name: &str, run_policy: &str, groups: &[(&str, u32, &str, u32, &str)
         "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  runPolicy: {{{run_policy}}}\n  replicaSpecs:\n"
     );
     for (t, n, policy, gpus, script) in groups {
-        text += &format!(
+        let _ = write!(
+            text,
             "    {t}:\n      replicas: {n}\n      restartPolicy: {policy}\n      template:\n        spec:\n          containers:\n          - name: tensorflow\n            command: [sh, -c, {script:?}]\n            resources: {{limits: {{nvidia.com/gpu: {gpus}}}}}\n"
         );
     }
@@ -38,11 +40,18 @@ fn submit(agent: &Agent, manifest: &str) -> std::process::Output {
 
 fn submit_ok(agent: &Agent, manifest: &str) {
     let out = submit(agent, manifest);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "submit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Value {
@@ -50,8 +59,12 @@ fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Valu
 }
 
 fn pid_alive(pid: u64) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
 
 /// Processes anywhere on the machine whose environment names this job.
@@ -63,14 +76,20 @@ fn processes_of(job: &str) -> Vec<u32> {
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let environ = std::fs::read(e.path().join("environ")).ok()?;
-            (pid_alive(u64::from(pid)) && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
-                .then_some(pid)
+            (pid_alive(u64::from(pid))
+                && environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+            .then_some(pid)
         })
         .collect()
 }
 
 fn reasons(job: &Value) -> Vec<String> {
-    job["events"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap().to_owned()).collect()
+    job["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[test]
@@ -83,24 +102,40 @@ fn validation_errors_name_every_field() {
     assert!(stderr.contains("spec.replicaSpecs.Worker.re"), "{stderr}");
 
     // Unknown queue: a 400 naming the queues that exist.
-    let job = manifest("q", "", &[("Worker", 1, "Never", 0, "true")]).replacen("\nspec:\n", "\nspec:\n  queue: gpu\n", 1);
+    let job = manifest("q", "", &[("Worker", 1, "Never", 0, "true")]).replacen(
+        "\nspec:\n",
+        "\nspec:\n  queue: gpu\n",
+        1,
+    );
     let out = submit(&agent, &job);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("spec.queue") && stderr.contains("fast") && stderr.contains("slow"), "{stderr}");
+    assert!(
+        stderr.contains("spec.queue") && stderr.contains("fast") && stderr.contains("slow"),
+        "{stderr}"
+    );
 
     // Every problem at once, through the API's JSON.
     let job = "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {name: Three_Problems}\nspec:\n  replicaSpecs:\n    Chief: {replicas: 2, template: {spec: {containers: [{name: tensorflow, command: [x]}]}}}\n    Worker: {replicas: 2, template: {spec: {containers: [{name: tensorflow, command: [x], resources: {limits: {cpu: lots}}}]}}}\n";
     let out = submit(&agent, job);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("metadata.name"), "{stderr}");
-    assert!(stderr.contains("spec.replicaSpecs.Chief.replicas"), "{stderr}");
-    assert!(stderr.contains("spec.replicaSpecs.Worker.template.spec.containers[0].resources"), "{stderr}");
+    assert!(
+        stderr.contains("spec.replicaSpecs.Chief.replicas"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("spec.replicaSpecs.Worker.template.spec.containers[0].resources"),
+        "{stderr}"
+    );
 
     // A type error is found while reading, and named too.
     let job = manifest("typo", "", &[("Worker", 1, "Sometimes", 0, "true")]);
     let stderr = String::from_utf8_lossy(&submit(&agent, &job).stderr).into_owned();
-    assert!(stderr.contains("spec.replicaSpecs.Worker.restartPolicy") && stderr.contains("OnFailure"), "{stderr}");
+    assert!(
+        stderr.contains("spec.replicaSpecs.Worker.restartPolicy") && stderr.contains("OnFailure"),
+        "{stderr}"
+    );
 
     let ok = manifest("dup", "", &[("Worker", 1, "Never", 0, "sleep 5")]);
     submit_ok(&agent, &ok);
@@ -114,7 +149,17 @@ fn gang_starts_with_tf_config_gpus_and_identity() {
     let agent = agent(8);
     let dir = agent.dir.path().display().to_string();
     let script = format!("env > {dir}/env-$AGENTD_REPLICA; sleep 1");
-    submit_ok(&agent, &manifest("tf", "", &[("PS", 1, "Never", 0, &script), ("Worker", 2, "Never", 2, &script)]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "tf",
+            "",
+            &[
+                ("PS", 1, "Never", 0, &script),
+                ("Worker", 2, "Never", 2, &script),
+            ],
+        ),
+    );
     let job = wait_state(&agent, "tf", "Succeeded", Duration::from_secs(20));
     let env = |replica: &str| -> std::collections::BTreeMap<String, String> {
         std::fs::read_to_string(format!("{dir}/env-{replica}"))
@@ -125,13 +170,22 @@ fn gang_starts_with_tf_config_gpus_and_identity() {
     };
     let w1 = env("worker-1");
     let tf: Value = serde_json::from_str(&w1["TF_CONFIG"]).unwrap();
-    assert_eq!(tf["task"], serde_json::json!({"type": "worker", "index": 1}));
+    assert_eq!(
+        tf["task"],
+        serde_json::json!({"type": "worker", "index": 1})
+    );
     assert_eq!(tf["environment"], "cloud");
     assert_eq!(tf["cluster"]["worker"].as_array().unwrap().len(), 2);
     assert_eq!(tf["cluster"]["ps"].as_array().unwrap().len(), 1);
     let ports: std::collections::BTreeSet<&str> = ["ps", "worker"]
         .iter()
-        .flat_map(|k| tf["cluster"][k].as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+        .flat_map(|k| {
+            tf["cluster"][k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+        })
         .collect();
     assert_eq!(ports.len(), 3, "a port each: {ports:?}");
     assert!(ports.iter().all(|p| p.starts_with("localhost:")));
@@ -140,9 +194,19 @@ fn gang_starts_with_tf_config_gpus_and_identity() {
     let gpus: Vec<&str> = w1["CUDA_VISIBLE_DEVICES"].split(',').collect();
     assert_eq!(gpus.len(), 2);
     assert!(gpus.iter().all(|g| g.starts_with("GPU-")), "{gpus:?}");
-    assert_eq!(env("ps-0")["CUDA_VISIBLE_DEVICES"], "", "the PS asked for no GPU and sees none");
-    let w0_gpus: Vec<String> = env("worker-0")["CUDA_VISIBLE_DEVICES"].split(',').map(str::to_owned).collect();
-    assert!(w0_gpus.iter().all(|g| !gpus.contains(&g.as_str())), "no GPU shared");
+    assert_eq!(
+        env("ps-0")["CUDA_VISIBLE_DEVICES"],
+        "",
+        "the PS asked for no GPU and sees none"
+    );
+    let w0_gpus: Vec<String> = env("worker-0")["CUDA_VISIBLE_DEVICES"]
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        w0_gpus.iter().all(|g| !gpus.contains(&g.as_str())),
+        "no GPU shared"
+    );
     let replicas = job["replicas"].as_array().unwrap();
     assert_eq!(replicas[1]["name"], "worker-0");
     assert_eq!(replicas[1]["gpus"].as_array().unwrap().len(), 2);
@@ -159,31 +223,65 @@ fn restart_policies_and_backoff_limit() {
     let dir = agent.dir.path().display().to_string();
     // OnFailure: fails once, then succeeds; the whole gang restarts once.
     let flaky = format!("if [ -e {dir}/flaky ]; then exit 0; fi; touch {dir}/flaky; exit 3");
-    submit_ok(&agent, &manifest("flaky", "backoffLimit: 2", &[("Worker", 2, "OnFailure", 0, &flaky)]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "flaky",
+            "backoffLimit: 2",
+            &[("Worker", 2, "OnFailure", 0, &flaky)],
+        ),
+    );
     let job = wait_state(&agent, "flaky", "Succeeded", Duration::from_secs(20));
     assert_eq!(job["restarts"], 1);
     assert_eq!(job["generation"], 2);
     assert!(reasons(&job).contains(&"ReplicaFailed".to_owned()));
 
     // ExitCode: 1-127 is permanent.
-    submit_ok(&agent, &manifest("perm", "", &[("Worker", 1, "ExitCode", 0, "exit 2")]));
+    submit_ok(
+        &agent,
+        &manifest("perm", "", &[("Worker", 1, "ExitCode", 0, "exit 2")]),
+    );
     let job = wait_state(&agent, "perm", "Failed", Duration::from_secs(10));
     assert_eq!(job["restarts"], 0);
-    assert!(job["message"].as_str().unwrap().contains("exit code 2"), "{job}");
+    assert!(
+        job["message"].as_str().unwrap().contains("exit code 2"),
+        "{job}"
+    );
 
     // ExitCode: killed by a signal is retryable, until the backoff limit is spent.
-    submit_ok(&agent, &manifest("sig", "backoffLimit: 2", &[("Worker", 1, "ExitCode", 0, "kill -9 $$")]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "sig",
+            "backoffLimit: 2",
+            &[("Worker", 1, "ExitCode", 0, "kill -9 $$")],
+        ),
+    );
     let job = wait_state(&agent, "sig", "Failed", Duration::from_secs(20));
     assert_eq!(job["restarts"], 2);
     assert_eq!(job["reason"], "BackoffLimitExceeded");
 
     // Never: the first failure fails the job.
-    submit_ok(&agent, &manifest("never", "backoffLimit: 5", &[("Worker", 1, "Never", 0, "exit 130")]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "never",
+            "backoffLimit: 5",
+            &[("Worker", 1, "Never", 0, "exit 130")],
+        ),
+    );
     let job = wait_state(&agent, "never", "Failed", Duration::from_secs(10));
     assert_eq!(job["restarts"], 0);
 
     // Always restarts even a clean failure code.
-    submit_ok(&agent, &manifest("always", "backoffLimit: 1", &[("Worker", 1, "Always", 0, "exit 1")]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "always",
+            "backoffLimit: 1",
+            &[("Worker", 1, "Always", 0, "exit 1")],
+        ),
+    );
     let job = wait_state(&agent, "always", "Failed", Duration::from_secs(10));
     assert_eq!(job["restarts"], 1);
 }
@@ -195,7 +293,14 @@ fn one_failing_replica_restarts_the_whole_gang() {
     let script = format!(
         "if [ \"$AGENTD_REPLICA\" = worker-1 ] && [ ! -e {dir}/failed ]; then touch {dir}/failed; sleep 0.5; exit 1; fi; echo $$ >> {dir}/pids-$AGENTD_REPLICA; sleep 300"
     );
-    submit_ok(&agent, &manifest("gang", "backoffLimit: 3", &[("Worker", 2, "OnFailure", 0, &script)]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "gang",
+            "backoffLimit: 3",
+            &[("Worker", 2, "OnFailure", 0, &script)],
+        ),
+    );
     let job = agent.wait_for(&["job", "gang"], Duration::from_secs(20), |j| {
         j["generation"] == 2 && j["state"] == "Running"
     });
@@ -207,7 +312,10 @@ fn one_failing_replica_restarts_the_whole_gang() {
         .map(|l| l.parse().unwrap())
         .collect();
     assert_eq!(first.len(), 2, "worker-0 ran in both generations");
-    assert!(!pid_alive(first[0]), "generation 1 of worker-0 was stopped with the gang");
+    assert!(
+        !pid_alive(first[0]),
+        "generation 1 of worker-0 was stopped with the gang"
+    );
     assert!(pid_alive(first[1]));
 
     // Cancel: nothing of the job is left running.
@@ -217,7 +325,11 @@ fn one_failing_replica_restarts_the_whole_gang() {
     assert_eq!(job["reason"], "Cancelled");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !processes_of("gang").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "left behind: {:?}", processes_of("gang"));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {:?}",
+            processes_of("gang")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // A second cancel removes the finished job.
@@ -228,25 +340,59 @@ fn one_failing_replica_restarts_the_whole_gang() {
 #[test]
 fn deadline_and_schedule_timeout() {
     let agent = agent(8);
-    submit_ok(&agent, &manifest("slow", "activeDeadlineSeconds: 1", &[("Worker", 1, "OnFailure", 0, "sleep 60")]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "slow",
+            "activeDeadlineSeconds: 1",
+            &[("Worker", 1, "OnFailure", 0, "sleep 60")],
+        ),
+    );
     let job = wait_state(&agent, "slow", "Failed", Duration::from_secs(10));
     assert_eq!(job["reason"], "DeadlineExceeded");
 
     // 16 GPUs on an 8-GPU machine: it waits with a reason a person can act on, then fails.
-    submit_ok(&agent, &manifest("huge", "scheduleTimeoutSeconds: 3", &[("Worker", 2, "Never", 8, "true"), ("PS", 1, "Never", 1, "true")]));
-    let waiting = agent.wait_for(&["job", "huge"], Duration::from_secs(5), |j| j["reason"] != "Queued");
+    submit_ok(
+        &agent,
+        &manifest(
+            "huge",
+            "scheduleTimeoutSeconds: 3",
+            &[
+                ("Worker", 2, "Never", 8, "true"),
+                ("PS", 1, "Never", 1, "true"),
+            ],
+        ),
+    );
+    let waiting = agent.wait_for(&["job", "huge"], Duration::from_secs(5), |j| {
+        j["reason"] != "Queued"
+    });
     assert_eq!(waiting["state"], "Queued");
     let message = waiting["message"].as_str().unwrap();
-    assert!(message.contains("17") || message.contains("16") || message.contains('8'), "{message}");
+    assert!(
+        message.contains("17") || message.contains("16") || message.contains('8'),
+        "{message}"
+    );
     let job = wait_state(&agent, "huge", "Failed", Duration::from_secs(10));
     assert_eq!(job["reason"], "ScheduleTimeout");
-    assert!(job["message"].as_str().unwrap().contains("scheduleTimeoutSeconds (3 s)"));
+    assert!(
+        job["message"]
+            .as_str()
+            .unwrap()
+            .contains("scheduleTimeoutSeconds (3 s)")
+    );
 }
 
 #[test]
 fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
     let agent = agent(2);
-    submit_ok(&agent, &manifest("g", "backoffLimit: 3", &[("Worker", 1, "OnFailure", 1, "sleep 300")]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "g",
+            "backoffLimit: 3",
+            &[("Worker", 1, "OnFailure", 1, "sleep 300")],
+        ),
+    );
     let job = wait_state(&agent, "g", "Running", Duration::from_secs(10));
     let used = job["replicas"][0]["gpu_indices"][0].as_u64().unwrap() as usize;
     let mut gpus: Vec<_> = (0..2).map(fake_gpu).collect();
@@ -256,7 +402,10 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
         j["generation"] == 2 && j["state"] == "Running"
     });
     assert_eq!(job["restarts"], 1);
-    assert_ne!(job["replicas"][0]["gpu_indices"][0].as_u64().unwrap() as usize, used);
+    assert_ne!(
+        job["replicas"][0]["gpu_indices"][0].as_u64().unwrap() as usize,
+        used
+    );
     assert!(reasons(&job).contains(&"GpuUnhealthy".to_owned()), "{job}");
 
     // The other GPU goes bad too: nothing healthy fits, so the job waits with that reason.
@@ -266,34 +415,108 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
     let job = agent.wait_for(&["job", "g"], Duration::from_secs(10), |j| {
         j["state"] == "Queued" && j["restarts"] == 2 && j["reason"] != "Requeued"
     });
-    assert!(job["message"].as_str().unwrap().to_lowercase().contains("gpu"), "{job}");
+    assert!(
+        job["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("gpu"),
+        "{job}"
+    );
 }
 
 #[test]
 fn kill_9_of_the_agent_loses_nothing_and_leaves_no_orphans() {
     let mut agent = agent(0);
-    submit_ok(&agent, &manifest("runner", "backoffLimit: 3", &[("Worker", 2, "OnFailure", 0, "sleep 300")]));
+    submit_ok(
+        &agent,
+        &manifest(
+            "runner",
+            "backoffLimit: 3",
+            &[("Worker", 2, "OnFailure", 0, "sleep 300")],
+        ),
+    );
     // Queued behind a job that can never fit on this machine's CPUs.
     let hog = manifest("waiter", "", &[("Worker", 1, "Never", 0, "true")])
         .replace("nvidia.com/gpu: 0", "cpu: 100000");
     submit_ok(&agent, &hog);
     let job = wait_state(&agent, "runner", "Running", Duration::from_secs(10));
-    let old_pids: Vec<u64> = job["replicas"].as_array().unwrap().iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    let old_pids: Vec<u64> = job["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap())
+        .collect();
     agent.signal_and_wait(9, Duration::from_secs(5));
     agent.spawn();
     let job = wait_state(&agent, "runner", "Running", Duration::from_secs(15));
     assert_eq!(job["restarts"], 1);
-    assert!(reasons(&job).contains(&"AgentRestarted".to_owned()), "{job}");
+    assert!(
+        reasons(&job).contains(&"AgentRestarted".to_owned()),
+        "{job}"
+    );
     for pid in old_pids {
-        assert!(!pid_alive(pid), "replica {pid} of the killed agent is still running");
+        assert!(
+            !pid_alive(pid),
+            "replica {pid} of the killed agent is still running"
+        );
     }
     for pid in processes_of("runner") {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         assert!(
-            environ.split(|b| *b == 0).any(|v| v == b"AGENTD_GENERATION=2"),
+            environ
+                .split(|b| *b == 0)
+                .any(|v| v == b"AGENTD_GENERATION=2"),
             "process {pid} is not of the new gang"
         );
     }
     let waiter = agent.ctl_json(&["job", "waiter"]);
     assert_eq!(waiter["state"], "Queued");
+}
+
+#[test]
+fn stdin_submit_follow_logs_and_ttl_cleanup() {
+    let agent = agent(0);
+    let job = manifest(
+        "chatty",
+        "ttlSecondsAfterFinished: 2",
+        &[(
+            "Worker",
+            1,
+            "Never",
+            0,
+            "for i in 1 2 3; do echo line $i; sleep 0.3; done",
+        )],
+    );
+    let mut child = std::process::Command::new(e2e::agentctl_bin())
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(["submit", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), job.as_bytes()).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+
+    // Follow returns by itself once the job is over, with every line.
+    let follow = agent.ctl(&["logs", "chatty", "--follow"]);
+    assert!(follow.status.success());
+    let text = String::from_utf8_lossy(&follow.stdout);
+    for i in 1..=3 {
+        assert!(text.contains(&format!("line {i}")), "{text}");
+    }
+    assert!(text.contains("ended: exit code 0"), "{text}");
+    assert_eq!(agent.ctl_json(&["job", "chatty"])["state"], "Succeeded");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.ctl(&["job", "chatty"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finished job outlived its TTL"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let jobs = agent.ctl_json(&["jobs"]);
+    assert_eq!(jobs["jobs"], serde_json::json!([]));
 }

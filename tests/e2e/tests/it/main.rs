@@ -3,3 +3,4 @@
 mod agent;
 mod gpus;
 mod jobs;
+mod tensorflow;

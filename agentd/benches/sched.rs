@@ -1,0 +1,186 @@
+//! One scheduling pass on 5,000 nodes of 8 GPUs with 1,000 queued gangs of mixed sizes, for
+//! each policy; strict FIFO is the baseline. Two clusters: empty (every gang is placed: the
+//! placement rate) and 85% busy (most gangs wait, the default policy plans a reservation).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use agentd::sched::{
+    Assignment, Gang, GpuSlot, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources,
+    RunningGang, Snapshot, schedule,
+};
+use criterion::{BenchmarkId, Criterion};
+
+const NODES: usize = 5_000;
+const GPUS: u32 = 8;
+const GANGS: usize = 1_000;
+
+fn nodes() -> Vec<NodeCapacity> {
+    (0..NODES)
+        .map(|i| NodeCapacity {
+            name: format!("node-{i:05}"),
+            labels: BTreeMap::from([("zone".to_owned(), format!("z{}", i % 4))]),
+            gpus: (0..GPUS)
+                .map(|g| GpuSlot {
+                    index: g,
+                    uuid: format!("GPU-{i}-{g}"),
+                    product: "H100".to_owned(),
+                    memory_mib: 81_920,
+                    // One GPU in 97 is unhealthy.
+                    healthy: (i * 8 + g as usize) % 97 != 0,
+                })
+                .collect(),
+            cpu_milli: 128_000,
+            memory_mib: 1_024_000,
+            schedulable: i % 250 != 0,
+        })
+        .collect()
+}
+
+/// Mixed sizes as in the Philly trace: mostly 1 GPU, some 2/4/8, a few 16/32/64.
+fn gang(i: usize) -> Gang {
+    let (replicas, gpus) = match i % 20 {
+        0..=9 => (1, 1),
+        10 | 11 => (1, 2),
+        12 | 13 => (1, 4),
+        14..=16 => (1, 8),
+        17 => (2, 8),
+        18 => (4, 8),
+        _ => (8, 8),
+    };
+    Gang {
+        id: format!("job-{i:05}"),
+        queue: if i % 3 == 0 { "slow" } else { "fast" }.to_owned(),
+        priority: (i % 5) as i32,
+        submitted_at: i as f64,
+        replicas: (0..replicas)
+            .map(|r| ReplicaRequest {
+                name: format!("worker-{r}"),
+                resources: Resources {
+                    gpus,
+                    cpu_milli: 4_000 * u64::from(gpus),
+                    memory_mib: 32_000 * u64::from(gpus),
+                },
+                node_selector: BTreeMap::new(),
+            })
+            .collect(),
+        min_available: None,
+        declared_runtime_s: (i % 2 == 0).then_some(3_600.0 + (i % 7) as f64 * 600.0),
+    }
+}
+
+fn queues() -> Vec<QueueConfig> {
+    ["fast", "slow"]
+        .iter()
+        .zip([10, 1])
+        .map(|(n, p)| QueueConfig {
+            name: (*n).to_owned(),
+            priority: p,
+            weight: 1,
+            max_running_jobs: None,
+            max_gpus: None,
+        })
+        .collect()
+}
+
+/// Fills `fraction` of the cluster with running 4-GPU gangs with declared ends.
+fn busy(nodes: &[NodeCapacity], fraction: f64) -> Vec<RunningGang> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    for n in nodes.iter().take((nodes.len() as f64 * fraction) as usize) {
+        for half in 0..2u32 {
+            out.push(RunningGang {
+                id: format!("run-{k:06}"),
+                queue: "fast".to_owned(),
+                assignments: vec![Assignment {
+                    replica: "worker-0".to_owned(),
+                    node: n.name.clone(),
+                    gpu_indices: (half * 4..half * 4 + 4).collect(),
+                    resources: Resources {
+                        gpus: 4,
+                        cpu_milli: 16_000,
+                        memory_mib: 128_000,
+                    },
+                }],
+                expected_end: (k % 3 != 0).then_some(1_000.0 + k as f64),
+            });
+            k += 1;
+        }
+    }
+    out
+}
+
+fn policies() -> Vec<Policy> {
+    Policy::NAMES
+        .iter()
+        .map(|n| Policy::by_name(n).expect("known policy"))
+        .collect()
+}
+
+fn main() {
+    let nodes = nodes();
+    let queued: Vec<Gang> = (0..GANGS).map(gang).collect();
+    let queues = queues();
+    let scenarios = [("empty", Vec::new()), ("busy85", busy(&nodes, 0.85))];
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4));
+    let mut group = c.benchmark_group("sched");
+    for (name, running) in &scenarios {
+        for policy in policies() {
+            let snap = Snapshot {
+                now: 500.0,
+                nodes: &nodes,
+                running,
+                queued: &queued,
+                queues: &queues,
+            };
+            group.bench_with_input(BenchmarkId::new(*name, policy.name), &snap, |b, snap| {
+                b.iter(|| schedule(black_box(snap), &policy));
+            });
+        }
+    }
+    group.finish();
+
+    // The figures the targets are stated in, measured here with a plain clock.
+    println!();
+    println!(
+        "{NODES} nodes x {GPUS} GPUs, {GANGS} queued gangs; one pass (mean of 20), fifo is the baseline"
+    );
+    println!(
+        "{:<8} {:<10} {:>9} {:>9} {:>9} {:>14} {:>10}",
+        "cluster", "policy", "pass_ms", "vs_fifo", "placed", "replicas/s", "waiting"
+    );
+    for (name, running) in &scenarios {
+        let mut base = None;
+        for policy in policies() {
+            let snap = Snapshot {
+                now: 500.0,
+                nodes: &nodes,
+                running,
+                queued: &queued,
+                queues: &queues,
+            };
+            let d = schedule(&snap, &policy);
+            let started = Instant::now();
+            for _ in 0..20 {
+                black_box(schedule(black_box(&snap), &policy));
+            }
+            let pass = started.elapsed().as_secs_f64() / 20.0;
+            let base = *base.get_or_insert(pass);
+            let replicas: usize = d.placements.iter().map(|p| p.assignments.len()).sum();
+            println!(
+                "{:<8} {:<10} {:>9.2} {:>8.2}x {:>9} {:>14.0} {:>10}",
+                name,
+                policy.name,
+                pass * 1e3,
+                pass / base,
+                d.placements.len(),
+                replicas as f64 / pass,
+                d.waiting.len()
+            );
+        }
+    }
+}

@@ -1,0 +1,793 @@
+//! One scheduling pass: order the queue, place what fits, hold a reservation for the blocked
+//! head, backfill behind it, and say why everything else waits.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::explain::{never_fits_message, unschedulable_message};
+use super::free::{FreeState, GpuMask, Hold, Mode, Need, SelectorTable, Taken};
+use super::{
+    Assignment, Backfill, Decision, Gang, NodeCapacity, Order, Placement, Policy, QueueConfig,
+    Reservation, Resources, Snapshot, Waiting, reason,
+};
+
+/// FNV-1a: node and queue names are short, and SipHash dominated a pass with many running
+/// gangs. Not exposed to untrusted keys in a way that matters: the map lives for one pass.
+#[derive(Default, Clone, Copy)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    // Whole words at a time: shapes hash as runs of integers.
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x0100_0000_01b3).rotate_left(23);
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
+/// Resources one gang holds on one node.
+#[derive(Debug, Clone, Copy)]
+struct Alloc {
+    node: u32,
+    gpus: GpuMask,
+    cpu: u64,
+    mem: u64,
+}
+
+/// A gang that holds resources and may release them: running, or placed earlier in this pass.
+#[derive(Debug, Clone)]
+struct Holder<'a> {
+    id: &'a str,
+    end: Option<f64>,
+    allocs: Vec<Alloc>,
+}
+
+/// A queued gang in the form the pass works with.
+struct Prepared<'a> {
+    gang: &'a Gang,
+    /// How many replicas must go together (all, or `minAvailable`).
+    required: usize,
+    /// Index into the pass's shapes: the required replicas' needs, largest first.
+    shape: usize,
+    gpus: u64,
+    score: f64,
+}
+
+#[derive(Default)]
+struct ShapeMemo {
+    /// Whether it fits the empty cluster, and with how many nodes at least.
+    ideal: Option<Option<usize>>,
+    failed_any: bool,
+    failed_outside: bool,
+    /// The pass version at which a trial placement last succeeded, per mode.
+    fits_any_at: Option<u64>,
+    fits_outside_at: Option<u64>,
+}
+
+/// The head's reservation, as later gangs are judged against it.
+struct Head<'a> {
+    id: &'a str,
+    start_at: Option<f64>,
+    after: Vec<String>,
+}
+
+struct Pass<'a> {
+    now: f64,
+    nodes: &'a [NodeCapacity],
+    policy: &'a Policy,
+    queues: FastMap<&'a str, &'a QueueConfig>,
+    limited: bool,
+    selectors: SelectorTable,
+    selector_ids: HashMap<&'a BTreeMap<String, String>, u32>,
+    state: FreeState,
+    ideal: Option<FreeState>,
+    holders: Vec<Holder<'a>>,
+    shapes: FastMap<Vec<Need>, usize>,
+    shape_needs: Vec<Vec<Need>>,
+    memo: Vec<ShapeMemo>,
+    version: u64,
+    usage: FastMap<&'a str, (u32, u64)>,
+    scratch: Vec<Taken>,
+    decision: Decision,
+}
+
+/// Runs one scheduling pass. Pure and deterministic: the same snapshot gives the same decision,
+/// whatever the order of `snapshot.queued` or `snapshot.running`.
+pub fn schedule(snapshot: &Snapshot<'_>, policy: &Policy) -> Decision {
+    let mut pass = Pass::new(snapshot, policy);
+    let order = pass.prepare(snapshot.queued);
+    pass.run(order);
+    pass.decision
+}
+
+fn mask_of_indices(node: &NodeCapacity, indices: &[u32]) -> GpuMask {
+    let mut mask: GpuMask = 0;
+    for &index in indices {
+        if let Some(pos) = node.gpus.iter().position(|g| g.index == index)
+            && pos < super::MAX_GPUS_PER_NODE
+        {
+            mask |= 1 << pos;
+        }
+    }
+    mask
+}
+
+impl<'a> Pass<'a> {
+    fn new(snap: &Snapshot<'a>, policy: &'a Policy) -> Self {
+        let by_name: FastMap<&str, u32> = snap
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i as u32))
+            .collect();
+        let mut state = FreeState::empty(snap.nodes, false);
+        let mut holders = Vec::with_capacity(snap.running.len());
+        let mut usage: FastMap<&str, (u32, u64)> = FastMap::default();
+        let limited = snap
+            .queues
+            .iter()
+            .any(|q| q.max_running_jobs.is_some() || q.max_gpus.is_some());
+        // Occupying is order-independent; the reservation sorts holders itself.
+        for gang in snap.running {
+            let mut allocs = Vec::with_capacity(gang.assignments.len());
+            let mut gpus = 0u64;
+            for a in &gang.assignments {
+                gpus += a.gpu_indices.len() as u64;
+                let Some(&node) = by_name.get(a.node.as_str()) else {
+                    continue;
+                };
+                let alloc = Alloc {
+                    node,
+                    gpus: mask_of_indices(&snap.nodes[node as usize], &a.gpu_indices),
+                    cpu: a.resources.cpu_milli,
+                    mem: a.resources.memory_mib,
+                };
+                state.occupy(node, alloc.gpus, alloc.cpu, alloc.mem);
+                allocs.push(alloc);
+            }
+            if limited {
+                let used = usage.entry(gang.queue.as_str()).or_default();
+                used.0 += 1;
+                used.1 += gpus;
+            }
+            holders.push(Holder {
+                id: &gang.id,
+                end: gang.expected_end,
+                allocs,
+            });
+        }
+        state.rebuild_index();
+        let mut selectors = SelectorTable::default();
+        selectors.matches.push(Vec::new());
+        Pass {
+            now: snap.now,
+            nodes: snap.nodes,
+            policy,
+            queues: snap.queues.iter().map(|q| (q.name.as_str(), q)).collect(),
+            limited,
+            selectors,
+            selector_ids: HashMap::new(),
+            state,
+            ideal: None,
+            holders,
+            shapes: FastMap::default(),
+            shape_needs: Vec::new(),
+            memo: Vec::new(),
+            version: 0,
+            usage,
+            scratch: Vec::new(),
+            decision: Decision::default(),
+        }
+    }
+
+    fn selector_id(&mut self, selector: &'a BTreeMap<String, String>) -> u32 {
+        if selector.is_empty() {
+            return 0;
+        }
+        if let Some(&id) = self.selector_ids.get(selector) {
+            return id;
+        }
+        let table: Vec<bool> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                selector
+                    .iter()
+                    .all(|(k, v)| n.labels.get(k).is_some_and(|have| have == v))
+            })
+            .collect();
+        self.selectors.matches.push(table);
+        let id = (self.selectors.matches.len() - 1) as u32;
+        self.selector_ids.insert(selector, id);
+        id
+    }
+
+    fn need(&mut self, replica: &'a super::ReplicaRequest) -> Need {
+        Need {
+            gpus: replica.resources.gpus,
+            cpu: replica.resources.cpu_milli,
+            mem: replica.resources.memory_mib,
+            selector: self.selector_id(&replica.node_selector),
+        }
+    }
+
+    /// The gang's required replicas, largest first, each with its replica index; and the
+    /// replicas above `minAvailable`, in declared order.
+    fn split(
+        &mut self,
+        gang: &'a Gang,
+        required: usize,
+    ) -> (Vec<Need>, Vec<usize>, Vec<(Need, usize)>) {
+        let mut pairs: Vec<(Need, usize)> = gang
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (self.need(r), i))
+            .collect();
+        let optional = pairs.split_off(required.min(pairs.len()));
+        pairs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let needs = pairs.iter().map(|p| p.0).collect();
+        let replica_of = pairs.iter().map(|p| p.1).collect();
+        (needs, replica_of, optional)
+    }
+
+    /// Turns queued gangs into shapes and sorts them in policy order. Gangs with the same
+    /// requests share one shape, so a pass works out each shape's fit once per state.
+    fn prepare(&mut self, queued: &'a [Gang]) -> Vec<Prepared<'a>> {
+        let mut out = Vec::with_capacity(queued.len());
+        let mut key: Vec<Need> = Vec::new();
+        for gang in queued {
+            let n = gang.replicas.len();
+            let required = gang
+                .min_available
+                .map_or(n, |m| (m as usize).clamp(1, n.max(1)));
+            key.clear();
+            for replica in gang.replicas.iter().take(required) {
+                let need = self.need(replica);
+                key.push(need);
+            }
+            key.sort_unstable_by(|a, b| b.cmp(a));
+            // The count of optional replicas is part of the shape.
+            key.push(Need {
+                gpus: u32::MAX,
+                cpu: (n - required.min(n)) as u64,
+                mem: 0,
+                selector: u32::MAX,
+            });
+            let shape = if let Some(&shape) = self.shapes.get(key.as_slice()) {
+                shape
+            } else {
+                let shape = self.memo.len();
+                self.shapes.insert(key.clone(), shape);
+                self.shape_needs.push(key[..key.len() - 1].to_vec());
+                self.memo.push(ShapeMemo::default());
+                shape
+            };
+            let gpus = gang
+                .replicas
+                .iter()
+                .map(|r| u64::from(r.resources.gpus))
+                .sum();
+            let score = match self.policy.order {
+                Order::Submit => 0.0,
+                Order::Priority { aging_s } => {
+                    let queue = self
+                        .queues
+                        .get(gang.queue.as_str())
+                        .map_or(0, |q| q.priority);
+                    let waited = (self.now - gang.submitted_at).max(0.0);
+                    let aging = if aging_s > 0.0 { waited / aging_s } else { 0.0 };
+                    f64::from(queue) + f64::from(gang.priority) + aging
+                }
+            };
+            out.push(Prepared {
+                gang,
+                required,
+                shape,
+                gpus,
+                score,
+            });
+        }
+        out.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then(a.gang.submitted_at.total_cmp(&b.gang.submitted_at))
+                .then_with(|| a.gang.id.cmp(&b.gang.id))
+        });
+        out
+    }
+
+    fn run(&mut self, order: Vec<Prepared<'a>>) {
+        let mut fifo_head: Option<&'a str> = None;
+        let mut head: Option<Head<'a>> = None;
+        for p in &order {
+            if p.gang.replicas.is_empty() {
+                self.wait(p, reason::NEVER_FITS, || "has no replicas".to_owned());
+                continue;
+            }
+            if let Some(why) = self.queue_limit(p) {
+                self.wait(p, reason::QUEUE_LIMIT, || why);
+                continue;
+            }
+            if let Some(blocker) = fifo_head {
+                if self.fits(p, Mode::Any) {
+                    self.wait(p, reason::BLOCKED, || {
+                        format!(
+                            "fits now, but strict FIFO keeps it behind {blocker}, which was submitted earlier and does not fit"
+                        )
+                    });
+                } else if self.never_fits(p) {
+                    continue;
+                } else {
+                    let msg = self.unschedulable(p);
+                    self.wait(p, reason::UNSCHEDULABLE, || msg);
+                }
+                continue;
+            }
+            let mode = match &head {
+                Some(h) if !Self::ends_before(p.gang, self.now, h.start_at) => {
+                    Mode::OutsideReservation
+                }
+                _ => Mode::Any,
+            };
+            if self.place(p, mode) || self.never_fits(p) {
+                continue;
+            }
+            if let Some(h) = &head {
+                if mode == Mode::OutsideReservation && self.fits(p, Mode::Any) {
+                    let msg = self.reserved_message(h);
+                    self.wait(p, reason::RESERVED, || msg);
+                } else {
+                    let msg = self.unschedulable(p);
+                    self.wait(p, reason::UNSCHEDULABLE, || msg);
+                }
+                continue;
+            }
+            match self.policy.backfill {
+                Backfill::None => {
+                    fifo_head = Some(&p.gang.id);
+                    let msg = self.unschedulable(p);
+                    self.wait(p, reason::UNSCHEDULABLE, || msg);
+                }
+                Backfill::Greedy => {
+                    let msg = self.unschedulable(p);
+                    self.wait(p, reason::UNSCHEDULABLE, || msg);
+                }
+                Backfill::Reservation => {
+                    let mut msg = self.unschedulable(p);
+                    if let Some(r) = self.reserve(p) {
+                        if self.policy.explain {
+                            msg.push_str("; ");
+                            msg.push_str(&Self::reservation_clause(&r, self.now));
+                        }
+                        head = Some(Head {
+                            id: &p.gang.id,
+                            start_at: r.start_at,
+                            after: r.after.clone(),
+                        });
+                        self.decision.reservation = Some(r);
+                    }
+                    self.wait(p, reason::UNSCHEDULABLE, || msg);
+                }
+            }
+        }
+    }
+
+    /// Answers a gang that cannot fit even the empty cluster (it must not block or reserve).
+    fn never_fits(&mut self, p: &Prepared<'a>) -> bool {
+        if self.ideal_nodes(p).is_some() {
+            return false;
+        }
+        let (gang, nodes) = (p.gang, self.nodes);
+        self.wait(p, reason::NEVER_FITS, || never_fits_message(gang, nodes));
+        true
+    }
+
+    fn ends_before(gang: &Gang, now: f64, start_at: Option<f64>) -> bool {
+        match (gang.declared_runtime_s, start_at) {
+            (Some(d), Some(t)) => now + d <= t,
+            _ => false,
+        }
+    }
+
+    fn wait(&mut self, p: &Prepared<'a>, reason: &'static str, message: impl FnOnce() -> String) {
+        *self.decision.waiting_counts.entry(reason).or_default() += 1;
+        if !self.policy.list_waiting {
+            return;
+        }
+        let message = if self.policy.explain {
+            message()
+        } else {
+            String::new()
+        };
+        self.decision.waiting.push(Waiting {
+            gang: p.gang.id.clone(),
+            reason: reason.to_owned(),
+            message,
+        });
+    }
+
+    fn unschedulable(&mut self, p: &Prepared<'a>) -> String {
+        if !self.policy.explain {
+            return String::new();
+        }
+        let min_nodes = self.ideal_nodes(p).unwrap_or(1);
+        unschedulable_message(
+            p.gang,
+            &self.shape_needs[p.shape],
+            min_nodes,
+            &self.state,
+            &self.selectors,
+        )
+    }
+
+    fn reserved_message(&self, head: &Head<'_>) -> String {
+        if !self.policy.explain {
+            return String::new();
+        }
+        match head.start_at {
+            Some(t) => format!(
+                "fits now, but would delay {}, which holds a reservation to start by t={t:.0}s (in {:.0} s); a declared run time (activeDeadlineSeconds) under {:.0} s would let it start now",
+                head.id,
+                t - self.now,
+                t - self.now
+            ),
+            None => format!(
+                "fits now, but would delay {}, which holds a reservation for the resources it needs until {} end",
+                head.id,
+                list(&head.after)
+            ),
+        }
+    }
+
+    fn reservation_clause(r: &Reservation, now: f64) -> String {
+        let mut nodes: Vec<&str> = r.assignments.iter().map(|a| a.node.as_str()).collect();
+        nodes.dedup();
+        match r.start_at {
+            Some(t) => format!(
+                "holds a reservation on {} to start by t={t:.0}s (in {:.0} s), when {} end",
+                list_str(&nodes),
+                t - now,
+                list(&r.after)
+            ),
+            None => format!(
+                "holds a reservation on {}, to start when {} end (no declared run time, so no start time is known)",
+                list_str(&nodes),
+                list(&r.after)
+            ),
+        }
+    }
+
+    /// The fewest nodes the gang takes on the empty cluster, or `None` if it can never fit.
+    fn ideal_nodes(&mut self, p: &Prepared<'a>) -> Option<usize> {
+        if let Some(known) = self.memo[p.shape].ideal {
+            return known;
+        }
+        let ideal = self.ideal.get_or_insert_with(|| {
+            let mut s = FreeState::empty(self.nodes, true);
+            s.rebuild_index();
+            s
+        });
+        let mut taken = std::mem::take(&mut self.scratch);
+        let result = if ideal.place(
+            &self.shape_needs[p.shape],
+            Mode::Any,
+            super::Fit::BestFit,
+            &self.selectors,
+            &mut taken,
+        ) {
+            let mut nodes: Vec<u32> = taken.iter().map(|t| t.node).collect();
+            nodes.sort_unstable();
+            nodes.dedup();
+            ideal.undo(&mut taken);
+            Some(nodes.len())
+        } else {
+            None
+        };
+        self.scratch = taken;
+        self.memo[p.shape].ideal = Some(result);
+        result
+    }
+
+    fn queue_limit(&self, p: &Prepared<'a>) -> Option<String> {
+        if !self.limited {
+            return None;
+        }
+        let q = self.queues.get(p.gang.queue.as_str())?;
+        let (jobs, gpus) = self
+            .usage
+            .get(p.gang.queue.as_str())
+            .copied()
+            .unwrap_or_default();
+        if let Some(max) = q.max_running_jobs
+            && jobs >= max
+        {
+            return Some(format!(
+                "queue {} runs {jobs} jobs and its limit (max_running_jobs) is {max}",
+                q.name
+            ));
+        }
+        if let Some(max) = q.max_gpus
+            && gpus + p.gpus > u64::from(max)
+        {
+            return Some(format!(
+                "queue {} uses {gpus} GPUs, this job needs {} more and the queue's limit (max_gpus) is {max}",
+                q.name, p.gpus
+            ));
+        }
+        None
+    }
+
+    /// Whether the gang would fit now, without placing it.
+    fn fits(&mut self, p: &Prepared<'a>, mode: Mode) -> bool {
+        let memo = &self.memo[p.shape];
+        let (failed, fits_at) = match mode {
+            Mode::Any => (memo.failed_any, memo.fits_any_at),
+            Mode::OutsideReservation => (memo.failed_outside, memo.fits_outside_at),
+        };
+        if failed {
+            return false;
+        }
+        if fits_at == Some(self.version) {
+            return true;
+        }
+        let mut taken = std::mem::take(&mut self.scratch);
+        let ok = self.state.place(
+            &self.shape_needs[p.shape],
+            mode,
+            self.policy.fit,
+            &self.selectors,
+            &mut taken,
+        );
+        self.state.undo(&mut taken);
+        self.scratch = taken;
+        self.remember(p.shape, mode, ok);
+        ok
+    }
+
+    fn remember(&mut self, shape: usize, mode: Mode, ok: bool) {
+        let memo = &mut self.memo[shape];
+        match (mode, ok) {
+            (Mode::Any, true) => memo.fits_any_at = Some(self.version),
+            (Mode::Any, false) => memo.failed_any = true,
+            (Mode::OutsideReservation, true) => memo.fits_outside_at = Some(self.version),
+            (Mode::OutsideReservation, false) => memo.failed_outside = true,
+        }
+    }
+
+    /// Places the gang and records the placement, or leaves everything as it was.
+    fn place(&mut self, p: &Prepared<'a>, mode: Mode) -> bool {
+        let memo = &self.memo[p.shape];
+        let failed = match mode {
+            Mode::Any => memo.failed_any,
+            Mode::OutsideReservation => memo.failed_outside,
+        };
+        if failed {
+            return false;
+        }
+        let mut taken = std::mem::take(&mut self.scratch);
+        let ok = self.state.place(
+            &self.shape_needs[p.shape],
+            mode,
+            self.policy.fit,
+            &self.selectors,
+            &mut taken,
+        );
+        if !ok {
+            self.scratch = taken;
+            self.remember(p.shape, mode, false);
+            return false;
+        }
+        let (_, replica_of, optional) = self.split(p.gang, p.required);
+        let mut placed: Vec<(usize, Taken)> = replica_of
+            .iter()
+            .copied()
+            .zip(taken.iter().copied())
+            .collect();
+        // Replicas above minAvailable go one by one, where they fit.
+        for &(need, replica) in &optional {
+            let mut one = Vec::with_capacity(1);
+            if self
+                .state
+                .place(&[need], mode, self.policy.fit, &self.selectors, &mut one)
+            {
+                placed.push((replica, one[0]));
+            }
+        }
+        placed.sort_by_key(|(replica, _)| *replica);
+        self.version += 1;
+        let mut assignments = Vec::with_capacity(placed.len());
+        let mut allocs = Vec::with_capacity(placed.len());
+        for (replica, t) in &placed {
+            let request = &p.gang.replicas[*replica];
+            assignments.push(self.assignment(&request.name, t, request.resources));
+            allocs.push(Alloc {
+                node: t.node,
+                gpus: t.gpus,
+                cpu: t.cpu,
+                mem: t.mem,
+            });
+        }
+        self.holders.push(Holder {
+            id: &p.gang.id,
+            end: p.gang.declared_runtime_s.map(|d| self.now + d),
+            allocs,
+        });
+        let used = self.usage.entry(p.gang.queue.as_str()).or_default();
+        used.0 += 1;
+        used.1 += p.gpus;
+        self.decision.placements.push(Placement {
+            gang: p.gang.id.clone(),
+            assignments,
+        });
+        taken.clear();
+        self.scratch = taken;
+        true
+    }
+
+    fn assignment(&self, replica: &str, t: &Taken, resources: Resources) -> Assignment {
+        let node = &self.nodes[t.node as usize];
+        let gpu_indices = node
+            .gpus
+            .iter()
+            .take(super::MAX_GPUS_PER_NODE)
+            .enumerate()
+            .filter(|(pos, _)| t.gpus & (1 << pos) != 0)
+            .map(|(_, g)| g.index)
+            .collect();
+        Assignment {
+            replica: replica.to_owned(),
+            node: node.name.clone(),
+            gpu_indices,
+            resources,
+        }
+    }
+
+    /// The state after the first `k` holders (in end order) have released their resources.
+    fn released(&self, by_end: &[usize], k: usize) -> FreeState {
+        let mut hyp = self.state.clone();
+        for &h in &by_end[..k] {
+            for a in &self.holders[h].allocs {
+                hyp.release(a.node, a.gpus, a.cpu, a.mem);
+            }
+        }
+        hyp.rebuild_index();
+        hyp
+    }
+
+    /// Plans the blocked head's reservation: the fewest holders (soonest declared end first)
+    /// that must end before it fits, where it then goes, and installs the overlay that keeps
+    /// those resources from gangs that would still be running then. `None` if it would not fit
+    /// even with every holder gone (drained nodes, unhealthy GPUs).
+    fn reserve(&mut self, p: &Prepared<'a>) -> Option<Reservation> {
+        // Gangs with a declared end release in end order. For the others there is no end to go
+        // by, so bet on the nodes closest to free: release first the gangs on nodes with the
+        // fewest busy GPUs, so the head waits on as few gangs as possible.
+        let busy = |h: &Holder<'_>| -> u32 {
+            h.allocs
+                .iter()
+                .map(|a| {
+                    let i = a.node as usize;
+                    (self.state.healthy[i] & !self.state.nodes[i].gpus).count_ones()
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let mut by_end: Vec<(usize, u32)> = (0..self.holders.len())
+            .map(|i| (i, busy(&self.holders[i])))
+            .collect();
+        by_end.sort_by(|&(a, busy_a), &(b, busy_b)| {
+            let (ha, hb) = (&self.holders[a], &self.holders[b]);
+            match (ha.end, hb.end) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => busy_a.cmp(&busy_b),
+            }
+            .then_with(|| ha.id.cmp(hb.id))
+        });
+        let by_end: Vec<usize> = by_end.into_iter().map(|(i, _)| i).collect();
+        let mut taken = Vec::new();
+        let fits_after = |pass: &Self, k: usize, taken: &mut Vec<Taken>| -> Option<FreeState> {
+            let mut hyp = pass.released(&by_end, k);
+            hyp.place(
+                &pass.shape_needs[p.shape],
+                Mode::Any,
+                pass.policy.fit,
+                &pass.selectors,
+                taken,
+            )
+            .then_some(hyp)
+        };
+        let mut hyp = fits_after(self, by_end.len(), &mut taken)?;
+        // Fewest releases that let it fit; more free never makes a fit fail, so halve.
+        let (mut lo, mut hi) = (0usize, by_end.len());
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            let mut t = Vec::new();
+            if let Some(h) = fits_after(self, mid, &mut t) {
+                hi = mid;
+                hyp = h;
+                taken = t;
+            } else {
+                lo = mid;
+            }
+        }
+        let k = hi;
+        let start_at = if k == 0 {
+            Some(self.now)
+        } else {
+            self.holders[by_end[k - 1]].end
+        };
+        let after: Vec<String> = by_end[..k]
+            .iter()
+            .map(|&h| self.holders[h].id.to_owned())
+            .collect();
+        let mut holds: BTreeMap<u32, Hold> = BTreeMap::new();
+        for t in &taken {
+            let h = holds.entry(t.node).or_default();
+            h.gpus |= t.gpus;
+        }
+        for (node, h) in &mut holds {
+            h.slack_cpu = hyp.nodes[*node as usize].cpu;
+            h.slack_mem = hyp.nodes[*node as usize].mem;
+        }
+        let holds: Vec<(u32, Hold)> = holds.into_iter().collect();
+        self.state.hold(&holds);
+        self.version += 1;
+        let (_, replica_of, _) = self.split(p.gang, p.required);
+        let mut assignments: Vec<(usize, Assignment)> = replica_of
+            .iter()
+            .zip(&taken)
+            .map(|(&replica, t)| {
+                let request = &p.gang.replicas[replica];
+                (
+                    replica,
+                    self.assignment(&request.name, t, request.resources),
+                )
+            })
+            .collect();
+        assignments.sort_by_key(|(replica, _)| *replica);
+        Some(Reservation {
+            gang: p.gang.id.clone(),
+            start_at,
+            after,
+            assignments: assignments.into_iter().map(|(_, a)| a).collect(),
+        })
+    }
+}
+
+fn list(ids: &[String]) -> String {
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    list_str(&refs)
+}
+
+/// "a", "a and b", "a, b and 3 more".
+fn list_str(ids: &[&str]) -> String {
+    match ids {
+        [] => "nothing".to_owned(),
+        [one] => (*one).to_owned(),
+        [a, b] => format!("{a} and {b}"),
+        [a, b, rest @ ..] => format!("{a}, {b} and {} more", rest.len()),
+    }
+}

@@ -1,0 +1,409 @@
+//! Worked examples of single passes, with the exact placement or reason expected.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+pub(crate) fn node(name: &str, gpus: u32) -> NodeCapacity {
+    NodeCapacity {
+        name: name.to_owned(),
+        labels: BTreeMap::new(),
+        gpus: (0..gpus)
+            .map(|i| GpuSlot {
+                index: i,
+                uuid: format!("GPU-{name}-{i}"),
+                product: "H100".to_owned(),
+                memory_mib: 81_920,
+                healthy: true,
+            })
+            .collect(),
+        cpu_milli: 64_000,
+        memory_mib: 512_000,
+        schedulable: true,
+    }
+}
+
+pub(crate) fn gang(id: &str, submitted_at: f64, replicas: u32, gpus: u32) -> Gang {
+    Gang {
+        id: id.to_owned(),
+        queue: "fast".to_owned(),
+        priority: 0,
+        submitted_at,
+        replicas: (0..replicas)
+            .map(|i| ReplicaRequest {
+                name: format!("worker-{i}"),
+                resources: Resources {
+                    gpus,
+                    cpu_milli: 1000,
+                    memory_mib: 1024,
+                },
+                node_selector: BTreeMap::new(),
+            })
+            .collect(),
+        min_available: None,
+        declared_runtime_s: None,
+    }
+}
+
+fn running(id: &str, node: &str, gpus: &[u32], end: Option<f64>) -> RunningGang {
+    RunningGang {
+        id: id.to_owned(),
+        queue: "fast".to_owned(),
+        assignments: vec![Assignment {
+            replica: "worker-0".to_owned(),
+            node: node.to_owned(),
+            gpu_indices: gpus.to_vec(),
+            resources: Resources {
+                gpus: gpus.len() as u32,
+                cpu_milli: 1000,
+                memory_mib: 1024,
+            },
+        }],
+        expected_end: end,
+    }
+}
+
+fn queues() -> Vec<QueueConfig> {
+    vec![
+        QueueConfig {
+            name: "fast".to_owned(),
+            priority: 10,
+            weight: 1,
+            max_running_jobs: None,
+            max_gpus: None,
+        },
+        QueueConfig {
+            name: "slow".to_owned(),
+            priority: 1,
+            weight: 1,
+            max_running_jobs: None,
+            max_gpus: None,
+        },
+    ]
+}
+
+fn run(
+    nodes: &[NodeCapacity],
+    running: &[RunningGang],
+    queued: &[Gang],
+    policy: &Policy,
+) -> Decision {
+    let queues = queues();
+    schedule(
+        &Snapshot {
+            now: 100.0,
+            nodes,
+            running,
+            queued,
+            queues: &queues,
+        },
+        policy,
+    )
+}
+
+fn placed<'d>(d: &'d Decision, gang: &str) -> Option<&'d Placement> {
+    d.placements.iter().find(|p| p.gang == gang)
+}
+
+fn waiting<'d>(d: &'d Decision, gang: &str) -> &'d Waiting {
+    d.waiting
+        .iter()
+        .find(|w| w.gang == gang)
+        .unwrap_or_else(|| panic!("{gang} is not waiting: {d:#?}"))
+}
+
+fn nodes_of(p: &Placement) -> Vec<&str> {
+    p.assignments.iter().map(|a| a.node.as_str()).collect()
+}
+
+#[test]
+fn two_by_eight_goes_on_the_two_whole_nodes() {
+    let nodes = [node("a", 8), node("b", 8), node("c", 8)];
+    let run_c = [running("r", "c", &[0, 1, 2, 3], None)];
+    let d = run(&nodes, &run_c, &[gang("j", 1.0, 2, 8)], &Policy::agentd());
+    let p = placed(&d, "j").expect("placed");
+    assert_eq!(nodes_of(p), ["a", "b"]);
+    assert_eq!(p.assignments[0].gpu_indices, (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn best_fit_fills_the_partly_used_node_and_keeps_whole_nodes_whole() {
+    let nodes = [node("a", 8), node("b", 8)];
+    let run_b = [running("r", "b", &[0, 1, 2, 3, 4, 5], None)];
+    let d = run(&nodes, &run_b, &[gang("j", 1.0, 1, 2)], &Policy::best_fit());
+    let p = placed(&d, "j").expect("placed");
+    assert_eq!(nodes_of(p), ["b"]);
+    assert_eq!(p.assignments[0].gpu_indices, [6, 7]);
+    // First-fit takes the lowest-numbered node instead.
+    let d = run(
+        &nodes,
+        &run_b,
+        &[gang("j", 1.0, 1, 2)],
+        &Policy::first_fit(),
+    );
+    assert_eq!(nodes_of(placed(&d, "j").expect("placed")), ["a"]);
+}
+
+#[test]
+fn gang_packs_onto_fewest_nodes() {
+    let nodes = [node("a", 4), node("b", 8), node("c", 4)];
+    let d = run(&nodes, &[], &[gang("j", 1.0, 3, 4)], &Policy::agentd());
+    let mut got = nodes_of(placed(&d, "j").expect("placed"));
+    got.sort_unstable();
+    assert_eq!(got, ["a", "b", "b"]);
+}
+
+#[test]
+fn unhealthy_gpus_are_never_used() {
+    let mut n = node("a", 4);
+    n.gpus[0].healthy = false;
+    n.gpus[2].healthy = false;
+    let d = run(
+        &[n.clone()],
+        &[],
+        &[gang("j", 1.0, 1, 2)],
+        &Policy::agentd(),
+    );
+    assert_eq!(
+        placed(&d, "j").expect("placed").assignments[0].gpu_indices,
+        [1, 3]
+    );
+    let d = run(&[n], &[], &[gang("k", 1.0, 1, 3)], &Policy::agentd());
+    let w = waiting(&d, "k");
+    assert_eq!(w.reason, reason::UNSCHEDULABLE);
+    assert_eq!(
+        w.message,
+        "needs 3 GPUs (1 replica x 3) on at most 1 node; the best node has 2 free"
+    );
+}
+
+#[test]
+fn message_says_what_the_best_nodes_have() {
+    let nodes = [node("a", 8), node("b", 8), node("c", 8)];
+    let run = [
+        running("r1", "a", &[0, 1], None),
+        running("r2", "b", &[0, 1], None),
+        running("r3", "c", &[0, 1, 2, 3], None),
+    ];
+    let queues = queues();
+    let d = schedule(
+        &Snapshot {
+            now: 0.0,
+            nodes: &nodes,
+            running: &run,
+            queued: &[gang("j", 1.0, 2, 8)],
+            queues: &queues,
+        },
+        &Policy::best_fit(),
+    );
+    assert_eq!(
+        waiting(&d, "j").message,
+        "needs 16 GPUs (2 replicas x 8) on at most 2 nodes; the best 2 nodes have 12 free"
+    );
+}
+
+#[test]
+fn selector_that_no_node_has_never_fits() {
+    let mut nodes = [node("a", 8), node("b", 8)];
+    nodes[1].labels.insert("gpu".to_owned(), "H100".to_owned());
+    let mut g = gang("j", 1.0, 1, 1);
+    g.replicas[0]
+        .node_selector
+        .insert("gpu".to_owned(), "H200".to_owned());
+    let d = run(&nodes, &[], &[g.clone()], &Policy::agentd());
+    let w = waiting(&d, "j");
+    assert_eq!(w.reason, reason::NEVER_FITS);
+    assert!(
+        w.message.contains("label gpu=H200 and no node has it"),
+        "{}",
+        w.message
+    );
+    assert_eq!(never_fits(&g, &nodes), Some(w.message.clone()));
+    g.replicas[0]
+        .node_selector
+        .insert("gpu".to_owned(), "H100".to_owned());
+    let d = run(&nodes, &[], &[g.clone()], &Policy::agentd());
+    assert_eq!(nodes_of(placed(&d, "j").expect("placed")), ["b"]);
+    assert_eq!(never_fits(&g, &nodes), None);
+}
+
+#[test]
+fn too_big_for_the_cluster_never_fits() {
+    let nodes = [node("a", 8), node("b", 8)];
+    let g = gang("big", 1.0, 4, 8);
+    assert_eq!(
+        never_fits(&g, &nodes).as_deref(),
+        Some(
+            "can never run on this cluster: needs 32 GPUs (4 replicas x 8) but the cluster has 16 GPUs"
+        )
+    );
+    let g = gang("wide", 1.0, 1, 16);
+    assert_eq!(
+        never_fits(&g, &nodes).as_deref(),
+        Some(
+            "can never run on this cluster: replica worker-0 needs 16 GPUs on one node but the largest node has 8"
+        )
+    );
+}
+
+#[test]
+fn fifo_head_blocks_everyone_behind_it() {
+    let nodes = [node("a", 8)];
+    let run_a = [running("r", "a", &[0, 1, 2, 3], Some(500.0))];
+    let queued = [gang("head", 1.0, 1, 8), gang("small", 2.0, 1, 1)];
+    let d = run(&nodes, &run_a, &queued, &Policy::fifo());
+    assert!(d.placements.is_empty());
+    assert_eq!(waiting(&d, "small").reason, reason::BLOCKED);
+    // Greedy backfill lets the small one go.
+    let d = run(&nodes, &run_a, &queued, &Policy::first_fit());
+    assert!(placed(&d, "small").is_some());
+}
+
+#[test]
+fn reservation_lets_only_gangs_that_do_not_delay_the_head_backfill() {
+    // a: 4 of 8 busy until t=500; b: all 8 busy, no declared end.
+    let nodes = [node("a", 8), node("b", 8)];
+    let busy = [
+        running("r1", "a", &[0, 1, 2, 3], Some(500.0)),
+        running("r2", "b", &[0, 1, 2, 3, 4, 5, 6, 7], None),
+    ];
+    let mut short = gang("short", 3.0, 1, 2);
+    short.declared_runtime_s = Some(300.0); // ends at 400 < 500
+    let mut long = gang("long", 4.0, 1, 2);
+    long.declared_runtime_s = Some(1000.0);
+    let queued = [gang("head", 1.0, 1, 8), long, short];
+    let d = run(&nodes, &busy, &queued, &Policy::agentd());
+    let r = d.reservation.as_ref().expect("reservation");
+    assert_eq!(r.gang, "head");
+    assert_eq!(r.start_at, Some(500.0));
+    assert_eq!(r.after, ["r1"]);
+    assert_eq!(r.assignments[0].node, "a");
+    assert_eq!(waiting(&d, "head").reason, reason::UNSCHEDULABLE);
+    assert!(
+        waiting(&d, "head")
+            .message
+            .contains("holds a reservation on a to start by t=500s"),
+        "{}",
+        waiting(&d, "head").message
+    );
+    let w = waiting(&d, "long");
+    assert_eq!(w.reason, reason::RESERVED);
+    assert!(w.message.contains("would delay head"), "{}", w.message);
+    assert_eq!(
+        nodes_of(placed(&d, "short").expect("short backfills")),
+        ["a"]
+    );
+}
+
+#[test]
+fn backfill_may_use_what_the_reservation_does_not_need() {
+    // The head needs 6 GPUs; node a has 8, 4 busy until 500. After that, 2 are spare.
+    let nodes = [node("a", 8)];
+    let busy = [running("r1", "a", &[0, 1, 2, 3], Some(500.0))];
+    let queued = [
+        gang("head", 1.0, 1, 6),
+        gang("two", 2.0, 1, 2),
+        gang("one", 3.0, 1, 1),
+    ];
+    let d = run(&nodes, &busy, &queued, &Policy::agentd());
+    let r = d.reservation.as_ref().expect("reservation");
+    assert_eq!(r.assignments[0].gpu_indices, [0, 1, 2, 3, 4, 5]);
+    assert_eq!(
+        placed(&d, "two")
+            .expect("fits outside the reservation")
+            .assignments[0]
+            .gpu_indices,
+        [6, 7]
+    );
+    assert_eq!(waiting(&d, "one").reason, reason::RESERVED);
+}
+
+#[test]
+fn queue_priority_orders_and_aging_lifts_old_gangs() {
+    let nodes = [node("a", 1)];
+    let mut slow = gang("slow", 0.0, 1, 1);
+    slow.queue = "slow".to_owned();
+    let fast = gang("fast", 90.0, 1, 1);
+    let queued = [slow.clone(), fast.clone()];
+    // At t=100 slow has aged 100 s: 1 + 0.1 < 10 + 0.01.
+    let d = run(&nodes, &[], &queued, &Policy::agentd());
+    assert!(placed(&d, "fast").is_some());
+    // Submitted 3 hours before: 1 + 12 > 10.
+    slow.submitted_at = 100.0 - 3.0 * 3600.0;
+    let d = run(&nodes, &[], &[slow, fast], &Policy::agentd());
+    assert!(placed(&d, "slow").is_some());
+    // FIFO ignores queues.
+    let d = run(&nodes, &[], &queued, &Policy::fifo());
+    assert!(placed(&d, "slow").is_some());
+}
+
+#[test]
+fn queue_limits_hold_gangs_back() {
+    let nodes = [node("a", 8)];
+    let mut qs = queues();
+    qs[0].max_gpus = Some(4);
+    qs[1].max_running_jobs = Some(1);
+    let mut s1 = gang("s1", 1.0, 1, 1);
+    s1.queue = "slow".to_owned();
+    let mut s2 = gang("s2", 2.0, 1, 1);
+    s2.queue = "slow".to_owned();
+    let queued = [gang("f1", 0.0, 1, 3), gang("f2", 0.5, 1, 2), s1, s2];
+    let d = schedule(
+        &Snapshot {
+            now: 10.0,
+            nodes: &nodes,
+            running: &[],
+            queued: &queued,
+            queues: &qs,
+        },
+        &Policy::agentd(),
+    );
+    assert!(placed(&d, "f1").is_some());
+    assert!(placed(&d, "s1").is_some());
+    assert_eq!(waiting(&d, "f2").reason, reason::QUEUE_LIMIT);
+    assert!(waiting(&d, "f2").message.contains("max_gpus"));
+    assert_eq!(waiting(&d, "s2").reason, reason::QUEUE_LIMIT);
+    assert!(waiting(&d, "s2").message.contains("max_running_jobs"));
+}
+
+#[test]
+fn min_available_places_the_required_part() {
+    let nodes = [node("a", 4)];
+    let mut g = gang("j", 1.0, 6, 1);
+    g.min_available = Some(3);
+    let d = run(
+        &nodes,
+        &[running("r", "a", &[0], None)],
+        &[g],
+        &Policy::agentd(),
+    );
+    let p = placed(&d, "j").expect("placed");
+    let names: Vec<&str> = p.assignments.iter().map(|a| a.replica.as_str()).collect();
+    assert_eq!(names, ["worker-0", "worker-1", "worker-2"]);
+}
+
+#[test]
+fn unschedulable_nodes_get_nothing() {
+    let mut nodes = [node("a", 8), node("b", 8)];
+    nodes[0].schedulable = false;
+    let d = run(
+        &nodes,
+        &[],
+        &[gang("j", 1.0, 1, 8), gang("k", 2.0, 1, 8)],
+        &Policy::agentd(),
+    );
+    assert_eq!(nodes_of(placed(&d, "j").expect("placed")), ["b"]);
+    assert_eq!(waiting(&d, "k").reason, reason::UNSCHEDULABLE);
+}
+
+#[test]
+fn unknown_policy_names_the_allowed_ones() {
+    let err = Policy::by_name("sjf").expect_err("unknown");
+    assert_eq!(
+        err.to_string(),
+        "unknown scheduling policy `sjf`; allowed: fifo, first-fit, best-fit, default"
+    );
+    for name in Policy::NAMES {
+        assert_eq!(Policy::by_name(name).map(|p| p.name), Ok(name));
+    }
+}

@@ -1,0 +1,70 @@
+//! The `kube-sim` binary: flags in, a running simulator out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use kube_sim::{KubeSim, SimConfig, TimeScale};
+
+/// A Kubernetes API server simulator with simulated GPU nodes, for tests and benchmarks.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on (plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Write a kubeconfig for this server to FILE.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Simulated nodes to create: node-0 .. node-<N-1>.
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
+    /// nvidia.com/gpu capacity of each simulated node.
+    #[arg(long, default_value_t = 8)]
+    gpus_per_node: u32,
+    /// How much faster than real time cluster time runs (e.g. 60: a minute per second).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Events kept per resource for watches that resume from a resourceVersion.
+    #[arg(long, default_value_t = 10_000)]
+    watch_history: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let time_scale = TimeScale::new(args.time_scale).with_context(|| {
+        format!(
+            "--time-scale {} must be a number above zero",
+            args.time_scale
+        )
+    })?;
+    let config = SimConfig {
+        listen: args.listen,
+        kubeconfig: args.kubeconfig,
+        nodes: args.nodes,
+        gpus_per_node: args.gpus_per_node,
+        time_scale,
+        watch_history: args.watch_history,
+        ..SimConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?;
+    runtime.block_on(async {
+        let sim = KubeSim::start(config).await?;
+        println!("kube-sim listening on {}", sim.url());
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        sim.shutdown();
+        Ok(())
+    })
+}

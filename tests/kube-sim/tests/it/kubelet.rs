@@ -1,0 +1,271 @@
+//! The simulated kubelets: pod phases, container statuses, events and node outages.
+
+use serde_json::{Value, json};
+
+use crate::common::{self, eventually, get, post, request};
+
+fn fast() -> kube_sim::SimConfig {
+    kube_sim::SimConfig {
+        nodes: 2,
+        gpus_per_node: 4,
+        time_scale: kube_sim::TimeScale::new(20.0).unwrap(),
+        pod_eviction_timeout: std::time::Duration::from_secs(20),
+        ..kube_sim::SimConfig::default()
+    }
+}
+
+async fn bind(sim: &common::Sim, pod: &str, node: &str) {
+    let (code, _) = post(sim, &format!("/api/v1/namespaces/default/pods/{pod}/binding"),
+        &json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"kind": "Node", "name": node}})).await;
+    assert_eq!(code, 201);
+}
+
+async fn phase_is(sim: &common::Sim, pod: &str, phase: &str) -> Value {
+    eventually(20, &format!("{pod} to be {phase}"), || async {
+        let (_, p) = get(sim, &format!("/api/v1/namespaces/default/pods/{pod}")).await;
+        (p["status"]["phase"] == phase).then_some(p)
+    })
+    .await
+}
+
+async fn reasons(sim: &common::Sim, pod: &str) -> Vec<String> {
+    let (_, evs) = get(
+        sim,
+        &format!("/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3D{pod}"),
+    )
+    .await;
+    evs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn nodes_have_gpus_and_leases() {
+    let sim = common::start(fast()).await;
+    let (_, n) = get(&sim, "/api/v1/nodes/node-1").await;
+    assert_eq!(n["status"]["capacity"]["nvidia.com/gpu"], "4");
+    let ready = n["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready["status"], "True");
+    let (code, lease) = get(
+        &sim,
+        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/node-0",
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(lease["spec"]["holderIdentity"], "node-0");
+    assert_eq!(sim.handle.add_nodes(1).unwrap(), ["node-2"]);
+}
+
+#[tokio::test]
+async fn a_bound_pod_runs_and_succeeds_with_kubelet_events() {
+    let sim = common::start(fast()).await;
+    post(
+        &sim,
+        "/api/v1/namespaces/default/pods",
+        &common::pod(
+            "ok",
+            &json!({"sim.agentd.io/run-seconds": "2", "sim.agentd.io/log": "hello from ok"}),
+        ),
+    )
+    .await;
+    bind(&sim, "ok", "node-0").await;
+    let running = phase_is(&sim, "ok", "Running").await;
+    assert_eq!(running["status"]["containerStatuses"][0]["ready"], true);
+    assert!(
+        running["status"]["podIP"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.244.")
+    );
+    let done = phase_is(&sim, "ok", "Succeeded").await;
+    let term = &done["status"]["containerStatuses"][0]["state"]["terminated"];
+    assert_eq!(
+        (term["exitCode"].as_i64(), term["reason"].as_str()),
+        (Some(0), Some("Completed"))
+    );
+    let r = reasons(&sim, "ok").await;
+    for want in ["Scheduled", "Pulling", "Pulled", "Created", "Started"] {
+        assert!(r.iter().any(|x| x == want), "{want} missing from {r:?}");
+    }
+    let (code, log) = request(
+        &sim,
+        "GET",
+        "/api/v1/namespaces/default/pods/ok/log",
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        log.as_str().unwrap().starts_with("hello from ok\n"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn failure_annotations_produce_each_failure_class() {
+    let sim = common::start(fast()).await;
+    let cases = [
+        (
+            "exit3",
+            json!({"sim.agentd.io/run-seconds": "1", "sim.agentd.io/exit-code": "3"}),
+        ),
+        ("oom", json!({"sim.agentd.io/fail": "OOMKilled"})),
+        ("evicted", json!({"sim.agentd.io/fail": "Evicted"})),
+        (
+            "admission",
+            json!({"sim.agentd.io/fail": "UnexpectedAdmissionError"}),
+        ),
+        ("pull", json!({"sim.agentd.io/fail": "ImagePullBackOff"})),
+        ("mount", json!({"sim.agentd.io/fail": "FailedMount"})),
+    ];
+    for (name, ann) in &cases {
+        post(
+            &sim,
+            "/api/v1/namespaces/default/pods",
+            &common::pod(name, ann),
+        )
+        .await;
+        bind(&sim, name, "node-1").await;
+    }
+    let p = phase_is(&sim, "exit3", "Failed").await;
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+        3
+    );
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"],
+        "Error"
+    );
+    let p = phase_is(&sim, "oom", "Failed").await;
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"],
+        "OOMKilled"
+    );
+    let p = phase_is(&sim, "evicted", "Failed").await;
+    assert_eq!(p["status"]["reason"], "Evicted");
+    let p = phase_is(&sim, "admission", "Failed").await;
+    assert_eq!(p["status"]["reason"], "UnexpectedAdmissionError");
+    eventually(20, "ImagePullBackOff", || async {
+        let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/pull").await;
+        (p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff")
+            .then_some(())
+    })
+    .await;
+    assert!(reasons(&sim, "pull").await.iter().any(|r| r == "BackOff"));
+    assert!(
+        reasons(&sim, "mount")
+            .await
+            .iter()
+            .any(|r| r == "FailedMount")
+    );
+    let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/mount").await;
+    assert_eq!(p["status"]["phase"], "Pending");
+}
+
+#[tokio::test]
+async fn restart_policy_always_goes_into_crash_loop_backoff() {
+    let sim = common::start(fast()).await;
+    let mut pod = common::pod(
+        "loop",
+        &json!({"sim.agentd.io/run-seconds": "1", "sim.agentd.io/exit-code": "1"}),
+    );
+    pod["spec"]["restartPolicy"] = json!("Always");
+    post(&sim, "/api/v1/namespaces/default/pods", &pod).await;
+    bind(&sim, "loop", "node-0").await;
+    eventually(20, "a restart", || async {
+        let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/loop").await;
+        (p["status"]["containerStatuses"][0]["restartCount"].as_i64() >= Some(1)).then_some(())
+    })
+    .await;
+    assert!(reasons(&sim, "loop").await.iter().any(|r| r == "BackOff"));
+}
+
+#[tokio::test]
+async fn deleting_a_running_pod_kills_it_gracefully() {
+    let sim = common::start(fast()).await;
+    post(
+        &sim,
+        "/api/v1/namespaces/default/pods",
+        &common::pod("k", &json!({})),
+    )
+    .await;
+    bind(&sim, "k", "node-0").await;
+    phase_is(&sim, "k", "Running").await;
+    let (code, p) = request(
+        &sim,
+        "DELETE",
+        "/api/v1/namespaces/default/pods/k",
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(code, 202);
+    assert!(p["metadata"]["deletionTimestamp"].is_string());
+    eventually(20, "the pod to go", || async {
+        (get(&sim, "/api/v1/namespaces/default/pods/k").await.0 == 404).then_some(())
+    })
+    .await;
+    assert!(reasons(&sim, "k").await.iter().any(|r| r == "Killing"));
+}
+
+#[tokio::test]
+async fn a_stopped_node_goes_unknown_and_its_pods_are_evicted_then_it_recovers() {
+    let sim = common::start(fast()).await;
+    post(
+        &sim,
+        "/api/v1/namespaces/default/pods",
+        &common::pod("on1", &json!({})),
+    )
+    .await;
+    bind(&sim, "on1", "node-1").await;
+    phase_is(&sim, "on1", "Running").await;
+    assert!(sim.handle.stop_node("node-1"));
+    eventually(30, "node-1 Unknown", || async {
+        let (_, n) = get(&sim, "/api/v1/nodes/node-1").await;
+        let ready = n["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")?
+            .clone();
+        (ready["status"] == "Unknown").then_some(())
+    })
+    .await;
+    let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/on1").await;
+    let ready = p["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready["status"], "False");
+    eventually(30, "on1 marked for deletion", || async {
+        let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/on1").await;
+        p["metadata"]["deletionTimestamp"].is_string().then_some(())
+    })
+    .await;
+    assert!(sim.handle.restart_node("node-1"));
+    eventually(20, "on1 gone after the node returns", || async {
+        (get(&sim, "/api/v1/namespaces/default/pods/on1").await.0 == 404).then_some(())
+    })
+    .await;
+    let (_, n) = get(&sim, "/api/v1/nodes/node-1").await;
+    let ready = n["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready["status"], "True");
+}

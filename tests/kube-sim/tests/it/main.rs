@@ -1,0 +1,9 @@
+//! kube-sim integration tests: the HTTP API's semantics, the simulated kubelets, and fidelity
+//! with clients written elsewhere (kubectl, the Python `kubernetes` client, kube-rs).
+
+mod api;
+mod common;
+mod kube_rs;
+mod kubectl;
+mod kubelet;
+mod python;
