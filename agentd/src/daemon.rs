@@ -199,7 +199,14 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     };
 
     let _ = server.await;
-    stopping.abort();
+    if *stop.borrow() {
+        // Woken by the same stop that ended the server; let it finish saying so.
+        let _ = stopping.await;
+    } else {
+        // The server ended on its own: the agent is going down all the same.
+        stopping.abort();
+        let _ = crate::systemd::notify_stopping();
+    }
     if let Some(exporter) = exporter {
         let _ = exporter.task.await;
     }
