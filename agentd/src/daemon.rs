@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::api::{self, AgentIdentity, ApiState};
-use crate::config::Config;
+use crate::config::{Config, MetricsAddr};
 use crate::core::Core;
 use crate::inventory::{self, Sampler};
 use crate::store::Store;
@@ -21,6 +21,10 @@ pub enum DaemonError {
     Socket(#[from] api::socket::SocketError),
     #[error(transparent)]
     Host(#[from] inventory::HostError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Systemd(#[from] crate::systemd::SystemdError),
     #[error("{0}")]
     Runtime(String),
 }
@@ -43,14 +47,20 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     let started = Instant::now();
     let node_name = config.node_name();
 
-    let listener = {
+    let (listener, socket_activated) = {
         let _span = tracing::info_span!("api", socket = %config.socket.display()).entered();
-        let listener = api::socket::bind(&config.socket)?;
-        listener
-            .set_nonblocking(true)
+        // Under agentd.socket systemd has bound the socket (and keeps it across restarts).
+        let (listener, socket_activated) = match crate::systemd::inherited_unix_listener()? {
+            Some(listener) => {
+                tracing::info!("using the API socket systemd passed in");
+                (listener, true)
+            }
+            None => (api::socket::bind(&config.socket)?, false),
+        };
+        listener.set_nonblocking(true).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
             .map_err(|e| DaemonError::Runtime(e.to_string()))?;
-        tokio::net::UnixListener::from_std(listener)
-            .map_err(|e| DaemonError::Runtime(e.to_string()))?
+        (listener, socket_activated)
     };
 
     let store = {
@@ -110,6 +120,24 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         .instrument(span),
     );
 
+    let exporter = match config.metrics_addr {
+        MetricsAddr::On(addr) => {
+            let started = crate::metrics::start_exporter(addr, inventory_rx.clone(), stop.clone())
+                .instrument(tracing::info_span!("metrics", %addr))
+                .await;
+            match started {
+                Ok(exporter) => Some(exporter),
+                Err(e) => {
+                    if !socket_activated {
+                        let _ = std::fs::remove_file(&config.socket);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        MetricsAddr::Off => None,
+    };
+
     let (core, core_handle, core_inputs) = {
         let _span = tracing::info_span!("core").entered();
         Core::open(
@@ -147,17 +175,46 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
             .instrument(tracing::info_span!("api", socket = %config.socket.display())),
     );
     ready_tx.send_replace(true);
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "agent ready"
-    );
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "agent ready");
+    if let Some(exporter) = &exporter {
+        exporter.metrics.set_up(true);
+    }
+    // The socket is bound and the first inventory is in: only now may `systemctl start` return.
+    if let Err(e) = crate::systemd::notify_ready() {
+        tracing::warn!("{e}");
+    }
+    let _ = crate::systemd::notify_status("ready");
+    let stopping = {
+        let mut stop = stop.clone();
+        let metrics = exporter.as_ref().map(|e| e.metrics.clone());
+        tokio::spawn(async move {
+            if stop.wait_for(|s| *s).await.is_ok() {
+                if let Some(metrics) = metrics {
+                    metrics.set_up(false);
+                }
+                let _ = crate::systemd::notify_stopping();
+                let _ = crate::systemd::notify_status("stopping: ending jobs");
+            }
+        })
+    };
 
     let _ = server.await;
+    if *stop.borrow() {
+        // Woken by the same stop that ended the server; let it finish saying so.
+        let _ = stopping.await;
+    } else {
+        // The server ended on its own: the agent is going down all the same.
+        stopping.abort();
+        let _ = crate::systemd::notify_stopping();
+    }
+    if let Some(exporter) = exporter {
+        let _ = exporter.task.await;
+    }
     let _ = refresh.await;
-    let store = core
-        .await
-        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
-    if let Err(e) = std::fs::remove_file(&config.socket) {
+    let store = core.await.map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
+    if socket_activated {
+        // agentd.socket owns the socket; it stays for the next start.
+    } else if let Err(e) = std::fs::remove_file(&config.socket) {
         tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket");
     }
     store.close()?;

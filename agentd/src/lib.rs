@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod exec;
 pub mod inventory;
 pub mod job;
+pub mod logging;
 pub mod metrics;
 pub mod replay;
 pub mod sched;

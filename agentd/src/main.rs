@@ -82,7 +82,10 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
+    if let Err(e) = init_logging(&config) {
+        eprintln!("agentd: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -105,16 +108,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+/// journald under systemd, else text; or JSON when asked. `RUST_LOG` overrides `log`.
+fn init_logging(config: &Config) -> Result<(), agentd::logging::LoggingError> {
+    let format = match config.log_format {
+        LogFormat::Text => agentd::logging::LogFormat::Auto,
+        LogFormat::Json => agentd::logging::LogFormat::Json,
+    };
+    agentd::logging::init(format, Some(&config.log)).map(drop)
 }

@@ -1,6 +1,7 @@
 //! `agentctl`: talks to the local agent over its Unix socket. One module per subcommand;
 //! `output` prints. Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 agent unreachable.
 
+mod docs;
 mod jobs;
 mod output;
 mod status;
@@ -67,6 +68,9 @@ enum Command {
     Cancel { name: String },
     /// The queues, their limits and what is in them.
     Queues,
+    /// Write the man pages and bash/zsh/fish completions under DIR (for the package build).
+    #[command(name = "__generate-docs", hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 /// How a command failed, which decides the exit code.
@@ -126,6 +130,11 @@ fn main() -> ExitCode {
             } => jobs::logs(&client, &name, replica.as_deref(), follow).await,
             Command::Cancel { name } => jobs::cancel(&client, &name, cli.output).await,
             Command::Queues => jobs::queues(&client, cli.output).await,
+            Command::GenerateDocs { dir } => {
+                docs::generate(&<Cli as clap::CommandFactory>::command(), &dir)
+                    .map(drop)
+                    .map_err(|e| Failure::Request(e.to_string()))
+            }
         }
     });
     match result {

@@ -221,7 +221,11 @@ impl Core {
                 Some(change) = inputs.health.recv() => self.gpu_health_changed(&change),
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
                 Ok(()) = inventory.changed() => self.inventory_changed(),
-                _ = tick.tick() => self.tick(),
+                _ = tick.tick() => {
+                    // The watchdog hears from the core loop itself: a hung core stops pinging.
+                    crate::systemd::watchdog_tick();
+                    self.tick();
+                }
                 _ = stop.wait_for(|s| *s) => break,
             }
             while let Ok(exit) = inputs.exits.try_recv() {
