@@ -57,7 +57,9 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
             }
             None => (api::socket::bind(&config.socket)?, false),
         };
-        listener.set_nonblocking(true).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::Runtime(e.to_string()))?;
         let listener = tokio::net::UnixListener::from_std(listener)
             .map_err(|e| DaemonError::Runtime(e.to_string()))?;
         (listener, socket_activated)
@@ -175,7 +177,10 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
             .instrument(tracing::info_span!("api", socket = %config.socket.display())),
     );
     ready_tx.send_replace(true);
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "agent ready");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "agent ready"
+    );
     if let Some(exporter) = &exporter {
         exporter.metrics.set_up(true);
     }
@@ -211,7 +216,9 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         let _ = exporter.task.await;
     }
     let _ = refresh.await;
-    let store = core.await.map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
+    let store = core
+        .await
+        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
     if socket_activated {
         // agentd.socket owns the socket; it stays for the next start.
     } else if let Err(e) = std::fs::remove_file(&config.socket) {

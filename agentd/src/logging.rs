@@ -172,7 +172,11 @@ pub fn init(format: LogFormat, configured_filter: Option<&str>) -> Result<LogSin
         LogSink::Text => {
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
             registry
-                .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr),
+                )
                 .try_init()
                 .map_err(LoggingError::AlreadySet)?;
             Ok(LogSink::Text)

@@ -691,8 +691,9 @@ pub async fn start_exporter(
     mut inventory: tokio::sync::watch::Receiver<Arc<NodeInventory>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Exporter, MetricsError> {
-    let listener =
-        TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -721,7 +722,11 @@ pub async fn start_exporter(
             tracing::error!(%error, "metrics endpoint failed");
         }
     });
-    Ok(Exporter { metrics, addr, task })
+    Ok(Exporter {
+        metrics,
+        addr,
+        task,
+    })
 }
 
 async fn wait_for_stop(mut stop: tokio::sync::watch::Receiver<bool>) {

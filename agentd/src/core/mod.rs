@@ -132,6 +132,7 @@ pub struct Core {
     default_queue: String,
     kill_grace: Duration,
     backoff: (Duration, Duration),
+    sample_retention: Duration,
     store: Store,
     executor: LocalExecutor,
     policy: Policy,
@@ -175,6 +176,7 @@ impl Core {
             default_queue: config.jobs.default_queue.clone(),
             kill_grace: config.jobs.kill_grace,
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
+            sample_retention: config.inventory.sample_retention,
             store,
             executor: LocalExecutor::new(exits_tx, config.jobs.log_max_bytes),
             policy: Policy::agentd(),
@@ -542,6 +544,7 @@ impl Core {
     /// A new inventory: gangs on GPUs that turned unhealthy restart elsewhere.
     fn inventory_changed(&mut self) {
         let inventory = self.inventory.borrow_and_update().clone();
+        self.keep_sample(&inventory);
         let unhealthy: BTreeMap<&str, &agentd_api::GpuInfo> = inventory
             .gpus
             .iter()
@@ -577,6 +580,30 @@ impl Core {
             self.restart_gang(&name, "GpuUnhealthy", &message);
         }
         self.needs_pass = true;
+    }
+
+    /// Keeps a compact reading (CPU, memory, each GPU's use and health) in the bounded window
+    /// of samples, for looking back at what a node was doing when something went wrong.
+    fn keep_sample(&self, inventory: &NodeInventory) {
+        let sample = serde_json::json!({
+            "cpu_utilization": inventory.cpu.utilization,
+            "memory_available_bytes": inventory.memory.available_bytes,
+            "gpus": inventory.gpus.iter().map(|g| serde_json::json!({
+                "index": g.index,
+                "utilization_gpu_percent": g.utilization_gpu_percent,
+                "memory_used_bytes": g.memory_used_bytes,
+                "temperature_celsius": g.temperature_celsius,
+                "power_usage_watts": g.power_usage_watts,
+                "healthy": g.healthy,
+            })).collect::<Vec<_>>(),
+        });
+        if let Err(e) = self.store.add_inventory_sample(
+            inventory.sampled_at,
+            &sample.to_string(),
+            self.sample_retention,
+        ) {
+            tracing::warn!("cannot keep the inventory sample: {e}");
+        }
     }
 
     /// Checks deadlines, schedule time-outs, back-offs and the time-to-live of finished jobs.
