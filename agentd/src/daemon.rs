@@ -148,6 +148,7 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
             store,
             inventory_rx.clone(),
             health_rx,
+            exporter.as_ref().map(|e| e.metrics.clone()),
         )
         .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
     };
@@ -171,6 +172,7 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         inventory: inventory_rx,
         ready: ready_rx,
         core: core_handle,
+        metrics: exporter.as_ref().map(|e| e.metrics.clone()),
     };
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())

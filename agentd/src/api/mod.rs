@@ -43,6 +43,7 @@ pub struct ApiState {
     /// True once the agent is ready to take work (first inventory in, core running).
     pub ready: watch::Receiver<bool>,
     pub core: CoreHandle,
+    pub metrics: Option<crate::metrics::Metrics>,
 }
 
 /// The fixed facts about this agent that `status` reports.
@@ -107,12 +108,16 @@ async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> R
     let query = req.uri().query().map(str::to_owned);
     let parsed =
         declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
+    let route_name = parsed.as_ref().map_or("unknown", Route::name);
     let response = match parsed {
         Ok(route) => dispatch(state, route, req)
             .await
             .unwrap_or_else(|e| error_response(&e)),
         Err(e) => error_response(&e),
     };
+    if let Some(metrics) = &state.metrics {
+        metrics.api_request(route_name, response.status().as_u16());
+    }
     tracing::info!(
         uid = uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
         %method,

@@ -22,6 +22,7 @@ use crate::config::{Config, QueueSettings};
 use crate::exec::local::{self, LocalExecutor, ReplicaExit};
 use crate::inventory::{GpuHealthEvent, unix_now};
 use crate::job::{self, SpecError};
+use crate::metrics::{Metrics, NodeAllocation};
 use crate::sched::{self, NodeCapacity, Policy, QueueConfig, Snapshot};
 use crate::store::{JobWrite, NewEvent, Store, StoreError};
 
@@ -145,6 +146,9 @@ pub struct Core {
     events: Vec<NewEvent>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     needs_pass: bool,
+    metrics: Option<Metrics>,
+    /// The state each job was last reported in, for the transition counters.
+    reported: BTreeMap<String, JobState>,
 }
 
 /// Channels the core listens on, apart from commands.
@@ -164,6 +168,7 @@ impl Core {
         store: Store,
         inventory: watch::Receiver<Arc<NodeInventory>>,
         health: mpsc::UnboundedReceiver<GpuHealthEvent>,
+        metrics: Option<Metrics>,
     ) -> Result<(Core, CoreHandle, CoreInputs), CoreError> {
         let (tx, commands) = mpsc::channel(1024);
         let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -188,6 +193,8 @@ impl Core {
             events: Vec::new(),
             after_commit: Vec::new(),
             needs_pass: true,
+            metrics,
+            reported: BTreeMap::new(),
         };
         core.recover()?;
         core.commit()?;
@@ -751,7 +758,10 @@ impl Core {
         let factor = job::backoff_delay(record.status.restarts).as_secs_f64()
             / job::BACKOFF_BASE.as_secs_f64();
         let delay = base.mul_f64(factor).min(cap);
-        let pgids = record.begin_restart(reason, &message, unix_now() + delay.as_secs_f64());
+        let pgids = record.begin_restart(reason, message, unix_now() + delay.as_secs_f64());
+        if let Some(metrics) = &self.metrics {
+            metrics.gang_restarted(reason);
+        }
         let generation = record.status.generation;
         let restarts = record.status.restarts;
         self.stop_gang(name, generation, pgids);
@@ -822,6 +832,7 @@ impl Core {
             })
             .collect();
         let now = unix_now();
+        let pass_started = std::time::Instant::now();
         let decision = sched::schedule(
             &Snapshot {
                 now,
@@ -832,6 +843,9 @@ impl Core {
             },
             &self.policy,
         );
+        if let Some(metrics) = &self.metrics {
+            metrics.scheduling_pass(pass_started.elapsed());
+        }
         for waiting in decision.waiting {
             let Some(record) = self.jobs.get_mut(&waiting.gang) else {
                 continue;
@@ -890,6 +904,10 @@ impl Core {
             format!("all {count} replicas")
         };
         record.set_state(JobState::Running, "Running", &format!("{replicas} running"));
+        if let (1, Some(metrics)) = (generation, &self.metrics) {
+            let waited = (unix_now() - record.status.submitted_at).max(0.0);
+            metrics.submit_to_running(Duration::from_secs_f64(waited));
+        }
         self.event(
             &name,
             "Running",
@@ -897,8 +915,66 @@ impl Core {
         );
     }
 
+    /// Brings the metrics up to date with the jobs: transitions of the jobs this turn changed,
+    /// and the counts by queue and state, queue depths and the node's allocation.
+    fn report_metrics(&mut self) {
+        let Some(metrics) = &self.metrics else { return };
+        for name in &self.dirty {
+            let Some(record) = self.jobs.get(name) else {
+                continue;
+            };
+            let state = record.status.state;
+            let before = self.reported.insert(name.clone(), state);
+            if before != Some(state) {
+                let from = before.map_or("None", JobState::as_str);
+                metrics.job_state_changed(&record.status.queue, from, state.as_str());
+            }
+        }
+        for name in &self.deleted {
+            self.reported.remove(name);
+        }
+        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        let mut depth: BTreeMap<&str, u64> = self.queues.keys().map(|q| (q.as_str(), 0)).collect();
+        let mut allocated = sched::Resources::default();
+        for record in self.jobs.values() {
+            let queue = record.status.queue.as_str();
+            *counts
+                .entry((queue, record.status.state.as_str()))
+                .or_default() += 1;
+            if record.status.state == JobState::Queued {
+                *depth.entry(queue).or_default() += 1;
+            }
+            for a in record.allocation.iter().flat_map(|a| &a.assignments) {
+                allocated.gpus += a.gpu_indices.len() as u32;
+                allocated.cpu_milli += a.resources.cpu_milli;
+                allocated.memory_mib += a.resources.memory_mib;
+            }
+        }
+        metrics.set_jobs(counts.iter().map(|(&(q, s), &n)| (q, s, n)));
+        for (queue, n) in depth {
+            metrics.set_queue_depth(queue, n);
+        }
+        let node = node_capacity(&self.inventory.borrow());
+        let capacity = sched::Resources {
+            gpus: node.gpus.iter().filter(|g| g.healthy).count() as u32,
+            cpu_milli: node.cpu_milli,
+            memory_mib: node.memory_mib,
+        };
+        metrics.set_node_allocation(
+            &self.node,
+            NodeAllocation {
+                capacity,
+                allocated,
+                schedulable: node.schedulable,
+            },
+        );
+    }
+
     /// Writes the turn's changes in one transaction, then sends the replies that waited on it.
     fn commit(&mut self) -> Result<(), CoreError> {
+        if !self.dirty.is_empty() || !self.deleted.is_empty() {
+            self.report_metrics();
+        }
         if self.dirty.is_empty() && self.deleted.is_empty() && self.events.is_empty() {
             for reply in self.after_commit.drain(..) {
                 reply();

@@ -102,6 +102,9 @@ impl Core {
         }
         record.status.restarts += 1;
         let restarts = record.status.restarts;
+        if let Some(metrics) = &self.metrics {
+            metrics.gang_restarted("AgentRestarted");
+        }
         record.requeue(now);
         record.set_state(JobState::Queued, "AgentRestarted", message);
         self.dirty.insert(name.to_owned());

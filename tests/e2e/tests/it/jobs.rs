@@ -520,3 +520,50 @@ fn stdin_submit_follow_logs_and_ttl_cleanup() {
     let jobs = agent.ctl_json(&["jobs"]);
     assert_eq!(jobs["jobs"], serde_json::json!([]));
 }
+
+#[test]
+fn job_metrics_are_exported() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent = Agent::start(AgentOptions {
+        config: FAST.into(),
+        env: vec![("AGENTD_METRICS_ADDR".into(), format!("127.0.0.1:{port}"))],
+        ..AgentOptions::default()
+    });
+    submit_ok(
+        &agent,
+        &manifest("counted", "", &[("Worker", 2, "Never", 0, "true")]),
+    );
+    wait_state(&agent, "counted", "Succeeded", Duration::from_secs(10));
+    let scrape = || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text
+    };
+    let text = scrape();
+    for line in [
+        "agentd_job_transitions_total{queue=\"fast\",from=\"Running\",to=\"Succeeded\"} 1",
+        "agentd_api_requests_total{route=\"submit_job\",status=\"201\"} 1",
+        "agentd_job_submit_to_running_seconds_count 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("agentd_scheduling_pass_duration_seconds_count"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("agentd_jobs{") && l.contains("Succeeded")),
+        "{text}"
+    );
+}
