@@ -54,9 +54,12 @@ impl Route {
             (["v1", "status"], true) => Route::Status,
             (["v1", "node"], true) => Route::Node,
             (["v1", "queues"], true) => Route::Queues,
-            (["healthz" | "readyz"] | ["v1", "status" | "node" | "queues"], false) => {
-                return Err(not_allowed("GET"));
-            }
+            (
+                ["healthz" | "readyz"]
+                | ["v1", "status" | "node" | "queues" | "events"]
+                | ["v1", "jobs", _, "logs"],
+                false,
+            ) => return Err(not_allowed("GET")),
             (["v1", "jobs"], true) => Route::ListJobs {
                 queue: query.get("queue").map(str::to_owned),
                 state: match query.get("state") {
@@ -84,9 +87,6 @@ impl Route {
                 replica: query.get("replica").map(str::to_owned),
                 follow: query.flag("follow")?,
             },
-            (["v1", "jobs", _, "logs"] | ["v1", "events"], false) => {
-                return Err(not_allowed("GET"));
-            }
             (["v1", "events"], true) => Route::Events {
                 after: query.number("after")?.unwrap_or(0),
                 limit: query.number("limit")?.map_or(Ok(1000), |n: i64| {
