@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use agentd_api::NodeInventory;
 use agentd_api::jobs::{
-    Event, EventList, JobList, JobState, JobStatus, QueueList, QueueStatus, ReplicaState,
+    EventList, JobList, JobState, JobStatus, QueueList, QueueStatus, ReplicaState,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -310,19 +310,7 @@ impl Core {
                 let result = self
                     .store
                     .events(job.as_ref().map(|_| "job"), job.as_deref(), after, limit)
-                    .map(|events| EventList {
-                        events: events
-                            .into_iter()
-                            .map(|e| Event {
-                                id: e.id,
-                                time: e.time,
-                                kind: e.kind,
-                                object: e.object,
-                                reason: e.reason,
-                                message: e.message,
-                            })
-                            .collect(),
-                    })
+                    .map(|events| EventList { events })
                     .map_err(CoreError::from);
                 let _ = reply.send(result);
             }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,18 +41,8 @@ pub enum StoreError {
     Corrupt { what: String, message: String },
 }
 
-/// Something that happened to a node or a job, with a reason class and a human message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub id: i64,
-    /// Seconds since the Unix epoch.
-    pub time: f64,
-    /// `node` or `job`.
-    pub kind: String,
-    pub object: String,
-    pub reason: String,
-    pub message: String,
-}
+/// Something that happened to a node or a job: stored as the API shows it.
+pub use agentd_api::jobs::Event;
 
 /// One change to the jobs table.
 #[derive(Debug, Clone)]
