@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_api::NodeInventory;
-use agentd_api::jobs::{
-    EventList, JobList, JobState, JobStatus, QueueList, QueueStatus, ReplicaState,
-};
+use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, QueueList, QueueStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, QueueSettings};
@@ -1037,9 +1035,4 @@ pub fn node_capacity(inventory: &NodeInventory) -> NodeCapacity {
         memory_mib: inventory.memory.total_bytes / (1024 * 1024),
         schedulable: true,
     }
-}
-
-/// The replica states that mean a process may still be alive.
-pub fn replica_may_run(state: ReplicaState) -> bool {
-    matches!(state, ReplicaState::Running)
 }

@@ -7,7 +7,7 @@ mod migrations;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,8 +37,6 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("stored record {what} is unreadable: {message}")]
-    Corrupt { what: String, message: String },
 }
 
 /// Something that happened to a node or a job: stored as the API shows it.
@@ -326,29 +324,6 @@ impl Store {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
-    }
-
-    /// A value kept across restarts, such as the last pid set of running replicas.
-    pub fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.conn
-            .query_row(
-                "SELECT value FROM settings WHERE key = ?1",
-                params![key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.sql())
-    }
-
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
-            .map_err(self.sql())?;
-        Ok(())
     }
 
     /// Checkpoints the WAL into the main file; called on a clean shutdown.
