@@ -280,27 +280,30 @@ pub fn on_create(ty: &ResourceType, obj: &mut Value, cluster_ip: impl FnOnce() -
 }
 
 /// `events.k8s.io/v1` shape of a stored core/v1 event.
+/// Field names of a core/v1 event and of the same field in an `events.k8s.io/v1` event.
+const EVENT_FIELDS: &[(&str, &str)] = &[
+    ("involvedObject", "regarding"),
+    ("related", "related"),
+    ("message", "note"),
+    ("reason", "reason"),
+    ("type", "type"),
+    ("action", "action"),
+    ("eventTime", "eventTime"),
+    ("reportingComponent", "reportingController"),
+    ("reportingInstance", "reportingInstance"),
+    ("count", "deprecatedCount"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("source", "deprecatedSource"),
+    ("series", "series"),
+];
+
 pub fn event_to_events_v1(core: &Value) -> Value {
     let mut e = json!({
         "apiVersion": "events.k8s.io/v1", "kind": "Event",
         "metadata": core.get("metadata").cloned().unwrap_or(json!({})),
     });
-    for (from, to) in [
-        ("involvedObject", "regarding"),
-        ("related", "related"),
-        ("message", "note"),
-        ("reason", "reason"),
-        ("type", "type"),
-        ("action", "action"),
-        ("eventTime", "eventTime"),
-        ("reportingComponent", "reportingController"),
-        ("reportingInstance", "reportingInstance"),
-        ("count", "deprecatedCount"),
-        ("firstTimestamp", "deprecatedFirstTimestamp"),
-        ("lastTimestamp", "deprecatedLastTimestamp"),
-        ("source", "deprecatedSource"),
-        ("series", "series"),
-    ] {
+    for &(from, to) in EVENT_FIELDS {
         if let Some(v) = core.get(from).filter(|v| !v.is_null()) {
             e[to] = v.clone();
         }
@@ -314,22 +317,7 @@ pub fn event_from_events_v1(ev: &Value) -> Value {
         "apiVersion": "v1", "kind": "Event",
         "metadata": ev.get("metadata").cloned().unwrap_or(json!({})),
     });
-    for (to, from) in [
-        ("involvedObject", "regarding"),
-        ("related", "related"),
-        ("message", "note"),
-        ("reason", "reason"),
-        ("type", "type"),
-        ("action", "action"),
-        ("eventTime", "eventTime"),
-        ("reportingComponent", "reportingController"),
-        ("reportingInstance", "reportingInstance"),
-        ("count", "deprecatedCount"),
-        ("firstTimestamp", "deprecatedFirstTimestamp"),
-        ("lastTimestamp", "deprecatedLastTimestamp"),
-        ("source", "deprecatedSource"),
-        ("series", "series"),
-    ] {
+    for &(to, from) in EVENT_FIELDS {
         if let Some(v) = ev.get(from).filter(|v| !v.is_null()) {
             e[to] = v.clone();
         }
