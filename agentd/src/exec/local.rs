@@ -5,16 +5,18 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
+use super::spawn;
 use crate::job::ExitOutcome;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,9 +83,9 @@ impl LocalExecutor {
             program: spec.argv.first().cloned().unwrap_or_default(),
             source,
         };
-        let Some((program, args)) = spec.argv.split_first() else {
+        if spec.argv.is_empty() {
             return Err(spawn_err(std::io::Error::other("the command is empty")));
-        };
+        }
         if let Some(parent) = spec.log_path.parent() {
             fs_err::create_dir_all(parent).map_err(|e| ExecError::Log {
                 path: parent.to_owned(),
@@ -97,66 +99,34 @@ impl LocalExecutor {
             spec.generation,
             spec.argv.join(" ")
         ));
-        let mut command = tokio::process::Command::new(program);
-        command
-            .args(args)
-            .env_clear()
-            .envs(inherited_env())
-            .envs(&spec.env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(dir) = &spec.working_dir {
-            command.current_dir(dir);
-        }
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(spawn_err)?;
-        let pid = child.id().unwrap_or_default();
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let env: Vec<(String, String)> = inherited_env()
+            .filter(|(k, _)| !spec.env.contains_key(k))
+            .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect();
+        let (out_read, out_write) = pipe().map_err(spawn_err)?;
+        let (err_read, err_write) = pipe().map_err(spawn_err)?;
+        let spawned = spawn::spawn(&spawn::Command {
+            argv: &spec.argv,
+            env: &env,
+            working_dir: spec.working_dir.as_deref(),
+            stdout: &out_write,
+            stderr: &err_write,
+        })
+        .map_err(spawn_err)?;
+        // Only the replica holds the write ends now: end of file means it (and everything it
+        // started) closed its output.
+        drop((out_write, err_write));
+        let pid = spawned.pid;
+        let watch = Replica::new(spawned, out_read, err_read).map_err(spawn_err)?;
         let exits = self.exits.clone();
         tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
-            let pumps = [
-                stdout.map(|s| tokio::spawn(pump(s, tx.clone()))),
-                stderr.map(|s| tokio::spawn(pump(s, tx.clone()))),
-            ];
-            drop(tx);
-            let writer = tokio::task::spawn_blocking(move || {
-                while let Some(chunk) = rx.blocking_recv() {
-                    log.write(&chunk);
-                }
-                log
-            });
-            let status = child.wait().await;
-            for pump in pumps.into_iter().flatten() {
-                let _ = pump.await;
-            }
-            let outcome = match status {
-                Ok(status) => ExitOutcome {
-                    code: status.code(),
-                    signal: status.signal(),
-                    oom_killed: false,
-                },
-                Err(_) => ExitOutcome::default(),
-            };
-            if let Ok(mut log) = writer.await {
-                log.write_marker(&format!(
-                    "agentd: {} generation {} ended: {}",
-                    spec.replica,
-                    spec.generation,
-                    describe(outcome)
-                ));
-            }
+            let (outcome, mut log) = watch.run(log).await;
+            log.write_marker(&format!(
+                "agentd: {} generation {} ended: {}",
+                spec.replica,
+                spec.generation,
+                describe(outcome)
+            ));
             let _ = exits.send(ReplicaExit {
                 job: spec.job,
                 replica: spec.replica,
@@ -166,6 +136,81 @@ impl LocalExecutor {
         });
         Ok(pid)
     }
+}
+
+/// A started replica as the runtime sees it: its pidfd and the read ends of its output.
+struct Replica {
+    pid: u32,
+    pidfd: AsyncFd<OwnedFd>,
+    stdout: pipe::Receiver,
+    stderr: pipe::Receiver,
+}
+
+impl Replica {
+    fn new(spawned: spawn::Spawned, stdout: OwnedFd, stderr: OwnedFd) -> std::io::Result<Self> {
+        Ok(Self {
+            pid: spawned.pid,
+            // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
+            // which is when the AsyncFd is.
+            pidfd: unsafe { AsyncFd::register_with_interest(spawned.pidfd, Interest::READABLE) }?,
+            stdout: pipe::Receiver::from_owned_fd(stdout)?,
+            stderr: pipe::Receiver::from_owned_fd(stderr)?,
+        })
+    }
+
+    /// Copies the replica's output into its log until both pipes close, and collects its exit
+    /// status once its pidfd turns readable. Log writes go straight to the file: a local log
+    /// file takes a small write into the page cache without waiting on the disk.
+    async fn run(self, mut log: LogFile) -> (ExitOutcome, LogFile) {
+        let Self {
+            pid,
+            pidfd,
+            mut stdout,
+            mut stderr,
+        } = self;
+        let copy = async {
+            let (mut out_buf, mut err_buf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+            let (mut out_open, mut err_open) = (true, true);
+            loop {
+                tokio::select! {
+                    read = stdout.read(&mut out_buf), if out_open => match read {
+                        Ok(n) if n > 0 => log.write(&out_buf[..n]),
+                        _ => out_open = false,
+                    },
+                    read = stderr.read(&mut err_buf), if err_open => match read {
+                        Ok(n) if n > 0 => log.write(&err_buf[..n]),
+                        _ => err_open = false,
+                    },
+                    else => break,
+                }
+            }
+        };
+        let exit = async {
+            // A pidfd only ever turns readable, when the process has exited.
+            let _ = pidfd.readable().await;
+            spawn::reap(pid.cast_signed())
+        };
+        let ((), status) = tokio::join!(copy, exit);
+        let outcome = match status {
+            Some(status) if libc::WIFEXITED(status) => ExitOutcome {
+                code: Some(libc::WEXITSTATUS(status)),
+                signal: None,
+                oom_killed: false,
+            },
+            Some(status) if libc::WIFSIGNALED(status) => ExitOutcome {
+                code: None,
+                signal: Some(libc::WTERMSIG(status)),
+                oom_killed: false,
+            },
+            _ => ExitOutcome::default(),
+        };
+        (outcome, log)
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
 }
 
 /// A short human description of how a process ended.
@@ -195,20 +240,6 @@ fn inherited_env() -> impl Iterator<Item = (String, String)> {
         "VIRTUAL_ENV",
     ];
     std::env::vars().filter(|(k, _)| KEEP.contains(&k.as_str()))
-}
-
-async fn pump(mut source: impl tokio::io::AsyncRead + Unpin, tx: mpsc::Sender<Vec<u8>>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match source.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if tx.send(buf[..n].to_vec()).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// A replica's log: `NAME.log`, and when it passes half the limit it moves to `NAME.log.1`

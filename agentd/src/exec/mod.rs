@@ -3,5 +3,6 @@
 //! an executor only does it and reports how each replica ended.
 
 pub mod local;
+mod spawn;
 
 pub use local::{LaunchSpec, LocalExecutor, ReplicaExit};
