@@ -230,13 +230,20 @@ pub async fn logs(
     let response = client.send(Method::GET, &path, None, Bytes::new()).await?;
     let mut body = response.into_body();
     let mut out = std::io::stdout().lock();
+    let mut printed = false;
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| Failure::Request(format!("the log stream broke off: {e}")))?;
         if let Some(data) = frame.data_ref() {
             out.write_all(data)?;
             out.flush()?;
+            printed |= !data.is_empty();
         }
+    }
+    if !printed {
+        // An empty answer is not an error: the replica has written nothing (yet).
+        let replica = replica.map_or_else(|| "its first replica".to_owned(), str::to_owned);
+        eprintln!("job {name}: no output from {replica}");
     }
     Ok(())
 }

@@ -29,8 +29,9 @@ pub use record::JobRecord;
 /// How often deadlines, time-outs and back-offs are checked.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Most commands taken in one turn before the batch is written, so a flood of submissions
-/// shares a transaction without starving replies.
+/// Most rounds of messages (a command, a replica exit, an internal note, a health change) taken
+/// in one turn before the batch is written, so a flood shares a transaction without starving
+/// replies.
 const MAX_BATCH: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
@@ -215,15 +216,7 @@ impl Core {
         let mut inventory = self.inventory.clone();
         loop {
             tokio::select! {
-                Some(command) = inputs.commands.recv() => {
-                    self.command(command);
-                    for _ in 1..MAX_BATCH {
-                        match inputs.commands.try_recv() {
-                            Ok(command) => self.command(command),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                Some(command) = inputs.commands.recv() => self.command(command),
                 Some(exit) = inputs.exits.recv() => self.replica_exited(&exit),
                 Some(change) = inputs.health.recv() => self.gpu_health_changed(&change),
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
@@ -235,8 +228,30 @@ impl Core {
                 }
                 _ = stop.wait_for(|s| *s) => break,
             }
-            while let Ok(exit) = inputs.exits.try_recv() {
-                self.replica_exited(&exit);
+            // Whatever else is already waiting joins this turn, so that one scheduling pass and
+            // one transaction serve all of it: under load a turn costs one fsync, not one per
+            // message.
+            for _ in 1..MAX_BATCH {
+                let mut took = false;
+                if let Ok(exit) = inputs.exits.try_recv() {
+                    self.replica_exited(&exit);
+                    took = true;
+                }
+                if let Ok(internal) = inputs.internal.try_recv() {
+                    self.internal(internal);
+                    took = true;
+                }
+                if let Ok(change) = inputs.health.try_recv() {
+                    self.gpu_health_changed(&change);
+                    took = true;
+                }
+                if let Ok(command) = inputs.commands.try_recv() {
+                    self.command(command);
+                    took = true;
+                }
+                if !took {
+                    break;
+                }
             }
             if self.needs_pass {
                 self.schedule();
@@ -789,6 +804,14 @@ impl Core {
     /// One scheduling pass over the queued gangs; places and starts what fits.
     fn schedule(&mut self) {
         self.needs_pass = false;
+        let queued: Vec<sched::Gang> = self
+            .jobs
+            .values()
+            .filter_map(JobRecord::queued_gang)
+            .collect();
+        if queued.is_empty() {
+            return;
+        }
         let inventory = self.inventory.borrow().clone();
         let mut node = node_capacity(&inventory);
         node.labels.extend(self.labels.clone());
@@ -798,14 +821,6 @@ impl Core {
             .values()
             .filter_map(JobRecord::running_gang)
             .collect();
-        let queued: Vec<sched::Gang> = self
-            .jobs
-            .values()
-            .filter_map(JobRecord::queued_gang)
-            .collect();
-        if queued.is_empty() {
-            return;
-        }
         let queues: Vec<QueueConfig> = self
             .queues
             .iter()

@@ -29,12 +29,6 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open log file {}: {source}", path.display())]
-    Log {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("no free local port: {0}")]
     Port(std::io::Error),
 }
@@ -86,19 +80,16 @@ impl LocalExecutor {
         if spec.argv.is_empty() {
             return Err(spawn_err(std::io::Error::other("the command is empty")));
         }
-        if let Some(parent) = spec.log_path.parent() {
-            fs_err::create_dir_all(parent).map_err(|e| ExecError::Log {
-                path: parent.to_owned(),
-                source: std::io::Error::new(e.kind(), e.to_string()),
-            })?;
-        }
-        let mut log = LogFile::open(&spec.log_path, self.log_max_bytes)?;
-        log.write_marker(&format!(
-            "agentd: {} generation {} starting: {}",
-            spec.replica,
-            spec.generation,
-            spec.argv.join(" ")
-        ));
+        let log = LogFile::new(
+            &spec.log_path,
+            self.log_max_bytes,
+            format!(
+                "agentd: {} generation {} starting: {}",
+                spec.replica,
+                spec.generation,
+                spec.argv.join(" ")
+            ),
+        );
         let env: Vec<(String, String)> = inherited_env()
             .filter(|(k, _)| !spec.env.contains_key(k))
             .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
@@ -121,7 +112,7 @@ impl LocalExecutor {
         let exits = self.exits.clone();
         tokio::spawn(async move {
             let (outcome, mut log) = watch.run(log).await;
-            log.write_marker(&format!(
+            log.finish(&format!(
                 "agentd: {} generation {} ended: {}",
                 spec.replica,
                 spec.generation,
@@ -243,45 +234,83 @@ fn inherited_env() -> impl Iterator<Item = (String, String)> {
 }
 
 /// A replica's log: `NAME.log`, and when it passes half the limit it moves to `NAME.log.1`
-/// (replacing the older one), so a replica never uses more than the limit on disk.
+/// (replacing the older one), so a replica never uses more than the limit on disk. The file
+/// (and its directory) is made on the first output, headed by a line saying which generation
+/// started with what command: a replica that prints nothing leaves no file behind, and
+/// starting one costs no file system work.
 pub struct LogFile {
     path: PathBuf,
-    file: std::fs::File,
+    file: Option<std::fs::File>,
+    header: Option<String>,
     written: u64,
     half: u64,
 }
 
 impl LogFile {
-    pub fn open(path: &Path, max_bytes: u64) -> Result<Self, ExecError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| ExecError::Log {
-                path: path.to_owned(),
-                source,
-            })?;
-        let written = file.metadata().map_or(0, |m| m.len());
-        Ok(Self {
+    pub fn new(path: &Path, max_bytes: u64, header: String) -> Self {
+        Self {
             path: path.to_owned(),
-            file,
-            written,
+            file: None,
+            header: Some(header),
+            written: 0,
             half: (max_bytes / 2).max(1),
-        })
+        }
     }
 
     pub fn write(&mut self, bytes: &[u8]) {
+        if self.file.is_none() && !self.create() {
+            return;
+        }
+        if let Some(header) = self.header.take() {
+            self.append(format!("--- {header} ---\n").as_bytes());
+        }
+        self.append(bytes);
+    }
+
+    /// Ends the log with `line`, if the replica wrote one.
+    fn finish(&mut self, line: &str) {
+        if self.file.is_some() {
+            self.append(format!("--- {line} ---\n").as_bytes());
+        }
+    }
+
+    fn create(&mut self) -> bool {
+        let opened = self
+            .path
+            .parent()
+            .map_or(Ok(()), fs_err::create_dir_all)
+            .and_then(|()| {
+                fs_err::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+            });
+        match opened {
+            Ok(file) => {
+                self.written = file.metadata().map_or(0, |m| m.len());
+                self.file = Some(file.into_parts().0);
+                true
+            }
+            Err(e) => {
+                // Once per replica: its output is dropped, the replica goes on.
+                if self.header.take().is_some() {
+                    tracing::warn!("replica output is lost: {e}");
+                }
+                false
+            }
+        }
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
         if self.written + bytes.len() as u64 > self.half && self.written > 0 {
             self.rotate();
         }
         // A full disk loses log lines, never the replica.
-        if self.file.write_all(bytes).is_ok() {
+        if let Some(file) = &mut self.file
+            && file.write_all(bytes).is_ok()
+        {
             self.written += bytes.len() as u64;
         }
-    }
-
-    fn write_marker(&mut self, line: &str) {
-        self.write(format!("--- {line} ---\n").as_bytes());
     }
 
     fn rotate(&mut self) {
@@ -294,7 +323,7 @@ impl LogFile {
             .append(true)
             .open(&self.path)
         {
-            self.file = file;
+            self.file = Some(file);
             self.written = 0;
         }
     }
@@ -417,7 +446,7 @@ mod tests {
     fn log_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("worker-0.log");
-        let mut log = LogFile::open(&path, 8192).unwrap();
+        let mut log = LogFile::new(&path, 8192, "header".to_owned());
         for _ in 0..1000 {
             log.write(&[b'x'; 100]);
         }
@@ -454,6 +483,27 @@ mod tests {
         let log = std::fs::read_to_string(&log_path).unwrap();
         assert!(log.contains("hello world"), "{log}");
         assert!(log.contains("ended: exit code 3"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_replica_leaves_no_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = LocalExecutor::new(tx, 1 << 20);
+        let log_path = dir.path().join("logs/j/worker-0.log");
+        executor
+            .start(LaunchSpec {
+                job: "j".into(),
+                replica: "worker-0".into(),
+                generation: 1,
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                working_dir: None,
+                log_path: log_path.clone(),
+            })
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap().outcome.code, Some(0));
+        assert!(!dir.path().join("logs").exists());
     }
 
     #[tokio::test]

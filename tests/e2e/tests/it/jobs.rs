@@ -213,8 +213,15 @@ fn gang_starts_with_tf_config_gpus_and_identity() {
     assert_eq!(replicas[1]["exit_code"], 0);
     assert_eq!(reasons(&job)[..3], ["Submitted", "Placed", "Running"]);
 
+    // The replicas print nothing, so they left no log; agentctl says so.
     let logs = agent.ctl(&["logs", "tf", "--replica", "worker-0"]);
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("ended: exit code 0"));
+    assert!(logs.status.success());
+    assert!(logs.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&logs.stderr).trim(),
+        "job tf: no output from worker-0"
+    );
+    assert!(!agent.state_dir.join("logs/tf").exists());
 }
 
 #[test]
