@@ -1,8 +1,9 @@
 //! The core loop: the one task that owns the jobs. Handlers send it `Command`s; the executor
-//! sends it replica exits; the inventory tells it about GPUs. Each turn it applies what arrived,
-//! runs a scheduling pass if anything changed, starts what was placed, and writes every change
-//! in one transaction before it answers the requests that caused them, so a job acknowledged
-//! with 201 is on disk.
+//! reports replicas started, failed to start and exited; the inventory tells it about GPUs.
+//! Each turn it applies what arrived, runs a scheduling pass if anything changed, and writes
+//! every change in one transaction before it answers the requests that caused them (so a job
+//! acknowledged with 201 is on disk) and before it hands placed replicas to the executor (so
+//! no replica runs for a placement that is not on disk). It never waits for a process.
 
 mod record;
 mod recovery;
@@ -17,7 +18,7 @@ use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, QueueList, Queue
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, QueueSettings};
-use crate::exec::local::{self, LocalExecutor, ReplicaExit};
+use crate::exec::local::{self, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport};
 use crate::inventory::{GpuHealthEvent, unix_now};
 use crate::job::{self, SpecError};
 use crate::metrics::{Metrics, NodeAllocation};
@@ -25,6 +26,7 @@ use crate::sched::{self, NodeCapacity, Policy, QueueConfig, Snapshot};
 use crate::store::{JobWrite, NewEvent, Store, StoreError};
 
 pub use record::JobRecord;
+use record::ReplicaExit;
 
 /// How often deadlines, time-outs and back-offs are checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -33,6 +35,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// in one turn before the batch is written, so a flood shares a transaction without starving
 /// replies.
 const MAX_BATCH: usize = 256;
+
+/// Replicas being started at once beyond which new submissions wait. Starting a process
+/// takes the machine a fraction of a millisecond; taking jobs in faster than that only moves
+/// the wait from the submission to the queue, where it is longer and nobody sees it.
+const MAX_IN_FLIGHT: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
@@ -103,14 +110,22 @@ pub struct LogFiles {
 #[derive(Clone)]
 pub struct CoreHandle {
     tx: mpsc::Sender<Command>,
+    /// Submissions have a channel of their own, which the core stops reading while the
+    /// executor is behind: new work waits at the door, reads never do.
+    submits: mpsc::Sender<Command>,
 }
 
 impl CoreHandle {
     /// Sends a command built around a reply channel and waits for the answer.
     pub async fn ask<T>(&self, build: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(build(reply))
+        let command = build(reply);
+        let tx = if matches!(command, Command::Submit { .. }) {
+            &self.submits
+        } else {
+            &self.tx
+        };
+        tx.send(command)
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
@@ -144,6 +159,10 @@ pub struct Core {
     deleted: BTreeSet<String>,
     events: Vec<NewEvent>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    /// Replicas placed this turn, handed to the executor once the turn is written.
+    launches: Vec<LaunchSpec>,
+    /// Replicas handed to the executor and not yet reported started or failed.
+    in_flight: u32,
     needs_pass: bool,
     metrics: Option<Metrics>,
     /// The state each job was last reported in, for the transition counters.
@@ -153,7 +172,8 @@ pub struct Core {
 /// Channels the core listens on, apart from commands.
 pub struct CoreInputs {
     pub commands: mpsc::Receiver<Command>,
-    pub exits: mpsc::UnboundedReceiver<ReplicaExit>,
+    pub submits: mpsc::Receiver<Command>,
+    pub replicas: mpsc::UnboundedReceiver<ReplicaReport>,
     pub health: mpsc::UnboundedReceiver<GpuHealthEvent>,
     internal: mpsc::UnboundedReceiver<Internal>,
 }
@@ -170,7 +190,8 @@ impl Core {
         metrics: Option<Metrics>,
     ) -> Result<(Core, CoreHandle, CoreInputs), CoreError> {
         let (tx, commands) = mpsc::channel(1024);
-        let (exits_tx, exits) = mpsc::unbounded_channel();
+        let (submits_tx, submits) = mpsc::channel(1024);
+        let (reports, replicas) = mpsc::unbounded_channel();
         let (internal_tx, internal) = mpsc::unbounded_channel();
         let mut core = Core {
             node,
@@ -182,7 +203,9 @@ impl Core {
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             sample_retention: config.inventory.sample_retention,
             store,
-            executor: LocalExecutor::new(exits_tx, config.jobs.log_max_bytes),
+            executor: LocalExecutor::new(reports, config.jobs.log_max_bytes),
+            launches: Vec::new(),
+            in_flight: 0,
             policy: Policy::agentd(),
             jobs: BTreeMap::new(),
             inventory,
@@ -199,10 +222,14 @@ impl Core {
         core.commit()?;
         Ok((
             core,
-            CoreHandle { tx },
+            CoreHandle {
+                tx,
+                submits: submits_tx,
+            },
             CoreInputs {
                 commands,
-                exits,
+                submits,
+                replicas,
                 health,
                 internal,
             },
@@ -217,7 +244,10 @@ impl Core {
         loop {
             tokio::select! {
                 Some(command) = inputs.commands.recv() => self.command(command),
-                Some(exit) = inputs.exits.recv() => self.replica_exited(&exit),
+                Some(command) = inputs.submits.recv(), if self.in_flight < MAX_IN_FLIGHT => {
+                    self.command(command);
+                }
+                Some(report) = inputs.replicas.recv() => self.replica_report(report),
                 Some(change) = inputs.health.recv() => self.gpu_health_changed(&change),
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
                 Ok(()) = inventory.changed() => self.inventory_changed(),
@@ -233,8 +263,8 @@ impl Core {
             // message.
             for _ in 1..MAX_BATCH {
                 let mut took = false;
-                if let Ok(exit) = inputs.exits.try_recv() {
-                    self.replica_exited(&exit);
+                if let Ok(report) = inputs.replicas.try_recv() {
+                    self.replica_report(report);
                     took = true;
                 }
                 if let Ok(internal) = inputs.internal.try_recv() {
@@ -246,6 +276,12 @@ impl Core {
                     took = true;
                 }
                 if let Ok(command) = inputs.commands.try_recv() {
+                    self.command(command);
+                    took = true;
+                }
+                if self.in_flight < MAX_IN_FLIGHT
+                    && let Ok(command) = inputs.submits.try_recv()
+                {
                     self.command(command);
                     took = true;
                 }
@@ -424,7 +460,9 @@ impl Core {
     }
 
     fn remove(&mut self, name: &str) {
-        if self.jobs.remove(name).is_some() {
+        if let Some(record) = self.jobs.remove(name) {
+            // Its replicas still being started are stopped as their reports come in.
+            self.in_flight = self.in_flight.saturating_sub(record.launching);
             self.dirty.remove(name);
             self.deleted.insert(name.to_owned());
             let _ = std::fs::remove_dir_all(self.log_dir(name));
@@ -688,6 +726,117 @@ impl Core {
         }
     }
 
+    fn replica_report(&mut self, report: ReplicaReport) {
+        let ReplicaReport {
+            job,
+            replica,
+            generation,
+            event,
+        } = report;
+        match event {
+            ReplicaEvent::Started { pid } => self.replica_started(&job, &replica, generation, pid),
+            ReplicaEvent::StartFailed { message } => {
+                self.replica_start_failed(&job, generation, message);
+            }
+            ReplicaEvent::Exited { outcome } => {
+                let exit = ReplicaExit {
+                    job,
+                    replica,
+                    generation,
+                    outcome,
+                };
+                // A replica that ends before the rest of its gang has started is taken once
+                // the gang is complete: a gang is Running before any of its ends counts.
+                if let Some(record) = self.jobs.get_mut(&exit.job)
+                    && record.status.generation == exit.generation
+                    && record.launching > 0
+                {
+                    record.early_exits.push(exit);
+                    return;
+                }
+                self.replica_exited(&exit);
+            }
+        }
+    }
+
+    /// The record whose current generation is waiting for this launch report, counted.
+    fn launch_reported(&mut self, job: &str, generation: u32) -> Option<&mut JobRecord> {
+        let record = self
+            .jobs
+            .get_mut(job)
+            .filter(|r| r.status.generation == generation && r.launching > 0)?;
+        record.launching -= 1;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        Some(record)
+    }
+
+    fn replica_started(&mut self, job: &str, replica: &str, generation: u32, pid: u32) {
+        let Some(record) = self.launch_reported(job, generation) else {
+            // Every launch is counted until reported, so this is a process nobody waits for.
+            tracing::warn!(job, replica, pid, "stopping a replica of no current launch");
+            local::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            return;
+        };
+        record.replica_started(replica, pid, unix_now());
+        if let Some(stop) = &mut record.pending_stop {
+            stop.push(pid);
+        }
+        self.dirty.insert(job.to_owned());
+        self.launch_settled(job);
+    }
+
+    fn replica_start_failed(&mut self, job: &str, generation: u32, message: String) {
+        let Some(record) = self.launch_reported(job, generation) else {
+            return;
+        };
+        if record.status.state == JobState::Starting && record.pending_stop.is_none() {
+            self.finish(job, JobState::Failed, "StartFailed", message);
+        }
+        self.launch_settled(job);
+    }
+
+    /// After a launch report: once every replica of the generation is accounted for, the
+    /// gang is running, or (stopped meanwhile) its stop goes ahead.
+    fn launch_settled(&mut self, name: &str) {
+        let Some(record) = self.jobs.get_mut(name).filter(|r| r.launching == 0) else {
+            return;
+        };
+        let generation = record.status.generation;
+        let early_exits = std::mem::take(&mut record.early_exits);
+        if let Some(pgids) = record.pending_stop.take() {
+            self.stop_gang(name, generation, pgids);
+        } else if record.status.state == JobState::Starting {
+            self.gang_running(name);
+        }
+        for exit in &early_exits {
+            self.replica_exited(exit);
+        }
+    }
+
+    fn gang_running(&mut self, name: &str) {
+        let Some(record) = self.jobs.get_mut(name) else {
+            return;
+        };
+        let generation = record.status.generation;
+        let count = record.status.replicas.len();
+        let replicas = if count == 1 {
+            "1 replica".to_owned()
+        } else {
+            format!("all {count} replicas")
+        };
+        record.set_state(JobState::Running, "Running", &format!("{replicas} running"));
+        if let (1, Some(metrics)) = (generation, &self.metrics) {
+            let waited = (unix_now() - record.status.submitted_at).max(0.0);
+            metrics.submit_to_running(Duration::from_secs_f64(waited));
+        }
+        self.dirty.insert(name.to_owned());
+        self.event(
+            name,
+            "Running",
+            format!("{replicas} started (generation {generation})"),
+        );
+    }
+
     fn replica_exited(&mut self, exit: &ReplicaExit) {
         let Some(record) = self.jobs.get_mut(&exit.job) else {
             return;
@@ -790,8 +939,16 @@ impl Core {
         self.event(name, reason, message);
     }
 
-    /// Stops process groups in the background and tells the core when they are all gone.
-    fn stop_gang(&self, name: &str, generation: u32, pgids: Vec<u32>) {
+    /// Stops process groups in the background and tells the core when they are all gone. While
+    /// replicas of the gang are still being started, the stop waits for them (see
+    /// `launch_settled`), so that none is left running outside the gang's allocation.
+    fn stop_gang(&mut self, name: &str, generation: u32, pgids: Vec<u32>) {
+        if let Some(record) = self.jobs.get_mut(name)
+            && record.launching > 0
+        {
+            record.pending_stop.get_or_insert_default().extend(pgids);
+            return;
+        }
         let done = self.internal_tx.clone();
         let grace = self.kill_grace;
         let job = name.to_owned();
@@ -882,53 +1039,32 @@ impl Core {
             }
         };
         record.set_state(JobState::Starting, "Starting", "starting replicas");
-        let mut failure = None;
-        for launch in launches {
-            let replica = launch.replica.clone();
-            match self.executor.start(launch) {
-                Ok(pid) => record.replica_started(&replica, pid, unix_now()),
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        if let Some(message) = failure {
-            self.finish(&name, JobState::Failed, "StartFailed", message);
-            return;
-        }
-        let count = record.status.replicas.len();
-        let generation = record.status.generation;
-        let replicas = if count == 1 {
-            "1 replica".to_owned()
-        } else {
-            format!("all {count} replicas")
-        };
-        record.set_state(JobState::Running, "Running", &format!("{replicas} running"));
-        if let (1, Some(metrics)) = (generation, &self.metrics) {
-            let waited = (unix_now() - record.status.submitted_at).max(0.0);
-            metrics.submit_to_running(Duration::from_secs_f64(waited));
-        }
-        self.event(
-            &name,
-            "Running",
-            format!("{replicas} started (generation {generation})"),
-        );
+        record.launching = launches.len() as u32;
+        self.in_flight += record.launching;
+        self.launches.extend(launches);
     }
 
     /// Brings the metrics up to date with the jobs: transitions of the jobs this turn changed,
     /// and the counts by queue and state, queue depths and the node's allocation.
     fn report_metrics(&mut self) {
-        let Some(metrics) = &self.metrics else { return };
+        let Some(metrics) = &self.metrics else {
+            for name in &self.dirty {
+                if let Some(record) = self.jobs.get_mut(name) {
+                    record.entered.clear();
+                }
+            }
+            return;
+        };
         for name in &self.dirty {
-            let Some(record) = self.jobs.get(name) else {
+            let Some(record) = self.jobs.get_mut(name) else {
                 continue;
             };
-            let state = record.status.state;
-            let before = self.reported.insert(name.clone(), state);
-            if before != Some(state) {
-                let from = before.map_or("None", JobState::as_str);
-                metrics.job_state_changed(&record.status.queue, from, state.as_str());
+            for state in record.entered.drain(..) {
+                let before = self.reported.insert(name.clone(), state);
+                if before != Some(state) {
+                    let from = before.map_or("None", JobState::as_str);
+                    metrics.job_state_changed(&record.status.queue, from, state.as_str());
+                }
             }
         }
         for name in &self.deleted {
@@ -980,6 +1116,7 @@ impl Core {
             for reply in self.after_commit.drain(..) {
                 reply();
             }
+            self.launch();
             return Ok(());
         }
         let now = unix_now();
@@ -1005,6 +1142,9 @@ impl Core {
         // Replies go out either way: on failure the submissions in this batch answer with
         // the error instead of a 201 they could not keep.
         let replies: Vec<_> = self.after_commit.drain(..).collect();
+        // The placements are the agent's state whether or not the disk took them: their
+        // replicas start either way, and the next write carries them.
+        self.launch();
         match result {
             Ok(()) => {
                 for reply in replies {
@@ -1016,6 +1156,12 @@ impl Core {
                 drop(replies);
                 Err(e.into())
             }
+        }
+    }
+
+    fn launch(&mut self) {
+        for spec in self.launches.drain(..) {
+            self.executor.launch(spec);
         }
     }
 }

@@ -33,6 +33,26 @@ pub struct JobRecord {
     /// When a restarting gang may be queued again.
     pub restart_at: Option<f64>,
     pub allocation: Option<Allocation>,
+    /// Replicas of the current generation handed to the executor and not yet reported
+    /// started or failed.
+    pub launching: u32,
+    /// Process groups to stop once `launching` is back to zero: the gang was stopped while
+    /// some of its replicas were still being started, and those must be stopped too.
+    pub pending_stop: Option<Vec<u32>>,
+    /// States entered since the metrics last saw this job, in order: a turn can take a job
+    /// through several (Starting, Running, Succeeded), and each transition counts.
+    pub entered: Vec<JobState>,
+    /// Ends of replicas reported while others of their gang were still being started.
+    pub early_exits: Vec<ReplicaExit>,
+}
+
+/// How a replica of a generation ended.
+#[derive(Debug, Clone)]
+pub struct ReplicaExit {
+    pub job: String,
+    pub replica: String,
+    pub generation: u32,
+    pub outcome: ExitOutcome,
 }
 
 /// What one replica's end means for its job.
@@ -99,12 +119,17 @@ impl JobRecord {
             queued_since: now,
             restart_at: None,
             allocation: None,
+            launching: 0,
+            pending_stop: None,
+            entered: vec![JobState::Queued],
+            early_exits: Vec::new(),
         }
     }
 
     /// Rebuilds a record from what the store kept.
     pub fn restore(job: TrainingJob, manifest: String, status: JobStatus) -> Self {
         let queued_since = status.submitted_at;
+        let status_state = status.state;
         Self {
             job,
             manifest,
@@ -112,6 +137,10 @@ impl JobRecord {
             queued_since,
             restart_at: None,
             allocation: None,
+            launching: 0,
+            pending_stop: None,
+            entered: vec![status_state],
+            early_exits: Vec::new(),
         }
     }
 
@@ -158,6 +187,9 @@ impl JobRecord {
     }
 
     pub fn set_state(&mut self, state: JobState, reason: &str, message: &str) {
+        if self.status.state != state {
+            self.entered.push(state);
+        }
         self.status.state = state;
         reason.clone_into(&mut self.status.reason);
         message.clone_into(&mut self.status.message);
@@ -277,9 +309,16 @@ impl JobRecord {
         Ok(specs)
     }
 
+    /// Records a replica's pid. One that started after its gang was told to stop is recorded
+    /// as terminated: it is stopped with the others.
     pub fn replica_started(&mut self, name: &str, pid: u32, now: f64) {
+        let state = if self.pending_stop.is_some() {
+            ReplicaState::Terminated
+        } else {
+            ReplicaState::Running
+        };
         if let Some(r) = self.status.replicas.iter_mut().find(|r| r.name == name) {
-            r.state = ReplicaState::Running;
+            r.state = state;
             r.pid = Some(pid);
             r.started_at = Some(now);
         }

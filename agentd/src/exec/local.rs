@@ -45,87 +45,147 @@ pub struct LaunchSpec {
     pub log_path: PathBuf,
 }
 
-/// How a replica of a generation ended.
+/// What became of one replica of a generation.
 #[derive(Debug, Clone)]
-pub struct ReplicaExit {
+pub struct ReplicaReport {
     pub job: String,
     pub replica: String,
     pub generation: u32,
-    pub outcome: ExitOutcome,
+    pub event: ReplicaEvent,
 }
 
-/// Starts replicas and reports their ends on a channel.
+#[derive(Debug, Clone)]
+pub enum ReplicaEvent {
+    /// Running as `pid`, which is also its process group id. Always reported before its end.
+    Started {
+        pid: u32,
+    },
+    /// It could not be started; nothing of it runs.
+    StartFailed {
+        message: String,
+    },
+    Exited {
+        outcome: ExitOutcome,
+    },
+}
+
+/// Starts replicas and reports what becomes of them on a channel. Starting happens on one
+/// thread of its own, so the core never waits for a process to be created, and so the
+/// replicas' parent-death signal is tied to a thread that lives as long as the executor
+/// (the signal follows the thread that created a process, not the process).
 #[derive(Clone)]
 pub struct LocalExecutor {
-    exits: mpsc::UnboundedSender<ReplicaExit>,
-    log_max_bytes: u64,
+    launches: std::sync::mpsc::Sender<LaunchSpec>,
 }
 
 impl LocalExecutor {
-    pub fn new(exits: mpsc::UnboundedSender<ReplicaExit>, log_max_bytes: u64) -> Self {
-        Self {
-            exits,
-            log_max_bytes,
-        }
+    /// Must be called on the runtime: replicas are watched by tasks on it.
+    pub fn new(reports: mpsc::UnboundedSender<ReplicaReport>, log_max_bytes: u64) -> Self {
+        let (launches, queue) = std::sync::mpsc::channel::<LaunchSpec>();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("replica-starter".to_owned())
+            .spawn(move || {
+                let _runtime = runtime.enter();
+                for spec in queue {
+                    start(spec, log_max_bytes, &reports);
+                }
+            })
+            .expect("a thread can be started at agent start-up");
+        Self { launches }
     }
 
-    /// Starts one replica; returns its pid (which is also its process group id).
-    pub fn start(&self, spec: LaunchSpec) -> Result<u32, ExecError> {
-        let spawn_err = |source| ExecError::Spawn {
+    /// Starts one replica in the background; a report follows.
+    pub fn launch(&self, spec: LaunchSpec) {
+        // The thread ends only when every executor handle is gone, so this cannot fail while
+        // `self` exists.
+        let _ = self.launches.send(spec);
+    }
+}
+
+/// Starts one replica and reports `Started` (then, from its watcher, `Exited`) or
+/// `StartFailed`.
+fn start(spec: LaunchSpec, log_max_bytes: u64, reports: &mpsc::UnboundedSender<ReplicaReport>) {
+    let report = |spec: &LaunchSpec, event| {
+        let _ = reports.send(ReplicaReport {
             job: spec.job.clone(),
             replica: spec.replica.clone(),
-            program: spec.argv.first().cloned().unwrap_or_default(),
-            source,
-        };
-        if spec.argv.is_empty() {
-            return Err(spawn_err(std::io::Error::other("the command is empty")));
-        }
-        let log = LogFile::new(
-            &spec.log_path,
-            self.log_max_bytes,
-            format!(
-                "agentd: {} generation {} starting: {}",
-                spec.replica,
-                spec.generation,
-                spec.argv.join(" ")
-            ),
-        );
-        let env: Vec<(String, String)> = inherited_env()
-            .filter(|(k, _)| !spec.env.contains_key(k))
-            .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
-            .collect();
-        let (out_read, out_write) = pipe().map_err(spawn_err)?;
-        let (err_read, err_write) = pipe().map_err(spawn_err)?;
-        let spawned = spawn::spawn(&spawn::Command {
-            argv: &spec.argv,
-            env: &env,
-            working_dir: spec.working_dir.as_deref(),
-            stdout: &out_write,
-            stderr: &err_write,
-        })
-        .map_err(spawn_err)?;
-        // Only the replica holds the write ends now: end of file means it (and everything it
-        // started) closed its output.
-        drop((out_write, err_write));
-        let pid = spawned.pid;
-        let watch = Replica::new(spawned, out_read, err_read).map_err(spawn_err)?;
-        let exits = self.exits.clone();
-        tokio::spawn(async move {
-            let (outcome, mut log) = watch.run(log).await;
-            log.finish(&format!(
-                "agentd: {} generation {} ended: {}",
-                spec.replica,
-                spec.generation,
-                describe(outcome)
-            ));
-            let _ = exits.send(ReplicaExit {
-                job: spec.job,
-                replica: spec.replica,
-                generation: spec.generation,
-                outcome,
-            });
+            generation: spec.generation,
+            event,
         });
-        Ok(pid)
+    };
+    match spawn_watched(&spec) {
+        Ok((pid, watch)) => {
+            report(&spec, ReplicaEvent::Started { pid });
+            let log = LogFile::new(
+                &spec.log_path,
+                log_max_bytes,
+                format!(
+                    "agentd: {} generation {} starting: {}",
+                    spec.replica,
+                    spec.generation,
+                    spec.argv.join(" ")
+                ),
+            );
+            let reports = reports.clone();
+            tokio::spawn(async move {
+                let (outcome, mut log) = watch.run(log).await;
+                log.finish(&format!(
+                    "agentd: {} generation {} ended: {}",
+                    spec.replica,
+                    spec.generation,
+                    describe(outcome)
+                ));
+                let _ = reports.send(ReplicaReport {
+                    job: spec.job,
+                    replica: spec.replica,
+                    generation: spec.generation,
+                    event: ReplicaEvent::Exited { outcome },
+                });
+            });
+        }
+        Err(e) => report(
+            &spec,
+            ReplicaEvent::StartFailed {
+                message: e.to_string(),
+            },
+        ),
+    }
+}
+
+fn spawn_watched(spec: &LaunchSpec) -> Result<(u32, Replica), ExecError> {
+    let spawn_err = |source| ExecError::Spawn {
+        job: spec.job.clone(),
+        replica: spec.replica.clone(),
+        program: spec.argv.first().cloned().unwrap_or_default(),
+        source,
+    };
+    let env: Vec<(String, String)> = inherited_env()
+        .filter(|(k, _)| !spec.env.contains_key(k))
+        .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+        .collect();
+    let (out_read, out_write) = pipe().map_err(spawn_err)?;
+    let (err_read, err_write) = pipe().map_err(spawn_err)?;
+    let spawned = spawn::spawn(&spawn::Command {
+        argv: &spec.argv,
+        env: &env,
+        working_dir: spec.working_dir.as_deref(),
+        stdout: &out_write,
+        stderr: &err_write,
+    })
+    .map_err(spawn_err)?;
+    // Only the replica holds the write ends now: end of file means it (and everything it
+    // started) closed its output.
+    drop((out_write, err_write));
+    let pid = spawned.pid;
+    match Replica::new(spawned, out_read, err_read) {
+        Ok(watch) => Ok((pid, watch)),
+        Err(e) => {
+            // Unwatched, it could not be stopped or reported: it must not run at all.
+            signal_group(pid, Signal::SIGKILL);
+            spawn::reap(pid.cast_signed());
+            Err(spawn_err(e))
+        }
     }
 }
 
@@ -462,24 +522,22 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20);
         let log_path = dir.path().join("logs/j/worker-0.log");
-        let pid = executor
-            .start(LaunchSpec {
-                job: "j".into(),
-                replica: "worker-0".into(),
-                generation: 1,
-                argv: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "echo hello $GREETING; exit 3".into(),
-                ],
-                env: BTreeMap::from([("GREETING".into(), "world".into())]),
-                working_dir: None,
-                log_path: log_path.clone(),
-            })
-            .unwrap();
-        assert!(pid > 1);
+        executor.launch(LaunchSpec {
+            job: "j".into(),
+            replica: "worker-0".into(),
+            generation: 1,
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo hello $GREETING; exit 3".into(),
+            ],
+            env: BTreeMap::from([("GREETING".into(), "world".into())]),
+            working_dir: None,
+            log_path: log_path.clone(),
+        });
+        assert!(matches!(rx.recv().await.unwrap().event, ReplicaEvent::Started { pid } if pid > 1));
         let exit = rx.recv().await.unwrap();
-        assert_eq!(exit.outcome.code, Some(3));
+        assert!(matches!(exit.event, ReplicaEvent::Exited { outcome } if outcome.code == Some(3)));
         let log = std::fs::read_to_string(&log_path).unwrap();
         assert!(log.contains("hello world"), "{log}");
         assert!(log.contains("ended: exit code 3"), "{log}");
@@ -491,19 +549,48 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20);
         let log_path = dir.path().join("logs/j/worker-0.log");
-        executor
-            .start(LaunchSpec {
-                job: "j".into(),
-                replica: "worker-0".into(),
-                generation: 1,
-                argv: vec!["true".into()],
-                env: BTreeMap::new(),
-                working_dir: None,
-                log_path: log_path.clone(),
-            })
-            .unwrap();
-        assert_eq!(rx.recv().await.unwrap().outcome.code, Some(0));
+        executor.launch(LaunchSpec {
+            job: "j".into(),
+            replica: "worker-0".into(),
+            generation: 1,
+            argv: vec!["true".into()],
+            env: BTreeMap::new(),
+            working_dir: None,
+            log_path: log_path.clone(),
+        });
+        assert!(matches!(
+            rx.recv().await.unwrap().event,
+            ReplicaEvent::Started { .. }
+        ));
+        let exit = rx.recv().await.unwrap().event;
+        assert!(matches!(exit, ReplicaEvent::Exited { outcome } if outcome.code == Some(0)));
         assert!(!dir.path().join("logs").exists());
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_cannot_start_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = LocalExecutor::new(tx, 1 << 20);
+        executor.launch(LaunchSpec {
+            job: "j".into(),
+            replica: "chief-0".into(),
+            generation: 2,
+            argv: vec!["no-such-trainer".into()],
+            env: BTreeMap::from([("PATH".into(), "/usr/bin".into())]),
+            working_dir: None,
+            log_path: dir.path().join("chief-0.log"),
+        });
+        let report = rx.recv().await.unwrap();
+        assert_eq!((report.replica.as_str(), report.generation), ("chief-0", 2));
+        let ReplicaEvent::StartFailed { message } = report.event else {
+            panic!("{report:?}");
+        };
+        assert_eq!(
+            message,
+            "cannot start replica chief-0 of job j: \"no-such-trainer\": \
+             \"no-such-trainer\" is not an executable file in PATH=/usr/bin"
+        );
     }
 
     #[tokio::test]
@@ -511,26 +598,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20);
-        let pid = executor
-            .start(LaunchSpec {
-                job: "j".into(),
-                replica: "ps-0".into(),
-                generation: 1,
-                // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
-                argv: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "trap '' TERM; sleep 300 & wait".into(),
-                ],
-                env: BTreeMap::new(),
-                working_dir: None,
-                log_path: dir.path().join("ps-0.log"),
-            })
-            .unwrap();
+        executor.launch(LaunchSpec {
+            job: "j".into(),
+            replica: "ps-0".into(),
+            generation: 1,
+            // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "trap '' TERM; sleep 300 & wait".into(),
+            ],
+            env: BTreeMap::new(),
+            working_dir: None,
+            log_path: dir.path().join("ps-0.log"),
+        });
+        let ReplicaEvent::Started { pid } = rx.recv().await.unwrap().event else {
+            panic!("not started");
+        };
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop_groups(vec![pid], Duration::from_millis(300)).await;
-        let exit = rx.recv().await.unwrap();
-        assert_eq!(exit.outcome.signal, Some(9));
+        let exit = rx.recv().await.unwrap().event;
+        assert!(matches!(exit, ReplicaEvent::Exited { outcome } if outcome.signal == Some(9)));
         assert!(!group_alive(pid), "nothing of the group is left");
     }
 }

@@ -5,4 +5,4 @@
 pub mod local;
 mod spawn;
 
-pub use local::{LaunchSpec, LocalExecutor, ReplicaExit};
+pub use local::{LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport};

@@ -556,12 +556,24 @@ fn job_metrics_are_exported() {
         std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
         text
     };
-    let text = scrape();
-    for line in [
+    let expected = [
+        "agentd_job_transitions_total{queue=\"fast\",from=\"None\",to=\"Queued\"} 1",
+        "agentd_job_transitions_total{queue=\"fast\",from=\"Queued\",to=\"Placed\"} 1",
+        "agentd_job_transitions_total{queue=\"fast\",from=\"Placed\",to=\"Starting\"} 1",
+        "agentd_job_transitions_total{queue=\"fast\",from=\"Starting\",to=\"Running\"} 1",
         "agentd_job_transitions_total{queue=\"fast\",from=\"Running\",to=\"Succeeded\"} 1",
         "agentd_api_requests_total{route=\"submit_job\",status=\"201\"} 1",
         "agentd_job_submit_to_running_seconds_count 1",
-    ] {
+    ];
+    // The job's state is answered at once; the metrics follow when the core's turn is
+    // written, a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut text = scrape();
+    while expected.iter().any(|l| !text.contains(l)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        text = scrape();
+    }
+    for line in expected {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     assert!(
