@@ -87,6 +87,21 @@ pub struct JobsConfig {
     /// The longest wait between restarts.
     #[serde(with = "duration_text")]
     pub restart_backoff_max: Duration,
+    /// Whether each replica runs as a transient systemd unit with its own cgroup limits.
+    pub replica_units: ReplicaUnits,
+}
+
+/// How replicas are started: `auto` makes each one a transient systemd unit (`systemd-run`)
+/// when the agent itself runs under a running systemd, and a plain child process otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaUnits {
+    #[default]
+    Auto,
+    /// Always units; the agent refuses to start where systemd cannot make them.
+    On,
+    /// Always plain child processes.
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +170,7 @@ impl Default for JobsConfig {
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
             restart_backoff: crate::job::BACKOFF_BASE,
             restart_backoff_max: crate::job::BACKOFF_CAP,
+            replica_units: ReplicaUnits::Auto,
         }
     }
 }

@@ -258,6 +258,8 @@ pub struct ReplicaUnit {
     /// The agent's own unit (see [`own_unit`]). The replica is made `PartOf=` it, so
     /// `systemctl stop agentd` (or restart) stops the replica too.
     pub part_of: Option<String>,
+    /// Between SIGTERM and SIGKILL when the unit is stopped (`jobs.kill_grace`).
+    pub kill_grace: Duration,
 }
 
 impl ReplicaUnit {
@@ -316,7 +318,10 @@ impl ReplicaUnit {
         }
         // SIGTERM first, and time for TensorFlow to write a checkpoint before SIGKILL.
         property("KillMode=mixed".into());
-        property("TimeoutStopSec=60".into());
+        property(format!(
+            "TimeoutStopSec={}ms",
+            self.kill_grace.as_millis().max(1)
+        ));
         if let Some(agent) = &self.part_of {
             property(format!("PartOf={agent}"));
         }
@@ -390,6 +395,7 @@ mod tests {
             ],
             command: vec!["python3".into(), "train.py".into(), "--epochs=3".into()],
             part_of: Some("agentd.service".into()),
+            kill_grace: Duration::from_secs(30),
         }
     }
 

@@ -17,7 +17,7 @@ use agentd_api::NodeInventory;
 use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, QueueList, QueueStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, QueueSettings};
+use crate::config::{Config, QueueSettings, ReplicaUnits};
 use crate::exec::local::{self, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport};
 use crate::inventory::{GpuHealthEvent, unix_now};
 use crate::job::{self, SpecError};
@@ -203,7 +203,7 @@ impl Core {
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             sample_retention: config.inventory.sample_retention,
             store,
-            executor: LocalExecutor::new(reports, config.jobs.log_max_bytes),
+            executor: LocalExecutor::new(reports, config.jobs.log_max_bytes, runner(config)?),
             launches: Vec::new(),
             in_flight: 0,
             policy: Policy::agentd(),
@@ -309,7 +309,7 @@ impl Core {
         }
         if !groups.is_empty() {
             tracing::info!(groups = groups.len(), "stopping replicas");
-            local::stop_groups(groups, self.kill_grace).await;
+            self.executor.stop(groups, self.kill_grace).await;
         }
         if let Err(e) = self.commit() {
             tracing::error!("cannot write job changes: {e}");
@@ -436,6 +436,17 @@ impl Core {
                 reason: e.reason,
                 message: e.message,
             })
+            // This turn's events are written with it; the state above already includes them.
+            .chain(
+                self.events
+                    .iter()
+                    .filter(|e| e.kind == "job" && e.object == name)
+                    .map(|e| agentd_api::jobs::JobEvent {
+                        time: e.time,
+                        reason: e.reason.clone(),
+                        message: e.message.clone(),
+                    }),
+            )
             .collect();
         Ok(status)
     }
@@ -950,10 +961,10 @@ impl Core {
             return;
         }
         let done = self.internal_tx.clone();
-        let grace = self.kill_grace;
+        let stop = self.executor.stop(pgids, self.kill_grace);
         let job = name.to_owned();
         tokio::spawn(async move {
-            local::stop_groups(pgids, grace).await;
+            stop.await;
             let _ = done.send(Internal::GangStopped { job, generation });
         });
     }
@@ -1164,6 +1175,42 @@ impl Core {
             self.executor.launch(spec);
         }
     }
+}
+
+/// How replicas are started, from `jobs.replica_units` and whether systemd runs the agent.
+fn runner(config: &Config) -> Result<local::Runner, CoreError> {
+    let available = crate::systemd::under_systemd() && crate::systemd::systemd_running();
+    let units = match config.jobs.replica_units {
+        ReplicaUnits::Off => false,
+        ReplicaUnits::Auto => available,
+        ReplicaUnits::On if available => true,
+        ReplicaUnits::On => {
+            return Err(CoreError::BadField {
+                field: "jobs.replica_units".to_owned(),
+                message: "is \"on\", but the agent does not run under a running systemd \
+                          (no /run/systemd/system, or no INVOCATION_ID); use \"auto\" or \"off\""
+                    .to_owned(),
+            });
+        }
+    };
+    let runner = if units {
+        local::Runner::Units {
+            part_of: crate::systemd::own_unit(),
+            kill_grace: config.jobs.kill_grace,
+        }
+    } else {
+        local::Runner::Processes
+    };
+    tracing::info!(
+        ?runner,
+        "replicas start as {}",
+        if units {
+            "transient systemd units"
+        } else {
+            "child processes"
+        }
+    );
+    Ok(runner)
 }
 
 /// The node as the scheduler sees it: every GPU with its health, all CPUs and memory.

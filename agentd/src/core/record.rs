@@ -296,6 +296,11 @@ impl JobRecord {
                 "AGENTD_GENERATION".to_owned(),
                 self.status.generation.to_string(),
             );
+            let given = self
+                .allocation
+                .iter()
+                .flat_map(|a| &a.assignments)
+                .find(|a| a.replica == name);
             specs.push(LaunchSpec {
                 job: self.status.name.clone(),
                 replica: name.clone(),
@@ -304,6 +309,9 @@ impl JobRecord {
                 env,
                 working_dir: container.working_dir.clone().map(Into::into),
                 log_path: log_dir.join(format!("{name}.log")),
+                gpu_indices: given.map(|a| a.gpu_indices.clone()).unwrap_or_default(),
+                cpu_milli: given.map_or(0, |a| a.resources.cpu_milli),
+                memory_bytes: given.map_or(0, |a| a.resources.memory_mib * 1024 * 1024),
             });
         }
         Ok(specs)

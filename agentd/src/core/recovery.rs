@@ -46,6 +46,9 @@ impl Core {
                 .filter(|r| r.state == ReplicaState::Running)
                 .filter_map(|r| r.pid)
                 .collect();
+            if !leftovers.is_empty() {
+                self.executor.stop_leftover_units(&name);
+            }
             for pgid in leftovers {
                 let killed = local::kill_leftovers(pgid, &name);
                 if killed > 0 {

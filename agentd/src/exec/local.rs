@@ -3,10 +3,11 @@
 //! the agent (`PR_SET_PDEATHSIG`). Process group ids are recorded by the core so that an agent
 //! that was killed can, on its next start, stop whatever its replicas left behind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -43,6 +44,11 @@ pub struct LaunchSpec {
     pub env: BTreeMap<String, String>,
     pub working_dir: Option<PathBuf>,
     pub log_path: PathBuf,
+    /// What the scheduler gave the replica, the limits of its unit when replicas run as
+    /// systemd units: GPU indices, millicores and bytes (0 for no limit).
+    pub gpu_indices: Vec<u32>,
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
 }
 
 /// What became of one replica of a generation.
@@ -69,6 +75,22 @@ pub enum ReplicaEvent {
     },
 }
 
+/// How replicas are made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runner {
+    /// Child processes of the agent.
+    Processes,
+    /// Transient systemd units (`systemd-run --wait --pipe`, whose client process is the
+    /// agent's child and carries the unit's output and exit status), each with the cgroup
+    /// limits of what the replica was given. Stopped with `systemctl stop`.
+    Units {
+        /// The agent's own unit: replicas are `PartOf=` it.
+        part_of: Option<String>,
+        /// The unit's `TimeoutStopSec`: SIGTERM, then SIGKILL after this.
+        kill_grace: Duration,
+    },
+}
+
 /// Starts replicas and reports what becomes of them on a channel. Starting happens on one
 /// thread of its own, so the core never waits for a process to be created, and so the
 /// replicas' parent-death signal is tied to a thread that lives as long as the executor
@@ -76,23 +98,59 @@ pub enum ReplicaEvent {
 #[derive(Clone)]
 pub struct LocalExecutor {
     launches: std::sync::mpsc::Sender<LaunchSpec>,
+    runner: Runner,
+    /// Process group of each live replica that is a unit, and the unit's name.
+    units: Arc<Mutex<HashMap<u32, String>>>,
 }
 
 impl LocalExecutor {
     /// Must be called on the runtime: replicas are watched by tasks on it.
-    pub fn new(reports: mpsc::UnboundedSender<ReplicaReport>, log_max_bytes: u64) -> Self {
+    pub fn new(
+        reports: mpsc::UnboundedSender<ReplicaReport>,
+        log_max_bytes: u64,
+        runner: Runner,
+    ) -> Self {
         let (launches, queue) = std::sync::mpsc::channel::<LaunchSpec>();
+        let units = Arc::new(Mutex::new(HashMap::new()));
+        let starter = Starter {
+            reports,
+            log_max_bytes,
+            runner: runner.clone(),
+            units: Arc::clone(&units),
+        };
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("replica-starter".to_owned())
             .spawn(move || {
                 let _runtime = runtime.enter();
                 for spec in queue {
-                    start(spec, log_max_bytes, &reports);
+                    starter.start(spec);
                 }
             })
             .expect("a thread can be started at agent start-up");
-        Self { launches }
+        Self {
+            launches,
+            runner,
+            units,
+        }
+    }
+
+    /// After a crash: stops the units of `job` a previous agent left running (their clients
+    /// died with it, the units did not). Nothing to do when replicas are processes:
+    /// [`kill_leftovers`] finds those.
+    pub fn stop_leftover_units(&self, job: &str) {
+        if self.runner == Runner::Processes {
+            return;
+        }
+        let pattern = format!("agentd-{job}-*.service");
+        match std::process::Command::new("systemctl")
+            .args(["stop", &pattern])
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            Ok(s) => tracing::warn!(job, "systemctl stop {pattern} ended with {s}"),
+            Err(e) => tracing::warn!(job, "cannot run systemctl stop {pattern}: {e}"),
+        }
     }
 
     /// Starts one replica in the background; a report follows.
@@ -101,25 +159,81 @@ impl LocalExecutor {
         // `self` exists.
         let _ = self.launches.send(spec);
     }
+
+    /// Stops replicas by process group: SIGTERM now, SIGKILL to whatever is left after
+    /// `grace`. A replica that is a unit is stopped through systemd instead, which applies the
+    /// same grace inside the unit; its client process then ends by itself.
+    pub fn stop(
+        &self,
+        pgids: Vec<u32>,
+        grace: Duration,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        let units: HashMap<u32, String> = {
+            let map = self.units.lock().expect("not poisoned");
+            pgids
+                .iter()
+                .filter_map(|p| map.get(p).map(|u| (*p, u.clone())))
+                .collect()
+        };
+        async move {
+            for unit in units.values() {
+                let argv = crate::systemd::stop_unit_argv(unit);
+                let status = tokio::process::Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .status()
+                    .await;
+                if !status.is_ok_and(|s| s.success()) {
+                    tracing::warn!(unit, "systemctl stop failed; the unit's client is killed");
+                }
+            }
+            let processes = pgids
+                .iter()
+                .copied()
+                .filter(|p| !units.contains_key(p))
+                .collect();
+            stop_groups_after(processes, pgids, grace).await;
+        }
+    }
+}
+
+/// What the starter thread needs.
+struct Starter {
+    reports: mpsc::UnboundedSender<ReplicaReport>,
+    log_max_bytes: u64,
+    runner: Runner,
+    units: Arc<Mutex<HashMap<u32, String>>>,
+}
+
+impl Starter {
+    fn start(&self, spec: LaunchSpec) {
+        start(spec, self);
+    }
 }
 
 /// Starts one replica and reports `Started` (then, from its watcher, `Exited`) or
 /// `StartFailed`.
-fn start(spec: LaunchSpec, log_max_bytes: u64, reports: &mpsc::UnboundedSender<ReplicaReport>) {
+fn start(spec: LaunchSpec, starter: &Starter) {
     let report = |spec: &LaunchSpec, event| {
-        let _ = reports.send(ReplicaReport {
+        let _ = starter.reports.send(ReplicaReport {
             job: spec.job.clone(),
             replica: spec.replica.clone(),
             generation: spec.generation,
             event,
         });
     };
-    match spawn_watched(&spec) {
-        Ok((pid, watch)) => {
+    match spawn_watched(&spec, &starter.runner) {
+        Ok((pid, watch, unit)) => {
             report(&spec, ReplicaEvent::Started { pid });
+            if let Some(unit) = unit {
+                starter
+                    .units
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(pid, unit);
+            }
             let log = LogFile::new(
                 &spec.log_path,
-                log_max_bytes,
+                starter.log_max_bytes,
                 format!(
                     "agentd: {} generation {} starting: {}",
                     spec.replica,
@@ -127,9 +241,11 @@ fn start(spec: LaunchSpec, log_max_bytes: u64, reports: &mpsc::UnboundedSender<R
                     spec.argv.join(" ")
                 ),
             );
-            let reports = reports.clone();
+            let reports = starter.reports.clone();
+            let units = Arc::clone(&starter.units);
             tokio::spawn(async move {
                 let (outcome, mut log) = watch.run(log).await;
+                units.lock().expect("not poisoned").remove(&pid);
                 log.finish(&format!(
                     "agentd: {} generation {} ended: {}",
                     spec.replica,
@@ -153,7 +269,12 @@ fn start(spec: LaunchSpec, log_max_bytes: u64, reports: &mpsc::UnboundedSender<R
     }
 }
 
-fn spawn_watched(spec: &LaunchSpec) -> Result<(u32, Replica), ExecError> {
+/// Starts the replica's process (the replica itself, or the `systemd-run` client of its
+/// unit) and sets up its watcher. Returns its pid, the watcher and the unit's name.
+fn spawn_watched(
+    spec: &LaunchSpec,
+    runner: &Runner,
+) -> Result<(u32, Replica, Option<String>), ExecError> {
     let spawn_err = |source| ExecError::Spawn {
         job: spec.job.clone(),
         replica: spec.replica.clone(),
@@ -164,12 +285,44 @@ fn spawn_watched(spec: &LaunchSpec) -> Result<(u32, Replica), ExecError> {
         .filter(|(k, _)| !spec.env.contains_key(k))
         .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
         .collect();
+    let (argv, env, working_dir, unit) = match runner {
+        Runner::Processes => (spec.argv.clone(), env, spec.working_dir.as_deref(), None),
+        Runner::Units {
+            part_of,
+            kill_grace,
+        } => {
+            let unit = crate::systemd::ReplicaUnit {
+                job: spec.job.clone(),
+                replica: spec.replica.clone(),
+                generation: spec.generation,
+                gpus: spec.gpu_indices.clone(),
+                cpu_milli: spec.cpu_milli,
+                memory_bytes: spec.memory_bytes,
+                working_directory: spec.working_dir.clone(),
+                env,
+                command: spec.argv.clone(),
+                part_of: part_of.clone(),
+                kill_grace: *kill_grace,
+            };
+            let to_io = |e: crate::systemd::SystemdError| std::io::Error::other(e.to_string());
+            let name = unit.unit_name().map_err(|e| spawn_err(to_io(e)))?;
+            let argv = unit
+                .systemd_run_argv()
+                .map_err(|e| spawn_err(to_io(e)))?
+                .into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            // The client needs only to find systemd-run; the unit gets the replica's env.
+            let env = inherited_env().filter(|(k, _)| k == "PATH").collect();
+            (argv, env, None, Some(name))
+        }
+    };
     let (out_read, out_write) = pipe().map_err(spawn_err)?;
     let (err_read, err_write) = pipe().map_err(spawn_err)?;
     let spawned = spawn::spawn(&spawn::Command {
-        argv: &spec.argv,
+        argv: &argv,
         env: &env,
-        working_dir: spec.working_dir.as_deref(),
+        working_dir,
         stdout: &out_write,
         stderr: &err_write,
     })
@@ -179,7 +332,7 @@ fn spawn_watched(spec: &LaunchSpec) -> Result<(u32, Replica), ExecError> {
     drop((out_write, err_write));
     let pid = spawned.pid;
     match Replica::new(spawned, out_read, err_read) {
-        Ok(watch) => Ok((pid, watch)),
+        Ok(watch) => Ok((pid, watch, unit)),
         Err(e) => {
             // Unwatched, it could not be stopped or reported: it must not run at all.
             signal_group(pid, Signal::SIGKILL);
@@ -403,10 +556,15 @@ pub fn signal_group(pgid: u32, signal: Signal) {
     }
 }
 
+/// Whether any process of the group exists, zombies included.
+fn group_exists(pgid: u32) -> bool {
+    pgid > 1 && killpg(Pid::from_raw(pgid as i32), None).is_ok()
+}
+
 /// Whether any process of the group is still alive. Zombies do not count: a grandchild whose
 /// parent died is reparented, and its new parent may be slow to reap it.
 pub fn group_alive(pgid: u32) -> bool {
-    if pgid <= 1 || killpg(Pid::from_raw(pgid as i32), None).is_err() {
+    if !group_exists(pgid) {
         return false;
     }
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -474,14 +632,28 @@ pub fn kill_leftovers(pgid: u32, job: &str) -> usize {
 
 /// Stops process groups: SIGTERM now, SIGKILL to whatever is left after `grace`.
 pub async fn stop_groups(pgids: Vec<u32>, grace: Duration) {
-    for &pgid in &pgids {
+    stop_groups_after(pgids.clone(), pgids, grace).await;
+}
+
+/// Sends SIGTERM to `term`, waits up to `grace` for every group of `wait` to be gone, then
+/// sends SIGKILL to what is left of them.
+async fn stop_groups_after(term: Vec<u32>, wait: Vec<u32>, grace: Duration) {
+    for &pgid in &term {
         signal_group(pgid, Signal::SIGTERM);
     }
+    // Whether a group is alive takes a walk over /proc, which is not cheap on a busy machine:
+    // skip it while the group plainly exists (a signal takes a moment to land) or plainly
+    // does not, and look again soon, then less often.
     let deadline = tokio::time::Instant::now() + grace;
-    while pgids.iter().any(|&g| group_alive(g)) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut pause = Duration::from_millis(5);
+    while wait.iter().any(|&g| group_exists(g)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(pause).await;
+        if !wait.iter().any(|&g| group_alive(g)) {
+            break;
+        }
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
-    for &pgid in &pgids {
+    for &pgid in &wait {
         if group_alive(pgid) {
             signal_group(pgid, Signal::SIGKILL);
         }
@@ -520,7 +692,7 @@ mod tests {
     async fn runs_a_replica_and_reports_its_exit() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20);
+        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
         let log_path = dir.path().join("logs/j/worker-0.log");
         executor.launch(LaunchSpec {
             job: "j".into(),
@@ -534,6 +706,9 @@ mod tests {
             env: BTreeMap::from([("GREETING".into(), "world".into())]),
             working_dir: None,
             log_path: log_path.clone(),
+            gpu_indices: Vec::new(),
+            cpu_milli: 0,
+            memory_bytes: 0,
         });
         assert!(matches!(rx.recv().await.unwrap().event, ReplicaEvent::Started { pid } if pid > 1));
         let exit = rx.recv().await.unwrap();
@@ -547,7 +722,7 @@ mod tests {
     async fn a_silent_replica_leaves_no_log() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20);
+        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
         let log_path = dir.path().join("logs/j/worker-0.log");
         executor.launch(LaunchSpec {
             job: "j".into(),
@@ -557,6 +732,9 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: None,
             log_path: log_path.clone(),
+            gpu_indices: Vec::new(),
+            cpu_milli: 0,
+            memory_bytes: 0,
         });
         assert!(matches!(
             rx.recv().await.unwrap().event,
@@ -571,7 +749,7 @@ mod tests {
     async fn a_replica_that_cannot_start_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20);
+        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
         executor.launch(LaunchSpec {
             job: "j".into(),
             replica: "chief-0".into(),
@@ -580,6 +758,9 @@ mod tests {
             env: BTreeMap::from([("PATH".into(), "/usr/bin".into())]),
             working_dir: None,
             log_path: dir.path().join("chief-0.log"),
+            gpu_indices: Vec::new(),
+            cpu_milli: 0,
+            memory_bytes: 0,
         });
         let report = rx.recv().await.unwrap();
         assert_eq!((report.replica.as_str(), report.generation), ("chief-0", 2));
@@ -597,7 +778,7 @@ mod tests {
     async fn stopping_a_group_reaches_grandchildren() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20);
+        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
         executor.launch(LaunchSpec {
             job: "j".into(),
             replica: "ps-0".into(),
@@ -611,6 +792,9 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: None,
             log_path: dir.path().join("ps-0.log"),
+            gpu_indices: Vec::new(),
+            cpu_milli: 0,
+            memory_bytes: 0,
         });
         let ReplicaEvent::Started { pid } = rx.recv().await.unwrap().event else {
             panic!("not started");

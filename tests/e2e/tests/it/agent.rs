@@ -279,3 +279,45 @@ fn unwritable_state_dir_is_a_clear_error() {
         "no socket is left behind"
     );
 }
+
+#[test]
+fn replica_units_on_without_systemd_is_refused() {
+    // This machine runs no systemd: "on" cannot be honoured, and silently running replicas
+    // without their cgroup limits would be worse than not starting.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agentd.toml");
+    std::fs::write(&config, "[jobs]\nreplica_units = \"on\"\n").unwrap();
+    let out = Command::new(agentd_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("a.sock"))
+        .args(["--metrics-addr", "off"])
+        .env("AGENTD_NVML_LIBRARY", "/nonexistent")
+        .env_remove("INVOCATION_ID")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("jobs.replica_units") && stderr.contains("\"auto\" or \"off\""),
+        "{stderr}"
+    );
+
+    std::fs::write(&config, "[jobs]\nreplica_units = \"sometimes\"\n").unwrap();
+    let out = Command::new(agentd_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sometimes") && stderr.contains("auto"),
+        "{stderr}"
+    );
+}

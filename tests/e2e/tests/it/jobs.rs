@@ -400,12 +400,12 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
             &[("Worker", 1, "OnFailure", 1, "sleep 300")],
         ),
     );
-    let job = wait_state(&agent, "g", "Running", Duration::from_secs(10));
+    let job = wait_state(&agent, "g", "Running", Duration::from_secs(30));
     let used = job["replicas"][0]["gpu_indices"][0].as_u64().unwrap() as usize;
     let mut gpus: Vec<_> = (0..2).map(fake_gpu).collect();
     gpus[used]["xid_events"] = serde_json::json!([79]);
     write_fake_gpus(&agent.gpu_config, &gpus);
-    let job = agent.wait_for(&["job", "g"], Duration::from_secs(10), |j| {
+    let job = agent.wait_for(&["job", "g"], Duration::from_secs(30), |j| {
         j["generation"] == 2 && j["state"] == "Running"
     });
     assert_eq!(job["restarts"], 1);
@@ -419,7 +419,7 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
     let other = 1 - used;
     gpus[other]["xid_events"] = serde_json::json!([79]);
     write_fake_gpus(&agent.gpu_config, &gpus);
-    let job = agent.wait_for(&["job", "g"], Duration::from_secs(10), |j| {
+    let job = agent.wait_for(&["job", "g"], Duration::from_secs(30), |j| {
         j["state"] == "Queued" && j["restarts"] == 2 && j["reason"] != "Requeued"
     });
     assert!(
