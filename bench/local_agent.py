@@ -111,7 +111,7 @@ class Agent:
     """An agent with `gpus` fake GPUs (0: the fake library with an empty GPU list) in a fresh
     temporary directory."""
 
-    def __init__(self, processes, gpus, config="", label="agent"):
+    def __init__(self, processes, gpus, config="", label="agent", metrics_addr="off"):
         self.processes = processes
         self.dir = tempfile.mkdtemp(prefix=f"bench-{label}-")
         self.socket = os.path.join(self.dir, "agentd.sock")
@@ -122,7 +122,7 @@ class Agent:
                        "gpus": [fake_gpu(i) for i in range(gpus)]}, f, indent=2)
         self.config = os.path.join(self.dir, "agentd.toml")
         with open(self.config, "w") as f:
-            f.write('metrics_addr = "off"\nlog = "warn"\n' + config)
+            f.write(f'metrics_addr = "{metrics_addr}"\nlog = "warn"\n' + config)
         env = dict(os.environ, AGENTD_NVML_LIBRARY=FAKE_NVML, FAKE_NVML_CONFIG=self.gpu_file)
         env.pop("AGENTD_SOCKET", None)
         self.log_path = os.path.join(self.dir, "agentd.log")

@@ -1,5 +1,6 @@
-//! The replay chart: queue length and GPU allocation over time, one line per policy. Labels
-//! are drawn with a built-in 3x5 pixel font so no system font library is needed.
+//! Charts as PNG: the replay chart (queue length and GPU allocation over time, one line per
+//! policy) and a grid of metric panels (the operations guide's dashboard picture). Labels are
+//! drawn with a built-in 3x5 pixel font so no system font library is needed.
 
 use std::path::Path;
 
@@ -258,6 +259,74 @@ pub fn draw(path: &Path, results: &[SimResult], title: &str) -> Result<(), PlotE
     )
     .map_err(err)?;
     panel(&bottom, "GPUs allocated (%)", x_max, 100.0, &alloc, "hours").map_err(err)?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// One panel of a grid: named lines over a shared x axis.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Panel {
+    pub title: String,
+    /// Top of the y axis; the highest point (plus 5%) when absent.
+    #[serde(default)]
+    pub y_max: Option<f64>,
+    pub series: Vec<NamedSeries>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct NamedSeries {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Panels in a grid of `columns`, each 700x400 pixels, under one title; x is in `x_label`.
+pub fn draw_grid(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    columns: usize,
+    panels: &[Panel],
+) -> Result<(), PlotError> {
+    let err = |message: String| PlotError {
+        path: path.display().to_string(),
+        message,
+    };
+    let columns = columns.max(1);
+    let rows = panels.len().div_ceil(columns).max(1);
+    let (w, h) = (700 * columns as u32, 400 * rows as u32 + 50);
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    text(&root, 20, 15, 4, RGBColor(0, 0, 0), title).map_err(err)?;
+    let (_, body) = root.split_vertically(50);
+    let areas = body.split_evenly((rows, columns));
+    let x_max = panels
+        .iter()
+        .flat_map(|p| &p.series)
+        .flat_map(|s| &s.points)
+        .map(|p| p.0)
+        .fold(0.0, f64::max);
+    for (area, p) in areas.iter().zip(panels) {
+        let highest = p
+            .series
+            .iter()
+            .flat_map(|s| &s.points)
+            .map(|p| p.1)
+            .fold(0.0, f64::max);
+        let series: Vec<(String, Series)> = p
+            .series
+            .iter()
+            .map(|s| (s.name.clone(), s.points.clone()))
+            .collect();
+        panel(
+            area,
+            &p.title,
+            x_max,
+            p.y_max.unwrap_or(highest * 1.05),
+            &series,
+            x_label,
+        )
+        .map_err(err)?;
+    }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
 }
