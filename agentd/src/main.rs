@@ -48,11 +48,26 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Replay a job trace against a cluster in virtual time and compare scheduling policies.
-    Replay(agentd::replay::ReplayArgs),
+    Replay(Box<agentd::replay::ReplayArgs>),
+    /// Write agentd's man pages (agentd.1, agentd-replay.1) into DIR, for the package build.
+    #[command(name = "__generate-man", hide = true)]
+    GenerateMan { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::GenerateMan { dir }) = &args.command {
+        let command = <Args as clap::CommandFactory>::command();
+        let written =
+            fs_err::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(command, dir));
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentd: cannot write man pages into {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Replay(replay)) = &args.command {
         return match agentd::replay::run(replay) {
             Ok(()) => ExitCode::SUCCESS,

@@ -683,6 +683,7 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
         "/usr/lib/tmpfiles.d/agentd.conf",
         "/etc/agentd/agentd.toml",
         "/usr/share/man/man1/agentctl.1.gz",
+        "/usr/share/man/man1/agentd.1.gz",
         "/usr/share/bash-completion/completions/agentctl",
         "/usr/share/zsh/vendor-completions/_agentctl",
         "/usr/share/fish/vendor_completions.d/agentctl.fish",
