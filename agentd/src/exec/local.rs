@@ -317,21 +317,22 @@ fn spawn_watched(
             (argv, env, None, Some(name))
         }
     };
-    let (out_read, out_write) = pipe().map_err(spawn_err)?;
-    let (err_read, err_write) = pipe().map_err(spawn_err)?;
+    // One pipe for both streams: they end up in one log, and one pipe keeps their lines in
+    // the order the replica wrote them.
+    let (output, output_write) = pipe().map_err(spawn_err)?;
     let spawned = spawn::spawn(&spawn::Command {
         argv: &argv,
         env: &env,
         working_dir,
-        stdout: &out_write,
-        stderr: &err_write,
+        stdout: &output_write,
+        stderr: &output_write,
     })
     .map_err(spawn_err)?;
     // Only the replica holds the write ends now: end of file means it (and everything it
     // started) closed its output.
-    drop((out_write, err_write));
+    drop(output_write);
     let pid = spawned.pid;
-    match Replica::new(spawned, out_read, err_read) {
+    match Replica::new(spawned, output) {
         Ok(watch) => Ok((pid, watch, unit)),
         Err(e) => {
             // Unwatched, it could not be stopped or reported: it must not run at all.
@@ -342,51 +343,39 @@ fn spawn_watched(
     }
 }
 
-/// A started replica as the runtime sees it: its pidfd and the read ends of its output.
+/// A started replica as the runtime sees it: its pidfd and the read end of its output.
 struct Replica {
     pid: u32,
     pidfd: AsyncFd<OwnedFd>,
-    stdout: pipe::Receiver,
-    stderr: pipe::Receiver,
+    output: pipe::Receiver,
 }
 
 impl Replica {
-    fn new(spawned: spawn::Spawned, stdout: OwnedFd, stderr: OwnedFd) -> std::io::Result<Self> {
+    fn new(spawned: spawn::Spawned, output: OwnedFd) -> std::io::Result<Self> {
         Ok(Self {
             pid: spawned.pid,
             // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
             // which is when the AsyncFd is.
             pidfd: unsafe { AsyncFd::register_with_interest(spawned.pidfd, Interest::READABLE) }?,
-            stdout: pipe::Receiver::from_owned_fd(stdout)?,
-            stderr: pipe::Receiver::from_owned_fd(stderr)?,
+            output: pipe::Receiver::from_owned_fd(output)?,
         })
     }
 
-    /// Copies the replica's output into its log until both pipes close, and collects its exit
+    /// Copies the replica's output into its log until the pipe closes, and collects its exit
     /// status once its pidfd turns readable. Log writes go straight to the file: a local log
     /// file takes a small write into the page cache without waiting on the disk.
     async fn run(self, mut log: LogFile) -> (ExitOutcome, LogFile) {
         let Self {
             pid,
             pidfd,
-            mut stdout,
-            mut stderr,
+            mut output,
         } = self;
         let copy = async {
-            let (mut out_buf, mut err_buf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
-            let (mut out_open, mut err_open) = (true, true);
-            loop {
-                tokio::select! {
-                    read = stdout.read(&mut out_buf), if out_open => match read {
-                        Ok(n) if n > 0 => log.write(&out_buf[..n]),
-                        _ => out_open = false,
-                    },
-                    read = stderr.read(&mut err_buf), if err_open => match read {
-                        Ok(n) if n > 0 => log.write(&err_buf[..n]),
-                        _ => err_open = false,
-                    },
-                    else => break,
-                }
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = output.read(&mut buf).await
+                && n > 0
+            {
+                log.write(&buf[..n]);
             }
         };
         let exit = async {

@@ -385,9 +385,11 @@ mod tests {
     fn the_replica_gets_a_clean_process() {
         let dir = tempfile::tempdir().unwrap();
         let (status, out) = run(
+            // grep reads its own status (a shell waiting for a child blocks signals for the
+            // while), and exec keeps the mask and dispositions the shell was started with.
             "echo pgid=$(cut -d' ' -f5 /proc/$$/stat) pid=$$; \
-             grep -E '^Sig(Ign|Blk)' /proc/$$/status; \
-             echo cwd=$(pwd); echo path=$PATH",
+             echo cwd=$(pwd); echo path=$PATH; \
+             exec grep -E '^Sig(Ign|Blk)' /proc/self/status",
             Some(dir.path()),
         )
         .unwrap();
@@ -417,9 +419,10 @@ mod tests {
     #[test]
     fn only_stdio_is_inherited() {
         // A descriptor the agent holds without close-on-exec, as one inherited from its parent.
-        // SAFETY: dup of an open descriptor; closed below.
-        let leaked = unsafe { libc::dup(0) };
-        assert!(leaked > 2);
+        // SAFETY: a duplicate of an open descriptor, numbered 100 or above so that it cannot
+        // be mistaken for one the child opens itself; closed below.
+        let leaked = unsafe { libc::fcntl(0, libc::F_DUPFD, 100) };
+        assert!(leaked >= 100);
         let (status, out) = run("ls /proc/self/fd", None).unwrap();
         // SAFETY: ours, from dup above.
         unsafe { libc::close(leaked) };
