@@ -663,6 +663,22 @@ pub fn free_port() -> Result<u16, ExecError> {
 mod tests {
     use super::*;
 
+    /// Replica `replica` of job `j`, generation 1, running `argv`, logging under `dir`.
+    fn spec(dir: &Path, replica: &str, argv: &[&str]) -> LaunchSpec {
+        LaunchSpec {
+            job: "j".into(),
+            replica: replica.into(),
+            generation: 1,
+            argv: argv.iter().map(|&a| a.to_owned()).collect(),
+            env: BTreeMap::new(),
+            working_dir: None,
+            log_path: dir.join(format!("logs/j/{replica}.log")),
+            gpu_indices: Vec::new(),
+            cpu_milli: 0,
+            memory_bytes: 0,
+        }
+    }
+
     #[test]
     fn log_is_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -682,23 +698,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
-        let log_path = dir.path().join("logs/j/worker-0.log");
-        executor.launch(LaunchSpec {
-            job: "j".into(),
-            replica: "worker-0".into(),
-            generation: 1,
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                "echo hello $GREETING; exit 3".into(),
-            ],
-            env: BTreeMap::from([("GREETING".into(), "world".into())]),
-            working_dir: None,
-            log_path: log_path.clone(),
-            gpu_indices: Vec::new(),
-            cpu_milli: 0,
-            memory_bytes: 0,
-        });
+        let mut replica = spec(
+            dir.path(),
+            "worker-0",
+            &["sh", "-c", "echo hello $GREETING >&2; exit 3"],
+        );
+        replica.env.insert("GREETING".into(), "world".into());
+        let log_path = replica.log_path.clone();
+        executor.launch(replica);
         assert!(matches!(rx.recv().await.unwrap().event, ReplicaEvent::Started { pid } if pid > 1));
         let exit = rx.recv().await.unwrap();
         assert!(matches!(exit.event, ReplicaEvent::Exited { outcome } if outcome.code == Some(3)));
@@ -712,19 +719,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
-        let log_path = dir.path().join("logs/j/worker-0.log");
-        executor.launch(LaunchSpec {
-            job: "j".into(),
-            replica: "worker-0".into(),
-            generation: 1,
-            argv: vec!["true".into()],
-            env: BTreeMap::new(),
-            working_dir: None,
-            log_path: log_path.clone(),
-            gpu_indices: Vec::new(),
-            cpu_milli: 0,
-            memory_bytes: 0,
-        });
+        executor.launch(spec(dir.path(), "worker-0", &["true"]));
         assert!(matches!(
             rx.recv().await.unwrap().event,
             ReplicaEvent::Started { .. }
@@ -739,18 +734,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
-        executor.launch(LaunchSpec {
-            job: "j".into(),
-            replica: "chief-0".into(),
-            generation: 2,
-            argv: vec!["no-such-trainer".into()],
-            env: BTreeMap::from([("PATH".into(), "/usr/bin".into())]),
-            working_dir: None,
-            log_path: dir.path().join("chief-0.log"),
-            gpu_indices: Vec::new(),
-            cpu_milli: 0,
-            memory_bytes: 0,
-        });
+        let mut replica = spec(dir.path(), "chief-0", &["no-such-trainer"]);
+        replica.generation = 2;
+        replica.env.insert("PATH".into(), "/usr/bin".into());
+        executor.launch(replica);
         let report = rx.recv().await.unwrap();
         assert_eq!((report.replica.as_str(), report.generation), ("chief-0", 2));
         let ReplicaEvent::StartFailed { message } = report.event else {
@@ -768,23 +755,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
-        executor.launch(LaunchSpec {
-            job: "j".into(),
-            replica: "ps-0".into(),
-            generation: 1,
-            // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                "trap '' TERM; sleep 300 & wait".into(),
-            ],
-            env: BTreeMap::new(),
-            working_dir: None,
-            log_path: dir.path().join("ps-0.log"),
-            gpu_indices: Vec::new(),
-            cpu_milli: 0,
-            memory_bytes: 0,
-        });
+        // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
+        executor.launch(spec(
+            dir.path(),
+            "ps-0",
+            &["sh", "-c", "trap '' TERM; sleep 300 & wait"],
+        ));
         let ReplicaEvent::Started { pid } = rx.recv().await.unwrap().event else {
             panic!("not started");
         };

@@ -219,17 +219,22 @@ fn a_stale_socket_is_replaced_and_sigterm_shuts_down_cleanly() {
     assert!(agent.log().contains("agent stopped"));
 }
 
+/// `agentd --config FILE --print-config`.
+fn print_config(config: &std::path::Path) -> std::process::Output {
+    Command::new(agentd_bin())
+        .arg("--config")
+        .arg(config)
+        .arg("--print-config")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn config_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agentd.toml");
     std::fs::write(&config, "[inventory]\nintervall = \"5s\"\n").unwrap();
-    let out = Command::new(agentd_bin())
-        .arg("--config")
-        .arg(&config)
-        .arg("--print-config")
-        .output()
-        .unwrap();
+    let out = print_config(&config);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -308,12 +313,7 @@ fn replica_units_on_without_systemd_is_refused() {
     );
 
     std::fs::write(&config, "[jobs]\nreplica_units = \"sometimes\"\n").unwrap();
-    let out = Command::new(agentd_bin())
-        .arg("--config")
-        .arg(&config)
-        .arg("--print-config")
-        .output()
-        .unwrap();
+    let out = print_config(&config);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
