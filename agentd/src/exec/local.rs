@@ -191,7 +191,14 @@ impl LocalExecutor {
                 .copied()
                 .filter(|p| !units.contains_key(p))
                 .collect();
-            stop_groups_after(processes, pgids, grace).await;
+            // systemd kills a unit at the end of its own grace; its client ends a moment
+            // later, so it gets that moment before it is killed too.
+            let wait = if units.is_empty() {
+                grace
+            } else {
+                grace + Duration::from_secs(5)
+            };
+            stop_groups_after(processes, pgids, wait).await;
         }
     }
 }
