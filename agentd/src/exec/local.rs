@@ -1,7 +1,9 @@
-//! Replicas as local processes. Each replica is a child in its own process group (so a stop
+//! Replicas on this machine. Each replica is a child in its own process group (so a stop
 //! reaches everything it started), with its output in a size-bounded log file, and dies with
-//! the agent (`PR_SET_PDEATHSIG`). Process group ids are recorded by the core so that an agent
-//! that was killed can, on its next start, stop whatever its replicas left behind.
+//! the agent (`PR_SET_PDEATHSIG`); under systemd the child is the `systemd-run` client of a
+//! transient unit that holds the replica and its cgroup limits. Process group ids are recorded
+//! by the core so that an agent that was killed can, on its next start, stop whatever its
+//! replicas left behind. Nothing here decides what runs: the core does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
