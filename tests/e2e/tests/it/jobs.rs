@@ -228,8 +228,12 @@ fn gang_starts_with_tf_config_gpus_and_identity() {
 fn restart_policies_and_backoff_limit() {
     let agent = agent(0);
     let dir = agent.dir.path().display().to_string();
-    // OnFailure: fails once, then succeeds; the whole gang restarts once.
-    let flaky = format!("if [ -e {dir}/flaky ]; then exit 0; fi; touch {dir}/flaky; exit 3");
+    // OnFailure: worker-1 fails once, then succeeds; the whole gang restarts once. worker-0
+    // takes its time, so that its success never comes before worker-1's first failure.
+    let flaky = format!(
+        "if [ $AGENTD_REPLICA = worker-1 ] && [ ! -e {dir}/flaky ]; then \
+         touch {dir}/flaky; exit 3; fi; sleep 2; exit 0"
+    );
     submit_ok(
         &agent,
         &manifest(
