@@ -36,6 +36,13 @@ def build():
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def fake_gpu(index):
     """One fake GPU in the fake NVML library's JSON format (as tests/e2e writes them)."""
     return {

@@ -214,67 +214,59 @@ struct Starter {
 }
 
 impl Starter {
+    /// Starts one replica and reports `Started` (then, from its watcher, `Exited`) or
+    /// `StartFailed`.
     fn start(&self, spec: LaunchSpec) {
-        start(spec, self);
-    }
-}
-
-/// Starts one replica and reports `Started` (then, from its watcher, `Exited`) or
-/// `StartFailed`.
-fn start(spec: LaunchSpec, starter: &Starter) {
-    let report = |spec: &LaunchSpec, event| {
-        let _ = starter.reports.send(ReplicaReport {
-            job: spec.job.clone(),
-            replica: spec.replica.clone(),
-            generation: spec.generation,
-            event,
-        });
-    };
-    match spawn_watched(&spec, &starter.runner) {
-        Ok((pid, watch, unit)) => {
-            report(&spec, ReplicaEvent::Started { pid });
-            if let Some(unit) = unit {
-                starter
-                    .units
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(pid, unit);
-            }
-            let log = LogFile::new(
-                &spec.log_path,
-                starter.log_max_bytes,
-                format!(
-                    "agentd: {} generation {} starting: {}",
-                    spec.replica,
-                    spec.generation,
-                    spec.argv.join(" ")
-                ),
-            );
-            let reports = starter.reports.clone();
-            let units = Arc::clone(&starter.units);
-            tokio::spawn(async move {
-                let (outcome, mut log) = watch.run(log).await;
-                units.lock().expect("not poisoned").remove(&pid);
-                log.finish(&format!(
-                    "agentd: {} generation {} ended: {}",
-                    spec.replica,
-                    spec.generation,
-                    describe(outcome)
-                ));
-                let _ = reports.send(ReplicaReport {
-                    job: spec.job,
-                    replica: spec.replica,
-                    generation: spec.generation,
-                    event: ReplicaEvent::Exited { outcome },
-                });
+        let report = |spec: &LaunchSpec, event| {
+            let _ = self.reports.send(ReplicaReport {
+                job: spec.job.clone(),
+                replica: spec.replica.clone(),
+                generation: spec.generation,
+                event,
             });
+        };
+        match spawn_watched(&spec, &self.runner) {
+            Ok((pid, watch, unit)) => {
+                report(&spec, ReplicaEvent::Started { pid });
+                if let Some(unit) = unit {
+                    self.units.lock().expect("not poisoned").insert(pid, unit);
+                }
+                let log = LogFile::new(
+                    &spec.log_path,
+                    self.log_max_bytes,
+                    format!(
+                        "agentd: {} generation {} starting: {}",
+                        spec.replica,
+                        spec.generation,
+                        spec.argv.join(" ")
+                    ),
+                );
+                let reports = self.reports.clone();
+                let units = Arc::clone(&self.units);
+                tokio::spawn(async move {
+                    let (outcome, mut log) = watch.run(log).await;
+                    units.lock().expect("not poisoned").remove(&pid);
+                    log.finish(&format!(
+                        "agentd: {} generation {} ended: {}",
+                        spec.replica,
+                        spec.generation,
+                        describe(outcome)
+                    ));
+                    let _ = reports.send(ReplicaReport {
+                        job: spec.job,
+                        replica: spec.replica,
+                        generation: spec.generation,
+                        event: ReplicaEvent::Exited { outcome },
+                    });
+                });
+            }
+            Err(e) => report(
+                &spec,
+                ReplicaEvent::StartFailed {
+                    message: e.to_string(),
+                },
+            ),
         }
-        Err(e) => report(
-            &spec,
-            ReplicaEvent::StartFailed {
-                message: e.to_string(),
-            },
-        ),
     }
 }
 
@@ -628,11 +620,6 @@ pub fn kill_leftovers(pgid: u32, job: &str) -> usize {
     killed
 }
 
-/// Stops process groups: SIGTERM now, SIGKILL to whatever is left after `grace`.
-pub async fn stop_groups(pgids: Vec<u32>, grace: Duration) {
-    stop_groups_after(pgids.clone(), pgids, grace).await;
-}
-
 /// Sends SIGTERM to `term`, waits up to `grace` for every group of `wait` to be gone, then
 /// sends SIGKILL to what is left of them.
 async fn stop_groups_after(term: Vec<u32>, wait: Vec<u32>, grace: Duration) {
@@ -774,7 +761,7 @@ mod tests {
             panic!("not started");
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
-        stop_groups(vec![pid], Duration::from_millis(300)).await;
+        executor.stop(vec![pid], Duration::from_millis(300)).await;
         let exit = rx.recv().await.unwrap().event;
         assert!(matches!(exit, ReplicaEvent::Exited { outcome } if outcome.signal == Some(9)));
         assert!(!group_alive(pid), "nothing of the group is left");
