@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use kube_sim::{KubeSim, SimConfig, TimeScale};
+use kube_sim::{AuthorizationMode, KubeSim, SimConfig, TimeScale};
 
 /// A Kubernetes API server simulator with simulated GPU nodes, for tests and benchmarks.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Address to listen on (plain HTTP).
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
     /// Write a kubeconfig for this server to FILE.
@@ -29,6 +29,20 @@ struct Args {
     /// Events kept per resource for watches that resume from a resourceVersion.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
+    /// Serve HTTPS with a CA generated at start; its certificate goes into the kubeconfig.
+    #[arg(long)]
+    tls: bool,
+    /// Bearer tokens in kube-apiserver's format, one per line: token,user,uid,"group1,group2".
+    /// Turns authentication on: requests without a known token get 401, and the kubeconfig
+    /// written carries a generated admin token (group system:masters).
+    #[arg(long, value_name = "FILE")]
+    token_auth_file: Option<PathBuf>,
+    /// RBAC: Roles, ClusterRoles and their bindings decide; AlwaysAllow: everything is allowed.
+    #[arg(long, default_value = "AlwaysAllow", value_name = "MODE")]
+    authorization_mode: AuthorizationMode,
+    /// Write one JSON line per request served to FILE.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,7 +59,17 @@ fn main() -> anyhow::Result<()> {
             args.time_scale
         )
     })?;
+    let tokens = args
+        .token_auth_file
+        .as_deref()
+        .map(kube_sim::auth::read_token_file)
+        .transpose()
+        .context("--token-auth-file")?;
     let config = SimConfig {
+        tls: args.tls,
+        tokens,
+        authorization: args.authorization_mode,
+        audit_log: args.audit_log,
         listen: args.listen,
         kubeconfig: args.kubeconfig,
         nodes: args.nodes,
