@@ -8,6 +8,7 @@
 pub mod access;
 pub mod audit;
 pub mod auth;
+pub mod client;
 pub mod clock;
 pub mod defaults;
 pub mod kubelet;

@@ -9,8 +9,10 @@ use kube_sim::{AuthorizationMode, KubeSim, SimConfig, TimeScale};
 
 /// A Kubernetes API server simulator with simulated GPU nodes, for tests and benchmarks.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
@@ -45,8 +47,52 @@ struct Args {
     audit_log: Option<PathBuf>,
 }
 
+/// Commands for a simulator already running as its own process, reached through its control
+/// endpoint with the kubeconfig it wrote (only its admin may use them).
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Stop a simulated node's kubelet: its lease goes stale and the node goes NotReady.
+    StopNode(Control),
+    /// Bring a stopped node's kubelet back.
+    RestartNode(Control),
+}
+
+#[derive(clap::Args, Debug)]
+struct Control {
+    /// The kubeconfig the simulator wrote (its admin token and CA).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: PathBuf,
+    /// The node, e.g. node-3.
+    node: String,
+}
+
+fn control(action: &str, c: &Control) -> anyhow::Result<()> {
+    let endpoint = kube_sim::client::Endpoint::from_kubeconfig(&c.kubeconfig)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?;
+    let path = format!("/kube-sim/v1/nodes/{}/{action}", c.node);
+    let (code, body) = runtime.block_on(endpoint.request("POST", &path, "application/json", ""))?;
+    let message = body
+        .get("message")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(|| body.to_string(), str::to_string);
+    if code == 200 {
+        println!("{message}");
+        Ok(())
+    } else {
+        anyhow::bail!("{action} {}: {code}: {message}", c.node)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match &args.command {
+        Some(Command::StopNode(c)) => return control("stop", c),
+        Some(Command::RestartNode(c)) => return control("restart", c),
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

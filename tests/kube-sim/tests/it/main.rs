@@ -2,6 +2,7 @@
 //! with clients written elsewhere (kubectl, the Python `kubernetes` client, kube-rs).
 
 mod api;
+mod auth;
 mod common;
 mod kube_rs;
 mod kubectl;
