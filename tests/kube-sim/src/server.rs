@@ -470,6 +470,59 @@ fn attributes(route: &Route, method: &Method, q: &Query, path: &str) -> Attribut
     }
 }
 
+/// Applies `Impersonate-User` / `Impersonate-Group` headers (as `kubectl --as/--as-group`
+/// sends them): the request runs as the impersonated user when the real one may `impersonate`
+/// that user (or ServiceAccount) and each group; otherwise the refused attributes come back.
+fn impersonate(
+    state: &ApiState,
+    user: UserInfo,
+    headers: &http::HeaderMap,
+) -> Result<UserInfo, (String, Attributes)> {
+    let Some(target) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(user);
+    };
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    let as_user = UserInfo {
+        name: target.to_string(),
+        uid: String::new(),
+        groups: groups
+            .iter()
+            .cloned()
+            .chain([auth::AUTHENTICATED.to_string()])
+            .collect(),
+    };
+    let mut checks = vec![match as_user.service_account() {
+        Some((ns, name)) => ("serviceaccounts", ns.to_string(), name.to_string()),
+        None => ("users", String::new(), target.to_string()),
+    }];
+    checks.extend(groups.iter().map(|g| ("groups", String::new(), g.clone())));
+    for (resource, namespace, name) in checks {
+        let a = Attributes {
+            verb: "impersonate".into(),
+            resource_request: true,
+            resource: resource.into(),
+            namespace,
+            name,
+            ..Attributes::default()
+        };
+        let allowed = state.authorization == AuthorizationMode::AlwaysAllow
+            || rbac::authorize(&state.store, &user, &a).is_some();
+        if !allowed {
+            return Err((user.name, a));
+        }
+    }
+    Ok(as_user)
+}
+
 fn unauthorized() -> Resp {
     json_response(
         StatusCode::UNAUTHORIZED,
@@ -495,9 +548,17 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
     let q = Query::parse(parts.uri.query());
     let route = route(&state.store, parts.uri.path());
     let attrs = attributes(&route, &parts.method, &q, parts.uri.path());
-    let (user, resp) = match state.auth.authenticate(&parts.headers) {
+    let authenticated = state
+        .auth
+        .authenticate(&parts.headers)
+        .map(|user| impersonate(&state, user, &parts.headers));
+    let (user, resp) = match authenticated {
         Err(_) => (auth::ANONYMOUS.to_string(), unauthorized()),
-        Ok(user) => {
+        Ok(Err((user, denied))) => {
+            let resp = forbidden(&denied, &user);
+            (user, resp)
+        }
+        Ok(Ok(user)) => {
             let allowed = match &route {
                 Route::Control(..) => user.is_master(),
                 _ => {
