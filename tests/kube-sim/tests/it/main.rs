@@ -7,4 +7,5 @@ mod common;
 mod kube_rs;
 mod kubectl;
 mod kubelet;
+mod manifests;
 mod python;
