@@ -93,6 +93,10 @@ pub struct SimConfig {
     pub authorization: AuthorizationMode,
     /// Write one JSON line per request served to this file (created or truncated at start).
     pub audit_log: Option<PathBuf>,
+    /// Kubelets refuse pods whose requests (`nvidia.com/gpu`, cpu, memory) exceed what is free
+    /// on their node: the pod fails with reason `OutOf<resource>`, as on a real kubelet. Off:
+    /// nodes run whatever is bound to them.
+    pub kubelet_admission: bool,
 }
 
 impl Default for SimConfig {
@@ -111,6 +115,7 @@ impl Default for SimConfig {
             tokens: None,
             authorization: AuthorizationMode::AlwaysAllow,
             audit_log: None,
+            kubelet_admission: false,
         }
     }
 }
@@ -166,6 +171,7 @@ impl KubeSim {
             config.time_scale,
             config.pod_eviction_timeout,
         );
+        kubelets.set_admission(config.kubelet_admission);
         let mut tasks = kubelets.start();
         kubelets
             .add_nodes(0, config.nodes, config.gpus_per_node)

@@ -45,6 +45,10 @@ struct Args {
     /// Write one JSON line per request served to FILE.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Kubelets refuse pods whose nvidia.com/gpu, cpu or memory requests exceed what is free on
+    /// their node (the pod fails with reason OutOf<resource>).
+    #[arg(long)]
+    kubelet_admission: bool,
 }
 
 /// Commands for a simulator already running as its own process, reached through its control
@@ -116,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         tokens,
         authorization: args.authorization_mode,
         audit_log: args.audit_log,
+        kubelet_admission: args.kubelet_admission,
         listen: args.listen,
         kubeconfig: args.kubeconfig,
         nodes: args.nodes,
