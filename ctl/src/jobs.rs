@@ -263,10 +263,12 @@ pub async fn cancel(client: &Client, name: &str, format: Format) -> Result<(), F
     }
     let j: JobStatus =
         serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
-    if j.state == JobState::Cancelled && j.reason == "Cancelled" {
-        println!("job {} cancelled; its replicas are being stopped", j.name);
-    } else {
-        println!("job {} ({}) removed", j.name, j.state);
+    // The reason says what this request did, which differs between a first and a second
+    // cancel of the same job.
+    match j.reason.as_str() {
+        "Cancelled" => println!("job {} cancelled; its replicas are being stopped", j.name),
+        "Removed" => println!("job {} ({}) removed", j.name, j.state),
+        _ => println!("job {} ({}): {}", j.name, j.state, j.message),
     }
     Ok(())
 }
