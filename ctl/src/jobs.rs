@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentd_api::Client;
+use agentd_api::{Client, ClientError};
 use agentd_api::jobs::{JobList, JobState, JobStatus, QueueList};
 use http_body_util::BodyExt;
 use hyper::Method;
@@ -79,7 +79,16 @@ async fn watch(client: &Client, name: &str) -> Result<JobStatus, Failure> {
     let tty = std::io::stderr().is_terminal();
     let mut shown = String::new();
     loop {
-        let job: JobStatus = client.get(&format!("/v1/jobs/{}", encode(name))).await?;
+        let path = format!("/v1/jobs/{}", encode(name));
+        let job: JobStatus = match client.get(&path).await {
+            Ok(job) => job,
+            // Removed as soon as it finished (ttlSecondsAfterFinished): the agent keeps its
+            // last status a while, which says how it ended.
+            Err(ClientError::Api { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
+                client.get(&format!("{path}?removed=true")).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let running = job
             .replicas
             .iter()

@@ -200,9 +200,15 @@ async fn dispatch(
                 .await?;
             Ok(json(StatusCode::OK, &list))
         }
-        Route::GetJob { name } => Ok(json(
+        Route::GetJob { name, removed } => Ok(json(
             StatusCode::OK,
-            &core.ask(|reply| Command::Get { name, reply }).await?,
+            &core
+                .ask(|reply| Command::Get {
+                    name,
+                    removed,
+                    reply,
+                })
+                .await?,
         )),
         Route::CancelJob { name } => Ok(json(
             StatusCode::OK,

@@ -30,6 +30,9 @@ use crate::store::{JobWrite, NewEvent, Store, StoreError};
 pub use record::JobRecord;
 use record::ReplicaExit;
 
+/// How many removed jobs' last statuses are kept in memory for clients still waiting on them.
+const REMEMBER_REMOVED: usize = 256;
+
 /// How often deadlines, time-outs and back-offs are checked.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -78,6 +81,8 @@ pub enum Command {
     },
     Get {
         name: String,
+        /// Also a job removed a moment ago: its last status, without events.
+        removed: bool,
         reply: Reply<JobStatus>,
     },
     /// Cancels an active job; removes a finished one.
@@ -173,6 +178,9 @@ pub struct Core {
     stops: Vec<(String, u32, Vec<u32>)>,
     /// Why the last write failed, while writes fail: nothing new is placed meanwhile.
     write_failure: Option<String>,
+    /// The last statuses of the jobs removed most recently, for a client that waited on one
+    /// (`agentctl submit --wait` on a job with `ttlSecondsAfterFinished: 0`).
+    removed: std::collections::VecDeque<JobStatus>,
     /// Replicas placed this turn, handed to the executor once the turn is written.
     launches: Vec<LaunchSpec>,
     /// Replicas handed to the executor and not yet reported started or failed.
@@ -231,6 +239,7 @@ impl Core {
             undo: BTreeMap::new(),
             stops: Vec::new(),
             write_failure: None,
+            removed: std::collections::VecDeque::new(),
             needs_pass: true,
             metrics,
             reported: BTreeMap::new(),
@@ -352,8 +361,22 @@ impl Core {
                     .collect();
                 let _ = reply.send(Ok(JobList { jobs }));
             }
-            Command::Get { name, reply } => {
-                let _ = reply.send(self.get(&name));
+            Command::Get {
+                name,
+                removed,
+                reply,
+            } => {
+                let found = match self.get(&name) {
+                    Err(CoreError::NotFound(_)) if removed => self
+                        .removed
+                        .iter()
+                        .rev()
+                        .find(|s| s.name == name)
+                        .cloned()
+                        .ok_or(CoreError::NotFound(name)),
+                    other => other,
+                };
+                let _ = reply.send(found);
             }
             Command::Cancel { name, reply } => {
                 let result = self.cancel(&name);
@@ -536,6 +559,10 @@ impl Core {
 
     fn remove(&mut self, name: &str) {
         if let Some(record) = self.jobs.remove(name) {
+            if self.removed.len() >= REMEMBER_REMOVED {
+                self.removed.pop_front();
+            }
+            self.removed.push_back(record.status.clone());
             // Its replicas still being started are stopped as their reports come in.
             self.in_flight = self.in_flight.saturating_sub(record.launching);
             self.dirty.remove(name);

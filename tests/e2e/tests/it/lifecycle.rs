@@ -139,6 +139,9 @@ fn cancel_twice_says_what_the_second_one_did() {
         &manifest("twice", "", &[("Worker", 1, "Never", 0, "sleep 300")]),
     );
     wait_state(&agent, "twice", "Running", Duration::from_secs(20));
+    // Logs are the replica's own output: a structured format is a usage error, not ignored.
+    let out = agent.ctl(&["logs", "twice", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(2));
     let first = agent.ctl(&["cancel", "twice"]);
     assert!(first.status.success());
     let said = String::from_utf8_lossy(&first.stdout);
@@ -224,7 +227,9 @@ fn a_full_disk_refuses_with_the_cause_and_starts_nothing() {
     wait_state(&agent, "before", "Running", Duration::from_secs(20));
 
     let filler = disk.fill();
-    let job = manifest("during", "", &[("Worker", 1, "Never", 0, "sleep 300")]);
+    // A name of this run only: processes are looked for machine-wide.
+    let during = format!("during-{}", std::process::id());
+    let job = manifest(&during, "", &[("Worker", 1, "Never", 0, "sleep 300")]);
     let out = crate::jobs::submit(&agent, &job);
     assert_eq!(out.status.code(), Some(1));
     let said = String::from_utf8_lossy(&out.stderr);
@@ -233,13 +238,13 @@ fn a_full_disk_refuses_with_the_cause_and_starts_nothing() {
         said.contains(&state.join("agentd.db").display().to_string()),
         "{said}"
     );
-    assert!(!agent.ctl(&["job", "during"]).status.success());
-    assert!(crate::jobs::processes_of("during").is_empty());
+    assert!(!agent.ctl(&["job", &during]).status.success());
+    assert!(crate::jobs::processes_of(&during).is_empty());
 
     // Space again: the same submission is taken (not "already exists") and runs.
     std::fs::remove_file(filler).unwrap();
     submit_ok(&agent, &job);
-    wait_state(&agent, "during", "Running", Duration::from_secs(20));
+    wait_state(&agent, &during, "Running", Duration::from_secs(20));
     drop(agent);
 }
 
@@ -279,4 +284,50 @@ fn a_client_that_half_closes_gets_its_answer() {
         answer.to_lowercase().contains("\r\nallow: get, post\r\n"),
         "{answer:?}"
     );
+}
+
+#[test]
+fn following_a_log_across_rotation_loses_nothing() {
+    let agent = e2e::Agent::start(e2e::AgentOptions {
+        config: format!("{}log_max_bytes = 16384\n", crate::jobs::FAST),
+        ..e2e::AgentOptions::default()
+    });
+    // Bursts of 1000 numbered lines (about 5 KB), each rotating the log about once.
+    let script = "for b in 0 1 2 3 4 5 6 7 8 9; do seq $((b*1000+1)) $((b*1000+1000)); sleep 0.4; done";
+    submit_ok(
+        &agent,
+        &manifest("chatty", "", &[("Worker", 1, "Never", 0, script)]),
+    );
+    let follow = agent.ctl(&["logs", "chatty", "--follow"]);
+    assert!(follow.status.success());
+    let text = String::from_utf8_lossy(&follow.stdout);
+    let numbers: Vec<u32> = text
+        .lines()
+        .filter(|l| !l.starts_with("---"))
+        .map(|l| l.parse().unwrap_or_else(|_| panic!("a spliced line: {l:?}")))
+        .collect();
+    assert_eq!(numbers, (1..=10_000).collect::<Vec<u32>>());
+}
+
+#[test]
+fn submit_wait_reports_the_end_of_a_job_removed_at_once() {
+    let agent = agent(0);
+    for (i, (script, code)) in [("sleep 0.3", 0), ("sleep 0.3; exit 3", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("gone-{i}");
+        let job = manifest(
+            &name,
+            "ttlSecondsAfterFinished: 0",
+            &[("Worker", 1, "Never", 0, script)],
+        );
+        let path = agent.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, job).unwrap();
+        let out = agent.ctl(&["submit", path.to_str().unwrap(), "--wait"]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(code), "{said}");
+        let state = if code == 0 { "Succeeded" } else { "Failed" };
+        assert!(said.contains(&format!("job {name}: {state}")), "{said}");
+    }
 }
