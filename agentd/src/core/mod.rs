@@ -535,6 +535,84 @@ impl Core {
         Ok(self.jobs[name].status.clone())
     }
 
+    /// At start-up, a stored job that cannot be read (its status is corrupt, or its manifest no
+    /// longer parses): its row is kept, its processes are stopped (their groups are taken from
+    /// what of the status can be read), and it is shown failed with the reason. Its GPUs are
+    /// free only because its processes are gone.
+    fn keep_unreadable(
+        &mut self,
+        name: &str,
+        manifest: String,
+        status_json: &str,
+        status: Result<JobStatus, serde_json::Error>,
+        parsed: Result<job::TrainingJob, SpecError>,
+        now: f64,
+    ) {
+        let mut problems = Vec::new();
+        if let Err(e) = &status {
+            problems.push(format!("its stored status is unreadable ({e})"));
+        }
+        if let Err(e) = &parsed {
+            problems.push(format!("its manifest no longer parses ({e})"));
+        }
+        let message = format!(
+            "{}; it is kept as failed: read it with `agentctl job {name}`, remove it with `agentctl cancel {name}`",
+            problems.join(" and ")
+        );
+        tracing::error!(job = name, "{message}");
+        let groups: Vec<u32> = match &status {
+            Ok(s) => s
+                .replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Running)
+                .filter_map(|r| r.pid)
+                .collect(),
+            // What can be read of it: a corrupt status may still be JSON.
+            Err(_) => serde_json::from_str::<serde_json::Value>(status_json)
+                .ok()
+                .and_then(|v| v.get("replicas").and_then(|r| r.as_array()).cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter(|r| r.get("state").and_then(|s| s.as_str()) == Some("Running"))
+                .filter_map(|r| r.get("pid").and_then(serde_json::Value::as_u64))
+                .filter_map(|p| u32::try_from(p).ok())
+                .collect(),
+        };
+        self.executor.stop_leftover_units(name);
+        for pgid in groups {
+            let killed = local::kill_leftovers(pgid, name);
+            if killed > 0 {
+                tracing::warn!(job = name, pgid, killed, "stopped the replicas of an unreadable job");
+            }
+        }
+        let job = parsed.unwrap_or_else(|_| job::TrainingJob {
+            name: name.to_owned(),
+            namespace: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            source: job::SourceKind::default(),
+            spec: job::JobSpec {
+                queue: Some(self.default_queue.clone()),
+                ..job::JobSpec::default()
+            },
+        });
+        let mut record = match status {
+            Ok(status) => JobRecord::restore(job, manifest, status),
+            Err(_) => JobRecord::new(job, manifest, now),
+        };
+        for r in &mut record.status.replicas {
+            if r.state == ReplicaState::Running {
+                r.state = ReplicaState::Terminated;
+            }
+        }
+        if !record.status.state.is_finished() {
+            record.finish(JobState::Failed, "Unreadable", &message, now);
+        }
+        self.jobs.insert(name.to_owned(), record);
+        self.dirty.insert(name.to_owned());
+        self.event(name, "Unreadable", message);
+    }
+
     /// Stops the replicas a finished job left running; its allocation is freed once they
     /// are gone.
     fn stop_kept_replicas(&mut self, name: &str) {
@@ -854,8 +932,8 @@ impl Core {
         } = report;
         match event {
             ReplicaEvent::Started { pid } => self.replica_started(&job, &replica, generation, pid),
-            ReplicaEvent::StartFailed { message } => {
-                self.replica_start_failed(&job, generation, message);
+            ReplicaEvent::StartFailed { message, transient } => {
+                self.replica_start_failed(&job, &replica, generation, message, transient);
             }
             ReplicaEvent::Exited { outcome } => {
                 let exit = ReplicaExit {
@@ -904,12 +982,28 @@ impl Core {
         self.launch_settled(job);
     }
 
-    fn replica_start_failed(&mut self, job: &str, generation: u32, message: String) {
+    fn replica_start_failed(
+        &mut self,
+        job: &str,
+        replica: &str,
+        generation: u32,
+        message: String,
+        transient: bool,
+    ) {
         let Some(record) = self.launch_reported(job, generation) else {
             return;
         };
         if record.status.state == JobState::Starting && record.pending_stop.is_none() {
-            self.finish(job, JobState::Failed, "StartFailed", message);
+            // A moment's shortage (EMFILE, EAGAIN) is retryable: a gang restart, counted, where
+            // the replica's restartPolicy restarts anything.
+            let retries = record::parse_replica_name(replica)
+                .and_then(|(t, _)| record.job.spec.replica_specs.get(&t))
+                .is_some_and(|s| s.restart_policy != job::RestartPolicy::Never);
+            if transient && retries {
+                self.restart_gang(job, "StartFailed", &message);
+            } else {
+                self.finish(job, JobState::Failed, "StartFailed", message);
+            }
         }
         self.launch_settled(job);
     }

@@ -331,3 +331,32 @@ fn submit_wait_reports_the_end_of_a_job_removed_at_once() {
         assert!(said.contains(&format!("job {name}: {state}")), "{said}");
     }
 }
+
+#[test]
+fn an_unreadable_stored_job_is_kept_failed_and_its_replicas_stopped() {
+    let mut agent = agent(0);
+    submit_ok(
+        &agent,
+        &manifest("broken", "", &[("Worker", 1, "Never", 0, "sleep 300")]),
+    );
+    let job = wait_state(&agent, "broken", "Running", Duration::from_secs(20));
+    let pid = job["replicas"][0]["pid"].as_u64().unwrap();
+    agent.signal_and_wait(9, Duration::from_secs(5));
+    // The status is still JSON, but no longer a status this agent can read.
+    let db = rusqlite::Connection::open(agent.state_dir.join("agentd.db")).unwrap();
+    db.execute(
+        "UPDATE jobs SET status = json_set(status, '$.state', 'Exploded') WHERE name = 'broken'",
+        [],
+    )
+    .unwrap();
+    drop(db);
+    agent.spawn();
+    let job = agent.ctl_json(&["job", "broken"]);
+    assert_eq!(job["state"], "Failed", "{job}");
+    assert_eq!(job["reason"], "Unreadable", "{job}");
+    assert!(
+        job["message"].as_str().unwrap().contains("unreadable"),
+        "{job}"
+    );
+    assert!(!pid_alive(pid), "the replica of the unreadable job still runs");
+}
