@@ -277,7 +277,9 @@ fn supervise_core<T: Send + 'static>(
                 Err("the core loop ended while the agent was running; stopping".to_owned())
             }
             Err(e) => {
-                tracing::error!("the core loop died ({e}); the agent stops so that it is restarted");
+                tracing::error!(
+                    "the core loop died ({e}); the agent stops so that it is restarted"
+                );
                 halt.send_replace(true);
                 Err(format!("the core loop died: {e}"))
             }

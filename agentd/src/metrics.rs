@@ -1028,10 +1028,10 @@ mod tests {
                 vec![
                     now.checked_sub(OVERDUE_GRACE + Duration::from_secs(1))
                         .unwrap(),
-                    now + Duration::from_secs(3600),
+                    now + Duration::from_hours(1),
                 ],
             );
-            m.set_queue_deadlines("slow", vec![now + Duration::from_secs(60)]);
+            m.set_queue_deadlines("slow", vec![now + Duration::from_mins(1)]);
         });
         assert!(
             text.contains("agentd_queue_overdue_jobs{queue=\"fast\"} 1\n"),

@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentd_api::{Client, ClientError};
 use agentd_api::jobs::{JobList, JobState, JobStatus, QueueList};
+use agentd_api::{Client, ClientError};
 use http_body_util::BodyExt;
 use hyper::Method;
 use hyper::body::Bytes;

@@ -273,9 +273,10 @@ impl From<CoreError> for ApiError {
                 field: Some(field),
             },
             CoreError::Conflict(message) => ApiError::Conflict(message),
-            CoreError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            CoreError::ShuttingDown | CoreError::NotWritten(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             CoreError::Store(e) => ApiError::Internal(e.to_string()),
-            CoreError::NotWritten(_) => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -502,7 +502,7 @@ impl Core {
                 // first; the job is removed by the next cancel, once they are gone.
                 self.stop_kept_replicas(name);
                 let mut status = self.jobs[name].status.clone();
-                status.reason = "Stopping".to_owned();
+                "Stopping".clone_into(&mut status.reason);
                 status.message = format!(
                     "stopping {live} replica{} left running; cancel again to remove the job",
                     if live == 1 { "" } else { "s" }
@@ -515,13 +515,12 @@ impl Core {
                 let record = self.jobs.get_mut(name).expect("present");
                 record.remove_when_released = true;
                 let mut status = record.status.clone();
-                status.reason = "Removing".to_owned();
-                status.message =
-                    "removed as soon as its replicas have stopped".to_owned();
+                "Removing".clone_into(&mut status.reason);
+                "removed as soon as its replicas have stopped".clone_into(&mut status.message);
                 return Ok(status);
             }
             let mut status = record.status.clone();
-            status.reason = "Removed".to_owned();
+            "Removed".clone_into(&mut status.reason);
             status.message = format!("removed ({} before)", status.state);
             self.remove(name);
             return Ok(status);
@@ -582,7 +581,12 @@ impl Core {
         for pgid in groups {
             let killed = local::kill_leftovers(pgid, name);
             if killed > 0 {
-                tracing::warn!(job = name, pgid, killed, "stopped the replicas of an unreadable job");
+                tracing::warn!(
+                    job = name,
+                    pgid,
+                    killed,
+                    "stopped the replicas of an unreadable job"
+                );
             }
         }
         let job = parsed.unwrap_or_else(|_| job::TrainingJob {
@@ -1419,7 +1423,9 @@ impl Core {
             Err(e) => {
                 let cause = e.to_string();
                 if self.write_failure.is_none() {
-                    tracing::error!("cannot write job changes: {cause}; nothing new starts until writes succeed");
+                    tracing::error!(
+                        "cannot write job changes: {cause}; nothing new starts until writes succeed"
+                    );
                 }
                 self.write_failure = Some(cause.clone());
                 self.undo_turn(&cause);
@@ -1461,7 +1467,8 @@ impl Core {
             }
             self.dirty.remove(&name);
             self.deleted.remove(&name);
-            self.events.retain(|e| !(e.kind == "job" && e.object == name));
+            self.events
+                .retain(|e| !(e.kind == "job" && e.object == name));
             self.stops.retain(|(job, _, _)| *job != name);
             self.launches.retain(|spec| spec.job != name);
         }

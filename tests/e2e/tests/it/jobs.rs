@@ -19,7 +19,11 @@ pub(crate) fn agent(gpus: u32) -> Agent {
 }
 
 /// A TrainingJob with the given replica groups, each `(type, replicas, restartPolicy, gpus, script)`.
-pub(crate) fn manifest(name: &str, run_policy: &str, groups: &[(&str, u32, &str, u32, &str)]) -> String {
+pub(crate) fn manifest(
+    name: &str,
+    run_policy: &str,
+    groups: &[(&str, u32, &str, u32, &str)],
+) -> String {
     let mut text = format!(
         "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  runPolicy: {{{run_policy}}}\n  replicaSpecs:\n"
     );

@@ -51,7 +51,11 @@ fn a_replica_left_running_keeps_its_gpus_and_can_be_stopped() {
     );
     let next = wait_considered(&agent, "next");
     assert!(
-        next["message"].as_str().unwrap().to_lowercase().contains("gpu"),
+        next["message"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("gpu"),
         "{next}"
     );
 
@@ -80,7 +84,10 @@ fn a_replica_left_running_frees_its_gpus_when_it_ends() {
         &manifest(
             "keep",
             "cleanPodPolicy: None",
-            &[("PS", 1, "Never", 1, &ps), ("Worker", 1, "Never", 0, "true")],
+            &[
+                ("PS", 1, "Never", 1, &ps),
+                ("Worker", 1, "Never", 0, "true"),
+            ],
         ),
     );
     wait_state(&agent, "keep", "Succeeded", Duration::from_secs(20));
@@ -293,7 +300,8 @@ fn following_a_log_across_rotation_loses_nothing() {
         ..e2e::AgentOptions::default()
     });
     // Bursts of 1000 numbered lines (about 5 KB), each rotating the log about once.
-    let script = "for b in 0 1 2 3 4 5 6 7 8 9; do seq $((b*1000+1)) $((b*1000+1000)); sleep 0.4; done";
+    let script =
+        "for b in 0 1 2 3 4 5 6 7 8 9; do seq $((b*1000+1)) $((b*1000+1000)); sleep 0.4; done";
     submit_ok(
         &agent,
         &manifest("chatty", "", &[("Worker", 1, "Never", 0, script)]),
@@ -304,7 +312,10 @@ fn following_a_log_across_rotation_loses_nothing() {
     let numbers: Vec<u32> = text
         .lines()
         .filter(|l| !l.starts_with("---"))
-        .map(|l| l.parse().unwrap_or_else(|_| panic!("a spliced line: {l:?}")))
+        .map(|l| {
+            l.parse()
+                .unwrap_or_else(|_| panic!("a spliced line: {l:?}"))
+        })
         .collect();
     assert_eq!(numbers, (1..=10_000).collect::<Vec<u32>>());
 }
@@ -358,5 +369,8 @@ fn an_unreadable_stored_job_is_kept_failed_and_its_replicas_stopped() {
         job["message"].as_str().unwrap().contains("unreadable"),
         "{job}"
     );
-    assert!(!pid_alive(pid), "the replica of the unreadable job still runs");
+    assert!(
+        !pid_alive(pid),
+        "the replica of the unreadable job still runs"
+    );
 }
