@@ -5,6 +5,7 @@
 //! acknowledged with 201 is on disk) and before it hands placed replicas to the executor (so
 //! no replica runs for a placement that is not on disk). It never waits for a process.
 
+mod log_budget;
 mod record;
 mod recovery;
 
@@ -32,6 +33,9 @@ use record::ReplicaExit;
 
 /// How many removed jobs' last statuses are kept in memory for clients still waiting on them.
 const REMEMBER_REMOVED: usize = 256;
+
+/// Ticks between two checks of the job logs' overall size (10 s).
+const LOG_BUDGET_TICKS: u64 = 40;
 
 /// How often deadlines, time-outs and back-offs are checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -181,6 +185,9 @@ pub struct Core {
     /// The last statuses of the jobs removed most recently, for a client that waited on one
     /// (`agentctl submit --wait` on a job with `ttlSecondsAfterFinished: 0`).
     removed: std::collections::VecDeque<JobStatus>,
+    /// `jobs.logs_max_total_bytes`.
+    logs_budget: u64,
+    ticks: u64,
     /// Replicas placed this turn, handed to the executor once the turn is written.
     launches: Vec<LaunchSpec>,
     /// Replicas handed to the executor and not yet reported started or failed.
@@ -240,6 +247,8 @@ impl Core {
             stops: Vec::new(),
             write_failure: None,
             removed: std::collections::VecDeque::new(),
+            logs_budget: config.jobs.logs_max_total_bytes,
+            ticks: 0,
             needs_pass: true,
             metrics,
             reported: BTreeMap::new(),
@@ -848,7 +857,35 @@ impl Core {
     }
 
     /// Checks deadlines, schedule time-outs, back-offs and the time-to-live of finished jobs.
+    /// Keeps the job logs within their overall budget, off the core's task: the logs of the
+    /// jobs that finished first go first; those of jobs with processes left never do.
+    fn keep_logs_in_budget(&self) {
+        let mut finished: Vec<(f64, String)> = self
+            .jobs
+            .values()
+            .filter(|r| r.status.state.is_finished() && r.live_pgids().is_empty())
+            .map(|r| (r.status.finished_at.unwrap_or(0.0), r.status.name.clone()))
+            .collect();
+        finished.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let names: Vec<String> = finished.into_iter().map(|(_, n)| n).collect();
+        let root = self.state_dir.join("logs");
+        let budget = self.logs_budget;
+        tokio::task::spawn_blocking(move || {
+            let removed = log_budget::enforce(&root, &names, budget);
+            if !removed.is_empty() {
+                tracing::info!(
+                    jobs = removed.join(", "),
+                    "deleted the logs of finished jobs: job logs were over jobs.logs_max_total_bytes ({budget} bytes)"
+                );
+            }
+        });
+    }
+
     fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(LOG_BUDGET_TICKS) {
+            self.keep_logs_in_budget();
+        }
         if self.write_failure.is_some() && self.store.check_writable().is_ok() {
             tracing::info!("the database takes writes again");
             self.write_failure = None;
