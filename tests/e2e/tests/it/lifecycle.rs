@@ -222,11 +222,29 @@ impl Drop for SmallDisk {
 fn a_full_disk_refuses_with_the_cause_and_starts_nothing() {
     let disk = SmallDisk::mount("8m");
     let state = disk.dir.path().join("state");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let agent = e2e::Agent::start(e2e::AgentOptions {
         config: crate::jobs::FAST.into(),
         state_dir: Some(state.clone()),
+        env: vec![("AGENTD_METRICS_ADDR".into(), format!("127.0.0.1:{port}"))],
         ..e2e::AgentOptions::default()
     });
+    let schedulable = || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("agentd_node_schedulable{"))
+            .map(|l| l.ends_with(" 1"))
+    };
     submit_ok(
         &agent,
         &manifest("before", "", &[("Worker", 1, "Never", 0, "sleep 300")]),
@@ -247,11 +265,17 @@ fn a_full_disk_refuses_with_the_cause_and_starts_nothing() {
     );
     assert!(!agent.ctl(&["job", &during]).status.success());
     assert!(crate::jobs::processes_of(&during).is_empty());
+    assert_eq!(
+        schedulable(),
+        Some(false),
+        "nothing can be placed meanwhile"
+    );
 
     // Space again: the same submission is taken (not "already exists") and runs.
     std::fs::remove_file(filler).unwrap();
     submit_ok(&agent, &job);
     wait_state(&agent, &during, "Running", Duration::from_secs(20));
+    assert_eq!(schedulable(), Some(true));
     drop(agent);
 }
 
