@@ -19,6 +19,8 @@ pub const DEFAULT_GPU_RECOVERY_QUIET: Duration = Duration::from_mins(5);
 pub const DEFAULT_SAMPLE_RETENTION: Duration = Duration::from_hours(24);
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// All job logs together; beyond it the logs of the jobs that finished first are deleted.
+pub const DEFAULT_LOGS_MAX_TOTAL_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 pub const DEFAULT_QUEUE: &str = "fast";
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,9 @@ pub struct JobsConfig {
     pub kill_grace: Duration,
     /// Each replica's log file is cut to its last half when it grows past this size.
     pub log_max_bytes: u64,
+    /// The job logs together: beyond this, the logs of the jobs that finished first are
+    /// deleted (those of running jobs never are; each is bounded by `log_max_bytes`).
+    pub logs_max_total_bytes: u64,
     /// The wait before a gang's first restart; doubled with each further restart.
     #[serde(with = "duration_text")]
     pub restart_backoff: Duration,
@@ -168,6 +173,7 @@ impl Default for JobsConfig {
             default_queue: DEFAULT_QUEUE.to_owned(),
             kill_grace: DEFAULT_KILL_GRACE,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            logs_max_total_bytes: DEFAULT_LOGS_MAX_TOTAL_BYTES,
             restart_backoff: crate::job::BACKOFF_BASE,
             restart_backoff_max: crate::job::BACKOFF_CAP,
             replica_units: ReplicaUnits::Auto,
@@ -289,6 +295,12 @@ impl Config {
         }
         if self.jobs.log_max_bytes < 4096 {
             return Err(invalid("jobs.log_max_bytes", "must be at least 4096"));
+        }
+        if self.jobs.logs_max_total_bytes < self.jobs.log_max_bytes {
+            return Err(invalid(
+                "jobs.logs_max_total_bytes",
+                "must be at least jobs.log_max_bytes (one replica's log)",
+            ));
         }
         if self.queues.is_empty() {
             self.queues = default_queues();

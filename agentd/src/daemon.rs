@@ -42,8 +42,33 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     result
 }
 
-/// Runs the agent until `stop` turns true. Tests drive this directly.
-pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<(), DaemonError> {
+/// Runs the agent until `stop` turns true, or until its core loop dies (then with an error,
+/// so that the process ends and its supervisor starts it again). Tests drive this directly.
+pub async fn run_until(
+    config: Config,
+    outer_stop: watch::Receiver<bool>,
+) -> Result<(), DaemonError> {
+    // Every part stops on `stop`: turned by the caller's stop, or by the core loop dying.
+    let (halt, stop) = watch::channel(false);
+    let forward = {
+        let mut outer_stop = outer_stop;
+        let halt = halt.clone();
+        tokio::spawn(async move {
+            if outer_stop.wait_for(|s| *s).await.is_ok() {
+                halt.send_replace(true);
+            }
+        })
+    };
+    let result = run_parts(config, stop, halt).await;
+    forward.abort();
+    result
+}
+
+async fn run_parts(
+    config: Config,
+    stop: watch::Receiver<bool>,
+    halt: watch::Sender<bool>,
+) -> Result<(), DaemonError> {
     let started = Instant::now();
     let node_name = config.node_name();
 
@@ -152,9 +177,12 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         )
         .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
     };
-    let core = tokio::spawn(
-        core.run(core_inputs, stop.clone())
-            .instrument(tracing::info_span!("core")),
+    let core = supervise_core(
+        tokio::spawn(
+            core.run(core_inputs, stop.clone())
+                .instrument(tracing::info_span!("core")),
+        ),
+        halt,
     );
 
     let state = ApiState {
@@ -220,7 +248,8 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     let _ = refresh.await;
     let store = core
         .await
-        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?;
+        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?
+        .map_err(DaemonError::Runtime)?;
     if socket_activated {
         // agentd.socket owns the socket; it stays for the next start.
     } else if let Err(e) = std::fs::remove_file(&config.socket) {
@@ -229,6 +258,33 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
     store.close()?;
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Watches the core loop: if it ends while the agent is not stopping (a panic), the agent
+/// stops too, rather than answer 503 for ever while it looks alive; the error it ends with
+/// makes the process exit non-zero, and systemd starts it again.
+fn supervise_core<T: Send + 'static>(
+    core: tokio::task::JoinHandle<T>,
+    halt: watch::Sender<bool>,
+) -> tokio::task::JoinHandle<Result<T, String>> {
+    tokio::spawn(async move {
+        let ended = core.await;
+        let stopping = *halt.borrow();
+        match ended {
+            Ok(value) if stopping => Ok(value),
+            Ok(_) => {
+                halt.send_replace(true);
+                Err("the core loop ended while the agent was running; stopping".to_owned())
+            }
+            Err(e) => {
+                tracing::error!(
+                    "the core loop died ({e}); the agent stops so that it is restarted"
+                );
+                halt.send_replace(true);
+                Err(format!("the core loop died: {e}"))
+            }
+        }
+    })
 }
 
 async fn wait_for_signal() {
@@ -243,5 +299,35 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_core_stops_the_agent_with_an_error() {
+        let (halt, stop) = watch::channel(false);
+        let core = tokio::spawn(async {
+            tokio::task::yield_now().await;
+            panic!("core bug");
+        });
+        let ended = supervise_core::<()>(core, halt).await.unwrap();
+        let message = ended.unwrap_err();
+        assert!(message.contains("core loop died"), "{message}");
+        assert!(*stop.borrow(), "every other part is told to stop");
+    }
+
+    #[tokio::test]
+    async fn a_core_that_ends_on_stop_is_not_an_error() {
+        let (halt, mut stop) = watch::channel(false);
+        let core = tokio::spawn(async move {
+            stop.wait_for(|s| *s).await.unwrap();
+            7
+        });
+        let supervised = supervise_core(core, halt.clone());
+        halt.send_replace(true);
+        assert_eq!(supervised.await.unwrap(), Ok(7));
     }
 }

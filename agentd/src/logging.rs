@@ -4,7 +4,7 @@
 //! names its device and inode), records go to journald natively, with their fields as journal
 //! fields (`journalctl -u agentd JOB=mnist` works) and levels as priorities. Otherwise they are
 //! readable text on stderr, or one JSON object per line with `--log-format json`. The filter is
-//! `RUST_LOG` when set, else the configured `log.filter`, else `info`.
+//! `RUST_LOG` when set, else the configured `log`, else `info`.
 //!
 //! This module only sets up the subscriber; it never decides what is worth logging.
 
@@ -119,7 +119,7 @@ pub fn filter(configured: Option<&str>) -> Result<EnvFilter, LoggingError> {
     let (filter, source_name) = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => (env, "RUST_LOG"),
         _ => match configured {
-            Some(c) => (c.to_owned(), "the config's log.filter"),
+            Some(c) => (c.to_owned(), "the config key `log`"),
             None => (DEFAULT_FILTER.to_owned(), "the default"),
         },
     };
@@ -229,7 +229,7 @@ mod tests {
         }
         let error = filter(Some("agentd=loud")).unwrap_err().to_string();
         assert!(
-            error.contains("agentd=loud") && error.contains("log.filter"),
+            error.contains("agentd=loud") && error.contains("config key `log`"),
             "{error}"
         );
         filter(Some("agentd=debug,hyper=warn")).unwrap();

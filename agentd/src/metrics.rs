@@ -98,6 +98,9 @@ struct MetricsState {
     jobs: BTreeMap<(String, String), u64>,
     queue_depth: BTreeMap<String, u64>,
     queue_overdue: BTreeMap<String, u64>,
+    /// When each queued job's `scheduleTimeoutSeconds` runs out, by queue: counted overdue at
+    /// scrape time, so the count rises even when the loop that should fail them is stuck.
+    queue_deadlines: BTreeMap<String, Vec<std::time::Instant>>,
     nodes: BTreeMap<String, NodeAllocation>,
     up: bool,
 }
@@ -112,6 +115,10 @@ pub struct NodeAllocation {
 }
 
 type Labels = Vec<(&'static str, String)>;
+
+/// How long past its schedule time-out a waiting job is before it counts as overdue: the core
+/// fails such a job within a tick (250 ms), so this much later it has stopped doing so.
+pub const OVERDUE_GRACE: Duration = Duration::from_secs(5);
 
 /// Every metric the agent exports. Cheap to clone: all fields are shared handles, so the core
 /// loop, the API server and the inventory refresh loop can each hold one.
@@ -246,11 +253,21 @@ impl Metrics {
         self.write().queue_overdue.insert(queue.to_owned(), n);
     }
 
+    /// Sets when the schedule time-outs of the jobs waiting in `queue` run out. A job still
+    /// waiting [`OVERDUE_GRACE`] past its time-out is counted in `agentd_queue_overdue_jobs`:
+    /// the core fails such jobs within a tick, so one counted means the core is not running.
+    pub fn set_queue_deadlines(&self, queue: &str, deadlines: Vec<std::time::Instant>) {
+        self.write()
+            .queue_deadlines
+            .insert(queue.to_owned(), deadlines);
+    }
+
     /// Forgets a queue that was removed from the configuration.
     pub fn remove_queue(&self, queue: &str) {
         let mut state = self.write();
         state.queue_depth.remove(queue);
         state.queue_overdue.remove(queue);
+        state.queue_deadlines.remove(queue);
         state.jobs.retain(|(q, _), _| q != queue);
     }
 
@@ -554,6 +571,15 @@ fn encode_jobs(
             }
         }
     }
+    let mut overdue = state.queue_overdue.clone();
+    let now = std::time::Instant::now();
+    for (queue, deadlines) in &state.queue_deadlines {
+        let late = deadlines
+            .iter()
+            .filter(|d| now > **d + OVERDUE_GRACE)
+            .count() as u64;
+        *overdue.entry(queue.clone()).or_default() += late;
+    }
     for (name, help, values) in [
         (
             "agentd_queue_depth",
@@ -563,7 +589,7 @@ fn encode_jobs(
         (
             "agentd_queue_overdue_jobs",
             "Jobs that have waited longer than their scheduleTimeoutSeconds, by queue",
-            &state.queue_overdue,
+            &overdue,
         ),
     ] {
         if values.is_empty() {
@@ -991,6 +1017,30 @@ mod tests {
             text.contains("agentd_scheduling_pass_duration_seconds_bucket{le=\"0.00025\"} 0\n")
         );
         assert!(text.contains("agentd_job_submit_to_running_seconds_sum 3.0\n"));
+    }
+
+    #[test]
+    fn jobs_past_their_schedule_timeout_count_at_scrape_time() {
+        let now = std::time::Instant::now();
+        let text = scrape(|m| {
+            m.set_queue_deadlines(
+                "fast",
+                vec![
+                    now.checked_sub(OVERDUE_GRACE + Duration::from_secs(1))
+                        .unwrap(),
+                    now + Duration::from_hours(1),
+                ],
+            );
+            m.set_queue_deadlines("slow", vec![now + Duration::from_mins(1)]);
+        });
+        assert!(
+            text.contains("agentd_queue_overdue_jobs{queue=\"fast\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentd_queue_overdue_jobs{queue=\"slow\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agentd_api::Client;
 use agentd_api::jobs::{JobList, JobState, JobStatus, QueueList};
+use agentd_api::{Client, ClientError};
 use http_body_util::BodyExt;
 use hyper::Method;
 use hyper::body::Bytes;
@@ -79,7 +79,16 @@ async fn watch(client: &Client, name: &str) -> Result<JobStatus, Failure> {
     let tty = std::io::stderr().is_terminal();
     let mut shown = String::new();
     loop {
-        let job: JobStatus = client.get(&format!("/v1/jobs/{}", encode(name))).await?;
+        let path = format!("/v1/jobs/{}", encode(name));
+        let job: JobStatus = match client.get(&path).await {
+            Ok(job) => job,
+            // Removed as soon as it finished (ttlSecondsAfterFinished): the agent keeps its
+            // last status a while, which says how it ended.
+            Err(ClientError::Api { status, .. }) if status == hyper::StatusCode::NOT_FOUND => {
+                client.get(&format!("{path}?removed=true")).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let running = job
             .replicas
             .iter()
@@ -263,10 +272,12 @@ pub async fn cancel(client: &Client, name: &str, format: Format) -> Result<(), F
     }
     let j: JobStatus =
         serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
-    if j.state == JobState::Cancelled && j.reason == "Cancelled" {
-        println!("job {} cancelled; its replicas are being stopped", j.name);
-    } else {
-        println!("job {} ({}) removed", j.name, j.state);
+    // The reason says what this request did, which differs between a first and a second
+    // cancel of the same job.
+    match j.reason.as_str() {
+        "Cancelled" => println!("job {} cancelled; its replicas are being stopped", j.name),
+        "Removed" => println!("job {} ({}) removed", j.name, j.state),
+        _ => println!("job {} ({}): {}", j.name, j.state, j.message),
     }
     Ok(())
 }

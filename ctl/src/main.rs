@@ -73,15 +73,31 @@ enum Command {
     GenerateDocs { dir: PathBuf },
 }
 
+/// The group that may use the agent's socket (`SocketGroup=` in agentd.socket).
+const SOCKET_GROUP: &str = "agentd";
+
 /// How a command failed, which decides the exit code.
 pub enum Failure {
     Request(String),
     Unreachable(String),
+    Usage(String),
 }
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         match e {
+            ClientError::Unreachable { socket, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Failure::Unreachable(format!(
+                    "cannot reach the agent at {}: {source}\n\
+                     The socket is open to the members of its group ({}); join it with \
+                     `sudo usermod -aG {} $USER` and log in again, or run agentctl with sudo.",
+                    socket.display(),
+                    SOCKET_GROUP,
+                    SOCKET_GROUP,
+                ))
+            }
             ClientError::Unreachable { socket, source } => Failure::Unreachable(format!(
                 "cannot reach the agent at {}: {source}\n\
                  Is agentd running? Start it with `systemctl start agentd`, or run \
@@ -123,6 +139,10 @@ fn main() -> ExitCode {
                 jobs::list(&client, queue.as_deref(), state.as_deref(), cli.output).await
             }
             Command::Job { name } => jobs::show(&client, &name, cli.output).await,
+            Command::Logs { .. } if cli.output != Format::Table => Err(Failure::Usage(
+                "logs prints the replica's output as it was written; -o json|yaml does not apply"
+                    .to_owned(),
+            )),
             Command::Logs {
                 name,
                 replica,
@@ -147,5 +167,34 @@ fn main() -> ExitCode {
             eprintln!("agentctl: {message}");
             ExitCode::from(3)
         }
+        Err(Failure::Usage(message)) => {
+            eprintln!("agentctl: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable(kind: std::io::ErrorKind) -> String {
+        let failure = Failure::from(ClientError::Unreachable {
+            socket: PathBuf::from("/run/agentd/agentd.sock"),
+            source: std::io::Error::from(kind),
+        });
+        match failure {
+            Failure::Unreachable(message) => message,
+            Failure::Request(m) | Failure::Usage(m) => panic!("not an unreachable agent: {m}"),
+        }
+    }
+
+    #[test]
+    fn a_socket_refused_by_permission_says_to_join_the_group() {
+        let message = unreachable(std::io::ErrorKind::PermissionDenied);
+        assert!(message.contains("usermod -aG agentd"), "{message}");
+        assert!(!message.contains("Is agentd running?"), "{message}");
+        let message = unreachable(std::io::ErrorKind::NotFound);
+        assert!(message.contains("Is agentd running?"), "{message}");
     }
 }

@@ -1,7 +1,7 @@
 //! `GET /v1/jobs/{name}/logs`: a replica's log, whole or followed. Following streams what the
 //! replica writes until the job has ended and its processes are gone.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -56,25 +56,31 @@ pub async fn respond(
 /// Sends the log so far, then whatever is appended, until the job is over or the client leaves.
 async fn follow_log(core: CoreHandle, name: String, mut files: LogFiles, tx: mpsc::Sender<Bytes>) {
     let current = files.files.last().cloned().unwrap_or_default();
+    let mut tail = Tail::new(current);
+    // The current file is held first, so that an older part rotated meanwhile is not the
+    // file held (read twice) nor one missed.
+    tail.open_current();
     for older in &files.files[..files.files.len().saturating_sub(1)] {
+        if tail.holds(older) {
+            continue;
+        }
         if let Ok(bytes) = std::fs::read(older)
             && tx.send(Bytes::from(bytes)).await.is_err()
         {
             return;
         }
     }
-    let mut offset = 0u64;
     loop {
         let complete = files.complete;
-        match read_from(&current, &mut offset) {
-            Some(bytes) if !bytes.is_empty() => {
-                if tx.send(Bytes::from(bytes)).await.is_err() {
-                    return;
-                }
-                continue;
+        let bytes = tail.next();
+        if !bytes.is_empty() {
+            if tx.send(Bytes::from(bytes)).await.is_err() {
+                return;
             }
-            _ if complete => return,
-            _ => {}
+            continue;
+        }
+        if complete {
+            return;
         }
         tokio::time::sleep(POLL).await;
         if tx.is_closed() {
@@ -95,18 +101,84 @@ async fn follow_log(core: CoreHandle, name: String, mut files: LogFiles, tx: mps
     }
 }
 
-/// Reads what was appended since `offset`; a file that shrank was rotated: start again at 0.
-fn read_from(path: &Path, offset: &mut u64) -> Option<Vec<u8>> {
-    let mut file = std::fs::File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    if len < *offset {
-        *offset = 0;
+/// Follows a log file across rotation. It holds the file it reads by handle, so a rotation
+/// (a rename) does not take it away: what is left in it is read to the end before the next
+/// file is taken, which is the rotated part if the log rotated twice meanwhile, else the new
+/// current file.
+struct Tail {
+    path: std::path::PathBuf,
+    held: Option<(std::fs::File, u64)>,
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+impl Tail {
+    fn new(path: std::path::PathBuf) -> Self {
+        Self { path, held: None }
     }
-    file.seek(SeekFrom::Start(*offset)).ok()?;
-    let mut bytes = Vec::new();
-    file.take(1 << 20).read_to_end(&mut bytes).ok()?;
-    *offset += bytes.len() as u64;
-    Some(bytes)
+
+    fn open_current(&mut self) {
+        let path = self.path.clone();
+        self.open(&path);
+    }
+
+    fn open(&mut self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(file) = std::fs::File::open(path) else {
+            return false;
+        };
+        let Ok(meta) = file.metadata() else {
+            return false;
+        };
+        self.held = Some((file, meta.ino()));
+        true
+    }
+
+    /// Whether `path` is the file held now.
+    fn holds(&self, path: &Path) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|(_, ino)| inode(path) == Some(*ino))
+    }
+
+    /// The next bytes of the log (at most 1 MiB); empty when nothing new is there yet.
+    fn next(&mut self) -> Vec<u8> {
+        for _ in 0..3 {
+            let Some((file, ino)) = &mut self.held else {
+                self.open_current();
+                if self.held.is_none() {
+                    return Vec::new();
+                }
+                continue;
+            };
+            let mut bytes = Vec::new();
+            let _ = file.take(1 << 20).read_to_end(&mut bytes);
+            if !bytes.is_empty() {
+                return bytes;
+            }
+            let held = *ino;
+            // At the end of the file held: has the log moved on to another file?
+            match inode(&self.path) {
+                Some(now) if now != held => {
+                    let rotated = crate::exec::local::rotated_path(&self.path);
+                    match inode(&rotated) {
+                        // Rotated twice: the part between is the rotated file.
+                        Some(r) if r != held => {
+                            if !self.open(&rotated) {
+                                self.open_current();
+                            }
+                        }
+                        _ => self.open_current(),
+                    }
+                }
+                _ => return Vec::new(),
+            }
+        }
+        Vec::new()
+    }
 }
 
 /// A response body fed by a channel.

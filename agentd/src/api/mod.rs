@@ -75,13 +75,19 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
                 continue;
             }
         };
-        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let caller = stream.peer_cred().ok();
+        let uid = caller.map(|c| c.uid());
+        let pid = caller.and_then(|c| c.pid());
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, uid, req).await) }
+            async move { Ok::<_, Infallible>(handle(&state, uid, pid, req).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
+            // A client that shuts down its writing side after the request (as `curl` and
+            // `nc -N` may) still gets the answer; without this the request is acted on and
+            // the answer never sent.
+            .half_close(true)
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
             .serve_connection(TokioIo::new(stream), service);
@@ -101,7 +107,12 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
     }
 }
 
-async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: &ApiState,
+    uid: Option<u32>,
+    pid: Option<i32>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -120,6 +131,7 @@ async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> R
     }
     tracing::info!(
         uid = uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
+        pid = pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
         %method,
         path,
         status = response.status().as_u16(),
@@ -188,9 +200,15 @@ async fn dispatch(
                 .await?;
             Ok(json(StatusCode::OK, &list))
         }
-        Route::GetJob { name } => Ok(json(
+        Route::GetJob { name, removed } => Ok(json(
             StatusCode::OK,
-            &core.ask(|reply| Command::Get { name, reply }).await?,
+            &core
+                .ask(|reply| Command::Get {
+                    name,
+                    removed,
+                    reply,
+                })
+                .await?,
         )),
         Route::CancelJob { name } => Ok(json(
             StatusCode::OK,
@@ -255,7 +273,9 @@ impl From<CoreError> for ApiError {
                 field: Some(field),
             },
             CoreError::Conflict(message) => ApiError::Conflict(message),
-            CoreError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            CoreError::ShuttingDown | CoreError::NotWritten(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             CoreError::Store(e) => ApiError::Internal(e.to_string()),
         }
     }
@@ -324,5 +344,12 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 
 pub fn error_response(error: &ApiError) -> Response<Body> {
     let (status, body) = error.to_response_parts();
-    json(status, &body)
+    let mut response = json(status, &body);
+    // RFC 9110: a 405 says which methods the resource has.
+    if let ApiError::MethodNotAllowed { allowed, .. } = error {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+    }
+    response
 }

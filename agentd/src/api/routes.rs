@@ -21,6 +21,8 @@ pub enum Route {
     SubmitJob,
     GetJob {
         name: String,
+        /// Also a job removed a moment ago (its last status), for clients waiting on it.
+        removed: bool,
     },
     CancelJob {
         name: String,
@@ -77,6 +79,7 @@ impl Route {
             (["v1", "jobs"], false) => return Err(not_allowed("GET, POST")),
             (["v1", "jobs", name], true) => Route::GetJob {
                 name: decode(name)?,
+                removed: query.flag("removed")?,
             },
             (["v1", "jobs", name], false) if method == Method::DELETE => Route::CancelJob {
                 name: decode(name)?,

@@ -5,6 +5,7 @@
 //! acknowledged with 201 is on disk) and before it hands placed replicas to the executor (so
 //! no replica runs for a placement that is not on disk). It never waits for a process.
 
+mod log_budget;
 mod record;
 mod recovery;
 
@@ -14,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_api::NodeInventory;
-use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, QueueList, QueueStatus};
+use agentd_api::jobs::{
+    EventList, JobList, JobState, JobStatus, QueueList, QueueStatus, ReplicaState,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, QueueSettings, ReplicaUnits};
@@ -27,6 +30,12 @@ use crate::store::{JobWrite, NewEvent, Store, StoreError};
 
 pub use record::JobRecord;
 use record::ReplicaExit;
+
+/// How many removed jobs' last statuses are kept in memory for clients still waiting on them.
+const REMEMBER_REMOVED: usize = 256;
+
+/// Ticks between two checks of the job logs' overall size (10 s).
+const LOG_BUDGET_TICKS: u64 = 40;
 
 /// How often deadlines, time-outs and back-offs are checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -53,6 +62,9 @@ pub enum CoreError {
     Conflict(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// The change could not be written, so it was not made.
+    #[error("nothing was done: {0}; free space there (or fix the state directory) and try again")]
+    NotWritten(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -73,6 +85,8 @@ pub enum Command {
     },
     Get {
         name: String,
+        /// Also a job removed a moment ago: its last status, without events.
+        removed: bool,
         reply: Reply<JobStatus>,
     },
     /// Cancels an active job; removes a finished one.
@@ -158,7 +172,22 @@ pub struct Core {
     dirty: BTreeSet<String>,
     deleted: BTreeSet<String>,
     events: Vec<NewEvent>,
-    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    /// Answers to requests of this turn, sent once it is written (or its write failed).
+    replies: Vec<(Reply<JobStatus>, Result<JobStatus, CoreError>)>,
+    /// Each job a request or a placement changed this turn, as it was before (`None`: it did
+    /// not exist). A turn that cannot be written is undone with it, so that memory says what
+    /// the database says; facts (a replica ended) stay, to be written by a later turn.
+    undo: BTreeMap<String, Option<JobRecord>>,
+    /// Gangs to stop once the turn is written: `(job, generation, process groups)`.
+    stops: Vec<(String, u32, Vec<u32>)>,
+    /// Why the last write failed, while writes fail: nothing new is placed meanwhile.
+    write_failure: Option<String>,
+    /// The last statuses of the jobs removed most recently, for a client that waited on one
+    /// (`agentctl submit --wait` on a job with `ttlSecondsAfterFinished: 0`).
+    removed: std::collections::VecDeque<JobStatus>,
+    /// `jobs.logs_max_total_bytes`.
+    logs_budget: u64,
+    ticks: u64,
     /// Replicas placed this turn, handed to the executor once the turn is written.
     launches: Vec<LaunchSpec>,
     /// Replicas handed to the executor and not yet reported started or failed.
@@ -213,7 +242,13 @@ impl Core {
             dirty: BTreeSet::new(),
             deleted: BTreeSet::new(),
             events: Vec::new(),
-            after_commit: Vec::new(),
+            replies: Vec::new(),
+            undo: BTreeMap::new(),
+            stops: Vec::new(),
+            write_failure: None,
+            removed: std::collections::VecDeque::new(),
+            logs_budget: config.jobs.logs_max_total_bytes,
+            ticks: 0,
             needs_pass: true,
             metrics,
             reported: BTreeMap::new(),
@@ -292,9 +327,8 @@ impl Core {
             if self.needs_pass {
                 self.schedule();
             }
-            if let Err(e) = self.commit() {
-                tracing::error!("cannot write job changes: {e}");
-            }
+            // A failed write is logged, and undone, where it happens.
+            let _ = self.commit();
         }
         self.shutdown().await;
         self.store
@@ -320,9 +354,7 @@ impl Core {
         match command {
             Command::Submit { manifest, reply } => {
                 let result = self.submit(&manifest);
-                self.after_commit.push(Box::new(move || {
-                    let _ = reply.send(result);
-                }));
+                self.replies.push((reply, result));
             }
             Command::List {
                 queue,
@@ -338,14 +370,26 @@ impl Core {
                     .collect();
                 let _ = reply.send(Ok(JobList { jobs }));
             }
-            Command::Get { name, reply } => {
-                let _ = reply.send(self.get(&name));
+            Command::Get {
+                name,
+                removed,
+                reply,
+            } => {
+                let found = match self.get(&name) {
+                    Err(CoreError::NotFound(_)) if removed => self
+                        .removed
+                        .iter()
+                        .rev()
+                        .find(|s| s.name == name)
+                        .cloned()
+                        .ok_or(CoreError::NotFound(name)),
+                    other => other,
+                };
+                let _ = reply.send(found);
             }
             Command::Cancel { name, reply } => {
                 let result = self.cancel(&name);
-                self.after_commit.push(Box::new(move || {
-                    let _ = reply.send(result);
-                }));
+                self.replies.push((reply, result));
             }
             Command::Queues { reply } => {
                 let _ = reply.send(Ok(self.queue_list()));
@@ -410,6 +454,7 @@ impl Core {
         let record = JobRecord::new(parsed, text, now);
         let name = record.status.name.clone();
         let status = record.status.clone();
+        self.undo.entry(name.clone()).or_insert(None);
         self.jobs.insert(name.clone(), record);
         self.event(
             &name,
@@ -456,8 +501,36 @@ impl Core {
             .jobs
             .get(name)
             .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+        self.undo
+            .entry(name.to_owned())
+            .or_insert_with(|| Some(record.clone()));
         if record.status.state.is_finished() {
-            let status = record.status.clone();
+            let live = record.live_pgids().len();
+            if live > 0 {
+                // Replicas a finished job left running (cleanPodPolicy None) are stopped
+                // first; the job is removed by the next cancel, once they are gone.
+                self.stop_kept_replicas(name);
+                let mut status = self.jobs[name].status.clone();
+                "Stopping".clone_into(&mut status.reason);
+                status.message = format!(
+                    "stopping {live} replica{} left running; cancel again to remove the job",
+                    if live == 1 { "" } else { "s" }
+                );
+                return Ok(status);
+            }
+            if record.allocation.is_some() {
+                // Its gang is still being stopped: it holds its GPUs until the stop is over,
+                // and goes then.
+                let record = self.jobs.get_mut(name).expect("present");
+                record.remove_when_released = true;
+                let mut status = record.status.clone();
+                "Removing".clone_into(&mut status.reason);
+                "removed as soon as its replicas have stopped".clone_into(&mut status.message);
+                return Ok(status);
+            }
+            let mut status = record.status.clone();
+            "Removed".clone_into(&mut status.reason);
+            status.message = format!("removed ({} before)", status.state);
             self.remove(name);
             return Ok(status);
         }
@@ -470,8 +543,117 @@ impl Core {
         Ok(self.jobs[name].status.clone())
     }
 
+    /// At start-up, a stored job that cannot be read (its status is corrupt, or its manifest no
+    /// longer parses): its row is kept, its processes are stopped (their groups are taken from
+    /// what of the status can be read), and it is shown failed with the reason. Its GPUs are
+    /// free only because its processes are gone.
+    fn keep_unreadable(
+        &mut self,
+        name: &str,
+        manifest: String,
+        status_json: &str,
+        status: Result<JobStatus, serde_json::Error>,
+        parsed: Result<job::TrainingJob, SpecError>,
+        now: f64,
+    ) {
+        let mut problems = Vec::new();
+        if let Err(e) = &status {
+            problems.push(format!("its stored status is unreadable ({e})"));
+        }
+        if let Err(e) = &parsed {
+            problems.push(format!("its manifest no longer parses ({e})"));
+        }
+        let message = format!(
+            "{}; it is kept as failed: read it with `agentctl job {name}`, remove it with `agentctl cancel {name}`",
+            problems.join(" and ")
+        );
+        tracing::error!(job = name, "{message}");
+        let groups: Vec<u32> = match &status {
+            Ok(s) => s
+                .replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Running)
+                .filter_map(|r| r.pid)
+                .collect(),
+            // What can be read of it: a corrupt status may still be JSON.
+            Err(_) => serde_json::from_str::<serde_json::Value>(status_json)
+                .ok()
+                .and_then(|v| v.get("replicas").and_then(|r| r.as_array()).cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter(|r| r.get("state").and_then(|s| s.as_str()) == Some("Running"))
+                .filter_map(|r| r.get("pid").and_then(serde_json::Value::as_u64))
+                .filter_map(|p| u32::try_from(p).ok())
+                .collect(),
+        };
+        self.executor.stop_leftover_units(name);
+        for pgid in groups {
+            let killed = local::kill_leftovers(pgid, name);
+            if killed > 0 {
+                tracing::warn!(
+                    job = name,
+                    pgid,
+                    killed,
+                    "stopped the replicas of an unreadable job"
+                );
+            }
+        }
+        let job = parsed.unwrap_or_else(|_| job::TrainingJob {
+            name: name.to_owned(),
+            namespace: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            source: job::SourceKind::default(),
+            spec: job::JobSpec {
+                queue: Some(self.default_queue.clone()),
+                ..job::JobSpec::default()
+            },
+        });
+        let mut record = match status {
+            Ok(status) => JobRecord::restore(job, manifest, status),
+            Err(_) => JobRecord::new(job, manifest, now),
+        };
+        for r in &mut record.status.replicas {
+            if r.state == ReplicaState::Running {
+                r.state = ReplicaState::Terminated;
+            }
+        }
+        if !record.status.state.is_finished() {
+            record.finish(JobState::Failed, "Unreadable", &message, now);
+        }
+        self.jobs.insert(name.to_owned(), record);
+        self.dirty.insert(name.to_owned());
+        self.event(name, "Unreadable", message);
+    }
+
+    /// Stops the replicas a finished job left running; its allocation is freed once they
+    /// are gone.
+    fn stop_kept_replicas(&mut self, name: &str) {
+        let Some(record) = self.jobs.get_mut(name) else {
+            return;
+        };
+        let groups = std::mem::take(&mut record.kept);
+        for r in &mut record.status.replicas {
+            if r.state == ReplicaState::Running {
+                r.state = ReplicaState::Terminated;
+            }
+        }
+        let generation = record.status.generation;
+        self.dirty.insert(name.to_owned());
+        self.event(
+            name,
+            "Stopping",
+            format!("stopping {} replica(s) left running", groups.len()),
+        );
+        self.stop_gang(name, generation, groups);
+    }
+
     fn remove(&mut self, name: &str) {
         if let Some(record) = self.jobs.remove(name) {
+            if self.removed.len() >= REMEMBER_REMOVED {
+                self.removed.pop_front();
+            }
+            self.removed.push_back(record.status.clone());
             // Its replicas still being started are stopped as their reports come in.
             self.in_flight = self.in_flight.saturating_sub(record.launching);
             self.dirty.remove(name);
@@ -574,7 +756,11 @@ impl Core {
                 if let Some(record) = self.jobs.get_mut(&job)
                     && record.release(generation)
                 {
-                    self.dirty.insert(job);
+                    if record.remove_when_released {
+                        self.remove(&job);
+                    } else {
+                        self.dirty.insert(job);
+                    }
                     self.needs_pass = true;
                 }
             }
@@ -611,7 +797,14 @@ impl Core {
         let hit: Vec<(String, String)> = self
             .jobs
             .values()
-            .filter(|r| r.is_active() && r.status.state != JobState::Restarting)
+            // Only a gang that holds its GPUs now is hit: a queued job still lists the GPUs of
+            // its last placement, and one fault is one restart, not one per refresh.
+            .filter(|r| {
+                matches!(
+                    r.status.state,
+                    JobState::Placed | JobState::Starting | JobState::Running
+                )
+            })
             .filter_map(|r| {
                 r.status.replicas.iter().find_map(|replica| {
                     replica
@@ -664,7 +857,41 @@ impl Core {
     }
 
     /// Checks deadlines, schedule time-outs, back-offs and the time-to-live of finished jobs.
+    /// Keeps the job logs within their overall budget, off the core's task: the logs of the
+    /// jobs that finished first go first; those of jobs with processes left never do.
+    fn keep_logs_in_budget(&self) {
+        let mut finished: Vec<(f64, String)> = self
+            .jobs
+            .values()
+            .filter(|r| r.status.state.is_finished() && r.live_pgids().is_empty())
+            .map(|r| (r.status.finished_at.unwrap_or(0.0), r.status.name.clone()))
+            .collect();
+        finished.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let names: Vec<String> = finished.into_iter().map(|(_, n)| n).collect();
+        let root = self.state_dir.join("logs");
+        let budget = self.logs_budget;
+        tokio::task::spawn_blocking(move || {
+            let removed = log_budget::enforce(&root, &names, budget);
+            if !removed.is_empty() {
+                tracing::info!(
+                    jobs = removed.join(", "),
+                    "deleted the logs of finished jobs: job logs were over jobs.logs_max_total_bytes ({budget} bytes)"
+                );
+            }
+        });
+    }
+
     fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(LOG_BUDGET_TICKS) {
+            self.keep_logs_in_budget();
+        }
+        if self.write_failure.is_some() && self.store.check_writable().is_ok() {
+            tracing::info!("the database takes writes again");
+            self.write_failure = None;
+            self.needs_pass = true;
+            self.report_metrics();
+        }
         let now = unix_now();
         let mut expired = Vec::new();
         let mut requeue = Vec::new();
@@ -746,8 +973,8 @@ impl Core {
         } = report;
         match event {
             ReplicaEvent::Started { pid } => self.replica_started(&job, &replica, generation, pid),
-            ReplicaEvent::StartFailed { message } => {
-                self.replica_start_failed(&job, generation, message);
+            ReplicaEvent::StartFailed { message, transient } => {
+                self.replica_start_failed(&job, &replica, generation, message, transient);
             }
             ReplicaEvent::Exited { outcome } => {
                 let exit = ReplicaExit {
@@ -796,12 +1023,28 @@ impl Core {
         self.launch_settled(job);
     }
 
-    fn replica_start_failed(&mut self, job: &str, generation: u32, message: String) {
+    fn replica_start_failed(
+        &mut self,
+        job: &str,
+        replica: &str,
+        generation: u32,
+        message: String,
+        transient: bool,
+    ) {
         let Some(record) = self.launch_reported(job, generation) else {
             return;
         };
         if record.status.state == JobState::Starting && record.pending_stop.is_none() {
-            self.finish(job, JobState::Failed, "StartFailed", message);
+            // A moment's shortage (EMFILE, EAGAIN) is retryable: a gang restart, counted, where
+            // the replica's restartPolicy restarts anything.
+            let retries = record::parse_replica_name(replica)
+                .and_then(|(t, _)| record.job.spec.replica_specs.get(&t))
+                .is_some_and(|s| s.restart_policy != job::RestartPolicy::Never);
+            if transient && retries {
+                self.restart_gang(job, "StartFailed", &message);
+            } else {
+                self.finish(job, JobState::Failed, "StartFailed", message);
+            }
         }
         self.launch_settled(job);
     }
@@ -859,10 +1102,29 @@ impl Core {
         let Some(outcome) = record.replica_ended(&exit.replica, exit.outcome, now) else {
             return;
         };
+        // The last replica a finished job left running has ended: what is left of its process
+        // groups is swept, and then the allocation is free.
+        let last_kept = (record.status.state.is_finished()
+            && !record.kept.is_empty()
+            && record.allocation.is_some()
+            && record.live_pgids().is_empty())
+        .then(|| (record.status.generation, std::mem::take(&mut record.kept)));
         self.dirty.insert(exit.job.clone());
         let described = local::describe(exit.outcome);
         match outcome {
-            record::ReplicaVerdict::Ignored => {}
+            record::ReplicaVerdict::Ignored => {
+                if let Some((generation, groups)) = last_kept {
+                    self.event(
+                        &exit.job,
+                        "ReplicasEnded",
+                        format!(
+                            "{} ended ({described}); no replica is left running",
+                            exit.replica
+                        ),
+                    );
+                    self.stop_gang(&exit.job, generation, groups);
+                }
+            }
             record::ReplicaVerdict::Succeeded { job_done: false } => {
                 self.event(
                     &exit.job,
@@ -944,7 +1206,11 @@ impl Core {
         };
         let pgids = record.finish(state, reason, &message, unix_now());
         let generation = record.status.generation;
-        self.stop_gang(name, generation, pgids);
+        // Replicas left running (cleanPodPolicy None) keep the gang's allocation until the
+        // last of them ends; see `replica_exited`.
+        if record.live_pgids().is_empty() {
+            self.stop_gang(name, generation, pgids);
+        }
         self.dirty.insert(name.to_owned());
         self.needs_pass = true;
         self.event(name, reason, message);
@@ -960,13 +1226,19 @@ impl Core {
             record.pending_stop.get_or_insert_default().extend(pgids);
             return;
         }
-        let done = self.internal_tx.clone();
-        let stop = self.executor.stop(pgids, self.kill_grace);
-        let job = name.to_owned();
-        tokio::spawn(async move {
-            stop.await;
-            let _ = done.send(Internal::GangStopped { job, generation });
-        });
+        self.stops.push((name.to_owned(), generation, pgids));
+    }
+
+    /// Starts the stops of the written turn in the background.
+    fn run_stops(&mut self) {
+        for (job, generation, pgids) in self.stops.drain(..) {
+            let done = self.internal_tx.clone();
+            let stop = self.executor.stop(pgids, self.kill_grace);
+            tokio::spawn(async move {
+                stop.await;
+                let _ = done.send(Internal::GangStopped { job, generation });
+            });
+        }
     }
 
     /// One scheduling pass over the queued gangs; places and starts what fits.
@@ -983,6 +1255,8 @@ impl Core {
         let inventory = self.inventory.borrow().clone();
         let mut node = node_capacity(&inventory);
         node.labels.extend(self.labels.clone());
+        // Nothing is placed while placements cannot be written.
+        node.schedulable = self.write_failure.is_none();
         let nodes = [node];
         let running: Vec<sched::RunningGang> = self
             .jobs
@@ -1038,6 +1312,9 @@ impl Core {
         let Some(record) = self.jobs.get_mut(&name) else {
             return;
         };
+        self.undo
+            .entry(name.clone())
+            .or_insert_with(|| Some(record.clone()));
         let summary = record.place(placement, inventory, unix_now());
         self.dirty.insert(name.clone());
         self.event(&name, "Placed", summary);
@@ -1084,8 +1361,27 @@ impl Core {
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let mut depth: BTreeMap<&str, u64> = self.queues.keys().map(|q| (q.as_str(), 0)).collect();
         let mut allocated = sched::Resources::default();
+        let mut deadlines: BTreeMap<&str, Vec<std::time::Instant>> = self
+            .queues
+            .keys()
+            .map(|q| (q.as_str(), Vec::new()))
+            .collect();
+        let (wall, mono) = (unix_now(), std::time::Instant::now());
         for record in self.jobs.values() {
             let queue = record.status.queue.as_str();
+            if record.status.state == JobState::Queued
+                && let Some(limit) = record.job.spec.run_policy.schedule_timeout_seconds
+            {
+                let left = record.queued_since + limit as f64 - wall;
+                let deadline = if left >= 0.0 {
+                    mono.checked_add(Duration::from_secs_f64(left.min(1e12)))
+                } else {
+                    mono.checked_sub(Duration::from_secs_f64((-left).min(1e12)))
+                };
+                if let Some(deadline) = deadline {
+                    deadlines.entry(queue).or_default().push(deadline);
+                }
+            }
             *counts
                 .entry((queue, record.status.state.as_str()))
                 .or_default() += 1;
@@ -1102,6 +1398,9 @@ impl Core {
         for (queue, n) in depth {
             metrics.set_queue_depth(queue, n);
         }
+        for (queue, d) in deadlines {
+            metrics.set_queue_deadlines(queue, d);
+        }
         let node = node_capacity(&self.inventory.borrow());
         let capacity = sched::Resources {
             gpus: node.gpus.iter().filter(|g| g.healthy).count() as u32,
@@ -1113,21 +1412,18 @@ impl Core {
             NodeAllocation {
                 capacity,
                 allocated,
-                schedulable: node.schedulable,
+                schedulable: node.schedulable && self.write_failure.is_none(),
             },
         );
     }
 
-    /// Writes the turn's changes in one transaction, then sends the replies that waited on it.
+    /// Writes the turn's changes in one transaction; then sends the replies that waited on it,
+    /// starts the placed replicas and stops what was stopped. A turn that cannot be written is
+    /// undone instead (see `undo`): its requests are answered with the cause, nothing it
+    /// placed is started, and nothing new is placed until writes succeed again.
     fn commit(&mut self) -> Result<(), CoreError> {
-        if !self.dirty.is_empty() || !self.deleted.is_empty() {
-            self.report_metrics();
-        }
         if self.dirty.is_empty() && self.deleted.is_empty() && self.events.is_empty() {
-            for reply in self.after_commit.drain(..) {
-                reply();
-            }
-            self.launch();
+            self.turn_written();
             return Ok(());
         }
         let now = unix_now();
@@ -1146,28 +1442,84 @@ impl Core {
                 });
             }
         }
-        let result = self.store.write_batch(&writes, &self.events);
-        self.dirty.clear();
-        self.deleted.clear();
-        self.events.clear();
-        // Replies go out either way: on failure the submissions in this batch answer with
-        // the error instead of a 201 they could not keep.
-        let replies: Vec<_> = self.after_commit.drain(..).collect();
-        // The placements are the agent's state whether or not the disk took them: their
-        // replicas start either way, and the next write carries them.
-        self.launch();
-        match result {
+        match self.store.write_batch(&writes, &self.events) {
             Ok(()) => {
-                for reply in replies {
-                    reply();
+                if let Some(failure) = self.write_failure.take() {
+                    tracing::info!("job changes are written again (they failed: {failure})");
+                    self.needs_pass = true;
                 }
+                if !self.dirty.is_empty() || !self.deleted.is_empty() {
+                    self.report_metrics();
+                }
+                self.dirty.clear();
+                self.deleted.clear();
+                self.events.clear();
+                self.turn_written();
                 Ok(())
             }
             Err(e) => {
-                drop(replies);
+                let cause = e.to_string();
+                if self.write_failure.is_none() {
+                    tracing::error!(
+                        "cannot write job changes: {cause}; nothing new starts until writes succeed"
+                    );
+                }
+                self.write_failure = Some(cause.clone());
+                self.undo_turn(&cause);
+                self.report_metrics();
                 Err(e.into())
             }
         }
+    }
+
+    /// The turn is on disk: its effects may happen.
+    fn turn_written(&mut self) {
+        self.undo.clear();
+        for (reply, result) in self.replies.drain(..) {
+            let _ = reply.send(result);
+        }
+        self.launch();
+        self.run_stops();
+    }
+
+    /// Puts back every job a request or a placement changed this turn, drops what they would
+    /// have started or stopped, and answers their requests with `cause`. What else changed
+    /// (replicas that ended, stops that are facts) is kept, to be written by a later turn.
+    fn undo_turn(&mut self, cause: &str) {
+        let undone: BTreeMap<String, Option<JobRecord>> = std::mem::take(&mut self.undo);
+        for (name, before) in undone {
+            let launching_now = self.jobs.get(&name).map_or(0, |r| r.launching);
+            let launching_before = before.as_ref().map_or(0, |r| r.launching);
+            self.in_flight = self
+                .in_flight
+                .saturating_sub(launching_now)
+                .saturating_add(launching_before);
+            match before {
+                Some(record) => {
+                    self.jobs.insert(name.clone(), record);
+                }
+                None => {
+                    self.jobs.remove(&name);
+                }
+            }
+            self.dirty.remove(&name);
+            self.deleted.remove(&name);
+            self.events
+                .retain(|e| !(e.kind == "job" && e.object == name));
+            self.stops.retain(|(job, _, _)| *job != name);
+            self.launches.retain(|spec| spec.job != name);
+        }
+        // Every launch of the turn came from a placement, and every placement was undone.
+        debug_assert!(self.launches.is_empty());
+        self.launches.clear();
+        for (reply, result) in self.replies.drain(..) {
+            let answer = result.and(Err(CoreError::NotWritten(cause.to_owned())));
+            let _ = reply.send(answer);
+        }
+        // Stops that are facts go ahead: a replica that ended or a gang that failed is stopped
+        // whether or not the disk took the news.
+        self.run_stops();
+        self.needs_pass = true;
     }
 
     fn launch(&mut self) {

@@ -44,6 +44,12 @@ pub struct JobRecord {
     pub entered: Vec<JobState>,
     /// Ends of replicas reported while others of their gang were still being started.
     pub early_exits: Vec<ReplicaExit>,
+    /// Process groups of replicas the job left running when it finished
+    /// (`cleanPodPolicy: None`): they keep the allocation until they end.
+    pub kept: Vec<u32>,
+    /// Removal was asked for while the gang was still being stopped: the job goes once its
+    /// allocation is released.
+    pub remove_when_released: bool,
 }
 
 /// How a replica of a generation ended.
@@ -123,6 +129,8 @@ impl JobRecord {
             pending_stop: None,
             entered: vec![JobState::Queued],
             early_exits: Vec::new(),
+            kept: Vec::new(),
+            remove_when_released: false,
         }
     }
 
@@ -141,6 +149,8 @@ impl JobRecord {
             pending_stop: None,
             entered: vec![status_state],
             early_exits: Vec::new(),
+            kept: Vec::new(),
+            remove_when_released: false,
         }
     }
 
@@ -392,6 +402,7 @@ impl JobRecord {
             == Some(job::CleanPodPolicy::None)
             && state == JobState::Succeeded;
         if keep_running {
+            self.kept = self.live_pgids();
             Vec::new()
         } else {
             self.stop_replicas()

@@ -13,28 +13,16 @@ impl Core {
     pub(super) fn recover(&mut self) -> Result<(), CoreError> {
         let now = unix_now();
         for (name, manifest, status_json) in self.store.jobs()? {
-            let status: JobStatus = match serde_json::from_str(&status_json) {
-                Ok(status) => status,
-                Err(e) => {
-                    tracing::error!(
-                        job = name,
-                        "stored status is unreadable ({e}); the job is dropped"
-                    );
-                    self.deleted.insert(name);
-                    continue;
-                }
-            };
-            let parsed = match job::parse(manifest.as_bytes()) {
-                Ok(mut parsed) => {
+            let (status, parsed) = match (
+                serde_json::from_str::<JobStatus>(&status_json),
+                job::parse(manifest.as_bytes()),
+            ) {
+                (Ok(status), Ok(mut parsed)) => {
                     parsed.spec.queue = Some(status.queue.clone());
-                    parsed
+                    (status, parsed)
                 }
-                Err(e) => {
-                    tracing::error!(
-                        job = name,
-                        "stored manifest no longer parses ({e}); the job is dropped"
-                    );
-                    self.deleted.insert(name);
+                (status, parsed) => {
+                    self.keep_unreadable(&name, manifest, &status_json, status, parsed, now);
                     continue;
                 }
             };

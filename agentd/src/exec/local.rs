@@ -36,6 +36,20 @@ pub enum ExecError {
     Port(std::io::Error),
 }
 
+impl ExecError {
+    /// Whether the failure says the machine was short of a resource for a moment, rather
+    /// than that the replica can never start (no such program, no permission).
+    pub fn is_transient(&self) -> bool {
+        let source = match self {
+            Self::Spawn { source, .. } | Self::Port(source) => source,
+        };
+        matches!(
+            source.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM | libc::EINTR)
+        )
+    }
+}
+
 /// Everything needed to start one replica.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -71,6 +85,9 @@ pub enum ReplicaEvent {
     /// It could not be started; nothing of it runs.
     StartFailed {
         message: String,
+        /// The machine was short of something for a moment (file descriptors, processes,
+        /// memory): starting again later may work.
+        transient: bool,
     },
     Exited {
         outcome: ExitOutcome,
@@ -264,6 +281,7 @@ impl Starter {
                 &spec,
                 ReplicaEvent::StartFailed {
                     message: e.to_string(),
+                    transient: e.is_transient(),
                 },
             ),
         }
@@ -736,7 +754,7 @@ mod tests {
         executor.launch(replica);
         let report = rx.recv().await.unwrap();
         assert_eq!((report.replica.as_str(), report.generation), ("chief-0", 2));
-        let ReplicaEvent::StartFailed { message } = report.event else {
+        let ReplicaEvent::StartFailed { message, .. } = report.event else {
             panic!("{report:?}");
         };
         assert_eq!(
@@ -765,5 +783,19 @@ mod tests {
         let exit = rx.recv().await.unwrap().event;
         assert!(matches!(exit, ReplicaEvent::Exited { outcome } if outcome.signal == Some(9)));
         assert!(!group_alive(pid), "nothing of the group is left");
+    }
+
+    #[test]
+    fn a_moments_shortage_is_transient_a_missing_program_is_not() {
+        let spawn = |errno| ExecError::Spawn {
+            job: "j".into(),
+            replica: "worker-0".into(),
+            program: "python".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert!(spawn(libc::EMFILE).is_transient());
+        assert!(spawn(libc::EAGAIN).is_transient());
+        assert!(!spawn(libc::ENOENT).is_transient());
+        assert!(!spawn(libc::EACCES).is_transient());
     }
 }

@@ -101,7 +101,8 @@ impl Exact {
         Ok(Self {
             negative,
             digits,
-            exp10: exp10 - frac_len,
+            // Saturating: `1.5e-2147483648` is merely tiny (it rounds up to one unit).
+            exp10: exp10.saturating_sub(frac_len),
             pow1024,
         })
     }
@@ -306,5 +307,8 @@ mod tests {
     fn a_tiny_exponent_rounds_up_without_overflow() {
         assert_eq!(parse_cpu_milli("1e-400"), Ok(1));
         assert_eq!(parse_memory_bytes("1e-3"), Ok(1));
+        assert_eq!(parse_cpu_milli("1.5e-2147483648"), Ok(1));
+        assert_eq!(parse_memory_bytes("1.5e-2147483648"), Ok(1));
+        assert!(parse_cpu_milli("1.5e2147483647").is_err());
     }
 }

@@ -23,6 +23,8 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("database {} is empty (0 bytes): an agent that used it left more than that, so it was truncated or replaced; restore it from a backup, or move it away to start afresh with no jobs", path.display())]
+    Empty { path: PathBuf },
     #[error("another agent is using the state directory {}; stop it first or give this one another --state-dir", path.display())]
     Locked { path: PathBuf },
     #[error("database {} was written by a newer agentd (schema version {found}, this agent knows up to {known}); upgrade agentd or move the file away", path.display())]
@@ -93,6 +95,20 @@ fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
+/// A database file that exists with nothing in it (and nothing in its write-ahead log) is not
+/// a new database: SQLite would take it as one and every job would be gone without a word.
+fn refuse_empty(path: &Path) -> Result<(), StoreError> {
+    let len = |p: &Path| std::fs::metadata(p).ok().map(|m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    if len(path) == Some(0) && len(Path::new(&wal)).unwrap_or(0) == 0 {
+        return Err(StoreError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `state_dir` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
@@ -106,6 +122,7 @@ impl Store {
             path: path.clone(),
             source,
         };
+        refuse_empty(&path)?;
         let conn = Connection::open(&path).map_err(open_err)?;
         // A corrupt or foreign file fails here, on the first read, rather than later.
         conn.busy_timeout(Duration::from_secs(5))
@@ -314,6 +331,23 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
+    /// Whether the database takes a write now (after one failed, say for a full disk).
+    pub fn check_writable(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sql {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sql)?;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ('write_check', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![crate::inventory::unix_now().to_string()],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
     /// Every stored job: (name, manifest, status JSON).
     pub fn jobs(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         let mut stmt = self
@@ -400,6 +434,18 @@ mod tests {
         let err = Store::open(dir.path())
             .err()
             .expect("corrupt file must not open")
+            .to_string();
+        assert!(err.contains("agentd.db"), "{err}");
+        assert!(err.contains("move it away"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_database_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("agentd.db"), b"").unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("an empty file is not a new database")
             .to_string();
         assert!(err.contains("agentd.db"), "{err}");
         assert!(err.contains("move it away"), "{err}");

@@ -87,6 +87,8 @@ pub struct AgentOptions {
     /// Extra TOML appended to the config file.
     pub config: String,
     pub env: Vec<(String, String)>,
+    /// The state directory; a fresh one in the agent's temporary directory if `None`.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// An agent running in its own temporary directory; killed when dropped.
@@ -104,7 +106,10 @@ impl Agent {
     pub fn start(options: AgentOptions) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/agentd.sock");
-        let state_dir = dir.path().join("state");
+        let state_dir = options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let config_path = dir.path().join("agentd.toml");
         let gpu_config = dir.path().join("gpus.json");
         let mut agent = Agent {

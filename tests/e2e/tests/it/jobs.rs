@@ -7,10 +7,10 @@ use std::time::Duration;
 use e2e::{Agent, AgentOptions, fake_gpu, write_fake_gpus};
 use serde_json::Value;
 
-const FAST: &str = "[inventory]\ninterval = \"200ms\"\ngpu_recovery_quiet = \"60s\"\n\
+pub(crate) const FAST: &str = "[inventory]\ninterval = \"200ms\"\ngpu_recovery_quiet = \"60s\"\n\
                     [jobs]\nrestart_backoff = \"200ms\"\nkill_grace = \"2s\"\n";
 
-fn agent(gpus: u32) -> Agent {
+pub(crate) fn agent(gpus: u32) -> Agent {
     Agent::start(AgentOptions {
         gpus: (gpus > 0).then(|| (0..gpus).map(fake_gpu).collect()),
         config: FAST.into(),
@@ -19,7 +19,11 @@ fn agent(gpus: u32) -> Agent {
 }
 
 /// A TrainingJob with the given replica groups, each `(type, replicas, restartPolicy, gpus, script)`.
-fn manifest(name: &str, run_policy: &str, groups: &[(&str, u32, &str, u32, &str)]) -> String {
+pub(crate) fn manifest(
+    name: &str,
+    run_policy: &str,
+    groups: &[(&str, u32, &str, u32, &str)],
+) -> String {
     let mut text = format!(
         "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  runPolicy: {{{run_policy}}}\n  replicaSpecs:\n"
     );
@@ -32,13 +36,13 @@ fn manifest(name: &str, run_policy: &str, groups: &[(&str, u32, &str, u32, &str)
     text
 }
 
-fn submit(agent: &Agent, manifest: &str) -> std::process::Output {
+pub(crate) fn submit(agent: &Agent, manifest: &str) -> std::process::Output {
     let path = agent.dir.path().join(format!("job-{}.yaml", rand_suffix()));
     std::fs::write(&path, manifest).unwrap();
     agent.ctl(&["submit", path.to_str().unwrap()])
 }
 
-fn submit_ok(agent: &Agent, manifest: &str) {
+pub(crate) fn submit_ok(agent: &Agent, manifest: &str) {
     let out = submit(agent, manifest);
     assert!(
         out.status.success(),
@@ -54,11 +58,11 @@ fn rand_suffix() -> u128 {
         .as_nanos()
 }
 
-fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Value {
+pub(crate) fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Value {
     agent.wait_for(&["job", name], timeout, |j| j["state"] == state)
 }
 
-fn pid_alive(pid: u64) -> bool {
+pub(crate) fn pid_alive(pid: u64) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -68,7 +72,7 @@ fn pid_alive(pid: u64) -> bool {
 }
 
 /// Processes anywhere on the machine whose environment names this job.
-fn processes_of(job: &str) -> Vec<u32> {
+pub(crate) fn processes_of(job: &str) -> Vec<u32> {
     let marker = format!("AGENTD_JOB={job}");
     std::fs::read_dir("/proc")
         .unwrap()
@@ -83,7 +87,7 @@ fn processes_of(job: &str) -> Vec<u32> {
         .collect()
 }
 
-fn reasons(job: &Value) -> Vec<String> {
+pub(crate) fn reasons(job: &Value) -> Vec<String> {
     job["events"]
         .as_array()
         .unwrap()

@@ -3,4 +3,5 @@
 mod agent;
 mod gpus;
 mod jobs;
+mod lifecycle;
 mod tensorflow;
