@@ -270,19 +270,17 @@ fn check_program(
             let candidate = dir.join(program);
             is_executable_file(&candidate).then_some(candidate)
         });
-        match found {
-            Some(found) => found,
-            None => {
-                errors.push(FieldError::new(
-                    field,
-                    format!(
-                        "{program:?} is not an executable file in PATH={path}; install it, give \
-                         its absolute path, or set PATH under env"
-                    ),
-                ));
-                return;
-            }
-        }
+        let Some(found) = found else {
+            errors.push(FieldError::new(
+                field,
+                format!(
+                    "{program:?} is not an executable file in PATH={path}; install it, give \
+                     its absolute path, or set PATH under env"
+                ),
+            ));
+            return;
+        };
+        found
     };
     let problem = match std::fs::metadata(&candidate) {
         Err(e) => Some(format!("{} cannot be run: {e}", candidate.display())),

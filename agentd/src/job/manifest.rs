@@ -215,7 +215,7 @@ pub(super) fn read(bytes: &[u8]) -> Result<Read, SpecError> {
     // not hide the problems in the others.
     let metadata = match top.remove("metadata") {
         None | Some(serde_json::Value::Null) => Some(ObjectMeta::default()),
-        Some(value) => decode_kubernetes::<ObjectMeta>(value, "metadata", &mut problems),
+        Some(value) => decode_kubernetes::<ObjectMeta>(&value, "metadata", &mut problems),
     };
     let groups = match top.get_mut("spec") {
         Some(serde_json::Value::Object(spec)) => spec.remove(source.replica_specs_key()),
@@ -456,13 +456,13 @@ fn decode_part<T: DeserializeOwned>(
 /// not survive the reading is reported by its path, so that a typo (`resource:` for
 /// `resources:`) is an error rather than a setting silently dropped.
 fn decode_kubernetes<T: DeserializeOwned + Serialize>(
-    value: serde_json::Value,
+    value: &serde_json::Value,
     at: &str,
     problems: &mut Problems,
 ) -> Option<T> {
     let read: T = decode_part(value.clone(), at, problems)?;
     let understood = serde_json::to_value(&read).unwrap_or(serde_json::Value::Null);
-    report_dropped(&value, &understood, at, problems);
+    report_dropped(value, &understood, at, problems);
     Some(read)
 }
 
@@ -835,7 +835,7 @@ fn decode_template(
         );
     }
     let pod =
-        decode_kubernetes::<PodTemplateSpec>(serde_json::Value::Object(template), at, problems);
+        decode_kubernetes::<PodTemplateSpec>(&serde_json::Value::Object(template), at, problems);
     let mut read = BTreeMap::new();
     let mut ok = true;
     for (key, list) in lists {
@@ -854,7 +854,7 @@ fn decode_template(
         };
         let mut containers = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
-            match decode_kubernetes::<Container>(item, &format!("{list_at}[{i}]"), problems) {
+            match decode_kubernetes::<Container>(&item, &format!("{list_at}[{i}]"), problems) {
                 Some(c) => containers.push(c),
                 None => ok = false,
             }
