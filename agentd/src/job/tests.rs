@@ -1483,3 +1483,14 @@ fn success_messages_name_the_replica_that_decided() {
         "all 3 workers completed (successPolicy AllWorkers; the last was worker-1), which completes the job"
     );
 }
+
+#[test]
+fn shipped_examples_are_admitted() {
+    let rules = Admission {
+        path: std::env::var("PATH").unwrap_or_default(),
+        ..rules()
+    };
+    for example in [NATIVE_EXAMPLE, TFJOB_EXAMPLE] {
+        admit(example, &rules).unwrap();
+    }
+}

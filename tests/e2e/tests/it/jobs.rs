@@ -265,7 +265,8 @@ fn restart_policies_and_backoff_limit() {
         &manifest(
             "sig",
             "backoffLimit: 2",
-            &[("Worker", 1, "ExitCode", 0, "kill -9 $$")],
+            // `$$` is Kubernetes' escape for `$`: the shell sees `kill -9 $$`.
+            &[("Worker", 1, "ExitCode", 0, "kill -9 $$$$")],
         ),
     );
     let job = wait_state(&agent, "sig", "Failed", Duration::from_secs(20));
@@ -302,7 +303,7 @@ fn one_failing_replica_restarts_the_whole_gang() {
     let agent = agent(0);
     let dir = agent.dir.path().display().to_string();
     let script = format!(
-        "if [ \"$AGENTD_REPLICA\" = worker-1 ] && [ ! -e {dir}/failed ]; then touch {dir}/failed; sleep 0.5; exit 1; fi; echo $$ >> {dir}/pids-$AGENTD_REPLICA; sleep 300"
+        "if [ \"$AGENTD_REPLICA\" = worker-1 ] && [ ! -e {dir}/failed ]; then touch {dir}/failed; sleep 0.5; exit 1; fi; echo $$$$ >> {dir}/pids-$AGENTD_REPLICA; sleep 300"
     );
     submit_ok(
         &agent,
