@@ -618,7 +618,7 @@ spec:
         out.display()
     );
     submit_ok(&agent, &job);
-    wait_state(&agent, "expand", "Succeeded", Duration::from_secs(60));
+    wait_state(&agent, "expand", "Succeeded", Duration::from_secs(30));
     assert_eq!(
         std::fs::read_to_string(&out).unwrap(),
         "hello|$(GREETING)|$(NOT_SET)|hello world, $(GREETING)\n"
