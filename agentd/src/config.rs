@@ -21,6 +21,11 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOG_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// All job logs together; beyond it the logs of the jobs that finished first are deleted.
 pub const DEFAULT_LOGS_MAX_TOTAL_BYTES: u64 = 8 * 1024 * 1024 * 1024;
+/// The most replicas one job may have: more than a large machine runs at once, far fewer than
+/// would make a job's status a burden.
+pub const DEFAULT_MAX_REPLICAS_PER_JOB: u32 = 1024;
+/// The most replicas the unfinished jobs of an agent may have together, queued or running.
+pub const DEFAULT_MAX_REPLICAS_PER_AGENT: u32 = 10_000;
 pub const DEFAULT_QUEUE: &str = "fast";
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,11 @@ pub struct JobsConfig {
     pub restart_backoff_max: Duration,
     /// Whether each replica runs as a transient systemd unit with its own cgroup limits.
     pub replica_units: ReplicaUnits,
+    /// A job with more replicas than this is refused at submission.
+    pub max_replicas_per_job: u32,
+    /// A job is refused at submission when the agent's unfinished jobs would then have more
+    /// replicas than this together.
+    pub max_replicas_per_agent: u32,
 }
 
 /// How replicas are started: `auto` makes each one a transient systemd unit (`systemd-run`)
@@ -177,6 +187,8 @@ impl Default for JobsConfig {
             restart_backoff: crate::job::BACKOFF_BASE,
             restart_backoff_max: crate::job::BACKOFF_CAP,
             replica_units: ReplicaUnits::Auto,
+            max_replicas_per_job: DEFAULT_MAX_REPLICAS_PER_JOB,
+            max_replicas_per_agent: DEFAULT_MAX_REPLICAS_PER_AGENT,
         }
     }
 }
@@ -300,6 +312,15 @@ impl Config {
             return Err(invalid(
                 "jobs.logs_max_total_bytes",
                 "must be at least jobs.log_max_bytes (one replica's log)",
+            ));
+        }
+        if self.jobs.max_replicas_per_job == 0 {
+            return Err(invalid("jobs.max_replicas_per_job", "must be at least 1"));
+        }
+        if self.jobs.max_replicas_per_agent < self.jobs.max_replicas_per_job {
+            return Err(invalid(
+                "jobs.max_replicas_per_agent",
+                "must be at least jobs.max_replicas_per_job",
             ));
         }
         if self.queues.is_empty() {

@@ -200,6 +200,11 @@ async fn run_parts(
         inventory: inventory_rx,
         ready: ready_rx,
         core: core_handle,
+        admission: Arc::new(crate::job::Admission::new(
+            config.queues.keys().cloned(),
+            &config.jobs.default_queue,
+            config.jobs.max_replicas_per_job,
+        )),
         metrics: exporter.as_ref().map(|e| e.metrics.clone()),
     };
     let server = tokio::spawn(

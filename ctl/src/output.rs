@@ -21,7 +21,7 @@ pub fn print_structured(format: Format, value: &Value) -> std::io::Result<bool> 
             Ok(true)
         }
         Format::Yaml => {
-            let text = serde_yaml::to_string(value).map_err(std::io::Error::other)?;
+            let text = serde_saphyr::to_string(value).map_err(std::io::Error::other)?;
             out.write_all(text.as_bytes())?;
             Ok(true)
         }

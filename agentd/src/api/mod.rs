@@ -43,6 +43,8 @@ pub struct ApiState {
     /// True once the agent is ready to take work (first inventory in, core running).
     pub ready: watch::Receiver<bool>,
     pub core: CoreHandle,
+    /// What a submitted manifest must pass before it reaches the core.
+    pub admission: Arc<crate::job::Admission>,
     pub metrics: Option<crate::metrics::Metrics>,
 }
 
@@ -184,9 +186,25 @@ async fn dispatch(
                     "the request body is empty: send a TrainingJob or TFJob manifest in YAML or JSON",
                 ));
             }
-            let manifest = body.to_vec();
+            // Reading and checking a manifest is work in proportion to the manifest: it runs on
+            // a blocking thread so that no request waits behind it, and the core receives a job.
+            let admission = Arc::clone(&state.admission);
+            let job = tokio::task::spawn_blocking(move || {
+                crate::job::admit(&body, &admission).map(|job| {
+                    let manifest = String::from_utf8_lossy(&body).into_owned();
+                    (job, manifest)
+                })
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("reading the manifest failed: {e}")))?
+            .map_err(CoreError::from)?;
+            let (job, manifest) = job;
             let status = core
-                .ask(|reply| Command::Submit { manifest, reply })
+                .ask(|reply| Command::Submit {
+                    job: Box::new(job),
+                    manifest,
+                    reply,
+                })
                 .await?;
             Ok(json(StatusCode::CREATED, &status))
         }

@@ -74,8 +74,11 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 /// A request to the core, from the API.
 #[derive(Debug)]
 pub enum Command {
+    /// An admitted job ([`job::admit`]: read, checked, its queue resolved) and the manifest as
+    /// submitted.
     Submit {
-        manifest: Vec<u8>,
+        job: Box<job::TrainingJob>,
+        manifest: String,
         reply: Reply<JobStatus>,
     },
     List {
@@ -159,6 +162,8 @@ pub struct Core {
     state_dir: PathBuf,
     queues: BTreeMap<String, QueueSettings>,
     default_queue: String,
+    /// `jobs.max_replicas_per_agent`: the most replicas unfinished jobs may hold together.
+    max_replicas_per_agent: u32,
     kill_grace: Duration,
     backoff: (Duration, Duration),
     sample_retention: Duration,
@@ -228,6 +233,7 @@ impl Core {
             state_dir: config.state_dir.clone(),
             queues: config.queues.clone(),
             default_queue: config.jobs.default_queue.clone(),
+            max_replicas_per_agent: config.jobs.max_replicas_per_agent,
             kill_grace: config.jobs.kill_grace,
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             sample_retention: config.inventory.sample_retention,
@@ -352,8 +358,12 @@ impl Core {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Submit { manifest, reply } => {
-                let result = self.submit(&manifest);
+            Command::Submit {
+                job,
+                manifest,
+                reply,
+            } => {
+                let result = self.submit(*job, manifest);
                 self.replies.push((reply, result));
             }
             Command::List {
@@ -417,25 +427,26 @@ impl Core {
         }
     }
 
-    fn submit(&mut self, manifest: &[u8]) -> Result<JobStatus, CoreError> {
-        let mut parsed = job::parse(manifest)?;
-        job::validate_for_standalone(&parsed)?;
-        record::check_standalone_env(&parsed)?;
-        let queue = parsed
-            .spec
-            .queue
-            .clone()
-            .unwrap_or_else(|| self.default_queue.clone());
-        if !self.queues.contains_key(&queue) {
+    fn submit(&mut self, parsed: job::TrainingJob, text: String) -> Result<JobStatus, CoreError> {
+        let held: u64 = self
+            .jobs
+            .values()
+            .filter(|r| r.is_active())
+            .map(|r| u64::from(r.job.total_replicas()))
+            .sum();
+        let wanted = held + u64::from(parsed.total_replicas());
+        if wanted > u64::from(self.max_replicas_per_agent) {
             return Err(CoreError::BadField {
-                field: "spec.queue".to_owned(),
+                field: format!("spec.{}", parsed.source.replica_specs_key()),
                 message: format!(
-                    "no queue named {queue:?}; queues: {}",
-                    self.queues.keys().cloned().collect::<Vec<_>>().join(", ")
+                    "the agent's unfinished jobs hold {held} replicas and this job has {}; it \
+                     takes at most {} in all (jobs.max_replicas_per_agent); submit it when \
+                     others have finished",
+                    parsed.total_replicas(),
+                    self.max_replicas_per_agent
                 ),
             });
         }
-        parsed.spec.queue = Some(queue);
         if let Some(existing) = self.jobs.get(&parsed.name) {
             return Err(CoreError::Conflict(format!(
                 "a job named {:?} already exists ({}); remove it with `agentctl cancel {}`{} or choose another name",
@@ -450,7 +461,6 @@ impl Core {
             )));
         }
         let now = unix_now();
-        let text = String::from_utf8_lossy(manifest).into_owned();
         let record = JobRecord::new(parsed, text, now);
         let name = record.status.name.clone();
         let status = record.status.clone();
@@ -1137,7 +1147,7 @@ impl Core {
                     &exit.job,
                     JobState::Succeeded,
                     "Succeeded",
-                    format!("{} completed, which completes the job", exit.replica),
+                    job::success_message(&self.jobs[&exit.job].job, &exit.replica),
                 );
             }
             record::ReplicaVerdict::Restart { policy } => {

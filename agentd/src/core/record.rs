@@ -10,8 +10,8 @@ use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
 
 use crate::exec::local::{self, LaunchSpec};
 use crate::job::{
-    self, ClusterHosts, ExitOutcome, FieldError, ReplicaType, RestartDecision, RestartPolicy,
-    SourceKind, SpecError, TrainingJob,
+    self, ClusterHosts, ExitOutcome, ReplicaType, RestartDecision, RestartPolicy, SourceKind,
+    TrainingJob,
 };
 use crate::sched::{self, Assignment};
 
@@ -281,14 +281,15 @@ impl JobRecord {
             let container = spec
                 .training_container()
                 .ok_or_else(|| format!("{name}: no training container"))?;
-            let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
-            argv.extend(container.args.clone().unwrap_or_default());
-            let mut env: BTreeMap<String, String> = container
-                .env
-                .iter()
-                .flatten()
-                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
-                .collect();
+            // `$(NAME)` is expanded as Kubernetes does: an env value sees the variables listed
+            // before it, the command line sees the whole environment.
+            let mut env: BTreeMap<String, String> = BTreeMap::new();
+            for e in container.env.iter().flatten() {
+                let value = job::expand(e.value.as_deref().unwrap_or_default(), |n| {
+                    env.get(n).map(String::as_str)
+                });
+                env.insert(e.name.clone(), value);
+            }
             let status = self
                 .status
                 .replicas
@@ -306,6 +307,13 @@ impl JobRecord {
                 "AGENTD_GENERATION".to_owned(),
                 self.status.generation.to_string(),
             );
+            let argv: Vec<String> = container
+                .command
+                .iter()
+                .chain(&container.args)
+                .flatten()
+                .map(|a| job::expand(a, |n| env.get(n).map(String::as_str)))
+                .collect();
             let given = self
                 .allocation
                 .iter()
@@ -443,31 +451,4 @@ impl JobRecord {
 pub fn parse_replica_name(name: &str) -> Option<(ReplicaType, u32)> {
     let (t, i) = name.rsplit_once('-')?;
     Some((ReplicaType::from_key(t)?, i.parse().ok()?))
-}
-
-/// Standalone mode runs the container's command with literal environment values only: a value
-/// taken from a Secret, ConfigMap or field reference would need a cluster to resolve.
-pub fn check_standalone_env(job: &TrainingJob) -> Result<(), SpecError> {
-    let mut errors = Vec::new();
-    let specs_at = format!("spec.{}", job.source.replica_specs_key());
-    for (t, spec) in &job.spec.replica_specs {
-        let Some(pod) = spec.template.spec.as_ref() else {
-            continue;
-        };
-        for (ci, container) in pod.containers.iter().enumerate() {
-            for (ei, env) in container.env.iter().flatten().enumerate() {
-                if env.value_from.is_some() {
-                    errors.push(FieldError::new(
-                        format!("{specs_at}.{t}.template.spec.containers[{ci}].env[{ei}].valueFrom"),
-                        "not supported in standalone mode, which has no cluster to resolve it; give a literal value",
-                    ));
-                }
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(SpecError::Invalid(errors))
-    }
 }

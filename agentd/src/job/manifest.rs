@@ -3,11 +3,16 @@
 //!
 //! The wire structs here mirror the manifest forms field for field and refuse unknown fields, so a
 //! typo is an error naming its path rather than a setting silently ignored. The pod template and
-//! the metadata are Kubernetes' own types (k8s-openapi), which accept anything Kubernetes accepts.
+//! the metadata are Kubernetes' own types (k8s-openapi), which accept anything Kubernetes accepts
+//! and silently skip what it does not; what they skipped is found by comparing the input with
+//! what was read, and reported the same way.
+//!
+//! YAML is read with serde-saphyr under a budget (depth, nodes, aliases, documents), so reading
+//! is linear in the input and a hostile document is refused quickly.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -15,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CleanPodPolicy, FieldError, JobSpec, ReplicaSpec, ReplicaType, RestartPolicy, RunPolicy,
-    SourceKind, SpecError, SuccessPolicy, TrainingJob,
+    SourceKind, SpecError, SuccessPolicy, TrainingJob, WrittenKeys,
 };
 
 pub(super) const NATIVE_API_VERSION: &str = "agentd.io/v1alpha1";
@@ -28,6 +33,8 @@ pub(super) const KUBEFLOW_KIND: &str = "TFJob";
 struct NativeManifest {
     api_version: String,
     kind: String,
+    /// Read on its own, before this struct; here for writing.
+    #[serde(default)]
     metadata: ObjectMeta,
     spec: NativeSpec,
     /// Present when a manifest is read back from a cluster; agentd keeps its own status.
@@ -47,7 +54,8 @@ struct NativeSpec {
     run_policy: Option<RunPolicyWire>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     success_policy: Option<SuccessPolicy>,
-    /// Missing or empty is reported by validation, which says what the groups may be.
+    /// Read on its own, before this struct (missing or empty is reported by validation, which
+    /// says what the groups may be); here for writing.
     #[serde(default)]
     replica_specs: Option<BTreeMap<String, ReplicaSpecWire>>,
 }
@@ -59,7 +67,6 @@ struct KubeflowManifest {
     api_version: String,
     #[expect(dead_code, reason = "checked before this struct is read")]
     kind: String,
-    metadata: ObjectMeta,
     spec: KubeflowSpec,
     #[serde(default)]
     #[expect(dead_code, reason = "accepted and ignored")]
@@ -75,8 +82,6 @@ struct KubeflowSpec {
     run_policy: Option<RunPolicyWire>,
     #[serde(default)]
     success_policy: Option<SuccessPolicy>,
-    #[serde(default)]
-    tf_replica_specs: Option<BTreeMap<String, ReplicaSpecWire>>,
     #[serde(default)]
     enable_dynamic_worker: Option<bool>,
     #[serde(default)]
@@ -151,11 +156,31 @@ struct ReplicaSpecWire {
 
 /// Reads a `TrainingJob` or a Kubeflow `TFJob` from YAML or JSON.
 ///
-/// Errors name the field path (`spec.tfReplicaSpecs.Worker.replicas`) and what is allowed there.
-/// This checks the shape of the document; [`super::validate`] checks what the values mean.
+/// Errors name the field path as the manifest wrote it (`spec.tfReplicaSpecs.Ps.replicas`) and
+/// what is allowed there; every problem found is reported, not only the first. This checks the
+/// shape of the document; [`super::validate`] checks what the values mean.
 pub fn parse(bytes: &[u8]) -> Result<TrainingJob, SpecError> {
+    let read = read(bytes)?;
+    if read.problems.is_empty() {
+        Ok(read.job)
+    } else {
+        Err(SpecError::Invalid(read.problems))
+    }
+}
+
+/// A job as far as it could be read, with the problems found on the way. Parts that could not
+/// be read are left at their defaults; `groups_complete` says whether every replica group was
+/// read, so that checks of the groups as a whole are not run on a part of them.
+pub(super) struct Read {
+    pub job: TrainingJob,
+    pub problems: Vec<FieldError>,
+    pub groups_complete: bool,
+}
+
+/// Reads as much of the manifest as can be read, collecting every problem.
+pub(super) fn read(bytes: &[u8]) -> Result<Read, SpecError> {
     let document = read_document(bytes)?;
-    let Some(top) = document.as_object() else {
+    let serde_json::Value::Object(mut top) = document else {
         return Err(invalid(
             ".",
             "expected a mapping with apiVersion, kind, metadata and spec",
@@ -167,26 +192,85 @@ pub fn parse(bytes: &[u8]) -> Result<TrainingJob, SpecError> {
         "accepted: apiVersion {NATIVE_API_VERSION} with kind {NATIVE_KIND}, or apiVersion \
          {KUBEFLOW_API_VERSION} with kind {KUBEFLOW_KIND}"
     );
-    match (api_version, kind) {
-        (Some(NATIVE_API_VERSION), Some(NATIVE_KIND)) => {
-            let manifest: NativeManifest = decode(document)?;
-            from_native(manifest)
+    let source = match (api_version, kind) {
+        (Some(NATIVE_API_VERSION), Some(NATIVE_KIND)) => SourceKind::TrainingJob,
+        (Some(KUBEFLOW_API_VERSION), Some(KUBEFLOW_KIND)) => SourceKind::TfJob,
+        (None, _) => return Err(invalid("apiVersion", format!("required; {accepted}"))),
+        (_, None) => return Err(invalid("kind", format!("required; {accepted}"))),
+        (Some(v), Some(k @ (NATIVE_KIND | KUBEFLOW_KIND))) => {
+            return Err(invalid(
+                "apiVersion",
+                format!("{v:?} is not a supported version of {k}; {accepted}"),
+            ));
         }
-        (Some(KUBEFLOW_API_VERSION), Some(KUBEFLOW_KIND)) => {
-            let manifest: KubeflowManifest = decode(document)?;
-            from_kubeflow(manifest)
+        (Some(_), Some(k)) => {
+            return Err(invalid(
+                "kind",
+                format!("{k:?} is not a job kind agentd runs; {accepted}"),
+            ));
         }
-        (None, _) => Err(invalid("apiVersion", format!("required; {accepted}"))),
-        (_, None) => Err(invalid("kind", format!("required; {accepted}"))),
-        (Some(v), Some(k @ (NATIVE_KIND | KUBEFLOW_KIND))) => Err(invalid(
-            "apiVersion",
-            format!("{v:?} is not a supported version of {k}; {accepted}"),
-        )),
-        (Some(_), Some(k)) => Err(invalid(
-            "kind",
-            format!("{k:?} is not a job kind agentd runs; {accepted}"),
-        )),
+    };
+    let mut problems = Problems::default();
+    // The metadata and each replica group are read on their own, so that a problem in one does
+    // not hide the problems in the others.
+    let metadata = match top.remove("metadata") {
+        None | Some(serde_json::Value::Null) => Some(ObjectMeta::default()),
+        Some(value) => decode_kubernetes::<ObjectMeta>(&value, "metadata", &mut problems),
+    };
+    let groups = match top.get_mut("spec") {
+        Some(serde_json::Value::Object(spec)) => spec.remove(source.replica_specs_key()),
+        _ => None,
+    };
+    let (spec, queue_at) = match source {
+        SourceKind::TrainingJob => {
+            decode_part::<NativeManifest>(serde_json::Value::Object(top), "", &mut problems)
+                .map(|m| from_native(m.spec, &mut problems))
+        }
+        SourceKind::TfJob => {
+            decode_part::<KubeflowManifest>(serde_json::Value::Object(top), "", &mut problems)
+                .map(|m| from_kubeflow(m.spec, &mut problems))
+        }
     }
+    .unwrap_or_default();
+    let (replica_specs, written, groups_complete) =
+        replica_specs_from_value(groups, source, &mut problems);
+    let name = match &metadata {
+        Some(m) => {
+            if m.generate_name.is_some() {
+                problems.push(
+                    "metadata.generateName",
+                    "not supported: jobs are addressed by name; set metadata.name",
+                );
+            }
+            let name = m.name.clone().unwrap_or_default();
+            if name.is_empty() {
+                problems.push("metadata.name", "required: the job's name");
+            }
+            name
+        }
+        None => String::new(),
+    };
+    let metadata = metadata.unwrap_or_default();
+    let job = TrainingJob {
+        name,
+        namespace: metadata.namespace,
+        labels: metadata.labels.unwrap_or_default(),
+        annotations: metadata.annotations.unwrap_or_default(),
+        source,
+        written: WrittenKeys {
+            replica_types: written,
+            queue: spec.queue.is_some().then_some(queue_at).flatten(),
+        },
+        spec: JobSpec {
+            replica_specs,
+            ..spec
+        },
+    };
+    Ok(Read {
+        job,
+        problems: problems.0,
+        groups_complete,
+    })
 }
 
 /// The job in the native `agentd.io/v1alpha1` form, whatever form it came in; [`parse`] reads it
@@ -254,38 +338,164 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError::Invalid(vec![FieldError::new(field, message)])
 }
 
-/// Reads the bytes as one JSON or YAML document. JSON goes through the JSON parser so its
+/// The deepest nesting of mappings and lists a manifest may have. A Kubernetes pod template
+/// needs about a dozen levels; the limit keeps a hostile document from costing more than a
+/// moment to refuse.
+pub const MAX_DEPTH: usize = 48;
+/// The most mappings, lists and scalars a manifest may hold (a 1 MiB request body of real
+/// manifests holds far fewer).
+pub const MAX_NODES: usize = 200_000;
+/// The most YAML aliases (`*name`) a manifest may use: enough for shared container templates,
+/// too few for an alias bomb.
+pub const MAX_ALIASES: usize = 1_000;
+
+/// Reads the bytes as exactly one JSON or YAML document. A UTF-8 byte order mark and empty
+/// documents (a leading or trailing `---`) are ignored. JSON goes through the JSON parser so its
 /// syntax errors read as JSON errors; everything else is YAML (with `<<` merge keys applied).
 fn read_document(bytes: &[u8]) -> Result<serde_json::Value, SpecError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    match first {
-        None => Err(SpecError::Syntax {
-            message: "the manifest is empty".to_owned(),
-        }),
-        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| SpecError::Syntax {
-            message: e.to_string(),
-        }),
+    let syntax = |message: String| SpecError::Syntax { message };
+    let documents = match first {
+        None => return Err(syntax("the manifest is empty".to_owned())),
+        Some(b'{') => {
+            let value: serde_json::Value =
+                serde_json::from_slice(bytes).map_err(|e| syntax(e.to_string()))?;
+            if depth(&value) > MAX_DEPTH {
+                return Err(syntax(format!(
+                    "the document nests deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            vec![value]
+        }
         Some(_) => {
-            let mut yaml: serde_yaml::Value =
-                serde_yaml::from_slice(bytes).map_err(|e| SpecError::Syntax {
-                    message: e.to_string(),
-                })?;
-            yaml.apply_merge().map_err(|e| SpecError::Syntax {
-                message: e.to_string(),
-            })?;
-            serde_yaml::from_value(yaml).map_err(|e| SpecError::Syntax {
-                message: e.to_string(),
-            })
+            let mut budget = serde_saphyr::Budget::default();
+            budget.max_depth = MAX_DEPTH;
+            budget.flow_nesting_limit = MAX_DEPTH;
+            budget.max_nodes = MAX_NODES;
+            budget.max_aliases = MAX_ALIASES;
+            budget.max_anchors = MAX_ALIASES;
+            budget.max_documents = 16;
+            let mut options = serde_saphyr::Options::default();
+            options.budget = Some(budget);
+            options.with_snippet = false;
+            // YAML 1.2's booleans only (`true`, `false`), as before: `y` and `on` are strings.
+            options.strict_booleans = true;
+            serde_saphyr::from_slice_multiple_with_options::<serde_json::Value>(bytes, options)
+                .map_err(|e| syntax(e.to_string()))?
+                .into_iter()
+                .filter(|d| !d.is_null())
+                .collect()
+        }
+    };
+    match <[_; 1]>::try_from(documents) {
+        Ok([document]) => Ok(document),
+        Err(documents) if documents.is_empty() => Err(syntax(
+            "the manifest holds no document, only separators or comments".to_owned(),
+        )),
+        Err(documents) => {
+            let kinds: Vec<String> = documents.iter().map(describe_document).collect();
+            Err(syntax(format!(
+                "the manifest holds {} documents ({}); submit one job per request",
+                documents.len(),
+                kinds.join(", ")
+            )))
         }
     }
 }
 
-/// Deserializes with the path of the failing field recorded.
-fn decode<T: DeserializeOwned>(document: serde_json::Value) -> Result<T, SpecError> {
-    serde_path_to_error::deserialize(document).map_err(|e| {
-        let field = e.path().to_string();
-        invalid(field, e.into_inner().to_string())
-    })
+/// `TFJob mnist`, `Service (no name)`, `a list`: what one document of a stream is.
+fn describe_document(document: &serde_json::Value) -> String {
+    let text = |key: &str| document.get(key).and_then(serde_json::Value::as_str);
+    match (
+        text("kind"),
+        document
+            .pointer("/metadata/name")
+            .and_then(serde_json::Value::as_str),
+    ) {
+        (Some(kind), Some(name)) => format!("{kind} {name}"),
+        (Some(kind), None) => format!("{kind} without a name"),
+        (None, _) => format!("{} without a kind", kind_of(document)),
+    }
+}
+
+/// How deeply mappings and lists nest in a value.
+fn depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// `at` and a path inside it, joined.
+fn join(at: &str, inner: &str) -> String {
+    match (at, inner) {
+        ("", inner) => inner.to_owned(),
+        (at, "." | "") => at.to_owned(),
+        (at, inner) if inner.starts_with('[') => format!("{at}{inner}"),
+        (at, inner) => format!("{at}.{inner}"),
+    }
+}
+
+/// Deserializes one part of the manifest, recording the path of a failing field.
+fn decode_part<T: DeserializeOwned>(
+    value: serde_json::Value,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| {
+            let field = join(at, &e.path().to_string());
+            problems.push(field, e.into_inner().to_string());
+        })
+        .ok()
+}
+
+/// Deserializes a Kubernetes type, which ignores fields it does not know; every field that did
+/// not survive the reading is reported by its path, so that a typo (`resource:` for
+/// `resources:`) is an error rather than a setting silently dropped.
+fn decode_kubernetes<T: DeserializeOwned + Serialize>(
+    value: &serde_json::Value,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<T> {
+    let read: T = decode_part(value.clone(), at, problems)?;
+    let understood = serde_json::to_value(&read).unwrap_or(serde_json::Value::Null);
+    report_dropped(value, &understood, at, problems);
+    Some(read)
+}
+
+/// Reports every key of `input` that `understood` lacks. Nulls are "not set" in Kubernetes, so a
+/// key whose value is null is never reported.
+fn report_dropped(
+    input: &serde_json::Value,
+    understood: &serde_json::Value,
+    at: &str,
+    problems: &mut Problems,
+) {
+    match (input, understood) {
+        (serde_json::Value::Object(input), serde_json::Value::Object(understood)) => {
+            for (key, value) in input {
+                let key_at = join(at, key);
+                match understood.get(key) {
+                    _ if value.is_null() => {}
+                    None => problems.push(
+                        key_at,
+                        "unknown field: Kubernetes has no such field here, so it would be \
+                         ignored; check its spelling and indentation",
+                    ),
+                    Some(read) => report_dropped(value, read, &key_at, problems),
+                }
+            }
+        }
+        (serde_json::Value::Array(input), serde_json::Value::Array(understood)) => {
+            for (i, (value, read)) in input.iter().zip(understood).enumerate() {
+                report_dropped(value, read, &format!("{at}[{i}]"), problems);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Collects conversion problems so that one pass reports all of them.
@@ -330,38 +540,33 @@ impl Problems {
     }
 }
 
-fn from_native(m: NativeManifest) -> Result<TrainingJob, SpecError> {
-    let mut problems = Problems::default();
-    let run_policy_wire = m.spec.run_policy.unwrap_or_default();
-    let (run_policy, scheduling_queue) = run_policy_from_wire(
-        run_policy_wire,
-        "spec.runPolicy",
-        "spec.runPolicy.schedulingPolicy",
-        &mut problems,
-    );
+/// The native spec, less its replica groups (read on their own), and where the queue was named.
+fn from_native(spec: NativeSpec, problems: &mut Problems) -> (JobSpec, Option<String>) {
+    let run_policy_wire = spec.run_policy.unwrap_or_default();
+    let scheduling_at = "spec.runPolicy.schedulingPolicy";
+    let (run_policy, scheduling_queue) =
+        run_policy_from_wire(run_policy_wire, "spec.runPolicy", scheduling_at, problems);
+    let queue_at = if spec.queue.is_some() {
+        "spec.queue".to_owned()
+    } else {
+        format!("{scheduling_at}.queue")
+    };
     let queue = problems.one_of(
-        ("spec.queue", m.spec.queue),
+        ("spec.queue", spec.queue),
         ("spec.runPolicy.schedulingPolicy.queue", scheduling_queue),
     );
-    let replica_specs =
-        replica_specs_from_wire(m.spec.replica_specs, SourceKind::TrainingJob, &mut problems);
-    finish(
-        m.metadata,
-        SourceKind::TrainingJob,
-        JobSpec {
-            queue,
-            priority: m.spec.priority.unwrap_or(0),
-            run_policy,
-            success_policy: m.spec.success_policy.unwrap_or_default(),
-            replica_specs,
-        },
-        problems,
-    )
+    let spec = JobSpec {
+        queue,
+        priority: spec.priority.unwrap_or(0),
+        run_policy,
+        success_policy: spec.success_policy.unwrap_or_default(),
+        replica_specs: BTreeMap::new(),
+    };
+    (spec, Some(queue_at))
 }
 
-fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
-    let mut problems = Problems::default();
-    let spec = m.spec;
+/// The TFJob spec, less its replica groups (read on their own), and where the queue was named.
+fn from_kubeflow(spec: KubeflowSpec, problems: &mut Problems) -> (JobSpec, Option<String>) {
     if spec.enable_dynamic_worker == Some(true) {
         problems.push(
             "spec.enableDynamicWorker",
@@ -420,51 +625,15 @@ fn from_kubeflow(m: KubeflowManifest) -> Result<TrainingJob, SpecError> {
         );
     }
     wire.scheduling_policy = wire.scheduling_policy.or(spec.scheduling_policy);
-    let (run_policy, queue) =
-        run_policy_from_wire(wire, "spec.runPolicy", scheduling_at, &mut problems);
-    let replica_specs =
-        replica_specs_from_wire(spec.tf_replica_specs, SourceKind::TfJob, &mut problems);
-    finish(
-        m.metadata,
-        SourceKind::TfJob,
-        JobSpec {
-            queue,
-            priority: 0,
-            run_policy,
-            success_policy: spec.success_policy.unwrap_or_default(),
-            replica_specs,
-        },
-        problems,
-    )
-}
-
-fn finish(
-    metadata: ObjectMeta,
-    source: SourceKind,
-    spec: JobSpec,
-    mut problems: Problems,
-) -> Result<TrainingJob, SpecError> {
-    if metadata.generate_name.is_some() {
-        problems.push(
-            "metadata.generateName",
-            "not supported: jobs are addressed by name; set metadata.name",
-        );
-    }
-    let name = metadata.name.unwrap_or_default();
-    if name.is_empty() {
-        problems.push("metadata.name", "required: the job's name");
-    }
-    if !problems.0.is_empty() {
-        return Err(SpecError::Invalid(problems.0));
-    }
-    Ok(TrainingJob {
-        name,
-        namespace: metadata.namespace,
-        labels: metadata.labels.unwrap_or_default(),
-        annotations: metadata.annotations.unwrap_or_default(),
-        source,
-        spec,
-    })
+    let (run_policy, queue) = run_policy_from_wire(wire, "spec.runPolicy", scheduling_at, problems);
+    let spec = JobSpec {
+        queue,
+        priority: 0,
+        run_policy,
+        success_policy: spec.success_policy.unwrap_or_default(),
+        replica_specs: BTreeMap::new(),
+    };
+    (spec, Some(format!("{scheduling_at}.queue")))
 }
 
 /// Converts a run policy, returning the queue named in its scheduling policy.
@@ -538,48 +707,179 @@ fn scheduling_from_wire(
     sp.queue
 }
 
-fn replica_specs_from_wire(
-    wire: Option<BTreeMap<String, ReplicaSpecWire>>,
+/// Reads the replica groups one by one; returns them, the keys as written, and whether every
+/// group was read.
+fn replica_specs_from_value(
+    value: Option<serde_json::Value>,
     source: SourceKind,
     problems: &mut Problems,
-) -> BTreeMap<ReplicaType, ReplicaSpec> {
+) -> (
+    BTreeMap<ReplicaType, ReplicaSpec>,
+    BTreeMap<ReplicaType, String>,
+    bool,
+) {
     let at = format!("spec.{}", source.replica_specs_key());
     let mut specs = BTreeMap::new();
-    for (key, spec) in wire.unwrap_or_default() {
+    let mut written = BTreeMap::new();
+    let groups = match value {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(groups)) => groups,
+        Some(other) => {
+            problems.push(
+                at,
+                format!(
+                    "expected a mapping of replica type to replica spec, got {}",
+                    kind_of(&other)
+                ),
+            );
+            return (specs, written, false);
+        }
+    };
+    let mut complete = true;
+    for (key, value) in groups {
+        let group_at = format!("{at}.{key}");
         let Some(t) = ReplicaType::from_key(&key) else {
             problems.push(
-                format!("{at}.{key}"),
+                group_at,
                 "unknown replica type; allowed: Chief, Master, PS, Worker, Evaluator",
             );
+            complete = false;
             continue;
         };
-        if specs.contains_key(&t) {
+        if let Some(first) = written.get(&t) {
             problems.push(
-                format!("{at}.{key}"),
-                format!("{t} is given twice (replica types are matched ignoring case)"),
+                group_at,
+                format!(
+                    "{t} is given twice, as {first} and {key} (replica types are matched \
+                     ignoring case)"
+                ),
             );
+            complete = false;
             continue;
         }
-        // Kubeflow defaults a missing count to 1.
-        let Ok(replicas) = u32::try_from(spec.replicas.unwrap_or(1)) else {
+        written.insert(t, key);
+        let serde_json::Value::Object(mut group) = value else {
             problems.push(
-                format!("{at}.{t}.replicas"),
+                group_at,
+                format!(
+                    "expected a replica spec (replicas, restartPolicy, template), got {}",
+                    kind_of(&value)
+                ),
+            );
+            complete = false;
+            continue;
+        };
+        let template = group.remove("template");
+        let wire =
+            decode_part::<ReplicaSpecWire>(serde_json::Value::Object(group), &group_at, problems);
+        let template = match template {
+            None | Some(serde_json::Value::Null) => Some(PodTemplateSpec::default()),
+            Some(value) => decode_template(value, &format!("{group_at}.template"), problems),
+        };
+        let (Some(wire), Some(template)) = (wire, template) else {
+            complete = false;
+            continue;
+        };
+        // Kubeflow defaults a missing count to 1.
+        let Ok(replicas) = u32::try_from(wire.replicas.unwrap_or(1)) else {
+            problems.push(
+                format!("{group_at}.replicas"),
                 format!(
                     "must be between 1 and {}; got {}",
                     u32::MAX,
-                    spec.replicas.unwrap_or_default()
+                    wire.replicas.unwrap_or_default()
                 ),
             );
+            complete = false;
             continue;
         };
         specs.insert(
             t,
             ReplicaSpec {
                 replicas,
-                restart_policy: spec.restart_policy.unwrap_or_default(),
-                template: spec.template,
+                restart_policy: wire.restart_policy.unwrap_or_default(),
+                template,
             },
         );
     }
-    specs
+    (specs, written, complete)
+}
+
+/// Reads a pod template, each of its containers on its own so that a problem in one container
+/// does not hide those in the others.
+fn decode_template(
+    value: serde_json::Value,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<PodTemplateSpec> {
+    let serde_json::Value::Object(mut template) = value else {
+        problems.push(
+            at,
+            format!(
+                "expected a pod template (metadata, spec), got {}",
+                kind_of(&value)
+            ),
+        );
+        return None;
+    };
+    let mut lists = Vec::new();
+    if let Some(serde_json::Value::Object(spec)) = template.get_mut("spec") {
+        for key in ["containers", "initContainers"] {
+            if let Some(list) = spec.remove(key) {
+                lists.push((key, list));
+            }
+        }
+        spec.insert(
+            "containers".to_owned(),
+            serde_json::Value::Array(Vec::new()),
+        );
+    }
+    let pod =
+        decode_kubernetes::<PodTemplateSpec>(&serde_json::Value::Object(template), at, problems);
+    let mut read = BTreeMap::new();
+    let mut ok = true;
+    for (key, list) in lists {
+        let list_at = format!("{at}.spec.{key}");
+        let items = match list {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Array(items) => items,
+            other => {
+                problems.push(
+                    list_at,
+                    format!("expected a list of containers, got {}", kind_of(&other)),
+                );
+                ok = false;
+                continue;
+            }
+        };
+        let mut containers = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            match decode_kubernetes::<Container>(&item, &format!("{list_at}[{i}]"), problems) {
+                Some(c) => containers.push(c),
+                None => ok = false,
+            }
+        }
+        read.insert(key, containers);
+    }
+    let mut pod = pod?;
+    if !ok {
+        return None;
+    }
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers = read.remove("containers").unwrap_or_default();
+        spec.init_containers = read.remove("initContainers");
+    }
+    Some(pod)
+}
+
+/// `a mapping`, `a list`, `a string`...: what a value is, for messages.
+fn kind_of(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "nothing",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "a mapping",
+    }
 }

@@ -7,8 +7,15 @@
 //! only [`SourceKind`] remembers which form it came in, so error paths can use the user's own
 //! field names (`replicaSpecs` or `tfReplicaSpecs`).
 //!
-//! This module is pure: no I/O, no clock, no processes. The executors and the API call into it.
+//! Reading is bounded: a manifest is one YAML or JSON document of limited depth, node count and
+//! aliases ([`manifest::MAX_DEPTH`] and its neighbours), so a hostile file is refused in
+//! milliseconds. The API runs [`admit`] on a blocking thread and hands the core a checked job.
+//!
+//! This module is pure (no clock, no processes), except that [`admit`] looks at the file system
+//! to refuse at submission a program or working directory that cannot exist when the job starts.
 
+mod admit;
+mod expand;
 mod manifest;
 mod policy;
 mod quantity;
@@ -23,15 +30,17 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 
-pub use manifest::{parse, to_manifest};
+pub use admit::{Admission, admit};
+pub use expand::expand;
+pub use manifest::{MAX_ALIASES, MAX_DEPTH, MAX_NODES, parse, to_manifest};
 pub use policy::{
     BACKOFF_BASE, BACKOFF_CAP, ExitOutcome, RestartDecision, backoff_delay, job_succeeded,
-    restart_decision,
+    restart_decision, success_message,
 };
 pub use quantity::{
     QuantityError, parse_cpu_milli, parse_gpu_count, parse_memory_bytes, replica_resources,
 };
-pub use tf_config::{CLUSTER_PORT, ClusterHosts, tf_config};
+pub use tf_config::{CLUSTER_PORT, ClusterHosts, TFJOB_PORT_NAME, tf_config, tfjob_port};
 pub use validate::{Target, validate, validate_for, validate_for_standalone};
 
 /// The name of the container that runs the training code, as in Kubeflow.
@@ -52,7 +61,21 @@ pub struct TrainingJob {
     pub annotations: BTreeMap<String, String>,
     /// The form the manifest came in; decides the field names used in error paths.
     pub source: SourceKind,
+    /// The keys as the manifest wrote them, so that errors found after reading name the
+    /// user's own paths (`spec.tfReplicaSpecs.Ps`, not `.PS`).
+    pub written: WrittenKeys,
     pub spec: JobSpec,
+}
+
+/// Where the manifest put what agentd reads under one name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WrittenKeys {
+    /// The key of each replica group as written (`Ps`, `worker`); missing means the canonical
+    /// name.
+    pub replica_types: BTreeMap<ReplicaType, String>,
+    /// The path where the queue was named (`spec.queue` or
+    /// `spec.runPolicy.schedulingPolicy.queue`); `None` when no queue was named.
+    pub queue: Option<String>,
 }
 
 /// Which manifest form a job was read from.
@@ -232,6 +255,16 @@ impl ReplicaSpec {
 }
 
 impl TrainingJob {
+    /// The path of a replica group as the manifest wrote it: `spec.tfReplicaSpecs.Ps`.
+    pub fn replica_group_path(&self, t: ReplicaType) -> String {
+        let key = self
+            .written
+            .replica_types
+            .get(&t)
+            .map_or(t.as_str(), String::as_str);
+        format!("spec.{}.{key}", self.source.replica_specs_key())
+    }
+
     /// Total number of replicas over all groups.
     pub fn total_replicas(&self) -> u32 {
         self.spec

@@ -116,6 +116,34 @@ pub fn job_succeeded(job: &TrainingJob, succeeded: &BTreeSet<(ReplicaType, u32)>
     }
 }
 
+/// The message of a job's success, naming the replica (or replicas) whose success decided it by
+/// [`job_succeeded`]'s rule, given the replica whose end was the last one needed (`last`).
+pub fn success_message(job: &TrainingJob, last: &str) -> String {
+    let specs = &job.spec.replica_specs;
+    let decider = [ReplicaType::Chief, ReplicaType::Master]
+        .into_iter()
+        .find(|t| specs.contains_key(t));
+    let decided_by = match (decider, job.spec.success_policy) {
+        (Some(chief), _) => format!("{} completed", super::replica_name(chief, 0)),
+        (None, SuccessPolicy::Default) => {
+            format!("{} completed", super::replica_name(ReplicaType::Worker, 0))
+        }
+        (None, SuccessPolicy::AllWorkers) => {
+            let n = specs.get(&ReplicaType::Worker).map_or(0, |s| s.replicas);
+            return format!(
+                "all {n} workers completed (successPolicy AllWorkers; the last was {last}), which \
+                 completes the job"
+            );
+        }
+    };
+    let deciding = decided_by.trim_end_matches(" completed");
+    if deciding == last {
+        format!("{decided_by}, which completes the job")
+    } else {
+        format!("{last} completed; {decided_by}, which completes the job")
+    }
+}
+
 /// The wait before the first restart.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
 /// The longest wait between restarts.

@@ -415,7 +415,6 @@ spec:
         spec:
           nodeSelector: {agentd.io/gpu.product: H200}
           tolerations: [{key: gpu, operator: Exists}]
-          someFieldFromAFutureKubernetes: true
           containers:
             - name: tensorflow
               command: [python3]
@@ -1023,6 +1022,7 @@ fn to_manifest_reads_back_to_the_same_job() {
             again,
             TrainingJob {
                 source: SourceKind::TrainingJob,
+                written: again.written.clone(),
                 ..job
             }
         );
@@ -1099,5 +1099,398 @@ mod properties {
                 prop_assert_eq!(listed as u32, chief + ps + workers);
             }
         }
+    }
+}
+
+// ---- manifests as people write them -----------------------------------------------------------
+
+/// Rules for [`admit`] with the default queues, a small bound and a `PATH` of `/usr/bin:/bin`.
+fn rules() -> Admission {
+    Admission {
+        queues: ["fast".to_owned(), "slow".to_owned()].into(),
+        default_queue: "fast".to_owned(),
+        max_replicas_per_job: 64,
+        path: "/usr/bin:/bin".to_owned(),
+    }
+}
+
+/// A TFJob with a Worker group whose one container is given as YAML flow text.
+fn tfjob_with_container(container: &str) -> String {
+    format!(
+        "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {{name: c}}\nspec:\n  tfReplicaSpecs:\n    Worker:\n      template:\n        spec:\n          containers:\n          - {container}\n"
+    )
+}
+
+fn admit_str(text: &str) -> Result<TrainingJob, SpecError> {
+    admit(text.as_bytes(), &rules())
+}
+
+#[test]
+fn typos_inside_a_pod_template_are_errors_naming_their_path() {
+    let text = r"apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata:
+  name: typo
+  lables: {team: a}
+spec:
+  tfReplicaSpecs:
+    Worker:
+      template:
+        metadata: {annotatons: {a: b}}
+        spec:
+          nodeSelecter: {gpu: h200}
+          containers:
+          - name: tensorflow
+            command: [/bin/true]
+            workingdir: /tmp
+            resource:
+              limits: {nvidia.com/gpu: 1}
+            ports: [{containerPort: 2222, nmae: tfjob-port}]
+";
+    let err = parse_str(text).unwrap_err();
+    assert_eq!(
+        fields(Err::<(), _>(err.clone())),
+        [
+            "metadata.lables",
+            "spec.tfReplicaSpecs.Worker.template.metadata.annotatons",
+            "spec.tfReplicaSpecs.Worker.template.spec.nodeSelecter",
+            "spec.tfReplicaSpecs.Worker.template.spec.containers[0].ports[0].nmae",
+            "spec.tfReplicaSpecs.Worker.template.spec.containers[0].resource",
+            "spec.tfReplicaSpecs.Worker.template.spec.containers[0].workingdir",
+        ]
+    );
+    assert!(
+        message_for(&err, "metadata.lables").starts_with("unknown field"),
+        "{err}"
+    );
+    // Nulls are "not set" in Kubernetes, and the fields it knows pass.
+    parse_str(&tfjob_with_container(
+        "{name: tensorflow, command: [/bin/true], workingDir: /tmp, resources: {limits: {cpu: 1}}, securityContext: null}",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn every_problem_is_reported_at_once_at_the_manifests_own_paths() {
+    let text = r"apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata: {name: all}
+spec:
+  runPolicy:
+    backoffLimit: -1
+    schedulingPolicy: {queue: nowhere}
+  tfReplicaSpecs:
+    Ps:
+      replicas: 0
+      template:
+        spec:
+          containers:
+          - name: tensorflow
+            command: [/bin/true]
+            env: [{name: KEY, valueFrom: {secretKeyRef: {name: s, key: k}}}]
+    Worker:
+      template:
+        spec:
+          containers:
+          - {name: tensorflow, command: python3}
+";
+    let err = admit_str(text).unwrap_err();
+    assert_eq!(
+        fields(Err::<(), _>(err.clone())),
+        [
+            "spec.runPolicy.backoffLimit",
+            "spec.tfReplicaSpecs.Worker.template.spec.containers[0].command",
+            "spec.tfReplicaSpecs.Ps.replicas",
+            "spec.tfReplicaSpecs.Ps.template.spec.containers[0].env[0].valueFrom",
+            "spec.runPolicy.schedulingPolicy.queue",
+        ],
+        "{err}"
+    );
+    assert!(
+        message_for(&err, "spec.runPolicy.schedulingPolicy.queue").contains("no queue named"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bom_and_empty_documents_around_the_manifest_are_accepted() {
+    let text = String::from_utf8(TFJOB_EXAMPLE.to_vec()).unwrap();
+    for form in [
+        format!("\u{feff}{text}"),
+        format!("---\n{text}"),
+        format!("{text}---\n"),
+        format!("\u{feff}---\n# a comment\n---\n{text}\n---\n"),
+    ] {
+        let job = parse(form.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{form}"));
+        assert_eq!(job.name, "mnist-tfjob");
+    }
+    let json = format!(
+        "\u{feff}{}",
+        serde_json::to_string(&to_manifest(&parse(TFJOB_EXAMPLE).unwrap())).unwrap()
+    );
+    parse(json.as_bytes()).unwrap();
+}
+
+#[test]
+fn more_than_one_document_says_how_many_and_which() {
+    let text = String::from_utf8(TFJOB_EXAMPLE.to_vec()).unwrap();
+    let two = format!("{text}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n");
+    let err = parse(two.as_bytes()).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("holds 2 documents (TFJob mnist-tfjob, Service web)"),
+        "{message}"
+    );
+    let err = parse(b"---\n# nothing here\n---\n").unwrap_err();
+    assert!(err.to_string().contains("no document"), "{err}");
+}
+
+#[test]
+fn hostile_documents_are_refused_at_the_limits() {
+    let deep = format!("a: {}", "[".repeat(120_000));
+    let err = parse(deep.as_bytes()).unwrap_err();
+    assert!(matches!(err, SpecError::Syntax { .. }), "{err}");
+    let deep_json = format!("{}{}", "{\"a\":".repeat(MAX_DEPTH + 1), "1");
+    let deep_json = format!("{deep_json}{}", "}".repeat(MAX_DEPTH + 1));
+    assert!(
+        parse(deep_json.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("deeper")
+    );
+    // An alias bomb: each level refers to the one before it ten times.
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let p = i - 1;
+        writeln!(
+            bomb,
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]"
+        )
+        .unwrap();
+    }
+    assert!(matches!(
+        parse(bomb.as_bytes()),
+        Err(SpecError::Syntax { .. })
+    ));
+    // Real manifests are far inside the limits.
+    parse(NATIVE_EXAMPLE).unwrap();
+}
+
+#[test]
+fn replicas_beyond_the_agents_bound_are_refused_at_submit() {
+    let text = tfjob_with_container("{name: tensorflow, command: [/bin/true]}")
+        .replace("    Worker:\n", "    Worker:\n      replicas: 1000000000\n");
+    let err = admit_str(&text).unwrap_err();
+    assert!(
+        message_for(&err, "spec.tfReplicaSpecs.Worker.replicas")
+            .contains("at most 64 per job (jobs.max_replicas_per_job"),
+        "{err}"
+    );
+}
+
+#[test]
+fn env_from_is_refused_in_standalone_mode() {
+    let err = admit_str(&tfjob_with_container(
+        "{name: tensorflow, command: [/bin/true], envFrom: [{configMapRef: {name: settings}}]}",
+    ))
+    .unwrap_err();
+    assert!(
+        message_for(
+            &err,
+            "spec.tfReplicaSpecs.Worker.template.spec.containers[0].envFrom[0]"
+        )
+        .contains("not supported in standalone mode"),
+        "{err}"
+    );
+}
+
+#[test]
+fn what_can_never_start_is_refused_at_submit() {
+    let at = "spec.tfReplicaSpecs.Worker.template.spec.containers[0]";
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("train.sh");
+    std::fs::write(&script, "#!/bin/sh\n").unwrap();
+    let d = dir.path().display();
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            "{name: tensorflow, command: [no-such-trainer]}".into(),
+            format!("{at}.command[0]"),
+            "not an executable file in PATH=/usr/bin:/bin",
+        ),
+        (
+            "{name: tensorflow, command: [/no/such/trainer]}".into(),
+            format!("{at}.command[0]"),
+            "cannot be run",
+        ),
+        (
+            "{name: tensorflow, command: [/usr]}".into(),
+            format!("{at}.command[0]"),
+            "is a directory",
+        ),
+        (
+            format!("{{name: tensorflow, command: [{}]}}", script.display()),
+            format!("{at}.command[0]"),
+            "is not executable",
+        ),
+        (
+            "{name: tensorflow, command: ['']}".into(),
+            format!("{at}.command[0]"),
+            "is empty",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], args: [\"a\\0b\"]}".into(),
+            format!("{at}.args[0]"),
+            "NUL",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], env: [{name: A, value: \"x\\0\"}]}".into(),
+            format!("{at}.env[0].value"),
+            "NUL",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], workingDir: \"/tmp\\0\"}".into(),
+            format!("{at}.workingDir"),
+            "NUL",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], workingDir: data}".into(),
+            format!("{at}.workingDir"),
+            "relative",
+        ),
+        (
+            format!("{{name: tensorflow, command: [/bin/true], workingDir: {d}/missing}}"),
+            format!("{at}.workingDir"),
+            "the directory /",
+        ),
+        (
+            format!(
+                "{{name: tensorflow, command: [/bin/true], workingDir: {}}}",
+                script.display()
+            ),
+            format!("{at}.workingDir"),
+            "is not a directory",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], env: [{name: '', value: x}]}".into(),
+            format!("{at}.env[0].name"),
+            "required",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], env: [{name: A=B, value: x}]}".into(),
+            format!("{at}.env[0].name"),
+            "contains '='",
+        ),
+    ];
+    for (container, field, expected) in cases {
+        let err = admit_str(&tfjob_with_container(&container)).unwrap_err();
+        let message = message_for(&err, &field);
+        assert!(message.contains(expected), "{container}: {message}");
+    }
+    let missing = format!("{d}/missing");
+    let err = admit_str(&tfjob_with_container(&format!(
+        "{{name: tensorflow, command: [/bin/true], workingDir: {missing}}}"
+    )))
+    .unwrap_err();
+    assert!(
+        message_for(&err, &format!("{at}.workingDir")).contains(&missing),
+        "{err}"
+    );
+    // An environment too large to pass to a program.
+    let big = "x".repeat(200_000);
+    let err = admit_str(&tfjob_with_container(&format!(
+        "{{name: tensorflow, command: [/bin/true], env: [{{name: BIG, value: {big}}}]}}"
+    )))
+    .unwrap_err();
+    assert!(
+        message_for(&err, &format!("{at}.env")).contains("BIG="),
+        "{err}"
+    );
+    // A program found in the PATH the container sets, relative to its working directory, and
+    // a name that needs `$(VAR)` expansion, all start.
+    for container in [
+        "{name: tensorflow, command: [sh, -c, 'true']}".to_owned(),
+        "{name: tensorflow, command: [\"true\"], env: [{name: PATH, value: /bin}]}".to_owned(),
+        format!(
+            "{{name: tensorflow, command: [$(BIN)/true], env: [{{name: BIN, value: /bin}}], workingDir: {d}}}"
+        ),
+    ] {
+        admit_str(&tfjob_with_container(&container)).unwrap_or_else(|e| panic!("{container}: {e}"));
+    }
+}
+
+#[test]
+fn admitted_jobs_get_the_default_queue() {
+    let job = admit_str(&tfjob_with_container(
+        "{name: tensorflow, command: [/bin/true]}",
+    ))
+    .unwrap();
+    assert_eq!(job.spec.queue.as_deref(), Some("fast"));
+}
+
+#[test]
+fn tfjob_port_is_read_per_replica_type() {
+    let job = parse_str(
+        r"apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata: {name: ports}
+spec:
+  tfReplicaSpecs:
+    PS:
+      template:
+        spec:
+          containers:
+          - name: tensorflow
+            ports: [{name: metrics, containerPort: 9000}, {name: tfjob-port, containerPort: 3333}]
+    Worker:
+      replicas: 2
+      template:
+        spec:
+          containers: [{name: tensorflow}]
+",
+    )
+    .unwrap();
+    let hosts = ClusterHosts::cluster(&job, "", CLUSTER_PORT);
+    assert_eq!(
+        hosts.get(ReplicaType::Ps, 0),
+        Some("ports-ps-0.default.svc:3333")
+    );
+    assert_eq!(
+        hosts.get(ReplicaType::Worker, 1),
+        Some("ports-worker-1.default.svc:2222")
+    );
+}
+
+#[test]
+fn success_messages_name_the_replica_that_decided() {
+    let job = parse_str(&job_with("Worker=3")).unwrap();
+    assert_eq!(
+        success_message(&job, "worker-0"),
+        "worker-0 completed, which completes the job"
+    );
+    assert_eq!(
+        success_message(&job, "worker-1"),
+        "worker-1 completed; worker-0 completed, which completes the job"
+    );
+    let job = parse_str(&job_with("Chief=1,Worker=2")).unwrap();
+    assert_eq!(
+        success_message(&job, "chief-0"),
+        "chief-0 completed, which completes the job"
+    );
+    let mut job = parse_str(&job_with("Worker=3")).unwrap();
+    job.spec.success_policy = SuccessPolicy::AllWorkers;
+    assert_eq!(
+        success_message(&job, "worker-1"),
+        "all 3 workers completed (successPolicy AllWorkers; the last was worker-1), which completes the job"
+    );
+}
+
+#[test]
+fn shipped_examples_are_admitted() {
+    let rules = Admission {
+        path: std::env::var("PATH").unwrap_or_default(),
+        ..rules()
+    };
+    for example in [NATIVE_EXAMPLE, TFJOB_EXAMPLE] {
+        admit(example, &rules).unwrap();
     }
 }

@@ -1,27 +1,58 @@
 //! `TF_CONFIG`: the environment variable that tells each TensorFlow process who its peers are
-//! and which one it is, in the exact form the Kubeflow TFJob operator writes it.
+//! and which one it is, in the form the Kubeflow TFJob operator writes it but for one choice:
+//! the evaluator is not listed in `cluster` (the operator lists it).
 //!
-//! The rules, as the operator applies them:
+//! That choice was made by running TensorFlow 2 (tensorflow-cpu, `scripts/check-tf-config-evaluator`)
+//! with a side-car evaluator that waits for a checkpoint and reads it, both ways:
+//! - ParameterServerStrategy: with the evaluator in `cluster` the coordinator never finishes (it
+//!   connects to every task of the cluster, and the evaluator runs no server); without it, the
+//!   chief trains and the evaluator reads the checkpoint.
+//! - MultiWorkerMirroredStrategy: the workers train and exit and the evaluator reads the
+//!   checkpoint either way. An evaluator that builds the strategy itself hangs every worker at
+//!   exit when it is in `cluster`, and fails at once (`KeyError: 'evaluator'`) when it is not;
+//!   a side-car evaluator reads checkpoints and must not build the training strategy.
+//!
+//! The rules:
 //! - `{"cluster":{...},"task":{"type":...,"index":...},"environment":"cloud"}`, in that key
 //!   order, compact, with the cluster's replica types sorted by name (the operator marshals a Go
 //!   map, and Go sorts map keys).
 //! - Replica types in lower case (`chief`, `master`, `ps`, `worker`); each lists one `host:port`
 //!   per replica, by index.
-//! - The evaluator is not part of the training cluster (TensorFlow's rule for `RunConfig`): it is
-//!   left out of `cluster`, but its own task type is `evaluator`.
+//! - The evaluator is not part of the training cluster (see above): it is left out of `cluster`,
+//!   but its own task type is `evaluator`.
 //! - A job of a single replica in total gets no `TF_CONFIG`: it is local training, and
 //!   TensorFlow would otherwise try to start a one-task cluster server.
 //! - In a cluster, a replica's host is its headless Service,
-//!   `<job>-<type>-<index>.<namespace>.svc[.<cluster domain>]`, on port 2222.
+//!   `<job>-<type>-<index>.<namespace>.svc[.<cluster domain>]`, on the port its training
+//!   container names `tfjob-port` (each replica type may differ), 2222 when it names none.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{ReplicaType, TrainingJob, replica_names};
+use super::{ReplicaSpec, ReplicaType, TrainingJob, replica_names};
 
-/// The port replicas listen on in cluster mode (Kubeflow's `tfjob-port`).
+/// The port replicas listen on in cluster mode when their container declares no `tfjob-port`
+/// (Kubeflow's default).
 pub const CLUSTER_PORT: u16 = 2222;
+
+/// The name of the container port that carries TensorFlow's traffic, as the operator reads it.
+pub const TFJOB_PORT_NAME: &str = "tfjob-port";
+
+/// The port of a replica group in cluster mode: the training container's port named
+/// `tfjob-port`, or `default` when it declares none, as the Kubeflow operator reads it (each
+/// replica type may use its own).
+pub fn tfjob_port(spec: &ReplicaSpec, default: u16) -> u16 {
+    spec.training_container()
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|ports| {
+            ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(TFJOB_PORT_NAME))
+        })
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(default)
+}
 
 /// Where each replica of a job can be reached: `host:port` by (type, index).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -43,8 +74,9 @@ impl ClusterHosts {
     /// Cluster mode: each replica behind its headless Service,
     /// `<job>-<type>-<index>.<namespace>.svc[.<cluster_domain>]:<port>`. The namespace is the
     /// job's, or `default`; an empty `cluster_domain` leaves the name ending in `.svc`, which the
-    /// cluster's DNS search path completes.
-    pub fn cluster(job: &TrainingJob, cluster_domain: &str, port: u16) -> Self {
+    /// cluster's DNS search path completes. The port is each replica type's `tfjob-port`
+    /// ([`tfjob_port`]), `default_port` where it declares none.
+    pub fn cluster(job: &TrainingJob, cluster_domain: &str, default_port: u16) -> Self {
         let namespace = job.namespace.as_deref().unwrap_or("default");
         let domain = if cluster_domain.is_empty() {
             String::new()
@@ -55,6 +87,7 @@ impl ClusterHosts {
             hosts: replica_names(job)
                 .into_iter()
                 .map(|(t, i)| {
+                    let port = tfjob_port(&job.spec.replica_specs[&t], default_port);
                     let host = format!(
                         "{}-{}-{i}.{namespace}.svc{domain}:{port}",
                         job.name,

@@ -39,21 +39,36 @@ pub fn validate_for_standalone(job: &TrainingJob) -> Result<(), SpecError> {
 /// Checks a job for `target`, returning every problem found.
 pub fn validate_for(job: &TrainingJob, target: Target) -> Result<(), SpecError> {
     let mut errors = Vec::new();
-    check_names(job, &mut errors);
-    check_replica_groups(job, &mut errors);
-    let specs_at = format!("spec.{}", job.source.replica_specs_key());
-    for (t, spec) in &job.spec.replica_specs {
-        check_pod(
-            spec,
-            &format!("{specs_at}.{t}.template.spec"),
-            target,
-            &mut errors,
-        );
-    }
+    validate_into(job, target, true, &mut errors);
     if errors.is_empty() {
         Ok(())
     } else {
         Err(SpecError::Invalid(errors))
+    }
+}
+
+/// Checks a job for `target`, adding what it finds to `errors`. `groups_complete` is false when
+/// some replica groups could not be read: the rules about the groups as a whole (a worker or
+/// chief is needed, minAvailable fits) are then left until they can be judged.
+pub(super) fn validate_into(
+    job: &TrainingJob,
+    target: Target,
+    groups_complete: bool,
+    errors: &mut Vec<FieldError>,
+) {
+    check_names(job, errors);
+    if groups_complete {
+        check_replica_groups(job, errors);
+    } else {
+        check_replica_counts(job, errors);
+    }
+    for (t, spec) in &job.spec.replica_specs {
+        check_pod(
+            spec,
+            &format!("{}.template.spec", job.replica_group_path(*t)),
+            target,
+            errors,
+        );
     }
 }
 
@@ -116,7 +131,7 @@ fn check_names(job: &TrainingJob, errors: &mut Vec<FieldError>) {
     }
     if job.spec.queue.as_deref() == Some("") {
         errors.push(FieldError::new(
-            "spec.queue",
+            job.written.queue.as_deref().unwrap_or("spec.queue"),
             "must not be empty; leave it out to use the default queue",
         ));
     }
@@ -135,12 +150,18 @@ fn check_replica_groups(job: &TrainingJob, errors: &mut Vec<FieldError>) {
     }
     if specs.contains_key(&ReplicaType::Chief) && specs.contains_key(&ReplicaType::Master) {
         errors.push(FieldError::new(
-            format!("{specs_at}.Master"),
+            job.replica_group_path(ReplicaType::Master),
             "a job has at most one Chief or Master (they are the same role); keep one of them",
         ));
     }
-    for (t, spec) in specs {
-        let at = format!("{specs_at}.{t}.replicas");
+    check_replica_counts(job, errors);
+    check_group_roles(job, errors);
+}
+
+/// The count of each group, on its own.
+fn check_replica_counts(job: &TrainingJob, errors: &mut Vec<FieldError>) {
+    for (t, spec) in &job.spec.replica_specs {
+        let at = format!("{}.replicas", job.replica_group_path(*t));
         if spec.replicas == 0 {
             errors.push(FieldError::new(
                 at,
@@ -161,6 +182,11 @@ fn check_replica_groups(job: &TrainingJob, errors: &mut Vec<FieldError>) {
             ));
         }
     }
+}
+
+fn check_group_roles(job: &TrainingJob, errors: &mut Vec<FieldError>) {
+    let specs = &job.spec.replica_specs;
+    let specs_at = format!("spec.{}", job.source.replica_specs_key());
     let has_worker = specs.contains_key(&ReplicaType::Worker);
     if !has_worker && !specs.keys().any(|t| t.is_chief_or_master()) {
         errors.push(FieldError::new(

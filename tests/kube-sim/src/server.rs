@@ -891,7 +891,7 @@ fn openapi_group_version(store: &Store, gv: &str) -> Option<Value> {
 
 fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, StoreError> {
     if content_type.contains("yaml") {
-        serde_yaml::from_slice(body)
+        serde_saphyr::from_slice(body)
             .map_err(|e| StoreError::BadRequest(format!("the request body is not valid YAML: {e}")))
     } else if content_type.contains("protobuf") {
         Err(StoreError::UnsupportedMediaType(format!(

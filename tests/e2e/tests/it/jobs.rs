@@ -269,7 +269,8 @@ fn restart_policies_and_backoff_limit() {
         &manifest(
             "sig",
             "backoffLimit: 2",
-            &[("Worker", 1, "ExitCode", 0, "kill -9 $$")],
+            // `$$` is Kubernetes' escape for `$`: the shell sees `kill -9 $$`.
+            &[("Worker", 1, "ExitCode", 0, "kill -9 $$$$")],
         ),
     );
     let job = wait_state(&agent, "sig", "Failed", Duration::from_secs(20));
@@ -306,7 +307,7 @@ fn one_failing_replica_restarts_the_whole_gang() {
     let agent = agent(0);
     let dir = agent.dir.path().display().to_string();
     let script = format!(
-        "if [ \"$AGENTD_REPLICA\" = worker-1 ] && [ ! -e {dir}/failed ]; then touch {dir}/failed; sleep 0.5; exit 1; fi; echo $$ >> {dir}/pids-$AGENTD_REPLICA; sleep 300"
+        "if [ \"$AGENTD_REPLICA\" = worker-1 ] && [ ! -e {dir}/failed ]; then touch {dir}/failed; sleep 0.5; exit 1; fi; echo $$$$ >> {dir}/pids-$AGENTD_REPLICA; sleep 300"
     );
     submit_ok(
         &agent,
@@ -593,4 +594,111 @@ fn job_metrics_are_exported() {
             .any(|l| l.starts_with("agentd_jobs{") && l.contains("Succeeded")),
         "{text}"
     );
+}
+
+#[test]
+fn kubernetes_variable_references_expand_in_command_args_and_env() {
+    let agent = agent(0);
+    let out = agent.dir.path().join("expanded.txt");
+    // `$(NAME)` expands from the container's env (a value sees the ones before it), `$$` escapes,
+    // an unknown reference stays as written.
+    let job = format!(
+        r#"apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata: {{name: expand}}
+spec:
+  tfReplicaSpecs:
+    Worker:
+      template:
+        spec:
+          containers:
+          - name: tensorflow
+            command: [sh, -c, 'printf "%s|%s|%s|%s\n" "$1" "$2" "$3" "$GREETING_ALL" > "$4"', sh]
+            args: ["$(GREETING)", "$$(GREETING)", "$(NOT_SET)", "{}"]
+            env:
+            - {{name: GREETING, value: hello}}
+            - {{name: GREETING_ALL, value: "$(GREETING) world, $$(GREETING)"}}
+"#,
+        out.display()
+    );
+    submit_ok(&agent, &job);
+    wait_state(&agent, "expand", "Succeeded", Duration::from_secs(30));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "hello|$(GREETING)|$(NOT_SET)|hello world, $(GREETING)\n"
+    );
+}
+
+#[test]
+fn what_can_never_start_is_refused_at_submit() {
+    let agent = agent(0);
+    for (container, expected) in [
+        (
+            "{name: tensorflow, command: [no-such-trainer-here]}",
+            "is not an executable file in PATH=",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], workingDir: /no/such/dir}",
+            "the directory /no/such/dir",
+        ),
+        (
+            "{name: tensorflow, command: [/bin/true], envFrom: [{configMapRef: {name: cfg}}]}",
+            "envFrom[0]",
+        ),
+    ] {
+        let job = format!(
+            "apiVersion: kubeflow.org/v1\nkind: TFJob\nmetadata: {{name: never}}\nspec:\n  tfReplicaSpecs:\n    Worker:\n      template:\n        spec:\n          containers:\n          - {container}\n"
+        );
+        let out = submit(&agent, &job);
+        assert_eq!(out.status.code(), Some(1), "{container}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{container}: {stderr}");
+    }
+    assert_eq!(agent.ctl_json(&["jobs"])["jobs"], serde_json::json!([]));
+}
+
+#[test]
+fn hostile_manifests_are_refused_without_holding_up_other_requests() {
+    let agent = Agent::start(AgentOptions {
+        config: format!("{FAST}max_replicas_per_job = 2\nmax_replicas_per_agent = 3\n"),
+        ..AgentOptions::default()
+    });
+    // Deep nesting: refused by the reader's depth limit, on a thread of its own; a request
+    // that the core answers is answered meanwhile.
+    let deep = format!("a: {}", "[".repeat(120_000));
+    let path = agent.dir.path().join("deep.yaml");
+    std::fs::write(&path, &deep).unwrap();
+    let socket = agent.socket.clone();
+    let submitting = std::thread::spawn(move || {
+        std::process::Command::new(e2e::agentctl_bin())
+            .arg("--socket")
+            .arg(socket)
+            .args(["submit", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    assert_eq!(agent.ctl_json(&["jobs"])["jobs"], serde_json::json!([]));
+    let out = submitting.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not valid YAML"), "{stderr}");
+
+    // A billion replicas, and more replicas than the agent holds: refused, naming the setting.
+    let huge = manifest("huge", "", &[("Worker", 1_000_000_000, "Never", 0, "true")]);
+    let stderr = String::from_utf8_lossy(&submit(&agent, &huge).stderr).into_owned();
+    assert!(
+        stderr.contains("spec.replicaSpecs.Worker.replicas")
+            && stderr.contains("jobs.max_replicas_per_job"),
+        "{stderr}"
+    );
+    submit_ok(
+        &agent,
+        &manifest("first", "", &[("Worker", 2, "Never", 0, "sleep 30")]),
+    );
+    let second = manifest("second", "", &[("Worker", 2, "Never", 0, "true")]);
+    let stderr = String::from_utf8_lossy(&submit(&agent, &second).stderr).into_owned();
+    assert!(stderr.contains("jobs.max_replicas_per_agent"), "{stderr}");
+    agent.ctl(&["cancel", "first"]);
+    wait_state(&agent, "first", "Cancelled", Duration::from_secs(30));
+    submit_ok(&agent, &second);
 }
