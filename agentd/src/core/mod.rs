@@ -614,6 +614,7 @@ impl Core {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             source: job::SourceKind::default(),
+            written: job::WrittenKeys::default(),
             spec: job::JobSpec {
                 queue: Some(self.default_queue.clone()),
                 ..job::JobSpec::default()

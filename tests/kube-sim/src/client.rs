@@ -40,11 +40,11 @@ fn kubeconfig_err(path: &Path, message: impl Into<String>) -> ClientError {
 }
 
 /// The named entry of a kubeconfig list (`clusters`, `users`, `contexts`).
-fn entry<'a>(doc: &'a serde_yaml::Value, list: &str, name: &str) -> Option<&'a serde_yaml::Value> {
+fn entry<'a>(doc: &'a serde_json::Value, list: &str, name: &str) -> Option<&'a serde_json::Value> {
     doc.get(list)?
-        .as_sequence()?
+        .as_array()?
         .iter()
-        .find(|e| e.get("name").and_then(serde_yaml::Value::as_str) == Some(name))
+        .find(|e| e.get("name").and_then(serde_json::Value::as_str) == Some(name))
 }
 
 impl Endpoint {
@@ -55,11 +55,11 @@ impl Endpoint {
             path: path.to_path_buf(),
             source,
         })?;
-        let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+        let doc: serde_json::Value = serde_saphyr::from_str(&text)
             .map_err(|e| kubeconfig_err(path, format!("not valid YAML: {e}")))?;
-        let s = |v: Option<&serde_yaml::Value>, k: &str| {
+        let s = |v: Option<&serde_json::Value>, k: &str| {
             v.and_then(|v| v.get(k))
-                .and_then(serde_yaml::Value::as_str)
+                .and_then(serde_json::Value::as_str)
                 .map(str::to_string)
         };
         let current = s(Some(&doc), "current-context")
