@@ -203,7 +203,13 @@ impl Core {
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             sample_retention: config.inventory.sample_retention,
             store,
-            executor: LocalExecutor::new(reports, config.jobs.log_max_bytes, runner(config)?),
+            executor: LocalExecutor::new(
+                reports,
+                config.jobs.log_max_bytes,
+                runner(config)?,
+                config.state_dir.join("replicas"),
+                crate::exec::ShimCommand::agentd(),
+            ),
             launches: Vec::new(),
             in_flight: 0,
             policy: Policy::agentd(),
@@ -300,12 +306,15 @@ impl Core {
         self.store
     }
 
-    /// Stops every running gang (the agent is going away; the jobs are restarted when it
-    /// comes back) and writes the final state.
+    /// Writes the final state. Replicas under their own supervisors run on, for the next agent
+    /// to adopt; transient units stop with the agent's unit, so their gangs are stopped here
+    /// (and restarted when the agent comes back).
     async fn shutdown(&mut self) {
         let mut groups = Vec::new();
-        for record in self.jobs.values() {
-            groups.extend(record.live_pgids());
+        if !self.executor.replicas_outlive_agent() {
+            for record in self.jobs.values() {
+                groups.extend(record.live_pgids());
+            }
         }
         if !groups.is_empty() {
             tracing::info!(groups = groups.len(), "stopping replicas");

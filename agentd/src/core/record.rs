@@ -312,6 +312,7 @@ impl JobRecord {
                 gpu_indices: given.map(|a| a.gpu_indices.clone()).unwrap_or_default(),
                 cpu_milli: given.map_or(0, |a| a.resources.cpu_milli),
                 memory_bytes: given.map_or(0, |a| a.resources.memory_mib * 1024 * 1024),
+                user: None,
             });
         }
         Ok(specs)

@@ -267,5 +267,26 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Replicas outlive the agent under their supervisors (`agentd shim DIR`); a test's
+        // end takes them too. A replica dies with its supervisor.
+        let mine = self.state_dir.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.get(1) == Some(&&b"shim"[..])
+                && args
+                    .get(2)
+                    .is_some_and(|dir| dir.starts_with(mine.as_bytes()))
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
     }
 }
