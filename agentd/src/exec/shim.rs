@@ -173,13 +173,18 @@ pub fn write_text(dir: &Path, name: &str, text: &str) -> Result<(), ShimError> {
         .map_err(|source| ShimError::Io { path, source })
 }
 
-/// A process's start time (clock ticks after boot), or `None` when it is gone.
+/// A process's start time (clock ticks after boot), or `None` when it is gone (a zombie, which
+/// has ended but not been reaped, counts as gone).
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses; the fields after its last ')' do not.
     let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
     // Field 3 (state) is the first after the name; start time is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The shim itself: runs the replica described in `dir` and returns the shim's exit code.

@@ -268,7 +268,28 @@ impl Drop for Agent {
             let _ = child.wait();
         }
         // Replicas outlive the agent under their supervisors (`agentd shim DIR`); a test's
-        // end takes them too. A replica dies with its supervisor.
+        // end takes them too: first each replica's process group (recorded in its run
+        // directory), then the supervisors.
+        let runs = std::fs::read_dir(self.state_dir.join("replicas"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|job| {
+                std::fs::read_dir(job.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            });
+        for run in runs {
+            let record = std::fs::read(run.path().join("shim.json")).unwrap_or_default();
+            if let Ok(record) = serde_json::from_slice::<serde_json::Value>(&record)
+                && let Some(pid) = record["pid"].as_u64()
+            {
+                let _ = Command::new("kill")
+                    .args(["-9", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
         let mine = self.state_dir.to_string_lossy().into_owned();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = entry
