@@ -50,6 +50,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub inventory: InventoryConfig,
     pub jobs: JobsConfig,
+    pub api: ApiConfig,
     /// Queues by name. When the file names none, `fast` and `slow` exist.
     pub queues: BTreeMap<String, QueueSettings>,
     /// Labels of this node, matched against a job's `nodeSelector` (as Kubernetes node labels).
@@ -89,6 +90,22 @@ pub struct JobsConfig {
     pub restart_backoff_max: Duration,
     /// Whether each replica runs as a transient systemd unit with its own cgroup limits.
     pub replica_units: ReplicaUnits,
+}
+
+/// Who may do what through the API, and its optional remote listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Members of this group (and root) act on every job, not only their own.
+    pub admin_group: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            admin_group: crate::api::auth::DEFAULT_ADMIN_GROUP.to_owned(),
+        }
+    }
 }
 
 /// How replicas are started: `auto` makes each one a transient systemd unit (`systemd-run`)
@@ -145,6 +162,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             inventory: InventoryConfig::default(),
             jobs: JobsConfig::default(),
+            api: ApiConfig::default(),
             queues: BTreeMap::new(),
             labels: BTreeMap::new(),
         }

@@ -173,6 +173,7 @@ pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> Result<()
         ready: ready_rx,
         core: core_handle,
         metrics: exporter.as_ref().map(|e| e.metrics.clone()),
+        admin_group: Arc::from(config.api.admin_group.as_str()),
     };
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())

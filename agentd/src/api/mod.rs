@@ -1,8 +1,10 @@
 //! The HTTP/1.1 + JSON API on the Unix socket. This is the only module that knows about HTTP:
 //! `routes` turns a method and path into a `Route`, handlers parse and validate bodies and ask
-//! the core for what they need, and `error` gives every failure its status. Each request is
-//! logged with the caller's uid, taken from the socket (SO_PEERCRED).
+//! the core for what they need, and `error` gives every failure its status. Every request has a
+//! caller (`auth`): the socket peer's credentials (SO_PEERCRED); each request is logged with it
+//! and checked against the same authorization rules on every door.
 
+pub mod auth;
 pub mod error;
 mod logs;
 mod routes;
@@ -22,6 +24,7 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
+pub use auth::Caller;
 pub use error::ApiError;
 
 use crate::core::{Command, CoreError, CoreHandle};
@@ -44,6 +47,8 @@ pub struct ApiState {
     pub ready: watch::Receiver<bool>,
     pub core: CoreHandle,
     pub metrics: Option<crate::metrics::Metrics>,
+    /// Members of this group act on every job (`api.admin_group`).
+    pub admin_group: Arc<str>,
 }
 
 /// The fixed facts about this agent that `status` reports.
@@ -75,11 +80,22 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
                 continue;
             }
         };
-        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        let caller = match stream.peer_cred() {
+            Ok(cred) => Some(Arc::new(Caller::from_peer(
+                cred.uid(),
+                cred.gid(),
+                &state.admin_group,
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the peer's credentials; refusing");
+                None
+            }
+        };
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, uid, req).await) }
+            let caller = caller.clone();
+            async move { Ok::<_, Infallible>(handle(&state, caller.as_deref(), req).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
@@ -101,7 +117,11 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
     }
 }
 
-async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    state: &ApiState,
+    caller: Option<&Caller>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -109,17 +129,21 @@ async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> R
     let parsed =
         declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
     let route_name = parsed.as_ref().map_or("unknown", Route::name);
-    let response = match parsed {
-        Ok(route) => dispatch(state, route, req)
+    let response = match (parsed, caller) {
+        (Ok(route), Some(caller)) => dispatch(state, caller, route, req)
             .await
             .unwrap_or_else(|e| error_response(&e)),
-        Err(e) => error_response(&e),
+        (Ok(_), None) => error_response(&ApiError::Unauthorized(
+            "the caller's identity is unknown".to_owned(),
+        )),
+        (Err(e), _) => error_response(&e),
     };
     if let Some(metrics) = &state.metrics {
         metrics.api_request(route_name, response.status().as_u16());
     }
     tracing::info!(
-        uid = uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
+        uid = caller.map_or_else(|| "unknown".to_owned(), |c| c.owner.uid.to_string()),
+        user = caller.map_or("unknown", Caller::name),
         %method,
         path,
         status = response.status().as_u16(),
@@ -131,6 +155,7 @@ async fn handle(state: &ApiState, uid: Option<u32>, req: Request<Incoming>) -> R
 
 async fn dispatch(
     state: &ApiState,
+    caller: &Caller,
     route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -173,16 +198,22 @@ async fn dispatch(
                 ));
             }
             let manifest = body.to_vec();
+            let owner = caller.owner.clone();
             let status = core
-                .ask(|reply| Command::Submit { manifest, reply })
+                .ask(|reply| Command::Submit {
+                    manifest,
+                    owner,
+                    reply,
+                })
                 .await?;
             Ok(json(StatusCode::CREATED, &status))
         }
-        Route::ListJobs { queue, state } => {
+        Route::ListJobs { queue, state, user } => {
             let list = core
                 .ask(|reply| Command::List {
                     queue,
                     state,
+                    user,
                     reply,
                 })
                 .await?;
@@ -192,10 +223,16 @@ async fn dispatch(
             StatusCode::OK,
             &core.ask(|reply| Command::Get { name, reply }).await?,
         )),
-        Route::CancelJob { name } => Ok(json(
-            StatusCode::OK,
-            &core.ask(|reply| Command::Cancel { name, reply }).await?,
-        )),
+        Route::CancelJob { name } => {
+            authorize_job(core, caller, &name).await?;
+            let by = caller.name().to_owned();
+            Ok(json(
+                StatusCode::OK,
+                &core
+                    .ask(|reply| Command::Cancel { name, by, reply })
+                    .await?,
+            ))
+        }
         Route::Queues => Ok(json(
             StatusCode::OK,
             &core.ask(|reply| Command::Queues { reply }).await?,
@@ -215,8 +252,26 @@ async fn dispatch(
             name,
             replica,
             follow,
-        } => logs::respond(core, name, replica, follow).await,
+        } => {
+            authorize_job(core, caller, &name).await?;
+            logs::respond(core, name, replica, follow).await
+        }
     }
+}
+
+/// Checks that `caller` may act on job `name` (a missing job is a 404 for everyone: it is in
+/// the job list all callers may read anyway).
+async fn authorize_job(core: &CoreHandle, caller: &Caller, name: &str) -> Result<(), ApiError> {
+    if caller.admin {
+        return Ok(());
+    }
+    let job = core
+        .ask(|reply| Command::Get {
+            name: name.to_owned(),
+            reply,
+        })
+        .await?;
+    caller.may_act_on(name, job.owner.as_ref())
 }
 
 /// Manifests come as YAML or JSON; a form or a binary upload is a mistake worth naming.
