@@ -423,14 +423,15 @@ impl Core {
         let now = unix_now();
         let text = String::from_utf8_lossy(manifest).into_owned();
         let mut record = JobRecord::new(parsed, text, now);
-        record.status.owner = Some(owner.clone());
+        let by = owner.user.clone();
+        record.status.owner = Some(owner);
         let name = record.status.name.clone();
         let status = record.status.clone();
         self.jobs.insert(name.clone(), record);
         self.event(
             &name,
             "Submitted",
-            format!("submitted by {owner}, accepted into queue {}", status.queue),
+            format!("submitted by {by}, accepted into queue {}", status.queue),
         );
         self.dirty.insert(name);
         self.needs_pass = true;
