@@ -98,12 +98,30 @@ pub struct JobsConfig {
 pub struct ApiConfig {
     /// Members of this group (and root) act on every job, not only their own.
     pub admin_group: String,
+    /// Connections each listener (socket, metrics) holds open at most.
+    pub max_connections: u32,
+    /// How long a client has to send a request's headers, and how long a kept-alive connection
+    /// may sit idle between requests.
+    #[serde(with = "duration_text")]
+    pub header_timeout: Duration,
+    /// How long a client has to send a request's body.
+    #[serde(with = "duration_text")]
+    pub body_timeout: Duration,
+    /// Requests a second each user other than root may make, on average (429 above it).
+    pub requests_per_second: u32,
+    /// Requests a user may make at once above that average.
+    pub request_burst: u32,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             admin_group: crate::api::auth::DEFAULT_ADMIN_GROUP.to_owned(),
+            max_connections: crate::api::limits::DEFAULT_MAX_CONNECTIONS,
+            header_timeout: crate::api::limits::DEFAULT_HEADER_TIMEOUT,
+            body_timeout: crate::api::limits::DEFAULT_BODY_TIMEOUT,
+            requests_per_second: crate::api::limits::DEFAULT_REQUESTS_PER_SECOND,
+            request_burst: crate::api::limits::DEFAULT_REQUEST_BURST,
         }
     }
 }
@@ -307,6 +325,23 @@ impl Config {
         }
         if self.jobs.log_max_bytes < 4096 {
             return Err(invalid("jobs.log_max_bytes", "must be at least 4096"));
+        }
+        if self.api.max_connections == 0 {
+            return Err(invalid("api.max_connections", "must be at least 1"));
+        }
+        for (field, value) in [
+            ("api.header_timeout", self.api.header_timeout),
+            ("api.body_timeout", self.api.body_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(field, "must be at least 100ms"));
+            }
+        }
+        if self.api.requests_per_second == 0 || self.api.request_burst == 0 {
+            return Err(invalid(
+                "api.requests_per_second",
+                "must be at least 1, as must api.request_burst",
+            ));
         }
         if self.queues.is_empty() {
             self.queues = default_queues();

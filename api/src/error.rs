@@ -14,6 +14,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The caller sent more requests than its rate allows (HTTP 429).
     TooManyRequests,
+    /// The request did not arrive in time (HTTP 408).
+    RequestTimeout,
     NotFound,
     MethodNotAllowed,
     Conflict,

@@ -32,6 +32,8 @@ pub enum ApiError {
     Forbidden { rule: &'static str, message: String },
     #[error("{0}")]
     TooManyRequests(String),
+    #[error("the request body did not arrive within {after:?}")]
+    RequestTimeout { after: std::time::Duration },
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -67,6 +69,7 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidSpec),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             Self::Forbidden { .. } => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, ErrorCode::RequestTimeout),
             Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             Self::Conflict(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod limits;
 mod logs;
 mod routes;
 pub mod socket;
@@ -49,6 +50,30 @@ pub struct ApiState {
     pub metrics: Option<crate::metrics::Metrics>,
     /// Members of this group act on every job (`api.admin_group`).
     pub admin_group: Arc<str>,
+    pub limits: Arc<ApiLimits>,
+}
+
+/// The limits one listener of the API enforces (see [`limits`]).
+pub struct ApiLimits {
+    pub connections: limits::ConnectionCap,
+    pub rate: limits::RequestRate,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+}
+
+impl ApiLimits {
+    pub fn new(
+        listener: &'static str,
+        config: &crate::config::ApiConfig,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            connections: limits::ConnectionCap::new(listener, config.max_connections, metrics),
+            rate: limits::RequestRate::new(config.requests_per_second, config.request_burst),
+            header_timeout: config.header_timeout,
+            body_timeout: config.body_timeout,
+        }
+    }
 }
 
 /// The fixed facts about this agent that `status` reports.
@@ -80,6 +105,10 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
                 continue;
             }
         };
+        let Some(permit) = state.limits.connections.admit() else {
+            drop(stream);
+            continue;
+        };
         let caller = match stream.peer_cred() {
             Ok(cred) => Some(Arc::new(Caller::from_peer(
                 cred.uid(),
@@ -91,6 +120,7 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
                 None
             }
         };
+        let header_timeout = state.limits.header_timeout;
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
@@ -99,10 +129,11 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(header_timeout)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -130,9 +161,25 @@ async fn handle(
         declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
     let route_name = parsed.as_ref().map_or("unknown", Route::name);
     let response = match (parsed, caller) {
-        (Ok(route), Some(caller)) => dispatch(state, caller, route, req)
-            .await
-            .unwrap_or_else(|e| error_response(&e)),
+        (Ok(_), Some(caller))
+            if caller.owner.uid != 0 && !state.limits.rate.allow(caller.name(), Instant::now()) =>
+        {
+            state.limits.connections.refused("rate_limit");
+            error_response(&ApiError::TooManyRequests(format!(
+                "{} sent too many requests; slow down (api.requests_per_second)",
+                caller.name()
+            )))
+        }
+        (Ok(route), Some(caller)) => {
+            dispatch(state, caller, route, req)
+                .await
+                .unwrap_or_else(|e| {
+                    if matches!(e, ApiError::RequestTimeout { .. }) {
+                        state.limits.connections.refused("body_timeout");
+                    }
+                    error_response(&e)
+                })
+        }
         (Ok(_), None) => error_response(&ApiError::Unauthorized(
             "the caller's identity is unknown".to_owned(),
         )),
@@ -172,7 +219,11 @@ async fn dispatch(
         });
     // Every route reads its body through the limit, even those that expect none, so that an
     // oversized request is always a 413 and never a half-read connection.
-    let body = read_body(req).await?;
+    let body = tokio::time::timeout(state.limits.body_timeout, read_body(req))
+        .await
+        .map_err(|_| ApiError::RequestTimeout {
+            after: state.limits.body_timeout,
+        })??;
     let core = &state.core;
     match route {
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),

@@ -16,12 +16,12 @@ const SOCKET_GROUP: &str = "agentd";
 /// The admin group these tests configure, so that the machine's real `agentd-admin` is untouched.
 const ADMIN_GROUP: &str = "agentd-test-admin";
 const ALICE: &str = "agentd-test-alice";
-const BOB: &str = "agentd-test-bob";
+pub(crate) const BOB: &str = "agentd-test-bob";
 const CAROL: &str = "agentd-test-carol";
 
 /// Creates the test users and groups once (the tests run as root; `useradd` is idempotent here
 /// because an existing user or group is accepted).
-fn users() {
+pub(crate) fn users() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         for group in [SOCKET_GROUP, ADMIN_GROUP] {
@@ -102,7 +102,7 @@ fn ok(out: &Output, what: &str) -> String {
 }
 
 /// The raw HTTP answer (status line and JSON body) to `method path`, sent as `user`.
-fn http_as(agent: &Agent, user: &str, method: &str, path: &str) -> (u16, Value) {
+pub(crate) fn http_as(agent: &Agent, user: &str, method: &str, path: &str) -> (u16, Value) {
     let out = Command::new("setpriv")
         .args(["--reuid", user, "--regid", user, "--init-groups"])
         .arg("curl")

@@ -4,4 +4,5 @@ mod agent;
 mod auth;
 mod gpus;
 mod jobs;
+mod limits;
 mod tensorflow;
