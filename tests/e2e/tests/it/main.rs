@@ -5,4 +5,5 @@ mod auth;
 mod gpus;
 mod jobs;
 mod limits;
+mod sdk;
 mod tensorflow;
