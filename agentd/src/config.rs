@@ -499,6 +499,22 @@ mod tests {
     }
 
     #[test]
+    fn api_limits_are_checked_by_name() {
+        for (text, field) in [
+            ("[api]\nmax_connections = 0\n", "api.max_connections"),
+            ("[api]\nheader_timeout = \"1ms\"\n", "api.header_timeout"),
+            ("[api]\nrequests_per_second = 0\n", "api.requests_per_second"),
+        ] {
+            let mut config = Config::from_toml(text).unwrap();
+            let err = config.check().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{text}: {err}");
+        }
+        let config = Config::from_toml("[api]\nadmin_group = \"ml-admins\"\n").unwrap();
+        assert_eq!(config.api.admin_group, "ml-admins");
+        assert_eq!(Config::default().api.admin_group, "agentd-admin");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[inventory]\nintervall = \"5s\"\n").unwrap_err();
         assert!(err.contains("intervall"), "{err}");
