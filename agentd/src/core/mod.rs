@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentd_api::NodeInventory;
-use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, QueueList, QueueStatus};
+use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, Owner, QueueList, QueueStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, QueueSettings, ReplicaUnits};
@@ -64,11 +64,15 @@ type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 pub enum Command {
     Submit {
         manifest: Vec<u8>,
+        /// The caller, who becomes the job's owner.
+        owner: Owner,
         reply: Reply<JobStatus>,
     },
     List {
         queue: Option<String>,
         state: Option<JobState>,
+        /// Only the jobs of this user (by name).
+        user: Option<String>,
         reply: Reply<JobList>,
     },
     Get {
@@ -78,6 +82,8 @@ pub enum Command {
     /// Cancels an active job; removes a finished one.
     Cancel {
         name: String,
+        /// Who asked, for the job's events.
+        by: String,
         reply: Reply<JobStatus>,
     },
     Queues {
@@ -327,8 +333,12 @@ impl Core {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Submit { manifest, reply } => {
-                let result = self.submit(&manifest);
+            Command::Submit {
+                manifest,
+                owner,
+                reply,
+            } => {
+                let result = self.submit(&manifest, owner);
                 self.after_commit.push(Box::new(move || {
                     let _ = reply.send(result);
                 }));
@@ -336,6 +346,7 @@ impl Core {
             Command::List {
                 queue,
                 state,
+                user,
                 reply,
             } => {
                 let jobs = self
@@ -343,6 +354,10 @@ impl Core {
                     .values()
                     .filter(|r| queue.as_ref().is_none_or(|q| &r.status.queue == q))
                     .filter(|r| state.is_none_or(|s| r.status.state == s))
+                    .filter(|r| {
+                        user.as_ref()
+                            .is_none_or(|u| r.status.owner.as_ref().is_some_and(|o| &o.user == u))
+                    })
                     .map(|r| r.status.clone())
                     .collect();
                 let _ = reply.send(Ok(JobList { jobs }));
@@ -350,8 +365,8 @@ impl Core {
             Command::Get { name, reply } => {
                 let _ = reply.send(self.get(&name));
             }
-            Command::Cancel { name, reply } => {
-                let result = self.cancel(&name);
+            Command::Cancel { name, by, reply } => {
+                let result = self.cancel(&name, &by);
                 self.after_commit.push(Box::new(move || {
                     let _ = reply.send(result);
                 }));
@@ -382,7 +397,7 @@ impl Core {
         }
     }
 
-    fn submit(&mut self, manifest: &[u8]) -> Result<JobStatus, CoreError> {
+    fn submit(&mut self, manifest: &[u8], owner: Owner) -> Result<JobStatus, CoreError> {
         let mut parsed = job::parse(manifest)?;
         job::validate_for_standalone(&parsed)?;
         record::check_standalone_env(&parsed)?;
@@ -416,14 +431,16 @@ impl Core {
         }
         let now = unix_now();
         let text = String::from_utf8_lossy(manifest).into_owned();
-        let record = JobRecord::new(parsed, text, now);
+        let mut record = JobRecord::new(parsed, text, now);
+        let by = owner.user.clone();
+        record.status.owner = Some(owner);
         let name = record.status.name.clone();
         let status = record.status.clone();
         self.jobs.insert(name.clone(), record);
         self.event(
             &name,
             "Submitted",
-            format!("accepted into queue {}", status.queue),
+            format!("submitted by {by}, accepted into queue {}", status.queue),
         );
         self.dirty.insert(name);
         self.needs_pass = true;
@@ -460,7 +477,7 @@ impl Core {
         Ok(status)
     }
 
-    fn cancel(&mut self, name: &str) -> Result<JobStatus, CoreError> {
+    fn cancel(&mut self, name: &str, by: &str) -> Result<JobStatus, CoreError> {
         let record = self
             .jobs
             .get(name)
@@ -474,7 +491,7 @@ impl Core {
             name,
             JobState::Cancelled,
             "Cancelled",
-            "cancelled by request".to_owned(),
+            format!("cancelled by {by}"),
         );
         Ok(self.jobs[name].status.clone())
     }

@@ -109,6 +109,7 @@ impl JobRecord {
             restarts: 0,
             backoff_limit: job.spec.run_policy.effective_backoff_limit(),
             generation: 0,
+            owner: None,
             replicas,
             events: Vec::new(),
         };

@@ -200,6 +200,27 @@ impl Agent {
             .expect("agentctl runs")
     }
 
+    /// Runs agentctl against this agent, feeding `stdin`.
+    pub fn ctl_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new(agentctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agentctl runs");
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(stdin.as_bytes())
+            .expect("agentctl reads its input");
+        child.wait_with_output().expect("agentctl runs")
+    }
+
     /// Runs agentctl and parses its JSON output; panics with stderr if it failed.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all: Vec<&str> = args.to_vec();

@@ -1,6 +1,9 @@
 //! End-to-end tests: the real `agentd` and `agentctl` binaries, run as a user would run them.
 
 mod agent;
+mod auth;
 mod gpus;
 mod jobs;
+mod limits;
+mod sdk;
 mod tensorflow;
