@@ -63,7 +63,72 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+/// A `securityContext` id a template asks for, with where it was asked (for errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AskedId<'a> {
+    pub id: i64,
+    pub field: &'a str,
+}
+
 impl RunAs {
+    /// Whom a replica of a job owned by `owner` (uid, gid) runs as: its owner, never root on
+    /// someone else's behalf. A template's `securityContext.runAsUser`/`runAsGroup` is
+    /// honoured only for a root owner, who could become anyone anyway; a non-root owner may
+    /// name only their own uid and primary gid. `None`: as the agent (a root owner asking for
+    /// nothing else, or a job stored before owners were recorded).
+    pub fn for_owner(
+        owner: Option<(u32, u32)>,
+        run_as_user: Option<AskedId<'_>>,
+        run_as_group: Option<AskedId<'_>>,
+    ) -> Result<Option<RunAs>, String> {
+        let Some((owner_uid, owner_gid)) = owner else {
+            return Ok(None);
+        };
+        let id = |asked: AskedId<'_>| {
+            u32::try_from(asked.id).map_err(|_| {
+                format!(
+                    "{} is {}; an id is between 0 and {}",
+                    asked.field,
+                    asked.id,
+                    u32::MAX
+                )
+            })
+        };
+        let uid = run_as_user.map(id).transpose()?;
+        let gid = run_as_group.map(id).transpose()?;
+        if owner_uid != 0 {
+            for (asked, value, own) in [
+                (run_as_user, uid, owner_uid),
+                (run_as_group, gid, owner_gid),
+            ] {
+                if let (Some(asked), Some(value)) = (asked, value)
+                    && value != own
+                {
+                    return Err(format!(
+                        "{} is {value}, but the job's owner (uid {owner_uid}) may run replicas \
+                         only as themselves ({own}); only root may name another id",
+                        asked.field
+                    ));
+                }
+            }
+            return Ok(Some(RunAs {
+                uid: owner_uid,
+                gid: owner_gid,
+            }));
+        }
+        let Some(uid) = uid else {
+            return Ok(gid.map(|gid| RunAs { uid: 0, gid }));
+        };
+        // Without runAsGroup, the user's own primary group, as a login would give.
+        let gid = gid.unwrap_or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map_or(uid, |u| u.gid.as_raw())
+        });
+        Ok(Some(RunAs { uid, gid }))
+    }
+
     /// The credentials, name and home directory of the user: from the user database, or, for
     /// a uid it does not know, the uid alone with its primary group and `/` as its home.
     fn resolve(self) -> (spawn::Credentials, String, String) {
@@ -1125,6 +1190,56 @@ mod tests {
             memory_bytes: 0,
             user: None,
         }
+    }
+
+    #[test]
+    fn only_root_may_name_another_user_or_group() {
+        let asked = |id| {
+            Some(AskedId {
+                id,
+                field: "spec.x.securityContext.runAsUser",
+            })
+        };
+        let group = |id| {
+            Some(AskedId {
+                id,
+                field: "spec.x.securityContext.runAsGroup",
+            })
+        };
+        let alice = Some((1000, 1000));
+        // A user runs as themselves, whatever the manifest leaves out.
+        assert_eq!(
+            RunAs::for_owner(alice, None, None).unwrap(),
+            Some(RunAs {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        assert_eq!(
+            RunAs::for_owner(alice, asked(1000), group(1000)).unwrap(),
+            Some(RunAs {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        // No field gets a user's replica root, or anyone else.
+        for (user, grp) in [
+            (asked(0), None),
+            (None, group(0)),
+            (asked(1001), None),
+            (asked(-1), None),
+        ] {
+            let e = RunAs::for_owner(alice, user, grp).unwrap_err();
+            assert!(e.contains("securityContext.runAs"), "{e}");
+        }
+        // Root may become anyone; asking nothing runs as the agent does.
+        assert_eq!(RunAs::for_owner(Some((0, 0)), None, None).unwrap(), None);
+        assert_eq!(
+            RunAs::for_owner(Some((0, 0)), asked(1000), group(44)).unwrap(),
+            Some(RunAs { uid: 1000, gid: 44 })
+        );
+        let e = RunAs::for_owner(Some((0, 0)), asked(1 << 40), None).unwrap_err();
+        assert!(e.contains("runAsUser is 1099511627776"), "{e}");
     }
 
     #[test]

@@ -7,4 +7,6 @@ pub mod local;
 pub mod shim;
 pub mod spawn;
 
-pub use local::{LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport, ShimCommand};
+pub use local::{
+    AskedId, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
+};

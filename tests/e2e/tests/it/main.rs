@@ -5,5 +5,6 @@ mod auth;
 mod gpus;
 mod jobs;
 mod limits;
+mod owners;
 mod sdk;
 mod tensorflow;
