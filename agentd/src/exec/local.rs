@@ -1161,7 +1161,7 @@ mod tests {
         if std::env::var_os("AGENTD_TEST_SHIM").is_none() {
             return;
         }
-        let dir = std::env::args().last().unwrap();
+        let dir = std::env::args().next_back().unwrap();
         std::process::exit(shim::main(Path::new(&dir)));
     }
 
