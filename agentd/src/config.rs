@@ -503,7 +503,10 @@ mod tests {
         for (text, field) in [
             ("[api]\nmax_connections = 0\n", "api.max_connections"),
             ("[api]\nheader_timeout = \"1ms\"\n", "api.header_timeout"),
-            ("[api]\nrequests_per_second = 0\n", "api.requests_per_second"),
+            (
+                "[api]\nrequests_per_second = 0\n",
+                "api.requests_per_second",
+            ),
         ] {
             let mut config = Config::from_toml(text).unwrap();
             let err = config.check().unwrap_err().to_string();
