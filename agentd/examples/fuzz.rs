@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
                 out = args
                     .next()
                     .unwrap_or_else(|| usage("--out needs a directory"))
-                    .into()
+                    .into();
             }
             name => harnesses.push(Harness::from_name(name).unwrap_or_else(|| {
                 usage(&format!(

@@ -195,3 +195,50 @@ fn state_and_logs_are_not_world_readable() {
         );
     }
 }
+
+#[test]
+fn running_out_of_descriptors_is_not_a_gpu_fault() {
+    let agent = Agent::start(AgentOptions {
+        gpus: Some((0..2).map(e2e::fake_gpu).collect()),
+        // A cap above the descriptor limit set below, so that the descriptors run out first.
+        config: "[inventory]\ninterval = \"200ms\"\ngpu_recovery_quiet = \"60s\"\n\
+                 [api]\nmax_connections = 1000\nheader_timeout = \"3s\"\n"
+            .into(),
+        ..AgentOptions::default()
+    });
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={}", agent.pid()))
+        .arg("--nofile=96:96")
+        .status()
+        .unwrap();
+    assert!(limited.success());
+    // Far more idle clients than the agent has descriptors for.
+    let idle: Vec<UnixStream> = (0..200).map(|_| unix(&agent)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // The socket's accept fails with EMFILE ("Too many open files"); then wait for a few
+    // inventory samples to be taken while the descriptors are still gone.
+    while !agent.log().contains("Too many open files") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never ran out of descriptors:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    drop(idle);
+    // Once the idle clients are gone the agent answers again, with every GPU still healthy.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let node = loop {
+        let out = agent.ctl(&["node", "-o", "json"]);
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for gpu in node["gpus"].as_array().unwrap() {
+        assert_eq!(gpu["healthy"], true, "{gpu}\n{}", agent.log());
+    }
+    assert!(!agent.log().contains("unhealthy"), "{}", agent.log());
+}
