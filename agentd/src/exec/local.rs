@@ -240,6 +240,8 @@ pub struct Adoptable {
     job: String,
     replica: String,
     generation: u32,
+    /// The replica's pid, also its process group id.
+    pid: u32,
     dir: PathBuf,
     /// The supervisor's pidfd; `None` when it has already ended and left an exit status.
     pidfd: Option<OwnedFd>,
@@ -343,6 +345,7 @@ impl LocalExecutor {
             job: job.to_owned(),
             replica: replica.to_owned(),
             generation,
+            pid,
             dir,
             pidfd,
         })
@@ -354,6 +357,7 @@ impl LocalExecutor {
             job,
             replica,
             generation,
+            pid,
             dir,
             pidfd,
         } = adoptable;
@@ -370,6 +374,7 @@ impl LocalExecutor {
             })?;
         let watch = ShimWatch {
             pid: None,
+            replica: (pid, job.clone()),
             pidfd,
             dir,
         };
@@ -645,6 +650,7 @@ impl Starter {
                 pid,
                 ShimWatch {
                     pid: Some(spawned.pid),
+                    replica: (pid, spec.job.clone()),
                     pidfd: Some(pidfd),
                     dir,
                 },
@@ -662,6 +668,9 @@ impl Starter {
 struct ShimWatch {
     /// Its pid when it is the agent's own child, to be reaped.
     pid: Option<u32>,
+    /// The replica's process group and job, for what is left of it when the supervisor dies
+    /// without recording the replica's end (it was killed).
+    replica: (u32, String),
     /// `None` when it has already ended.
     pidfd: Option<AsyncFd<OwnedFd>>,
     dir: PathBuf,
@@ -681,7 +690,14 @@ impl ShimWatch {
         let outcome = match shim::read::<shim::ShimExit>(&self.dir, shim::EXIT_FILE) {
             Ok(Some(exit)) => exit.into(),
             Ok(None) => {
-                tracing::warn!(dir = %self.dir.display(), "a replica's supervisor ended without recording its exit");
+                let (pgid, job) = &self.replica;
+                let killed = kill_leftovers(*pgid, job);
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    killed,
+                    "a replica's supervisor ended without recording its exit; \
+                     stopped what was left of the replica"
+                );
                 ExitOutcome::default()
             }
             Err(e) => {

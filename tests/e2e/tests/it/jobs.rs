@@ -537,6 +537,14 @@ fn a_gang_that_cannot_be_adopted_restarts_uncharged_and_leaves_no_orphans() {
         .args(["-9", &shim.to_string()])
         .status()
         .unwrap();
+    // A signal takes a moment to land: the supervisor must be gone before the agent looks.
+    for _ in 0..200 {
+        if !pid_alive(shim) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!pid_alive(shim), "supervisor {shim} survived kill -9");
     agent.spawn();
     let job = wait_state(&agent, "runner", "Running", Duration::from_secs(15));
     assert_eq!(
@@ -548,19 +556,22 @@ fn a_gang_that_cannot_be_adopted_restarts_uncharged_and_leaves_no_orphans() {
         reasons(&job).contains(&"AgentRestarted".to_owned()),
         "{job}"
     );
-    for pid in old_pids {
+    for &pid in &old_pids {
         assert!(
             !pid_alive(pid),
             "replica {pid} of the killed agent is still running"
         );
     }
+    // Nothing is left of the old gang's process groups (a replica's children included).
     for pid in processes_of("runner") {
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let pgrp: u64 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or_default();
         assert!(
-            environ
-                .split(|b| *b == 0)
-                .any(|v| v == b"AGENTD_GENERATION=2"),
-            "process {pid} is not of the new gang"
+            !old_pids.contains(&pgrp),
+            "process {pid} of the old gang (group {pgrp}) is still running"
         );
     }
     let waiter = agent.ctl_json(&["job", "waiter"]);
