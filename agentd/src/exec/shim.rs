@@ -15,7 +15,7 @@
 //! `shim.json` (the shim's and the replica's pids, written once the replica runs) and
 //! `exit.json` (how it ended, written last).
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -192,13 +192,14 @@ pub fn start_time(pid: u32) -> Option<u64> {
 pub fn main(dir: &Path) -> i32 {
     match start(dir) {
         Ok((state, spec, output)) => {
-            println!("{STARTED}{}", state.pid);
+            // An agent that died meanwhile reads nothing; the replica runs on regardless.
+            let _ = writeln!(std::io::stdout(), "{STARTED}{}", state.pid);
             quiet_stdio();
             supervise(dir, &state, &spec, output);
             0
         }
         Err(message) => {
-            println!("{FAILED}{}", message.replace('\n', " "));
+            let _ = writeln!(std::io::stdout(), "{FAILED}{}", message.replace('\n', " "));
             1
         }
     }
