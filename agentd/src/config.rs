@@ -57,6 +57,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub inventory: InventoryConfig,
     pub jobs: JobsConfig,
+    pub api: ApiConfig,
     /// Queues by name. When the file names none, `fast` and `slow` exist.
     pub queues: BTreeMap<String, QueueSettings>,
     /// Labels of this node, matched against a job's `nodeSelector` (as Kubernetes node labels).
@@ -104,6 +105,40 @@ pub struct JobsConfig {
     /// A job is refused at submission when the agent's unfinished jobs would then have more
     /// replicas than this together.
     pub max_replicas_per_agent: u32,
+}
+
+/// Who may do what through the API, and its optional remote listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Members of this group (and root) act on every job, not only their own.
+    pub admin_group: String,
+    /// Connections each listener (socket, metrics) holds open at most.
+    pub max_connections: u32,
+    /// How long a client has to send a request's headers, and how long a kept-alive connection
+    /// may sit idle between requests.
+    #[serde(with = "duration_text")]
+    pub header_timeout: Duration,
+    /// How long a client has to send a request's body.
+    #[serde(with = "duration_text")]
+    pub body_timeout: Duration,
+    /// Requests a second each user other than root may make, on average (429 above it).
+    pub requests_per_second: u32,
+    /// Requests a user may make at once above that average.
+    pub request_burst: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            admin_group: crate::api::auth::DEFAULT_ADMIN_GROUP.to_owned(),
+            max_connections: crate::api::limits::DEFAULT_MAX_CONNECTIONS,
+            header_timeout: crate::api::limits::DEFAULT_HEADER_TIMEOUT,
+            body_timeout: crate::api::limits::DEFAULT_BODY_TIMEOUT,
+            requests_per_second: crate::api::limits::DEFAULT_REQUESTS_PER_SECOND,
+            request_burst: crate::api::limits::DEFAULT_REQUEST_BURST,
+        }
+    }
 }
 
 /// How replicas are started: `auto` makes each one a transient systemd unit (`systemd-run`)
@@ -160,6 +195,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             inventory: InventoryConfig::default(),
             jobs: JobsConfig::default(),
+            api: ApiConfig::default(),
             queues: BTreeMap::new(),
             labels: BTreeMap::new(),
         }
@@ -323,6 +359,23 @@ impl Config {
                 "must be at least jobs.max_replicas_per_job",
             ));
         }
+        if self.api.max_connections == 0 {
+            return Err(invalid("api.max_connections", "must be at least 1"));
+        }
+        for (field, value) in [
+            ("api.header_timeout", self.api.header_timeout),
+            ("api.body_timeout", self.api.body_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(invalid(field, "must be at least 100ms"));
+            }
+        }
+        if self.api.requests_per_second == 0 || self.api.request_burst == 0 {
+            return Err(invalid(
+                "api.requests_per_second",
+                "must be at least 1, as must api.request_burst",
+            ));
+        }
         if self.queues.is_empty() {
             self.queues = default_queues();
         }
@@ -476,6 +529,25 @@ mod tests {
         assert_eq!(config.socket, Path::new("/run/agentd/agentd.sock"));
         assert_eq!(config.queues["fast"].priority, 10);
         assert_eq!(config.queues["slow"].priority, 1);
+    }
+
+    #[test]
+    fn api_limits_are_checked_by_name() {
+        for (text, field) in [
+            ("[api]\nmax_connections = 0\n", "api.max_connections"),
+            ("[api]\nheader_timeout = \"1ms\"\n", "api.header_timeout"),
+            (
+                "[api]\nrequests_per_second = 0\n",
+                "api.requests_per_second",
+            ),
+        ] {
+            let mut config = Config::from_toml(text).unwrap();
+            let err = config.check().unwrap_err().to_string();
+            assert!(err.starts_with(field), "{text}: {err}");
+        }
+        let config = Config::from_toml("[api]\nadmin_group = \"ml-admins\"\n").unwrap();
+        assert_eq!(config.api.admin_group, "ml-admins");
+        assert_eq!(Config::default().api.admin_group, "agentd-admin");
     }
 
     #[test]

@@ -90,6 +90,7 @@ async fn run_parts(
         (listener, socket_activated)
     };
 
+    keep_state_private(&config.state_dir);
     let store = {
         let _span =
             tracing::info_span!("store", path = %config.database_path().display()).entered();
@@ -149,9 +150,14 @@ async fn run_parts(
 
     let exporter = match config.metrics_addr {
         MetricsAddr::On(addr) => {
-            let started = crate::metrics::start_exporter(addr, inventory_rx.clone(), stop.clone())
-                .instrument(tracing::info_span!("metrics", %addr))
-                .await;
+            let started = crate::metrics::start_exporter(
+                addr,
+                config.api.max_connections,
+                inventory_rx.clone(),
+                stop.clone(),
+            )
+            .instrument(tracing::info_span!("metrics", %addr))
+            .await;
             match started {
                 Ok(exporter) => Some(exporter),
                 Err(e) => {
@@ -206,6 +212,12 @@ async fn run_parts(
             config.jobs.max_replicas_per_job,
         )),
         metrics: exporter.as_ref().map(|e| e.metrics.clone()),
+        admin_group: Arc::from(config.api.admin_group.as_str()),
+        limits: Arc::new(api::ApiLimits::new(
+            "socket",
+            &config.api,
+            exporter.as_ref().map(|e| e.metrics.clone()),
+        )),
     };
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())
@@ -304,6 +316,30 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// The database, its WAL and job logs hold secrets (a manifest's environment): nobody but the
+/// agent's user and group may read them. Under systemd the unit does this (`UMask=0027`,
+/// `StateDirectoryMode=0750`); outside it the agent applies the same mask to itself, and to what
+/// it starts, and takes other users' access off the state directory.
+fn keep_state_private(state_dir: &std::path::Path) {
+    use nix::sys::stat::{Mode, umask};
+    use std::os::unix::fs::PermissionsExt;
+    let old = umask(Mode::empty());
+    umask(old | Mode::from_bits_truncate(0o027));
+    if std::fs::create_dir_all(state_dir).is_err() {
+        // Opening the store reports this, naming the directory.
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(state_dir) {
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o007 != 0 {
+            let restricted = std::fs::Permissions::from_mode(mode & !0o007);
+            if let Err(e) = std::fs::set_permissions(state_dir, restricted) {
+                tracing::warn!(dir = %state_dir.display(), error = %e, "cannot make the state directory private");
+            }
+        }
     }
 }
 

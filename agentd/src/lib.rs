@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod exec;
+pub mod fuzz;
 pub mod inventory;
 pub mod job;
 pub mod logging;

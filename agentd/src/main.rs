@@ -52,10 +52,17 @@ enum Command {
     /// Write agentd's man pages (agentd.1, agentd-replay.1) into DIR, for the package build.
     #[command(name = "__generate-man", hide = true)]
     GenerateMan { dir: PathBuf },
+    /// Supervise one replica described in its run directory DIR (started by the agent).
+    #[command(hide = true)]
+    Shim { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Shim { dir }) = &args.command {
+        let code = agentd::exec::shim::main(dir);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     if let Some(Command::GenerateMan { dir }) = &args.command {
         let command = <Args as clap::CommandFactory>::command();
         let written =

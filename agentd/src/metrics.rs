@@ -128,6 +128,7 @@ pub struct Metrics {
     job_transitions: Family<Labels, Counter>,
     gang_restarts: Family<Labels, Counter>,
     api_requests: Family<Labels, Counter>,
+    refusals: Family<Labels, Counter>,
     scheduling_pass: Histogram,
     submit_to_running: Histogram,
 }
@@ -139,6 +140,7 @@ impl Metrics {
         let job_transitions = Family::<Labels, Counter>::default();
         let gang_restarts = Family::<Labels, Counter>::default();
         let api_requests = Family::<Labels, Counter>::default();
+        let refusals = Family::<Labels, Counter>::default();
         let scheduling_pass = Histogram::new(SCHEDULING_PASS_BUCKETS);
         let submit_to_running = Histogram::new(SUBMIT_TO_RUNNING_BUCKETS);
 
@@ -156,6 +158,12 @@ impl Metrics {
             "agentd_api_requests",
             "Requests served on the agent's API, by route and HTTP status",
             api_requests.clone(),
+        );
+        registry.register(
+            "agentd_refusals",
+            "Connections and requests refused to protect the agent, by listener and reason \
+             (connection_limit, rate_limit, body_timeout)",
+            refusals.clone(),
         );
         registry.register(
             "agentd_scheduling_pass_duration_seconds",
@@ -177,6 +185,7 @@ impl Metrics {
             job_transitions,
             gang_restarts,
             api_requests,
+            refusals,
             scheduling_pass,
             submit_to_running,
         }
@@ -228,6 +237,16 @@ impl Metrics {
             .get_or_create(&vec![
                 ("route", route.to_owned()),
                 ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts a connection or request refused on `listener` (`socket`, `metrics`) for `reason`.
+    pub fn refused(&self, listener: &str, reason: &str) {
+        self.refusals
+            .get_or_create(&vec![
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
             ])
             .inc();
     }
@@ -714,6 +733,7 @@ pub struct Exporter {
 /// `inventory` is observed, so scrapes read the latest one and never call NVML.
 pub async fn start_exporter(
     addr: SocketAddr,
+    max_connections: u32,
     mut inventory: tokio::sync::watch::Receiver<Arc<NodeInventory>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Exporter, MetricsError> {
@@ -726,6 +746,7 @@ pub async fn start_exporter(
     metrics.observe_inventory(&inventory.borrow_and_update());
 
     let observer = metrics.clone();
+    let observer_metrics = metrics.clone();
     let mut observer_stop = stop.clone();
     let task = tokio::spawn(async move {
         let observe = async move {
@@ -742,7 +763,12 @@ pub async fn start_exporter(
                 }
             }
         };
-        let serve = serve_metrics_on(listener, Arc::new(registry), wait_for_stop(stop));
+        let cap = crate::api::limits::ConnectionCap::new(
+            "metrics",
+            max_connections,
+            Some(observer_metrics),
+        );
+        let serve = serve_metrics_capped(listener, Arc::new(registry), cap, wait_for_stop(stop));
         let ((), served) = tokio::join!(observe, serve);
         if let Err(error) = served {
             tracing::error!(%error, "metrics endpoint failed");
@@ -779,6 +805,23 @@ pub async fn serve_metrics_on(
     registry: Arc<Registry>,
     shutdown: impl Future,
 ) -> Result<(), MetricsError> {
+    let cap = crate::api::limits::ConnectionCap::new(
+        "metrics",
+        crate::api::limits::DEFAULT_MAX_CONNECTIONS,
+        None,
+    );
+    serve_metrics_capped(listener, registry, cap, shutdown).await
+}
+
+/// Serves metrics holding at most `cap` connections open; a client gets
+/// [`DEFAULT_HEADER_TIMEOUT`](crate::api::limits::DEFAULT_HEADER_TIMEOUT) to send a request and
+/// no longer to sit idle between requests, so idle connections cannot pile up.
+pub async fn serve_metrics_capped(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    cap: crate::api::limits::ConnectionCap,
+    shutdown: impl Future,
+) -> Result<(), MetricsError> {
     let addr = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     tracing::info!(%addr, "serving metrics on http://{addr}/metrics");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -797,15 +840,22 @@ pub async fn serve_metrics_on(
                 }
             },
         };
+        let Some(permit) = cap.admit() else {
+            drop(stream);
+            continue;
+        };
         let registry = Arc::clone(&registry);
         let service = hyper::service::service_fn(move |request| {
             let registry = Arc::clone(&registry);
             async move { Ok::<_, Infallible>(respond(&registry, &request)) }
         });
         let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(crate::api::limits::DEFAULT_HEADER_TIMEOUT)
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "metrics connection ended with an error");
             }

@@ -251,8 +251,12 @@ pub struct ReplicaUnit {
     /// Memory limit in bytes; 0 means no limit.
     pub memory_bytes: u64,
     pub working_directory: Option<PathBuf>,
-    /// Environment of the replica: the unit inherits nothing from the agent.
-    pub env: Vec<(String, String)>,
+    /// The replica's whole environment, as a file for `EnvironmentFile=` (see
+    /// [`environment_file`]): the unit inherits nothing from the agent, and nothing of the
+    /// environment is put on a command line, where every user could read it.
+    pub environment_file: Option<PathBuf>,
+    /// Whom the replica runs as (`User=`, `Group=`, `SupplementaryGroups=`); `None`: root.
+    pub user: Option<crate::exec::spawn::Credentials>,
     /// Program and arguments.
     pub command: Vec<String>,
     /// The agent's own unit (see [`own_unit`]). The replica is made `PartOf=` it, so
@@ -265,12 +269,7 @@ pub struct ReplicaUnit {
 impl ReplicaUnit {
     /// The unit name, `agentd-<job>-<replica>-<generation>.service`.
     pub fn unit_name(&self) -> Result<String, SystemdError> {
-        check_unit_part("job", &self.job)?;
-        check_unit_part("replica", &self.replica)?;
-        Ok(format!(
-            "agentd-{}-{}-{}.service",
-            self.job, self.replica, self.generation
-        ))
+        unit_name(&self.job, &self.replica, self.generation)
     }
 
     /// The `systemd-run` argv that starts the replica, waits for it and returns its exit status
@@ -330,19 +329,66 @@ impl ReplicaUnit {
             arg.push(dir);
             argv.push(arg);
         }
-        for (key, value) in &self.env {
-            if key.is_empty() || key.contains('=') {
-                return Err(SystemdError::Replica {
-                    field: "env",
-                    reason: format!("name {key:?} is not a valid variable name"),
-                });
+        if let Some(user) = &self.user {
+            argv.push(format!("--property=User={}", user.uid).into());
+            argv.push(format!("--property=Group={}", user.gid).into());
+            let groups: Vec<String> = user.groups.iter().map(u32::to_string).collect();
+            if !groups.is_empty() {
+                argv.push(format!("--property=SupplementaryGroups={}", groups.join(" ")).into());
             }
-            argv.push(format!("--setenv={key}={value}").into());
+        }
+        if let Some(file) = &self.environment_file {
+            let mut arg = OsString::from("--property=EnvironmentFile=");
+            arg.push(file);
+            argv.push(arg);
         }
         argv.push("--".into());
         argv.extend(self.command.iter().map(OsString::from));
         Ok(argv)
     }
+}
+
+/// The unit name of one replica of one generation, `agentd-<job>-<replica>-<generation>.service`:
+/// an exact name, never a pattern, so that job `mnist` never reaches job `mnist-2`'s units.
+pub fn unit_name(job: &str, replica: &str, generation: u32) -> Result<String, SystemdError> {
+    check_unit_part("job", job)?;
+    check_unit_part("replica", replica)?;
+    Ok(format!("agentd-{job}-{replica}-{generation}.service"))
+}
+
+/// The text of an environment file (`EnvironmentFile=`, systemd.exec(5)) that sets exactly
+/// these variables: each value in double quotes, with `"`, `\`, `` ` `` and `$` escaped, so
+/// that JSON, newlines and shell characters arrive unchanged.
+pub fn environment_file<'a>(
+    env: impl Iterator<Item = (&'a String, &'a String)>,
+) -> Result<String, SystemdError> {
+    let mut text = String::new();
+    for (key, value) in env {
+        let valid = key
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(SystemdError::Replica {
+                field: "env",
+                reason: format!(
+                    "name {key:?} is not a valid variable name; use letters, digits and '_', \
+                     not starting with a digit"
+                ),
+            });
+        }
+        text.push_str(key);
+        text.push_str("=\"");
+        for c in value.chars() {
+            if matches!(c, '"' | '\\' | '`' | '$') {
+                text.push('\\');
+            }
+            text.push(c);
+        }
+        text.push_str("\"\n");
+    }
+    Ok(text)
 }
 
 /// The `systemctl` argv that stops a replica's unit (what cancelling a job runs).
@@ -386,13 +432,12 @@ mod tests {
             cpu_milli: 1500,
             memory_bytes: 8 * 1024 * 1024 * 1024,
             working_directory: Some("/data/mnist".into()),
-            env: vec![
-                (
-                    "TF_CONFIG".into(),
-                    r#"{"task":{"type":"worker","index":1}}"#.into(),
-                ),
-                ("CUDA_VISIBLE_DEVICES".into(), "2,5".into()),
-            ],
+            environment_file: Some("/var/lib/agentd/replicas/mnist/worker-1.2/env".into()),
+            user: Some(crate::exec::spawn::Credentials {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000, 44],
+            }),
             command: vec!["python3".into(), "train.py".into(), "--epochs=3".into()],
             part_of: Some("agentd.service".into()),
             kill_grace: Duration::from_secs(30),
@@ -427,11 +472,26 @@ mod tests {
         );
         assert!(argv.contains(&"--property=PartOf=agentd.service".into()));
         assert!(argv.contains(&"--working-directory=/data/mnist".into()));
-        assert!(
-            argv.contains(&r#"--setenv=TF_CONFIG={"task":{"type":"worker","index":1}}"#.into())
-        );
+        assert!(argv.contains(
+            &"--property=EnvironmentFile=/var/lib/agentd/replicas/mnist/worker-1.2/env".into()
+        ));
+        assert!(!argv.iter().any(|a| a.starts_with("--setenv")), "{argv:?}");
+        assert!(argv.contains(&"--property=User=1000".into()));
+        assert!(argv.contains(&"--property=Group=1000".into()));
+        assert!(argv.contains(&"--property=SupplementaryGroups=1000 44".into()));
         let dashdash = argv.iter().position(|a| a == "--").unwrap();
         assert_eq!(&argv[dashdash + 1..], ["python3", "train.py", "--epochs=3"]);
+    }
+
+    #[test]
+    fn unit_names_are_exact_and_never_reach_another_job() {
+        let name = unit_name("mnist", "worker-0", 1).unwrap();
+        assert_eq!(name, "agentd-mnist-worker-0-1.service");
+        assert!(!name.contains(['*', '?', '[']), "a name, not a pattern");
+        // What job mnist-2's units are called: no name of job mnist's is one of them.
+        let other = unit_name("mnist-2", "worker-0", 1).unwrap();
+        assert_ne!(name, other);
+        assert!(unit_name("mnist*", "worker-0", 1).is_err());
     }
 
     #[test]
@@ -464,14 +524,41 @@ mod tests {
                 .to_string()
                 .contains("command")
         );
-        let mut r = replica();
-        r.env.push(("A=B".into(), "c".into()));
-        assert!(
-            r.systemd_run_argv()
-                .unwrap_err()
-                .to_string()
-                .contains("env")
-        );
+        let bad = ("A=B".to_owned(), "c".to_owned());
+        let error = environment_file(std::iter::once((&bad.0, &bad.1)))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("env") && error.contains("A=B"), "{error}");
+    }
+
+    #[test]
+    fn the_environment_file_carries_every_value_unchanged() {
+        let env: Vec<(String, String)> = vec![
+            (
+                "TF_CONFIG".into(),
+                r#"{"cluster":{"worker":["localhost:1"]},"task":{"type":"worker"}}"#.into(),
+            ),
+            (
+                "TRICKY".into(),
+                "a \"b\" \\c `d` $HOME ${X} 'e'\nline two".into(),
+            ),
+            ("EMPTY".into(), String::new()),
+        ];
+        let text = environment_file(env.iter().map(|(k, v)| (k, v))).unwrap();
+        // systemd reads double-quoted values as sh does: source it and print each back.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("env");
+        std::fs::write(&path, &text).unwrap();
+        for (key, value) in &env {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(". \"$0\"; printf %s \"${key}\""))
+                .arg(&path)
+                .env_clear()
+                .output()
+                .unwrap();
+            assert_eq!(&String::from_utf8(out.stdout).unwrap(), value, "{text}");
+        }
     }
 
     #[test]

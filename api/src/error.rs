@@ -8,6 +8,14 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     BadRequest,
     InvalidSpec,
+    /// No credentials, or credentials the agent does not accept (HTTP 401).
+    Unauthorized,
+    /// The caller is known but a rule forbids the request (HTTP 403); `rule` names it.
+    Forbidden,
+    /// The caller sent more requests than its rate allows (HTTP 429).
+    TooManyRequests,
+    /// The request did not arrive in time (HTTP 408).
+    RequestTimeout,
     NotFound,
     MethodNotAllowed,
     Conflict,
@@ -24,6 +32,9 @@ pub struct ErrorDetail {
     /// Path of the offending field, such as `spec.replicaSpecs.Worker.replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// For `forbidden`: the authorization rule that refused the request, such as `own-jobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
     /// Further problems found in the same request, when validation found more than one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<FieldProblem>,
@@ -47,6 +58,7 @@ impl ErrorBody {
                 code,
                 message: message.into(),
                 field: None,
+                rule: None,
                 details: Vec::new(),
             },
         }

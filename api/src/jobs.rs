@@ -125,9 +125,29 @@ pub struct JobStatus {
     pub backoff_limit: u32,
     /// Increments with every start of the gang.
     pub generation: u32,
+    /// Who submitted the job; `null` for jobs submitted before owners were recorded.
+    #[serde(default)]
+    pub owner: Option<Owner>,
     pub replicas: Vec<ReplicaStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<JobEvent>,
+}
+
+/// The user a job belongs to: who submitted it, as the agent saw them (the socket peer's
+/// credentials, or the user of a remote token). Replicas run as this user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    /// The primary group.
+    pub gid: u32,
+    /// The user name; the uid in decimal where the system knows no name for it.
+    pub user: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.user)
+    }
 }
 
 /// `GET /v1/jobs`.

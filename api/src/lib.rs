@@ -11,6 +11,7 @@ pub mod status;
 pub use client::{Client, ClientError};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use inventory::{CpuInfo, DiskInfo, GpuDriver, GpuInfo, MemoryInfo, NodeInventory};
+pub use jobs::Owner;
 pub use status::{AgentInfo, Status};
 
 /// The API version prefix every route lives under.

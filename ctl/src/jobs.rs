@@ -124,9 +124,13 @@ pub async fn list(
     client: &Client,
     queue: Option<&str>,
     state: Option<&str>,
+    user: Option<&str>,
     format: Format,
 ) -> Result<(), Failure> {
     let mut query = Vec::new();
+    if let Some(u) = user {
+        query.push(format!("user={}", encode(u)));
+    }
     if let Some(q) = queue {
         query.push(format!("queue={}", encode(q)));
     }
@@ -150,12 +154,13 @@ pub async fn list(
     }
     let now = now();
     let mut table = Table::new([
-        "NAME", "QUEUE", "STATE", "REPLICAS", "GPUS", "RESTARTS", "AGE", "REASON",
+        "NAME", "OWNER", "QUEUE", "STATE", "REPLICAS", "GPUS", "RESTARTS", "AGE", "REASON",
     ]);
     for j in &list.jobs {
         let gpus: usize = j.replicas.iter().map(|r| r.gpu_indices.len()).sum();
         table.row(vec![
             j.name.clone(),
+            owner(j),
             j.queue.clone(),
             j.state.to_string(),
             j.replicas.len().to_string(),
@@ -169,6 +174,13 @@ pub async fn list(
     Ok(())
 }
 
+/// The owner's name, or `-` for a job from before owners were recorded.
+fn owner(job: &JobStatus) -> String {
+    job.owner
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |o| o.user.clone())
+}
+
 pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Failure> {
     let value = client
         .get_value(&format!("/v1/jobs/{}", encode(name)))
@@ -179,6 +191,7 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
     let j: JobStatus =
         serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
     println!("Name      {} ({})", j.name, j.kind);
+    println!("Owner     {}", owner(&j));
     println!("Queue     {} (priority {})", j.queue, j.priority);
     println!("State     {}: {}", j.state, j.reason);
     println!("Message   {}", j.message);

@@ -51,6 +51,9 @@ enum Command {
         /// Queued, Placed, Starting, Running, Restarting, Succeeded, Failed or Cancelled.
         #[arg(long)]
         state: Option<String>,
+        /// Only the jobs of this user.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// One job: state, reason, replicas and events.
     Job { name: String },
@@ -135,8 +138,15 @@ fn main() -> ExitCode {
             Command::Status => status::status(&client, cli.output).await,
             Command::Node => status::node(&client, cli.output).await,
             Command::Submit { file, wait } => jobs::submit(&client, &file, wait, cli.output).await,
-            Command::Jobs { queue, state } => {
-                jobs::list(&client, queue.as_deref(), state.as_deref(), cli.output).await
+            Command::Jobs { queue, state, user } => {
+                jobs::list(
+                    &client,
+                    queue.as_deref(),
+                    state.as_deref(),
+                    user.as_deref(),
+                    cli.output,
+                )
+                .await
             }
             Command::Job { name } => jobs::show(&client, &name, cli.output).await,
             Command::Logs { .. } if cli.output != Format::Table => Err(Failure::Usage(

@@ -26,6 +26,15 @@ pub enum ApiError {
     #[error("the job spec is invalid")]
     Invalid(Vec<FieldProblem>),
     #[error("{0}")]
+    Unauthorized(String),
+    /// A rule refused the request; `rule` is its short name (`own-jobs`, `admin-only`).
+    #[error("forbidden by rule {rule}: {message}")]
+    Forbidden { rule: &'static str, message: String },
+    #[error("{0}")]
+    TooManyRequests(String),
+    #[error("the request body did not arrive within {after:?}")]
+    RequestTimeout { after: std::time::Duration },
+    #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
     Unavailable(String),
@@ -58,6 +67,10 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge)
             }
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidSpec),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            Self::Forbidden { .. } => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, ErrorCode::RequestTimeout),
+            Self::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             Self::Conflict(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
@@ -67,6 +80,7 @@ impl ApiError {
             Self::BadRequest {
                 field: Some(field), ..
             } => body.error.field = Some(field.clone()),
+            Self::Forbidden { rule, .. } => body.error.rule = Some((*rule).to_owned()),
             Self::Invalid(problems) => {
                 if let [first, ..] = problems.as_slice() {
                     body.error.field = Some(first.field.clone());

@@ -1,9 +1,12 @@
 //! The HTTP/1.1 + JSON API on the Unix socket. This is the only module that knows about HTTP:
 //! `routes` turns a method and path into a `Route`, handlers parse and validate bodies and ask
-//! the core for what they need, and `error` gives every failure its status. Each request is
-//! logged with the caller's uid, taken from the socket (SO_PEERCRED).
+//! the core for what they need, and `error` gives every failure its status. Every request has a
+//! caller (`auth`): the socket peer's credentials (SO_PEERCRED); each request is logged with it
+//! and checked against the same authorization rules on every door.
 
+pub mod auth;
 pub mod error;
+pub mod limits;
 mod logs;
 mod routes;
 pub mod socket;
@@ -22,6 +25,7 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
+pub use auth::Caller;
 pub use error::ApiError;
 
 use crate::core::{Command, CoreError, CoreHandle};
@@ -46,6 +50,32 @@ pub struct ApiState {
     /// What a submitted manifest must pass before it reaches the core.
     pub admission: Arc<crate::job::Admission>,
     pub metrics: Option<crate::metrics::Metrics>,
+    /// Members of this group act on every job (`api.admin_group`).
+    pub admin_group: Arc<str>,
+    pub limits: Arc<ApiLimits>,
+}
+
+/// The limits one listener of the API enforces (see [`limits`]).
+pub struct ApiLimits {
+    pub connections: limits::ConnectionCap,
+    pub rate: limits::RequestRate,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+}
+
+impl ApiLimits {
+    pub fn new(
+        listener: &'static str,
+        config: &crate::config::ApiConfig,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            connections: limits::ConnectionCap::new(listener, config.max_connections, metrics),
+            rate: limits::RequestRate::new(config.requests_per_second, config.request_burst),
+            header_timeout: config.header_timeout,
+            body_timeout: config.body_timeout,
+        }
+    }
 }
 
 /// The fixed facts about this agent that `status` reports.
@@ -77,13 +107,28 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
                 continue;
             }
         };
-        let caller = stream.peer_cred().ok();
-        let uid = caller.map(|c| c.uid());
-        let pid = caller.and_then(|c| c.pid());
+        let Some(permit) = state.limits.connections.admit() else {
+            drop(stream);
+            continue;
+        };
+        let pid = stream.peer_cred().ok().and_then(|c| c.pid());
+        let caller = match stream.peer_cred() {
+            Ok(cred) => Some(Arc::new(Caller::from_peer(
+                cred.uid(),
+                cred.gid(),
+                &state.admin_group,
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the peer's credentials; refusing");
+                None
+            }
+        };
+        let header_timeout = state.limits.header_timeout;
         let state = state.clone();
         let service = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(&state, uid, pid, req).await) }
+            let caller = caller.clone();
+            async move { Ok::<_, Infallible>(handle(&state, caller.as_deref(), pid, req).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             // A client that shuts down its writing side after the request (as `curl` and
@@ -91,10 +136,11 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
             // the answer never sent.
             .half_close(true)
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(header_timeout)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -111,7 +157,7 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
 
 async fn handle(
     state: &ApiState,
-    uid: Option<u32>,
+    caller: Option<&Caller>,
     pid: Option<i32>,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -122,17 +168,37 @@ async fn handle(
     let parsed =
         declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
     let route_name = parsed.as_ref().map_or("unknown", Route::name);
-    let response = match parsed {
-        Ok(route) => dispatch(state, route, req)
-            .await
-            .unwrap_or_else(|e| error_response(&e)),
-        Err(e) => error_response(&e),
+    let response = match (parsed, caller) {
+        (Ok(_), Some(caller))
+            if caller.owner.uid != 0 && !state.limits.rate.allow(caller.name(), Instant::now()) =>
+        {
+            state.limits.connections.refused("rate_limit");
+            error_response(&ApiError::TooManyRequests(format!(
+                "{} sent too many requests; slow down (api.requests_per_second)",
+                caller.name()
+            )))
+        }
+        (Ok(route), Some(caller)) => {
+            dispatch(state, caller, route, req)
+                .await
+                .unwrap_or_else(|e| {
+                    if matches!(e, ApiError::RequestTimeout { .. }) {
+                        state.limits.connections.refused("body_timeout");
+                    }
+                    error_response(&e)
+                })
+        }
+        (Ok(_), None) => error_response(&ApiError::Unauthorized(
+            "the caller's identity is unknown".to_owned(),
+        )),
+        (Err(e), _) => error_response(&e),
     };
     if let Some(metrics) = &state.metrics {
         metrics.api_request(route_name, response.status().as_u16());
     }
     tracing::info!(
-        uid = uid.map_or_else(|| "unknown".to_owned(), |u| u.to_string()),
+        uid = caller.map_or_else(|| "unknown".to_owned(), |c| c.owner.uid.to_string()),
+        user = caller.map_or("unknown", Caller::name),
         pid = pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
         %method,
         path,
@@ -145,6 +211,7 @@ async fn handle(
 
 async fn dispatch(
     state: &ApiState,
+    caller: &Caller,
     route: Route,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -161,7 +228,11 @@ async fn dispatch(
         });
     // Every route reads its body through the limit, even those that expect none, so that an
     // oversized request is always a 413 and never a half-read connection.
-    let body = read_body(req).await?;
+    let body = tokio::time::timeout(state.limits.body_timeout, read_body(req))
+        .await
+        .map_err(|_| ApiError::RequestTimeout {
+            after: state.limits.body_timeout,
+        })??;
     let core = &state.core;
     match route {
         Route::Healthz => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
@@ -203,16 +274,18 @@ async fn dispatch(
                 .ask(|reply| Command::Submit {
                     job: Box::new(job),
                     manifest,
+                    owner: caller.owner.clone(),
                     reply,
                 })
                 .await?;
             Ok(json(StatusCode::CREATED, &status))
         }
-        Route::ListJobs { queue, state } => {
+        Route::ListJobs { queue, state, user } => {
             let list = core
                 .ask(|reply| Command::List {
                     queue,
                     state,
+                    user,
                     reply,
                 })
                 .await?;
@@ -228,10 +301,16 @@ async fn dispatch(
                 })
                 .await?,
         )),
-        Route::CancelJob { name } => Ok(json(
-            StatusCode::OK,
-            &core.ask(|reply| Command::Cancel { name, reply }).await?,
-        )),
+        Route::CancelJob { name } => {
+            authorize_job(core, caller, &name).await?;
+            let by = caller.name().to_owned();
+            Ok(json(
+                StatusCode::OK,
+                &core
+                    .ask(|reply| Command::Cancel { name, by, reply })
+                    .await?,
+            ))
+        }
         Route::Queues => Ok(json(
             StatusCode::OK,
             &core.ask(|reply| Command::Queues { reply }).await?,
@@ -251,8 +330,27 @@ async fn dispatch(
             name,
             replica,
             follow,
-        } => logs::respond(core, name, replica, follow).await,
+        } => {
+            authorize_job(core, caller, &name).await?;
+            logs::respond(core, name, replica, follow).await
+        }
     }
+}
+
+/// Checks that `caller` may act on job `name` (a missing job is a 404 for everyone: it is in
+/// the job list all callers may read anyway).
+async fn authorize_job(core: &CoreHandle, caller: &Caller, name: &str) -> Result<(), ApiError> {
+    if caller.admin {
+        return Ok(());
+    }
+    let job = core
+        .ask(|reply| Command::Get {
+            name: name.to_owned(),
+            removed: false,
+            reply,
+        })
+        .await?;
+    caller.may_act_on(name, job.owner.as_ref())
 }
 
 /// Manifests come as YAML or JSON; a form or a binary upload is a mistake worth naming.

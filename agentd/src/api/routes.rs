@@ -17,6 +17,8 @@ pub enum Route {
     ListJobs {
         queue: Option<String>,
         state: Option<JobState>,
+        /// Only this user's jobs.
+        user: Option<String>,
     },
     SubmitJob,
     GetJob {
@@ -64,6 +66,7 @@ impl Route {
             ) => return Err(not_allowed("GET")),
             (["v1", "jobs"], true) => Route::ListJobs {
                 queue: query.get("queue").map(str::to_owned),
+                user: query.get("user").map(str::to_owned),
                 state: match query.get("state") {
                     None => None,
                     Some(s) => Some(JobState::parse(s).ok_or_else(|| ApiError::BadRequest {
@@ -232,7 +235,8 @@ mod tests {
             Route::parse(&Method::GET, "/v1/jobs", Some("state=running&queue=fast")).unwrap(),
             Route::ListJobs {
                 queue: Some("fast".into()),
-                state: Some(JobState::Running)
+                state: Some(JobState::Running),
+                user: None,
             }
         );
         let err = Route::parse(&Method::GET, "/v1/jobs", Some("state=sleeping")).unwrap_err();

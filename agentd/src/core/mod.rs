@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use agentd_api::NodeInventory;
 use agentd_api::jobs::{
-    EventList, JobList, JobState, JobStatus, QueueList, QueueStatus, ReplicaState,
+    EventList, JobList, JobState, JobStatus, Owner, QueueList, QueueStatus, ReplicaState,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -79,11 +79,15 @@ pub enum Command {
     Submit {
         job: Box<job::TrainingJob>,
         manifest: String,
+        /// The caller, who becomes the job's owner.
+        owner: Owner,
         reply: Reply<JobStatus>,
     },
     List {
         queue: Option<String>,
         state: Option<JobState>,
+        /// Only the jobs of this user (by name).
+        user: Option<String>,
         reply: Reply<JobList>,
     },
     Get {
@@ -95,6 +99,8 @@ pub enum Command {
     /// Cancels an active job; removes a finished one.
     Cancel {
         name: String,
+        /// Who asked, for the job's events.
+        by: String,
         reply: Reply<JobStatus>,
     },
     Queues {
@@ -238,7 +244,13 @@ impl Core {
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             sample_retention: config.inventory.sample_retention,
             store,
-            executor: LocalExecutor::new(reports, config.jobs.log_max_bytes, runner(config)?),
+            executor: LocalExecutor::new(
+                reports,
+                config.jobs.log_max_bytes,
+                runner(config)?,
+                config.state_dir.join("replicas"),
+                crate::exec::ShimCommand::agentd(),
+            ),
             launches: Vec::new(),
             in_flight: 0,
             policy: Policy::agentd(),
@@ -340,12 +352,15 @@ impl Core {
         self.store
     }
 
-    /// Stops every running gang (the agent is going away; the jobs are restarted when it
-    /// comes back) and writes the final state.
+    /// Writes the final state. Replicas under their own supervisors run on, for the next agent
+    /// to adopt; transient units stop with the agent's unit, so their gangs are stopped here
+    /// (and restarted when the agent comes back).
     async fn shutdown(&mut self) {
         let mut groups = Vec::new();
-        for record in self.jobs.values() {
-            groups.extend(record.live_pgids());
+        if !self.executor.replicas_outlive_agent() {
+            for record in self.jobs.values() {
+                groups.extend(record.live_pgids());
+            }
         }
         if !groups.is_empty() {
             tracing::info!(groups = groups.len(), "stopping replicas");
@@ -361,14 +376,16 @@ impl Core {
             Command::Submit {
                 job,
                 manifest,
+                owner,
                 reply,
             } => {
-                let result = self.submit(*job, manifest);
+                let result = self.submit(*job, manifest, owner);
                 self.replies.push((reply, result));
             }
             Command::List {
                 queue,
                 state,
+                user,
                 reply,
             } => {
                 let jobs = self
@@ -376,6 +393,10 @@ impl Core {
                     .values()
                     .filter(|r| queue.as_ref().is_none_or(|q| &r.status.queue == q))
                     .filter(|r| state.is_none_or(|s| r.status.state == s))
+                    .filter(|r| {
+                        user.as_ref()
+                            .is_none_or(|u| r.status.owner.as_ref().is_some_and(|o| &o.user == u))
+                    })
                     .map(|r| r.status.clone())
                     .collect();
                 let _ = reply.send(Ok(JobList { jobs }));
@@ -397,8 +418,8 @@ impl Core {
                 };
                 let _ = reply.send(found);
             }
-            Command::Cancel { name, reply } => {
-                let result = self.cancel(&name);
+            Command::Cancel { name, by, reply } => {
+                let result = self.cancel(&name, &by);
                 self.replies.push((reply, result));
             }
             Command::Queues { reply } => {
@@ -427,7 +448,12 @@ impl Core {
         }
     }
 
-    fn submit(&mut self, parsed: job::TrainingJob, text: String) -> Result<JobStatus, CoreError> {
+    fn submit(
+        &mut self,
+        parsed: job::TrainingJob,
+        text: String,
+        owner: Owner,
+    ) -> Result<JobStatus, CoreError> {
         let held: u64 = self
             .jobs
             .values()
@@ -461,7 +487,9 @@ impl Core {
             )));
         }
         let now = unix_now();
-        let record = JobRecord::new(parsed, text, now);
+        let mut record = JobRecord::new(parsed, text, now);
+        let by = owner.user.clone();
+        record.status.owner = Some(owner);
         let name = record.status.name.clone();
         let status = record.status.clone();
         self.undo.entry(name.clone()).or_insert(None);
@@ -469,7 +497,7 @@ impl Core {
         self.event(
             &name,
             "Submitted",
-            format!("accepted into queue {}", status.queue),
+            format!("submitted by {by}, accepted into queue {}", status.queue),
         );
         self.dirty.insert(name);
         self.needs_pass = true;
@@ -506,7 +534,7 @@ impl Core {
         Ok(status)
     }
 
-    fn cancel(&mut self, name: &str) -> Result<JobStatus, CoreError> {
+    fn cancel(&mut self, name: &str, by: &str) -> Result<JobStatus, CoreError> {
         let record = self
             .jobs
             .get(name)
@@ -548,7 +576,7 @@ impl Core {
             name,
             JobState::Cancelled,
             "Cancelled",
-            "cancelled by request".to_owned(),
+            format!("cancelled by {by}"),
         );
         Ok(self.jobs[name].status.clone())
     }
@@ -596,7 +624,21 @@ impl Core {
                 .filter_map(|p| u32::try_from(p).ok())
                 .collect(),
         };
-        self.executor.stop_leftover_units(name);
+        // Its units by their exact names, from what of the status can be read.
+        let stored = serde_json::from_str::<serde_json::Value>(status_json).ok();
+        let generation = stored
+            .as_ref()
+            .and_then(|v| v.get("generation")?.as_u64())
+            .and_then(|g| u32::try_from(g).ok());
+        let units: Vec<String> = stored
+            .as_ref()
+            .and_then(|v| v.get("replicas")?.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.get("name")?.as_str().map(str::to_owned))
+            .filter_map(|replica| crate::systemd::unit_name(name, &replica, generation?).ok())
+            .collect();
+        self.executor.stop_leftover_units(&units);
         for pgid in groups {
             let killed = local::kill_leftovers(pgid, name);
             if killed > 0 {

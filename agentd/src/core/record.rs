@@ -115,6 +115,7 @@ impl JobRecord {
             restarts: 0,
             backoff_limit: job.spec.run_policy.effective_backoff_limit(),
             generation: 0,
+            owner: None,
             replicas,
             events: Vec::new(),
         };
@@ -266,6 +267,61 @@ impl JobRecord {
         )
     }
 
+    /// Whom replicas of group `t` run as (see [`crate::exec::RunAs::for_owner`]): the
+    /// container's `securityContext` wins over the pod's, as in Kubernetes.
+    fn run_as(
+        &self,
+        t: job::ReplicaType,
+        container: &k8s_openapi::api::core::v1::Container,
+    ) -> Result<Option<crate::exec::RunAs>, String> {
+        let spec = &self.job.spec.replica_specs[&t];
+        let at = format!(
+            "spec.{}.{t}.template.spec",
+            self.job.source.replica_specs_key()
+        );
+        let index = spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|p| p.containers.iter().position(|c| c.name == container.name))
+            .unwrap_or_default();
+        let pod = spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|p| p.security_context.as_ref());
+        let own = container.security_context.as_ref();
+        let user_field = format!("{at}.containers[{index}].securityContext.runAsUser");
+        let group_field = format!("{at}.containers[{index}].securityContext.runAsGroup");
+        let pod_user_field = format!("{at}.securityContext.runAsUser");
+        let pod_group_field = format!("{at}.securityContext.runAsGroup");
+        let asked = |own: Option<i64>, own_field, pod: Option<i64>, pod_field| {
+            own.map(|id| crate::exec::AskedId {
+                id,
+                field: own_field,
+            })
+            .or(pod.map(|id| crate::exec::AskedId {
+                id,
+                field: pod_field,
+            }))
+        };
+        crate::exec::RunAs::for_owner(
+            self.status.owner.as_ref().map(|o| (o.uid, o.gid)),
+            asked(
+                own.and_then(|c| c.run_as_user),
+                &user_field,
+                pod.and_then(|p| p.run_as_user),
+                &pod_user_field,
+            ),
+            asked(
+                own.and_then(|c| c.run_as_group),
+                &group_field,
+                pod.and_then(|p| p.run_as_group),
+                &pod_group_field,
+            ),
+        )
+    }
+
     /// The processes to start for the placed generation, each with its `TF_CONFIG` and GPUs.
     pub fn launch_specs(&mut self, log_dir: &Path) -> Result<Vec<LaunchSpec>, String> {
         let names = job::replica_names(&self.job);
@@ -281,6 +337,7 @@ impl JobRecord {
             let container = spec
                 .training_container()
                 .ok_or_else(|| format!("{name}: no training container"))?;
+            let user = self.run_as(t, container)?;
             // `$(NAME)` is expanded as Kubernetes does: an env value sees the variables listed
             // before it, the command line sees the whole environment.
             let mut env: BTreeMap<String, String> = BTreeMap::new();
@@ -330,6 +387,7 @@ impl JobRecord {
                 gpu_indices: given.map(|a| a.gpu_indices.clone()).unwrap_or_default(),
                 cpu_milli: given.map_or(0, |a| a.resources.cpu_milli),
                 memory_bytes: given.map_or(0, |a| a.resources.memory_mib * 1024 * 1024),
+                user,
             });
         }
         Ok(specs)

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-use super::spawn;
+use super::{shim, spawn};
 use crate::job::ExitOutcome;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,112 @@ pub struct LaunchSpec {
     pub gpu_indices: Vec<u32>,
     pub cpu_milli: u64,
     pub memory_bytes: u64,
+    /// Whom the replica runs as; `None`: as the agent.
+    pub user: Option<RunAs>,
+}
+
+/// A user a replica runs as: its uid and primary gid. Its name, home and supplementary groups
+/// come from the user database when the replica starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A `securityContext` id a template asks for, with where it was asked (for errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AskedId<'a> {
+    pub id: i64,
+    pub field: &'a str,
+}
+
+impl RunAs {
+    /// Whom a replica of a job owned by `owner` (uid, gid) runs as: its owner, never root on
+    /// someone else's behalf. A template's `securityContext.runAsUser`/`runAsGroup` is
+    /// honoured only for a root owner, who could become anyone anyway; a non-root owner may
+    /// name only their own uid and primary gid. `None`: as the agent (a root owner asking for
+    /// nothing else, or a job stored before owners were recorded).
+    pub fn for_owner(
+        owner: Option<(u32, u32)>,
+        run_as_user: Option<AskedId<'_>>,
+        run_as_group: Option<AskedId<'_>>,
+    ) -> Result<Option<RunAs>, String> {
+        let Some((owner_uid, owner_gid)) = owner else {
+            return Ok(None);
+        };
+        let id = |asked: AskedId<'_>| {
+            u32::try_from(asked.id).map_err(|_| {
+                format!(
+                    "{} is {}; an id is between 0 and {}",
+                    asked.field,
+                    asked.id,
+                    u32::MAX
+                )
+            })
+        };
+        let uid = run_as_user.map(id).transpose()?;
+        let gid = run_as_group.map(id).transpose()?;
+        if owner_uid != 0 {
+            for (asked, value, own) in [
+                (run_as_user, uid, owner_uid),
+                (run_as_group, gid, owner_gid),
+            ] {
+                if let (Some(asked), Some(value)) = (asked, value)
+                    && value != own
+                {
+                    return Err(format!(
+                        "{} is {value}, but the job's owner (uid {owner_uid}) may run replicas \
+                         only as themselves ({own}); only root may name another id",
+                        asked.field
+                    ));
+                }
+            }
+            return Ok(Some(RunAs {
+                uid: owner_uid,
+                gid: owner_gid,
+            }));
+        }
+        let Some(uid) = uid else {
+            return Ok(gid.map(|gid| RunAs { uid: 0, gid }));
+        };
+        // Without runAsGroup, the user's own primary group, as a login would give.
+        let gid = gid.unwrap_or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map_or(uid, |u| u.gid.as_raw())
+        });
+        Ok(Some(RunAs { uid, gid }))
+    }
+
+    /// The credentials, name and home directory of the user: from the user database, or, for
+    /// a uid it does not know, the uid alone with its primary group and `/` as its home.
+    fn resolve(self) -> (spawn::Credentials, String, String) {
+        let uid = nix::unistd::Uid::from_raw(self.uid);
+        let gid = nix::unistd::Gid::from_raw(self.gid);
+        let entry = nix::unistd::User::from_uid(uid).ok().flatten();
+        let (name, home) = entry.as_ref().map_or_else(
+            || (self.uid.to_string(), "/".to_owned()),
+            |u| (u.name.clone(), u.dir.to_string_lossy().into_owned()),
+        );
+        let mut groups: Vec<u32> = entry
+            .and_then(|u| std::ffi::CString::new(u.name).ok())
+            .and_then(|name| nix::unistd::getgrouplist(&name, gid).ok())
+            .map(|gs| gs.into_iter().map(nix::unistd::Gid::as_raw).collect())
+            .unwrap_or_default();
+        if !groups.contains(&self.gid) {
+            groups.push(self.gid);
+        }
+        (
+            spawn::Credentials {
+                uid: self.uid,
+                gid: self.gid,
+                groups,
+            },
+            name,
+            home,
+        )
+    }
 }
 
 /// What became of one replica of a generation.
@@ -120,22 +226,63 @@ pub struct LocalExecutor {
     runner: Runner,
     /// Process group of each live replica that is a unit, and the unit's name.
     units: Arc<Mutex<HashMap<u32, String>>>,
+    reports: mpsc::UnboundedSender<ReplicaReport>,
+    /// Where replicas' run directories are (see [`shim`]).
+    run_root: PathBuf,
+}
+
+/// How the agent starts a replica's supervisor: the program and leading arguments (the run
+/// directory follows), and its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimCommand {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl ShimCommand {
+    /// `agentd shim DIR`, from the agent's own executable: `/proc/self/exe` names the file the
+    /// agent was started from even after a package upgrade replaced it.
+    pub fn agentd() -> Self {
+        Self {
+            argv: vec!["/proc/self/exe".to_owned(), "shim".to_owned()],
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A replica a previous agent left running (or ended while no agent was there), checked and
+/// ready to be watched again.
+#[derive(Debug)]
+pub struct Adoptable {
+    job: String,
+    replica: String,
+    generation: u32,
+    /// The replica's pid, also its process group id.
+    pid: u32,
+    dir: PathBuf,
+    /// The supervisor's pidfd; `None` when it has already ended and left an exit status.
+    pidfd: Option<OwnedFd>,
 }
 
 impl LocalExecutor {
-    /// Must be called on the runtime: replicas are watched by tasks on it.
+    /// Must be called on the runtime: replicas are watched by tasks on it. `run_root` holds the
+    /// replicas' run directories; `shim` starts a replica's supervisor.
     pub fn new(
         reports: mpsc::UnboundedSender<ReplicaReport>,
         log_max_bytes: u64,
         runner: Runner,
+        run_root: PathBuf,
+        shim: ShimCommand,
     ) -> Self {
         let (launches, queue) = std::sync::mpsc::channel::<LaunchSpec>();
         let units = Arc::new(Mutex::new(HashMap::new()));
         let starter = Starter {
-            reports,
+            reports: reports.clone(),
             log_max_bytes,
             runner: runner.clone(),
             units: Arc::clone(&units),
+            run_root: run_root.clone(),
+            shim,
         };
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
@@ -151,25 +298,139 @@ impl LocalExecutor {
             launches,
             runner,
             units,
+            reports,
+            run_root,
         }
     }
 
-    /// After a crash: stops the units of `job` a previous agent left running (their clients
-    /// died with it, the units did not). Nothing to do when replicas are processes:
-    /// [`kill_leftovers`] finds those.
-    pub fn stop_leftover_units(&self, job: &str) {
-        if self.runner == Runner::Processes {
+    /// Whether replicas keep running when the agent stops (each under its own supervisor), to
+    /// be adopted by the next agent. Transient units are stopped with the agent.
+    pub fn replicas_outlive_agent(&self) -> bool {
+        self.runner == Runner::Processes
+    }
+
+    /// After a crash: stops exactly the named units a previous agent left running (their
+    /// clients died with it, the units did not). Nothing to do when replicas are processes:
+    /// [`LocalExecutor::discard`] finds those.
+    pub fn stop_leftover_units(&self, units: &[String]) {
+        if self.runner == Runner::Processes || units.is_empty() {
             return;
         }
-        let pattern = format!("agentd-{job}-*.service");
         match std::process::Command::new("systemctl")
-            .args(["stop", &pattern])
+            .arg("stop")
+            .args(units)
             .status()
         {
             Ok(s) if s.success() => {}
-            Ok(s) => tracing::warn!(job, "systemctl stop {pattern} ended with {s}"),
-            Err(e) => tracing::warn!(job, "cannot run systemctl stop {pattern}: {e}"),
+            Ok(s) => tracing::warn!(?units, "systemctl stop ended with {s}"),
+            Err(e) => tracing::warn!(?units, "cannot run systemctl stop: {e}"),
         }
+    }
+
+    /// Checks that replica `replica` (generation `generation`, process group `pid`) of `job`,
+    /// started by a previous agent, can be watched again: its supervisor still runs, or has
+    /// recorded how the replica ended. Says why not otherwise.
+    pub fn adoptable(
+        &self,
+        job: &str,
+        replica: &str,
+        generation: u32,
+        pid: u32,
+    ) -> Result<Adoptable, String> {
+        let dir = shim::run_dir(&self.run_root, job, replica, generation);
+        let state: shim::ShimState = shim::read(&dir, shim::STATE_FILE)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} has no supervisor record", dir.display()))?;
+        if state.pid != pid {
+            return Err(format!(
+                "{} names process {}, not {pid}",
+                dir.join(shim::STATE_FILE).display(),
+                state.pid
+            ));
+        }
+        // The pidfd first, then the start time: a pidfd taken on a pid that was reused would
+        // show a different start time, so a match means this pidfd is the supervisor's.
+        let pidfd = pidfd_open(state.shim_pid)
+            .filter(|_| shim::start_time(state.shim_pid) == Some(state.shim_start));
+        if pidfd.is_none() && !dir.join(shim::EXIT_FILE).exists() {
+            return Err(format!(
+                "its supervisor (pid {}) is gone and left no exit status",
+                state.shim_pid
+            ));
+        }
+        Ok(Adoptable {
+            job: job.to_owned(),
+            replica: replica.to_owned(),
+            generation,
+            pid,
+            dir,
+            pidfd,
+        })
+    }
+
+    /// Watches an adopted replica as if this agent had started it: its end is reported.
+    pub fn adopt(&self, adoptable: Adoptable) -> Result<(), String> {
+        let Adoptable {
+            job,
+            replica,
+            generation,
+            pid,
+            dir,
+            pidfd,
+        } = adoptable;
+        let pidfd = pidfd
+            // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
+            // which is when the AsyncFd is.
+            .map(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) })
+            .transpose()
+            .map_err(|e| {
+                format!(
+                    "cannot watch the supervisor of {replica}: {}",
+                    std::io::Error::from(e)
+                )
+            })?;
+        let watch = ShimWatch {
+            pid: None,
+            replica: (pid, job.clone()),
+            pidfd,
+            dir,
+        };
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            let outcome = watch.wait().await;
+            let _ = reports.send(ReplicaReport {
+                job,
+                replica,
+                generation,
+                event: ReplicaEvent::Exited { outcome },
+            });
+        });
+        Ok(())
+    }
+
+    /// Stops whatever a previous agent's replicas of `job` left running and forgets their run
+    /// directories: the gang could not be adopted. Returns how many processes were killed.
+    pub fn discard(&self, job: &str) -> usize {
+        let job_dir = self.run_root.join(job);
+        let mut killed = 0;
+        for entry in std::fs::read_dir(&job_dir).into_iter().flatten().flatten() {
+            if let Ok(Some(state)) = shim::read::<shim::ShimState>(&entry.path(), shim::STATE_FILE)
+            {
+                killed += kill_leftovers(state.pid, job);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&job_dir);
+        killed
+    }
+
+    /// Jobs that have run directories (replicas a previous agent started).
+    pub fn jobs_with_replicas(&self) -> Vec<String> {
+        std::fs::read_dir(&self.run_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
     }
 
     /// Starts one replica in the background; a report follows.
@@ -228,6 +489,8 @@ struct Starter {
     log_max_bytes: u64,
     runner: Runner,
     units: Arc<Mutex<HashMap<u32, String>>>,
+    run_root: PathBuf,
+    shim: ShimCommand,
 }
 
 impl Starter {
@@ -242,13 +505,38 @@ impl Starter {
                 event,
             });
         };
-        match spawn_watched(&spec, &self.runner) {
+        if self.runner == Runner::Processes {
+            match self.start_shim(&spec) {
+                Ok((pid, watch)) => {
+                    report(&spec, ReplicaEvent::Started { pid });
+                    let reports = self.reports.clone();
+                    tokio::spawn(async move {
+                        let outcome = watch.wait().await;
+                        let _ = reports.send(ReplicaReport {
+                            job: spec.job,
+                            replica: spec.replica,
+                            generation: spec.generation,
+                            event: ReplicaEvent::Exited { outcome },
+                        });
+                    });
+                }
+                Err(e) => report(
+                    &spec,
+                    ReplicaEvent::StartFailed {
+                        message: e.to_string(),
+                        transient: e.is_transient(),
+                    },
+                ),
+            }
+            return;
+        }
+        match spawn_unit(&spec, &self.runner, &self.run_root) {
             Ok((pid, watch, unit)) => {
                 report(&spec, ReplicaEvent::Started { pid });
                 if let Some(unit) = unit {
                     self.units.lock().expect("not poisoned").insert(pid, unit);
                 }
-                let log = LogFile::new(
+                let mut log = LogFile::new(
                     &spec.log_path,
                     self.log_max_bytes,
                     format!(
@@ -258,11 +546,16 @@ impl Starter {
                         spec.argv.join(" ")
                     ),
                 );
+                if let Some(user) = spec.user {
+                    log = log.owned_by(user.uid, user.gid);
+                }
                 let reports = self.reports.clone();
                 let units = Arc::clone(&self.units);
+                let dir = shim::run_dir(&self.run_root, &spec.job, &spec.replica, spec.generation);
                 tokio::spawn(async move {
                     let (outcome, mut log) = watch.run(log).await;
                     units.lock().expect("not poisoned").remove(&pid);
+                    let _ = std::fs::remove_dir_all(&dir);
                     log.finish(&format!(
                         "agentd: {} generation {} ended: {}",
                         spec.replica,
@@ -288,11 +581,174 @@ impl Starter {
     }
 }
 
-/// Starts the replica's process (the replica itself, or the `systemd-run` client of its
-/// unit) and sets up its watcher. Returns its pid, the watcher and the unit's name.
-fn spawn_watched(
+impl Starter {
+    /// Writes the replica's run directory and starts its supervisor, which starts the replica
+    /// and says so (or why it could not) on a pipe. Returns the replica's pid and a watcher
+    /// of the supervisor.
+    fn start_shim(&self, spec: &LaunchSpec) -> Result<(u32, ShimWatch), ExecError> {
+        let spawn_err = |source| ExecError::Spawn {
+            job: spec.job.clone(),
+            replica: spec.replica.clone(),
+            program: spec.argv.first().cloned().unwrap_or_default(),
+            source,
+        };
+        let user = spec.user.map(RunAs::resolve);
+        // The user's own identity and home, unless the manifest says otherwise.
+        let identity: Vec<(String, String)> = user
+            .iter()
+            .flat_map(|(_, name, home)| {
+                [
+                    ("HOME".to_owned(), home.clone()),
+                    ("USER".to_owned(), name.clone()),
+                    ("LOGNAME".to_owned(), name.clone()),
+                ]
+            })
+            .filter(|(k, _)| !spec.env.contains_key(k))
+            .collect();
+        let env: Vec<(String, String)> = inherited_env()
+            .filter(|(k, _)| !spec.env.contains_key(k))
+            .filter(|(k, _)| !identity.iter().any(|(i, _)| i == k))
+            .chain(identity.iter().cloned())
+            .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect();
+        let dir = shim::run_dir(&self.run_root, &spec.job, &spec.replica, spec.generation);
+        shim::prepare(
+            &dir,
+            &shim::ShimSpec {
+                argv: spec.argv.clone(),
+                env,
+                working_dir: spec.working_dir.clone(),
+                log_path: spec.log_path.clone(),
+                log_max_bytes: self.log_max_bytes,
+                title: format!("{} generation {}", spec.replica, spec.generation),
+                user: user.map(|(credentials, _, _)| credentials),
+            },
+        )
+        .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
+        let forget = |e: std::io::Error| {
+            let _ = std::fs::remove_dir_all(&dir);
+            spawn_err(e)
+        };
+        let (said, said_write) = pipe().map_err(forget)?;
+        let mut argv = self.shim.argv.clone();
+        argv.push(dir.to_string_lossy().into_owned());
+        let spawned = spawn::spawn(&spawn::Command {
+            argv: &argv,
+            env: &self.shim.env,
+            working_dir: None,
+            stdout: &said_write,
+            stderr: &said_write,
+            detach: spawn::Detach::Outlives,
+            user: None,
+        })
+        .map_err(forget)?;
+        drop(said_write);
+        // The supervisor closes its end once the replica runs, or ends when it cannot start.
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::fs::File::from(said), &mut text);
+        let started = text
+            .lines()
+            .find_map(|l| l.split_once(shim::STARTED).map(|(_, pid)| pid))
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        let Some(pid) = started else {
+            spawn::reap(spawned.pid.cast_signed());
+            let message = text
+                .lines()
+                .find_map(|l| l.split_once(shim::FAILED).map(|(_, why)| why))
+                .map_or_else(
+                    || format!("its supervisor ended without starting it: {text:?}"),
+                    str::to_owned,
+                );
+            return Err(forget(std::io::Error::other(message)));
+        };
+        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
+        // which is when the AsyncFd is.
+        let pidfd = unsafe { AsyncFd::register_with_interest(spawned.pidfd, Interest::READABLE) };
+        match pidfd {
+            Ok(pidfd) => Ok((
+                pid,
+                ShimWatch {
+                    pid: Some(spawned.pid),
+                    replica: (pid, spec.job.clone()),
+                    pidfd: Some(pidfd),
+                    dir,
+                },
+            )),
+            Err(e) => {
+                // Unwatched, it could not be reported: it must not run at all.
+                signal_group(pid, Signal::SIGKILL);
+                Err(forget(e.into()))
+            }
+        }
+    }
+}
+
+/// A replica's supervisor as the agent watches it.
+struct ShimWatch {
+    /// Its pid when it is the agent's own child, to be reaped.
+    pid: Option<u32>,
+    /// The replica's process group and job, for what is left of it when the supervisor dies
+    /// without recording the replica's end (it was killed).
+    replica: (u32, String),
+    /// `None` when it has already ended.
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    dir: PathBuf,
+}
+
+impl ShimWatch {
+    /// Waits for the supervisor to end and returns how the replica ended (an unknown end when
+    /// it left no record), then forgets the run directory.
+    async fn wait(self) -> ExitOutcome {
+        if let Some(pidfd) = &self.pidfd {
+            // A pidfd only ever turns readable, when the process has exited.
+            let _ = pidfd.readable().await;
+        }
+        if let Some(pid) = self.pid {
+            spawn::reap(pid.cast_signed());
+        }
+        let outcome = match shim::read::<shim::ShimExit>(&self.dir, shim::EXIT_FILE) {
+            Ok(Some(exit)) => exit.into(),
+            Ok(None) => {
+                let (pgid, job) = &self.replica;
+                let killed = kill_leftovers(*pgid, job);
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    killed,
+                    "a replica's supervisor ended without recording its exit; \
+                     stopped what was left of the replica"
+                );
+                ExitOutcome::default()
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                ExitOutcome::default()
+            }
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(job_dir) = self.dir.parent() {
+            // Only once it is empty: the job's other replicas may still run.
+            let _ = std::fs::remove_dir(job_dir);
+        }
+        outcome
+    }
+}
+
+/// A pidfd for `pid`, which need not be a child; `None` when it is gone.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a new descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+/// Starts the `systemd-run` client of the replica's unit and sets up its watcher. The
+/// replica's environment goes to the unit through a file in its run directory (readable by
+/// root only), never on a command line. Returns the client's pid, the watcher and the unit's
+/// name.
+fn spawn_unit(
     spec: &LaunchSpec,
     runner: &Runner,
+    run_root: &Path,
 ) -> Result<(u32, Replica, Option<String>), ExecError> {
     let spawn_err = |source| ExecError::Spawn {
         job: spec.job.clone(),
@@ -300,42 +756,57 @@ fn spawn_watched(
         program: spec.argv.first().cloned().unwrap_or_default(),
         source,
     };
-    let env: Vec<(String, String)> = inherited_env()
-        .filter(|(k, _)| !spec.env.contains_key(k))
-        .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
-        .collect();
-    let (argv, env, working_dir, unit) = match runner {
-        Runner::Processes => (spec.argv.clone(), env, spec.working_dir.as_deref(), None),
-        Runner::Units {
-            part_of,
-            kill_grace,
-        } => {
-            let unit = crate::systemd::ReplicaUnit {
-                job: spec.job.clone(),
-                replica: spec.replica.clone(),
-                generation: spec.generation,
-                gpus: spec.gpu_indices.clone(),
-                cpu_milli: spec.cpu_milli,
-                memory_bytes: spec.memory_bytes,
-                working_directory: spec.working_dir.clone(),
-                env,
-                command: spec.argv.clone(),
-                part_of: part_of.clone(),
-                kill_grace: *kill_grace,
-            };
-            let to_io = |e: crate::systemd::SystemdError| std::io::Error::other(e.to_string());
-            let name = unit.unit_name().map_err(|e| spawn_err(to_io(e)))?;
-            let argv = unit
-                .systemd_run_argv()
-                .map_err(|e| spawn_err(to_io(e)))?
-                .into_iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
-            // The client needs only to find systemd-run; the unit gets the replica's env.
-            let env = inherited_env().filter(|(k, _)| k == "PATH").collect();
-            (argv, env, None, Some(name))
-        }
+    let Runner::Units {
+        part_of,
+        kill_grace,
+    } = runner
+    else {
+        return Err(spawn_err(std::io::Error::other(
+            "replicas are not units on this agent",
+        )));
     };
+    let user = spec.user.map(RunAs::resolve);
+    let identity = user.iter().flat_map(|(_, name, home)| {
+        [
+            ("HOME".to_owned(), home.clone()),
+            ("USER".to_owned(), name.clone()),
+            ("LOGNAME".to_owned(), name.clone()),
+        ]
+    });
+    let mut env: BTreeMap<String, String> = inherited_env().chain(identity).collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let to_io = |e: crate::systemd::SystemdError| std::io::Error::other(e.to_string());
+    let dir = shim::run_dir(run_root, &spec.job, &spec.replica, spec.generation);
+    let env_file = dir.join("env");
+    let contents = crate::systemd::environment_file(env.iter()).map_err(|e| spawn_err(to_io(e)))?;
+    shim::prepare_dir(&dir)
+        .and_then(|()| shim::write_text(&dir, "env", &contents))
+        .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
+    let unit = crate::systemd::ReplicaUnit {
+        job: spec.job.clone(),
+        replica: spec.replica.clone(),
+        generation: spec.generation,
+        gpus: spec.gpu_indices.clone(),
+        cpu_milli: spec.cpu_milli,
+        memory_bytes: spec.memory_bytes,
+        working_directory: spec.working_dir.clone(),
+        environment_file: Some(env_file),
+        user: user.map(|(credentials, _, _)| credentials),
+        command: spec.argv.clone(),
+        part_of: part_of.clone(),
+        kill_grace: *kill_grace,
+    };
+    let unit_name = unit.unit_name().map_err(|e| spawn_err(to_io(e)))?;
+    let argv: Vec<String> = unit
+        .systemd_run_argv()
+        .map_err(|e| spawn_err(to_io(e)))?
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    // The client needs only to find systemd-run.
+    let env: Vec<(String, String)> = inherited_env().filter(|(k, _)| k == "PATH").collect();
+    let working_dir = None;
+    let unit = Some(unit_name);
     // One pipe for both streams: they end up in one log, and one pipe keeps their lines in
     // the order the replica wrote them.
     let (output, output_write) = pipe().map_err(spawn_err)?;
@@ -345,6 +816,8 @@ fn spawn_watched(
         working_dir,
         stdout: &output_write,
         stderr: &output_write,
+        detach: spawn::Detach::DiesWithParent,
+        user: None,
     })
     .map_err(spawn_err)?;
     // Only the replica holds the write ends now: end of file means it (and everything it
@@ -461,6 +934,8 @@ fn inherited_env() -> impl Iterator<Item = (String, String)> {
 /// starting one costs no file system work.
 pub struct LogFile {
     path: PathBuf,
+    /// The replica's user and group, who own its log files.
+    owner: Option<(u32, u32)>,
     file: Option<std::fs::File>,
     header: Option<String>,
     written: u64,
@@ -471,10 +946,27 @@ impl LogFile {
     pub fn new(path: &Path, max_bytes: u64, header: String) -> Self {
         Self {
             path: path.to_owned(),
+            owner: None,
             file: None,
             header: Some(header),
             written: 0,
             half: (max_bytes / 2).max(1),
+        }
+    }
+
+    /// The log files are to belong to `uid` and `gid`, so that the replica's user can read them.
+    #[must_use]
+    pub fn owned_by(mut self, uid: u32, gid: u32) -> Self {
+        self.owner = Some((uid, gid));
+        self
+    }
+
+    /// Gives a new log file to its owner; a file left to root is still served by the agent.
+    fn hand_over(&self, file: &std::fs::File) {
+        if let Some((uid, gid)) = self.owner
+            && let Err(e) = std::os::unix::fs::fchown(file, Some(uid), Some(gid))
+        {
+            tracing::warn!(path = %self.path.display(), "cannot give the log to uid {uid}: {e}");
         }
     }
 
@@ -489,7 +981,7 @@ impl LogFile {
     }
 
     /// Ends the log with `line`, if the replica wrote one.
-    fn finish(&mut self, line: &str) {
+    pub(crate) fn finish(&mut self, line: &str) {
         if self.file.is_some() {
             self.append(format!("--- {line} ---\n").as_bytes());
         }
@@ -509,7 +1001,9 @@ impl LogFile {
         match opened {
             Ok(file) => {
                 self.written = file.metadata().map_or(0, |m| m.len());
-                self.file = Some(file.into_parts().0);
+                let file = file.into_parts().0;
+                self.hand_over(&file);
+                self.file = Some(file);
                 true
             }
             Err(e) => {
@@ -544,6 +1038,7 @@ impl LogFile {
             .append(true)
             .open(&self.path)
         {
+            self.hand_over(&file);
             self.file = Some(file);
             self.written = 0;
         }
@@ -677,6 +1172,44 @@ pub fn free_port() -> Result<u16, ExecError> {
 mod tests {
     use super::*;
 
+    /// The test binary itself stands in for `agentd shim`: run with only the test below
+    /// selected (the run directory, a second filter, selects nothing), it supervises the
+    /// replica and exits.
+    fn test_shim() -> ShimCommand {
+        ShimCommand {
+            argv: vec![
+                std::env::current_exe()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+                "--exact".to_owned(),
+                "exec::local::tests::shim_entry".to_owned(),
+                "--nocapture".to_owned(),
+                "--test-threads=1".to_owned(),
+            ],
+            env: vec![("AGENTD_TEST_SHIM".to_owned(), "1".to_owned())],
+        }
+    }
+
+    #[test]
+    fn shim_entry() {
+        if std::env::var_os("AGENTD_TEST_SHIM").is_none() {
+            return;
+        }
+        let dir = std::env::args().next_back().unwrap();
+        std::process::exit(shim::main(Path::new(&dir)));
+    }
+
+    fn executor(dir: &Path, tx: mpsc::UnboundedSender<ReplicaReport>) -> LocalExecutor {
+        LocalExecutor::new(
+            tx,
+            1 << 20,
+            Runner::Processes,
+            dir.join("replicas"),
+            test_shim(),
+        )
+    }
+
     /// Replica `replica` of job `j`, generation 1, running `argv`, logging under `dir`.
     fn spec(dir: &Path, replica: &str, argv: &[&str]) -> LaunchSpec {
         LaunchSpec {
@@ -690,7 +1223,58 @@ mod tests {
             gpu_indices: Vec::new(),
             cpu_milli: 0,
             memory_bytes: 0,
+            user: None,
         }
+    }
+
+    #[test]
+    fn only_root_may_name_another_user_or_group() {
+        let asked = |id| {
+            Some(AskedId {
+                id,
+                field: "spec.x.securityContext.runAsUser",
+            })
+        };
+        let group = |id| {
+            Some(AskedId {
+                id,
+                field: "spec.x.securityContext.runAsGroup",
+            })
+        };
+        let alice = Some((1000, 1000));
+        // A user runs as themselves, whatever the manifest leaves out.
+        assert_eq!(
+            RunAs::for_owner(alice, None, None).unwrap(),
+            Some(RunAs {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        assert_eq!(
+            RunAs::for_owner(alice, asked(1000), group(1000)).unwrap(),
+            Some(RunAs {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        // No field gets a user's replica root, or anyone else.
+        for (user, grp) in [
+            (asked(0), None),
+            (None, group(0)),
+            (asked(1001), None),
+            (asked(-1), None),
+        ] {
+            let e = RunAs::for_owner(alice, user, grp).unwrap_err();
+            assert!(e.contains("securityContext.runAs"), "{e}");
+        }
+        // Root may become anyone; asking nothing runs as the agent does.
+        assert_eq!(RunAs::for_owner(Some((0, 0)), None, None).unwrap(), None);
+        assert_eq!(
+            RunAs::for_owner(Some((0, 0)), asked(1000), group(44)).unwrap(),
+            Some(RunAs { uid: 1000, gid: 44 })
+        );
+        let e = RunAs::for_owner(Some((0, 0)), asked(1 << 40), None).unwrap_err();
+        assert!(e.contains("runAsUser is 1099511627776"), "{e}");
     }
 
     #[test]
@@ -711,7 +1295,7 @@ mod tests {
     async fn runs_a_replica_and_reports_its_exit() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
+        let executor = executor(dir.path(), tx);
         let mut replica = spec(
             dir.path(),
             "worker-0",
@@ -732,7 +1316,7 @@ mod tests {
     async fn a_silent_replica_leaves_no_log() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
+        let executor = executor(dir.path(), tx);
         executor.launch(spec(dir.path(), "worker-0", &["true"]));
         assert!(matches!(
             rx.recv().await.unwrap().event,
@@ -747,7 +1331,7 @@ mod tests {
     async fn a_replica_that_cannot_start_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
+        let executor = executor(dir.path(), tx);
         let mut replica = spec(dir.path(), "chief-0", &["no-such-trainer"]);
         replica.generation = 2;
         replica.env.insert("PATH".into(), "/usr/bin".into());
@@ -764,11 +1348,170 @@ mod tests {
         );
     }
 
+    /// Waits (a while at most) until `path` exists.
+    async fn wait_for_file(path: &Path) {
+        for _ in 0..600 {
+            if path.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} never appeared", path.display());
+    }
+
+    #[tokio::test]
+    async fn a_replica_outlives_its_agent_and_is_adopted_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let mut replica = spec(
+            dir.path(),
+            "worker-0",
+            &[
+                "sh",
+                "-c",
+                "echo before; while [ ! -e \"$GO\" ]; do sleep 0.05; done; echo after; exit 4",
+            ],
+        );
+        replica
+            .env
+            .insert("GO".into(), go.to_string_lossy().into_owned());
+        let log_path = replica.log_path.clone();
+        let first = start_with_an_agent_that_goes_away(dir.path(), replica);
+        assert!(group_alive(first), "the replica runs on without its agent");
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let second = executor(dir.path(), tx);
+        assert!(second.adoptable("j", "worker-0", 1, first + 1).is_err());
+        assert!(second.adoptable("j", "worker-1", 1, first).is_err());
+        let adoptable = second.adoptable("j", "worker-0", 1, first).unwrap();
+        second.adopt(adoptable).unwrap();
+        std::fs::write(&go, "").unwrap();
+        let exit = rx.recv().await.unwrap();
+        assert_eq!((exit.replica.as_str(), exit.generation), ("worker-0", 1));
+        assert!(
+            matches!(exit.event, ReplicaEvent::Exited { outcome } if outcome.code == Some(4)),
+            "{exit:?}"
+        );
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains("before\nafter\n"), "{log}");
+        assert!(log.contains("ended: exit code 4"), "{log}");
+        assert!(
+            second.jobs_with_replicas().is_empty(),
+            "the run directory is gone once the end is reported"
+        );
+    }
+
+    /// Starts a replica with an executor whose runtime (and with it every task watching the
+    /// replica) then ends, as when the agent is stopped or killed. Returns the replica's pid.
+    fn start_with_an_agent_that_goes_away(dir: &Path, replica: LaunchSpec) -> u32 {
+        let dir = dir.to_owned();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let executor = executor(&dir, tx);
+                executor.launch(replica);
+                let ReplicaEvent::Started { pid } = rx.recv().await.unwrap().event else {
+                    panic!("not started");
+                };
+                pid
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_end_recorded_while_no_agent_ran_is_reported_on_adoption() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = start_with_an_agent_that_goes_away(
+            dir.path(),
+            spec(dir.path(), "ps-0", &["sh", "-c", "exit 7"]),
+        );
+        let run = shim::run_dir(&dir.path().join("replicas"), "j", "ps-0", 1);
+        wait_for_file(&run.join(shim::EXIT_FILE)).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let second = executor(dir.path(), tx);
+        second
+            .adopt(second.adoptable("j", "ps-0", 1, pid).unwrap())
+            .unwrap();
+        let exit = rx.recv().await.unwrap().event;
+        assert!(
+            matches!(exit, ReplicaEvent::Exited { outcome } if outcome.code == Some(7)),
+            "{exit:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gang_that_cannot_be_adopted_is_discarded_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = spec(dir.path(), "worker-0", &["sleep", "300"]);
+        replica.env.insert("AGENTD_JOB".into(), "j".into());
+        let pid = start_with_an_agent_that_goes_away(dir.path(), replica);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let second = executor(dir.path(), tx);
+        assert_eq!(second.jobs_with_replicas(), ["j"]);
+        // The replica's environment names its job; another job's discard leaves it alone.
+        assert_eq!(second.discard("other"), 0);
+        assert!(group_alive(pid));
+        assert_eq!(second.discard("j"), 1);
+        for _ in 0..200 {
+            if !group_alive(pid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!group_alive(pid));
+        assert!(second.jobs_with_replicas().is_empty());
+    }
+
+    #[tokio::test]
+    async fn nothing_a_replica_started_outlives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = executor(dir.path(), tx);
+        let pids = dir.path().join("pids");
+        // A grandchild in a session of its own, out of the replica's process group, which a
+        // signal to the group would miss.
+        let mut replica = spec(
+            dir.path(),
+            "worker-0",
+            &[
+                "sh",
+                "-c",
+                "setsid sleep 300 & echo $! > \"$PIDS\"; sleep 0.2; exit 0",
+            ],
+        );
+        replica
+            .env
+            .insert("PIDS".into(), pids.to_string_lossy().into_owned());
+        executor.launch(replica);
+        assert!(matches!(
+            rx.recv().await.unwrap().event,
+            ReplicaEvent::Started { .. }
+        ));
+        let exit = rx.recv().await.unwrap().event;
+        assert!(matches!(exit, ReplicaEvent::Exited { outcome } if outcome.code == Some(0)));
+        let grandchild: u32 = std::fs::read_to_string(&pids)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat")).unwrap_or_default();
+        assert!(
+            !stat.contains("(sleep)"),
+            "the grandchild {grandchild} outlived its replica: {stat}"
+        );
+    }
+
     #[tokio::test]
     async fn stopping_a_group_reaches_grandchildren() {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let executor = LocalExecutor::new(tx, 1 << 20, Runner::Processes);
+        let executor = executor(dir.path(), tx);
         // The shell ignores SIGTERM; its child sleeps. Only SIGKILL ends both.
         executor.launch(spec(
             dir.path(),

@@ -4,6 +4,9 @@
 //! and reports each replica started, failed to start, or ended.
 
 pub mod local;
-mod spawn;
+pub mod shim;
+pub mod spawn;
 
-pub use local::{LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport};
+pub use local::{
+    AskedId, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
+};

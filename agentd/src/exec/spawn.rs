@@ -22,6 +22,28 @@ pub struct Command<'a> {
     pub working_dir: Option<&'a Path>,
     pub stdout: &'a OwnedFd,
     pub stderr: &'a OwnedFd,
+    /// How the process stands to its parent.
+    pub detach: Detach,
+    /// Whom it runs as; `None`: as the caller.
+    pub user: Option<&'a Credentials>,
+}
+
+/// A user to run as: uid, primary gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// How a new process stands to the one that starts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detach {
+    /// Leader of a new process group, killed (SIGKILL) when its parent dies: a replica.
+    DiesWithParent,
+    /// Leader of a new session, which outlives its parent: a replica's supervisor, which must
+    /// outlive the agent that started it.
+    Outlives,
 }
 
 /// A started process: its pid (also its process group id) and a pidfd that turns readable when
@@ -37,7 +59,11 @@ enum Step {
     None = 0,
     Signals,
     ProcessGroup,
+    Session,
     DeathSignal,
+    Groups,
+    Group,
+    User,
     Stdio,
     WorkingDir,
     Exec,
@@ -48,7 +74,11 @@ impl Step {
         [
             Self::Signals,
             Self::ProcessGroup,
+            Self::Session,
             Self::DeathSignal,
+            Self::Groups,
+            Self::Group,
+            Self::User,
             Self::Stdio,
             Self::WorkingDir,
             Self::Exec,
@@ -63,7 +93,11 @@ impl Step {
             Self::None => "starting",
             Self::Signals => "resetting signal handlers",
             Self::ProcessGroup => "creating its process group",
+            Self::Session => "creating its session",
             Self::DeathSignal => "setting its parent-death signal",
+            Self::Groups => "setting its supplementary groups",
+            Self::Group => "setting its group id",
+            Self::User => "setting its user id",
             Self::Stdio => "connecting its output",
             Self::WorkingDir => "changing to its working directory",
             Self::Exec => "executing",
@@ -81,6 +115,9 @@ struct ChildArgs {
     stdout: RawFd,
     stderr: RawFd,
     parent: libc::pid_t,
+    detach: Detach,
+    /// uid, gid and supplementary groups to take, when not the caller's.
+    user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     /// `Step` that failed, written by the child before it exits.
     failed_step: AtomicI32,
     /// Its errno.
@@ -139,6 +176,8 @@ pub fn spawn(command: &Command<'_>) -> std::io::Result<Spawned> {
         stderr: stderr.as_raw_fd(),
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
+        detach: command.detach,
+        user: command.user.map(|c| (c.uid, c.gid, c.groups.clone())),
         failed_step: AtomicI32::new(Step::None as i32),
         failed_errno: AtomicI32::new(0),
     };
@@ -250,15 +289,39 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 );
             }
         }
-        if libc::setpgid(0, 0) != 0 {
-            return fail(Step::ProcessGroup);
+        // The raw system calls: the C library's wrappers would change the credentials of
+        // every thread of the agent, whose memory this child shares.
+        if let Some((uid, gid, groups)) = &args.user {
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                return fail(Step::Groups);
+            }
+            if libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) != 0 {
+                return fail(Step::Group);
+            }
+            if libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) != 0 {
+                return fail(Step::User);
+            }
         }
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return fail(Step::DeathSignal);
-        }
-        // The agent died between the clone and the prctl: nothing will send the signal now.
-        if libc::getppid() != args.parent {
-            libc::_exit(127);
+        match args.detach {
+            Detach::DiesWithParent => {
+                if libc::setpgid(0, 0) != 0 {
+                    return fail(Step::ProcessGroup);
+                }
+                // After the change of user, which clears the parent-death signal.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return fail(Step::DeathSignal);
+                }
+                // The parent died between the clone and the prctl: nothing will send the
+                // signal now.
+                if libc::getppid() != args.parent {
+                    libc::_exit(127);
+                }
+            }
+            Detach::Outlives => {
+                if libc::setsid() < 0 {
+                    return fail(Step::Session);
+                }
+            }
         }
         for (from, to) in [(args.stdin, 0), (args.stdout, 1), (args.stderr, 2)] {
             if libc::dup2(from, to) < 0 {
@@ -373,6 +436,8 @@ mod tests {
             working_dir,
             stdout: &write,
             stderr: &write,
+            detach: Detach::DiesWithParent,
+            user: None,
         })?;
         drop(write);
         let mut out = String::new();
@@ -455,6 +520,8 @@ mod tests {
                 working_dir: dir,
                 stdout: &write,
                 stderr: &write,
+                detach: Detach::DiesWithParent,
+                user: None,
             })
             .err()
             .expect("fails")

@@ -157,6 +157,12 @@ fn load(library: &Path) -> Result<&'static Nvml, GpuError> {
     Ok(nvml)
 }
 
+/// Whether this process has run out of file descriptors (or the system has).
+fn out_of_descriptors() -> bool {
+    std::fs::File::open("/dev/null")
+        .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)))
+}
+
 fn readability_of(error: &NvmlError) -> Readability {
     match error {
         NvmlError::GpuLost => Readability::Lost,
@@ -273,11 +279,27 @@ impl GpuProbe {
                 .iter()
                 .map(|(&xid, &count)| XidCount { xid, count })
                 .collect();
+            // With the agent out of file descriptors every read fails, whatever the GPU's state:
+            // such a failure is not judged, so that a flood of connections cannot make every
+            // GPU unhealthy and restart or fail the jobs on them.
+            let judged =
+                !matches!(readability, Readability::Unreadable(_)) || !out_of_descriptors();
+            if !judged {
+                tracing::warn!(
+                    gpu = index,
+                    "GPU not read: the agent is out of file descriptors; its health is unchanged"
+                );
+            }
             let observation = Observation {
                 readability,
                 xids: &seen,
             };
-            if let Some(change) = self.health.step(&key, &observation, now) {
+            let change = if judged {
+                self.health.step(&key, &observation, now)
+            } else {
+                None
+            };
+            if let Some(change) = change {
                 let event = health_event(index, &identity.uuid, change);
                 if event.healthy {
                     tracing::info!(gpu = index, uuid = %event.uuid, "{event}");

@@ -205,6 +205,27 @@ impl Agent {
             .expect("agentctl runs")
     }
 
+    /// Runs agentctl against this agent, feeding `stdin`.
+    pub fn ctl_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new(agentctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agentctl runs");
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(stdin.as_bytes())
+            .expect("agentctl reads its input");
+        child.wait_with_output().expect("agentctl runs")
+    }
+
     /// Runs agentctl and parses its JSON output; panics with stderr if it failed.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all: Vec<&str> = args.to_vec();
@@ -271,6 +292,48 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Replicas outlive the agent under their supervisors (`agentd shim DIR`); a test's
+        // end takes them too: first each replica's process group (recorded in its run
+        // directory), then the supervisors.
+        let runs = std::fs::read_dir(self.state_dir.join("replicas"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|job| {
+                std::fs::read_dir(job.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            });
+        for run in runs {
+            let record = std::fs::read(run.path().join("shim.json")).unwrap_or_default();
+            if let Ok(record) = serde_json::from_slice::<serde_json::Value>(&record)
+                && let Some(pid) = record["pid"].as_u64()
+            {
+                let _ = Command::new("kill")
+                    .args(["-9", "--", &format!("-{pid}")])
+                    .status();
+            }
+        }
+        let mine = self.state_dir.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.get(1) == Some(&&b"shim"[..])
+                && args
+                    .get(2)
+                    .is_some_and(|dir| dir.starts_with(mine.as_bytes()))
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
         }
     }
 }

@@ -441,49 +441,142 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
     );
 }
 
+/// The pids of a job's replicas, in order.
+fn replica_pids(job: &Value) -> Vec<u64> {
+    job["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pid"].as_u64().unwrap())
+        .collect()
+}
+
 #[test]
-fn kill_9_of_the_agent_loses_nothing_and_leaves_no_orphans() {
+fn replicas_survive_agent_restarts_and_are_adopted() {
+    let mut agent = agent(0);
+    let go = agent.dir.path().join("go");
+    let script = format!(
+        "echo started; while [ ! -e {} ]; do sleep 0.1; done; echo finished",
+        go.display()
+    );
+    submit_ok(
+        &agent,
+        &manifest(
+            "survivor",
+            "backoffLimit: 0",
+            &[("Worker", 2, "Never", 0, &script)],
+        ),
+    );
+    let job = wait_state(&agent, "survivor", "Running", Duration::from_secs(15));
+    let pids = replica_pids(&job);
+    assert_eq!(pids.len(), 2);
+    // A graceful stop (systemctl restart, a package upgrade), then a crash.
+    for signal in [15, 9] {
+        agent.signal_and_wait(signal, Duration::from_secs(15));
+        for &pid in &pids {
+            assert!(
+                pid_alive(pid),
+                "replica {pid} died with the agent (signal {signal})"
+            );
+        }
+        agent.spawn();
+        let job = agent.ctl_json(&["job", "survivor"]);
+        assert_eq!(job["state"], "Running", "after signal {signal}: {job}");
+        assert_eq!(job["restarts"], 0, "{job}");
+        assert_eq!(job["generation"], 1, "{job}");
+        assert_eq!(replica_pids(&job), pids, "{job}");
+        assert!(reasons(&job).contains(&"Adopted".to_owned()), "{job}");
+        assert!(
+            !reasons(&job).contains(&"AgentRestarted".to_owned()),
+            "{job}"
+        );
+    }
+    std::fs::write(&go, "").unwrap();
+    // worker-0's real end, seen by the supervisor while two agents came and went, completes
+    // the job (worker-1 is then stopped).
+    let job = wait_state(&agent, "survivor", "Succeeded", Duration::from_secs(15));
+    assert_eq!(job["replicas"][0]["exit_code"], 0, "{job}");
+    assert_eq!(job["replicas"][0]["state"], "Succeeded", "{job}");
+    for pid in pids {
+        for _ in 0..100 {
+            if !pid_alive(pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!pid_alive(pid), "replica {pid} still runs");
+    }
+    let logs = agent.ctl(&["logs", "survivor", "--replica", "worker-0"]);
+    let text = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        text.contains("started") && text.contains("finished"),
+        "{text}"
+    );
+    assert!(text.contains("ended: exit code 0"), "{text}");
+}
+
+#[test]
+fn a_gang_that_cannot_be_adopted_restarts_uncharged_and_leaves_no_orphans() {
     let mut agent = agent(0);
     submit_ok(
         &agent,
         &manifest(
             "runner",
-            "backoffLimit: 3",
-            &[("Worker", 2, "OnFailure", 0, "sleep 300")],
+            "backoffLimit: 0",
+            &[("Worker", 2, "OnFailure", 0, "sleep 300 & sleep 300")],
         ),
     );
     // Queued behind a job that can never fit on this machine's CPUs.
     let hog = manifest("waiter", "", &[("Worker", 1, "Never", 0, "true")])
         .replace("nvidia.com/gpu: 0", "cpu: 100000");
     submit_ok(&agent, &hog);
-    let job = wait_state(&agent, "runner", "Running", Duration::from_secs(10));
-    let old_pids: Vec<u64> = job["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["pid"].as_u64().unwrap())
-        .collect();
+    let job = wait_state(&agent, "runner", "Running", Duration::from_secs(15));
+    let old_pids = replica_pids(&job);
     agent.signal_and_wait(9, Duration::from_secs(5));
+    // worker-1's supervisor is killed too (the replica dies with it), so nothing says how
+    // worker-1 ended: the gang cannot be adopted.
+    let record = agent.state_dir.join("replicas/runner/worker-1.1/shim.json");
+    let record: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let shim = record["shim_pid"].as_u64().unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &shim.to_string()])
+        .status()
+        .unwrap();
+    // A signal takes a moment to land: the supervisor must be gone before the agent looks.
+    for _ in 0..200 {
+        if !pid_alive(shim) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!pid_alive(shim), "supervisor {shim} survived kill -9");
     agent.spawn();
     let job = wait_state(&agent, "runner", "Running", Duration::from_secs(15));
-    assert_eq!(job["restarts"], 1);
+    assert_eq!(
+        job["restarts"], 0,
+        "not charged against backoffLimit 0: {job}"
+    );
+    assert_eq!(job["generation"], 2, "{job}");
     assert!(
         reasons(&job).contains(&"AgentRestarted".to_owned()),
         "{job}"
     );
-    for pid in old_pids {
+    for &pid in &old_pids {
         assert!(
             !pid_alive(pid),
             "replica {pid} of the killed agent is still running"
         );
     }
+    // Nothing is left of the old gang's process groups (a replica's children included).
     for pid in processes_of("runner") {
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let pgrp: u64 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or_default();
         assert!(
-            environ
-                .split(|b| *b == 0)
-                .any(|v| v == b"AGENTD_GENERATION=2"),
-            "process {pid} is not of the new gang"
+            !old_pids.contains(&pgrp),
+            "process {pid} of the old gang (group {pgrp}) is still running"
         );
     }
     let waiter = agent.ctl_json(&["job", "waiter"]);

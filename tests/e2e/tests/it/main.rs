@@ -1,7 +1,11 @@
 //! End-to-end tests: the real `agentd` and `agentctl` binaries, run as a user would run them.
 
 mod agent;
+mod auth;
 mod gpus;
 mod jobs;
 mod lifecycle;
+mod limits;
+mod owners;
+mod sdk;
 mod tensorflow;

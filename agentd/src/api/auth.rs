@@ -1,0 +1,146 @@
+//! Who is calling, and what they may do. Every request has a [`Caller`]: on the Unix socket the
+//! peer's credentials (SO_PEERCRED) with the user's name and groups from the system's user
+//! database; on the HTTPS listener the user of the bearer token (or client certificate). The
+//! rules are the same on every door:
+//!
+//! - anyone who may connect reads status, nodes, queues, events and the job list;
+//! - a user submits jobs, which become theirs, and cancels and reads the logs of their own jobs;
+//! - root and members of the admin group (`api.admin_group`) act on every job.
+//!
+//! A refusal is a 403 naming the rule that refused it.
+
+use agentd_api::Owner;
+
+use super::ApiError;
+
+/// The default `api.admin_group`.
+pub const DEFAULT_ADMIN_GROUP: &str = "agentd-admin";
+
+/// The identity a request acts as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The user, as recorded on the jobs they submit.
+    pub owner: Owner,
+    /// Whether the caller may act on every job (root, or a member of the admin group).
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The caller behind a Unix socket peer: its uid and gid, with the user's name and group
+    /// memberships looked up in the system's user database.
+    pub fn from_peer(uid: u32, gid: u32, admin_group: &str) -> Self {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten();
+        let name = user
+            .as_ref()
+            .map_or_else(|| uid.to_string(), |u| u.name.clone());
+        let admin = uid == 0
+            || user
+                .as_ref()
+                .is_some_and(|u| is_member(&u.name, gid, admin_group));
+        Self {
+            owner: Owner {
+                uid,
+                gid,
+                user: name,
+            },
+            admin,
+        }
+    }
+
+    /// The user name, for logs and events.
+    pub fn name(&self) -> &str {
+        &self.owner.user
+    }
+
+    /// May this caller act on a job owned by `owner` (cancel it, read its logs)?
+    pub fn may_act_on(&self, job: &str, owner: Option<&Owner>) -> Result<(), ApiError> {
+        if self.admin || owner.is_some_and(|o| self.owns(o)) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden {
+            rule: "own-jobs",
+            message: format!(
+                "{} may only act on their own jobs; job {job:?} belongs to {}; \
+                 root and members of the admin group act on every job",
+                self.owner.user,
+                owner.map_or("nobody (it predates job owners)", |o| o.user.as_str()),
+            ),
+        })
+    }
+
+    fn owns(&self, owner: &Owner) -> bool {
+        // A remote token names a user; a socket peer is a uid. Both are recorded, so the uid
+        // decides where the system knows the user, the name where it does not.
+        owner.uid == self.owner.uid && owner.user == self.owner.user
+    }
+}
+
+/// Whether `user` (primary group `gid`) is in `group`, counting supplementary groups.
+fn is_member(user: &str, gid: u32, group: &str) -> bool {
+    let Ok(Some(group)) = nix::unistd::Group::from_name(group) else {
+        return false;
+    };
+    if group.gid.as_raw() == gid || group.mem.iter().any(|m| m == user) {
+        return true;
+    }
+    let Ok(name) = std::ffi::CString::new(user) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .is_ok_and(|groups| groups.contains(&group.gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(uid: u32, user: &str, admin: bool) -> Caller {
+        Caller {
+            owner: Owner {
+                uid,
+                gid: uid,
+                user: user.to_owned(),
+            },
+            admin,
+        }
+    }
+
+    #[test]
+    fn root_is_admin_and_named() {
+        let root = Caller::from_peer(0, 0, DEFAULT_ADMIN_GROUP);
+        assert!(root.admin);
+        assert_eq!(root.name(), "root");
+    }
+
+    #[test]
+    fn unknown_uid_is_named_by_number_and_not_admin() {
+        let ghost = Caller::from_peer(4_000_123, 4_000_123, DEFAULT_ADMIN_GROUP);
+        assert!(!ghost.admin);
+        assert_eq!(ghost.name(), "4000123");
+    }
+
+    #[test]
+    fn own_jobs_only_unless_admin() {
+        let alice = caller(1001, "alice", false);
+        let bob = caller(1002, "bob", false);
+        let admin = caller(1003, "carol", true);
+        assert!(alice.may_act_on("a", Some(&alice.owner)).is_ok());
+        let err = bob.may_act_on("a", Some(&alice.owner)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApiError::Forbidden {
+                    rule: "own-jobs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("belongs to alice"), "{err}");
+        assert!(admin.may_act_on("a", Some(&alice.owner)).is_ok());
+        assert!(bob.may_act_on("old", None).is_err());
+        assert!(admin.may_act_on("old", None).is_ok());
+    }
+}

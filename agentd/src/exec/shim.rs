@@ -1,0 +1,407 @@
+//! The replica supervisor (`agentd shim DIR`), one per replica, which lets replicas outlive the
+//! agent as a container outlives containerd through its shim. The agent writes what to run
+//! into the replica's run directory and starts the shim in a session of its own; the shim
+//! starts the replica, copies its output into its log, waits for it, and writes how it ended
+//! into the same directory. An agent that stops or is killed leaves the shim and its replica
+//! running; the next agent finds both through the run directory and adopts them.
+//!
+//! The shim is a subreaper: whatever the replica starts is reparented to it rather than to
+//! init, so when the replica ends the shim stops the rest of its process tree, and nothing of
+//! a replica outlives it. The shim decides nothing about jobs and never talks to the agent
+//! after it has said the replica started: everything else goes through files.
+//!
+//! Run directory (`<state_dir>/replicas/<job>/<replica>.<generation>/`, mode 0700):
+//! `spec.json` (what to run, written by the agent, mode 0600: it holds the environment),
+//! `shim.json` (the shim's and the replica's pids, written once the replica runs) and
+//! `exit.json` (how it ended, written last).
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use super::local::{LogFile, describe, signal_group};
+use super::spawn;
+use crate::job::ExitOutcome;
+
+/// What the shim runs, written by the agent.
+pub const SPEC_FILE: &str = "spec.json";
+/// Where the replica runs, written by the shim once it does.
+pub const STATE_FILE: &str = "shim.json";
+/// How the replica ended, written by the shim last.
+pub const EXIT_FILE: &str = "exit.json";
+/// The line the shim prints on its standard output once the replica runs (then the pid).
+pub const STARTED: &str = "agentd-shim: started ";
+/// The line it prints instead when the replica could not be started (then the reason).
+pub const FAILED: &str = "agentd-shim: failed ";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid replica record: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// One replica to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimSpec {
+    pub argv: Vec<String>,
+    /// The replica's whole environment.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<PathBuf>,
+    pub log_path: PathBuf,
+    pub log_max_bytes: u64,
+    /// `worker-0 generation 3`, for the first and last line of the log.
+    pub title: String,
+    /// Whom the replica runs as (and who owns its log); `None`: as the shim.
+    #[serde(default)]
+    pub user: Option<spawn::Credentials>,
+}
+
+/// Where the replica runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimState {
+    pub shim_pid: u32,
+    /// The shim's start time (clock ticks after boot, `/proc/PID/stat` field 22): with the
+    /// pid, it tells the shim from a later process that got the same pid.
+    pub shim_start: u64,
+    /// The replica's pid, also its process group id.
+    pub pid: u32,
+}
+
+/// How the replica ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+}
+
+impl From<ShimExit> for ExitOutcome {
+    fn from(e: ShimExit) -> Self {
+        Self {
+            code: e.code,
+            signal: e.signal,
+            oom_killed: e.oom_killed,
+        }
+    }
+}
+
+/// The run directory of one replica of one generation.
+pub fn run_dir(root: &Path, job: &str, replica: &str, generation: u32) -> PathBuf {
+    root.join(job).join(format!("{replica}.{generation}"))
+}
+
+/// Reads one of the run directory's JSON files; `Ok(None)` when it is not there.
+pub fn read<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Result<Option<T>, ShimError> {
+    let path = dir.join(name);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ShimError::Io { path, source }),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|source| ShimError::Format { path, source })
+}
+
+/// Writes one of the run directory's files whole or not at all (a temporary file renamed
+/// over it), readable by root only.
+pub fn write<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), ShimError> {
+    let path = dir.join(name);
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let io = |source| ShimError::Io {
+        path: path.clone(),
+        source,
+    };
+    let text = serde_json::to_vec(value).expect("plain data serializes");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(io)?;
+    std::io::Write::write_all(&mut file, &text).map_err(io)?;
+    drop(file);
+    std::fs::rename(&temporary, &path).map_err(io)
+}
+
+/// Makes a replica's run directory (mode 0700, with its parents) and writes its spec.
+pub fn prepare(dir: &Path, spec: &ShimSpec) -> Result<(), ShimError> {
+    prepare_dir(dir)?;
+    write(dir, SPEC_FILE, spec)
+}
+
+/// Makes a replica's run directory (mode 0700, with its parents), empty of anything an earlier
+/// agent left there for the same generation.
+pub fn prepare_dir(dir: &Path) -> Result<(), ShimError> {
+    let io = |source| ShimError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    for stale in [STATE_FILE, EXIT_FILE] {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    Ok(())
+}
+
+/// Writes a text file into a run directory, readable by root only.
+pub fn write_text(dir: &Path, name: &str, text: &str) -> Result<(), ShimError> {
+    let path = dir.join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .map_err(|source| ShimError::Io { path, source })
+}
+
+/// A process's start time (clock ticks after boot), or `None` when it is gone (a zombie, which
+/// has ended but not been reaped, counts as gone).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; the fields after its last ')' do not.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // Field 3 (state) is the first after the name; start time is field 22.
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// The shim itself: runs the replica described in `dir` and returns the shim's exit code.
+/// Its standard output is the agent's pipe, closed once the replica runs.
+pub fn main(dir: &Path) -> i32 {
+    match start(dir) {
+        Ok((state, spec, output)) => {
+            // An agent that died meanwhile reads nothing; the replica runs on regardless.
+            let _ = writeln!(std::io::stdout(), "{STARTED}{}", state.pid);
+            quiet_stdio();
+            supervise(dir, &state, &spec, output);
+            0
+        }
+        Err(message) => {
+            let _ = writeln!(std::io::stdout(), "{FAILED}{}", message.replace('\n', " "));
+            1
+        }
+    }
+}
+
+/// Reads the spec, becomes a subreaper and starts the replica; records where it runs.
+fn start(dir: &Path) -> Result<(ShimState, ShimSpec, OwnedFd), String> {
+    let spec: ShimSpec = read(dir, SPEC_FILE)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} is missing", dir.join(SPEC_FILE).display()))?;
+    // SAFETY: prctl with an integer argument only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        return Err(format!(
+            "cannot become a subreaper: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // One pipe for both streams: they end up in one log, and one pipe keeps their lines in
+    // the order the replica wrote them.
+    let (output, output_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot make a pipe: {e}"))?;
+    let spawned = spawn::spawn(&spawn::Command {
+        argv: &spec.argv,
+        env: &spec.env,
+        working_dir: spec.working_dir.as_deref(),
+        stdout: &output_write,
+        stderr: &output_write,
+        detach: spawn::Detach::DiesWithParent,
+        user: spec.user.as_ref(),
+    })
+    .map_err(|e| e.to_string())?;
+    drop(output_write);
+    let shim_pid = std::process::id();
+    let state = ShimState {
+        shim_pid,
+        shim_start: start_time(shim_pid).unwrap_or_default(),
+        pid: spawned.pid,
+    };
+    if let Err(e) = write(dir, STATE_FILE, &state) {
+        // Unrecorded, the replica could be neither adopted nor found: it must not run.
+        signal_group(spawned.pid, Signal::SIGKILL);
+        spawn::reap(spawned.pid.cast_signed());
+        return Err(e.to_string());
+    }
+    Ok((state, spec, output))
+}
+
+/// Standard input, output and error to /dev/null: the agent's pipe closes, and the shim never
+/// writes into a terminal or pipe that someone else is reading.
+fn quiet_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let null = std::os::fd::AsRawFd::as_raw_fd(&null);
+        for fd in 0..=2 {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            unsafe { libc::dup2(null, fd) };
+        }
+    }
+}
+
+/// Copies the replica's output into its log, waits for it, stops what is left of its tree,
+/// and writes how it ended.
+fn supervise(dir: &Path, state: &ShimState, spec: &ShimSpec, output: OwnedFd) {
+    let mut log = LogFile::new(
+        &spec.log_path,
+        spec.log_max_bytes,
+        format!("agentd: {} starting: {}", spec.title, spec.argv.join(" ")),
+    );
+    if let Some(user) = &spec.user {
+        log = log.owned_by(user.uid, user.gid);
+    }
+    let copier = std::thread::spawn(move || {
+        let mut output = std::fs::File::from(output);
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = output.read(&mut buf)
+            && n > 0
+        {
+            log.write(&buf[..n]);
+        }
+        log
+    });
+    let status = wait_for(state.pid);
+    // The replica is gone; whatever it started goes with it. Each process killed here hands
+    // its own children to the shim, so this ends when the whole tree is reaped.
+    stop_tree(state.pid);
+    let outcome = match status {
+        Some(status) if libc::WIFEXITED(status) => ShimExit {
+            code: Some(libc::WEXITSTATUS(status)),
+            signal: None,
+            oom_killed: false,
+        },
+        Some(status) if libc::WIFSIGNALED(status) => ShimExit {
+            code: None,
+            signal: Some(libc::WTERMSIG(status)),
+            oom_killed: false,
+        },
+        _ => ShimExit {
+            code: None,
+            signal: None,
+            oom_killed: false,
+        },
+    };
+    if let Ok(mut log) = copier.join() {
+        log.finish(&format!(
+            "agentd: {} ended: {}",
+            spec.title,
+            describe(outcome.into())
+        ));
+    }
+    // Nobody to tell if this fails: the next agent finds no exit and calls the replica lost.
+    let _ = write(dir, EXIT_FILE, &outcome);
+}
+
+/// Reaps children until `pid` is among them; returns its wait status.
+fn wait_for(pid: u32) -> Option<libc::c_int> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting on any child of ours with a valid out pointer.
+        let r = unsafe { libc::waitpid(-1, &raw mut status, 0) };
+        if r == pid.cast_signed() {
+            return Some(status);
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return None;
+        }
+    }
+}
+
+/// Kills the replica's process group and every process left under the shim, until none is.
+fn stop_tree(pgid: u32) {
+    signal_group(pgid, Signal::SIGKILL);
+    loop {
+        let mut status = 0;
+        // SAFETY: as in wait_for, without blocking.
+        let r = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
+        if r > 0 {
+            continue;
+        }
+        if r < 0 {
+            // ECHILD: nothing is left.
+            return;
+        }
+        for child in children() {
+            // SAFETY: a plain signal to a child of ours, which cannot be reaped (and its pid
+            // reused) by anyone but us.
+            unsafe { libc::kill(child.cast_signed(), libc::SIGKILL) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The shim's children, from every one of its threads.
+fn children() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_a_missing_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ShimSpec {
+            argv: vec!["python3".into(), "train.py".into()],
+            env: vec![("TF_CONFIG".into(), "{}".into())],
+            working_dir: None,
+            log_path: dir.path().join("w.log"),
+            log_max_bytes: 1024,
+            title: "worker-0 generation 1".into(),
+            user: None,
+        };
+        let run = run_dir(dir.path(), "mnist", "worker-0", 1);
+        prepare(&run, &spec).unwrap();
+        assert_eq!(read::<ShimSpec>(&run, SPEC_FILE).unwrap(), Some(spec));
+        assert_eq!(read::<ShimExit>(&run, EXIT_FILE).unwrap(), None);
+        let mode = std::fs::metadata(run.join(SPEC_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600, "the spec holds secrets");
+        std::fs::write(run.join(EXIT_FILE), "{").unwrap();
+        let e = read::<ShimExit>(&run, EXIT_FILE).unwrap_err().to_string();
+        assert!(e.contains("exit.json"), "{e}");
+    }
+
+    #[test]
+    fn start_time_tells_a_live_process_from_a_gone_one() {
+        assert!(start_time(std::process::id()).is_some_and(|t| t > 0));
+        assert_eq!(start_time(u32::MAX), None);
+    }
+}

@@ -1,0 +1,190 @@
+"""The client: one HTTP/1.1 request per call over the agent's Unix socket, JSON in and out."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+
+DEFAULT_SOCKET = "/run/agentd/agentd.sock"
+FINISHED_STATES = frozenset({"Succeeded", "Failed", "Cancelled"})
+
+JSON = Dict[str, Any]
+Manifest = Union[str, bytes, os.PathLike, Mapping[str, Any]]
+
+
+class Unreachable(Exception):
+    """Nothing answers on the socket: the agent is not running, or the path is wrong."""
+
+
+class ApiError(Exception):
+    """The agent refused the request. ``code`` is stable (``not_found``, ``forbidden``,
+    ``invalid_spec``, ...), ``message`` is for people, ``field`` names the offending field where
+    there is one, ``rule`` the authorization rule for ``forbidden``, ``status`` the HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, field: Optional[str] = None,
+                 rule: Optional[str] = None, details: Optional[List[JSON]] = None) -> None:
+        super().__init__(f"{field}: {message}" if field and not message.startswith(field) else message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.rule = rule
+        self.details = details or []
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: Optional[float]) -> None:
+        super().__init__("agentd", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.timeout is not None:
+            sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError as e:
+            sock.close()
+            raise Unreachable(f"cannot reach the agent at {self._path}: {e}") from e
+        self.sock = sock
+
+
+class Client:
+    """A client of one agent, over its Unix socket (``socket``, else ``AGENTD_SOCKET``, else
+    ``/run/agentd/agentd.sock``). The caller's identity is its uid: jobs it submits are its own."""
+
+    def __init__(self, socket: Optional[str] = None, timeout: Optional[float] = 30.0) -> None:
+        self.socket = socket or os.environ.get("AGENTD_SOCKET") or DEFAULT_SOCKET
+        self.timeout = timeout
+
+    # Requests ---------------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, body: Optional[bytes] = None,
+              content_type: Optional[str] = None,
+              timeout: Optional[float] = None) -> http.client.HTTPResponse:
+        conn = _UnixConnection(self.socket, timeout if timeout is not None else self.timeout)
+        headers = {"Host": "agentd"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+        except Unreachable:
+            raise
+        except OSError as e:
+            conn.close()
+            raise Unreachable(f"the agent at {self.socket} did not answer: {e}") from e
+        if response.status >= 400:
+            raw = response.read()
+            conn.close()
+            raise _error(response.status, raw)
+        return response
+
+    def _json(self, method: str, path: str, body: Optional[bytes] = None,
+              content_type: Optional[str] = None) -> JSON:
+        response = self._send(method, path, body, content_type)
+        try:
+            return json.loads(response.read())
+        finally:
+            response.close()
+
+    # The API ----------------------------------------------------------------------------------
+
+    def status(self) -> JSON:
+        return self._json("GET", "/v1/status")
+
+    def nodes(self) -> List[JSON]:
+        """The nodes this agent knows (in standalone mode, its own)."""
+        return [self._json("GET", "/v1/node")]
+
+    def queues(self) -> List[JSON]:
+        return self._json("GET", "/v1/queues")["queues"]
+
+    def jobs(self, queue: Optional[str] = None, state: Optional[str] = None,
+             user: Optional[str] = None) -> List[JSON]:
+        query = {k: v for k, v in (("queue", queue), ("state", state), ("user", user)) if v}
+        path = "/v1/jobs" + ("?" + urllib.parse.urlencode(query) if query else "")
+        return self._json("GET", path)["jobs"]
+
+    def job(self, name: str) -> JSON:
+        return self._json("GET", f"/v1/jobs/{_quote(name)}")
+
+    def submit(self, manifest: Manifest) -> JSON:
+        """Submits a TrainingJob or TFJob: a path to a YAML or JSON file, the manifest's text,
+        or a dict. Returns the new job's status."""
+        if isinstance(manifest, Mapping):
+            body, kind = json.dumps(manifest).encode(), "application/json"
+        elif isinstance(manifest, bytes):
+            body, kind = manifest, "application/yaml"
+        elif isinstance(manifest, os.PathLike) or (
+                isinstance(manifest, str) and "\n" not in manifest and Path(manifest).is_file()):
+            path = Path(manifest)
+            body = path.read_bytes()
+            kind = "application/json" if path.suffix == ".json" else "application/yaml"
+        elif isinstance(manifest, str):
+            body, kind = manifest.encode(), "application/yaml"
+        else:
+            raise TypeError(f"a manifest is a path, text, bytes or a dict, not {type(manifest).__name__}")
+        return self._json("POST", "/v1/jobs", body, kind)
+
+    def cancel(self, name: str) -> JSON:
+        """Cancels an active job; removes a finished one."""
+        return self._json("DELETE", f"/v1/jobs/{_quote(name)}")
+
+    def logs(self, name: str, replica: Optional[str] = None,
+             follow: bool = False) -> Union[str, Iterator[str]]:
+        """A replica's log as text; with ``follow``, an iterator of chunks as the replica writes
+        them, ending when the job has ended."""
+        query = {"replica": replica} if replica else {}
+        if follow:
+            query["follow"] = "true"
+        path = f"/v1/jobs/{_quote(name)}/logs" + ("?" + urllib.parse.urlencode(query) if query else "")
+        if not follow:
+            response = self._send("GET", path)
+            try:
+                return response.read().decode("utf-8", "replace")
+            finally:
+                response.close()
+        return self._follow(path)
+
+    def _follow(self, path: str) -> Iterator[str]:
+        response = self._send("GET", path, timeout=None)
+        try:
+            while True:
+                chunk = response.read1(65536)
+                if not chunk:
+                    return
+                yield chunk.decode("utf-8", "replace")
+        finally:
+            response.close()
+
+    def wait(self, name: str, timeout: Optional[float] = None, poll: float = 0.5) -> JSON:
+        """Waits until the job has finished and returns its status; raises ``TimeoutError`` if
+        ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(name)
+            if job["state"] in FINISHED_STATES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {name} is still {job['state']} after {timeout} s")
+            time.sleep(poll)
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _error(status: int, raw: bytes) -> ApiError:
+    try:
+        detail = json.loads(raw)["error"]
+        return ApiError(status, detail["code"], detail["message"], detail.get("field"),
+                        detail.get("rule"), detail.get("details"))
+    except (ValueError, KeyError, TypeError):
+        return ApiError(status, "internal", f"HTTP {status}: {raw.decode('utf-8', 'replace').strip()}")

@@ -1,0 +1,244 @@
+//! Nobody can exhaust the agent: each listener caps its open connections, closes clients that
+//! sit idle or send too slowly, users have a request rate, refusals are counted in metrics, and
+//! the state the agent keeps is not readable by other users.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::{Agent, AgentOptions};
+
+use crate::auth::{BOB, http_as, users};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Everything the peer sends until it closes (or 30 s pass, which fails the test).
+fn read_to_close(stream: &mut impl Read) -> String {
+    let mut text = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return String::from_utf8_lossy(&text).into_owned(),
+            Ok(n) => text.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return String::from_utf8_lossy(&text).into_owned();
+            }
+            Err(e) => panic!("the agent did not close the connection: {e}"),
+        }
+    }
+}
+
+fn unix(agent: &Agent) -> UnixStream {
+    let stream = UnixStream::connect(&agent.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+fn tcp(port: u16) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+}
+
+fn scrape(port: u16) -> String {
+    let mut stream = tcp(port);
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    read_to_close(&mut stream)
+}
+
+const GET_STATUS: &[u8] = b"GET /v1/status HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+
+#[test]
+fn connections_are_capped_and_idle_or_slow_clients_closed() {
+    let port = free_port();
+    let agent = Agent::start(AgentOptions {
+        config: "[api]\nmax_connections = 4\nheader_timeout = \"4s\"\nbody_timeout = \"4s\"\n"
+            .into(),
+        env: vec![("AGENTD_METRICS_ADDR".into(), format!("127.0.0.1:{port}"))],
+        ..AgentOptions::default()
+    });
+
+    // Socket: four idle clients fill it; a fifth is closed without an answer.
+    let mut idle: Vec<UnixStream> = (0..4).map(|_| unix(&agent)).collect();
+    let mut fifth = unix(&agent);
+    // The agent may have closed it already, so that the write fails: that is a refusal too.
+    let _ = fifth.write_all(GET_STATUS);
+    let answer = read_to_close(&mut fifth);
+    assert!(answer.is_empty(), "a fifth connection was served: {answer}");
+    // The idle ones are closed after the header timeout, and then the agent answers again.
+    for stream in &mut idle {
+        assert_eq!(read_to_close(stream), "", "an idle client got an answer");
+    }
+    let mut after = unix(&agent);
+    after.write_all(GET_STATUS).unwrap();
+    assert!(read_to_close(&mut after).starts_with("HTTP/1.1 200"));
+
+    // A body that never arrives in full is a 408, not a connection held forever.
+    let mut slow = unix(&agent);
+    slow.write_all(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: a\r\nContent-Type: application/yaml\r\nContent-Length: 100\r\n\r\nkind: Tra",
+    )
+    .unwrap();
+    let answer = read_to_close(&mut slow);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+
+    // Metrics: the same cap and idle timeout.
+    let mut idle: Vec<TcpStream> = (0..4).map(|_| tcp(port)).collect();
+    let mut fifth = tcp(port);
+    let _ = fifth.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    assert_eq!(read_to_close(&mut fifth), "", "a fifth scrape was served");
+    for stream in &mut idle {
+        assert_eq!(read_to_close(stream), "");
+    }
+    let metrics = scrape(port);
+    for series in [
+        "agentd_refusals_total{listener=\"socket\",reason=\"connection_limit\"} 1",
+        "agentd_refusals_total{listener=\"socket\",reason=\"body_timeout\"} 1",
+        "agentd_refusals_total{listener=\"metrics\",reason=\"connection_limit\"} 1",
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
+}
+
+#[test]
+fn each_user_has_a_request_rate() {
+    users();
+    let agent = Agent::start(AgentOptions {
+        config: "[api]\nrequests_per_second = 1\nrequest_burst = 3\n".into(),
+        ..AgentOptions::default()
+    });
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Ten requests on one connection, as fast as curl sends them.
+    let url = "http://agentd/v1/jobs";
+    let out = Command::new("setpriv")
+        .args(["--reuid", BOB, "--regid", BOB, "--init-groups"])
+        .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}\n"])
+        .arg("--unix-socket")
+        .arg(&agent.socket)
+        .args([url; 10])
+        .output()
+        .unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Each line ends with the status code (the bodies, after the first, precede it).
+    let refused = codes.lines().filter(|c| c.ends_with("429")).count();
+    let served = codes.lines().filter(|c| c.ends_with("200")).count();
+    assert!(served >= 3 && refused >= 1, "codes:\n{codes}");
+    let (status, body) = http_as(&agent, BOB, "GET", "/v1/jobs");
+    if status == 429 {
+        assert_eq!(body["error"]["code"], "too_many_requests", "{body}");
+    }
+    // Root is not limited: the operator can always act.
+    for _ in 0..10 {
+        assert!(agent.ctl(&["jobs"]).status.success());
+    }
+}
+
+#[test]
+fn state_and_logs_are_not_world_readable() {
+    let agent = Agent::start(AgentOptions::default());
+    let manifest = "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {name: secret}\nspec:\n  replicaSpecs:\n    Worker:\n      replicas: 1\n      template:\n        spec:\n          containers:\n          - name: tensorflow\n            command: [sh, -c, 'echo $DB_PASSWORD']\n            env: [{name: DB_PASSWORD, value: hunter2}]\n";
+    let out = agent.ctl_with_stdin(&["submit", "-"], manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.wait_for(&["job", "secret"], Duration::from_secs(30), |j| {
+        j["state"] == "Succeeded"
+    });
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&agent.state_dir) & 0o007, 0, "state dir");
+    let mut files = Vec::new();
+    let mut dirs = vec![agent.state_dir.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(files.iter().any(|f| f.ends_with("agentd.db")), "{files:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("hunter2"))),
+        "the replica's log holds its output: {files:?}"
+    );
+    for file in &files {
+        assert_eq!(
+            mode(file) & 0o004,
+            0,
+            "{} is world-readable",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn running_out_of_descriptors_is_not_a_gpu_fault() {
+    let agent = Agent::start(AgentOptions {
+        gpus: Some((0..2).map(e2e::fake_gpu).collect()),
+        // A cap above the descriptor limit set below, so that the descriptors run out first.
+        config: "[inventory]\ninterval = \"200ms\"\ngpu_recovery_quiet = \"60s\"\n\
+                 [api]\nmax_connections = 1000\nheader_timeout = \"3s\"\n"
+            .into(),
+        ..AgentOptions::default()
+    });
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={}", agent.pid()))
+        .arg("--nofile=96:96")
+        .status()
+        .unwrap();
+    assert!(limited.success());
+    // Far more idle clients than the agent has descriptors for.
+    let idle: Vec<UnixStream> = (0..200).map(|_| unix(&agent)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // The socket's accept fails with EMFILE ("Too many open files"); then wait for a few
+    // inventory samples to be taken while the descriptors are still gone.
+    while !agent.log().contains("Too many open files") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never ran out of descriptors:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    drop(idle);
+    // Once the idle clients are gone the agent answers again, with every GPU still healthy.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let node = loop {
+        let out = agent.ctl(&["node", "-o", "json"]);
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for gpu in node["gpus"].as_array().unwrap() {
+        assert_eq!(gpu["healthy"], true, "{gpu}\n{}", agent.log());
+    }
+    assert!(!agent.log().contains("unhealthy"), "{}", agent.log());
+}

@@ -1,0 +1,69 @@
+//! The Python SDK (`sdk/python`) against a real agent: installed with pip into a directory of its
+//! own, then its tests run with `AGENTD_SOCKET` naming the agent.
+
+use std::path::Path;
+use std::process::Command;
+
+use e2e::{Agent, AgentOptions};
+
+fn sdk_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../sdk/python"))
+}
+
+fn run(command: &mut Command) -> String {
+    let out = command.output().expect("the command runs");
+    assert!(
+        out.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The tests' Python environment (made by `scripts/python-env` on first use).
+fn python_env() -> std::path::PathBuf {
+    let out = Command::new(sdk_dir().join("../../scripts/python-env"))
+        .output()
+        .expect("scripts/python-env runs");
+    assert!(
+        out.status.success(),
+        "cannot set up the Python environment: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().into()
+}
+
+#[test]
+fn python_sdk_against_a_real_agent() {
+    let agent = Agent::start(AgentOptions::default());
+    // The shared test environment's pip (which has setuptools and wheel) installs the package
+    // into a directory of its own, from the source alone: standard library only, no index.
+    let site = agent.dir.path().join("site");
+    let python_env = python_env().join("bin");
+    let _ = run(Command::new(python_env.join("pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-build-isolation",
+            "--no-cache-dir",
+        ])
+        .arg("--target")
+        .arg(&site)
+        .arg(sdk_dir()));
+    assert!(
+        site.join("agentd_client/py.typed").exists(),
+        "the package is typed"
+    );
+    // From the tests' directory, so that the installed package is the one imported.
+    let report = run(Command::new(python_env.join("python"))
+        .args(["-m", "unittest", "-v", "test_client"])
+        .current_dir(sdk_dir().join("tests"))
+        .env("AGENTD_SOCKET", &agent.socket)
+        .env("PYTHONPATH", &site));
+    assert!(
+        report.contains("Ran 5 tests") && !report.contains("skipped"),
+        "{report}"
+    );
+}
