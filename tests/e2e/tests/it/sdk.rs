@@ -39,6 +39,18 @@ fn python_sdk_against_a_real_agent() {
     let agent = Agent::start(AgentOptions::default());
     // The shared test environment's pip (which has setuptools and wheel) installs the package
     // into a directory of its own, from the source alone: standard library only, no index.
+    // A copy of the source, because building writes `build/` and `*.egg-info` beside it.
+    let source = agent.dir.path().join("agentd-client");
+    for file in [
+        "pyproject.toml",
+        "README.md",
+        "agentd_client/__init__.py",
+        "agentd_client/client.py",
+        "agentd_client/py.typed",
+    ] {
+        std::fs::create_dir_all(source.join(file).parent().unwrap()).unwrap();
+        std::fs::copy(sdk_dir().join(file), source.join(file)).unwrap();
+    }
     let site = agent.dir.path().join("site");
     let python_env = python_env().join("bin");
     let _ = run(Command::new(python_env.join("pip"))
@@ -51,7 +63,7 @@ fn python_sdk_against_a_real_agent() {
         ])
         .arg("--target")
         .arg(&site)
-        .arg(sdk_dir()));
+        .arg(&source));
     assert!(
         site.join("agentd_client/py.typed").exists(),
         "the package is typed"
