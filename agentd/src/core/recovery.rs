@@ -6,12 +6,11 @@ use agentd_api::jobs::{JobState, JobStatus, ReplicaState};
 
 use super::{Core, CoreError, JobRecord};
 use crate::exec::local;
-use crate::inventory::unix_now;
 use crate::job;
 
 impl Core {
     pub(super) fn recover(&mut self) -> Result<(), CoreError> {
-        let now = unix_now();
+        let now = self.clock.now();
         for (name, manifest, status_json) in self.store.jobs()? {
             let (status, parsed) = match (
                 serde_json::from_str::<JobStatus>(&status_json),
@@ -26,7 +25,7 @@ impl Core {
                     continue;
                 }
             };
-            let mut record = JobRecord::restore(parsed, manifest, status);
+            let mut record = JobRecord::restore(parsed, manifest, status, now);
             let leftovers: Vec<u32> = record
                 .status
                 .replicas
@@ -72,7 +71,7 @@ impl Core {
         Ok(())
     }
 
-    fn recover_running(&mut self, name: &str, now: f64) {
+    fn recover_running(&mut self, name: &str, now: super::Now) {
         let record = self.jobs.get_mut(name).expect("present");
         let limit = record.status.backoff_limit;
         let message = "the agent restarted while the gang was running";
