@@ -708,7 +708,6 @@ impl Core {
                 QueueStatus {
                     name: name.clone(),
                     priority: q.priority,
-                    weight: q.weight,
                     max_running_jobs: q.max_running_jobs,
                     max_gpus: q.max_gpus,
                     default: *name == self.default_queue,
@@ -925,7 +924,7 @@ impl Core {
         for (name, r) in &self.jobs {
             match r.due(now) {
                 Some(Due::Expire { reason, message }) => {
-                    expired.push((name.clone(), reason, message))
+                    expired.push((name.clone(), reason, message));
                 }
                 Some(Due::Requeue) => requeue.push(name.clone()),
                 Some(Due::Remove) => remove.push(name.clone()),
@@ -1263,7 +1262,8 @@ impl Core {
             .map(|(name, q)| QueueConfig {
                 name: name.clone(),
                 priority: q.priority,
-                weight: q.weight,
+                // The pass does not read it; queues of equal priority share nothing by weight.
+                weight: 1,
                 max_running_jobs: q.max_running_jobs,
                 max_gpus: q.max_gpus,
             })

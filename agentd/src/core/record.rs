@@ -569,10 +569,10 @@ mod tests {
     }
 
     fn expired_reason(due: Option<Due>) -> Option<&'static str> {
-        match due {
-            Some(Due::Expire { reason, .. }) => Some(reason),
-            _ => None,
-        }
+        due.and_then(|due| match due {
+            Due::Expire { reason, .. } => Some(reason),
+            Due::Requeue | Due::Remove => None,
+        })
     }
 
     #[test]
