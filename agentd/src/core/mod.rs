@@ -9,6 +9,8 @@ pub mod clock;
 mod log_budget;
 mod record;
 mod recovery;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
