@@ -158,16 +158,18 @@ pub enum ReplicaUnits {
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
     pub priority: i32,
-    #[serde(default = "one")]
-    pub weight: u32,
+    /// No longer a setting: read only to refuse it with the reason (see `check`).
+    #[serde(default, skip_serializing, deserialize_with = "present")]
+    pub weight: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_running_jobs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_gpus: Option<u32>,
 }
 
-fn one() -> u32 {
-    1
+/// True for any value: a key that is read only to be refused.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -236,7 +238,7 @@ pub fn default_queues() -> BTreeMap<String, QueueSettings> {
             "fast".to_owned(),
             QueueSettings {
                 priority: 10,
-                weight: 1,
+                weight: false,
                 max_running_jobs: None,
                 max_gpus: None,
             },
@@ -245,7 +247,7 @@ pub fn default_queues() -> BTreeMap<String, QueueSettings> {
             "slow".to_owned(),
             QueueSettings {
                 priority: 1,
-                weight: 1,
+                weight: false,
                 max_running_jobs: None,
                 max_gpus: None,
             },
@@ -379,7 +381,13 @@ impl Config {
         if self.queues.is_empty() {
             self.queues = default_queues();
         }
-        for name in self.queues.keys() {
+        for (name, q) in &self.queues {
+            if q.weight {
+                return Err(invalid(
+                    &format!("queues.{name}.weight"),
+                    "is not a setting (it never had an effect): queues are served by priority, and within one priority by job priority, then submit time; remove the key",
+                ));
+            }
             if !is_queue_name(name) {
                 return Err(invalid(
                     &format!("queues.{name}"),
@@ -520,6 +528,14 @@ mod duration_text {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_weight_is_refused_with_the_reason() {
+        let mut config = Config::from_toml("[queues.batch]\npriority = 1\nweight = 2\n").unwrap();
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("queues.batch.weight"), "{err}");
+        assert!(err.contains("remove the key"), "{err}");
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

@@ -161,7 +161,6 @@ pub struct JobList {
 pub struct QueueStatus {
     pub name: String,
     pub priority: i32,
-    pub weight: u32,
     pub max_running_jobs: Option<u32>,
     pub max_gpus: Option<u32>,
     pub default: bool,

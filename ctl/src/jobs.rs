@@ -302,9 +302,7 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
     }
     let list: QueueList =
         serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
-    let mut table = Table::new([
-        "QUEUE", "PRIORITY", "WEIGHT", "QUEUED", "RUNNING", "GPUS", "LIMITS",
-    ]);
+    let mut table = Table::new(["QUEUE", "PRIORITY", "QUEUED", "RUNNING", "GPUS", "LIMITS"]);
     for q in &list.queues {
         let mut limits = Vec::new();
         if let Some(n) = q.max_running_jobs {
@@ -320,7 +318,6 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
                 q.name.clone()
             },
             q.priority.to_string(),
-            q.weight.to_string(),
             q.queued.to_string(),
             q.running.to_string(),
             q.gpus_in_use.to_string(),

@@ -5,9 +5,12 @@
 //! acknowledged with 201 is on disk) and before it hands placed replicas to the executor (so
 //! no replica runs for a placement that is not on disk). It never waits for a process.
 
+pub mod clock;
 mod log_budget;
 mod record;
 mod recovery;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -22,14 +25,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, QueueSettings, ReplicaUnits};
 use crate::exec::local::{self, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport};
-use crate::inventory::{GpuHealthEvent, unix_now};
+use crate::inventory::GpuHealthEvent;
 use crate::job::{self, SpecError};
 use crate::metrics::{Metrics, NodeAllocation};
 use crate::sched::{self, NodeCapacity, Policy, QueueConfig, Snapshot};
 use crate::store::{JobWrite, NewEvent, Store, StoreError};
 
+pub use clock::{Clock, ManualClock, Now, SystemClock};
 pub use record::JobRecord;
-use record::ReplicaExit;
+use record::{Due, ReplicaExit};
 
 /// How many removed jobs' last statuses are kept in memory for clients still waiting on them.
 const REMEMBER_REMOVED: usize = 256;
@@ -173,6 +177,8 @@ pub struct Core {
     kill_grace: Duration,
     backoff: (Duration, Duration),
     sample_retention: Duration,
+    /// Wall clock for what people read, monotonic clock for every duration waited on.
+    clock: Arc<dyn Clock>,
     store: Store,
     executor: LocalExecutor,
     policy: Policy,
@@ -229,6 +235,27 @@ impl Core {
         health: mpsc::UnboundedReceiver<GpuHealthEvent>,
         metrics: Option<Metrics>,
     ) -> Result<(Core, CoreHandle, CoreInputs), CoreError> {
+        Self::open_with_clock(
+            config,
+            node,
+            store,
+            inventory,
+            health,
+            metrics,
+            Arc::new(SystemClock::new()),
+        )
+    }
+
+    /// `open`, reading the time from `clock`.
+    pub fn open_with_clock(
+        config: &Config,
+        node: String,
+        store: Store,
+        inventory: watch::Receiver<Arc<NodeInventory>>,
+        health: mpsc::UnboundedReceiver<GpuHealthEvent>,
+        metrics: Option<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Core, CoreHandle, CoreInputs), CoreError> {
         let (tx, commands) = mpsc::channel(1024);
         let (submits_tx, submits) = mpsc::channel(1024);
         let (reports, replicas) = mpsc::unbounded_channel();
@@ -243,6 +270,7 @@ impl Core {
             kill_grace: config.jobs.kill_grace,
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
             sample_retention: config.inventory.sample_retention,
+            clock,
             store,
             executor: LocalExecutor::new(
                 reports,
@@ -486,7 +514,7 @@ impl Core {
                 },
             )));
         }
-        let now = unix_now();
+        let now = self.clock.now();
         let mut record = JobRecord::new(parsed, text, now);
         let by = owner.user.clone();
         record.status.owner = Some(owner);
@@ -592,7 +620,7 @@ impl Core {
         status_json: &str,
         status: Result<JobStatus, serde_json::Error>,
         parsed: Result<job::TrainingJob, SpecError>,
-        now: f64,
+        now: Now,
     ) {
         let mut problems = Vec::new();
         if let Err(e) = &status {
@@ -663,7 +691,7 @@ impl Core {
             },
         });
         let mut record = match status {
-            Ok(status) => JobRecord::restore(job, manifest, status),
+            Ok(status) => JobRecord::restore(job, manifest, status, now),
             Err(_) => JobRecord::new(job, manifest, now),
         };
         for r in &mut record.status.replicas {
@@ -735,7 +763,6 @@ impl Core {
                 QueueStatus {
                     name: name.clone(),
                     priority: q.priority,
-                    weight: q.weight,
                     max_running_jobs: q.max_running_jobs,
                     max_gpus: q.max_gpus,
                     default: *name == self.default_queue,
@@ -795,7 +822,7 @@ impl Core {
     fn event(&mut self, name: &str, reason: &str, message: String) {
         tracing::info!(job = name, reason, "{message}");
         self.events.push(NewEvent {
-            time: unix_now(),
+            time: self.clock.now().wall,
             kind: "job",
             object: name.to_owned(),
             reason: reason.to_owned(),
@@ -828,7 +855,7 @@ impl Core {
         };
         tracing::debug!(level, "{change}");
         self.events.push(NewEvent {
-            time: unix_now(),
+            time: self.clock.now().wall,
             kind: "node",
             object: self.node.clone(),
             reason: reason.to_owned(),
@@ -945,53 +972,18 @@ impl Core {
             self.needs_pass = true;
             self.report_metrics();
         }
-        let now = unix_now();
+        let now = self.clock.now();
         let mut expired = Vec::new();
         let mut requeue = Vec::new();
         let mut remove = Vec::new();
         for (name, r) in &self.jobs {
-            let policy = &r.job.spec.run_policy;
-            match r.status.state {
-                JobState::Queued => {
-                    if let Some(limit) = policy.schedule_timeout_seconds
-                        && now - r.queued_since >= limit as f64
-                    {
-                        expired.push((
-                            name.clone(),
-                            "ScheduleTimeout",
-                            format!(
-                                "not placed within scheduleTimeoutSeconds ({limit} s): {}",
-                                r.status.message
-                            ),
-                        ));
-                    }
+            match r.due(now) {
+                Some(Due::Expire { reason, message }) => {
+                    expired.push((name.clone(), reason, message));
                 }
-                JobState::Placed | JobState::Starting | JobState::Running => {
-                    if let (Some(limit), Some(started)) =
-                        (policy.active_deadline_seconds, r.status.started_at)
-                        && now - started >= limit as f64
-                    {
-                        expired.push((
-                            name.clone(),
-                            "DeadlineExceeded",
-                            format!("ran longer than activeDeadlineSeconds ({limit} s)"),
-                        ));
-                    }
-                }
-                JobState::Restarting => {
-                    if r.restart_at.is_some_and(|t| now >= t) && r.allocation.is_none() {
-                        requeue.push(name.clone());
-                    }
-                }
-                JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
-                    if let (Some(ttl), Some(finished)) =
-                        (policy.ttl_seconds_after_finished, r.status.finished_at)
-                        && now - finished >= ttl as f64
-                        && r.allocation.is_none()
-                    {
-                        remove.push(name.clone());
-                    }
-                }
+                Some(Due::Requeue) => requeue.push(name.clone()),
+                Some(Due::Remove) => remove.push(name.clone()),
+                None => {}
             }
         }
         for (name, reason, message) in expired {
@@ -1062,13 +1054,14 @@ impl Core {
     }
 
     fn replica_started(&mut self, job: &str, replica: &str, generation: u32, pid: u32) {
+        let now = self.clock.now();
         let Some(record) = self.launch_reported(job, generation) else {
             // Every launch is counted until reported, so this is a process nobody waits for.
             tracing::warn!(job, replica, pid, "stopping a replica of no current launch");
             local::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
             return;
         };
-        record.replica_started(replica, pid, unix_now());
+        record.replica_started(replica, pid, now.wall);
         if let Some(stop) = &mut record.pending_stop {
             stop.push(pid);
         }
@@ -1133,7 +1126,7 @@ impl Core {
         };
         record.set_state(JobState::Running, "Running", &format!("{replicas} running"));
         if let (1, Some(metrics)) = (generation, &self.metrics) {
-            let waited = (unix_now() - record.status.submitted_at).max(0.0);
+            let waited = (self.clock.now().wall - record.status.submitted_at).max(0.0);
             metrics.submit_to_running(Duration::from_secs_f64(waited));
         }
         self.dirty.insert(name.to_owned());
@@ -1151,8 +1144,8 @@ impl Core {
         if exit.generation != record.status.generation {
             return;
         }
-        let now = unix_now();
-        let Some(outcome) = record.replica_ended(&exit.replica, exit.outcome, now) else {
+        let now = self.clock.now();
+        let Some(outcome) = record.replica_ended(&exit.replica, exit.outcome, now.wall) else {
             return;
         };
         // The last replica a finished job left running has ended: what is left of its process
@@ -1234,7 +1227,8 @@ impl Core {
         let factor = job::backoff_delay(record.status.restarts).as_secs_f64()
             / job::BACKOFF_BASE.as_secs_f64();
         let delay = base.mul_f64(factor).min(cap);
-        let pgids = record.begin_restart(reason, message, unix_now() + delay.as_secs_f64());
+        let restart_at = self.clock.now().mono + delay.as_secs_f64();
+        let pgids = record.begin_restart(reason, message, restart_at);
         if let Some(metrics) = &self.metrics {
             metrics.gang_restarted(reason);
         }
@@ -1257,7 +1251,7 @@ impl Core {
         let Some(record) = self.jobs.get_mut(name) else {
             return;
         };
-        let pgids = record.finish(state, reason, &message, unix_now());
+        let pgids = record.finish(state, reason, &message, self.clock.now());
         let generation = record.status.generation;
         // Replicas left running (cleanPodPolicy None) keep the gang's allocation until the
         // last of them ends; see `replica_exited`.
@@ -1311,10 +1305,11 @@ impl Core {
         // Nothing is placed while placements cannot be written.
         node.schedulable = self.write_failure.is_none();
         let nodes = [node];
+        let now = self.clock.now();
         let running: Vec<sched::RunningGang> = self
             .jobs
             .values()
-            .filter_map(JobRecord::running_gang)
+            .filter_map(|r| r.running_gang(now))
             .collect();
         let queues: Vec<QueueConfig> = self
             .queues
@@ -1322,16 +1317,16 @@ impl Core {
             .map(|(name, q)| QueueConfig {
                 name: name.clone(),
                 priority: q.priority,
-                weight: q.weight,
+                // The pass does not read it; queues of equal priority share nothing by weight.
+                weight: 1,
                 max_running_jobs: q.max_running_jobs,
                 max_gpus: q.max_gpus,
             })
             .collect();
-        let now = unix_now();
         let pass_started = std::time::Instant::now();
         let decision = sched::schedule(
             &Snapshot {
-                now,
+                now: now.wall,
                 nodes: &nodes,
                 running: &running,
                 queued: &queued,
@@ -1368,7 +1363,7 @@ impl Core {
         self.undo
             .entry(name.clone())
             .or_insert_with(|| Some(record.clone()));
-        let summary = record.place(placement, inventory, unix_now());
+        let summary = record.place(placement, inventory, self.clock.now());
         self.dirty.insert(name.clone());
         self.event(&name, "Placed", summary);
         let record = self.jobs.get_mut(&name).expect("present");
@@ -1419,13 +1414,13 @@ impl Core {
             .keys()
             .map(|q| (q.as_str(), Vec::new()))
             .collect();
-        let (wall, mono) = (unix_now(), std::time::Instant::now());
+        let (now, mono) = (self.clock.now(), std::time::Instant::now());
         for record in self.jobs.values() {
             let queue = record.status.queue.as_str();
             if record.status.state == JobState::Queued
                 && let Some(limit) = record.job.spec.run_policy.schedule_timeout_seconds
             {
-                let left = record.queued_since + limit as f64 - wall;
+                let left = record.queued_since + limit as f64 - now.mono;
                 let deadline = if left >= 0.0 {
                     mono.checked_add(Duration::from_secs_f64(left.min(1e12)))
                 } else {
@@ -1479,7 +1474,7 @@ impl Core {
             self.turn_written();
             return Ok(());
         }
-        let now = unix_now();
+        let now = self.clock.now().wall;
         let mut writes: Vec<JobWrite> = self
             .deleted
             .iter()

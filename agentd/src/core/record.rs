@@ -15,6 +15,8 @@ use crate::job::{
 };
 use crate::sched::{self, Assignment};
 
+use super::clock::Now;
+
 /// Resources a generation of the gang holds until all its processes are gone.
 #[derive(Debug, Clone)]
 pub struct Allocation {
@@ -27,10 +29,18 @@ pub struct JobRecord {
     pub job: TrainingJob,
     pub manifest: String,
     pub status: JobStatus,
-    /// When the job last entered the queue (submit or requeue): the schedule time-out counts
-    /// from here.
+    /// When the job last entered the queue (submit or requeue), on the monotonic clock: the
+    /// schedule time-out counts from here. Marks on the monotonic clock (`clock::Now::mono`)
+    /// are kept in memory only; a restarted agent derives them from the stored wall-clock
+    /// times (see `restore`).
     pub queued_since: f64,
-    /// When a restarting gang may be queued again.
+    /// When the job was first placed, on the monotonic clock: `activeDeadlineSeconds` counts
+    /// from here (`status.started_at` is the same moment on the wall clock).
+    pub started_mono: Option<f64>,
+    /// When the job finished, on the monotonic clock: `ttlSecondsAfterFinished` counts from
+    /// here.
+    pub finished_mono: Option<f64>,
+    /// When a restarting gang may be queued again, on the monotonic clock.
     pub restart_at: Option<f64>,
     pub allocation: Option<Allocation>,
     /// Replicas of the current generation handed to the executor and not yet reported
@@ -61,6 +71,20 @@ pub struct ReplicaExit {
     pub outcome: ExitOutcome,
 }
 
+/// What a job's clock says is to be done now (`JobRecord::due`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
+    /// Fail the job: a time limit passed.
+    Expire {
+        reason: &'static str,
+        message: String,
+    },
+    /// The restart back-off is over: queue the gang again.
+    Requeue,
+    /// `ttlSecondsAfterFinished` passed: remove the job.
+    Remove,
+}
+
 /// What one replica's end means for its job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaVerdict {
@@ -78,7 +102,7 @@ pub enum ReplicaVerdict {
 }
 
 impl JobRecord {
-    pub fn new(job: TrainingJob, manifest: String, now: f64) -> Self {
+    pub fn new(job: TrainingJob, manifest: String, now: Now) -> Self {
         let replicas = job::replica_names(&job)
             .into_iter()
             .map(|(t, i)| ReplicaStatus {
@@ -109,7 +133,7 @@ impl JobRecord {
             state: JobState::Queued,
             reason: "Queued".to_owned(),
             message: "waiting for the first scheduling pass".to_owned(),
-            submitted_at: now,
+            submitted_at: now.wall,
             started_at: None,
             finished_at: None,
             restarts: 0,
@@ -123,7 +147,9 @@ impl JobRecord {
             job,
             manifest,
             status,
-            queued_since: now,
+            queued_since: now.mono,
+            started_mono: None,
+            finished_mono: None,
             restart_at: None,
             allocation: None,
             launching: 0,
@@ -135,15 +161,20 @@ impl JobRecord {
         }
     }
 
-    /// Rebuilds a record from what the store kept.
-    pub fn restore(job: TrainingJob, manifest: String, status: JobStatus) -> Self {
-        let queued_since = status.submitted_at;
+    /// Rebuilds a record from what the store kept. The store keeps wall-clock times only;
+    /// each becomes a monotonic mark here, once, from how long ago the wall clock says it was.
+    pub fn restore(job: TrainingJob, manifest: String, status: JobStatus, now: Now) -> Self {
+        let queued_since = now.mono_of(status.submitted_at);
+        let started_mono = status.started_at.map(|t| now.mono_of(t));
+        let finished_mono = status.finished_at.map(|t| now.mono_of(t));
         let status_state = status.state;
         Self {
             job,
             manifest,
             status,
             queued_since,
+            started_mono,
+            finished_mono,
             restart_at: None,
             allocation: None,
             launching: 0,
@@ -178,18 +209,54 @@ impl JobRecord {
         })
     }
 
-    pub fn running_gang(&self) -> Option<sched::RunningGang> {
+    /// The gang as the scheduler sees it; its expected end is on the wall clock, as the
+    /// scheduler's `now` is.
+    pub fn running_gang(&self, now: Now) -> Option<sched::RunningGang> {
         let allocation = self.allocation.as_ref()?;
         let deadline = self.job.spec.run_policy.active_deadline_seconds;
         Some(sched::RunningGang {
             id: self.status.name.clone(),
             queue: self.status.queue.clone(),
             assignments: allocation.assignments.clone(),
-            expected_end: match (self.status.started_at, deadline) {
-                (Some(start), Some(d)) => Some(start + d as f64),
+            expected_end: match (self.started_mono, deadline) {
+                (Some(start), Some(d)) => Some(now.wall_of(start + d as f64)),
                 _ => None,
             },
         })
+    }
+
+    /// What the job's time limits say is to be done at `now`, all of them measured on the
+    /// monotonic clock.
+    pub fn due(&self, now: Now) -> Option<Due> {
+        let policy = &self.job.spec.run_policy;
+        let passed = |since: f64, limit: u64| now.mono - since >= limit as f64;
+        match self.status.state {
+            JobState::Queued => {
+                let limit = policy.schedule_timeout_seconds?;
+                passed(self.queued_since, limit).then(|| Due::Expire {
+                    reason: "ScheduleTimeout",
+                    message: format!(
+                        "not placed within scheduleTimeoutSeconds ({limit} s): {}",
+                        self.status.message
+                    ),
+                })
+            }
+            JobState::Placed | JobState::Starting | JobState::Running => {
+                let limit = policy.active_deadline_seconds?;
+                passed(self.started_mono?, limit).then(|| Due::Expire {
+                    reason: "DeadlineExceeded",
+                    message: format!("ran longer than activeDeadlineSeconds ({limit} s)"),
+                })
+            }
+            JobState::Restarting => (self.restart_at.is_some_and(|t| now.mono >= t)
+                && self.allocation.is_none())
+            .then_some(Due::Requeue),
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled => {
+                let ttl = policy.ttl_seconds_after_finished?;
+                (passed(self.finished_mono?, ttl) && self.allocation.is_none())
+                    .then_some(Due::Remove)
+            }
+        }
     }
 
     pub fn queued_gang(&self) -> Option<sched::Gang> {
@@ -212,7 +279,7 @@ impl JobRecord {
         &mut self,
         placement: &sched::Placement,
         inventory: &NodeInventory,
-        now: f64,
+        now: Now,
     ) -> String {
         self.status.generation += 1;
         self.restart_at = None;
@@ -257,7 +324,8 @@ impl JobRecord {
             });
         }
         if self.status.started_at.is_none() {
-            self.status.started_at = Some(now);
+            self.status.started_at = Some(now.wall);
+            self.started_mono = Some(now.mono);
         }
         self.set_state(JobState::Placed, "Placed", "placed; starting replicas");
         format!(
@@ -451,7 +519,8 @@ impl JobRecord {
         })
     }
 
-    /// Starts a restart: counts it and returns the process groups to stop.
+    /// Starts a restart: counts it and returns the process groups to stop. `restart_at` is on
+    /// the monotonic clock.
     pub fn begin_restart(&mut self, reason: &str, message: &str, restart_at: f64) -> Vec<u32> {
         self.status.restarts += 1;
         self.restart_at = Some(restart_at);
@@ -460,9 +529,10 @@ impl JobRecord {
     }
 
     /// Ends the job; returns the process groups to stop.
-    pub fn finish(&mut self, state: JobState, reason: &str, message: &str, now: f64) -> Vec<u32> {
+    pub fn finish(&mut self, state: JobState, reason: &str, message: &str, now: Now) -> Vec<u32> {
         self.set_state(state, reason, message);
-        self.status.finished_at = Some(now);
+        self.status.finished_at = Some(now.wall);
+        self.finished_mono = Some(now.mono);
         self.restart_at = None;
         let keep_running = self.job.spec.run_policy.clean_pod_policy
             == Some(job::CleanPodPolicy::None)
@@ -498,8 +568,8 @@ impl JobRecord {
     }
 
     /// Puts a restarting gang back in the queue.
-    pub fn requeue(&mut self, now: f64) {
-        self.queued_since = now;
+    pub fn requeue(&mut self, now: Now) {
+        self.queued_since = now.mono;
         self.restart_at = None;
         self.set_state(JobState::Queued, "Requeued", "waiting to be placed again");
     }
@@ -509,4 +579,146 @@ impl JobRecord {
 pub fn parse_replica_name(name: &str) -> Option<(ReplicaType, u32)> {
     let (t, i) = name.rsplit_once('-')?;
     Some((ReplicaType::from_key(t)?, i.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::clock::{Clock, ManualClock};
+
+    /// An hour: the size of the wall-clock steps below.
+    const HOUR: f64 = 3600.0;
+
+    fn job(run_policy: &str) -> TrainingJob {
+        let manifest = format!(
+            "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: clocked}}\nspec:\n  runPolicy: {run_policy}\n  replicaSpecs:\n    Worker:\n      replicas: 1\n      template: {{spec: {{containers: [{{name: tensorflow, command: [\"true\"]}}]}}}}\n"
+        );
+        crate::job::parse(manifest.as_bytes()).expect("a valid manifest")
+    }
+
+    fn placed(clock: &ManualClock, run_policy: &str) -> JobRecord {
+        let mut record = JobRecord::new(job(run_policy), String::new(), clock.now());
+        let placement = sched::Placement {
+            gang: "clocked".to_owned(),
+            assignments: Vec::new(),
+        };
+        record.place(&placement, &NodeInventory::default(), clock.now());
+        record.set_state(JobState::Running, "Running", "1 replica running");
+        record
+    }
+
+    fn expired_reason(due: Option<Due>) -> Option<&'static str> {
+        due.and_then(|due| match due {
+            Due::Expire { reason, .. } => Some(reason),
+            Due::Requeue | Due::Remove => None,
+        })
+    }
+
+    #[test]
+    fn an_active_deadline_does_not_move_with_a_wall_clock_step() {
+        for step in [HOUR, -HOUR] {
+            let clock = ManualClock::new(1_000_000.0);
+            let record = placed(&clock, "{activeDeadlineSeconds: 60}");
+            clock.advance(30.0);
+            clock.step_wall(step);
+            assert_eq!(record.due(clock.now()), None, "wall clock stepped {step} s");
+            clock.advance(29.0);
+            assert_eq!(record.due(clock.now()), None, "wall clock stepped {step} s");
+            clock.advance(1.0);
+            assert_eq!(
+                expired_reason(record.due(clock.now())),
+                Some("DeadlineExceeded"),
+                "wall clock stepped {step} s"
+            );
+        }
+    }
+
+    #[test]
+    fn a_schedule_timeout_does_not_move_with_a_wall_clock_step() {
+        let clock = ManualClock::new(1_000_000.0);
+        let record = JobRecord::new(
+            job("{scheduleTimeoutSeconds: 10}"),
+            String::new(),
+            clock.now(),
+        );
+        clock.step_wall(HOUR);
+        assert_eq!(record.due(clock.now()), None);
+        clock.step_wall(-2.0 * HOUR);
+        clock.advance(9.5);
+        assert_eq!(record.due(clock.now()), None);
+        clock.advance(0.5);
+        assert_eq!(
+            expired_reason(record.due(clock.now())),
+            Some("ScheduleTimeout")
+        );
+    }
+
+    #[test]
+    fn a_restart_back_off_does_not_move_with_a_wall_clock_step() {
+        let clock = ManualClock::new(1_000_000.0);
+        let mut record = placed(&clock, "{backoffLimit: 3}");
+        record.begin_restart("ReplicaFailed", "worker-0 exited 1", clock.now().mono + 5.0);
+        record.allocation = None;
+        clock.step_wall(HOUR);
+        assert_eq!(record.due(clock.now()), None);
+        clock.advance(5.0);
+        clock.step_wall(-2.0 * HOUR);
+        assert_eq!(record.due(clock.now()), Some(Due::Requeue));
+    }
+
+    #[test]
+    fn a_ttl_after_finished_does_not_move_with_a_wall_clock_step() {
+        let clock = ManualClock::new(1_000_000.0);
+        let mut record = placed(&clock, "{ttlSecondsAfterFinished: 100}");
+        record.finish(JobState::Succeeded, "Succeeded", "done", clock.now());
+        record.allocation = None;
+        clock.step_wall(HOUR);
+        assert_eq!(record.due(clock.now()), None);
+        clock.advance(99.0);
+        clock.step_wall(-2.0 * HOUR);
+        assert_eq!(record.due(clock.now()), None);
+        clock.advance(1.0);
+        assert_eq!(record.due(clock.now()), Some(Due::Remove));
+    }
+
+    /// A restarted agent has a new monotonic clock: what is left of a deadline comes from the
+    /// stored wall-clock start, once, and from then on the monotonic clock counts.
+    #[test]
+    fn a_restored_job_keeps_what_was_left_of_its_deadline() {
+        let before = ManualClock::new(1_000_000.0);
+        let record = placed(&before, "{activeDeadlineSeconds: 100}");
+        before.advance(40.0);
+        let stored = record.status.clone();
+
+        // The new agent's monotonic clock starts again at zero, 20 s of wall time later.
+        let after = ManualClock::new(before.now().wall + 20.0);
+        let restored = JobRecord::restore(record.job.clone(), String::new(), stored, after.now());
+        assert_eq!(restored.due(after.now()), None);
+        after.step_wall(-HOUR);
+        after.advance(39.0);
+        assert_eq!(restored.due(after.now()), None);
+        after.advance(1.0);
+        assert_eq!(
+            expired_reason(restored.due(after.now())),
+            Some("DeadlineExceeded")
+        );
+    }
+
+    /// A wall clock stepped back while the agent was stopped reads as no time passed, never
+    /// as a start in the future.
+    #[test]
+    fn a_restored_start_in_the_future_counts_from_recovery() {
+        let before = ManualClock::new(1_000_000.0);
+        let record = placed(&before, "{activeDeadlineSeconds: 100}");
+        let stored = record.status.clone();
+        let after = ManualClock::new(before.now().wall - HOUR);
+        let restored = JobRecord::restore(record.job.clone(), String::new(), stored, after.now());
+        after.advance(99.0);
+        assert_eq!(restored.due(after.now()), None);
+        after.advance(1.0);
+        assert_eq!(
+            expired_reason(restored.due(after.now())),
+            Some("DeadlineExceeded")
+        );
+    }
 }

@@ -12,12 +12,11 @@ use agentd_api::jobs::{JobState, JobStatus, ReplicaState};
 use super::record::Allocation;
 use super::{Core, CoreError, JobRecord};
 use crate::exec::local;
-use crate::inventory::unix_now;
 use crate::{job, sched};
 
 impl Core {
     pub(super) fn recover(&mut self) -> Result<(), CoreError> {
-        let now = unix_now();
+        let now = self.clock.now();
         let mut adopted = BTreeSet::new();
         for (name, manifest, status_json) in self.store.jobs()? {
             let (status, parsed) = match (
@@ -33,7 +32,7 @@ impl Core {
                     continue;
                 }
             };
-            let mut record = JobRecord::restore(parsed, manifest, status);
+            let mut record = JobRecord::restore(parsed, manifest, status, now);
             let state = record.status.state;
             let why_not = if state == JobState::Running {
                 match self.adopt(&mut record) {
@@ -170,7 +169,7 @@ impl Core {
 
     /// Restarts a gang the agent could not adopt. Not counted against `backoffLimit`: the
     /// agent stopped, the job did not fail.
-    fn recover_running(&mut self, name: &str, why_not: &str, now: f64) {
+    fn recover_running(&mut self, name: &str, why_not: &str, now: super::Now) {
         let record = self.jobs.get_mut(name).expect("present");
         let message = format!(
             "the agent restarted and could not adopt the gang ({why_not}); \
