@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::sched::{NodeCapacity, Policy, QueueConfig};
-pub use sim::{JobOutcome, SimResult, simulate};
+pub use sim::{Engine, JobOutcome, SimResult, simulate};
 pub use trace::TraceJob;
 
 /// The format of a job trace.
@@ -76,6 +76,10 @@ pub struct ReplayArgs {
     /// Print the tables as CSV.
     #[arg(long)]
     pub csv: bool,
+    /// Decide with the full pass (every pass worked out from scratch, the scheduler's test
+    /// oracle) instead of the incremental scheduler the agent runs; for comparing the two.
+    #[arg(long)]
+    pub full_pass: bool,
     /// Write `policy,id,submit_s,start_s,end_s,nodes` per job and policy.
     #[arg(long, value_name = "FILE")]
     pub schedule: Option<PathBuf>,
@@ -276,11 +280,12 @@ pub fn replay_all(
     jobs: &[TraceJob],
     policies: &[Policy],
     queues: &[QueueConfig],
+    engine: Engine,
 ) -> Vec<SimResult> {
     std::thread::scope(|s| {
         let handles: Vec<_> = policies
             .iter()
-            .map(|p| s.spawn(move || simulate(nodes, jobs, p, queues)))
+            .map(|p| s.spawn(move || simulate(nodes, jobs, p, queues, engine)))
             .collect();
         handles
             .into_iter()
@@ -330,7 +335,12 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayError> {
         .collect::<Result<Vec<_>, _>>()?;
     let (nodes, jobs) = load(args)?;
     let queues = queues(args, &jobs)?;
-    let results = replay_all(&nodes, &jobs, &policies, &queues);
+    let engine = if args.full_pass {
+        Engine::Full
+    } else {
+        Engine::Incremental
+    };
+    let results = replay_all(&nodes, &jobs, &policies, &queues, engine);
     let gpus: usize = nodes.iter().map(|n| n.gpus.len()).sum();
     if !args.csv {
         println!(

@@ -8,9 +8,29 @@ use std::time::{Duration, Instant};
 
 use super::trace::TraceJob;
 use crate::sched::{
-    Gang, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources, RunningGang, Snapshot,
-    reason, schedule,
+    Decision, Gang, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources, RunningGang,
+    Scheduler, Snapshot, reason, schedule,
 };
+
+/// Which implementation of the scheduler core decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// [`Scheduler`]: state kept between passes (what the agent runs).
+    #[default]
+    Incremental,
+    /// [`schedule`]: every pass worked out from a snapshot (the oracle and the baseline).
+    Full,
+}
+
+/// The scheduler of one replay: the incremental one, or the full pass over a snapshot kept
+/// here.
+enum Core {
+    Incremental(Box<Scheduler>),
+    Full {
+        queued: Vec<Gang>,
+        running: Vec<RunningGang>,
+    },
+}
 
 /// What happened to one job.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +105,7 @@ pub fn simulate(
     jobs: &[TraceJob],
     policy: &Policy,
     queues: &[QueueConfig],
+    engine: Engine,
 ) -> SimResult {
     let total_gpus: u64 = nodes.iter().map(|n| n.gpus.len() as u64).sum();
     let by_id: HashMap<&str, usize> = jobs
@@ -111,8 +132,18 @@ pub fn simulate(
         })
         .collect();
     let mut completions: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut queued: Vec<Gang> = Vec::new();
-    let mut running: Vec<RunningGang> = Vec::new();
+    let mut core = match engine {
+        Engine::Incremental => Core::Incremental(Box::new(Scheduler::new(
+            policy.clone(),
+            nodes.to_vec(),
+            queues.to_vec(),
+        ))),
+        Engine::Full => Core::Full {
+            queued: Vec::new(),
+            running: Vec::new(),
+        },
+    };
+    let mut queued_len = 0usize;
     let mut samples = Vec::new();
     let mut next_arrival = 0usize;
     let (mut passes, mut sched_time) = (0u64, Duration::ZERO);
@@ -157,29 +188,45 @@ pub fn simulate(
             done.insert(jobs[j].id.as_str());
             allocated -= u64::from(jobs[j].replicas * jobs[j].gpus_per_replica);
         }
-        if !done.is_empty() {
-            running.retain(|r| !done.contains(r.id.as_str()));
+        match &mut core {
+            Core::Incremental(s) => {
+                for id in &done {
+                    s.finish(id);
+                }
+            }
+            Core::Full { running, .. } => {
+                if !done.is_empty() {
+                    running.retain(|r| !done.contains(r.id.as_str()));
+                }
+            }
         }
         while let Some(&j) = arrivals.get(next_arrival) {
             if jobs[j].submit_s > t {
                 break;
             }
-            queued.push(gang_of(&jobs[j]));
+            match &mut core {
+                Core::Incremental(s) => s.submit(gang_of(&jobs[j])),
+                Core::Full { queued, .. } => queued.push(gang_of(&jobs[j])),
+            }
+            queued_len += 1;
             next_arrival += 1;
         }
         let (mut any_wait, mut any_fit, mut any_res) = (false, false, false);
-        if !queued.is_empty() {
+        if queued_len > 0 {
             let started = Instant::now();
-            let decision = schedule(
-                &Snapshot {
-                    now: t,
-                    nodes,
-                    running: &running,
-                    queued: &queued,
-                    queues,
-                },
-                policy,
-            );
+            let decision: Decision = match &mut core {
+                Core::Incremental(s) => s.pass(t),
+                Core::Full { queued, running } => schedule(
+                    &Snapshot {
+                        now: t,
+                        nodes,
+                        running,
+                        queued,
+                        queues,
+                    },
+                    policy,
+                ),
+            };
             sched_time += started.elapsed();
             passes += 1;
             let mut placed: HashSet<String> = HashSet::new();
@@ -199,15 +246,20 @@ pub fn simulate(
                     .map(|a| a.gpu_indices.len() as u64)
                     .sum::<u64>();
                 completions.push(Reverse((key(end), j)));
-                running.push(RunningGang {
-                    id: job.id.clone(),
-                    queue: job.queue.clone(),
-                    assignments: p.assignments,
-                    expected_end: job.limit_s.map(|l| t + l),
-                });
+                if let Core::Full { running, .. } = &mut core {
+                    running.push(RunningGang {
+                        id: job.id.clone(),
+                        queue: job.queue.clone(),
+                        assignments: p.assignments,
+                        expected_end: job.limit_s.map(|l| t + l),
+                    });
+                }
                 placed.insert(p.gang);
             }
-            if !placed.is_empty() {
+            queued_len -= placed.len();
+            if let Core::Full { queued, .. } = &mut core
+                && !placed.is_empty()
+            {
                 queued.retain(|g| !placed.contains(&g.id));
             }
             let count = |r: &str| decision.waiting_counts.get(r).copied().unwrap_or(0);
@@ -218,12 +270,12 @@ pub fn simulate(
             {
                 alloc_at_first_wait = Some(allocated as f64 / total_gpus.max(1) as f64);
             }
-            any_wait = !queued.is_empty();
+            any_wait = queued_len > 0;
         }
         prev = Some((t, any_wait, any_fit, any_res));
         samples.push(Sample {
             t,
-            queued: queued.len(),
+            queued: queued_len,
             allocated_gpus: allocated,
         });
     }
