@@ -114,7 +114,11 @@ impl Cache {
         }
     }
 
-    fn selector_id(&mut self, nodes: &[NodeCapacity], selector: &BTreeMap<String, String>) -> u32 {
+    pub fn selector_id(
+        &mut self,
+        nodes: &[NodeCapacity],
+        selector: &BTreeMap<String, String>,
+    ) -> u32 {
         if selector.is_empty() {
             return 0;
         }
@@ -241,6 +245,10 @@ pub(crate) struct Pass<'a> {
     version: u64,
     usage: FastMap<&'a str, (u32, u64)>,
     scratch: Vec<Taken>,
+    /// Unschedulable sentences by shape, version and the selector they name.
+    messages: FastMap<(usize, u64, u32), String>,
+    /// The Reserved sentence of this pass's head.
+    reserved: Option<String>,
     pub decision: Decision,
 }
 
@@ -350,6 +358,8 @@ impl<'a> Pass<'a> {
             version: 0,
             usage,
             scratch: Vec::new(),
+            messages: FastMap::default(),
+            reserved: None,
             decision: Decision::default(),
         }
     }
@@ -512,26 +522,47 @@ impl<'a> Pass<'a> {
         if !self.policy.explain {
             return String::new();
         }
+        // The sentence depends on the shape, the free capacity (the version) and the selector
+        // it names; gangs alike in those share it.
+        let largest = p
+            .gang
+            .replicas
+            .iter()
+            .max_by_key(|r| r.resources.gpus)
+            .map_or(0, |r| self.cache.selector_id(self.nodes, &r.node_selector));
+        let key = (p.shape, self.version, largest);
+        if let Some(msg) = self.messages.get(&key) {
+            return msg.clone();
+        }
         let min_nodes = self.ideal_nodes(p).unwrap_or(1);
-        unschedulable_message(
+        let msg = unschedulable_message(
             p.gang,
             &self.cache.shape_needs[p.shape],
             min_nodes,
             &self.state,
             &self.cache.selectors,
-        )
+        );
+        self.messages.insert(key, msg.clone());
+        msg
     }
 
-    fn reserved_message(&self, head: &Head<'_>) -> String {
+    fn reserved_message(&mut self, head: &Head<'_>) -> String {
         if !self.policy.explain {
             return String::new();
         }
+        // One head per pass, so one sentence.
+        self.reserved
+            .get_or_insert_with(|| Self::reserved_sentence(head, self.now))
+            .clone()
+    }
+
+    fn reserved_sentence(head: &Head<'_>, now: f64) -> String {
         match head.start_at {
             Some(t) => format!(
                 "fits now, but would delay {}, which holds a reservation to start by t={t:.0}s (in {:.0} s); a declared run time (activeDeadlineSeconds) under {:.0} s would let it start now",
                 head.id,
-                t - self.now,
-                t - self.now
+                t - now,
+                t - now
             ),
             None => format!(
                 "fits now, but would delay {}, which holds a reservation for the resources it needs until {} {}",
