@@ -295,7 +295,7 @@ fn incremental_and_full_pass_replay_identically() {
             let duration = 50.0 + next(2000) as f64;
             TraceJob {
                 id: format!("j{i:04}"),
-                submit_s: (i * 7) as f64,
+                submit_s: f64::from(i * 7),
                 duration_s: duration,
                 limit_s: match next(3) {
                     0 => None,

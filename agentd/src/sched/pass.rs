@@ -96,8 +96,8 @@ pub(crate) struct Cache {
     shapes: FastMap<Vec<Need>, usize>,
     pub shape_needs: Vec<Vec<Need>>,
     ideal: Option<FreeState>,
-    /// Per shape: `None` until tried; then the fewest nodes on the empty cluster, if any.
-    ideal_nodes: Vec<Option<Option<usize>>>,
+    /// Per shape: how it fits the empty cluster.
+    ideal_nodes: Vec<Ideal>,
     /// Per shape, when certificates are kept: one of its needs that no node could hold alone
     /// when last checked. Valid until some node's free capacity grows (the owner clears it).
     pub certs: Vec<Option<Need>>,
@@ -174,10 +174,19 @@ impl Cache {
         let shape = self.shape_needs.len();
         self.shape_needs.push(key[..key.len() - 1].to_vec());
         self.shapes.insert(key, shape);
-        self.ideal_nodes.push(None);
+        self.ideal_nodes.push(Ideal::NotTried);
         self.certs.push(None);
         (required, shape)
     }
+}
+
+/// How a shape fits the empty cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ideal {
+    NotTried,
+    /// On this many nodes at the fewest.
+    Nodes(usize),
+    Never,
 }
 
 /// The gang's place in the policy order at `now`.
@@ -595,8 +604,10 @@ impl<'a> Pass<'a> {
 
     /// The fewest nodes the gang takes on the empty cluster, or `None` if it can never fit.
     fn ideal_nodes(&mut self, p: &Prepared<'a>) -> Option<usize> {
-        if let Some(known) = self.cache.ideal_nodes[p.shape] {
-            return known;
+        match self.cache.ideal_nodes[p.shape] {
+            Ideal::Nodes(n) => return Some(n),
+            Ideal::Never => return None,
+            Ideal::NotTried => {}
         }
         let cache = &mut self.cache;
         let ideal = cache.ideal.get_or_insert_with(|| {
@@ -621,7 +632,7 @@ impl<'a> Pass<'a> {
             None
         };
         self.scratch = taken;
-        self.cache.ideal_nodes[p.shape] = Some(result);
+        self.cache.ideal_nodes[p.shape] = result.map_or(Ideal::Never, Ideal::Nodes);
         result
     }
 
