@@ -9,8 +9,37 @@ use std::time::{Duration, Instant};
 use super::trace::TraceJob;
 use crate::sched::{
     Decision, Gang, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources, RunningGang,
-    Scheduler, Snapshot, reason, schedule,
+    RuntimeEstimator, Scheduler, Snapshot, reason, schedule,
 };
+
+/// Quantile of finished run times used as the estimate: conservative, so that a reservation
+/// is rarely planned on an end that comes too early.
+pub const ESTIMATE_QUANTILE: f64 = 0.9;
+/// Finished jobs a key needs before its estimate is used.
+pub const ESTIMATE_MIN_SAMPLES: usize = 5;
+/// Finished jobs kept per key.
+pub const ESTIMATE_WINDOW: usize = 200;
+
+/// How a replay runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimOptions {
+    pub engine: Engine,
+    /// Give jobs that declare no run time an estimate learned from finished jobs of the same
+    /// queue and size (then the same queue).
+    pub estimate_runtimes: bool,
+}
+
+/// The keys a job's run time is learned and estimated under, most specific first.
+fn estimate_keys(job: &TraceJob) -> [String; 2] {
+    [
+        format!(
+            "queue={},gpus={}",
+            job.queue,
+            job.replicas * job.gpus_per_replica
+        ),
+        format!("queue={}", job.queue),
+    ]
+}
 
 /// Which implementation of the scheduler core decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +99,8 @@ pub struct SimResult {
     pub idle_under_reservation_gpu_s: f64,
     /// Time-weighted mean GPU allocation ratio from the first submit to the last end.
     pub alloc_mean: f64,
+    /// For each job that was given a run-time estimate: (estimate, true run time), seconds.
+    pub estimates: Vec<(f64, f64)>,
 }
 
 fn gang_of(job: &TraceJob) -> Gang {
@@ -105,7 +136,7 @@ pub fn simulate(
     jobs: &[TraceJob],
     policy: &Policy,
     queues: &[QueueConfig],
-    engine: Engine,
+    opts: SimOptions,
 ) -> SimResult {
     let total_gpus: u64 = nodes.iter().map(|n| n.gpus.len() as u64).sum();
     let by_id: HashMap<&str, usize> = jobs
@@ -132,7 +163,16 @@ pub fn simulate(
         })
         .collect();
     let mut completions: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut core = match engine {
+    let mut estimator = opts
+        .estimate_runtimes
+        .then(|| {
+            RuntimeEstimator::new(ESTIMATE_QUANTILE, ESTIMATE_MIN_SAMPLES, ESTIMATE_WINDOW).ok()
+        })
+        .flatten();
+    // What the scheduler is told of each job's run time: declared, else estimated.
+    let mut planned: Vec<Option<f64>> = jobs.iter().map(|j| j.limit_s).collect();
+    let mut estimates = Vec::new();
+    let mut core = match opts.engine {
         Engine::Incremental => Core::Incremental(Box::new(Scheduler::new(
             policy.clone(),
             nodes.to_vec(),
@@ -187,6 +227,9 @@ pub fn simulate(
             completions.pop();
             done.insert(jobs[j].id.as_str());
             allocated -= u64::from(jobs[j].replicas * jobs[j].gpus_per_replica);
+            if let Some(e) = estimator.as_mut() {
+                e.record(&estimate_keys(&jobs[j]), jobs[j].duration_s);
+            }
         }
         match &mut core {
             Core::Incremental(s) => {
@@ -204,9 +247,19 @@ pub fn simulate(
             if jobs[j].submit_s > t {
                 break;
             }
+            let mut gang = gang_of(&jobs[j]);
+            if gang.declared_runtime_s.is_none()
+                && let Some(e) = estimator
+                    .as_ref()
+                    .and_then(|e| e.estimate(&estimate_keys(&jobs[j])))
+            {
+                gang.declared_runtime_s = Some(e.seconds);
+                planned[j] = Some(e.seconds);
+                estimates.push((e.seconds, jobs[j].duration_s));
+            }
             match &mut core {
-                Core::Incremental(s) => s.submit(gang_of(&jobs[j])),
-                Core::Full { queued, .. } => queued.push(gang_of(&jobs[j])),
+                Core::Incremental(s) => s.submit(gang),
+                Core::Full { queued, .. } => queued.push(gang),
             }
             queued_len += 1;
             next_arrival += 1;
@@ -251,7 +304,7 @@ pub fn simulate(
                         id: job.id.clone(),
                         queue: job.queue.clone(),
                         assignments: p.assignments,
-                        expected_end: job.limit_s.map(|l| t + l),
+                        expected_end: planned[j].map(|l| t + l),
                     });
                 }
                 placed.insert(p.gang);
@@ -296,5 +349,6 @@ pub fn simulate(
         } else {
             0.0
         },
+        estimates,
     }
 }

@@ -72,11 +72,20 @@ fn hand_worked_schedule_for_each_policy() {
         &jobs,
         &policies,
         &queues,
-        Engine::Incremental,
+        SimOptions::default(),
     ));
     assert_eq!(
         got,
-        starts(&replay_all(&nodes, &jobs, &policies, &queues, Engine::Full))
+        starts(&replay_all(
+            &nodes,
+            &jobs,
+            &policies,
+            &queues,
+            SimOptions {
+                engine: Engine::Full,
+                estimate_runtimes: false,
+            }
+        ))
     );
     let want = [
         // Strict FIFO: b blocks c and d until it has run.
@@ -315,13 +324,22 @@ fn incremental_and_full_pass_replay_identically() {
         let mut policy = Policy::by_name(name).expect("policy");
         policy.explain = false;
         policy.list_waiting = false;
-        let full = simulate(&nodes, &jobs, &policy, &queues, Engine::Full);
-        let inc = simulate(&nodes, &jobs, &policy, &queues, Engine::Incremental);
-        assert!(
-            full.samples.iter().any(|s| s.queued > 100),
-            "{name}: the queue never got deep"
-        );
-        assert_eq!(inc.jobs, full.jobs, "{name}");
-        assert_eq!(inc.passes, full.passes, "{name}");
+        for estimate_runtimes in [false, true] {
+            let run = |engine| {
+                let opts = SimOptions {
+                    engine,
+                    estimate_runtimes,
+                };
+                simulate(&nodes, &jobs, &policy, &queues, opts)
+            };
+            let (full, inc) = (run(Engine::Full), run(Engine::Incremental));
+            assert!(
+                full.samples.iter().any(|s| s.queued > 100),
+                "{name}: the queue never got deep"
+            );
+            assert_eq!(inc.jobs, full.jobs, "{name}, estimates {estimate_runtimes}");
+            assert_eq!(inc.passes, full.passes, "{name}");
+            assert_eq!(!inc.estimates.is_empty(), estimate_runtimes);
+        }
     }
 }

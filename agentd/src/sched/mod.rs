@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 #[cfg(test)]
 mod equivalence;
+mod estimate;
 mod explain;
 mod free;
 mod incremental;
@@ -19,6 +20,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use estimate::{Estimate, EstimateError, RuntimeEstimator};
 pub use explain::never_fits;
 pub use free::MAX_GPUS_PER_NODE;
 pub use incremental::Scheduler;
