@@ -98,6 +98,10 @@ pub(crate) struct Cache {
     ideal: Option<FreeState>,
     /// Per shape: how it fits the empty cluster.
     ideal_nodes: Vec<Ideal>,
+    /// Every schedulable node empty (only healthy GPUs): what is left once every holder ends.
+    empty: Option<FreeState>,
+    /// Per shape and fit (first, best): whether it fits `empty`.
+    fits_empty: Vec<[Option<bool>; 2]>,
     /// Per shape, when certificates are kept: one of its needs that no node could hold alone
     /// when last checked. Valid until some node's free capacity grows (the owner clears it).
     pub certs: Vec<Option<Need>>,
@@ -175,6 +179,7 @@ impl Cache {
         self.shape_needs.push(key[..key.len() - 1].to_vec());
         self.shapes.insert(key, shape);
         self.ideal_nodes.push(Ideal::NotTried);
+        self.fits_empty.push([None; 2]);
         self.certs.push(None);
         (required, shape)
     }
@@ -809,16 +814,35 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// The state after the first `k` holders (in end order) have released their resources.
-    fn released(&self, by_end: &[usize], k: usize) -> FreeState {
-        let mut hyp = self.state.clone();
-        for &h in &by_end[..k] {
-            for a in self.holders[h].allocs.iter() {
-                hyp.release(a.node, a.gpus, a.cpu, a.mem);
-            }
+    /// Whether the shape fits once every holder has ended: on every schedulable node's healthy
+    /// GPUs and whole CPU and memory. Releasing is clamped to capacity, so that state is the
+    /// empty cluster whatever runs now, and the answer holds while the nodes do.
+    fn fits_when_all_end(&mut self, shape: usize) -> bool {
+        let fit = match self.policy.fit {
+            super::Fit::FirstFit => 0,
+            super::Fit::BestFit => 1,
+        };
+        if let Some(ok) = self.cache.fits_empty[shape][fit] {
+            return ok;
         }
-        hyp.rebuild_index();
-        hyp
+        let cache = &mut self.cache;
+        let empty = cache.empty.get_or_insert_with(|| {
+            let mut s = FreeState::empty(self.nodes, false);
+            s.rebuild_index();
+            s
+        });
+        let mut taken = std::mem::take(&mut self.scratch);
+        let ok = empty.place(
+            &cache.shape_needs[shape],
+            Mode::Any,
+            self.policy.fit,
+            &cache.selectors,
+            &mut taken,
+        );
+        empty.undo(&mut taken);
+        self.scratch = taken;
+        cache.fits_empty[shape][fit] = Some(ok);
+        ok
     }
 
     /// Plans the blocked head's reservation: the fewest holders (soonest declared end first)
@@ -826,6 +850,10 @@ impl<'a> Pass<'a> {
     /// those resources from gangs that would still be running then. `None` if it would not fit
     /// even with every holder gone (drained nodes, unhealthy GPUs).
     fn reserve(&mut self, p: &Prepared<'a>) -> Option<Reservation> {
+        // Give up at once if it would not fit even with every holder gone.
+        if !self.fits_when_all_end(p.shape) {
+            return None;
+        }
         // Gangs with a declared end release in end order. For the others there is no end to go
         // by, so bet on the nodes closest to free: release first the gangs on nodes with the
         // fewest busy GPUs, so the head waits on as few gangs as possible.
@@ -854,20 +882,6 @@ impl<'a> Pass<'a> {
         });
         let by_end: Vec<usize> = by_end.into_iter().map(|(i, _)| i).collect();
         let mut taken = Vec::new();
-        let fits_after = |pass: &Self, k: usize, taken: &mut Vec<Taken>| -> Option<FreeState> {
-            let mut hyp = pass.released(&by_end, k);
-            hyp.place(
-                &pass.cache.shape_needs[p.shape],
-                Mode::Any,
-                pass.policy.fit,
-                &pass.cache.selectors,
-                taken,
-            )
-            .then_some(hyp)
-        };
-        // Give up at once if it would not fit even with every holder gone.
-        fits_after(self, by_end.len(), &mut taken)?;
-        taken.clear();
         // Release holders one by one, in that order, until it fits: the fewest it waits for.
         let needs = &self.cache.shape_needs[p.shape];
         let total: u64 = needs.iter().map(|n| u64::from(n.gpus)).sum();
