@@ -62,6 +62,8 @@ pub struct Scheduler {
     cache: Cache,
     state: FreeState,
     running: Vec<Running>,
+    /// Position of each running gang in `running`.
+    running_at: FastMap<String, usize>,
     queued: Vec<Queued>,
     /// Whether `queued` is in policy order for `sorted_at`.
     sorted_at: Option<f64>,
@@ -77,6 +79,7 @@ impl Scheduler {
             cache: Cache::new(),
             state: FreeState::empty(&[], false),
             running: Vec::new(),
+            running_at: FastMap::default(),
             queued: Vec::new(),
             sorted_at: None,
         };
@@ -173,15 +176,19 @@ impl Scheduler {
         for a in &allocs {
             self.state.occupy_indexed(a.node, a.gpus, a.cpu, a.mem);
         }
+        self.running_at.insert(gang.id.clone(), self.running.len());
         self.running.push(Running { gang, allocs, gpus });
     }
 
     /// Gives back the resources of a running gang that ended; false if it was not running.
     pub fn finish(&mut self, id: &str) -> bool {
-        let Some(i) = self.running.iter().position(|r| r.gang.id == id) else {
+        let Some(i) = self.running_at.remove(id) else {
             return false;
         };
         let r = self.running.swap_remove(i);
+        if let Some(moved) = self.running.get(i) {
+            self.running_at.insert(moved.gang.id.clone(), i);
+        }
         for a in &r.allocs {
             self.state.release_indexed(a.node, a.gpus, a.cpu, a.mem);
         }
@@ -264,6 +271,7 @@ impl Scheduler {
                 debug_assert_eq!(p.gang, id);
                 let gang = moved.remove(&id).map(|q| q.gang);
                 let queue = gang.map(|g| g.queue).unwrap_or_default();
+                self.running_at.insert(id.clone(), self.running.len());
                 self.running.push(Running {
                     gpus: p
                         .assignments
