@@ -184,3 +184,54 @@ fn a_finish_reopens_a_shape_that_fitted_nowhere() {
     assert_eq!(inc.queued().count(), 98);
     assert_eq!(inc.running().count(), 3);
 }
+
+/// The reservation releases running gangs without a declared end in order of how busy their
+/// nodes are, then by id; a gang placed earlier in the same pass must take its place by id
+/// among the running ones, not after them.
+#[test]
+fn a_gang_placed_in_the_pass_is_ordered_by_id_for_the_reservation() {
+    use super::tests::{gang, node};
+    let nodes = vec![node("a", 2), node("b", 2)];
+    let running = |id: &str, node: &str, gpus: Vec<u32>| RunningGang {
+        id: id.to_owned(),
+        queue: "fast".to_owned(),
+        assignments: vec![Assignment {
+            replica: "worker-0".to_owned(),
+            node: node.to_owned(),
+            resources: Resources {
+                gpus: gpus.len() as u32,
+                cpu_milli: 1000,
+                memory_mib: 1024,
+            },
+            gpu_indices: gpus,
+        }],
+        expected_end: None,
+    };
+    let run = vec![
+        running("y-run", "b", vec![0, 1]),
+        running("z-run", "a", vec![0]),
+    ];
+    let queued = vec![gang("a-new", 0.0, 1, 1), gang("h", 1.0, 1, 2)];
+    let policy = Policy::agentd();
+    let full = schedule(
+        &Snapshot {
+            now: 10.0,
+            nodes: &nodes,
+            running: &run,
+            queued: &queued,
+            queues: &[],
+        },
+        &policy,
+    );
+    let mut inc = Scheduler::new(policy, nodes, Vec::new());
+    for r in run {
+        inc.start(r);
+    }
+    for g in queued {
+        inc.submit(g);
+    }
+    let d = inc.pass(10.0);
+    assert_eq!(d, full);
+    let r = d.reservation.expect("h holds a reservation");
+    assert_eq!(r.after, ["a-new", "y-run"]);
+}

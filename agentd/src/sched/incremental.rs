@@ -61,9 +61,9 @@ pub struct Scheduler {
     by_name: FastMap<String, u32>,
     cache: Cache,
     state: FreeState,
+    /// Sorted by id, so the pass gets its holders in id order and need not compare ids to
+    /// break ties when it orders them for the reservation.
     running: Vec<Running>,
-    /// Position of each running gang in `running`.
-    running_at: FastMap<String, usize>,
     queued: Vec<Queued>,
     /// Whether `queued` is in policy order for `sorted_at`.
     sorted_at: Option<f64>,
@@ -79,7 +79,6 @@ impl Scheduler {
             cache: Cache::new(),
             state: FreeState::empty(&[], false),
             running: Vec::new(),
-            running_at: FastMap::default(),
             queued: Vec::new(),
             sorted_at: None,
         };
@@ -176,19 +175,16 @@ impl Scheduler {
         for a in &allocs {
             self.state.occupy_indexed(a.node, a.gpus, a.cpu, a.mem);
         }
-        self.running_at.insert(gang.id.clone(), self.running.len());
-        self.running.push(Running { gang, allocs, gpus });
+        let at = self.running_index(&gang.id).unwrap_or_else(|at| at);
+        self.running.insert(at, Running { gang, allocs, gpus });
     }
 
     /// Gives back the resources of a running gang that ended; false if it was not running.
     pub fn finish(&mut self, id: &str) -> bool {
-        let Some(i) = self.running_at.remove(id) else {
+        let Ok(i) = self.running_index(id) else {
             return false;
         };
-        let r = self.running.swap_remove(i);
-        if let Some(moved) = self.running.get(i) {
-            self.running_at.insert(moved.gang.id.clone(), i);
-        }
+        let r = self.running.remove(i);
         for a in &r.allocs {
             self.state.release_indexed(a.node, a.gpus, a.cpu, a.mem);
         }
@@ -239,6 +235,7 @@ impl Scheduler {
             holders,
             usage,
         );
+        pass.holders_by_id = running;
         pass.run(&order);
         let Pass {
             cache,
@@ -271,24 +268,33 @@ impl Scheduler {
                 debug_assert_eq!(p.gang, id);
                 let gang = moved.remove(&id).map(|q| q.gang);
                 let queue = gang.map(|g| g.queue).unwrap_or_default();
-                self.running_at.insert(id.clone(), self.running.len());
-                self.running.push(Running {
-                    gpus: p
-                        .assignments
-                        .iter()
-                        .map(|a| a.gpu_indices.len() as u64)
-                        .sum(),
-                    allocs,
-                    gang: RunningGang {
-                        id,
-                        queue,
-                        assignments: p.assignments.clone(),
-                        expected_end: end,
+                let at = self.running_index(&id).unwrap_or_else(|at| at);
+                self.running.insert(
+                    at,
+                    Running {
+                        gpus: p
+                            .assignments
+                            .iter()
+                            .map(|a| a.gpu_indices.len() as u64)
+                            .sum(),
+                        allocs,
+                        gang: RunningGang {
+                            id,
+                            queue,
+                            assignments: p.assignments.clone(),
+                            expected_end: end,
+                        },
                     },
-                });
+                );
             }
         }
         decision
+    }
+
+    /// Where the running gang with this id is, or where it would go.
+    fn running_index(&self, id: &str) -> Result<usize, usize> {
+        self.running
+            .binary_search_by(|r| r.gang.id.as_str().cmp(id))
     }
 
     /// Puts the queue in policy order for `now`: scores move with time, but the order rarely

@@ -255,6 +255,9 @@ pub(crate) struct Pass<'a> {
     pub cache: Cache,
     pub state: FreeState,
     pub holders: Vec<Holder<'a>>,
+    /// How many of the first holders are in ascending id order (and ids are unique): among
+    /// them, comparing positions is comparing ids.
+    pub holders_by_id: usize,
     memo: Vec<ShapeMemo>,
     version: u64,
     usage: FastMap<&'a str, (u32, u64)>,
@@ -368,6 +371,7 @@ impl<'a> Pass<'a> {
             cache,
             state,
             holders,
+            holders_by_id: 0,
             memo,
             version: 0,
             usage,
@@ -878,7 +882,13 @@ impl<'a> Pass<'a> {
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (None, None) => busy_a.cmp(&busy_b),
             }
-            .then_with(|| ha.id.cmp(hb.id))
+            .then_with(|| {
+                if a < self.holders_by_id && b < self.holders_by_id {
+                    a.cmp(&b)
+                } else {
+                    ha.id.cmp(hb.id)
+                }
+            })
         });
         let by_end: Vec<usize> = by_end.into_iter().map(|(i, _)| i).collect();
         let mut taken = Vec::new();
