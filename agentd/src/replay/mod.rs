@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use crate::sched::{NodeCapacity, Policy, QueueConfig};
-pub use sim::{JobOutcome, SimResult, simulate};
+pub use sim::{Engine, JobOutcome, SimOptions, SimResult, simulate};
 pub use trace::TraceJob;
 
 /// The format of a job trace.
@@ -76,6 +76,15 @@ pub struct ReplayArgs {
     /// Print the tables as CSV.
     #[arg(long)]
     pub csv: bool,
+    /// Decide with the full pass (every pass worked out from scratch, the scheduler's test
+    /// oracle) instead of the incremental scheduler the agent runs; for comparing the two.
+    #[arg(long)]
+    pub full_pass: bool,
+    /// Give jobs that declare no run time an estimate for planning reservations: the 90th
+    /// percentile of the last 200 finished jobs of the same queue and GPU count (at least 5;
+    /// else of the same queue). Off: every schedule is as without estimates.
+    #[arg(long)]
+    pub estimate_runtimes: bool,
     /// Write `policy,id,submit_s,start_s,end_s,nodes` per job and policy.
     #[arg(long, value_name = "FILE")]
     pub schedule: Option<PathBuf>,
@@ -276,11 +285,12 @@ pub fn replay_all(
     jobs: &[TraceJob],
     policies: &[Policy],
     queues: &[QueueConfig],
+    opts: SimOptions,
 ) -> Vec<SimResult> {
     std::thread::scope(|s| {
         let handles: Vec<_> = policies
             .iter()
-            .map(|p| s.spawn(move || simulate(nodes, jobs, p, queues)))
+            .map(|p| s.spawn(move || simulate(nodes, jobs, p, queues, opts)))
             .collect();
         handles
             .into_iter()
@@ -330,7 +340,16 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayError> {
         .collect::<Result<Vec<_>, _>>()?;
     let (nodes, jobs) = load(args)?;
     let queues = queues(args, &jobs)?;
-    let results = replay_all(&nodes, &jobs, &policies, &queues);
+    let engine = if args.full_pass {
+        Engine::Full
+    } else {
+        Engine::Incremental
+    };
+    let opts = SimOptions {
+        engine,
+        estimate_runtimes: args.estimate_runtimes,
+    };
+    let results = replay_all(&nodes, &jobs, &policies, &queues, opts);
     let gpus: usize = nodes.iter().map(|n| n.gpus.len()).sum();
     if !args.csv {
         println!(
@@ -346,6 +365,10 @@ pub fn run(args: &ReplayArgs) -> Result<(), ReplayError> {
     print!("{}", report::waits_table(&results, args.csv));
     println!();
     print!("{}", report::cluster_table(&results, args.csv));
+    if args.estimate_runtimes {
+        println!();
+        print!("{}", report::estimates_table(&results, args.csv));
+    }
     if let Some(path) = &args.schedule {
         fs_err::write(path, schedule_csv(&results))?;
     }

@@ -242,3 +242,51 @@ pub fn cluster_table(results: &[SimResult], csv: bool) -> String {
     }
     render(&rows, csv)
 }
+
+/// How good the run-time estimates were: how many jobs got one, how many ran longer than their
+/// estimate, and the median and 90th percentile of true run time over estimate.
+pub fn estimates_table(results: &[SimResult], csv: bool) -> String {
+    let mut rows = vec![
+        [
+            "policy",
+            "estimated_jobs",
+            "too_short",
+            "too_short_pct",
+            "p50_true_over_estimate",
+            "p90_true_over_estimate",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for r in results {
+        let mut ratios: Vec<f64> = r
+            .estimates
+            .iter()
+            .filter(|(e, _)| *e > 0.0)
+            .map(|(e, t)| t / e)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let at = |q: f64| -> String {
+            if ratios.is_empty() {
+                return "-".to_owned();
+            }
+            let i = ((q * ratios.len() as f64).ceil() as usize).clamp(1, ratios.len()) - 1;
+            format!("{:.2}", ratios[i])
+        };
+        let short = r.estimates.iter().filter(|(e, t)| t > e).count();
+        let pct = if r.estimates.is_empty() {
+            0.0
+        } else {
+            100.0 * short as f64 / r.estimates.len() as f64
+        };
+        rows.push(vec![
+            r.policy.clone(),
+            r.estimates.len().to_string(),
+            short.to_string(),
+            format!("{pct:.1}"),
+            at(0.5),
+            at(0.9),
+        ]);
+    }
+    render(&rows, csv)
+}

@@ -8,9 +8,58 @@ use std::time::{Duration, Instant};
 
 use super::trace::TraceJob;
 use crate::sched::{
-    Gang, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources, RunningGang, Snapshot,
-    reason, schedule,
+    Decision, Gang, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources, RunningGang,
+    RuntimeEstimator, Scheduler, Snapshot, reason, schedule,
 };
+
+/// Quantile of finished run times used as the estimate: conservative, so that a reservation
+/// is rarely planned on an end that comes too early.
+pub const ESTIMATE_QUANTILE: f64 = 0.9;
+/// Finished jobs a key needs before its estimate is used.
+pub const ESTIMATE_MIN_SAMPLES: usize = 5;
+/// Finished jobs kept per key.
+pub const ESTIMATE_WINDOW: usize = 200;
+
+/// How a replay runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SimOptions {
+    pub engine: Engine,
+    /// Give jobs that declare no run time an estimate learned from finished jobs of the same
+    /// queue and size (then the same queue).
+    pub estimate_runtimes: bool,
+}
+
+/// The keys a job's run time is learned and estimated under, most specific first.
+fn estimate_keys(job: &TraceJob) -> [String; 2] {
+    [
+        format!(
+            "queue={},gpus={}",
+            job.queue,
+            job.replicas * job.gpus_per_replica
+        ),
+        format!("queue={}", job.queue),
+    ]
+}
+
+/// Which implementation of the scheduler core decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// [`Scheduler`]: state kept between passes (what the agent runs).
+    #[default]
+    Incremental,
+    /// [`schedule`]: every pass worked out from a snapshot (the oracle and the baseline).
+    Full,
+}
+
+/// The scheduler of one replay: the incremental one, or the full pass over a snapshot kept
+/// here.
+enum Core {
+    Incremental(Box<Scheduler>),
+    Full {
+        queued: Vec<Gang>,
+        running: Vec<RunningGang>,
+    },
+}
 
 /// What happened to one job.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +99,8 @@ pub struct SimResult {
     pub idle_under_reservation_gpu_s: f64,
     /// Time-weighted mean GPU allocation ratio from the first submit to the last end.
     pub alloc_mean: f64,
+    /// For each job that was given a run-time estimate: (estimate, true run time), seconds.
+    pub estimates: Vec<(f64, f64)>,
 }
 
 fn gang_of(job: &TraceJob) -> Gang {
@@ -85,6 +136,7 @@ pub fn simulate(
     jobs: &[TraceJob],
     policy: &Policy,
     queues: &[QueueConfig],
+    opts: SimOptions,
 ) -> SimResult {
     let total_gpus: u64 = nodes.iter().map(|n| n.gpus.len() as u64).sum();
     let by_id: HashMap<&str, usize> = jobs
@@ -111,8 +163,27 @@ pub fn simulate(
         })
         .collect();
     let mut completions: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut queued: Vec<Gang> = Vec::new();
-    let mut running: Vec<RunningGang> = Vec::new();
+    let mut estimator = opts
+        .estimate_runtimes
+        .then(|| {
+            RuntimeEstimator::new(ESTIMATE_QUANTILE, ESTIMATE_MIN_SAMPLES, ESTIMATE_WINDOW).ok()
+        })
+        .flatten();
+    // What the scheduler is told of each job's run time: declared, else estimated.
+    let mut planned: Vec<Option<f64>> = jobs.iter().map(|j| j.limit_s).collect();
+    let mut estimates = Vec::new();
+    let mut core = match opts.engine {
+        Engine::Incremental => Core::Incremental(Box::new(Scheduler::new(
+            policy.clone(),
+            nodes.to_vec(),
+            queues.to_vec(),
+        ))),
+        Engine::Full => Core::Full {
+            queued: Vec::new(),
+            running: Vec::new(),
+        },
+    };
+    let mut queued_len = 0usize;
     let mut samples = Vec::new();
     let mut next_arrival = 0usize;
     let (mut passes, mut sched_time) = (0u64, Duration::ZERO);
@@ -156,30 +227,59 @@ pub fn simulate(
             completions.pop();
             done.insert(jobs[j].id.as_str());
             allocated -= u64::from(jobs[j].replicas * jobs[j].gpus_per_replica);
+            if let Some(e) = estimator.as_mut() {
+                e.record(&estimate_keys(&jobs[j]), jobs[j].duration_s);
+            }
         }
-        if !done.is_empty() {
-            running.retain(|r| !done.contains(r.id.as_str()));
+        match &mut core {
+            Core::Incremental(s) => {
+                for id in &done {
+                    s.finish(id);
+                }
+            }
+            Core::Full { running, .. } => {
+                if !done.is_empty() {
+                    running.retain(|r| !done.contains(r.id.as_str()));
+                }
+            }
         }
         while let Some(&j) = arrivals.get(next_arrival) {
             if jobs[j].submit_s > t {
                 break;
             }
-            queued.push(gang_of(&jobs[j]));
+            let mut gang = gang_of(&jobs[j]);
+            if gang.declared_runtime_s.is_none()
+                && let Some(e) = estimator
+                    .as_ref()
+                    .and_then(|e| e.estimate(&estimate_keys(&jobs[j])))
+            {
+                gang.declared_runtime_s = Some(e.seconds);
+                planned[j] = Some(e.seconds);
+                estimates.push((e.seconds, jobs[j].duration_s));
+            }
+            match &mut core {
+                Core::Incremental(s) => s.submit(gang),
+                Core::Full { queued, .. } => queued.push(gang),
+            }
+            queued_len += 1;
             next_arrival += 1;
         }
         let (mut any_wait, mut any_fit, mut any_res) = (false, false, false);
-        if !queued.is_empty() {
+        if queued_len > 0 {
             let started = Instant::now();
-            let decision = schedule(
-                &Snapshot {
-                    now: t,
-                    nodes,
-                    running: &running,
-                    queued: &queued,
-                    queues,
-                },
-                policy,
-            );
+            let decision: Decision = match &mut core {
+                Core::Incremental(s) => s.pass(t),
+                Core::Full { queued, running } => schedule(
+                    &Snapshot {
+                        now: t,
+                        nodes,
+                        running,
+                        queued,
+                        queues,
+                    },
+                    policy,
+                ),
+            };
             sched_time += started.elapsed();
             passes += 1;
             let mut placed: HashSet<String> = HashSet::new();
@@ -199,15 +299,20 @@ pub fn simulate(
                     .map(|a| a.gpu_indices.len() as u64)
                     .sum::<u64>();
                 completions.push(Reverse((key(end), j)));
-                running.push(RunningGang {
-                    id: job.id.clone(),
-                    queue: job.queue.clone(),
-                    assignments: p.assignments,
-                    expected_end: job.limit_s.map(|l| t + l),
-                });
+                if let Core::Full { running, .. } = &mut core {
+                    running.push(RunningGang {
+                        id: job.id.clone(),
+                        queue: job.queue.clone(),
+                        assignments: p.assignments,
+                        expected_end: planned[j].map(|l| t + l),
+                    });
+                }
                 placed.insert(p.gang);
             }
-            if !placed.is_empty() {
+            queued_len -= placed.len();
+            if let Core::Full { queued, .. } = &mut core
+                && !placed.is_empty()
+            {
                 queued.retain(|g| !placed.contains(&g.id));
             }
             let count = |r: &str| decision.waiting_counts.get(r).copied().unwrap_or(0);
@@ -218,12 +323,12 @@ pub fn simulate(
             {
                 alloc_at_first_wait = Some(allocated as f64 / total_gpus.max(1) as f64);
             }
-            any_wait = !queued.is_empty();
+            any_wait = queued_len > 0;
         }
         prev = Some((t, any_wait, any_fit, any_res));
         samples.push(Sample {
             t,
-            queued: queued.len(),
+            queued: queued_len,
             allocated_gpus: allocated,
         });
     }
@@ -244,5 +349,6 @@ pub fn simulate(
         } else {
             0.0
         },
+        estimates,
     }
 }

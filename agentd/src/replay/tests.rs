@@ -67,7 +67,26 @@ fn hand_worked_schedule_for_each_policy() {
         .iter()
         .map(|n| Policy::by_name(n).expect("policy"))
         .collect();
-    let got = starts(&replay_all(&nodes, &jobs, &policies, &queues));
+    let got = starts(&replay_all(
+        &nodes,
+        &jobs,
+        &policies,
+        &queues,
+        SimOptions::default(),
+    ));
+    assert_eq!(
+        got,
+        starts(&replay_all(
+            &nodes,
+            &jobs,
+            &policies,
+            &queues,
+            SimOptions {
+                engine: Engine::Full,
+                estimate_runtimes: false,
+            }
+        ))
+    );
     let want = [
         // Strict FIFO: b blocks c and d until it has run.
         ("fifo", [0.0, 100.0, 200.0, 200.0]),
@@ -241,4 +260,86 @@ fn plot_is_a_png_drawn_without_system_fonts() {
     run(&a).expect("replay");
     let bytes = fs_err::read(&png).expect("png");
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+/// A busy generated trace (queues of hundreds, gangs of up to 4 x 8 GPUs, some declared run
+/// times too short, some too long, some none): the incremental scheduler and the full pass give
+/// the same start time and nodes for every job, under every policy.
+#[test]
+fn incremental_and_full_pass_replay_identically() {
+    let nodes: Vec<NodeCapacity> = (0..6)
+        .map(|i| NodeCapacity {
+            name: format!("n{i}"),
+            labels: std::collections::BTreeMap::new(),
+            gpus: (0..8)
+                .map(|g| crate::sched::GpuSlot {
+                    index: g,
+                    uuid: format!("GPU-{i}-{g}"),
+                    product: "A100".to_owned(),
+                    memory_mib: 40_960,
+                    healthy: true,
+                })
+                .collect(),
+            cpu_milli: 32_000,
+            memory_mib: 256_000,
+            schedulable: true,
+        })
+        .collect();
+    // A small linear congruential generator: the trace is the same on every run.
+    let mut x: u64 = 42;
+    let mut next = |n: u64| {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (x >> 33) % n
+    };
+    let jobs: Vec<TraceJob> = (0..600)
+        .map(|i| {
+            let (replicas, gpus) = match next(10) {
+                0..=4 => (1, 1),
+                5 => (1, 2),
+                6 => (1, 4),
+                7 => (1, 8),
+                8 => (2, 8),
+                _ => (4, 4),
+            };
+            let duration = 50.0 + next(2000) as f64;
+            TraceJob {
+                id: format!("j{i:04}"),
+                submit_s: f64::from(i * 7),
+                duration_s: duration,
+                limit_s: match next(3) {
+                    0 => None,
+                    1 => Some(duration * 1.5),
+                    _ => Some(duration * 0.5),
+                },
+                queue: if next(3) == 0 { "slow" } else { "fast" }.to_owned(),
+                replicas,
+                gpus_per_replica: gpus,
+                cpu_milli_per_replica: 1000 + 500 * next(8),
+                memory_mib_per_replica: 1024 * (1 + next(64)),
+            }
+        })
+        .collect();
+    let queues = parse_queues("fast=10,slow=1").expect("queues");
+    for name in Policy::NAMES {
+        let mut policy = Policy::by_name(name).expect("policy");
+        policy.explain = false;
+        policy.list_waiting = false;
+        for estimate_runtimes in [false, true] {
+            let run = |engine| {
+                let opts = SimOptions {
+                    engine,
+                    estimate_runtimes,
+                };
+                simulate(&nodes, &jobs, &policy, &queues, opts)
+            };
+            let (full, inc) = (run(Engine::Full), run(Engine::Incremental));
+            assert!(
+                full.samples.iter().any(|s| s.queued > 100),
+                "{name}: the queue never got deep"
+            );
+            assert_eq!(inc.jobs, full.jobs, "{name}, estimates {estimate_runtimes}");
+            assert_eq!(inc.passes, full.passes, "{name}");
+            assert_eq!(!inc.estimates.is_empty(), estimate_runtimes);
+        }
+    }
 }

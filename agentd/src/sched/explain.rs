@@ -37,7 +37,9 @@ fn matches(node: &NodeCapacity, selector: &BTreeMap<String, String>) -> bool {
 }
 
 fn cpu(milli: u64) -> String {
-    if milli.is_multiple_of(1000) {
+    if milli == 1000 {
+        "1 CPU".to_owned()
+    } else if milli.is_multiple_of(1000) {
         format!("{} CPUs", milli / 1000)
     } else {
         format!("{milli}m CPU")
@@ -117,69 +119,125 @@ fn replica_never_fits(replica: &ReplicaRequest, nodes: &[NodeCapacity]) -> Optio
     ))
 }
 
-/// Why a gang that failed to place on the empty cluster can never fit it.
-pub(crate) fn never_fits_message(gang: &Gang, nodes: &[NodeCapacity]) -> String {
-    for replica in &gang.replicas {
-        if let Some(why) = replica_never_fits(replica, nodes) {
-            return format!("can never run on this cluster: {why}");
+/// One resource of a replica, for sentences that name what binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Gpus,
+    Cpu,
+    Memory,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Gpus, Kind::Cpu, Kind::Memory];
+
+    fn of_request(self, r: &super::Resources) -> u64 {
+        match self {
+            Kind::Gpus => u64::from(r.gpus),
+            Kind::Cpu => r.cpu_milli,
+            Kind::Memory => r.memory_mib,
         }
     }
-    let gpus: Vec<u32> = gang.replicas.iter().map(|r| r.resources.gpus).collect();
-    let total: u64 = gpus.iter().map(|&g| u64::from(g)).sum();
-    let selector = gang
-        .replicas
+
+    fn of_node(self, n: &NodeCapacity) -> u64 {
+        match self {
+            Kind::Gpus => n.gpus.len().min(super::MAX_GPUS_PER_NODE) as u64,
+            Kind::Cpu => n.cpu_milli,
+            Kind::Memory => n.memory_mib,
+        }
+    }
+
+    /// Keeps only this resource of a need, so a packing can be tried on it alone.
+    fn only(self, need: Need) -> Need {
+        Need {
+            gpus: if self == Kind::Gpus { need.gpus } else { 0 },
+            cpu: if self == Kind::Cpu { need.cpu } else { 0 },
+            mem: if self == Kind::Memory { need.mem } else { 0 },
+            selector: need.selector,
+        }
+    }
+
+    fn amount(self, v: u64) -> String {
+        match self {
+            Kind::Gpus if v == 1 => "1 GPU".to_owned(),
+            Kind::Gpus => format!("{v} GPUs"),
+            Kind::Cpu => cpu(v),
+            Kind::Memory => format!("{v} MiB of memory"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Gpus => "GPUs",
+            Kind::Cpu => "CPU",
+            Kind::Memory => "memory",
+        }
+    }
+}
+
+/// "3 replicas x 1 CPU", or "1 x 4 GPUs + 2 x 1 GPU" for mixed gangs.
+fn describe_amounts(kind: Kind, values: &[u64]) -> String {
+    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+    for &v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    if let [(v, n)] = counts.iter().collect::<Vec<_>>()[..] {
+        let plural = if *n == 1 { "replica" } else { "replicas" };
+        return format!("{n} {plural} x {}", kind.amount(*v));
+    }
+    let parts: Vec<String> = counts
         .iter()
-        .max_by_key(|r| r.resources.gpus)
-        .map(|r| r.node_selector.clone())
-        .unwrap_or_default();
-    let capacity: usize = nodes
-        .iter()
-        .filter(|n| matches(n, &selector))
-        .map(|n| n.gpus.len())
-        .sum();
-    let on = if selector.is_empty() {
-        String::new()
+        .rev()
+        .map(|(v, n)| format!("{n} x {}", kind.amount(*v)))
+        .collect();
+    parts.join(" + ")
+}
+
+/// "the cluster's 2 nodes have" or "the 1 node with label gpu=H100 has".
+fn nodes_phrase(count: usize, selector: &BTreeMap<String, String>) -> String {
+    let (word, verb) = if count == 1 {
+        ("node", "has")
     } else {
-        format!(" on nodes with label {}", describe_selector(&selector))
+        ("nodes", "have")
     };
-    if (capacity as u64) < total {
-        format!(
-            "can never run on this cluster: needs {total} GPUs ({}) but the cluster has {capacity} GPUs{on}",
-            describe_replicas(&gpus)
-        )
+    if selector.is_empty() {
+        format!("the cluster's {count} {word} {verb}")
     } else {
         format!(
-            "can never run on this cluster: its {} replicas ({}) cannot be packed onto the nodes{on} even when they are empty",
-            gang.replicas.len(),
-            describe_replicas(&gpus)
+            "the {count} {word} with label {} {verb}",
+            describe_selector(selector)
         )
     }
 }
 
-/// Explains a gang that can never fit the cluster at all, even with every node empty, every
-/// node schedulable and every GPU healthy; `None` if it could fit. The agent uses it to fail
-/// such a gang at once, or after its schedule timeout.
-pub fn never_fits(gang: &Gang, nodes: &[NodeCapacity]) -> Option<String> {
-    if gang.replicas.is_empty() {
-        return Some("has no replicas".to_owned());
-    }
+/// The replicas that must be placed together: all, or the first `minAvailable`.
+fn required_replicas(gang: &Gang) -> &[ReplicaRequest] {
+    let n = gang.replicas.len();
+    let required = gang
+        .min_available
+        .map_or(n, |m| (m as usize).clamp(1, n.max(1)));
+    &gang.replicas[..required.min(n)]
+}
+
+/// The replicas' needs (largest first) against a table of their selectors.
+fn needs_of(replicas: &[ReplicaRequest], nodes: &[NodeCapacity]) -> (Vec<Need>, SelectorTable) {
     let mut table = SelectorTable::default();
     table.matches.push(Vec::new());
-    let mut needs: Vec<Need> = Vec::with_capacity(gang.replicas.len());
-    let required = gang.min_available.map_or(gang.replicas.len(), |m| {
-        (m as usize).clamp(1, gang.replicas.len())
-    });
-    for replica in gang.replicas.iter().take(required) {
+    let mut ids: Vec<&BTreeMap<String, String>> = Vec::new();
+    let mut needs: Vec<Need> = Vec::with_capacity(replicas.len());
+    for replica in replicas {
         let selector = if replica.node_selector.is_empty() {
             0
+        } else if let Some(i) = ids.iter().position(|s| **s == replica.node_selector) {
+            (i + 1) as u32
         } else {
+            ids.push(&replica.node_selector);
             table.matches.push(
                 nodes
                     .iter()
                     .map(|n| matches(n, &replica.node_selector))
                     .collect(),
             );
-            (table.matches.len() - 1) as u32
+            ids.len() as u32
         };
         needs.push(Need {
             gpus: replica.resources.gpus,
@@ -189,6 +247,135 @@ pub fn never_fits(gang: &Gang, nodes: &[NodeCapacity]) -> Option<String> {
         });
     }
     needs.sort_unstable_by(|a, b| b.cmp(a));
+    (needs, table)
+}
+
+/// How many of `needs` (largest first) can be placed one after another on the empty cluster.
+fn how_many_fit(needs: &[Need], nodes: &[NodeCapacity], table: &SelectorTable) -> usize {
+    let mut state = FreeState::empty(nodes, true);
+    state.rebuild_index();
+    let mut one: Vec<Taken> = Vec::new();
+    needs
+        .iter()
+        .filter(|need| {
+            state.place(
+                std::slice::from_ref(*need),
+                super::free::Mode::Any,
+                Fit::BestFit,
+                table,
+                &mut one,
+            )
+        })
+        .count()
+}
+
+/// Why a gang that failed to place on the empty cluster can never fit it, naming the resource
+/// that binds (GPUs, CPU, memory or a node selector) with the numbers.
+pub(crate) fn never_fits_message(gang: &Gang, nodes: &[NodeCapacity]) -> String {
+    let replicas = required_replicas(gang);
+    let why = never_fits_reason(replicas, nodes);
+    let of = if replicas.len() < gang.replicas.len() {
+        format!(" (minAvailable: {} replicas together)", replicas.len())
+    } else {
+        String::new()
+    };
+    format!("can never run on this cluster{of}: {why}")
+}
+
+fn never_fits_reason(replicas: &[ReplicaRequest], nodes: &[NodeCapacity]) -> String {
+    for replica in replicas {
+        if let Some(why) = replica_never_fits(replica, nodes) {
+            return why;
+        }
+    }
+    // Replicas that share a selector compete for the same nodes: too little of one resource
+    // in all of those nodes together.
+    let mut groups: Vec<(&BTreeMap<String, String>, Vec<&ReplicaRequest>)> = Vec::new();
+    for replica in replicas {
+        match groups
+            .iter_mut()
+            .find(|(s, _)| **s == replica.node_selector)
+        {
+            Some((_, members)) => members.push(replica),
+            None => groups.push((&replica.node_selector, vec![replica])),
+        }
+    }
+    for (selector, members) in &groups {
+        let matching: Vec<&NodeCapacity> = nodes.iter().filter(|n| matches(n, selector)).collect();
+        for kind in Kind::ALL {
+            let values: Vec<u64> = members
+                .iter()
+                .map(|r| kind.of_request(&r.resources))
+                .collect();
+            let demand: u64 = values.iter().sum();
+            let capacity: u64 = matching.iter().map(|n| kind.of_node(n)).sum();
+            if demand > capacity {
+                return format!(
+                    "needs {} in all ({}) but {} {} in all",
+                    kind.amount(demand),
+                    describe_amounts(kind, &values),
+                    nodes_phrase(matching.len(), selector),
+                    kind.amount(capacity)
+                );
+            }
+        }
+    }
+    // Enough of each resource in total, but not in pieces the replicas fit: try each resource
+    // on its own, then all together.
+    let (needs, table) = needs_of(replicas, nodes);
+    for kind in Kind::ALL {
+        let only: Vec<Need> = needs.iter().map(|n| kind.only(*n)).collect();
+        let fit = how_many_fit(&only, nodes, &table);
+        if fit < needs.len() {
+            let values: Vec<u64> = replicas
+                .iter()
+                .map(|r| kind.of_request(&r.resources))
+                .collect();
+            let largest: Vec<String> = largest_nodes(nodes, kind, 3)
+                .into_iter()
+                .map(|v| kind.amount(v))
+                .collect();
+            return format!(
+                "by {} alone only {fit} of its {} replicas ({}) fit on the nodes at once, even when they are empty (the largest nodes have {})",
+                kind.name(),
+                needs.len(),
+                describe_amounts(kind, &values),
+                largest.join(", ")
+            );
+        }
+    }
+    let fit = how_many_fit(&needs, nodes, &table);
+    let gpus: Vec<u64> = replicas
+        .iter()
+        .map(|r| u64::from(r.resources.gpus))
+        .collect();
+    let cpus: Vec<u64> = replicas.iter().map(|r| r.resources.cpu_milli).collect();
+    let mems: Vec<u64> = replicas.iter().map(|r| r.resources.memory_mib).collect();
+    format!(
+        "GPUs, CPU and memory each suffice on their own, but only {fit} of its {} replicas fit at once with all three together ({}; {}; {}), even when the nodes are empty",
+        replicas.len(),
+        describe_amounts(Kind::Gpus, &gpus),
+        describe_amounts(Kind::Cpu, &cpus),
+        describe_amounts(Kind::Memory, &mems)
+    )
+}
+
+/// The `k` largest amounts of one resource over all nodes, largest first.
+fn largest_nodes(nodes: &[NodeCapacity], kind: Kind, k: usize) -> Vec<u64> {
+    let mut all: Vec<u64> = nodes.iter().map(|n| kind.of_node(n)).collect();
+    all.sort_unstable_by(|a, b| b.cmp(a));
+    all.truncate(k);
+    all
+}
+
+/// Explains a gang that can never fit the cluster at all, even with every node empty, every
+/// node schedulable and every GPU healthy; `None` if it could fit. The agent uses it to fail
+/// such a gang at once, or after its schedule timeout.
+pub fn never_fits(gang: &Gang, nodes: &[NodeCapacity]) -> Option<String> {
+    if gang.replicas.is_empty() {
+        return Some("has no replicas".to_owned());
+    }
+    let (needs, table) = needs_of(required_replicas(gang), nodes);
     let mut state = FreeState::empty(nodes, true);
     state.rebuild_index();
     let mut taken: Vec<Taken> = Vec::new();

@@ -76,7 +76,7 @@ impl SelectorTable {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct FreeState {
     pub nodes: Vec<NodeFree>,
     /// GPUs that may ever be used: healthy slots of the first [`MAX_GPUS_PER_NODE`].
@@ -191,6 +191,36 @@ impl FreeState {
             self.free_gpus += u64::from(after - before);
         }
         self.reindex(node, before);
+    }
+
+    /// Marks resources as in use, keeping the index up to date.
+    pub fn occupy_indexed(&mut self, node: u32, gpus: GpuMask, cpu: u64, mem: u64) {
+        let before = self.nodes[node as usize].gpus.count_ones();
+        self.occupy(node, gpus, cpu, mem);
+        let after = self.nodes[node as usize].gpus.count_ones();
+        if self.usable[node as usize] {
+            self.free_gpus -= u64::from(before - after);
+        }
+        self.reindex(node, before);
+    }
+
+    /// Removes the reservation overlay, leaving the free capacity as it is.
+    pub fn unhold(&mut self) {
+        for node in std::mem::take(&mut self.held) {
+            let n = &mut self.nodes[node as usize];
+            n.hold = None;
+            self.buckets[n.gpus.count_ones() as usize].insert(node);
+        }
+    }
+
+    /// Whether no usable node could hold this need alone, whatever else is placed.
+    pub fn fits_nowhere(&self, need: &Need, selectors: &SelectorTable) -> bool {
+        self.first_fit(need, Mode::Any, selectors).is_none()
+    }
+
+    /// Whether `node` could now hold `need` alone.
+    pub fn fits_alone(&self, node: u32, need: &Need, selectors: &SelectorTable) -> bool {
+        self.fits(node, need, Mode::Any, selectors)
     }
 
     /// Installs a reservation overlay and reindexes.

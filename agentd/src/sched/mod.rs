@@ -1,12 +1,18 @@
 //! The gang scheduler core. Pure: it takes a snapshot of nodes, running gangs and queued gangs
 //! plus the time, and returns placements and, for every gang it does not place, a reason a person
-//! can act on. It does no I/O, reads no clock and keeps no state between passes, so the running
-//! agent, `agentd replay` and the tests all drive exactly the same code.
+//! can act on. It does no I/O and reads no clock, so the running agent, `agentd replay` and the
+//! tests all drive exactly the same code. [`schedule`] is the full pass, which keeps no state
+//! between passes; [`Scheduler`] runs the same pass over state it keeps between passes, so a
+//! deep queue costs little, and must decide exactly as [`schedule`] does.
 
 use std::collections::BTreeMap;
 
+#[cfg(test)]
+mod equivalence;
+mod estimate;
 mod explain;
 mod free;
+mod incremental;
 mod pass;
 mod policy;
 #[cfg(test)]
@@ -14,8 +20,10 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use estimate::{Estimate, EstimateError, RuntimeEstimator};
 pub use explain::never_fits;
 pub use free::MAX_GPUS_PER_NODE;
+pub use incremental::Scheduler;
 pub use pass::schedule;
 pub use policy::{Backfill, Fit, Order, Policy, SchedError};
 

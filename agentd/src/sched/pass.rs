@@ -1,6 +1,7 @@
 //! One scheduling pass: order the queue, place what fits, hold a reservation for the blocked
 //! head, backfill behind it, and say why everything else waits.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use super::explain::{never_fits_message, unschedulable_message};
@@ -13,7 +14,7 @@ use super::{
 /// FNV-1a: node and queue names are short, and SipHash dominated a pass with many running
 /// gangs. Not exposed to untrusted keys in a way that matters: the map lives for one pass.
 #[derive(Default, Clone, Copy)]
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl std::hash::Hasher for Fnv {
     fn finish(&self) -> u64 {
@@ -43,42 +44,194 @@ impl std::hash::Hasher for Fnv {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
 
 /// Resources one gang holds on one node.
 #[derive(Debug, Clone, Copy)]
-struct Alloc {
-    node: u32,
-    gpus: GpuMask,
-    cpu: u64,
-    mem: u64,
+pub(crate) struct Alloc {
+    pub node: u32,
+    pub gpus: GpuMask,
+    pub cpu: u64,
+    pub mem: u64,
 }
 
 /// A gang that holds resources and may release them: running, or placed earlier in this pass.
 #[derive(Debug, Clone)]
-struct Holder<'a> {
-    id: &'a str,
-    end: Option<f64>,
-    allocs: Vec<Alloc>,
+pub(crate) struct Holder<'a> {
+    pub id: &'a str,
+    pub end: Option<f64>,
+    pub allocs: Cow<'a, [Alloc]>,
 }
 
 /// A queued gang in the form the pass works with.
-struct Prepared<'a> {
-    gang: &'a Gang,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prepared<'a> {
+    pub gang: &'a Gang,
     /// How many replicas must go together (all, or `minAvailable`).
-    required: usize,
-    /// Index into the pass's shapes: the required replicas' needs, largest first.
-    shape: usize,
-    gpus: u64,
-    score: f64,
+    pub required: usize,
+    /// Index into the cache's shapes: the required replicas' needs, largest first.
+    pub shape: usize,
+    pub gpus: u64,
+    pub score: f64,
 }
 
-#[derive(Default)]
+impl Prepared<'_> {
+    /// The policy order: highest score first, then submit time, then id.
+    pub fn order(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .score
+            .total_cmp(&self.score)
+            .then(self.gang.submitted_at.total_cmp(&other.gang.submitted_at))
+            .then_with(|| self.gang.id.cmp(&other.gang.id))
+    }
+}
+
+/// What passes may share while the nodes stay the same: interned selectors and shapes, how
+/// each shape fits the empty cluster, and (for the incremental scheduler) which shapes are
+/// known not to fit the current free capacity.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cache {
+    pub selectors: SelectorTable,
+    selector_ids: HashMap<BTreeMap<String, String>, u32>,
+    shapes: FastMap<Vec<Need>, usize>,
+    pub shape_needs: Vec<Vec<Need>>,
+    ideal: Option<FreeState>,
+    /// Per shape: how it fits the empty cluster.
+    ideal_nodes: Vec<Ideal>,
+    /// Every schedulable node empty (only healthy GPUs): what is left once every holder ends.
+    empty: Option<FreeState>,
+    /// Per shape and fit (first, best): whether it fits `empty`.
+    fits_empty: Vec<[Option<bool>; 2]>,
+    /// Per shape, when certificates are kept: one of its needs that no node could hold alone
+    /// when last checked. Valid until some node's free capacity grows (the owner clears it).
+    pub certs: Vec<Option<Need>>,
+    pub keep_certs: bool,
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        let mut selectors = SelectorTable::default();
+        selectors.matches.push(Vec::new());
+        Cache {
+            selectors,
+            ..Cache::default()
+        }
+    }
+
+    pub fn selector_id(
+        &mut self,
+        nodes: &[NodeCapacity],
+        selector: &BTreeMap<String, String>,
+    ) -> u32 {
+        if selector.is_empty() {
+            return 0;
+        }
+        if let Some(&id) = self.selector_ids.get(selector) {
+            return id;
+        }
+        let table: Vec<bool> = nodes
+            .iter()
+            .map(|n| {
+                selector
+                    .iter()
+                    .all(|(k, v)| n.labels.get(k).is_some_and(|have| have == v))
+            })
+            .collect();
+        self.selectors.matches.push(table);
+        let id = (self.selectors.matches.len() - 1) as u32;
+        self.selector_ids.insert(selector.clone(), id);
+        id
+    }
+
+    fn need(&mut self, nodes: &[NodeCapacity], replica: &super::ReplicaRequest) -> Need {
+        Need {
+            gpus: replica.resources.gpus,
+            cpu: replica.resources.cpu_milli,
+            mem: replica.resources.memory_mib,
+            selector: self.selector_id(nodes, &replica.node_selector),
+        }
+    }
+
+    /// The gang's required replica count and its interned shape. Gangs with the same requests
+    /// share one shape, so a pass works out each shape's fit once per state.
+    pub fn shape_of(&mut self, nodes: &[NodeCapacity], gang: &Gang) -> (usize, usize) {
+        let n = gang.replicas.len();
+        let required = gang
+            .min_available
+            .map_or(n, |m| (m as usize).clamp(1, n.max(1)));
+        let mut key: Vec<Need> = Vec::with_capacity(required + 1);
+        for replica in gang.replicas.iter().take(required) {
+            let need = self.need(nodes, replica);
+            key.push(need);
+        }
+        key.sort_unstable_by(|a, b| b.cmp(a));
+        // The count of optional replicas is part of the shape.
+        key.push(Need {
+            gpus: u32::MAX,
+            cpu: (n - required.min(n)) as u64,
+            mem: 0,
+            selector: u32::MAX,
+        });
+        if let Some(&shape) = self.shapes.get(key.as_slice()) {
+            return (required, shape);
+        }
+        let shape = self.shape_needs.len();
+        self.shape_needs.push(key[..key.len() - 1].to_vec());
+        self.shapes.insert(key, shape);
+        self.ideal_nodes.push(Ideal::NotTried);
+        self.fits_empty.push([None; 2]);
+        self.certs.push(None);
+        (required, shape)
+    }
+}
+
+/// How a shape fits the empty cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ideal {
+    NotTried,
+    /// On this many nodes at the fewest.
+    Nodes(usize),
+    Never,
+}
+
+/// The gang's place in the policy order at `now`.
+pub(crate) fn score(policy: &Policy, queue_priority: Option<i32>, now: f64, gang: &Gang) -> f64 {
+    match policy.order {
+        Order::Submit => 0.0,
+        Order::Priority { aging_s } => {
+            let queue = queue_priority.unwrap_or(0);
+            let waited = (now - gang.submitted_at).max(0.0);
+            let aging = if aging_s > 0.0 { waited / aging_s } else { 0.0 };
+            f64::from(queue) + f64::from(gang.priority) + aging
+        }
+    }
+}
+
+/// A running gang's allocations on known nodes, and the GPUs it holds in all.
+pub(crate) fn allocs_of(
+    nodes: &[NodeCapacity],
+    node_of: impl Fn(&str) -> Option<u32>,
+    gang: &super::RunningGang,
+) -> (Vec<Alloc>, u64) {
+    let mut allocs = Vec::with_capacity(gang.assignments.len());
+    let mut gpus = 0u64;
+    for a in &gang.assignments {
+        gpus += a.gpu_indices.len() as u64;
+        let Some(node) = node_of(a.node.as_str()) else {
+            continue;
+        };
+        allocs.push(Alloc {
+            node,
+            gpus: mask_of_indices(&nodes[node as usize], &a.gpu_indices),
+            cpu: a.resources.cpu_milli,
+            mem: a.resources.memory_mib,
+        });
+    }
+    (allocs, gpus)
+}
+
+#[derive(Default, Clone)]
 struct ShapeMemo {
-    /// Whether the empty cluster has been tried yet.
-    ideal_known: bool,
-    /// The fewest nodes it takes on the empty cluster; `None` if it never fits.
-    ideal_nodes: Option<usize>,
     failed_any: bool,
     failed_outside: bool,
     /// The pass version at which a trial placement last succeeded, per mode.
@@ -93,33 +246,52 @@ struct Head<'a> {
     after: Vec<String>,
 }
 
-struct Pass<'a> {
+pub(crate) struct Pass<'a> {
     now: f64,
     nodes: &'a [NodeCapacity],
     policy: &'a Policy,
     queues: FastMap<&'a str, &'a QueueConfig>,
     limited: bool,
-    selectors: SelectorTable,
-    selector_ids: HashMap<&'a BTreeMap<String, String>, u32>,
-    state: FreeState,
-    ideal: Option<FreeState>,
-    holders: Vec<Holder<'a>>,
-    shapes: FastMap<Vec<Need>, usize>,
-    shape_needs: Vec<Vec<Need>>,
+    pub cache: Cache,
+    pub state: FreeState,
+    pub holders: Vec<Holder<'a>>,
+    /// How many of the first holders are in ascending id order (and ids are unique): among
+    /// them, comparing positions is comparing ids.
+    pub holders_by_id: usize,
     memo: Vec<ShapeMemo>,
     version: u64,
     usage: FastMap<&'a str, (u32, u64)>,
     scratch: Vec<Taken>,
-    decision: Decision,
+    /// Unschedulable sentences by shape, version and the selector they name.
+    messages: FastMap<(usize, u64, u32), String>,
+    /// The Reserved sentence of this pass's head.
+    reserved: Option<String>,
+    pub decision: Decision,
 }
 
 /// Runs one scheduling pass. Pure and deterministic: the same snapshot gives the same decision,
-/// whatever the order of `snapshot.queued` or `snapshot.running`.
+/// whatever the order of `snapshot.queued` or `snapshot.running`. This is the full pass, which
+/// works everything out from the snapshot; [`super::Scheduler`] keeps state between passes and
+/// must decide exactly as this does.
 pub fn schedule(snapshot: &Snapshot<'_>, policy: &Policy) -> Decision {
     let mut pass = Pass::new(snapshot, policy);
     let order = pass.prepare(snapshot.queued);
     pass.run(&order);
     pass.decision
+}
+
+/// Whether any queue has a limit, so usage must be counted.
+pub(crate) fn limited(queues: &[QueueConfig]) -> bool {
+    queues
+        .iter()
+        .any(|q| q.max_running_jobs.is_some() || q.max_gpus.is_some())
+}
+
+fn gang_gpus(gang: &Gang) -> u64 {
+    gang.replicas
+        .iter()
+        .map(|r| u64::from(r.resources.gpus))
+        .sum()
 }
 
 fn mask_of_indices(node: &NodeCapacity, indices: &[u32]) -> GpuMask {
@@ -145,27 +317,12 @@ impl<'a> Pass<'a> {
         let mut state = FreeState::empty(snap.nodes, false);
         let mut holders = Vec::with_capacity(snap.running.len());
         let mut usage: FastMap<&str, (u32, u64)> = FastMap::default();
-        let limited = snap
-            .queues
-            .iter()
-            .any(|q| q.max_running_jobs.is_some() || q.max_gpus.is_some());
+        let limited = limited(snap.queues);
         // Occupying is order-independent; the reservation sorts holders itself.
         for gang in snap.running {
-            let mut allocs = Vec::with_capacity(gang.assignments.len());
-            let mut gpus = 0u64;
-            for a in &gang.assignments {
-                gpus += a.gpu_indices.len() as u64;
-                let Some(&node) = by_name.get(a.node.as_str()) else {
-                    continue;
-                };
-                let alloc = Alloc {
-                    node,
-                    gpus: mask_of_indices(&snap.nodes[node as usize], &a.gpu_indices),
-                    cpu: a.resources.cpu_milli,
-                    mem: a.resources.memory_mib,
-                };
-                state.occupy(node, alloc.gpus, alloc.cpu, alloc.mem);
-                allocs.push(alloc);
+            let (allocs, gpus) = allocs_of(snap.nodes, |n| by_name.get(n).copied(), gang);
+            for a in &allocs {
+                state.occupy(a.node, a.gpus, a.cpu, a.mem);
             }
             if limited {
                 let used = usage.entry(gang.queue.as_str()).or_default();
@@ -175,62 +332,58 @@ impl<'a> Pass<'a> {
             holders.push(Holder {
                 id: &gang.id,
                 end: gang.expected_end,
-                allocs,
+                allocs: Cow::Owned(allocs),
             });
         }
         state.rebuild_index();
-        let mut selectors = SelectorTable::default();
-        selectors.matches.push(Vec::new());
-        Pass {
-            now: snap.now,
-            nodes: snap.nodes,
+        Self::from_parts(
+            snap.now,
+            snap.nodes,
             policy,
-            queues: snap.queues.iter().map(|q| (q.name.as_str(), q)).collect(),
-            limited,
-            selectors,
-            selector_ids: HashMap::new(),
+            snap.queues,
+            Cache::new(),
             state,
-            ideal: None,
             holders,
-            shapes: FastMap::default(),
-            shape_needs: Vec::new(),
-            memo: Vec::new(),
+            usage,
+        )
+    }
+
+    /// A pass over state kept elsewhere: `state` has every holder's resources taken and no
+    /// reservation overlay; `usage` counts running jobs and GPUs per queue when any is limited.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        now: f64,
+        nodes: &'a [NodeCapacity],
+        policy: &'a Policy,
+        queues: &'a [QueueConfig],
+        cache: Cache,
+        state: FreeState,
+        holders: Vec<Holder<'a>>,
+        usage: FastMap<&'a str, (u32, u64)>,
+    ) -> Self {
+        let memo = vec![ShapeMemo::default(); cache.shape_needs.len()];
+        Pass {
+            now,
+            nodes,
+            policy,
+            queues: queues.iter().map(|q| (q.name.as_str(), q)).collect(),
+            limited: limited(queues),
+            cache,
+            state,
+            holders,
+            holders_by_id: 0,
+            memo,
             version: 0,
             usage,
             scratch: Vec::new(),
+            messages: FastMap::default(),
+            reserved: None,
             decision: Decision::default(),
         }
     }
 
-    fn selector_id(&mut self, selector: &'a BTreeMap<String, String>) -> u32 {
-        if selector.is_empty() {
-            return 0;
-        }
-        if let Some(&id) = self.selector_ids.get(selector) {
-            return id;
-        }
-        let table: Vec<bool> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                selector
-                    .iter()
-                    .all(|(k, v)| n.labels.get(k).is_some_and(|have| have == v))
-            })
-            .collect();
-        self.selectors.matches.push(table);
-        let id = (self.selectors.matches.len() - 1) as u32;
-        self.selector_ids.insert(selector, id);
-        id
-    }
-
     fn need(&mut self, replica: &'a super::ReplicaRequest) -> Need {
-        Need {
-            gpus: replica.resources.gpus,
-            cpu: replica.resources.cpu_milli,
-            mem: replica.resources.memory_mib,
-            selector: self.selector_id(&replica.node_selector),
-        }
+        self.cache.need(self.nodes, replica)
     }
 
     /// The gang's required replicas, largest first, each with its replica index; and the
@@ -253,73 +406,27 @@ impl<'a> Pass<'a> {
         (needs, replica_of, optional)
     }
 
-    /// Turns queued gangs into shapes and sorts them in policy order. Gangs with the same
-    /// requests share one shape, so a pass works out each shape's fit once per state.
+    /// Turns queued gangs into shapes and sorts them in policy order.
     fn prepare(&mut self, queued: &'a [Gang]) -> Vec<Prepared<'a>> {
         let mut out = Vec::with_capacity(queued.len());
-        let mut key: Vec<Need> = Vec::new();
         for gang in queued {
-            let n = gang.replicas.len();
-            let required = gang
-                .min_available
-                .map_or(n, |m| (m as usize).clamp(1, n.max(1)));
-            key.clear();
-            for replica in gang.replicas.iter().take(required) {
-                let need = self.need(replica);
-                key.push(need);
-            }
-            key.sort_unstable_by(|a, b| b.cmp(a));
-            // The count of optional replicas is part of the shape.
-            key.push(Need {
-                gpus: u32::MAX,
-                cpu: (n - required.min(n)) as u64,
-                mem: 0,
-                selector: u32::MAX,
-            });
-            let shape = if let Some(&shape) = self.shapes.get(key.as_slice()) {
-                shape
-            } else {
-                let shape = self.memo.len();
-                self.shapes.insert(key.clone(), shape);
-                self.shape_needs.push(key[..key.len() - 1].to_vec());
-                self.memo.push(ShapeMemo::default());
-                shape
-            };
-            let gpus = gang
-                .replicas
-                .iter()
-                .map(|r| u64::from(r.resources.gpus))
-                .sum();
-            let score = match self.policy.order {
-                Order::Submit => 0.0,
-                Order::Priority { aging_s } => {
-                    let queue = self
-                        .queues
-                        .get(gang.queue.as_str())
-                        .map_or(0, |q| q.priority);
-                    let waited = (self.now - gang.submitted_at).max(0.0);
-                    let aging = if aging_s > 0.0 { waited / aging_s } else { 0.0 };
-                    f64::from(queue) + f64::from(gang.priority) + aging
-                }
-            };
+            let (required, shape) = self.cache.shape_of(self.nodes, gang);
+            let queue = self.queues.get(gang.queue.as_str()).map(|q| q.priority);
             out.push(Prepared {
                 gang,
                 required,
                 shape,
-                gpus,
-                score,
+                gpus: gang_gpus(gang),
+                score: score(self.policy, queue, self.now, gang),
             });
         }
-        out.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then(a.gang.submitted_at.total_cmp(&b.gang.submitted_at))
-                .then_with(|| a.gang.id.cmp(&b.gang.id))
-        });
+        self.memo
+            .resize(self.cache.shape_needs.len(), ShapeMemo::default());
+        out.sort_by(Prepared::order);
         out
     }
 
-    fn run(&mut self, order: &[Prepared<'a>]) {
+    pub fn run(&mut self, order: &[Prepared<'a>]) {
         let mut fifo_head: Option<&'a str> = None;
         let mut head: Option<Head<'a>> = None;
         for p in order {
@@ -433,26 +540,47 @@ impl<'a> Pass<'a> {
         if !self.policy.explain {
             return String::new();
         }
+        // The sentence depends on the shape, the free capacity (the version) and the selector
+        // it names; gangs alike in those share it.
+        let largest = p
+            .gang
+            .replicas
+            .iter()
+            .max_by_key(|r| r.resources.gpus)
+            .map_or(0, |r| self.cache.selector_id(self.nodes, &r.node_selector));
+        let key = (p.shape, self.version, largest);
+        if let Some(msg) = self.messages.get(&key) {
+            return msg.clone();
+        }
         let min_nodes = self.ideal_nodes(p).unwrap_or(1);
-        unschedulable_message(
+        let msg = unschedulable_message(
             p.gang,
-            &self.shape_needs[p.shape],
+            &self.cache.shape_needs[p.shape],
             min_nodes,
             &self.state,
-            &self.selectors,
-        )
+            &self.cache.selectors,
+        );
+        self.messages.insert(key, msg.clone());
+        msg
     }
 
-    fn reserved_message(&self, head: &Head<'_>) -> String {
+    fn reserved_message(&mut self, head: &Head<'_>) -> String {
         if !self.policy.explain {
             return String::new();
         }
+        // One head per pass, so one sentence.
+        self.reserved
+            .get_or_insert_with(|| Self::reserved_sentence(head, self.now))
+            .clone()
+    }
+
+    fn reserved_sentence(head: &Head<'_>, now: f64) -> String {
         match head.start_at {
             Some(t) => format!(
                 "fits now, but would delay {}, which holds a reservation to start by t={t:.0}s (in {:.0} s); a declared run time (activeDeadlineSeconds) under {:.0} s would let it start now",
                 head.id,
-                t - self.now,
-                t - self.now
+                t - now,
+                t - now
             ),
             None => format!(
                 "fits now, but would delay {}, which holds a reservation for the resources it needs until {} {}",
@@ -485,20 +613,23 @@ impl<'a> Pass<'a> {
 
     /// The fewest nodes the gang takes on the empty cluster, or `None` if it can never fit.
     fn ideal_nodes(&mut self, p: &Prepared<'a>) -> Option<usize> {
-        if self.memo[p.shape].ideal_known {
-            return self.memo[p.shape].ideal_nodes;
+        match self.cache.ideal_nodes[p.shape] {
+            Ideal::Nodes(n) => return Some(n),
+            Ideal::Never => return None,
+            Ideal::NotTried => {}
         }
-        let ideal = self.ideal.get_or_insert_with(|| {
+        let cache = &mut self.cache;
+        let ideal = cache.ideal.get_or_insert_with(|| {
             let mut s = FreeState::empty(self.nodes, true);
             s.rebuild_index();
             s
         });
         let mut taken = std::mem::take(&mut self.scratch);
         let result = if ideal.place(
-            &self.shape_needs[p.shape],
+            &cache.shape_needs[p.shape],
             Mode::Any,
             super::Fit::BestFit,
-            &self.selectors,
+            &cache.selectors,
             &mut taken,
         ) {
             let mut nodes: Vec<u32> = taken.iter().map(|t| t.node).collect();
@@ -510,8 +641,7 @@ impl<'a> Pass<'a> {
             None
         };
         self.scratch = taken;
-        self.memo[p.shape].ideal_known = true;
-        self.memo[p.shape].ideal_nodes = result;
+        self.cache.ideal_nodes[p.shape] = result.map_or(Ideal::Never, Ideal::Nodes);
         result
     }
 
@@ -557,12 +687,16 @@ impl<'a> Pass<'a> {
         if fits_at == Some(self.version) {
             return true;
         }
+        if self.cache.certs[p.shape].is_some() {
+            self.remember(p.shape, mode, false);
+            return false;
+        }
         let mut taken = std::mem::take(&mut self.scratch);
         let ok = self.state.place(
-            &self.shape_needs[p.shape],
+            &self.cache.shape_needs[p.shape],
             mode,
             self.policy.fit,
-            &self.selectors,
+            &self.cache.selectors,
             &mut taken,
         );
         self.state.undo(&mut taken);
@@ -572,6 +706,14 @@ impl<'a> Pass<'a> {
     }
 
     fn remember(&mut self, shape: usize, mode: Mode, ok: bool) {
+        if !ok && self.cache.keep_certs && self.cache.certs[shape].is_none() {
+            // Free capacity only shrinks during a pass and until the owner reports a release,
+            // so a need that no node could hold alone keeps the whole shape out until then.
+            self.cache.certs[shape] = self.cache.shape_needs[shape]
+                .iter()
+                .find(|need| self.state.fits_nowhere(need, &self.cache.selectors))
+                .copied();
+        }
         let memo = &mut self.memo[shape];
         match (mode, ok) {
             (Mode::Any, true) => memo.fits_any_at = Some(self.version),
@@ -591,12 +733,16 @@ impl<'a> Pass<'a> {
         if failed {
             return false;
         }
+        if self.cache.certs[p.shape].is_some() {
+            self.remember(p.shape, mode, false);
+            return false;
+        }
         let mut taken = std::mem::take(&mut self.scratch);
         let ok = self.state.place(
-            &self.shape_needs[p.shape],
+            &self.cache.shape_needs[p.shape],
             mode,
             self.policy.fit,
-            &self.selectors,
+            &self.cache.selectors,
             &mut taken,
         );
         if !ok {
@@ -613,10 +759,13 @@ impl<'a> Pass<'a> {
         // Replicas above minAvailable go one by one, where they fit.
         for &(need, replica) in &optional {
             let mut one = Vec::with_capacity(1);
-            if self
-                .state
-                .place(&[need], mode, self.policy.fit, &self.selectors, &mut one)
-            {
+            if self.state.place(
+                &[need],
+                mode,
+                self.policy.fit,
+                &self.cache.selectors,
+                &mut one,
+            ) {
                 placed.push((replica, one[0]));
             }
         }
@@ -637,7 +786,7 @@ impl<'a> Pass<'a> {
         self.holders.push(Holder {
             id: &p.gang.id,
             end: p.gang.declared_runtime_s.map(|d| self.now + d),
-            allocs,
+            allocs: Cow::Owned(allocs),
         });
         let used = self.usage.entry(p.gang.queue.as_str()).or_default();
         used.0 += 1;
@@ -669,16 +818,35 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// The state after the first `k` holders (in end order) have released their resources.
-    fn released(&self, by_end: &[usize], k: usize) -> FreeState {
-        let mut hyp = self.state.clone();
-        for &h in &by_end[..k] {
-            for a in &self.holders[h].allocs {
-                hyp.release(a.node, a.gpus, a.cpu, a.mem);
-            }
+    /// Whether the shape fits once every holder has ended: on every schedulable node's healthy
+    /// GPUs and whole CPU and memory. Releasing is clamped to capacity, so that state is the
+    /// empty cluster whatever runs now, and the answer holds while the nodes do.
+    fn fits_when_all_end(&mut self, shape: usize) -> bool {
+        let fit = match self.policy.fit {
+            super::Fit::FirstFit => 0,
+            super::Fit::BestFit => 1,
+        };
+        if let Some(ok) = self.cache.fits_empty[shape][fit] {
+            return ok;
         }
-        hyp.rebuild_index();
-        hyp
+        let cache = &mut self.cache;
+        let empty = cache.empty.get_or_insert_with(|| {
+            let mut s = FreeState::empty(self.nodes, false);
+            s.rebuild_index();
+            s
+        });
+        let mut taken = std::mem::take(&mut self.scratch);
+        let ok = empty.place(
+            &cache.shape_needs[shape],
+            Mode::Any,
+            self.policy.fit,
+            &cache.selectors,
+            &mut taken,
+        );
+        empty.undo(&mut taken);
+        self.scratch = taken;
+        cache.fits_empty[shape][fit] = Some(ok);
+        ok
     }
 
     /// Plans the blocked head's reservation: the fewest holders (soonest declared end first)
@@ -686,6 +854,10 @@ impl<'a> Pass<'a> {
     /// those resources from gangs that would still be running then. `None` if it would not fit
     /// even with every holder gone (drained nodes, unhealthy GPUs).
     fn reserve(&mut self, p: &Prepared<'a>) -> Option<Reservation> {
+        // Give up at once if it would not fit even with every holder gone.
+        if !self.fits_when_all_end(p.shape) {
+            return None;
+        }
         // Gangs with a declared end release in end order. For the others there is no end to go
         // by, so bet on the nodes closest to free: release first the gangs on nodes with the
         // fewest busy GPUs, so the head waits on as few gangs as possible.
@@ -710,31 +882,23 @@ impl<'a> Pass<'a> {
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (None, None) => busy_a.cmp(&busy_b),
             }
-            .then_with(|| ha.id.cmp(hb.id))
+            .then_with(|| {
+                if a < self.holders_by_id && b < self.holders_by_id {
+                    a.cmp(&b)
+                } else {
+                    ha.id.cmp(hb.id)
+                }
+            })
         });
         let by_end: Vec<usize> = by_end.into_iter().map(|(i, _)| i).collect();
         let mut taken = Vec::new();
-        let fits_after = |pass: &Self, k: usize, taken: &mut Vec<Taken>| -> Option<FreeState> {
-            let mut hyp = pass.released(&by_end, k);
-            hyp.place(
-                &pass.shape_needs[p.shape],
-                Mode::Any,
-                pass.policy.fit,
-                &pass.selectors,
-                taken,
-            )
-            .then_some(hyp)
-        };
-        // Give up at once if it would not fit even with every holder gone.
-        fits_after(self, by_end.len(), &mut taken)?;
-        taken.clear();
         // Release holders one by one, in that order, until it fits: the fewest it waits for.
-        let needs = &self.shape_needs[p.shape];
+        let needs = &self.cache.shape_needs[p.shape];
         let total: u64 = needs.iter().map(|n| u64::from(n.gpus)).sum();
         let mut hyp = self.state.clone();
         let mut hi = 0;
         for (k, &h) in by_end.iter().enumerate() {
-            for a in &self.holders[h].allocs {
+            for a in self.holders[h].allocs.iter() {
                 hyp.release_indexed(a.node, a.gpus, a.cpu, a.mem);
             }
             if hyp.free_gpus >= total
@@ -742,7 +906,7 @@ impl<'a> Pass<'a> {
                     needs,
                     Mode::Any,
                     self.policy.fit,
-                    &self.selectors,
+                    &self.cache.selectors,
                     &mut taken,
                 )
             {

@@ -18,7 +18,7 @@ struct Case {
     now: f64,
 }
 
-fn arb_node(i: usize) -> impl Strategy<Value = NodeCapacity> {
+pub(crate) fn arb_node(i: usize) -> impl Strategy<Value = NodeCapacity> {
     (
         0u32..=8,
         proptest::collection::vec(prop::bool::weighted(0.9), 8),
@@ -50,7 +50,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeCapacity> {
         })
 }
 
-fn arb_gang(id: String) -> impl Strategy<Value = Gang> {
+pub(crate) fn arb_gang(id: String) -> impl Strategy<Value = Gang> {
     (
         1usize..=4,
         0u32..=8,

@@ -234,7 +234,7 @@ fn too_big_for_the_cluster_never_fits() {
     assert_eq!(
         never_fits(&g, &nodes).as_deref(),
         Some(
-            "can never run on this cluster: needs 32 GPUs (4 replicas x 8) but the cluster has 16 GPUs"
+            "can never run on this cluster: needs 32 GPUs in all (4 replicas x 8 GPUs) but the cluster's 2 nodes have 16 GPUs in all"
         )
     );
     let g = gang("wide", 1.0, 1, 16);
@@ -243,6 +243,118 @@ fn too_big_for_the_cluster_never_fits() {
         Some(
             "can never run on this cluster: replica worker-0 needs 16 GPUs on one node but the largest node has 8"
         )
+    );
+}
+
+fn sized(name: &str, gpus: u32, cpu_milli: u64, memory_mib: u64) -> NodeCapacity {
+    NodeCapacity {
+        cpu_milli,
+        memory_mib,
+        ..node(name, gpus)
+    }
+}
+
+fn shaped(id: &str, replicas: &[(u32, u64, u64)]) -> Gang {
+    let mut g = gang(id, 1.0, replicas.len() as u32, 0);
+    for (r, &(gpus, cpu_milli, memory_mib)) in g.replicas.iter_mut().zip(replicas) {
+        r.resources = Resources {
+            gpus,
+            cpu_milli,
+            memory_mib,
+        };
+    }
+    g
+}
+
+/// The message a pass gives, checked to be the one `never_fits` gives.
+fn never_fits_reason(nodes: &[NodeCapacity], g: &Gang) -> String {
+    let d = run(nodes, &[], std::slice::from_ref(g), &Policy::agentd());
+    let w = waiting(&d, &g.id);
+    assert_eq!(w.reason, reason::NEVER_FITS, "{}", w.message);
+    assert_eq!(never_fits(g, nodes).as_ref(), Some(&w.message));
+    w.message.clone()
+}
+
+#[test]
+fn never_fits_names_cpu_when_replicas_together_need_more_than_the_node() {
+    let nodes = [sized("a", 0, 2000, 8192)];
+    let g = shaped("cpu", &[(0, 1000, 1024); 3]);
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: needs 3 CPUs in all (3 replicas x 1 CPU) but the cluster's 1 node has 2 CPUs in all"
+    );
+}
+
+#[test]
+fn never_fits_names_memory_with_numbers() {
+    let nodes = [sized("a", 0, 8000, 4096), sized("b", 0, 8000, 2048)];
+    let g = shaped("mem", &[(0, 1000, 3000), (0, 1000, 3000), (0, 500, 1000)]);
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: needs 7000 MiB of memory in all (2 x 3000 MiB of memory + 1 x 1000 MiB of memory) but the cluster's 2 nodes have 6144 MiB of memory in all"
+    );
+}
+
+#[test]
+fn never_fits_counts_only_nodes_the_selector_allows() {
+    let mut nodes = [sized("a", 4, 64_000, 8192), sized("b", 4, 64_000, 8192)];
+    nodes[0].labels.insert("gpu".to_owned(), "H100".to_owned());
+    let mut g = shaped("sel", &[(3, 1000, 1024), (3, 1000, 1024)]);
+    for r in &mut g.replicas {
+        r.node_selector.insert("gpu".to_owned(), "H100".to_owned());
+    }
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: needs 6 GPUs in all (2 replicas x 3 GPUs) but the 1 node with label gpu=H100 has 4 GPUs in all"
+    );
+}
+
+#[test]
+fn never_fits_names_the_resource_that_does_not_pack() {
+    // Enough GPUs in all, but no node holds two of these replicas.
+    let nodes = [node("a", 8), node("b", 4)];
+    let g = shaped("gpus", &[(6, 1000, 1024), (6, 1000, 1024)]);
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: by GPUs alone only 1 of its 2 replicas (2 replicas x 6 GPUs) fit on the nodes at once, even when they are empty (the largest nodes have 8 GPUs, 4 GPUs)"
+    );
+    // Enough CPU in all, but 1.5 CPUs do not go twice into 2 + 1.
+    let nodes = [sized("a", 0, 2000, 8192), sized("b", 0, 1000, 8192)];
+    let g = shaped("cpu", &[(0, 1500, 1024), (0, 1500, 1024)]);
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: by CPU alone only 1 of its 2 replicas (2 replicas x 1500m CPU) fit on the nodes at once, even when they are empty (the largest nodes have 2 CPUs, 1 CPU)"
+    );
+}
+
+#[test]
+fn never_fits_says_when_only_the_combination_binds() {
+    // Each resource packs on its own; the 2-GPU replica takes a node's GPUs and the two 2-CPU
+    // replicas need a node each.
+    let nodes = [sized("a", 2, 2000, 8192), sized("b", 2, 2000, 8192)];
+    let g = shaped("mix", &[(1, 2000, 1), (1, 2000, 1), (2, 0, 1)]);
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: GPUs, CPU and memory each suffice on their own, but only 2 of its 3 replicas fit at once with all three together (1 x 2 GPUs + 2 x 1 GPU; 2 x 2 CPUs + 1 x 0 CPUs; 3 replicas x 1 MiB of memory), even when the nodes are empty"
+    );
+}
+
+#[test]
+fn never_fits_speaks_of_the_min_available_replicas_only() {
+    let nodes = [sized("a", 0, 2000, 8192)];
+    let mut g = shaped(
+        "min",
+        &[
+            (0, 1000, 1024),
+            (0, 1000, 1024),
+            (0, 1000, 1024),
+            (0, 64_000, 1),
+        ],
+    );
+    g.min_available = Some(3);
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster (minAvailable: 3 replicas together): needs 3 CPUs in all (3 replicas x 1 CPU) but the cluster's 1 node has 2 CPUs in all"
     );
 }
 

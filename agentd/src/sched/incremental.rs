@@ -1,0 +1,329 @@
+//! The incremental scheduler: the same pass as [`super::schedule`], over state kept between
+//! passes instead of rebuilt from a snapshot each time.
+//!
+//! What it keeps: the free capacity with every running gang's resources taken (changed only by
+//! [`Scheduler::start`], [`Scheduler::finish`] and the placements of a pass), each queued gang's
+//! interned shape and its place in the policy order, and for each shape whether one of its
+//! replicas fits no node at all. That last answer is what makes a deep queue cheap: free
+//! capacity only shrinks until a gang finishes, so a shape with such a replica is skipped
+//! without a placement attempt until a finish frees a node that could hold the replica (or the
+//! nodes change). Everything else a pass decides is decided by the same code as the full pass,
+//! which stays the oracle: the property tests and replays check that both decide exactly alike.
+//!
+//! Like the full pass it is pure: no I/O, no clock; time is an argument of [`Scheduler::pass`].
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use super::free::FreeState;
+use super::pass::{Alloc, Cache, FastMap, Holder, Pass, Prepared, allocs_of, limited, score};
+use super::{Decision, Gang, NodeCapacity, Policy, QueueConfig, RunningGang};
+
+/// A running gang as the scheduler keeps it.
+#[derive(Debug, Clone)]
+struct Running {
+    gang: RunningGang,
+    allocs: Vec<Alloc>,
+    gpus: u64,
+}
+
+/// A queued gang with what the pass needs, worked out once.
+#[derive(Debug, Clone)]
+struct Queued {
+    gang: Gang,
+    required: usize,
+    shape: usize,
+    gpus: u64,
+    score: f64,
+}
+
+impl Queued {
+    fn prepared(&self) -> Prepared<'_> {
+        Prepared {
+            gang: &self.gang,
+            required: self.required,
+            shape: self.shape,
+            gpus: self.gpus,
+            score: self.score,
+        }
+    }
+}
+
+/// A scheduler that keeps its state between passes. Feed it what changes (gangs submitted,
+/// cancelled, started, finished; nodes; queues) and call [`Scheduler::pass`]; a pass's
+/// placements start at once (they hold their resources from then on, until
+/// [`Scheduler::finish`]).
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    policy: Policy,
+    nodes: Vec<NodeCapacity>,
+    queues: Vec<QueueConfig>,
+    by_name: FastMap<String, u32>,
+    cache: Cache,
+    state: FreeState,
+    /// Sorted by id, so the pass gets its holders in id order and need not compare ids to
+    /// break ties when it orders them for the reservation.
+    running: Vec<Running>,
+    queued: Vec<Queued>,
+    /// Whether `queued` is in policy order for `sorted_at`.
+    sorted_at: Option<f64>,
+}
+
+impl Scheduler {
+    pub fn new(policy: Policy, nodes: Vec<NodeCapacity>, queues: Vec<QueueConfig>) -> Self {
+        let mut s = Scheduler {
+            policy,
+            nodes: Vec::new(),
+            queues,
+            by_name: FastMap::default(),
+            cache: Cache::new(),
+            state: FreeState::empty(&[], false),
+            running: Vec::new(),
+            queued: Vec::new(),
+            sorted_at: None,
+        };
+        s.set_nodes(nodes);
+        s
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn nodes(&self) -> &[NodeCapacity] {
+        &self.nodes
+    }
+
+    pub fn queues(&self) -> &[QueueConfig] {
+        &self.queues
+    }
+
+    /// Queued gangs, in no particular order.
+    pub fn queued(&self) -> impl Iterator<Item = &Gang> {
+        self.queued.iter().map(|q| &q.gang)
+    }
+
+    /// Running gangs, in no particular order.
+    pub fn running(&self) -> impl Iterator<Item = &RunningGang> {
+        self.running.iter().map(|r| &r.gang)
+    }
+
+    /// Replaces the nodes (added, removed, drained, healed, relabelled): everything that
+    /// depends on them is worked out again.
+    pub fn set_nodes(&mut self, nodes: Vec<NodeCapacity>) {
+        self.nodes = nodes;
+        self.cache = Cache::new();
+        self.cache.keep_certs = true;
+        // The last node of a name wins, as in the full pass's lookup.
+        self.by_name = FastMap::default();
+        for (i, n) in self.nodes.iter().enumerate() {
+            self.by_name.insert(n.name.clone(), i as u32);
+        }
+        self.state = FreeState::empty(&self.nodes, false);
+        for r in &mut self.running {
+            (r.allocs, r.gpus) = allocs_of(&self.nodes, |n| self.by_name.get(n).copied(), &r.gang);
+            for a in &r.allocs {
+                self.state.occupy(a.node, a.gpus, a.cpu, a.mem);
+            }
+        }
+        self.state.rebuild_index();
+        for q in &mut self.queued {
+            (q.required, q.shape) = self.cache.shape_of(&self.nodes, &q.gang);
+        }
+    }
+
+    /// Replaces the queue configuration.
+    pub fn set_queues(&mut self, queues: Vec<QueueConfig>) {
+        self.queues = queues;
+        self.sorted_at = None;
+    }
+
+    /// Adds a gang to the queue, replacing a queued gang of the same id.
+    pub fn submit(&mut self, gang: Gang) {
+        self.cancel(&gang.id);
+        let (required, shape) = self.cache.shape_of(&self.nodes, &gang);
+        let gpus = gang
+            .replicas
+            .iter()
+            .map(|r| u64::from(r.resources.gpus))
+            .sum();
+        self.queued.push(Queued {
+            gang,
+            required,
+            shape,
+            gpus,
+            score: 0.0,
+        });
+        self.sorted_at = None;
+    }
+
+    /// Takes a gang out of the queue; false if it was not queued.
+    pub fn cancel(&mut self, id: &str) -> bool {
+        let Some(i) = self.queued.iter().position(|q| q.gang.id == id) else {
+            return false;
+        };
+        // Removing keeps the rest in order.
+        self.queued.remove(i);
+        true
+    }
+
+    /// Records a gang that holds resources without this scheduler having placed it (adopted
+    /// after a restart, say), replacing a running gang of the same id.
+    pub fn start(&mut self, gang: RunningGang) {
+        self.finish(&gang.id);
+        let (allocs, gpus) = allocs_of(&self.nodes, |n| self.by_name.get(n).copied(), &gang);
+        for a in &allocs {
+            self.state.occupy_indexed(a.node, a.gpus, a.cpu, a.mem);
+        }
+        let at = self.running_index(&gang.id).unwrap_or_else(|at| at);
+        self.running.insert(at, Running { gang, allocs, gpus });
+    }
+
+    /// Gives back the resources of a running gang that ended; false if it was not running.
+    pub fn finish(&mut self, id: &str) -> bool {
+        let Ok(i) = self.running_index(id) else {
+            return false;
+        };
+        let r = self.running.remove(i);
+        for a in &r.allocs {
+            self.state.release_indexed(a.node, a.gpus, a.cpu, a.mem);
+        }
+        // A node with more room may now hold a replica that fitted nowhere before.
+        for cert in &mut self.cache.certs {
+            if let Some(need) = cert
+                && r.allocs
+                    .iter()
+                    .any(|a| self.state.fits_alone(a.node, need, &self.cache.selectors))
+            {
+                *cert = None;
+            }
+        }
+        true
+    }
+
+    /// One scheduling pass at `now`. Decides exactly what [`super::schedule`] decides for the
+    /// same nodes, queues, running and queued gangs; the placements then hold their resources
+    /// and leave the queue.
+    pub fn pass(&mut self, now: f64) -> Decision {
+        self.order(now);
+        let order: Vec<Prepared<'_>> = self.queued.iter().map(Queued::prepared).collect();
+        let holders: Vec<Holder<'_>> = self
+            .running
+            .iter()
+            .map(|r| Holder {
+                id: &r.gang.id,
+                end: r.gang.expected_end,
+                allocs: Cow::Borrowed(&r.allocs),
+            })
+            .collect();
+        let mut usage: FastMap<&str, (u32, u64)> = FastMap::default();
+        if limited(&self.queues) {
+            for r in &self.running {
+                let used = usage.entry(r.gang.queue.as_str()).or_default();
+                used.0 += 1;
+                used.1 += r.gpus;
+            }
+        }
+        let running = holders.len();
+        let mut pass = Pass::from_parts(
+            now,
+            &self.nodes,
+            &self.policy,
+            &self.queues,
+            std::mem::take(&mut self.cache),
+            std::mem::take(&mut self.state),
+            holders,
+            usage,
+        );
+        pass.holders_by_id = running;
+        pass.run(&order);
+        let Pass {
+            cache,
+            mut state,
+            holders,
+            decision,
+            ..
+        } = pass;
+        state.unhold();
+        let placed: Vec<(String, Option<f64>, Vec<Alloc>)> = holders[running..]
+            .iter()
+            .map(|h| (h.id.to_owned(), h.end, h.allocs.to_vec()))
+            .collect();
+        drop(order);
+        self.cache = cache;
+        self.state = state;
+        if !placed.is_empty() {
+            let ids: HashSet<&str> = placed.iter().map(|(id, _, _)| id.as_str()).collect();
+            let mut moved: FastMap<String, Queued> = FastMap::default();
+            let mut kept = Vec::with_capacity(self.queued.len());
+            for q in self.queued.drain(..) {
+                if ids.contains(q.gang.id.as_str()) {
+                    moved.insert(q.gang.id.clone(), q);
+                } else {
+                    kept.push(q);
+                }
+            }
+            self.queued = kept;
+            for (p, (id, end, allocs)) in decision.placements.iter().zip(placed) {
+                debug_assert_eq!(p.gang, id);
+                let gang = moved.remove(&id).map(|q| q.gang);
+                let queue = gang.map(|g| g.queue).unwrap_or_default();
+                let at = self.running_index(&id).unwrap_or_else(|at| at);
+                self.running.insert(
+                    at,
+                    Running {
+                        gpus: p
+                            .assignments
+                            .iter()
+                            .map(|a| a.gpu_indices.len() as u64)
+                            .sum(),
+                        allocs,
+                        gang: RunningGang {
+                            id,
+                            queue,
+                            assignments: p.assignments.clone(),
+                            expected_end: end,
+                        },
+                    },
+                );
+            }
+        }
+        decision
+    }
+
+    /// Where the running gang with this id is, or where it would go.
+    fn running_index(&self, id: &str) -> Result<usize, usize> {
+        self.running
+            .binary_search_by(|r| r.gang.id.as_str().cmp(id))
+    }
+
+    /// Puts the queue in policy order for `now`: scores move with time, but the order rarely
+    /// does, so it is checked in one sweep and sorted only when some pair is out of place.
+    fn order(&mut self, now: f64) {
+        if self.sorted_at == Some(now) {
+            return;
+        }
+        let priority: FastMap<&str, i32> = self
+            .queues
+            .iter()
+            .map(|q| (q.name.as_str(), q.priority))
+            .collect();
+        for q in &mut self.queued {
+            q.score = score(
+                &self.policy,
+                priority.get(q.gang.queue.as_str()).copied(),
+                now,
+                &q.gang,
+            );
+        }
+        let sorted = self
+            .queued
+            .windows(2)
+            .all(|w| w[0].prepared().order(&w[1].prepared()).is_le());
+        if !sorted {
+            self.queued
+                .sort_by(|a, b| a.prepared().order(&b.prepared()));
+        }
+        self.sorted_at = Some(now);
+    }
+}
