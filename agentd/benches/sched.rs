@@ -83,7 +83,6 @@ fn queues() -> Vec<QueueConfig> {
         .map(|(n, p)| QueueConfig {
             name: (*n).to_owned(),
             priority: p,
-            weight: 1,
             max_running_jobs: None,
             max_gpus: None,
         })

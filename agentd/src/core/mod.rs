@@ -1317,8 +1317,6 @@ impl Core {
             .map(|(name, q)| QueueConfig {
                 name: name.clone(),
                 priority: q.priority,
-                // The pass does not read it; queues of equal priority share nothing by weight.
-                weight: 1,
                 max_running_jobs: q.max_running_jobs,
                 max_gpus: q.max_gpus,
             })

@@ -132,7 +132,6 @@ pub fn parse_queues(spec: &str) -> Result<Vec<QueueConfig>, ReplayError> {
         let mut q = QueueConfig {
             name: name.to_owned(),
             priority,
-            weight: 1,
             max_running_jobs: None,
             max_gpus: None,
         };
@@ -256,7 +255,6 @@ pub fn queues(args: &ReplayArgs, jobs: &[TraceJob]) -> Result<Vec<QueueConfig>, 
                 .map(|n| QueueConfig {
                     name: n.to_owned(),
                     priority: 0,
-                    weight: 1,
                     max_running_jobs: None,
                     max_gpus: None,
                 })

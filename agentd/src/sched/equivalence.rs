@@ -60,14 +60,12 @@ fn queues(limits: u8) -> Vec<QueueConfig> {
         QueueConfig {
             name: "fast".to_owned(),
             priority: 10,
-            weight: 1,
             max_running_jobs: (limits & 1 == 1).then_some(3),
             max_gpus: (limits & 2 == 2).then_some(12),
         },
         QueueConfig {
             name: "slow".to_owned(),
             priority: 1,
-            weight: 1,
             max_running_jobs: None,
             max_gpus: None,
         },

@@ -121,7 +121,6 @@ pub struct RunningGang {
 pub struct QueueConfig {
     pub name: String,
     pub priority: i32,
-    pub weight: u32,
     pub max_running_jobs: Option<u32>,
     pub max_gpus: Option<u32>,
 }

@@ -111,14 +111,12 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 QueueConfig {
                     name: "fast".to_owned(),
                     priority: 10,
-                    weight: 1,
                     max_running_jobs: (limits & 1 == 1).then_some(3),
                     max_gpus: (limits & 2 == 2).then_some(12),
                 },
                 QueueConfig {
                     name: "slow".to_owned(),
                     priority: 1,
-                    weight: 1,
                     max_running_jobs: None,
                     max_gpus: None,
                 },

@@ -68,14 +68,12 @@ fn queues() -> Vec<QueueConfig> {
         QueueConfig {
             name: "fast".to_owned(),
             priority: 10,
-            weight: 1,
             max_running_jobs: None,
             max_gpus: None,
         },
         QueueConfig {
             name: "slow".to_owned(),
             priority: 1,
-            weight: 1,
             max_running_jobs: None,
             max_gpus: None,
         },
