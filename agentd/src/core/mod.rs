@@ -41,6 +41,9 @@ const MAX_BATCH: usize = 256;
 /// the wait from the submission to the queue, where it is longer and nobody sees it.
 const MAX_IN_FLIGHT: u32 = 8;
 
+/// The file in the state directory that says the machine is drained.
+const DRAINED_MARKER: &str = "drained";
+
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error("no job named {0:?}")]
@@ -93,6 +96,12 @@ pub enum Command {
         name: String,
         replica: Option<String>,
         reply: Reply<LogFiles>,
+    },
+    /// Drains (`Some(true)`) or resumes (`Some(false)`) this machine, or only asks (`None`);
+    /// answers whether it is drained. A drained machine takes no new placements.
+    Drain {
+        drained: Option<bool>,
+        reply: Reply<bool>,
     },
 }
 
@@ -167,6 +176,8 @@ pub struct Core {
     metrics: Option<Metrics>,
     /// The state each job was last reported in, for the transition counters.
     reported: BTreeMap<String, JobState>,
+    /// `agentctl drain`: nothing new is placed here until `agentctl resume`.
+    drained: bool,
 }
 
 /// Channels the core listens on, apart from commands.
@@ -217,6 +228,7 @@ impl Core {
             needs_pass: true,
             metrics,
             reported: BTreeMap::new(),
+            drained: config.state_dir.join(DRAINED_MARKER).exists(),
         };
         core.recover()?;
         core.commit()?;
@@ -318,6 +330,14 @@ impl Core {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Drain { drained, reply } => {
+                if let Some(drained) = drained
+                    && drained != self.drained
+                {
+                    self.set_drained(drained);
+                }
+                let _ = reply.send(Ok(self.drained));
+            }
             Command::Submit { manifest, reply } => {
                 let result = self.submit(&manifest);
                 self.after_commit.push(Box::new(move || {
@@ -969,6 +989,22 @@ impl Core {
         });
     }
 
+    /// Drains or resumes the machine; the marker file keeps a drain across agent restarts.
+    fn set_drained(&mut self, drained: bool) {
+        let marker = self.state_dir.join(DRAINED_MARKER);
+        let written = if drained {
+            fs_err::write(&marker, b"drained by agentctl drain\n")
+        } else {
+            fs_err::remove_file(&marker)
+        };
+        if let Err(e) = written {
+            tracing::warn!("the drain holds until the agent stops, not across a restart: {e}");
+        }
+        self.drained = drained;
+        self.needs_pass = true;
+        tracing::info!(node = %self.node, drained, "node drain changed");
+    }
+
     /// One scheduling pass over the queued gangs; places and starts what fits.
     fn schedule(&mut self) {
         self.needs_pass = false;
@@ -983,6 +1019,7 @@ impl Core {
         let inventory = self.inventory.borrow().clone();
         let mut node = node_capacity(&inventory);
         node.labels.extend(self.labels.clone());
+        node.schedulable = !self.drained;
         let nodes = [node];
         let running: Vec<sched::RunningGang> = self
             .jobs
@@ -1015,10 +1052,16 @@ impl Core {
         if let Some(metrics) = &self.metrics {
             metrics.scheduling_pass(pass_started.elapsed());
         }
-        for waiting in decision.waiting {
+        for mut waiting in decision.waiting {
             let Some(record) = self.jobs.get_mut(&waiting.gang) else {
                 continue;
             };
+            if self.drained {
+                waiting.message = format!(
+                    "{}; node {} is drained (agentctl resume {} lets new work in)",
+                    waiting.message, self.node, self.node
+                );
+            }
             if record.status.reason != waiting.reason || record.status.message != waiting.message {
                 record.status.reason.clone_from(&waiting.reason);
                 record.status.message.clone_from(&waiting.message);
