@@ -48,7 +48,8 @@ pub struct AgentGpu {
     pub memory_bytes: u64,
     pub pci_bus_id: String,
     pub healthy: bool,
-    /// Why the GPU is unhealthy, e.g. `XID 79 (GPU has fallen off the bus)`.
+    /// Why the GPU is unhealthy, e.g. `XID 79`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 

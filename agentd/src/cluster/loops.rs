@@ -31,10 +31,18 @@ pub fn spawn(
     stop: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let span = tracing::info_span!("cluster", node = %cluster.node, namespace = %cluster.namespace);
-    let mut tasks = vec![
-        tokio::spawn(heartbeat(cluster.clone(), stop.clone()).instrument(span.clone())),
-        tokio::spawn(publish(cluster.clone(), inventory, stop.clone()).instrument(span.clone())),
-    ];
+    let node_agent = {
+        let (cluster, mut stop) = (cluster.clone(), stop.clone());
+        async move {
+            if wait_for_node(&cluster, &mut stop).await {
+                tokio::join!(
+                    heartbeat(cluster.clone(), stop.clone()),
+                    publish(cluster.clone(), inventory, stop)
+                );
+            }
+        }
+    };
+    let mut tasks = vec![tokio::spawn(node_agent.instrument(span.clone()))];
     if cluster.leader_eligible {
         tasks.push(tokio::spawn(label_nodes(cluster, stop).instrument(span)));
     }
@@ -102,9 +110,6 @@ async fn wait_for_node(cluster: &Cluster, stop: &mut watch::Receiver<bool>) -> b
 /// resourceVersion of the agent's own last write; a get only when that write was refused as
 /// stale (409) or the Lease is gone.
 async fn heartbeat(cluster: Cluster, mut stop: watch::Receiver<bool>) {
-    if !wait_for_node(&cluster, &mut stop).await {
-        return;
-    }
     let api = cluster.leases_api();
     let name = lease_name(&cluster.node);
     let what = format!("leases/{name}");
@@ -184,9 +189,6 @@ async fn publish(
     mut inventory: watch::Receiver<Arc<NodeInventory>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    if !wait_for_node(&cluster, &mut stop).await {
-        return;
-    }
     let version = env!("CARGO_PKG_VERSION");
     let mut reconnects = cluster.reconnects();
     let mut written: Option<AgentNodeStatus> = None;

@@ -110,6 +110,9 @@ impl Cluster {
             .node_lease_interval
             .clamp(Duration::from_secs(2), Duration::from_secs(10));
         kube_config.connect_timeout = Some(bound);
+        // kube-rs would otherwise retry 429/503/504 inside one call, up to 15 times and for
+        // minutes, out of sight of the agent's own backoff, link state and request counts.
+        kube_config.default_retry = false;
         let mut watch_config = kube_config.clone();
         watch_config.read_timeout = None;
         kube_config.read_timeout = Some(bound);
@@ -176,6 +179,8 @@ impl Cluster {
     ) -> Result<T, RequestError> {
         let result = request.await;
         let (code, outcome) = match &result {
+            // kube-rs does not hand back the status of a success; a create's is 201.
+            Ok(_) if verb == "create" => (201, Outcome::Answered),
             Ok(_) => (200, Outcome::Answered),
             Err(e) => {
                 let error = RequestError::new(verb, what, e);
