@@ -49,6 +49,66 @@ pub fn is_dns_subdomain(name: &str) -> bool {
 
 const NAME_RULE: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character";
 
+/// What the RBAC API validates: a binding's `roleRef` and subjects, a rule's verbs.
+fn validate_rbac(ty: &ResourceType, obj: &Value) -> Vec<FieldCause> {
+    let mut causes = Vec::new();
+    if ty.kind.ends_with("Binding") {
+        let kind = obj.pointer("/roleRef/kind").and_then(Value::as_str);
+        let allowed: &[&str] = if ty.kind == "RoleBinding" {
+            &["Role", "ClusterRole"]
+        } else {
+            &["ClusterRole"]
+        };
+        match kind {
+            None => causes.push(FieldCause::required("roleRef.kind")),
+            Some(k) if !allowed.contains(&k) => causes.push(FieldCause {
+                field: "roleRef.kind".into(),
+                reason: "FieldValueNotSupported",
+                message: format!("Unsupported value: {k:?}: supported values: {allowed:?}"),
+            }),
+            Some(_) => {}
+        }
+        if obj
+            .pointer("/roleRef/name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            causes.push(FieldCause::required("roleRef.name"));
+        }
+        let subjects = obj.get("subjects").and_then(Value::as_array);
+        for (i, s) in subjects.into_iter().flatten().enumerate() {
+            match s.get("kind").and_then(Value::as_str) {
+                Some("User" | "Group" | "ServiceAccount") => {}
+                other => causes.push(FieldCause {
+                    field: format!("subjects[{i}].kind"),
+                    reason: "FieldValueNotSupported",
+                    message: format!(
+                        "Unsupported value: {:?}: supported values: \"ServiceAccount\", \"User\", \"Group\"",
+                        other.unwrap_or("")
+                    ),
+                }),
+            }
+            if s.get("name")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                causes.push(FieldCause::required(&format!("subjects[{i}].name")));
+            }
+        }
+    } else {
+        let rules = obj.get("rules").and_then(Value::as_array);
+        for (i, r) in rules.into_iter().flatten().enumerate() {
+            if r.get("verbs")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                causes.push(FieldCause::required(&format!("rules[{i}].verbs")));
+            }
+        }
+    }
+    causes
+}
+
 /// Validation a real server would reject with 422 before storing anything.
 pub fn validate(ty: &ResourceType, obj: &Value) -> Vec<FieldCause> {
     let mut causes = Vec::new();
@@ -100,7 +160,17 @@ pub fn validate(ty: &ResourceType, obj: &Value) -> Vec<FieldCause> {
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("");
-    if !is_dns_subdomain(name) {
+    if ty.group == crate::resources::RBAC_GROUP {
+        // RBAC objects only need a name that is a valid path segment (`system:discovery`).
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '%']) {
+            causes.push(FieldCause::invalid(
+                "metadata.name",
+                name,
+                "may not be '.' or '..' and may not contain '/' or '%'",
+            ));
+        }
+        causes.extend(validate_rbac(ty, obj));
+    } else if !is_dns_subdomain(name) {
         causes.push(FieldCause::invalid("metadata.name", name, NAME_RULE));
     }
     if ty.is_builtin() && ty.group.is_empty() && ty.plural == "pods" {

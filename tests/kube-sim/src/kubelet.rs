@@ -110,9 +110,131 @@ pub struct Kubelets {
     eviction_timeout: Duration,
     nodes: Mutex<HashMap<String, SimNode>>,
     pods: Mutex<HashMap<String, PodTask>>,
+    /// Whether kubelets refuse pods whose requests exceed what is free on their node.
+    admission: std::sync::atomic::AtomicBool,
+    /// Held while a pod is admitted, so two pods cannot both take the last free GPU.
+    admitting: Mutex<()>,
     pod_type: ResourceType,
     node_type: ResourceType,
     lease_type: ResourceType,
+}
+
+/// What pods request, in the units the kubelet compares.
+mod admission {
+    use serde_json::Value;
+
+    pub const RESOURCES: [&str; 3] = ["nvidia.com/gpu", "cpu", "memory"];
+
+    /// Requests per resource: GPUs as a count, cpu in millicores, memory in bytes.
+    #[derive(Default)]
+    pub struct Requests([i128; 3]);
+
+    impl Requests {
+        pub fn get(&self, resource: &str) -> i128 {
+            RESOURCES
+                .iter()
+                .position(|r| *r == resource)
+                .map_or(0, |i| self.0[i])
+        }
+    }
+
+    /// A quantity (`2`, `500m`, `1Gi`, `1.5G`, `528280384Ki`) in the unit of `resource`:
+    /// millicores for cpu, bytes for memory, a count otherwise. `None` when it does not parse.
+    pub fn quantity(resource: &str, v: &Value) -> Option<i128> {
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (num, suffix) = text.split_at(split);
+        let num: f64 = num.parse().ok()?;
+        let mult: f64 = match suffix {
+            "" => 1.0,
+            "m" => 0.001,
+            "k" => 1e3,
+            "M" => 1e6,
+            "G" => 1e9,
+            "T" => 1e12,
+            "P" => 1e15,
+            "Ki" => 1024.0,
+            "Mi" => 1024f64.powi(2),
+            "Gi" => 1024f64.powi(3),
+            "Ti" => 1024f64.powi(4),
+            "Pi" => 1024f64.powi(5),
+            _ => return None,
+        };
+        let base = num * mult;
+        let unit = if resource == "cpu" {
+            base * 1000.0
+        } else {
+            base
+        };
+        Some(unit.ceil() as i128)
+    }
+
+    pub fn show(resource: &str, v: i128) -> String {
+        if resource == "cpu" {
+            format!("{v}m")
+        } else {
+            v.to_string()
+        }
+    }
+
+    /// The sum over a pod's containers of each resource's request (its limit where no request
+    /// is given, as the API server defaults it).
+    pub fn requests(pod: &Value) -> Requests {
+        let mut out = Requests::default();
+        let containers = pod
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        for c in containers {
+            for (i, r) in RESOURCES.iter().enumerate() {
+                let key = r.replace('/', "~1");
+                let v = c
+                    .pointer(&format!("/resources/requests/{key}"))
+                    .or_else(|| c.pointer(&format!("/resources/limits/{key}")));
+                if let Some(q) = v.and_then(|v| quantity(r, v)) {
+                    out.0[i] += q;
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use serde_json::json;
+
+        use super::*;
+
+        #[test]
+        fn quantities() {
+            assert_eq!(quantity("cpu", &json!("500m")), Some(500));
+            assert_eq!(quantity("cpu", &json!("2")), Some(2000));
+            assert_eq!(quantity("cpu", &json!(1.5)), Some(1500));
+            assert_eq!(quantity("memory", &json!("1Gi")), Some(1 << 30));
+            assert_eq!(
+                quantity("memory", &json!("528280384Ki")),
+                Some(528_280_384 * 1024)
+            );
+            assert_eq!(quantity("memory", &json!("1G")), Some(1_000_000_000));
+            assert_eq!(quantity("nvidia.com/gpu", &json!("8")), Some(8));
+            assert_eq!(quantity("memory", &json!("1Qi")), None);
+            let pod = json!({"spec": {"containers": [
+                {"resources": {"limits": {"nvidia.com/gpu": "2"}, "requests": {"cpu": "250m"}}},
+                {"resources": {"requests": {"nvidia.com/gpu": 1, "memory": "1Mi"}}}]}});
+            let r = requests(&pod);
+            assert_eq!(
+                (r.get("nvidia.com/gpu"), r.get("cpu"), r.get("memory")),
+                (3, 250, 1 << 20)
+            );
+        }
+    }
 }
 
 fn s<'a>(v: &'a Value, p: &str) -> &'a str {
@@ -137,7 +259,71 @@ impl Kubelets {
             eviction_timeout,
             nodes: Mutex::new(HashMap::new()),
             pods: Mutex::new(HashMap::new()),
+            admission: std::sync::atomic::AtomicBool::new(false),
+            admitting: Mutex::new(()),
         })
+    }
+
+    /// Turns resource admission on or off: with it on, a kubelet refuses a pod whose requests
+    /// (`nvidia.com/gpu`, cpu, memory) exceed its node's allocatable minus what the pods it
+    /// already admitted request, failing it with `OutOf<resource>` as a real kubelet does.
+    pub fn set_admission(&self, on: bool) {
+        self.admission
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The resource a pod does not fit in on `node`, with the kubelet's message; `None` when it
+    /// fits. The caller holds `admitting`.
+    fn does_not_fit(&self, pod: &Value, node: &str) -> Option<(String, String)> {
+        let node_obj = self.store.get(&self.node_type, "", node).ok()?;
+        let uid = pod.pointer("/metadata/uid").cloned();
+        let admitted = self.store.list(
+            &self.pod_type,
+            None,
+            &|p| {
+                s(p, "/spec/nodeName") == node
+                    && p.pointer("/metadata/uid").cloned() != uid
+                    && !s(p, "/status/startTime").is_empty()
+                    && !matches!(s(p, "/status/phase"), "Succeeded" | "Failed")
+            },
+            None,
+            None,
+        );
+        let want = admission::requests(pod);
+        for resource in admission::RESOURCES {
+            let requested = want.get(resource);
+            if requested == 0 {
+                continue;
+            }
+            let capacity = admission::quantity(
+                resource,
+                node_obj
+                    .pointer(&format!(
+                        "/status/allocatable/{}",
+                        resource.replace('/', "~1")
+                    ))
+                    .unwrap_or(&Value::Null),
+            )
+            .unwrap_or(0);
+            let used: i128 = admitted
+                .items
+                .iter()
+                .map(|p| admission::requests(p).get(resource))
+                .sum();
+            if used + requested > capacity {
+                let show = |v: i128| admission::show(resource, v);
+                return Some((
+                    format!("OutOf{resource}"),
+                    format!(
+                        "Node didn't have enough resource: {resource}, requested: {}, used: {}, capacity: {}",
+                        show(requested),
+                        show(used),
+                        show(capacity)
+                    ),
+                ));
+            }
+        }
+        None
     }
 
     fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, SimNode>> {
@@ -652,6 +838,31 @@ impl Kubelets {
         let host_ip = format!("10.0.{}.{}", node_index / 250, node_index % 250 + 1);
         let deleting_at_start = *kill.borrow();
 
+        if !deleting_at_start && self.admission.load(std::sync::atomic::Ordering::SeqCst) {
+            let refused = {
+                let _admitting = self
+                    .admitting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let pod = self.store.get(&self.pod_type, ns, name)?;
+                let refused = self.does_not_fit(&pod, node);
+                if refused.is_none() {
+                    // Admitted: the start time marks it as holding its requests.
+                    self.write_status(ns, name, |p| {
+                        p["status"]["startTime"] = json!(clock::now());
+                    })?;
+                }
+                refused
+            };
+            if let Some((reason, msg)) = refused {
+                let p = self.write_status(ns, name, |p| {
+                    p["status"] = json!({"phase": "Failed", "reason": reason, "message": format!("Pod was rejected: {msg}"),
+                        "startTime": clock::now(), "qosClass": p["status"]["qosClass"].clone()});
+                })?;
+                self.event(&p, "Warning", &reason, &msg, node);
+                return Ok(());
+            }
+        }
         if !deleting_at_start && failure == Some(Failure::UnexpectedAdmissionError) {
             let gpus = pod
                 .pointer("/spec/containers")

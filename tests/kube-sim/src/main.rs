@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use kube_sim::{KubeSim, SimConfig, TimeScale};
+use kube_sim::{AuthorizationMode, KubeSim, SimConfig, TimeScale};
 
 /// A Kubernetes API server simulator with simulated GPU nodes, for tests and benchmarks.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
-    /// Address to listen on (plain HTTP).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:6443")]
     listen: SocketAddr,
     /// Write a kubeconfig for this server to FILE.
@@ -29,10 +31,72 @@ struct Args {
     /// Events kept per resource for watches that resume from a resourceVersion.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
+    /// Serve HTTPS with a CA generated at start; its certificate goes into the kubeconfig.
+    #[arg(long)]
+    tls: bool,
+    /// Bearer tokens in kube-apiserver's format, one per line: token,user,uid,"group1,group2".
+    /// Turns authentication on: requests without a known token get 401, and the kubeconfig
+    /// written carries a generated admin token (group system:masters).
+    #[arg(long, value_name = "FILE")]
+    token_auth_file: Option<PathBuf>,
+    /// RBAC: Roles, ClusterRoles and their bindings decide; AlwaysAllow: everything is allowed.
+    #[arg(long, default_value = "AlwaysAllow", value_name = "MODE")]
+    authorization_mode: AuthorizationMode,
+    /// Write one JSON line per request served to FILE.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+    /// Kubelets refuse pods whose nvidia.com/gpu, cpu or memory requests exceed what is free on
+    /// their node (the pod fails with reason OutOf<resource>).
+    #[arg(long)]
+    kubelet_admission: bool,
+}
+
+/// Commands for a simulator already running as its own process, reached through its control
+/// endpoint with the kubeconfig it wrote (only its admin may use them).
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Stop a simulated node's kubelet: its lease goes stale and the node goes NotReady.
+    StopNode(Control),
+    /// Bring a stopped node's kubelet back.
+    RestartNode(Control),
+}
+
+#[derive(clap::Args, Debug)]
+struct Control {
+    /// The kubeconfig the simulator wrote (its admin token and CA).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: PathBuf,
+    /// The node, e.g. node-3.
+    node: String,
+}
+
+fn control(action: &str, c: &Control) -> anyhow::Result<()> {
+    let endpoint = kube_sim::client::Endpoint::from_kubeconfig(&c.kubeconfig)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?;
+    let path = format!("/kube-sim/v1/nodes/{}/{action}", c.node);
+    let (code, body) = runtime.block_on(endpoint.request("POST", &path, "application/json", ""))?;
+    let message = body
+        .get("message")
+        .and_then(serde_json::Value::as_str)
+        .map_or_else(|| body.to_string(), str::to_string);
+    if code == 200 {
+        println!("{message}");
+        Ok(())
+    } else {
+        anyhow::bail!("{action} {}: {code}: {message}", c.node)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match &args.command {
+        Some(Command::StopNode(c)) => return control("stop", c),
+        Some(Command::RestartNode(c)) => return control("restart", c),
+        None => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -45,7 +109,18 @@ fn main() -> anyhow::Result<()> {
             args.time_scale
         )
     })?;
+    let tokens = args
+        .token_auth_file
+        .as_deref()
+        .map(kube_sim::auth::read_token_file)
+        .transpose()
+        .context("--token-auth-file")?;
     let config = SimConfig {
+        tls: args.tls,
+        tokens,
+        authorization: args.authorization_mode,
+        audit_log: args.audit_log,
+        kubelet_admission: args.kubelet_admission,
         listen: args.listen,
         kubeconfig: args.kubeconfig,
         nodes: args.nodes,

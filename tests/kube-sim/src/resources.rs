@@ -121,6 +121,10 @@ fn builtin(
     }
 }
 
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+/// Access reviews: answered, never stored.
+pub const AUTHORIZATION_GROUP: &str = "authorization.k8s.io";
+
 /// The built-in types.
 pub fn builtins() -> Vec<ResourceType> {
     vec![
@@ -153,6 +157,61 @@ pub fn builtins() -> Vec<ResourceType> {
             "leases",
             "Lease",
             true,
+            &[],
+            &[],
+        ),
+        builtin(
+            "",
+            "v1",
+            "serviceaccounts",
+            "ServiceAccount",
+            true,
+            &["sa"],
+            &[],
+        ),
+        builtin(RBAC_GROUP, "v1", "roles", "Role", true, &[], &[]),
+        builtin(
+            RBAC_GROUP,
+            "v1",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            &[],
+            &[],
+        ),
+        builtin(
+            RBAC_GROUP,
+            "v1",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            &[],
+            &[],
+        ),
+        builtin(
+            RBAC_GROUP,
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            &[],
+        ),
+        builtin(
+            AUTHORIZATION_GROUP,
+            "v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            false,
+            &[],
+            &[],
+        ),
+        builtin(
+            AUTHORIZATION_GROUP,
+            "v1",
+            "subjectaccessreviews",
+            "SubjectAccessReview",
+            false,
             &[],
             &[],
         ),
@@ -294,6 +353,9 @@ fn verbs(t: &ResourceType) -> Value {
     .as_array()
     .map(|a| {
         let mut a = a.clone();
+        if t.group == AUTHORIZATION_GROUP {
+            a = vec![json!("create")];
+        }
         if t.plural == "events" || t.plural == "leases" {
             a.retain(|v| v != "deletecollection");
         }

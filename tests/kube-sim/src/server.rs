@@ -17,9 +17,13 @@ use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::access;
+use crate::audit::AuditLog;
+use crate::auth::{self, Authenticator, UserInfo};
 use crate::defaults;
-use crate::kubelet::PodLogs;
+use crate::kubelet::{Kubelets, PodLogs};
 use crate::patch;
+use crate::rbac::{self, Attributes, AuthorizationMode};
 use crate::resources::{self, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
@@ -57,6 +61,11 @@ pub struct ApiState {
     pub logs: Arc<PodLogs>,
     pub addr: SocketAddr,
     pub bookmark_interval: Duration,
+    pub auth: Authenticator,
+    pub authorization: AuthorizationMode,
+    pub audit: Option<AuditLog>,
+    /// The simulated kubelets, for the control endpoint.
+    pub kubelets: Option<Arc<Kubelets>>,
 }
 
 type Resp = Response<ApiBody>;
@@ -247,6 +256,8 @@ enum Route {
     OpenApiV2,
     OpenApiRoot,
     OpenApiGroupVersion(String),
+    /// `POST /kube-sim/v1/nodes/{name}/{stop|restart}`: the simulator's own control endpoint.
+    Control(String, String),
     Unknown,
 }
 
@@ -260,6 +271,9 @@ fn route(store: &Store, path: &str) -> Route {
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let (group, version, rest) = match s.as_slice() {
         ["version"] => return Route::Version,
+        ["kube-sim", "v1", "nodes", node, action] => {
+            return Route::Control((*node).to_string(), (*action).to_string());
+        }
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
         ["openapi", "v2"] => return Route::OpenApiV2,
         ["openapi", "v3"] => return Route::OpenApiRoot,
@@ -420,19 +434,176 @@ impl Selectors {
     }
 }
 
-/// Serves one request.
+/// What a request asks to do, for authorization and the audit log.
+fn attributes(route: &Route, method: &Method, q: &Query, path: &str) -> Attributes {
+    let Route::Resource(t, watch_prefix) = route else {
+        return Attributes {
+            verb: rbac::non_resource_verb(method).into(),
+            path: path.into(),
+            ..Attributes::default()
+        };
+    };
+    let watching = *watch_prefix || q.flag("watch");
+    let verb = rbac::verb_of(method, t.name.is_some(), watching);
+    // A list or watch of one object by name is authorized as that object, as on a real server,
+    // so resourceNames rules can allow it.
+    let name = t.name.clone().unwrap_or_else(|| {
+        if matches!(verb, "list" | "watch") {
+            q.get("fieldSelector")
+                .and_then(|f| f.strip_prefix("metadata.name="))
+                .filter(|n| !n.contains(','))
+                .unwrap_or("")
+                .to_string()
+        } else {
+            String::new()
+        }
+    });
+    Attributes {
+        verb: verb.into(),
+        resource_request: true,
+        group: t.ty.group.clone(),
+        resource: t.ty.plural.clone(),
+        subresource: t.subresource.clone().unwrap_or_default(),
+        namespace: t.namespace.clone().unwrap_or_default(),
+        name,
+        path: path.into(),
+    }
+}
+
+/// Applies `Impersonate-User` / `Impersonate-Group` headers (as `kubectl --as/--as-group`
+/// sends them): the request runs as the impersonated user when the real one may `impersonate`
+/// that user (or ServiceAccount) and each group; otherwise the refused attributes come back.
+fn impersonate(
+    state: &ApiState,
+    user: UserInfo,
+    headers: &http::HeaderMap,
+) -> Result<UserInfo, (String, Attributes)> {
+    let Some(target) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(user);
+    };
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    let as_user = UserInfo {
+        name: target.to_string(),
+        uid: String::new(),
+        groups: groups
+            .iter()
+            .cloned()
+            .chain([auth::AUTHENTICATED.to_string()])
+            .collect(),
+    };
+    let mut checks = vec![match as_user.service_account() {
+        Some((ns, name)) => ("serviceaccounts", ns.to_string(), name.to_string()),
+        None => ("users", String::new(), target.to_string()),
+    }];
+    checks.extend(groups.iter().map(|g| ("groups", String::new(), g.clone())));
+    for (resource, namespace, name) in checks {
+        let a = Attributes {
+            verb: "impersonate".into(),
+            resource_request: true,
+            resource: resource.into(),
+            namespace,
+            name,
+            ..Attributes::default()
+        };
+        let allowed = state.authorization == AuthorizationMode::AlwaysAllow
+            || rbac::authorize(&state.store, &user, &a).is_some();
+        if !allowed {
+            return Err((user.name, a));
+        }
+    }
+    Ok(as_user)
+}
+
+fn unauthorized() -> Resp {
+    json_response(
+        StatusCode::UNAUTHORIZED,
+        &status_object(401, "Unauthorized", "Unauthorized", None),
+    )
+}
+
+fn forbidden(a: &Attributes, user: &str) -> Resp {
+    let details = if a.resource_request {
+        json!({"name": a.name, "group": a.group, "kind": a.resource})
+    } else {
+        json!({})
+    };
+    json_response(
+        StatusCode::FORBIDDEN,
+        &status_object(403, "Forbidden", &a.forbidden_message(user), Some(details)),
+    )
+}
+
+/// Serves one request: authenticates, authorizes, serves, and writes the audit line.
 pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let (parts, body) = req.into_parts();
+    let q = Query::parse(parts.uri.query());
+    let route = route(&state.store, parts.uri.path());
+    let attrs = attributes(&route, &parts.method, &q, parts.uri.path());
+    let authenticated = state
+        .auth
+        .authenticate(&parts.headers)
+        .map(|user| impersonate(&state, user, &parts.headers));
+    let (user, resp) = match authenticated {
+        Err(_) => (auth::ANONYMOUS.to_string(), unauthorized()),
+        Ok(Err((user, denied))) => {
+            let resp = forbidden(&denied, &user);
+            (user, resp)
+        }
+        Ok(Ok(user)) => {
+            let allowed = match &route {
+                Route::Control(..) => user.is_master(),
+                _ => {
+                    state.authorization == AuthorizationMode::AlwaysAllow
+                        || rbac::authorize(&state.store, &user, &attrs).is_some()
+                }
+            };
+            let resp = if allowed {
+                serve(&state, &user, &parts, body, route, &q).await
+            } else {
+                forbidden(&attrs, &user.name)
+            };
+            (user.name, resp)
+        }
+    };
+    if let Some(audit) = &state.audit {
+        audit.record(
+            &user,
+            &parts.method,
+            &parts.uri.to_string(),
+            &attrs,
+            resp.status().as_u16(),
+        );
+    }
+    Ok(resp)
+}
+
+async fn serve(
+    state: &Arc<ApiState>,
+    user: &UserInfo,
+    parts: &http::request::Parts,
+    body: Incoming,
+    route: Route,
+    q: &Query,
+) -> Resp {
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return Ok(error_response(&StoreError::BadRequest(format!(
+            return error_response(&StoreError::BadRequest(format!(
                 "reading the request body: {e}"
-            ))));
+            )));
         }
     };
     if body.len() > MAX_BODY {
-        return Ok(json_response(
+        return json_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             &status_object(
                 413,
@@ -440,7 +611,7 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
                 "the request body exceeds 3 MiB",
                 None,
             ),
-        ));
+        );
     }
     let header = |h: header::HeaderName| {
         parts
@@ -452,8 +623,7 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
     };
     let accept = header(header::ACCEPT);
     let content_type = header(header::CONTENT_TYPE);
-    let q = Query::parse(parts.uri.query());
-    let resp = match route(&state.store, parts.uri.path()) {
+    match route {
         Route::Version => json_response(
             StatusCode::OK,
             &json!({
@@ -534,13 +704,20 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
             None => not_found_path(),
         },
         Route::Unknown => not_found_path(),
+        Route::Control(node, action) => control(state, &node, &action, &parts.method),
+        Route::Resource(target, _) if target.ty.group == resources::AUTHORIZATION_GROUP => {
+            match access_review(state, user, &parts.method, &target, &content_type, &body) {
+                Ok(r) => r,
+                Err(e) => error_response(&e),
+            }
+        }
         Route::Resource(target, watch_prefix) => {
-            let rep = representation(&accept, &q);
+            let rep = representation(&accept, q);
             match serve_resource(
                 &state,
                 &parts.method,
                 &target,
-                &q,
+                q,
                 rep,
                 watch_prefix,
                 &content_type,
@@ -550,8 +727,93 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
                 Err(e) => error_response(&e),
             }
         }
+    }
+}
+
+/// The control endpoint: stops or restarts a simulated node's kubelet, for scripts driving a
+/// simulator that runs as its own process. Only `system:masters` gets here.
+fn control(state: &ApiState, node: &str, action: &str, method: &Method) -> Resp {
+    if method != Method::POST {
+        return error_response(&StoreError::MethodNotAllowed(format!(
+            "{method} is not allowed on the control endpoint: use POST"
+        )));
+    }
+    let Some(kubelets) = &state.kubelets else {
+        return not_found_path();
     };
-    Ok(resp)
+    let done = match action {
+        "stop" => kubelets.stop_node(node),
+        "restart" => kubelets.restart_node(node),
+        other => {
+            return error_response(&StoreError::BadRequest(format!(
+                "control action {other:?} is not known: use \"stop\" or \"restart\""
+            )));
+        }
+    };
+    if !done {
+        return json_response(
+            StatusCode::NOT_FOUND,
+            &status_object(
+                404,
+                "NotFound",
+                &format!("node {node:?} is not a simulated node"),
+                Some(json!({"name": node, "kind": "nodes"})),
+            ),
+        );
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200,
+                "message": format!("node {node}: {action} done")}),
+    )
+}
+
+/// Answers a SelfSubjectAccessReview (about the requester) or a SubjectAccessReview (about the
+/// user in its spec) from the authorizer.
+fn access_review(
+    state: &ApiState,
+    user: &UserInfo,
+    method: &Method,
+    t: &Target,
+    content_type: &str,
+    body: &[u8],
+) -> Result<Resp, StoreError> {
+    if method != Method::POST || t.name.is_some() {
+        return Err(StoreError::MethodNotAllowed(format!(
+            "the server does not allow this method on the requested resource: {method} {}",
+            t.ty.group_resource().qualified()
+        )));
+    }
+    let review = if content_type.contains("protobuf") {
+        access::decode_protobuf(body).map_err(StoreError::BadRequest)?
+    } else {
+        parse_body(content_type, body)?
+    };
+    let self_review = t.ty.kind == "SelfSubjectAccessReview";
+    let (attrs, subject) =
+        access::review_attributes(&review, self_review).map_err(|message| StoreError::Invalid {
+            group: t.ty.group.clone(),
+            kind: t.ty.kind.clone(),
+            name: String::new(),
+            causes: vec![defaults::FieldCause {
+                field: "spec".into(),
+                reason: "FieldValueRequired",
+                message,
+            }],
+        })?;
+    let subject = subject.unwrap_or_else(|| user.clone());
+    let reason = match state.authorization {
+        AuthorizationMode::AlwaysAllow => Some("authorization is off (AlwaysAllow)".to_string()),
+        AuthorizationMode::Rbac => rbac::authorize(&state.store, &subject, &attrs),
+    };
+    let mut out = json!({"kind": t.ty.kind, "apiVersion": t.ty.api_version(),
+                         "metadata": {"creationTimestamp": null},
+                         "spec": review.get("spec").cloned().unwrap_or(json!({}))});
+    out["status"] = match reason {
+        Some(r) => json!({"allowed": true, "reason": r}),
+        None => json!({"allowed": false}),
+    };
+    Ok(json_response(StatusCode::CREATED, &out))
 }
 
 /// An OpenAPI v2 document with no definitions. Older kubectl releases (Debian's 1.20) fetch it,

@@ -185,3 +185,65 @@ async fn watcher_and_reflector_follow_changes() {
     })
     .await;
 }
+
+/// kube-rs over HTTPS: the CA and a bearer token from kubeconfigs kube-sim writes, a typed
+/// call that RBAC allows and one it refuses as a 403 `Forbidden` API error.
+#[tokio::test]
+async fn https_with_bearer_tokens_and_rbac() {
+    let sim = crate::auth::start_secure(kube_sim::SimConfig {
+        nodes: 1,
+        ..kube_sim::SimConfig::default()
+    })
+    .await;
+    let admin = client(&sim).await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let listed = nodes.list(&ListParams::default()).await.unwrap();
+    assert_eq!(listed.items.len(), 1);
+
+    let sa = sim
+        .handle
+        .service_account_token("default", "reader")
+        .expect("tokens are on");
+    let path = crate::auth::kubeconfig_for(&sim, "reader", &sa.token);
+    let kc = Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    assert!(config.cluster_url.to_string().starts_with("https://"));
+    let reader = kube::Client::try_from(config).unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(reader.clone(), "default");
+    match cms.list(&ListParams::default()).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403);
+            assert_eq!(s.reason, "Forbidden");
+            assert!(s.message.contains("User \"system:serviceaccount:default:reader\" cannot list resource \"configmaps\""), "{}", s.message);
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "cm-reader", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "get"]}]}))
+    .unwrap();
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "reader-cm", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "default"}]}))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), "default")
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    assert!(cms.list(&ListParams::default()).await.is_ok());
+    let err = cms
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 403));
+}

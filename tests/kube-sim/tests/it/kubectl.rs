@@ -23,7 +23,7 @@ pub fn gang_crd() -> Value {
 }
 
 /// Whether kubectl is here; `ci-deps.sh` installs it (Debian `kubernetes-client`).
-fn kubectl_available() -> bool {
+pub fn kubectl_available() -> bool {
     std::process::Command::new("kubectl")
         .arg("version")
         .arg("--client")
@@ -31,11 +31,11 @@ fn kubectl_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-async fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
+pub async fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
     kubectl_stdin(kubeconfig, args, None).await
 }
 
-async fn kubectl_stdin(
+pub async fn kubectl_stdin(
     kubeconfig: &Path,
     args: &[&str],
     stdin: Option<&str>,
@@ -418,4 +418,115 @@ async fn kubectl_apply_get_watch_describe_logs_delete() {
     assert_eq!(out.trim(), "namespace \"train\" deleted");
     let (_, _, err) = kubectl(&kc, &["get", "namespace", "train"]).await;
     assert!(err.contains("namespaces \"train\" not found"), "{err}");
+}
+
+const READER_ROLE: &str = r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pod-reader, namespace: default}
+rules:
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: alice-reads-pods, namespace: default}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: pod-reader}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: alice}
+"#;
+
+/// kubectl over HTTPS with tokens: the admin kubeconfig works, `auth can-i` answers from RBAC
+/// and a denied `get` prints the server's Forbidden message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_over_https_with_tokens_and_rbac() {
+    assert!(
+        kubectl_available(),
+        "kubectl is not installed: run tests/kube-sim/ci-deps.sh"
+    );
+    let sim = crate::auth::start_secure(kube_sim::SimConfig {
+        nodes: 1,
+        ..kube_sim::SimConfig::default()
+    })
+    .await;
+    let admin = sim.kubeconfig();
+    let alice = crate::auth::kubeconfig_for(&sim, "alice", "alice-token");
+    // kubectl prompts for a password when a kubeconfig has no credentials; a token nobody has
+    // is the unauthenticated case it can run.
+    let stranger = crate::auth::kubeconfig_for(&sim, "stranger", "no-such-token");
+
+    let (ok, out, err) = kubectl(&admin, &["get", "nodes", "-o", "name"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "node/node-0");
+    let (ok, _, err) = kubectl(&stranger, &["get", "nodes"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("You must be logged in to the server (Unauthorized)"),
+        "{err}"
+    );
+
+    let (ok, out, _) = kubectl(&alice, &["auth", "can-i", "list", "pods", "-n", "default"]).await;
+    assert!(!ok);
+    assert_eq!(out.trim(), "no");
+    let (ok, _, err) = kubectl(&alice, &["get", "pods", "-n", "default"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("Error from server (Forbidden): pods is forbidden: User \"alice\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""),
+        "{err}"
+    );
+
+    let (ok, out, err) = kubectl_stdin(&admin, &["apply", "-f", "-"], Some(READER_ROLE)).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("role.rbac.authorization.k8s.io/pod-reader created"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rolebinding.rbac.authorization.k8s.io/alice-reads-pods created"),
+        "{out}"
+    );
+
+    let (ok, out, err) = kubectl(&alice, &["auth", "can-i", "list", "pods", "-n", "default"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "yes");
+    let (ok, out, _) = kubectl(
+        &alice,
+        &["auth", "can-i", "delete", "pods", "-n", "default"],
+    )
+    .await;
+    assert!(!ok);
+    assert_eq!(out.trim(), "no");
+    let (ok, out, _) = kubectl(
+        &alice,
+        &["auth", "can-i", "list", "pods", "-n", "kube-system"],
+    )
+    .await;
+    assert!(!ok);
+    assert_eq!(out.trim(), "no");
+    let (ok, out, err) = kubectl(&alice, &["get", "pods", "-n", "default"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.is_empty() && err.contains("No resources found"),
+        "{out}{err}"
+    );
+    let (ok, _, err) = kubectl(&alice, &["get", "nodes"]).await;
+    assert!(!ok);
+    assert!(err.contains("Error from server (Forbidden): nodes is forbidden: User \"alice\" cannot list resource \"nodes\" in API group \"\" at the cluster scope"), "{err}");
+    // The admin may act as others (impersonation); alice may not.
+    let (ok, out, err) = kubectl(
+        &admin,
+        &[
+            "auth", "can-i", "list", "pods", "-n", "default", "--as", "alice",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), "yes");
+    let (ok, out, _) = kubectl(&admin, &["auth", "can-i", "list", "nodes", "--as", "alice"]).await;
+    assert!(!ok);
+    assert_eq!(out.trim(), "no");
+    let (ok, _, err) = kubectl(&alice, &["get", "pods", "--as", "kube-sim-admin"]).await;
+    assert!(!ok);
+    assert!(err.contains("users \"kube-sim-admin\" is forbidden: User \"alice\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope"), "{err}");
 }

@@ -269,3 +269,79 @@ async fn a_stopped_node_goes_unknown_and_its_pods_are_evicted_then_it_recovers()
         .clone();
     assert_eq!(ready["status"], "True");
 }
+
+fn gpu_pod(name: &str, gpus: u32, cpu: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "tf", "image": "tf",
+            "resources": {"limits": {"nvidia.com/gpu": gpus.to_string()}, "requests": {"cpu": cpu}}}]}})
+}
+
+async fn create_bound(sim: &common::Sim, pod: &Value, node: &str) {
+    let (code, body) = post(sim, "/api/v1/namespaces/default/pods", pod).await;
+    assert_eq!(code, 201, "{body}");
+    bind(sim, pod["metadata"]["name"].as_str().unwrap(), node).await;
+}
+
+/// With admission on, a kubelet refuses what does not fit in what its node has free, as a real
+/// kubelet does; an over-committing scheduler is caught by the cluster.
+#[tokio::test]
+async fn kubelet_admission_refuses_pods_that_exceed_free_capacity() {
+    let sim = common::start(kube_sim::SimConfig {
+        kubelet_admission: true,
+        ..fast()
+    })
+    .await;
+    create_bound(&sim, &gpu_pod("a", 3, "1"), "node-0").await;
+    phase_is(&sim, "a", "Running").await;
+    create_bound(&sim, &gpu_pod("b", 2, "1"), "node-0").await;
+    let b = phase_is(&sim, "b", "Failed").await;
+    assert_eq!(b["status"]["reason"], "OutOfnvidia.com/gpu");
+    assert_eq!(
+        b["status"]["message"],
+        "Pod was rejected: Node didn't have enough resource: nvidia.com/gpu, requested: 2, used: 3, capacity: 4"
+    );
+    assert!(
+        reasons(&sim, "b")
+            .await
+            .contains(&"OutOfnvidia.com/gpu".to_string())
+    );
+    // The last GPU fits; so does anything once a pod holding GPUs has gone.
+    create_bound(&sim, &gpu_pod("c", 1, "1"), "node-0").await;
+    phase_is(&sim, "c", "Running").await;
+    create_bound(&sim, &gpu_pod("d", 2, "1"), "node-1").await;
+    phase_is(&sim, "d", "Running").await;
+    let (code, _) = request(
+        &sim,
+        "DELETE",
+        "/api/v1/namespaces/default/pods/a?gracePeriodSeconds=0",
+        "application/json",
+        "",
+    )
+    .await;
+    assert!(code == 200 || code == 202);
+    eventually(20, "pod a to be gone", || async {
+        (get(&sim, "/api/v1/namespaces/default/pods/a").await.0 == 404).then_some(())
+    })
+    .await;
+    create_bound(&sim, &gpu_pod("e", 3, "1"), "node-0").await;
+    phase_is(&sim, "e", "Running").await;
+    // cpu is checked too (each node has 64 cores).
+    create_bound(&sim, &gpu_pod("f", 0, "100"), "node-1").await;
+    let f = phase_is(&sim, "f", "Failed").await;
+    assert_eq!(f["status"]["reason"], "OutOfcpu");
+    assert!(
+        f["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cpu, requested: 100000m, used: 1000m, capacity: 64000m")
+    );
+}
+
+#[tokio::test]
+async fn without_admission_nodes_run_whatever_is_bound() {
+    let sim = common::start(fast()).await;
+    create_bound(&sim, &gpu_pod("a", 4, "1"), "node-0").await;
+    create_bound(&sim, &gpu_pod("b", 4, "1"), "node-0").await;
+    phase_is(&sim, "a", "Running").await;
+    phase_is(&sim, "b", "Running").await;
+}

@@ -2,8 +2,10 @@
 //! with clients written elsewhere (kubectl, the Python `kubernetes` client, kube-rs).
 
 mod api;
+mod auth;
 mod common;
 mod kube_rs;
 mod kubectl;
 mod kubelet;
+mod manifests;
 mod python;

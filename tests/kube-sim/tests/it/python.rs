@@ -76,3 +76,50 @@ async fn python_client_lists_watches_and_patches() {
         assert!(lines.contains(&want), "missing {want:?} in:\n{stdout}");
     }
 }
+
+/// The Python client over HTTPS with the CA and tokens from kubeconfigs kube-sim writes: the
+/// admin lists nodes, a ServiceAccount without rights gets the 403 Forbidden Status.
+#[tokio::test]
+async fn python_client_over_https_with_tokens_and_rbac() {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python");
+    let venv = venv();
+    let setup = Command::new(here.join("setup.sh"))
+        .arg(&venv)
+        .output()
+        .expect("setup.sh runs");
+    assert!(
+        setup.status.success(),
+        "installing the Python kubernetes client failed:\n{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    let sim = crate::auth::start_secure(kube_sim::SimConfig {
+        nodes: 2,
+        ..kube_sim::SimConfig::default()
+    })
+    .await;
+    let sa = sim.handle.service_account_token("default", "py").unwrap();
+    let restricted = crate::auth::kubeconfig_for(&sim, "py", &sa.token);
+    let out = tokio::process::Command::new(venv.join("bin/python"))
+        .arg(here.join("auth_check.py"))
+        .arg(sim.kubeconfig())
+        .arg(&restricted)
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "auth_check.py failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        "scheme https",
+        "admin nodes node-0,node-1",
+        "restricted nodes 403 Forbidden",
+        "status Forbidden: nodes is forbidden: User \"system:serviceaccount:default:py\" cannot list resource \"nodes\" in API group \"\" at the cluster scope",
+        "can list pods False",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in:\n{stdout}");
+    }
+}

@@ -1,0 +1,51 @@
+//! The audit log: one JSON line per request served, written as the response leaves, so tests
+//! can count writes per user and find the requests that were refused.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde_json::json;
+
+use crate::rbac::Attributes;
+
+/// An open audit log file.
+pub struct AuditLog {
+    file: Mutex<std::fs::File>,
+}
+
+impl AuditLog {
+    /// Creates (or truncates) the file.
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            file: Mutex::new(std::fs::File::create(path)?),
+        })
+    }
+
+    /// Appends one line: who did what to which object, and the response code.
+    pub fn record(&self, user: &str, method: &http::Method, uri: &str, a: &Attributes, code: u16) {
+        let line = json!({
+            "timestamp": crate::clock::now(),
+            "user": user,
+            "verb": a.verb,
+            "method": method.as_str(),
+            "uri": uri,
+            "apiGroup": a.group,
+            "resource": a.resource,
+            "subresource": a.subresource,
+            "namespace": a.namespace,
+            "name": a.name,
+            "code": code,
+        });
+        let mut text = line.to_string();
+        text.push('\n');
+        let mut f = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // One write per line, so a reader never sees half a line from two requests.
+        if let Err(e) = f.write_all(text.as_bytes()) {
+            tracing::warn!(error = %e, "writing the audit log");
+        }
+    }
+}
