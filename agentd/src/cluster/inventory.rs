@@ -23,6 +23,10 @@ pub const ANNOTATION_INVENTORY: &str = "agentd.io/inventory";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentNodeStatus {
+    /// Totals for `kubectl get agentnodes`' printer columns.
+    pub gpu_count: u32,
+    pub healthy_gpu_count: u32,
+    pub gpu_product: String,
     pub agent_version: String,
     pub cpu_cores: u32,
     pub memory_bytes: u64,
@@ -45,8 +49,8 @@ pub struct AgentGpu {
     pub index: u32,
     pub uuid: String,
     pub product: String,
-    pub memory_bytes: u64,
-    pub pci_bus_id: String,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
     pub healthy: bool,
     /// Why the GPU is unhealthy, e.g. `XID 79`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,6 +62,13 @@ impl AgentNodeStatus {
     /// temperatures, free memory or error counters, which change on every sample.
     pub fn from_inventory(inventory: &NodeInventory, agent_version: &str) -> Self {
         Self {
+            gpu_count: inventory.gpus.len() as u32,
+            healthy_gpu_count: inventory.gpus.iter().filter(|g| g.healthy).count() as u32,
+            gpu_product: inventory
+                .gpus
+                .first()
+                .map(|g| g.name.clone())
+                .unwrap_or_default(),
             agent_version: agent_version.to_owned(),
             cpu_cores: inventory.cpu.logical_cores,
             memory_bytes: inventory.memory.total_bytes,
@@ -84,8 +95,7 @@ impl AgentNodeStatus {
                     index: g.index,
                     uuid: g.uuid.clone(),
                     product: g.name.clone(),
-                    memory_bytes: g.memory_total_bytes,
-                    pci_bus_id: g.pci_bus_id.clone(),
+                    memory_mib: g.memory_total_bytes / (1024 * 1024),
                     healthy: g.healthy,
                     reason: if g.healthy {
                         None
@@ -97,14 +107,6 @@ impl AgentNodeStatus {
         }
     }
 
-    pub fn healthy_gpus(&self) -> u32 {
-        self.gpus.iter().filter(|g| g.healthy).count() as u32
-    }
-
-    pub fn product(&self) -> &str {
-        self.gpus.first().map_or("", |g| g.product.as_str())
-    }
-
     /// The Node labels this status stands for (all under `agentd.io/`, drain excepted).
     pub fn node_labels(&self) -> BTreeMap<String, String> {
         let mib = |bytes: u64| (bytes / (1024 * 1024)).to_string();
@@ -112,14 +114,14 @@ impl AgentNodeStatus {
             (LABEL_GPU_COUNT.to_owned(), self.gpus.len().to_string()),
             (
                 LABEL_GPU_HEALTHY.to_owned(),
-                self.healthy_gpus().to_string(),
+                self.healthy_gpu_count.to_string(),
             ),
             (LABEL_CPU_CORES.to_owned(), self.cpu_cores.to_string()),
             (LABEL_MEMORY.to_owned(), mib(self.memory_bytes)),
         ]);
         if let Some(first) = self.gpus.first() {
             labels.insert(LABEL_GPU_PRODUCT.to_owned(), label_value(&first.product));
-            labels.insert(LABEL_GPU_MEMORY.to_owned(), mib(first.memory_bytes));
+            labels.insert(LABEL_GPU_MEMORY.to_owned(), first.memory_mib.to_string());
         }
         labels
     }
@@ -219,6 +221,7 @@ mod tests {
                     uuid: format!("GPU-{i}"),
                     name: "NVIDIA H200".into(),
                     memory_total_bytes: 141 << 30,
+                    pci_bus_id: format!("00000000:{i:02X}:00.0"),
                     utilization_gpu_percent: 7 * i,
                     healthy: true,
                     ..GpuInfo::default()

@@ -61,9 +61,13 @@ fn backoff(cluster: &Cluster) -> Backoff {
     Backoff::new(BACKOFF_BASE, cluster.interval)
 }
 
-/// Checks that this agent's node is a Node object, retrying until it is. An agent whose role
-/// may not read Nodes (a worker-only agent) cannot check, and says so once.
+/// Checks that this agent's node is a Node object, retrying until it is. Only a
+/// leader-eligible agent checks: a worker-only agent's role has no right to read Nodes, and
+/// asking anyway would be a 403 on every start.
 async fn wait_for_node(cluster: &Cluster, stop: &mut watch::Receiver<bool>) -> bool {
+    if !cluster.leader_eligible {
+        return true;
+    }
     let mut retry = backoff(cluster);
     let mut said = false;
     loop {

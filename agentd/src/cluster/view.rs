@@ -68,9 +68,9 @@ fn summary(
     };
     let gpus = match agent {
         Some(a) => NodeGpus {
-            total: a.gpus.len() as u32,
-            healthy: a.healthy_gpus(),
-            product: a.product().to_owned(),
+            total: a.gpu_count,
+            healthy: a.healthy_gpu_count,
+            product: a.gpu_product.clone(),
         },
         None => {
             let total = capacity("nvidia.com/gpu")

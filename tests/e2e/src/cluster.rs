@@ -12,8 +12,38 @@ use std::time::{Duration, Instant};
 
 use crate::{Agent, AgentOptions, fake_gpu};
 
-/// The namespace and `AgentNode` CRD the agents need before they start.
-pub const CLUSTER_SETUP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/cluster-setup.yaml");
+/// The namespace, CRDs and RBAC roles of a cluster that runs agentd.
+pub const MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../packaging/kubernetes");
+
+/// The identities the tests give agents, as kube-apiserver's static token file has them.
+pub const NODE_USER: &str = "system:serviceaccount:agentd-system:agentd-node";
+pub const LEADER_USER: &str = "system:serviceaccount:agentd-system:agentd-leader";
+const TOKENS: &str = "\
+node-token,system:serviceaccount:agentd-system:agentd-node,sa-node,\"system:serviceaccounts,system:serviceaccounts:agentd-system\"
+leader-token,system:serviceaccount:agentd-system:agentd-leader,sa-leader,\"system:serviceaccounts,system:serviceaccounts:agentd-system\"
+nobody-token,nobody,nobody-uid
+";
+
+/// Who an agent is in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// ServiceAccount `agentd-system/agentd-node`: the worker-only role.
+    Node,
+    /// ServiceAccount `agentd-system/agentd-leader`: both roles.
+    Leader,
+    /// An authenticated user bound to no role.
+    Nobody,
+}
+
+impl Identity {
+    fn token(self) -> &'static str {
+        match self {
+            Identity::Node => "node-token",
+            Identity::Leader => "leader-token",
+            Identity::Nobody => "nobody-token",
+        }
+    }
+}
 
 /// Builds the kube-sim binary once per test run.
 pub fn kube_sim_bin() -> PathBuf {
@@ -46,11 +76,24 @@ pub struct KubeSim {
 }
 
 impl KubeSim {
-    pub fn start(nodes: usize) -> KubeSim {
+    /// kube-sim with bearer tokens, RBAC and an audit log, over HTTPS when `tls`, with
+    /// `packaging/kubernetes/` applied.
+    pub fn start(nodes: usize, tls: bool) -> KubeSim {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("admin.kubeconfig");
-        let mut child = Command::new(kube_sim_bin())
+        let tokens = dir.path().join("tokens.csv");
+        std::fs::write(&tokens, TOKENS).unwrap();
+        let mut cmd = Command::new(kube_sim_bin());
+        if tls {
+            cmd.arg("--tls");
+        }
+        let mut child = cmd
             .args(["--listen", "127.0.0.1:0", "--nodes", &nodes.to_string()])
+            .args(["--authorization-mode", "RBAC"])
+            .arg("--token-auth-file")
+            .arg(&tokens)
+            .arg("--audit-log")
+            .arg(dir.path().join("audit.jsonl"))
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .env("RUST_LOG", "warn")
@@ -72,7 +115,7 @@ impl KubeSim {
             url,
             child,
         };
-        let out = sim.kubectl(&["apply", "-f", CLUSTER_SETUP]);
+        let out = sim.kubectl(&["apply", "-f", MANIFESTS]);
         assert!(
             out.status.success(),
             "{}",
@@ -120,10 +163,31 @@ impl KubeSim {
             .unwrap_or_default()
     }
 
-    /// A kubeconfig like the admin one, but pointing at `addr` (a fault proxy).
-    pub fn kubeconfig_via(&self, addr: &str, path: &Path) {
+    /// A kubeconfig like the admin one, for `who`, pointing at `addr` (a fault proxy, or
+    /// [`KubeSim::addr`] itself).
+    pub fn kubeconfig_for(&self, who: Identity, addr: &str, path: &Path) {
         let text = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let text: String = text
+            .lines()
+            .map(|line| match line.split_once("token:") {
+                Some((indent, _)) => format!("{indent}token: {}\n", who.token()),
+                None => format!("{line}\n"),
+            })
+            .collect();
+        assert!(
+            text.contains(who.token()),
+            "the admin kubeconfig has a token:\n{text}"
+        );
         std::fs::write(path, text.replace(self.addr(), addr)).unwrap();
+    }
+
+    /// The audit log's records (one JSON object per request served).
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Waits until `check` holds, polling; panics with `what` after `timeout`.

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{Fault, FaultProxy, KubeSim, NodeAgent, NodeAgentOptions, metric_value};
+use e2e::cluster::{
+    Fault, FaultProxy, Identity, KubeSim, NODE_USER, NodeAgent, NodeAgentOptions, metric_value,
+};
 use e2e::{fake_gpu, write_fake_gpus};
 
 /// Inventory and lease interval of the agents under test.
@@ -15,20 +17,28 @@ struct Cluster {
     agents: Vec<NodeAgent>,
 }
 
-/// kube-sim with `nodes` nodes; agent 0 is leader-eligible (it labels the Nodes), the others
-/// are worker-only. All of them reach kube-sim through the fault proxy.
-fn cluster(nodes: usize, gpus: u32) -> Cluster {
-    let sim = KubeSim::start(nodes);
+/// kube-sim (tokens, RBAC, and HTTPS when `tls`) with `nodes` nodes; agent 0 is
+/// leader-eligible with the `agentd-leader` ServiceAccount (it labels the Nodes), the others are
+/// worker-only on `agentd-node`. All of them reach kube-sim through the fault proxy, which can
+/// answer 503 only where there is no TLS to terminate.
+fn cluster(nodes: usize, gpus: u32, tls: bool) -> Cluster {
+    let sim = KubeSim::start(nodes, tls);
     let proxy = FaultProxy::start(sim.addr());
-    let kubeconfig = sim.dir.path().join("agents.kubeconfig");
-    sim.kubeconfig_via(&proxy.addr, &kubeconfig);
+    let leader = sim.dir.path().join("leader.kubeconfig");
+    sim.kubeconfig_for(Identity::Leader, &proxy.addr, &leader);
+    let worker = sim.dir.path().join("node.kubeconfig");
+    sim.kubeconfig_for(Identity::Node, &proxy.addr, &worker);
     let agents = (0..nodes)
         .map(|i| {
             NodeAgent::start(&NodeAgentOptions {
                 node: format!("node-{i}"),
                 gpus,
                 leader_eligible: i == 0,
-                kubeconfig: kubeconfig.clone(),
+                kubeconfig: if i == 0 {
+                    leader.clone()
+                } else {
+                    worker.clone()
+                },
                 interval: INTERVAL,
                 metrics: true,
             })
@@ -56,7 +66,7 @@ fn agent_state(nodes: &serde_json::Value, node: &str) -> String {
 
 #[test]
 fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
-    let c = cluster(3, 2);
+    let c = cluster(3, 2, true);
     for agent in &c.agents {
         c.sim.wait_until(
             &format!("labels on {}", agent.node),
@@ -95,6 +105,7 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
         )
         .unwrap();
         assert_eq!(inventory["gpus"][1]["uuid"], fake_gpu(1)["uuid"]);
+        assert_eq!(inventory["gpuCount"], 2);
         assert_eq!(inventory["driverVersion"], "550.54.15");
     }
     let leases = c.sim.get_json(&["leases", "-n", "agentd-system"]);
@@ -120,7 +131,7 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
     assert_eq!(status["cluster"]["reachable"], true, "{status}");
     assert_eq!(
         status["cluster"]["server"],
-        format!("http://{}", c.proxy.addr)
+        format!("https://{}", c.proxy.addr)
     );
     c.sim.wait_until(
         "lease renewals are counted",
@@ -143,6 +154,24 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
     let resumed = c.agents[0].agent.ctl_json(&["resume", "node-2"]);
     assert_eq!(resumed["schedulable"], true);
     assert!(!c.sim.node_labels("node-2").contains_key("agentd.io/drain"));
+    // The worker-only agents did their work without a single refusal.
+    let audit = c.sim.audit();
+    let workers: Vec<&serde_json::Value> =
+        audit.iter().filter(|r| r["user"] == NODE_USER).collect();
+    let writes = workers
+        .iter()
+        .filter(|r| ["create", "update", "patch"].contains(&r["verb"].as_str().unwrap_or("")))
+        .count();
+    assert!(
+        writes >= 4,
+        "the workers wrote their Leases and AgentNodes: {workers:?}"
+    );
+    let refused: Vec<_> = workers.iter().filter(|r| r["code"] == 403).collect();
+    assert!(
+        refused.is_empty(),
+        "403s for the agentd-node role: {refused:?}"
+    );
+
     let missing = c.agents[0].agent.ctl(&["drain", "node-9"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(
@@ -154,7 +183,7 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
 
 #[test]
 fn xid_79_turns_the_healthy_label_down_and_a_killed_agent_goes_stale() {
-    let mut c = cluster(2, 4);
+    let mut c = cluster(2, 4, true);
     c.sim
         .wait_until("labels on node-1", Duration::from_secs(30), || {
             healthy_label(&c.sim, "node-1").as_deref() == Some("4")
@@ -201,7 +230,7 @@ fn log_lines(agent: &NodeAgent, needle: &str) -> usize {
 
 #[test]
 fn agents_survive_an_unreachable_slow_and_failing_api_server_and_catch_up() {
-    let c = cluster(2, 2);
+    let c = cluster(2, 2, false);
     for agent in &c.agents {
         c.sim.wait_until(
             &format!("labels on {}", agent.node),
@@ -303,12 +332,14 @@ fn agents_survive_an_unreachable_slow_and_failing_api_server_and_catch_up() {
 
 #[test]
 fn a_missing_node_is_named_and_retried_until_it_exists() {
-    let sim = KubeSim::start(1);
+    let sim = KubeSim::start(1, true);
+    let kubeconfig = sim.dir.path().join("leader.kubeconfig");
+    sim.kubeconfig_for(Identity::Leader, sim.addr(), &kubeconfig);
     let agent = NodeAgent::start(&NodeAgentOptions {
         node: "gpu-new".into(),
         gpus: 1,
         leader_eligible: true,
-        kubeconfig: sim.kubeconfig.clone(),
+        kubeconfig,
         interval: INTERVAL,
         metrics: false,
     });
@@ -339,6 +370,42 @@ fn a_missing_node_is_named_and_retried_until_it_exists() {
         "said once, not per retry:\n{}",
         agent.agent.log()
     );
+}
+
+#[test]
+fn a_token_without_rights_is_named_and_the_agent_keeps_serving() {
+    let sim = KubeSim::start(1, true);
+    let kubeconfig = sim.dir.path().join("nobody.kubeconfig");
+    sim.kubeconfig_for(Identity::Nobody, sim.addr(), &kubeconfig);
+    let agent = NodeAgent::start(&NodeAgentOptions {
+        node: "node-0".into(),
+        gpus: 1,
+        leader_eligible: false,
+        kubeconfig,
+        interval: INTERVAL,
+        metrics: true,
+    });
+    let status = agent
+        .agent
+        .wait_for(&["status"], Duration::from_secs(30), |s| {
+            s["cluster"]["last_error"].as_str().is_some()
+        });
+    let error = status["cluster"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("403") && error.contains("Forbidden"),
+        "{error}"
+    );
+    assert_eq!(
+        status["cluster"]["reachable"], true,
+        "reachable, and refused"
+    );
+    let log = agent.agent.log();
+    assert!(
+        log.contains("the API server refused the agent") && log.contains("RBAC role"),
+        "{log}"
+    );
+    let text = String::from_utf8(agent.agent.ctl(&["status"]).stdout).unwrap();
+    assert!(text.contains("refused"), "{text}");
 }
 
 #[test]
