@@ -17,12 +17,12 @@ struct Cluster {
     agents: Vec<NodeAgent>,
 }
 
-/// kube-sim (tokens, RBAC, and HTTPS when `tls`) with `nodes` nodes; agent 0 is
+/// kube-sim (HTTPS, tokens and RBAC when `secure`) with `nodes` nodes; agent 0 is
 /// leader-eligible with the `agentd-leader` ServiceAccount (it labels the Nodes), the others are
 /// worker-only on `agentd-node`. All of them reach kube-sim through the fault proxy, which can
 /// answer 503 only where there is no TLS to terminate.
-fn cluster(nodes: usize, gpus: u32, tls: bool) -> Cluster {
-    let sim = KubeSim::start(nodes, tls);
+fn cluster(nodes: usize, gpus: u32, secure: bool) -> Cluster {
+    let sim = KubeSim::start(nodes, secure);
     let proxy = FaultProxy::start(sim.addr());
     let leader = sim.dir.path().join("leader.kubeconfig");
     sim.kubeconfig_for(Identity::Leader, &proxy.addr, &leader);
