@@ -272,21 +272,19 @@ impl From<CoreError> for ApiError {
 
 /// Every node: the cluster's in cluster mode, this machine alone in standalone mode.
 async fn nodes(state: &ApiState) -> Result<NodeList, ApiError> {
-    match &state.cluster {
-        Some(cluster) => Ok(cluster.nodes().await?),
-        None => {
-            let drained = state
-                .core
-                .ask(|reply| Command::Drain {
-                    drained: None,
-                    reply,
-                })
-                .await?;
-            Ok(NodeList {
-                nodes: vec![standalone_node(&state.inventory.borrow(), drained)],
-            })
-        }
+    if let Some(cluster) = &state.cluster {
+        return Ok(cluster.nodes().await?);
     }
+    let drained = state
+        .core
+        .ask(|reply| Command::Drain {
+            drained: None,
+            reply,
+        })
+        .await?;
+    Ok(NodeList {
+        nodes: vec![standalone_node(&state.inventory.borrow(), drained)],
+    })
 }
 
 async fn drain_node(state: &ApiState, name: &str, drain: bool) -> Result<NodeSummary, ApiError> {

@@ -25,7 +25,7 @@ impl Backoff {
 
     /// The wait before the next retry; `unit` in 0..1 is the random draw (a parameter, so tests
     /// can pin it).
-    pub fn next_with(&mut self, unit: f64) -> Duration {
+    pub fn wait_with(&mut self, unit: f64) -> Duration {
         let step = self
             .base
             .saturating_mul(1 << self.attempt.min(20))
@@ -36,8 +36,8 @@ impl Backoff {
     }
 
     /// The wait before the next retry, with a fresh random draw.
-    pub fn next(&mut self) -> Duration {
-        self.next_with(rand::random::<f64>())
+    pub fn wait(&mut self) -> Duration {
+        self.wait_with(rand::random::<f64>())
     }
 
     /// A success: the next failure starts again from the base.
@@ -125,18 +125,18 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
-        let waits: Vec<u128> = (0..6).map(|_| b.next_with(1.0).as_millis()).collect();
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let waits: Vec<u128> = (0..6).map(|_| b.wait_with(1.0).as_millis()).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
         b.reset();
-        assert_eq!(b.next_with(0.0), Duration::from_millis(50), "half the base");
+        assert_eq!(b.wait_with(0.0), Duration::from_millis(50), "half the base");
     }
 
     #[test]
     fn jitter_stays_within_half_and_whole_step() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
         for _ in 0..100 {
-            let wait = b.next();
+            let wait = b.wait();
             assert!(wait >= Duration::from_millis(500) && wait <= Duration::from_secs(1));
         }
     }
@@ -145,7 +145,7 @@ mod tests {
     fn many_retries_do_not_overflow() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         for _ in 0..10_000 {
-            assert!(b.next_with(1.0) <= Duration::from_secs(30));
+            assert!(b.wait_with(1.0) <= Duration::from_secs(30));
         }
     }
 

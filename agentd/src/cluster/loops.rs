@@ -104,7 +104,7 @@ async fn wait_for_node(cluster: &Cluster, stop: &mut watch::Receiver<bool>) -> b
             }
             Err(_) => {}
         }
-        if !pause(retry.next(), stop).await {
+        if !pause(retry.wait(), stop).await {
             return false;
         }
     }
@@ -177,7 +177,7 @@ async fn heartbeat(cluster: Cluster, mut stop: watch::Receiver<bool>) {
             }
             Err(e) => {
                 tracing::debug!("lease renewal failed: {e}");
-                retry.next()
+                retry.wait()
             }
         };
         if !pause(wait, &mut stop).await {
@@ -209,7 +209,7 @@ async fn publish(
                 }
                 Err(e) => {
                     tracing::debug!("AgentNode write failed: {e}");
-                    if !pause(retry.next(), &mut stop).await {
+                    if !pause(retry.wait(), &mut stop).await {
                         return;
                     }
                     continue;
@@ -340,7 +340,7 @@ async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch:
                 return;
             }
             Err(_) => {
-                if !pause(retry.next(), stop).await {
+                if !pause(retry.wait(), stop).await {
                     return;
                 }
                 continue;
@@ -367,7 +367,7 @@ async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch:
                 return;
             }
             Err(_) => {
-                if !pause(retry.next(), stop).await {
+                if !pause(retry.wait(), stop).await {
                     return;
                 }
             }

@@ -66,21 +66,20 @@ fn summary(
             .and_then(|c| c.get(key))
             .map(|q| q.0.clone())
     };
-    let gpus = match agent {
-        Some(a) => NodeGpus {
+    let gpus = if let Some(a) = agent {
+        NodeGpus {
             total: a.gpu_count,
             healthy: a.healthy_gpu_count,
             product: a.gpu_product.clone(),
-        },
-        None => {
-            let total = capacity("nvidia.com/gpu")
-                .and_then(|q| crate::job::parse_gpu_count(&q).ok())
-                .unwrap_or(0);
-            NodeGpus {
-                total,
-                healthy: total,
-                product: String::new(),
-            }
+        }
+    } else {
+        let total = capacity("nvidia.com/gpu")
+            .and_then(|q| crate::job::parse_gpu_count(&q).ok())
+            .unwrap_or(0);
+        NodeGpus {
+            total,
+            healthy: total,
+            product: String::new(),
         }
     };
     let cpu_cores = agent.map_or_else(

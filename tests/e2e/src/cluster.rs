@@ -312,7 +312,7 @@ fn pump(
     stop: &AtomicBool,
     from_client: bool,
 ) {
-    let mut buf = [0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
