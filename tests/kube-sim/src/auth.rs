@@ -130,7 +130,6 @@ fn csv_fields(line: &str) -> Result<Vec<String>, String> {
                 chars.next();
             }
             (true, '"') => quoted = false,
-            (true, c) => cur.push(c),
             (false, '"') if cur.is_empty() && !was_quoted => {
                 quoted = true;
                 was_quoted = true;
@@ -140,7 +139,7 @@ fn csv_fields(line: &str) -> Result<Vec<String>, String> {
                 fields.push(std::mem::take(&mut cur));
                 was_quoted = false;
             }
-            (false, c) => cur.push(c),
+            (_, c) => cur.push(c),
         }
     }
     if quoted {

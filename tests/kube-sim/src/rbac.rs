@@ -165,7 +165,7 @@ pub fn rule_allows(rule: &Value, a: &Attributes) -> bool {
         return false;
     }
     let names = strings(rule, "resourceNames");
-    names.is_empty() || (!a.name.is_empty() && names.iter().any(|n| *n == a.name))
+    names.is_empty() || (!a.name.is_empty() && names.contains(&a.name))
 }
 
 /// Whether a binding's subject is this user. `binding_ns` is the binding's namespace, which a

@@ -477,7 +477,7 @@ fn impersonate(
     state: &ApiState,
     user: UserInfo,
     headers: &http::HeaderMap,
-) -> Result<UserInfo, (String, Attributes)> {
+) -> Result<UserInfo, Box<(String, Attributes)>> {
     let Some(target) = headers
         .get("impersonate-user")
         .and_then(|v| v.to_str().ok())
@@ -517,7 +517,7 @@ fn impersonate(
         let allowed = state.authorization == AuthorizationMode::AlwaysAllow
             || rbac::authorize(&state.store, &user, &a).is_some();
         if !allowed {
-            return Err((user.name, a));
+            return Err(Box::new((user.name, a)));
         }
     }
     Ok(as_user)
@@ -554,8 +554,9 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         .map(|user| impersonate(&state, user, &parts.headers));
     let (user, resp) = match authenticated {
         Err(_) => (auth::ANONYMOUS.to_string(), unauthorized()),
-        Ok(Err((user, denied))) => {
-            let resp = forbidden(&denied, &user);
+        Ok(Err(denied)) => {
+            let (user, attrs) = *denied;
+            let resp = forbidden(&attrs, &user);
             (user, resp)
         }
         Ok(Ok(user)) => {
@@ -714,7 +715,7 @@ async fn serve(
         Route::Resource(target, watch_prefix) => {
             let rep = representation(&accept, q);
             match serve_resource(
-                &state,
+                state,
                 &parts.method,
                 &target,
                 q,

@@ -501,7 +501,7 @@ async fn control_commands_stop_and_restart_nodes_of_a_separate_process() {
     let mut stdout = tokio::io::BufReader::new(sim.stdout.take().unwrap());
     let mut line = String::new();
     tokio::time::timeout(
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line),
     )
     .await
