@@ -27,6 +27,9 @@ pub const DEFAULT_MAX_REPLICAS_PER_JOB: u32 = 1024;
 /// The most replicas the unfinished jobs of an agent may have together, queued or running.
 pub const DEFAULT_MAX_REPLICAS_PER_AGENT: u32 = 10_000;
 pub const DEFAULT_QUEUE: &str = "fast";
+pub const DEFAULT_CLUSTER_NAMESPACE: &str = "agentd-system";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_NODE_LEASE_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +65,57 @@ pub struct Config {
     pub queues: BTreeMap<String, QueueSettings>,
     /// Labels of this node, matched against a job's `nodeSelector` (as Kubernetes node labels).
     pub labels: BTreeMap<String, String>,
+    /// `standalone` (this machine is the whole cluster) or `cluster` (join a Kubernetes cluster).
+    pub mode: Mode,
+    pub cluster: ClusterConfig,
+}
+
+/// Whether the agent runs alone or as one node of a Kubernetes cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Standalone,
+    Cluster,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Standalone => "standalone",
+            Mode::Cluster => "cluster",
+        }
+    }
+}
+
+/// `[cluster]`: how the agent reaches the Kubernetes API server and what it keeps there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The kubeconfig file; empty means what kube-rs infers (`KUBECONFIG`, `~/.kube/config`,
+    /// then the in-cluster service account).
+    pub kubeconfig: PathBuf,
+    /// Where the agent's Leases and `AgentNode` objects live.
+    pub namespace: String,
+    /// The cluster's DNS domain, for the replicas' host names.
+    pub cluster_domain: String,
+    /// How often the agent renews its heartbeat Lease; it counts as stale after four of these.
+    #[serde(with = "duration_text")]
+    pub node_lease_interval: Duration,
+    /// Whether this agent may lead: it projects every `AgentNode` onto its Node's labels.
+    pub leader_eligible: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: PathBuf::new(),
+            namespace: DEFAULT_CLUSTER_NAMESPACE.to_owned(),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
+            node_lease_interval: DEFAULT_NODE_LEASE_INTERVAL,
+            leader_eligible: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,6 +254,8 @@ impl Default for Config {
             api: ApiConfig::default(),
             queues: BTreeMap::new(),
             labels: BTreeMap::new(),
+            mode: Mode::Standalone,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -265,6 +321,8 @@ pub struct Overrides {
     pub log: Option<String>,
     pub log_format: Option<LogFormat>,
     pub node_name: Option<String>,
+    pub mode: Option<Mode>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Config {
@@ -332,6 +390,12 @@ impl Config {
         if let Some(v) = &o.node_name {
             self.node_name.clone_from(v);
         }
+        if let Some(v) = o.mode {
+            self.mode = v;
+        }
+        if let Some(v) = &o.kubeconfig {
+            self.cluster.kubeconfig.clone_from(v);
+        }
         Ok(())
     }
 
@@ -376,6 +440,26 @@ impl Config {
             return Err(invalid(
                 "api.requests_per_second",
                 "must be at least 1, as must api.request_burst",
+            ));
+        }
+        if self.cluster.node_lease_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "cluster.node_lease_interval",
+                "must be at least 1s",
+            ));
+        }
+        if !is_dns_label(&self.cluster.namespace) {
+            return Err(invalid(
+                "cluster.namespace",
+                "must be a DNS label: lower-case letters, digits and '-', at most 63 characters",
+            ));
+        }
+        if self.cluster.cluster_domain.is_empty()
+            || !self.cluster.cluster_domain.split('.').all(is_dns_label)
+        {
+            return Err(invalid(
+                "cluster.cluster_domain",
+                "must be a DNS name such as cluster.local",
             ));
         }
         if self.queues.is_empty() {
@@ -458,6 +542,10 @@ impl<'de> Deserialize<'de> for MetricsAddr {
         let text = String::deserialize(d)?;
         text.parse().map_err(serde::de::Error::custom)
     }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    is_queue_name(name)
 }
 
 fn is_queue_name(name: &str) -> bool {
@@ -630,6 +718,30 @@ mod tests {
         config.check().unwrap();
         let again = Config::from_toml(&config.to_toml()).unwrap();
         assert_eq!(config, again);
+    }
+
+    #[test]
+    fn cluster_keys_have_documented_defaults_and_are_checked() {
+        let mut config = Config::from_toml("mode = \"cluster\"\n").unwrap();
+        config.check().unwrap();
+        assert_eq!(config.mode, Mode::Cluster);
+        assert_eq!(config.cluster.namespace, "agentd-system");
+        assert_eq!(config.cluster.cluster_domain, "cluster.local");
+        assert_eq!(config.cluster.node_lease_interval, Duration::from_secs(10));
+        assert!(!config.cluster.leader_eligible);
+        assert_eq!(Config::default().mode, Mode::Standalone);
+
+        let err = Config::from_toml("mode = \"swarm\"\n").unwrap_err();
+        assert!(
+            err.contains("standalone") && err.contains("cluster"),
+            "{err}"
+        );
+        let mut config = Config::from_toml("[cluster]\nnode_lease_interval = \"500ms\"\n").unwrap();
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("cluster.node_lease_interval"), "{err}");
+        let mut config = Config::from_toml("[cluster]\nnamespace = \"Agentd\"\n").unwrap();
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("cluster.namespace"), "{err}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum DaemonError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Systemd(#[from] crate::systemd::SystemdError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Runtime(String),
 }
@@ -191,10 +193,28 @@ async fn run_parts(
         halt,
     );
 
+    let (cluster, cluster_tasks) = match start_cluster(
+        &config,
+        &node_name,
+        exporter.as_ref().map(|e| e.metrics.clone()),
+        inventory_rx.clone(),
+        stop.clone(),
+    )
+    .await
+    {
+        Ok(started) => started,
+        Err(e) => {
+            if !socket_activated {
+                let _ = std::fs::remove_file(&config.socket);
+            }
+            return Err(e.into());
+        }
+    };
+
     let state = ApiState {
         agent: Arc::new(AgentIdentity {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            mode: "standalone".to_owned(),
+            mode: config.mode.as_str().to_owned(),
             pid: std::process::id(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -218,6 +238,7 @@ async fn run_parts(
             &config.api,
             exporter.as_ref().map(|e| e.metrics.clone()),
         )),
+        cluster,
     };
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())
@@ -263,6 +284,9 @@ async fn run_parts(
         let _ = exporter.task.await;
     }
     let _ = refresh.await;
+    for task in cluster_tasks {
+        let _ = task.await;
+    }
     let store = core
         .await
         .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?
@@ -302,6 +326,40 @@ fn supervise_core<T: Send + 'static>(
             }
         }
     })
+}
+
+/// Cluster mode: reads the kubeconfig and starts the heartbeat, the `AgentNode` publisher and,
+/// where leader-eligible, the labeller. Standalone: nothing.
+async fn start_cluster(
+    config: &Config,
+    node_name: &str,
+    metrics: Option<crate::metrics::Metrics>,
+    inventory: watch::Receiver<Arc<agentd_api::NodeInventory>>,
+    stop: watch::Receiver<bool>,
+) -> Result<
+    (
+        Option<crate::cluster::Cluster>,
+        Vec<tokio::task::JoinHandle<()>>,
+    ),
+    crate::cluster::ClusterError,
+> {
+    if config.mode != crate::config::Mode::Cluster {
+        return Ok((None, Vec::new()));
+    }
+    let span = tracing::info_span!("cluster", node = node_name);
+    let cluster = crate::cluster::Cluster::connect(config, node_name.to_owned(), metrics)
+        .instrument(span.clone())
+        .await?;
+    span.in_scope(|| {
+        tracing::info!(
+            server = %cluster.status().server,
+            namespace = %cluster.namespace,
+            leader_eligible = cluster.leader_eligible,
+            "cluster mode"
+        );
+    });
+    let tasks = crate::cluster::spawn(cluster.clone(), inventory, stop);
+    Ok((Some(cluster), tasks))
 }
 
 async fn wait_for_signal() {

@@ -5,6 +5,7 @@
 //! translate between that core and the outside world.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod daemon;

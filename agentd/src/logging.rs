@@ -123,13 +123,24 @@ pub fn filter(configured: Option<&str>) -> Result<EnvFilter, LoggingError> {
             None => (DEFAULT_FILTER.to_owned(), "the default"),
         },
     };
-    EnvFilter::builder()
+    let parsed = EnvFilter::builder()
         .parse(&filter)
         .map_err(|source| LoggingError::Filter {
-            filter,
+            filter: filter.clone(),
             source_name,
             source,
-        })
+        })?;
+    if filter.contains("kube_client") {
+        return Ok(parsed);
+    }
+    // kube-rs logs every failed request at ERROR; the cluster module says once per change of
+    // the link's state instead, and counts each request in a metric. Naming kube_client in
+    // the filter brings its lines back.
+    Ok(parsed.add_directive(
+        "kube_client::client::builder=off"
+            .parse()
+            .expect("a valid directive"),
+    ))
 }
 
 /// Installs the global subscriber and returns where records go. Call once, first thing in

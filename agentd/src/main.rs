@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentd::config::{Config, LogFormat, Overrides};
+use agentd::config::{Config, LogFormat, Mode, Overrides};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -32,6 +32,13 @@ struct Args {
     /// The node's name. Default: the hostname.
     #[arg(long, env = "AGENTD_NODE_NAME")]
     node_name: Option<String>,
+    /// `standalone` (this machine is the whole cluster) or `cluster` (join a Kubernetes cluster).
+    #[arg(long, env = "AGENTD_MODE", value_enum)]
+    mode: Option<Mode>,
+    /// Cluster mode: the kubeconfig to reach the API server with. Default: `[cluster] kubeconfig`,
+    /// else KUBECONFIG, ~/.kube/config or the in-cluster service account.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Log filter, RUST_LOG syntax (e.g. `info`, `agentd=debug`).
     #[arg(long, env = "AGENTD_LOG", value_name = "FILTER")]
     log: Option<String>,
@@ -92,6 +99,8 @@ fn main() -> ExitCode {
         log: args.log,
         log_format: args.log_format,
         node_name: args.node_name,
+        mode: args.mode,
+        kubeconfig: args.kubeconfig,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,

@@ -36,7 +36,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -131,6 +131,8 @@ pub struct Metrics {
     refusals: Family<Labels, Counter>,
     scheduling_pass: Histogram,
     submit_to_running: Histogram,
+    cluster_connected: Gauge,
+    cluster_requests: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -175,6 +177,18 @@ impl Metrics {
             "Time from a job's submission until all of its gang was running",
             submit_to_running.clone(),
         );
+        let cluster_connected = Gauge::default();
+        let cluster_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "agentd_cluster_connected",
+            "Cluster mode: 1 while the Kubernetes API server answers the agent, 0 while it is unreachable or failing",
+            cluster_connected.clone(),
+        );
+        registry.register(
+            "agentd_cluster_requests",
+            "Cluster mode: requests to the Kubernetes API server, by verb and HTTP status (<error> where none came back)",
+            cluster_requests.clone(),
+        );
         registry.register_collector(Box::new(StateCollector {
             state: Arc::clone(&state),
             version: env!("CARGO_PKG_VERSION"),
@@ -188,7 +202,21 @@ impl Metrics {
             refusals,
             scheduling_pass,
             submit_to_running,
+            cluster_connected,
+            cluster_requests,
         }
+    }
+
+    /// Sets `agentd_cluster_connected`.
+    pub fn set_cluster_connected(&self, connected: bool) {
+        self.cluster_connected.set(i64::from(connected));
+    }
+
+    /// Counts one request to the Kubernetes API server.
+    pub fn cluster_request(&self, verb: &str, code: &str) {
+        self.cluster_requests
+            .get_or_create(&vec![("verb", verb.to_owned()), ("code", code.to_owned())])
+            .inc();
     }
 
     /// Records the inventory the refresh loop just sampled; GPU series are read from it on scrape.

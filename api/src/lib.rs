@@ -6,12 +6,14 @@ pub mod client;
 pub mod error;
 pub mod inventory;
 pub mod jobs;
+pub mod nodes;
 pub mod status;
 
 pub use client::{Client, ClientError};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use inventory::{CpuInfo, DiskInfo, GpuDriver, GpuInfo, MemoryInfo, NodeInventory};
 pub use jobs::Owner;
+pub use nodes::{AgentPresence, AgentState, ClusterStatus, NodeGpus, NodeList, NodeSummary};
 pub use status::{AgentInfo, Status};
 
 /// The API version prefix every route lives under.

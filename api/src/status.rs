@@ -8,6 +8,9 @@ use crate::inventory::NodeInventory;
 pub struct Status {
     pub agent: AgentInfo,
     pub node: NodeInventory,
+    /// Cluster mode only: the API server and whether the agent reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::nodes::ClusterStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 mod docs;
 mod jobs;
+mod nodes;
 mod output;
 mod status;
 
@@ -37,6 +38,12 @@ enum Command {
     Status,
     /// The node's full inventory.
     Node,
+    /// Every node: GPUs (healthy/total), CPU, memory, readiness, agent heartbeat, schedulable.
+    Nodes,
+    /// Place nothing new on NODE (standalone: this machine; cluster: label agentd.io/drain=true).
+    Drain { node: String },
+    /// Undo `drain`: NODE takes new placements again.
+    Resume { node: String },
     /// Submit a TrainingJob or Kubeflow TFJob manifest (YAML or JSON; `-` reads standard input).
     Submit {
         file: PathBuf,
@@ -137,6 +144,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Status => status::status(&client, cli.output).await,
             Command::Node => status::node(&client, cli.output).await,
+            Command::Nodes => nodes::list(&client, cli.output).await,
+            Command::Drain { node } => nodes::drain(&client, &node, true, cli.output).await,
+            Command::Resume { node } => nodes::drain(&client, &node, false, cli.output).await,
             Command::Submit { file, wait } => jobs::submit(&client, &file, wait, cli.output).await,
             Command::Jobs { queue, state, user } => {
                 jobs::list(

@@ -36,6 +36,22 @@ pub fn render_status(status: &Status) -> String {
         a.version,
         output::duration(a.uptime_seconds)
     );
+    if let Some(c) = &status.cluster {
+        text += &format!(
+            "Cluster  {} (namespace {}): {}\n",
+            c.server,
+            c.namespace,
+            match (c.reachable, &c.last_error) {
+                (true, None) => "reachable".to_owned(),
+                (true, Some(e)) => format!("reachable, but refused: {e}"),
+                (false, Some(e)) => format!("UNREACHABLE: {e}"),
+                (false, None) => "not contacted yet".to_owned(),
+            }
+        );
+        if let Some(leader) = &c.leader {
+            text += &format!("Leader   {leader}\n");
+        }
+    }
     text += &format!(
         "CPU      {}  {} cores ({} threads), {:.0}% busy\n",
         n.cpu.model,

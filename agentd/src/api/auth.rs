@@ -5,7 +5,8 @@
 //!
 //! - anyone who may connect reads status, nodes, queues, events and the job list;
 //! - a user submits jobs, which become theirs, and cancels and reads the logs of their own jobs;
-//! - root and members of the admin group (`api.admin_group`) act on every job.
+//! - root and members of the admin group (`api.admin_group`) act on every job, and alone drain
+//!   and resume nodes.
 //!
 //! A refusal is a 403 naming the rule that refused it.
 
@@ -70,6 +71,22 @@ impl Caller {
         })
     }
 
+    /// May this caller drain or resume a node? That decides for everyone's jobs, so only root
+    /// and the admin group may.
+    pub fn may_manage_nodes(&self, node: &str) -> Result<(), ApiError> {
+        if self.admin {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden {
+            rule: "admin-nodes",
+            message: format!(
+                "{} may not drain or resume node {node:?}: only root and members of the admin \
+                 group (api.admin_group) may",
+                self.owner.user
+            ),
+        })
+    }
+
     fn owns(&self, owner: &Owner) -> bool {
         // A remote token names a user; a socket peer is a uid. Both are recorded, so the uid
         // decides where the system knows the user, the name where it does not.
@@ -119,6 +136,24 @@ mod tests {
         let ghost = Caller::from_peer(4_000_123, 4_000_123, DEFAULT_ADMIN_GROUP);
         assert!(!ghost.admin);
         assert_eq!(ghost.name(), "4000123");
+    }
+
+    #[test]
+    fn only_admins_drain_and_resume_nodes() {
+        assert!(caller(0, "root", true).may_manage_nodes("gpu-1").is_ok());
+        let refused = caller(1001, "alice", false)
+            .may_manage_nodes("gpu-1")
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                ApiError::Forbidden {
+                    rule: "admin-nodes",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentd_api::{AgentInfo, NodeInventory, Status};
+use agentd_api::{
+    AgentInfo, AgentPresence, AgentState, NodeGpus, NodeInventory, NodeList, NodeSummary, Status,
+};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -53,6 +55,8 @@ pub struct ApiState {
     /// Members of this group act on every job (`api.admin_group`).
     pub admin_group: Arc<str>,
     pub limits: Arc<ApiLimits>,
+    /// Cluster mode: the Kubernetes edge, for the node list, drain and status.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The limits one listener of the API enforces (see [`limits`]).
@@ -315,6 +319,14 @@ async fn dispatch(
             StatusCode::OK,
             &core.ask(|reply| Command::Queues { reply }).await?,
         )),
+        Route::Nodes => Ok(json(StatusCode::OK, &nodes(state).await?)),
+        Route::DrainNode { name, drain } => {
+            caller.may_manage_nodes(&name)?;
+            Ok(json(
+                StatusCode::OK,
+                &drain_node(state, &name, drain).await?,
+            ))
+        }
         Route::Events { after, limit, job } => {
             let list = core
                 .ask(|reply| Command::Events {
@@ -397,6 +409,81 @@ impl From<CoreError> for ApiError {
     }
 }
 
+/// Every node: the cluster's in cluster mode, this machine alone in standalone mode.
+async fn nodes(state: &ApiState) -> Result<NodeList, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        return Ok(cluster.nodes().await?);
+    }
+    let drained = state
+        .core
+        .ask(|reply| Command::Drain {
+            drained: None,
+            reply,
+        })
+        .await?;
+    Ok(NodeList {
+        nodes: vec![standalone_node(&state.inventory.borrow(), drained)],
+    })
+}
+
+async fn drain_node(state: &ApiState, name: &str, drain: bool) -> Result<NodeSummary, ApiError> {
+    if let Some(cluster) = &state.cluster {
+        return Ok(cluster.set_drain(name, drain).await?);
+    }
+    let inventory = state.inventory.borrow().clone();
+    if name != inventory.name {
+        return Err(ApiError::NotFound(format!(
+            "no node named {name:?}: this agent runs standalone, and its one node is {:?}",
+            inventory.name
+        )));
+    }
+    let drained = state
+        .core
+        .ask(|reply| Command::Drain {
+            drained: Some(drain),
+            reply,
+        })
+        .await?;
+    Ok(standalone_node(&inventory, drained))
+}
+
+fn standalone_node(inventory: &NodeInventory, drained: bool) -> NodeSummary {
+    let started = inventory.sampled_at.max(0.0);
+    NodeSummary {
+        name: inventory.name.clone(),
+        gpus: NodeGpus {
+            total: inventory.gpus.len() as u32,
+            healthy: inventory.gpus.iter().filter(|g| g.healthy).count() as u32,
+            product: inventory
+                .gpus
+                .first()
+                .map(|g| g.name.clone())
+                .unwrap_or_default(),
+        },
+        cpu_cores: inventory.cpu.logical_cores,
+        memory_bytes: inventory.memory.total_bytes,
+        ready: "True".to_owned(),
+        schedulable: !drained,
+        drained,
+        agent: AgentPresence {
+            state: AgentState::Fresh,
+            age_seconds: Some((crate::inventory::unix_now() - started).max(0.0) as u64),
+        },
+    }
+}
+
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        use crate::cluster::ClusterError as C;
+        match e {
+            C::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
+            C::Kubeconfig { .. } | C::NoKubeconfig(_) | C::Client { .. } | C::Request(_) => {
+                ApiError::Unavailable(format!("the cluster did not answer: {e}"))
+            }
+        }
+    }
+}
+
 fn status(state: &ApiState) -> Status {
     let a = &state.agent;
     Status {
@@ -410,6 +497,7 @@ fn status(state: &ApiState) -> Status {
             socket: a.socket.clone(),
         },
         node: (*state.inventory.borrow().clone()).clone(),
+        cluster: state.cluster.as_ref().map(crate::cluster::Cluster::status),
     }
 }
 

@@ -35,6 +35,12 @@ pub enum Route {
         follow: bool,
     },
     Queues,
+    Nodes,
+    /// `POST /v1/nodes/{name}/drain` (`drain: true`) or `/resume` (`drain: false`).
+    DrainNode {
+        name: String,
+        drain: bool,
+    },
     Events {
         after: i64,
         limit: u32,
@@ -58,9 +64,19 @@ impl Route {
             (["v1", "status"], true) => Route::Status,
             (["v1", "node"], true) => Route::Node,
             (["v1", "queues"], true) => Route::Queues,
+            (["v1", "nodes"], true) => Route::Nodes,
+            (["v1", "nodes", name, action @ ("drain" | "resume")], false)
+                if method == Method::POST =>
+            {
+                Route::DrainNode {
+                    name: decode(name)?,
+                    drain: *action == "drain",
+                }
+            }
+            (["v1", "nodes", _, "drain" | "resume"], _) => return Err(not_allowed("POST")),
             (
                 ["healthz" | "readyz"]
-                | ["v1", "status" | "node" | "queues" | "events"]
+                | ["v1", "status" | "node" | "nodes" | "queues" | "events"]
                 | ["v1", "jobs", _, "logs"],
                 false,
             ) => return Err(not_allowed("GET")),
@@ -124,6 +140,9 @@ impl Route {
             Route::CancelJob { .. } => "cancel_job",
             Route::JobLogs { .. } => "job_logs",
             Route::Queues => "queues",
+            Route::Nodes => "nodes",
+            Route::DrainNode { drain: true, .. } => "drain_node",
+            Route::DrainNode { drain: false, .. } => "resume_node",
             Route::Events { .. } => "events",
         }
     }
@@ -226,6 +245,43 @@ mod tests {
                 allowed: "GET, DELETE",
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn node_routes() {
+        assert_eq!(
+            Route::parse(&Method::GET, "/v1/nodes", None).unwrap(),
+            Route::Nodes
+        );
+        assert_eq!(
+            Route::parse(&Method::POST, "/v1/nodes/gpu-7/drain", None).unwrap(),
+            Route::DrainNode {
+                name: "gpu-7".into(),
+                drain: true
+            }
+        );
+        assert_eq!(
+            Route::parse(&Method::POST, "/v1/nodes/gpu-7/resume", None).unwrap(),
+            Route::DrainNode {
+                name: "gpu-7".into(),
+                drain: false
+            }
+        );
+        assert!(matches!(
+            Route::parse(&Method::GET, "/v1/nodes/gpu-7/drain", None),
+            Err(ApiError::MethodNotAllowed {
+                allowed: "POST",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Route::parse(&Method::POST, "/v1/nodes", None),
+            Err(ApiError::MethodNotAllowed { allowed: "GET", .. })
+        ));
+        assert!(matches!(
+            Route::parse(&Method::POST, "/v1/nodes/gpu-7/reboot", None),
+            Err(ApiError::NotFound(_))
         ));
     }
 

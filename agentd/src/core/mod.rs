@@ -54,6 +54,9 @@ const MAX_BATCH: usize = 256;
 /// the wait from the submission to the queue, where it is longer and nobody sees it.
 const MAX_IN_FLIGHT: u32 = 8;
 
+/// The file in the state directory that says the machine is drained.
+const DRAINED_MARKER: &str = "drained";
+
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error("no job named {0:?}")]
@@ -120,6 +123,12 @@ pub enum Command {
         name: String,
         replica: Option<String>,
         reply: Reply<LogFiles>,
+    },
+    /// Drains (`Some(true)`) or resumes (`Some(false)`) this machine, or only asks (`None`);
+    /// answers whether it is drained. A drained machine takes no new placements.
+    Drain {
+        drained: Option<bool>,
+        reply: Reply<bool>,
     },
 }
 
@@ -213,6 +222,8 @@ pub struct Core {
     metrics: Option<Metrics>,
     /// The state each job was last reported in, for the transition counters.
     reported: BTreeMap<String, JobState>,
+    /// `agentctl drain`: nothing new is placed here until `agentctl resume`.
+    drained: bool,
 }
 
 /// Channels the core listens on, apart from commands.
@@ -298,6 +309,7 @@ impl Core {
             needs_pass: true,
             metrics,
             reported: BTreeMap::new(),
+            drained: config.state_dir.join(DRAINED_MARKER).exists(),
         };
         core.recover()?;
         core.commit()?;
@@ -401,6 +413,14 @@ impl Core {
 
     fn command(&mut self, command: Command) {
         match command {
+            Command::Drain { drained, reply } => {
+                if let Some(drained) = drained
+                    && drained != self.drained
+                {
+                    self.set_drained(drained);
+                }
+                let _ = reply.send(Ok(self.drained));
+            }
             Command::Submit {
                 job,
                 manifest,
@@ -1288,6 +1308,22 @@ impl Core {
         }
     }
 
+    /// Drains or resumes the machine; the marker file keeps a drain across agent restarts.
+    fn set_drained(&mut self, drained: bool) {
+        let marker = self.state_dir.join(DRAINED_MARKER);
+        let written = if drained {
+            fs_err::write(&marker, b"drained by agentctl drain\n")
+        } else {
+            fs_err::remove_file(&marker)
+        };
+        if let Err(e) = written {
+            tracing::warn!("the drain holds until the agent stops, not across a restart: {e}");
+        }
+        self.drained = drained;
+        self.needs_pass = true;
+        tracing::info!(node = %self.node, drained, "node drain changed");
+    }
+
     /// One scheduling pass over the queued gangs; places and starts what fits.
     fn schedule(&mut self) {
         self.needs_pass = false;
@@ -1302,8 +1338,8 @@ impl Core {
         let inventory = self.inventory.borrow().clone();
         let mut node = node_capacity(&inventory);
         node.labels.extend(self.labels.clone());
-        // Nothing is placed while placements cannot be written.
-        node.schedulable = self.write_failure.is_none();
+        // Nothing is placed while placements cannot be written, nor on a drained machine.
+        node.schedulable = self.write_failure.is_none() && !self.drained;
         let nodes = [node];
         let now = self.clock.now();
         let running: Vec<sched::RunningGang> = self
@@ -1335,10 +1371,16 @@ impl Core {
         if let Some(metrics) = &self.metrics {
             metrics.scheduling_pass(pass_started.elapsed());
         }
-        for waiting in decision.waiting {
+        for mut waiting in decision.waiting {
             let Some(record) = self.jobs.get_mut(&waiting.gang) else {
                 continue;
             };
+            if self.drained {
+                waiting.message = format!(
+                    "{}; node {} is drained (agentctl resume {} lets new work in)",
+                    waiting.message, self.node, self.node
+                );
+            }
             if record.status.reason != waiting.reason || record.status.message != waiting.message {
                 record.status.reason.clone_from(&waiting.reason);
                 record.status.message.clone_from(&waiting.message);
@@ -1458,7 +1500,7 @@ impl Core {
             NodeAllocation {
                 capacity,
                 allocated,
-                schedulable: node.schedulable && self.write_failure.is_none(),
+                schedulable: node.schedulable && self.write_failure.is_none() && !self.drained,
             },
         );
     }

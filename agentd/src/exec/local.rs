@@ -1521,11 +1521,37 @@ mod tests {
         let ReplicaEvent::Started { pid } = rx.recv().await.unwrap().event else {
             panic!("not started");
         };
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The shell starts its child only after the trap is in place: once the child is in
+        // the group, SIGTERM is ignored there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !group_runs(pid, "sleep") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell's child never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         executor.stop(vec![pid], Duration::from_millis(300)).await;
         let exit = rx.recv().await.unwrap().event;
         assert!(matches!(exit, ReplicaEvent::Exited { outcome } if outcome.signal == Some(9)));
         assert!(!group_alive(pid), "nothing of the group is left");
+    }
+
+    /// Whether a process named `comm` runs in process group `pgid`.
+    fn group_runs(pgid: u32, comm: &str) -> bool {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+                // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after it.
+                let Some((head, tail)) = stat.rsplit_once(')') else {
+                    return false;
+                };
+                let pgrp = tail.split_whitespace().nth(2);
+                head.ends_with(&format!("({comm}")) && pgrp == Some(pgid.to_string().as_str())
+            })
+        })
     }
 
     #[test]

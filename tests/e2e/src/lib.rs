@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: where the built binaries are, an agent running in a
 //! temporary directory, and fake GPUs described in a JSON file.
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;

@@ -321,12 +321,24 @@ fn one_failing_replica_restarts_the_whole_gang() {
         j["generation"] == 2 && j["state"] == "Running"
     });
     assert_eq!(job["restarts"], 1);
-    std::thread::sleep(Duration::from_millis(300));
-    let first: Vec<u64> = std::fs::read_to_string(format!("{dir}/pids-worker-0"))
-        .unwrap()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
+    // Running means started, not that the script has written its pid yet.
+    let pids = || -> Vec<u64> {
+        std::fs::read_to_string(format!("{dir}/pids-worker-0"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation 2 of worker-0 never wrote its pid: {:?}",
+            pids()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = pids();
     assert_eq!(first.len(), 2, "worker-0 ran in both generations");
     assert!(
         !pid_alive(first[0]),

@@ -2,6 +2,7 @@
 
 mod agent;
 mod auth;
+mod cluster;
 mod gpus;
 mod jobs;
 mod lifecycle;

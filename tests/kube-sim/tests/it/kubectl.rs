@@ -322,7 +322,8 @@ async fn kubectl_apply_get_watch_describe_logs_delete() {
         .unwrap()
         .unwrap();
     assert!(first.starts_with("NAME"), "{first}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // No pause needed before the create: `kubectl get -w` watches from the resourceVersion of
+    // its list, so a pod created after the list is replayed to it even if the watch starts later.
     let (ok, _, err) = kubectl(
         &kc,
         &[

@@ -1,0 +1,376 @@
+//! The long-lived loops of a node agent in cluster mode: the heartbeat Lease, the `AgentNode`
+//! publisher and, on a leader-eligible agent, the Node labeller. Each one retries on its own
+//! backoff and ends when `stop` turns true.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentd_api::NodeInventory;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::backoff::Backoff;
+use super::inventory::{AgentNodeStatus, node_patch};
+use super::view::{STALE_INTERVALS, lease_name};
+use super::{Cluster, RequestError, agent_node_resource};
+
+/// The first retry waits about this long; later ones double up to one lease interval.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+
+/// Starts the node agent's loops (and the labeller when the agent is leader-eligible).
+pub fn spawn(
+    cluster: Cluster,
+    inventory: watch::Receiver<Arc<NodeInventory>>,
+    stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let span = tracing::info_span!("cluster", node = %cluster.node, namespace = %cluster.namespace);
+    let node_agent = {
+        let (cluster, mut stop) = (cluster.clone(), stop.clone());
+        async move {
+            if wait_for_node(&cluster, &mut stop).await {
+                tokio::join!(
+                    heartbeat(cluster.clone(), stop.clone()),
+                    publish(cluster.clone(), inventory, stop)
+                );
+            }
+        }
+    };
+    let mut tasks = vec![tokio::spawn(node_agent.instrument(span.clone()))];
+    if cluster.leader_eligible {
+        tasks.push(tokio::spawn(label_nodes(cluster, stop).instrument(span)));
+    }
+    tasks
+}
+
+/// Sleeps for `wait`; false if `stop` turned true meanwhile.
+async fn pause(wait: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
+fn backoff(cluster: &Cluster) -> Backoff {
+    Backoff::new(BACKOFF_BASE, cluster.interval)
+}
+
+/// Checks that this agent's node is a Node object, retrying until it is. Only a
+/// leader-eligible agent checks: a worker-only agent's role has no right to read Nodes, and
+/// asking anyway would be a 403 on every start.
+async fn wait_for_node(cluster: &Cluster, stop: &mut watch::Receiver<bool>) -> bool {
+    if !cluster.leader_eligible {
+        return true;
+    }
+    let mut retry = backoff(cluster);
+    let mut said = false;
+    loop {
+        let what = format!("nodes/{}", cluster.node);
+        match cluster
+            .call("get", &what, cluster.nodes_api().get(&cluster.node))
+            .await
+        {
+            Ok(_) => {
+                if said {
+                    tracing::info!("Node {:?} exists now; registering", cluster.node);
+                }
+                return true;
+            }
+            Err(RequestError {
+                code: Some(403), ..
+            }) => {
+                tracing::info!(
+                    "this agent's role may not read Nodes; not checking that Node {:?} exists",
+                    cluster.node
+                );
+                return true;
+            }
+            Err(RequestError {
+                code: Some(404), ..
+            }) => {
+                if !said {
+                    tracing::error!(
+                        "no Node named {:?} in the cluster: set node_name (or --node-name) to this machine's Node name as `kubectl get nodes` shows it; retrying",
+                        cluster.node
+                    );
+                    said = true;
+                }
+            }
+            Err(_) => {}
+        }
+        if !pause(retry.wait(), stop).await {
+            return false;
+        }
+    }
+}
+
+/// Renews `agentd-node-<node>` every interval: one update per renewal, with the
+/// resourceVersion of the agent's own last write; a get only when that write was refused as
+/// stale (409) or the Lease is gone.
+async fn heartbeat(cluster: Cluster, mut stop: watch::Receiver<bool>) {
+    let api = cluster.leases_api();
+    let name = lease_name(&cluster.node);
+    let what = format!("leases/{name}");
+    let duration =
+        i32::try_from(cluster.interval.as_secs() * u64::from(STALE_INTERVALS)).unwrap_or(i32::MAX);
+    let mut held: Option<Lease> = None;
+    let mut retry = backoff(&cluster);
+    loop {
+        let now = MicroTime(Timestamp::now());
+        let renewed = match held.take() {
+            Some(mut lease) => {
+                let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+                spec.renew_time = Some(now);
+                spec.holder_identity = Some(cluster.node.clone());
+                spec.lease_duration_seconds = Some(duration);
+                cluster
+                    .call(
+                        "update",
+                        &what,
+                        api.replace(&name, &PostParams::default(), &lease),
+                    )
+                    .await
+            }
+            None => match cluster.call("get", &what, api.get_opt(&name)).await {
+                Ok(Some(lease)) => {
+                    // Read only to learn the resourceVersion; renewed on the next turn at once.
+                    held = Some(lease);
+                    continue;
+                }
+                Ok(None) => {
+                    let lease = Lease {
+                        metadata: ObjectMeta {
+                            name: Some(name.clone()),
+                            namespace: Some(cluster.namespace.clone()),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(LeaseSpec {
+                            holder_identity: Some(cluster.node.clone()),
+                            lease_duration_seconds: Some(duration),
+                            acquire_time: Some(now.clone()),
+                            renew_time: Some(now),
+                            ..LeaseSpec::default()
+                        }),
+                    };
+                    cluster
+                        .call(
+                            "create",
+                            "leases",
+                            api.create(&PostParams::default(), &lease),
+                        )
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let wait = match renewed {
+            Ok(lease) => {
+                held = Some(lease);
+                retry.reset();
+                cluster.interval
+            }
+            Err(e) => {
+                tracing::debug!("lease renewal failed: {e}");
+                retry.wait()
+            }
+        };
+        if !pause(wait, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// Writes this node's `AgentNode` whenever what it publishes changes, and once more after an
+/// outage (the catch-up write). An idle node writes nothing here.
+async fn publish(
+    cluster: Cluster,
+    mut inventory: watch::Receiver<Arc<NodeInventory>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut reconnects = cluster.reconnects();
+    let mut written: Option<AgentNodeStatus> = None;
+    let mut exists = false;
+    let mut retry = backoff(&cluster);
+    loop {
+        let current = AgentNodeStatus::from_inventory(&inventory.borrow_and_update(), version);
+        if written.as_ref() != Some(&current) {
+            match write_agent_node(&cluster, &mut exists, &current).await {
+                Ok(()) => {
+                    tracing::debug!("AgentNode written");
+                    written = Some(current);
+                    retry.reset();
+                }
+                Err(e) => {
+                    tracing::debug!("AgentNode write failed: {e}");
+                    if !pause(retry.wait(), &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            changed = inventory.changed() => if changed.is_err() { return },
+            changed = reconnects.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A write may have landed without the agent hearing back: write once more.
+                written = None;
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Creates the object if it is not there yet, then sets its status (one merge patch).
+async fn write_agent_node(
+    cluster: &Cluster,
+    exists: &mut bool,
+    status: &AgentNodeStatus,
+) -> Result<(), RequestError> {
+    let api = cluster.agent_nodes_api();
+    let what = format!("agentnodes/{}", cluster.node);
+    if !*exists {
+        let mut object = DynamicObject::new(&cluster.node, &agent_node_resource())
+            .within(&cluster.namespace)
+            .data(serde_json::json!({"spec": {"nodeName": cluster.node}}));
+        object.metadata.labels = Some(
+            [("agentd.io/node".to_owned(), cluster.node.clone())]
+                .into_iter()
+                .collect(),
+        );
+        match cluster
+            .call(
+                "create",
+                "agentnodes",
+                api.create(&PostParams::default(), &object),
+            )
+            .await
+        {
+            Ok(_)
+            | Err(RequestError {
+                code: Some(409), ..
+            }) => *exists = true,
+            Err(e) => return Err(e),
+        }
+    }
+    let patch = serde_json::json!({ "status": status });
+    match cluster
+        .call(
+            "patch",
+            &format!("{what}/status"),
+            api.patch_status(
+                &cluster.node,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            ),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if e.code == Some(404) {
+                *exists = false;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// On a leader-eligible agent: watches every `AgentNode` and brings its Node's `agentd.io/`
+/// labels and annotation in line, with a merge patch only where they differ.
+async fn label_nodes(cluster: Cluster, mut stop: watch::Receiver<bool>) {
+    // Watches are long requests: they get a client without the per-request time bound.
+    let api = cluster.agent_nodes_watch_api();
+    let events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    let mut events = std::pin::pin!(events);
+    let mut said_failing = false;
+    loop {
+        let next = tokio::select! {
+            next = events.next() => next,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match next {
+            None => return,
+            Some(Err(e)) => {
+                if !said_failing {
+                    tracing::warn!("watching AgentNodes failed ({e}); retrying with backoff");
+                    said_failing = true;
+                }
+                cluster.count_watch_error(&e);
+            }
+            Some(Ok(object)) => {
+                said_failing = false;
+                label_node(&cluster, &object, &mut stop).await;
+            }
+        }
+    }
+}
+
+async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch::Receiver<bool>) {
+    let Some(name) = object.metadata.name.as_deref() else {
+        return;
+    };
+    let Some(status) = object
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value::<AgentNodeStatus>(s.clone()).ok())
+    else {
+        return;
+    };
+    let nodes = cluster.nodes_api();
+    let what = format!("nodes/{name}");
+    let mut retry = backoff(cluster);
+    // A few tries; a later AgentNode event (or the watch's re-list) brings the rest.
+    for _ in 0..5 {
+        let node = match cluster.call("get", &what, nodes.get_opt(name)).await {
+            Ok(Some(node)) => node,
+            Ok(None) => {
+                tracing::warn!("AgentNode {name:?} has no Node of that name; not labelling");
+                return;
+            }
+            Err(_) => {
+                if !pause(retry.wait(), stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let labels = node.metadata.labels.unwrap_or_default();
+        let annotations = node.metadata.annotations.unwrap_or_default();
+        let Some(patch) = node_patch(&status, &labels, &annotations) else {
+            return;
+        };
+        match cluster
+            .call(
+                "patch",
+                &what,
+                nodes.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(
+                    node = name,
+                    "Node labels brought in line with its AgentNode"
+                );
+                return;
+            }
+            Err(_) => {
+                if !pause(retry.wait(), stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Cluster mode's edge to Kubernetes. A node agent keeps two namespaced objects in the cluster
+//! namespace and nothing else: its heartbeat Lease `agentd-node-<node>` (one update per
+//! renewal) and its `AgentNode` (written only when what it publishes changes). An agent started
+//! with `cluster.leader_eligible` also projects every `AgentNode` onto its Node's `agentd.io/`
+//! labels and annotation. This module also answers the API's node list and drain/resume.
+//!
+//! It must not schedule: the scheduler core stays pure, and placing gangs onto Kubernetes (the
+//! elected leader's work) builds on [`Cluster`] as a client, not inside these loops.
+//!
+//! The API server is allowed to be down, slow or failing: every loop retries with a capped,
+//! jittered backoff, the link state is logged once per change, and the local socket never waits
+//! on the cluster except for the requests that are about the cluster.
+
+pub mod backoff;
+pub mod inventory;
+mod loops;
+pub mod view;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use agentd_api::{ClusterStatus, NodeList, NodeSummary};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use tokio::sync::watch;
+
+use self::backoff::{Link, Outcome, Transition};
+use self::inventory::{AgentNodeStatus, LABEL_DRAIN};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub use loops::spawn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot read kubeconfig {}: {message}", path.display())]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error(
+        "no kubeconfig found ({0}); give one with --kubeconfig FILE or [cluster] kubeconfig, or set KUBECONFIG"
+    )]
+    NoKubeconfig(String),
+    #[error("cannot build a client for the API server {server}: {message}")]
+    Client { server: String, message: String },
+    #[error("no node named {0:?} in the cluster")]
+    NoSuchNode(String),
+    /// The API server could not be reached, refused, or answered with an error.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// The group, version and names of the `AgentNode` custom resource.
+pub fn agent_node_resource() -> ApiResource {
+    ApiResource {
+        group: "agentd.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "agentd.io/v1alpha1".into(),
+        kind: "AgentNode".into(),
+        plural: "agentnodes".into(),
+    }
+}
+
+/// What the cluster loops and the API share: the client, who this node is, and the link state.
+#[derive(Clone)]
+pub struct Cluster {
+    client: kube::Client,
+    /// The same server without the per-request read bound, for watches.
+    watch_client: kube::Client,
+    pub node: String,
+    pub namespace: String,
+    pub interval: Duration,
+    pub leader_eligible: bool,
+    server: String,
+    link: Arc<Mutex<Link>>,
+    /// Bumped each time the API server is back after an outage, so writers catch up.
+    reconnects: watch::Sender<u64>,
+    metrics: Option<Metrics>,
+}
+
+impl Cluster {
+    /// Reads the kubeconfig (the configured file, else what kube-rs infers) and builds a client.
+    /// Nothing is sent yet: an unreachable server is not a start-up error.
+    pub async fn connect(
+        config: &Config,
+        node: String,
+        metrics: Option<Metrics>,
+    ) -> Result<Self, ClusterError> {
+        let path = &config.cluster.kubeconfig;
+        let mut kube_config = if path.as_os_str().is_empty() {
+            kube::Config::infer()
+                .await
+                .map_err(|e| ClusterError::NoKubeconfig(e.to_string()))?
+        } else {
+            let bad = |message: String| ClusterError::Kubeconfig {
+                path: path.clone(),
+                message,
+            };
+            let file =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| bad(error_chain(&e)))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| bad(error_chain(&e)))?
+        };
+        // A blackholed server must not hold a renewal for minutes: every request gets a bound
+        // of its own, about one lease interval. (Watches use their own client.)
+        let bound = config
+            .cluster
+            .node_lease_interval
+            .clamp(Duration::from_secs(2), Duration::from_secs(10));
+        kube_config.connect_timeout = Some(bound);
+        // kube-rs would otherwise retry 429/503/504 inside one call, up to 15 times and for
+        // minutes, out of sight of the agent's own backoff, link state and request counts.
+        kube_config.default_retry = false;
+        let mut watch_config = kube_config.clone();
+        watch_config.read_timeout = None;
+        kube_config.read_timeout = Some(bound);
+        kube_config.write_timeout = Some(bound);
+        let server = kube_config.cluster_url.to_string();
+        let server = server.trim_end_matches('/').to_owned();
+        let build = |config: kube::Config| {
+            kube::Client::try_from(config).map_err(|e| ClusterError::Client {
+                server: server.clone(),
+                message: error_chain(&e),
+            })
+        };
+        let client = build(kube_config)?;
+        let watch_client = build(watch_config)?;
+        if let Some(metrics) = &metrics {
+            metrics.set_cluster_connected(false);
+        }
+        Ok(Self {
+            client,
+            watch_client,
+            node,
+            namespace: config.cluster.namespace.clone(),
+            interval: config.cluster.node_lease_interval,
+            leader_eligible: config.cluster.leader_eligible,
+            server,
+            link: Arc::new(Mutex::new(Link::Unknown)),
+            reconnects: watch::channel(0).0,
+            metrics,
+        })
+    }
+
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    pub fn nodes_api(&self) -> Api<Node> {
+        Api::all(self.client.clone())
+    }
+
+    pub fn leases_api(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn agent_nodes_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &agent_node_resource())
+    }
+
+    /// `AgentNode`s through the client meant for long-lived watches.
+    pub fn agent_nodes_watch_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.watch_client.clone(),
+            &self.namespace,
+            &agent_node_resource(),
+        )
+    }
+
+    /// Runs one request, counts it in `agentd_cluster_requests_total{verb,code}` and moves the
+    /// link state; a change of state is logged once.
+    pub async fn call<T>(
+        &self,
+        verb: &'static str,
+        what: &str,
+        request: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, RequestError> {
+        let result = request.await;
+        let (code, outcome) = match &result {
+            // kube-rs does not hand back the status of a success; a create's is 201.
+            Ok(_) if verb == "create" => (201, Outcome::Answered),
+            Ok(_) => (200, Outcome::Answered),
+            Err(e) => {
+                let error = RequestError::new(verb, what, e);
+                let outcome = match error.code {
+                    Some(401 | 403) => Outcome::Refused(error.message.clone()),
+                    Some(429 | 500..) | None => Outcome::Unreachable(error.message.clone()),
+                    Some(_) => Outcome::Answered,
+                };
+                (error.code.unwrap_or(0), outcome)
+            }
+        };
+        if let Some(metrics) = &self.metrics {
+            let code = if code == 0 {
+                "<error>".to_owned()
+            } else {
+                code.to_string()
+            };
+            metrics.cluster_request(verb, &code);
+        }
+        self.observe(outcome);
+        result.map_err(|e| RequestError::new(verb, what, &e))
+    }
+
+    fn observe(&self, outcome: Outcome) {
+        let (transition, reachable) = {
+            let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+            (link.observe(outcome), link.reachable())
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.set_cluster_connected(reachable);
+        }
+        match transition {
+            None => {}
+            Some(Transition::Connected { was_down }) => {
+                if was_down {
+                    tracing::info!(server = %self.server, "API server reachable again; catching up");
+                    self.reconnects.send_modify(|n| *n += 1);
+                } else {
+                    tracing::info!(server = %self.server, "connected to the API server");
+                }
+            }
+            Some(Transition::Unreachable(why)) => tracing::warn!(
+                server = %self.server,
+                "API server unreachable ({why}); the agent keeps running and retries with backoff"
+            ),
+            Some(Transition::Refused(why)) => tracing::error!(
+                server = %self.server,
+                "the API server refused the agent ({why}); check the credentials in the kubeconfig and the agent's RBAC role"
+            ),
+        }
+    }
+
+    /// Counts a failed watch request (successful watches are long-lived and not counted).
+    fn count_watch_error(&self, e: &kube::runtime::watcher::Error) {
+        use kube::runtime::watcher::Error as W;
+        let inner = match e {
+            W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => Some(e),
+            _ => None,
+        };
+        let code = match (e, inner) {
+            (_, Some(kube::Error::Api(s))) | (W::WatchError(s), _) => s.code.to_string(),
+            _ => "<error>".to_owned(),
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.cluster_request("watch", &code);
+        }
+    }
+
+    /// A receiver that changes each time the API server is back after an outage.
+    pub fn reconnects(&self) -> watch::Receiver<u64> {
+        self.reconnects.subscribe()
+    }
+
+    /// `agentctl status`'s cluster part.
+    pub fn status(&self) -> ClusterStatus {
+        let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        ClusterStatus {
+            server: self.server.clone(),
+            namespace: self.namespace.clone(),
+            reachable: link.reachable(),
+            last_error: link.last_error(),
+            leader: None,
+        }
+    }
+
+    /// Every Node with its agent's inventory and heartbeat.
+    pub async fn nodes(&self) -> Result<NodeList, ClusterError> {
+        let lp = ListParams::default();
+        let nodes = self
+            .call("list", "nodes", self.nodes_api().list(&lp))
+            .await?;
+        let leases = self
+            .call("list", "leases", self.leases_api().list(&lp))
+            .await?;
+        let agents = self
+            .call("list", "agentnodes", self.agent_nodes_api().list(&lp))
+            .await?;
+        let agents: BTreeMap<String, AgentNodeStatus> = agents
+            .items
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.metadata.name?;
+                let status = serde_json::from_value(o.data.get("status")?.clone()).ok()?;
+                Some((name, status))
+            })
+            .collect();
+        Ok(view::node_list(
+            &nodes.items,
+            &leases.items,
+            &agents,
+            k8s_openapi::jiff::Timestamp::now(),
+            self.interval,
+        ))
+    }
+
+    /// Sets (`drain`) or removes the `agentd.io/drain=true` label on a Node, with a merge patch
+    /// that names only that key.
+    pub async fn set_drain(&self, name: &str, drain: bool) -> Result<NodeSummary, ClusterError> {
+        let value = if drain {
+            serde_json::Value::from("true")
+        } else {
+            serde_json::Value::Null
+        };
+        let patch = serde_json::json!({"metadata": {"labels": {LABEL_DRAIN: value}}});
+        let what = format!("nodes/{name}");
+        self.call(
+            "patch",
+            &what,
+            self.nodes_api()
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        .map_err(|e| {
+            if e.code == Some(404) {
+                ClusterError::NoSuchNode(name.to_owned())
+            } else {
+                e.into()
+            }
+        })?;
+        self.nodes()
+            .await?
+            .nodes
+            .into_iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ClusterError::NoSuchNode(name.to_owned()))
+    }
+}
+
+/// A failed request, described for a person: what was asked and what came back.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    /// The HTTP status, where the server answered.
+    pub code: Option<u16>,
+    pub message: String,
+}
+
+impl RequestError {
+    fn new(verb: &str, what: &str, e: &kube::Error) -> Self {
+        match e {
+            kube::Error::Api(status) => {
+                let code = status.code;
+                let detail = if status.message.is_empty() {
+                    status.reason.clone()
+                } else {
+                    status.message.clone()
+                };
+                let reason = match code {
+                    401 => "Unauthorized (the token or certificate is not accepted)",
+                    403 => "Forbidden (the agent's role does not allow it)",
+                    429 => "TooManyRequests",
+                    500..=599 => "server error",
+                    _ => "",
+                };
+                Self {
+                    code: Some(code),
+                    message: format!("{verb} {what}: HTTP {code} {reason}: {detail}"),
+                }
+            }
+            other => Self {
+                code: None,
+                message: format!("{verb} {what}: {}", error_chain(other)),
+            },
+        }
+    }
+}
+
+impl From<RequestError> for ClusterError {
+    fn from(e: RequestError) -> Self {
+        ClusterError::Request(e.message)
+    }
+}
+
+/// An error and its causes on one line, so that "connection refused" is not lost behind
+/// "client error (Connect)".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

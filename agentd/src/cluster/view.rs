@@ -1,0 +1,290 @@
+//! `GET /v1/nodes` in cluster mode: every Node with what its agent published and how fresh its
+//! heartbeat Lease is. Pure: the caller lists the objects and passes the time.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agentd_api::{AgentPresence, AgentState, NodeGpus, NodeList, NodeSummary};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+
+use super::inventory::{AgentNodeStatus, LABEL_DRAIN};
+
+/// A node agent's heartbeat Lease is named after its node.
+pub fn lease_name(node: &str) -> String {
+    format!("agentd-node-{node}")
+}
+
+/// How many lease intervals without a renewal make an agent stale.
+pub const STALE_INTERVALS: u32 = 4;
+
+/// Builds the node list. `agents` maps node names to their `AgentNode` status; `interval` is
+/// the lease interval used where a Lease does not say its own duration.
+pub fn node_list(
+    nodes: &[Node],
+    leases: &[Lease],
+    agents: &BTreeMap<String, AgentNodeStatus>,
+    now: Timestamp,
+    interval: Duration,
+) -> NodeList {
+    let leases: BTreeMap<&str, &Lease> = leases
+        .iter()
+        .filter_map(|l| l.metadata.name.as_deref().map(|n| (n, l)))
+        .collect();
+    let mut list: Vec<NodeSummary> = nodes
+        .iter()
+        .filter_map(|node| {
+            let name = node.metadata.name.clone()?;
+            let lease = leases.get(lease_name(&name).as_str()).copied();
+            Some(summary(
+                node,
+                name.clone(),
+                agents.get(&name),
+                lease,
+                now,
+                interval,
+            ))
+        })
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    NodeList { nodes: list }
+}
+
+fn summary(
+    node: &Node,
+    name: String,
+    agent: Option<&AgentNodeStatus>,
+    lease: Option<&Lease>,
+    now: Timestamp,
+    interval: Duration,
+) -> NodeSummary {
+    let status = node.status.as_ref();
+    let capacity = |key: &str| {
+        status
+            .and_then(|s| s.capacity.as_ref())
+            .and_then(|c| c.get(key))
+            .map(|q| q.0.clone())
+    };
+    let gpus = if let Some(a) = agent {
+        NodeGpus {
+            total: a.gpu_count,
+            healthy: a.healthy_gpu_count,
+            product: a.gpu_product.clone(),
+        }
+    } else {
+        let total = capacity("nvidia.com/gpu")
+            .and_then(|q| crate::job::parse_gpu_count(&q).ok())
+            .unwrap_or(0);
+        NodeGpus {
+            total,
+            healthy: total,
+            product: String::new(),
+        }
+    };
+    let cpu_cores = agent.map_or_else(
+        || {
+            capacity("cpu")
+                .and_then(|q| crate::job::parse_cpu_milli(&q).ok())
+                .map_or(0, |m| (m / 1000) as u32)
+        },
+        |a| a.cpu_cores,
+    );
+    let memory_bytes = agent.map_or_else(
+        || {
+            capacity("memory")
+                .and_then(|q| crate::job::parse_memory_bytes(&q).ok())
+                .unwrap_or(0)
+        },
+        |a| a.memory_bytes,
+    );
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map_or_else(|| "Unknown".to_owned(), |c| c.status.clone());
+    let drained = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_DRAIN))
+        .is_some_and(|v| v == "true");
+    let cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    NodeSummary {
+        name,
+        gpus,
+        cpu_cores,
+        memory_bytes,
+        ready,
+        schedulable: !cordoned && !drained,
+        drained,
+        agent: presence(lease, now, interval),
+    }
+}
+
+/// Fresh, stale or none, from the Lease's last renewal.
+pub fn presence(lease: Option<&Lease>, now: Timestamp, interval: Duration) -> AgentPresence {
+    let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
+        return AgentPresence {
+            state: AgentState::None,
+            age_seconds: None,
+        };
+    };
+    let Some(renewed) = spec
+        .renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| t.0)
+    else {
+        return AgentPresence {
+            state: AgentState::None,
+            age_seconds: None,
+        };
+    };
+    let age = now
+        .duration_since(renewed)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    let stale_after = spec
+        .lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .filter(|s| *s > 0)
+        .map_or(interval * STALE_INTERVALS, Duration::from_secs);
+    AgentPresence {
+        state: if age >= stale_after {
+            AgentState::Stale
+        } else {
+            AgentState::Fresh
+        },
+        age_seconds: Some(age.as_secs()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+
+    use super::*;
+
+    fn node(name: &str, ready: &str, labels: &[(&str, &str)], unschedulable: bool) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(unschedulable),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                capacity: Some(BTreeMap::from([
+                    ("cpu".to_owned(), Quantity("8".into())),
+                    ("memory".to_owned(), Quantity("1Gi".into())),
+                    ("nvidia.com/gpu".to_owned(), Quantity("4".into())),
+                ])),
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..NodeCondition::default()
+                }]),
+                ..NodeStatus::default()
+            }),
+        }
+    }
+
+    fn lease(node: &str, renewed: Timestamp, seconds: i32) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name(node)),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.into()),
+                lease_duration_seconds: Some(seconds),
+                renew_time: Some(MicroTime(renewed)),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn fresh_stale_and_none_by_lease_age() {
+        let now: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        let nodes = [
+            node("a", "True", &[], false),
+            node("b", "True", &[], false),
+            node("c", "Unknown", &[], false),
+        ];
+        let leases = [
+            lease("a", "2026-01-01T00:00:55Z".parse().unwrap(), 40),
+            lease("b", "2026-01-01T00:00:20Z".parse().unwrap(), 40),
+        ];
+        let list = node_list(
+            &nodes,
+            &leases,
+            &BTreeMap::new(),
+            now,
+            Duration::from_secs(10),
+        );
+        let by: Vec<(AgentState, Option<u64>)> = list
+            .nodes
+            .iter()
+            .map(|n| (n.agent.state, n.agent.age_seconds))
+            .collect();
+        assert_eq!(
+            by,
+            [
+                (AgentState::Fresh, Some(5)),
+                (AgentState::Stale, Some(40)),
+                (AgentState::None, None)
+            ]
+        );
+        assert_eq!(list.nodes[2].ready, "Unknown");
+    }
+
+    #[test]
+    fn capacity_from_the_node_when_no_agent_published() {
+        let list = node_list(
+            &[node("a", "True", &[], false)],
+            &[],
+            &BTreeMap::new(),
+            Timestamp::UNIX_EPOCH,
+            Duration::from_secs(10),
+        );
+        let a = &list.nodes[0];
+        assert_eq!((a.gpus.total, a.cpu_cores, a.memory_bytes), (4, 8, 1 << 30));
+    }
+
+    #[test]
+    fn cordon_and_drain_make_a_node_unschedulable() {
+        let list = node_list(
+            &[
+                node("a", "True", &[], true),
+                node("b", "True", &[(LABEL_DRAIN, "true")], false),
+                node("c", "True", &[(LABEL_DRAIN, "false")], false),
+            ],
+            &[],
+            &BTreeMap::new(),
+            Timestamp::UNIX_EPOCH,
+            Duration::from_secs(10),
+        );
+        let s: Vec<(bool, bool)> = list
+            .nodes
+            .iter()
+            .map(|n| (n.schedulable, n.drained))
+            .collect();
+        assert_eq!(s, [(false, false), (false, true), (true, false)]);
+    }
+}
