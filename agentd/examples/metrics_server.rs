@@ -90,6 +90,7 @@ fn inventory(n: u32) -> NodeInventory {
                 uuid: format!("GPU-be4c0000-0000-4000-8000-{i:012}"),
                 name: "NVIDIA H200".into(),
                 pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + i),
+                minor_number: Some(i),
                 memory_total_bytes: 150_754_820_096,
                 memory_used_bytes: 70_000_000_000,
                 utilization_gpu_percent: 87,

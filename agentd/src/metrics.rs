@@ -956,6 +956,7 @@ mod tests {
             uuid: format!("GPU-00000000-0000-0000-0000-00000000000{index}"),
             name: "NVIDIA H200".into(),
             pci_bus_id: format!("00000000:0{index}:00.0"),
+            minor_number: Some(index),
             memory_total_bytes: 150_754_820_096,
             memory_used_bytes: 1_073_741_824,
             utilization_gpu_percent: 37,

@@ -244,7 +244,8 @@ pub struct ReplicaUnit {
     pub replica: String,
     /// The gang's restart generation; a restarted gang gets fresh unit names.
     pub generation: u32,
-    /// GPU indices this replica may open (`/dev/nvidiaN`); no others are reachable.
+    /// Minor numbers of the GPUs this replica may open (`/dev/nvidia<minor>`); no others are
+    /// reachable.
     pub gpus: Vec<u32>,
     /// CPU limit in millicores; 0 means no limit.
     pub cpu_milli: u64,

@@ -61,6 +61,10 @@ pub struct GpuInfo {
     pub uuid: String,
     pub name: String,
     pub pci_bus_id: String,
+    /// The minor number of the GPU's device file, `/dev/nvidia<minor>`; it can differ from
+    /// `index`, which is NVML's enumeration order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_number: Option<u32>,
     pub memory_total_bytes: u64,
     pub memory_used_bytes: u64,
     /// Percent of time a kernel ran over the last sample period, 0..100.

@@ -51,6 +51,9 @@ pub struct AgentGpu {
     pub product: String,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
+    /// The GPU's device file is `/dev/nvidia<minorNumber>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_number: Option<u32>,
     pub healthy: bool,
     /// Why the GPU is unhealthy, e.g. `XID 79`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +99,7 @@ impl AgentNodeStatus {
                     uuid: g.uuid.clone(),
                     product: g.name.clone(),
                     memory_mib: g.memory_total_bytes / (1024 * 1024),
+                    minor_number: g.minor_number,
                     healthy: g.healthy,
                     reason: if g.healthy {
                         None
@@ -230,6 +234,16 @@ mod tests {
             sampled_at: 1.0,
             ..NodeInventory::default()
         }
+    }
+
+    #[test]
+    fn each_gpu_is_published_with_its_device_minor_number() {
+        let mut inv = inventory(2);
+        inv.gpus[1].minor_number = Some(7);
+        let status = AgentNodeStatus::from_inventory(&inv, "0.1.0");
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["gpus"][1]["minorNumber"], 7);
+        assert!(json["gpus"][0].get("minorNumber").is_none(), "{json}");
     }
 
     #[test]

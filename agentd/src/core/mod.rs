@@ -1407,7 +1407,7 @@ impl Core {
         self.dirty.insert(name.clone());
         self.event(&name, "Placed", summary);
         let record = self.jobs.get_mut(&name).expect("present");
-        let launches = match record.launch_specs(&log_dir) {
+        let launches = match record.launch_specs(&log_dir, inventory) {
             Ok(launches) => launches,
             Err(message) => {
                 self.finish(&name, JobState::Failed, "StartFailed", message);

@@ -391,7 +391,11 @@ impl JobRecord {
     }
 
     /// The processes to start for the placed generation, each with its `TF_CONFIG` and GPUs.
-    pub fn launch_specs(&mut self, log_dir: &Path) -> Result<Vec<LaunchSpec>, String> {
+    pub fn launch_specs(
+        &mut self,
+        log_dir: &Path,
+        inventory: &NodeInventory,
+    ) -> Result<Vec<LaunchSpec>, String> {
         let names = job::replica_names(&self.job);
         let mut ports = Vec::with_capacity(names.len());
         for &replica in &names {
@@ -452,7 +456,9 @@ impl JobRecord {
                 env,
                 working_dir: container.working_dir.clone().map(Into::into),
                 log_path: log_dir.join(format!("{name}.log")),
-                gpu_indices: given.map(|a| a.gpu_indices.clone()).unwrap_or_default(),
+                gpu_devices: given
+                    .map(|a| gpu_devices(&a.gpu_indices, inventory))
+                    .unwrap_or_default(),
                 cpu_milli: given.map_or(0, |a| a.resources.cpu_milli),
                 memory_bytes: given.map_or(0, |a| a.resources.memory_mib * 1024 * 1024),
                 user,
@@ -579,6 +585,22 @@ impl JobRecord {
 pub fn parse_replica_name(name: &str) -> Option<(ReplicaType, u32)> {
     let (t, i) = name.rsplit_once('-')?;
     Some((ReplicaType::from_key(t)?, i.parse().ok()?))
+}
+
+/// The device minor numbers (`/dev/nvidia<minor>`) of the GPUs with these NVML indices; a GPU
+/// whose driver does not say has the usual minor, its index.
+fn gpu_devices(indices: &[u32], inventory: &NodeInventory) -> Vec<u32> {
+    indices
+        .iter()
+        .map(|&index| {
+            inventory
+                .gpus
+                .iter()
+                .find(|g| g.index == index)
+                .and_then(|g| g.minor_number)
+                .unwrap_or(index)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -720,5 +742,20 @@ mod tests {
             expired_reason(restored.due(after.now())),
             Some("DeadlineExceeded")
         );
+    }
+
+    /// A unit's device rules name `/dev/nvidia<minor>`, which need not be the NVML index.
+    #[test]
+    fn gpu_devices_are_minor_numbers_not_indices() {
+        let gpu = |index, minor_number| agentd_api::GpuInfo {
+            index,
+            minor_number,
+            ..agentd_api::GpuInfo::default()
+        };
+        let inventory = NodeInventory {
+            gpus: vec![gpu(0, Some(4)), gpu(1, None), gpu(2, Some(0))],
+            ..NodeInventory::default()
+        };
+        assert_eq!(gpu_devices(&[2, 0, 1], &inventory), [0, 4, 1]);
     }
 }

@@ -61,8 +61,9 @@ pub struct LaunchSpec {
     pub working_dir: Option<PathBuf>,
     pub log_path: PathBuf,
     /// What the scheduler gave the replica, the limits of its unit when replicas run as
-    /// systemd units: GPU indices, millicores and bytes (0 for no limit).
-    pub gpu_indices: Vec<u32>,
+    /// systemd units: its GPUs' device minor numbers (`/dev/nvidia<minor>`, which need not be
+    /// the NVML indices), millicores and bytes (0 for no limit).
+    pub gpu_devices: Vec<u32>,
     pub cpu_milli: u64,
     pub memory_bytes: u64,
     /// Whom the replica runs as; `None`: as the agent.
@@ -786,7 +787,7 @@ fn spawn_unit(
         job: spec.job.clone(),
         replica: spec.replica.clone(),
         generation: spec.generation,
-        gpus: spec.gpu_indices.clone(),
+        gpus: spec.gpu_devices.clone(),
         cpu_milli: spec.cpu_milli,
         memory_bytes: spec.memory_bytes,
         working_directory: spec.working_dir.clone(),
@@ -1220,7 +1221,7 @@ mod tests {
             env: BTreeMap::new(),
             working_dir: None,
             log_path: dir.join(format!("logs/j/{replica}.log")),
-            gpu_indices: Vec::new(),
+            gpu_devices: Vec::new(),
             cpu_milli: 0,
             memory_bytes: 0,
             user: None,

@@ -106,6 +106,8 @@ struct Identity {
     uuid: String,
     name: String,
     pci_bus_id: String,
+    /// `None` where the driver does not say (it is then not needed: no device files).
+    minor_number: Option<u32>,
     memory_total_bytes: u64,
 }
 
@@ -262,6 +264,7 @@ impl GpuProbe {
                 uuid: String::new(),
                 name: String::new(),
                 pci_bus_id: String::new(),
+                minor_number: None,
                 memory_total_bytes: 0,
             });
             // A GPU never read has no UUID; its index keeps its health apart from the others.
@@ -314,6 +317,7 @@ impl GpuProbe {
                 uuid: identity.uuid,
                 name: identity.name,
                 pci_bus_id: identity.pci_bus_id,
+                minor_number: identity.minor_number,
                 memory_total_bytes: identity.memory_total_bytes,
                 memory_used_bytes: readings.memory_used_bytes,
                 utilization_gpu_percent: readings.utilization_gpu_percent,
@@ -369,6 +373,7 @@ impl GpuProbe {
                 uuid: device.uuid()?,
                 name: device.name()?,
                 pci_bus_id: device.pci_info()?.bus_id,
+                minor_number: device.minor_number().ok(),
                 memory_total_bytes: memory.total,
             };
             Ok((identity, memory.used))

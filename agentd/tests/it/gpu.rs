@@ -169,6 +169,8 @@ fn eight_gpus_are_read_as_configured() {
     config["gpus"][2]["ecc_uncorrected"] = json!(1);
     config["gpus"][2]["energy_mj"] = json!(123_456_789);
     config["gpus"][6]["temperature_c"] = Value::Null;
+    // Device files need not follow NVML's order.
+    config["gpus"][5]["minor_number"] = json!(9);
     with_fake_nvml("eight_gpus_are_read_as_configured", Some(&config), |fake| {
         let mut probe = fake.open();
         let sample = probe.sample();
@@ -188,6 +190,7 @@ fn eight_gpus_are_read_as_configured() {
                 format!("00000000:{:02X}:00.0", BUS_NUMBERS[i])
             );
             assert_eq!(gpu.memory_total_bytes, 150_754_820_096);
+            assert_eq!(gpu.minor_number, Some(if i == 5 { 9 } else { i as u32 }));
             assert_eq!(gpu.memory_used_bytes, (i as u64) << 30);
             assert_eq!(gpu.utilization_gpu_percent as usize, i * 10);
             assert_eq!(gpu.utilization_memory_percent as usize, i * 5);

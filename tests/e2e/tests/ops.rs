@@ -164,6 +164,7 @@ fn fake_inventory(n: u32) -> NodeInventory {
             uuid: format!("GPU-fa4e0000-0000-4000-8000-{i:012}"),
             name: "NVIDIA H200".into(),
             pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + i),
+            minor_number: Some(i),
             memory_total_bytes: 150_754_820_096,
             memory_used_bytes: 1_048_576 * u64::from(100 + i),
             utilization_gpu_percent: 10 * (i % 10),

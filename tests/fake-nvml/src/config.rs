@@ -59,6 +59,10 @@ pub struct FakeGpu {
     /// When true every call on this GPU returns `NVML_ERROR_GPU_IS_LOST`.
     #[serde(default)]
     pub lost: bool,
+    /// The minor number of its device file (`/dev/nvidia<minor>`); absent means the GPU's
+    /// position in the file, as on most real machines.
+    #[serde(default)]
+    pub minor_number: Option<u32>,
 }
 
 /// A PCI address split into the numbers `nvmlPciInfo_t` carries.

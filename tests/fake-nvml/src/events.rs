@@ -70,6 +70,7 @@ mod tests {
             ecc_uncorrected: None,
             xid_events: xids.to_vec(),
             lost: false,
+            minor_number: None,
         }
     }
 

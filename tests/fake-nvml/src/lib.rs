@@ -10,7 +10,7 @@
 //! `nvmlSystemGetDriverVersion`, `nvmlSystemGetNVMLVersion`, `nvmlSystemGetCudaDriverVersion`
 //! (and `_v2`), `nvmlDeviceGetCount` (and `_v2`), `nvmlDeviceGetHandleByIndex` (and `_v2`),
 //! `nvmlDeviceGetHandleByUUID`, `nvmlDeviceGetHandleByPciBusId_v2`, `nvmlDeviceGetIndex`,
-//! `nvmlDeviceGetName`, `nvmlDeviceGetUUID`, `nvmlDeviceGetPciInfo_v2`/`_v3`,
+//! `nvmlDeviceGetName`, `nvmlDeviceGetUUID`, `nvmlDeviceGetMinorNumber`, `nvmlDeviceGetPciInfo_v2`/`_v3`,
 //! `nvmlDeviceGetMemoryInfo` (and `_v2`), `nvmlDeviceGetUtilizationRates`,
 //! `nvmlDeviceGetTemperature`, `nvmlDeviceGetPowerUsage`, `nvmlDeviceGetEnforcedPowerLimit`,
 //! `nvmlDeviceGetPowerManagementLimit`, `nvmlDeviceGetTotalEnergyConsumption`,
@@ -506,6 +506,18 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
 ) -> NvmlReturn {
     // SAFETY: NVML's contract: `uuid` holds `length` bytes.
     status(gpu(device).and_then(|(_, gpu)| unsafe { put_str(uuid, length, &gpu.uuid) }))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMinorNumber(
+    device: DeviceHandle,
+    minor: *mut c_uint,
+) -> NvmlReturn {
+    status(gpu(device).and_then(|(position, gpu)| {
+        let number = gpu.minor_number.unwrap_or(position as u32);
+        // SAFETY: NVML's contract: `minor` is valid for a write of an unsigned int.
+        unsafe { put(minor, number) }
+    }))
 }
 
 #[unsafe(no_mangle)]
