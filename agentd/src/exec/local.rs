@@ -506,6 +506,10 @@ impl Starter {
                 event,
             });
         };
+        let start_failed = |e: &ExecError| ReplicaEvent::StartFailed {
+            message: e.to_string(),
+            transient: e.is_transient(),
+        };
         if self.runner == Runner::Processes {
             match self.start_shim(&spec) {
                 Ok((pid, watch)) => {
@@ -521,13 +525,7 @@ impl Starter {
                         });
                     });
                 }
-                Err(e) => report(
-                    &spec,
-                    ReplicaEvent::StartFailed {
-                        message: e.to_string(),
-                        transient: e.is_transient(),
-                    },
-                ),
+                Err(e) => report(&spec, start_failed(&e)),
             }
             return;
         }
@@ -571,13 +569,7 @@ impl Starter {
                     });
                 });
             }
-            Err(e) => report(
-                &spec,
-                ReplicaEvent::StartFailed {
-                    message: e.to_string(),
-                    transient: e.is_transient(),
-                },
-            ),
+            Err(e) => report(&spec, start_failed(&e)),
         }
     }
 }

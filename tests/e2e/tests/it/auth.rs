@@ -71,7 +71,7 @@ fn agent() -> Agent {
 }
 
 /// Runs agentctl as `user` (with that user's groups), feeding `stdin`.
-fn ctl_as(agent: &Agent, user: &str, args: &[&str], stdin: &str) -> Output {
+pub(crate) fn ctl_as(agent: &Agent, user: &str, args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new("setpriv")
         .args(["--reuid", user, "--regid", user, "--init-groups"])
         .arg(agentctl_bin())

@@ -2,15 +2,14 @@
 //! home and user name, with log files that user owns; no manifest field gets a user's replica
 //! another identity, root least of all.
 
-use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use e2e::{Agent, AgentOptions, agentctl_bin};
+use e2e::{Agent, AgentOptions};
 use serde_json::Value;
 
-use crate::auth::{BOB, users};
+use crate::auth::{BOB, ctl_as, users};
 
 fn agent() -> Agent {
     users();
@@ -25,24 +24,7 @@ fn agent() -> Agent {
 
 /// `agentctl submit -` as `user`, with the manifest on stdin.
 fn submit_as(agent: &Agent, user: &str, manifest: &str) -> Output {
-    let mut child = Command::new("setpriv")
-        .args(["--reuid", user, "--regid", user, "--init-groups"])
-        .arg(agentctl_bin())
-        .arg("--socket")
-        .arg(&agent.socket)
-        .args(["submit", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(manifest.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    ctl_as(agent, user, &["submit", "-"], manifest)
 }
 
 fn id(args: &[&str]) -> u32 {
