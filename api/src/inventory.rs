@@ -21,6 +21,22 @@ pub struct NodeInventory {
     pub sampled_at: f64,
 }
 
+impl NodeInventory {
+    /// How many of the node's GPUs are healthy.
+    pub fn healthy_gpus(&self) -> u32 {
+        self.gpus.iter().filter(|g| g.healthy).count() as u32
+    }
+
+    /// The node's GPU product (its first GPU's name; a node's GPUs are one model), or "" when
+    /// it has none.
+    pub fn gpu_product(&self) -> String {
+        self.gpus
+            .first()
+            .map(|g| g.name.clone())
+            .unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuInfo {
     pub model: String,

@@ -453,12 +453,8 @@ fn standalone_node(inventory: &NodeInventory, drained: bool) -> NodeSummary {
         name: inventory.name.clone(),
         gpus: NodeGpus {
             total: inventory.gpus.len() as u32,
-            healthy: inventory.gpus.iter().filter(|g| g.healthy).count() as u32,
-            product: inventory
-                .gpus
-                .first()
-                .map(|g| g.name.clone())
-                .unwrap_or_default(),
+            healthy: inventory.healthy_gpus(),
+            product: inventory.gpu_product(),
         },
         cpu_cores: inventory.cpu.logical_cores,
         memory_bytes: inventory.memory.total_bytes,

@@ -66,12 +66,8 @@ impl AgentNodeStatus {
     pub fn from_inventory(inventory: &NodeInventory, agent_version: &str) -> Self {
         Self {
             gpu_count: inventory.gpus.len() as u32,
-            healthy_gpu_count: inventory.gpus.iter().filter(|g| g.healthy).count() as u32,
-            gpu_product: inventory
-                .gpus
-                .first()
-                .map(|g| g.name.clone())
-                .unwrap_or_default(),
+            healthy_gpu_count: inventory.healthy_gpus(),
+            gpu_product: inventory.gpu_product(),
             agent_version: agent_version.to_owned(),
             cpu_cores: inventory.cpu.logical_cores,
             memory_bytes: inventory.memory.total_bytes,

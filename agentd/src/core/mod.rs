@@ -1655,11 +1655,7 @@ fn runner(config: &Config) -> Result<local::Runner, CoreError> {
 
 /// The node as the scheduler sees it: every GPU with its health, all CPUs and memory.
 pub fn node_capacity(inventory: &NodeInventory) -> NodeCapacity {
-    let product = inventory
-        .gpus
-        .first()
-        .map(|g| g.name.clone())
-        .unwrap_or_default();
+    let product = inventory.gpu_product();
     let mut labels =
         BTreeMap::from([("kubernetes.io/hostname".to_owned(), inventory.name.clone())]);
     if !product.is_empty() {
