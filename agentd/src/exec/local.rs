@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
-use super::{shim, spawn};
+use super::{cgroup, shim, spawn};
 use crate::job::ExitOutcome;
 
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +277,9 @@ impl LocalExecutor {
     ) -> Self {
         let (launches, queue) = std::sync::mpsc::channel::<LaunchSpec>();
         let units = Arc::new(Mutex::new(HashMap::new()));
+        let cgroups = (runner == Runner::Processes)
+            .then(replica_cgroups)
+            .flatten();
         let starter = Starter {
             reports: reports.clone(),
             log_max_bytes,
@@ -284,6 +287,7 @@ impl LocalExecutor {
             units: Arc::clone(&units),
             run_root: run_root.clone(),
             shim,
+            cgroups,
         };
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
@@ -492,6 +496,8 @@ struct Starter {
     units: Arc<Mutex<HashMap<u32, String>>>,
     run_root: PathBuf,
     shim: ShimCommand,
+    /// Where replicas' memory cgroups are made; `None`: they get none.
+    cgroups: Option<cgroup::CgroupParent>,
 }
 
 impl Starter {
@@ -512,17 +518,32 @@ impl Starter {
         };
         if self.runner == Runner::Processes {
             match self.start_shim(&spec) {
-                Ok((pid, watch)) => {
-                    report(&spec, ReplicaEvent::Started { pid });
+                // The supervisor says on its pipe whether the replica runs; that is waited
+                // for on the runtime, so this thread goes on to start the next supervisor.
+                Ok(pending) => {
                     let reports = self.reports.clone();
                     tokio::spawn(async move {
-                        let outcome = watch.wait().await;
-                        let _ = reports.send(ReplicaReport {
-                            job: spec.job,
-                            replica: spec.replica,
-                            generation: spec.generation,
-                            event: ReplicaEvent::Exited { outcome },
-                        });
+                        let report = |event| {
+                            let _ = reports.send(ReplicaReport {
+                                job: spec.job.clone(),
+                                replica: spec.replica.clone(),
+                                generation: spec.generation,
+                                event,
+                            });
+                        };
+                        match pending.started().await {
+                            Ok((pid, watch)) => {
+                                report(ReplicaEvent::Started { pid });
+                                let outcome = watch.wait().await;
+                                report(ReplicaEvent::Exited { outcome });
+                            }
+                            Err(source) => report(start_failed(&ExecError::Spawn {
+                                job: spec.job.clone(),
+                                replica: spec.replica.clone(),
+                                program: spec.argv.first().cloned().unwrap_or_default(),
+                                source,
+                            })),
+                        }
                     });
                 }
                 Err(e) => report(&spec, start_failed(&e)),
@@ -576,9 +597,8 @@ impl Starter {
 
 impl Starter {
     /// Writes the replica's run directory and starts its supervisor, which starts the replica
-    /// and says so (or why it could not) on a pipe. Returns the replica's pid and a watcher
-    /// of the supervisor.
-    fn start_shim(&self, spec: &LaunchSpec) -> Result<(u32, ShimWatch), ExecError> {
+    /// and says so (or why it could not) on a pipe, read by [`PendingShim::started`].
+    fn start_shim(&self, spec: &LaunchSpec) -> Result<PendingShim, ExecError> {
         let spawn_err = |source| ExecError::Spawn {
             job: spec.job.clone(),
             replica: spec.replica.clone(),
@@ -615,6 +635,11 @@ impl Starter {
                 log_max_bytes: self.log_max_bytes,
                 title: format!("{} generation {}", spec.replica, spec.generation),
                 user: user.map(|(credentials, _, _)| credentials),
+                cgroup: self.cgroups.as_ref().map(|parent| shim::ShimCgroup {
+                    parent: parent.clone(),
+                    name: cgroup::name(&spec.job, &spec.replica, spec.generation),
+                    memory_max: spec.memory_bytes,
+                }),
             },
         )
         .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
@@ -633,16 +658,93 @@ impl Starter {
             stderr: &said_write,
             detach: spawn::Detach::Outlives,
             user: None,
+            cgroup_procs: None,
         })
         .map_err(forget)?;
         drop(said_write);
-        // The supervisor closes its end once the replica runs, or ends when it cannot start.
+        let job = spec.job.clone();
+        let said = match pipe::Receiver::from_owned_fd(said) {
+            Ok(said) => said,
+            Err(e) => {
+                // Unheard, the supervisor could not be watched: it must not run at all.
+                // SAFETY: a plain signal to our own child, not yet reaped.
+                unsafe { libc::kill(spawned.pid.cast_signed(), libc::SIGKILL) };
+                spawn::reap(spawned.pid.cast_signed());
+                return Err(forget(e));
+            }
+        };
+        Ok(PendingShim {
+            spawned,
+            said,
+            job,
+            dir,
+        })
+    }
+}
+
+/// Where replicas' memory cgroups can be made on this machine, checked by making and removing
+/// one; `None`, said once in the log, where they cannot.
+fn replica_cgroups() -> Option<cgroup::CgroupParent> {
+    let parent = cgroup::find_parent().and_then(|parent| {
+        let probe = format!("agentd-probe-{}", std::process::id());
+        cgroup::ReplicaCgroup::create(&parent, &probe, 0)
+            .map(cgroup::ReplicaCgroup::remove)
+            .map(|()| parent)
+            .map_err(|e| e.to_string())
+    });
+    match parent {
+        Ok(parent) => {
+            tracing::info!(
+                parent = %parent.path.display(),
+                v2 = parent.v2,
+                "replicas get memory cgroups of their own: memory limits are enforced and OOM \
+                 kills are seen"
+            );
+            Some(parent)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "replicas run without memory cgroups of their own, so memory limits are not \
+                 enforced and an OOM kill is seen as a plain SIGKILL: {why}"
+            );
+            None
+        }
+    }
+}
+
+/// A supervisor that has been started and has not yet said whether its replica runs.
+struct PendingShim {
+    spawned: spawn::Spawned,
+    /// The read end of the pipe it speaks on.
+    said: pipe::Receiver,
+    job: String,
+    dir: PathBuf,
+}
+
+impl PendingShim {
+    /// Waits for the supervisor to say that the replica runs (its pipe closes then, or when
+    /// it ends having failed to start it). Returns the replica's pid and a watcher of the
+    /// supervisor; on failure nothing of it is left, run directory included.
+    async fn started(self) -> std::io::Result<(u32, ShimWatch)> {
+        let Self {
+            spawned,
+            mut said,
+            job,
+            dir,
+        } = self;
         let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut std::fs::File::from(said), &mut text);
+        let _ = said.read_to_string(&mut text).await;
         let started = text
             .lines()
             .find_map(|l| l.split_once(shim::STARTED).map(|(_, pid)| pid))
             .and_then(|pid| pid.trim().parse::<u32>().ok());
+        let forget = |e: std::io::Error| {
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(job_dir) = dir.parent() {
+                let _ = std::fs::remove_dir(job_dir);
+            }
+            e
+        };
         let Some(pid) = started else {
             spawn::reap(spawned.pid.cast_signed());
             let message = text
@@ -662,7 +764,7 @@ impl Starter {
                 pid,
                 ShimWatch {
                     pid: Some(spawned.pid),
-                    replica: (pid, spec.job.clone()),
+                    replica: (pid, job),
                     pidfd: Some(pidfd),
                     dir,
                 },
@@ -811,6 +913,7 @@ fn spawn_unit(
         stderr: &output_write,
         detach: spawn::Detach::DiesWithParent,
         user: None,
+        cgroup_procs: None,
     })
     .map_err(spawn_err)?;
     // Only the replica holds the write ends now: end of file means it (and everything it
@@ -893,6 +996,17 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// A short human description of how a process ended.
 pub fn describe(outcome: ExitOutcome) -> String {
+    if outcome.oom_killed {
+        let how = match (outcome.code, outcome.signal) {
+            (Some(code), _) => format!("; it ended with exit code {code}"),
+            (None, Some(signal)) => format!(
+                "; it was killed by {}",
+                Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string())
+            ),
+            (None, None) => String::new(),
+        };
+        return format!("OOMKilled: the OOM killer ended a process of it{how}");
+    }
     match (outcome.code, outcome.signal) {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => {
@@ -1303,6 +1417,43 @@ mod tests {
         let log = std::fs::read_to_string(&log_path).unwrap();
         assert!(log.contains("hello world"), "{log}");
         assert!(log.contains("ended: exit code 3"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_replica_over_its_memory_limit_is_reported_oom_killed() {
+        if let Err(why) = cgroup::find_parent() {
+            eprintln!("SKIPPED: this machine cannot give replicas memory cgroups: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = executor(dir.path(), tx);
+        let mut hog = spec(
+            dir.path(),
+            "hog-0",
+            &["python3", "-c", "b = b'x' * (256 << 20)"],
+        );
+        hog.memory_bytes = 32 << 20;
+        let mut within = spec(dir.path(), "within-0", &["sh", "-c", "kill -9 $$"]);
+        within.memory_bytes = 32 << 20;
+        executor.launch(hog);
+        executor.launch(within);
+        let mut outcomes = BTreeMap::new();
+        while outcomes.len() < 2 {
+            let report = rx.recv().await.unwrap();
+            if let ReplicaEvent::Exited { outcome } = report.event {
+                outcomes.insert(report.replica, outcome);
+            }
+        }
+        let hog = outcomes["hog-0"];
+        assert!(hog.oom_killed, "{hog:?}");
+        assert_eq!(hog.signal, Some(libc::SIGKILL), "{hog:?}");
+        assert!(describe(hog).starts_with("OOMKilled"), "{}", describe(hog));
+        // A SIGKILL from anyone else is not an OOM kill.
+        let within = outcomes["within-0"];
+        assert_eq!(within.signal, Some(libc::SIGKILL), "{within:?}");
+        assert!(!within.oom_killed, "{within:?}");
+        assert_eq!(describe(within), "killed by SIGKILL");
     }
 
     #[tokio::test]

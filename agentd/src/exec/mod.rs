@@ -3,6 +3,7 @@
 //! cluster mode will run them as pods. The core decides what to run; an executor only does it
 //! and reports each replica started, failed to start, or ended.
 
+pub mod cgroup;
 pub mod local;
 pub mod shim;
 pub mod spawn;

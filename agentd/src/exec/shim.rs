@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
+use super::cgroup::{CgroupParent, ReplicaCgroup};
 use super::local::{LogFile, describe, signal_group};
 use super::spawn;
 use crate::job::ExitOutcome;
@@ -68,6 +69,19 @@ pub struct ShimSpec {
     /// Whom the replica runs as (and who owns its log); `None`: as the shim.
     #[serde(default)]
     pub user: Option<spawn::Credentials>,
+    /// The memory cgroup the replica gets; `None`: none (the agent could not make one here).
+    #[serde(default)]
+    pub cgroup: Option<ShimCgroup>,
+}
+
+/// A replica's memory cgroup, made by the shim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShimCgroup {
+    pub parent: CgroupParent,
+    /// The start of its name; the shim's pid follows.
+    pub name: String,
+    /// Its memory limit in bytes; 0: none of its own.
+    pub memory_max: u64,
 }
 
 /// Where the replica runs.
@@ -191,11 +205,11 @@ pub fn start_time(pid: u32) -> Option<u64> {
 /// Its standard output is the agent's pipe, closed once the replica runs.
 pub fn main(dir: &Path) -> i32 {
     match start(dir) {
-        Ok((state, spec, output)) => {
+        Ok(started) => {
             // An agent that died meanwhile reads nothing; the replica runs on regardless.
-            let _ = writeln!(std::io::stdout(), "{STARTED}{}", state.pid);
+            let _ = writeln!(std::io::stdout(), "{STARTED}{}", started.state.pid);
             quiet_stdio();
-            supervise(dir, &state, &spec, output);
+            supervise(dir, started);
             0
         }
         Err(message) => {
@@ -205,8 +219,18 @@ pub fn main(dir: &Path) -> i32 {
     }
 }
 
-/// Reads the spec, becomes a subreaper and starts the replica; records where it runs.
-fn start(dir: &Path) -> Result<(ShimState, ShimSpec, OwnedFd), String> {
+/// A replica the shim has started.
+struct Started {
+    state: ShimState,
+    spec: ShimSpec,
+    /// The read end of its output.
+    output: OwnedFd,
+    cgroup: Option<ReplicaCgroup>,
+}
+
+/// Reads the spec, becomes a subreaper, makes the replica's cgroup and starts the replica in
+/// it; records where it runs.
+fn start(dir: &Path) -> Result<Started, String> {
     let spec: ShimSpec = read(dir, SPEC_FILE)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} is missing", dir.join(SPEC_FILE).display()))?;
@@ -221,6 +245,26 @@ fn start(dir: &Path) -> Result<(ShimState, ShimSpec, OwnedFd), String> {
     // the order the replica wrote them.
     let (output, output_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| format!("cannot make a pipe: {e}"))?;
+    let cgroup = spec
+        .cgroup
+        .as_ref()
+        // The shim's pid makes the name unique among the replicas of every agent on the
+        // machine (two agents may run jobs of the same name).
+        .map(|c| {
+            let name = format!("{}.{}", c.name, std::process::id());
+            ReplicaCgroup::create(&c.parent, &name, c.memory_max)
+        })
+        .transpose()
+        .map_err(|e| format!("cannot make the replica's memory cgroup: {e}"))?;
+    let procs = match cgroup.as_ref().map(ReplicaCgroup::procs).transpose() {
+        Ok(procs) => procs,
+        Err(e) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.remove();
+            }
+            return Err(format!("cannot make the replica's memory cgroup: {e}"));
+        }
+    };
     let spawned = spawn::spawn(&spawn::Command {
         argv: &spec.argv,
         env: &spec.env,
@@ -229,8 +273,18 @@ fn start(dir: &Path) -> Result<(ShimState, ShimSpec, OwnedFd), String> {
         stderr: &output_write,
         detach: spawn::Detach::DiesWithParent,
         user: spec.user.as_ref(),
-    })
-    .map_err(|e| e.to_string())?;
+        cgroup_procs: procs.as_ref(),
+    });
+    drop(procs);
+    let spawned = match spawned {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            if let Some(cgroup) = cgroup {
+                cgroup.remove();
+            }
+            return Err(e.to_string());
+        }
+    };
     drop(output_write);
     let shim_pid = std::process::id();
     let state = ShimState {
@@ -242,9 +296,17 @@ fn start(dir: &Path) -> Result<(ShimState, ShimSpec, OwnedFd), String> {
         // Unrecorded, the replica could be neither adopted nor found: it must not run.
         signal_group(spawned.pid, Signal::SIGKILL);
         spawn::reap(spawned.pid.cast_signed());
+        if let Some(cgroup) = cgroup {
+            cgroup.remove();
+        }
         return Err(e.to_string());
     }
-    Ok((state, spec, output))
+    Ok(Started {
+        state,
+        spec,
+        output,
+        cgroup,
+    })
 }
 
 /// Standard input, output and error to /dev/null: the agent's pipe closes, and the shim never
@@ -264,8 +326,14 @@ fn quiet_stdio() {
 }
 
 /// Copies the replica's output into its log, waits for it, stops what is left of its tree,
-/// and writes how it ended.
-fn supervise(dir: &Path, state: &ShimState, spec: &ShimSpec, output: OwnedFd) {
+/// and writes how it ended (and whether the OOM killer ended any of it).
+fn supervise(dir: &Path, started: Started) {
+    let Started {
+        state,
+        spec,
+        output,
+        cgroup,
+    } = started;
     let mut log = LogFile::new(
         &spec.log_path,
         spec.log_max_bytes,
@@ -288,21 +356,28 @@ fn supervise(dir: &Path, state: &ShimState, spec: &ShimSpec, output: OwnedFd) {
     // The replica is gone; whatever it started goes with it. Each process killed here hands
     // its own children to the shim, so this ends when the whole tree is reaped.
     stop_tree(state.pid);
+    // Any process of the replica killed by the OOM killer, the replica itself or not: a
+    // trainer whose data loader was killed fails for the same reason.
+    let oom_killed = cgroup.is_some_and(|cgroup| {
+        let kills = cgroup.oom_kills().unwrap_or(0);
+        cgroup.remove();
+        kills > 0
+    });
     let outcome = match status {
         Some(status) if libc::WIFEXITED(status) => ShimExit {
             code: Some(libc::WEXITSTATUS(status)),
             signal: None,
-            oom_killed: false,
+            oom_killed,
         },
         Some(status) if libc::WIFSIGNALED(status) => ShimExit {
             code: None,
             signal: Some(libc::WTERMSIG(status)),
-            oom_killed: false,
+            oom_killed,
         },
         _ => ShimExit {
             code: None,
             signal: None,
-            oom_killed: false,
+            oom_killed,
         },
     };
     if let Ok(mut log) = copier.join() {
@@ -385,6 +460,7 @@ mod tests {
             log_max_bytes: 1024,
             title: "worker-0 generation 1".into(),
             user: None,
+            cgroup: None,
         };
         let run = run_dir(dir.path(), "mnist", "worker-0", 1);
         prepare(&run, &spec).unwrap();

@@ -26,6 +26,9 @@ pub struct Command<'a> {
     pub detach: Detach,
     /// Whom it runs as; `None`: as the caller.
     pub user: Option<&'a Credentials>,
+    /// A cgroup's `cgroup.procs`, open for writing: the process moves itself into that
+    /// cgroup before anything else, so nothing it runs is ever outside it.
+    pub cgroup_procs: Option<&'a OwnedFd>,
 }
 
 /// A user to run as: uid, primary gid and supplementary groups.
@@ -57,6 +60,7 @@ pub struct Spawned {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     None = 0,
+    Cgroup,
     Signals,
     ProcessGroup,
     Session,
@@ -72,6 +76,7 @@ enum Step {
 impl Step {
     fn from_code(code: i32) -> Self {
         [
+            Self::Cgroup,
             Self::Signals,
             Self::ProcessGroup,
             Self::Session,
@@ -91,6 +96,7 @@ impl Step {
     fn describe(self) -> &'static str {
         match self {
             Self::None => "starting",
+            Self::Cgroup => "moving it into its cgroup",
             Self::Signals => "resetting signal handlers",
             Self::ProcessGroup => "creating its process group",
             Self::Session => "creating its session",
@@ -114,6 +120,8 @@ struct ChildArgs {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
+    /// `cgroup.procs` of the cgroup to join, or -1.
+    cgroup_procs: RawFd,
     parent: libc::pid_t,
     detach: Detach,
     /// uid, gid and supplementary groups to take, when not the caller's.
@@ -174,6 +182,7 @@ pub fn spawn(command: &Command<'_>) -> std::io::Result<Spawned> {
         stdin: stdin.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
+        cgroup_procs: command.cgroup_procs.map_or(-1, AsRawFd::as_raw_fd),
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         detach: command.detach,
@@ -273,6 +282,10 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     };
     // SAFETY: every call below is a plain system call on values prepared by the parent.
     unsafe {
+        // First, and while still privileged: "0" is the writing process itself.
+        if args.cgroup_procs >= 0 && libc::write(args.cgroup_procs, c"0".as_ptr().cast(), 1) != 1 {
+            return fail(Step::Cgroup);
+        }
         // Handlers of the agent's (tokio's signal handling) are not the replica's; ignored
         // signals (Rust ignores SIGPIPE) would stay ignored across execve, so reset those too.
         // The raw system call, because the C library refuses to touch the two signals it
@@ -438,6 +451,7 @@ mod tests {
             stderr: &write,
             detach: Detach::DiesWithParent,
             user: None,
+            cgroup_procs: None,
         })?;
         drop(write);
         let mut out = String::new();
@@ -522,6 +536,7 @@ mod tests {
                 stderr: &write,
                 detach: Detach::DiesWithParent,
                 user: None,
+                cgroup_procs: None,
             })
             .err()
             .expect("fails")
