@@ -463,53 +463,6 @@ fn replica_pids(job: &Value) -> Vec<u64> {
         .collect()
 }
 
-/// A replica that outgrows its `resources.limits.memory` is killed by the kernel's OOM killer
-/// in its own memory cgroup, and the job says so: OOM is permanent under `ExitCode` and
-/// `OnFailure`, although the SIGKILL alone (exit 137) would be retried under `ExitCode`.
-#[test]
-fn a_replica_killed_for_memory_is_oom_killed_and_not_retried() {
-    let agent = agent(0);
-    // The agent says at start-up whether replicas get memory cgroups; on a machine that
-    // cannot give them (no memory controller, not root) there is nothing to see.
-    let log = agent.log();
-    if log.contains("replicas run without memory cgroups") {
-        eprintln!(
-            "SKIPPED a_replica_killed_for_memory_is_oom_killed_and_not_retried: this machine \
-             cannot give replicas memory cgroups, so OOM kills cannot be told from SIGKILL:\n{log}"
-        );
-        return;
-    }
-    // 512 MiB written (not just reserved) against a 64 MiB limit.
-    let hog = "exec python3 -c \"b = b'x' * (512 << 20)\"";
-    for policy in ["ExitCode", "OnFailure"] {
-        let name = format!("hog-{}", policy.to_lowercase());
-        let text = manifest(&name, "backoffLimit: 3", &[("Worker", 1, policy, 0, hog)])
-            .replace("{nvidia.com/gpu: 0}", "{nvidia.com/gpu: 0, memory: 64Mi}");
-        submit_ok(&agent, &text);
-        let job = wait_state(&agent, &name, "Failed", Duration::from_secs(30));
-        assert_eq!(job["restarts"], 0, "{job}");
-        let message = job["message"].as_str().unwrap();
-        assert!(message.contains("OOMKilled"), "{job}");
-        assert!(message.contains("killed by SIGKILL"), "{job}");
-        assert!(message.contains("permanent failure"), "{job}");
-    }
-    // A replica within its limit is not touched.
-    let text = manifest(
-        "within",
-        "backoffLimit: 0",
-        &[(
-            "Worker",
-            1,
-            "Never",
-            0,
-            "exec python3 -c \"b = b'x' * (8 << 20)\"",
-        )],
-    )
-    .replace("{nvidia.com/gpu: 0}", "{nvidia.com/gpu: 0, memory: 64Mi}");
-    submit_ok(&agent, &text);
-    wait_state(&agent, "within", "Succeeded", Duration::from_secs(30));
-}
-
 #[test]
 fn replicas_survive_agent_restarts_and_are_adopted() {
     let mut agent = agent(0);
