@@ -178,7 +178,7 @@ async fn run_parts(
         Core::open(
             &config,
             node_name.clone(),
-            store,
+            Box::new(store),
             inventory_rx.clone(),
             health_rx,
             exporter.as_ref().map(|e| e.metrics.clone()),

@@ -29,18 +29,26 @@ fn open(state_dir: &std::path::Path, clock: &ManualClock) -> Core {
         },
         ..Config::default()
     };
-    let store = Store::open(state_dir).expect("a store in a temporary directory");
+    let store = crate::store::Store::open(state_dir).expect("a store in a temporary directory");
     let (_, inventory) = watch::channel(Arc::new(NodeInventory::default()));
     let (_, health) = mpsc::unbounded_channel();
-    let (core, _, _) = Core::open_with_clock(
-        &config,
-        "node-a".to_owned(),
-        store,
+    let parts = CoreParts {
+        node: "node-a".to_owned(),
+        store: Box::new(store),
         inventory,
         health,
-        None,
-        Arc::new(clock.clone()),
-    )
+        metrics: None,
+        clock: Arc::new(clock.clone()),
+    };
+    let (core, _, _) = Core::open_with(&config, parts, |reports| {
+        Box::new(LocalExecutor::new(
+            reports,
+            config.jobs.log_max_bytes,
+            local::Runner::Processes,
+            state_dir.join("replicas"),
+            crate::exec::ShimCommand::agentd(),
+        ))
+    })
     .expect("the core opens");
     core
 }
@@ -59,7 +67,18 @@ fn submit_waiting(core: &mut Core) {
         gid: 0,
         user: "root".to_owned(),
     };
-    core.submit(job, text, root).expect("accepted");
+    let (reply, mut answer) = oneshot::channel();
+    core.command(Command::Submit {
+        job: Box::new(job),
+        manifest: text,
+        owner: root,
+        reply,
+    });
+    core.commit().expect("written");
+    answer
+        .try_recv()
+        .expect("answered once written")
+        .expect("accepted");
 }
 
 fn state(core: &Core) -> (JobState, String) {
@@ -73,7 +92,6 @@ async fn a_wall_clock_step_moves_no_time_limit_of_the_core() {
     let clock = ManualClock::new(1_000_000.0);
     let mut core = open(dir.path(), &clock);
     submit_waiting(&mut core);
-    core.commit().expect("written");
 
     clock.step_wall(2.0 * 3600.0);
     clock.advance(59.0);
@@ -98,7 +116,6 @@ async fn a_restarted_core_keeps_what_was_left_of_a_time_limit() {
     {
         let mut core = open(dir.path(), &before);
         submit_waiting(&mut core);
-        core.commit().expect("written");
         before.advance(30.0);
         core.tick();
         core.commit().expect("written");
