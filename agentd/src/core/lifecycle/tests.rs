@@ -693,6 +693,11 @@ fn cancelling_a_finished_job_removes_it_once_its_gang_is_gone() {
     assert_eq!(reply.expect("answered").reason, "Removing");
     assert!(turn.persist.jobs.is_empty());
     let turn = h.stopped(&stop);
+    assert_removed(&h, &turn, JobState::Cancelled);
+}
+
+/// Job `a` is gone from memory and store, with its logs; its last status is kept.
+fn assert_removed(h: &Harness, turn: &Turn, state: JobState) {
     assert!(matches!(&turn.persist.jobs[..], [JobWrite::Delete { name }] if name == "a"));
     assert!(
         turn.effects
@@ -700,10 +705,7 @@ fn cancelling_a_finished_job_removes_it_once_its_gang_is_gone() {
             .any(|e| matches!(e, Effect::RemoveLogs { job } if job == "a"))
     );
     assert!(h.life.job("a").is_none());
-    assert_eq!(
-        h.life.removed("a").map(|s| s.state),
-        Some(JobState::Cancelled)
-    );
+    assert_eq!(h.life.removed("a").map(|s| s.state), Some(state));
 }
 
 #[test]
@@ -729,12 +731,7 @@ fn a_finished_job_is_removed_after_its_ttl() {
     assert!(h.life.job("a").is_some());
     h.advance(1.0);
     let turn = h.tick();
-    assert!(h.life.job("a").is_none());
-    assert!(matches!(&turn.persist.jobs[..], [JobWrite::Delete { name }] if name == "a"));
-    assert_eq!(
-        h.life.removed("a").map(|s| s.state),
-        Some(JobState::Succeeded)
-    );
+    assert_removed(&h, &turn, JobState::Succeeded);
 }
 
 // Clean-pod policy: replicas left running keep their GPUs
