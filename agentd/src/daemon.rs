@@ -11,7 +11,7 @@ use crate::api::{self, AgentIdentity, ApiState};
 use crate::config::{Config, MetricsAddr};
 use crate::core::Core;
 use crate::inventory::{self, Sampler};
-use crate::store::Store;
+use crate::store::{JobStore, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -66,56 +66,198 @@ pub async fn run_until(
     result
 }
 
-async fn run_parts(
-    config: Config,
-    stop: watch::Receiver<bool>,
-    halt: watch::Sender<bool>,
-) -> Result<(), DaemonError> {
-    let started = Instant::now();
-    let node_name = config.node_name();
+/// The API socket, bound (or inherited from systemd) first, so that clients can connect
+/// while the rest starts.
+struct ApiSocket {
+    listener: Option<tokio::net::UnixListener>,
+    path: std::path::PathBuf,
+    /// Under agentd.socket systemd has bound the socket (and keeps it across restarts).
+    activated: bool,
+}
 
-    let (listener, socket_activated) = {
+impl ApiSocket {
+    fn open(config: &Config) -> Result<Self, DaemonError> {
         let _span = tracing::info_span!("api", socket = %config.socket.display()).entered();
-        // Under agentd.socket systemd has bound the socket (and keeps it across restarts).
-        let (listener, socket_activated) = match crate::systemd::inherited_unix_listener()? {
+        let (listener, activated) = match crate::systemd::inherited_unix_listener()? {
             Some(listener) => {
                 tracing::info!("using the API socket systemd passed in");
                 (listener, true)
             }
             None => (api::socket::bind(&config.socket)?, false),
         };
-        listener
+        let socket = Self {
+            listener: None,
+            path: config.socket.clone(),
+            activated,
+        };
+        let listener = listener
             .set_nonblocking(true)
-            .map_err(|e| DaemonError::Runtime(e.to_string()))?;
-        let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(|e| DaemonError::Runtime(e.to_string()))?;
-        (listener, socket_activated)
-    };
-
-    keep_state_private(&config.state_dir);
-    let store = {
-        let _span =
-            tracing::info_span!("store", path = %config.database_path().display()).entered();
-        match Store::open(&config.state_dir) {
-            Ok(store) => store,
+            .and_then(|()| tokio::net::UnixListener::from_std(listener));
+        match listener {
+            Ok(listener) => Ok(Self {
+                listener: Some(listener),
+                ..socket
+            }),
             Err(e) => {
-                let _ = std::fs::remove_file(&config.socket);
-                return Err(e.into());
+                socket.close();
+                Err(DaemonError::Runtime(e.to_string()))
             }
         }
-    };
-    tracing::info!("database open");
+    }
 
+    /// Removes the socket file, unless it is systemd's: agentd.socket keeps it for the next
+    /// start.
+    fn close(self) {
+        if self.activated {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(socket = %self.path.display(), error = %e, "cannot remove the socket");
+        }
+    }
+}
+
+/// Runs every part in order; whatever happens, the socket goes with the agent.
+async fn run_parts(
+    config: Config,
+    stop: watch::Receiver<bool>,
+    halt: watch::Sender<bool>,
+) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let mut socket = ApiSocket::open(&config)?;
+    let listener = socket
+        .listener
+        .take()
+        .expect("an opened socket has a listener");
+    let result = run_with_socket(&config, listener, started, stop, halt).await;
+    socket.close();
+    let store = result?;
+    store.close()?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// The parts behind the socket, started in order; returns the store to close once the
+/// socket is gone.
+async fn run_with_socket(
+    config: &Config,
+    listener: tokio::net::UnixListener,
+    started: Instant,
+    stop: watch::Receiver<bool>,
+    halt: watch::Sender<bool>,
+) -> Result<Box<dyn JobStore>, DaemonError> {
+    let node_name = config.node_name();
+    keep_state_private(&config.state_dir);
+    let store = open_store(config)?;
+    let InventoryFeed {
+        watch: inventory,
+        health,
+        task: refresh,
+    } = start_inventory(config, &node_name, stop.clone()).await?;
+    let exporter = start_metrics(config, inventory.clone(), stop.clone()).await?;
+    let metrics = exporter.as_ref().map(|e| e.metrics.clone());
+    let (core, core_handle) = start_core(
+        config,
+        node_name.clone(),
+        store,
+        (inventory.clone(), health),
+        metrics.clone(),
+        stop.clone(),
+        halt,
+    )
+    .await?;
+    let (cluster, cluster_tasks) = start_cluster(
+        config,
+        &node_name,
+        metrics.clone(),
+        inventory.clone(),
+        stop.clone(),
+    )
+    .await?;
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let state = ApiState {
+        agent: Arc::new(AgentIdentity {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: config.mode.as_str().to_owned(),
+            pid: std::process::id(),
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            started,
+            state_dir: config.state_dir.display().to_string(),
+            socket: config.socket.display().to_string(),
+        }),
+        inventory,
+        ready: ready_rx,
+        core: core_handle,
+        admission: Arc::new(crate::job::Admission::new(
+            config.queues.keys().cloned(),
+            &config.jobs.default_queue,
+            config.jobs.max_replicas_per_job,
+        )),
+        metrics: metrics.clone(),
+        admin_group: Arc::from(config.api.admin_group.as_str()),
+        limits: Arc::new(api::ApiLimits::new("socket", &config.api, metrics.clone())),
+        cluster,
+    };
+    let server = tokio::spawn(
+        api::serve(listener, state, stop.clone())
+            .instrument(tracing::info_span!("api", socket = %config.socket.display())),
+    );
+    ready_tx.send_replace(true);
+    let stopping = announce_ready(started, metrics.as_ref(), stop.clone());
+
+    let _ = server.await;
+    if *stop.borrow() {
+        // Woken by the same stop that ended the server; let it finish saying so.
+        let _ = stopping.await;
+    } else {
+        // The server ended on its own: the agent is going down all the same.
+        stopping.abort();
+        let _ = crate::systemd::notify_stopping();
+    }
+    if let Some(exporter) = exporter {
+        let _ = exporter.task.await;
+    }
+    let _ = refresh.await;
+    for task in cluster_tasks {
+        let _ = task.await;
+    }
+    core.await
+        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?
+        .map_err(DaemonError::Runtime)
+}
+
+fn open_store(config: &Config) -> Result<Store, DaemonError> {
+    let _span = tracing::info_span!("store", path = %config.database_path().display()).entered();
+    let store = Store::open(&config.state_dir)?;
+    tracing::info!("database open");
+    Ok(store)
+}
+
+/// The node's inventory as it is kept fresh, and its GPUs' health changes.
+struct InventoryFeed {
+    watch: watch::Receiver<Arc<agentd_api::NodeInventory>>,
+    health: mpsc::UnboundedReceiver<crate::inventory::GpuHealthEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Takes the first inventory reading (off the async workers: NVML and /proc are slow) and
+/// starts refreshing it.
+async fn start_inventory(
+    config: &Config,
+    node_name: &str,
+    stop: watch::Receiver<bool>,
+) -> Result<InventoryFeed, DaemonError> {
     let (inventory_tx, inventory_rx) = watch::channel(Arc::default());
     let (health_tx, health_rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = watch::channel(false);
     let span = tracing::info_span!("inventory", interval = ?config.inventory.interval);
     let nvml_library = Some(config.inventory.nvml_library.as_str())
         .filter(|l| !l.is_empty())
         .map(std::path::PathBuf::from);
     let mut sampler = span.in_scope(|| {
         Sampler::open(
-            node_name.clone(),
+            node_name.to_owned(),
             nvml_library.as_deref(),
             config.inventory.gpu_recovery_quiet,
         )
@@ -139,166 +281,119 @@ async fn run_parts(
     for change in first_changes {
         let _ = health_tx.send(change);
     }
-    let refresh = tokio::spawn(
+    let task = tokio::spawn(
         inventory::refresh(
             sampler,
             config.inventory.interval,
             inventory_tx,
             health_tx,
-            stop.clone(),
+            stop,
         )
         .instrument(span),
     );
+    Ok(InventoryFeed {
+        watch: inventory_rx,
+        health: health_rx,
+        task,
+    })
+}
 
-    let exporter = match config.metrics_addr {
-        MetricsAddr::On(addr) => {
-            let started = crate::metrics::start_exporter(
-                addr,
-                config.api.max_connections,
-                inventory_rx.clone(),
-                stop.clone(),
-            )
-            .instrument(tracing::info_span!("metrics", %addr))
-            .await;
-            match started {
-                Ok(exporter) => Some(exporter),
-                Err(e) => {
-                    if !socket_activated {
-                        let _ = std::fs::remove_file(&config.socket);
-                    }
-                    return Err(e.into());
-                }
-            }
-        }
-        MetricsAddr::Off => None,
+/// The Prometheus exporter, where `metrics_addr` is not `off`.
+async fn start_metrics(
+    config: &Config,
+    inventory: watch::Receiver<Arc<agentd_api::NodeInventory>>,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<crate::metrics::Exporter>, DaemonError> {
+    let MetricsAddr::On(addr) = config.metrics_addr else {
+        return Ok(None);
     };
+    let exporter =
+        crate::metrics::start_exporter(addr, config.api.max_connections, inventory, stop)
+            .instrument(tracing::info_span!("metrics", %addr))
+            .await?;
+    Ok(Some(exporter))
+}
 
-    let (core, core_handle, core_inputs) = {
-        let _span = tracing::info_span!("core").entered();
-        Core::open(
-            &config,
-            node_name.clone(),
-            store,
-            inventory_rx.clone(),
-            health_rx,
-            exporter.as_ref().map(|e| e.metrics.clone()),
-        )
+/// Opens the core (restoring the stored jobs) and runs its loop on a thread of its own: the
+/// loop writes to the database and walks /proc, which must not hold up an async worker.
+async fn start_core(
+    config: &Config,
+    node_name: String,
+    store: Store,
+    (inventory, health): (
+        watch::Receiver<Arc<agentd_api::NodeInventory>>,
+        mpsc::UnboundedReceiver<crate::inventory::GpuHealthEvent>,
+    ),
+    metrics: Option<crate::metrics::Metrics>,
+    stop: watch::Receiver<bool>,
+    halt: watch::Sender<bool>,
+) -> Result<
+    (
+        tokio::task::JoinHandle<Result<Box<dyn JobStore>, String>>,
+        crate::core::CoreHandle,
+    ),
+    DaemonError,
+> {
+    let span = tracing::info_span!("core");
+    let opened = {
+        let config = config.clone();
+        let span = span.clone();
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| {
+                Core::open(
+                    &config,
+                    node_name,
+                    Box::new(store),
+                    inventory,
+                    health,
+                    metrics,
+                )
+            })
+        })
+        .await
         .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
     };
+    let (core, core_handle, core_inputs) =
+        opened.map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?;
+    let runtime = tokio::runtime::Handle::current();
     let core = supervise_core(
-        tokio::spawn(
-            core.run(core_inputs, stop.clone())
-                .instrument(tracing::info_span!("core")),
-        ),
+        tokio::task::spawn_blocking(move || {
+            runtime.block_on(core.run(core_inputs, stop).instrument(span))
+        }),
         halt,
     );
+    Ok((core, core_handle))
+}
 
-    let (cluster, cluster_tasks) = match start_cluster(
-        &config,
-        &node_name,
-        exporter.as_ref().map(|e| e.metrics.clone()),
-        inventory_rx.clone(),
-        stop.clone(),
-    )
-    .await
-    {
-        Ok(started) => started,
-        Err(e) => {
-            if !socket_activated {
-                let _ = std::fs::remove_file(&config.socket);
-            }
-            return Err(e.into());
-        }
-    };
-
-    let state = ApiState {
-        agent: Arc::new(AgentIdentity {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            mode: config.mode.as_str().to_owned(),
-            pid: std::process::id(),
-            started_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            started,
-            state_dir: config.state_dir.display().to_string(),
-            socket: config.socket.display().to_string(),
-        }),
-        inventory: inventory_rx,
-        ready: ready_rx,
-        core: core_handle,
-        admission: Arc::new(crate::job::Admission::new(
-            config.queues.keys().cloned(),
-            &config.jobs.default_queue,
-            config.jobs.max_replicas_per_job,
-        )),
-        metrics: exporter.as_ref().map(|e| e.metrics.clone()),
-        admin_group: Arc::from(config.api.admin_group.as_str()),
-        limits: Arc::new(api::ApiLimits::new(
-            "socket",
-            &config.api,
-            exporter.as_ref().map(|e| e.metrics.clone()),
-        )),
-        cluster,
-    };
-    let server = tokio::spawn(
-        api::serve(listener, state, stop.clone())
-            .instrument(tracing::info_span!("api", socket = %config.socket.display())),
-    );
-    ready_tx.send_replace(true);
+/// Tells systemd and the metrics that the agent is ready, and starts the task that tells
+/// them when it stops.
+fn announce_ready(
+    started: Instant,
+    metrics: Option<&crate::metrics::Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "agent ready"
     );
-    if let Some(exporter) = &exporter {
-        exporter.metrics.set_up(true);
+    if let Some(metrics) = metrics {
+        metrics.set_up(true);
     }
     // The socket is bound and the first inventory is in: only now may `systemctl start` return.
     if let Err(e) = crate::systemd::notify_ready() {
         tracing::warn!("{e}");
     }
     let _ = crate::systemd::notify_status("ready");
-    let stopping = {
-        let mut stop = stop.clone();
-        let metrics = exporter.as_ref().map(|e| e.metrics.clone());
-        tokio::spawn(async move {
-            if stop.wait_for(|s| *s).await.is_ok() {
-                if let Some(metrics) = metrics {
-                    metrics.set_up(false);
-                }
-                let _ = crate::systemd::notify_stopping();
-                let _ = crate::systemd::notify_status("stopping: ending jobs");
+    let metrics = metrics.cloned();
+    tokio::spawn(async move {
+        if stop.wait_for(|s| *s).await.is_ok() {
+            if let Some(metrics) = metrics {
+                metrics.set_up(false);
             }
-        })
-    };
-
-    let _ = server.await;
-    if *stop.borrow() {
-        // Woken by the same stop that ended the server; let it finish saying so.
-        let _ = stopping.await;
-    } else {
-        // The server ended on its own: the agent is going down all the same.
-        stopping.abort();
-        let _ = crate::systemd::notify_stopping();
-    }
-    if let Some(exporter) = exporter {
-        let _ = exporter.task.await;
-    }
-    let _ = refresh.await;
-    for task in cluster_tasks {
-        let _ = task.await;
-    }
-    let store = core
-        .await
-        .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?
-        .map_err(DaemonError::Runtime)?;
-    if socket_activated {
-        // agentd.socket owns the socket; it stays for the next start.
-    } else if let Err(e) = std::fs::remove_file(&config.socket) {
-        tracing::warn!(socket = %config.socket.display(), error = %e, "cannot remove the socket");
-    }
-    store.close()?;
-    tracing::info!("agent stopped");
-    Ok(())
+            let _ = crate::systemd::notify_stopping();
+            let _ = crate::systemd::notify_status("stopping: ending jobs");
+        }
+    })
 }
 
 /// Watches the core loop: if it ends while the agent is not stopping (a panic), the agent

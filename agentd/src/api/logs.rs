@@ -36,12 +36,18 @@ pub async fn respond(
         tokio::spawn(follow_log(core, name, files, tx));
         ChannelBody(rx).boxed()
     } else {
-        let mut text = Vec::new();
-        for file in &files.files {
-            if let Ok(mut f) = std::fs::File::open(file) {
-                let _ = f.read_to_end(&mut text);
+        // A log can be large: it is read off the async workers.
+        let text = tokio::task::spawn_blocking(move || {
+            let mut text = Vec::new();
+            for file in &files.files {
+                if let Ok(mut f) = std::fs::File::open(file) {
+                    let _ = f.read_to_end(&mut text);
+                }
             }
-        }
+            text
+        })
+        .await
+        .unwrap_or_default();
         http_body_util::Full::new(Bytes::from(text))
             .map_err(|never| match never {})
             .boxed()

@@ -1,6 +1,6 @@
 //! One job as the core keeps it: the parsed spec, the manifest as submitted, the status the API
 //! shows, and what the job holds now (its allocation and its process groups). The transitions
-//! are methods here; the core decides when to call them.
+//! are methods here; the lifecycle (`super::lifecycle`) decides when to call them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,7 +8,7 @@ use std::path::Path;
 use agentd_api::NodeInventory;
 use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
 
-use crate::exec::local::{self, LaunchSpec};
+use crate::exec::LaunchSpec;
 use crate::job::{
     self, ClusterHosts, ExitOutcome, ReplicaType, RestartDecision, RestartPolicy, SourceKind,
     TrainingJob,
@@ -395,13 +395,9 @@ impl JobRecord {
         &mut self,
         log_dir: &Path,
         inventory: &NodeInventory,
+        hosts: &ClusterHosts,
     ) -> Result<Vec<LaunchSpec>, String> {
         let names = job::replica_names(&self.job);
-        let mut ports = Vec::with_capacity(names.len());
-        for &replica in &names {
-            ports.push((replica, local::free_port().map_err(|e| e.to_string())?));
-        }
-        let hosts = ClusterHosts::standalone(ports);
         let mut specs = Vec::with_capacity(names.len());
         for (t, i) in names {
             let name = job::replica_name(t, i);
@@ -426,7 +422,7 @@ impl JobRecord {
                 .find(|r| r.name == name)
                 .ok_or_else(|| format!("{name}: not in the job's status"))?;
             status.address = hosts.get(t, i).map(str::to_owned);
-            if let Some(tf_config) = job::tf_config(&self.job, &hosts, (t, i)) {
+            if let Some(tf_config) = job::tf_config(&self.job, hosts, (t, i)) {
                 env.insert("TF_CONFIG".to_owned(), tf_config);
             }
             env.insert("CUDA_VISIBLE_DEVICES".to_owned(), status.gpus.join(","));

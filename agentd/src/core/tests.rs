@@ -19,8 +19,8 @@ spec:
               resources: {limits: {nvidia.com/gpu: 1}}
 ";
 
-fn open(state_dir: &std::path::Path, clock: &ManualClock) -> Core {
-    let config = Config {
+fn config(state_dir: &std::path::Path) -> Config {
+    Config {
         state_dir: state_dir.to_owned(),
         queues: crate::config::default_queues(),
         jobs: crate::config::JobsConfig {
@@ -28,38 +28,72 @@ fn open(state_dir: &std::path::Path, clock: &ManualClock) -> Core {
             ..Default::default()
         },
         ..Config::default()
-    };
-    let store = Store::open(state_dir).expect("a store in a temporary directory");
-    let (_, inventory) = watch::channel(Arc::new(NodeInventory::default()));
+    }
+}
+
+fn parts(store: Box<dyn JobStore>, inventory: NodeInventory, clock: &ManualClock) -> CoreParts {
+    let (_, inventory) = watch::channel(Arc::new(inventory));
     let (_, health) = mpsc::unbounded_channel();
-    let (core, _, _) = Core::open_with_clock(
-        &config,
-        "node-a".to_owned(),
+    CoreParts {
+        node: "node-a".to_owned(),
         store,
         inventory,
         health,
-        None,
-        Arc::new(clock.clone()),
-    )
+        metrics: None,
+        clock: Arc::new(clock.clone()),
+    }
+}
+
+fn open(state_dir: &std::path::Path, clock: &ManualClock) -> Core {
+    let config = config(state_dir);
+    let store = crate::store::Store::open(state_dir).expect("a store in a temporary directory");
+    let parts = parts(Box::new(store), NodeInventory::default(), clock);
+    let (core, _, _) = Core::open_with(&config, parts, |reports| {
+        Box::new(LocalExecutor::new(
+            reports,
+            config.jobs.log_max_bytes,
+            local::Runner::Processes,
+            state_dir.join("replicas"),
+            crate::exec::ShimCommand::agentd(),
+        ))
+    })
     .expect("the core opens");
     core
 }
 
-/// Submits [`WAITS_FOR_A_GPU`] as root, admitted as the API admits it.
-fn submit_waiting(core: &mut Core) {
+/// Submits `manifest` as root, admitted as the API admits it; the answer comes once the turn
+/// is written.
+fn submit(core: &mut Core, manifest: &[u8]) -> oneshot::Receiver<Result<JobStatus, CoreError>> {
     let rules = job::Admission::new(
         crate::config::default_queues().into_keys(),
         crate::config::DEFAULT_QUEUE,
         crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
     );
-    let job = job::admit(WAITS_FOR_A_GPU, &rules).expect("a valid manifest");
-    let text = String::from_utf8_lossy(WAITS_FOR_A_GPU).into_owned();
+    let job = job::admit(manifest, &rules).expect("a valid manifest");
+    let text = String::from_utf8_lossy(manifest).into_owned();
     let root = agentd_api::Owner {
         uid: 0,
         gid: 0,
         user: "root".to_owned(),
     };
-    core.submit(job, text, root).expect("accepted");
+    let (reply, answer) = oneshot::channel();
+    core.command(Command::Submit {
+        job: Box::new(job),
+        manifest: text,
+        owner: root,
+        reply,
+    });
+    answer
+}
+
+/// Submits [`WAITS_FOR_A_GPU`] and writes it.
+fn submit_waiting(core: &mut Core) {
+    let mut answer = submit(core, WAITS_FOR_A_GPU);
+    core.commit().expect("written");
+    answer
+        .try_recv()
+        .expect("answered once written")
+        .expect("accepted");
 }
 
 fn state(core: &Core) -> (JobState, String) {
@@ -73,7 +107,6 @@ async fn a_wall_clock_step_moves_no_time_limit_of_the_core() {
     let clock = ManualClock::new(1_000_000.0);
     let mut core = open(dir.path(), &clock);
     submit_waiting(&mut core);
-    core.commit().expect("written");
 
     clock.step_wall(2.0 * 3600.0);
     clock.advance(59.0);
@@ -98,7 +131,6 @@ async fn a_restarted_core_keeps_what_was_left_of_a_time_limit() {
     {
         let mut core = open(dir.path(), &before);
         submit_waiting(&mut core);
-        core.commit().expect("written");
         before.advance(30.0);
         core.tick();
         core.commit().expect("written");
@@ -115,5 +147,88 @@ async fn a_restarted_core_keeps_what_was_left_of_a_time_limit() {
     assert_eq!(
         state(&core),
         (JobState::Failed, "ScheduleTimeout".to_owned())
+    );
+}
+
+/// A job that fits anywhere: one worker, no GPU.
+const FITS: &[u8] = b"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: fits}
+spec:
+  replicaSpecs:
+    Worker:
+      replicas: 1
+      template: {spec: {containers: [{name: tensorflow, command: [\"true\"]}]}}
+";
+
+/// The loop with the in-memory store and executor: a turn is written before its request is
+/// answered or its replicas started; one that cannot be written answers with the cause and
+/// starts nothing.
+#[tokio::test]
+async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let store = crate::store::memory::MemoryStore::default();
+    let node = NodeInventory {
+        name: "node-a".to_owned(),
+        cpu: agentd_api::CpuInfo {
+            logical_cores: 4,
+            ..Default::default()
+        },
+        memory: agentd_api::MemoryInfo {
+            total_bytes: 8 << 30,
+            ..Default::default()
+        },
+        ..NodeInventory::default()
+    };
+    let mut executor = None;
+    let (mut core, _, mut inputs) = Core::open_with(
+        &config(dir.path()),
+        parts(Box::new(store.clone()), node, &clock),
+        |reports| {
+            let memory = crate::exec::memory::MemoryExecutor::new(reports);
+            executor = Some(memory.clone());
+            Box::new(memory)
+        },
+    )
+    .expect("the core opens");
+    let executor = executor.expect("built");
+
+    store.fail_writes(true);
+    let mut answer = submit(&mut core, FITS);
+    assert!(answer.try_recv().is_err(), "not answered before the write");
+    core.schedule();
+    assert!(core.commit().is_err());
+    let refused = answer.try_recv().expect("answered").unwrap_err();
+    assert!(matches!(refused, CoreError::NotWritten(_)), "{refused}");
+    assert!(executor.take().started.is_empty(), "nothing starts");
+    assert!(store.jobs().expect("readable").is_empty());
+
+    store.fail_writes(false);
+    core.tick();
+    let mut answer = submit(&mut core, FITS);
+    core.schedule();
+    core.commit().expect("written");
+    assert_eq!(
+        answer.try_recv().expect("answered").expect("accepted").name,
+        "fits"
+    );
+    let started = executor.take().started;
+    assert_eq!(started.len(), 1);
+    let stored = store.jobs().expect("readable");
+    assert!(stored[0].2.contains("\"Starting\""), "{stored:?}");
+
+    executor.report(&started[0], ReplicaEvent::Started { pid: 7 });
+    core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    core.commit().expect("written");
+    assert_eq!(core.get("fits").expect("exists").state, JobState::Running);
+    executor.exited(&started[0], 0);
+    core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    core.commit().expect("written");
+    assert_eq!(core.get("fits").expect("exists").state, JobState::Succeeded);
+    assert_eq!(
+        executor.take().stopped,
+        [("fits".to_owned(), 1, Vec::new())],
+        "the gang's stop is asked for"
     );
 }

@@ -1,13 +1,155 @@
 //! Executors: how a placed gang's replicas are started and stopped. Standalone mode runs them as
 //! local processes or transient systemd units (`local`, with process creation in `spawn`);
 //! cluster mode will run them as pods. The core decides what to run; an executor only does it
-//! and reports each replica started, failed to start, or ended.
+//! and reports each replica started, failed to start, or ended ([`ReplicaReport`]).
+//!
+//! The core sees an executor through [`Executor`] only. A replica is named by its job,
+//! generation and replica name; the `pid` an executor reports in `Started` is its own handle
+//! for the replica (a process group here), handed back when the replica is to be stopped.
 
 pub mod cgroup;
 pub mod local;
+#[cfg(test)]
+pub mod memory;
 pub mod shim;
 pub mod spawn;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
 
 pub use local::{
     AskedId, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
 };
+
+use crate::job::{self, ClusterHosts, TrainingJob};
+
+/// A stop in progress: it ends when every replica it stops is gone.
+pub type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One stored replica a previous agent started: its name and the handle it was reported with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReplica {
+    pub name: String,
+    pub pid: Option<u32>,
+}
+
+/// Starts and stops replicas; reports what becomes of them on the channel it was built with.
+pub trait Executor: Send {
+    /// Where each replica of `job` listens, for its `TF_CONFIG`.
+    fn addresses(&self, job: &TrainingJob) -> Result<ClusterHosts, String>;
+
+    /// Starts one replica in the background; a [`ReplicaReport`] follows.
+    fn start(&self, spec: LaunchSpec);
+
+    /// Stops the replicas of a gang's generation (`pids`: their handles from `Started`): asks
+    /// them to end, and forces them after `grace`.
+    fn stop(&self, job: &str, generation: u32, pids: Vec<u32>, grace: Duration) -> Stopping;
+
+    /// Ends at once a replica nobody waits for (started for a launch that was dropped).
+    fn kill_stray(&self, job: &str, replica: &str, pid: u32);
+
+    /// Whether replicas keep running when the agent stops, for the next agent to adopt.
+    fn replicas_outlive_agent(&self) -> bool;
+
+    /// After an agent restart: watches the running replicas of a gang again, all of them or
+    /// none (then says why). Returns how many it adopted.
+    fn adopt(&self, job: &str, generation: u32, running: &[StoredReplica])
+    -> Result<usize, String>;
+
+    /// After an agent restart: stops what the named replicas of a gang that is not adopted
+    /// left running (`generation`: when known). Returns how many processes it stopped.
+    fn stop_leftovers(
+        &self,
+        job: &str,
+        generation: Option<u32>,
+        replicas: &[StoredReplica],
+    ) -> usize;
+
+    /// After an agent restart: stops what a previous agent left of every job not in `keep`
+    /// (gangs that were not adopted, jobs no longer stored) and forgets it.
+    fn discard_all_but(&self, keep: &std::collections::BTreeSet<String>);
+}
+
+impl Executor for LocalExecutor {
+    fn addresses(&self, job: &TrainingJob) -> Result<ClusterHosts, String> {
+        let names = job::replica_names(job);
+        let mut ports = Vec::with_capacity(names.len());
+        for replica in names {
+            ports.push((replica, local::free_port().map_err(|e| e.to_string())?));
+        }
+        Ok(ClusterHosts::standalone(ports))
+    }
+
+    fn start(&self, spec: LaunchSpec) {
+        self.launch(spec);
+    }
+
+    fn stop(&self, _job: &str, _generation: u32, pids: Vec<u32>, grace: Duration) -> Stopping {
+        Box::pin(LocalExecutor::stop(self, pids, grace))
+    }
+
+    fn kill_stray(&self, _job: &str, _replica: &str, pid: u32) {
+        local::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    fn replicas_outlive_agent(&self) -> bool {
+        LocalExecutor::replicas_outlive_agent(self)
+    }
+
+    fn adopt(
+        &self,
+        job: &str,
+        generation: u32,
+        running: &[StoredReplica],
+    ) -> Result<usize, String> {
+        let mut adoptable = Vec::with_capacity(running.len());
+        for r in running {
+            let Some(pid) = r.pid else {
+                return Err(format!("replica {} has no recorded process", r.name));
+            };
+            let a = self
+                .adoptable(job, &r.name, generation, pid)
+                .map_err(|why| format!("replica {}: {why}", r.name))?;
+            adoptable.push(a);
+        }
+        let count = adoptable.len();
+        for a in adoptable {
+            LocalExecutor::adopt(self, a)?;
+        }
+        Ok(count)
+    }
+
+    fn stop_leftovers(
+        &self,
+        job: &str,
+        generation: Option<u32>,
+        replicas: &[StoredReplica],
+    ) -> usize {
+        let units: Vec<String> = replicas
+            .iter()
+            .filter_map(|r| crate::systemd::unit_name(job, &r.name, generation?).ok())
+            .collect();
+        self.stop_leftover_units(&units);
+        replicas
+            .iter()
+            .filter_map(|r| r.pid)
+            .map(|pgid| local::kill_leftovers(pgid, job))
+            .sum()
+    }
+
+    fn discard_all_but(&self, keep: &std::collections::BTreeSet<String>) {
+        for job in self.jobs_with_replicas() {
+            if !keep.contains(&job) {
+                let killed = self.discard(&job);
+                if killed > 0 {
+                    tracing::warn!(
+                        job,
+                        killed,
+                        "stopped replica processes left by the previous agent"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,7 +1,12 @@
 //! The embedded database: one SQLite file in the state directory, in WAL mode, with versioned
 //! migrations. It holds what must survive a restart: jobs and their transitions, events, and a
 //! bounded window of inventory samples. It is synchronous; the core loop owns the one connection.
+//!
+//! The core sees a store through [`JobStore`] only: SQLite here, `TrainingJob` objects in
+//! cluster mode, an in-memory one (`memory`) in tests.
 
+#[cfg(test)]
+pub mod memory;
 mod migrations;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +72,83 @@ pub struct NewEvent {
     pub message: String,
 }
 
+/// One stored job as written: its name, the manifest as submitted and its status (JSON).
+pub type StoredJob = (String, String, String);
+
+/// Where the core keeps what must survive a restart. Every method may block (a write waits
+/// for the disk), so the core calls them off the async workers. Reads of finished jobs on
+/// demand belong here too, next to [`JobStore::jobs`].
+pub trait JobStore: Send {
+    /// Every stored job, by name.
+    fn jobs(&self) -> Result<Vec<StoredJob>, StoreError>;
+
+    /// Writes job changes and new events together: all of them are durable when this
+    /// returns, or none are.
+    fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError>;
+
+    /// Events in order, optionally only those of one object (`object` needs `kind`), only
+    /// those after `after_id`, at most `limit`.
+    fn events(
+        &self,
+        kind: Option<&str>,
+        object: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Whether the store takes a write now (after one failed, say for a full disk).
+    fn check_writable(&mut self) -> Result<(), StoreError>;
+
+    /// Keeps one inventory sample (JSON) and forgets samples older than `retention`.
+    fn add_inventory_sample(
+        &self,
+        time: f64,
+        sample_json: &str,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Puts everything away on a clean shutdown.
+    fn close(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+impl JobStore for Store {
+    fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
+        Store::jobs(self)
+    }
+
+    fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
+        Store::write_batch(self, jobs, events)
+    }
+
+    fn events(
+        &self,
+        kind: Option<&str>,
+        object: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        Store::events(self, kind, object, after_id, limit)
+    }
+
+    fn check_writable(&mut self) -> Result<(), StoreError> {
+        Store::check_writable(self)
+    }
+
+    fn add_inventory_sample(
+        &self,
+        time: f64,
+        sample_json: &str,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        Store::add_inventory_sample(self, time, sample_json, retention)
+    }
+
+    fn close(self: Box<Self>) -> Result<(), StoreError> {
+        Store::close(*self)
+    }
+}
+
+/// The SQLite store of standalone mode.
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -349,7 +431,7 @@ impl Store {
     }
 
     /// Every stored job: (name, manifest, status JSON).
-    pub fn jobs(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+    pub fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT name, manifest, status FROM jobs ORDER BY name")
