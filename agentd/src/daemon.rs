@@ -340,7 +340,7 @@ async fn start_remote(
         tracing::info!(
             client_ca = !config.api.client_ca.is_empty(),
             "HTTPS listener on"
-        )
+        );
     });
     Ok(Some(tokio::spawn(
         api::remote::serve(listener, Arc::new(remote), state, stop).instrument(span),

@@ -281,7 +281,11 @@ fn check_name(what: &str, name: &str) -> Result<String, String> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 fn unhex(text: &str) -> Option<TokenHash> {
@@ -318,7 +322,7 @@ mod tests {
         assert_eq!(entries[0].groups, ["ml"]);
         assert_eq!(entries[0].expires, None);
 
-        let second = create(&path, "bob", &[], Some(Duration::from_secs(60)), 100).unwrap();
+        let second = create(&path, "bob", &[], Some(Duration::from_mins(1)), 100).unwrap();
         assert_ne!(token, second);
         let entries = read_file(&path).unwrap();
         assert_eq!(entries[1].expires, Some(160));
@@ -361,12 +365,9 @@ mod tests {
         assert!(!path.exists(), "nothing is written for a refused token");
         assert_eq!(
             parse_lifetime("90d").unwrap(),
-            Duration::from_secs(90 * 86_400)
+            Duration::from_hours(90 * 24)
         );
-        assert_eq!(
-            parse_lifetime("2w").unwrap(),
-            Duration::from_secs(14 * 86_400)
-        );
+        assert_eq!(parse_lifetime("2w").unwrap(), Duration::from_hours(14 * 24));
         for bad in ["", "5", "0h", "h", "-1d", "5y"] {
             assert!(parse_lifetime(bad).is_err(), "{bad}");
         }

@@ -89,6 +89,7 @@ impl ApiLimits {
     }
 
     /// The same limits for another listener: a cap of its own, the users' rates shared.
+    #[must_use]
     pub fn for_listener(
         &self,
         listener: &'static str,
