@@ -178,22 +178,44 @@ impl RemoteAuth {
     }
 }
 
-/// Binds `api.listen`.
-pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, RemoteError> {
-    TcpListener::bind(addr)
+/// The bound listener, and SIGHUP already caught: a reload sent as soon as the agent is ready
+/// must never find the signal's default action (ending the process) still in place.
+pub struct Bound {
+    listener: TcpListener,
+    hangups: Option<tokio::signal::unix::Signal>,
+}
+
+/// Binds `api.listen` and starts catching SIGHUP.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<Bound, RemoteError> {
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| RemoteError::Bind { addr, source })
+        .map_err(|source| RemoteError::Bind { addr, source })?;
+    let hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => Some(hangups),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; certificates and tokens are read on start only");
+            None
+        }
+    };
+    Ok(Bound { listener, hangups })
 }
 
 /// Accepts TLS connections until `shutdown` turns true, reloading the files on SIGHUP; then lets
 /// in-flight requests finish, as the socket does.
 pub async fn serve(
-    listener: TcpListener,
+    bound: Bound,
     remote: Arc<Remote>,
     state: ApiState,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let reloads = tokio::spawn(reload_on_hangup(Arc::clone(&remote), shutdown.clone()));
+    let Bound { listener, hangups } = bound;
+    let reloads = hangups.map(|hangups| {
+        tokio::spawn(reload_on_hangup(
+            hangups,
+            Arc::clone(&remote),
+            shutdown.clone(),
+        ))
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -245,7 +267,9 @@ pub async fn serve(
                 .await;
         });
     }
-    reloads.abort();
+    if let Some(reloads) = reloads {
+        reloads.abort();
+    }
     drop(listener);
     if tokio::time::timeout(super::SHUTDOWN_GRACE, graceful.shutdown())
         .await
@@ -255,15 +279,11 @@ pub async fn serve(
     }
 }
 
-async fn reload_on_hangup(remote: Arc<Remote>, mut shutdown: watch::Receiver<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot handle SIGHUP; certificates and tokens are read on start only");
-            return;
-        }
-    };
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    remote: Arc<Remote>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = hangups.recv() => {
