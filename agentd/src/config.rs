@@ -180,6 +180,18 @@ pub struct ApiConfig {
     pub requests_per_second: u32,
     /// Requests a user may make at once above that average.
     pub request_burst: u32,
+    /// The HTTPS listener's address (`0.0.0.0:9443`); empty: no listener, the socket only.
+    pub listen: String,
+    /// The listener's certificate chain (PEM), read on start and on SIGHUP.
+    pub tls_cert: String,
+    /// The listener's private key (PEM), read on start and on SIGHUP.
+    pub tls_key: String,
+    /// Hashes of the bearer tokens the listener accepts (`agentctl token create`), read on
+    /// start and on SIGHUP; empty: no tokens.
+    pub tokens_file: String,
+    /// CA certificates (PEM) for client certificates: a client certificate signed by one acts
+    /// as the user named by its common name (CN); empty: no client certificates.
+    pub client_ca: String,
 }
 
 impl Default for ApiConfig {
@@ -191,7 +203,60 @@ impl Default for ApiConfig {
             body_timeout: crate::api::limits::DEFAULT_BODY_TIMEOUT,
             requests_per_second: crate::api::limits::DEFAULT_REQUESTS_PER_SECOND,
             request_burst: crate::api::limits::DEFAULT_REQUEST_BURST,
+            listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tokens_file: String::new(),
+            client_ca: String::new(),
         }
+    }
+}
+
+impl ApiConfig {
+    /// The HTTPS listener's address; `None` when it is off.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+
+    /// The listener needs an address, a certificate and key, and a way to know its callers.
+    fn check_listener(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            field: field.to_owned(),
+            message,
+        };
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        if self.listen_addr().is_none() {
+            return Err(invalid(
+                "api.listen",
+                format!(
+                    "{:?} is not an address and port, such as 0.0.0.0:9443 or [::]:9443 \
+                     (empty turns the HTTPS listener off)",
+                    self.listen
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("api.tls_cert", &self.tls_cert),
+            ("api.tls_key", &self.tls_key),
+        ] {
+            if value.is_empty() {
+                return Err(invalid(
+                    field,
+                    "must name a PEM file when api.listen is set".to_owned(),
+                ));
+            }
+        }
+        if self.tokens_file.is_empty() && self.client_ca.is_empty() {
+            return Err(invalid(
+                "api.tokens_file",
+                "the HTTPS listener needs a way to know its callers: set api.tokens_file \
+                 (bearer tokens), api.client_ca (client certificates), or both"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -442,6 +507,7 @@ impl Config {
                 "must be at least 1, as must api.request_burst",
             ));
         }
+        self.api.check_listener()?;
         if self.cluster.node_lease_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "cluster.node_lease_interval",
@@ -742,6 +808,35 @@ mod tests {
         let mut config = Config::from_toml("[cluster]\nnamespace = \"Agentd\"\n").unwrap();
         let err = config.check().unwrap_err().to_string();
         assert!(err.contains("cluster.namespace"), "{err}");
+    }
+
+    #[test]
+    fn the_https_listener_is_off_by_default_and_checked_when_on() {
+        let mut config = Config::default();
+        config.check().unwrap();
+        assert_eq!(config.api.listen_addr(), None);
+        for (toml, field) in [
+            ("[api]\nlisten = \"9443\"\n", "api.listen"),
+            ("[api]\nlisten = \"0.0.0.0:9443\"\n", "api.tls_cert"),
+            (
+                "[api]\nlisten = \"0.0.0.0:9443\"\ntls_cert = \"c\"\n",
+                "api.tls_key",
+            ),
+            (
+                "[api]\nlisten = \"0.0.0.0:9443\"\ntls_cert = \"c\"\ntls_key = \"k\"\n",
+                "api.tokens_file",
+            ),
+        ] {
+            let mut config = Config::from_toml(toml).unwrap();
+            let err = config.check().unwrap_err().to_string();
+            assert!(err.contains(field), "{toml}: {err}");
+        }
+        let mut config = Config::from_toml(
+            "[api]\nlisten = \"[::1]:9443\"\ntls_cert = \"c\"\ntls_key = \"k\"\nclient_ca = \"ca\"\n",
+        )
+        .unwrap();
+        config.check().unwrap();
+        assert_eq!(config.api.listen_addr().unwrap().port(), 9443);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum DaemonError {
     Systemd(#[from] crate::systemd::SystemdError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error(transparent)]
+    Remote(#[from] api::remote::RemoteError),
     #[error("{0}")]
     Runtime(String),
 }
@@ -200,6 +202,7 @@ async fn run_with_socket(
         limits: Arc::new(api::ApiLimits::new("socket", &config.api, metrics.clone())),
         cluster,
     };
+    let remote = start_remote(config, &state, stop.clone()).await?;
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())
             .instrument(tracing::info_span!("api", socket = %config.socket.display())),
@@ -208,6 +211,9 @@ async fn run_with_socket(
     let stopping = announce_ready(started, metrics.as_ref(), stop.clone());
 
     let _ = server.await;
+    if let Some(remote) = remote {
+        let _ = remote.await;
+    }
     if *stop.borrow() {
         // Woken by the same stop that ended the server; let it finish saying so.
         let _ = stopping.await;
@@ -394,6 +400,38 @@ fn announce_ready(
             let _ = crate::systemd::notify_status("stopping: ending jobs");
         }
     })
+}
+
+/// The HTTPS listener, where `api.listen` asks for one: the socket's routes and rules behind
+/// TLS, with limits of its own under the same settings and the users' rates shared.
+async fn start_remote(
+    config: &Config,
+    state: &ApiState,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, DaemonError> {
+    let Some(addr) = config.api.listen_addr() else {
+        return Ok(None);
+    };
+    let span = tracing::info_span!("https", %addr);
+    let remote = span.in_scope(|| api::remote::Remote::load(&config.api))?;
+    let listener = api::remote::bind(addr).instrument(span.clone()).await?;
+    let state = ApiState {
+        limits: Arc::new(
+            state
+                .limits
+                .for_listener("https", &config.api, state.metrics.clone()),
+        ),
+        ..state.clone()
+    };
+    span.in_scope(|| {
+        tracing::info!(
+            client_ca = !config.api.client_ca.is_empty(),
+            "HTTPS listener on"
+        );
+    });
+    Ok(Some(tokio::spawn(
+        api::remote::serve(listener, Arc::new(remote), state, stop).instrument(span),
+    )))
 }
 
 /// Watches the core loop: if it ends while the agent is not stopping (a panic), the agent

@@ -8,6 +8,7 @@ pub mod inventory;
 pub mod jobs;
 pub mod nodes;
 pub mod status;
+pub mod tokens;
 
 pub use client::{Client, ClientError};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};

@@ -1,10 +1,12 @@
-//! `agentctl`: talks to the local agent over its Unix socket. One module per subcommand;
-//! `output` prints. Exit codes: 0 ok, 1 the request failed, 2 usage error, 3 agent unreachable.
+//! `agentctl`: talks to the local agent over its Unix socket, or to a remote one over HTTPS or
+//! ssh (`--server`). One module per subcommand; `output` prints. Exit codes: 0 ok, 1 the request
+//! failed, 2 usage error, 3 agent unreachable.
 
 mod docs;
 mod jobs;
 mod nodes;
 mod output;
+mod remote;
 mod status;
 
 use std::path::PathBuf;
@@ -25,6 +27,17 @@ struct Cli {
     /// The agent's socket.
     #[arg(long, global = true, env = agentd_api::SOCKET_ENV, default_value = agentd_api::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// A remote agent instead of the socket: https://HOST[:PORT] (with --token-file), or
+    /// ssh://[USER@]HOST[:PORT][/SOCKET] (runs agentctl there over ssh).
+    #[arg(long, global = true, env = agentd_api::tokens::SERVER_ENV)]
+    server: Option<String>,
+    /// The CA certificates (PEM) that signed the HTTPS server's certificate; the system's
+    /// roots if not given.
+    #[arg(long, global = true, env = agentd_api::tokens::CA_FILE_ENV)]
+    ca_file: Option<PathBuf>,
+    /// A file holding the bearer token for --server https://... (made by `agentctl token create`).
+    #[arg(long, global = true, env = agentd_api::tokens::TOKEN_FILE_ENV)]
+    token_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -78,9 +91,18 @@ enum Command {
     Cancel { name: String },
     /// The queues, their limits and what is in them.
     Queues,
+    /// Bearer tokens for the agent's HTTPS listener.
+    Token {
+        #[command(subcommand)]
+        command: remote::TokenCommand,
+    },
     /// Write the man pages and bash/zsh/fish completions under DIR (for the package build).
     #[command(name = "__generate-docs", hide = true)]
     GenerateDocs { dir: PathBuf },
+    /// Join standard input and output to the agent's socket (what `--server ssh://` runs on the
+    /// far machine).
+    #[command(name = "__dial-stdio", hide = true)]
+    DialStdio,
 }
 
 /// The group that may use the agent's socket (`SocketGroup=` in agentd.socket).
@@ -116,6 +138,8 @@ impl From<ClientError> for Failure {
                 socket.display(),
                 agentd_api::SOCKET_ENV
             )),
+            ClientError::RemoteUnreachable { .. } => Failure::Unreachable(e.to_string()),
+            ClientError::Settings(message) => Failure::Usage(message),
             other => Failure::Request(other.to_string()),
         }
     }
@@ -139,8 +163,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = Client::new(&cli.socket);
     let result = runtime.block_on(async {
+        let client = match &cli.command {
+            // These act here, with no agent.
+            Command::Token { .. } | Command::GenerateDocs { .. } | Command::DialStdio => {
+                Client::new(&cli.socket)
+            }
+            _ => remote::client(
+                &cli.socket,
+                cli.server.as_deref(),
+                cli.ca_file.as_deref(),
+                cli.token_file.as_deref(),
+            )?,
+        };
         match cli.command {
             Command::Status => status::status(&client, cli.output).await,
             Command::Node => status::node(&client, cli.output).await,
@@ -170,13 +205,18 @@ fn main() -> ExitCode {
             } => jobs::logs(&client, &name, replica.as_deref(), follow).await,
             Command::Cancel { name } => jobs::cancel(&client, &name, cli.output).await,
             Command::Queues => jobs::queues(&client, cli.output).await,
+            Command::Token { command } => remote::token(command),
             Command::GenerateDocs { dir } => {
                 docs::generate(&<Cli as clap::CommandFactory>::command(), &dir)
                     .map(drop)
                     .map_err(|e| Failure::Request(e.to_string()))
             }
+            Command::DialStdio => remote::dial_stdio(&cli.socket).await,
         }
     });
+    // `__dial-stdio` may leave a read of standard input behind on a blocking thread: the
+    // answer is complete, so nothing waits for it.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Request(message)) => {

@@ -9,6 +9,10 @@
 //!   and resume nodes.
 //!
 //! A refusal is a 403 naming the rule that refused it.
+//!
+//! A remote caller's replicas run as a local account like everyone's: the token's (or
+//! certificate's) user must be a user of this machine to submit; one who is not may still read
+//! what every caller reads.
 
 use agentd_api::Owner;
 
@@ -24,7 +28,13 @@ pub struct Caller {
     pub owner: Owner,
     /// Whether the caller may act on every job (root, or a member of the admin group).
     pub admin: bool,
+    /// Whether `owner` is an account of this machine (always, on the socket): replicas run as
+    /// their submitter, so only such a caller may submit.
+    pub local_account: bool,
 }
+
+/// The uid and gid recorded for a remote user with no account here; nothing runs as them.
+pub const NO_ACCOUNT: u32 = u32::MAX;
 
 impl Caller {
     /// The caller behind a Unix socket peer: its uid and gid, with the user's name and group
@@ -47,7 +57,55 @@ impl Caller {
                 user: name,
             },
             admin,
+            local_account: true,
         }
+    }
+
+    /// The caller behind a remote credential naming `user` with `groups` (a token's; none for
+    /// a client certificate). The local account of that name gives the uid and gid; the admin
+    /// rule is the socket's (root, or a member of the admin group here), and a token may also
+    /// carry the admin group itself.
+    pub fn from_remote(user: &str, groups: &[String], admin_group: &str) -> Self {
+        let account = nix::unistd::User::from_name(user).ok().flatten();
+        let in_admin_group = groups.iter().any(|g| g == admin_group);
+        match account {
+            Some(account) => {
+                let (uid, gid) = (account.uid.as_raw(), account.gid.as_raw());
+                Self {
+                    owner: Owner {
+                        uid,
+                        gid,
+                        user: account.name.clone(),
+                    },
+                    admin: uid == 0 || in_admin_group || is_member(&account.name, gid, admin_group),
+                    local_account: true,
+                }
+            }
+            None => Self {
+                owner: Owner {
+                    uid: NO_ACCOUNT,
+                    gid: NO_ACCOUNT,
+                    user: user.to_owned(),
+                },
+                admin: in_admin_group,
+                local_account: false,
+            },
+        }
+    }
+
+    /// May this caller submit a job? Its replicas run as the caller, who must be a user here.
+    pub fn may_submit(&self) -> Result<(), ApiError> {
+        if self.local_account {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden {
+            rule: "local-account",
+            message: format!(
+                "{} has no account on this machine, and replicas run as the user who submits \
+                 them; create the user here (useradd {}) or give the token to an existing user",
+                self.owner.user, self.owner.user
+            ),
+        })
     }
 
     /// The user name, for logs and events.
@@ -121,7 +179,39 @@ mod tests {
                 user: user.to_owned(),
             },
             admin,
+            local_account: true,
         }
+    }
+
+    #[test]
+    fn a_remote_user_is_the_local_account_of_that_name() {
+        let root = Caller::from_remote("root", &[], DEFAULT_ADMIN_GROUP);
+        assert_eq!(
+            (root.owner.uid, root.admin, root.local_account),
+            (0, true, true)
+        );
+        assert!(root.may_submit().is_ok());
+
+        let ghost = Caller::from_remote("agentd-no-such-user", &[], DEFAULT_ADMIN_GROUP);
+        assert!(!ghost.admin && !ghost.local_account);
+        assert_eq!(ghost.owner.uid, NO_ACCOUNT);
+        let err = ghost.may_submit().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApiError::Forbidden {
+                    rule: "local-account",
+                    ..
+                }
+            ) && err.to_string().contains("agentd-no-such-user"),
+            "{err}"
+        );
+        let admin = Caller::from_remote(
+            "agentd-no-such-user",
+            &["ml".to_owned(), DEFAULT_ADMIN_GROUP.to_owned()],
+            DEFAULT_ADMIN_GROUP,
+        );
+        assert!(admin.admin, "the admin group on the token makes an admin");
     }
 
     #[test]

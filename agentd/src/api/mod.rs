@@ -1,13 +1,16 @@
-//! The HTTP/1.1 + JSON API on the Unix socket. This is the only module that knows about HTTP:
-//! `routes` turns a method and path into a `Route`, handlers parse and validate bodies and ask
-//! the core for what they need, and `error` gives every failure its status. Every request has a
-//! caller (`auth`): the socket peer's credentials (SO_PEERCRED); each request is logged with it
-//! and checked against the same authorization rules on every door.
+//! The HTTP/1.1 + JSON API on the Unix socket and, where configured, on an HTTPS listener
+//! (`remote`). This is the only module that knows about HTTP: `routes` turns a method and path
+//! into a `Route`, handlers parse and validate bodies and ask the core for what they need, and
+//! `error` gives every failure its status. Every request has a caller (`auth`): the socket
+//! peer's credentials (SO_PEERCRED), or the remote caller's token or client certificate; each
+//! request is logged with it and checked against the same authorization rules on every door,
+//! through the one router below.
 
 pub mod auth;
 pub mod error;
 pub mod limits;
 mod logs;
+pub mod remote;
 mod routes;
 pub mod socket;
 
@@ -62,7 +65,8 @@ pub struct ApiState {
 /// The limits one listener of the API enforces (see [`limits`]).
 pub struct ApiLimits {
     pub connections: limits::ConnectionCap,
-    pub rate: limits::RequestRate,
+    /// Shared by every listener: a user's rate is theirs whichever door they use.
+    pub rate: Arc<limits::RequestRate>,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
 }
@@ -75,9 +79,59 @@ impl ApiLimits {
     ) -> Self {
         Self {
             connections: limits::ConnectionCap::new(listener, config.max_connections, metrics),
-            rate: limits::RequestRate::new(config.requests_per_second, config.request_burst),
+            rate: Arc::new(limits::RequestRate::new(
+                config.requests_per_second,
+                config.request_burst,
+            )),
             header_timeout: config.header_timeout,
             body_timeout: config.body_timeout,
+        }
+    }
+
+    /// The same limits for another listener: a cap of its own, the users' rates shared.
+    #[must_use]
+    pub fn for_listener(
+        &self,
+        listener: &'static str,
+        config: &crate::config::ApiConfig,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            connections: limits::ConnectionCap::new(listener, config.max_connections, metrics),
+            rate: Arc::clone(&self.rate),
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+        }
+    }
+}
+
+/// How the requests on one connection learn their caller.
+#[derive(Clone)]
+pub enum Identify {
+    /// The socket: the peer's credentials, read once when it connected (`None`: unreadable).
+    Peer(Option<Arc<Caller>>),
+    /// The HTTPS listener: each request's bearer token, else the connection's client
+    /// certificate's common name.
+    Remote {
+        auth: Arc<remote::RemoteAuth>,
+        client_cn: Option<Arc<str>>,
+    },
+}
+
+impl Identify {
+    fn caller(&self, req: &Request<Incoming>) -> Result<Arc<Caller>, ApiError> {
+        match self {
+            Identify::Peer(Some(caller)) => Ok(Arc::clone(caller)),
+            Identify::Peer(None) => Err(ApiError::Unauthorized(
+                "the caller's identity is unknown".to_owned(),
+            )),
+            Identify::Remote { auth, client_cn } => auth
+                .caller(
+                    req.headers().get(header::AUTHORIZATION),
+                    client_cn.as_deref(),
+                    remote::unix_now(),
+                )
+                .map(Arc::new),
         }
     }
 }
@@ -127,28 +181,15 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
                 None
             }
         };
-        let header_timeout = state.limits.header_timeout;
-        let state = state.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let state = state.clone();
-            let caller = caller.clone();
-            async move { Ok::<_, Infallible>(handle(&state, caller.as_deref(), pid, req).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            // A client that shuts down its writing side after the request (as `curl` and
-            // `nc -N` may) still gets the answer; without this the request is acted on and
-            // the answer never sent.
-            .half_close(true)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        let peer = pid.map_or_else(|| "unknown".to_owned(), |p| format!("pid {p}"));
+        tokio::spawn(serve_connection(
+            state.clone(),
+            stream,
+            Identify::Peer(caller),
+            peer,
+            graceful.watcher(),
+            permit,
+        ));
     }
     drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
@@ -159,10 +200,44 @@ pub async fn serve(listener: UnixListener, state: ApiState, mut shutdown: watch:
     }
 }
 
+/// Serves the requests of one connection, on any door, until it closes; `permit` holds its
+/// place under the listener's connection cap.
+pub(crate) async fn serve_connection<I>(
+    state: ApiState,
+    io: I,
+    identify: Identify,
+    peer: String,
+    watcher: hyper_util::server::graceful::Watcher,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = state.limits.header_timeout;
+    let peer: Arc<str> = Arc::from(peer);
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        let identify = identify.clone();
+        let peer = Arc::clone(&peer);
+        async move { Ok::<_, Infallible>(handle(&state, &identify, &peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        // A client that shuts down its writing side after the request (as `curl` and
+        // `nc -N` may) still gets the answer; without this the request is acted on and
+        // the answer never sent.
+        .half_close(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    let _permit = permit;
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
 async fn handle(
     state: &ApiState,
-    caller: Option<&Caller>,
-    pid: Option<i32>,
+    identify: &Identify,
+    peer: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -172,8 +247,14 @@ async fn handle(
     let parsed =
         declared_too_large(&req).and_then(|()| Route::parse(&method, &path, query.as_deref()));
     let route_name = parsed.as_ref().map_or("unknown", Route::name);
-    let response = match (parsed, caller) {
-        (Ok(_), Some(caller))
+    let caller = identify.caller(&req);
+    let response = match (parsed, &caller) {
+        // Who is asking comes first: a caller who cannot say learns nothing else.
+        (_, Err(e)) => {
+            state.limits.connections.refused("unauthenticated");
+            error_response(e)
+        }
+        (Ok(_), Ok(caller))
             if caller.owner.uid != 0 && !state.limits.rate.allow(caller.name(), Instant::now()) =>
         {
             state.limits.connections.refused("rate_limit");
@@ -182,28 +263,25 @@ async fn handle(
                 caller.name()
             )))
         }
-        (Ok(route), Some(caller)) => {
-            dispatch(state, caller, route, req)
-                .await
-                .unwrap_or_else(|e| {
-                    if matches!(e, ApiError::RequestTimeout { .. }) {
-                        state.limits.connections.refused("body_timeout");
-                    }
-                    error_response(&e)
-                })
-        }
-        (Ok(_), None) => error_response(&ApiError::Unauthorized(
-            "the caller's identity is unknown".to_owned(),
-        )),
-        (Err(e), _) => error_response(&e),
+        (Ok(route), Ok(caller)) => dispatch(state, caller, route, req)
+            .await
+            .unwrap_or_else(|e| {
+                if matches!(e, ApiError::RequestTimeout { .. }) {
+                    state.limits.connections.refused("body_timeout");
+                }
+                error_response(&e)
+            }),
+        (Err(e), Ok(_)) => error_response(&e),
     };
+    let caller = caller.ok();
+    let caller = caller.as_deref();
     if let Some(metrics) = &state.metrics {
         metrics.api_request(route_name, response.status().as_u16());
     }
     tracing::info!(
         uid = caller.map_or_else(|| "unknown".to_owned(), |c| c.owner.uid.to_string()),
         user = caller.map_or("unknown", Caller::name),
-        pid = pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+        peer,
         %method,
         path,
         status = response.status().as_u16(),
@@ -255,6 +333,7 @@ async fn dispatch(
         Route::Status => Ok(json(StatusCode::OK, &status(state))),
         Route::Node => Ok(json(StatusCode::OK, &*state.inventory.borrow().clone())),
         Route::SubmitJob => {
+            caller.may_submit()?;
             check_manifest_type(content_type.as_deref())?;
             if body.is_empty() {
                 return Err(ApiError::bad_request(
@@ -545,11 +624,17 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 pub fn error_response(error: &ApiError) -> Response<Body> {
     let (status, body) = error.to_response_parts();
     let mut response = json(status, &body);
-    // RFC 9110: a 405 says which methods the resource has.
+    // RFC 9110: a 405 says which methods the resource has; RFC 6750: a 401 names the scheme.
     if let ApiError::MethodNotAllowed { allowed, .. } = error {
         response
             .headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+    }
+    if let ApiError::Unauthorized(_) = error {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"agentd\""),
+        );
     }
     response
 }

@@ -1,4 +1,5 @@
-"""The client: one HTTP/1.1 request per call over the agent's Unix socket, JSON in and out."""
+"""The client: one HTTP/1.1 request per call over the agent's Unix socket, or over HTTPS with a
+bearer token (the agent's ``[api] listen``), JSON in and out."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import time
 import urllib.parse
 from pathlib import Path
@@ -19,7 +21,7 @@ Manifest = Union[str, bytes, os.PathLike, Mapping[str, Any]]
 
 
 class Unreachable(Exception):
-    """Nothing answers on the socket: the agent is not running, or the path is wrong."""
+    """Nothing answers: the agent is not running, the path or URL is wrong, or TLS failed."""
 
 
 class ApiError(Exception):
@@ -56,20 +58,55 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class Client:
-    """A client of one agent, over its Unix socket (``socket``, else ``AGENTD_SOCKET``, else
-    ``/run/agentd/agentd.sock``). The caller's identity is its uid: jobs it submits are its own."""
+    """A client of one agent.
 
-    def __init__(self, socket: Optional[str] = None, timeout: Optional[float] = 30.0) -> None:
-        self.socket = socket or os.environ.get("AGENTD_SOCKET") or DEFAULT_SOCKET
+    Over its Unix socket (``socket``, else ``AGENTD_SOCKET``, else ``/run/agentd/agentd.sock``),
+    the caller's identity is its uid: jobs it submits are its own.
+
+    Over HTTPS (``server="https://host:port"``, else ``AGENTD_SERVER``), the caller is the user
+    of the bearer ``token`` (else the contents of ``token_file`` or ``AGENTD_TOKEN_FILE``); the
+    server's certificate is checked against ``ca_file`` (else ``AGENTD_CA_FILE``, else the
+    system's roots). TLS 1.2 is the oldest version spoken."""
+
+    def __init__(self, socket: Optional[str] = None, timeout: Optional[float] = 30.0, *,
+                 server: Optional[str] = None, token: Optional[str] = None,
+                 token_file: Optional[str] = None, ca_file: Optional[str] = None) -> None:
         self.timeout = timeout
+        self.server = server or (None if socket else os.environ.get("AGENTD_SERVER")) or None
+        self.socket = socket or os.environ.get("AGENTD_SOCKET") or DEFAULT_SOCKET
+        self._https: Optional[urllib.parse.SplitResult] = None
+        self._token: Optional[str] = None
+        self._tls: Optional[ssl.SSLContext] = None
+        if self.server:
+            url = urllib.parse.urlsplit(self.server)
+            if url.scheme != "https" or not url.hostname or url.path not in ("", "/"):
+                raise ValueError(f"server {self.server!r} is not https://HOST[:PORT]")
+            self._https = url
+            token_file = token_file or os.environ.get("AGENTD_TOKEN_FILE")
+            if token is None and token_file:
+                token = Path(token_file).read_text().strip()
+            self._token = token
+            self._tls = ssl.create_default_context(cafile=ca_file or os.environ.get("AGENTD_CA_FILE"))
+            self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def _connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
+        if self._https is not None:
+            return http.client.HTTPSConnection(self._https.hostname or "", self._https.port or 443,
+                                               timeout=timeout, context=self._tls)
+        return _UnixConnection(self.socket, timeout)
+
+    def _where(self) -> str:
+        return self.server or self.socket
 
     # Requests ---------------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, body: Optional[bytes] = None,
               content_type: Optional[str] = None,
               timeout: Optional[float] = None) -> http.client.HTTPResponse:
-        conn = _UnixConnection(self.socket, timeout if timeout is not None else self.timeout)
-        headers = {"Host": "agentd"}
+        conn = self._connection(timeout if timeout is not None else self.timeout)
+        headers = {} if self._https else {"Host": "agentd"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         if content_type:
             headers["Content-Type"] = content_type
         try:
@@ -79,7 +116,7 @@ class Client:
             raise
         except OSError as e:
             conn.close()
-            raise Unreachable(f"the agent at {self.socket} did not answer: {e}") from e
+            raise Unreachable(f"the agent at {self._where()} did not answer: {e}") from e
         if response.status >= 400:
             raw = response.read()
             conn.close()

@@ -14,8 +14,8 @@ use serde_json::Value;
 /// The group whose members may connect to the socket (the agent gives the socket this group).
 const SOCKET_GROUP: &str = "agentd";
 /// The admin group these tests configure, so that the machine's real `agentd-admin` is untouched.
-const ADMIN_GROUP: &str = "agentd-test-admin";
-const ALICE: &str = "agentd-test-alice";
+pub(crate) const ADMIN_GROUP: &str = "agentd-test-admin";
+pub(crate) const ALICE: &str = "agentd-test-alice";
 pub(crate) const BOB: &str = "agentd-test-bob";
 const CAROL: &str = "agentd-test-carol";
 
@@ -92,7 +92,7 @@ pub(crate) fn ctl_as(agent: &Agent, user: &str, args: &[&str], stdin: &str) -> O
     child.wait_with_output().unwrap()
 }
 
-fn ok(out: &Output, what: &str) -> String {
+pub(crate) fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
         "{what} failed: {}",
@@ -125,7 +125,7 @@ fn sleeper(name: &str) -> String {
     )
 }
 
-fn uid_of(user: &str) -> u64 {
+pub(crate) fn uid_of(user: &str) -> u64 {
     let out = Command::new("id").args(["-u", user]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }

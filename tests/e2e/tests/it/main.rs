@@ -8,5 +8,6 @@ mod jobs;
 mod lifecycle;
 mod limits;
 mod owners;
+mod remote;
 mod sdk;
 mod tensorflow;

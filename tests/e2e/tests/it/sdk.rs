@@ -34,13 +34,12 @@ fn python_env() -> std::path::PathBuf {
     String::from_utf8_lossy(&out.stdout).trim().into()
 }
 
-#[test]
-fn python_sdk_against_a_real_agent() {
-    let agent = Agent::start(AgentOptions::default());
+/// Installs the SDK with pip into a directory of its own under `dir`; returns that directory.
+fn install(dir: &Path) -> std::path::PathBuf {
     // The shared test environment's pip (which has setuptools and wheel) installs the package
     // into a directory of its own, from the source alone: standard library only, no index.
     // A copy of the source, because building writes `build/` and `*.egg-info` beside it.
-    let source = agent.dir.path().join("agentd-client");
+    let source = dir.join("agentd-client");
     for file in [
         "pyproject.toml",
         "README.md",
@@ -51,9 +50,8 @@ fn python_sdk_against_a_real_agent() {
         std::fs::create_dir_all(source.join(file).parent().unwrap()).unwrap();
         std::fs::copy(sdk_dir().join(file), source.join(file)).unwrap();
     }
-    let site = agent.dir.path().join("site");
-    let python_env = python_env().join("bin");
-    let _ = run(Command::new(python_env.join("pip"))
+    let site = dir.join("site");
+    let _ = run(Command::new(python_env().join("bin/pip"))
         .args([
             "install",
             "--quiet",
@@ -68,14 +66,49 @@ fn python_sdk_against_a_real_agent() {
         site.join("agentd_client/py.typed").exists(),
         "the package is typed"
     );
+    site
+}
+
+#[test]
+fn python_sdk_against_a_real_agent() {
+    let agent = Agent::start(AgentOptions::default());
+    let site = install(agent.dir.path());
     // From the tests' directory, so that the installed package is the one imported.
-    let report = run(Command::new(python_env.join("python"))
+    let report = run(Command::new(python_env().join("bin/python"))
         .args(["-m", "unittest", "-v", "test_client"])
         .current_dir(sdk_dir().join("tests"))
         .env("AGENTD_SOCKET", &agent.socket)
+        .env_remove("AGENTD_SERVER")
         .env("PYTHONPATH", &site));
     assert!(
         report.contains("Ran 5 tests") && !report.contains("skipped"),
+        "{report}"
+    );
+}
+
+#[test]
+fn python_sdk_over_https() {
+    let remote = crate::remote::Remote::start(None);
+    let token = remote.token(crate::auth::ALICE, &[]);
+    remote.reload();
+    remote.wait_until("the token is read", || {
+        remote.ctl(Some(&token), &["jobs"], None).status.success()
+    });
+    let other_ca = remote.dir.join("other-ca.pem");
+    std::fs::write(&other_ca, crate::remote::Ca::new("not-the-agents").pem).unwrap();
+    let site = install(remote.agent.dir.path());
+    let report = run(Command::new(python_env().join("bin/python"))
+        .args(["-m", "unittest", "-v", "test_remote"])
+        .current_dir(sdk_dir().join("tests"))
+        .env_remove("AGENTD_SOCKET")
+        .env("AGENTD_SERVER", &remote.url)
+        .env("AGENTD_CA_FILE", remote.dir.join("ca.pem"))
+        .env("AGENTD_TOKEN_FILE", &token)
+        .env("AGENTD_OTHER_CA_FILE", &other_ca)
+        .env("AGENTD_TEST_USER", crate::auth::ALICE)
+        .env("PYTHONPATH", &site));
+    assert!(
+        report.contains("Ran 4 tests") && !report.contains("skipped"),
         "{report}"
     );
 }
