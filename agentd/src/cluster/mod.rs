@@ -12,6 +12,7 @@
 //! on the cluster except for the requests that are about the cluster.
 
 pub mod backoff;
+pub mod election;
 pub mod inventory;
 mod loops;
 pub mod view;
