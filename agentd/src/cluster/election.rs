@@ -313,8 +313,8 @@ impl Election {
             (Input::Conflict | Input::Failed(_), Some((Pending::Renew, _))) => {
                 self.send(Pending::Get, Request::Get, now.instant)
             }
-            (Input::Conflict | Input::Failed(_), Some(_)) => self.wait(now.instant),
-            // An answer to nothing asked (a bug in the loop): start over from a read.
+            // A failed attempt waits for the next; so does an answer to nothing asked (a bug in
+            // the loop), after which the next attempt starts over from a read.
             (Input::Read(_) | Input::Wrote(_) | Input::Conflict | Input::Failed(_), _) => {
                 self.wait(now.instant)
             }

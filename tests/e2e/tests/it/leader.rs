@@ -153,9 +153,15 @@ fn two_leader_eligible_agents_elect_exactly_one_and_every_agent_says_which() {
     assert_eq!(worker["cluster"]["leading"], false, "{worker}");
 
     assert_eq!(metric(&agents[l], "agentd_leader"), Some(1.0));
-    assert_eq!(metric(&agents[l], "agentd_leader_transitions_total"), Some(1.0));
+    assert_eq!(
+        metric(&agents[l], "agentd_leader_transitions_total"),
+        Some(1.0)
+    );
     assert_eq!(metric(&agents[f], "agentd_leader"), Some(0.0));
-    assert_eq!(metric(&agents[f], "agentd_leader_transitions_total"), Some(0.0));
+    assert_eq!(
+        metric(&agents[f], "agentd_leader_transitions_total"),
+        Some(0.0)
+    );
     assert_eq!(metric(&agents[2], "agentd_leader"), Some(0.0));
 
     // The leader keeps renewing and nobody else takes over, for several lease durations.
@@ -238,7 +244,10 @@ fn a_killed_leader_is_replaced_once_its_lease_expires() {
 
     wait_for_status(&agents[f], &other, true);
     assert_eq!(metric(&agents[f], "agentd_leader"), Some(1.0));
-    assert_eq!(metric(&agents[f], "agentd_leader_transitions_total"), Some(1.0));
+    assert_eq!(
+        metric(&agents[f], "agentd_leader_transitions_total"),
+        Some(1.0)
+    );
     assert_no_refusals(&sim);
 }
 
