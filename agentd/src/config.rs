@@ -812,12 +812,15 @@ mod tests {
     fn the_packaged_config_file_shows_every_default() {
         let text = include_str!("../../packaging/agentd.toml");
         // Uncomment every commented-out key and section, as the file says one may.
-        let uncommented: String = text
+        let mut uncommented = String::new();
+        for line in text
             .lines()
             .filter_map(|l| l.strip_prefix('#'))
             .filter(|l| !l.is_empty() && !l.starts_with([' ', '#']))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        {
+            uncommented.push_str(line);
+            uncommented.push('\n');
+        }
         assert!(uncommented.contains("lease_duration"), "{uncommented}");
         let mut config = Config::from_toml(&uncommented).unwrap();
         config.check().unwrap();

@@ -5,7 +5,6 @@ mod auth;
 mod cluster;
 mod gpus;
 mod jobs;
-mod leader;
 mod lifecycle;
 mod limits;
 mod owners;
