@@ -30,6 +30,10 @@ pub const DEFAULT_QUEUE: &str = "fast";
 pub const DEFAULT_CLUSTER_NAMESPACE: &str = "agentd-system";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_NODE_LEASE_INTERVAL: Duration = Duration::from_secs(10);
+/// Leader election, with client-go's defaults.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+pub const DEFAULT_RENEW_DEADLINE: Duration = Duration::from_secs(10);
+pub const DEFAULT_RETRY_PERIOD: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -102,8 +106,19 @@ pub struct ClusterConfig {
     /// How often the agent renews its heartbeat Lease; it counts as stale after four of these.
     #[serde(with = "duration_text")]
     pub node_lease_interval: Duration,
-    /// Whether this agent may lead: it projects every `AgentNode` onto its Node's labels.
+    /// Whether this agent takes part in the leader election; the elected leader projects
+    /// every `AgentNode` onto its Node's labels.
     pub leader_eligible: bool,
+    /// How long the `agentd-leader` Lease stays held without a renewal before another agent
+    /// may take it.
+    #[serde(with = "duration_text")]
+    pub lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal.
+    #[serde(with = "duration_text")]
+    pub renew_deadline: Duration,
+    /// How often a candidate tries to take the Lease and the leader renews it.
+    #[serde(with = "duration_text")]
+    pub retry_period: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -114,6 +129,9 @@ impl Default for ClusterConfig {
             cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_owned(),
             node_lease_interval: DEFAULT_NODE_LEASE_INTERVAL,
             leader_eligible: false,
+            lease_duration: DEFAULT_LEASE_DURATION,
+            renew_deadline: DEFAULT_RENEW_DEADLINE,
+            retry_period: DEFAULT_RETRY_PERIOD,
         }
     }
 }
@@ -464,6 +482,48 @@ impl Config {
         Ok(())
     }
 
+    /// client-go's rules: the lease outlasts the renew deadline, which outlasts 1.2 retry
+    /// periods; the Lease holds its duration in whole seconds.
+    fn check_election(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            field: field.to_owned(),
+            message,
+        };
+        if c.lease_duration < Duration::from_secs(1) || c.lease_duration.subsec_nanos() != 0 {
+            return Err(invalid(
+                "cluster.lease_duration",
+                "must be a whole number of seconds, at least 1s (the Lease holds it in seconds)"
+                    .into(),
+            ));
+        }
+        if c.retry_period.is_zero() {
+            return Err(invalid(
+                "cluster.retry_period",
+                "must be more than 0".into(),
+            ));
+        }
+        if c.renew_deadline >= c.lease_duration {
+            return Err(invalid(
+                "cluster.renew_deadline",
+                format!(
+                    "must be shorter than cluster.lease_duration ({}), so that a leader stops before another may take over",
+                    format_duration(c.lease_duration)
+                ),
+            ));
+        }
+        if c.renew_deadline <= c.retry_period.mul_f64(1.2) {
+            return Err(invalid(
+                "cluster.renew_deadline",
+                format!(
+                    "must be longer than 1.2 times cluster.retry_period ({}), so that a leader gets to retry a failed renewal",
+                    format_duration(c.retry_period)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn check(&mut self) -> Result<(), ConfigError> {
         let invalid = |field: &str, message: &str| ConfigError::Invalid {
             field: field.to_owned(),
@@ -514,6 +574,7 @@ impl Config {
                 "must be at least 1s",
             ));
         }
+        self.check_election()?;
         if !is_dns_label(&self.cluster.namespace) {
             return Err(invalid(
                 "cluster.namespace",
@@ -795,6 +856,9 @@ mod tests {
         assert_eq!(config.cluster.cluster_domain, "cluster.local");
         assert_eq!(config.cluster.node_lease_interval, Duration::from_secs(10));
         assert!(!config.cluster.leader_eligible);
+        assert_eq!(config.cluster.lease_duration, Duration::from_secs(15));
+        assert_eq!(config.cluster.renew_deadline, Duration::from_secs(10));
+        assert_eq!(config.cluster.retry_period, Duration::from_secs(2));
         assert_eq!(Config::default().mode, Mode::Standalone);
 
         let err = Config::from_toml("mode = \"swarm\"\n").unwrap_err();
@@ -837,6 +901,54 @@ mod tests {
         .unwrap();
         config.check().unwrap();
         assert_eq!(config.api.listen_addr().unwrap().port(), 9443);
+    }
+
+    #[test]
+    fn the_packaged_config_file_shows_every_default() {
+        let text = include_str!("../../packaging/agentd.toml");
+        // Uncomment every commented-out key and section, as the file says one may.
+        let mut uncommented = String::new();
+        for line in text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| !l.is_empty() && !l.starts_with([' ', '#']))
+        {
+            uncommented.push_str(line);
+            uncommented.push('\n');
+        }
+        assert!(uncommented.contains("lease_duration"), "{uncommented}");
+        let mut config = Config::from_toml(&uncommented).unwrap();
+        config.check().unwrap();
+        let mut default = Config::default();
+        default.check().unwrap();
+        assert_eq!(config, default);
+    }
+
+    #[test]
+    fn election_timings_are_checked_as_client_go_checks_them() {
+        let check = |text: &str| {
+            let mut config = Config::from_toml(&format!("[cluster]\n{text}")).unwrap();
+            config.check().map_err(|e| e.to_string())
+        };
+        check("lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\n")
+            .unwrap();
+        let err = check("lease_duration = \"1500ms\"\n").unwrap_err();
+        assert!(
+            err.contains("cluster.lease_duration") && err.contains("whole number of seconds"),
+            "{err}"
+        );
+        let err = check("lease_duration = \"10s\"\n").unwrap_err();
+        assert!(
+            err.contains("cluster.renew_deadline") && err.contains("shorter than"),
+            "{err}"
+        );
+        let err = check("renew_deadline = \"2s\"\n").unwrap_err();
+        assert!(
+            err.contains("cluster.renew_deadline") && err.contains("1.2 times"),
+            "{err}"
+        );
+        let err = check("retry_period = \"0s\"\n").unwrap_err();
+        assert!(err.contains("cluster.retry_period"), "{err}");
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub struct Metrics {
     submit_to_running: Histogram,
     cluster_connected: Gauge,
     cluster_requests: Family<Labels, Counter>,
+    leader: Gauge,
+    leader_transitions: Counter,
 }
 
 impl Metrics {
@@ -189,6 +191,18 @@ impl Metrics {
             "Cluster mode: requests to the Kubernetes API server, by verb and HTTP status (<error> where none came back)",
             cluster_requests.clone(),
         );
+        let leader = Gauge::default();
+        let leader_transitions = Counter::default();
+        registry.register(
+            "agentd_leader",
+            "Cluster mode: 1 while this agent is the elected leader, else 0",
+            leader.clone(),
+        );
+        registry.register(
+            "agentd_leader_transitions",
+            "Cluster mode: times this agent started or stopped leading",
+            leader_transitions.clone(),
+        );
         registry.register_collector(Box::new(StateCollector {
             state: Arc::clone(&state),
             version: env!("CARGO_PKG_VERSION"),
@@ -204,6 +218,16 @@ impl Metrics {
             submit_to_running,
             cluster_connected,
             cluster_requests,
+            leader,
+            leader_transitions,
+        }
+    }
+
+    /// Sets `agentd_leader`; a change counts in `agentd_leader_transitions_total`.
+    pub fn set_leader(&self, leading: bool) {
+        let was = self.leader.set(i64::from(leading));
+        if was != i64::from(leading) {
+            self.leader_transitions.inc();
         }
     }
 
@@ -994,6 +1018,28 @@ mod tests {
         let metrics = Metrics::new(&mut registry);
         metrics_setup(&metrics);
         encode(&registry, Format::Text).unwrap()
+    }
+
+    #[test]
+    fn leadership_is_a_gauge_and_each_change_of_it_counts_once() {
+        let text = scrape(|m| {
+            m.set_leader(false);
+            m.set_leader(true);
+            m.set_leader(true);
+            m.set_leader(false);
+            m.set_leader(true);
+        });
+        assert!(text.contains("\nagentd_leader 1\n"), "{text}");
+        assert!(
+            text.contains("\nagentd_leader_transitions_total 3\n"),
+            "{text}"
+        );
+        let text = scrape(|_| {});
+        assert!(text.contains("\nagentd_leader 0\n"), "{text}");
+        assert!(
+            text.contains("\nagentd_leader_transitions_total 0\n"),
+            "{text}"
+        );
     }
 
     #[test]

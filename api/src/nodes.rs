@@ -72,7 +72,10 @@ pub struct ClusterStatus {
     /// What went wrong with the last request, while not reachable or refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// The elected leader, once there is one.
+    /// The elected leader (the `agentd-leader` Lease's holder), once there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
+    /// Whether this agent is the elected leader.
+    #[serde(default)]
+    pub leading: bool,
 }

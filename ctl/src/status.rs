@@ -48,8 +48,10 @@ pub fn render_status(status: &Status) -> String {
                 (false, None) => "not contacted yet".to_owned(),
             }
         );
-        if let Some(leader) = &c.leader {
-            text += &format!("Leader   {leader}\n");
+        match (&c.leader, c.leading) {
+            (Some(leader), true) => text += &format!("Leader   {leader} (this agent)\n"),
+            (Some(leader), false) => text += &format!("Leader   {leader}\n"),
+            (None, _) => {}
         }
     }
     text += &format!(

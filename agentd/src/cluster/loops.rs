@@ -1,6 +1,7 @@
 //! The long-lived loops of a node agent in cluster mode: the heartbeat Lease, the `AgentNode`
-//! publisher and, on a leader-eligible agent, the Node labeller. Each one retries on its own
-//! backoff and ends when `stop` turns true.
+//! publisher and, on a leader-eligible agent, the leader election and the Node labeller that
+//! runs while this agent leads. Each one retries on its own backoff and ends when `stop` turns
+//! true.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::backoff::Backoff;
+use super::election::{Election, ElectionConfig, Event, Input, LEADER_LEASE, Next, Now, Request};
 use super::inventory::{AgentNodeStatus, node_patch};
 use super::view::{STALE_INTERVALS, lease_name};
 use super::{Cluster, RequestError, agent_node_resource};
@@ -24,7 +26,7 @@ use super::{Cluster, RequestError, agent_node_resource};
 /// The first retry waits about this long; later ones double up to one lease interval.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
-/// Starts the node agent's loops (and the labeller when the agent is leader-eligible).
+/// Starts the node agent's loops, and on a leader-eligible agent the election and the labeller.
 pub fn spawn(
     cluster: Cluster,
     inventory: watch::Receiver<Arc<NodeInventory>>,
@@ -43,10 +45,123 @@ pub fn spawn(
         }
     };
     let mut tasks = vec![tokio::spawn(node_agent.instrument(span.clone()))];
-    if cluster.leader_eligible {
+    if let Some(election) = cluster.election.clone() {
+        tasks.push(tokio::spawn(
+            elect(cluster.clone(), election, stop.clone()).instrument(span.clone()),
+        ));
         tasks.push(tokio::spawn(label_nodes(cluster, stop).instrument(span)));
     }
     tasks
+}
+
+/// Runs the election over the Lease `agentd-leader` until `stop`, publishing who leads after
+/// every step; on stop, releases the Lease if this agent holds it. The state machine decides;
+/// this loop only sends what it asks for, sleeps as long as it asks, and gives up on a request
+/// still out when the term runs out.
+async fn elect(cluster: Cluster, config: ElectionConfig, mut stop: watch::Receiver<bool>) {
+    tracing::info!(
+        lease = LEADER_LEASE,
+        lease_duration = ?config.lease_duration,
+        renew_deadline = ?config.renew_deadline,
+        retry_period = ?config.retry_period,
+        "taking part in the leader election"
+    );
+    let mut election = Election::new(config);
+    let mut input = Input::Tick;
+    let mut stopping = false;
+    loop {
+        let now = Now::current();
+        let next = election.step(input, now);
+        let leadership = election.leadership(now.instant);
+        cluster.leadership.send_if_modified(|current| {
+            let changed = *current != leadership;
+            *current = leadership;
+            changed
+        });
+        for event in election.take_events() {
+            report(&cluster, &event);
+        }
+        input = match next {
+            Next::Done => return,
+            // After a stop only the release is left to send.
+            Next::Wait(_) if stopping => return,
+            Next::Wait(wait) => tokio::select! {
+                () = tokio::time::sleep(wait) => Input::Tick,
+                _ = stop.wait_for(|s| *s) => {
+                    stopping = true;
+                    Input::Stop
+                }
+            },
+            Next::Send(request) => {
+                let answer = send_lease_request(&cluster, request);
+                match election.deadline() {
+                    Some(deadline) => tokio::select! {
+                        input = answer => input,
+                        () = tokio::time::sleep_until(deadline.into()) => {
+                            Input::Failed("no answer before the renew deadline".into())
+                        }
+                    },
+                    None => answer.await,
+                }
+            }
+        };
+    }
+}
+
+async fn send_lease_request(cluster: &Cluster, request: Request) -> Input {
+    let api = cluster.leases_api();
+    let what = format!("leases/{LEADER_LEASE}");
+    let params = PostParams::default();
+    let answer = match request {
+        Request::Get => cluster
+            .call("get", &what, api.get_opt(LEADER_LEASE))
+            .await
+            .map(Input::Read),
+        Request::Create(mut lease) => {
+            lease.metadata.namespace = Some(cluster.namespace.clone());
+            cluster
+                .call("create", "leases", api.create(&params, &lease))
+                .await
+                .map(Input::Wrote)
+        }
+        Request::Update(lease) => cluster
+            .call("update", &what, api.replace(LEADER_LEASE, &params, &lease))
+            .await
+            .map(Input::Wrote),
+    };
+    match answer {
+        Ok(input) => input,
+        Err(RequestError {
+            code: Some(409), ..
+        }) => Input::Conflict,
+        Err(e) => Input::Failed(e.message),
+    }
+}
+
+/// One log line per change of leadership, and the metrics.
+fn report(cluster: &Cluster, event: &Event) {
+    match event {
+        Event::StartedLeading { transitions } => {
+            tracing::info!(term = transitions, "this agent is the leader now");
+            if let Some(metrics) = &cluster.metrics {
+                metrics.set_leader(true);
+            }
+        }
+        Event::StoppedLeading(why) => {
+            tracing::warn!("this agent stopped leading: {}", why.as_str());
+            if let Some(metrics) = &cluster.metrics {
+                metrics.set_leader(false);
+            }
+        }
+        Event::NewLeader(holder) if holder.is_empty() => {
+            tracing::info!("the leader lease is free");
+        }
+        Event::NewLeader(holder) => tracing::info!(leader = %holder, "leader observed"),
+        Event::Released(Ok(())) => {
+            tracing::info!("leader lease released for the next leader");
+        }
+        Event::Released(Err(why)) => tracing::warn!("{why}"),
+    }
 }
 
 /// Sleeps for `wait`; false if `stop` turned true meanwhile.
@@ -285,9 +400,30 @@ async fn write_agent_node(
     }
 }
 
-/// On a leader-eligible agent: watches every `AgentNode` and brings its Node's `agentd.io/`
-/// labels and annotation in line, with a merge patch only where they differ.
+/// While this agent leads: watches every `AgentNode` and brings its Node's `agentd.io/`
+/// labels and annotation in line, with a merge patch only where they differ. Each new term
+/// starts a new watch, whose first list brings every Node in line.
 async fn label_nodes(cluster: Cluster, mut stop: watch::Receiver<bool>) {
+    let mut leadership = cluster.leadership();
+    loop {
+        tokio::select! {
+            led = leadership.wait_for(|l| l.term.is_some()) => if led.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::info!("labelling Nodes from their AgentNodes while this agent leads");
+        if !label_while_leading(&cluster, &mut leadership, &mut stop).await {
+            return;
+        }
+        tracing::info!("no longer labelling Nodes: this agent does not lead");
+    }
+}
+
+/// The labeller of one term; false when the agent is stopping.
+async fn label_while_leading(
+    cluster: &Cluster,
+    leadership: &mut watch::Receiver<crate::cluster::election::Leadership>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
     // Watches are long requests: they get a client without the per-request time bound.
     let api = cluster.agent_nodes_watch_api();
     let events = watcher(api, watcher::Config::default())
@@ -298,10 +434,16 @@ async fn label_nodes(cluster: Cluster, mut stop: watch::Receiver<bool>) {
     loop {
         let next = tokio::select! {
             next = events.next() => next,
-            _ = stop.wait_for(|s| *s) => return,
+            changed = leadership.changed() => {
+                if changed.is_err() || leadership.borrow().term.is_none() {
+                    return changed.is_ok();
+                }
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => return false,
         };
         match next {
-            None => return,
+            None => return false,
             Some(Err(e)) => {
                 if !said_failing {
                     tracing::warn!("watching AgentNodes failed ({e}); retrying with backoff");
@@ -311,7 +453,7 @@ async fn label_nodes(cluster: Cluster, mut stop: watch::Receiver<bool>) {
             }
             Some(Ok(object)) => {
                 said_failing = false;
-                label_node(&cluster, &object, &mut stop).await;
+                label_node(cluster, &object, stop).await;
             }
         }
     }
@@ -351,6 +493,10 @@ async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch:
         let Some(patch) = node_patch(&status, &labels, &annotations) else {
             return;
         };
+        // Fencing: a term that ran out (or a deposed leader) writes nothing.
+        if !cluster.leads() {
+            return;
+        }
         match cluster
             .call(
                 "patch",

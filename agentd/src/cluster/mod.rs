@@ -1,8 +1,10 @@
 //! Cluster mode's edge to Kubernetes. A node agent keeps two namespaced objects in the cluster
 //! namespace and nothing else: its heartbeat Lease `agentd-node-<node>` (one update per
-//! renewal) and its `AgentNode` (written only when what it publishes changes). An agent started
-//! with `cluster.leader_eligible` also projects every `AgentNode` onto its Node's `agentd.io/`
-//! labels and annotation. This module also answers the API's node list and drain/resume.
+//! renewal) and its `AgentNode` (written only when what it publishes changes). Agents started
+//! with `cluster.leader_eligible` elect a leader over the Lease `agentd-leader`; the leader
+//! projects every `AgentNode` onto its Node's `agentd.io/` labels and annotation. This module
+//! also answers the API's node list and drain/resume, and computes each node's free capacity
+//! for placement.
 //!
 //! It must not schedule: the scheduler core stays pure, and placing gangs onto Kubernetes (the
 //! elected leader's work) builds on [`Cluster`] as a client, not inside these loops.
@@ -12,6 +14,8 @@
 //! on the cluster except for the requests that are about the cluster.
 
 pub mod backoff;
+pub mod capacity;
+pub mod election;
 pub mod inventory;
 mod loops;
 pub mod view;
@@ -19,7 +23,7 @@ pub mod view;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentd_api::{ClusterStatus, NodeList, NodeSummary};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -28,6 +32,7 @@ use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams}
 use tokio::sync::watch;
 
 use self::backoff::{Link, Outcome, Transition};
+use self::election::{ElectionConfig, Leadership};
 use self::inventory::{AgentNodeStatus, LABEL_DRAIN};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -76,6 +81,10 @@ pub struct Cluster {
     link: Arc<Mutex<Link>>,
     /// Bumped each time the API server is back after an outage, so writers catch up.
     reconnects: watch::Sender<u64>,
+    /// The election's timings; `None` on a worker-only agent, which never tries to lead.
+    election: Option<ElectionConfig>,
+    /// Who leads, as the election loop last saw it.
+    leadership: watch::Sender<Leadership>,
     metrics: Option<Metrics>,
 }
 
@@ -130,6 +139,12 @@ impl Cluster {
         if let Some(metrics) = &metrics {
             metrics.set_cluster_connected(false);
         }
+        let election = config.cluster.leader_eligible.then(|| ElectionConfig {
+            identity: node.clone(),
+            lease_duration: config.cluster.lease_duration,
+            renew_deadline: config.cluster.renew_deadline,
+            retry_period: config.cluster.retry_period,
+        });
         Ok(Self {
             client,
             watch_client,
@@ -140,6 +155,8 @@ impl Cluster {
             server,
             link: Arc::new(Mutex::new(Link::Unknown)),
             reconnects: watch::channel(0).0,
+            election,
+            leadership: watch::channel(Leadership::default()).0,
             metrics,
         })
     }
@@ -254,15 +271,29 @@ impl Cluster {
         self.reconnects.subscribe()
     }
 
+    /// Who leads: changes when the leader changes, when this agent starts or stops leading,
+    /// and on each of its renewals. Leader-only work checks [`Leadership::leads`] on it before
+    /// each write.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.subscribe()
+    }
+
+    /// Whether this agent may act as the leader now.
+    pub fn leads(&self) -> bool {
+        self.leadership.borrow().leads(Instant::now())
+    }
+
     /// `agentctl status`'s cluster part.
     pub fn status(&self) -> ClusterStatus {
         let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        let leadership = self.leadership.borrow();
         ClusterStatus {
             server: self.server.clone(),
             namespace: self.namespace.clone(),
             reachable: link.reachable(),
             last_error: link.last_error(),
-            leader: None,
+            leader: leadership.leader.clone(),
+            leading: leadership.leads(Instant::now()),
         }
     }
 

@@ -80,6 +80,20 @@ const LEADER: &[Check] = &[
         true,
     ),
     ("list", "agentnodes.agentd.io", &["-n", NS], true),
+    // The election's Lease.
+    (
+        "get",
+        "leases.coordination.k8s.io/agentd-leader",
+        &["-n", NS],
+        true,
+    ),
+    (
+        "update",
+        "leases.coordination.k8s.io/agentd-leader",
+        &["-n", NS],
+        true,
+    ),
+    ("create", "leases.coordination.k8s.io", &["-n", NS], true),
     // Also a node agent.
     ("update", "leases.coordination.k8s.io", &["-n", NS], true),
     (
@@ -103,6 +117,18 @@ const LEADER: &[Check] = &[
         "create",
         "leases.coordination.k8s.io",
         &["-n", "kube-node-lease"],
+        false,
+    ),
+    (
+        "delete",
+        "leases.coordination.k8s.io/agentd-leader",
+        &["-n", NS],
+        false,
+    ),
+    (
+        "update",
+        "leases.coordination.k8s.io/agentd-leader",
+        &["-n", "default"],
         false,
     ),
     (
@@ -164,8 +190,10 @@ async fn kubectl_apply_of_the_manifests_and_each_role_can_do_what_it_allows_and_
         "serviceaccount/agentd-node created",
         "serviceaccount/agentd-leader created",
         "role.rbac.authorization.k8s.io/agentd-node created",
+        "role.rbac.authorization.k8s.io/agentd-leader created",
         "clusterrole.rbac.authorization.k8s.io/agentd-leader created",
         "rolebinding.rbac.authorization.k8s.io/agentd-node created",
+        "rolebinding.rbac.authorization.k8s.io/agentd-leader created",
         "clusterrolebinding.rbac.authorization.k8s.io/agentd-leader created",
     ] {
         assert!(
