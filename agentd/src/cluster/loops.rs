@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::backoff::Backoff;
-use super::inventory::{AgentNodeStatus, node_patch};
+use super::inventory::{AgentNodeStatus, drain_request, node_patch};
 use super::view::{STALE_INTERVALS, lease_name};
 use super::{Cluster, RequestError, agent_node_resource};
 
@@ -286,7 +286,8 @@ async fn write_agent_node(
 }
 
 /// On a leader-eligible agent: watches every `AgentNode` and brings its Node's `agentd.io/`
-/// labels and annotation in line, with a merge patch only where they differ.
+/// labels (the drain recorded in its `spec` included) and annotation in line, with a merge
+/// patch only where they differ.
 async fn label_nodes(cluster: Cluster, mut stop: watch::Receiver<bool>) {
     // Watches are long requests: they get a client without the per-request time bound.
     let api = cluster.agent_nodes_watch_api();
@@ -348,7 +349,8 @@ async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch:
         };
         let labels = node.metadata.labels.unwrap_or_default();
         let annotations = node.metadata.annotations.unwrap_or_default();
-        let Some(patch) = node_patch(&status, &labels, &annotations) else {
+        let drain = drain_request(&object.data);
+        let Some(patch) = node_patch(&status, drain, &labels, &annotations) else {
             return;
         };
         match cluster
