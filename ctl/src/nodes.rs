@@ -159,7 +159,10 @@ mod tests {
             partial: Some("this agent's role may not read Nodes".into()),
         });
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[1].contains("Unknown") && lines[1].ends_with("unknown"), "{text}");
+        assert!(
+            lines[1].contains("Unknown") && lines[1].ends_with("unknown"),
+            "{text}"
+        );
         assert_eq!(
             lines.last().copied(),
             Some("READY and SCHEDULABLE unknown: this agent's role may not read Nodes."),

@@ -364,7 +364,11 @@ mod tests {
         assert_eq!(patch(Some(true), &drained), None);
         assert_eq!(patch(Some(false), &drained), Some(serde_json::Value::Null));
         assert_eq!(patch(Some(false), &in_line), None);
-        assert_eq!(patch(None, &drained), None, "set on the Node directly: kept");
+        assert_eq!(
+            patch(None, &drained),
+            None,
+            "set on the Node directly: kept"
+        );
         assert_eq!(
             drain_request(&serde_json::json!({"spec": {"nodeName": "n", "drain": true}})),
             Some(true)

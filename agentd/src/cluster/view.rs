@@ -354,7 +354,11 @@ mod tests {
             .collect();
         assert_eq!(
             s,
-            [(Some(false), false), (Some(false), true), (Some(true), false)]
+            [
+                (Some(false), false),
+                (Some(false), true),
+                (Some(true), false)
+            ]
         );
         assert_eq!(list.partial, None);
     }

@@ -109,7 +109,9 @@ impl FaultSwitch {
 
     /// Turns the fault off; true if one was in force.
     pub fn clear(&self, now: Instant) -> bool {
-        self.lock().take().is_some_and(|(_, until)| until.is_none_or(|u| now < u))
+        self.lock()
+            .take()
+            .is_some_and(|(_, until)| until.is_none_or(|u| now < u))
     }
 
     /// The fault in force at `now`, if any.

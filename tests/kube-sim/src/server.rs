@@ -786,7 +786,9 @@ fn fault_control(state: &ApiState, method: &Method, body: &Bytes) -> Resp {
                 Ok(spec) => {
                     state.fault.set(spec, now);
                     match spec.for_millis {
-                        Some(ms) => format!("every API request answers {} for {ms} ms", spec.status),
+                        Some(ms) => {
+                            format!("every API request answers {} for {ms} ms", spec.status)
+                        }
                         None => format!("every API request answers {} until cleared", spec.status),
                     }
                 }

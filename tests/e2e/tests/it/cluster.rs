@@ -169,21 +169,24 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
     assert!(nodes["partial"].as_str().is_some(), "{nodes}");
     let text = String::from_utf8(worker.ctl(&["nodes"]).stdout).unwrap();
     assert!(
-        text.lines()
-            .last()
-            .is_some_and(|l| l.starts_with("READY and SCHEDULABLE unknown: this agent's role may not read Nodes")),
+        text.lines().last().is_some_and(|l| l
+            .starts_with("READY and SCHEDULABLE unknown: this agent's role may not read Nodes")),
         "{text}"
     );
     // Its drain is recorded in the AgentNode, and the leader-eligible agent labels the Node.
     let drained = worker.ctl_json(&["drain", "node-2"]);
-    assert_eq!((&drained["drained"], &drained["schedulable"]), (&true.into(), &false.into()));
+    assert_eq!(
+        (&drained["drained"], &drained["schedulable"]),
+        (&true.into(), &false.into())
+    );
     let agent_node = c
         .sim
         .get_json(&["agentnodes.agentd.io", "node-2", "-n", "agentd-system"]);
     assert_eq!(agent_node["spec"]["drain"], true, "{agent_node}");
-    c.sim.wait_until("node-2 labelled drained", Duration::from_secs(30), || {
-        c.sim.node_labels("node-2").get("agentd.io/drain") == Some(&"true".into())
-    });
+    c.sim
+        .wait_until("node-2 labelled drained", Duration::from_secs(30), || {
+            c.sim.node_labels("node-2").get("agentd.io/drain") == Some(&"true".into())
+        });
     c.agents[0]
         .agent
         .wait_for(&["nodes"], Duration::from_secs(30), |nodes| {
@@ -191,15 +194,17 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
         });
     let resumed = worker.ctl_json(&["resume", "node-2"]);
     assert_eq!(resumed["drained"], false);
-    c.sim.wait_until("node-2 label removed", Duration::from_secs(30), || {
-        !c.sim.node_labels("node-2").contains_key("agentd.io/drain")
-    });
+    c.sim
+        .wait_until("node-2 label removed", Duration::from_secs(30), || {
+            !c.sim.node_labels("node-2").contains_key("agentd.io/drain")
+        });
     // A node without an agent cannot be recorded, and the worker may not label it: it says so.
     let missing = worker.ctl(&["drain", "node-9"]);
     assert_eq!(missing.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
-        stderr.contains("no agent has registered node \"node-9\"") && stderr.contains("agentd-leader"),
+        stderr.contains("no agent has registered node \"node-9\"")
+            && stderr.contains("agentd-leader"),
         "{stderr}"
     );
 

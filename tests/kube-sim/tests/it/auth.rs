@@ -607,10 +607,17 @@ async fn control_commands_stop_and_restart_nodes_of_a_separate_process() {
         .request("GET", "/api/v1/nodes", "application/json", "")
         .await
         .unwrap();
-    assert_eq!((code, &body["reason"]), (503, &json!("ServiceUnavailable")), "{body}");
+    assert_eq!(
+        (code, &body["reason"]),
+        (503, &json!("ServiceUnavailable")),
+        "{body}"
+    );
     let (ok, _, err) = run(fault(&["--status", "404"])).await;
     assert!(!ok);
-    assert!(err.contains("fault status 404 is not one kube-sim answers with"), "{err}");
+    assert!(
+        err.contains("fault status 404 is not one kube-sim answers with"),
+        "{err}"
+    );
     let (ok, _, err) = run(vec![
         "fault".into(),
         "--kubeconfig".into(),
@@ -644,7 +651,13 @@ async fn a_fault_answers_with_a_status_and_retry_after_until_it_ends() {
     sim.handle.set_fault(
         kube_sim::fault::FaultSpec::new(429, Some(Duration::from_millis(1500))).unwrap(),
     );
-    let (code, body) = call(&alice, "GET", "/api/v1/namespaces/default/pods", &Value::Null).await;
+    let (code, body) = call(
+        &alice,
+        "GET",
+        "/api/v1/namespaces/default/pods",
+        &Value::Null,
+    )
+    .await;
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["reason"], "TooManyRequests");
     assert_eq!(body["details"]["retryAfterSeconds"], 1);
@@ -652,14 +665,25 @@ async fn a_fault_answers_with_a_status_and_retry_after_until_it_ends() {
     assert_eq!(code, 401, "no token is still refused first");
     let audit = audit_lines(&sim);
     assert!(
-        audit.iter().any(|l| l["user"] == "alice" && l["code"] == 429),
+        audit
+            .iter()
+            .any(|l| l["user"] == "alice" && l["code"] == 429),
         "{audit:?}"
     );
     // Retry-After is a header, as clients read it.
     let raw = raw_get(&sim, "/version").await;
-    assert!(raw.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{raw}"
+    );
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    let (code, body) = call(&alice, "GET", "/api/v1/namespaces/default/pods", &Value::Null).await;
+    let (code, body) = call(
+        &alice,
+        "GET",
+        "/api/v1/namespaces/default/pods",
+        &Value::Null,
+    )
+    .await;
     assert_eq!(code, 403, "over, and RBAC decides again: {body}");
     assert!(!sim.handle.clear_fault(), "it had ended by itself");
 }
@@ -669,7 +693,9 @@ async fn raw_get(sim: &Sim, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = sim.handle.ca_pem().unwrap();
     let config = kube_sim::tls::client_config(ca).unwrap();
-    let stream = tokio::net::TcpStream::connect(sim.handle.addr()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(sim.handle.addr())
+        .await
+        .unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1".to_string()).unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, stream)
