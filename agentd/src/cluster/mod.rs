@@ -398,23 +398,21 @@ impl Cluster {
                 )
                 .await;
             match labelled {
-                Ok(_) => {}
                 Err(RequestError {
                     code: Some(404), ..
                 }) => return Err(ClusterError::NoSuchNode(name.to_owned())),
-                // Refused although the review was not answered: the labeller projects it.
                 Err(RequestError {
                     code: Some(403), ..
-                }) if recorded => {}
-                Err(RequestError {
-                    code: Some(403), ..
-                }) => {
+                }) if !recorded => {
                     return Err(ClusterError::Unregistered {
                         node: name.to_owned(),
                         namespace: self.namespace.clone(),
                     });
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) if e.code != Some(403) => return Err(e.into()),
+                // Refused although the review was not answered: the labeller projects the
+                // recorded request.
+                Ok(_) | Err(_) => {}
             }
         }
         self.nodes()
