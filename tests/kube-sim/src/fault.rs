@@ -140,7 +140,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_mins(2)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         for bad in ["", "s", "10h", "-1s", "1.5s"] {
             assert_eq!(
@@ -178,7 +178,7 @@ mod tests {
         assert_eq!(switch.active(t0 + Duration::from_secs(10)), None);
         assert!(!switch.clear(t0 + Duration::from_secs(11)));
         switch.set(FaultSpec::new(429, None).unwrap(), t0);
-        assert!(switch.active(t0 + Duration::from_secs(3600)).is_some());
+        assert!(switch.active(t0 + Duration::from_hours(1)).is_some());
         assert!(switch.clear(t0));
         assert_eq!(switch.active(t0), None);
     }
