@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeList {
     pub nodes: Vec<NodeSummary>,
+    /// Set when this agent may not read Nodes (the `agentd-node` role): the list then holds the
+    /// nodes whose agents registered (their `AgentNode`s and Leases), `ready` is `Unknown` and
+    /// `schedulable` is unknown unless the node is drained. The sentence says so for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<String>,
 }
 
 /// One node: what it has, whether Kubernetes and agentd think it can take work.
@@ -17,9 +22,11 @@ pub struct NodeSummary {
     pub memory_bytes: u64,
     /// The kubelet's `Ready` condition: `True`, `False` or `Unknown` (always `True` standalone).
     pub ready: String,
-    /// False when the node is cordoned or drained: nothing new is placed on it.
-    pub schedulable: bool,
-    /// True when `agentctl drain` drained it (`agentd.io/drain=true` in cluster mode).
+    /// False when the node is cordoned or drained: nothing new is placed on it. `None`
+    /// (`null`) when this agent cannot see the Node's cordon (see [`NodeList::partial`]).
+    pub schedulable: Option<bool>,
+    /// True when `agentctl drain` drained it (`agentd.io/drain=true` in cluster mode; where the
+    /// agent may not read Nodes, the drain recorded in the node's `AgentNode`).
     #[serde(default)]
     pub drained: bool,
     pub agent: AgentPresence,

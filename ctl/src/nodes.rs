@@ -45,6 +45,12 @@ pub async fn drain(
     } else {
         println!("node {} resumed: it takes new placements again", node.name);
     }
+    if node.schedulable.is_none() {
+        // Resumed by an agent that may not read Nodes: a cordon would still keep work off it.
+        println!(
+            "(recorded in its AgentNode; this agent may not read Nodes, so it cannot tell whether the Node is also cordoned)"
+        );
+    }
     Ok(())
 }
 
@@ -82,13 +88,18 @@ pub fn render(list: &NodeList) -> String {
                 (AgentState::None, _) | (AgentState::Fresh, None) => "none".to_owned(),
             },
             match (n.schedulable, n.drained) {
-                (true, _) => "yes".to_owned(),
-                (false, true) => "no (drained)".to_owned(),
-                (false, false) => "no (cordoned)".to_owned(),
+                (_, true) => "no (drained)".to_owned(),
+                (Some(true), false) => "yes".to_owned(),
+                (Some(false), false) => "no (cordoned)".to_owned(),
+                (None, false) => "unknown".to_owned(),
             },
         ]);
     }
-    table.render("")
+    let mut text = table.render("");
+    if let Some(why) = &list.partial {
+        text.push_str(&format!("\nREADY and SCHEDULABLE unknown: {why}.\n"));
+    }
+    text
 }
 
 #[cfg(test)]
@@ -109,7 +120,7 @@ mod tests {
             cpu_cores: 64,
             memory_bytes: 512 << 30,
             ready: "True".into(),
-            schedulable,
+            schedulable: Some(schedulable),
             drained,
             agent: AgentPresence {
                 state,
@@ -122,6 +133,7 @@ mod tests {
                 node("b", AgentState::Stale, Some(95), false, true),
                 node("c", AgentState::None, None, false, false),
             ],
+            partial: None,
         });
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NAME"), "{text}");
@@ -135,6 +147,25 @@ mod tests {
         );
         assert!(
             lines[3].contains("none") && lines[3].contains("no (cordoned)"),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 4, "no footer for a full view: {text}");
+
+        let mut unknown = node("d", AgentState::Fresh, Some(1), true, false);
+        unknown.ready = "Unknown".into();
+        unknown.schedulable = None;
+        let text = render(&NodeList {
+            nodes: vec![unknown],
+            partial: Some("this agent's role may not read Nodes".into()),
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].contains("Unknown") && lines[1].ends_with("unknown"),
+            "{text}"
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some("READY and SCHEDULABLE unknown: this agent's role may not read Nodes."),
             "{text}"
         );
     }

@@ -502,6 +502,7 @@ async fn nodes(state: &ApiState) -> Result<NodeList, ApiError> {
         .await?;
     Ok(NodeList {
         nodes: vec![standalone_node(&state.inventory.borrow(), drained)],
+        partial: None,
     })
 }
 
@@ -538,7 +539,7 @@ fn standalone_node(inventory: &NodeInventory, drained: bool) -> NodeSummary {
         cpu_cores: inventory.cpu.logical_cores,
         memory_bytes: inventory.memory.total_bytes,
         ready: "True".to_owned(),
-        schedulable: !drained,
+        schedulable: Some(!drained),
         drained,
         agent: AgentPresence {
             state: AgentState::Fresh,
@@ -551,7 +552,7 @@ impl From<crate::cluster::ClusterError> for ApiError {
     fn from(e: crate::cluster::ClusterError) -> Self {
         use crate::cluster::ClusterError as C;
         match e {
-            C::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
+            C::NoSuchNode(_) | C::Unregistered { .. } => ApiError::NotFound(e.to_string()),
             C::Kubeconfig { .. } | C::NoKubeconfig(_) | C::Client { .. } | C::Request(_) => {
                 ApiError::Unavailable(format!("the cluster did not answer: {e}"))
             }

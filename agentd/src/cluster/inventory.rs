@@ -1,6 +1,7 @@
 //! What a node publishes about itself: the `AgentNode` status (the inventory without anything
-//! that moves on every sample, so that an idle node writes nothing), and the Node labels and
-//! annotation a leader-eligible agent projects from it. Pure: no I/O.
+//! that moves on every sample, so that an idle node writes nothing), the drain recorded in its
+//! `spec` by `agentctl drain`, and the Node labels and annotation a leader-eligible agent
+//! projects from them. Pure: no I/O.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,9 @@ pub const LABEL_CPU_CORES: &str = "agentd.io/cpu.cores";
 pub const LABEL_MEMORY: &str = "agentd.io/memory";
 /// Set by `agentctl drain`; the scheduler places nothing new on such a node.
 pub const LABEL_DRAIN: &str = "agentd.io/drain";
+/// The `AgentNode` `spec` field where `agentctl drain`/`resume` record the request (`true` or
+/// `false`), which any agent's role may write; the labeller projects it onto [`LABEL_DRAIN`].
+pub const SPEC_DRAIN: &str = "drain";
 pub const ANNOTATION_INVENTORY: &str = "agentd.io/inventory";
 
 /// The `status` of an `AgentNode` object. Field names are camelCase, as Kubernetes objects are.
@@ -153,11 +157,20 @@ pub fn label_value(text: &str) -> String {
     value
 }
 
-/// The merge patch that brings a Node's `agentd.io/` labels and annotation to `status`, or
-/// `None` when they already match. Keys outside `agentd.io/` are never named, so the kubelet's
-/// and everyone else's stay as they are; `agentd.io/drain` belongs to drain/resume, not here.
+/// The drain recorded in an `AgentNode` object's `spec`: `Some(true)` drained, `Some(false)`
+/// resumed, `None` never asked (or not a boolean).
+pub fn drain_request(object: &serde_json::Value) -> Option<bool> {
+    object.get("spec")?.get(SPEC_DRAIN)?.as_bool()
+}
+
+/// The merge patch that brings a Node's `agentd.io/` labels and annotation to `status` and to
+/// the recorded `drain` request, or `None` when they already match. Keys outside `agentd.io/`
+/// are never named, so the kubelet's and everyone else's stay as they are. With no recorded
+/// request (`drain` is `None`) `agentd.io/drain` is left as it is: it may have been set on the
+/// Node directly.
 pub fn node_patch(
     status: &AgentNodeStatus,
+    drain: Option<bool>,
     current_labels: &BTreeMap<String, String>,
     current_annotations: &BTreeMap<String, String>,
 ) -> Option<serde_json::Value> {
@@ -166,6 +179,15 @@ pub fn node_patch(
     for (key, value) in &desired {
         if current_labels.get(key) != Some(value) {
             labels.insert(key.clone(), value.clone().into());
+        }
+    }
+    match (drain, current_labels.get(LABEL_DRAIN).map(String::as_str)) {
+        (Some(true), Some("true")) | (Some(false) | None, None) | (None, Some(_)) => {}
+        (Some(true), _) => {
+            labels.insert(LABEL_DRAIN.to_owned(), "true".into());
+        }
+        (Some(false), Some(_)) => {
+            labels.insert(LABEL_DRAIN.to_owned(), serde_json::Value::Null);
         }
     }
     for key in current_labels.keys() {
@@ -302,7 +324,7 @@ mod tests {
             ("agentd.io/obsolete".to_owned(), "x".to_owned()),
             (LABEL_DRAIN.to_owned(), "true".to_owned()),
         ]);
-        let patch = node_patch(&status, &labels, &BTreeMap::new()).unwrap();
+        let patch = node_patch(&status, None, &labels, &BTreeMap::new()).unwrap();
         let set = patch["metadata"]["labels"].as_object().unwrap();
         assert!(set.keys().all(|k| k.starts_with(PREFIX)), "{patch}");
         assert!(
@@ -321,6 +343,36 @@ mod tests {
         labels.extend(status.node_labels());
         labels.remove("agentd.io/obsolete");
         let annotations = BTreeMap::from([(ANNOTATION_INVENTORY.to_owned(), status.annotation())]);
-        assert_eq!(node_patch(&status, &labels, &annotations), None);
+        assert_eq!(node_patch(&status, None, &labels, &annotations), None);
+    }
+
+    #[test]
+    fn a_recorded_drain_is_projected_onto_the_drain_label() {
+        let status = AgentNodeStatus::from_inventory(&inventory(1), "0.1.0");
+        let annotations = BTreeMap::from([(ANNOTATION_INVENTORY.to_owned(), status.annotation())]);
+        let in_line = status.node_labels();
+        let drained = {
+            let mut l = in_line.clone();
+            l.insert(LABEL_DRAIN.to_owned(), "true".to_owned());
+            l
+        };
+        let patch = |drain, labels: &BTreeMap<String, String>| {
+            node_patch(&status, drain, labels, &annotations)
+                .map(|p| p["metadata"]["labels"][LABEL_DRAIN].clone())
+        };
+        assert_eq!(patch(Some(true), &in_line), Some("true".into()));
+        assert_eq!(patch(Some(true), &drained), None);
+        assert_eq!(patch(Some(false), &drained), Some(serde_json::Value::Null));
+        assert_eq!(patch(Some(false), &in_line), None);
+        assert_eq!(
+            patch(None, &drained),
+            None,
+            "set on the Node directly: kept"
+        );
+        assert_eq!(
+            drain_request(&serde_json::json!({"spec": {"nodeName": "n", "drain": true}})),
+            Some(true)
+        );
+        assert_eq!(drain_request(&serde_json::json!({"spec": {}})), None);
     }
 }

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::backoff::Backoff;
 use super::election::{Election, ElectionConfig, Event, Input, LEADER_LEASE, Next, Now, Request};
-use super::inventory::{AgentNodeStatus, node_patch};
+use super::inventory::{AgentNodeStatus, drain_request, node_patch};
 use super::view::{STALE_INTERVALS, lease_name};
 use super::{Cluster, RequestError, agent_node_resource};
 
@@ -401,8 +401,9 @@ async fn write_agent_node(
 }
 
 /// While this agent leads: watches every `AgentNode` and brings its Node's `agentd.io/`
-/// labels and annotation in line, with a merge patch only where they differ. Each new term
-/// starts a new watch, whose first list brings every Node in line.
+/// labels (the drain recorded in its `spec` included) and annotation in line, with a merge
+/// patch only where they differ. Each new term starts a new watch, whose first list brings
+/// every Node in line.
 async fn label_nodes(cluster: Cluster, mut stop: watch::Receiver<bool>) {
     let mut leadership = cluster.leadership();
     loop {
@@ -490,7 +491,8 @@ async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch:
         };
         let labels = node.metadata.labels.unwrap_or_default();
         let annotations = node.metadata.annotations.unwrap_or_default();
-        let Some(patch) = node_patch(&status, &labels, &annotations) else {
+        let drain = drain_request(&object.data);
+        let Some(patch) = node_patch(&status, drain, &labels, &annotations) else {
             return;
         };
         // Fencing: a term that ran out (or a deposed leader) writes nothing.

@@ -3,8 +3,10 @@
 //! renewal) and its `AgentNode` (written only when what it publishes changes). Agents started
 //! with `cluster.leader_eligible` elect a leader over the Lease `agentd-leader`; the leader
 //! projects every `AgentNode` onto its Node's `agentd.io/` labels and annotation. This module
-//! also answers the API's node list and drain/resume, and computes each node's free capacity
-//! for placement.
+//! also answers the API's node list and drain/resume, within what the agent's role allows (an
+//! agent that may not read or label Nodes lists the agents' `AgentNode`s and Leases instead,
+//! and records a drain in the node's `AgentNode` for the leader to project), and computes each
+//! node's free capacity for placement.
 //!
 //! It must not schedule: the scheduler core stays pure, and placing gangs onto Kubernetes (the
 //! elected leader's work) builds on [`Cluster`] as a client, not inside these loops.
@@ -26,14 +28,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agentd_api::{ClusterStatus, NodeList, NodeSummary};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 
 use self::backoff::{Link, Outcome, Transition};
 use self::election::{ElectionConfig, Leadership};
-use self::inventory::{AgentNodeStatus, LABEL_DRAIN};
+use self::inventory::{AgentNodeStatus, LABEL_DRAIN, SPEC_DRAIN, drain_request};
+use self::view::AgentRecord;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -51,6 +57,10 @@ pub enum ClusterError {
     Client { server: String, message: String },
     #[error("no node named {0:?} in the cluster")]
     NoSuchNode(String),
+    #[error(
+        "no agent has registered node {node:?} (there is no AgentNode {node} in {namespace}), and this agent's role may not label Nodes: drain it from an agent with the agentd-leader role, or with `kubectl label node {node} agentd.io/drain=true`"
+    )]
+    Unregistered { node: String, namespace: String },
     /// The API server could not be reached, refused, or answered with an error.
     #[error("{0}")]
     Request(String),
@@ -297,60 +307,144 @@ impl Cluster {
         }
     }
 
-    /// Every Node with its agent's inventory and heartbeat.
+    /// Asks the API server whether this agent may `verb` Nodes (one SelfSubjectAccessReview,
+    /// which every authenticated user may create), so that a role without the right is never
+    /// refused with a 403. `None` when the server did not answer the question.
+    async fn may_on_nodes(&self, verb: &str, name: Option<&str>) -> Option<bool> {
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(verb.to_owned()),
+                    resource: Some("nodes".to_owned()),
+                    name: name.map(str::to_owned),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let api: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let answer = self
+            .call(
+                "create",
+                "selfsubjectaccessreviews",
+                api.create(&PostParams::default(), &review),
+            )
+            .await
+            .ok()?;
+        answer.status.map(|s| s.allowed)
+    }
+
+    /// Every Node with its agent's inventory and heartbeat; where this agent may not list Nodes,
+    /// every node whose agent registered (see [`view::agent_list`]).
     pub async fn nodes(&self) -> Result<NodeList, ClusterError> {
         let lp = ListParams::default();
-        let nodes = self
-            .call("list", "nodes", self.nodes_api().list(&lp))
-            .await?;
+        let nodes = if self.may_on_nodes("list", None).await == Some(false) {
+            None
+        } else {
+            match self.call("list", "nodes", self.nodes_api().list(&lp)).await {
+                Ok(nodes) => Some(nodes.items),
+                // The review was not answered and the list was refused: the agent view.
+                Err(RequestError {
+                    code: Some(403), ..
+                }) => None,
+                Err(e) => return Err(e.into()),
+            }
+        };
         let leases = self
             .call("list", "leases", self.leases_api().list(&lp))
             .await?;
         let agents = self
             .call("list", "agentnodes", self.agent_nodes_api().list(&lp))
             .await?;
-        let agents: BTreeMap<String, AgentNodeStatus> = agents
+        let records: BTreeMap<String, AgentRecord> = agents
             .items
             .into_iter()
             .filter_map(|o| {
                 let name = o.metadata.name?;
-                let status = serde_json::from_value(o.data.get("status")?.clone()).ok()?;
-                Some((name, status))
+                let status = o
+                    .data
+                    .get("status")
+                    .and_then(|s| serde_json::from_value(s.clone()).ok());
+                let drain = drain_request(&o.data);
+                Some((name, AgentRecord { status, drain }))
             })
             .collect();
-        Ok(view::node_list(
-            &nodes.items,
-            &leases.items,
-            &agents,
-            k8s_openapi::jiff::Timestamp::now(),
-            self.interval,
-        ))
+        let now = k8s_openapi::jiff::Timestamp::now();
+        Ok(match nodes {
+            Some(nodes) => {
+                let published: BTreeMap<String, AgentNodeStatus> = records
+                    .into_iter()
+                    .filter_map(|(name, r)| Some((name, r.status?)))
+                    .collect();
+                view::node_list(&nodes, &leases.items, &published, now, self.interval)
+            }
+            None => view::agent_list(&leases.items, &records, now, self.interval),
+        })
     }
 
-    /// Sets (`drain`) or removes the `agentd.io/drain=true` label on a Node, with a merge patch
-    /// that names only that key.
+    /// Drains (`drain`) or resumes a node. The request is recorded in the node's `AgentNode`
+    /// `spec` (every agent's role may write it), and a leader-eligible agent projects it onto the
+    /// Node's `agentd.io/drain=true` label; where this agent may label Nodes itself it also
+    /// does so at once, which is the only way for a node without an agent. Both are merge
+    /// patches that name one key.
     pub async fn set_drain(&self, name: &str, drain: bool) -> Result<NodeSummary, ClusterError> {
-        let value = if drain {
-            serde_json::Value::from("true")
-        } else {
-            serde_json::Value::Null
+        let record = serde_json::json!({"spec": {SPEC_DRAIN: drain}});
+        let recorded = match self
+            .call(
+                "patch",
+                &format!("agentnodes/{name}"),
+                self.agent_nodes_api()
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&record)),
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(RequestError {
+                code: Some(404), ..
+            }) => false,
+            Err(e) => return Err(e.into()),
         };
-        let patch = serde_json::json!({"metadata": {"labels": {LABEL_DRAIN: value}}});
-        let what = format!("nodes/{name}");
-        self.call(
-            "patch",
-            &what,
-            self.nodes_api()
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
-        )
-        .await
-        .map_err(|e| {
-            if e.code == Some(404) {
-                ClusterError::NoSuchNode(name.to_owned())
-            } else {
-                e.into()
+        if self.may_on_nodes("patch", Some(name)).await == Some(false) {
+            if !recorded {
+                return Err(ClusterError::Unregistered {
+                    node: name.to_owned(),
+                    namespace: self.namespace.clone(),
+                });
             }
-        })?;
+        } else {
+            let value = if drain {
+                serde_json::Value::from("true")
+            } else {
+                serde_json::Value::Null
+            };
+            let patch = serde_json::json!({"metadata": {"labels": {LABEL_DRAIN: value}}});
+            let labelled = self
+                .call(
+                    "patch",
+                    &format!("nodes/{name}"),
+                    self.nodes_api()
+                        .patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+                )
+                .await;
+            match labelled {
+                Err(RequestError {
+                    code: Some(404), ..
+                }) => return Err(ClusterError::NoSuchNode(name.to_owned())),
+                Err(RequestError {
+                    code: Some(403), ..
+                }) if !recorded => {
+                    return Err(ClusterError::Unregistered {
+                        node: name.to_owned(),
+                        namespace: self.namespace.clone(),
+                    });
+                }
+                Err(e) if e.code != Some(403) => return Err(e.into()),
+                // Refused although the review was not answered: the labeller projects the
+                // recorded request.
+                Ok(_) | Err(_) => {}
+            }
+        }
         self.nodes()
             .await?
             .nodes

@@ -1,5 +1,6 @@
 //! `GET /v1/nodes` in cluster mode: every Node with what its agent published and how fresh its
-//! heartbeat Lease is. Pure: the caller lists the objects and passes the time.
+//! heartbeat Lease is, or, for an agent whose role may not read Nodes, every node whose agent
+//! registered. Pure: the caller lists the objects and passes the time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,9 +12,11 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::inventory::{AgentNodeStatus, LABEL_DRAIN};
 
+const LEASE_PREFIX: &str = "agentd-node-";
+
 /// A node agent's heartbeat Lease is named after its node.
 pub fn lease_name(node: &str) -> String {
-    format!("agentd-node-{node}")
+    format!("{LEASE_PREFIX}{node}")
 }
 
 /// How many lease intervals without a renewal make an agent stale.
@@ -48,7 +51,71 @@ pub fn node_list(
         })
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));
-    NodeList { nodes: list }
+    NodeList {
+        nodes: list,
+        partial: None,
+    }
+}
+
+/// What an agent recorded about its node in its `AgentNode`: the published status (absent until
+/// the first write) and a drain asked for with `agentctl drain` (absent when never asked).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub status: Option<AgentNodeStatus>,
+    pub drain: Option<bool>,
+}
+
+/// The sentence an agent-only list carries (see [`NodeList::partial`]).
+pub const PARTIAL: &str = "this agent's role may not read Nodes: listed from the agents' AgentNodes and Leases, so READY and SCHEDULABLE are unknown (a drain shows) and nodes without an agent are not listed";
+
+/// The node list of an agent that may not read Nodes: every node with an `AgentNode` or an
+/// agent Lease, what its agent published, its heartbeat, and its recorded drain. Readiness and
+/// cordons live on the Node, so `ready` is `Unknown` and `schedulable` is unknown unless drained.
+pub fn agent_list(
+    leases: &[Lease],
+    agents: &BTreeMap<String, AgentRecord>,
+    now: Timestamp,
+    interval: Duration,
+) -> NodeList {
+    let mut by_node: BTreeMap<&str, (Option<&AgentRecord>, Option<&Lease>)> = BTreeMap::new();
+    for (name, record) in agents {
+        by_node.entry(name).or_default().0 = Some(record);
+    }
+    for lease in leases {
+        let node = lease
+            .metadata
+            .name
+            .as_deref()
+            .and_then(|n| n.strip_prefix(LEASE_PREFIX));
+        if let Some(node) = node.filter(|n| !n.is_empty()) {
+            by_node.entry(node).or_default().1 = Some(lease);
+        }
+    }
+    let nodes = by_node
+        .into_iter()
+        .map(|(name, (record, lease))| {
+            let status = record.and_then(|r| r.status.as_ref());
+            let drained = record.and_then(|r| r.drain) == Some(true);
+            NodeSummary {
+                name: name.to_owned(),
+                gpus: NodeGpus {
+                    total: status.map_or(0, |s| s.gpu_count),
+                    healthy: status.map_or(0, |s| s.healthy_gpu_count),
+                    product: status.map(|s| s.gpu_product.clone()).unwrap_or_default(),
+                },
+                cpu_cores: status.map_or(0, |s| s.cpu_cores),
+                memory_bytes: status.map_or(0, |s| s.memory_bytes),
+                ready: "Unknown".to_owned(),
+                schedulable: drained.then_some(false),
+                drained,
+                agent: presence(lease, now, interval),
+            }
+        })
+        .collect();
+    NodeList {
+        nodes,
+        partial: Some(PARTIAL.to_owned()),
+    }
 }
 
 fn summary(
@@ -119,7 +186,7 @@ fn summary(
         cpu_cores,
         memory_bytes,
         ready,
-        schedulable: !cordoned && !drained,
+        schedulable: Some(!cordoned && !drained),
         drained,
         agent: presence(lease, now, interval),
     }
@@ -280,11 +347,96 @@ mod tests {
             Timestamp::UNIX_EPOCH,
             Duration::from_secs(10),
         );
-        let s: Vec<(bool, bool)> = list
+        let s: Vec<(Option<bool>, bool)> = list
             .nodes
             .iter()
             .map(|n| (n.schedulable, n.drained))
             .collect();
-        assert_eq!(s, [(false, false), (false, true), (true, false)]);
+        assert_eq!(
+            s,
+            [
+                (Some(false), false),
+                (Some(false), true),
+                (Some(true), false)
+            ]
+        );
+        assert_eq!(list.partial, None);
+    }
+
+    fn status(gpus: u32, healthy: u32) -> AgentNodeStatus {
+        AgentNodeStatus {
+            gpu_count: gpus,
+            healthy_gpu_count: healthy,
+            gpu_product: "NVIDIA H200".into(),
+            agent_version: "0.1.0".into(),
+            cpu_cores: 16,
+            memory_bytes: 1 << 30,
+            disks: Vec::new(),
+            driver_version: None,
+            cuda_version: None,
+            gpus: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn without_nodes_the_agents_records_and_leases_make_the_list() {
+        let now: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        let agents = BTreeMap::from([
+            (
+                "a".to_owned(),
+                AgentRecord {
+                    status: Some(status(4, 3)),
+                    drain: None,
+                },
+            ),
+            (
+                "b".to_owned(),
+                AgentRecord {
+                    status: Some(status(2, 2)),
+                    drain: Some(true),
+                },
+            ),
+            (
+                "c".to_owned(),
+                AgentRecord {
+                    status: None,
+                    drain: Some(false),
+                },
+            ),
+        ]);
+        let mut leader = lease("x", "2026-01-01T00:00:59Z".parse().unwrap(), 40);
+        leader.metadata.name = Some("agentd-leader".into());
+        let leases = [
+            lease("a", "2026-01-01T00:00:55Z".parse().unwrap(), 40),
+            lease("b", "2026-01-01T00:00:10Z".parse().unwrap(), 40),
+            lease("d", "2026-01-01T00:00:58Z".parse().unwrap(), 40),
+            leader,
+        ];
+        let list = agent_list(&leases, &agents, now, Duration::from_secs(10));
+        let rows: Vec<_> = list
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    n.gpus.healthy,
+                    n.gpus.total,
+                    n.ready.as_str(),
+                    n.schedulable,
+                    n.drained,
+                    n.agent.state,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("a", 3, 4, "Unknown", None, false, AgentState::Fresh),
+                ("b", 2, 2, "Unknown", Some(false), true, AgentState::Stale),
+                ("c", 0, 0, "Unknown", None, false, AgentState::None),
+                ("d", 0, 0, "Unknown", None, false, AgentState::Fresh),
+            ]
+        );
+        assert_eq!(list.partial.as_deref(), Some(PARTIAL));
     }
 }

@@ -1,6 +1,7 @@
 //! The multi-node harness: one kube-sim process and N agents in cluster mode on this machine,
 //! each with its own fake GPUs, state directory and socket, reaching kube-sim through a fault
-//! proxy that can pass, delay, blackhole or answer 503.
+//! proxy that can pass, delay or blackhole (on the TLS bytes); error statuses such as 503 come
+//! from kube-sim's own fault switch (`kube-sim fault`), inside TLS as a real server sends them.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -178,6 +179,31 @@ impl KubeSim {
         std::fs::write(path, text.replace(self.addr(), addr)).unwrap();
     }
 
+    /// `kube-sim fault --status STATUS --for DURATION` (e.g. `"30s"`): every API request gets
+    /// STATUS, as from an overloaded API server, until it ends or [`KubeSim::clear_fault`].
+    pub fn fault(&self, status: u16, duration: &str) {
+        self.control(&["fault", "--status", &status.to_string(), "--for", duration]);
+    }
+
+    /// `kube-sim fault --clear`.
+    pub fn clear_fault(&self) {
+        self.control(&["fault", "--clear"]);
+    }
+
+    fn control(&self, args: &[&str]) {
+        let out = Command::new(kube_sim_bin())
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .output()
+            .expect("kube-sim runs");
+        assert!(
+            out.status.success(),
+            "kube-sim {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The audit log's records (one JSON object per request served).
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
@@ -213,8 +239,6 @@ pub enum Fault {
     Blackhole,
     /// Forward, but hold each chunk this long first.
     Delay(Duration),
-    /// Answer every request with `503 Service Unavailable` (plain HTTP only).
-    Unavailable,
 }
 
 /// A TCP proxy between the agents and kube-sim that can be told to fail.
@@ -273,15 +297,8 @@ fn wait_out_blackhole(fault: &Mutex<Fault>, stop: &AtomicBool) -> bool {
     true
 }
 
-const UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
-content-length: 20\r\nconnection: close\r\n\r\nfault proxy: 503 now";
-
 fn proxy_connection(client: TcpStream, upstream: &str, fault: &Mutex<Fault>, stop: &AtomicBool) {
     if !wait_out_blackhole(fault, stop) {
-        return;
-    }
-    if current(fault) == Fault::Unavailable {
-        answer_unavailable(client);
         return;
     }
     let Ok(server) = TcpStream::connect(upstream) else {
@@ -291,27 +308,13 @@ fn proxy_connection(client: TcpStream, upstream: &str, fault: &Mutex<Fault>, sto
     let _ = client.set_nodelay(true);
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     std::thread::scope(|scope| {
-        scope.spawn(|| pump(client, server, fault, stop, true));
-        scope.spawn(|| pump(s2, c2, fault, stop, false));
+        scope.spawn(|| pump(client, server, fault, stop));
+        scope.spawn(|| pump(s2, c2, fault, stop));
     });
 }
 
-fn answer_unavailable(mut client: TcpStream) {
-    let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 16 * 1024];
-    let _ = client.read(&mut buf);
-    let _ = client.write_all(UNAVAILABLE);
-    let _ = client.shutdown(Shutdown::Both);
-}
-
 /// Copies `from` to `to` chunk by chunk, applying the fault in force to each chunk.
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    fault: &Mutex<Fault>,
-    stop: &AtomicBool,
-    from_client: bool,
-) {
+fn pump(mut from: TcpStream, mut to: TcpStream, fault: &Mutex<Fault>, stop: &AtomicBool) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -321,13 +324,8 @@ fn pump(
         if !wait_out_blackhole(fault, stop) {
             break;
         }
-        match current(fault) {
-            Fault::Delay(d) => std::thread::sleep(d),
-            Fault::Unavailable if from_client => {
-                let _ = from.write_all(UNAVAILABLE);
-                break;
-            }
-            _ => {}
+        if let Fault::Delay(d) = current(fault) {
+            std::thread::sleep(d);
         }
         if to.write_all(&buf[..n]).is_err() {
             break;

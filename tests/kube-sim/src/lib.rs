@@ -11,6 +11,7 @@ pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod defaults;
+pub mod fault;
 pub mod kubelet;
 pub mod patch;
 pub mod rbac;
@@ -192,6 +193,7 @@ impl KubeSim {
             authorization: config.authorization,
             audit,
             kubelets: Some(kubelets.clone()),
+            fault: fault::FaultSwitch::default(),
         });
         let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server));
         let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -329,6 +331,17 @@ impl SimHandle {
     /// Restarts a stopped node's kubelet; false if there is no such simulated node.
     pub fn restart_node(&self, name: &str) -> bool {
         self.kubelets.restart_node(name)
+    }
+
+    /// From now on every API request is answered with `spec`'s status (for its duration, or
+    /// until [`SimHandle::clear_fault`]).
+    pub fn set_fault(&self, spec: fault::FaultSpec) {
+        self.state.fault.set(spec, std::time::Instant::now());
+    }
+
+    /// Ends the fault in force; false if none was.
+    pub fn clear_fault(&self) -> bool {
+        self.state.fault.clear(std::time::Instant::now())
     }
 
     /// Stops serving and every simulated kubelet.

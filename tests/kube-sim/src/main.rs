@@ -59,6 +59,25 @@ enum Command {
     StopNode(Control),
     /// Bring a stopped node's kubelet back.
     RestartNode(Control),
+    /// Answer every API request with an error status, as an overloaded or failing API server
+    /// does (`Retry-After` on 429 and 503), for a while or until `--clear`.
+    Fault(FaultArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FaultArgs {
+    /// The kubeconfig the simulator wrote (its admin token and CA).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: PathBuf,
+    /// The status every request gets: 429, 500, 503 or 504.
+    #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+    status: Option<u16>,
+    /// How long, e.g. 10s, 500ms or 2m; without it, until `--clear`.
+    #[arg(long = "for", value_name = "DURATION", value_parser = kube_sim::fault::parse_duration, conflicts_with = "clear")]
+    duration: Option<std::time::Duration>,
+    /// End the fault in force.
+    #[arg(long)]
+    clear: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,13 +90,38 @@ struct Control {
 }
 
 fn control(action: &str, c: &Control) -> anyhow::Result<()> {
-    let endpoint = kube_sim::client::Endpoint::from_kubeconfig(&c.kubeconfig)?;
+    let path = format!("/kube-sim/v1/nodes/{}/{action}", c.node);
+    control_request(&c.kubeconfig, "POST", &path, "")
+        .map_err(|e| anyhow::anyhow!("{action} {}: {e}", c.node))
+}
+
+fn fault(f: &FaultArgs) -> anyhow::Result<()> {
+    const PATH: &str = "/kube-sim/v1/fault";
+    if f.clear {
+        return control_request(&f.kubeconfig, "DELETE", PATH, "")
+            .map_err(|e| anyhow::anyhow!("fault --clear: {e}"));
+    }
+    let status = f.status.context("--status is required without --clear")?;
+    let spec = kube_sim::fault::FaultSpec::new(status, f.duration).context("--status")?;
+    let body = serde_json::to_string(&spec).context("encoding the fault")?;
+    control_request(&f.kubeconfig, "POST", PATH, &body)
+        .map_err(|e| anyhow::anyhow!("fault --status {status}: {e}"))
+}
+
+/// Sends one request to the control endpoint and prints the answer's message.
+fn control_request(
+    kubeconfig: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<()> {
+    let endpoint = kube_sim::client::Endpoint::from_kubeconfig(kubeconfig)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the Tokio runtime")?;
-    let path = format!("/kube-sim/v1/nodes/{}/{action}", c.node);
-    let (code, body) = runtime.block_on(endpoint.request("POST", &path, "application/json", ""))?;
+    let (code, body) =
+        runtime.block_on(endpoint.request(method, path, "application/json", body))?;
     let message = body
         .get("message")
         .and_then(serde_json::Value::as_str)
@@ -86,7 +130,7 @@ fn control(action: &str, c: &Control) -> anyhow::Result<()> {
         println!("{message}");
         Ok(())
     } else {
-        anyhow::bail!("{action} {}: {code}: {message}", c.node)
+        anyhow::bail!("{code}: {message}")
     }
 }
 
@@ -95,6 +139,7 @@ fn main() -> anyhow::Result<()> {
     match &args.command {
         Some(Command::StopNode(c)) => return control("stop", c),
         Some(Command::RestartNode(c)) => return control("restart", c),
+        Some(Command::Fault(f)) => return fault(f),
         None => {}
     }
     tracing_subscriber::fmt()

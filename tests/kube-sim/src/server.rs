@@ -21,6 +21,7 @@ use crate::access;
 use crate::audit::AuditLog;
 use crate::auth::{self, Authenticator, UserInfo};
 use crate::defaults;
+use crate::fault::{FaultSpec, FaultSwitch};
 use crate::kubelet::{Kubelets, PodLogs};
 use crate::patch;
 use crate::rbac::{self, Attributes, AuthorizationMode};
@@ -66,6 +67,8 @@ pub struct ApiState {
     pub audit: Option<AuditLog>,
     /// The simulated kubelets, for the control endpoint.
     pub kubelets: Option<Arc<Kubelets>>,
+    /// While on, every API request is answered with the fault's error status.
+    pub fault: FaultSwitch,
 }
 
 type Resp = Response<ApiBody>;
@@ -258,6 +261,8 @@ enum Route {
     OpenApiGroupVersion(String),
     /// `POST /kube-sim/v1/nodes/{name}/{stop|restart}`: the simulator's own control endpoint.
     Control(String, String),
+    /// `POST /kube-sim/v1/fault` (a [`FaultSpec`]) or `DELETE` it: the fault switch.
+    Fault,
     Unknown,
 }
 
@@ -274,6 +279,7 @@ fn route(store: &Store, path: &str) -> Route {
         ["kube-sim", "v1", "nodes", node, action] => {
             return Route::Control((*node).to_string(), (*action).to_string());
         }
+        ["kube-sim", "v1", "fault"] => return Route::Fault,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
         ["openapi", "v2"] => return Route::OpenApiV2,
         ["openapi", "v3"] => return Route::OpenApiRoot,
@@ -559,21 +565,14 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
             let resp = forbidden(&attrs, &user);
             (user, resp)
         }
-        Ok(Ok(user)) => {
-            let allowed = match &route {
-                Route::Control(..) => user.is_master(),
-                _ => {
-                    state.authorization == AuthorizationMode::AlwaysAllow
-                        || rbac::authorize(&state.store, &user, &attrs).is_some()
-                }
-            };
-            let resp = if allowed {
-                serve(&state, &user, &parts, body, route, &q).await
-            } else {
-                forbidden(&attrs, &user.name)
-            };
-            (user.name, resp)
+        Ok(Ok(user)) if !matches!(route, Route::Control(..) | Route::Fault) => {
+            // An overloaded server answers before it authorizes or serves anything.
+            match state.fault.active(std::time::Instant::now()) {
+                Some(f) => (user.name, fault_response(&f)),
+                None => authorize_and_serve(&state, user, &parts, body, route, &attrs, &q).await,
+            }
         }
+        Ok(Ok(user)) => authorize_and_serve(&state, user, &parts, body, route, &attrs, &q).await,
     };
     if let Some(audit) = &state.audit {
         audit.record(
@@ -585,6 +584,43 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         );
     }
     Ok(resp)
+}
+
+/// A request answered by the fault switch: its `Status`, with `Retry-After` where
+/// kube-apiserver sends one.
+fn fault_response(f: &FaultSpec) -> Resp {
+    let (status, retry_after) = f.answer();
+    let code = StatusCode::from_u16(f.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut resp = json_response(code, &status);
+    if let Some(seconds) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+    }
+    resp
+}
+
+async fn authorize_and_serve(
+    state: &Arc<ApiState>,
+    user: UserInfo,
+    parts: &http::request::Parts,
+    body: Incoming,
+    route: Route,
+    attrs: &Attributes,
+    q: &Query,
+) -> (String, Resp) {
+    let allowed = match &route {
+        Route::Control(..) | Route::Fault => user.is_master(),
+        _ => {
+            state.authorization == AuthorizationMode::AlwaysAllow
+                || rbac::authorize(&state.store, &user, attrs).is_some()
+        }
+    };
+    let resp = if allowed {
+        serve(state, &user, parts, body, route, q).await
+    } else {
+        forbidden(attrs, &user.name)
+    };
+    (user.name, resp)
 }
 
 async fn serve(
@@ -706,6 +742,7 @@ async fn serve(
         },
         Route::Unknown => not_found_path(),
         Route::Control(node, action) => control(state, &node, &action, &parts.method),
+        Route::Fault => fault_control(state, &parts.method, &body),
         Route::Resource(target, _) if target.ty.group == resources::AUTHORIZATION_GROUP => {
             match access_review(state, user, &parts.method, &target, &content_type, &body) {
                 Ok(r) => r,
@@ -729,6 +766,53 @@ async fn serve(
             }
         }
     }
+}
+
+/// The fault switch's control endpoint: `POST` a [`FaultSpec`] to turn a fault on, `DELETE` to
+/// turn it off. Only `system:masters` gets here.
+fn fault_control(state: &ApiState, method: &Method, body: &Bytes) -> Resp {
+    let now = std::time::Instant::now();
+    let message = match *method {
+        Method::POST => {
+            let spec = match serde_json::from_slice::<FaultSpec>(body) {
+                Ok(spec) => FaultSpec::new(spec.status, spec.for_millis.map(Duration::from_millis)),
+                Err(e) => {
+                    return error_response(&StoreError::BadRequest(format!(
+                        "the fault must be {{\"status\": 429|500|503|504, \"forMillis\": N}} (forMillis optional): {e}"
+                    )));
+                }
+            };
+            match spec {
+                Ok(spec) => {
+                    state.fault.set(spec, now);
+                    match spec.for_millis {
+                        Some(ms) => {
+                            format!("every API request answers {} for {ms} ms", spec.status)
+                        }
+                        None => format!("every API request answers {} until cleared", spec.status),
+                    }
+                }
+                Err(e) => return error_response(&StoreError::BadRequest(e.to_string())),
+            }
+        }
+        Method::DELETE => {
+            if state.fault.clear(now) {
+                "fault cleared".to_owned()
+            } else {
+                "no fault was in force".to_owned()
+            }
+        }
+        _ => {
+            return error_response(&StoreError::MethodNotAllowed(format!(
+                "{method} is not allowed on the fault endpoint: use POST or DELETE"
+            )));
+        }
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200,
+                "message": message}),
+    )
 }
 
 /// The control endpoint: stops or restarts a simulated node's kubelet, for scripts driving a

@@ -17,12 +17,11 @@ struct Cluster {
     agents: Vec<NodeAgent>,
 }
 
-/// kube-sim (HTTPS, tokens and RBAC when `secure`) with `nodes` nodes; agent 0 is
-/// leader-eligible with the `agentd-leader` ServiceAccount (it labels the Nodes), the others are
-/// worker-only on `agentd-node`. All of them reach kube-sim through the fault proxy, which can
-/// answer 503 only where there is no TLS to terminate.
-fn cluster(nodes: usize, gpus: u32, secure: bool) -> Cluster {
-    let sim = KubeSim::start(nodes, secure);
+/// kube-sim (HTTPS, tokens and RBAC) with `nodes` nodes; agent 0 is leader-eligible with the
+/// `agentd-leader` ServiceAccount (it labels the Nodes), the others are worker-only on
+/// `agentd-node`. All of them reach kube-sim through the fault proxy (delay, blackhole).
+fn cluster(nodes: usize, gpus: u32) -> Cluster {
+    let sim = KubeSim::start(nodes, true);
     let proxy = FaultProxy::start(sim.addr());
     let leader = sim.dir.path().join("leader.kubeconfig");
     sim.kubeconfig_for(Identity::Leader, &proxy.addr, &leader);
@@ -66,7 +65,7 @@ fn agent_state(nodes: &serde_json::Value, node: &str) -> String {
 
 #[test]
 fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
-    let c = cluster(3, 2, true);
+    let c = cluster(3, 2);
     for agent in &c.agents {
         c.sim.wait_until(
             &format!("labels on {}", agent.node),
@@ -164,6 +163,61 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
     let resumed = c.agents[0].agent.ctl_json(&["resume", "node-2"]);
     assert_eq!(resumed["schedulable"], true);
     assert!(!c.sim.node_labels("node-2").contains_key("agentd.io/drain"));
+
+    // A worker-only agent may not read Nodes: it lists the agents' AgentNodes and Leases and
+    // says what it cannot know.
+    let worker = &c.agents[1].agent;
+    let nodes = worker.ctl_json(&["nodes"]);
+    let list = nodes["nodes"].as_array().unwrap();
+    assert_eq!(list.len(), 3, "{nodes}");
+    for n in list {
+        assert_eq!(n["agent"]["state"], "fresh", "{nodes}");
+        assert_eq!(n["gpus"]["healthy"], 2, "{nodes}");
+        assert_eq!(n["ready"], "Unknown", "{nodes}");
+        assert!(n["schedulable"].is_null(), "{nodes}");
+    }
+    assert!(nodes["partial"].as_str().is_some(), "{nodes}");
+    let text = String::from_utf8(worker.ctl(&["nodes"]).stdout).unwrap();
+    assert!(
+        text.lines().last().is_some_and(|l| l
+            .starts_with("READY and SCHEDULABLE unknown: this agent's role may not read Nodes")),
+        "{text}"
+    );
+    // Its drain is recorded in the AgentNode, and the leader-eligible agent labels the Node.
+    let drained = worker.ctl_json(&["drain", "node-2"]);
+    assert_eq!(
+        (&drained["drained"], &drained["schedulable"]),
+        (&true.into(), &false.into())
+    );
+    let agent_node = c
+        .sim
+        .get_json(&["agentnodes.agentd.io", "node-2", "-n", "agentd-system"]);
+    assert_eq!(agent_node["spec"]["drain"], true, "{agent_node}");
+    c.sim
+        .wait_until("node-2 labelled drained", Duration::from_secs(30), || {
+            c.sim.node_labels("node-2").get("agentd.io/drain") == Some(&"true".into())
+        });
+    c.agents[0]
+        .agent
+        .wait_for(&["nodes"], Duration::from_secs(30), |nodes| {
+            nodes["nodes"][2]["schedulable"] == false
+        });
+    let resumed = worker.ctl_json(&["resume", "node-2"]);
+    assert_eq!(resumed["drained"], false);
+    c.sim
+        .wait_until("node-2 label removed", Duration::from_secs(30), || {
+            !c.sim.node_labels("node-2").contains_key("agentd.io/drain")
+        });
+    // A node without an agent cannot be recorded, and the worker may not label it: it says so.
+    let missing = worker.ctl(&["drain", "node-9"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("no agent has registered node \"node-9\"")
+            && stderr.contains("agentd-leader"),
+        "{stderr}"
+    );
+
     // The worker-only agents did their work without a single refusal.
     let audit = c.sim.audit();
     let workers: Vec<&serde_json::Value> =
@@ -193,7 +247,7 @@ fn every_node_gets_labels_and_annotation_and_the_agents_list_the_cluster() {
 
 #[test]
 fn xid_79_turns_the_healthy_label_down_and_a_killed_agent_goes_stale() {
-    let mut c = cluster(2, 4, true);
+    let mut c = cluster(2, 4);
     c.sim
         .wait_until("labels on node-1", Duration::from_secs(30), || {
             healthy_label(&c.sim, "node-1").as_deref() == Some("4")
@@ -240,7 +294,7 @@ fn log_lines(agent: &NodeAgent, needle: &str) -> usize {
 
 #[test]
 fn agents_survive_an_unreachable_slow_and_failing_api_server_and_catch_up() {
-    let c = cluster(2, 2, false);
+    let c = cluster(2, 2);
     for agent in &c.agents {
         c.sim.wait_until(
             &format!("labels on {}", agent.node),
@@ -252,8 +306,10 @@ fn agents_survive_an_unreachable_slow_and_failing_api_server_and_catch_up() {
     // Slow: every chunk waits 300 ms; the agents keep up.
     c.proxy.set(Fault::Delay(Duration::from_millis(300)));
     std::thread::sleep(Duration::from_secs(3));
-    // Failing: 503 until every agent has seen one.
-    c.proxy.set(Fault::Unavailable);
+    c.proxy.set(Fault::Pass);
+    // Failing: kube-sim answers 503 with Retry-After, as an overloaded API server, until every
+    // agent has seen one (the bound is a backstop; the test clears it).
+    c.sim.fault(503, "2m");
     for agent in &c.agents {
         c.sim.wait_until(
             &format!("{} counts a 503", agent.node),
@@ -261,7 +317,7 @@ fn agents_survive_an_unreachable_slow_and_failing_api_server_and_catch_up() {
             || agent.metrics().contains("code=\"503\""),
         );
     }
-    c.proxy.set(Fault::Pass);
+    c.sim.clear_fault();
     for agent in &c.agents {
         agent
             .agent

@@ -593,5 +593,120 @@ async fn control_commands_stop_and_restart_nodes_of_a_separate_process() {
     .await;
     assert!(!ok);
     assert!(err.contains("reading the kubeconfig"), "{err}");
+
+    // The fault switch: every API request answers 503 until cleared; only the admin may set it.
+    let fault = |args: &[&str]| {
+        let mut all: Vec<String> = vec!["fault".into(), "--kubeconfig".into(), kc.clone()];
+        all.extend(args.iter().map(|a| (*a).to_string()));
+        all
+    };
+    let (ok, out, err) = run(fault(&["--status", "503", "--for", "1m"])).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), "every API request answers 503 for 60000 ms");
+    let (code, body) = admin
+        .request("GET", "/api/v1/nodes", "application/json", "")
+        .await
+        .unwrap();
+    assert_eq!(
+        (code, &body["reason"]),
+        (503, &json!("ServiceUnavailable")),
+        "{body}"
+    );
+    let (ok, _, err) = run(fault(&["--status", "404"])).await;
+    assert!(!ok);
+    assert!(
+        err.contains("fault status 404 is not one kube-sim answers with"),
+        "{err}"
+    );
+    let (ok, _, err) = run(vec![
+        "fault".into(),
+        "--kubeconfig".into(),
+        alice.display().to_string(),
+        "--clear".into(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(err.contains("403"), "{err}");
+    let (ok, out, err) = run(fault(&["--clear"])).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(out.trim(), "fault cleared");
+    let (code, _) = admin
+        .request("GET", "/api/v1/nodes", "application/json", "")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
     sim.kill().await.unwrap();
+}
+
+/// A fault answers every API request, authenticated first (the audit names the user), with the
+/// Status and `Retry-After` an overloaded kube-apiserver sends; it ends by itself.
+#[tokio::test]
+async fn a_fault_answers_with_a_status_and_retry_after_until_it_ends() {
+    let sim = start_secure(SimConfig {
+        nodes: 1,
+        ..SimConfig::default()
+    })
+    .await;
+    let alice = endpoint(&sim, Some("alice-token"));
+    sim.handle.set_fault(
+        kube_sim::fault::FaultSpec::new(429, Some(Duration::from_millis(1500))).unwrap(),
+    );
+    let (code, body) = call(
+        &alice,
+        "GET",
+        "/api/v1/namespaces/default/pods",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["reason"], "TooManyRequests");
+    assert_eq!(body["details"]["retryAfterSeconds"], 1);
+    let (code, _) = call(&endpoint(&sim, None), "GET", "/api/v1/nodes", &Value::Null).await;
+    assert_eq!(code, 401, "no token is still refused first");
+    let audit = audit_lines(&sim);
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["user"] == "alice" && l["code"] == 429),
+        "{audit:?}"
+    );
+    // Retry-After is a header, as clients read it.
+    let raw = raw_get(&sim, "/version").await;
+    assert!(
+        raw.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{raw}"
+    );
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (code, body) = call(
+        &alice,
+        "GET",
+        "/api/v1/namespaces/default/pods",
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 403, "over, and RBAC decides again: {body}");
+    assert!(!sim.handle.clear_fault(), "it had ended by itself");
+}
+
+/// The response head of one GET as the admin, over the simulator's TLS.
+async fn raw_get(sim: &Sim, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = sim.handle.ca_pem().unwrap();
+    let config = kube_sim::tls::client_config(ca).unwrap();
+    let stream = tokio::net::TcpStream::connect(sim.handle.addr())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1".to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .unwrap();
+    let token = sim.handle.admin_token().unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
