@@ -358,6 +358,11 @@ pub struct NodeAgent {
 
 impl NodeAgent {
     pub fn start(o: &NodeAgentOptions) -> NodeAgent {
+        NodeAgent::start_with(o, "")
+    }
+
+    /// Starts an agent with more `[cluster]` settings (TOML lines), e.g. the election's timings.
+    pub fn start_with(o: &NodeAgentOptions, cluster_settings: &str) -> NodeAgent {
         let metrics_port = o.metrics.then(|| {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -372,7 +377,7 @@ impl NodeAgent {
         let agent = Agent::start(AgentOptions {
             gpus: Some((0..o.gpus).map(fake_gpu).collect()),
             config: format!(
-                "mode = \"cluster\"\n[inventory]\ninterval = \"{i}\"\n[cluster]\nkubeconfig = {k:?}\nnode_lease_interval = \"{i}\"\nleader_eligible = {l}\n",
+                "mode = \"cluster\"\n[inventory]\ninterval = \"{i}\"\n[cluster]\nkubeconfig = {k:?}\nnode_lease_interval = \"{i}\"\nleader_eligible = {l}\n{cluster_settings}",
                 i = o.interval,
                 k = o.kubeconfig.display().to_string(),
                 l = o.leader_eligible,

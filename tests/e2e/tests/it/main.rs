@@ -5,6 +5,7 @@ mod auth;
 mod cluster;
 mod gpus;
 mod jobs;
+mod leader;
 mod lifecycle;
 mod limits;
 mod owners;

@@ -254,7 +254,7 @@ fn both_doors_answer_the_same_for_the_same_user() {
     // `logs -f` over HTTPS follows the replica to its end.
     remote
         .agent
-        .wait_for(&["job", "whoami"], Duration::from_secs(60), |j| {
+        .wait_for(&["job", "whoami"], Duration::from_mins(1), |j| {
             j["state"] == "Running" || j["state"] == "Succeeded"
         });
     let followed = remote.ctl(Some(&alice), &["logs", "whoami", "--follow"], None);
@@ -262,7 +262,7 @@ fn both_doors_answer_the_same_for_the_same_user() {
     assert!(followed.contains("line-3"), "{followed}");
     remote
         .agent
-        .wait_for(&["job", "whoami"], Duration::from_secs(60), |j| {
+        .wait_for(&["job", "whoami"], Duration::from_mins(1), |j| {
             j["state"] == "Succeeded"
         });
     // The replica ran as alice.
