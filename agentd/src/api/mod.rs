@@ -330,7 +330,7 @@ async fn dispatch(
                 ))
             }
         }
-        Route::Status => Ok(json(StatusCode::OK, &status(state))),
+        Route::Status => Ok(json(StatusCode::OK, &status(state).await)),
         Route::Node => Ok(json(StatusCode::OK, &*state.inventory.borrow().clone())),
         Route::SubmitJob => {
             caller.may_submit()?;
@@ -560,7 +560,11 @@ impl From<crate::cluster::ClusterError> for ApiError {
     }
 }
 
-fn status(state: &ApiState) -> Status {
+async fn status(state: &ApiState) -> Status {
+    let cluster = match &state.cluster {
+        Some(cluster) => Some(cluster.status_with_leader().await),
+        None => None,
+    };
     let a = &state.agent;
     Status {
         agent: AgentInfo {
@@ -573,7 +577,7 @@ fn status(state: &ApiState) -> Status {
             socket: a.socket.clone(),
         },
         node: (*state.inventory.borrow().clone()).clone(),
-        cluster: state.cluster.as_ref().map(crate::cluster::Cluster::status),
+        cluster,
     }
 }
 

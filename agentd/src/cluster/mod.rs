@@ -307,6 +307,30 @@ impl Cluster {
         }
     }
 
+    /// `agentctl status`'s cluster part, the leader included on an agent that does not take
+    /// part in the election: it reads the Lease `agentd-leader` (which its role may get) and
+    /// names the holder while the Lease runs, as this machine's clock tells. A failed read
+    /// leaves the leader unnamed; the link state says why.
+    pub async fn status_with_leader(&self) -> ClusterStatus {
+        let mut status = self.status();
+        if self.leader_eligible {
+            return status;
+        }
+        let read = self
+            .call(
+                "get",
+                "the leader's Lease",
+                self.leases_api().get_opt(election::LEADER_LEASE),
+            )
+            .await;
+        if let Ok(Some(lease)) = read {
+            status.leader = running_holder(&lease, k8s_openapi::jiff::Timestamp::now());
+            status.reachable = self.status().reachable;
+            status.last_error = self.status().last_error;
+        }
+        status
+    }
+
     /// Asks the API server whether this agent may `verb` Nodes (one SelfSubjectAccessReview,
     /// which every authenticated user may create), so that a role without the right is never
     /// refused with a 403. `None` when the server did not answer the question.
@@ -513,4 +537,49 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The holder of a Lease that has not run out at `now`: renewed (or acquired) less than its
+/// duration ago. A released Lease (empty holder) names nobody.
+fn running_holder(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?.0;
+    let runs_for =
+        k8s_openapi::jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds?));
+    (renewed.checked_add(runs_for).ok()? > now).then(|| holder.to_owned())
+}
+
+#[cfg(test)]
+mod leader_tests {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    use super::*;
+
+    fn lease(holder: &str, renewed: Timestamp) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.to_owned()),
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(15),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    #[test]
+    fn a_lease_names_its_holder_only_while_it_runs() {
+        let now = Timestamp::now();
+        let ago = |s| now.checked_sub(SignedDuration::from_secs(s)).unwrap();
+        assert_eq!(
+            running_holder(&lease("node-1", ago(3)), now).as_deref(),
+            Some("node-1")
+        );
+        assert_eq!(running_holder(&lease("node-1", ago(16)), now), None);
+        assert_eq!(running_holder(&lease("", ago(0)), now), None);
+        assert_eq!(running_holder(&Lease::default(), now), None);
+    }
 }
