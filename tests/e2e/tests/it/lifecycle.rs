@@ -304,9 +304,11 @@ fn a_client_that_half_closes_gets_its_answer() {
     let answer = raw_request(&agent, request.as_bytes());
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer:?}");
     assert!(agent.ctl(&["job", "half"]).status.success());
+    let log = agent.log();
     assert!(
-        agent.log().contains("request") && agent.log().contains("pid="),
-        "every request is logged with its caller"
+        log.lines()
+            .any(|l| l.contains("request") && l.contains("peer") && l.contains("pid ")),
+        "every request is logged with its caller:\n{log}"
     );
 
     let answer = raw_request(&agent, b"PUT /v1/jobs HTTP/1.1\r\nHost: agentd\r\n\r\n");
