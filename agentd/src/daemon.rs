@@ -71,14 +71,13 @@ pub async fn run_until(
 /// The API socket, bound (or inherited from systemd) first, so that clients can connect
 /// while the rest starts.
 struct ApiSocket {
-    listener: Option<tokio::net::UnixListener>,
     path: std::path::PathBuf,
     /// Under agentd.socket systemd has bound the socket (and keeps it across restarts).
     activated: bool,
 }
 
 impl ApiSocket {
-    fn open(config: &Config) -> Result<Self, DaemonError> {
+    fn open(config: &Config) -> Result<(Self, tokio::net::UnixListener), DaemonError> {
         let _span = tracing::info_span!("api", socket = %config.socket.display()).entered();
         let (listener, activated) = match crate::systemd::inherited_unix_listener()? {
             Some(listener) => {
@@ -88,7 +87,6 @@ impl ApiSocket {
             None => (api::socket::bind(&config.socket)?, false),
         };
         let socket = Self {
-            listener: None,
             path: config.socket.clone(),
             activated,
         };
@@ -96,10 +94,7 @@ impl ApiSocket {
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixListener::from_std(listener));
         match listener {
-            Ok(listener) => Ok(Self {
-                listener: Some(listener),
-                ..socket
-            }),
+            Ok(listener) => Ok((socket, listener)),
             Err(e) => {
                 socket.close();
                 Err(DaemonError::Runtime(e.to_string()))
@@ -126,11 +121,7 @@ async fn run_parts(
     halt: watch::Sender<bool>,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
-    let mut socket = ApiSocket::open(&config)?;
-    let listener = socket
-        .listener
-        .take()
-        .expect("an opened socket has a listener");
+    let (socket, listener) = ApiSocket::open(&config)?;
     let result = run_with_socket(&config, listener, started, stop, halt).await;
     socket.close();
     let store = result?;
@@ -158,6 +149,17 @@ async fn run_with_socket(
     } = start_inventory(config, &node_name, stop.clone()).await?;
     let exporter = start_metrics(config, inventory.clone(), stop.clone()).await?;
     let metrics = exporter.as_ref().map(|e| e.metrics.clone());
+    // What can fail on its configuration comes before the core, which restores the jobs and
+    // starts their replicas: a failure after it would leave it running.
+    let (cluster, cluster_tasks) = start_cluster(
+        config,
+        &node_name,
+        metrics.clone(),
+        inventory.clone(),
+        stop.clone(),
+    )
+    .await?;
+    let remote = open_remote(config).await?;
     let (core, core_handle) = start_core(
         config,
         node_name.clone(),
@@ -166,14 +168,6 @@ async fn run_with_socket(
         metrics.clone(),
         stop.clone(),
         halt,
-    )
-    .await?;
-    let (cluster, cluster_tasks) = start_cluster(
-        config,
-        &node_name,
-        metrics.clone(),
-        inventory.clone(),
-        stop.clone(),
     )
     .await?;
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -202,7 +196,7 @@ async fn run_with_socket(
         limits: Arc::new(api::ApiLimits::new("socket", &config.api, metrics.clone())),
         cluster,
     };
-    let remote = start_remote(config, &state, stop.clone()).await?;
+    let remote = remote.map(|door| serve_remote(door, config, &state, stop.clone()));
     let server = tokio::spawn(
         api::serve(listener, state, stop.clone())
             .instrument(tracing::info_span!("api", socket = %config.socket.display())),
@@ -402,19 +396,42 @@ fn announce_ready(
     })
 }
 
-/// The HTTPS listener, where `api.listen` asks for one: the socket's routes and rules behind
-/// TLS, with limits of its own under the same settings and the users' rates shared.
-async fn start_remote(
-    config: &Config,
-    state: &ApiState,
-    stop: watch::Receiver<bool>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, DaemonError> {
+/// The HTTPS listener's files and port, where `api.listen` asks for one: read and bound
+/// before the core starts, so that a bad certificate or a port in use stops the agent before
+/// any job is restored.
+struct RemoteDoor {
+    remote: api::remote::Remote,
+    bound: api::remote::Bound,
+    span: tracing::Span,
+}
+
+async fn open_remote(config: &Config) -> Result<Option<RemoteDoor>, DaemonError> {
     let Some(addr) = config.api.listen_addr() else {
         return Ok(None);
     };
     let span = tracing::info_span!("https", %addr);
     let remote = span.in_scope(|| api::remote::Remote::load(&config.api))?;
-    let listener = api::remote::bind(addr).instrument(span.clone()).await?;
+    let bound = api::remote::bind(addr).instrument(span.clone()).await?;
+    Ok(Some(RemoteDoor {
+        remote,
+        bound,
+        span,
+    }))
+}
+
+/// Serves the socket's routes and rules behind TLS, with limits of its own under the same
+/// settings and the users' rates shared.
+fn serve_remote(
+    door: RemoteDoor,
+    config: &Config,
+    state: &ApiState,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let RemoteDoor {
+        remote,
+        bound,
+        span,
+    } = door;
     let state = ApiState {
         limits: Arc::new(
             state
@@ -429,9 +446,7 @@ async fn start_remote(
             "HTTPS listener on"
         );
     });
-    Ok(Some(tokio::spawn(
-        api::remote::serve(listener, Arc::new(remote), state, stop).instrument(span),
-    )))
+    tokio::spawn(api::remote::serve(bound, Arc::new(remote), state, stop).instrument(span))
 }
 
 /// Watches the core loop: if it ends while the agent is not stopping (a panic), the agent

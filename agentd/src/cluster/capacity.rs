@@ -450,18 +450,7 @@ mod tests {
     }
 
     fn fresh_lease(node: &str) -> Lease {
-        Lease {
-            metadata: ObjectMeta {
-                name: Some(lease_name(node)),
-                ..ObjectMeta::default()
-            },
-            spec: Some(LeaseSpec {
-                holder_identity: Some(node.into()),
-                lease_duration_seconds: Some(40),
-                renew_time: Some(MicroTime("2026-01-01T00:00:55Z".parse().unwrap())),
-                ..LeaseSpec::default()
-            }),
-        }
+        crate::cluster::view::tests::lease(node, "2026-01-01T00:00:55Z".parse().unwrap(), 40)
     }
 
     fn agent(healthy: &[bool]) -> AgentNodeStatus {

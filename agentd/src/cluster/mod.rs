@@ -536,35 +536,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// The holder of a Lease that has not run out at `now`: renewed (or acquired) less than its
-/// duration ago. A released Lease (empty holder) names nobody.
+/// The holder of a Lease that has not run out at `now` (see [`view::presence`]). A released
+/// Lease (empty holder) names nobody.
 fn running_holder(lease: &Lease, now: k8s_openapi::jiff::Timestamp) -> Option<String> {
-    let spec = lease.spec.as_ref()?;
-    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
-    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?.0;
-    let runs_for =
-        k8s_openapi::jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds?));
-    (renewed.checked_add(runs_for).ok()? > now).then(|| holder.to_owned())
+    let holder = lease.spec.as_ref()?.holder_identity.as_deref()?;
+    let runs =
+        view::presence(Some(lease), now, Duration::ZERO).state == agentd_api::AgentState::Fresh;
+    (runs && !holder.is_empty()).then(|| holder.to_owned())
 }
 
 #[cfg(test)]
 mod leader_tests {
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
     use super::*;
 
     fn lease(holder: &str, renewed: Timestamp) -> Lease {
-        Lease {
-            spec: Some(LeaseSpec {
-                holder_identity: Some(holder.to_owned()),
-                renew_time: Some(MicroTime(renewed)),
-                lease_duration_seconds: Some(15),
-                ..LeaseSpec::default()
-            }),
-            ..Lease::default()
-        }
+        crate::cluster::view::tests::lease(holder, renewed, 15)
     }
 
     #[test]

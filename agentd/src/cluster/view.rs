@@ -231,7 +231,7 @@ pub fn presence(lease: Option<&Lease>, now: Timestamp, interval: Duration) -> Ag
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -271,7 +271,8 @@ mod tests {
         }
     }
 
-    fn lease(node: &str, renewed: Timestamp, seconds: i32) -> Lease {
+    /// The heartbeat Lease of `node`'s agent, renewed at `renewed` for `seconds`.
+    pub(crate) fn lease(node: &str, renewed: Timestamp, seconds: i32) -> Lease {
         Lease {
             metadata: ObjectMeta {
                 name: Some(lease_name(node)),

@@ -835,6 +835,7 @@ impl Core {
             Ok(()) => {
                 if let Some(failure) = self.lifecycle.write_failure() {
                     tracing::info!("job changes are written again (they failed: {failure})");
+                    self.step(Input::StoreWritable);
                 }
                 let effects = self.lifecycle.persisted();
                 if changed {

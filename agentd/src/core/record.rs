@@ -550,12 +550,17 @@ impl JobRecord {
     /// Marks running replicas terminated and returns their process groups.
     fn stop_replicas(&mut self) -> Vec<u32> {
         let pgids = self.live_pgids();
+        self.mark_running_terminated();
+        pgids
+    }
+
+    /// Marks the replicas shown running as terminated (they are being stopped, or are gone).
+    pub(crate) fn mark_running_terminated(&mut self) {
         for r in &mut self.status.replicas {
             if r.state == ReplicaState::Running {
                 r.state = ReplicaState::Terminated;
             }
         }
-        pgids
     }
 
     /// Frees the allocation once a generation's processes are all gone; true if it did.

@@ -13,6 +13,8 @@ struct Tables {
     /// name -> (manifest, status)
     jobs: BTreeMap<String, (String, String)>,
     events: Vec<Event>,
+    /// The last event id given: ids are never reused, as SQLite's AUTOINCREMENT.
+    last_event_id: i64,
 }
 
 /// A shared handle: the core holds one, the test another.
@@ -79,7 +81,8 @@ impl JobStore for MemoryStore {
             }
         }
         for e in events {
-            let id = tables.events.last().map_or(1, |last| last.id + 1);
+            tables.last_event_id += 1;
+            let id = tables.last_event_id;
             tables.events.push(Event {
                 id,
                 time: e.time,

@@ -363,10 +363,7 @@ impl NodeAgent {
 
     /// Starts an agent with more `[cluster]` settings (TOML lines), e.g. the election's timings.
     pub fn start_with(o: &NodeAgentOptions, cluster_settings: &str) -> NodeAgent {
-        let metrics_port = o.metrics.then(|| {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        });
+        let metrics_port = o.metrics.then(crate::free_port);
         let mut env = vec![("AGENTD_NODE_NAME".to_owned(), o.node.clone())];
         if let Some(port) = metrics_port {
             env.push((

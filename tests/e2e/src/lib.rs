@@ -50,6 +50,15 @@ pub fn fake_nvml_lib() -> PathBuf {
     build_binaries().join("libfake_nvml.so")
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a listener the test gives the agent.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A fake GPU in the fake NVML library's JSON format.
 pub fn fake_gpu(index: u32) -> serde_json::Value {
     serde_json::json!({

@@ -11,7 +11,7 @@
 #![allow(clippy::float_cmp)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -80,14 +80,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body). Enough for /metrics and Prometheus's API.
@@ -330,7 +322,7 @@ fn start_prometheus(target: SocketAddr, dir: &Path) -> (Running, SocketAddr) {
             rules.display()
         ),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", e2e::free_port()).parse().unwrap();
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!(
@@ -788,7 +780,7 @@ fn prometheus_scrapes_a_running_agent_with_fake_gpus() {
         return;
     }
     let started = Instant::now();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", e2e::free_port()).parse().unwrap();
     let agent = e2e::Agent::start(e2e::AgentOptions {
         gpus: Some(eight_fake_gpus()),
         env: vec![("AGENTD_METRICS_ADDR".into(), metrics.to_string())],

@@ -433,11 +433,9 @@ impl Lifecycle {
         }
     }
 
-    /// The turn is written: every effect of it goes ahead.
+    /// The turn is written (or had nothing to write): every effect of it goes ahead. Only a
+    /// real write ends a write failure ([`Input::StoreWritable`]): an empty turn proves nothing.
     pub fn persisted(&mut self) -> Vec<Effect> {
-        if self.write_failure.take().is_some() {
-            self.needs_pass = true;
-        }
         let mut effects = self.transitions();
         self.dirty.clear();
         self.deleted.clear();
@@ -647,11 +645,7 @@ impl Lifecycle {
             return;
         };
         let groups = std::mem::take(&mut record.kept);
-        for r in &mut record.status.replicas {
-            if r.state == ReplicaState::Running {
-                r.state = ReplicaState::Terminated;
-            }
-        }
+        record.mark_running_terminated();
         let generation = record.status.generation;
         self.dirty.insert(name.to_owned());
         self.event(
@@ -1105,11 +1099,7 @@ impl Lifecycle {
             Ok(_) => "the gang was still starting".to_owned(),
             Err(why) => why,
         };
-        for r in &mut record.status.replicas {
-            if r.state == ReplicaState::Running {
-                r.state = ReplicaState::Terminated;
-            }
-        }
+        record.mark_running_terminated();
         self.jobs.insert(name.clone(), record);
         match state {
             JobState::Placed | JobState::Starting | JobState::Running => {
@@ -1169,11 +1159,7 @@ impl Lifecycle {
             Some(status) => JobRecord::restore(job, manifest, *status, now),
             None => JobRecord::new(job, manifest, now),
         };
-        for r in &mut record.status.replicas {
-            if r.state == ReplicaState::Running {
-                r.state = ReplicaState::Terminated;
-            }
-        }
+        record.mark_running_terminated();
         if !record.status.state.is_finished() {
             record.finish(JobState::Failed, "Unreadable", &message, now);
         }

@@ -926,6 +926,12 @@ fn a_submission_that_cannot_be_written_is_undone_and_answered_with_why() {
         "nothing of it is left to write"
     );
     assert!(!h.life.schedulable(), "nothing is placed while writes fail");
+    // The next turn has nothing to write: that proves nothing about the disk.
+    let _ = h.life.persisted();
+    assert!(
+        !h.life.schedulable(),
+        "an empty turn does not end the write failure"
+    );
     h.step(Input::StoreWritable);
     assert!(h.life.schedulable());
 }

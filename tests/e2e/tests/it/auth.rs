@@ -174,14 +174,7 @@ fn jobs_record_their_owner_and_list_by_user() {
     assert!(shown.contains(&format!("Owner     {BOB}")), "{shown}");
     let events = agent.ctl_json(&["job", "a1"]);
     assert!(
-        events["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["message"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("submitted by {ALICE}"))),
+        has_event(&events, &format!("submitted by {ALICE}")),
         "{events}"
     );
 }
@@ -237,11 +230,7 @@ fn users_act_on_their_own_jobs_admins_on_all() {
     let job = agent.ctl_json(&["job", "alices"]);
     assert_eq!(job["state"], "Cancelled");
     assert!(
-        job["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["message"] == format!("cancelled by {ALICE}")),
+        has_event_exactly(&job, &format!("cancelled by {ALICE}")),
         "{job}"
     );
 
@@ -254,13 +243,27 @@ fn users_act_on_their_own_jobs_admins_on_all() {
     );
     let job = agent.ctl_json(&["job", "alices-2"]);
     assert!(
-        job["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["message"] == format!("cancelled by {CAROL}")),
+        has_event_exactly(&job, &format!("cancelled by {CAROL}")),
         "{job}"
     );
     // And root does too (removing the finished job).
     ok(&agent.ctl(&["cancel", "alices-2"]), "root removes it");
+}
+
+/// Whether one of the job's events has a message containing `text`.
+pub(crate) fn has_event(job: &Value, text: &str) -> bool {
+    events(job).any(|m| m.contains(text))
+}
+
+/// Whether one of the job's events has exactly `message`.
+pub(crate) fn has_event_exactly(job: &Value, message: &str) -> bool {
+    events(job).any(|m| m == message)
+}
+
+fn events(job: &Value) -> impl Iterator<Item = &str> {
+    job["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
 }

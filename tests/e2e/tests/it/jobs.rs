@@ -644,11 +644,7 @@ fn stdin_submit_follow_logs_and_ttl_cleanup() {
 
 #[test]
 fn job_metrics_are_exported() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = e2e::free_port();
     let agent = Agent::start(AgentOptions {
         config: FAST.into(),
         env: vec![("AGENTD_METRICS_ADDR".into(), format!("127.0.0.1:{port}"))],

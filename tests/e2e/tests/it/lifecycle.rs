@@ -222,11 +222,7 @@ impl Drop for SmallDisk {
 fn a_full_disk_refuses_with_the_cause_and_starts_nothing() {
     let disk = SmallDisk::mount("8m");
     let state = disk.dir.path().join("state");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = e2e::free_port();
     let agent = e2e::Agent::start(e2e::AgentOptions {
         config: crate::jobs::FAST.into(),
         state_dir: Some(state.clone()),

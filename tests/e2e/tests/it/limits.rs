@@ -13,14 +13,6 @@ use e2e::{Agent, AgentOptions};
 
 use crate::auth::{BOB, http_as, users};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Everything the peer sends until it closes (or 30 s pass, which fails the test).
 fn read_to_close(stream: &mut impl Read) -> String {
     let mut text = Vec::new();
@@ -65,7 +57,7 @@ const GET_STATUS: &[u8] = b"GET /v1/status HTTP/1.1\r\nHost: a\r\nConnection: cl
 
 #[test]
 fn connections_are_capped_and_idle_or_slow_clients_closed() {
-    let port = free_port();
+    let port = e2e::free_port();
     let agent = Agent::start(AgentOptions {
         config: "[api]\nmax_connections = 4\nheader_timeout = \"4s\"\nbody_timeout = \"4s\"\n"
             .into(),

@@ -87,7 +87,7 @@ impl Remote {
                 dir.join("client-ca.pem").display()
             ));
         }
-        let port = free_port();
+        let port = e2e::free_port();
         let agent = Agent::start(AgentOptions {
             config: format!(
                 "{}[jobs]\nkill_grace = \"2s\"\n",
@@ -214,14 +214,6 @@ fn token_count(tokens: &Path) -> usize {
         .lines()
         .filter(|l| l.starts_with("sha256:"))
         .count()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn job(name: &str, script: &str) -> String {
@@ -411,14 +403,7 @@ fn tokens_missing_bad_or_expired_are_401_and_without_the_right_403() {
     assert_eq!(cancelled["name"], "mine");
     let events = remote.agent.ctl_json(&["job", "mine"]);
     assert!(
-        events["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["message"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("cancelled by {BOB}"))),
+        crate::auth::has_event(&events, &format!("cancelled by {BOB}")),
         "{events}"
     );
 }
