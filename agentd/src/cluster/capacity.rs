@@ -383,7 +383,6 @@ pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::api::core::v1::{
         NodeCondition, NodeSpec, NodeStatus, PodStatus, ResourceRequirements,
     };
