@@ -1436,10 +1436,18 @@ mod tests {
         hog.memory_bytes = 32 << 20;
         let mut within = spec(dir.path(), "within-0", &["sh", "-c", "kill -9 $$"]);
         within.memory_bytes = 32 << 20;
+        // A child killed for memory, and the replica goes on to exit 0: it succeeded.
+        let mut survivor = spec(
+            dir.path(),
+            "survivor-0",
+            &["sh", "-c", "python3 -c \"b = b'x' * (256 << 20)\"; exit 0"],
+        );
+        survivor.memory_bytes = 32 << 20;
         executor.launch(hog);
         executor.launch(within);
+        executor.launch(survivor);
         let mut outcomes = BTreeMap::new();
-        while outcomes.len() < 2 {
+        while outcomes.len() < 3 {
             let report = rx.recv().await.unwrap();
             if let ReplicaEvent::Exited { outcome } = report.event {
                 outcomes.insert(report.replica, outcome);
@@ -1454,6 +1462,9 @@ mod tests {
         assert_eq!(within.signal, Some(libc::SIGKILL), "{within:?}");
         assert!(!within.oom_killed, "{within:?}");
         assert_eq!(describe(within), "killed by SIGKILL");
+        let survivor = outcomes["survivor-0"];
+        assert_eq!(survivor.code, Some(0), "{survivor:?}");
+        assert!(!survivor.oom_killed, "{survivor:?}");
     }
 
     #[tokio::test]

@@ -96,7 +96,7 @@ pub struct ShimState {
 }
 
 /// How the replica ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShimExit {
     pub code: Option<i32>,
     pub signal: Option<i32>,
@@ -356,30 +356,26 @@ fn supervise(dir: &Path, started: Started) {
     // The replica is gone; whatever it started goes with it. Each process killed here hands
     // its own children to the shim, so this ends when the whole tree is reaped.
     stop_tree(state.pid);
-    // Any process of the replica killed by the OOM killer, the replica itself or not: a
-    // trainer whose data loader was killed fails for the same reason.
-    let oom_killed = cgroup.is_some_and(|cgroup| {
-        let kills = cgroup.oom_kills().unwrap_or(0);
-        cgroup.remove();
-        kills > 0
-    });
-    let outcome = match status {
+    let mut outcome = match status {
         Some(status) if libc::WIFEXITED(status) => ShimExit {
             code: Some(libc::WEXITSTATUS(status)),
-            signal: None,
-            oom_killed,
+            ..ShimExit::default()
         },
         Some(status) if libc::WIFSIGNALED(status) => ShimExit {
-            code: None,
             signal: Some(libc::WTERMSIG(status)),
-            oom_killed,
+            ..ShimExit::default()
         },
-        _ => ShimExit {
-            code: None,
-            signal: None,
-            oom_killed,
-        },
+        _ => ShimExit::default(),
     };
+    // Any process of the replica killed by the OOM killer, the replica itself or not: a
+    // trainer whose data loader was killed fails for the same reason. A replica that still
+    // exited 0 succeeded all the same (it retried what was killed).
+    let oom_kills = cgroup.map_or(0, |cgroup| {
+        let kills = cgroup.oom_kills().unwrap_or(0);
+        cgroup.remove();
+        kills
+    });
+    outcome.oom_killed = oom_kills > 0 && outcome.code != Some(0);
     if let Ok(mut log) = copier.join() {
         log.finish(&format!(
             "agentd: {} ended: {}",
