@@ -345,10 +345,13 @@ fn supervise(dir: &Path, started: Started) {
     let copier = std::thread::spawn(move || {
         let mut output = std::fs::File::from(output);
         let mut buf = vec![0u8; 16 * 1024];
-        while let Ok(n) = output.read(&mut buf)
-            && n > 0
-        {
-            log.write(&buf[..n]);
+        loop {
+            match output.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => log.write(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
         }
         log
     });

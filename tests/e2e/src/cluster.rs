@@ -318,6 +318,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, fault: &Mutex<Fault>, stop: &Ato
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };

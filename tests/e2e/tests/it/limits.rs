@@ -21,6 +21,9 @@ fn read_to_close(stream: &mut impl Read) -> String {
         match stream.read(&mut chunk) {
             Ok(0) => return String::from_utf8_lossy(&text).into_owned(),
             Ok(n) => text.extend_from_slice(&chunk[..n]),
+            // A read with a timeout is not restarted after the test process is stopped and
+            // continued (signal(7)); that is no answer from the agent.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                 return String::from_utf8_lossy(&text).into_owned();
             }
