@@ -128,14 +128,55 @@ impl TokenEntry {
     }
 }
 
-/// Reads a whole tokens file.
+/// Reads a whole tokens file, which only its owner (root, or the reader itself) may write:
+/// a line in it can make anyone an admin.
 pub fn read_file(path: &Path) -> Result<Vec<TokenEntry>, TokenError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Io {
-        action: "read the tokens file",
+    use std::io::Read as _;
+    let io = |action, source| TokenError::Io {
+        action,
         path: path.display().to_string(),
         source,
-    })?;
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| io("read the tokens file", e))?;
+    let meta = file.metadata().map_err(|e| io("read the tokens file", e))?;
+    check_private(path, &meta, reader_uid())?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| io("read the tokens file", e))?;
     parse_file(&text, &path.display().to_string())
+}
+
+/// The effective uid of this process: the owner of `/proc/self`.
+fn reader_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Refuses a tokens file that someone other than root or `reader` owns, or that its group or
+/// others may write.
+fn check_private(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    reader: Option<u32>,
+) -> Result<(), TokenError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(TokenError::Invalid(format!(
+            "{}: the tokens file may be written by its group or others (mode {mode:o}), and a \
+             line in it can make anyone an admin: chmod 600 it",
+            path.display()
+        )));
+    }
+    let owner = meta.uid();
+    if owner != 0 && Some(owner) != reader {
+        return Err(TokenError::Invalid(format!(
+            "{}: the tokens file belongs to uid {owner}, who could make anyone an admin with it: \
+             it must belong to root or to the agent's user (chown)",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the text of a tokens file; `path` names it in errors.
@@ -208,9 +249,13 @@ pub fn create(
         path: path.display().to_string(),
         source,
     };
-    // The existing file must parse: appending to a broken file would hide the break.
-    let existing = match std::fs::read_to_string(path) {
-        Ok(text) => text,
+    // The existing file must parse (appending to a broken file would hide the break), and be
+    // one the agent will read.
+    let existing = match std::fs::metadata(path) {
+        Ok(meta) => {
+            check_private(path, &meta, reader_uid())?;
+            std::fs::read_to_string(path).map_err(|e| io("read the tokens file", e))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io("read the tokens file", e)),
     };
@@ -327,6 +372,33 @@ mod tests {
         let entries = read_file(&path).unwrap();
         assert_eq!(entries[1].expires, Some(160));
         assert!(!entries[1].expired(159) && entries[1].expired(160));
+    }
+
+    #[test]
+    fn a_tokens_file_others_could_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        create(&path, "alice", &[], None, 100).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = read_file(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        let err = create(&path, "bob", &[], None, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(read_file(&path).unwrap().len(), 1);
+        // Another user's file is refused to every reader but that user (needs root to set up).
+        if std::os::unix::fs::chown(&path, Some(65534), None).is_err() {
+            eprintln!("SKIPPED the owner check: only root can give the file to another user");
+            return;
+        }
+        let meta = std::fs::metadata(&path).unwrap();
+        let err = check_private(&path, &meta, Some(0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("belongs to uid 65534"), "{err}");
+        assert!(check_private(&path, &meta, Some(65534)).is_ok());
     }
 
     #[test]

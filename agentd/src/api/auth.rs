@@ -28,9 +28,6 @@ pub struct Caller {
     pub owner: Owner,
     /// Whether the caller may act on every job (root, or a member of the admin group).
     pub admin: bool,
-    /// Whether `owner` is an account of this machine (always, on the socket): replicas run as
-    /// their submitter, so only such a caller may submit.
-    pub local_account: bool,
 }
 
 /// The uid and gid recorded for a remote user with no account here; nothing runs as them.
@@ -57,7 +54,6 @@ impl Caller {
                 user: name,
             },
             admin,
-            local_account: true,
         }
     }
 
@@ -78,7 +74,6 @@ impl Caller {
                         user: account.name.clone(),
                     },
                     admin: uid == 0 || in_admin_group || is_member(&account.name, gid, admin_group),
-                    local_account: true,
                 }
             }
             None => Self {
@@ -88,14 +83,19 @@ impl Caller {
                     user: user.to_owned(),
                 },
                 admin: in_admin_group,
-                local_account: false,
             },
         }
     }
 
+    /// Whether the caller is an account of this machine (always, on the socket): replicas run
+    /// as their submitter, so only such a caller may submit.
+    pub fn local_account(&self) -> bool {
+        self.owner.uid != NO_ACCOUNT
+    }
+
     /// May this caller submit a job? Its replicas run as the caller, who must be a user here.
     pub fn may_submit(&self) -> Result<(), ApiError> {
-        if self.local_account {
+        if self.local_account() {
             return Ok(());
         }
         Err(ApiError::Forbidden {
@@ -179,7 +179,6 @@ mod tests {
                 user: user.to_owned(),
             },
             admin,
-            local_account: true,
         }
     }
 
@@ -187,13 +186,13 @@ mod tests {
     fn a_remote_user_is_the_local_account_of_that_name() {
         let root = Caller::from_remote("root", &[], DEFAULT_ADMIN_GROUP);
         assert_eq!(
-            (root.owner.uid, root.admin, root.local_account),
+            (root.owner.uid, root.admin, root.local_account()),
             (0, true, true)
         );
         assert!(root.may_submit().is_ok());
 
         let ghost = Caller::from_remote("agentd-no-such-user", &[], DEFAULT_ADMIN_GROUP);
-        assert!(!ghost.admin && !ghost.local_account);
+        assert!(!ghost.admin && !ghost.local_account());
         assert_eq!(ghost.owner.uid, NO_ACCOUNT);
         let err = ghost.may_submit().unwrap_err();
         assert!(

@@ -114,7 +114,7 @@ pub enum Identify {
     /// certificate's common name.
     Remote {
         auth: Arc<remote::RemoteAuth>,
-        client_cn: Option<Arc<str>>,
+        certificate: Option<remote::CertificateCaller>,
     },
 }
 
@@ -125,13 +125,11 @@ impl Identify {
             Identify::Peer(None) => Err(ApiError::Unauthorized(
                 "the caller's identity is unknown".to_owned(),
             )),
-            Identify::Remote { auth, client_cn } => auth
-                .caller(
-                    req.headers().get(header::AUTHORIZATION),
-                    client_cn.as_deref(),
-                    remote::unix_now(),
-                )
-                .map(Arc::new),
+            Identify::Remote { auth, certificate } => auth.caller(
+                req.headers().get(header::AUTHORIZATION),
+                certificate.as_ref(),
+                remote::unix_now(),
+            ),
         }
     }
 }

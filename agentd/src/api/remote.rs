@@ -57,9 +57,19 @@ pub struct Remote {
 
 /// What tells a remote caller who they are.
 pub struct RemoteAuth {
-    tokens: RwLock<Arc<Vec<TokenEntry>>>,
+    tokens: RwLock<Arc<Vec<Credential>>>,
     admin_group: Arc<str>,
 }
+
+/// A token's line and the caller it stands for, looked up in the user database once, when the
+/// tokens file is read: a request only hashes its token and finds it.
+struct Credential {
+    entry: TokenEntry,
+    caller: Arc<Caller>,
+}
+
+/// The caller a connection's client certificate stands for, or why it stands for nobody.
+pub type CertificateCaller = Result<Arc<Caller>, String>;
 
 impl Remote {
     /// Reads the listener's files; any that cannot be used is an error naming its setting.
@@ -71,14 +81,15 @@ impl Remote {
             client_ca: optional(&config.client_ca),
             tokens: optional(&config.tokens_file),
         };
+        let admin_group: Arc<str> = Arc::from(config.admin_group.as_str());
         let tls = server_config(&files)?;
-        let tokens = read_tokens(&files)?;
+        let tokens = read_tokens(&files, &admin_group)?;
         Ok(Self {
             files,
             tls: RwLock::new(Arc::new(tls)),
             auth: Arc::new(RemoteAuth {
                 tokens: RwLock::new(Arc::new(tokens)),
-                admin_group: Arc::from(config.admin_group.as_str()),
+                admin_group,
             }),
         })
     }
@@ -95,7 +106,7 @@ impl Remote {
                 tracing::warn!(error = %e, "keeping the current certificate: the files on disk cannot be used");
             }
         }
-        match read_tokens(&self.files) {
+        match read_tokens(&self.files, &self.auth.admin_group) {
             Ok(tokens) => {
                 let count = tokens.len();
                 *self
@@ -124,12 +135,13 @@ impl RemoteAuth {
     pub fn caller(
         &self,
         authorization: Option<&HeaderValue>,
-        client_cn: Option<&str>,
+        certificate: Option<&CertificateCaller>,
         now: u64,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<Arc<Caller>, ApiError> {
         let Some(authorization) = authorization else {
-            return match client_cn {
-                Some(cn) => Ok(Caller::from_remote(cn, &[], &self.admin_group)),
+            return match certificate {
+                Some(Ok(caller)) => Ok(Arc::clone(caller)),
+                Some(Err(why)) => Err(ApiError::Unauthorized(why.clone())),
                 None => Err(ApiError::Unauthorized(
                     "no credentials: send the header `Authorization: Bearer <token>` \
                      (agentctl --token-file FILE; an admin makes tokens with `agentctl token \
@@ -151,9 +163,9 @@ impl RemoteAuth {
             })?;
         let hash = tokens::hash_token(token);
         let tokens = Arc::clone(&self.tokens.read().unwrap_or_else(PoisonError::into_inner));
-        let entry = tokens
+        let Credential { entry, caller } = tokens
             .iter()
-            .find(|e| tokens::same_hash(&e.hash, &hash))
+            .find(|c| tokens::same_hash(&c.entry.hash, &hash))
             .ok_or_else(|| {
                 ApiError::Unauthorized(
                     "the bearer token is not valid: it is not in the agent's tokens file \
@@ -170,11 +182,21 @@ impl RemoteAuth {
                 now.saturating_sub(at)
             )));
         }
-        Ok(Caller::from_remote(
-            &entry.user,
-            &entry.groups,
-            &self.admin_group,
-        ))
+        Ok(Arc::clone(caller))
+    }
+
+    /// The caller a client certificate's common name stands for. Not root: a client CA is often
+    /// an organisation's, not this machine's admin's, so a certificate may not act as uid 0
+    /// (a token, which only an admin of this machine can make, may).
+    pub fn certificate_caller(&self, common_name: &str) -> CertificateCaller {
+        let caller = Caller::from_remote(common_name, &[], &self.admin_group);
+        if caller.owner.uid == 0 {
+            return Err(format!(
+                "the client certificate names {common_name:?}, which is root here; a client \
+                 certificate may not act as root: use a bearer token"
+            ));
+        }
+        Ok(Arc::new(caller))
     }
 }
 
@@ -260,9 +282,18 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|cert| common_name(cert))
-                .map(Arc::from);
-            let identify = Identify::Remote { auth, client_cn };
+                .and_then(|cert| common_name(cert));
+            // Once per connection, off the async workers: the user database may be remote.
+            let certificate = match client_cn {
+                Some(cn) => {
+                    let auth = Arc::clone(&auth);
+                    tokio::task::spawn_blocking(move || auth.certificate_caller(&cn))
+                        .await
+                        .ok()
+                }
+                None => None,
+            };
+            let identify = Identify::Remote { auth, certificate };
             super::serve_connection(state, stream, identify, peer.to_string(), watcher, permit)
                 .await;
         });
@@ -286,12 +317,13 @@ async fn reload_on_hangup(
 ) {
     loop {
         tokio::select! {
-            _ = hangups.recv() => {
-                tracing::info!("SIGHUP: reading the certificate, key and tokens again");
-                remote.reload();
-            }
+            _ = hangups.recv() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
+        tracing::info!("SIGHUP: reading the certificate, key and tokens again");
+        // Off the async workers: files, and the user database for each token.
+        let remote = Arc::clone(&remote);
+        let _ = tokio::task::spawn_blocking(move || remote.reload()).await;
     }
 }
 
@@ -364,11 +396,17 @@ fn server_config(files: &Files) -> Result<rustls::ServerConfig, RemoteError> {
     Ok(config)
 }
 
-fn read_tokens(files: &Files) -> Result<Vec<TokenEntry>, RemoteError> {
-    match &files.tokens {
-        Some(path) => Ok(tokens::read_file(path)?),
-        None => Ok(Vec::new()),
-    }
+fn read_tokens(files: &Files, admin_group: &str) -> Result<Vec<Credential>, RemoteError> {
+    let Some(path) = &files.tokens else {
+        return Ok(Vec::new());
+    };
+    Ok(tokens::read_file(path)?
+        .into_iter()
+        .map(|entry| {
+            let caller = Arc::new(Caller::from_remote(&entry.user, &entry.groups, admin_group));
+            Credential { entry, caller }
+        })
+        .collect())
 }
 
 /// The subject's common name (OID 2.5.4.3) of a DER certificate that rustls has already
@@ -438,9 +476,17 @@ mod tests {
     use super::*;
 
     fn token_auth(entries: Vec<TokenEntry>) -> RemoteAuth {
+        let admin_group = "agentd-admin";
+        let credentials = entries
+            .into_iter()
+            .map(|entry| Credential {
+                caller: Arc::new(Caller::from_remote(&entry.user, &entry.groups, admin_group)),
+                entry,
+            })
+            .collect();
         RemoteAuth {
-            tokens: RwLock::new(Arc::new(entries)),
-            admin_group: Arc::from("agentd-admin"),
+            tokens: RwLock::new(Arc::new(credentials)),
+            admin_group: Arc::from(admin_group),
         }
     }
 
@@ -465,7 +511,7 @@ mod tests {
             .unwrap();
         assert_eq!(caller.name(), "root");
         assert!(caller.admin);
-        let unauthorized = |r: Result<Caller, ApiError>| match r {
+        let unauthorized = |r: Result<Arc<Caller>, ApiError>| match r {
             Err(ApiError::Unauthorized(message)) => message,
             other => panic!("not a 401: {other:?}"),
         };
@@ -480,14 +526,19 @@ mod tests {
         let message = unauthorized(auth.caller(Some(&basic), None, 1000));
         assert!(message.contains("Bearer <token>"), "{message}");
         // A token, when sent, decides even over a client certificate.
+        let nobody = auth.certificate_caller("nobody");
         assert!(
-            auth.caller(Some(&bearer("agentd_bad")), Some("root"), 1000)
+            auth.caller(Some(&bearer("agentd_bad")), Some(&nobody), 1000)
                 .is_err()
         );
         assert_eq!(
-            auth.caller(None, Some("root"), 1000).unwrap().name(),
-            "root"
+            auth.caller(None, Some(&nobody), 1000).unwrap().name(),
+            "nobody"
         );
+        // A certificate may not act as root; a token may.
+        let root = auth.certificate_caller("root");
+        let message = unauthorized(auth.caller(None, Some(&root), 1000));
+        assert!(message.contains("may not act as root"), "{message}");
     }
 
     #[test]

@@ -238,12 +238,9 @@ impl Election {
         }
     }
 
-    pub fn config(&self) -> &ElectionConfig {
-        &self.config
-    }
-
     /// Whether this agent leads (its term may still run out before the next step: see
     /// [`Leadership::leads`]).
+    #[cfg(test)]
     pub fn is_leading(&self) -> bool {
         self.leading.is_some()
     }
@@ -355,6 +352,18 @@ impl Election {
         let observed = self.observed.clone().expect("observed on read");
         let holder = observed.holder();
         if !holder.is_empty() && holder != self.config.identity && observed.valid(now.instant) {
+            self.stop_leading(StopReason::Deposed);
+            return self.wait(now.instant);
+        }
+        // Our name, but a term that is not ours: another process with this identity (a
+        // restarted agent, a duplicate node name) took the Lease. This term is over; two
+        // processes never both lead.
+        let transitions = observed.spec().lease_transitions.unwrap_or(0);
+        if self
+            .leading
+            .as_ref()
+            .is_some_and(|l| l.transitions != transitions)
+        {
             self.stop_leading(StopReason::Deposed);
             return self.wait(now.instant);
         }
@@ -909,6 +918,26 @@ mod tests {
                 Event::NewLeader(OTHER.into()),
                 Event::StoppedLeading(StopReason::Deposed)
             ]
+        );
+    }
+
+    #[test]
+    fn a_leader_that_reads_its_name_in_a_term_not_its_own_stops_leading() {
+        let mut clock = Clock::new();
+        let mut e = leading(&clock);
+        clock.advance(Duration::from_secs(2));
+        e.step(Input::Tick, clock.now());
+        e.step(Input::Conflict, clock.now());
+        // Another process of the same name took the Lease as a new term (transitions 1).
+        let next = e.step(
+            Input::Read(Some(lease(ME, "9", 1, "2026-01-01T00:00:02Z"))),
+            clock.now(),
+        );
+        assert!(matches!(next, Next::Wait(_)), "{next:?}");
+        assert!(!e.is_leading());
+        assert_eq!(
+            e.take_events(),
+            [Event::StoppedLeading(StopReason::Deposed)]
         );
     }
 

@@ -492,9 +492,12 @@ async fn label_node(cluster: &Cluster, object: &DynamicObject, stop: &mut watch:
         let labels = node.metadata.labels.unwrap_or_default();
         let annotations = node.metadata.annotations.unwrap_or_default();
         let drain = drain_request(&object.data);
-        let Some(patch) = node_patch(&status, drain, &labels, &annotations) else {
+        let Some(mut patch) = node_patch(&status, drain, &labels, &annotations) else {
             return;
         };
+        // Written against the Node as read: a patch still in flight when the term ends (and
+        // another leader has written since) is a 409, not a late overwrite.
+        patch["metadata"]["resourceVersion"] = node.metadata.resource_version.into();
         // Fencing: a term that ran out (or a deposed leader) writes nothing.
         if !cluster.leads() {
             return;
