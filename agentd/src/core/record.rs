@@ -8,7 +8,7 @@ use std::path::Path;
 use agentd_api::NodeInventory;
 use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
 
-use crate::exec::LaunchSpec;
+use crate::exec::{LaunchSpec, PodLaunch};
 use crate::job::{
     self, ClusterHosts, ExitOutcome, ReplicaType, RestartDecision, RestartPolicy, SourceKind,
     TrainingJob,
@@ -458,6 +458,20 @@ impl JobRecord {
                 cpu_milli: given.map_or(0, |a| a.resources.cpu_milli),
                 memory_bytes: given.map_or(0, |a| a.resources.memory_mib * 1024 * 1024),
                 user,
+                pod: given.map(|a| {
+                    Box::new(PodLaunch {
+                        node: a.node.clone(),
+                        namespace: self
+                            .job
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| "default".into()),
+                        replica_type: t,
+                        index: i,
+                        gpus: u32::try_from(a.gpu_indices.len()).unwrap_or(u32::MAX),
+                        template: spec.template.clone(),
+                    })
+                }),
             });
         }
         Ok(specs)

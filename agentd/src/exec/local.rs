@@ -68,6 +68,24 @@ pub struct LaunchSpec {
     pub memory_bytes: u64,
     /// Whom the replica runs as; `None`: as the agent.
     pub user: Option<RunAs>,
+    /// Where the scheduler put the replica and the pod it is made from, for an executor that
+    /// runs replicas as pods; the local executor runs `argv` here and ignores it.
+    pub pod: Option<Box<PodLaunch>>,
+}
+
+/// A replica as a pod: its node, its place in the gang, and its group's pod template. `env`
+/// of the [`LaunchSpec`] (with `TF_CONFIG`) goes into the training container.
+#[derive(Debug, Clone)]
+pub struct PodLaunch {
+    /// The node the scheduler chose (`spec.nodeName`).
+    pub node: String,
+    /// The job's namespace (`default` when the manifest names none).
+    pub namespace: String,
+    pub replica_type: crate::job::ReplicaType,
+    pub index: u32,
+    /// GPUs the replica was given on the node (`nvidia.com/gpu`).
+    pub gpus: u32,
+    pub template: k8s_openapi::api::core::v1::PodTemplateSpec,
 }
 
 /// A user a replica runs as: its uid and primary gid. Its name, home and supplementary groups
@@ -1331,6 +1349,7 @@ mod tests {
             cpu_milli: 0,
             memory_bytes: 0,
             user: None,
+            pod: None,
         }
     }
 

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 pub use local::{
-    AskedId, LaunchSpec, LocalExecutor, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
+    AskedId, LaunchSpec, LocalExecutor, PodLaunch, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
 };
 
 use crate::job::{self, ClusterHosts, TrainingJob};
