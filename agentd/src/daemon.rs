@@ -358,7 +358,8 @@ async fn start_core(
     let runtime = tokio::runtime::Handle::current();
     let core = supervise_core(
         tokio::task::spawn_blocking(move || {
-            runtime.block_on(core.run(core_inputs, stop).instrument(span))
+            let mut inputs = core_inputs;
+            runtime.block_on(core.run(&mut inputs, stop).instrument(span))
         }),
         halt,
     );

@@ -382,7 +382,7 @@ pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use k8s_openapi::api::core::v1::{
         NodeCondition, NodeSpec, NodeStatus, PodStatus, ResourceRequirements,
     };
@@ -392,9 +392,9 @@ mod tests {
     use super::super::inventory::AgentGpu;
     use super::*;
 
-    const NOW: &str = "2026-01-01T00:01:00Z";
+    pub(crate) const NOW: &str = "2026-01-01T00:01:00Z";
 
-    fn quantities(cpu: &str, memory: &str, gpus: &str) -> BTreeMap<String, Quantity> {
+    pub(crate) fn quantities(cpu: &str, memory: &str, gpus: &str) -> BTreeMap<String, Quantity> {
         [("cpu", cpu), ("memory", memory), (GPU_RESOURCE, gpus)]
             .into_iter()
             .filter(|(_, v)| !v.is_empty())
@@ -402,7 +402,7 @@ mod tests {
             .collect()
     }
 
-    fn node(name: &str, cpu: &str, memory: &str, gpus: &str) -> Node {
+    pub(crate) fn node(name: &str, cpu: &str, memory: &str, gpus: &str) -> Node {
         Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -421,7 +421,7 @@ mod tests {
         }
     }
 
-    fn container(requests: (&str, &str, &str), limits: (&str, &str, &str)) -> Container {
+    pub(crate) fn container(requests: (&str, &str, &str), limits: (&str, &str, &str)) -> Container {
         Container {
             name: "c".into(),
             resources: Some(ResourceRequirements {
@@ -433,7 +433,7 @@ mod tests {
         }
     }
 
-    fn pod(node: &str, phase: &str, containers: Vec<Container>) -> Pod {
+    pub(crate) fn pod(node: &str, phase: &str, containers: Vec<Container>) -> Pod {
         Pod {
             metadata: ObjectMeta::default(),
             spec: Some(PodSpec {
@@ -448,11 +448,11 @@ mod tests {
         }
     }
 
-    fn fresh_lease(node: &str) -> Lease {
+    pub(crate) fn fresh_lease(node: &str) -> Lease {
         crate::cluster::view::tests::lease(node, "2026-01-01T00:00:55Z".parse().unwrap(), 40)
     }
 
-    fn agent(healthy: &[bool]) -> AgentNodeStatus {
+    pub(crate) fn agent(healthy: &[bool]) -> AgentNodeStatus {
         AgentNodeStatus {
             gpu_count: healthy.len() as u32,
             healthy_gpu_count: healthy.iter().filter(|h| **h).count() as u32,

@@ -18,6 +18,7 @@
 pub mod backoff;
 pub mod capacity;
 pub mod election;
+pub mod feed;
 pub mod inventory;
 mod loops;
 pub mod view;
@@ -175,6 +176,11 @@ impl Cluster {
         &self.client
     }
 
+    /// The client meant for long-lived watches (no per-request read bound).
+    pub fn watch_client(&self) -> &kube::Client {
+        &self.watch_client
+    }
+
     pub fn nodes_api(&self) -> Api<Node> {
         Api::all(self.client.clone())
     }
@@ -261,7 +267,7 @@ impl Cluster {
     }
 
     /// Counts a failed watch request (successful watches are long-lived and not counted).
-    fn count_watch_error(&self, e: &kube::runtime::watcher::Error) {
+    pub(crate) fn count_watch_error(&self, e: &kube::runtime::watcher::Error) {
         use kube::runtime::watcher::Error as W;
         let inner = match e {
             W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => Some(e),

@@ -13,6 +13,7 @@ pub mod lifecycle;
 mod log_budget;
 mod record;
 mod recovery;
+pub mod terms;
 #[cfg(test)]
 mod tests;
 
@@ -69,6 +70,13 @@ pub enum CoreError {
     Conflict(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// Cluster mode: the cluster's jobs are kept by the elected leader, and this agent is not
+    /// it (`leader`: who is, when known).
+    #[error("this agent does not lead the cluster's jobs; {}", match leader {
+        Some(l) => format!("the leader is {l}: run agentctl there"),
+        None => "no agent leads at the moment: try again shortly".to_owned(),
+    })]
+    NotLeader { leader: Option<String> },
     /// The change could not be written, so it was not made.
     #[error("nothing was done: {0}; free space there (or fix the state directory) and try again")]
     NotWritten(String),
@@ -132,6 +140,34 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Answers the command with an error instead of doing it.
+    pub fn refuse(self, error: impl Fn() -> CoreError) {
+        match self {
+            Command::Submit { reply, .. }
+            | Command::Get { reply, .. }
+            | Command::Cancel { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::List { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Queues { reply } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Events { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Logs { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Command::Drain { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+        }
+    }
+}
+
 /// Where a replica's log is, and whether more can come.
 #[derive(Debug, Clone)]
 pub struct LogFiles {
@@ -168,6 +204,34 @@ impl CoreHandle {
     }
 }
 
+/// Where the scheduler's nodes come from.
+pub enum Nodes {
+    /// Standalone: this machine, from its inventory, with its configured labels.
+    Local,
+    /// Cluster mode: the cluster's nodes, each with its capacity less what everything but
+    /// agentd's own pods requests (the core counts its gangs itself), and closed where it takes
+    /// no new replicas. Replicas go wherever the scheduler puts them, as pods.
+    Cluster(watch::Receiver<Arc<Vec<NodeCapacity>>>),
+}
+
+impl Nodes {
+    /// Ends when the cluster's nodes change; never for the local node, whose changes come
+    /// with the inventory.
+    async fn changed(rx: &mut Option<watch::Receiver<Arc<Vec<NodeCapacity>>>>) -> bool {
+        match rx {
+            Some(rx) => rx.changed().await.is_ok(),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn receiver(&self) -> Option<watch::Receiver<Arc<Vec<NodeCapacity>>>> {
+        match self {
+            Self::Local => None,
+            Self::Cluster(rx) => Some(rx.clone()),
+        }
+    }
+}
+
 /// Something that happened inside the agent that the core must hear about.
 #[derive(Debug)]
 enum Internal {
@@ -190,6 +254,7 @@ pub struct Core {
     executor: Box<dyn Executor>,
     policy: Policy,
     inventory: watch::Receiver<Arc<NodeInventory>>,
+    nodes: Nodes,
     internal_tx: mpsc::UnboundedSender<Internal>,
     /// Requests of this turn waiting for their answer, by the id the lifecycle knows them by.
     waiting: BTreeMap<RequestId, Reply<JobStatus>>,
@@ -198,6 +263,47 @@ pub struct Core {
     logs_budget: u64,
     ticks: u64,
     metrics: Option<Metrics>,
+}
+
+/// The channels a core is reached by: the API's handle, and the senders executors and stops
+/// report on. They outlive any one core (see [`Core::open_in`]).
+pub struct CoreWiring {
+    pub handle: CoreHandle,
+    reports: mpsc::UnboundedSender<ReplicaReport>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+}
+
+impl CoreWiring {
+    /// New channels, with the GPU health changes the core will hear; the receiving ends go to
+    /// whoever runs the core.
+    pub fn new(health: mpsc::UnboundedReceiver<GpuHealthEvent>) -> (Self, CoreInputs) {
+        let (tx, commands) = mpsc::channel(1024);
+        let (submits_tx, submits) = mpsc::channel(1024);
+        let (reports, replicas) = mpsc::unbounded_channel();
+        let (internal_tx, internal) = mpsc::unbounded_channel();
+        (
+            Self {
+                handle: CoreHandle {
+                    tx,
+                    submits: submits_tx,
+                },
+                reports,
+                internal_tx,
+            },
+            CoreInputs {
+                commands,
+                submits,
+                replicas,
+                health,
+                internal,
+            },
+        )
+    }
+
+    /// Where an executor sends its replica reports.
+    pub fn reports(&self) -> mpsc::UnboundedSender<ReplicaReport> {
+        self.reports.clone()
+    }
 }
 
 /// Channels the core listens on, apart from commands.
@@ -209,11 +315,23 @@ pub struct CoreInputs {
     internal: mpsc::UnboundedReceiver<Internal>,
 }
 
-/// What the core is built around: its store, its view of the node, its clock and metrics.
+/// What one core is built around, on channels it does not own ([`Core::open_in`]).
+pub struct TermParts {
+    pub node: String,
+    pub store: Box<dyn JobStore>,
+    pub inventory: watch::Receiver<Arc<NodeInventory>>,
+    pub nodes: Nodes,
+    pub metrics: Option<Metrics>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// What the core is built around: its store, its view of the node and where it places, its
+/// clock and metrics.
 pub struct CoreParts {
     pub node: String,
     pub store: Box<dyn JobStore>,
     pub inventory: watch::Receiver<Arc<NodeInventory>>,
+    pub nodes: Nodes,
     pub health: mpsc::UnboundedReceiver<GpuHealthEvent>,
     pub metrics: Option<Metrics>,
     pub clock: Arc<dyn Clock>,
@@ -237,6 +355,7 @@ impl Core {
                 node,
                 store,
                 inventory,
+                nodes: Nodes::Local,
                 health,
                 metrics,
                 clock: Arc::new(SystemClock::new()),
@@ -260,18 +379,40 @@ impl Core {
         parts: CoreParts,
         executor: impl FnOnce(mpsc::UnboundedSender<ReplicaReport>) -> Box<dyn Executor>,
     ) -> Result<(Core, CoreHandle, CoreInputs), CoreError> {
-        let CoreParts {
+        let (wiring, inputs) = CoreWiring::new(parts.health);
+        let core = Self::open_in(
+            config,
+            TermParts {
+                node: parts.node,
+                store: parts.store,
+                inventory: parts.inventory,
+                nodes: parts.nodes,
+                metrics: parts.metrics,
+                clock: parts.clock,
+            },
+            &wiring,
+            executor(wiring.reports.clone()),
+        )?;
+        Ok((core, wiring.handle, inputs))
+    }
+
+    /// A core on channels that outlive it (`wiring`): restores the jobs from the store, has
+    /// the executor adopt or stop what their replicas left, and writes the result. In cluster
+    /// mode each term of leadership opens one this way, so the API keeps one handle.
+    pub fn open_in(
+        config: &Config,
+        parts: TermParts,
+        wiring: &CoreWiring,
+        executor: Box<dyn Executor>,
+    ) -> Result<Core, CoreError> {
+        let TermParts {
             node,
             store,
             inventory,
-            health,
+            nodes,
             metrics,
             clock,
         } = parts;
-        let (tx, commands) = mpsc::channel(1024);
-        let (submits_tx, submits) = mpsc::channel(1024);
-        let (reports, replicas) = mpsc::unbounded_channel();
-        let (internal_tx, internal) = mpsc::unbounded_channel();
         let settings = lifecycle::Settings {
             node,
             default_queue: config.jobs.default_queue.clone(),
@@ -290,10 +431,11 @@ impl Core {
             sample_retention: config.inventory.sample_retention,
             clock,
             store,
-            executor: executor(reports),
+            executor,
             policy: Policy::agentd(),
             inventory,
-            internal_tx,
+            nodes,
+            internal_tx: wiring.internal_tx.clone(),
             waiting: BTreeMap::new(),
             next_request: 0,
             logs_budget: config.jobs.logs_max_total_bytes,
@@ -302,31 +444,19 @@ impl Core {
         };
         core.recover()?;
         core.commit()?;
-        Ok((
-            core,
-            CoreHandle {
-                tx,
-                submits: submits_tx,
-            },
-            CoreInputs {
-                commands,
-                submits,
-                replicas,
-                health,
-                internal,
-            },
-        ))
+        Ok(core)
     }
 
     /// Runs until `stop` turns true; then stops every gang and writes the last changes.
     pub async fn run(
         mut self,
-        mut inputs: CoreInputs,
+        inputs: &mut CoreInputs,
         mut stop: watch::Receiver<bool>,
     ) -> Box<dyn JobStore> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inventory = self.inventory.clone();
+        let mut cluster_nodes = self.nodes.receiver();
         loop {
             let taking_submits = self.lifecycle.in_flight() < MAX_IN_FLIGHT;
             tokio::select! {
@@ -338,6 +468,7 @@ impl Core {
                 Some(change) = inputs.health.recv() => self.gpu_health_changed(change),
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
                 Ok(()) = inventory.changed() => self.inventory_changed(),
+                true = Nodes::changed(&mut cluster_nodes) => self.step(Input::NodesChanged),
                 _ = tick.tick() => {
                     // The watchdog hears from the core loop itself: a hung core stops pinging.
                     crate::systemd::watchdog_tick();
@@ -761,7 +892,11 @@ impl Core {
     /// One scheduling pass over the queued gangs, its decision handed to the lifecycle with
     /// the addresses of each placed gang's replicas. The one place the scheduler is called.
     fn schedule(&mut self) {
-        let inventory = self.inventory.borrow().clone();
+        let inventory = match self.nodes {
+            Nodes::Local => self.inventory.borrow().clone(),
+            // GPUs elsewhere are counted, not named: no local GPU stands for them.
+            Nodes::Cluster(_) => Arc::new(NodeInventory::default()),
+        };
         let queued = self.lifecycle.queued_gangs();
         if queued.is_empty() {
             self.step(Input::Scheduled {
@@ -771,10 +906,24 @@ impl Core {
             });
             return;
         }
-        let mut node = node_capacity(&inventory);
-        node.labels.extend(self.labels.clone());
-        node.schedulable = self.lifecycle.schedulable();
-        let nodes = [node];
+        let nodes: Vec<NodeCapacity> = match &self.nodes {
+            Nodes::Local => {
+                let mut node = node_capacity(&inventory);
+                node.labels.extend(self.labels.clone());
+                node.schedulable = self.lifecycle.schedulable();
+                vec![node]
+            }
+            // A cluster node is drained through its labels (the feed closes it); this
+            // machine's own drain does not stop the cluster.
+            Nodes::Cluster(feed) => feed
+                .borrow()
+                .iter()
+                .map(|node| NodeCapacity {
+                    schedulable: node.schedulable && self.lifecycle.write_failure().is_none(),
+                    ..node.clone()
+                })
+                .collect(),
+        };
         let now = self.clock.now();
         let running = self.lifecycle.running_gangs(now);
         let queues: Vec<QueueConfig> = self

@@ -1,6 +1,7 @@
 //! The core driven turn by turn on a clock the test moves.
 
 use super::*;
+use std::collections::BTreeSet;
 
 /// A job that never fits (it asks for a GPU on a node that has none) and gives up after 60 s.
 const WAITS_FOR_A_GPU: &[u8] = b"apiVersion: agentd.io/v1alpha1
@@ -38,6 +39,7 @@ fn parts(store: Box<dyn JobStore>, inventory: NodeInventory, clock: &ManualClock
         node: "node-a".to_owned(),
         store,
         inventory,
+        nodes: Nodes::Local,
         health,
         metrics: None,
         clock: Arc::new(clock.clone()),
@@ -231,4 +233,123 @@ async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
         [("fits".to_owned(), 1, Vec::new())],
         "the gang's stop is asked for"
     );
+}
+
+/// A cluster node as the capacity feed gives it: `gpus` free GPUs, open or closed.
+fn cluster_node(name: &str, gpus: u32, schedulable: bool) -> NodeCapacity {
+    NodeCapacity {
+        name: name.to_owned(),
+        labels: BTreeMap::from([("kubernetes.io/hostname".to_owned(), name.to_owned())]),
+        gpus: (0..gpus)
+            .map(|index| sched::GpuSlot {
+                index,
+                uuid: String::new(),
+                product: "H200".to_owned(),
+                memory_mib: 141_000,
+                healthy: true,
+            })
+            .collect(),
+        cpu_milli: 64_000,
+        memory_mib: 512 * 1024,
+        schedulable,
+    }
+}
+
+/// Two workers of four GPUs each, in a namespace of their own.
+const TWO_BY_FOUR: &[u8] = b"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: wide, namespace: team-a}
+spec:
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              image: tf:2.16
+              command: [python, train.py]
+              resources: {limits: {nvidia.com/gpu: 4}}
+";
+
+/// In cluster mode the same lifecycle places a gang across the cluster's open nodes, and each
+/// launch names its node, namespace, place in the gang and GPUs for the pod executor; a node
+/// the feed closes gets nothing, and a change of the nodes brings a new pass.
+#[tokio::test]
+async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let (feed, nodes) = watch::channel(Arc::new(vec![
+        cluster_node("gpu-1", 4, true),
+        cluster_node("gpu-2", 2, true),
+        cluster_node("gpu-3", 8, false),
+    ]));
+    let mut executor = None;
+    let (mut core, _, _inputs) = Core::open_with(
+        &config(dir.path()),
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(
+                Box::new(crate::store::memory::MemoryStore::default()),
+                NodeInventory::default(),
+                &clock,
+            )
+        },
+        |reports| {
+            let memory = crate::exec::memory::MemoryExecutor::new(reports);
+            executor = Some(memory.clone());
+            Box::new(memory)
+        },
+    )
+    .expect("the core opens");
+    let executor = executor.expect("built");
+
+    let mut answer = submit(&mut core, TWO_BY_FOUR);
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    let status = core.get("wide").expect("exists");
+    assert_eq!(status.state, JobState::Queued, "4 + 2 open GPUs are not 8");
+    assert!(
+        status.message.contains("GPU"),
+        "the reason names what binds: {}",
+        status.message
+    );
+    assert!(executor.take().started.is_empty());
+
+    feed.send_replace(Arc::new(vec![
+        cluster_node("gpu-1", 4, true),
+        cluster_node("gpu-2", 4, true),
+        cluster_node("gpu-3", 8, false),
+    ]));
+    core.step(Input::NodesChanged);
+    assert!(core.lifecycle.needs_pass());
+    core.schedule();
+    core.commit().expect("written");
+    let started = executor.take().started;
+    let mut pods: Vec<(String, String, String, u32, u32)> = started
+        .iter()
+        .map(|spec| {
+            let pod = spec
+                .pod
+                .as_ref()
+                .expect("a launch in cluster mode names its pod");
+            assert!(spec.env.contains_key("TF_CONFIG"), "{spec:?}");
+            (
+                spec.replica.clone(),
+                pod.node.clone(),
+                pod.namespace.clone(),
+                pod.index,
+                pod.gpus,
+            )
+        })
+        .collect();
+    pods.sort();
+    let nodes: BTreeSet<&str> = pods.iter().map(|p| p.1.as_str()).collect();
+    assert_eq!(nodes, BTreeSet::from(["gpu-1", "gpu-2"]), "{pods:?}");
+    for (i, (replica, _, namespace, index, gpus)) in pods.iter().enumerate() {
+        assert_eq!(replica, &format!("worker-{i}"));
+        assert_eq!((namespace.as_str(), *index, *gpus), ("team-a", i as u32, 4));
+    }
+    assert_eq!(core.get("wide").expect("exists").state, JobState::Starting);
 }

@@ -93,6 +93,8 @@ pub enum Input {
     GpuHealthChanged(GpuHealthEvent),
     /// A new inventory: gangs on GPUs that turned unhealthy restart.
     InventoryChanged(Arc<NodeInventory>),
+    /// The cluster's nodes or their free capacity changed (cluster mode): a new pass.
+    NodesChanged,
     /// A scheduling pass's decision, taken on `inventory`, with the addresses the executor
     /// gave each placed gang's replicas (or why it could not).
     Scheduled {
@@ -382,6 +384,7 @@ impl Lifecycle {
                 self.needs_pass = true;
             }
             Input::InventoryChanged(inventory) => self.inventory_changed(&inventory, now),
+            Input::NodesChanged => self.needs_pass = true,
             Input::Scheduled {
                 inventory,
                 waiting,

@@ -1,0 +1,302 @@
+//! Where the leader may place replicas: the cluster's nodes as the scheduler sees them, kept up
+//! to date from watches on Nodes, Pods, `AgentNode`s and the agents' heartbeat Leases (never
+//! from polling lists), and recomputed whenever one of them changes.
+//!
+//! The scheduler subtracts what agentd's own gangs hold (the core knows their placements,
+//! including those whose pods are not created yet), so a node's capacity here is what every
+//! other pod leaves of it: agentd's pods (label `agentd.io/job`) are not counted twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::watch;
+
+use super::Cluster;
+use super::capacity::{ClusterObjects, NodeFree, free_capacity};
+use super::inventory::{AgentNodeStatus, LABEL_GPU_PRODUCT};
+use crate::sched::{GpuSlot, NodeCapacity};
+
+/// The label on every pod agentd creates, naming its job.
+pub const LABEL_JOB: &str = "agentd.io/job";
+
+/// How long changes are gathered before the nodes are recomputed: a burst of pod updates
+/// (a gang starting) costs one computation, not one per pod.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// The scheduler's nodes: each node's free capacity, computed from `objects` (whose pods are
+/// everyone's but agentd's: see [`others`]), as free GPU slots, free CPU and memory, open or
+/// closed. Tolerations are not yet judged per template: a node tainted NoSchedule or NoExecute
+/// is closed to every gang.
+pub fn placement_nodes(objects: &ClusterObjects<'_>) -> Vec<NodeCapacity> {
+    let free = free_capacity(objects, &[]);
+    sched_nodes(&free, objects.agents)
+}
+
+/// The pods that are not agentd's.
+pub fn others<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Pod> {
+    pods.into_iter()
+        .filter(|p| !is_agentd_pod(p))
+        .cloned()
+        .collect()
+}
+
+fn sched_nodes(
+    free: &[NodeFree],
+    agents: &BTreeMap<String, AgentNodeStatus>,
+) -> Vec<NodeCapacity> {
+    free.iter()
+        .map(|node| {
+            let product = node
+                .labels
+                .get(LABEL_GPU_PRODUCT)
+                .cloned()
+                .or_else(|| agents.get(&node.name).map(|a| a.gpu_product.clone()))
+                .unwrap_or_default();
+            let memory_mib = agents
+                .get(&node.name)
+                .and_then(|a| a.gpus.first())
+                .map_or(0, |g| g.memory_mib);
+            let mut labels = node.labels.clone();
+            labels
+                .entry("kubernetes.io/hostname".to_owned())
+                .or_insert_with(|| node.name.clone());
+            NodeCapacity {
+                name: node.name.clone(),
+                labels,
+                gpus: (0..node.free.gpus)
+                    .map(|index| GpuSlot {
+                        index,
+                        uuid: String::new(),
+                        product: product.clone(),
+                        memory_mib,
+                        healthy: true,
+                    })
+                    .collect(),
+                cpu_milli: node.free.cpu_milli,
+                memory_mib: node.free.memory_bytes / (1024 * 1024),
+                schedulable: node.open(),
+            }
+        })
+        .collect()
+}
+
+/// Whether agentd created the pod (for one of its gangs).
+fn is_agentd_pod(pod: &Pod) -> bool {
+    pod.meta()
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(LABEL_JOB))
+}
+
+/// Watches the cluster until `stop` turns true, and publishes its nodes on the returned channel
+/// after each change. Starts with no nodes: nothing is placed before the first lists are in.
+pub fn spawn(
+    cluster: &Cluster,
+    stop: watch::Receiver<bool>,
+) -> watch::Receiver<Arc<Vec<NodeCapacity>>> {
+    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+    let cluster = cluster.clone();
+    tokio::spawn(async move { follow(cluster, tx, stop).await });
+    rx
+}
+
+async fn follow(
+    cluster: Cluster,
+    tx: watch::Sender<Arc<Vec<NodeCapacity>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let client = cluster.watch_client().clone();
+    let (nodes, nodes_w) = reflector::store::<Node>();
+    let (pods, pods_w) = reflector::store::<Pod>();
+    let (leases, leases_w) = reflector::store::<Lease>();
+    let agents_w = reflector::store::Writer::<DynamicObject>::new(super::agent_node_resource());
+    let agents = agents_w.as_reader();
+    let config = watcher::Config::default;
+    let node_events =
+        reflector::reflector(nodes_w, watcher(Api::<Node>::all(client.clone()), config()))
+            .default_backoff()
+            .map(|e| e.map(|_| ()));
+    let pod_events =
+        reflector::reflector(pods_w, watcher(Api::<Pod>::all(client.clone()), config()))
+            .default_backoff()
+            .map(|e| e.map(|_| ()));
+    let lease_events = reflector::reflector(
+        leases_w,
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), &cluster.namespace),
+            config(),
+        ),
+    )
+    .default_backoff()
+    .map(|e| e.map(|_| ()));
+    let agent_events =
+        reflector::reflector(agents_w, watcher(cluster.agent_nodes_watch_api(), config()))
+            .default_backoff()
+            .map(|e| e.map(|_| ()));
+    let mut events = std::pin::pin!(futures::stream::select_all([
+        node_events.boxed(),
+        pod_events.boxed(),
+        lease_events.boxed(),
+        agent_events.boxed(),
+    ]));
+    let mut said_failing = false;
+    loop {
+        let next = tokio::select! {
+            next = events.next() => next,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match next {
+            None => return,
+            Some(Err(e)) => {
+                if !said_failing {
+                    tracing::warn!(
+                        "watching the cluster's nodes and pods failed ({e}); retrying with backoff"
+                    );
+                    said_failing = true;
+                }
+                cluster.count_watch_error(&e);
+                continue;
+            }
+            Some(Ok(())) => said_failing = false,
+        }
+        // Let the rest of a burst arrive, then compute once.
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                () = &mut settle => break,
+                more = events.next() => if more.is_none() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        if !(ready(&nodes) && ready(&pods) && ready(&leases) && ready(&agents)) {
+            continue;
+        }
+        let computed = compute(&cluster, &nodes, &pods, &leases, &agents);
+        tx.send_replace(Arc::new(computed));
+    }
+}
+
+/// Whether a store has had its first list.
+fn ready<K>(store: &Store<K>) -> bool
+where
+    K: reflector::Lookup + Clone + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+fn compute(
+    cluster: &Cluster,
+    nodes: &Store<Node>,
+    pods: &Store<Pod>,
+    leases: &Store<Lease>,
+    agents: &Store<DynamicObject>,
+) -> Vec<NodeCapacity> {
+    let nodes: Vec<Node> = nodes.state().iter().map(|n| Node::clone(n)).collect();
+    let pods = others(pods.state().iter().map(AsRef::as_ref));
+    let leases: Vec<Lease> = leases.state().iter().map(|l| Lease::clone(l)).collect();
+    let agents: BTreeMap<String, AgentNodeStatus> = agents
+        .state()
+        .iter()
+        .filter_map(|a| {
+            let status = serde_json::from_value(a.data.get("status")?.clone()).ok()?;
+            Some((a.metadata.name.clone()?, status))
+        })
+        .collect();
+    placement_nodes(&ClusterObjects {
+        nodes: &nodes,
+        pods: &pods,
+        agents: &agents,
+        leases: &leases,
+        now: Timestamp::now(),
+        lease_interval: cluster.interval,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+    use crate::cluster::capacity::tests::{NOW, agent, container, fresh_lease, node, pod};
+
+    /// Three nodes of 8 GPUs: one with two GPUs taken by someone else's pod and one GPU
+    /// unhealthy, one cordoned, one whose agentd pod (a gang the core counts itself) is not
+    /// counted again.
+    #[test]
+    fn nodes_for_placement_count_what_others_hold_and_close_what_takes_nothing() {
+        let mut cordoned = node("gpu-2", "64", "512Gi", "8");
+        cordoned.spec.as_mut().unwrap().unschedulable = Some(true);
+        let mut ours = pod(
+            "gpu-3",
+            "Running",
+            vec![container(("", "", "8"), ("", "", "8"))],
+        );
+        ours.metadata = ObjectMeta {
+            labels: Some(BTreeMap::from([(LABEL_JOB.to_owned(), "wide".to_owned())])),
+            ..ObjectMeta::default()
+        };
+        let nodes = [
+            node("gpu-1", "64", "512Gi", "8"),
+            cordoned,
+            node("gpu-3", "64", "512Gi", "8"),
+        ];
+        let pods = [
+            pod(
+                "gpu-1",
+                "Running",
+                vec![container(("4", "16Gi", "2"), ("", "", "2"))],
+            ),
+            ours,
+        ];
+        let mut health = vec![true; 8];
+        health[7] = false;
+        let agents = BTreeMap::from([
+            ("gpu-1".to_owned(), agent(&health)),
+            ("gpu-2".to_owned(), agent(&[true; 8])),
+            ("gpu-3".to_owned(), agent(&[true; 8])),
+        ]);
+        let leases: Vec<Lease> = ["gpu-1", "gpu-2", "gpu-3"].map(fresh_lease).to_vec();
+        let pods = others(&pods);
+        let placed = placement_nodes(&ClusterObjects {
+            nodes: &nodes,
+            pods: &pods,
+            agents: &agents,
+            leases: &leases,
+            now: NOW.parse().unwrap(),
+            lease_interval: Duration::from_secs(10),
+        });
+        let seen: Vec<(&str, usize, u64, u64, bool)> = placed
+            .iter()
+            .map(|n| {
+                (
+                    n.name.as_str(),
+                    n.gpus.len(),
+                    n.cpu_milli,
+                    n.memory_mib,
+                    n.schedulable,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("gpu-1", 5, 60_000, 496 * 1024, true),
+                ("gpu-2", 8, 64_000, 512 * 1024, false),
+                ("gpu-3", 8, 64_000, 512 * 1024, true),
+            ]
+        );
+        assert_eq!(placed[0].gpus[0].product, "NVIDIA H200");
+        assert_eq!(placed[0].labels["kubernetes.io/hostname"], "gpu-1");
+    }
+}

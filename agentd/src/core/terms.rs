@@ -1,0 +1,93 @@
+//! Cluster mode: the cluster's jobs are kept by the elected leader. Each term of leadership
+//! opens a core of its own (it rebuilds from the store and the executor before its first
+//! pass: see [`super::Core::open_in`]) on the same channels, so the API's handle never changes;
+//! the term's core stops when leadership is lost or the agent stops. While this agent does not
+//! lead, every request is answered with who does.
+//!
+//! A deposed leader's core may still try to write once more as it stops; the store's writes
+//! carry the version they read, so such a late write fails rather than overwriting the new
+//! leader's.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{Core, CoreError, CoreInputs};
+use crate::cluster::election::Leadership;
+use crate::store::JobStore;
+
+/// Runs terms until `stop` turns true: follows while another agent leads, and runs the core
+/// `open` builds for each term this agent leads. `retry`: the pause after a term that could
+/// not open (the API server down, say).
+pub async fn run_terms(
+    inputs: &mut CoreInputs,
+    leadership: &mut watch::Receiver<Leadership>,
+    mut open: impl FnMut() -> Result<Core, CoreError>,
+    retry: Duration,
+    stop: &mut watch::Receiver<bool>,
+) {
+    loop {
+        if !follow(inputs, leadership, stop).await {
+            return;
+        }
+        let core = match open() {
+            Ok(core) => core,
+            Err(e) => {
+                tracing::error!("cannot take up the cluster's jobs: {e}; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        };
+        tracing::info!("this agent leads: keeping the cluster's jobs");
+        let (term_tx, term_rx) = watch::channel(false);
+        let ended = async {
+            tokio::select! {
+                _ = leadership.wait_for(|l| l.term.is_none()) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            term_tx.send_replace(true);
+        };
+        let (store, ()) = tokio::join!(core.run(inputs, term_rx), ended);
+        close(store);
+        if *stop.borrow() {
+            return;
+        }
+        tracing::info!("this agent no longer leads: the new leader keeps the cluster's jobs");
+    }
+}
+
+/// Answers every request with who leads, until this agent does (true) or stops (false).
+async fn follow(
+    inputs: &mut CoreInputs,
+    leadership: &mut watch::Receiver<Leadership>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        if leadership.borrow().term.is_some() {
+            return true;
+        }
+        let leader = leadership.borrow().leader.clone();
+        let refusal = || CoreError::NotLeader {
+            leader: leader.clone(),
+        };
+        tokio::select! {
+            Some(command) = inputs.commands.recv() => command.refuse(refusal),
+            Some(command) = inputs.submits.recv() => command.refuse(refusal),
+            // What a past term's executor or stops still report has no core to go to; the next
+            // term rebuilds from what exists.
+            Some(_) = inputs.replicas.recv() => {}
+            Some(_) = inputs.internal.recv() => {}
+            Some(_) = inputs.health.recv() => {}
+            changed = leadership.changed() => if changed.is_err() { return false },
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
+fn close(store: Box<dyn JobStore>) {
+    if let Err(e) = store.close() {
+        tracing::warn!("closing the term's job store: {e}");
+    }
+}
