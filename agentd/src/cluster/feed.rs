@@ -49,10 +49,7 @@ pub fn others<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Pod> {
         .collect()
 }
 
-fn sched_nodes(
-    free: &[NodeFree],
-    agents: &BTreeMap<String, AgentNodeStatus>,
-) -> Vec<NodeCapacity> {
+fn sched_nodes(free: &[NodeFree], agents: &BTreeMap<String, AgentNodeStatus>) -> Vec<NodeCapacity> {
     free.iter()
         .map(|node| {
             let product = node

@@ -91,3 +91,95 @@ fn close(store: Box<dyn JobStore>) {
         tracing::warn!("closing the term's job store: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use agentd_api::NodeInventory;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::cluster::election::Term;
+    use crate::core::{Command, CoreWiring, ManualClock, Nodes, TermParts};
+    use crate::exec::memory::MemoryExecutor;
+    use crate::store::memory::MemoryStore;
+
+    fn leads(this: bool) -> Leadership {
+        Leadership {
+            leader: Some(if this { "node-a" } else { "node-b" }.to_owned()),
+            term: this.then(|| Term {
+                transitions: 1,
+                resource_version: "7".to_owned(),
+                valid_until: Instant::now() + Duration::from_secs(3600),
+            }),
+        }
+    }
+
+    /// A follower answers with who leads; each term opens a core of its own on the same
+    /// handle, and a lost term ends it.
+    #[tokio::test]
+    async fn each_term_of_leadership_runs_a_core_and_followers_name_the_leader() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = crate::config::Config {
+            state_dir: dir.path().to_owned(),
+            ..crate::config::Config::default()
+        };
+        let (wiring, mut inputs) = CoreWiring::new(mpsc::unbounded_channel().1);
+        let handle = wiring.handle.clone();
+        let (leadership_tx, mut leadership) = watch::channel(leads(false));
+        let (stop_tx, mut stop) = watch::channel(false);
+        let store = MemoryStore::default();
+        let (_inventory_tx, inventory) = watch::channel(Arc::new(NodeInventory::default()));
+        let mut opened = 0;
+        let open = || {
+            opened += 1;
+            Core::open_in(
+                &config,
+                TermParts {
+                    node: "node-a".to_owned(),
+                    store: Box::new(store.clone()),
+                    inventory: inventory.clone(),
+                    nodes: Nodes::Local,
+                    metrics: None,
+                    clock: Arc::new(ManualClock::new(1_000_000.0)),
+                },
+                &wiring,
+                Box::new(MemoryExecutor::new(wiring.reports())),
+            )
+        };
+        let queues = || handle.ask(|reply| Command::Queues { reply });
+        let script = async {
+            let refused = queues().await.expect_err("a follower keeps no jobs");
+            assert!(
+                matches!(&refused, CoreError::NotLeader { leader: Some(l) } if l == "node-b"),
+                "{refused}"
+            );
+            assert!(refused.to_string().contains("node-b"), "{refused}");
+            for _ in 0..2 {
+                leadership_tx.send_replace(leads(true));
+                // A request that crosses the change may still be refused.
+                while queues().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                leadership_tx.send_replace(leads(false));
+                while queues().await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            stop_tx.send_replace(true);
+        };
+        tokio::join!(
+            run_terms(
+                &mut inputs,
+                &mut leadership,
+                open,
+                Duration::from_millis(10),
+                &mut stop
+            ),
+            script
+        );
+        assert_eq!(opened, 2, "one core a term");
+    }
+}
