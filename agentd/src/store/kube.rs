@@ -238,20 +238,21 @@ impl KubeStore {
     /// written its status; otherwise another leader runs it.
     fn create(&self, name: &str, manifest: &str) -> Result<Known, StoreError> {
         const API: &str = "create trainingjobs";
-        let (namespace, object) = object_from_manifest(manifest).map_err(|e| StoreError::Kube {
-            api: API,
-            object: name.to_owned(),
-            message: format!(
-                "the job's manifest does not parse, so no TrainingJob can be made of it: {e}"
-            ),
-        })?;
+        let (namespace, object, gpus) =
+            object_from_manifest(manifest).map_err(|e| StoreError::Kube {
+                api: API,
+                object: name.to_owned(),
+                message: format!(
+                    "the job's manifest does not parse, so no TrainingJob can be made of it: {e}"
+                ),
+            })?;
         let at = format!("{namespace}/{name}");
         let api = self.api(&namespace);
         let created = self.call(API, &at, async move {
             api.create(&PostParams::default(), &object).await
         })?;
-        match created {
-            Ok(created) => Ok(Known::from_object(&created)),
+        let known = match created {
+            Ok(created) => Known::from_object(&created),
             Err(e) if api_code(&e) == Some(409) => {
                 let existing = self
                     .get(name, &namespace)?
@@ -268,10 +269,14 @@ impl KubeStore {
                         resource_version: known.resource_version,
                     });
                 }
-                Ok(known)
+                known
             }
-            Err(e) => Err(api_error(API, &at, &e)),
-        }
+            Err(e) => return Err(api_error(API, &at, &e)),
+        };
+        Ok(Known {
+            gpus: Some(gpus),
+            ..known
+        })
     }
 
     /// Writes `status` on the version `known` last saw; on a conflict, once more on the current
@@ -503,8 +508,8 @@ impl JobStore for KubeStore {
 }
 
 /// The object for a job: its manifest in the native form, in its namespace (default
-/// `default`), a `TFJob` marked with [`SOURCE_KIND_ANNOTATION`].
-fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject), String> {
+/// `default`), a `TFJob` marked with [`SOURCE_KIND_ANNOTATION`]; and the GPUs it asks for.
+fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject, u32), String> {
     let job = job::parse(manifest.as_bytes()).map_err(|e| e.to_string())?;
     let namespace = job
         .namespace
@@ -520,7 +525,7 @@ fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject), Strin
         metadata["annotations"][SOURCE_KIND_ANNOTATION] = json!("TFJob");
     }
     let object = serde_json::from_value(object).map_err(|e| e.to_string())?;
-    Ok((namespace, object))
+    Ok((namespace, object, requested_gpus(&job)))
 }
 
 /// The manifest of a stored object: what a person would submit to make it again, without the

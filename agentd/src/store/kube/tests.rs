@@ -252,6 +252,30 @@ fn an_upsert_creates_the_object_and_the_next_writes_only_its_status() {
         json!(4),
         "2 workers x 2 GPUs"
     );
+    // What `kubectl get trainingjobs` prints.
+    let request = http::Request::get("/apis/agentd.io/v1alpha1/namespaces/default/trainingjobs")
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .expect("request");
+    let table: Value = cluster
+        .rt
+        .block_on(cluster.admin.request(request))
+        .expect("table");
+    let shown: Vec<(&str, &Value)> = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .zip(table["rows"][0]["cells"].as_array().expect("cells"))
+        .filter(|(c, _)| c["priority"].as_i64().unwrap_or(0) == 0)
+        .map(|(c, v)| (c["name"].as_str().expect("name"), v))
+        .collect();
+    assert_eq!(
+        shown.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        ["Name", "State", "Reason", "GPUs", "Age"]
+    );
+    assert_eq!(shown[1].1, "Queued");
+    assert_eq!(shown[2].1, "Queued");
+    assert_eq!(*shown[3].1, json!(4));
 
     // A second upsert, with a manifest that differs, changes the status and nothing else.
     let running = status("a", JobState::Running, "Running");
@@ -368,6 +392,84 @@ fn delete_removes_the_object_and_its_events() {
     store
         .write_batch(&[JobWrite::Delete { name: "b".into() }], &[])
         .expect("a 404 is fine");
+}
+
+#[test]
+fn a_job_deleted_in_the_cluster_is_not_made_again_until_the_core_forgets_it() {
+    let cluster = Cluster::start();
+    let mut store = cluster.store();
+    let queued = status("a", JobState::Queued, "Queued");
+    store
+        .write_batch(&[upsert("a", &native("a", 1, 0), &queued)], &[])
+        .expect("created");
+    let api = cluster.admin_api("default");
+    cluster
+        .rt
+        .block_on(api.delete("a", &kube::api::DeleteParams::default()))
+        .expect("`kubectl delete trainingjob a`");
+    store
+        .write_batch(
+            &[upsert(
+                "a",
+                &native("a", 1, 0),
+                &status("a", JobState::Cancelled, "Cancelled"),
+            )],
+            &[],
+        )
+        .expect("nothing to write to");
+    assert!(cluster.get("default", "a").is_none(), "not made again");
+    store
+        .write_batch(&[JobWrite::Delete { name: "a".into() }], &[])
+        .expect("forgotten");
+    // A new job of the same name, later, is a new object.
+    store
+        .write_batch(&[upsert("a", &native("a", 1, 0), &queued)], &[])
+        .expect("created");
+    assert_eq!(
+        stored_status(&cluster.get("default", "a").expect("exists")),
+        queued
+    );
+}
+
+#[test]
+fn a_write_that_went_through_unanswered_is_not_taken_for_another_leaders() {
+    let cluster = Cluster::start();
+    let mut store = cluster.store();
+    store
+        .write_batch(
+            &[upsert(
+                "a",
+                &native("a", 1, 0),
+                &status("a", JobState::Queued, "Queued"),
+            )],
+            &[],
+        )
+        .expect("created");
+    // A write whose answer timed out (the store keeps what it sent) that the server applied.
+    let placed = status("a", JobState::Placed, "Placed");
+    store
+        .known
+        .borrow_mut()
+        .get_mut("a")
+        .expect("known")
+        .unconfirmed = Some(placed.clone());
+    let api = cluster.admin_api("default");
+    cluster
+        .rt
+        .block_on(api.patch_status(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": placed})),
+        ))
+        .expect("the write that went through");
+    let running = status("a", JobState::Running, "Running");
+    store
+        .write_batch(&[upsert("a", &native("a", 1, 0), &running)], &[])
+        .expect("its own write is no conflict");
+    assert_eq!(
+        stored_status(&cluster.get("default", "a").expect("exists")),
+        running
+    );
 }
 
 #[test]
