@@ -836,3 +836,125 @@ fn the_crd_schema_keeps_the_status_and_its_printer_columns_read_it() {
         }
     }
 }
+
+/// A job that waits: it asks for a GPU and the node has none.
+const WAITS_AS_A_TFJOB: &str = "apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata: {name: waits, namespace: team-a}
+spec:
+  runPolicy: {backoffLimit: 1, schedulingPolicy: {queue: slow}}
+  tfReplicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              command: [python3, train.py]
+              resources: {limits: {nvidia.com/gpu: 1}}
+";
+
+/// Runs a core on `store` as the daemon does (its loop in `block_on` on a blocking thread),
+/// asks it `ask`, stops it and closes its store.
+fn with_core<T: Send + 'static>(
+    cluster: &Cluster,
+    store: KubeStore,
+    ask: impl AsyncFnOnce(&crate::core::CoreHandle) -> T,
+) -> T {
+    use crate::core::{Core, CoreParts, ManualClock};
+    let config = crate::config::Config {
+        state_dir: cluster.state_dir(),
+        queues: crate::config::default_queues(),
+        jobs: crate::config::JobsConfig {
+            replica_units: crate::config::ReplicaUnits::Off,
+            ..Default::default()
+        },
+        ..crate::config::Config::default()
+    };
+    let (_inventory_tx, inventory) =
+        tokio::sync::watch::channel(std::sync::Arc::new(agentd_api::NodeInventory::default()));
+    let (_health_tx, health) = tokio::sync::mpsc::unbounded_channel();
+    let parts = CoreParts {
+        node: "node-a".to_owned(),
+        store: Box::new(store),
+        inventory,
+        health,
+        metrics: None,
+        clock: std::sync::Arc::new(ManualClock::new(1_000_000.0)),
+    };
+    let _guard = cluster.rt.enter();
+    let (core, handle, inputs) = Core::open_with(&config, parts, |reports| {
+        Box::new(crate::exec::memory::MemoryExecutor::new(reports))
+    })
+    .expect("the core opens and restores");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let runtime = cluster.rt.handle().clone();
+    let running = cluster
+        .rt
+        .spawn_blocking(move || runtime.block_on(core.run(inputs, stop)));
+    let answer = cluster.rt.block_on(ask(&handle));
+    stop_tx.send(true).expect("the core listens");
+    let store = cluster.rt.block_on(running).expect("the core stops");
+    store.close().expect("closed");
+    answer
+}
+
+#[test]
+fn a_core_keeps_its_jobs_in_training_jobs_and_a_new_one_restores_them() {
+    let cluster = Cluster::start();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.admin.clone());
+    cluster
+        .rt
+        .block_on(namespaces.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "team-a"}})).expect("namespace"),
+        ))
+        .expect("namespace created");
+    let rules = job::Admission::new(
+        crate::config::default_queues().into_keys(),
+        crate::config::DEFAULT_QUEUE,
+        crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
+    );
+    let admitted = job::admit(WAITS_AS_A_TFJOB.as_bytes(), &rules).expect("valid");
+    let owner = Owner {
+        uid: 1000,
+        gid: 1000,
+        user: "ada".to_owned(),
+    };
+    let submitted = with_core(&cluster, cluster.store(), async |core| {
+        core.ask(|reply| crate::core::Command::Submit {
+            job: Box::new(admitted),
+            manifest: WAITS_AS_A_TFJOB.to_owned(),
+            owner,
+            reply,
+        })
+        .await
+        .expect("accepted")
+    });
+    let object = cluster.get("team-a", "waits").expect("the job's object");
+    assert_eq!(stored_status(&object).name, "waits");
+    assert_eq!(object.data["status"]["gpus"], json!(2));
+
+    // The next core (a new leader) reads it back from the cluster alone.
+    std::fs::remove_dir_all(cluster.state_dir()).expect("the local database goes");
+    let restored = with_core(&cluster, cluster.store(), async |core| {
+        core.ask(|reply| crate::core::Command::Get {
+            name: "waits".to_owned(),
+            removed: false,
+            reply,
+        })
+        .await
+        .expect("restored")
+    });
+    assert_eq!(restored.state, JobState::Queued, "{restored:?}");
+    assert_eq!(restored.kind, "TFJob");
+    assert_eq!(restored.queue, "slow");
+    assert_eq!(restored.queue, submitted.queue);
+    assert_eq!(restored.owner, submitted.owner);
+    assert_eq!(
+        restored.submitted_at.to_bits(),
+        submitted.submitted_at.to_bits(),
+        "the submit time, exactly"
+    );
+    assert_eq!(restored.replicas.len(), 2);
+}
