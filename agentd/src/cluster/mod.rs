@@ -528,7 +528,7 @@ impl From<RequestError> for ClusterError {
 
 /// An error and its causes on one line, so that "connection refused" is not lost behind
 /// "client error (Connect)".
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -5,6 +5,7 @@
 //! The core sees a store through [`JobStore`] only: SQLite here, `TrainingJob` objects in
 //! cluster mode, an in-memory one (`memory`) in tests.
 
+pub mod kube;
 #[cfg(test)]
 pub mod memory;
 mod migrations;
@@ -44,6 +45,31 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// `api` is the request (`update trainingjobs/status`), `object` its `namespace/name`.
+    #[error("{api} {object}: {message}")]
+    Kube {
+        api: &'static str,
+        object: String,
+        message: String,
+    },
+    #[error("{api} {object}: no answer from the API server within {}s; the write may or may not have happened, and is checked on the next one", after.as_secs_f64())]
+    KubeTimeout {
+        api: &'static str,
+        object: String,
+        after: Duration,
+    },
+    #[error(
+        "{api} {object}: another agent wrote its status since this one last read or wrote it (at resourceVersion {resource_version}); another leader runs the job now, so this agent does not overwrite it"
+    )]
+    KubeConflict {
+        api: &'static str,
+        object: String,
+        resource_version: String,
+    },
+    #[error(
+        "the Kubernetes job store needs a multi-threaded Tokio runtime: its requests run on a worker while the core's thread waits"
+    )]
+    SingleThreadedRuntime,
 }
 
 /// Something that happened to a node or a job: stored as the API shows it.

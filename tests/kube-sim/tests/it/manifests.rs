@@ -79,6 +79,9 @@ const LEADER: &[Check] = &[
         &["-n", "default", "--subresource", "status"],
         true,
     ),
+    // Its jobs are kept in TrainingJobs, in whatever namespace they name.
+    ("create", "trainingjobs.agentd.io", &["-n", "default"], true),
+    ("delete", "trainingjobs.agentd.io", &["-n", "default"], true),
     ("list", "agentnodes.agentd.io", &["-n", NS], true),
     // The election's Lease.
     (
@@ -227,11 +230,7 @@ async fn kubectl_apply_of_the_manifests_and_each_role_can_do_what_it_allows_and_
         .unwrap_or("")
         .split_whitespace()
         .collect();
-    assert_eq!(
-        header,
-        ["NAME", "STATE", "QUEUE", "RESTARTS", "AGE"],
-        "{out}"
-    );
+    assert_eq!(header, ["NAME", "STATE", "REASON", "GPUS", "AGE"], "{out}");
     assert!(
         out.lines().nth(1).is_some_and(|l| l.starts_with("mnist ")),
         "{out}"

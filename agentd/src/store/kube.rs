@@ -1,0 +1,596 @@
+//! The job store of cluster mode: every job is an `agentd.io/v1alpha1` `TrainingJob` object,
+//! so that whichever agent leads next rebuilds from the cluster, not from a disk it cannot see.
+//! Events and inventory samples stay in the node's own SQLite database ([`Store`]): they are
+//! the node's history, not the job's definition.
+//!
+//! An object is created from its manifest the first time the core writes a job the cluster does
+//! not have (a Kubeflow `TFJob` becomes a `TrainingJob` with the same spec and the annotation
+//! [`SOURCE_KIND_ANNOTATION`]); after that only its status is written, through the status
+//! subresource, carrying the resourceVersion last read or written. A write that finds the
+//! object changed is checked: if the status on the server is still the one this store wrote
+//! (someone edited labels, say), the write is repeated on the new version; if another writer
+//! changed the status (a new leader), the batch fails with [`StoreError::KubeConflict`] and
+//! nothing is overwritten. That is the fencing of a deposed leader.
+//!
+//! The core calls the store on its own thread, inside `Handle::block_on`, where blocking on
+//! another future would panic. Each request therefore runs as a task on the runtime and the
+//! core's thread waits for it on a channel, for at most [`REQUEST_BOUND`].
+//!
+//! It must not decide anything about a job: what to write is the core's; this module only
+//! maps it to objects.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use agentd_api::jobs::JobStatus;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use serde_json::{Value, json};
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+use super::{Event, JobStore, JobWrite, NewEvent, Store, StoreError, StoredJob};
+use crate::job;
+
+/// Where a job goes when its manifest names no namespace, as `kubectl` does.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Set on a `TrainingJob` made from a Kubeflow `TFJob`: the kind it was submitted as.
+pub const SOURCE_KIND_ANNOTATION: &str = "agentd.io/source-kind";
+
+/// The longest the core's thread waits for one API request.
+pub const REQUEST_BOUND: Duration = Duration::from_secs(10);
+
+/// Objects per list page: a leader with 10,000 jobs reads them in 20 requests.
+const LIST_PAGE: u32 = 500;
+
+/// The group, version and names of the `TrainingJob` custom resource.
+pub fn training_job_resource() -> ApiResource {
+    ApiResource {
+        group: "agentd.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "agentd.io/v1alpha1".into(),
+        kind: "TrainingJob".into(),
+        plural: "trainingjobs".into(),
+    }
+}
+
+/// What the store knows of one object: where it is and the version it last saw.
+#[derive(Debug, Clone)]
+struct Known {
+    namespace: String,
+    uid: Option<String>,
+    resource_version: String,
+    /// The status this store last wrote (or read at start-up), to tell a change by someone
+    /// else from an edit that left the status alone.
+    written: Option<JobStatus>,
+    /// A status sent without an answer (a timeout): it may have been written.
+    unconfirmed: Option<JobStatus>,
+    /// The GPUs the gang asks for, shown by `kubectl get trainingjobs`.
+    gpus: Option<u32>,
+    /// Deleted by someone else (`kubectl delete trainingjob`): not written again, and not
+    /// created again, until the core forgets the job.
+    gone: bool,
+}
+
+impl Known {
+    fn from_object(object: &DynamicObject) -> Self {
+        Self {
+            namespace: object
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            uid: object.metadata.uid.clone(),
+            resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
+            written: agentd_status(object).and_then(|s| serde_json::from_value(s.clone()).ok()),
+            unconfirmed: None,
+            gpus: None,
+            gone: false,
+        }
+    }
+
+    /// Whether `status`, found on the server, is one this store wrote (or nobody's yet).
+    fn wrote(&self, status: Option<&JobStatus>) -> bool {
+        match status {
+            None => true,
+            Some(s) => self.written.as_ref() == Some(s) || self.unconfirmed.as_ref() == Some(s),
+        }
+    }
+}
+
+/// Jobs as `TrainingJob` objects, events and inventory samples in the local database.
+pub struct KubeStore {
+    client: kube::Client,
+    runtime: Handle,
+    local: Store,
+    bound: Duration,
+    /// By job name (the core's key), every object this store has read or written.
+    known: RefCell<BTreeMap<String, Known>>,
+}
+
+impl KubeStore {
+    /// A store writing jobs through `client`, running its requests on `runtime` (which must be
+    /// multi-threaded: the calling thread waits while a worker runs the request), and keeping
+    /// events and samples in `local`.
+    pub fn new(client: kube::Client, runtime: Handle, local: Store) -> Result<Self, StoreError> {
+        if runtime.runtime_flavor() == RuntimeFlavor::CurrentThread {
+            return Err(StoreError::SingleThreadedRuntime);
+        }
+        Ok(Self {
+            client,
+            runtime,
+            local,
+            bound: REQUEST_BOUND,
+            known: RefCell::new(BTreeMap::new()),
+        })
+    }
+
+    /// Changes how long one request may take (tests, slow API servers).
+    #[must_use]
+    pub fn with_request_bound(mut self, bound: Duration) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    fn api(&self, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), namespace, &training_job_resource())
+    }
+
+    /// Runs `request` on the runtime and waits for it, at most the bound. The outer error is
+    /// the store's (no answer); the inner one is the API server's, for the caller to read.
+    fn call<T, F>(
+        &self,
+        api: &'static str,
+        object: &str,
+        request: F,
+    ) -> Result<Result<T, kube::Error>, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, kube::Error>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let task = self.runtime.spawn(async move {
+            let _ = tx.send(request.await);
+        });
+        match rx.recv_timeout(self.bound) {
+            Ok(answer) => Ok(answer),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                task.abort();
+                Err(StoreError::KubeTimeout {
+                    api,
+                    object: object.to_owned(),
+                    after: self.bound,
+                })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Kube {
+                api,
+                object: object.to_owned(),
+                message: "the request was dropped: the agent's runtime is shutting down".into(),
+            }),
+        }
+    }
+
+    /// Every `TrainingJob` in the cluster, page by page.
+    fn list_all(&self) -> Result<Vec<DynamicObject>, StoreError> {
+        let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &training_job_resource());
+        let mut objects = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut params = ListParams::default().limit(LIST_PAGE);
+            if let Some(token) = next.take() {
+                params = params.continue_token(&token);
+            }
+            let api = all.clone();
+            let page = self
+                .call("list trainingjobs", "(all namespaces)", async move {
+                    api.list(&params).await
+                })?
+                .map_err(|e| api_error("list trainingjobs", "(all namespaces)", &e))?;
+            objects.extend(page.items);
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => next = Some(token),
+                _ => return Ok(objects),
+            }
+        }
+    }
+
+    fn get(&self, name: &str, namespace: &str) -> Result<Option<DynamicObject>, StoreError> {
+        let api = self.api(namespace);
+        let owned = name.to_owned();
+        let object = format!("{namespace}/{name}");
+        self.call("get trainingjobs", &object, async move {
+            api.get_opt(&owned).await
+        })?
+        .map_err(|e| api_error("get trainingjobs", &object, &e))
+    }
+
+    fn upsert(&self, name: &str, manifest: &str, status: &str) -> Result<(), StoreError> {
+        let status: Value = serde_json::from_str(status).map_err(|e| StoreError::Kube {
+            api: "update trainingjobs/status",
+            object: name.to_owned(),
+            message: format!("the status to write is not JSON: {e}"),
+        })?;
+        let parsed = serde_json::from_value::<JobStatus>(status.clone()).ok();
+        let known = self.known.borrow().get(name).cloned();
+        let mut known = match known {
+            Some(known) if known.gone => return Ok(()),
+            Some(known) => known,
+            None => self.create(name, manifest)?,
+        };
+        if known.gpus.is_none() {
+            known.gpus = job::parse(manifest.as_bytes())
+                .ok()
+                .map(|j| requested_gpus(&j));
+        }
+        let mut body = status;
+        if let (Some(fields), Some(gpus)) = (body.as_object_mut(), known.gpus) {
+            fields.insert("gpus".into(), json!(gpus));
+        }
+        let result = self.write_status(name, &mut known, &body, parsed);
+        self.known.borrow_mut().insert(name.to_owned(), known);
+        result
+    }
+
+    /// Creates the object for a job the cluster does not have yet. One that exists already
+    /// (submitted on another node, or with `kubectl apply`) is taken over if no agent has
+    /// written its status; otherwise another leader runs it.
+    fn create(&self, name: &str, manifest: &str) -> Result<Known, StoreError> {
+        const API: &str = "create trainingjobs";
+        let (namespace, object, gpus) =
+            object_from_manifest(manifest).map_err(|e| StoreError::Kube {
+                api: API,
+                object: name.to_owned(),
+                message: format!(
+                    "the job's manifest does not parse, so no TrainingJob can be made of it: {e}"
+                ),
+            })?;
+        let at = format!("{namespace}/{name}");
+        let api = self.api(&namespace);
+        let created = self.call(API, &at, async move {
+            api.create(&PostParams::default(), &object).await
+        })?;
+        let known = match created {
+            Ok(created) => Known::from_object(&created),
+            Err(e) if api_code(&e) == Some(409) => {
+                let existing = self
+                    .get(name, &namespace)?
+                    .ok_or_else(|| StoreError::Kube {
+                        api: API,
+                        object: at.clone(),
+                        message: "it exists and was deleted at once; try again".into(),
+                    })?;
+                let known = Known::from_object(&existing);
+                if known.written.is_some() {
+                    return Err(StoreError::KubeConflict {
+                        api: API,
+                        object: at,
+                        resource_version: known.resource_version,
+                    });
+                }
+                known
+            }
+            Err(e) => return Err(api_error(API, &at, &e)),
+        };
+        Ok(Known {
+            gpus: Some(gpus),
+            ..known
+        })
+    }
+
+    /// Writes `status` on the version `known` last saw; on a conflict, once more on the current
+    /// version if the status there is still this store's.
+    fn write_status(
+        &self,
+        name: &str,
+        known: &mut Known,
+        status: &Value,
+        parsed: Option<JobStatus>,
+    ) -> Result<(), StoreError> {
+        const API: &str = "update trainingjobs/status";
+        let at = format!("{}/{name}", known.namespace);
+        for attempt in 0..2 {
+            let object: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "agentd.io/v1alpha1",
+                "kind": "TrainingJob",
+                "metadata": {
+                    "name": name,
+                    "namespace": known.namespace,
+                    "resourceVersion": known.resource_version,
+                },
+                "status": status,
+            }))
+            .map_err(|e| StoreError::Kube {
+                api: API,
+                object: at.clone(),
+                message: e.to_string(),
+            })?;
+            let api = self.api(&known.namespace);
+            let owned = name.to_owned();
+            let written = self.call(API, &at, async move {
+                api.replace_status(&owned, &PostParams::default(), &object)
+                    .await
+            });
+            let written = match written {
+                Ok(written) => written,
+                Err(timeout) => {
+                    known.unconfirmed.clone_from(&parsed);
+                    return Err(timeout);
+                }
+            };
+            match written {
+                Ok(object) => {
+                    known.resource_version = object.metadata.resource_version.unwrap_or_default();
+                    known.written = parsed;
+                    known.unconfirmed = None;
+                    return Ok(());
+                }
+                Err(e) if api_code(&e) == Some(404) => {
+                    tracing::warn!(
+                        job = name,
+                        namespace = known.namespace,
+                        "TrainingJob was deleted in the cluster; its status is no longer written"
+                    );
+                    known.gone = true;
+                    return Ok(());
+                }
+                Err(e) if api_code(&e) == Some(409) && attempt == 0 => {
+                    let Some(current) = self.get(name, &known.namespace)? else {
+                        known.gone = true;
+                        return Ok(());
+                    };
+                    let theirs = agentd_status(&current)
+                        .and_then(|s| serde_json::from_value::<JobStatus>(s.clone()).ok());
+                    if !known.wrote(theirs.as_ref()) {
+                        return Err(StoreError::KubeConflict {
+                            api: API,
+                            object: at,
+                            resource_version: known.resource_version.clone(),
+                        });
+                    }
+                    known.resource_version = current.metadata.resource_version.unwrap_or_default();
+                }
+                Err(e) => return Err(api_error(API, &at, &e)),
+            }
+        }
+        Err(StoreError::KubeConflict {
+            api: API,
+            object: at,
+            resource_version: known.resource_version.clone(),
+        })
+    }
+
+    /// Deletes the object this store knows by `name`. Gone already is fine; one of the same
+    /// name made since (another uid) is someone's new job and is left alone.
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        const API: &str = "delete trainingjobs";
+        let Some(known) = self.known.borrow_mut().remove(name) else {
+            return Ok(());
+        };
+        let at = format!("{}/{name}", known.namespace);
+        let api = self.api(&known.namespace);
+        let mut params = DeleteParams::default();
+        if let Some(uid) = known.uid {
+            params = params.preconditions(kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            });
+        }
+        let owned = name.to_owned();
+        let deleted = self.call(API, &at, async move { api.delete(&owned, &params).await })?;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(e) if api_code(&e) == Some(404) => Ok(()),
+            Err(e) if api_code(&e) == Some(409) => {
+                tracing::info!(
+                    job = name,
+                    namespace = known.namespace,
+                    "not deleting TrainingJob: it was made again since; the new one is another job"
+                );
+                Ok(())
+            }
+            Err(e) => Err(api_error(API, &at, &e)),
+        }
+    }
+}
+
+impl JobStore for KubeStore {
+    /// Every `TrainingJob` whose status an agent has written, with its manifest as the object
+    /// reads without status and server-set metadata. An object with no agentd status yet
+    /// (`kubectl apply`, or `agentctl submit` before the leader took it) is not a stored job:
+    /// it has not been validated nor given a queue, so it goes through admission as a new
+    /// submission; it is remembered, so that the first write of it finds it. Two objects of
+    /// one name (in two namespaces) are one job to the core: the older is kept, the other is
+    /// left alone with a warning.
+    fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
+        let mut objects = self.list_all()?;
+        objects.sort_by(|a, b| {
+            let key = |o: &DynamicObject| {
+                (
+                    o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    o.metadata.namespace.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
+        });
+        let mut known: BTreeMap<String, Known> = BTreeMap::new();
+        let mut stored = Vec::new();
+        let mut unadmitted = 0_usize;
+        for object in objects {
+            let Some(name) = object.metadata.name.clone() else {
+                continue;
+            };
+            let entry = Known::from_object(&object);
+            if let Some(first) = known.get(&name) {
+                tracing::warn!(
+                    job = name,
+                    kept = first.namespace,
+                    ignored = entry.namespace,
+                    "two TrainingJobs have one name; jobs are known by name, so only the older is run: rename or delete the other"
+                );
+                continue;
+            }
+            match agentd_status(&object) {
+                Some(status) => {
+                    stored.push((name.clone(), manifest_of(&object), status.to_string()));
+                }
+                None => unadmitted += 1,
+            }
+            known.insert(name, entry);
+        }
+        if unadmitted > 0 {
+            tracing::info!(
+                count = unadmitted,
+                "TrainingJobs not yet admitted (no status): they are taken as new submissions"
+            );
+        }
+        *self.known.borrow_mut() = known;
+        stored.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(stored)
+    }
+
+    /// Writes the objects in order, then the events locally. A failure stops the batch: the
+    /// objects written before it keep their new status, and no event is written.
+    fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut deleted = Vec::new();
+        for write in jobs {
+            match write {
+                JobWrite::Upsert {
+                    name,
+                    manifest,
+                    status,
+                    ..
+                } => self.upsert(name, manifest, status)?,
+                JobWrite::Delete { name } => {
+                    self.delete(name)?;
+                    deleted.push(write.clone());
+                }
+            }
+        }
+        // The local database holds no jobs here: a delete there removes the job's events.
+        self.local.write_batch(&deleted, events)
+    }
+
+    fn events(
+        &self,
+        kind: Option<&str>,
+        object: Option<&str>,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.local.events(kind, object, after_id, limit)
+    }
+
+    /// The API server answers a list of one `TrainingJob`, and the local database takes a write.
+    fn check_writable(&mut self) -> Result<(), StoreError> {
+        let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &training_job_resource());
+        self.call("list trainingjobs", "(all namespaces)", async move {
+            all.list(&ListParams::default().limit(1)).await
+        })?
+        .map_err(|e| api_error("list trainingjobs", "(all namespaces)", &e))?;
+        self.local.check_writable()
+    }
+
+    fn add_inventory_sample(
+        &self,
+        time: f64,
+        sample_json: &str,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        self.local
+            .add_inventory_sample(time, sample_json, retention)
+    }
+
+    fn close(self: Box<Self>) -> Result<(), StoreError> {
+        self.local.close()
+    }
+}
+
+/// The object for a job: its manifest in the native form, in its namespace (default
+/// `default`), a `TFJob` marked with [`SOURCE_KIND_ANNOTATION`]; and the GPUs it asks for.
+fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject, u32), String> {
+    let job = job::parse(manifest.as_bytes()).map_err(|e| e.to_string())?;
+    let namespace = job
+        .namespace
+        .clone()
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+    let mut object = job::to_manifest(&job);
+    object["metadata"]["namespace"] = json!(namespace);
+    if job.source == job::SourceKind::TfJob {
+        let metadata = &mut object["metadata"];
+        if !metadata["annotations"].is_object() {
+            metadata["annotations"] = json!({});
+        }
+        metadata["annotations"][SOURCE_KIND_ANNOTATION] = json!("TFJob");
+    }
+    let object = serde_json::from_value(object).map_err(|e| e.to_string())?;
+    Ok((namespace, object, requested_gpus(&job)))
+}
+
+/// The manifest of a stored object: what a person would submit to make it again, without the
+/// status and what the server sets (uid, resourceVersion, managedFields, ...).
+fn manifest_of(object: &DynamicObject) -> String {
+    let m = &object.metadata;
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("name".into(), json!(m.name));
+    metadata.insert(
+        "namespace".into(),
+        json!(m.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)),
+    );
+    if let Some(labels) = m.labels.as_ref().filter(|l| !l.is_empty()) {
+        metadata.insert("labels".into(), json!(labels));
+    }
+    if let Some(annotations) = m.annotations.as_ref().filter(|a| !a.is_empty()) {
+        metadata.insert("annotations".into(), json!(annotations));
+    }
+    let manifest = json!({
+        "apiVersion": "agentd.io/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": metadata,
+        "spec": object.data.get("spec").cloned().unwrap_or(Value::Null),
+    });
+    manifest.to_string()
+}
+
+/// The status an agent wrote, if any: one with a `state` (a status of `{}`, or one written by
+/// another tool, is not agentd's).
+fn agentd_status(object: &DynamicObject) -> Option<&Value> {
+    object
+        .data
+        .get("status")
+        .filter(|s| s.get("state").is_some_and(Value::is_string))
+}
+
+/// The GPUs the whole gang asks for.
+fn requested_gpus(job: &job::TrainingJob) -> u32 {
+    job::gang_request(job, 0.0)
+        .replicas
+        .iter()
+        .map(|r| r.resources.gpus)
+        .fold(0, u32::saturating_add)
+}
+
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+fn api_error(api: &'static str, object: &str, e: &kube::Error) -> StoreError {
+    let message = match e {
+        kube::Error::Api(status) => {
+            format!("{} {}: {}", status.code, status.reason, status.message)
+        }
+        other => crate::cluster::error_chain(other),
+    };
+    StoreError::Kube {
+        api,
+        object: object.to_owned(),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests;
