@@ -119,6 +119,10 @@ pub struct ClusterConfig {
     /// How often a candidate tries to take the Lease and the leader renews it.
     #[serde(with = "duration_text")]
     pub retry_period: Duration,
+    /// Whether the cluster's jobs are placed onto its nodes as pods by the elected leader, kept
+    /// as `TrainingJob` objects (true), or each agent runs jobs on its own machine as in
+    /// standalone mode (false).
+    pub place_jobs: bool,
 }
 
 impl Default for ClusterConfig {
@@ -132,6 +136,7 @@ impl Default for ClusterConfig {
             lease_duration: DEFAULT_LEASE_DURATION,
             renew_deadline: DEFAULT_RENEW_DEADLINE,
             retry_period: DEFAULT_RETRY_PERIOD,
+            place_jobs: false,
         }
     }
 }
@@ -497,6 +502,12 @@ impl Config {
                     .into(),
             ));
         }
+        if c.place_jobs && self.mode != Mode::Cluster {
+            return Err(invalid(
+                "cluster.place_jobs",
+                "needs mode = \"cluster\": a standalone agent runs jobs on its own machine".into(),
+            ));
+        }
         if c.retry_period.is_zero() {
             return Err(invalid(
                 "cluster.retry_period",
@@ -860,6 +871,11 @@ mod tests {
         assert_eq!(config.cluster.renew_deadline, Duration::from_secs(10));
         assert_eq!(config.cluster.retry_period, Duration::from_secs(2));
         assert_eq!(Config::default().mode, Mode::Standalone);
+        let err = Config::from_toml("[cluster]\nplace_jobs = true\n").unwrap_err();
+        assert!(
+            err.to_string().contains("cluster.place_jobs") && err.to_string().contains("cluster"),
+            "{err}"
+        );
 
         let err = Config::from_toml("mode = \"swarm\"\n").unwrap_err();
         assert!(

@@ -124,21 +124,22 @@ async fn run_parts(
     let (socket, listener) = ApiSocket::open(&config)?;
     let result = run_with_socket(&config, listener, started, stop, halt).await;
     socket.close();
-    let store = result?;
-    store.close()?;
+    if let Some(store) = result? {
+        store.close()?;
+    }
     tracing::info!("agent stopped");
     Ok(())
 }
 
 /// The parts behind the socket, started in order; returns the store to close once the
-/// socket is gone.
+/// socket is gone (none when each term of leadership closed its own).
 async fn run_with_socket(
     config: &Config,
     listener: tokio::net::UnixListener,
     started: Instant,
     stop: watch::Receiver<bool>,
     halt: watch::Sender<bool>,
-) -> Result<Box<dyn JobStore>, DaemonError> {
+) -> Result<Option<Box<dyn JobStore>>, DaemonError> {
     let node_name = config.node_name();
     keep_state_private(&config.state_dir);
     let store = open_store(config)?;
@@ -160,16 +161,30 @@ async fn run_with_socket(
     )
     .await?;
     let remote = open_remote(config).await?;
-    let (core, core_handle) = start_core(
-        config,
-        node_name.clone(),
-        store,
-        (inventory.clone(), health),
-        metrics.clone(),
-        stop.clone(),
-        halt,
-    )
-    .await?;
+    let (core, core_handle) = match &cluster {
+        Some(cluster) if config.cluster.place_jobs => start_cluster_core(
+            config,
+            node_name.clone(),
+            cluster.clone(),
+            store,
+            (inventory.clone(), health),
+            metrics.clone(),
+            stop.clone(),
+            halt,
+        ),
+        _ => {
+            start_core(
+                config,
+                node_name.clone(),
+                store,
+                (inventory.clone(), health),
+                metrics.clone(),
+                stop.clone(),
+                halt,
+            )
+            .await?
+        }
+    };
     let (ready_tx, ready_rx) = watch::channel(false);
     let state = ApiState {
         agent: Arc::new(AgentIdentity {
@@ -227,6 +242,9 @@ async fn run_with_socket(
         .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?
         .map_err(DaemonError::Runtime)
 }
+
+/// The core's task: it hands back the store to close, if it still holds one.
+type CoreTask = tokio::task::JoinHandle<Result<Option<Box<dyn JobStore>>, String>>;
 
 fn open_store(config: &Config) -> Result<Store, DaemonError> {
     let _span = tracing::info_span!("store", path = %config.database_path().display()).entered();
@@ -327,13 +345,7 @@ async fn start_core(
     metrics: Option<crate::metrics::Metrics>,
     stop: watch::Receiver<bool>,
     halt: watch::Sender<bool>,
-) -> Result<
-    (
-        tokio::task::JoinHandle<Result<Box<dyn JobStore>, String>>,
-        crate::core::CoreHandle,
-    ),
-    DaemonError,
-> {
+) -> Result<(CoreTask, crate::core::CoreHandle), DaemonError> {
     let span = tracing::info_span!("core");
     let opened = {
         let config = config.clone();
@@ -359,11 +371,88 @@ async fn start_core(
     let core = supervise_core(
         tokio::task::spawn_blocking(move || {
             let mut inputs = core_inputs;
-            runtime.block_on(core.run(&mut inputs, stop).instrument(span))
+            Some(runtime.block_on(core.run(&mut inputs, stop).instrument(span)))
         }),
         halt,
     );
     Ok((core, core_handle))
+}
+
+/// Cluster mode with `cluster.place_jobs`: the cluster's jobs are kept by the elected leader.
+/// Each term of leadership opens a core on the same channels, with the jobs in `TrainingJob`
+/// objects (the node's database keeps events and samples), replicas as pods, and the cluster's
+/// nodes to place on; between terms, and on agents that never lead, requests are answered with
+/// who leads. `store`: the node's database, for the first term (later terms open it again).
+#[allow(clippy::too_many_arguments)]
+fn start_cluster_core(
+    config: &Config,
+    node_name: String,
+    cluster: crate::cluster::Cluster,
+    store: Store,
+    (inventory, health): (
+        watch::Receiver<Arc<agentd_api::NodeInventory>>,
+        mpsc::UnboundedReceiver<crate::inventory::GpuHealthEvent>,
+    ),
+    metrics: Option<crate::metrics::Metrics>,
+    stop: watch::Receiver<bool>,
+    halt: watch::Sender<bool>,
+) -> (CoreTask, crate::core::CoreHandle) {
+    use crate::core::{CoreWiring, Nodes, SystemClock, TermParts, terms};
+    let (wiring, mut inputs) = CoreWiring::new(health);
+    let handle = wiring.handle.clone();
+    let runtime = tokio::runtime::Handle::current();
+    // Only an agent that may lead places, and only its role may watch every pod and Node.
+    let nodes = if cluster.leader_eligible {
+        crate::cluster::feed::spawn(&cluster, stop.clone())
+    } else {
+        watch::channel(Arc::default()).1
+    };
+    let mut leadership = cluster.leadership();
+    let config = config.clone();
+    let span = tracing::info_span!("core", mode = "cluster");
+    let task = tokio::task::spawn_blocking(move || {
+        let mut first = Some(store);
+        let open = || {
+            let local = match first.take() {
+                Some(store) => store,
+                None => Store::open(&config.state_dir)?,
+            };
+            let store =
+                crate::store::kube::KubeStore::new(cluster.client().clone(), runtime.clone(), local)?;
+            let executor = crate::exec::pods::PodExecutor::new(
+                cluster.client().clone(),
+                cluster.watch_client(),
+                config.cluster.cluster_domain.clone(),
+                wiring.reports(),
+            );
+            Core::open_in(
+                &config,
+                TermParts {
+                    node: node_name.clone(),
+                    store: Box::new(store),
+                    inventory: inventory.clone(),
+                    nodes: Nodes::Cluster(nodes.clone()),
+                    metrics: metrics.clone(),
+                    clock: Arc::new(SystemClock::new()),
+                },
+                &wiring,
+                Box::new(executor),
+            )
+        };
+        let mut stop = stop;
+        runtime.block_on(
+            terms::run_terms(
+                &mut inputs,
+                &mut leadership,
+                open,
+                config.cluster.retry_period,
+                &mut stop,
+            )
+            .instrument(span),
+        );
+        None
+    });
+    (supervise_core(task, halt), handle)
 }
 
 /// Tells systemd and the metrics that the agent is ready, and starts the task that tells

@@ -74,7 +74,7 @@ pub enum CoreError {
     /// it (`leader`: who is, when known).
     #[error("this agent does not lead the cluster's jobs; {}", match leader {
         Some(l) => format!("the leader is {l}: run agentctl there"),
-        None => "no agent leads at the moment: try again shortly".to_owned(),
+        None => "run agentctl on the leader (agentctl status names it)".to_owned(),
     })]
     NotLeader { leader: Option<String> },
     /// The change could not be written, so it was not made.

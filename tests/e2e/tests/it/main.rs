@@ -9,6 +9,7 @@ mod leader;
 mod lifecycle;
 mod limits;
 mod owners;
+mod placement;
 mod remote;
 mod sdk;
 mod tensorflow;

@@ -1,0 +1,182 @@
+//! Jobs on the cluster (`cluster.place_jobs`), against kube-sim with HTTPS, tokens and RBAC on:
+//! the elected leader keeps each job as a `TrainingJob` object, places its gang whole onto nodes
+//! with free GPUs as pods bound to them (kube-sim's kubelets admit only what fits), follows the
+//! pods to the end, and the other agents name the leader.
+
+use std::time::Duration;
+
+use e2e::cluster::{Identity, KubeSim, NodeAgent, NodeAgentOptions};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Quick election timings (lease 4 s, renew 3 s, retry 500 ms) and jobs on the cluster.
+const SETTINGS: &str =
+    "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
+
+/// kube-sim with `nodes` nodes of 2 healthy GPUs each; node-0's agent is the only one that may
+/// lead.
+fn cluster(nodes: usize) -> (KubeSim, Vec<NodeAgent>) {
+    let sim = KubeSim::start(nodes, true);
+    let leader = sim.dir.path().join("leader.kubeconfig");
+    sim.kubeconfig_for(Identity::Leader, sim.addr(), &leader);
+    let worker = sim.dir.path().join("node.kubeconfig");
+    sim.kubeconfig_for(Identity::Node, sim.addr(), &worker);
+    let agents = (0..nodes)
+        .map(|i| {
+            NodeAgent::start_with(
+                &NodeAgentOptions {
+                    node: format!("node-{i}"),
+                    gpus: 2,
+                    leader_eligible: i == 0,
+                    kubeconfig: if i == 0 { leader.clone() } else { worker.clone() },
+                    interval: "1s",
+                    metrics: false,
+                },
+                SETTINGS,
+            )
+        })
+        .collect();
+    (sim, agents)
+}
+
+/// A Kubeflow TFJob: a chief, a parameter server and two workers of one GPU each; its pods run
+/// 3 s in kube-sim.
+const MNIST: &str = r#"apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata: {name: mnist}
+spec:
+  tfReplicaSpecs:
+    Chief:
+      replicas: 1
+      template:
+        metadata: {annotations: {sim.agentd.io/run-seconds: "3"}}
+        spec:
+          containers:
+            - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
+    PS:
+      replicas: 1
+      template:
+        metadata: {annotations: {sim.agentd.io/run-seconds: "3"}}
+        spec:
+          containers:
+            - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
+    Worker:
+      replicas: 2
+      template:
+        metadata: {annotations: {sim.agentd.io/run-seconds: "3"}}
+        spec:
+          containers:
+            - name: tensorflow
+              image: "tf:2.16"
+              command: [python, train.py]
+              resources: {limits: {nvidia.com/gpu: 1}}
+"#;
+
+/// Four workers of two GPUs: 8 GPUs, on a cluster of 6.
+const TOO_WIDE: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: too-wide}
+spec:
+  runPolicy: {scheduleTimeoutSeconds: 600}
+  replicaSpecs:
+    Worker:
+      replicas: 4
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              image: "tf:2.16"
+              command: [python, train.py]
+              resources: {limits: {nvidia.com/gpu: 2}}
+"#;
+
+fn state(agent: &NodeAgent, job: &str) -> String {
+    let status = agent.agent.ctl_json(&["job", job]);
+    status["state"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
+    let (sim, agents) = cluster(3);
+    let leader = &agents[0];
+    sim.wait_until("node-0 leads and takes requests", WAIT, || {
+        leader.agent.ctl(&["jobs"]).status.success()
+    });
+
+    // A follower keeps no jobs and says who to ask.
+    let refused = agents[1].agent.ctl(&["jobs"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("does not lead"), "{said}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mnist.yaml");
+    std::fs::write(&file, MNIST).unwrap();
+    leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    let wide = dir.path().join("too-wide.yaml");
+    std::fs::write(&wide, TOO_WIDE).unwrap();
+    leader.agent.ctl_json(&["submit", wide.to_str().unwrap()]);
+
+    // The whole gang's pods, each bound to a node by the leader, with the Kubeflow TF_CONFIG.
+    sim.wait_until("the gang's four pods exist", WAIT, || {
+        sim.get_json(&["pods", "-l", "agentd.io/job=mnist"])["items"]
+            .as_array()
+            .is_some_and(|p| p.len() == 4)
+    });
+    let pods = sim.get_json(&["pods", "-l", "agentd.io/job=mnist"]);
+    let mut gpus_by_node = std::collections::BTreeMap::<String, u64>::new();
+    for pod in pods["items"].as_array().unwrap() {
+        let spec = &pod["spec"];
+        let node = spec["nodeName"].as_str().expect("bound by the leader");
+        assert!(["node-0", "node-1", "node-2"].contains(&node), "{node}");
+        assert_eq!(spec["restartPolicy"], "Never");
+        assert_eq!(spec["subdomain"], "mnist");
+        let container = &spec["containers"][0];
+        assert_eq!(container["image"], "tf:2.16");
+        let tf_config = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "TF_CONFIG")
+            .expect("TF_CONFIG is set")["value"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let tf_config: serde_json::Value = serde_json::from_str(&tf_config).unwrap();
+        assert_eq!(
+            tf_config["cluster"]["worker"][1],
+            "mnist-worker-1.mnist.default.svc.cluster.local:2222",
+            "{tf_config}"
+        );
+        let gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+            .as_str()
+            .map_or(0, |g| g.parse().unwrap());
+        *gpus_by_node.entry(node.to_owned()).or_default() += gpus;
+    }
+    assert_eq!(gpus_by_node.values().sum::<u64>(), 2, "{gpus_by_node:?}");
+    assert!(
+        gpus_by_node.values().all(|g| *g <= 2),
+        "no node gets more GPUs than its agent reports healthy: {gpus_by_node:?}"
+    );
+    let service = sim.get_json(&["service", "mnist"]);
+    assert_eq!(service["spec"]["clusterIP"], "None");
+
+    sim.wait_until("the gang succeeds", WAIT, || {
+        state(leader, "mnist") == "Succeeded"
+    });
+    // The TrainingJob object says so too, for kubectl and a next leader.
+    let object = sim.get_json(&["trainingjob", "mnist"]);
+    assert_eq!(object["status"]["state"], "Succeeded", "{object}");
+
+    // What cannot fit waits, and says what binds.
+    let waiting = leader.agent.ctl_json(&["job", "too-wide"]);
+    assert_eq!(waiting["state"], "Queued", "{waiting}");
+    let message = waiting["message"].as_str().unwrap_or_default();
+    assert!(message.contains("GPU"), "{message}");
+    assert!(
+        sim.get_json(&["pods", "-l", "agentd.io/job=too-wide"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "no pod of a gang that does not fit"
+    );
+}
