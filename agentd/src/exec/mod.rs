@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod local;
 #[cfg(test)]
 pub mod memory;
+pub mod pods;
 pub mod shim;
 pub mod spawn;
 
