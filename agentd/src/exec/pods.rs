@@ -102,8 +102,11 @@ struct State {
     /// The replicas whose fate is reported, by (job, generation, replica name).
     followed: HashMap<ReplicaKey, Progress>,
     /// The job's owner reference and Service, made once per job generation before its pods.
-    prepared: HashMap<(String, String, u32), Arc<OnceCell<Option<OwnerReference>>>>,
+    prepared: HashMap<GenerationKey, Arc<OnceCell<Option<OwnerReference>>>>,
 }
+
+/// A gang generation: namespace, job, generation.
+type GenerationKey = (String, String, u32);
 
 /// A pod's namespace and name.
 type PodRef = (String, String);
@@ -870,11 +873,16 @@ impl Executor for PodExecutor {
         _replicas: &[StoredReplica],
     ) -> usize {
         // Every generation of a gang that is not adopted goes: none of its pods is wanted.
+        self.shared.lock().prepared.retain(|(_, j, _), _| j != job);
         let pods = self.shared.pods_where(|p| p.job == job);
         self.shared.delete_now(pods)
     }
 
     fn discard_all_but(&self, keep: &BTreeSet<String>) {
+        self.shared
+            .lock()
+            .prepared
+            .retain(|(_, job, _), _| keep.contains(job));
         let pods = self.shared.pods_where(|p| !keep.contains(&p.job));
         let count = self.shared.delete_now(pods);
         if count > 0 {
