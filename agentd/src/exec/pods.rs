@@ -487,10 +487,14 @@ impl Shared {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &launch.namespace);
         match api.create(&PostParams::default(), &pod).await {
-            // The pod's name carries its generation: one that exists is this launch's, made
-            // by an earlier try whose answer was lost. It is followed as it is.
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            // The pod's name carries its generation: one that exists is this launch's, made
+            // by an earlier try whose answer was lost. It is followed from what it is now,
+            // since the watch may have shown all of it before the replica was followed.
+            Err(kube::Error::Api(s)) if s.code == 409 => match api.get(&name).await {
+                Ok(existing) => self.applied(&existing),
+                Err(e) => return Err(start_failure(&format!("cannot read pod {name}"), &e)),
+            },
             Err(e) => return Err(start_failure(&format!("cannot create pod {name}"), &e)),
         }
         let mut state = self.lock();

@@ -630,3 +630,27 @@ fn a_template_with_no_training_container_is_refused_by_name() {
         2222
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_whose_pod_exists_follows_that_pod() {
+    let sim = start_sim(1).await;
+    let (first, mut first_rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job(
+        "again",
+        &annotations(&[(RUN_SECONDS, "1"), (EXIT_CODE, "7")]),
+    );
+    let mut spec = launches(&first, &job, 1).remove(0);
+    first.start(spec.clone());
+    let ends = reports_until_ended(&mut first_rx, &["ps-0"]).await;
+    assert_eq!(exited(&ends["ps-0"]), [None, Some(ExitOutcome::exited(7))]);
+    drop(first);
+
+    // The same launch again (its first answer lost): the pod that ended is reported as it is.
+    let (second, mut rx) = sim.executor_as("agentd-leader").await;
+    spec.pod.as_mut().unwrap().template.metadata = None;
+    second.start(spec);
+    let ends = reports_until_ended(&mut rx, &["ps-0"]).await;
+    assert_eq!(exited(&ends["ps-0"]), [None, Some(ExitOutcome::exited(7))]);
+    assert_eq!(sim.pods("again").await.len(), 1);
+    sim.handle.shutdown();
+}
