@@ -654,3 +654,28 @@ async fn a_launch_whose_pod_exists_follows_that_pod() {
     assert_eq!(sim.pods("again").await.len(), 1);
     sim.handle.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_kubelet_refuses_is_a_transient_start_failure() {
+    let sim = start_sim(1).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job(
+        "refused",
+        &annotations(&[(FAIL, "UnexpectedAdmissionError")]),
+    );
+    executor.start(launches(&executor, &job, 1).remove(0));
+    let report = next_report(&mut rx).await;
+    let ReplicaEvent::StartFailed { message, transient } = report.event else {
+        panic!("expected a start failure, got {report:?}");
+    };
+    assert!(
+        transient,
+        "another node or a moment later may do: {message}"
+    );
+    assert!(
+        message
+            .contains("pod default/refused-ps-0-g1 failed before it ran: UnexpectedAdmissionError"),
+        "{message}"
+    );
+    sim.handle.shutdown();
+}
