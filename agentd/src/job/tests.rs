@@ -880,7 +880,7 @@ fn kubeflow_test_job(workers: u32, ps: u32, evaluators: u32, namespace: &str) ->
 }
 
 #[test]
-fn tf_config_matches_the_kubeflow_operator() {
+fn tf_config_has_the_kubeflow_operators_form() {
     let job = kubeflow_test_job(1, 1, 0, "ns2");
     let hosts = ClusterHosts::cluster(&job, "tf.training.org", CLUSTER_PORT);
     assert_eq!(

@@ -23,8 +23,10 @@
 //! - A job of a single replica in total gets no `TF_CONFIG`: it is local training, and
 //!   TensorFlow would otherwise try to start a one-task cluster server.
 //! - In a cluster, a replica's host is its pod's name under the job's headless Service,
-//!   `<job>-<type>-<index>.<job>.<namespace>.svc[.<cluster domain>]`, on the port its training
-//!   container names `tfjob-port` (each replica type may differ), 2222 when it names none.
+//!   `<job>-<type>-<index>.<job>.<namespace>.svc[.<cluster domain>]` (the operator makes one
+//!   Service per replica, `<job>-<type>-<index>.<namespace>.svc`; one per job is one write per
+//!   gang instead of one per replica), on the port its training container names `tfjob-port`
+//!   (each replica type may differ), 2222 when it names none.
 
 use std::collections::BTreeMap;
 
