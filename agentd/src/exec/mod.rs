@@ -1,16 +1,19 @@
 //! Executors: how a placed gang's replicas are started and stopped. Standalone mode runs them as
 //! local processes or transient systemd units (`local`, with process creation in `spawn`);
-//! cluster mode will run them as pods. The core decides what to run; an executor only does it
-//! and reports each replica started, failed to start, or ended ([`ReplicaReport`]).
+//! cluster mode runs them as pods bound to the nodes the scheduler chose (`pods`). The core
+//! decides what to run; an executor only does it and reports each replica started, failed to
+//! start, or ended ([`ReplicaReport`]).
 //!
 //! The core sees an executor through [`Executor`] only. A replica is named by its job,
 //! generation and replica name; the `pid` an executor reports in `Started` is its own handle
-//! for the replica (a process group here), handed back when the replica is to be stopped.
+//! for the replica (a process group here, the generation for a pod), handed back when the
+//! replica is to be stopped.
 
 pub mod cgroup;
 pub mod local;
 #[cfg(test)]
 pub mod memory;
+pub mod pods;
 pub mod shim;
 pub mod spawn;
 

@@ -880,16 +880,16 @@ fn kubeflow_test_job(workers: u32, ps: u32, evaluators: u32, namespace: &str) ->
 }
 
 #[test]
-fn tf_config_matches_the_kubeflow_operator() {
+fn tf_config_has_the_kubeflow_operators_form() {
     let job = kubeflow_test_job(1, 1, 0, "ns2");
     let hosts = ClusterHosts::cluster(&job, "tf.training.org", CLUSTER_PORT);
     assert_eq!(
         tf_config(&job, &hosts, (ReplicaType::Worker, 0)).unwrap(),
-        r#"{"cluster":{"ps":["test-tfjob-ps-0.ns2.svc.tf.training.org:2222"],"worker":["test-tfjob-worker-0.ns2.svc.tf.training.org:2222"]},"task":{"type":"worker","index":0},"environment":"cloud"}"#
+        r#"{"cluster":{"ps":["test-tfjob-ps-0.test-tfjob.ns2.svc.tf.training.org:2222"],"worker":["test-tfjob-worker-0.test-tfjob.ns2.svc.tf.training.org:2222"]},"task":{"type":"worker","index":0},"environment":"cloud"}"#
     );
     assert_eq!(
         tf_config(&job, &hosts, (ReplicaType::Ps, 0)).unwrap(),
-        r#"{"cluster":{"ps":["test-tfjob-ps-0.ns2.svc.tf.training.org:2222"],"worker":["test-tfjob-worker-0.ns2.svc.tf.training.org:2222"]},"task":{"type":"ps","index":0},"environment":"cloud"}"#
+        r#"{"cluster":{"ps":["test-tfjob-ps-0.test-tfjob.ns2.svc.tf.training.org:2222"],"worker":["test-tfjob-worker-0.test-tfjob.ns2.svc.tf.training.org:2222"]},"task":{"type":"ps","index":0},"environment":"cloud"}"#
     );
 }
 
@@ -899,7 +899,7 @@ fn tf_config_without_a_cluster_domain_ends_in_svc() {
     let hosts = ClusterHosts::cluster(&job, "", CLUSTER_PORT);
     assert_eq!(
         tf_config(&job, &hosts, (ReplicaType::Worker, 1)).unwrap(),
-        r#"{"cluster":{"worker":["test-tfjob-worker-0.ns0.svc:2222","test-tfjob-worker-1.ns0.svc:2222"]},"task":{"type":"worker","index":1},"environment":"cloud"}"#
+        r#"{"cluster":{"worker":["test-tfjob-worker-0.test-tfjob.ns0.svc:2222","test-tfjob-worker-1.test-tfjob.ns0.svc:2222"]},"task":{"type":"worker","index":1},"environment":"cloud"}"#
     );
 }
 
@@ -907,7 +907,7 @@ fn tf_config_without_a_cluster_domain_ends_in_svc() {
 fn the_evaluator_is_left_out_of_the_cluster_but_knows_its_task() {
     let job = kubeflow_test_job(1, 1, 1, "ns3");
     let hosts = ClusterHosts::cluster(&job, "tf.training.io", CLUSTER_PORT);
-    let cluster = r#"{"cluster":{"ps":["test-tfjob-ps-0.ns3.svc.tf.training.io:2222"],"worker":["test-tfjob-worker-0.ns3.svc.tf.training.io:2222"]}"#;
+    let cluster = r#"{"cluster":{"ps":["test-tfjob-ps-0.test-tfjob.ns3.svc.tf.training.io:2222"],"worker":["test-tfjob-worker-0.test-tfjob.ns3.svc.tf.training.io:2222"]}"#;
     assert_eq!(
         tf_config(&job, &hosts, (ReplicaType::Worker, 0)).unwrap(),
         format!(r#"{cluster},"task":{{"type":"worker","index":0}},"environment":"cloud"}}"#)
@@ -928,7 +928,7 @@ fn a_single_replica_job_gets_no_tf_config() {
     let hosts = ClusterHosts::cluster(&job, "", CLUSTER_PORT);
     assert_eq!(
         tf_config(&job, &hosts, (ReplicaType::Worker, 0)).unwrap(),
-        r#"{"cluster":{"worker":["test-tfjob-worker-0.ns0.svc:2222"]},"task":{"type":"worker","index":0},"environment":"cloud"}"#
+        r#"{"cluster":{"worker":["test-tfjob-worker-0.test-tfjob.ns0.svc:2222"]},"task":{"type":"worker","index":0},"environment":"cloud"}"#
     );
 }
 
@@ -962,7 +962,7 @@ fn tf_config_is_none_for_replicas_outside_the_job_or_without_hosts() {
     assert_eq!(tf_config(&job, &hosts, (ReplicaType::Ps, 0)), None);
     assert_eq!(
         hosts.get(ReplicaType::Worker, 1),
-        Some("demo-worker-1.default.svc:2222")
+        Some("demo-worker-1.demo.default.svc:2222")
     );
 }
 
@@ -1452,11 +1452,11 @@ spec:
     let hosts = ClusterHosts::cluster(&job, "", CLUSTER_PORT);
     assert_eq!(
         hosts.get(ReplicaType::Ps, 0),
-        Some("ports-ps-0.default.svc:3333")
+        Some("ports-ps-0.ports.default.svc:3333")
     );
     assert_eq!(
         hosts.get(ReplicaType::Worker, 1),
-        Some("ports-worker-1.default.svc:2222")
+        Some("ports-worker-1.ports.default.svc:2222")
     );
 }
 

@@ -22,9 +22,11 @@
 //!   but its own task type is `evaluator`.
 //! - A job of a single replica in total gets no `TF_CONFIG`: it is local training, and
 //!   TensorFlow would otherwise try to start a one-task cluster server.
-//! - In a cluster, a replica's host is its headless Service,
-//!   `<job>-<type>-<index>.<namespace>.svc[.<cluster domain>]`, on the port its training
-//!   container names `tfjob-port` (each replica type may differ), 2222 when it names none.
+//! - In a cluster, a replica's host is its pod's name under the job's headless Service,
+//!   `<job>-<type>-<index>.<job>.<namespace>.svc[.<cluster domain>]` (the operator makes one
+//!   Service per replica, `<job>-<type>-<index>.<namespace>.svc`; one per job is one write per
+//!   gang instead of one per replica), on the port its training container names `tfjob-port`
+//!   (each replica type may differ), 2222 when it names none.
 
 use std::collections::BTreeMap;
 
@@ -71,10 +73,11 @@ impl ClusterHosts {
         }
     }
 
-    /// Cluster mode: each replica behind its headless Service,
-    /// `<job>-<type>-<index>.<namespace>.svc[.<cluster_domain>]:<port>`. The namespace is the
-    /// job's, or `default`; an empty `cluster_domain` leaves the name ending in `.svc`, which the
-    /// cluster's DNS search path completes. The port is each replica type's `tfjob-port`
+    /// Cluster mode: each replica is a pod with hostname `<job>-<type>-<index>` under the job's
+    /// headless Service `<job>` (the pod's subdomain), so its name is
+    /// `<job>-<type>-<index>.<job>.<namespace>.svc[.<cluster_domain>]:<port>`. The namespace is
+    /// the job's, or `default`; an empty `cluster_domain` leaves the name ending in `.svc`, which
+    /// the cluster's DNS search path completes. The port is each replica type's `tfjob-port`
     /// ([`tfjob_port`]), `default_port` where it declares none.
     pub fn cluster(job: &TrainingJob, cluster_domain: &str, default_port: u16) -> Self {
         let namespace = job.namespace.as_deref().unwrap_or("default");
@@ -89,9 +92,9 @@ impl ClusterHosts {
                 .map(|(t, i)| {
                     let port = tfjob_port(&job.spec.replica_specs[&t], default_port);
                     let host = format!(
-                        "{}-{}-{i}.{namespace}.svc{domain}:{port}",
-                        job.name,
-                        t.as_tf_key()
+                        "{job}-{}-{i}.{job}.{namespace}.svc{domain}:{port}",
+                        t.as_tf_key(),
+                        job = job.name,
                     );
                     ((t, i), host)
                 })

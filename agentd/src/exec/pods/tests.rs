@@ -1,0 +1,681 @@
+//! The pod executor against an in-process kube-sim: HTTPS, tokens and RBAC on, the executor
+//! running as the `agentd-leader` ServiceAccount with the roles of packaging/kubernetes/.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube_sim::{
+    AuthorizationMode, EXIT_CODE, FAIL, KubeSim, RUN_SECONDS, SimConfig, SimHandle, TimeScale,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::job::{RestartDecision, RestartPolicy, restart_decision};
+
+/// Cluster time runs this much faster: an image pull (1 s) takes 50 ms.
+const TIME_SCALE: f64 = 20.0;
+/// How long a test waits for something the cluster does before it fails.
+const PATIENCE: Duration = Duration::from_mins(1);
+
+struct Sim {
+    handle: SimHandle,
+    dir: tempfile::TempDir,
+    admin: kube::Client,
+}
+
+async fn client(path: &Path) -> kube::Client {
+    let kc = Kubeconfig::read_from(path).expect("kubeconfig parses");
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig is usable");
+    // As the agent builds its clients: a failing server is its own to retry, not kube-rs's.
+    config.default_retry = false;
+    kube::Client::try_from(config).expect("client")
+}
+
+/// A simulator with `nodes` nodes of 8 GPUs, HTTPS, tokens and RBAC, with agentd's namespace,
+/// CRDs and roles applied as packaging/kubernetes/ has them.
+async fn start_sim(nodes: usize) -> Sim {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handle = KubeSim::start(SimConfig {
+        nodes,
+        gpus_per_node: 8,
+        time_scale: TimeScale::new(TIME_SCALE).expect("a valid scale"),
+        kubeconfig: Some(dir.path().join("admin.kubeconfig")),
+        tls: true,
+        tokens: Some(Vec::new()),
+        authorization: AuthorizationMode::Rbac,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let admin = client(&dir.path().join("admin.kubeconfig")).await;
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes");
+    for file in [
+        "00-namespace.yaml",
+        "11-crd-trainingjob.yaml",
+        "20-rbac.yaml",
+    ] {
+        let text = fs_err::read_to_string(manifests.join(file)).expect("manifest reads");
+        for object in serde_saphyr::from_multiple::<Value>(&text).expect("manifest parses") {
+            apply(&admin, object).await;
+        }
+    }
+    Sim { handle, dir, admin }
+}
+
+/// Creates one object of any kind the simulator serves.
+async fn apply(client: &kube::Client, object: Value) {
+    let api_version = object["apiVersion"]
+        .as_str()
+        .expect("apiVersion")
+        .to_owned();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+    let kind = object["kind"].as_str().expect("kind").to_owned();
+    let gvk = GroupVersionKind::gvk(group, version, &kind);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_lowercase()));
+    let object: DynamicObject = serde_json::from_value(object).expect("an object");
+    let api: Api<DynamicObject> = match &object.metadata.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    api.create(&kube::api::PostParams::default(), &object)
+        .await
+        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+}
+
+impl Sim {
+    /// A client that authenticates as ServiceAccount `agentd-system/<account>`.
+    async fn client_as(&self, account: &str) -> kube::Client {
+        let token = self
+            .handle
+            .service_account_token("agentd-system", account)
+            .expect("tokens are on");
+        let path: PathBuf = self.dir.path().join(format!("{account}.kubeconfig"));
+        self.handle
+            .write_kubeconfig_for(&path, Some(&token.token))
+            .expect("kubeconfig written");
+        client(&path).await
+    }
+
+    async fn executor_as(
+        &self,
+        account: &str,
+    ) -> (PodExecutor, mpsc::UnboundedReceiver<ReplicaReport>) {
+        let client = self.client_as(account).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let executor = PodExecutor::new(client.clone(), &client, "cluster.local".into(), tx);
+        tokio::time::timeout(PATIENCE, executor.ready())
+            .await
+            .expect("the pod watch lists the pods");
+        (executor, rx)
+    }
+
+    async fn pods(&self, job: &str) -> Vec<Pod> {
+        let api: Api<Pod> = Api::all(self.admin.clone());
+        api.list(&ListParams::default().labels(&format!("{JOB_LABEL}={job}")))
+            .await
+            .expect("pods list")
+            .items
+    }
+}
+
+fn annotations(pairs: &[(&str, &str)]) -> Value {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// A TFJob of one PS (declaring `tfjob-port` 3333) and two GPU workers; `annotations` go on
+/// both templates (the simulated kubelets read them).
+fn tf_job(name: &str, annotations: &Value) -> TrainingJob {
+    let template = |port: &str| {
+        json!({
+            "metadata": {"labels": {"app": "mnist"}, "annotations": annotations},
+            "spec": {
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "containers": [{
+                    "name": "tensorflow",
+                    "image": "tensorflow/tensorflow:2.16.1",
+                    "command": ["python", "/train.py"],
+                    "env": [{"name": "MODEL_DIR", "value": "/models"}, {"name": "TF_CONFIG", "value": "stale"}],
+                    "ports": if port.is_empty() { json!([]) } else { json!([{"name": "tfjob-port", "containerPort": 3333}]) },
+                }],
+            },
+        })
+    };
+    let manifest = json!({
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "TFJob",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"tfReplicaSpecs": {
+            "PS": {"replicas": 1, "template": template("3333")},
+            "Worker": {"replicas": 2, "template": template("")},
+        }},
+    });
+    job::parse(manifest.to_string().as_bytes()).expect("the manifest is valid")
+}
+
+/// The launch of every replica of `job`, one per node (`node-0`, `node-1`, ...), each worker
+/// with 2 GPUs, with `TF_CONFIG` from the executor's addresses.
+fn launches(executor: &PodExecutor, job: &TrainingJob, generation: u32) -> Vec<LaunchSpec> {
+    let hosts = executor.addresses(job).expect("addresses");
+    job::replica_names(job)
+        .into_iter()
+        .enumerate()
+        .map(|(n, (t, index))| {
+            let mut env = BTreeMap::new();
+            env.insert(
+                "TF_CONFIG".to_owned(),
+                job::tf_config(job, &hosts, (t, index)).expect("a TF_CONFIG"),
+            );
+            env.insert("AGENTD_JOB".to_owned(), job.name.clone());
+            env.insert(CUDA_VISIBLE_DEVICES.to_owned(), "0,1".to_owned());
+            let gpus = if t == ReplicaType::Worker { 2 } else { 0 };
+            LaunchSpec {
+                job: job.name.clone(),
+                replica: job::replica_name(t, index),
+                generation,
+                argv: Vec::new(),
+                env,
+                working_dir: None,
+                log_path: PathBuf::new(),
+                gpu_devices: Vec::new(),
+                cpu_milli: 0,
+                memory_bytes: 0,
+                user: None,
+                pod: Some(Box::new(PodLaunch {
+                    node: format!("node-{n}"),
+                    namespace: "default".to_owned(),
+                    replica_type: t,
+                    index,
+                    gpus,
+                    template: job.spec.replica_specs[&t].template.clone(),
+                })),
+            }
+        })
+        .collect()
+}
+
+async fn next_report(rx: &mut mpsc::UnboundedReceiver<ReplicaReport>) -> ReplicaReport {
+    tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("a report comes")
+        .expect("the executor exists")
+}
+
+/// Reports until every replica in `replicas` has ended; each replica's events in order.
+async fn reports_until_ended(
+    rx: &mut mpsc::UnboundedReceiver<ReplicaReport>,
+    replicas: &[&str],
+) -> BTreeMap<String, Vec<ReplicaEvent>> {
+    let mut seen: BTreeMap<String, Vec<ReplicaEvent>> = BTreeMap::new();
+    let ended = |events: &Vec<ReplicaEvent>| {
+        events
+            .iter()
+            .any(|e| !matches!(e, ReplicaEvent::Started { .. }))
+    };
+    while !replicas.iter().all(|r| seen.get(*r).is_some_and(&ended)) {
+        let report = next_report(rx).await;
+        seen.entry(report.replica).or_default().push(report.event);
+    }
+    seen
+}
+
+fn exited(events: &[ReplicaEvent]) -> Vec<Option<ExitOutcome>> {
+    events
+        .iter()
+        .map(|e| match e {
+            ReplicaEvent::Started { .. } => None,
+            ReplicaEvent::Exited { outcome } => Some(*outcome),
+            ReplicaEvent::StartFailed { message, .. } => panic!("start failed: {message}"),
+        })
+        .collect()
+}
+
+fn env_of(pod: &Pod) -> BTreeMap<String, String> {
+    pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_runs_as_pods_on_its_nodes_behind_a_headless_service() {
+    let sim = start_sim(3).await;
+    apply(
+        &sim.admin,
+        json!({"apiVersion": "agentd.io/v1alpha1", "kind": "TrainingJob",
+               "metadata": {"name": "mnist", "namespace": "default"}, "spec": {}}),
+    )
+    .await;
+    let owner_uid = Api::<DynamicObject>::namespaced_with(
+        sim.admin.clone(),
+        "default",
+        &training_job_resource(),
+    )
+    .get("mnist")
+    .await
+    .expect("the TrainingJob exists")
+    .metadata
+    .uid
+    .expect("a uid");
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job(
+        "mnist",
+        &annotations(&[(RUN_SECONDS, "3"), ("team", "vision")]),
+    );
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    let reports = reports_until_ended(&mut rx, &["ps-0", "worker-0", "worker-1"]).await;
+    for (replica, events) in &reports {
+        assert_eq!(
+            exited(events),
+            [None, Some(ExitOutcome::exited(0))],
+            "{replica}: started, then exited 0"
+        );
+        assert!(matches!(events[0], ReplicaEvent::Started { pid: 1 }));
+    }
+
+    let mut pods = sim.pods("mnist").await;
+    pods.sort_by_key(|p| p.metadata.name.clone());
+    let names: Vec<_> = pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["mnist-ps-0-g1", "mnist-worker-0-g1", "mnist-worker-1-g1"]
+    );
+    let ps_host = "mnist-ps-0.mnist.default.svc.cluster.local:3333";
+    let worker_host = |i: u32| format!("mnist-worker-{i}.mnist.default.svc.cluster.local:2222");
+    for (n, (pod, (t, index))) in pods
+        .iter()
+        .zip([("ps", 0), ("worker", 0), ("worker", 1)])
+        .enumerate()
+    {
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some(format!("node-{n}").as_str())
+        );
+        assert_eq!(
+            spec.hostname.as_deref(),
+            Some(format!("mnist-{t}-{index}").as_str())
+        );
+        assert_eq!(spec.subdomain.as_deref(), Some("mnist"));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(
+            spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+            Some("gpu")
+        );
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[JOB_LABEL], "mnist");
+        assert_eq!(labels[REPLICA_TYPE_LABEL], t);
+        assert_eq!(labels[REPLICA_INDEX_LABEL], index.to_string());
+        assert_eq!(labels[GENERATION_LABEL], "1");
+        assert_eq!(labels["app"], "mnist", "the template's labels are kept");
+        assert_eq!(pod.metadata.annotations.as_ref().unwrap()["team"], "vision");
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("TrainingJob", owner_uid.as_str())
+        );
+
+        let container = &spec.containers[0];
+        assert_eq!(
+            container.image.as_deref(),
+            Some("tensorflow/tensorflow:2.16.1")
+        );
+        let env = env_of(pod);
+        assert_eq!(env["MODEL_DIR"], "/models");
+        assert_eq!(env["AGENTD_JOB"], "mnist");
+        assert!(
+            !env.contains_key(CUDA_VISIBLE_DEVICES),
+            "the device plugin owns GPUs"
+        );
+        let tf_config: Value = serde_json::from_str(&env["TF_CONFIG"]).unwrap();
+        assert_eq!(
+            tf_config,
+            json!({"cluster": {"ps": [ps_host], "worker": [worker_host(0), worker_host(1)]},
+                   "task": {"type": t, "index": index}, "environment": "cloud"})
+        );
+        let ports: Vec<_> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone().unwrap(), p.container_port))
+            .collect();
+        let port = if t == "ps" { 3333 } else { 2222 };
+        assert_eq!(ports, [(TFJOB_PORT_NAME.to_owned(), port)]);
+        let gpus = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get(GPU_RESOURCE));
+        if t == "worker" {
+            assert_eq!(gpus, Some(&Quantity("2".into())));
+        } else {
+            assert_eq!(gpus, None);
+        }
+    }
+
+    let service = Api::<Service>::namespaced(sim.admin.clone(), "default")
+        .get("mnist")
+        .await
+        .expect("the job's Service exists");
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(spec.selector.unwrap()[JOB_LABEL], "mnist");
+    assert_eq!(service.metadata.owner_references.unwrap()[0].uid, owner_uid);
+    sim.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_ends_become_the_outcomes_a_local_process_gives() {
+    let sim = start_sim(1).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job("ends", &json!({}));
+    let cases = [
+        (annotations(&[(RUN_SECONDS, "1")]), ExitOutcome::exited(0)),
+        (
+            annotations(&[(RUN_SECONDS, "1"), (EXIT_CODE, "3")]),
+            ExitOutcome::exited(3),
+        ),
+        (annotations(&[(FAIL, "OOMKilled")]), ExitOutcome::oom()),
+        (
+            annotations(&[(RUN_SECONDS, "1"), (EXIT_CODE, "143")]),
+            ExitOutcome::signalled(15),
+        ),
+        (annotations(&[(FAIL, "Evicted")]), ExitOutcome::default()),
+    ];
+    let template = launches(&executor, &job, 1).remove(1);
+    let mut replicas = Vec::new();
+    for (index, (annotations, _)) in cases.iter().enumerate() {
+        let mut spec = template.clone();
+        let index = u32::try_from(index).unwrap();
+        spec.replica = job::replica_name(ReplicaType::Worker, index);
+        let pod = spec.pod.as_mut().unwrap();
+        pod.node = "node-0".into();
+        pod.index = index;
+        pod.gpus = 0;
+        let meta = pod.template.metadata.get_or_insert_default();
+        meta.annotations = Some(serde_json::from_value(annotations.clone()).unwrap());
+        replicas.push(spec.replica.clone());
+        executor.start(spec);
+    }
+    let names: Vec<&str> = replicas.iter().map(String::as_str).collect();
+    let reports = reports_until_ended(&mut rx, &names).await;
+    for (replica, (annotations, outcome)) in replicas.iter().zip(&cases) {
+        assert_eq!(
+            exited(&reports[replica]),
+            [None, Some(*outcome)],
+            "{replica} ({annotations})"
+        );
+    }
+    // An eviction is not the program's verdict: every policy but Never retries it.
+    assert_eq!(
+        restart_decision(RestartPolicy::ExitCode, ExitOutcome::default()),
+        RestartDecision::Restart
+    );
+    sim.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_when_the_generations_pods_are_gone() {
+    let sim = start_sim(3).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    // No run time: the containers run until their pods are deleted.
+    let job = tf_job("serve", &json!({}));
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    for _ in 0..3 {
+        let report = next_report(&mut rx).await;
+        assert!(
+            matches!(report.event, ReplicaEvent::Started { pid: 1 }),
+            "{report:?}"
+        );
+    }
+    assert_eq!(sim.pods("serve").await.len(), 3);
+    tokio::time::timeout(
+        PATIENCE,
+        executor.stop("serve", 1, vec![1, 1, 1], Duration::from_secs(30)),
+    )
+    .await
+    .expect("the stop ends");
+    assert!(
+        sim.pods("serve").await.is_empty(),
+        "the stop ended before its pods were gone"
+    );
+    let ends = reports_until_ended(&mut rx, &["ps-0", "worker-0", "worker-1"]).await;
+    for (replica, events) in &ends {
+        assert_eq!(exited(events), [Some(ExitOutcome::default())], "{replica}");
+    }
+
+    sim.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_deleted_under_a_running_replica_is_a_failure_to_retry() {
+    let sim = start_sim(3).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job("lost", &json!({}));
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    for _ in 0..3 {
+        next_report(&mut rx).await;
+    }
+    Api::<Pod>::namespaced(sim.admin.clone(), "default")
+        .delete("lost-worker-1-g1", &DeleteParams::default())
+        .await
+        .expect("the pod is deleted");
+    let report = next_report(&mut rx).await;
+    assert_eq!(report.replica, "worker-1");
+    let ReplicaEvent::Exited { outcome } = report.event else {
+        panic!("expected an exit, got {report:?}");
+    };
+    assert_eq!(
+        restart_decision(RestartPolicy::OnFailure, outcome),
+        RestartDecision::Restart
+    );
+
+    // Another agent adopts the generation's pods that still run, and only those.
+    let (adopter, mut adopted_rx) = sim.executor_as("agentd-leader").await;
+    let stored = |name: &str| StoredReplica {
+        name: name.to_owned(),
+        pid: Some(1),
+    };
+    assert_eq!(
+        adopter.adopt("lost", 1, &[stored("ps-0"), stored("worker-0")]),
+        Ok(2)
+    );
+    let refused = adopter
+        .adopt("lost", 1, &[stored("ps-0"), stored("worker-1")])
+        .unwrap_err();
+    assert!(refused.contains("worker-1"), "{refused}");
+    assert!(adopter.adopt("lost", 2, &[stored("ps-0")]).is_err());
+    drop(executor);
+    Api::<Pod>::namespaced(sim.admin.clone(), "default")
+        .delete("lost-ps-0-g1", &DeleteParams::default())
+        .await
+        .expect("the pod is deleted");
+    let report = next_report(&mut adopted_rx).await;
+    assert_eq!(report.replica, "ps-0");
+    assert!(
+        matches!(report.event, ReplicaEvent::Exited { .. }),
+        "{report:?}"
+    );
+
+    // What is not kept is deleted.
+    adopter.discard_all_but(&BTreeSet::new());
+    let remaining = async {
+        while !sim.pods("lost").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, remaining)
+        .await
+        .expect("every pod of a job not kept is deleted");
+    sim.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_the_role_refuses_is_a_permanent_start_failure() {
+    let sim = start_sim(1).await;
+    // A role with everything the executor does but creating pods.
+    apply(
+        &sim.admin,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "no-pods"},
+               "rules": [
+                   {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]},
+                   {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"]},
+                   {"apiGroups": ["agentd.io"], "resources": ["trainingjobs"], "verbs": ["get"]}]}),
+    )
+    .await;
+    apply(
+        &sim.admin,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "no-pods"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "no-pods"},
+               "subjects": [{"kind": "ServiceAccount", "name": "no-pods", "namespace": "agentd-system"}]}),
+    )
+    .await;
+    let (executor, mut rx) = sim.executor_as("no-pods").await;
+    let job = tf_job("denied", &json!({}));
+    executor.start(launches(&executor, &job, 1).remove(0));
+    let report = next_report(&mut rx).await;
+    let ReplicaEvent::StartFailed { message, transient } = report.event else {
+        panic!("expected a start failure, got {report:?}");
+    };
+    assert!(!transient, "a refusal does not go away by itself");
+    assert!(
+        message.contains("cannot create pod denied-ps-0-g1"),
+        "{message}"
+    );
+    assert!(
+        message.contains("forbidden") && message.contains("403"),
+        "{message}"
+    );
+
+    // A server that fails for a while is a transient failure.
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    sim.handle
+        .set_fault(kube_sim::fault::FaultSpec::new(503, None).expect("a fault kube-sim can give"));
+    executor.start(launches(&executor, &job, 2).remove(0));
+    let report = next_report(&mut rx).await;
+    sim.handle.clear_fault();
+    let ReplicaEvent::StartFailed { message, transient } = report.event else {
+        panic!("expected a start failure, got {report:?}");
+    };
+    assert!(transient, "{message}");
+    sim.handle.shutdown();
+}
+
+#[test]
+fn a_template_with_no_training_container_is_refused_by_name() {
+    let job = tf_job("two", &json!({}));
+    let (tx, _rx) = mpsc::unbounded_channel::<ReplicaReport>();
+    drop(tx);
+    let mut launch = PodLaunch {
+        node: "node-0".into(),
+        namespace: "default".into(),
+        replica_type: ReplicaType::Worker,
+        index: 0,
+        gpus: 1,
+        template: job.spec.replica_specs[&ReplicaType::Worker]
+            .template
+            .clone(),
+    };
+    let containers = &mut launch.template.spec.as_mut().unwrap().containers;
+    containers[0].name = "main".into();
+    containers.push(containers[0].clone());
+    containers[1].name = "sidecar".into();
+    let spec = LaunchSpec {
+        job: "two".into(),
+        replica: "worker-0".into(),
+        generation: 1,
+        argv: Vec::new(),
+        env: BTreeMap::new(),
+        working_dir: None,
+        log_path: PathBuf::new(),
+        gpu_devices: Vec::new(),
+        cpu_milli: 0,
+        memory_bytes: 0,
+        user: None,
+        pod: None,
+    };
+    let err = replica_pod(&spec, &launch, None).unwrap_err();
+    assert!(err.contains("no container named tensorflow"), "{err}");
+    // With one named tensorflow it is that one, whatever its place.
+    launch.template.spec.as_mut().unwrap().containers[1].name = TRAINING_CONTAINER.into();
+    let pod = replica_pod(&spec, &launch, None).unwrap();
+    let containers = pod.spec.unwrap().containers;
+    assert!(containers[0].ports.as_ref().is_none_or(Vec::is_empty));
+    assert_eq!(
+        containers[1].ports.as_ref().unwrap()[0].container_port,
+        2222
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_whose_pod_exists_follows_that_pod() {
+    let sim = start_sim(1).await;
+    let (first, mut first_rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job(
+        "again",
+        &annotations(&[(RUN_SECONDS, "1"), (EXIT_CODE, "7")]),
+    );
+    let mut spec = launches(&first, &job, 1).remove(0);
+    first.start(spec.clone());
+    let ends = reports_until_ended(&mut first_rx, &["ps-0"]).await;
+    assert_eq!(exited(&ends["ps-0"]), [None, Some(ExitOutcome::exited(7))]);
+    drop(first);
+
+    // The same launch again (its first answer lost): the pod that ended is reported as it is.
+    let (second, mut rx) = sim.executor_as("agentd-leader").await;
+    spec.pod.as_mut().unwrap().template.metadata = None;
+    second.start(spec);
+    let ends = reports_until_ended(&mut rx, &["ps-0"]).await;
+    assert_eq!(exited(&ends["ps-0"]), [None, Some(ExitOutcome::exited(7))]);
+    assert_eq!(sim.pods("again").await.len(), 1);
+    sim.handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_kubelet_refuses_is_a_transient_start_failure() {
+    let sim = start_sim(1).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job(
+        "refused",
+        &annotations(&[(FAIL, "UnexpectedAdmissionError")]),
+    );
+    executor.start(launches(&executor, &job, 1).remove(0));
+    let report = next_report(&mut rx).await;
+    let ReplicaEvent::StartFailed { message, transient } = report.event else {
+        panic!("expected a start failure, got {report:?}");
+    };
+    assert!(
+        transient,
+        "another node or a moment later may do: {message}"
+    );
+    assert!(
+        message
+            .contains("pod default/refused-ps-0-g1 failed before it ran: UnexpectedAdmissionError"),
+        "{message}"
+    );
+    sim.handle.shutdown();
+}
