@@ -871,9 +871,10 @@ mod tests {
         assert_eq!(config.cluster.renew_deadline, Duration::from_secs(10));
         assert_eq!(config.cluster.retry_period, Duration::from_secs(2));
         assert_eq!(Config::default().mode, Mode::Standalone);
-        let err = Config::from_toml("[cluster]\nplace_jobs = true\n").unwrap_err();
+        let mut standalone = Config::from_toml("[cluster]\nplace_jobs = true\n").unwrap();
+        let err = standalone.check().unwrap_err().to_string();
         assert!(
-            err.to_string().contains("cluster.place_jobs") && err.to_string().contains("cluster"),
+            err.contains("cluster.place_jobs") && err.contains("mode = \"cluster\""),
             "{err}"
         );
 

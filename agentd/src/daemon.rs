@@ -243,6 +243,9 @@ async fn run_with_socket(
         .map_err(DaemonError::Runtime)
 }
 
+/// How long a new leader waits for the list of agentd pods before it gives up the attempt.
+const POD_LIST_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The core's task: it hands back the store to close, if it still holds one.
 type CoreTask = tokio::task::JoinHandle<Result<Option<Box<dyn JobStore>>, String>>;
 
@@ -417,14 +420,29 @@ fn start_cluster_core(
                 Some(store) => store,
                 None => Store::open(&config.state_dir)?,
             };
-            let store =
-                crate::store::kube::KubeStore::new(cluster.client().clone(), runtime.clone(), local)?;
+            let store = crate::store::kube::KubeStore::new(
+                cluster.client().clone(),
+                runtime.clone(),
+                local,
+            )?;
             let executor = crate::exec::pods::PodExecutor::new(
                 cluster.client().clone(),
                 cluster.watch_client(),
                 config.cluster.cluster_domain.clone(),
                 wiring.reports(),
             );
+            // The term adopts what runs: it must know every agentd pod first. (Waited for
+            // here, on the core's own thread, while the runtime's workers run the watch.)
+            let deadline = Instant::now() + POD_LIST_BOUND;
+            while !executor.is_ready() {
+                if Instant::now() > deadline {
+                    return Err(crate::core::CoreError::Executor(format!(
+                        "the agentd pods could not be listed within {}s",
+                        POD_LIST_BOUND.as_secs()
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             Core::open_in(
                 &config,
                 TermParts {

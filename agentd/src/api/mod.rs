@@ -478,9 +478,10 @@ impl From<CoreError> for ApiError {
                 field: Some(field),
             },
             CoreError::Conflict(message) => ApiError::Conflict(message),
-            CoreError::ShuttingDown | CoreError::NotWritten(_) | CoreError::NotLeader { .. } => {
-                ApiError::Unavailable(e.to_string())
-            }
+            CoreError::ShuttingDown
+            | CoreError::NotWritten(_)
+            | CoreError::NotLeader { .. }
+            | CoreError::Executor(_) => ApiError::Unavailable(e.to_string()),
             CoreError::Store(e) => ApiError::Internal(e.to_string()),
         }
     }

@@ -70,6 +70,9 @@ pub enum CoreError {
     Conflict(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// The executor cannot tell what runs (cluster mode: the pods could not be listed).
+    #[error("{0}")]
+    Executor(String),
     /// Cluster mode: the cluster's jobs are kept by the elected leader, and this agent is not
     /// it (`leader`: who is, when known).
     #[error("this agent does not lead the cluster's jobs; {}", match leader {

@@ -112,7 +112,7 @@ mod tests {
             term: this.then(|| Term {
                 transitions: 1,
                 resource_version: "7".to_owned(),
-                valid_until: Instant::now() + Duration::from_secs(3600),
+                valid_until: Instant::now() + Duration::from_hours(1),
             }),
         }
     }

@@ -183,6 +183,11 @@ impl PodExecutor {
         Self { shared, watch_task }
     }
 
+    /// Whether the pod watch has listed every agentd pod.
+    pub fn is_ready(&self) -> bool {
+        *self.shared.synced.borrow()
+    }
+
     /// Ends once the pod watch has listed every agentd pod, so that what exists is known.
     pub async fn ready(&self) {
         let mut synced = self.shared.synced.subscribe();

@@ -878,6 +878,7 @@ fn with_core<T: Send + 'static>(
         node: "node-a".to_owned(),
         store: Box::new(store),
         inventory,
+        nodes: crate::core::Nodes::Local,
         health,
         metrics: None,
         clock: std::sync::Arc::new(ManualClock::new(1_000_000.0)),
@@ -889,9 +890,10 @@ fn with_core<T: Send + 'static>(
     .expect("the core opens and restores");
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let runtime = cluster.rt.handle().clone();
-    let running = cluster
-        .rt
-        .spawn_blocking(move || runtime.block_on(core.run(inputs, stop)));
+    let running = cluster.rt.spawn_blocking(move || {
+        let mut inputs = inputs;
+        runtime.block_on(core.run(&mut inputs, stop))
+    });
     let answer = cluster.rt.block_on(ask(&handle));
     stop_tx.send(true).expect("the core listens");
     let store = cluster.rt.block_on(running).expect("the core stops");

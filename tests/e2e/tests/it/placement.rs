@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use e2e::cluster::{Identity, KubeSim, NodeAgent, NodeAgentOptions};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_mins(1);
 
 /// Quick election timings (lease 4 s, renew 3 s, retry 500 ms) and jobs on the cluster.
-const SETTINGS: &str =
-    "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
+const SETTINGS: &str = "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
 
 /// kube-sim with `nodes` nodes of 2 healthy GPUs each; node-0's agent is the only one that may
 /// lead.
@@ -28,7 +27,11 @@ fn cluster(nodes: usize) -> (KubeSim, Vec<NodeAgent>) {
                     node: format!("node-{i}"),
                     gpus: 2,
                     leader_eligible: i == 0,
-                    kubeconfig: if i == 0 { leader.clone() } else { worker.clone() },
+                    kubeconfig: if i == 0 {
+                        leader.clone()
+                    } else {
+                        worker.clone()
+                    },
                     interval: "1s",
                     metrics: false,
                 },
