@@ -12,9 +12,9 @@ const WAIT: Duration = Duration::from_mins(1);
 /// Quick election timings (lease 4 s, renew 3 s, retry 500 ms) and jobs on the cluster.
 const SETTINGS: &str = "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
 
-/// kube-sim with `nodes` nodes of 2 healthy GPUs each; node-0's agent is the only one that may
-/// lead.
-fn cluster(nodes: usize) -> (KubeSim, Vec<NodeAgent>) {
+/// kube-sim with `nodes` nodes of 2 healthy GPUs each; the agents of the first `candidates`
+/// may lead.
+fn cluster(nodes: usize, candidates: usize) -> (KubeSim, Vec<NodeAgent>) {
     let sim = KubeSim::start(nodes, true);
     let leader = sim.dir.path().join("leader.kubeconfig");
     sim.kubeconfig_for(Identity::Leader, sim.addr(), &leader);
@@ -26,8 +26,8 @@ fn cluster(nodes: usize) -> (KubeSim, Vec<NodeAgent>) {
                 &NodeAgentOptions {
                     node: format!("node-{i}"),
                     gpus: 2,
-                    leader_eligible: i == 0,
-                    kubeconfig: if i == 0 {
+                    leader_eligible: i < candidates,
+                    kubeconfig: if i < candidates {
                         leader.clone()
                     } else {
                         worker.clone()
@@ -93,6 +93,24 @@ spec:
               resources: {limits: {nvidia.com/gpu: 2}}
 "#;
 
+/// Two workers of one GPU whose pods run 20 s.
+const LONG: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: long}
+spec:
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        metadata: {annotations: {sim.agentd.io/run-seconds: "20"}}
+        spec:
+          containers:
+            - name: tensorflow
+              image: "tf:2.16"
+              command: [python, train.py]
+              resources: {limits: {nvidia.com/gpu: 1}}
+"#;
+
 fn state(agent: &NodeAgent, job: &str) -> String {
     let status = agent.agent.ctl_json(&["job", job]);
     status["state"].as_str().unwrap_or_default().to_owned()
@@ -100,7 +118,7 @@ fn state(agent: &NodeAgent, job: &str) -> String {
 
 #[test]
 fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
-    let (sim, agents) = cluster(3);
+    let (sim, agents) = cluster(3, 1);
     let leader = &agents[0];
     sim.wait_until("node-0 leads and takes requests", WAIT, || {
         leader.agent.ctl(&["jobs"]).status.success()
@@ -182,4 +200,46 @@ fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
             .is_some_and(Vec::is_empty),
         "no pod of a gang that does not fit"
     );
+}
+
+/// kill -9 of the leader while its gang runs: the other candidate takes the Lease, rebuilds from
+/// the TrainingJob and the pods, adopts the running gang, and follows it to success; no pod is
+/// created twice and no second generation is started.
+#[test]
+fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
+    let (sim, mut agents) = cluster(3, 2);
+    let leads = |a: &NodeAgent| a.agent.ctl(&["jobs"]).status.success();
+    sim.wait_until("one of the two candidates leads", WAIT, || {
+        agents.iter().take(2).any(leads)
+    });
+    let l = usize::from(!leads(&agents[0]));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("long.yaml");
+    std::fs::write(&file, LONG).unwrap();
+    agents[l]
+        .agent
+        .ctl_json(&["submit", file.to_str().unwrap()]);
+    sim.wait_until("the gang runs", WAIT, || {
+        state(&agents[l], "long") == "Running"
+    });
+
+    agents[l].agent.signal_and_wait(9, WAIT);
+    let next = 1 - l;
+    sim.wait_until("the other candidate leads and knows the job", WAIT, || {
+        agents[next].agent.ctl(&["job", "long"]).status.success()
+    });
+    sim.wait_until("the adopted gang succeeds", WAIT, || {
+        state(&agents[next], "long") == "Succeeded"
+    });
+    let status = agents[next].agent.ctl_json(&["job", "long"]);
+    assert_eq!(
+        status["generation"], 1,
+        "the gang was not restarted: {status}"
+    );
+    let created = sim
+        .audit()
+        .iter()
+        .filter(|r| r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201)
+        .count();
+    assert_eq!(created, 2, "each pod created once, by the first leader");
 }
