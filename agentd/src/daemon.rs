@@ -424,7 +424,8 @@ fn start_cluster_core(
                 cluster.client().clone(),
                 runtime.clone(),
                 local,
-            )?;
+            )?
+            .fenced_by(cluster.leadership());
             let executor = crate::exec::pods::PodExecutor::new(
                 cluster.client().clone(),
                 cluster.watch_client(),

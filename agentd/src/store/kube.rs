@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::{Event, JobStore, JobWrite, NewEvent, Store, StoreError, StoredJob};
+use crate::cluster::election::Leadership;
 use crate::job;
 
 /// Where a job goes when its manifest names no namespace, as `kubectl` does.
@@ -108,6 +109,8 @@ pub struct KubeStore {
     bound: Duration,
     /// By job name (the core's key), every object this store has read or written.
     known: RefCell<BTreeMap<String, Known>>,
+    /// The election's view, when jobs may be written only while this agent leads.
+    fence: Option<tokio::sync::watch::Receiver<Leadership>>,
 }
 
 impl KubeStore {
@@ -124,7 +127,26 @@ impl KubeStore {
             local,
             bound: REQUEST_BOUND,
             known: RefCell::new(BTreeMap::new()),
+            fence: None,
         })
+    }
+
+    /// Writes jobs only while `leadership` says this agent leads, and its term has not run out
+    /// (`Leadership::leads`): a leader that could not renew in time stops writing at once,
+    /// even before its core hears that it lost, and writes nothing as it stops.
+    #[must_use]
+    pub fn fenced_by(mut self, leadership: tokio::sync::watch::Receiver<Leadership>) -> Self {
+        self.fence = Some(leadership);
+        self
+    }
+
+    fn check_fence(&self) -> Result<(), StoreError> {
+        match &self.fence {
+            Some(leadership) if !leadership.borrow().leads(std::time::Instant::now()) => {
+                Err(StoreError::NotLeading)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Changes how long one request may take (tests, slow API servers).
@@ -453,6 +475,9 @@ impl JobStore for KubeStore {
     /// Writes the objects in order, then the events locally. A failure stops the batch: the
     /// objects written before it keep their new status, and no event is written.
     fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
+        if !jobs.is_empty() {
+            self.check_fence()?;
+        }
         let mut deleted = Vec::new();
         for write in jobs {
             match write {

@@ -70,6 +70,10 @@ pub enum StoreError {
         "the Kubernetes job store needs a multi-threaded Tokio runtime: its requests run on a worker while the core's thread waits"
     )]
     SingleThreadedRuntime,
+    #[error(
+        "this agent no longer leads (its Lease was not renewed in time), so it writes no job: the next leader keeps them"
+    )]
+    NotLeading,
 }
 
 /// Something that happened to a node or a job: stored as the API shows it.

@@ -960,3 +960,57 @@ fn a_core_keeps_its_jobs_in_training_jobs_and_a_new_one_restores_them() {
     );
     assert_eq!(restored.replicas.len(), 2);
 }
+
+/// A store fenced by the election writes jobs only while this agent leads and its term runs;
+/// events alone still go to the local database.
+#[test]
+fn a_fenced_store_writes_no_job_once_its_agent_does_not_lead() {
+    use std::time::Duration;
+
+    use crate::cluster::election::Term;
+    let cluster = Cluster::start();
+    let leading = |valid_for: Option<Duration>| Leadership {
+        leader: Some("node-a".to_owned()),
+        term: valid_for.map(|d| Term {
+            transitions: 1,
+            resource_version: "1".to_owned(),
+            valid_until: std::time::Instant::now() + d,
+        }),
+    };
+    let (leadership, fence) = tokio::sync::watch::channel(leading(Some(Duration::from_mins(1))));
+    let mut store = cluster.store().fenced_by(fence);
+    let queued = status("a", JobState::Queued, "Queued");
+    store
+        .write_batch(&[upsert("a", &native("a", 1, 0), &queued)], &[])
+        .expect("written while leading");
+
+    // A term that ran out without a renewal, before the election loop says so.
+    leadership.send_replace(leading(Some(Duration::ZERO)));
+    let running = status("a", JobState::Running, "Running");
+    let refused = store
+        .write_batch(&[upsert("a", &native("a", 1, 0), &running)], &[])
+        .expect_err("a leader out of its term writes nothing");
+    assert!(matches!(refused, StoreError::NotLeading), "{refused}");
+    leadership.send_replace(leading(None));
+    assert!(matches!(
+        store.write_batch(&[JobWrite::Delete { name: "a".into() }], &[]),
+        Err(StoreError::NotLeading)
+    ));
+    assert_eq!(
+        stored_status(&cluster.get("default", "a").expect("still there")),
+        queued,
+        "nothing was overwritten"
+    );
+    store
+        .write_batch(
+            &[],
+            &[NewEvent {
+                time: 1.0,
+                kind: "node",
+                object: "node-a".to_owned(),
+                reason: "Drained".to_owned(),
+                message: "drained".to_owned(),
+            }],
+        )
+        .expect("events are the node's own");
+}
