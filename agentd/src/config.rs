@@ -123,6 +123,14 @@ pub struct ClusterConfig {
     /// as `TrainingJob` objects (true), or each agent runs jobs on its own machine as in
     /// standalone mode (false).
     pub place_jobs: bool,
+    /// How long a replica's pod may wait for its volumes to mount before the job fails with
+    /// `VolumeMountFailed`.
+    #[serde(with = "duration_text")]
+    pub mount_timeout: Duration,
+    /// How long a replica's pod may fail to pull its image before the job fails with
+    /// `ImagePullFailed`.
+    #[serde(with = "duration_text")]
+    pub image_pull_timeout: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -137,6 +145,8 @@ impl Default for ClusterConfig {
             renew_deadline: DEFAULT_RENEW_DEADLINE,
             retry_period: DEFAULT_RETRY_PERIOD,
             place_jobs: false,
+            mount_timeout: crate::exec::pods::DEFAULT_MOUNT_TIMEOUT,
+            image_pull_timeout: crate::exec::pods::DEFAULT_IMAGE_PULL_TIMEOUT,
         }
     }
 }
@@ -507,6 +517,18 @@ impl Config {
                 "cluster.place_jobs",
                 "needs mode = \"cluster\": a standalone agent runs jobs on its own machine".into(),
             ));
+        }
+        for (field, timeout) in [
+            ("cluster.mount_timeout", c.mount_timeout),
+            ("cluster.image_pull_timeout", c.image_pull_timeout),
+        ] {
+            if timeout < Duration::from_secs(1) {
+                return Err(invalid(
+                    field,
+                    "must be at least 1s (Kubernetes retries for seconds before it says more)"
+                        .into(),
+                ));
+            }
         }
         if c.retry_period.is_zero() {
             return Err(invalid(

@@ -430,6 +430,10 @@ fn start_cluster_core(
                 cluster.client().clone(),
                 cluster.watch_client(),
                 config.cluster.cluster_domain.clone(),
+                crate::exec::pods::PodTimeouts {
+                    mount: config.cluster.mount_timeout,
+                    image_pull: config.cluster.image_pull_timeout,
+                },
                 wiring.reports(),
             );
             // The term adopts what runs: it must know every agentd pod first. (Waited for

@@ -127,6 +127,7 @@ pub struct Metrics {
     state: Arc<RwLock<MetricsState>>,
     job_transitions: Family<Labels, Counter>,
     gang_restarts: Family<Labels, Counter>,
+    job_failures: Family<Labels, Counter>,
     api_requests: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     scheduling_pass: Histogram,
@@ -143,6 +144,7 @@ impl Metrics {
         let state = Arc::new(RwLock::new(MetricsState::default()));
         let job_transitions = Family::<Labels, Counter>::default();
         let gang_restarts = Family::<Labels, Counter>::default();
+        let job_failures = Family::<Labels, Counter>::default();
         let api_requests = Family::<Labels, Counter>::default();
         let refusals = Family::<Labels, Counter>::default();
         let scheduling_pass = Histogram::new(SCHEDULING_PASS_BUCKETS);
@@ -157,6 +159,12 @@ impl Metrics {
             "agentd_gang_restarts",
             "Whole-gang restarts, by the failure class that caused them",
             gang_restarts.clone(),
+        );
+        registry.register(
+            "agentd_job_failures",
+            "Replica failures by class: OOMKilled, and in cluster mode what the platform did \
+             (VolumeMountFailed, ImagePullFailed, Evicted, NodeRefused)",
+            job_failures.clone(),
         );
         registry.register(
             "agentd_api_requests",
@@ -212,6 +220,7 @@ impl Metrics {
             state,
             job_transitions,
             gang_restarts,
+            job_failures,
             api_requests,
             refusals,
             scheduling_pass,
@@ -268,6 +277,13 @@ impl Metrics {
     /// Counts one whole-gang restart; `reason` is the failure class (`OOMKilled`, `NodeLost`, ...).
     pub fn gang_restarted(&self, reason: &str) {
         self.gang_restarts
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// Counts one classified replica failure (`OOMKilled`, `Evicted`, ...).
+    pub fn job_failure(&self, reason: &str) {
+        self.job_failures
             .get_or_create(&vec![("reason", reason.to_owned())])
             .inc();
     }
@@ -1121,6 +1137,7 @@ mod tests {
             m.job_state_changed("fast", "Queued", "Placed");
             m.job_state_changed("fast", "Queued", "Placed");
             m.gang_restarted("OOMKilled");
+            m.job_failure("ImagePullFailed");
             m.api_request("/v1/jobs/{name}", 404);
             m.scheduling_pass(Duration::from_micros(300));
             m.submit_to_running(Duration::from_secs(3));
@@ -1132,6 +1149,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("agentd_gang_restarts_total{reason=\"OOMKilled\"} 1\n"));
+        assert!(text.contains("agentd_job_failures_total{reason=\"ImagePullFailed\"} 1\n"));
         assert!(
             text.contains(
                 "agentd_api_requests_total{route=\"/v1/jobs/{name}\",status=\"404\"} 1\n"

@@ -874,6 +874,12 @@ impl Core {
                 generation,
                 outcome,
             },
+            ReplicaEvent::Ended(end) => Input::ReplicaEnded {
+                job,
+                replica,
+                generation,
+                end,
+            },
         });
     }
 
@@ -1047,6 +1053,7 @@ impl Core {
                             metrics.job_state_changed(&queue, from, to);
                         }
                         MetricUpdate::GangRestarted { reason } => metrics.gang_restarted(&reason),
+                        MetricUpdate::JobFailure { reason } => metrics.job_failure(reason),
                         MetricUpdate::SubmitToRunning(waited) => metrics.submit_to_running(waited),
                     }
                 }

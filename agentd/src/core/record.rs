@@ -69,6 +69,8 @@ pub struct ReplicaExit {
     pub replica: String,
     pub generation: u32,
     pub outcome: ExitOutcome,
+    /// The platform ended it (evicted, ...): its handling, not the restart policy's, applies.
+    pub platform: Option<job::PlatformEnd>,
 }
 
 /// What a job's clock says is to be done now (`JobRecord::due`).

@@ -20,7 +20,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use super::{cgroup, shim, spawn};
-use crate::job::ExitOutcome;
+use crate::job::{ExitOutcome, PlatformEnd};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -217,6 +217,9 @@ pub enum ReplicaEvent {
     Exited {
         outcome: ExitOutcome,
     },
+    /// The platform ended it, or never ran it (cluster mode): evicted, refused by the node,
+    /// its volumes or image never ready. After `Started` when it had run.
+    Ended(PlatformEnd),
 }
 
 /// How replicas are made.

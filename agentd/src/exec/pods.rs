@@ -28,9 +28,14 @@ use tokio::sync::{OnceCell, mpsc, watch};
 use super::local::{LaunchSpec, PodLaunch, ReplicaEvent, ReplicaReport};
 use super::{Executor, Stopping, StoredReplica};
 use crate::job::{
-    self, CLUSTER_PORT, ClusterHosts, ExitOutcome, ReplicaType, TFJOB_PORT_NAME,
-    TRAINING_CONTAINER, TrainingJob,
+    self, CLUSTER_PORT, ClusterHosts, ExitOutcome, PlatformEnd, PlatformFailure, ReplicaType,
+    TFJOB_PORT_NAME, TRAINING_CONTAINER, TrainingJob,
 };
+
+mod stuck;
+
+pub use stuck::{DEFAULT_IMAGE_PULL_TIMEOUT, DEFAULT_MOUNT_TIMEOUT, PodTimeouts};
+use stuck::Stuck;
 
 /// The label every agentd pod and Service carries: the job's name.
 pub const JOB_LABEL: &str = "agentd.io/job";
@@ -81,12 +86,17 @@ pub fn pod_name(job: &str, replica_type: ReplicaType, index: u32, generation: u3
 /// name alone.
 pub struct PodExecutor {
     shared: Arc<Shared>,
-    watch_task: tokio::task::AbortHandle,
+    /// The pod watch, the `FailedMount` watch and the clock that times waiting pods.
+    tasks: Vec<tokio::task::AbortHandle>,
 }
+
+/// How often waiting pods are checked against their time limits.
+const STUCK_CHECK: Duration = Duration::from_secs(1);
 
 struct Shared {
     client: kube::Client,
     cluster_domain: String,
+    timeouts: PodTimeouts,
     reports: mpsc::UnboundedSender<ReplicaReport>,
     state: Mutex<State>,
     /// Bumped on every change of `State::pods`, for stops waiting until pods are gone.
@@ -103,6 +113,10 @@ struct State {
     followed: HashMap<ReplicaKey, Progress>,
     /// The job's owner reference and Service, made once per job generation before its pods.
     prepared: HashMap<GenerationKey, Arc<OnceCell<Option<OwnerReference>>>>,
+    /// Followed replicas whose pod waits for an image or volumes, timed.
+    stuck: HashMap<ReplicaKey, Stuck>,
+    /// The latest `FailedMount` warning of each pod that had one.
+    mount_failures: HashMap<PodRef, String>,
 }
 
 /// A gang generation: namespace, job, generation.
@@ -162,25 +176,46 @@ fn is_terminal(phase: Option<&str>) -> bool {
 
 impl PodExecutor {
     /// `client` serves single requests (with their time bounds); `watch_client` the
-    /// long-lived pod watch (without a read bound). `cluster_domain` ends the replicas' DNS
-    /// names (`cluster.cluster_domain`). Must be called inside a Tokio runtime.
+    /// long-lived watches (without a read bound). `cluster_domain` ends the replicas' DNS
+    /// names (`cluster.cluster_domain`); `timeouts` bound how long a pod may wait for its
+    /// image or volumes. Must be called inside a Tokio runtime.
     pub fn new(
         client: kube::Client,
         watch_client: &kube::Client,
         cluster_domain: String,
+        timeouts: PodTimeouts,
         reports: mpsc::UnboundedSender<ReplicaReport>,
     ) -> Self {
         let shared = Arc::new(Shared {
             client,
             cluster_domain,
+            timeouts,
             reports,
             state: Mutex::new(State::default()),
             changed: watch::channel(()).0,
             synced: watch::channel(false).0,
         });
-        let watch_task =
-            tokio::spawn(follow(shared.clone(), Api::all(watch_client.clone()))).abort_handle();
-        Self { shared, watch_task }
+        let pods = tokio::spawn(follow(shared.clone(), Api::all(watch_client.clone())));
+        let on_mount = shared.clone();
+        let mounts = tokio::spawn(stuck::follow_mount_failures(
+            Api::all(watch_client.clone()),
+            move |namespace, name, message| on_mount.mount_failed(namespace, name, message),
+        ));
+        let on_tick = shared.clone();
+        let clock = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(STUCK_CHECK);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                on_tick.expire_stuck(tokio::time::Instant::now());
+            }
+        });
+        let tasks = vec![
+            pods.abort_handle(),
+            mounts.abort_handle(),
+            clock.abort_handle(),
+        ];
+        Self { shared, tasks }
     }
 
     /// Whether the pod watch has listed every agentd pod.
@@ -197,7 +232,9 @@ impl PodExecutor {
 
 impl Drop for PodExecutor {
     fn drop(&mut self) {
-        self.watch_task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -274,10 +311,63 @@ impl Shared {
             if let Some(progress) = state.followed.get(&key).copied() {
                 let (next, events) = observe(progress, pod, generation);
                 settle(&mut state, &key, next);
+                if next == Progress::Created {
+                    let mount = state.mount_failures.get(&pod_ref(pod)).cloned();
+                    let waiting =
+                        stuck::waiting_on(pod, training_container_status(pod), mount.as_deref());
+                    wait(&mut state, &key, pod_ref(pod), waiting);
+                }
                 self.report(&key, events);
             }
         }
         self.changed.send_replace(());
+    }
+
+    /// The kubelet could not mount a pod's volumes (it will keep trying).
+    fn mount_failed(&self, namespace: String, name: String, message: String) {
+        let mut state = self.lock();
+        let pod = (namespace, name);
+        state.mount_failures.insert(pod.clone(), message.clone());
+        let Some(known) = state.pods.get(&pod) else {
+            return;
+        };
+        let key = (known.job.clone(), known.generation, known.replica.clone());
+        if state.followed.get(&key) != Some(&Progress::Created) {
+            return;
+        }
+        // An image that cannot be pulled says more than a mount that has not happened.
+        if state
+            .stuck
+            .get(&key)
+            .is_some_and(|s| s.failure == PlatformFailure::ImagePullFailed)
+        {
+            return;
+        }
+        let waiting = Some((
+            PlatformFailure::VolumeMountFailed,
+            format!("FailedMount: {message}"),
+        ));
+        wait(&mut state, &key, pod, waiting);
+    }
+
+    /// Ends the replicas whose pod has waited past its time.
+    fn expire_stuck(&self, now: tokio::time::Instant) {
+        let mut state = self.lock();
+        let expired: Vec<(ReplicaKey, Stuck)> = state
+            .stuck
+            .iter()
+            .filter(|(_, s)| s.expired(&self.timeouts, now))
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, stuck) in expired {
+            settle(&mut state, &key, Progress::Ended);
+            let end = PlatformEnd {
+                failure: stuck.failure,
+                message: stuck.message(&self.timeouts),
+                ran: false,
+            };
+            self.report(&key, vec![ReplicaEvent::Ended(end)]);
+        }
     }
 
     /// A pod is gone.
@@ -286,6 +376,9 @@ impl Shared {
         {
             let mut state = self.lock();
             state.pods.remove(&(namespace.clone(), name.clone()));
+            state
+                .mount_failures
+                .remove(&(namespace.clone(), name.clone()));
             if let Some((job, generation, replica)) = replica_of(pod) {
                 let key = (job, generation, replica);
                 if let Some(progress) = state.followed.get(&key).copied() {
@@ -525,6 +618,37 @@ fn settle(state: &mut State, key: &ReplicaKey, progress: Progress) {
     } else {
         state.followed.insert(key.clone(), progress);
     }
+    if progress != Progress::Created {
+        state.stuck.remove(key);
+    }
+}
+
+/// Records what a replica's pod, not yet running, waits for (`None`: nothing that may never
+/// come), timed from when it was first seen waiting for that.
+fn wait(
+    state: &mut State,
+    key: &ReplicaKey,
+    (namespace, name): PodRef,
+    waiting: Option<(PlatformFailure, String)>,
+) {
+    let Some((failure, message)) = waiting else {
+        state.stuck.remove(key);
+        return;
+    };
+    match state.stuck.get_mut(key) {
+        Some(stuck) if stuck.failure == failure => stuck.message = message,
+        _ => {
+            state.stuck.insert(
+                key.clone(),
+                Stuck {
+                    failure,
+                    since: tokio::time::Instant::now(),
+                    pod: format!("{namespace}/{name}"),
+                    message,
+                },
+            );
+        }
+    }
 }
 
 /// A failed request as a start failure: transient when the server was overloaded, failing or
@@ -563,6 +687,13 @@ fn observe(progress: Progress, pod: &Pod, generation: u32) -> (Progress, Vec<Rep
                 message,
                 transient: true,
             }],
+            Ending::Platform(end) => {
+                if end.ran && progress == Progress::Created {
+                    vec![started, ReplicaEvent::Ended(end)]
+                } else {
+                    vec![ReplicaEvent::Ended(end)]
+                }
+            }
         };
         return (Progress::Ended, events);
     }
@@ -594,8 +725,10 @@ fn vanished(progress: Progress, namespace: &str, name: &str) -> (Progress, Vec<R
 
 enum Ending {
     Ran(ExitOutcome),
-    /// The pod failed before its training container ran (kubelet admission, eviction).
+    /// The pod failed before its training container ran, for a reason of no known class.
     NeverRan(String),
+    /// The node failed the pod (evicted it, refused it at admission).
+    Platform(PlatformEnd),
 }
 
 /// How a pod in a terminal phase ended. A pod-level failure (`status.reason`: `Evicted`,
@@ -614,11 +747,20 @@ fn ending(pod: &Pod, progress: Progress) -> Ending {
     if failed && let Some(reason) = status.and_then(|s| s.reason.as_deref()) {
         let ran =
             progress == Progress::Started || terminated.is_some_and(|t| t.started_at.is_some());
+        let (namespace, name) = pod_ref(pod);
+        let message = status.and_then(|s| s.message.as_deref()).unwrap_or("");
+        if let Some(failure) = PlatformFailure::of_pod_reason(reason) {
+            return Ending::Platform(PlatformEnd {
+                failure,
+                message: format!("pod {namespace}/{name} failed: {reason}: {message}")
+                    .trim_end_matches([' ', ':'])
+                    .to_owned(),
+                ran,
+            });
+        }
         if ran {
             return Ending::Ran(ExitOutcome::default());
         }
-        let (namespace, name) = pod_ref(pod);
-        let message = status.and_then(|s| s.message.as_deref()).unwrap_or("");
         return Ending::NeverRan(
             format!("pod {namespace}/{name} failed before it ran: {reason}: {message}")
                 .trim_end_matches([' ', ':'])

@@ -34,7 +34,8 @@ pub use admit::{Admission, admit};
 pub use expand::expand;
 pub use manifest::{MAX_ALIASES, MAX_DEPTH, MAX_NODES, parse, to_manifest};
 pub use policy::{
-    BACKOFF_BASE, BACKOFF_CAP, ExitOutcome, RestartDecision, backoff_delay, job_succeeded,
+    BACKOFF_BASE, BACKOFF_CAP, ExitOutcome, PlatformEnd, PlatformFailure, RestartDecision,
+    backoff_delay, job_succeeded,
     restart_decision, success_message,
 };
 pub use quantity::{

@@ -46,6 +46,69 @@ impl ExitOutcome {
     }
 }
 
+/// Why the platform, not the program, ended a replica (cluster mode: what the pod's status and
+/// the kubelet's events say). Each has its handling ([`PlatformFailure::fails_job`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PlatformFailure {
+    /// Its pod's volumes did not mount within `cluster.mount_timeout`: a missing claim or
+    /// secret, which another node or a restart rarely fixes.
+    VolumeMountFailed,
+    /// Its image could not be pulled within `cluster.image_pull_timeout`.
+    ImagePullFailed,
+    /// Its pod was evicted or preempted by the node.
+    Evicted,
+    /// The node's kubelet refused the pod at admission (`UnexpectedAdmissionError`,
+    /// `OutOf<resource>`): the node could not give what it had said it had.
+    NodeRefused,
+}
+
+impl PlatformFailure {
+    pub const ALL: [Self; 4] = [
+        Self::VolumeMountFailed,
+        Self::ImagePullFailed,
+        Self::Evicted,
+        Self::NodeRefused,
+    ];
+
+    /// The job's reason code, and the metric's `reason` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::VolumeMountFailed => "VolumeMountFailed",
+            Self::ImagePullFailed => "ImagePullFailed",
+            Self::Evicted => "Evicted",
+            Self::NodeRefused => "NodeRefused",
+        }
+    }
+
+    /// Whether the job fails at once (whatever its restart policy): what retrying cannot fix.
+    /// Otherwise the gang restarts, counted against `backoffLimit`, under every restart policy
+    /// (an eviction or a refusal is not the program's verdict, so `Never` does not apply).
+    pub fn fails_job(self) -> bool {
+        matches!(self, Self::VolumeMountFailed | Self::ImagePullFailed)
+    }
+
+    /// The class of a pod that failed as a whole (`status.reason`), if it is one of these.
+    pub fn of_pod_reason(reason: &str) -> Option<Self> {
+        match reason {
+            "Evicted" | "Preempting" | "Preempted" | "Terminated" | "Shutdown"
+            | "NodeShutdown" => Some(Self::Evicted),
+            "UnexpectedAdmissionError" | "NodeAffinity" => Some(Self::NodeRefused),
+            r if r.starts_with("OutOf") => Some(Self::NodeRefused),
+            _ => None,
+        }
+    }
+}
+
+/// A replica the platform ended, with the platform's own words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformEnd {
+    pub failure: PlatformFailure,
+    /// What Kubernetes said, quoted, with the pod (and the volume or image) named.
+    pub message: String,
+    /// Whether its program had started: an end after it ran, else a launch that never ran.
+    pub ran: bool,
+}
+
 /// What to do about one replica that ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartDecision {

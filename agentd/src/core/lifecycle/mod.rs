@@ -29,6 +29,8 @@ use crate::store::{JobWrite, NewEvent};
 
 /// How many removed jobs' last statuses are kept in memory for clients still waiting on them.
 const REMEMBER_REMOVED: usize = 256;
+/// The reason of a job whose replica the OOM killer ended.
+const OOM_KILLED: &str = "OOMKilled";
 
 /// Names the request a reply answers; the caller keeps the way back to whoever asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -87,6 +89,13 @@ pub enum Input {
         generation: u32,
         outcome: ExitOutcome,
     },
+    /// The platform ended a replica, or never ran it (cluster mode).
+    ReplicaEnded {
+        job: String,
+        replica: String,
+        generation: u32,
+        end: job::PlatformEnd,
+    },
     /// Every process of a gang's generation is gone: its allocation is free.
     GangStopped { job: String, generation: u32 },
     /// A GPU's health changed: a node event, and a new pass.
@@ -144,6 +153,10 @@ pub enum MetricUpdate {
         reason: String,
     },
     SubmitToRunning(Duration),
+    /// A replica failure of a class operators watch (`agentd_job_failures_total`).
+    JobFailure {
+        reason: &'static str,
+    },
 }
 
 /// What the caller does once the turn is written (or its write failed), in this order.
@@ -338,23 +351,36 @@ impl Lifecycle {
                 replica,
                 generation,
                 outcome,
-            } => {
-                let exit = record::ReplicaExit {
+            } => self.replica_exit(
+                record::ReplicaExit {
                     job,
                     replica,
                     generation,
                     outcome,
-                };
-                // A replica that ends before the rest of its gang has started is taken once
-                // the gang is complete: a gang is Running before any of its ends counts.
-                if let Some(record) = self.jobs.get_mut(&exit.job)
-                    && record.status.generation == exit.generation
-                    && record.launching > 0
-                {
-                    record.early_exits.push(exit);
-                    return;
+                    platform: None,
+                },
+                now,
+            ),
+            Input::ReplicaEnded {
+                job,
+                replica,
+                generation,
+                end,
+            } => {
+                if end.ran {
+                    self.replica_exit(
+                        record::ReplicaExit {
+                            job,
+                            replica,
+                            generation,
+                            outcome: ExitOutcome::default(),
+                            platform: Some(end),
+                        },
+                        now,
+                    );
+                } else {
+                    self.replica_never_ran(&job, &replica, generation, &end, now);
                 }
-                self.replica_exited(&exit, now);
             }
             Input::GangStopped { job, generation } => {
                 if let Some(record) = self.jobs.get_mut(&job)
@@ -885,6 +911,52 @@ impl Lifecycle {
         self.launch_settled(job, now);
     }
 
+    /// A launch the platform never ran (its volumes or image never ready, refused or evicted
+    /// before it ran): a launch report, handled as its class says.
+    fn replica_never_ran(
+        &mut self,
+        job: &str,
+        replica: &str,
+        generation: u32,
+        end: &job::PlatformEnd,
+        now: Now,
+    ) {
+        let Some(record) = self.launch_reported(job, generation) else {
+            return;
+        };
+        if record.status.state == JobState::Starting && record.pending_stop.is_none() {
+            self.platform_failed(job, replica, end, now);
+        }
+        self.launch_settled(job, now);
+    }
+
+    /// A replica the platform ended: the job fails at once, or the gang restarts (counted),
+    /// whatever the restart policy says (it judges the program's ends, and this is not one).
+    fn platform_failed(&mut self, job: &str, replica: &str, end: &job::PlatformEnd, now: Now) {
+        let reason = end.failure.reason();
+        self.other.push(Effect::Metric(MetricUpdate::JobFailure { reason }));
+        if end.failure.fails_job() {
+            let message = format!("{replica}: {}", end.message);
+            self.finish(job, JobState::Failed, reason, message, now);
+        } else {
+            let message = format!("{replica}: {}; the gang restarts", end.message);
+            self.restart_gang(job, reason, &message, now);
+        }
+    }
+
+    /// A replica that ends before the rest of its gang has started is taken once the gang is
+    /// complete: a gang is Running before any of its ends counts.
+    fn replica_exit(&mut self, exit: record::ReplicaExit, now: Now) {
+        if let Some(record) = self.jobs.get_mut(&exit.job)
+            && record.status.generation == exit.generation
+            && record.launching > 0
+        {
+            record.early_exits.push(exit);
+            return;
+        }
+        self.replica_exited(&exit, now);
+    }
+
     /// After a launch report: once every replica of the generation is accounted for, the
     /// gang is running, or (stopped meanwhile) its stop goes ahead.
     fn launch_settled(&mut self, name: &str, now: Now) {
@@ -949,7 +1021,23 @@ impl Lifecycle {
             && record.live_pgids().is_empty())
         .then(|| (record.status.generation, std::mem::take(&mut record.kept)));
         self.dirty.insert(exit.job.clone());
+        if let Some(end) = &exit.platform
+            && !matches!(outcome, ReplicaVerdict::Ignored)
+        {
+            self.platform_failed(&exit.job, &exit.replica, end, now);
+            return;
+        }
         let described = crate::exec::local::describe(exit.outcome);
+        // An OOM kill is named as such, as Kubernetes names it.
+        let failed = if exit.outcome.oom_killed {
+            if !matches!(outcome, ReplicaVerdict::Ignored) {
+                self.other
+                    .push(Effect::Metric(MetricUpdate::JobFailure { reason: OOM_KILLED }));
+            }
+            OOM_KILLED
+        } else {
+            "ReplicaFailed"
+        };
         match outcome {
             ReplicaVerdict::Ignored => {
                 if let Some((generation, groups)) = last_kept {
@@ -985,7 +1073,7 @@ impl Lifecycle {
             ReplicaVerdict::Restart { policy } => {
                 self.restart_gang(
                     &exit.job,
-                    "ReplicaFailed",
+                    failed,
                     &format!(
                         "{} ended ({described}); restartPolicy {policy:?} restarts the gang",
                         exit.replica
@@ -997,7 +1085,7 @@ impl Lifecycle {
                 self.finish(
                     &exit.job,
                     JobState::Failed,
-                    "ReplicaFailed",
+                    failed,
                     format!("{} ended ({described}), a permanent failure under restartPolicy {policy:?}", exit.replica),
                     now,
                 );

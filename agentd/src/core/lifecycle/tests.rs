@@ -623,6 +623,89 @@ fn a_transient_start_failure_restarts_and_a_permanent_one_fails() {
     }
 }
 
+fn platform_end(failure: job::PlatformFailure, ran: bool) -> job::PlatformEnd {
+    job::PlatformEnd {
+        failure,
+        message: format!("pod default/a-worker-0-g1 failed: {}", failure.reason()),
+        ran,
+    }
+}
+
+#[test]
+fn an_image_or_volumes_that_never_come_fail_the_job_whatever_its_restart_policy() {
+    for failure in [
+        job::PlatformFailure::ImagePullFailed,
+        job::PlatformFailure::VolumeMountFailed,
+    ] {
+        let mut h = Harness::new();
+        h.submit(&workers("a", 2, "Always", "{backoffLimit: 5}"))
+            .expect("accepted");
+        let specs = h.place("a", 0).starts();
+        h.step(Input::ReplicaEnded {
+            job: "a".to_owned(),
+            replica: "worker-0".to_owned(),
+            generation: 1,
+            end: platform_end(failure, false),
+        });
+        assert_eq!(h.state("a"), (JobState::Failed, failure.reason().to_owned()));
+        let status = &h.life.job("a").expect("exists").status;
+        assert!(
+            status.message.starts_with("worker-0: pod default/a-worker-0-g1 failed"),
+            "{}",
+            status.message
+        );
+        assert_eq!(status.restarts, 0);
+        let turn = h.turn();
+        assert!(turn.metrics().iter().any(|m| matches!(
+            m,
+            MetricUpdate::JobFailure { reason } if *reason == failure.reason()
+        )));
+        // The stop waits for the replica still being started, then takes it too.
+        let turn = h.start(&specs[1..]);
+        assert_eq!(turn.stops()[0].pgids, [100], "{failure:?}");
+        assert_eq!(h.life.in_flight(), 0);
+    }
+}
+
+#[test]
+fn an_eviction_restarts_the_gang_counted_even_under_restart_policy_never() {
+    let mut h = Harness::new();
+    h.running(&workers("a", 2, "Never", "{backoffLimit: 1}"));
+    h.step(Input::ReplicaEnded {
+        job: "a".to_owned(),
+        replica: "worker-0".to_owned(),
+        generation: 1,
+        end: platform_end(job::PlatformFailure::Evicted, true),
+    });
+    let turn = h.turn();
+    assert_eq!(h.state("a"), (JobState::Restarting, "Evicted".to_owned()));
+    assert_eq!(h.life.job("a").expect("exists").status.restarts, 1);
+    assert_eq!(turn.reasons(), ["Evicted"]);
+    assert!(turn.metrics().iter().any(|m| matches!(
+        m,
+        MetricUpdate::JobFailure { reason: "Evicted" }
+    )));
+}
+
+#[test]
+fn an_oom_kill_is_named_as_such() {
+    let mut h = Harness::new();
+    h.running(&workers("a", 1, "OnFailure", "{backoffLimit: 3}"));
+    h.step(Input::ReplicaExited {
+        job: "a".to_owned(),
+        replica: "worker-0".to_owned(),
+        generation: 1,
+        outcome: ExitOutcome::oom(),
+    });
+    let turn = h.turn();
+    // OnFailure does not retry an OOM kill: it would recur with the same memory.
+    assert_eq!(h.state("a"), (JobState::Failed, "OOMKilled".to_owned()));
+    assert!(turn.metrics().iter().any(|m| matches!(
+        m,
+        MetricUpdate::JobFailure { reason: "OOMKilled" }
+    )));
+}
+
 #[test]
 fn an_active_deadline_fails_a_running_job() {
     let mut h = Harness::new();

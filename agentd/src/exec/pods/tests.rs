@@ -19,6 +19,8 @@ use crate::job::{RestartDecision, RestartPolicy, restart_decision};
 
 /// Cluster time runs this much faster: an image pull (1 s) takes 50 ms.
 const TIME_SCALE: f64 = 20.0;
+/// How long a pod may wait for its image or volumes here.
+const WAIT_LIMIT: Duration = Duration::from_secs(2);
 /// How long a test waits for something the cluster does before it fails.
 const PATIENCE: Duration = Duration::from_mins(1);
 
@@ -109,7 +111,16 @@ impl Sim {
     ) -> (PodExecutor, mpsc::UnboundedReceiver<ReplicaReport>) {
         let client = self.client_as(account).await;
         let (tx, rx) = mpsc::unbounded_channel();
-        let executor = PodExecutor::new(client.clone(), &client, "cluster.local".into(), tx);
+        let executor = PodExecutor::new(
+            client.clone(),
+            &client,
+            "cluster.local".into(),
+            PodTimeouts {
+                mount: WAIT_LIMIT,
+                image_pull: WAIT_LIMIT,
+            },
+            tx,
+        );
         tokio::time::timeout(PATIENCE, executor.ready())
             .await
             .expect("the pod watch lists the pods");
@@ -236,6 +247,7 @@ fn exited(events: &[ReplicaEvent]) -> Vec<Option<ExitOutcome>> {
             ReplicaEvent::Started { .. } => None,
             ReplicaEvent::Exited { outcome } => Some(*outcome),
             ReplicaEvent::StartFailed { message, .. } => panic!("start failed: {message}"),
+            ReplicaEvent::Ended(end) => panic!("ended by the platform: {end:?}"),
         })
         .collect()
 }
@@ -398,7 +410,6 @@ async fn pod_ends_become_the_outcomes_a_local_process_gives() {
             annotations(&[(RUN_SECONDS, "1"), (EXIT_CODE, "143")]),
             ExitOutcome::signalled(15),
         ),
-        (annotations(&[(FAIL, "Evicted")]), ExitOutcome::default()),
     ];
     let template = launches(&executor, &job, 1).remove(1);
     let mut replicas = Vec::new();
@@ -424,11 +435,6 @@ async fn pod_ends_become_the_outcomes_a_local_process_gives() {
             "{replica} ({annotations})"
         );
     }
-    // An eviction is not the program's verdict: every policy but Never retries it.
-    assert_eq!(
-        restart_decision(RestartPolicy::ExitCode, ExitOutcome::default()),
-        RestartDecision::Restart
-    );
     sim.handle.shutdown();
 }
 
@@ -655,27 +661,65 @@ async fn a_launch_whose_pod_exists_follows_that_pod() {
     sim.handle.shutdown();
 }
 
+/// Each failure of the platform's is reported as its class, with what Kubernetes said: an
+/// eviction after the replica ran, a refusal at admission, and an image and volumes that never
+/// come, once the pod has waited past its limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pod_the_kubelet_refuses_is_a_transient_start_failure() {
+async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
     let sim = start_sim(1).await;
     let (executor, mut rx) = sim.executor_as("agentd-leader").await;
-    let job = tf_job(
-        "refused",
-        &annotations(&[(FAIL, "UnexpectedAdmissionError")]),
-    );
-    executor.start(launches(&executor, &job, 1).remove(0));
-    let report = next_report(&mut rx).await;
-    let ReplicaEvent::StartFailed { message, transient } = report.event else {
-        panic!("expected a start failure, got {report:?}");
-    };
-    assert!(
-        transient,
-        "another node or a moment later may do: {message}"
-    );
-    assert!(
-        message
-            .contains("pod default/refused-ps-0-g1 failed before it ran: UnexpectedAdmissionError"),
-        "{message}"
-    );
+    let job = tf_job("plat", &json!({}));
+    let cases = [
+        ("Evicted", PlatformFailure::Evicted, true, "failed: Evicted"),
+        (
+            "UnexpectedAdmissionError",
+            PlatformFailure::NodeRefused,
+            false,
+            "failed: UnexpectedAdmissionError",
+        ),
+        (
+            "ImagePullBackOff",
+            PlatformFailure::ImagePullFailed,
+            false,
+            "its image was not pulled in 2s (cluster.image_pull_timeout): image \"tensorflow/tensorflow:2.16.1\"",
+        ),
+        (
+            "FailedMount",
+            PlatformFailure::VolumeMountFailed,
+            false,
+            "its volumes did not mount in 2s (cluster.mount_timeout): FailedMount: MountVolume.SetUp failed for volume \"data\"",
+        ),
+    ];
+    let template = launches(&executor, &job, 1).remove(1);
+    let mut replicas = Vec::new();
+    for (index, (fail, ..)) in cases.iter().enumerate() {
+        let mut spec = template.clone();
+        let index = u32::try_from(index).unwrap();
+        spec.replica = job::replica_name(ReplicaType::Worker, index);
+        let pod = spec.pod.as_mut().unwrap();
+        pod.node = "node-0".into();
+        pod.index = index;
+        pod.gpus = 0;
+        let meta = pod.template.metadata.get_or_insert_default();
+        meta.annotations = Some(serde_json::from_value(annotations(&[(FAIL, fail)])).unwrap());
+        replicas.push(spec.replica.clone());
+        executor.start(spec);
+    }
+    let names: Vec<&str> = replicas.iter().map(String::as_str).collect();
+    let reports = reports_until_ended(&mut rx, &names).await;
+    for (replica, (fail, failure, ran, words)) in replicas.iter().zip(&cases) {
+        let events = &reports[replica];
+        let Some(ReplicaEvent::Ended(end)) = events.last() else {
+            panic!("{fail}: expected an end of the platform's, got {events:?}");
+        };
+        assert_eq!((end.failure, end.ran), (*failure, *ran), "{fail}: {end:?}");
+        let started = events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::Started { .. }));
+        assert_eq!(started, *ran, "{fail}: started only if it ran: {events:?}");
+        let pod = format!("pod default/plat-worker-{}-g1", replicas.iter().position(|r| r == replica).unwrap());
+        assert!(end.message.contains(&pod), "{fail}: {}", end.message);
+        assert!(end.message.contains(words), "{fail}: {}", end.message);
+    }
     sim.handle.shutdown();
 }
