@@ -35,8 +35,7 @@ pub use expand::expand;
 pub use manifest::{MAX_ALIASES, MAX_DEPTH, MAX_NODES, parse, to_manifest};
 pub use policy::{
     BACKOFF_BASE, BACKOFF_CAP, ExitOutcome, PlatformEnd, PlatformFailure, RestartDecision,
-    backoff_delay, job_succeeded,
-    restart_decision, success_message,
+    backoff_delay, job_succeeded, restart_decision, success_message,
 };
 pub use quantity::{
     QuantityError, parse_cpu_milli, parse_gpu_count, parse_memory_bytes, replica_resources,

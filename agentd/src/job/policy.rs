@@ -90,8 +90,9 @@ impl PlatformFailure {
     /// The class of a pod that failed as a whole (`status.reason`), if it is one of these.
     pub fn of_pod_reason(reason: &str) -> Option<Self> {
         match reason {
-            "Evicted" | "Preempting" | "Preempted" | "Terminated" | "Shutdown"
-            | "NodeShutdown" => Some(Self::Evicted),
+            "Evicted" | "Preempting" | "Preempted" | "Terminated" | "Shutdown" | "NodeShutdown" => {
+                Some(Self::Evicted)
+            }
             "UnexpectedAdmissionError" | "NodeAffinity" => Some(Self::NodeRefused),
             r if r.starts_with("OutOf") => Some(Self::NodeRefused),
             _ => None,

@@ -934,7 +934,8 @@ impl Lifecycle {
     /// whatever the restart policy says (it judges the program's ends, and this is not one).
     fn platform_failed(&mut self, job: &str, replica: &str, end: &job::PlatformEnd, now: Now) {
         let reason = end.failure.reason();
-        self.other.push(Effect::Metric(MetricUpdate::JobFailure { reason }));
+        self.other
+            .push(Effect::Metric(MetricUpdate::JobFailure { reason }));
         if end.failure.fails_job() {
             let message = format!("{replica}: {}", end.message);
             self.finish(job, JobState::Failed, reason, message, now);
@@ -1031,8 +1032,9 @@ impl Lifecycle {
         // An OOM kill is named as such, as Kubernetes names it.
         let failed = if exit.outcome.oom_killed {
             if !matches!(outcome, ReplicaVerdict::Ignored) {
-                self.other
-                    .push(Effect::Metric(MetricUpdate::JobFailure { reason: OOM_KILLED }));
+                self.other.push(Effect::Metric(MetricUpdate::JobFailure {
+                    reason: OOM_KILLED,
+                }));
             }
             OOM_KILLED
         } else {

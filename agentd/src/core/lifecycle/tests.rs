@@ -647,10 +647,15 @@ fn an_image_or_volumes_that_never_come_fail_the_job_whatever_its_restart_policy(
             generation: 1,
             end: platform_end(failure, false),
         });
-        assert_eq!(h.state("a"), (JobState::Failed, failure.reason().to_owned()));
+        assert_eq!(
+            h.state("a"),
+            (JobState::Failed, failure.reason().to_owned())
+        );
         let status = &h.life.job("a").expect("exists").status;
         assert!(
-            status.message.starts_with("worker-0: pod default/a-worker-0-g1 failed"),
+            status
+                .message
+                .starts_with("worker-0: pod default/a-worker-0-g1 failed"),
             "{}",
             status.message
         );
@@ -681,10 +686,11 @@ fn an_eviction_restarts_the_gang_counted_even_under_restart_policy_never() {
     assert_eq!(h.state("a"), (JobState::Restarting, "Evicted".to_owned()));
     assert_eq!(h.life.job("a").expect("exists").status.restarts, 1);
     assert_eq!(turn.reasons(), ["Evicted"]);
-    assert!(turn.metrics().iter().any(|m| matches!(
-        m,
-        MetricUpdate::JobFailure { reason: "Evicted" }
-    )));
+    assert!(
+        turn.metrics()
+            .iter()
+            .any(|m| matches!(m, MetricUpdate::JobFailure { reason: "Evicted" }))
+    );
 }
 
 #[test]
@@ -702,7 +708,9 @@ fn an_oom_kill_is_named_as_such() {
     assert_eq!(h.state("a"), (JobState::Failed, "OOMKilled".to_owned()));
     assert!(turn.metrics().iter().any(|m| matches!(
         m,
-        MetricUpdate::JobFailure { reason: "OOMKilled" }
+        MetricUpdate::JobFailure {
+            reason: "OOMKilled"
+        }
     )));
 }
 

@@ -151,7 +151,9 @@ pub(super) async fn follow_mount_failures(api: Api<Event>, seen: impl Fn(String,
             }
             Err(e) => {
                 if !said_failing {
-                    tracing::warn!("watching FailedMount events failed ({e}); retrying with backoff");
+                    tracing::warn!(
+                        "watching FailedMount events failed ({e}); retrying with backoff"
+                    );
                     said_failing = true;
                 }
             }

@@ -717,7 +717,10 @@ async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
             .iter()
             .any(|e| matches!(e, ReplicaEvent::Started { .. }));
         assert_eq!(started, *ran, "{fail}: started only if it ran: {events:?}");
-        let pod = format!("pod default/plat-worker-{}-g1", replicas.iter().position(|r| r == replica).unwrap());
+        let pod = format!(
+            "pod default/plat-worker-{}-g1",
+            replicas.iter().position(|r| r == replica).unwrap()
+        );
         assert!(end.message.contains(&pod), "{fail}: {}", end.message);
         assert!(end.message.contains(words), "{fail}: {}", end.message);
     }

@@ -15,6 +15,16 @@ const SETTINGS: &str = "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_
 /// kube-sim with `nodes` nodes of 2 healthy GPUs each; the agents of the first `candidates`
 /// may lead.
 fn cluster(nodes: usize, candidates: usize) -> (KubeSim, Vec<NodeAgent>) {
+    cluster_with(nodes, candidates, SETTINGS, false)
+}
+
+/// As [`cluster`], with these `[cluster]` settings and, if `metrics`, a metrics port.
+fn cluster_with(
+    nodes: usize,
+    candidates: usize,
+    settings: &str,
+    metrics: bool,
+) -> (KubeSim, Vec<NodeAgent>) {
     let sim = KubeSim::start(nodes, true);
     let leader = sim.dir.path().join("leader.kubeconfig");
     sim.kubeconfig_for(Identity::Leader, sim.addr(), &leader);
@@ -33,9 +43,9 @@ fn cluster(nodes: usize, candidates: usize) -> (KubeSim, Vec<NodeAgent>) {
                         worker.clone()
                     },
                     interval: "1s",
-                    metrics: false,
+                    metrics,
                 },
-                SETTINGS,
+                settings,
             )
         })
         .collect();
@@ -242,4 +252,95 @@ fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
         .filter(|r| r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201)
         .count();
     assert_eq!(created, 2, "each pod created once, by the first leader");
+}
+
+/// One worker that runs no GPU, with this `sim.agentd.io/fail` and image.
+fn failing(name: &str, fail: &str, image: &str) -> String {
+    format!(
+        r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  runPolicy: {{backoffLimit: 1}}
+  replicaSpecs:
+    Worker:
+      replicas: 1
+      restartPolicy: Never
+      template:
+        metadata: {{annotations: {{sim.agentd.io/fail: {fail}}}}}
+        spec:
+          containers:
+            - {{name: tensorflow, image: "{image}", command: [python, train.py]}}
+"#
+    )
+}
+
+/// What the platform does to a pod decides the job: an image that keeps failing to pull and
+/// volumes that never mount fail it once the pod has waited past its limit, with Kubernetes'
+/// words; an eviction restarts the gang, counted, even under restartPolicy Never. Each is
+/// counted by reason in `agentd_job_failures_total`.
+#[test]
+fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() {
+    let settings = format!("{SETTINGS}mount_timeout = \"3s\"\nimage_pull_timeout = \"3s\"\n");
+    let (sim, agents) = cluster_with(2, 1, &settings, true);
+    let leader = &agents[0];
+    sim.wait_until("node-0 leads and takes requests", WAIT, || {
+        leader.agent.ctl(&["jobs"]).status.success()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for (name, fail, image) in [
+        ("pull", "ImagePullBackOff", "registry.example/missing:1"),
+        ("mount", "FailedMount", "tf:2.16"),
+        ("evicted", "Evicted", "tf:2.16"),
+    ] {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, failing(name, fail, image)).unwrap();
+        leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    }
+    for job in ["pull", "mount", "evicted"] {
+        sim.wait_until(&format!("{job} fails"), WAIT, || {
+            state(leader, job) == "Failed"
+        });
+    }
+    let pull = leader.agent.ctl_json(&["job", "pull"]);
+    assert_eq!(pull["reason"], "ImagePullFailed", "{pull}");
+    let message = pull["message"].as_str().unwrap();
+    assert!(
+        message.contains("pod default/pull-worker-0-g1")
+            && message.contains("\"registry.example/missing:1\"")
+            && message.contains("cluster.image_pull_timeout"),
+        "{message}"
+    );
+    let mount = leader.agent.ctl_json(&["job", "mount"]);
+    assert_eq!(mount["reason"], "VolumeMountFailed", "{mount}");
+    let message = mount["message"].as_str().unwrap();
+    assert!(
+        message.contains("volume \"data\"") && message.contains("cluster.mount_timeout"),
+        "{message}"
+    );
+    assert_eq!(
+        mount["restarts"], 0,
+        "retrying cannot mount what is missing"
+    );
+    let evicted = leader.agent.ctl_json(&["job", "evicted"]);
+    assert_eq!(evicted["reason"], "BackoffLimitExceeded", "{evicted}");
+    assert_eq!(evicted["restarts"], 1, "{evicted}");
+    assert!(
+        evicted["message"].as_str().unwrap().contains("Evicted"),
+        "{evicted}"
+    );
+    let metrics = leader.metrics();
+    for line in [
+        "agentd_job_failures_total{reason=\"ImagePullFailed\"} 1",
+        "agentd_job_failures_total{reason=\"VolumeMountFailed\"} 1",
+        "agentd_job_failures_total{reason=\"Evicted\"} 2",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    // A failed job's pods are gone with it: nothing is left holding the nodes.
+    sim.wait_until("the failed gangs' pods are deleted", WAIT, || {
+        sim.get_json(&["pods", "-l", "agentd.io/job"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
 }
