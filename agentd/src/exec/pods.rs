@@ -327,7 +327,11 @@ impl Shared {
     fn mount_failed(&self, namespace: String, name: String, message: String) {
         let mut state = self.lock();
         let pod = (namespace, name);
-        state.mount_failures.insert(pod.clone(), message.clone());
+        let waiting = Some((
+            PlatformFailure::VolumeMountFailed,
+            format!("FailedMount: {message}"),
+        ));
+        state.mount_failures.insert(pod.clone(), message);
         let Some(known) = state.pods.get(&pod) else {
             return;
         };
@@ -343,10 +347,6 @@ impl Shared {
         {
             return;
         }
-        let waiting = Some((
-            PlatformFailure::VolumeMountFailed,
-            format!("FailedMount: {message}"),
-        ));
         wait(&mut state, &key, pod, waiting);
     }
 
