@@ -26,6 +26,11 @@ pub const DEFAULT_LOGS_MAX_TOTAL_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_REPLICAS_PER_JOB: u32 = 1024;
 /// The most replicas the unfinished jobs of an agent may have together, queued or running.
 pub const DEFAULT_MAX_REPLICAS_PER_AGENT: u32 = 10_000;
+/// Finished jobs the agent keeps in memory (for `agentctl jobs`); older ones are read from the
+/// database when asked for.
+pub const DEFAULT_FINISHED_IN_MEMORY: u32 = 200;
+/// How long a finished job stays in the history (and its logs on disk) before it is pruned.
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_hours(30 * 24);
 pub const DEFAULT_QUEUE: &str = "fast";
 pub const DEFAULT_CLUSTER_NAMESPACE: &str = "agentd-system";
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
@@ -192,6 +197,11 @@ pub struct JobsConfig {
     /// A job is refused at submission when the agent's unfinished jobs would then have more
     /// replicas than this together.
     pub max_replicas_per_agent: u32,
+    /// The most finished jobs held in memory; the rest are read from the database on demand.
+    pub finished_in_memory: u32,
+    /// Finished jobs, their events and logs are pruned this long after they finished.
+    #[serde(with = "duration_text")]
+    pub history_retention: Duration,
 }
 
 /// Who may do what through the API, and its optional remote listener.
@@ -381,6 +391,8 @@ impl Default for JobsConfig {
             replica_units: ReplicaUnits::Auto,
             max_replicas_per_job: DEFAULT_MAX_REPLICAS_PER_JOB,
             max_replicas_per_agent: DEFAULT_MAX_REPLICAS_PER_AGENT,
+            finished_in_memory: DEFAULT_FINISHED_IN_MEMORY,
+            history_retention: DEFAULT_HISTORY_RETENTION,
         }
     }
 }
@@ -581,6 +593,12 @@ impl Config {
             return Err(invalid(
                 "jobs.max_replicas_per_agent",
                 "must be at least jobs.max_replicas_per_job",
+            ));
+        }
+        if self.jobs.history_retention < Duration::from_mins(1) {
+            return Err(invalid(
+                "jobs.history_retention",
+                "must be at least 1m (finished jobs are kept at least that long)",
             ));
         }
         if self.api.max_connections == 0 {

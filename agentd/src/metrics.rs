@@ -136,7 +136,16 @@ pub struct Metrics {
     cluster_requests: Family<Labels, Counter>,
     leader: Gauge,
     leader_transitions: Counter,
+    jobs_finished: Family<Labels, Counter>,
+    job_gpu_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// The users with a `user` label of their own (see [`MAX_USER_LABELS`]).
+    gpu_users: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
+
+/// Users who get a `user` label of their own on `agentd_job_gpu_seconds_total`: the first this
+/// many to finish a job since the agent started; everyone after them is counted as `other`, so
+/// that the series stay bounded however many users a node serves.
+pub const MAX_USER_LABELS: usize = 50;
 
 impl Metrics {
     /// Creates the metrics and registers them, and the scrape-time collector, into `registry`.
@@ -211,6 +220,21 @@ impl Metrics {
             "Cluster mode: times this agent started or stopped leading",
             leader_transitions.clone(),
         );
+        let jobs_finished = Family::<Labels, Counter>::default();
+        registry.register(
+            "agentd_jobs_finished",
+            "Jobs that finished, by queue and final reason (Succeeded, ReplicaFailed, \
+             BackoffLimitExceeded, Cancelled, ...)",
+            jobs_finished.clone(),
+        );
+        let job_gpu_seconds =
+            Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "agentd_job_gpu_seconds",
+            "GPU-seconds of finished jobs (GPUs held times run time), by queue and user; users \
+             beyond the first 50 to finish a job since the agent started are counted as user=\"other\"",
+            job_gpu_seconds.clone(),
+        );
         registry.register_collector(Box::new(StateCollector {
             state: Arc::clone(&state),
             version: env!("CARGO_PKG_VERSION"),
@@ -229,6 +253,9 @@ impl Metrics {
             cluster_requests,
             leader,
             leader_transitions,
+            jobs_finished,
+            job_gpu_seconds,
+            gpu_users: Arc::default(),
         }
     }
 
@@ -238,6 +265,32 @@ impl Metrics {
         if was != i64::from(leading) {
             self.leader_transitions.inc();
         }
+    }
+
+    /// Counts a job that finished, and the GPU-seconds it used under its user (or `other`).
+    pub fn job_finished(&self, status: &agentd_api::jobs::JobStatus) {
+        self.jobs_finished
+            .get_or_create(&vec![
+                ("queue", status.queue.clone()),
+                ("reason", status.reason.clone()),
+            ])
+            .inc();
+        let user = status.owner.as_ref().map_or("-", |o| o.user.as_str());
+        let user = {
+            let mut users = self
+                .gpu_users
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if users.contains(user) || users.len() < MAX_USER_LABELS {
+                users.insert(user.to_owned());
+                user.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        self.job_gpu_seconds
+            .get_or_create(&vec![("queue", status.queue.clone()), ("user", user)])
+            .inc_by(crate::store::history::gpu_seconds(status));
     }
 
     /// Sets `agentd_cluster_connected`.
@@ -1105,6 +1158,47 @@ mod tests {
             text.lines()
                 .any(|l| l.starts_with("agentd_gpu_utilization_ratio{") && l.ends_with(" 1"))
         );
+    }
+
+    #[test]
+    fn finished_jobs_are_counted_with_a_bounded_set_of_users() {
+        let text = scrape(|m| {
+            for i in 0..MAX_USER_LABELS + 10 {
+                let status: agentd_api::jobs::JobStatus =
+                    serde_json::from_value(serde_json::json!({
+                        "name": format!("j{i}"), "kind": "TrainingJob", "queue": "fast",
+                        "priority": 0, "state": "Succeeded", "reason": "Succeeded",
+                        "message": "", "submitted_at": 0.0, "started_at": 10.0,
+                        "finished_at": 20.0, "restarts": 0, "backoff_limit": 3,
+                        "generation": 1,
+                        "owner": {"uid": i, "gid": 0, "user": format!("user{i}")},
+                        "replicas": [{"name": "worker-0", "type": "worker", "index": 0,
+                            "state": "Succeeded", "node": "n", "gpus": [], "gpu_indices": [0],
+                            "address": null, "pid": null, "exit_code": 0, "signal": null,
+                            "started_at": 10.0, "finished_at": 20.0}]
+                    }))
+                    .unwrap();
+                m.job_finished(&status);
+            }
+        });
+        assert!(
+            text.contains("agentd_jobs_finished_total{queue=\"fast\",reason=\"Succeeded\"} 60"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentd_job_gpu_seconds_total{queue=\"fast\",user=\"user0\"} 10"),
+            "{text}"
+        );
+        // Ten users past the first fifty share one series.
+        assert!(
+            text.contains("agentd_job_gpu_seconds_total{queue=\"fast\",user=\"other\"} 100"),
+            "{text}"
+        );
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("agentd_job_gpu_seconds_total{"))
+            .count();
+        assert_eq!(series, MAX_USER_LABELS + 1);
     }
 
     #[test]

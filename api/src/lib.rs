@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod error;
+pub mod history;
 pub mod inventory;
 pub mod jobs;
 pub mod nodes;

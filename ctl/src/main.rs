@@ -3,6 +3,7 @@
 //! failed, 2 usage error, 3 agent unreachable.
 
 mod docs;
+mod history;
 mod jobs;
 mod nodes;
 mod output;
@@ -96,6 +97,9 @@ enum Command {
         #[command(subcommand)]
         command: remote::TokenCommand,
     },
+    /// Finished jobs with their accounting, newest first (-o csv too), or --summary by user or
+    /// queue.
+    History(history::HistoryArgs),
     /// Write the man pages and bash/zsh/fish completions under DIR (for the package build).
     #[command(name = "__generate-docs", hide = true)]
     GenerateDocs { dir: PathBuf },
@@ -177,6 +181,10 @@ fn main() -> ExitCode {
             )?,
         };
         match cli.command {
+            Command::History(args) => history::history(&client, &args, cli.output).await,
+            _ if cli.output == Format::Csv => Err(Failure::Usage(
+                "-o csv is for agentctl history; use -o json or yaml here".to_owned(),
+            )),
             Command::Status => status::status(&client, cli.output).await,
             Command::Node => status::node(&client, cli.output).await,
             Command::Nodes => nodes::list(&client, cli.output).await,

@@ -9,6 +9,8 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// Comma-separated values, for `history` (spreadsheets, accounting scripts).
+    Csv,
 }
 
 /// Prints `value` as JSON or YAML; returns false for `table`, which the caller prints itself.
@@ -25,7 +27,7 @@ pub fn print_structured(format: Format, value: &Value) -> std::io::Result<bool> 
             out.write_all(text.as_bytes())?;
             Ok(true)
         }
-        Format::Table => Ok(false),
+        Format::Table | Format::Csv => Ok(false),
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod error;
+mod history;
 pub mod limits;
 mod logs;
 pub mod remote;
@@ -415,6 +416,7 @@ async fn dispatch(
                 .await?;
             Ok(json(StatusCode::OK, &list))
         }
+        Route::History(request) => history::respond(core, request).await,
         Route::JobLogs {
             name,
             replica,

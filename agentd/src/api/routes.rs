@@ -46,6 +46,7 @@ pub enum Route {
         limit: u32,
         job: Option<String>,
     },
+    History(super::history::HistoryRequest),
 }
 
 impl Route {
@@ -76,7 +77,10 @@ impl Route {
             (["v1", "nodes", _, "drain" | "resume"], _) => return Err(not_allowed("POST")),
             (
                 ["healthz" | "readyz"]
-                | ["v1", "status" | "node" | "nodes" | "queues" | "events"]
+                | [
+                    "v1",
+                    "status" | "node" | "nodes" | "queues" | "events" | "history",
+                ]
                 | ["v1", "jobs", _, "logs"],
                 false,
             ) => return Err(not_allowed("GET")),
@@ -109,6 +113,7 @@ impl Route {
                 replica: query.get("replica").map(str::to_owned),
                 follow: query.flag("follow")?,
             },
+            (["v1", "history"], true) => Route::History(super::history::parse(&query)?),
             (["v1", "events"], true) => Route::Events {
                 after: query.number("after")?.unwrap_or(0),
                 limit: query.number("limit")?.map_or(Ok(1000), |n: i64| {
@@ -144,12 +149,13 @@ impl Route {
             Route::DrainNode { drain: true, .. } => "drain_node",
             Route::DrainNode { drain: false, .. } => "resume_node",
             Route::Events { .. } => "events",
+            Route::History(_) => "history",
         }
     }
 }
 
 /// Decoded query parameters.
-struct Query(Vec<(String, String)>);
+pub(super) struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(text: &str) -> Result<Self, ApiError> {
@@ -161,7 +167,7 @@ impl Query {
         Ok(Self(pairs))
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub(super) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
@@ -179,7 +185,7 @@ impl Query {
         }
     }
 
-    fn number(&self, key: &str) -> Result<Option<i64>, ApiError> {
+    pub(super) fn number(&self, key: &str) -> Result<Option<i64>, ApiError> {
         self.get(key)
             .map(|v| {
                 v.parse().map_err(|_| ApiError::BadRequest {

@@ -9,6 +9,7 @@
 //! ([`crate::store::JobStore`], [`crate::exec::Executor`]).
 
 pub mod clock;
+mod finished;
 pub mod lifecycle;
 mod log_budget;
 mod record;
@@ -17,9 +18,9 @@ pub mod terms;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use agentd_api::NodeInventory;
@@ -33,7 +34,7 @@ use crate::inventory::GpuHealthEvent;
 use crate::job::{self, SpecError};
 use crate::metrics::{Metrics, NodeAllocation};
 use crate::sched::{self, NodeCapacity, Policy, QueueConfig, Snapshot};
-use crate::store::{JobStore, StoreError};
+use crate::store::{History, JobStore, StoreError};
 
 pub use clock::{Clock, ManualClock, Now, SystemClock};
 use lifecycle::{Effect, Input, Lifecycle, MetricUpdate, RequestId};
@@ -188,9 +189,20 @@ pub struct CoreHandle {
     /// Submissions have a channel of their own, which the core stops reading while the
     /// executor is behind: new work waits at the door, reads never do.
     submits: mpsc::Sender<Command>,
+    /// The finished jobs' history, where the core's store keeps one: read on the caller's
+    /// side, on a connection of its own, never through the core.
+    history: Arc<Mutex<Option<History>>>,
 }
 
 impl CoreHandle {
+    /// The history of finished jobs, where the store keeps one (standalone mode).
+    pub fn history(&self) -> Option<History> {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Sends a command built around a reply channel and waits for the answer.
     pub async fn ask<T>(&self, build: impl FnOnce(Reply<T>) -> Command) -> Result<T, CoreError> {
         let (reply, rx) = oneshot::channel();
@@ -266,6 +278,8 @@ pub struct Core {
     logs_budget: u64,
     ticks: u64,
     metrics: Option<Metrics>,
+    /// Where the store keeps a history of finished jobs: its pruning.
+    pruning: Option<finished::Pruning>,
 }
 
 /// The channels a core is reached by: the API's handle, and the senders executors and stops
@@ -289,6 +303,7 @@ impl CoreWiring {
                 handle: CoreHandle {
                     tx,
                     submits: submits_tx,
+                    history: Arc::default(),
                 },
                 reports,
                 internal_tx,
@@ -416,12 +431,24 @@ impl Core {
             metrics,
             clock,
         } = parts;
+        let logs = config.state_dir.join("logs");
+        let history = store.history(&logs)?;
+        (*wiring
+            .handle
+            .history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+        .clone_from(&history);
         let settings = lifecycle::Settings {
             node,
             default_queue: config.jobs.default_queue.clone(),
             max_replicas_per_agent: config.jobs.max_replicas_per_agent,
             backoff: (config.jobs.restart_backoff, config.jobs.restart_backoff_max),
-            logs: config.state_dir.join("logs"),
+            logs,
+            finished_in_memory: history
+                .as_ref()
+                .map(|_| config.jobs.finished_in_memory as usize),
+            history_retention: config.jobs.history_retention,
         };
         let drained = config.state_dir.join(DRAINED_MARKER).exists();
         let mut core = Core {
@@ -444,6 +471,8 @@ impl Core {
             logs_budget: config.jobs.logs_max_total_bytes,
             ticks: 0,
             metrics,
+            pruning: history
+                .map(|history| finished::Pruning::new(config.jobs.history_retention, history)),
         };
         core.recover()?;
         core.commit()?;
@@ -569,6 +598,25 @@ impl Core {
                 owner,
                 reply,
             } => {
+                // A finished job that left memory still holds its name, until it is removed
+                // or pruned.
+                if self.lifecycle.job(&job.name).is_none() {
+                    match self.store.job(&job.name) {
+                        Ok(None) => {}
+                        Ok(Some(_)) => {
+                            let name = &job.name;
+                            let _ = reply.send(Err(CoreError::Conflict(format!(
+                                "a job named {name:?} already exists (finished, in the history); \
+                                 remove it with `agentctl cancel {name}` or choose another name"
+                            ))));
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.into()));
+                            return;
+                        }
+                    }
+                }
                 let request = self.request(reply);
                 self.step(Input::Submit {
                     request,
@@ -613,8 +661,24 @@ impl Core {
                 let _ = reply.send(found);
             }
             Command::Cancel { name, by, reply } => {
-                let request = self.request(reply);
-                self.step(Input::Cancel { request, name, by });
+                if self.lifecycle.job(&name).is_some() {
+                    let request = self.request(reply);
+                    self.step(Input::Cancel { request, name, by });
+                    return;
+                }
+                // Only finished jobs leave memory: one in the store alone is removed.
+                match finished::stored(self.store.as_ref(), &name) {
+                    Ok(status) => {
+                        let request = self.request(reply);
+                        self.step(Input::RemoveStored {
+                            request,
+                            status: Box::new(status),
+                        });
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Queues { reply } => {
                 let _ = reply.send(Ok(self.queue_list()));
@@ -652,10 +716,9 @@ impl Core {
     }
 
     fn get(&self, name: &str) -> Result<JobStatus, CoreError> {
-        let record = self
-            .lifecycle
-            .job(name)
-            .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+        let Some(record) = self.lifecycle.job(name) else {
+            return finished::stored(self.store.as_ref(), name);
+        };
         let mut status = record.status.clone();
         status.events = self
             .store
@@ -719,19 +782,18 @@ impl Core {
     }
 
     fn logs(&self, name: &str, replica: Option<&str>) -> Result<LogFiles, CoreError> {
-        let record = self
-            .lifecycle
-            .job(name)
-            .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+        let (record, live) = match self.lifecycle.job(name) {
+            Some(record) => (record.status.clone(), !record.live_pgids().is_empty()),
+            None => (finished::stored(self.store.as_ref(), name)?, false),
+        };
         let replica = match replica {
             Some(r) => {
-                if !record.status.replicas.iter().any(|s| s.name == r) {
+                if !record.replicas.iter().any(|s| s.name == r) {
                     return Err(CoreError::BadField {
                         field: "replica".to_owned(),
                         message: format!(
                             "job {name} has no replica {r:?}; replicas: {}",
                             record
-                                .status
                                 .replicas
                                 .iter()
                                 .map(|s| s.name.as_str())
@@ -743,7 +805,6 @@ impl Core {
                 r.to_owned()
             }
             None => record
-                .status
                 .replicas
                 .first()
                 .map(|s| s.name.clone())
@@ -753,7 +814,7 @@ impl Core {
         Ok(LogFiles {
             replica,
             files: vec![local::rotated_path(&current), current],
-            complete: record.status.state.is_finished() && record.live_pgids().is_empty(),
+            complete: record.state.is_finished() && !live,
         })
     }
 
@@ -818,10 +879,31 @@ impl Core {
             .map(|r| (r.status.finished_at.unwrap_or(0.0), r.status.name.clone()))
             .collect();
         finished.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let names: Vec<String> = finished.into_iter().map(|(_, n)| n).collect();
+        let mut names: Vec<String> = finished.into_iter().map(|(_, n)| n).collect();
+        // Active jobs, and finished ones with processes left, keep their logs.
+        let busy: BTreeSet<String> = self
+            .lifecycle
+            .jobs()
+            .values()
+            .filter(|r| !r.status.state.is_finished() || !r.live_pgids().is_empty())
+            .map(|r| r.status.name.clone())
+            .collect();
+        let history = self.pruning.as_ref().map(|p| p.history().clone());
         let root = self.lifecycle.settings().logs.clone();
         let budget = self.logs_budget;
         tokio::task::spawn_blocking(move || {
+            // Every finished job on disk, whether or not it is still in memory.
+            if let Some(history) = history {
+                match history.finished_oldest_first() {
+                    Ok(stored) => {
+                        names = stored.into_iter().filter(|n| !busy.contains(n)).collect();
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot list the finished jobs to bound their logs: {e}");
+                        return;
+                    }
+                }
+            }
             let removed = log_budget::enforce(&root, &names, budget);
             if !removed.is_empty() {
                 tracing::info!(
@@ -839,12 +921,31 @@ impl Core {
         if self.ticks.is_multiple_of(LOG_BUDGET_TICKS) {
             self.keep_logs_in_budget();
         }
+        if self.ticks % finished::PRUNE_TICKS == 1 {
+            self.prune_history();
+        }
         if self.lifecycle.write_failure().is_some() && self.store.check_writable().is_ok() {
             tracing::info!("the database takes writes again");
             self.step(Input::StoreWritable);
             self.report_gauges();
         }
         self.step(Input::Tick);
+    }
+
+    /// Prunes the history past `jobs.history_retention` or its TTL, on disk, in the
+    /// background; the finished jobs held in memory are the lifecycle's to let go.
+    fn prune_history(&mut self) {
+        let Some(pruning) = &self.pruning else {
+            return;
+        };
+        let held = self
+            .lifecycle
+            .jobs()
+            .values()
+            .filter(|r| r.status.state.is_finished())
+            .map(|r| r.status.name.clone())
+            .collect();
+        pruning.start(self.clock.now(), held);
     }
 
     fn replica_report(&mut self, report: ReplicaReport) {
@@ -986,6 +1087,7 @@ impl Core {
         if persist.is_empty() {
             let effects = self.lifecycle.persisted();
             self.perform(effects);
+            self.let_finished_go();
             return Ok(());
         }
         let changed = !persist.jobs.is_empty();
@@ -1000,6 +1102,7 @@ impl Core {
                     self.report_gauges();
                 }
                 self.perform(effects);
+                self.let_finished_go();
                 Ok(())
             }
             Err(e) => {
@@ -1014,6 +1117,18 @@ impl Core {
                 self.perform(effects);
                 Err(e.into())
             }
+        }
+    }
+
+    /// Finished jobs beyond `jobs.finished_in_memory`, or past the retention, leave memory
+    /// once what changed them is written.
+    fn let_finished_go(&mut self) {
+        let gone = self.lifecycle.let_finished_go(self.clock.now());
+        if gone > 0 {
+            tracing::debug!(
+                jobs = gone,
+                "finished jobs left memory: they are read from disk"
+            );
         }
     }
 
@@ -1055,6 +1170,7 @@ impl Core {
                         MetricUpdate::GangRestarted { reason } => metrics.gang_restarted(&reason),
                         MetricUpdate::JobFailure { reason } => metrics.job_failure(reason),
                         MetricUpdate::SubmitToRunning(waited) => metrics.submit_to_running(waited),
+                        MetricUpdate::JobFinished(status) => metrics.job_finished(&status),
                     }
                 }
             }

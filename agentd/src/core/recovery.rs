@@ -20,7 +20,12 @@ impl Core {
     pub(super) fn recover(&mut self) -> Result<(), CoreError> {
         let now = self.clock.now();
         let mut adopted = BTreeSet::new();
-        for (name, manifest, status_json) in self.store.jobs()? {
+        let in_memory = self
+            .lifecycle
+            .settings()
+            .finished_in_memory
+            .map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        for (name, manifest, status_json) in self.store.jobs_to_restore(in_memory)? {
             let (status, parsed) = match (
                 serde_json::from_str::<JobStatus>(&status_json),
                 job::parse(manifest.as_bytes()),

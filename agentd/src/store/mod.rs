@@ -5,6 +5,7 @@
 //! The core sees a store through [`JobStore`] only: SQLite here, `TrainingJob` objects in
 //! cluster mode, an in-memory one (`memory`) in tests.
 
+pub mod history;
 pub mod kube;
 #[cfg(test)]
 pub mod memory;
@@ -13,7 +14,9 @@ mod migrations;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub use history::{Cursor, History, HistoryFilter, Pruned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,6 +90,11 @@ pub enum JobWrite {
         manifest: String,
         status: String,
         time: f64,
+        /// When the job finished (wall clock), while it is finished: it then has a row in the
+        /// history too.
+        finished: Option<f64>,
+        /// When its `ttlSecondsAfterFinished` removes it (wall clock).
+        expires: Option<f64>,
     },
     /// Removes the job and its events.
     Delete { name: String },
@@ -106,11 +114,35 @@ pub struct NewEvent {
 pub type StoredJob = (String, String, String);
 
 /// Where the core keeps what must survive a restart. Every method may block (a write waits
-/// for the disk), so the core calls them off the async workers. Reads of finished jobs on
-/// demand belong here too, next to [`JobStore::jobs`].
+/// for the disk), so the core calls them off the async workers.
 pub trait JobStore: Send {
     /// Every stored job, by name.
     fn jobs(&self) -> Result<Vec<StoredJob>, StoreError>;
+
+    /// The stored jobs a core holds in memory from its start: every unfinished one and the
+    /// `finished_in_memory` that finished last. A store without a [`JobStore::history`] gives
+    /// every job: it cannot read one back later.
+    fn jobs_to_restore(&self, finished_in_memory: u32) -> Result<Vec<StoredJob>, StoreError> {
+        let _ = finished_in_memory;
+        self.jobs()
+    }
+
+    /// One stored job by name: how the core reads a finished job it no longer holds. A store
+    /// without a [`JobStore::history`] finds none (the core holds all of its jobs).
+    fn job(&self, name: &str) -> Result<Option<StoredJob>, StoreError> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// The history of finished jobs on a connection of its own, where this store keeps one;
+    /// `logs` holds each job's logs, pruned with it. Only then may finished jobs leave the
+    /// core's memory. The `TrainingJob` objects of cluster mode have none: there the objects
+    /// are the history (`kubectl get trainingjobs`), and finished jobs stay in memory until
+    /// their `ttlSecondsAfterFinished`.
+    fn history(&self, logs: &Path) -> Result<Option<History>, StoreError> {
+        let _ = logs;
+        Ok(None)
+    }
 
     /// Writes job changes and new events together: all of them are durable when this
     /// returns, or none are.
@@ -144,6 +176,18 @@ pub trait JobStore: Send {
 impl JobStore for Store {
     fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
         Store::jobs(self)
+    }
+
+    fn jobs_to_restore(&self, finished_in_memory: u32) -> Result<Vec<StoredJob>, StoreError> {
+        Store::jobs_to_restore(self, finished_in_memory)
+    }
+
+    fn job(&self, name: &str) -> Result<Option<StoredJob>, StoreError> {
+        Store::job(self, name)
+    }
+
+    fn history(&self, logs: &Path) -> Result<Option<History>, StoreError> {
+        History::open(&self.path, logs).map(Some)
     }
 
     fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError> {
@@ -399,12 +443,6 @@ impl Store {
         };
         let tx = self.conn.transaction().map_err(sql)?;
         {
-            let mut upsert = tx
-                .prepare_cached(
-                    "INSERT INTO jobs (name, manifest, status, updated) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(name) DO UPDATE SET status = excluded.status, updated = excluded.updated",
-                )
-                .map_err(sql)?;
             let mut delete = tx
                 .prepare_cached("DELETE FROM jobs WHERE name = ?1")
                 .map_err(sql)?;
@@ -412,23 +450,12 @@ impl Store {
                 .prepare_cached("DELETE FROM events WHERE kind = 'job' AND object = ?1")
                 .map_err(sql)?;
             for write in jobs {
-                match write {
-                    JobWrite::Upsert {
-                        name,
-                        manifest,
-                        status,
-                        time,
-                    } => {
-                        upsert
-                            .execute(params![name, manifest, status, time])
-                            .map_err(sql)?;
-                    }
-                    JobWrite::Delete { name } => {
-                        delete.execute(params![name]).map_err(sql)?;
-                        delete_events.execute(params![name]).map_err(sql)?;
-                    }
+                if let JobWrite::Delete { name } = write {
+                    delete.execute(params![name]).map_err(sql)?;
+                    delete_events.execute(params![name]).map_err(sql)?;
                 }
             }
+            // Events before the jobs: a finished job's history row counts its restarts from them.
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO events (time, kind, object, reason, message) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -438,6 +465,33 @@ impl Store {
                 insert
                     .execute(params![e.time, e.kind, e.object, e.reason, e.message])
                     .map_err(sql)?;
+            }
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO jobs (name, manifest, status, updated, finished, expires)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT(name) DO UPDATE SET status = excluded.status,
+                        updated = excluded.updated, finished = excluded.finished,
+                        expires = excluded.expires",
+                )
+                .map_err(sql)?;
+            for write in jobs {
+                if let JobWrite::Upsert {
+                    name,
+                    manifest,
+                    status,
+                    time,
+                    finished,
+                    expires,
+                } = write
+                {
+                    upsert
+                        .execute(params![name, manifest, status, time, finished, expires])
+                        .map_err(sql)?;
+                    if finished.is_some() {
+                        history::record_finished(&tx, name).map_err(sql)?;
+                    }
+                }
             }
         }
         tx.commit().map_err(sql)
@@ -460,6 +514,26 @@ impl Store {
         tx.commit().map_err(sql)
     }
 
+    /// The stored jobs an agent holds in memory: every unfinished one and the
+    /// `finished_in_memory` that finished last: (name, manifest, status JSON).
+    pub fn jobs_to_restore(&self, finished_in_memory: u32) -> Result<Vec<StoredJob>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, manifest, status FROM jobs WHERE finished IS NULL
+                 UNION ALL
+                 SELECT * FROM (SELECT name, manifest, status FROM jobs WHERE finished IS NOT NULL
+                                ORDER BY finished DESC LIMIT ?1)",
+            )
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map(params![finished_in_memory], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
     /// Every stored job: (name, manifest, status JSON).
     pub fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
         let mut stmt = self
@@ -470,6 +544,16 @@ impl Store {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// One stored job: (name, manifest, status JSON), if there is such a job.
+    pub fn job(&self, name: &str) -> Result<Option<StoredJob>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT name, manifest, status FROM jobs WHERE name = ?1")
+            .map_err(self.sql())?
+            .query_row(params![name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .map_err(self.sql())
     }
 
     /// Checkpoints the WAL into the main file; called on a clean shutdown.
@@ -572,6 +656,8 @@ mod tests {
             manifest: "kind: TrainingJob".into(),
             status: status.into(),
             time: 1.0,
+            finished: None,
+            expires: None,
         };
         let event = |object: &str| NewEvent {
             time: 1.0,

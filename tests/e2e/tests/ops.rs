@@ -230,6 +230,19 @@ fn start_metrics_server(gpus: u32) -> FakeAgentMetrics {
         },
     );
     metrics.job_state_changed("fast", "Queued", "Placed");
+    let finished: agentd_api::jobs::JobStatus = serde_json::from_value(serde_json::json!({
+        "name": "done", "kind": "TrainingJob", "queue": "fast", "priority": 0,
+        "state": "Failed", "reason": "BackoffLimitExceeded", "message": "m",
+        "submitted_at": 1.0, "started_at": 2.0, "finished_at": 12.5, "restarts": 3,
+        "backoff_limit": 3, "generation": 4,
+        "owner": {"uid": 1000, "gid": 1000, "user": "alice"},
+        "replicas": [{"name": "worker-0", "type": "worker", "index": 0, "state": "Failed",
+                      "node": "e2e-node", "gpus": [], "gpu_indices": [0, 1], "address": null,
+                      "pid": null, "exit_code": 1, "signal": null, "started_at": 2.0,
+                      "finished_at": 12.5}]
+    }))
+    .unwrap();
+    metrics.job_finished(&finished);
     metrics.gang_restarted("OOMKilled");
     metrics.scheduling_pass(Duration::from_micros(420));
     metrics.submit_to_running(Duration::from_secs(2));
@@ -274,6 +287,16 @@ fn a_scrape_passes_promtool_check_metrics_with_no_findings() {
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("agentd_gpu_utilization_ratio{gpu=\"7\""),
+        "{body}"
+    );
+    assert!(
+        body.contains(
+            "agentd_jobs_finished_total{queue=\"fast\",reason=\"BackoffLimitExceeded\"} 1"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("agentd_job_gpu_seconds_total{queue=\"fast\",user=\"alice\"} 21"),
         "{body}"
     );
 

@@ -49,6 +49,12 @@ pub struct Settings {
     pub backoff: (Duration, Duration),
     /// Where each job's replica logs go (`<logs>/<job>/<replica>.log`).
     pub logs: PathBuf,
+    /// `jobs.finished_in_memory`: the finished jobs held after a written turn, where the store
+    /// reads the others back; `None` where it cannot (they stay until their time-to-live).
+    pub finished_in_memory: Option<usize>,
+    /// `jobs.history_retention`: a finished job older than this leaves memory whatever the
+    /// count (the store prunes it).
+    pub history_retention: Duration,
 }
 
 /// One thing that happened, fed to [`Lifecycle::step`].
@@ -66,6 +72,12 @@ pub enum Input {
         request: RequestId,
         name: String,
         by: String,
+    },
+    /// Removes a finished job that is no longer held in memory: the caller read it from the
+    /// store (its `agentctl cancel`).
+    RemoveStored {
+        request: RequestId,
+        status: Box<JobStatus>,
     },
     /// `agentctl drain` (true) or `agentctl resume` (false).
     Drain(bool),
@@ -157,6 +169,8 @@ pub enum MetricUpdate {
     JobFailure {
         reason: &'static str,
     },
+    /// A job finished: counted by queue and reason, its GPU-seconds by queue and user.
+    JobFinished(Box<JobStatus>),
 }
 
 /// What the caller does once the turn is written (or its write failed), in this order.
@@ -327,6 +341,10 @@ impl Lifecycle {
                 let result = self.cancel(&name, &by, now);
                 self.replies.push((request, result));
             }
+            Input::RemoveStored { request, status } => {
+                let result = self.remove_stored(*status);
+                self.replies.push((request, result));
+            }
             Input::Drain(drained) => {
                 if drained != self.drained {
                     self.drained = drained;
@@ -448,11 +466,15 @@ impl Lifecycle {
             .collect();
         for name in &self.dirty {
             if let Some(record) = self.jobs.get(name) {
+                let ttl = record.job.spec.run_policy.ttl_seconds_after_finished;
+                let (finished, expires) = crate::store::history::lifetime(&record.status, ttl);
                 jobs.push(JobWrite::Upsert {
                     name: name.clone(),
                     manifest: record.manifest.clone(),
                     status: serde_json::to_string(&record.status).expect("status serializes"),
                     time: now.wall,
+                    finished,
+                    expires,
                 });
             }
         }
@@ -553,6 +575,13 @@ impl Lifecycle {
                         from: before.map_or("None", JobState::as_str),
                         to: state.as_str(),
                     }));
+                    // A job read back finished at start-up was counted by the agent it
+                    // finished under.
+                    if state.is_finished() && before.is_some() {
+                        effects.push(Effect::Metric(MetricUpdate::JobFinished(Box::new(
+                            record.status.clone(),
+                        ))));
+                    }
                 }
             }
         }
@@ -665,6 +694,68 @@ impl Lifecycle {
             now,
         );
         Ok(self.jobs[name].status.clone())
+    }
+
+    /// Removes a finished job the store holds and memory does not: its row, events and logs
+    /// go with the turn.
+    fn remove_stored(&mut self, mut status: JobStatus) -> Result<JobStatus, CoreError> {
+        let name = status.name.clone();
+        if self.jobs.contains_key(&name) || !status.state.is_finished() {
+            // The caller reads the store only for jobs it does not hold, and only finished
+            // jobs leave memory: anything else is a stored job this agent does not know.
+            return Err(CoreError::Conflict(format!(
+                "job {name:?} is stored as {} but not held by the agent; restart the agent to \
+                 read it back",
+                status.state
+            )));
+        }
+        status.events.clear();
+        self.undo.entry(name.clone()).or_insert(None);
+        self.deleted.insert(name.clone());
+        self.other.push(Effect::RemoveLogs { job: name });
+        "Removed".clone_into(&mut status.reason);
+        status.message = format!("removed ({} before)", status.state);
+        Ok(status)
+    }
+
+    /// After a written turn: the finished jobs beyond `finished_in_memory` (the oldest first)
+    /// and those past `history_retention` leave memory; they are on disk already. Only a job
+    /// that holds nothing any more (no allocation, no process, no launch or stop under way)
+    /// goes; one that still does is looked at again after the next turn. Returns how many went.
+    pub fn let_finished_go(&mut self, now: Now) -> usize {
+        let Some(keep) = self.settings.finished_in_memory else {
+            return 0;
+        };
+        // Nothing of this turn is written yet: let go only after it is.
+        if !self.dirty.is_empty() || !self.deleted.is_empty() {
+            return 0;
+        }
+        let cutoff = now.wall - self.settings.history_retention.as_secs_f64();
+        let mut finished: Vec<(f64, &str, bool)> = self
+            .jobs
+            .values()
+            .filter(|r| r.status.state.is_finished())
+            .map(|r| {
+                let at = r.status.finished_at.unwrap_or(0.0);
+                (at, r.status.name.as_str(), holds_nothing(r))
+            })
+            .collect();
+        if finished.len() <= keep && finished.iter().all(|(at, ..)| *at >= cutoff) {
+            return 0;
+        }
+        // Newest first: the first `keep` stay unless past the retention.
+        finished.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+        let leaving: Vec<String> = finished
+            .iter()
+            .enumerate()
+            .filter(|(i, (at, _, free))| *free && (*i >= keep || *at < cutoff))
+            .map(|(_, (_, name, _))| (*name).to_owned())
+            .collect();
+        for name in &leaving {
+            self.jobs.remove(name);
+            self.reported.remove(name);
+        }
+        leaving.len()
     }
 
     /// Stops the replicas a finished job left running; its allocation is freed once they
@@ -1263,6 +1354,18 @@ impl Lifecycle {
 }
 
 /// What an adopted gang holds: each placed replica's node, GPUs and requests.
+/// Whether a finished job holds nothing the lifecycle must still see to: it can live on disk
+/// alone.
+fn holds_nothing(r: &JobRecord) -> bool {
+    r.allocation.is_none()
+        && r.launching == 0
+        && r.pending_stop.is_none()
+        && r.kept.is_empty()
+        && r.early_exits.is_empty()
+        && !r.remove_when_released
+        && r.live_pgids().is_empty()
+}
+
 fn adopted_allocation(record: &JobRecord) -> Allocation {
     let requests: BTreeMap<String, sched::Resources> = job::gang_request(&record.job, 0.0)
         .replicas

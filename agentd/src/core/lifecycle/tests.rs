@@ -112,6 +112,8 @@ impl Harness {
             max_replicas_per_agent,
             backoff: (Duration::from_secs(10), Duration::from_mins(5)),
             logs: PathBuf::from("/state/logs"),
+            finished_in_memory: None,
+            history_retention: Duration::from_hours(24),
         };
         Self {
             life: Lifecycle::new(settings, false),

@@ -210,6 +210,8 @@ fn upsert(name: &str, manifest: &str, status: &JobStatus) -> JobWrite {
         manifest: manifest.to_owned(),
         status: serde_json::to_string(status).expect("status serializes"),
         time: 1.0,
+        finished: None,
+        expires: None,
     }
 }
 

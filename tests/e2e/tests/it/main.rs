@@ -4,6 +4,7 @@ mod agent;
 mod auth;
 mod cluster;
 mod gpus;
+mod history;
 mod jobs;
 mod leader;
 mod lifecycle;
