@@ -179,11 +179,11 @@ fn main() -> ExitCode {
             _ => remote::client(
                 &cli.socket,
                 cli.server.as_deref(),
-                &remote::Credentials {
-                    ca_file: cli.ca_file.as_deref(),
-                    token_file: cli.token_file.as_deref(),
-                    cert_file: cli.cert_file.as_deref(),
-                    key_file: cli.key_file.as_deref(),
+                &remote::CredentialFiles {
+                    ca: cli.ca_file.as_deref(),
+                    token: cli.token_file.as_deref(),
+                    cert: cli.cert_file.as_deref(),
+                    key: cli.key_file.as_deref(),
                 },
             )?,
         };

@@ -33,11 +33,11 @@ pub enum TokenCommand {
 }
 
 /// What `--server https://...` trusts and shows: files named by flags or the environment.
-pub struct Credentials<'a> {
-    pub ca_file: Option<&'a Path>,
-    pub token_file: Option<&'a Path>,
-    pub cert_file: Option<&'a Path>,
-    pub key_file: Option<&'a Path>,
+pub struct CredentialFiles<'a> {
+    pub ca: Option<&'a Path>,
+    pub token: Option<&'a Path>,
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
 }
 
 /// The client for this command: the socket, or `--server` with its credentials. Credentials
@@ -45,17 +45,17 @@ pub struct Credentials<'a> {
 pub fn client(
     socket: &Path,
     server: Option<&str>,
-    credentials: &Credentials<'_>,
+    files: &CredentialFiles<'_>,
 ) -> Result<Client, Failure> {
     let Some(server) = server.filter(|s| !s.is_empty()) else {
         return Ok(Client::new(socket));
     };
     let https = server.starts_with("https://");
-    let token = match credentials.token_file {
+    let token = match files.token {
         Some(path) if https => Some(read_token(path)?),
         _ => None,
     };
-    let certificate = match (credentials.cert_file, credentials.key_file) {
+    let certificate = match (files.cert, files.key) {
         _ if !https => None,
         (Some(cert_file), Some(key_file)) => Some(ClientCertificate {
             cert_file,
@@ -77,7 +77,7 @@ pub fn client(
     };
     Ok(Client::remote_with_certificate(
         server,
-        credentials.ca_file,
+        files.ca,
         token,
         certificate,
     )?)
