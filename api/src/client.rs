@@ -80,6 +80,14 @@ pub const REMOTE_AGENTCTL: &str = "agentctl";
 /// The hidden agentctl command that joins its standard input and output to the agent's socket.
 pub const DIAL_STDIO: &str = "__dial-stdio";
 
+/// A client certificate and its private key, as PEM files, for an agent that takes client
+/// certificates (`api.client_ca`): the certificate's common name is the user.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCertificate<'a> {
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
+}
+
 /// A response whose body is read as a stream of chunks (for `logs --follow`).
 pub type StreamingResponse = Response<Incoming>;
 
@@ -98,6 +106,16 @@ impl Client {
         server: &str,
         ca_file: Option<&Path>,
         token: Option<String>,
+    ) -> Result<Self, ClientError> {
+        Self::remote_with_certificate(server, ca_file, token, None)
+    }
+
+    /// As [`Client::remote`], showing `certificate` to an HTTPS server that asks for one.
+    pub fn remote_with_certificate(
+        server: &str,
+        ca_file: Option<&Path>,
+        token: Option<String>,
+        certificate: Option<ClientCertificate<'_>>,
     ) -> Result<Self, ClientError> {
         let bad = |why: &str| {
             ClientError::Settings(format!(
@@ -134,7 +152,7 @@ impl Client {
                         .trim_end_matches(']')
                         .to_owned(),
                     port: port.unwrap_or(443),
-                    tls: tls_config(ca_file)?,
+                    tls: tls_config(ca_file, certificate)?,
                     token,
                 }
             }
@@ -374,8 +392,12 @@ impl AsyncWrite for ChildStream {
     }
 }
 
-/// TLS 1.2 and 1.3 (rustls has no older version), trusting `ca_file` or the system's roots.
-fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+/// TLS 1.2 and 1.3 (rustls has no older version), trusting `ca_file` or the system's roots,
+/// showing `certificate` where given.
+fn tls_config(
+    ca_file: Option<&Path>,
+    certificate: Option<ClientCertificate<'_>>,
+) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
@@ -410,9 +432,69 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
     .map_err(|e| ClientError::Settings(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match certificate {
+        Some(certificate) => {
+            let (chain, key) = read_client_certificate(certificate)?;
+            config.with_client_auth_cert(chain, key).map_err(|e| {
+                ClientError::Settings(format!(
+                    "the key in {} (--key-file) cannot be used with the certificate in {} \
+                     (--cert-file): {e}",
+                    certificate.key_file.display(),
+                    certificate.cert_file.display()
+                ))
+            })?
+        }
+        None => config.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
+}
+
+/// The certificate chain and private key of a client certificate; an error names the flag of
+/// the file that is missing, unreadable or holds no PEM certificate or key.
+fn read_client_certificate(
+    certificate: ClientCertificate<'_>,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    ClientError,
+> {
+    use rustls::pki_types::pem::{Error as PemError, PemObject as _};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, flag: &str, path: &Path, e: &dyn std::fmt::Display| {
+        ClientError::Settings(format!(
+            "cannot read the client {what} in {} ({flag}): {e}",
+            path.display()
+        ))
+    };
+    let ClientCertificate {
+        cert_file,
+        key_file,
+    } = certificate;
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| bad("certificate", "--cert-file", cert_file, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("certificate", "--cert-file", cert_file, &e))?;
+    if chain.is_empty() {
+        return Err(bad(
+            "certificate",
+            "--cert-file",
+            cert_file,
+            &"the file holds no PEM certificate",
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| match e {
+        PemError::NoItemsFound => bad(
+            "key",
+            "--key-file",
+            key_file,
+            &"the file holds no PEM private key",
+        ),
+        other => bad("key", "--key-file", key_file, &other),
+    })?;
+    Ok((chain, key))
 }
 
 /// `host`, `host:port` or `[v6]:port`.
@@ -495,6 +577,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ca.pem") && err.contains("--ca-file"), "{err}");
+    }
+
+    #[test]
+    fn client_certificate_files_that_cannot_be_used_name_their_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_file = dir.path().join("alice.pem");
+        let key_file = dir.path().join("alice.key");
+        let other_key_file = dir.path().join("other.key");
+        let not_pem = dir.path().join("notes.txt");
+        let missing = dir.path().join("missing.pem");
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&other_key_file, other.serialize_pem()).unwrap();
+        std::fs::write(&not_pem, "not PEM at all").unwrap();
+        let connect = |cert_file: &Path, key_file: &Path| {
+            Client::remote_with_certificate(
+                "https://gpu-7:9443",
+                None,
+                None,
+                Some(ClientCertificate {
+                    cert_file,
+                    key_file,
+                }),
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(connect(&cert_file, &key_file), Ok(()));
+        for (cert, key, needles) in [
+            (&missing, &key_file, ["missing.pem", "--cert-file"]),
+            (&not_pem, &key_file, ["no PEM certificate", "--cert-file"]),
+            (&key_file, &key_file, ["no PEM certificate", "--cert-file"]),
+            (&cert_file, &missing, ["missing.pem", "--key-file"]),
+            (&cert_file, &not_pem, ["no PEM private key", "--key-file"]),
+            (&cert_file, &cert_file, ["no PEM private key", "--key-file"]),
+        ] {
+            let err = connect(cert, key).unwrap_err();
+            for needle in needles {
+                assert!(err.contains(needle), "{needle:?} not in {err:?}");
+            }
+        }
+        let err = connect(&cert_file, &other_key_file).unwrap_err();
+        assert!(
+            err.contains("--key-file") && err.contains("--cert-file"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod nodes;
 pub mod status;
 pub mod tokens;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientCertificate, ClientError};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use inventory::{CpuInfo, DiskInfo, GpuDriver, GpuInfo, MemoryInfo, NodeInventory};
 pub use jobs::Owner;

@@ -23,6 +23,8 @@ pub const TOKEN_BYTES: usize = 32;
 pub const SERVER_ENV: &str = "AGENTD_SERVER";
 pub const CA_FILE_ENV: &str = "AGENTD_CA_FILE";
 pub const TOKEN_FILE_ENV: &str = "AGENTD_TOKEN_FILE";
+pub const CERT_FILE_ENV: &str = "AGENTD_CERT_FILE";
+pub const KEY_FILE_ENV: &str = "AGENTD_KEY_FILE";
 
 /// The SHA-256 of a token.
 ///

@@ -39,6 +39,13 @@ struct Cli {
     /// A file holding the bearer token for --server https://... (made by `agentctl token create`).
     #[arg(long, global = true, env = agentd_api::tokens::TOKEN_FILE_ENV)]
     token_file: Option<PathBuf>,
+    /// A client certificate (PEM) for --server https://..., for an agent that takes them
+    /// (api.client_ca): its common name is the user you act as. Needs --key-file.
+    #[arg(long, global = true, env = agentd_api::tokens::CERT_FILE_ENV)]
+    cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, global = true, env = agentd_api::tokens::KEY_FILE_ENV)]
+    key_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -176,8 +183,12 @@ fn main() -> ExitCode {
             _ => remote::client(
                 &cli.socket,
                 cli.server.as_deref(),
-                cli.ca_file.as_deref(),
-                cli.token_file.as_deref(),
+                &remote::CredentialFiles {
+                    ca: cli.ca_file.as_deref(),
+                    token: cli.token_file.as_deref(),
+                    cert: cli.cert_file.as_deref(),
+                    key: cli.key_file.as_deref(),
+                },
             )?,
         };
         match cli.command {

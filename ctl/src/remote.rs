@@ -1,11 +1,11 @@
-//! The remote door: which agent a command talks to (`--server`, `--ca-file`, `--token-file`),
-//! `token create`, and `__dial-stdio`, which `--server ssh://` runs on the far machine.
+//! The remote door: which agent a command talks to (`--server`, `--ca-file`, `--token-file`,
+//! `--cert-file` and `--key-file`), `token create`, and `__dial-stdio`, which `--server ssh://` runs on the far machine.
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use agentd_api::Client;
 use agentd_api::tokens;
+use agentd_api::{Client, ClientCertificate};
 use clap::Subcommand;
 
 use crate::Failure;
@@ -32,21 +32,55 @@ pub enum TokenCommand {
     },
 }
 
-/// The client for this command: the socket, or `--server` with its CA and token.
+/// What `--server https://...` trusts and shows: files named by flags or the environment.
+pub struct CredentialFiles<'a> {
+    pub ca: Option<&'a Path>,
+    pub token: Option<&'a Path>,
+    pub cert: Option<&'a Path>,
+    pub key: Option<&'a Path>,
+}
+
+/// The client for this command: the socket, or `--server` with its credentials. Credentials
+/// apply to `https://` only, as the environment may hold them for every command.
 pub fn client(
     socket: &Path,
     server: Option<&str>,
-    ca_file: Option<&Path>,
-    token_file: Option<&Path>,
+    files: &CredentialFiles<'_>,
 ) -> Result<Client, Failure> {
     let Some(server) = server.filter(|s| !s.is_empty()) else {
         return Ok(Client::new(socket));
     };
-    let token = match token_file {
-        Some(path) if server.starts_with("https://") => Some(read_token(path)?),
+    let https = server.starts_with("https://");
+    let token = match files.token {
+        Some(path) if https => Some(read_token(path)?),
         _ => None,
     };
-    Ok(Client::remote(server, ca_file, token)?)
+    let certificate = match (files.cert, files.key) {
+        _ if !https => None,
+        (Some(cert_file), Some(key_file)) => Some(ClientCertificate {
+            cert_file,
+            key_file,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(Failure::Usage(
+                "--cert-file needs --key-file (or AGENTD_KEY_FILE): the certificate's private key"
+                    .to_owned(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(Failure::Usage(
+                "--key-file needs --cert-file (or AGENTD_CERT_FILE): the client certificate"
+                    .to_owned(),
+            ));
+        }
+    };
+    Ok(Client::remote_with_certificate(
+        server,
+        files.ca,
+        token,
+        certificate,
+    )?)
 }
 
 fn read_token(path: &Path) -> Result<String, Failure> {

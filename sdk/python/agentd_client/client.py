@@ -66,11 +66,14 @@ class Client:
     Over HTTPS (``server="https://host:port"``, else ``AGENTD_SERVER``), the caller is the user
     of the bearer ``token`` (else the contents of ``token_file`` or ``AGENTD_TOKEN_FILE``); the
     server's certificate is checked against ``ca_file`` (else ``AGENTD_CA_FILE``, else the
-    system's roots). TLS 1.2 is the oldest version spoken."""
+    system's roots). An agent that takes client certificates (``api.client_ca``) also knows the
+    caller by ``cert_file`` and ``key_file`` (else ``AGENTD_CERT_FILE``, ``AGENTD_KEY_FILE``):
+    the certificate's common name is the user. TLS 1.2 is the oldest version spoken."""
 
     def __init__(self, socket: Optional[str] = None, timeout: Optional[float] = 30.0, *,
                  server: Optional[str] = None, token: Optional[str] = None,
-                 token_file: Optional[str] = None, ca_file: Optional[str] = None) -> None:
+                 token_file: Optional[str] = None, ca_file: Optional[str] = None,
+                 cert_file: Optional[str] = None, key_file: Optional[str] = None) -> None:
         self.timeout = timeout
         self.server = server or (None if socket else os.environ.get("AGENTD_SERVER")) or None
         self.socket = socket or os.environ.get("AGENTD_SOCKET") or DEFAULT_SOCKET
@@ -88,6 +91,10 @@ class Client:
             self._token = token
             self._tls = ssl.create_default_context(cafile=ca_file or os.environ.get("AGENTD_CA_FILE"))
             self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            cert_file = cert_file or os.environ.get("AGENTD_CERT_FILE")
+            key_file = key_file or os.environ.get("AGENTD_KEY_FILE")
+            if cert_file:
+                self._tls.load_cert_chain(cert_file, key_file)
 
     def _connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
         if self._https is not None:

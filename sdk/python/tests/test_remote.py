@@ -1,9 +1,12 @@
 """The SDK over the agent's HTTPS listener. The Rust test `sdk::python_sdk_over_https` starts an
 agent with the listener on, makes a token, and runs these tests with AGENTD_SERVER,
-AGENTD_CA_FILE and AGENTD_TOKEN_FILE set (and AGENTD_TEST_USER naming the token's user)."""
+AGENTD_CA_FILE and AGENTD_TOKEN_FILE set (and AGENTD_TEST_USER naming the token's user), and
+a client certificate for another user, AGENTD_TEST_CERT_USER, in AGENTD_TEST_CERT_FILE and
+AGENTD_TEST_KEY_FILE."""
 
 import os
 import unittest
+from unittest import mock
 
 from agentd_client import ApiError, Client, Unreachable
 
@@ -47,6 +50,18 @@ class RemoteClientTest(unittest.TestCase):
         self.assertEqual(refused.exception.status, 401)
         self.assertEqual(refused.exception.code, "unauthorized")
         self.assertIn("not valid", refused.exception.message)
+
+    def test_a_client_certificate_acts_as_its_common_name(self) -> None:
+        # No token at all: the certificate alone says who calls.
+        with mock.patch.dict(os.environ):
+            del os.environ["AGENTD_TOKEN_FILE"]
+            client = Client(server=os.environ["AGENTD_SERVER"],
+                            ca_file=os.environ["AGENTD_CA_FILE"],
+                            cert_file=os.environ["AGENTD_TEST_CERT_FILE"],
+                            key_file=os.environ["AGENTD_TEST_KEY_FILE"])
+        job = client.submit(manifest("sdk-mtls", "true"))
+        self.assertEqual(job["owner"]["user"], os.environ["AGENTD_TEST_CERT_USER"])
+        client.cancel("sdk-mtls")
 
     def test_an_untrusted_certificate_is_unreachable(self) -> None:
         # The system's roots do not hold the test CA: TLS fails, and says so.

@@ -37,7 +37,7 @@ impl Ca {
     }
 
     /// A certificate for `cn` (and, for a server, the loopback names), and its key, in PEM.
-    fn sign(&self, cn: &str, server: bool) -> (String, String) {
+    pub(crate) fn sign(&self, cn: &str, server: bool) -> (String, String) {
         let names = if server {
             vec!["127.0.0.1".to_owned(), "localhost".to_owned()]
         } else {
@@ -59,11 +59,20 @@ pub(crate) struct Remote {
     _files: tempfile::TempDir,
     pub(crate) dir: PathBuf,
     pub(crate) url: String,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Remote {
     pub(crate) fn start(client_ca: Option<&Ca>) -> Remote {
+        Remote::start_with(client_ca, "", Vec::new())
+    }
+
+    /// As [`Remote::start`], with more `[api]` settings and environment for the agent.
+    pub(crate) fn start_with(
+        client_ca: Option<&Ca>,
+        api_settings: &str,
+        env: Vec<(String, String)>,
+    ) -> Remote {
         users();
         let files = tempfile::tempdir().unwrap();
         let dir = files.path().to_owned();
@@ -80,6 +89,7 @@ impl Remote {
             dir.join("key.pem").display(),
             dir.join("tokens").display()
         );
+        api.push_str(api_settings);
         if let Some(client_ca) = client_ca {
             write(&dir.join("client-ca.pem"), &client_ca.pem);
             api.push_str(&format!(
@@ -93,6 +103,7 @@ impl Remote {
                 "{}[jobs]\nkill_grace = \"2s\"\n",
                 api.replace("{port}", &port.to_string())
             ),
+            env,
             ..AgentOptions::default()
         });
         // The test's directory is private; replicas run as their owners and write inside it.
@@ -528,6 +539,70 @@ fn client_certificates_act_as_the_user_their_cn_names() {
     assert_eq!(body["owner"]["uid"], uid_of(ALICE));
     let (status, _) = remote.curl("DELETE", "/v1/jobs/by-cert", &as_alice);
     assert_eq!(status, 200);
+    // agentctl shows the certificate itself: flags, or the environment.
+    let agentctl = |cert: &Path, key: &Path, args: &[&str], stdin: &str| {
+        let mut command = Command::new(agentctl_bin());
+        command
+            .args(["--server", &remote.url, "--ca-file"])
+            .arg(remote.dir.join("ca.pem"))
+            .arg("--cert-file")
+            .arg(cert)
+            .arg("--key-file")
+            .arg(key);
+        run_with_stdin(command.args(args), stdin)
+    };
+    let (alice_pem, alice_key) = (remote.dir.join("alice.pem"), remote.dir.join("alice.key"));
+    let submitted = ok(
+        &agentctl(
+            &alice_pem,
+            &alice_key,
+            &["submit", "-", "-o", "json"],
+            &job("by-ctl", "sleep 600"),
+        ),
+        "agentctl submits with a client certificate",
+    );
+    let submitted: Value = serde_json::from_str(&submitted).unwrap();
+    assert_eq!(submitted["owner"]["user"], ALICE);
+    let mut from_env = Command::new(agentctl_bin());
+    from_env
+        .env("AGENTD_SERVER", &remote.url)
+        .env("AGENTD_CA_FILE", remote.dir.join("ca.pem"))
+        .env("AGENTD_CERT_FILE", &alice_pem)
+        .env("AGENTD_KEY_FILE", &alice_key)
+        .env_remove("AGENTD_TOKEN_FILE")
+        .args(["cancel", "by-ctl", "-o", "json"]);
+    let cancelled: Value = serde_json::from_str(&ok(
+        &run_with_stdin(&mut from_env, ""),
+        "cancel, from the environment",
+    ))
+    .unwrap();
+    assert_eq!(cancelled["name"], "by-ctl");
+    let events = remote.agent.ctl_json(&["job", "by-ctl"]);
+    assert!(
+        crate::auth::has_event(&events, &format!("cancelled by {ALICE}")),
+        "{events}"
+    );
+    // Files that cannot be used are usage errors naming the flag.
+    let missing = remote.dir.join("missing.pem");
+    failed_with(
+        &agentctl(&missing, &alice_key, &["jobs"], ""),
+        2,
+        "--cert-file",
+    );
+    failed_with(
+        &agentctl(&alice_pem, &alice_pem, &["jobs"], ""),
+        2,
+        "(--key-file): the file holds no PEM private key",
+    );
+    let mut half = Command::new(agentctl_bin());
+    half.args(["--server", &remote.url, "--cert-file"])
+        .arg(&alice_pem)
+        .arg("jobs");
+    failed_with(
+        &run_with_stdin(&mut half, ""),
+        2,
+        "--cert-file needs --key-file",
+    );
     // Neither a certificate nor a token: 401.
     let (status, _) = remote.curl("GET", "/v1/jobs", &[]);
     assert_eq!(status, 401);
@@ -545,6 +620,32 @@ fn client_certificates_act_as_the_user_their_cn_names() {
     let forged: Vec<&str> = forged.iter().map(String::as_str).collect();
     let (status, _) = remote.curl("GET", "/v1/jobs", &forged);
     assert_eq!(status, 0, "curl got an answer with a forged certificate");
+    let refused = agentctl(
+        &remote.dir.join("forged.pem"),
+        &remote.dir.join("forged.key"),
+        &["jobs"],
+        "",
+    );
+    assert!(
+        !refused.status.success(),
+        "agentctl got an answer with a forged certificate: {}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+}
+
+/// Runs `command` with `stdin` on its standard input; its output.
+fn run_with_stdin(command: &mut Command, stdin: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
 }
 
 /// `--server ssh://USER@HOST` runs `ssh ... -- USER@HOST agentctl __dial-stdio`. No sshd is

@@ -88,7 +88,11 @@ fn python_sdk_against_a_real_agent() {
 
 #[test]
 fn python_sdk_over_https() {
-    let remote = crate::remote::Remote::start(None);
+    let clients = crate::remote::Ca::new("agentd-test-clients");
+    let remote = crate::remote::Remote::start(Some(&clients));
+    let (cert, key) = clients.sign(crate::auth::BOB, false);
+    std::fs::write(remote.dir.join("bob.pem"), cert).unwrap();
+    std::fs::write(remote.dir.join("bob.key"), key).unwrap();
     let token = remote.token(crate::auth::ALICE, &[]);
     remote.reload();
     remote.wait_until("the token is read", || {
@@ -106,9 +110,12 @@ fn python_sdk_over_https() {
         .env("AGENTD_TOKEN_FILE", &token)
         .env("AGENTD_OTHER_CA_FILE", &other_ca)
         .env("AGENTD_TEST_USER", crate::auth::ALICE)
+        .env("AGENTD_TEST_CERT_USER", crate::auth::BOB)
+        .env("AGENTD_TEST_CERT_FILE", remote.dir.join("bob.pem"))
+        .env("AGENTD_TEST_KEY_FILE", remote.dir.join("bob.key"))
         .env("PYTHONPATH", &site));
     assert!(
-        report.contains("Ran 4 tests") && !report.contains("skipped"),
+        report.contains("Ran 5 tests") && !report.contains("skipped"),
         "{report}"
     );
 }
