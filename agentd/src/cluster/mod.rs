@@ -19,6 +19,7 @@ pub mod backoff;
 pub mod capacity;
 pub mod election;
 pub mod feed;
+pub mod jobs;
 pub mod inventory;
 mod loops;
 pub mod view;
