@@ -89,8 +89,8 @@ fn kubernetes_owner(manager: &str) -> Owner {
 /// not admitted yet, a queued status made from its manifest.
 pub fn status_of(object: &DynamicObject) -> Option<JobStatus> {
     let name = object.metadata.name.clone()?;
-    if let Some(status) = agentd_status(object)
-        .and_then(|s| serde_json::from_value::<JobStatus>(s.clone()).ok())
+    if let Some(status) =
+        agentd_status(object).and_then(|s| serde_json::from_value::<JobStatus>(s.clone()).ok())
     {
         return Some(status);
     }
@@ -362,21 +362,16 @@ impl FollowerJobs {
             );
             return Ok(status);
         }
-        let (annotation, asked) = if status.state.is_finished() {
-            (REMOVE_ANNOTATION, "removal")
+        let (annotation, asked, reason) = if status.state.is_finished() {
+            (REMOVE_ANNOTATION, "removal", "RemoveRequested")
         } else {
-            (CANCEL_ANNOTATION, "cancel")
+            (CANCEL_ANNOTATION, "cancel", "CancelRequested")
         };
         let patch = json!({"metadata": {"annotations": {annotation: by}}});
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|e| CoreError::Store(api_error(API, &at, &e)))?;
-        status.reason = if asked == "cancel" {
-            "CancelRequested"
-        } else {
-            "RemoveRequested"
-        }
-        .to_owned();
+        reason.clone_into(&mut status.reason);
         status.message = format!(
             "{asked} requested by {by}; the leader{} carries it out",
             leader.map(|l| format!(" ({l})")).unwrap_or_default()
@@ -481,7 +476,12 @@ impl Admissions {
                 })
                 .await;
             match result {
-                Ok(status) => tracing::info!(job = name, by, reason = status.reason, "{what} asked on another node, done"),
+                Ok(status) => tracing::info!(
+                    job = name,
+                    by,
+                    reason = status.reason,
+                    "{what} asked on another node, done"
+                ),
                 Err(e) => tracing::warn!(job = name, by, "{what} asked on another node: {e}"),
             }
         }
@@ -489,10 +489,7 @@ impl Admissions {
 
     /// Sends the command the closure builds until an answer comes that is not "not leading
     /// yet" (the term's core is still opening) or "could not write", while this agent leads.
-    async fn ask_while_leading<T, B>(
-        &self,
-        build: impl Fn() -> B,
-    ) -> Result<T, CoreError>
+    async fn ask_while_leading<T, B>(&self, build: impl Fn() -> B) -> Result<T, CoreError>
     where
         B: FnOnce(tokio::sync::oneshot::Sender<Result<T, CoreError>>) -> Command,
     {
@@ -542,12 +539,21 @@ impl Admissions {
             .await;
         self.pending.remove(&name);
         match result {
-            Ok(status) => tracing::info!(job = name, owner = owner.user, queue = status.queue, "TrainingJob admitted"),
+            Ok(status) => tracing::info!(
+                job = name,
+                owner = owner.user,
+                queue = status.queue,
+                "TrainingJob admitted"
+            ),
             Err(CoreError::ShuttingDown | CoreError::NotLeader { .. }) => {}
             Err(e) => {
                 // The core answers only after its batch is written, so a job it took in itself
                 // (a local submission: create, then status) has its status by now.
-                if self.current(&object).await.is_some_and(|o| agentd_status(&o).is_some()) {
+                if self
+                    .current(&object)
+                    .await
+                    .is_some_and(|o| agentd_status(&o).is_some())
+                {
                     return;
                 }
                 let problems = match &e {
@@ -563,7 +569,11 @@ impl Admissions {
     async fn current(&self, object: &DynamicObject) -> Option<DynamicObject> {
         let api: Api<DynamicObject> = Api::namespaced_with(
             self.client.clone(),
-            object.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+            object
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(DEFAULT_NAMESPACE),
             &training_job_resource(),
         );
         api.get_opt(object.metadata.name.as_deref()?).await.ok()?
@@ -575,11 +585,7 @@ impl Admissions {
         let Some(mut status) = status_of(object) else {
             return;
         };
-        if !self
-            .leadership
-            .borrow()
-            .leads(std::time::Instant::now())
-        {
+        if !self.leadership.borrow().leads(std::time::Instant::now()) {
             return;
         }
         status.state = JobState::Failed;

@@ -19,8 +19,8 @@ pub mod backoff;
 pub mod capacity;
 pub mod election;
 pub mod feed;
-pub mod jobs;
 pub mod inventory;
+pub mod jobs;
 mod loops;
 pub mod view;
 

@@ -118,7 +118,9 @@ impl PendingObjects {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DynamicObject>> {
         // A map of plain values is whole even if a holder panicked.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

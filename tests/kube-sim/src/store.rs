@@ -434,7 +434,12 @@ impl Store {
         })
     }
 
-    pub fn create(&self, ty: &ResourceType, ns: &str, obj: Value) -> Result<Arc<Value>, StoreError> {
+    pub fn create(
+        &self,
+        ty: &ResourceType,
+        ns: &str,
+        obj: Value,
+    ) -> Result<Arc<Value>, StoreError> {
         self.create_by(ty, ns, obj, None)
     }
 

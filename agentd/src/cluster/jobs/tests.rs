@@ -149,7 +149,13 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
         assert_eq!(submitted.replicas.len(), 2);
     });
     let object = cluster.get("default", "mnist").expect("the object");
-    assert!(object.data.get("status").is_none_or(|s| s.get("state").is_none()), "no agentd status");
+    assert!(
+        object
+            .data
+            .get("status")
+            .is_none_or(|s| s.get("state").is_none()),
+        "no agentd status"
+    );
     let annotations = object.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(annotations[SUBMITTED_ON_ANNOTATION], "node-b");
     assert_eq!(
@@ -178,8 +184,13 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
         .expect("listed");
         assert!(other.jobs.is_empty(), "filtered by user");
 
-        let twice = submit(&desk, &manifest("mnist")).await.expect_err("one job a name");
-        assert!(matches!(&twice, CoreError::Conflict(m) if m.contains("already exists")), "{twice}");
+        let twice = submit(&desk, &manifest("mnist"))
+            .await
+            .expect_err("one job a name");
+        assert!(
+            matches!(&twice, CoreError::Conflict(m) if m.contains("already exists")),
+            "{twice}"
+        );
         let missing = get(&desk, "nosuch").await.expect_err("no such job");
         assert!(matches!(missing, CoreError::NotFound(_)), "{missing}");
 
@@ -192,7 +203,10 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
         .expect("cancelled");
         assert_eq!(cancelled.state, JobState::Cancelled);
     });
-    assert!(cluster.get("default", "mnist").is_none(), "not taken in: deleted");
+    assert!(
+        cluster.get("default", "mnist").is_none(),
+        "not taken in: deleted"
+    );
 }
 
 /// The leader takes in what it did not create: a job submitted on a follower (its status
@@ -219,7 +233,9 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
             Duration::from_millis(20),
             stop,
         ));
-        submit(&desk, &manifest("from-node-b")).await.expect("created");
+        submit(&desk, &manifest("from-node-b"))
+            .await
+            .expect("created");
         kubectl_apply(&admin, &manifest("applied")).await;
         let invalid = manifest("invalid")
             .replace("queue: slow", "queue: nosuch")
@@ -237,7 +253,10 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
             .expect("the leader's core has it");
         assert_eq!(admitted.owner, Some(ada()), "the submitter on the follower");
         assert!(
-            admitted.events.iter().any(|e| e.message.contains("submitted by ada")),
+            admitted
+                .events
+                .iter()
+                .any(|e| e.message.contains("submitted by ada")),
             "{:?}",
             admitted.events
         );
@@ -251,9 +270,14 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         let refused = object_until(&admin, "invalid", |o| state(o).is_some()).await;
         assert_eq!(state(&refused), Some("Failed"));
         assert_eq!(refused.data["status"]["reason"], json!("Invalid"));
-        let message = refused.data["status"]["message"].as_str().expect("a message");
+        let message = refused.data["status"]["message"]
+            .as_str()
+            .expect("a message");
         assert!(message.contains("spec.queue"), "{message}");
-        assert!(message.contains("spec.replicaSpecs.Worker.replicas"), "{message}");
+        assert!(
+            message.contains("spec.replicaSpecs.Worker.replicas"),
+            "{message}"
+        );
 
         // A follower reads the leader's status back, and asks for a cancel.
         let read = get(&desk, "applied").await.expect("read");
@@ -280,6 +304,11 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         admission.await.expect("admission stops");
         from_node.metadata.uid
     });
-    let object = cluster.get("default", "from-node-b").expect("the same object");
-    assert_eq!(object.metadata.uid, follower_uid, "written onto, never made again");
+    let object = cluster
+        .get("default", "from-node-b")
+        .expect("the same object");
+    assert_eq!(
+        object.metadata.uid, follower_uid,
+        "written onto, never made again"
+    );
 }

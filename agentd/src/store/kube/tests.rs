@@ -346,14 +346,24 @@ fn a_tfjob_round_trips_as_a_training_job() {
     assert_eq!(read.namespace.as_deref(), Some("default"));
     let read_status: JobStatus = serde_json::from_str(status_json).expect("status");
     assert_eq!(read_status, queued);
+    let metadata = &serde_json::from_str::<Value>(manifest).expect("JSON")["metadata"];
     for server_set in [
         "uid",
         "resourceVersion",
         "managedFields",
         "creationTimestamp",
     ] {
-        assert!(!manifest.contains(server_set), "{server_set} in {manifest}");
+        assert!(
+            metadata.get(server_set).is_none(),
+            "{server_set} in {manifest}"
+        );
     }
+    // The submitter, recorded on the object as a follower records it.
+    let owner = &metadata["annotations"][crate::cluster::jobs::OWNER_ANNOTATION];
+    assert_eq!(
+        serde_json::from_str::<Owner>(owner.as_str().expect("a string")).expect("JSON"),
+        queued.owner.clone().expect("an owner")
+    );
 }
 
 #[test]

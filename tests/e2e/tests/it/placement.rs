@@ -294,12 +294,16 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
     };
 
     // Checked on the follower as on the leader: every problem at once, nothing created.
-    let bad = follower
-        .agent
-        .ctl(&["submit", &write("bad.yaml", &INVALID.replace("invalid", "bad"))]);
+    let bad = follower.agent.ctl(&[
+        "submit",
+        &write("bad.yaml", &INVALID.replace("invalid", "bad")),
+    ]);
     assert_eq!(bad.status.code(), Some(1));
     let said = String::from_utf8_lossy(&bad.stderr);
-    assert!(said.contains("spec.queue") && said.contains("replicas"), "{said}");
+    assert!(
+        said.contains("spec.queue") && said.contains("replicas"),
+        "{said}"
+    );
     assert!(!sim.kubectl(&["get", "trainingjob", "bad"]).status.success());
 
     let submitted = follower
@@ -308,7 +312,11 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
     assert_eq!(submitted["state"], "Queued", "{submitted}");
     for (file, text) in [("applied.yaml", APPLIED), ("invalid.yaml", INVALID)] {
         let out = sim.kubectl(&["apply", "-f", &write(file, text)]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     sim.wait_until("the follower's job runs", WAIT, || {
@@ -333,7 +341,10 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
         "{applied}"
     );
     let object = sim.get_json(&["trainingjob", "long"]);
-    assert_eq!(object["metadata"]["annotations"]["agentd.io/submitted-on"], "node-1");
+    assert_eq!(
+        object["metadata"]["annotations"]["agentd.io/submitted-on"],
+        "node-1"
+    );
 
     // The follower lists what the leader keeps, in the same form.
     let listed = follower.agent.ctl_json(&["jobs"]);
@@ -347,11 +358,18 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
     assert_eq!(names, ["applied", "invalid", "long"], "{listed}");
     let table = follower.agent.ctl(&["jobs"]);
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("long") && table.contains("Running"), "{table}");
+    assert!(
+        table.contains("long") && table.contains("Running"),
+        "{table}"
+    );
 
     // Cancelled on the follower, by the leader, as a local cancel is.
     let asked = follower.agent.ctl(&["cancel", "long"]);
-    assert!(asked.status.success(), "{}", String::from_utf8_lossy(&asked.stderr));
+    assert!(
+        asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stderr)
+    );
     sim.wait_until("the leader cancels it", WAIT, || {
         state(leader, "long") == "Cancelled"
     });
