@@ -404,6 +404,25 @@ fn start_cluster_core(
     let (wiring, mut inputs) = CoreWiring::new(health);
     let handle = wiring.handle.clone();
     let runtime = tokio::runtime::Handle::current();
+    // Jobs submitted on followers or applied with kubectl: the leader takes them in from a
+    // watch, and its store writes their status onto the objects they are.
+    let pending = crate::store::kube::PendingObjects::default();
+    if cluster.leader_eligible {
+        tokio::spawn(crate::cluster::jobs::run_admission(
+            cluster.watch_client().clone(),
+            handle.clone(),
+            Arc::new(crate::job::Admission::new(
+                config.queues.keys().cloned(),
+                &config.jobs.default_queue,
+                config.jobs.max_replicas_per_job,
+            )),
+            pending.clone(),
+            cluster.leadership(),
+            config.cluster.retry_period,
+            stop.clone(),
+        ));
+    }
+    let desk = crate::cluster::jobs::FollowerJobs::new(cluster.client().clone(), node_name.clone());
     // Only an agent that may lead places, and only its role may watch every pod and Node.
     let nodes = if cluster.leader_eligible {
         crate::cluster::feed::spawn(&cluster, stop.clone())
@@ -425,7 +444,8 @@ fn start_cluster_core(
                 runtime.clone(),
                 local,
             )?
-            .fenced_by(cluster.leadership());
+            .fenced_by(cluster.leadership())
+            .admitting(pending.clone());
             let executor = crate::exec::pods::PodExecutor::new(
                 cluster.client().clone(),
                 cluster.watch_client(),
@@ -466,6 +486,7 @@ fn start_cluster_core(
         runtime.block_on(
             terms::run_terms(
                 &mut inputs,
+                Some(&desk),
                 &mut leadership,
                 open,
                 config.cluster.retry_period,

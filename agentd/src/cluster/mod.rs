@@ -20,6 +20,7 @@ pub mod capacity;
 pub mod election;
 pub mod feed;
 pub mod inventory;
+pub mod jobs;
 mod loops;
 pub mod view;
 

@@ -2,32 +2,38 @@
 //! opens a core of its own (it rebuilds from the store and the executor before its first
 //! pass: see [`super::Core::open_in`]) on the same channels, so the API's handle never changes;
 //! the term's core stops when leadership is lost or the agent stops. While this agent does not
-//! lead, every request is answered with who does.
+//! lead, job requests are answered from the cluster's `TrainingJob` objects where a follower
+//! can answer them ([`FollowerJobs`]: submit, list, read, cancel), and every other request with
+//! who leads.
 //!
 //! A deposed leader's core may still try to write once more as it stops; the store's writes
 //! carry the version they read, so such a late write fails rather than overwriting the new
 //! leader's.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::{Core, CoreError, CoreInputs};
 use crate::cluster::election::Leadership;
+use crate::cluster::jobs::FollowerJobs;
 use crate::store::JobStore;
 
 /// Runs terms until `stop` turns true: follows while another agent leads, and runs the core
 /// `open` builds for each term this agent leads. `retry`: the pause after a term that could
-/// not open (the API server down, say).
+/// not open (the API server down, say). `desk`: what answers job requests while this agent
+/// follows (none: they are refused with who leads).
 pub async fn run_terms(
     inputs: &mut CoreInputs,
+    desk: Option<&Arc<FollowerJobs>>,
     leadership: &mut watch::Receiver<Leadership>,
     mut open: impl FnMut() -> Result<Core, CoreError>,
     retry: Duration,
     stop: &mut watch::Receiver<bool>,
 ) {
     loop {
-        if !follow(inputs, leadership, stop).await {
+        if !follow(inputs, desk, leadership, stop).await {
             return;
         }
         let core = match open() {
@@ -58,9 +64,11 @@ pub async fn run_terms(
     }
 }
 
-/// Answers every request with who leads, until this agent does (true) or stops (false).
+/// Answers requests from the objects, or with who leads, until this agent does (true) or
+/// stops (false).
 async fn follow(
     inputs: &mut CoreInputs,
+    desk: Option<&Arc<FollowerJobs>>,
     leadership: &mut watch::Receiver<Leadership>,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
@@ -72,9 +80,18 @@ async fn follow(
         let refusal = || CoreError::NotLeader {
             leader: leader.clone(),
         };
+        let answer = |command| {
+            let unanswered = match desk {
+                Some(desk) => desk.answer(command, leader.clone()),
+                None => Some(command),
+            };
+            if let Some(command) = unanswered {
+                command.refuse(refusal);
+            }
+        };
         tokio::select! {
-            Some(command) = inputs.commands.recv() => command.refuse(refusal),
-            Some(command) = inputs.submits.recv() => command.refuse(refusal),
+            Some(command) = inputs.commands.recv() => answer(command),
+            Some(command) = inputs.submits.recv() => answer(command),
             // What a past term's executor or stops still report has no core to go to; the next
             // term rebuilds from what exists.
             Some(_) = inputs.replicas.recv() => {}
@@ -94,7 +111,6 @@ fn close(store: Box<dyn JobStore>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Instant;
 
     use agentd_api::NodeInventory;
@@ -173,6 +189,7 @@ mod tests {
         tokio::join!(
             run_terms(
                 &mut inputs,
+                None,
                 &mut leadership,
                 open,
                 Duration::from_millis(10),

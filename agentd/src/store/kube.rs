@@ -22,7 +22,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use agentd_api::jobs::JobStatus;
@@ -101,6 +101,29 @@ impl Known {
     }
 }
 
+/// Objects without an agentd status that the leader is admitting (submitted on another node,
+/// or with `kubectl apply`), by job name: the store's first write of such a job goes onto the
+/// object as it was read, instead of creating one.
+#[derive(Debug, Clone, Default)]
+pub struct PendingObjects(Arc<Mutex<BTreeMap<String, DynamicObject>>>);
+
+impl PendingObjects {
+    pub fn insert(&self, name: String, object: DynamicObject) {
+        self.lock().insert(name, object);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<DynamicObject> {
+        self.lock().remove(name)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DynamicObject>> {
+        // A map of plain values is whole even if a holder panicked.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Jobs as `TrainingJob` objects, events and inventory samples in the local database.
 pub struct KubeStore {
     client: kube::Client,
@@ -111,6 +134,8 @@ pub struct KubeStore {
     known: RefCell<BTreeMap<String, Known>>,
     /// The election's view, when jobs may be written only while this agent leads.
     fence: Option<tokio::sync::watch::Receiver<Leadership>>,
+    /// Objects being admitted, which the first write of their job finds.
+    pending: PendingObjects,
 }
 
 impl KubeStore {
@@ -128,6 +153,7 @@ impl KubeStore {
             bound: REQUEST_BOUND,
             known: RefCell::new(BTreeMap::new()),
             fence: None,
+            pending: PendingObjects::default(),
         })
     }
 
@@ -137,6 +163,13 @@ impl KubeStore {
     #[must_use]
     pub fn fenced_by(mut self, leadership: tokio::sync::watch::Receiver<Leadership>) -> Self {
         self.fence = Some(leadership);
+        self
+    }
+
+    /// Writes a job being admitted onto the object `pending` holds for it.
+    #[must_use]
+    pub fn admitting(mut self, pending: PendingObjects) -> Self {
+        self.pending = pending;
         self
     }
 
@@ -239,7 +272,10 @@ impl KubeStore {
         let mut known = match known {
             Some(known) if known.gone => return Ok(()),
             Some(known) => known,
-            None => self.create(name, manifest)?,
+            None => match self.pending.remove(name) {
+                Some(object) if agentd_status(&object).is_none() => Known::from_object(&object),
+                _ => self.create(name, manifest, parsed.as_ref())?,
+            },
         };
         if known.gpus.is_none() {
             known.gpus = job::parse(manifest.as_bytes())
@@ -258,9 +294,14 @@ impl KubeStore {
     /// Creates the object for a job the cluster does not have yet. One that exists already
     /// (submitted on another node, or with `kubectl apply`) is taken over if no agent has
     /// written its status; otherwise another leader runs it.
-    fn create(&self, name: &str, manifest: &str) -> Result<Known, StoreError> {
+    fn create(
+        &self,
+        name: &str,
+        manifest: &str,
+        status: Option<&JobStatus>,
+    ) -> Result<Known, StoreError> {
         const API: &str = "create trainingjobs";
-        let (namespace, object, gpus) =
+        let (namespace, mut object, gpus) =
             object_from_manifest(manifest).map_err(|e| StoreError::Kube {
                 api: API,
                 object: name.to_owned(),
@@ -268,6 +309,13 @@ impl KubeStore {
                     "the job's manifest does not parse, so no TrainingJob can be made of it: {e}"
                 ),
             })?;
+        if let Some(owner) = status.and_then(|s| s.owner.as_ref()) {
+            object
+                .metadata
+                .annotations
+                .get_or_insert_default()
+                .extend(crate::cluster::jobs::submitter_annotations(owner, None));
+        }
         let at = format!("{namespace}/{name}");
         let api = self.api(&namespace);
         let created = self.call(API, &at, async move {
@@ -420,9 +468,10 @@ impl KubeStore {
 impl JobStore for KubeStore {
     /// Every `TrainingJob` whose status an agent has written, with its manifest as the object
     /// reads without status and server-set metadata. An object with no agentd status yet
-    /// (`kubectl apply`, or `agentctl submit` before the leader took it) is not a stored job:
-    /// it has not been validated nor given a queue, so it goes through admission as a new
-    /// submission; it is remembered, so that the first write of it finds it. Two objects of
+    /// (`kubectl apply`, or `agentctl submit` on another node) is not a stored job: it has not
+    /// been validated nor given a queue, so it goes through admission as a new submission
+    /// (`cluster::jobs::run_admission`); it is remembered, so that the first write of it finds
+    /// it. Two objects of
     /// one name (in two namespaces) are one job to the core: the older is kept, the other is
     /// left alone with a warning.
     fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
@@ -534,7 +583,7 @@ impl JobStore for KubeStore {
 
 /// The object for a job: its manifest in the native form, in its namespace (default
 /// `default`), a `TFJob` marked with [`SOURCE_KIND_ANNOTATION`]; and the GPUs it asks for.
-fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject, u32), String> {
+pub(crate) fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject, u32), String> {
     let job = job::parse(manifest.as_bytes()).map_err(|e| e.to_string())?;
     let namespace = job
         .namespace
@@ -555,7 +604,7 @@ fn object_from_manifest(manifest: &str) -> Result<(String, DynamicObject, u32), 
 
 /// The manifest of a stored object: what a person would submit to make it again, without the
 /// status and what the server sets (uid, resourceVersion, managedFields, ...).
-fn manifest_of(object: &DynamicObject) -> String {
+pub(crate) fn manifest_of(object: &DynamicObject) -> String {
     let m = &object.metadata;
     let mut metadata = serde_json::Map::new();
     metadata.insert("name".into(), json!(m.name));
@@ -580,7 +629,7 @@ fn manifest_of(object: &DynamicObject) -> String {
 
 /// The status an agent wrote, if any: one with a `state` (a status of `{}`, or one written by
 /// another tool, is not agentd's).
-fn agentd_status(object: &DynamicObject) -> Option<&Value> {
+pub(crate) fn agentd_status(object: &DynamicObject) -> Option<&Value> {
     object
         .data
         .get("status")
@@ -603,7 +652,7 @@ fn api_code(e: &kube::Error) -> Option<u16> {
     }
 }
 
-fn api_error(api: &'static str, object: &str, e: &kube::Error) -> StoreError {
+pub(crate) fn api_error(api: &'static str, object: &str, e: &kube::Error) -> StoreError {
     let message = match e {
         kube::Error::Api(status) => {
             format!("{} {}: {}", status.code, status.reason, status.message)
@@ -618,4 +667,4 @@ fn api_error(api: &'static str, object: &str, e: &kube::Error) -> StoreError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

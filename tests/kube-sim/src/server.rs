@@ -1039,7 +1039,10 @@ fn serve_resource(
         (&Method::POST, None, None) => {
             let obj = to_storage(parse_body(content_type, body)?);
             check_kind(ty, &obj)?;
-            let created = store.create(ty, ns, obj)?;
+            // As kube-apiserver: the writer is the request's fieldManager, else "unknown"
+            // (the real server falls back to the client's user agent, which is not kept here).
+            let manager = q.get("fieldManager").unwrap_or("unknown");
+            let created = store.create_by(ty, ns, obj, Some(manager))?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &render_one(ty, &created, rep, store.current_rv()),

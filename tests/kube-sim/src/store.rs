@@ -438,7 +438,19 @@ impl Store {
         &self,
         ty: &ResourceType,
         ns: &str,
+        obj: Value,
+    ) -> Result<Arc<Value>, StoreError> {
+        self.create_by(ty, ns, obj, None)
+    }
+
+    /// Creates an object as `manager` (the request's `fieldManager`), recorded in
+    /// `metadata.managedFields` as the API server records the writer of every field.
+    pub fn create_by(
+        &self,
+        ty: &ResourceType,
+        ns: &str,
         mut obj: Value,
+        manager: Option<&str>,
     ) -> Result<Arc<Value>, StoreError> {
         if !obj.is_object() {
             return Err(StoreError::BadRequest(
@@ -540,6 +552,19 @@ impl Store {
             "selfLink",
         ] {
             md.remove(k);
+        }
+        if let Some(manager) = manager {
+            md.insert(
+                "managedFields".into(),
+                json!([{
+                    "manager": manager,
+                    "operation": "Update",
+                    "apiVersion": ty.storage_api_version(),
+                    "time": clock::now(),
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {},
+                }]),
+            );
         }
         md.insert("uid".into(), json!(clock::uuid()));
         md.insert("creationTimestamp".into(), json!(clock::now()));

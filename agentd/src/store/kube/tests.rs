@@ -16,14 +16,16 @@ fn packaging() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/kubernetes")
 }
 
-/// A running kube-sim with agentd's CRDs and roles, and clients for an admin and the leader.
-struct Cluster {
+/// A running kube-sim with agentd's CRDs and roles, and clients for an admin, the leader and a
+/// node agent (each ServiceAccount with only its roles).
+pub(crate) struct Cluster {
     // Declared first so it stops before the runtime its tasks run on.
     _sim: kube_sim::SimHandle,
-    admin: kube::Client,
-    leader: kube::Client,
+    pub(crate) admin: kube::Client,
+    pub(crate) leader: kube::Client,
+    pub(crate) node: kube::Client,
     dir: tempfile::TempDir,
-    rt: tokio::runtime::Runtime,
+    pub(crate) rt: tokio::runtime::Runtime,
 }
 
 async fn client_from(path: &Path) -> kube::Client {
@@ -71,14 +73,14 @@ async fn apply_packaging(client: &kube::Client) {
 }
 
 impl Cluster {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
-        let (sim, admin, leader) = rt.block_on(async {
+        let (sim, admin, leader, node) = rt.block_on(async {
             let sim = kube_sim::KubeSim::start(kube_sim::SimConfig {
                 kubeconfig: Some(dir.path().join("admin.kubeconfig")),
                 tls: true,
@@ -97,12 +99,20 @@ impl Cluster {
             sim.write_kubeconfig_for(&path, Some(&token.token))
                 .expect("kubeconfig");
             let leader = client_from(&path).await;
-            (sim, admin, leader)
+            let token = sim
+                .service_account_token("agentd-system", "agentd-node")
+                .expect("tokens are on");
+            let path = dir.path().join("node.kubeconfig");
+            sim.write_kubeconfig_for(&path, Some(&token.token))
+                .expect("kubeconfig");
+            let node = client_from(&path).await;
+            (sim, admin, leader, node)
         });
         Self {
             _sim: sim,
             admin,
             leader,
+            node,
             dir,
             rt,
         }
@@ -113,7 +123,7 @@ impl Cluster {
     }
 
     /// The store as the leader: the leader's client, a fresh local database.
-    fn store(&self) -> KubeStore {
+    pub(crate) fn store(&self) -> KubeStore {
         let local = Store::open(&self.state_dir()).expect("local database");
         KubeStore::new(self.leader.clone(), self.rt.handle().clone(), local).expect("store")
     }
@@ -122,7 +132,7 @@ impl Cluster {
         Api::namespaced_with(self.admin.clone(), namespace, &training_job_resource())
     }
 
-    fn get(&self, namespace: &str, name: &str) -> Option<DynamicObject> {
+    pub(crate) fn get(&self, namespace: &str, name: &str) -> Option<DynamicObject> {
         let api = self.admin_api(namespace);
         self.rt.block_on(api.get_opt(name)).expect("get")
     }
@@ -338,14 +348,24 @@ fn a_tfjob_round_trips_as_a_training_job() {
     assert_eq!(read.namespace.as_deref(), Some("default"));
     let read_status: JobStatus = serde_json::from_str(status_json).expect("status");
     assert_eq!(read_status, queued);
+    let metadata = &serde_json::from_str::<Value>(manifest).expect("JSON")["metadata"];
     for server_set in [
         "uid",
         "resourceVersion",
         "managedFields",
         "creationTimestamp",
     ] {
-        assert!(!manifest.contains(server_set), "{server_set} in {manifest}");
+        assert!(
+            metadata.get(server_set).is_none(),
+            "{server_set} in {manifest}"
+        );
     }
+    // The submitter, recorded on the object as a follower records it.
+    let owner = &metadata["annotations"][crate::cluster::jobs::OWNER_ANNOTATION];
+    assert_eq!(
+        serde_json::from_str::<Owner>(owner.as_str().expect("a string")).expect("JSON"),
+        queued.owner.clone().expect("an owner")
+    );
 }
 
 #[test]
@@ -858,7 +878,7 @@ spec:
 
 /// Runs a core on `store` as the daemon does (its loop in `block_on` on a blocking thread),
 /// asks it `ask`, stops it and closes its store.
-fn with_core<T: Send + 'static>(
+pub(crate) fn with_core<T: Send + 'static>(
     cluster: &Cluster,
     store: KubeStore,
     ask: impl AsyncFnOnce(&crate::core::CoreHandle) -> T,

@@ -1,7 +1,8 @@
 //! Jobs on the cluster (`cluster.place_jobs`), against kube-sim with HTTPS, tokens and RBAC on:
 //! the elected leader keeps each job as a `TrainingJob` object, places its gang whole onto nodes
 //! with free GPUs as pods bound to them (kube-sim's kubelets admit only what fits), follows the
-//! pods to the end, and the other agents name the leader.
+//! pods to the end; the other agents take jobs in, list and cancel them through the objects, and
+//! the leader admits what `kubectl apply` creates.
 
 use std::time::Duration;
 
@@ -131,11 +132,11 @@ fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
     let (sim, agents) = cluster(3, 1);
     let leader = &agents[0];
     sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["jobs"]).status.success()
+        leader.agent.ctl(&["queues"]).status.success()
     });
 
-    // A follower keeps no jobs and says who to ask.
-    let refused = agents[1].agent.ctl(&["jobs"]);
+    // Queues are the leader's alone for now: a follower says who to ask.
+    let refused = agents[1].agent.ctl(&["queues"]);
     assert_eq!(refused.status.code(), Some(1));
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("does not lead"), "{said}");
@@ -218,7 +219,7 @@ fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
 #[test]
 fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
     let (sim, mut agents) = cluster(3, 2);
-    let leads = |a: &NodeAgent| a.agent.ctl(&["jobs"]).status.success();
+    let leads = |a: &NodeAgent| a.agent.ctl(&["queues"]).status.success();
     sim.wait_until("one of the two candidates leads", WAIT, || {
         agents.iter().take(2).any(leads)
     });
@@ -236,7 +237,7 @@ fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
     agents[l].agent.signal_and_wait(9, WAIT);
     let next = 1 - l;
     sim.wait_until("the other candidate leads and knows the job", WAIT, || {
-        agents[next].agent.ctl(&["job", "long"]).status.success()
+        leads(&agents[next]) && agents[next].agent.ctl(&["job", "long"]).status.success()
     });
     sim.wait_until("the adopted gang succeeds", WAIT, || {
         state(&agents[next], "long") == "Succeeded"
@@ -285,7 +286,7 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
     let (sim, agents) = cluster_with(2, 1, &settings, true);
     let leader = &agents[0];
     sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["jobs"]).status.success()
+        leader.agent.ctl(&["queues"]).status.success()
     });
     let dir = tempfile::tempdir().unwrap();
     for (name, fail, image) in [
@@ -340,6 +341,160 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
     // A failed job's pods are gone with it: nothing is left holding the nodes.
     sim.wait_until("the failed gangs' pods are deleted", WAIT, || {
         sim.get_json(&["pods", "-l", "agentd.io/job"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+}
+
+/// Applied with kubectl: one worker without GPUs whose pod runs 60 s.
+const APPLIED: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: applied}
+spec:
+  replicaSpecs:
+    Worker:
+      replicas: 1
+      template:
+        metadata: {annotations: {sim.agentd.io/run-seconds: "60"}}
+        spec:
+          containers:
+            - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
+"#;
+
+/// Applied with kubectl, with two mistakes.
+const INVALID: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: invalid}
+spec:
+  queue: nosuch
+  replicaSpecs:
+    Worker:
+      replicas: -1
+      template:
+        spec:
+          containers:
+            - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
+"#;
+
+/// Jobs from any node: a job submitted on a follower is admitted by the leader and placed; of
+/// two applied with kubectl the valid one runs (owned by its field manager) and the invalid one
+/// is Failed with every problem; a follower lists them all and cancels its job through the
+/// leader; `kubectl delete trainingjob` takes a running gang's pods with it.
+#[test]
+fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_them() {
+    let (sim, agents) = cluster(2, 1);
+    let (leader, follower) = (&agents[0], &agents[1]);
+    sim.wait_until("node-0 leads and takes requests", WAIT, || {
+        leader.agent.ctl(&["queues"]).status.success()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        file.to_str().unwrap().to_owned()
+    };
+
+    // Checked on the follower as on the leader: every problem at once, nothing created.
+    let bad = follower.agent.ctl(&[
+        "submit",
+        &write("bad.yaml", &INVALID.replace("invalid", "bad")),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        said.contains("spec.queue") && said.contains("replicas"),
+        "{said}"
+    );
+    assert!(!sim.kubectl(&["get", "trainingjob", "bad"]).status.success());
+
+    let submitted = follower
+        .agent
+        .ctl_json(&["submit", &write("long.yaml", LONG)]);
+    assert_eq!(submitted["state"], "Queued", "{submitted}");
+    for (file, text) in [("applied.yaml", APPLIED), ("invalid.yaml", INVALID)] {
+        let out = sim.kubectl(&["apply", "-f", &write(file, text)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    sim.wait_until("the follower's job runs", WAIT, || {
+        state(follower, "long") == "Running"
+    });
+    sim.wait_until("the applied job runs", WAIT, || {
+        state(follower, "applied") == "Running"
+    });
+    sim.wait_until("the invalid job is refused", WAIT, || {
+        state(follower, "invalid") == "Failed"
+    });
+    let refused = follower.agent.ctl_json(&["job", "invalid"]);
+    assert_eq!(refused["reason"], "Invalid", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("spec.queue") && message.contains("spec.replicaSpecs.Worker.replicas"),
+        "{message}"
+    );
+    let applied = leader.agent.ctl_json(&["job", "applied"]);
+    assert_eq!(
+        applied["owner"]["user"], "kubernetes:kubectl-client-side-apply",
+        "{applied}"
+    );
+    let object = sim.get_json(&["trainingjob", "long"]);
+    assert_eq!(
+        object["metadata"]["annotations"]["agentd.io/submitted-on"],
+        "node-1"
+    );
+
+    // The follower lists what the leader keeps, in the same form.
+    let listed = follower.agent.ctl_json(&["jobs"]);
+    let mut names: Vec<&str> = listed["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["applied", "invalid", "long"], "{listed}");
+    let table = follower.agent.ctl(&["jobs"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("long") && table.contains("Running"),
+        "{table}"
+    );
+
+    // Cancelled on the follower, by the leader, as a local cancel is.
+    let asked = follower.agent.ctl(&["cancel", "long"]);
+    assert!(
+        asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stderr)
+    );
+    sim.wait_until("the leader cancels it", WAIT, || {
+        state(leader, "long") == "Cancelled"
+    });
+    let cancelled = leader.agent.ctl_json(&["job", "long"]);
+    assert!(
+        cancelled["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("cancelled by ")),
+        "{cancelled}"
+    );
+    sim.wait_until("its pods are gone", WAIT, || {
+        sim.get_json(&["pods", "-l", "agentd.io/job=long"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+
+    // kubectl delete stops a running gang: its pods go with the object.
+    assert!(
+        sim.kubectl(&["delete", "trainingjob", "applied"])
+            .status
+            .success()
+    );
+    sim.wait_until("the applied job's pods are gone", WAIT, || {
+        sim.get_json(&["pods", "-l", "agentd.io/job=applied"])["items"]
             .as_array()
             .is_some_and(Vec::is_empty)
     });

@@ -1,0 +1,314 @@
+//! Jobs from any node against an in-process kube-sim with HTTPS, tokens and RBAC on: the
+//! follower acts as the `agentd-node` ServiceAccount, the leader as `agentd-leader`, each with
+//! only the packaged roles.
+
+use std::time::{Duration, Instant};
+
+use agentd_api::jobs::{JobState, Owner};
+use kube::api::{Api, DynamicObject, PostParams};
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+
+use super::*;
+use crate::cluster::election::Term;
+use crate::core::{Command, CoreError};
+use crate::store::kube::tests::{Cluster, with_core};
+
+const LEADER: &str = "node-a";
+
+/// A job any node accepts: no GPUs, a program that exists everywhere.
+fn manifest(name: &str) -> String {
+    format!(
+        "apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  queue: slow
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              command: [sleep, '600']
+              resources: {{limits: {{nvidia.com/gpu: 1}}}}
+"
+    )
+}
+
+fn ada() -> Owner {
+    Owner {
+        uid: 1000,
+        gid: 1000,
+        user: "ada".to_owned(),
+    }
+}
+
+fn rules() -> Arc<Admission> {
+    Arc::new(Admission::new(
+        crate::config::default_queues().into_keys(),
+        crate::config::DEFAULT_QUEUE,
+        crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
+    ))
+}
+
+fn leading() -> Leadership {
+    Leadership {
+        leader: Some(LEADER.to_owned()),
+        term: Some(Term {
+            transitions: 1,
+            resource_version: "1".to_owned(),
+            valid_until: Instant::now() + Duration::from_hours(1),
+        }),
+    }
+}
+
+/// Asks the follower's desk, as the API's handle would.
+async fn ask<T>(
+    desk: &Arc<FollowerJobs>,
+    build: impl FnOnce(oneshot::Sender<Result<T, CoreError>>) -> Command,
+) -> Result<T, CoreError> {
+    let (reply, answer) = oneshot::channel();
+    assert!(
+        desk.answer(build(reply), Some(LEADER.to_owned())).is_none(),
+        "a follower answers job requests"
+    );
+    answer.await.expect("answered")
+}
+
+async fn submit(desk: &Arc<FollowerJobs>, text: &str) -> Result<JobStatus, CoreError> {
+    let job = job::admit(text.as_bytes(), &rules()).expect("valid");
+    ask(desk, |reply| Command::Submit {
+        job: Box::new(job),
+        manifest: text.to_owned(),
+        owner: ada(),
+        reply,
+    })
+    .await
+}
+
+async fn get(desk: &Arc<FollowerJobs>, name: &str) -> Result<JobStatus, CoreError> {
+    ask(desk, |reply| Command::Get {
+        name: name.to_owned(),
+        removed: false,
+        reply,
+    })
+    .await
+}
+
+/// Creates an object as `kubectl apply` does: no status, its field manager named.
+async fn kubectl_apply(client: &kube::Client, text: &str) -> DynamicObject {
+    let doc: Value = serde_saphyr::from_str(text).expect("YAML");
+    let object: DynamicObject = serde_json::from_value(doc).expect("object");
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &training_job_resource());
+    let params = PostParams {
+        field_manager: Some("kubectl-client-side-apply".to_owned()),
+        ..PostParams::default()
+    };
+    api.create(&params, &object).await.expect("applied")
+}
+
+/// Waits until `check` holds of the job's object, for at most a minute.
+async fn object_until(
+    client: &kube::Client,
+    name: &str,
+    check: impl Fn(&DynamicObject) -> bool,
+) -> DynamicObject {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &training_job_resource());
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        if let Some(object) = api.get_opt(name).await.expect("get")
+            && check(&object)
+        {
+            return object;
+        }
+        assert!(Instant::now() < deadline, "{name} never got there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn state(object: &DynamicObject) -> Option<&str> {
+    object.data.pointer("/status/state").and_then(Value::as_str)
+}
+
+/// A follower creates the object with its submitter and no status, reads and lists it back as
+/// the leader would show it, refuses a second job of the name, and deletes one the leader has
+/// not taken in when it is cancelled.
+#[test]
+fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
+    let cluster = Cluster::start();
+    let desk = FollowerJobs::new(cluster.node.clone(), "node-b".to_owned());
+    cluster.rt.block_on(async {
+        let submitted = submit(&desk, &manifest("mnist")).await.expect("created");
+        assert_eq!(submitted.state, JobState::Queued);
+        assert_eq!(submitted.reason, "NotAdmitted");
+        assert_eq!(submitted.owner, Some(ada()));
+        assert_eq!(submitted.replicas.len(), 2);
+    });
+    let object = cluster.get("default", "mnist").expect("the object");
+    assert!(
+        object
+            .data
+            .get("status")
+            .is_none_or(|s| s.get("state").is_none()),
+        "no agentd status"
+    );
+    let annotations = object.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations[SUBMITTED_ON_ANNOTATION], "node-b");
+    assert_eq!(
+        serde_json::from_str::<Owner>(&annotations[OWNER_ANNOTATION]).expect("JSON"),
+        ada()
+    );
+    cluster.rt.block_on(async {
+        let read = get(&desk, "mnist").await.expect("read");
+        assert_eq!((read.name.as_str(), read.queue.as_str()), ("mnist", "slow"));
+        let listed = ask(&desk, |reply| Command::List {
+            queue: None,
+            state: Some(JobState::Queued),
+            user: Some("ada".to_owned()),
+            reply,
+        })
+        .await
+        .expect("listed");
+        assert_eq!(listed.jobs.len(), 1);
+        let other = ask(&desk, |reply| Command::List {
+            queue: None,
+            state: None,
+            user: Some("bob".to_owned()),
+            reply,
+        })
+        .await
+        .expect("listed");
+        assert!(other.jobs.is_empty(), "filtered by user");
+
+        let twice = submit(&desk, &manifest("mnist"))
+            .await
+            .expect_err("one job a name");
+        assert!(
+            matches!(&twice, CoreError::Conflict(m) if m.contains("already exists")),
+            "{twice}"
+        );
+        let missing = get(&desk, "nosuch").await.expect_err("no such job");
+        assert!(matches!(missing, CoreError::NotFound(_)), "{missing}");
+
+        let cancelled = ask(&desk, |reply| Command::Cancel {
+            name: "mnist".to_owned(),
+            by: "ada".to_owned(),
+            reply,
+        })
+        .await
+        .expect("cancelled");
+        assert_eq!(cancelled.state, JobState::Cancelled);
+    });
+    assert!(
+        cluster.get("default", "mnist").is_none(),
+        "not taken in: deleted"
+    );
+}
+
+/// The leader takes in what it did not create: a job submitted on a follower (its status
+/// written onto that object, the submitter kept), one applied with kubectl (owned by its field
+/// manager), and an invalid one (Failed, `Invalid`, every problem at its path); a cancel asked
+/// on a follower is the leader's cancel, by the user who asked.
+#[test]
+fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
+    let cluster = Cluster::start();
+    let pending = PendingObjects::default();
+    let store = cluster.store().admitting(pending.clone());
+    let desk = FollowerJobs::new(cluster.node.clone(), "node-b".to_owned());
+    let leader = cluster.leader.clone();
+    let admin = cluster.admin.clone();
+    let follower_uid = with_core(&cluster, store, async |core| {
+        let (_leadership_tx, leadership) = watch::channel(leading());
+        let (stop_tx, stop) = watch::channel(false);
+        let admission = tokio::spawn(run_admission(
+            leader.clone(),
+            core.clone(),
+            rules(),
+            pending,
+            leadership,
+            Duration::from_millis(20),
+            stop,
+        ));
+        submit(&desk, &manifest("from-node-b"))
+            .await
+            .expect("created");
+        kubectl_apply(&admin, &manifest("applied")).await;
+        let invalid = manifest("invalid")
+            .replace("queue: slow", "queue: nosuch")
+            .replace("replicas: 2", "replicas: -1");
+        kubectl_apply(&admin, &invalid).await;
+
+        let from_node = object_until(&admin, "from-node-b", |o| state(o) == Some("Queued")).await;
+        let admitted = core
+            .ask(|reply| Command::Get {
+                name: "from-node-b".to_owned(),
+                removed: false,
+                reply,
+            })
+            .await
+            .expect("the leader's core has it");
+        assert_eq!(admitted.owner, Some(ada()), "the submitter on the follower");
+        assert!(
+            admitted
+                .events
+                .iter()
+                .any(|e| e.message.contains("submitted by ada")),
+            "{:?}",
+            admitted.events
+        );
+
+        let applied = object_until(&admin, "applied", |o| state(o) == Some("Queued")).await;
+        assert_eq!(
+            applied.data["status"]["owner"]["user"],
+            json!("kubernetes:kubectl-client-side-apply")
+        );
+
+        let refused = object_until(&admin, "invalid", |o| state(o).is_some()).await;
+        assert_eq!(state(&refused), Some("Failed"));
+        assert_eq!(refused.data["status"]["reason"], json!("Invalid"));
+        let message = refused.data["status"]["message"]
+            .as_str()
+            .expect("a message");
+        assert!(message.contains("spec.queue"), "{message}");
+        assert!(
+            message.contains("spec.replicaSpecs.Worker.replicas"),
+            "{message}"
+        );
+
+        // A follower reads the leader's status back, and asks for a cancel.
+        let read = get(&desk, "applied").await.expect("read");
+        assert_eq!(read.state, JobState::Queued);
+        let asked = ask(&desk, |reply| Command::Cancel {
+            name: "from-node-b".to_owned(),
+            by: "ada".to_owned(),
+            reply,
+        })
+        .await
+        .expect("asked");
+        assert_eq!(asked.reason, "CancelRequested");
+        object_until(&admin, "from-node-b", |o| state(o) == Some("Cancelled")).await;
+        let cancelled = core
+            .ask(|reply| Command::Get {
+                name: "from-node-b".to_owned(),
+                removed: false,
+                reply,
+            })
+            .await
+            .expect("still known");
+        assert_eq!(cancelled.message, "cancelled by ada");
+        stop_tx.send_replace(true);
+        admission.await.expect("admission stops");
+        from_node.metadata.uid
+    });
+    let object = cluster
+        .get("default", "from-node-b")
+        .expect("the same object");
+    assert_eq!(
+        object.metadata.uid, follower_uid,
+        "written onto, never made again"
+    );
+}
