@@ -291,28 +291,29 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
                 BatchSize::LargeInput,
             );
         });
-        let (mut f, mut l, mut i) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut full_times, mut listing_times, mut changes_times) =
+            (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..30 {
             let started = Instant::now();
             black_box(schedule(black_box(&snap), &policy));
-            f.push(started.elapsed().as_secs_f64());
+            full_times.push(started.elapsed().as_secs_f64());
             let mut s = warm.clone();
             let started = Instant::now();
             s.relist();
             s.finish(finished);
             black_box(s.pass(501.0));
-            l.push(started.elapsed().as_secs_f64());
+            listing_times.push(started.elapsed().as_secs_f64());
             let mut s = warm.clone();
             let started = Instant::now();
             s.finish(finished);
             black_box(s.pass(501.0));
-            i.push(started.elapsed().as_secs_f64());
+            changes_times.push(started.elapsed().as_secs_f64());
         }
         rows.push(DeepRow {
             policy: policy.name,
-            full_s: median(f),
-            listing_s: median(l),
-            incremental_s: median(i),
+            full_s: median(full_times),
+            listing_s: median(listing_times),
+            incremental_s: median(changes_times),
             placed: full.placements.len(),
             changed,
         });

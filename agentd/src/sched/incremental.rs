@@ -259,7 +259,11 @@ impl Scheduler {
     /// [`Scheduler::waiting`] gives the whole list.
     pub fn pass(&mut self, now: f64) -> Decision {
         self.order(now);
-        let said: Vec<Said> = self.queued.iter_mut().map(|q| q.said.take()).collect();
+        // Only a policy that lists waiting gangs says anything to remember (replay lists none).
+        let said: Option<Vec<Said>> = self
+            .policy
+            .list_waiting
+            .then(|| self.queued.iter_mut().map(|q| q.said.take()).collect());
         let order: Vec<Prepared<'_>> = self.queued.iter().map(Queued::prepared).collect();
         let holders: Vec<Holder<'_>> = self
             .running
@@ -290,7 +294,7 @@ impl Scheduler {
             usage,
         );
         pass.holders_by_id = running;
-        pass.said = Some(said);
+        pass.said = said;
         pass.run(&order);
         let Pass {
             cache,
@@ -306,8 +310,10 @@ impl Scheduler {
             .map(|h| (h.id.to_owned(), h.end, h.allocs.to_vec()))
             .collect();
         drop(order);
-        for (q, said) in self.queued.iter_mut().zip(said.unwrap_or_default()) {
-            q.said = said;
+        if let Some(said) = said {
+            for (q, said) in self.queued.iter_mut().zip(said) {
+                q.said = said;
+            }
         }
         self.cache = cache;
         self.state = state;
