@@ -549,5 +549,6 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
     // The story must have exercised what it claims to.
     assert!(checked > 200, "{checked} waiting answers checked");
     assert!(placed > 4, "{placed} placements");
+    assert!(failed > 0, "no write failed");
     eprintln!("{checked} waiting answers checked, {placed} placements, {failed} failed writes");
 }
