@@ -72,6 +72,8 @@ impl Feed {
         }
     }
 
+    /// For the debug builds' check against the full pass.
+    #[cfg(debug_assertions)]
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
     }
