@@ -3,15 +3,17 @@
 //! placement rate) and 85% busy (most gangs wait, the default policy plans a reservation).
 //!
 //! Then the deep queue: 10,000 queued gangs on the full cluster, and the pass that follows one
-//! job's finish, by the incremental scheduler and by the full pass (the baseline), each policy.
+//! job's finish, by the full pass (the baseline), by the incremental scheduler listing every
+//! waiting gang (as it did before it handed back changes only), and by the incremental
+//! scheduler handing back only the waiting entries that changed, each policy.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use agentd::sched::{
-    Assignment, Gang, GpuSlot, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources,
-    RunningGang, Scheduler, Snapshot, schedule,
+    Assignment, Decision, Gang, GpuSlot, NodeCapacity, Policy, QueueConfig, ReplicaRequest,
+    Resources, RunningGang, Scheduler, Snapshot, schedule,
 };
 use criterion::{BatchSize, BenchmarkId, Criterion};
 
@@ -194,17 +196,19 @@ fn main() {
         "{NODES} nodes x {GPUS} GPUs all busy, {DEEP} queued gangs; the pass after one job finishes (median of 30); the full pass is the baseline"
     );
     println!(
-        "{:<10} {:>12} {:>14} {:>9} {:>8}",
-        "policy", "full_pass_ms", "incremental_ms", "speedup", "placed"
+        "{:<10} {:>12} {:>14} {:>14} {:>9} {:>8} {:>8}",
+        "policy", "full_pass_ms", "listing_all_ms", "changes_ms", "speedup", "placed", "changed"
     );
     for row in deep {
         println!(
-            "{:<10} {:>12.2} {:>14.3} {:>8.0}x {:>8}",
+            "{:<10} {:>12.2} {:>14.3} {:>14.3} {:>8.0}x {:>8} {:>8}",
             row.policy,
             row.full_s * 1e3,
+            row.listing_s * 1e3,
             row.incremental_s * 1e3,
             row.full_s / row.incremental_s,
-            row.placed
+            row.placed,
+            row.changed
         );
     }
 }
@@ -212,8 +216,10 @@ fn main() {
 struct DeepRow {
     policy: &'static str,
     full_s: f64,
+    listing_s: f64,
     incremental_s: f64,
     placed: usize,
+    changed: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -253,9 +259,26 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
         let full = schedule(&snap, &policy);
         let mut check = warm.clone();
         check.finish(finished);
-        assert_eq!(check.pass(501.0), full, "the two passes disagree");
+        let changes = check.pass(501.0);
+        let changed = changes.waiting.len();
+        let whole = Decision {
+            waiting: check.waiting(),
+            ..changes
+        };
+        assert_eq!(whole, full, "the two passes disagree");
         group.bench_function(BenchmarkId::new("full_pass", policy.name), |b| {
             b.iter(|| schedule(black_box(&snap), &policy));
+        });
+        group.bench_function(BenchmarkId::new("listing_all", policy.name), |b| {
+            b.iter_batched_ref(
+                || warm.clone(),
+                |s| {
+                    s.relist();
+                    s.finish(finished);
+                    s.pass(501.0)
+                },
+                BatchSize::LargeInput,
+            );
         });
         group.bench_function(BenchmarkId::new("incremental", policy.name), |b| {
             // By reference, so dropping the clone is not timed.
@@ -268,22 +291,31 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
                 BatchSize::LargeInput,
             );
         });
-        let (mut f, mut i) = (Vec::new(), Vec::new());
+        let (mut full_times, mut listing_times, mut changes_times) =
+            (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..30 {
             let started = Instant::now();
             black_box(schedule(black_box(&snap), &policy));
-            f.push(started.elapsed().as_secs_f64());
+            full_times.push(started.elapsed().as_secs_f64());
+            let mut s = warm.clone();
+            let started = Instant::now();
+            s.relist();
+            s.finish(finished);
+            black_box(s.pass(501.0));
+            listing_times.push(started.elapsed().as_secs_f64());
             let mut s = warm.clone();
             let started = Instant::now();
             s.finish(finished);
             black_box(s.pass(501.0));
-            i.push(started.elapsed().as_secs_f64());
+            changes_times.push(started.elapsed().as_secs_f64());
         }
         rows.push(DeepRow {
             policy: policy.name,
-            full_s: median(f),
-            incremental_s: median(i),
+            full_s: median(full_times),
+            listing_s: median(listing_times),
+            incremental_s: median(changes_times),
             placed: full.placements.len(),
+            changed,
         });
     }
     group.finish();

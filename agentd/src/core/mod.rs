@@ -9,6 +9,7 @@
 //! ([`crate::store::JobStore`], [`crate::exec::Executor`]).
 
 pub mod clock;
+mod feed;
 mod finished;
 pub mod lifecycle;
 mod log_budget;
@@ -33,7 +34,7 @@ use crate::exec::local::{self, LocalExecutor, ReplicaEvent, ReplicaReport};
 use crate::inventory::GpuHealthEvent;
 use crate::job::{self, SpecError};
 use crate::metrics::{Metrics, NodeAllocation};
-use crate::sched::{self, NodeCapacity, Policy, QueueConfig, Snapshot};
+use crate::sched::{self, NodeCapacity, Policy, QueueConfig};
 use crate::store::{History, JobStore, StoreError};
 
 pub use clock::{Clock, ManualClock, Now, SystemClock};
@@ -267,7 +268,8 @@ pub struct Core {
     clock: Arc<dyn Clock>,
     store: Box<dyn JobStore>,
     executor: Box<dyn Executor>,
-    policy: Policy,
+    /// The scheduler, fed with what changes between passes.
+    feed: feed::Feed,
     inventory: watch::Receiver<Arc<NodeInventory>>,
     nodes: Nodes,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -462,7 +464,7 @@ impl Core {
             clock,
             store,
             executor,
-            policy: Policy::agentd(),
+            feed: feed::Feed::new(Policy::agentd(), queue_configs(&config.queues)),
             inventory,
             nodes,
             internal_tx: wiring.internal_tx.clone(),
@@ -1000,66 +1002,41 @@ impl Core {
     }
 
     /// One scheduling pass over the queued gangs, its decision handed to the lifecycle with
-    /// the addresses of each placed gang's replicas. The one place the scheduler is called.
+    /// the addresses of each placed gang's replicas. The one place the scheduler is called: it
+    /// is told what changed since the last pass ([`feed::Feed`]), and hands back the placements
+    /// and the waiting gangs whose reason or message changed.
     fn schedule(&mut self) {
-        let inventory = match self.nodes {
-            Nodes::Local => self.inventory.borrow().clone(),
-            // GPUs elsewhere are counted, not named: no local GPU stands for them.
-            Nodes::Cluster(_) => Arc::new(NodeInventory::default()),
-        };
-        let queued = self.lifecycle.queued_gangs();
-        if queued.is_empty() {
-            self.step(Input::Scheduled {
-                inventory,
-                waiting: Vec::new(),
-                placements: Vec::new(),
-            });
-            return;
-        }
-        let nodes: Vec<NodeCapacity> = match &self.nodes {
+        let pass_started = std::time::Instant::now();
+        let inventory = match &self.nodes {
             Nodes::Local => {
+                let inventory = self.inventory.borrow().clone();
                 let mut node = node_capacity(&inventory);
                 node.labels.extend(self.labels.clone());
                 node.schedulable = self.lifecycle.schedulable();
-                vec![node]
+                self.feed.local_node(node);
+                inventory
             }
             // A cluster node is drained through its labels (the feed closes it); this
             // machine's own drain does not stop the cluster.
-            Nodes::Cluster(feed) => feed
-                .borrow()
-                .iter()
-                .map(|node| NodeCapacity {
-                    schedulable: node.schedulable && self.lifecycle.write_failure().is_none(),
-                    ..node.clone()
-                })
-                .collect(),
+            Nodes::Cluster(nodes) => {
+                let nodes = nodes.borrow().clone();
+                self.feed
+                    .cluster_nodes(&nodes, self.lifecycle.write_failure().is_some());
+                // GPUs elsewhere are counted, not named: no local GPU stands for them.
+                Arc::new(NodeInventory::default())
+            }
         };
         let now = self.clock.now();
-        let running = self.lifecycle.running_gangs(now);
-        let queues: Vec<QueueConfig> = self
-            .queues
-            .iter()
-            .map(|(name, q)| QueueConfig {
-                name: name.clone(),
-                priority: q.priority,
-                max_running_jobs: q.max_running_jobs,
-                max_gpus: q.max_gpus,
-            })
-            .collect();
-        let pass_started = std::time::Instant::now();
-        let decision = sched::schedule(
-            &Snapshot {
-                now: now.wall,
-                nodes: &nodes,
-                running: &running,
-                queued: &queued,
-                queues: &queues,
-            },
-            &self.policy,
-        );
+        self.feed.drained(self.lifecycle.drained());
+        self.feed.jobs(self.lifecycle.jobs(), now);
+        let decision = self.feed.scheduler_mut().pass(now.wall);
         if let Some(metrics) = &self.metrics {
             metrics.scheduling_pass(pass_started.elapsed());
         }
+        self.feed
+            .placed(decision.placements.iter().map(|p| p.gang.as_str()));
+        #[cfg(debug_assertions)]
+        self.check_against_full_pass(&decision, now);
         let placements = decision
             .placements
             .into_iter()
@@ -1076,6 +1053,33 @@ impl Core {
             waiting: decision.waiting,
             placements,
         });
+    }
+
+    /// Debug builds: the full pass, over the jobs as the lifecycle holds them, must decide
+    /// exactly what the incremental pass decided (its changes applied: the whole list).
+    #[cfg(debug_assertions)]
+    fn check_against_full_pass(&self, decision: &sched::Decision, now: Now) {
+        let scheduler = self.feed.scheduler();
+        let queued = self.lifecycle.queued_gangs();
+        let running = self.lifecycle.running_gangs(now);
+        let full = sched::schedule(
+            &sched::Snapshot {
+                now: now.wall,
+                nodes: scheduler.nodes(),
+                running: &running,
+                queued: &queued,
+                queues: scheduler.queues(),
+            },
+            scheduler.policy(),
+        );
+        let whole = sched::Decision {
+            waiting: scheduler.waiting(),
+            ..decision.clone()
+        };
+        assert!(
+            whole == full,
+            "the incremental pass decided otherwise than the full pass:\nincremental: {whole:?}\nfull: {full:?}"
+        );
     }
 
     /// Writes the turn's changes in one transaction; then performs what waited on it: replies,
@@ -1107,6 +1111,8 @@ impl Core {
             }
             Err(e) => {
                 let cause = e.to_string();
+                // The undone turn may have put back what waiting gangs said before the pass.
+                self.feed.scheduler_mut().relist();
                 if self.lifecycle.write_failure().is_none() {
                     tracing::error!(
                         "cannot write job changes: {cause}; nothing new starts until writes succeed"
@@ -1277,6 +1283,19 @@ fn runner(config: &Config) -> Result<local::Runner, CoreError> {
         }
     );
     Ok(runner)
+}
+
+/// The queues as the scheduler sees them.
+fn queue_configs(queues: &BTreeMap<String, QueueSettings>) -> Vec<QueueConfig> {
+    queues
+        .iter()
+        .map(|(name, q)| QueueConfig {
+            name: name.clone(),
+            priority: q.priority,
+            max_running_jobs: q.max_running_jobs,
+            max_gpus: q.max_gpus,
+        })
+        .collect()
 }
 
 /// The node as the scheduler sees it: every GPU with its health, all CPUs and memory.

@@ -26,6 +26,9 @@ pub struct Allocation {
 
 #[derive(Debug, Clone)]
 pub struct JobRecord {
+    /// Tells this record from an earlier one of the same name (removed, then submitted again):
+    /// unique in the process, kept by clones.
+    pub serial: u64,
     pub job: TrainingJob,
     pub manifest: String,
     pub status: JobStatus,
@@ -103,6 +106,11 @@ pub enum ReplicaVerdict {
     },
 }
 
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl JobRecord {
     pub fn new(job: TrainingJob, manifest: String, now: Now) -> Self {
         let replicas = job::replica_names(&job)
@@ -146,6 +154,7 @@ impl JobRecord {
             events: Vec::new(),
         };
         Self {
+            serial: next_serial(),
             job,
             manifest,
             status,
@@ -171,6 +180,7 @@ impl JobRecord {
         let finished_mono = status.finished_at.map(|t| now.mono_of(t));
         let status_state = status.state;
         Self {
+            serial: next_serial(),
             job,
             manifest,
             status,
@@ -215,16 +225,22 @@ impl JobRecord {
     /// scheduler's `now` is.
     pub fn running_gang(&self, now: Now) -> Option<sched::RunningGang> {
         let allocation = self.allocation.as_ref()?;
-        let deadline = self.job.spec.run_policy.active_deadline_seconds;
         Some(sched::RunningGang {
             id: self.status.name.clone(),
             queue: self.status.queue.clone(),
             assignments: allocation.assignments.clone(),
-            expected_end: match (self.started_mono, deadline) {
-                (Some(start), Some(d)) => Some(now.wall_of(start + d as f64)),
-                _ => None,
-            },
+            expected_end: self.expected_end(now),
         })
+    }
+
+    /// When the gang is expected to end at the latest, on the wall clock: its start plus its
+    /// `activeDeadlineSeconds`, if it declared one.
+    pub fn expected_end(&self, now: Now) -> Option<f64> {
+        let deadline = self.job.spec.run_policy.active_deadline_seconds;
+        match (self.started_mono, deadline) {
+            (Some(start), Some(d)) => Some(now.wall_of(start + d as f64)),
+            _ => None,
+        }
     }
 
     /// What the job's time limits say is to be done at `now`, all of them measured on the

@@ -353,3 +353,202 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
     }
     assert_eq!(core.get("wide").expect("exists").state, JobState::Starting);
 }
+
+/// A job of `replicas` workers of `gpus` GPUs each, in `queue`, with a declared run time or
+/// none.
+fn sized_job(name: &str, queue: &str, replicas: u32, gpus: u32, deadline: Option<u32>) -> String {
+    let run_policy = deadline.map_or_else(String::new, |d| {
+        format!("\n  runPolicy: {{activeDeadlineSeconds: {d}}}")
+    });
+    format!(
+        "apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  queue: {queue}{run_policy}
+  replicaSpecs:
+    Worker:
+      replicas: {replicas}
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              image: tf:2.16
+              command: [python, train.py]
+              resources: {{limits: {{nvidia.com/gpu: {gpus}}}}}
+"
+    )
+}
+
+/// The core's scheduler is told what changes between passes (submits, cancels, gangs placed,
+/// finished and stopped, nodes closed, opened and resized, a write that fails and is undone)
+/// and hands back only the waiting gangs whose answer changed; after every pass each job must
+/// say exactly what the full pass, run on the same jobs and nodes, says of it.
+#[tokio::test]
+async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let mut nodes = vec![
+        cluster_node("gpu-1", 8, true),
+        cluster_node("gpu-2", 8, true),
+        cluster_node("gpu-3", 4, true),
+    ];
+    let (feed, receiver) = watch::channel(Arc::new(nodes.clone()));
+    let store = crate::store::memory::MemoryStore::default();
+    let mut config = config(dir.path());
+    config
+        .queues
+        .get_mut("slow")
+        .expect("a default queue")
+        .max_running_jobs = Some(2);
+    let mut executor = None;
+    let (mut core, _, mut inputs) = Core::open_with(
+        &config,
+        CoreParts {
+            nodes: Nodes::Cluster(receiver),
+            ..parts(Box::new(store.clone()), NodeInventory::default(), &clock)
+        },
+        |reports| {
+            let memory = crate::exec::memory::MemoryExecutor::new(reports);
+            executor = Some(memory.clone());
+            Box::new(memory)
+        },
+    )
+    .expect("the core opens");
+    let executor = executor.expect("built");
+    let rules = job::Admission::new(
+        config.queues.keys().cloned(),
+        crate::config::DEFAULT_QUEUE,
+        crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
+    );
+    let root = agentd_api::Owner {
+        uid: 0,
+        gid: 0,
+        user: "root".to_owned(),
+    };
+    let mut launched: Vec<crate::exec::LaunchSpec> = Vec::new();
+    let (mut checked, mut placed, mut failed) = (0, 0, 0);
+    let mut seed: u64 = 7;
+    let mut random = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % n
+    };
+    for turn in 0..160u32 {
+        let queued: Vec<String> = core
+            .lifecycle
+            .jobs()
+            .values()
+            .filter(|r| r.status.state == JobState::Queued)
+            .map(|r| r.status.name.clone())
+            .collect();
+        let failing = random(25) == 0;
+        store.fail_writes(failing);
+        match random(10) {
+            0..=3 => {
+                let gpus = [1, 2, 4, 8][random(4) as usize];
+                let text = sized_job(
+                    &format!("job-{turn:03}"),
+                    if random(3) == 0 { "slow" } else { "fast" },
+                    1 + random(2) as u32,
+                    gpus,
+                    (random(2) == 0).then(|| 600 + 60 * random(20) as u32),
+                );
+                let job = job::admit(text.as_bytes(), &rules).expect("a valid manifest");
+                let (reply, _answer) = oneshot::channel();
+                core.command(Command::Submit {
+                    job: Box::new(job),
+                    manifest: text,
+                    owner: root.clone(),
+                    reply,
+                });
+            }
+            4 | 5 if !launched.is_empty() => {
+                // A gang ends: its replicas start and exit, then its stop completes.
+                let job = launched[random(launched.len() as u64) as usize].job.clone();
+                for spec in launched.iter().filter(|s| s.job == job) {
+                    executor.report(spec, ReplicaEvent::Started { pid: 7 });
+                    executor.exited(spec, 0);
+                }
+                launched.retain(|s| s.job != job);
+                while let Ok(report) = inputs.replicas.try_recv() {
+                    core.replica_report(report);
+                }
+            }
+            6 if !queued.is_empty() => {
+                let name = queued[random(queued.len() as u64) as usize].clone();
+                let (reply, _answer) = oneshot::channel();
+                core.command(Command::Cancel {
+                    name,
+                    by: "root".to_owned(),
+                    reply,
+                });
+            }
+            7 => {
+                let n = random(nodes.len() as u64) as usize;
+                if random(2) == 0 {
+                    nodes[n].schedulable = !nodes[n].schedulable;
+                } else {
+                    let gpus = [2, 4, 8][random(3) as usize];
+                    nodes[n] = cluster_node(&nodes[n].name.clone(), gpus, nodes[n].schedulable);
+                }
+                feed.send_replace(Arc::new(nodes.clone()));
+                core.step(Input::NodesChanged);
+            }
+            _ => clock.advance(30.0 + random(300) as f64),
+        }
+        for (job, generation, _) in executor.take().stopped {
+            launched.retain(|s| s.job != job);
+            core.step(Input::GangStopped { job, generation });
+        }
+        let now = clock.now();
+        let open: Vec<NodeCapacity> = nodes
+            .iter()
+            .map(|n| NodeCapacity {
+                schedulable: n.schedulable && core.lifecycle.write_failure().is_none(),
+                ..n.clone()
+            })
+            .collect();
+        let full = sched::schedule(
+            &sched::Snapshot {
+                now: now.wall,
+                nodes: &open,
+                running: &core.lifecycle.running_gangs(now),
+                queued: &core.lifecycle.queued_gangs(),
+                queues: &queue_configs(&config.queues),
+            },
+            &Policy::agentd(),
+        );
+        core.schedule();
+        if core.commit().is_err() {
+            failed += 1;
+            continue;
+        }
+        launched.extend(executor.take().started);
+        for w in &full.waiting {
+            let status = &core.lifecycle.job(&w.gang).expect("a waiting job").status;
+            assert_eq!(
+                (
+                    status.state,
+                    status.reason.as_str(),
+                    status.message.as_str()
+                ),
+                (JobState::Queued, w.reason.as_str(), w.message.as_str()),
+                "turn {turn}: {}",
+                w.gang
+            );
+            checked += 1;
+        }
+        for p in &full.placements {
+            let status = &core.lifecycle.job(&p.gang).expect("a placed job").status;
+            assert_ne!(status.state, JobState::Queued, "turn {turn}: {}", p.gang);
+            placed += 1;
+        }
+    }
+    // The story must have exercised what it claims to.
+    assert!(checked > 200, "{checked} waiting answers checked");
+    assert!(placed > 4, "{placed} placements");
+    assert!(failed > 0, "no write failed");
+    eprintln!("{checked} waiting answers checked, {placed} placements, {failed} failed writes");
+}

@@ -10,14 +10,19 @@
 //! nodes change). Everything else a pass decides is decided by the same code as the full pass,
 //! which stays the oracle: the property tests and replays check that both decide exactly alike.
 //!
+//! A pass also remembers what it said for each waiting gang, and hands back only the waiting
+//! entries that changed: a deep queue whose answers stay the same costs a visit per gang, not
+//! a sentence per gang. The caller keeps the last entry of each gang ([`Scheduler::waiting`]
+//! gives the whole list, for checks).
+//!
 //! Like the full pass it is pure: no I/O, no clock; time is an argument of [`Scheduler::pass`].
 
 use std::borrow::Cow;
 use std::collections::HashSet;
 
 use super::free::FreeState;
-use super::pass::{Alloc, Cache, FastMap, Holder, Pass, Prepared, allocs_of, limited, score};
-use super::{Decision, Gang, NodeCapacity, Policy, QueueConfig, RunningGang};
+use super::pass::{Alloc, Cache, FastMap, Holder, Pass, Prepared, Said, allocs_of, limited, score};
+use super::{Decision, Gang, NodeCapacity, Policy, QueueConfig, RunningGang, Waiting, reason};
 
 /// A running gang as the scheduler keeps it.
 #[derive(Debug, Clone)]
@@ -35,6 +40,8 @@ struct Queued {
     shape: usize,
     gpus: u64,
     score: f64,
+    /// What the last pass said about it, if it waited.
+    said: Said,
 }
 
 impl Queued {
@@ -129,7 +136,43 @@ impl Scheduler {
         self.state.rebuild_index();
         for q in &mut self.queued {
             (q.required, q.shape) = self.cache.shape_of(&self.nodes, &q.gang);
+            // Why a gang can never fit is worked out from the nodes: say it again.
+            if q.said
+                .as_ref()
+                .is_some_and(|(r, _)| *r == reason::NEVER_FITS)
+            {
+                q.said = None;
+            }
         }
+    }
+
+    /// Forgets what was said about every waiting gang, so the next pass lists them all (for a
+    /// caller that lost track of what it holds).
+    pub fn relist(&mut self) {
+        for q in &mut self.queued {
+            q.said = None;
+        }
+    }
+
+    /// Every waiting gang with its reason and message, in policy order, as the last pass said
+    /// (gangs submitted since are not in it): the full list that [`super::schedule`] gives.
+    pub fn waiting(&self) -> Vec<Waiting> {
+        self.queued
+            .iter()
+            .filter_map(|q| {
+                let (reason, message) = q.said.as_ref()?;
+                Some(Waiting {
+                    gang: q.gang.id.clone(),
+                    reason: (*reason).to_owned(),
+                    message: message.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// The running gang with this id, as the scheduler holds it.
+    pub fn running_gang(&self, id: &str) -> Option<&RunningGang> {
+        self.running_index(id).ok().map(|i| &self.running[i].gang)
     }
 
     /// Replaces the queue configuration.
@@ -153,6 +196,7 @@ impl Scheduler {
             shape,
             gpus,
             score: 0.0,
+            said: None,
         });
         self.sorted_at = None;
     }
@@ -170,6 +214,13 @@ impl Scheduler {
     /// Records a gang that holds resources without this scheduler having placed it (adopted
     /// after a restart, say), replacing a running gang of the same id.
     pub fn start(&mut self, gang: RunningGang) {
+        if let Ok(i) = self.running_index(&gang.id)
+            && self.running[i].gang.assignments == gang.assignments
+        {
+            // Same resources (a new expected end, say): nothing to take or give back.
+            self.running[i].gang = gang;
+            return;
+        }
         self.finish(&gang.id);
         let (allocs, gpus) = allocs_of(&self.nodes, |n| self.by_name.get(n).copied(), &gang);
         for a in &allocs {
@@ -203,9 +254,16 @@ impl Scheduler {
 
     /// One scheduling pass at `now`. Decides exactly what [`super::schedule`] decides for the
     /// same nodes, queues, running and queued gangs; the placements then hold their resources
-    /// and leave the queue.
+    /// and leave the queue. Its `waiting` holds only the gangs whose reason or message differs
+    /// from what the previous pass said of them (and every gang not yet said, or relisted);
+    /// [`Scheduler::waiting`] gives the whole list.
     pub fn pass(&mut self, now: f64) -> Decision {
         self.order(now);
+        // Only a policy that lists waiting gangs says anything to remember (replay lists none).
+        let said: Option<Vec<Said>> = self
+            .policy
+            .list_waiting
+            .then(|| self.queued.iter_mut().map(|q| q.said.take()).collect());
         let order: Vec<Prepared<'_>> = self.queued.iter().map(Queued::prepared).collect();
         let holders: Vec<Holder<'_>> = self
             .running
@@ -236,12 +294,14 @@ impl Scheduler {
             usage,
         );
         pass.holders_by_id = running;
+        pass.said = said;
         pass.run(&order);
         let Pass {
             cache,
             mut state,
             holders,
             decision,
+            said,
             ..
         } = pass;
         state.unhold();
@@ -250,6 +310,11 @@ impl Scheduler {
             .map(|h| (h.id.to_owned(), h.end, h.allocs.to_vec()))
             .collect();
         drop(order);
+        if let Some(said) = said {
+            for (q, said) in self.queued.iter_mut().zip(said) {
+                q.said = said;
+            }
+        }
         self.cache = cache;
         self.state = state;
         if !placed.is_empty() {

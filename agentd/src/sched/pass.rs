@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::explain::{never_fits_message, unschedulable_message};
 use super::free::{FreeState, GpuMask, Hold, Mode, Need, SelectorTable, Taken};
@@ -263,11 +264,25 @@ pub(crate) struct Pass<'a> {
     usage: FastMap<&'a str, (u32, u64)>,
     scratch: Vec<Taken>,
     /// Unschedulable sentences by shape, version and the selector they name.
-    messages: FastMap<(usize, u64, u32), String>,
+    messages: FastMap<(usize, u64, u32), Arc<str>>,
+    /// QueueLimit sentences by queue, its running jobs and GPUs, and the GPUs the gang asks.
+    limit_messages: FastMap<(&'a str, u32, u64, u64), Arc<str>>,
     /// The Reserved sentence of this pass's head.
-    reserved: Option<String>,
+    reserved: Option<Arc<str>>,
+    /// The Blocked sentence of this pass's strict-FIFO head.
+    blocked: Option<Arc<str>>,
+    empty: Arc<str>,
+    /// What the previous pass said for each gang of the order, by position (kept by the
+    /// incremental scheduler): when set, a gang whose reason and message are unchanged is left
+    /// out of `decision.waiting`, and the entry is updated for the next pass.
+    pub said: Option<Vec<Said>>,
+    /// The position in the order of the gang being decided.
+    at: usize,
     pub decision: Decision,
 }
+
+/// The reason and message last given for a waiting gang.
+pub(crate) type Said = Option<(&'static str, Arc<str>)>;
 
 /// Runs one scheduling pass. Pure and deterministic: the same snapshot gives the same decision,
 /// whatever the order of `snapshot.queued` or `snapshot.running`. This is the full pass, which
@@ -377,7 +392,12 @@ impl<'a> Pass<'a> {
             usage,
             scratch: Vec::new(),
             messages: FastMap::default(),
+            limit_messages: FastMap::default(),
             reserved: None,
+            blocked: None,
+            empty: Arc::from(""),
+            said: None,
+            at: 0,
             decision: Decision::default(),
         }
     }
@@ -429,9 +449,10 @@ impl<'a> Pass<'a> {
     pub fn run(&mut self, order: &[Prepared<'a>]) {
         let mut fifo_head: Option<&'a str> = None;
         let mut head: Option<Head<'a>> = None;
-        for p in order {
+        for (at, p) in order.iter().enumerate() {
+            self.at = at;
             if p.gang.replicas.is_empty() {
-                self.wait(p, reason::NEVER_FITS, || "has no replicas".to_owned());
+                self.wait_settled(p, reason::NEVER_FITS, || "has no replicas".to_owned());
                 continue;
             }
             if let Some(why) = self.queue_limit(p) {
@@ -440,11 +461,8 @@ impl<'a> Pass<'a> {
             }
             if let Some(blocker) = fifo_head {
                 if self.fits(p, Mode::Any) {
-                    self.wait(p, reason::BLOCKED, || {
-                        format!(
-                            "fits now, but strict FIFO keeps it behind {blocker}, which was submitted earlier and does not fit"
-                        )
-                    });
+                    let msg = self.blocked_message(blocker);
+                    self.wait(p, reason::BLOCKED, || msg);
                 } else if self.never_fits(p) {
                     continue;
                 } else {
@@ -486,8 +504,8 @@ impl<'a> Pass<'a> {
                     let mut msg = self.unschedulable(p);
                     if let Some(r) = self.reserve(p) {
                         if self.policy.explain {
-                            msg.push_str("; ");
-                            msg.push_str(&Self::reservation_clause(&r, self.now));
+                            msg =
+                                format!("{msg}; {}", Self::reservation_clause(&r, self.now)).into();
                         }
                         head = Some(Head {
                             id: &p.gang.id,
@@ -508,7 +526,7 @@ impl<'a> Pass<'a> {
             return false;
         }
         let (gang, nodes) = (p.gang, self.nodes);
-        self.wait(p, reason::NEVER_FITS, || never_fits_message(gang, nodes));
+        self.wait_settled(p, reason::NEVER_FITS, || never_fits_message(gang, nodes));
         true
     }
 
@@ -519,7 +537,7 @@ impl<'a> Pass<'a> {
         }
     }
 
-    fn wait(&mut self, p: &Prepared<'a>, reason: &'static str, message: impl FnOnce() -> String) {
+    fn wait(&mut self, p: &Prepared<'a>, reason: &'static str, message: impl FnOnce() -> Arc<str>) {
         *self.decision.waiting_counts.entry(reason).or_default() += 1;
         if !self.policy.list_waiting {
             return;
@@ -527,18 +545,48 @@ impl<'a> Pass<'a> {
         let message = if self.policy.explain {
             message()
         } else {
-            String::new()
+            self.empty.clone()
         };
+        if let Some(said) = &mut self.said {
+            let slot = &mut said[self.at];
+            if let Some((r, m)) = slot
+                && *r == reason
+                && (Arc::ptr_eq(m, &message) || **m == *message)
+            {
+                return;
+            }
+            *slot = Some((reason, message.clone()));
+        }
         self.decision.waiting.push(Waiting {
             gang: p.gang.id.clone(),
             reason: reason.to_owned(),
-            message,
+            message: message.to_string(),
         });
     }
 
-    fn unschedulable(&mut self, p: &Prepared<'a>) -> String {
+    /// [`Self::wait`] for a reason whose message depends only on the gang and the nodes: when
+    /// the previous pass gave the same reason, the message is not worked out again (the
+    /// incremental scheduler forgets such answers when the nodes change).
+    fn wait_settled(
+        &mut self,
+        p: &Prepared<'a>,
+        reason: &'static str,
+        message: impl FnOnce() -> String,
+    ) {
+        if self.policy.list_waiting
+            && let Some(said) = &self.said
+            && let Some((r, _)) = &said[self.at]
+            && *r == reason
+        {
+            *self.decision.waiting_counts.entry(reason).or_default() += 1;
+            return;
+        }
+        self.wait(p, reason, || message().into());
+    }
+
+    fn unschedulable(&mut self, p: &Prepared<'a>) -> Arc<str> {
         if !self.policy.explain {
-            return String::new();
+            return self.empty.clone();
         }
         // The sentence depends on the shape, the free capacity (the version) and the selector
         // it names; gangs alike in those share it.
@@ -553,24 +601,40 @@ impl<'a> Pass<'a> {
             return msg.clone();
         }
         let min_nodes = self.ideal_nodes(p).unwrap_or(1);
-        let msg = unschedulable_message(
+        let msg: Arc<str> = unschedulable_message(
             p.gang,
             &self.cache.shape_needs[p.shape],
             min_nodes,
             &self.state,
             &self.cache.selectors,
-        );
+        )
+        .into();
         self.messages.insert(key, msg.clone());
         msg
     }
 
-    fn reserved_message(&mut self, head: &Head<'_>) -> String {
+    fn reserved_message(&mut self, head: &Head<'_>) -> Arc<str> {
         if !self.policy.explain {
-            return String::new();
+            return self.empty.clone();
         }
         // One head per pass, so one sentence.
         self.reserved
-            .get_or_insert_with(|| Self::reserved_sentence(head, self.now))
+            .get_or_insert_with(|| Self::reserved_sentence(head, self.now).into())
+            .clone()
+    }
+
+    fn blocked_message(&mut self, blocker: &str) -> Arc<str> {
+        if !self.policy.explain {
+            return self.empty.clone();
+        }
+        // One strict-FIFO head per pass, so one sentence.
+        self.blocked
+            .get_or_insert_with(|| {
+                format!(
+                    "fits now, but strict FIFO keeps it behind {blocker}, which was submitted earlier and does not fit"
+                )
+                .into()
+            })
             .clone()
     }
 
@@ -645,7 +709,7 @@ impl<'a> Pass<'a> {
         result
     }
 
-    fn queue_limit(&self, p: &Prepared<'a>) -> Option<String> {
+    fn queue_limit(&mut self, p: &Prepared<'a>) -> Option<Arc<str>> {
         if !self.limited {
             return None;
         }
@@ -655,23 +719,30 @@ impl<'a> Pass<'a> {
             .get(p.gang.queue.as_str())
             .copied()
             .unwrap_or_default();
-        if let Some(max) = q.max_running_jobs
-            && jobs >= max
-        {
-            return Some(format!(
+        let over_jobs = q.max_running_jobs.filter(|&max| jobs >= max);
+        let over_gpus = q.max_gpus.filter(|&max| gpus + p.gpus > u64::from(max));
+        if over_jobs.is_none() && over_gpus.is_none() {
+            return None;
+        }
+        // Gangs of one queue asking alike get the same sentence until the queue's use changes.
+        let key = (q.name.as_str(), jobs, gpus, p.gpus);
+        if let Some(msg) = self.limit_messages.get(&key) {
+            return Some(msg.clone());
+        }
+        let msg: Arc<str> = match (over_jobs, over_gpus) {
+            (Some(max), _) => format!(
                 "queue {} runs {jobs} jobs and its limit (max_running_jobs) is {max}",
                 q.name
-            ));
-        }
-        if let Some(max) = q.max_gpus
-            && gpus + p.gpus > u64::from(max)
-        {
-            return Some(format!(
+            ),
+            (None, Some(max)) => format!(
                 "queue {} uses {gpus} GPUs, this job needs {} more and the queue's limit (max_gpus) is {max}",
                 q.name, p.gpus
-            ));
+            ),
+            (None, None) => return None,
         }
-        None
+        .into();
+        self.limit_messages.insert(key, msg.clone());
+        Some(msg)
     }
 
     /// Whether the gang would fit now, without placing it.

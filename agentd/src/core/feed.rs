@@ -1,0 +1,171 @@
+//! What the core's scheduler is told. The core keeps one [`Scheduler`] for its life and, before
+//! each pass, tells it what changed among the jobs since the last one: gangs that entered the
+//! queue (submitted, requeued after a restart, a placement undone), left it (cancelled, timed
+//! out, removed), started holding resources or stopped (placed, adopted, stopped, finished),
+//! and the nodes (GPU health, drain, the cluster's nodes). It finds those by comparing each job
+//! with what it last told the scheduler, which is cheap per job: a gang is built only for a job
+//! that changed, so a pass over a deep queue costs what the scheduler's pass costs.
+//!
+//! It owns no job and decides nothing: the pass's decision is the scheduler's, and in debug
+//! builds the core checks it against the full pass ([`crate::sched::schedule`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use agentd_api::jobs::JobState;
+
+use super::clock::Now;
+use super::record::JobRecord;
+use crate::sched::{NodeCapacity, Policy, QueueConfig, Scheduler};
+
+/// Which record was queued, and since when: a job that leaves the queue and comes back (a
+/// restart, an undone placement) or a new job of the same name is queued again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct QueuedAs {
+    serial: u64,
+    generation: u32,
+    since: u64,
+}
+
+impl QueuedAs {
+    fn of(record: &JobRecord) -> Self {
+        Self {
+            serial: record.serial,
+            generation: record.status.generation,
+            since: record.queued_since.to_bits(),
+        }
+    }
+}
+
+/// The scheduler and what it has been told.
+pub(super) struct Feed {
+    scheduler: Scheduler,
+    /// The queued gangs it holds, by job, with the sweep that last saw each.
+    queued: HashMap<String, (QueuedAs, u64)>,
+    /// The running gangs it holds, by job, with the sweep that last saw each.
+    running: HashMap<String, u64>,
+    sweep: u64,
+    /// The cluster's node list it was given, and whether writes were failing then.
+    cluster_nodes: Option<(Arc<Vec<NodeCapacity>>, bool)>,
+    /// Whether this machine was drained at the last pass.
+    drained: bool,
+}
+
+impl Feed {
+    pub fn new(policy: Policy, queues: Vec<QueueConfig>) -> Self {
+        Self {
+            scheduler: Scheduler::new(policy, Vec::new(), queues),
+            queued: HashMap::new(),
+            running: HashMap::new(),
+            sweep: 0,
+            cluster_nodes: None,
+            drained: false,
+        }
+    }
+
+    /// The core adds the drain to every waiting gang's message, so when it changes every
+    /// waiting gang is listed again.
+    pub fn drained(&mut self, drained: bool) {
+        if self.drained != drained {
+            self.drained = drained;
+            self.scheduler.relist();
+        }
+    }
+
+    /// For the debug builds' check against the full pass.
+    #[cfg(debug_assertions)]
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn scheduler_mut(&mut self) -> &mut Scheduler {
+        &mut self.scheduler
+    }
+
+    /// Standalone: this machine's node, as the core sees it now.
+    pub fn local_node(&mut self, node: NodeCapacity) {
+        if self.scheduler.nodes() != std::slice::from_ref(&node) {
+            self.scheduler.set_nodes(vec![node]);
+        }
+    }
+
+    /// Cluster mode: the watched node list, closed while job changes cannot be written.
+    pub fn cluster_nodes(&mut self, nodes: &Arc<Vec<NodeCapacity>>, write_failing: bool) {
+        if let Some((had, failing)) = &self.cluster_nodes
+            && Arc::ptr_eq(had, nodes)
+            && *failing == write_failing
+        {
+            return;
+        }
+        self.cluster_nodes = Some((nodes.clone(), write_failing));
+        let nodes = nodes
+            .iter()
+            .map(|node| NodeCapacity {
+                schedulable: node.schedulable && !write_failing,
+                ..node.clone()
+            })
+            .collect();
+        self.scheduler.set_nodes(nodes);
+    }
+
+    /// Tells the scheduler what changed among the jobs since the last call: every job that
+    /// waits to be placed is queued there, every job that holds resources is running there
+    /// with its current expected end, and nothing else is.
+    pub fn jobs(&mut self, jobs: &BTreeMap<String, JobRecord>, now: Now) {
+        self.sweep += 1;
+        let sweep = self.sweep;
+        for (name, record) in jobs {
+            if let Some(allocation) = &record.allocation {
+                let end = record.expected_end(now);
+                let same = self.scheduler.running_gang(name).is_some_and(|g| {
+                    g.expected_end == end
+                        && g.queue == record.status.queue
+                        && g.assignments == allocation.assignments
+                });
+                if !same && let Some(gang) = record.running_gang(now) {
+                    self.scheduler.start(gang);
+                }
+                match self.running.get_mut(name) {
+                    Some(seen) => *seen = sweep,
+                    None => {
+                        self.running.insert(name.clone(), sweep);
+                    }
+                }
+            } else if record.status.state == JobState::Queued {
+                let is = QueuedAs::of(record);
+                match self.queued.get_mut(name) {
+                    Some((was, seen)) if *was == is => *seen = sweep,
+                    _ => {
+                        if let Some(gang) = record.queued_gang() {
+                            self.scheduler.submit(gang);
+                        }
+                        self.queued.insert(name.clone(), (is, sweep));
+                    }
+                }
+            }
+        }
+        let scheduler = &mut self.scheduler;
+        self.queued.retain(|name, (_, seen)| {
+            let kept = *seen == sweep;
+            if !kept {
+                scheduler.cancel(name);
+            }
+            kept
+        });
+        self.running.retain(|name, seen| {
+            let kept = *seen == sweep;
+            if !kept {
+                scheduler.finish(name);
+            }
+            kept
+        });
+    }
+
+    /// A pass placed these gangs: they left the queue and hold their resources.
+    pub fn placed<'a>(&mut self, gangs: impl IntoIterator<Item = &'a str>) {
+        for name in gangs {
+            self.queued.remove(name);
+            self.running.insert(name.to_owned(), self.sweep);
+        }
+    }
+}
