@@ -19,6 +19,8 @@
 //! It must not decide anything about a job: what to write is the core's; this module only
 //! maps it to objects.
 
+mod kubeflow;
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -283,8 +285,13 @@ impl KubeStore {
                 .map(|j| requested_gpus(&j));
         }
         let mut body = status;
-        if let (Some(fields), Some(gpus)) = (body.as_object_mut(), known.gpus) {
-            fields.insert("gpus".into(), json!(gpus));
+        if let Some(fields) = body.as_object_mut() {
+            if let Some(gpus) = known.gpus {
+                fields.insert("gpus".into(), json!(gpus));
+            }
+            if let Some(parsed) = &parsed {
+                fields.extend(kubeflow::kubeflow_fields(parsed));
+            }
         }
         let result = self.write_status(name, &mut known, &body, parsed);
         self.known.borrow_mut().insert(name.to_owned(), known);

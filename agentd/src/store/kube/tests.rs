@@ -304,6 +304,93 @@ fn an_upsert_creates_the_object_and_the_next_writes_only_its_status() {
     );
 }
 
+/// The conditions of a status, by type: (status, reason).
+fn conditions(object: &DynamicObject) -> BTreeMap<String, (String, String)> {
+    object.data["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().expect("type").to_owned(),
+                (
+                    c["status"].as_str().expect("status").to_owned(),
+                    c["reason"].as_str().unwrap_or_default().to_owned(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Tools that read a Kubeflow TFJob's status read these objects too: conditions, replica
+/// counts by type, start and completion times, kept by the CRD's schema.
+#[test]
+fn the_status_carries_kubeflows_conditions_and_replica_counts() {
+    let cluster = Cluster::start();
+    let mut store = cluster.store();
+    let manifest = native("k", 1, 0);
+    let mut running = status("k", JobState::Running, "Running");
+    running.started_at = Some(1_700_000_010.0);
+    running.replicas[0].state = ReplicaState::Running;
+    let mut second = running.replicas[0].clone();
+    second.name = "worker-1".to_owned();
+    second.index = 1;
+    running.replicas.push(second);
+    store
+        .write_batch(&[upsert("k", &manifest, &running)], &[])
+        .expect("written");
+    let object = cluster.get("default", "k").expect("the object exists");
+    let shown = conditions(&object);
+    assert_eq!(shown["Created"].0, "True");
+    assert_eq!(shown["Running"], ("True".to_owned(), "Running".to_owned()));
+    assert!(!shown.contains_key("Succeeded"));
+    assert_eq!(
+        object.data["status"]["replicaStatuses"],
+        json!({"Worker": {"active": 2, "succeeded": 0, "failed": 0}})
+    );
+    assert_eq!(object.data["status"]["startTime"], "2023-11-14T22:13:30Z");
+    assert!(object.data["status"].get("completionTime").is_none());
+
+    let mut done = running.clone();
+    done.state = JobState::Succeeded;
+    done.reason = "Succeeded".to_owned();
+    done.finished_at = Some(1_700_000_070.4);
+    done.replicas[0].state = ReplicaState::Succeeded;
+    done.replicas[1].state = ReplicaState::Succeeded;
+    store
+        .write_batch(&[upsert("k", &manifest, &done)], &[])
+        .expect("written");
+    let object = cluster.get("default", "k").expect("the object exists");
+    let shown = conditions(&object);
+    assert_eq!(shown["Running"].0, "False", "{shown:?}");
+    assert_eq!(
+        shown["Succeeded"],
+        ("True".to_owned(), "Succeeded".to_owned())
+    );
+    assert_eq!(
+        object.data["status"]["replicaStatuses"]["Worker"],
+        json!({"active": 0, "succeeded": 2, "failed": 0})
+    );
+    assert_eq!(
+        object.data["status"]["completionTime"],
+        "2023-11-14T22:14:30Z"
+    );
+    // agentd's own status reads back unchanged beside them.
+    assert_eq!(stored_status(&object), done);
+
+    let mut cancelled = done;
+    cancelled.state = JobState::Cancelled;
+    cancelled.reason = "Cancelled".to_owned();
+    store
+        .write_batch(&[upsert("k", &manifest, &cancelled)], &[])
+        .expect("written");
+    let object = cluster.get("default", "k").expect("the object exists");
+    assert_eq!(
+        conditions(&object)["Failed"],
+        ("True".to_owned(), "Cancelled".to_owned())
+    );
+}
+
 #[test]
 fn a_tfjob_round_trips_as_a_training_job() {
     let cluster = Cluster::start();
