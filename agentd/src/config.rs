@@ -39,6 +39,8 @@ pub const DEFAULT_NODE_LEASE_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const DEFAULT_RENEW_DEADLINE: Duration = Duration::from_secs(10);
 pub const DEFAULT_RETRY_PERIOD: Duration = Duration::from_secs(2);
+/// `cluster.node_refusal_cooldown`'s default.
+pub const DEFAULT_NODE_REFUSAL_COOLDOWN: Duration = Duration::from_mins(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -136,6 +138,10 @@ pub struct ClusterConfig {
     /// `ImagePullFailed`.
     #[serde(with = "duration_text")]
     pub image_pull_timeout: Duration,
+    /// How long a node whose kubelet refused a replica's pod at admission gets no new
+    /// replicas; `0s` keeps no node out.
+    #[serde(with = "duration_text")]
+    pub node_refusal_cooldown: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -152,6 +158,7 @@ impl Default for ClusterConfig {
             place_jobs: false,
             mount_timeout: crate::exec::pods::DEFAULT_MOUNT_TIMEOUT,
             image_pull_timeout: crate::exec::pods::DEFAULT_IMAGE_PULL_TIMEOUT,
+            node_refusal_cooldown: DEFAULT_NODE_REFUSAL_COOLDOWN,
         }
     }
 }

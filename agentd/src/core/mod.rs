@@ -451,6 +451,7 @@ impl Core {
                 .as_ref()
                 .map(|_| config.jobs.finished_in_memory as usize),
             history_retention: config.jobs.history_retention,
+            node_refusal_cooldown: config.cluster.node_refusal_cooldown,
         };
         let drained = config.state_dir.join(DRAINED_MARKER).exists();
         let mut core = Core {
@@ -1019,7 +1020,20 @@ impl Core {
             // A cluster node is drained through its labels (the feed closes it); this
             // machine's own drain does not stop the cluster.
             Nodes::Cluster(nodes) => {
-                let nodes = nodes.borrow().clone();
+                let mut nodes = nodes.borrow().clone();
+                // A node that refused a pod lately is closed for a while.
+                let refused: BTreeSet<&str> =
+                    self.lifecycle.refused_nodes(self.clock.now()).collect();
+                if nodes
+                    .iter()
+                    .any(|n| n.schedulable && refused.contains(n.name.as_str()))
+                {
+                    let mut open = (*nodes).clone();
+                    for n in &mut open {
+                        n.schedulable &= !refused.contains(n.name.as_str());
+                    }
+                    nodes = Arc::new(open);
+                }
                 self.feed
                     .cluster_nodes(&nodes, self.lifecycle.write_failure().is_some());
                 // GPUs elsewhere are counted, not named: no local GPU stands for them.

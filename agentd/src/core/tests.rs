@@ -354,6 +354,75 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
     assert_eq!(core.get("wide").expect("exists").state, JobState::Starting);
 }
 
+/// A node whose kubelet refused a replica's pod gets no new replicas for
+/// `cluster.node_refusal_cooldown`: the gang's restart goes to another node.
+#[tokio::test]
+async fn in_cluster_mode_a_gang_a_node_refused_restarts_on_another_node() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let (_feed, nodes) = watch::channel(Arc::new(vec![
+        cluster_node("gpu-1", 8, true),
+        cluster_node("gpu-2", 8, true),
+    ]));
+    let mut executor = None;
+    let (mut core, _, mut inputs) = Core::open_with(
+        &config(dir.path()),
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(
+                Box::new(crate::store::memory::MemoryStore::default()),
+                NodeInventory::default(),
+                &clock,
+            )
+        },
+        |reports| {
+            let memory = crate::exec::memory::MemoryExecutor::new(reports);
+            executor = Some(memory.clone());
+            Box::new(memory)
+        },
+    )
+    .expect("the core opens");
+    let executor = executor.expect("built");
+    let mut answer = submit(&mut core, TWO_BY_FOUR);
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    let first = executor.take().started;
+    let node_of = |spec: &crate::exec::LaunchSpec| spec.pod.as_ref().expect("a pod").node.clone();
+    // Both workers fit on one node: best fit puts them together.
+    let refusing = node_of(&first[0]);
+    assert!(first.iter().all(|s| node_of(s) == refusing), "{first:?}");
+    executor.report(&first[1], ReplicaEvent::Started { pid: 1 });
+    executor.report(
+        &first[0],
+        ReplicaEvent::Ended(job::PlatformEnd {
+            failure: job::PlatformFailure::NodeRefused,
+            message: "pod team-a/wide-worker-0-g1 failed: UnexpectedAdmissionError".to_owned(),
+            ran: false,
+        }),
+    );
+    while let Ok(report) = inputs.replicas.try_recv() {
+        core.replica_report(report);
+    }
+    core.commit().expect("written");
+    let status = core.get("wide").expect("exists");
+    assert_eq!(status.state, JobState::Restarting, "{}", status.message);
+    assert_eq!(status.reason, "NodeRefused");
+    for (job, generation, _) in executor.take().stopped {
+        core.step(Input::GangStopped { job, generation });
+    }
+    clock.advance(60.0);
+    core.step(Input::Tick);
+    core.schedule();
+    core.commit().expect("written");
+    let second = executor.take().started;
+    assert_eq!(second.len(), 2, "the gang is placed again");
+    assert!(
+        second.iter().all(|s| node_of(s) != refusing),
+        "not on {refusing} again: {second:?}"
+    );
+}
+
 /// A job of `replicas` workers of `gpus` GPUs each, in `queue`, with a declared run time or
 /// none.
 fn sized_job(name: &str, queue: &str, replicas: u32, gpus: u32, deadline: Option<u32>) -> String {

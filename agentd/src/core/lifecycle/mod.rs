@@ -55,6 +55,9 @@ pub struct Settings {
     /// `jobs.history_retention`: a finished job older than this leaves memory whatever the
     /// count (the store prunes it).
     pub history_retention: Duration,
+    /// `cluster.node_refusal_cooldown`: how long a node whose kubelet refused a replica's pod
+    /// gets no new replicas (zero: it is not kept out).
+    pub node_refusal_cooldown: Duration,
 }
 
 /// One thing that happened, fed to [`Lifecycle::step`].
@@ -240,6 +243,8 @@ pub struct Lifecycle {
     stops: Vec<GangStop>,
     /// Effects that wait for the write but are not undone with a job: metrics, strays.
     other: Vec<Effect>,
+    /// Nodes kept out of placement after refusing a pod, until this monotonic time.
+    refused_nodes: BTreeMap<String, f64>,
 }
 
 impl Lifecycle {
@@ -261,7 +266,16 @@ impl Lifecycle {
             starts: Vec::new(),
             stops: Vec::new(),
             other: Vec::new(),
+            refused_nodes: BTreeMap::new(),
         }
+    }
+
+    /// The nodes that refused a pod lately and get no new replicas yet.
+    pub fn refused_nodes(&self, now: Now) -> impl Iterator<Item = &str> {
+        self.refused_nodes
+            .iter()
+            .filter(move |(_, until)| **until > now.mono)
+            .map(|(node, _)| node.as_str())
     }
 
     pub fn jobs(&self) -> &BTreeMap<String, JobRecord> {
@@ -852,6 +866,11 @@ impl Lifecycle {
     }
 
     fn tick(&mut self, now: Now) {
+        let refused = self.refused_nodes.len();
+        self.refused_nodes.retain(|_, until| *until > now.mono);
+        if self.refused_nodes.len() < refused {
+            self.needs_pass = true;
+        }
         let mut expired = Vec::new();
         let mut requeue = Vec::new();
         let mut remove = Vec::new();
@@ -1030,10 +1049,24 @@ impl Lifecycle {
         if end.failure.fails_job() {
             let message = format!("{replica}: {}", end.message);
             self.finish(job, JobState::Failed, reason, message, now);
-        } else {
-            let message = format!("{replica}: {}; the gang restarts", end.message);
-            self.restart_gang(job, reason, &message, now);
+            return;
         }
+        let cooldown = self.settings.node_refusal_cooldown;
+        let refusing = (end.failure == job::PlatformFailure::NodeRefused && !cooldown.is_zero())
+            .then(|| self.jobs.get(job))
+            .flatten()
+            .and_then(|r| r.status.replicas.iter().find(|r| r.name == replica))
+            .and_then(|r| r.node.clone());
+        let mut message = format!("{replica}: {}; the gang restarts", end.message);
+        if let Some(node) = refusing {
+            message.push_str(&format!(
+                ", and node {node} gets no new replicas for {} (cluster.node_refusal_cooldown)",
+                crate::config::format_duration(cooldown)
+            ));
+            self.refused_nodes
+                .insert(node, now.mono + cooldown.as_secs_f64());
+        }
+        self.restart_gang(job, reason, &message, now);
     }
 
     /// A replica that ends before the rest of its gang has started is taken once the gang is

@@ -114,6 +114,7 @@ impl Harness {
             logs: PathBuf::from("/state/logs"),
             finished_in_memory: None,
             history_retention: Duration::from_hours(24),
+            node_refusal_cooldown: Duration::from_mins(5),
         };
         Self {
             life: Lifecycle::new(settings, false),
@@ -693,6 +694,43 @@ fn an_eviction_restarts_the_gang_counted_even_under_restart_policy_never() {
             .iter()
             .any(|m| matches!(m, MetricUpdate::JobFailure { reason: "Evicted" }))
     );
+}
+
+#[test]
+fn a_node_that_refuses_a_pod_gets_no_new_replicas_for_a_while() {
+    let mut h = Harness::new();
+    h.running(&workers("a", 1, "OnFailure", "{backoffLimit: 3}"));
+    let node = h.life.job("a").expect("exists").status.replicas[0]
+        .node
+        .clone()
+        .expect("placed on a node");
+    h.step(Input::ReplicaEnded {
+        job: "a".to_owned(),
+        replica: "worker-0".to_owned(),
+        generation: 1,
+        end: platform_end(job::PlatformFailure::NodeRefused, true),
+    });
+    h.turn();
+    assert_eq!(
+        h.state("a"),
+        (JobState::Restarting, "NodeRefused".to_owned())
+    );
+    let message = &h.life.job("a").expect("exists").status.message;
+    assert!(
+        message.contains(&format!("node {node} gets no new replicas for 5m")),
+        "{message}"
+    );
+    assert_eq!(
+        h.life.refused_nodes(h.now).collect::<Vec<_>>(),
+        [node.as_str()]
+    );
+    h.advance(299.0);
+    h.tick();
+    assert_eq!(h.life.refused_nodes(h.now).count(), 1);
+    h.advance(1.0);
+    h.step(Input::Tick);
+    assert!(h.life.needs_pass(), "a node open again is a new pass");
+    assert_eq!(h.life.refused_nodes(h.now).count(), 0);
 }
 
 #[test]
