@@ -925,6 +925,17 @@ mod tests {
             "{err}"
         );
 
+        for key in ["mount_timeout", "image_pull_timeout"] {
+            let mut config =
+                Config::from_toml(&format!("mode = \"cluster\"\n[cluster]\n{key} = \"0s\"\n"))
+                    .unwrap();
+            let err = config.check().unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("cluster.{key}")) && err.contains("at least 1s"),
+                "{err}"
+            );
+        }
+
         let err = Config::from_toml("mode = \"swarm\"\n").unwrap_err();
         assert!(
             err.contains("standalone") && err.contains("cluster"),
