@@ -39,6 +39,10 @@ pub const DEFAULT_NODE_LEASE_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 pub const DEFAULT_RENEW_DEADLINE: Duration = Duration::from_secs(10);
 pub const DEFAULT_RETRY_PERIOD: Duration = Duration::from_secs(2);
+/// `cluster.mount_timeout`'s default: a volume that has not mounted in this long is missing.
+pub const DEFAULT_MOUNT_TIMEOUT: Duration = Duration::from_mins(2);
+/// `cluster.image_pull_timeout`'s default: long enough for a large image on a slow registry.
+pub const DEFAULT_IMAGE_PULL_TIMEOUT: Duration = Duration::from_mins(5);
 /// `cluster.node_refusal_cooldown`'s default.
 pub const DEFAULT_NODE_REFUSAL_COOLDOWN: Duration = Duration::from_mins(5);
 
@@ -156,8 +160,8 @@ impl Default for ClusterConfig {
             renew_deadline: DEFAULT_RENEW_DEADLINE,
             retry_period: DEFAULT_RETRY_PERIOD,
             place_jobs: false,
-            mount_timeout: crate::exec::pods::DEFAULT_MOUNT_TIMEOUT,
-            image_pull_timeout: crate::exec::pods::DEFAULT_IMAGE_PULL_TIMEOUT,
+            mount_timeout: DEFAULT_MOUNT_TIMEOUT,
+            image_pull_timeout: DEFAULT_IMAGE_PULL_TIMEOUT,
             node_refusal_cooldown: DEFAULT_NODE_REFUSAL_COOLDOWN,
         }
     }

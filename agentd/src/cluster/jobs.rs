@@ -14,7 +14,7 @@
 //! It must not run jobs (that is the leader's core); it only carries requests between the API,
 //! the objects and the core.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +32,7 @@ use crate::store::kube::{
     DEFAULT_NAMESPACE, PendingObjects, SOURCE_KIND_ANNOTATION, agentd_status, api_error,
     manifest_of, object_from_manifest, training_job_resource,
 };
-
-/// The submitter of a job submitted through an agent: its [`Owner`] as JSON.
-pub const OWNER_ANNOTATION: &str = "agentd.io/owner";
-
-/// The node whose agent took the submission.
-pub const SUBMITTED_ON_ANNOTATION: &str = "agentd.io/submitted-on";
+pub use crate::store::kube::{OWNER_ANNOTATION, SUBMITTED_ON_ANNOTATION, submitter_annotations};
 
 /// A cancel asked for on a follower: the user who asked. The leader cancels the job if it is
 /// still active.
@@ -630,19 +625,6 @@ impl Admissions {
             ),
         }
     }
-}
-
-/// The annotations of a job made from a submission on `node` by `owner`.
-pub fn submitter_annotations(owner: &Owner, node: Option<&str>) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::new();
-    annotations.insert(
-        OWNER_ANNOTATION.to_owned(),
-        serde_json::to_string(owner).unwrap_or_default(),
-    );
-    if let Some(node) = node {
-        annotations.insert(SUBMITTED_ON_ANNOTATION.to_owned(), node.to_owned());
-    }
-    annotations
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ use crate::job::{
 
 mod stuck;
 
+pub use stuck::PodTimeouts;
 use stuck::Stuck;
-pub use stuck::{DEFAULT_IMAGE_PULL_TIMEOUT, DEFAULT_MOUNT_TIMEOUT, PodTimeouts};
 
 /// The label every agentd pod and Service carries: the job's name.
 pub const JOB_LABEL: &str = "agentd.io/job";

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use agentd_api::jobs::JobStatus;
+use agentd_api::jobs::{JobStatus, Owner};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use serde_json::{Value, json};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -35,6 +35,12 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use super::{Event, JobStore, JobWrite, NewEvent, Store, StoreError, StoredJob};
 use crate::cluster::election::Leadership;
 use crate::job;
+
+/// The submitter of a job submitted through an agent: its [`Owner`] as JSON.
+pub const OWNER_ANNOTATION: &str = "agentd.io/owner";
+
+/// The node whose agent took the submission.
+pub const SUBMITTED_ON_ANNOTATION: &str = "agentd.io/submitted-on";
 
 /// Where a job goes when its manifest names no namespace, as `kubectl` does.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -321,7 +327,7 @@ impl KubeStore {
                 .metadata
                 .annotations
                 .get_or_insert_default()
-                .extend(crate::cluster::jobs::submitter_annotations(owner, None));
+                .extend(submitter_annotations(owner, None));
         }
         let at = format!("{namespace}/{name}");
         let api = self.api(&namespace);
@@ -671,6 +677,19 @@ pub(crate) fn api_error(api: &'static str, object: &str, e: &kube::Error) -> Sto
         object: object.to_owned(),
         message,
     }
+}
+
+/// The annotations of a job made from a submission on `node` by `owner`.
+pub fn submitter_annotations(owner: &Owner, node: Option<&str>) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        OWNER_ANNOTATION.to_owned(),
+        serde_json::to_string(owner).unwrap_or_default(),
+    );
+    if let Some(node) = node {
+        annotations.insert(SUBMITTED_ON_ANNOTATION.to_owned(), node.to_owned());
+    }
+    annotations
 }
 
 #[cfg(test)]

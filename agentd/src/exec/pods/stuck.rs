@@ -19,11 +19,6 @@ use tokio::time::Instant;
 
 use crate::job::PlatformFailure;
 
-/// `cluster.mount_timeout`'s default: a volume that has not mounted in this long is missing.
-pub const DEFAULT_MOUNT_TIMEOUT: Duration = Duration::from_mins(2);
-/// `cluster.image_pull_timeout`'s default: long enough for a large image on a slow registry.
-pub const DEFAULT_IMAGE_PULL_TIMEOUT: Duration = Duration::from_mins(5);
-
 /// How long a pod may wait for each thing before its replica fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PodTimeouts {
@@ -34,8 +29,8 @@ pub struct PodTimeouts {
 impl Default for PodTimeouts {
     fn default() -> Self {
         Self {
-            mount: DEFAULT_MOUNT_TIMEOUT,
-            image_pull: DEFAULT_IMAGE_PULL_TIMEOUT,
+            mount: crate::config::DEFAULT_MOUNT_TIMEOUT,
+            image_pull: crate::config::DEFAULT_IMAGE_PULL_TIMEOUT,
         }
     }
 }
