@@ -93,7 +93,9 @@ impl PlatformFailure {
             "Evicted" | "Preempting" | "Preempted" | "Terminated" | "Shutdown" | "NodeShutdown" => {
                 Some(Self::Evicted)
             }
-            "UnexpectedAdmissionError" | "NodeAffinity" => Some(Self::NodeRefused),
+            // Not `NodeAffinity`: a template whose required affinity no node meets is the
+            // job's doing, and must not close the nodes it was bound to.
+            "UnexpectedAdmissionError" => Some(Self::NodeRefused),
             r if r.starts_with("OutOf") => Some(Self::NodeRefused),
             _ => None,
         }
