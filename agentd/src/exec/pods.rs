@@ -331,12 +331,10 @@ impl Shared {
             PlatformFailure::VolumeMountFailed,
             format!("FailedMount: {message}"),
         ));
-        // Only agentd's pods are remembered: the watch sees every pod's warnings.
+        state.mount_failures.insert(pod.clone(), message);
         let Some(known) = state.pods.get(&pod) else {
             return;
         };
-        let known = known.clone();
-        state.mount_failures.insert(pod.clone(), message);
         let key = (known.job.clone(), known.generation, known.replica.clone());
         if state.followed.get(&key) != Some(&Progress::Created) {
             return;
