@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use agentd_api::jobs::{JobList, JobState, JobStatus, Owner};
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::sync::watch;
@@ -30,7 +30,7 @@ use crate::core::{Command, CoreError, CoreHandle, JobRecord, Now};
 use crate::job::{self, Admission, SpecError};
 use crate::store::kube::{
     DEFAULT_NAMESPACE, PendingObjects, SOURCE_KIND_ANNOTATION, agentd_status, api_error,
-    manifest_of, object_from_manifest, training_job_resource,
+    list_training_jobs, manifest_of, object_from_manifest, training_job_resource,
 };
 pub use crate::store::kube::{OWNER_ANNOTATION, SUBMITTED_ON_ANNOTATION, submitter_annotations};
 
@@ -49,9 +49,6 @@ pub const KUBERNETES_OWNER_PREFIX: &str = "kubernetes:";
 
 /// The uid and gid recorded for a Kubernetes submitter (`nobody`).
 const NOBODY: u32 = 65534;
-
-/// Objects per list page, as the store reads them.
-const LIST_PAGE: u32 = 500;
 
 /// Who submitted `object`: the owner an agent recorded, or else the Kubernetes field manager
 /// that created it (`kubectl-client-side-apply`), as `kubernetes:<manager>`.
@@ -143,31 +140,9 @@ pub fn status_of(object: &DynamicObject) -> Option<JobStatus> {
 /// Every `TrainingJob` in the cluster, one per name (the older of two with one name, as the
 /// leader runs it).
 async fn list_jobs(client: &kube::Client) -> Result<Vec<DynamicObject>, CoreError> {
-    const API: &str = "list trainingjobs";
-    let all: Api<DynamicObject> = Api::all_with(client.clone(), &training_job_resource());
-    let mut objects = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let mut params = ListParams::default().limit(LIST_PAGE);
-        if let Some(token) = next.take() {
-            params = params.continue_token(&token);
-        }
-        let page = all
-            .list(&params)
-            .await
-            .map_err(|e| api_error(API, "(all namespaces)", &e))?;
-        objects.extend(page.items);
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => next = Some(token),
-            _ => break,
-        }
-    }
-    objects.sort_by_key(|o| {
-        (
-            o.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            o.metadata.namespace.clone(),
-        )
-    });
+    let mut objects = list_training_jobs(client.clone())
+        .await
+        .map_err(|e| api_error("list trainingjobs", "(all namespaces)", &e))?;
     let mut seen = BTreeSet::new();
     objects.retain(|o| o.metadata.name.clone().is_some_and(|n| seen.insert(n)));
     Ok(objects)

@@ -94,17 +94,13 @@ pub fn stored(store: &dyn JobStore, name: &str) -> Result<JobStatus, CoreError> 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::Arc;
 
-    use agentd_api::NodeInventory;
     use agentd_api::jobs::JobState;
-    use tokio::sync::{mpsc, oneshot, watch};
+    use tokio::sync::oneshot;
 
-    use super::super::{Clock, Command, Core, CoreError, CoreParts, ManualClock, Nodes};
-    use crate::config::{Config, JobsConfig, ReplicaUnits};
-    use crate::exec::local::{self, LocalExecutor};
+    use super::super::{Clock, Command, Core, CoreError, ManualClock};
     use crate::job;
-    use crate::store::{HistoryFilter, Store};
+    use crate::store::HistoryFilter;
 
     /// A job that never fits (it asks for a GPU on a node that has none) and fails after 60 s.
     fn manifest(name: &str) -> String {
@@ -128,40 +124,10 @@ spec:
     }
 
     fn open(dir: &Path, clock: &ManualClock, in_memory: u32) -> Core {
-        let config = Config {
-            state_dir: dir.to_owned(),
-            queues: crate::config::default_queues(),
-            jobs: JobsConfig {
-                replica_units: ReplicaUnits::Off,
-                finished_in_memory: in_memory,
-                history_retention: std::time::Duration::from_hours(24),
-                ..Default::default()
-            },
-            ..Config::default()
-        };
-        let store = Store::open(dir).expect("a store in a temporary directory");
-        let (_, inventory) = watch::channel(Arc::new(NodeInventory::default()));
-        let (_, health) = mpsc::unbounded_channel();
-        let parts = CoreParts {
-            node: "node-a".to_owned(),
-            store: Box::new(store),
-            inventory,
-            nodes: Nodes::Local,
-            health,
-            metrics: None,
-            clock: Arc::new(clock.clone()),
-        };
-        let (core, _, _) = Core::open_with(&config, parts, |reports| {
-            Box::new(LocalExecutor::new(
-                reports,
-                config.jobs.log_max_bytes,
-                local::Runner::Processes,
-                dir.join("replicas"),
-                crate::exec::ShimCommand::agentd(),
-            ))
-        })
-        .expect("the core opens");
-        core
+        let mut config = super::super::tests::config(dir);
+        config.jobs.finished_in_memory = in_memory;
+        config.jobs.history_retention = std::time::Duration::from_hours(24);
+        super::super::tests::open_configured(&config, clock)
     }
 
     /// Sends a command and writes the turn; the answer.

@@ -20,7 +20,7 @@ spec:
               resources: {limits: {nvidia.com/gpu: 1}}
 ";
 
-fn config(state_dir: &std::path::Path) -> Config {
+pub(super) fn config(state_dir: &std::path::Path) -> Config {
     Config {
         state_dir: state_dir.to_owned(),
         queues: crate::config::default_queues(),
@@ -47,10 +47,16 @@ fn parts(store: Box<dyn JobStore>, inventory: NodeInventory, clock: &ManualClock
 }
 
 fn open(state_dir: &std::path::Path, clock: &ManualClock) -> Core {
-    let config = config(state_dir);
+    open_configured(&config(state_dir), clock)
+}
+
+/// Opens a core with `config`, its SQLite store in the state directory and replicas as local
+/// processes.
+pub(super) fn open_configured(config: &Config, clock: &ManualClock) -> Core {
+    let state_dir = config.state_dir.as_path();
     let store = crate::store::Store::open(state_dir).expect("a store in a temporary directory");
     let parts = parts(Box::new(store), NodeInventory::default(), clock);
-    let (core, _, _) = Core::open_with(&config, parts, |reports| {
+    let (core, _, _) = Core::open_with(config, parts, |reports| {
         Box::new(LocalExecutor::new(
             reports,
             config.jobs.log_max_bytes,
@@ -61,6 +67,21 @@ fn open(state_dir: &std::path::Path, clock: &ManualClock) -> Core {
     })
     .expect("the core opens");
     core
+}
+
+/// Opens a core on `parts` whose replicas go to an in-memory executor, handed back with it.
+fn open_in_memory(
+    config: &Config,
+    parts: CoreParts,
+) -> (Core, crate::exec::memory::MemoryExecutor, CoreInputs) {
+    let mut executor = None;
+    let (core, _, inputs) = Core::open_with(config, parts, |reports| {
+        let memory = crate::exec::memory::MemoryExecutor::new(reports);
+        executor = Some(memory.clone());
+        Box::new(memory)
+    })
+    .expect("the core opens");
+    (core, executor.expect("built"), inputs)
 }
 
 /// Submits `manifest` as root, admitted as the API admits it; the answer comes once the turn
@@ -183,18 +204,10 @@ async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
         },
         ..NodeInventory::default()
     };
-    let mut executor = None;
-    let (mut core, _, mut inputs) = Core::open_with(
+    let (mut core, executor, mut inputs) = open_in_memory(
         &config(dir.path()),
         parts(Box::new(store.clone()), node, &clock),
-        |reports| {
-            let memory = crate::exec::memory::MemoryExecutor::new(reports);
-            executor = Some(memory.clone());
-            Box::new(memory)
-        },
-    )
-    .expect("the core opens");
-    let executor = executor.expect("built");
+    );
 
     store.fail_writes(true);
     let mut answer = submit(&mut core, FITS);
@@ -284,8 +297,7 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
         cluster_node("gpu-2", 2, true),
         cluster_node("gpu-3", 8, false),
     ]));
-    let mut executor = None;
-    let (mut core, _, _inputs) = Core::open_with(
+    let (mut core, executor, _inputs) = open_in_memory(
         &config(dir.path()),
         CoreParts {
             nodes: Nodes::Cluster(nodes),
@@ -295,14 +307,7 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
                 &clock,
             )
         },
-        |reports| {
-            let memory = crate::exec::memory::MemoryExecutor::new(reports);
-            executor = Some(memory.clone());
-            Box::new(memory)
-        },
-    )
-    .expect("the core opens");
-    let executor = executor.expect("built");
+    );
 
     let mut answer = submit(&mut core, TWO_BY_FOUR);
     core.schedule();
@@ -364,8 +369,7 @@ async fn in_cluster_mode_a_gang_a_node_refused_restarts_on_another_node() {
         cluster_node("gpu-1", 8, true),
         cluster_node("gpu-2", 8, true),
     ]));
-    let mut executor = None;
-    let (mut core, _, mut inputs) = Core::open_with(
+    let (mut core, executor, mut inputs) = open_in_memory(
         &config(dir.path()),
         CoreParts {
             nodes: Nodes::Cluster(nodes),
@@ -375,14 +379,7 @@ async fn in_cluster_mode_a_gang_a_node_refused_restarts_on_another_node() {
                 &clock,
             )
         },
-        |reports| {
-            let memory = crate::exec::memory::MemoryExecutor::new(reports);
-            executor = Some(memory.clone());
-            Box::new(memory)
-        },
-    )
-    .expect("the core opens");
-    let executor = executor.expect("built");
+    );
     let mut answer = submit(&mut core, TWO_BY_FOUR);
     core.schedule();
     core.commit().expect("written");
@@ -470,21 +467,13 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
         .get_mut("slow")
         .expect("a default queue")
         .max_running_jobs = Some(2);
-    let mut executor = None;
-    let (mut core, _, mut inputs) = Core::open_with(
+    let (mut core, executor, mut inputs) = open_in_memory(
         &config,
         CoreParts {
             nodes: Nodes::Cluster(receiver),
             ..parts(Box::new(store.clone()), NodeInventory::default(), &clock)
         },
-        |reports| {
-            let memory = crate::exec::memory::MemoryExecutor::new(reports);
-            executor = Some(memory.clone());
-            Box::new(memory)
-        },
-    )
-    .expect("the core opens");
-    let executor = executor.expect("built");
+    );
     let rules = job::Admission::new(
         config.queues.keys().cloned(),
         crate::config::DEFAULT_QUEUE,

@@ -235,28 +235,15 @@ impl KubeStore {
         }
     }
 
-    /// Every `TrainingJob` in the cluster, page by page.
+    /// Every `TrainingJob` in the cluster, oldest first, under one request bound.
     fn list_all(&self) -> Result<Vec<DynamicObject>, StoreError> {
-        let all: Api<DynamicObject> = Api::all_with(self.client.clone(), &training_job_resource());
-        let mut objects = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let mut params = ListParams::default().limit(LIST_PAGE);
-            if let Some(token) = next.take() {
-                params = params.continue_token(&token);
-            }
-            let api = all.clone();
-            let page = self
-                .call("list trainingjobs", "(all namespaces)", async move {
-                    api.list(&params).await
-                })?
-                .map_err(|e| api_error("list trainingjobs", "(all namespaces)", &e))?;
-            objects.extend(page.items);
-            match page.metadata.continue_ {
-                Some(token) if !token.is_empty() => next = Some(token),
-                _ => return Ok(objects),
-            }
-        }
+        const API: &str = "list trainingjobs";
+        self.call(
+            API,
+            "(all namespaces)",
+            list_training_jobs(self.client.clone()),
+        )?
+        .map_err(|e| api_error(API, "(all namespaces)", &e))
     }
 
     fn get(&self, name: &str, namespace: &str) -> Result<Option<DynamicObject>, StoreError> {
@@ -488,16 +475,7 @@ impl JobStore for KubeStore {
     /// one name (in two namespaces) are one job to the core: the older is kept, the other is
     /// left alone with a warning.
     fn jobs(&self) -> Result<Vec<StoredJob>, StoreError> {
-        let mut objects = self.list_all()?;
-        objects.sort_by(|a, b| {
-            let key = |o: &DynamicObject| {
-                (
-                    o.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    o.metadata.namespace.clone(),
-                )
-            };
-            key(a).cmp(&key(b))
-        });
+        let objects = self.list_all()?;
         let mut known: BTreeMap<String, Known> = BTreeMap::new();
         let mut stored = Vec::new();
         let mut unadmitted = 0_usize;
@@ -677,6 +655,35 @@ pub(crate) fn api_error(api: &'static str, object: &str, e: &kube::Error) -> Sto
         object: object.to_owned(),
         message,
     }
+}
+
+/// Every `TrainingJob` in the cluster, page by page, oldest first (by creation, then
+/// namespace): of two with one name, the first is the one a leader runs.
+pub(crate) async fn list_training_jobs(
+    client: kube::Client,
+) -> Result<Vec<DynamicObject>, kube::Error> {
+    let all: Api<DynamicObject> = Api::all_with(client, &training_job_resource());
+    let mut objects = Vec::new();
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    loop {
+        let page = all.list(&params).await?;
+        objects.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => {
+                params = ListParams::default()
+                    .limit(LIST_PAGE)
+                    .continue_token(&token);
+            }
+            _ => break,
+        }
+    }
+    objects.sort_by_cached_key(|o| {
+        (
+            o.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            o.metadata.namespace.clone(),
+        )
+    });
+    Ok(objects)
 }
 
 /// The annotations of a job made from a submission on `node` by `owner`.

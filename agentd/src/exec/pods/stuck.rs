@@ -62,13 +62,11 @@ impl Stuck {
 
     /// The replica's end message: the pod, how long it waited, and what Kubernetes said.
     pub fn message(&self, timeouts: &PodTimeouts) -> String {
-        let what = match self.failure {
-            PlatformFailure::VolumeMountFailed => "its volumes did not mount",
-            _ => "its image was not pulled",
-        };
-        let limit = match self.failure {
-            PlatformFailure::VolumeMountFailed => "cluster.mount_timeout",
-            _ => "cluster.image_pull_timeout",
+        let (what, limit) = match self.failure {
+            PlatformFailure::VolumeMountFailed => {
+                ("its volumes did not mount", "cluster.mount_timeout")
+            }
+            _ => ("its image was not pulled", "cluster.image_pull_timeout"),
         };
         format!(
             "pod {}: {what} in {} ({limit}): {}",
