@@ -389,7 +389,12 @@ async fn dispatch(
             Ok(json(
                 StatusCode::OK,
                 &core
-                    .ask(|reply| Command::Cancel { name, by, reply })
+                    .ask(|reply| Command::Cancel {
+                        name,
+                        by,
+                        object: None,
+                        reply,
+                    })
                     .await?,
             ))
         }

@@ -8,18 +8,21 @@
 //! The leader watches the objects ([`run_admission`]): each one without an agentd status goes
 //! through the core's submit path (validation, queue, name check), and the core's first write
 //! of the job lands on that object; one that is not valid gets status Failed, reason `Invalid`,
-//! with every problem at its field path. A cancel annotation becomes the same cancel a local one
-//! is.
+//! with every problem at its field path. A cancel annotation becomes a cancel by its
+//! annotation's user for the job stored in that object, and in no other: the follower that
+//! wrote it checked the user against the job's owner; whoever may patch the object with
+//! `kubectl` may delete it as well.
 //!
 //! It must not run jobs (that is the leader's core); it only carries requests between the API,
 //! the objects and the core.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentd_api::jobs::{JobList, JobState, JobStatus, Owner};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
@@ -32,7 +35,10 @@ use crate::store::kube::{
     DEFAULT_NAMESPACE, PendingObjects, SOURCE_KIND_ANNOTATION, agentd_status, api_error,
     list_training_jobs, manifest_of, object_from_manifest, training_job_resource,
 };
-pub use crate::store::kube::{OWNER_ANNOTATION, SUBMITTED_ON_ANNOTATION, submitter_annotations};
+pub use crate::store::kube::{
+    KUBERNETES_OWNER_PREFIX, OWNER_ANNOTATION, SUBMITTED_ON_ANNOTATION, owner_of,
+    submitter_annotations,
+};
 
 /// A cancel asked for on a follower: the user who asked. The leader cancels the job if it is
 /// still active.
@@ -40,42 +46,6 @@ pub const CANCEL_ANNOTATION: &str = "agentd.io/cancel";
 
 /// The removal of a finished job asked for on a follower: the user who asked.
 pub const REMOVE_ANNOTATION: &str = "agentd.io/remove";
-
-/// The owner name of a job applied with `kubectl` (or any other Kubernetes client) is this
-/// prefix and the field manager that created it. A Unix user name cannot hold a `:`, so no
-/// local user owns such a job: admins cancel it with `agentctl`, anyone else with
-/// `kubectl delete`, as Kubernetes RBAC allows.
-pub const KUBERNETES_OWNER_PREFIX: &str = "kubernetes:";
-
-/// The uid and gid recorded for a Kubernetes submitter (`nobody`).
-const NOBODY: u32 = 65534;
-
-/// Who submitted `object`: the owner an agent recorded, or else the Kubernetes field manager
-/// that created it (`kubectl-client-side-apply`), as `kubernetes:<manager>`.
-pub fn owner_of(object: &DynamicObject) -> Option<Owner> {
-    let annotations = object.metadata.annotations.as_ref();
-    if let Some(owner) = annotations
-        .and_then(|a| a.get(OWNER_ANNOTATION))
-        .and_then(|text| serde_json::from_str::<Owner>(text).ok())
-    {
-        return Some(owner);
-    }
-    let manager = object
-        .metadata
-        .managed_fields
-        .as_ref()?
-        .iter()
-        .find_map(|entry| entry.manager.clone().filter(|m| !m.is_empty()))?;
-    Some(kubernetes_owner(&manager))
-}
-
-fn kubernetes_owner(manager: &str) -> Owner {
-    Owner {
-        uid: NOBODY,
-        gid: NOBODY,
-        user: format!("{KUBERNETES_OWNER_PREFIX}{manager}"),
-    }
-}
 
 /// The job an object holds, as `agentctl` shows it: the status an agent wrote, or, for one
 /// not admitted yet, a queued status made from its manifest.
@@ -133,14 +103,17 @@ pub fn status_of(object: &DynamicObject) -> Option<JobStatus> {
     }
     "NotAdmitted".clone_into(&mut status.reason);
     "waiting for the leader to admit it".clone_into(&mut status.message);
-    status.owner = owner_of(object);
+    status.owner = Some(owner_of(object));
     Some(status)
 }
 
-/// Every `TrainingJob` in the cluster, one per name (the older of two with one name, as the
-/// leader runs it).
-async fn list_jobs(client: &kube::Client) -> Result<Vec<DynamicObject>, CoreError> {
-    let mut objects = list_training_jobs(client.clone())
+/// Every `TrainingJob` in the cluster (or every one called `name`), one per name (the older of
+/// two with one name, as the leader runs it).
+async fn list_jobs(
+    client: &kube::Client,
+    name: Option<&str>,
+) -> Result<Vec<DynamicObject>, CoreError> {
+    let mut objects = list_training_jobs(client.clone(), name)
         .await
         .map_err(|e| api_error("list trainingjobs", "(all namespaces)", &e))?;
     let mut seen = BTreeSet::new();
@@ -192,7 +165,9 @@ impl FollowerJobs {
                     let _ = reply.send(found);
                 });
             }
-            Command::Cancel { name, by, reply } => {
+            Command::Cancel {
+                name, by, reply, ..
+            } => {
                 tokio::spawn(async move {
                     let _ = reply.send(this.cancel(&name, &by, leader.as_deref()).await);
                 });
@@ -258,7 +233,7 @@ impl FollowerJobs {
         state: Option<JobState>,
         user: Option<String>,
     ) -> Result<JobList, CoreError> {
-        let mut jobs: Vec<JobStatus> = list_jobs(&self.client)
+        let mut jobs: Vec<JobStatus> = list_jobs(&self.client, None)
             .await?
             .iter()
             .filter_map(status_of)
@@ -281,7 +256,7 @@ impl FollowerJobs {
     }
 
     async fn find_opt(&self, name: &str) -> Result<Option<DynamicObject>, CoreError> {
-        Ok(list_jobs(&self.client)
+        Ok(list_jobs(&self.client, Some(name))
             .await?
             .into_iter()
             .find(|o| o.metadata.name.as_deref() == Some(name)))
@@ -294,7 +269,9 @@ impl FollowerJobs {
     }
 
     /// Records the request on the object for the leader: a cancel of an active job, the
-    /// removal of a finished one. A job the leader has not admitted yet is deleted at once.
+    /// removal of a finished one. A job the leader has not admitted yet is deleted at once, on
+    /// the version read: if the leader admits it meanwhile, the delete fails and the request is
+    /// recorded instead.
     async fn cancel(
         &self,
         name: &str,
@@ -302,36 +279,41 @@ impl FollowerJobs {
         leader: Option<&str>,
     ) -> Result<JobStatus, CoreError> {
         const API: &str = "patch trainingjobs";
-        let object = self.find(name).await?;
-        let mut status = status_of(&object).ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
-        let namespace = object
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-        let at = format!("{namespace}/{name}");
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &namespace, &training_job_resource());
-        if agentd_status(&object).is_none() {
-            let mut params = DeleteParams::default();
-            if let Some(uid) = object.metadata.uid.clone() {
-                params = params.preconditions(kube::api::Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                });
+        let mut tries = 0;
+        let (mut status, api, at) = loop {
+            tries += 1;
+            let object = self.find(name).await?;
+            let status = status_of(&object).ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+            let namespace = object
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+            let at = format!("{namespace}/{name}");
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), &namespace, &training_job_resource());
+            if agentd_status(&object).is_some() {
+                break (status, api, at);
             }
+            let params = DeleteParams::default().preconditions(kube::api::Preconditions {
+                uid: object.metadata.uid.clone(),
+                resource_version: object.metadata.resource_version.clone(),
+            });
             match api.delete(name, &params).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
+                // Changed since it was read: admitted, most likely. Read it again.
+                Err(kube::Error::Api(s)) if s.code == 409 && tries < 3 => continue,
                 Err(e) => return Err(api_error("delete trainingjobs", &at, &e).into()),
             }
+            let mut status = status;
             status.state = JobState::Cancelled;
             "Cancelled".clone_into(&mut status.reason);
             status.message = format!(
                 "cancelled by {by} before the leader admitted it; its TrainingJob is deleted"
             );
             return Ok(status);
-        }
+        };
         let (annotation, asked, reason) = if status.state.is_finished() {
             (REMOVE_ANNOTATION, "removal", "RemoveRequested")
         } else {
@@ -353,8 +335,10 @@ impl FollowerJobs {
 /// While this agent leads, takes in the `TrainingJob` objects the core did not write: each
 /// without an agentd status is submitted to the core as a local submission is (its first
 /// status write goes onto that object, through `pending`), or marked Failed/`Invalid`; each
-/// carrying a cancel or removal request is cancelled as a local request is. Watches, never
-/// polls; each term starts from a fresh list.
+/// carrying a cancel or removal request is cancelled as a local request is, if the object is
+/// the one the job is stored in. Each object is taken in on a task of its own, so one that
+/// cannot be written yet holds up no other. Watches, never polls; each term starts from a
+/// fresh list.
 pub async fn run_admission(
     client: kube::Client,
     core: CoreHandle,
@@ -369,32 +353,60 @@ pub async fn run_admission(
             led = leadership.wait_for(|l| l.term.is_some()) => if led.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
-        let mut desk = Admissions {
+        let desk = Arc::new(Admissions {
             client: client.clone(),
             core: core.clone(),
             rules: Arc::clone(&rules),
             pending: pending.clone(),
             leadership: leadership.clone(),
             retry,
-            handled: BTreeSet::new(),
-        };
+            handled: Mutex::new(BTreeSet::new()),
+        });
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &training_job_resource());
-        let mut objects = watcher(api, watcher::Config::default())
+        let mut events = watcher(api, watcher::Config::default())
             .default_backoff()
-            .applied_objects()
             .boxed();
+        let mut tasks = tokio::task::JoinSet::new();
+        // The uids a relist found, to forget what was handled of objects deleted meanwhile.
+        let mut listed = BTreeSet::new();
         loop {
             let next = tokio::select! {
-                next = objects.next() => next,
+                next = events.next() => next,
                 _ = leadership.wait_for(|l| l.term.is_none()) => break,
                 _ = stop.wait_for(|s| *s) => return,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
-            match next {
-                Some(Ok(object)) => desk.take(object).await,
-                Some(Err(e)) => tracing::warn!("watching TrainingJobs: {e}"),
+            let object = match next {
+                Some(Ok(watcher::Event::Apply(object))) => object,
+                Some(Ok(watcher::Event::InitApply(object))) => {
+                    listed.extend(object.metadata.uid.clone());
+                    object
+                }
+                Some(Ok(watcher::Event::Delete(object))) => {
+                    if let Some(uid) = object.metadata.uid {
+                        desk.forget(&uid);
+                    }
+                    continue;
+                }
+                Some(Ok(watcher::Event::Init)) => {
+                    listed.clear();
+                    continue;
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    desk.keep_only(&std::mem::take(&mut listed));
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("watching TrainingJobs: {e}");
+                    continue;
+                }
                 None => break,
+            };
+            if let Some(work) = Arc::clone(&desk).take(object) {
+                tasks.spawn(work);
             }
         }
+        tasks.abort_all();
     }
 }
 
@@ -406,53 +418,158 @@ struct Admissions {
     pending: PendingObjects,
     leadership: watch::Receiver<Leadership>,
     retry: Duration,
-    /// (uid, what was done): `submit`, `cancel`, `remove`.
-    handled: BTreeSet<(String, &'static str)>,
+    /// (uid, what is being done or was done): `submit`, `cancel`, `remove`. An entry whose
+    /// work failed is dropped, so the object's next change asks again.
+    handled: Mutex<BTreeSet<(String, &'static str)>>,
+}
+
+/// Errors of the core that say nothing of the job: asked again while this agent leads.
+fn passing(e: &CoreError) -> bool {
+    matches!(
+        e,
+        CoreError::NotLeader { .. }
+            | CoreError::NotWritten(_)
+            | CoreError::Store(_)
+            | CoreError::Executor(_)
+    )
 }
 
 impl Admissions {
-    async fn take(&mut self, object: DynamicObject) {
+    fn handled(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, &'static str)>> {
+        // A set of plain values is whole even if a holder panicked.
+        self.handled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn forget(&self, uid: &str) {
+        self.handled().retain(|(u, _)| u != uid);
+    }
+
+    fn keep_only(&self, uids: &BTreeSet<String>) {
+        self.handled().retain(|(u, _)| uids.contains(u));
+    }
+
+    /// The work `object` needs, if any and not already under way.
+    fn take(
+        self: Arc<Self>,
+        object: DynamicObject,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
         let (Some(name), Some(uid)) = (object.metadata.name.clone(), object.metadata.uid.clone())
         else {
-            return;
+            return None;
         };
         if object.metadata.deletion_timestamp.is_some() {
-            return;
+            return None;
         }
         let Some(status) = agentd_status(&object) else {
-            if self.handled.insert((uid, "submit")) {
-                self.submit(name, object).await;
+            if !self.handled().insert((uid.clone(), "submit")) {
+                return None;
             }
-            return;
+            return Some(
+                async move {
+                    if !self.submit(name, object).await {
+                        self.handled().remove(&(uid, "submit"));
+                    }
+                }
+                .boxed(),
+            );
         };
         let finished = status
             .get("state")
             .and_then(|s| serde_json::from_value::<JobState>(s.clone()).ok())
             .is_some_and(JobState::is_finished);
         let annotations = object.metadata.annotations.clone().unwrap_or_default();
-        let request = if finished {
-            annotations.get(REMOVE_ANNOTATION).map(|by| ("remove", by))
+        let (what, by) = if finished {
+            ("remove", annotations.get(REMOVE_ANNOTATION)?.clone())
         } else {
-            annotations.get(CANCEL_ANNOTATION).map(|by| ("cancel", by))
+            ("cancel", annotations.get(CANCEL_ANNOTATION)?.clone())
         };
-        if let Some((what, by)) = request
-            && self.handled.insert((uid, what))
-        {
-            let by = by.clone();
-            let result = self
-                .ask_while_leading(|| {
-                    let (name, by) = (name.clone(), by.clone());
-                    move |reply| Command::Cancel { name, by, reply }
-                })
-                .await;
-            match result {
-                Ok(status) => tracing::info!(
+        if !self.handled().insert((uid.clone(), what)) {
+            return None;
+        }
+        Some(
+            async move {
+                if !self.cancel(&object, name, uid.clone(), what, by).await {
+                    self.handled().remove(&(uid, what));
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    /// Cancels or removes the job `object` holds; one of the same name stored in another object
+    /// is not touched, and an object holding no job the core runs (refused as `Invalid`, say)
+    /// is deleted on a removal request. Whether it is done.
+    async fn cancel(
+        &self,
+        object: &DynamicObject,
+        name: String,
+        uid: String,
+        what: &'static str,
+        by: String,
+    ) -> bool {
+        let result = self
+            .ask_while_leading(|| {
+                let (name, by, object) = (name.clone(), by.clone(), Some(uid.clone()));
+                move |reply| Command::Cancel {
+                    name,
+                    by,
+                    object,
+                    reply,
+                }
+            })
+            .await;
+        match result {
+            Ok(status) => {
+                tracing::info!(
                     job = name,
                     by,
                     reason = status.reason,
                     "{what} asked on another node, done"
-                ),
-                Err(e) => tracing::warn!(job = name, by, "{what} asked on another node: {e}"),
+                );
+                true
+            }
+            Err(CoreError::NotFound(_)) if what == "remove" => {
+                let namespace = object
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or(DEFAULT_NAMESPACE);
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), namespace, &training_job_resource());
+                let params = DeleteParams::default().preconditions(kube::api::Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                });
+                match api.delete(&name, &params).await {
+                    Ok(_) => {
+                        tracing::info!(
+                            job = name,
+                            namespace,
+                            by,
+                            "TrainingJob that holds no job removed on request"
+                        );
+                        true
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => true,
+                    Err(e) => {
+                        tracing::warn!(job = name, namespace, by, "removal asked: {e}");
+                        false
+                    }
+                }
+            }
+            Err(CoreError::NotFound(_)) => {
+                tracing::info!(
+                    job = name,
+                    by,
+                    "cancel asked on a TrainingJob that holds no job this leader runs; nothing done"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(job = name, by, "{what} asked on another node: {e}");
+                false
             }
         }
     }
@@ -465,9 +582,7 @@ impl Admissions {
     {
         loop {
             match self.core.ask(build()).await {
-                Err(CoreError::NotLeader { .. } | CoreError::NotWritten(_))
-                    if self.leadership.borrow().term.is_some() =>
-                {
+                Err(e) if passing(&e) && self.leadership.borrow().term.is_some() => {
                     tokio::time::sleep(self.retry).await;
                 }
                 answer => return answer,
@@ -475,9 +590,11 @@ impl Admissions {
         }
     }
 
-    async fn submit(&mut self, name: String, object: DynamicObject) {
+    /// Submits the job `object` holds, or marks the object `Invalid`. Whether it is done (a
+    /// job taken in or refused, or the object gone or taken by another).
+    async fn submit(&self, name: String, object: DynamicObject) -> bool {
         let manifest = manifest_of(&object);
-        let owner = owner_of(&object).unwrap_or_else(|| kubernetes_owner("unknown"));
+        let owner = owner_of(&object);
         let rules = Arc::clone(&self.rules);
         let text = manifest.clone();
         let admitted = tokio::task::spawn_blocking(move || job::admit(text.as_bytes(), &rules))
@@ -492,31 +609,48 @@ impl Admissions {
             Ok(job) => job,
             Err(e) => {
                 self.invalid(&object, &e.to_string()).await;
-                return;
+                return true;
             }
         };
-        self.pending.insert(name.clone(), object.clone());
-        let result = self
-            .ask_while_leading(|| {
-                let (job, manifest, owner) = (job.clone(), manifest.clone(), owner.clone());
-                move |reply| Command::Submit {
-                    job: Box::new(job),
-                    manifest,
-                    owner,
-                    reply,
+        let result = loop {
+            // The object as it is now: deleted meanwhile (a cancel on another node), or taken
+            // in by a write that was not answered, it is not submitted (again).
+            match self.current(&object).await {
+                Some(now)
+                    if now.metadata.uid == object.metadata.uid && agentd_status(&now).is_none() => {
                 }
-            })
-            .await;
-        self.pending.remove(&name);
+                _ => return true,
+            }
+            self.pending.insert(name.clone(), object.clone());
+            let answer = self
+                .core
+                .ask(|reply| Command::Submit {
+                    job: Box::new(job.clone()),
+                    manifest: manifest.clone(),
+                    owner: owner.clone(),
+                    reply,
+                })
+                .await;
+            self.pending.remove(&name);
+            match answer {
+                Err(e) if passing(&e) && self.leadership.borrow().term.is_some() => {
+                    tracing::debug!(job = name, "TrainingJob not taken in yet: {e}");
+                    tokio::time::sleep(self.retry).await;
+                }
+                answer => break answer,
+            }
+        };
         match result {
-            Ok(status) => tracing::info!(
-                job = name,
-                owner = owner.user,
-                queue = status.queue,
-                "TrainingJob admitted"
-            ),
-            Err(CoreError::ShuttingDown | CoreError::NotLeader { .. }) => {}
-            Err(e) => {
+            Ok(status) => {
+                tracing::info!(
+                    job = name,
+                    owner = owner.user,
+                    queue = status.queue,
+                    "TrainingJob admitted"
+                );
+                true
+            }
+            Err(e @ (CoreError::Spec(_) | CoreError::BadField { .. } | CoreError::Conflict(_))) => {
                 // The core answers only after its batch is written, so a job it took in itself
                 // (a local submission: create, then status) has its status by now.
                 if self
@@ -524,7 +658,7 @@ impl Admissions {
                     .await
                     .is_some_and(|o| agentd_status(&o).is_some())
                 {
-                    return;
+                    return true;
                 }
                 let problems = match &e {
                     CoreError::Spec(spec) => spec.to_string(),
@@ -532,6 +666,11 @@ impl Admissions {
                     other => format!("metadata.name: {other}"),
                 };
                 self.invalid(&object, &problems).await;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(job = name, "TrainingJob not taken in: {e}");
+                false
             }
         }
     }

@@ -167,6 +167,7 @@ spec:
         ask(core, |reply| Command::Cancel {
             name: name.to_owned(),
             by: "alice".to_owned(),
+            object: None,
             reply,
         })
     }
@@ -245,6 +246,7 @@ spec:
         core.command(Command::Cancel {
             name: "j1".to_owned(),
             by: "alice".to_owned(),
+            object: None,
             reply,
         });
         let effects = core.lifecycle.not_persisted("disk full");

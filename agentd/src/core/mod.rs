@@ -121,6 +121,10 @@ pub enum Command {
         name: String,
         /// Who asked, for the job's events.
         by: String,
+        /// Cluster mode: the uid of the `TrainingJob` the request was read from. The job is
+        /// cancelled only if that object is the one it is stored in; another object of the
+        /// same name (in another namespace) is not this job.
+        object: Option<String>,
         reply: Reply<JobStatus>,
     },
     Queues {
@@ -663,7 +667,16 @@ impl Core {
                 };
                 let _ = reply.send(found);
             }
-            Command::Cancel { name, by, reply } => {
+            Command::Cancel {
+                name,
+                by,
+                object,
+                reply,
+            } => {
+                if object.is_some_and(|uid| !self.store.holds_object(&name, &uid)) {
+                    let _ = reply.send(Err(CoreError::NotFound(name)));
+                    return;
+                }
                 if self.lifecycle.job(&name).is_some() {
                     let request = self.request(reply);
                     self.step(Input::Cancel { request, name, by });

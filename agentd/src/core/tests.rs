@@ -540,6 +540,7 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
                 core.command(Command::Cancel {
                     name,
                     by: "root".to_owned(),
+                    object: None,
                     reply,
                 });
             }

@@ -42,6 +42,15 @@ pub const OWNER_ANNOTATION: &str = "agentd.io/owner";
 /// The node whose agent took the submission.
 pub const SUBMITTED_ON_ANNOTATION: &str = "agentd.io/submitted-on";
 
+/// The owner name of a job applied with `kubectl` (or any other Kubernetes client) is this
+/// prefix and the field manager that created it. A Unix user name cannot hold a `:`, so no
+/// local user owns such a job: admins cancel it with `agentctl`, anyone else with
+/// `kubectl delete`, as Kubernetes RBAC allows.
+pub const KUBERNETES_OWNER_PREFIX: &str = "kubernetes:";
+
+/// The uid and gid recorded for a Kubernetes submitter (`nobody`).
+const NOBODY: u32 = 65534;
+
 /// Where a job goes when its manifest names no namespace, as `kubectl` does.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -241,7 +250,7 @@ impl KubeStore {
         self.call(
             API,
             "(all namespaces)",
-            list_training_jobs(self.client.clone()),
+            list_training_jobs(self.client.clone(), None),
         )?
         .map_err(|e| api_error(API, "(all namespaces)", &e))
     }
@@ -264,12 +273,24 @@ impl KubeStore {
         })?;
         let parsed = serde_json::from_value::<JobStatus>(status.clone()).ok();
         let known = self.known.borrow().get(name).cloned();
-        let mut known = match known {
+        let owner = parsed.as_ref().and_then(|s| s.owner.as_ref());
+        let (mut known, made) = match known {
             Some(known) if known.gone => return Ok(()),
-            Some(known) => known,
+            Some(known) => (known, false),
             None => match self.pending.remove(name) {
-                Some(object) if agentd_status(&object).is_none() => Known::from_object(&object),
-                _ => self.create(name, manifest, parsed.as_ref())?,
+                // The object being admitted, if this is its job: a job of the same name
+                // submitted here meanwhile is another, and must not take that object over.
+                Some(object)
+                    if agentd_status(&object).is_none() && holds(&object, manifest, owner) =>
+                {
+                    (Known::from_object(&object), false)
+                }
+                other => {
+                    if let Some(object) = other {
+                        self.pending.insert(name.to_owned(), object);
+                    }
+                    (self.create(name, manifest, parsed.as_ref())?, true)
+                }
             },
         };
         if known.gpus.is_none() {
@@ -287,6 +308,17 @@ impl KubeStore {
             }
         }
         let result = self.write_status(name, &mut known, &body, parsed);
+        if result.is_err() && known.written.is_none() && known.unconfirmed.is_none() {
+            // The job's first status did not land, so the turn that made the job is undone:
+            // an object created for it must not stay behind for admission to run later.
+            if made && let Err(e) = self.delete_object(name, &known) {
+                tracing::warn!(
+                    job = name,
+                    "the job was not taken in, but its TrainingJob stays: {e}"
+                );
+            }
+            return result;
+        }
         self.known.borrow_mut().insert(name.to_owned(), known);
         result
     }
@@ -337,6 +369,18 @@ impl KubeStore {
                         api: API,
                         object: at,
                         resource_version: known.resource_version,
+                    });
+                }
+                // Without a status it is either this job's own object, made by a write whose
+                // answer was lost, or another job waiting for admission under the same name.
+                if !holds(&existing, manifest, status.and_then(|s| s.owner.as_ref())) {
+                    return Err(StoreError::Kube {
+                        api: API,
+                        object: at,
+                        message: "a TrainingJob of this name, another job, is waiting to be \
+                                  admitted (applied with kubectl or submitted on another node); \
+                                  choose another name"
+                            .into(),
                     });
                 }
                 known
@@ -396,6 +440,17 @@ impl KubeStore {
                     known.unconfirmed = None;
                     return Ok(());
                 }
+                Err(e) if api_code(&e) == Some(404) && known.written.is_none() => {
+                    // Deleted before its job was ever written (a cancel on another node):
+                    // the job must not be taken in.
+                    known.gone = true;
+                    return Err(StoreError::Kube {
+                        api: API,
+                        object: at,
+                        message: "the TrainingJob was deleted before its first status was written"
+                            .into(),
+                    });
+                }
                 Err(e) if api_code(&e) == Some(404) => {
                     tracing::warn!(
                         job = name,
@@ -434,14 +489,18 @@ impl KubeStore {
     /// Deletes the object this store knows by `name`. Gone already is fine; one of the same
     /// name made since (another uid) is someone's new job and is left alone.
     fn delete(&self, name: &str) -> Result<(), StoreError> {
-        const API: &str = "delete trainingjobs";
         let Some(known) = self.known.borrow_mut().remove(name) else {
             return Ok(());
         };
+        self.delete_object(name, &known)
+    }
+
+    fn delete_object(&self, name: &str, known: &Known) -> Result<(), StoreError> {
+        const API: &str = "delete trainingjobs";
         let at = format!("{}/{name}", known.namespace);
         let api = self.api(&known.namespace);
         let mut params = DeleteParams::default();
-        if let Some(uid) = known.uid {
+        if let Some(uid) = known.uid.clone() {
             params = params.preconditions(kube::api::Preconditions {
                 uid: Some(uid),
                 resource_version: None,
@@ -510,6 +569,13 @@ impl JobStore for KubeStore {
         *self.known.borrow_mut() = known;
         stored.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(stored)
+    }
+
+    fn holds_object(&self, name: &str, uid: &str) -> bool {
+        self.known
+            .borrow()
+            .get(name)
+            .is_some_and(|k| !k.gone && k.uid.as_deref() == Some(uid))
     }
 
     /// Writes the objects in order, then the events locally. A failure stops the batch: the
@@ -657,22 +723,29 @@ pub(crate) fn api_error(api: &'static str, object: &str, e: &kube::Error) -> Sto
     }
 }
 
-/// Every `TrainingJob` in the cluster, page by page, oldest first (by creation, then
-/// namespace): of two with one name, the first is the one a leader runs.
+/// Every `TrainingJob` in the cluster (or every one called `name`, in any namespace), page by
+/// page, oldest first (by creation, then namespace): of two with one name, the first is the
+/// one a leader runs.
 pub(crate) async fn list_training_jobs(
     client: kube::Client,
+    name: Option<&str>,
 ) -> Result<Vec<DynamicObject>, kube::Error> {
     let all: Api<DynamicObject> = Api::all_with(client, &training_job_resource());
+    let first = || {
+        let params = ListParams::default().limit(LIST_PAGE);
+        match name {
+            Some(name) => params.fields(&format!("metadata.name={name}")),
+            None => params,
+        }
+    };
     let mut objects = Vec::new();
-    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut params = first();
     loop {
         let page = all.list(&params).await?;
         objects.extend(page.items);
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => {
-                params = ListParams::default()
-                    .limit(LIST_PAGE)
-                    .continue_token(&token);
+                params = first().continue_token(&token);
             }
             _ => break,
         }
@@ -684,6 +757,45 @@ pub(crate) async fn list_training_jobs(
         )
     });
     Ok(objects)
+}
+
+/// Who submitted `object`: the owner an agent recorded, or else the Kubernetes field manager
+/// that created it (`kubectl-client-side-apply`), as `kubernetes:<manager>`, or else
+/// `kubernetes:unknown`.
+pub fn owner_of(object: &DynamicObject) -> Owner {
+    let annotations = object.metadata.annotations.as_ref();
+    if let Some(owner) = annotations
+        .and_then(|a| a.get(OWNER_ANNOTATION))
+        .and_then(|text| serde_json::from_str::<Owner>(text).ok())
+    {
+        return owner;
+    }
+    let manager = object
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find_map(|entry| entry.manager.clone().filter(|m| !m.is_empty()));
+    Owner {
+        uid: NOBODY,
+        gid: NOBODY,
+        user: format!(
+            "{KUBERNETES_OWNER_PREFIX}{}",
+            manager.as_deref().unwrap_or("unknown")
+        ),
+    }
+}
+
+/// Whether `object` is the job `manifest` describes, submitted by `owner`: the same job once
+/// both are read (the API server may reorder or default what it stores), the same submitter.
+fn holds(object: &DynamicObject, manifest: &str, owner: Option<&Owner>) -> bool {
+    let spec = |text: &str| {
+        job::parse(text.as_bytes())
+            .ok()
+            .map(|j| job::to_manifest(&j)["spec"].clone())
+    };
+    let theirs = spec(&manifest_of(object));
+    theirs.is_some() && theirs == spec(manifest) && owner.is_none_or(|o| *o == owner_of(object))
 }
 
 /// The annotations of a job made from a submission on `node` by `owner`.

@@ -144,6 +144,14 @@ pub trait JobStore: Send {
         Ok(None)
     }
 
+    /// Whether the job `name` is stored in the cluster object with this `uid` (cluster mode:
+    /// a request read from an object acts on the job only if that object is the job's). A
+    /// store without objects holds every job it has.
+    fn holds_object(&self, name: &str, uid: &str) -> bool {
+        let _ = (name, uid);
+        true
+    }
+
     /// Writes job changes and new events together: all of them are durable when this
     /// returns, or none are.
     fn write_batch(&mut self, jobs: &[JobWrite], events: &[NewEvent]) -> Result<(), StoreError>;

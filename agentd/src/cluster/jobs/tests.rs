@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use agentd_api::jobs::{JobState, Owner};
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
@@ -100,9 +100,13 @@ async fn get(desk: &Arc<FollowerJobs>, name: &str) -> Result<JobStatus, CoreErro
 /// Creates an object as `kubectl apply` does: no status, its field manager named.
 async fn kubectl_apply(client: &kube::Client, text: &str) -> DynamicObject {
     let doc: Value = serde_saphyr::from_str(text).expect("YAML");
+    let namespace = doc["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or(DEFAULT_NAMESPACE)
+        .to_owned();
     let object: DynamicObject = serde_json::from_value(doc).expect("object");
     let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &training_job_resource());
+        Api::namespaced_with(client.clone(), &namespace, &training_job_resource());
     let params = PostParams {
         field_manager: Some("kubectl-client-side-apply".to_owned()),
         ..PostParams::default()
@@ -116,13 +120,25 @@ async fn object_until(
     name: &str,
     check: impl Fn(&DynamicObject) -> bool,
 ) -> DynamicObject {
+    object_in_until(client, DEFAULT_NAMESPACE, name, |o| o.is_some_and(&check))
+        .await
+        .expect("there")
+}
+
+/// Waits until `check` holds of the object `namespace/name` (`None`: there is none), for at
+/// most a minute.
+async fn object_in_until(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    check: impl Fn(Option<&DynamicObject>) -> bool,
+) -> Option<DynamicObject> {
     let api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), "default", &training_job_resource());
+        Api::namespaced_with(client.clone(), namespace, &training_job_resource());
     let deadline = Instant::now() + Duration::from_mins(1);
     loop {
-        if let Some(object) = api.get_opt(name).await.expect("get")
-            && check(&object)
-        {
+        let object = api.get_opt(name).await.expect("get");
+        if check(object.as_ref()) {
             return object;
         }
         assert!(Instant::now() < deadline, "{name} never got there");
@@ -197,6 +213,7 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
         let cancelled = ask(&desk, |reply| Command::Cancel {
             name: "mnist".to_owned(),
             by: "ada".to_owned(),
+            object: None,
             reply,
         })
         .await
@@ -285,6 +302,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         let asked = ask(&desk, |reply| Command::Cancel {
             name: "from-node-b".to_owned(),
             by: "ada".to_owned(),
+            object: None,
             reply,
         })
         .await
@@ -311,4 +329,79 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         object.metadata.uid, follower_uid,
         "written onto, never made again"
     );
+}
+
+/// A cancel or removal request is carried out on the job stored in the object that asks,
+/// and no other: anyone who may create TrainingJobs in one namespace makes one of a running
+/// job's name there (refused, Invalid) and asks for its removal; the running job is untouched
+/// and the refused object is deleted.
+#[test]
+fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_object() {
+    let cluster = Cluster::start();
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.admin.clone());
+    cluster
+        .rt
+        .block_on(namespaces.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "other"}})).expect("namespace"),
+        ))
+        .expect("namespace created");
+    let pending = PendingObjects::default();
+    let store = cluster.store().admitting(pending.clone());
+    let desk = FollowerJobs::new(cluster.node.clone(), "node-b".to_owned());
+    let leader = cluster.leader.clone();
+    let admin = cluster.admin.clone();
+    with_core(&cluster, store, async |core| {
+        let (_leadership_tx, leadership) = watch::channel(leading());
+        let (stop_tx, stop) = watch::channel(false);
+        let admission = tokio::spawn(run_admission(
+            leader.clone(),
+            core.clone(),
+            rules(),
+            pending,
+            leadership,
+            Duration::from_millis(20),
+            stop,
+        ));
+        submit(&desk, &manifest("shared")).await.expect("created");
+        object_until(&admin, "shared", |o| state(o) == Some("Queued")).await;
+        kubectl_apply(
+            &admin,
+            &manifest("shared").replace("{name: shared}", "{name: shared, namespace: other}"),
+        )
+        .await;
+        let refused = object_in_until(&admin, "other", "shared", |o| {
+            o.is_some_and(|o| state(o).is_some())
+        })
+        .await
+        .expect("there");
+        assert_eq!(refused.data["status"]["reason"], json!("Invalid"));
+        for (annotation, by) in [
+            (CANCEL_ANNOTATION, "mallory"),
+            (REMOVE_ANNOTATION, "mallory"),
+        ] {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(admin.clone(), "other", &training_job_resource());
+            let patch = json!({"metadata": {"annotations": {annotation: by}}});
+            api.patch("shared", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("annotated");
+        }
+        object_in_until(&admin, "other", "shared", |o| o.is_none()).await;
+        let running = core
+            .ask(|reply| Command::Get {
+                name: "shared".to_owned(),
+                removed: false,
+                reply,
+            })
+            .await
+            .expect("the leader's job is still there");
+        assert_eq!(running.state, JobState::Queued, "{}", running.message);
+        assert_eq!(
+            state(&object_until(&admin, "shared", |_| true).await),
+            Some("Queued")
+        );
+        stop_tx.send_replace(true);
+        admission.await.expect("admission stops");
+    });
 }

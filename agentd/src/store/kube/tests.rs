@@ -679,15 +679,75 @@ fn an_applied_job_without_status_is_left_to_admission_then_written() {
         stored_status(&cluster.get("default", "applied").expect("exists")),
         queued
     );
-    // One applied after the list: the create finds it exists and takes it over.
+    // One applied after the list, by someone else, waiting for admission: a job of the same
+    // name submitted here must not take it over; its write fails, naming why, and leaves it.
     cluster.apply(&native("later", 1, 0));
     let later = status("later", JobState::Queued, "Queued");
-    store
+    let refused = store
         .write_batch(&[upsert("later", &native("later", 1, 0), &later)], &[])
+        .expect_err("another submitter's object is not taken over");
+    assert!(
+        refused.to_string().contains("waiting to be admitted"),
+        "{refused}"
+    );
+    assert_eq!(
+        agentd_status(&cluster.get("default", "later").expect("still there")),
+        None
+    );
+    // This job's own object, made by a create whose answer was lost (the submitter's
+    // annotation on it): taken over.
+    let owner = later.owner.clone().expect("the test status has an owner");
+    let annotations = submitter_annotations(&owner, None);
+    cluster.apply(&native("lost", 1, 0).replace(
+        "  labels: {team: vision}",
+        &format!(
+            "  labels: {{team: vision}}\n  annotations: {{{:?}: {:?}}}",
+            OWNER_ANNOTATION, annotations[OWNER_ANNOTATION]
+        ),
+    ));
+    let lost = status("lost", JobState::Queued, "Queued");
+    store
+        .write_batch(&[upsert("lost", &native("lost", 1, 0), &lost)], &[])
         .expect("taken over");
     assert_eq!(
-        stored_status(&cluster.get("default", "later").expect("exists")),
-        later
+        stored_status(&cluster.get("default", "lost").expect("exists")),
+        lost
+    );
+}
+
+/// An object deleted while it was being admitted (cancelled on another node before the
+/// leader wrote it) fails the job's first write: the job is not taken in, and the name is free
+/// for the next job, whose object is made anew.
+#[test]
+fn an_object_deleted_before_its_first_write_fails_that_write_and_is_forgotten() {
+    let cluster = Cluster::start();
+    cluster.apply(&native("gone", 1, 0));
+    let object = cluster.get("default", "gone").expect("applied");
+    let pending = PendingObjects::default();
+    let mut store = cluster.store().admitting(pending.clone());
+    let mut queued = status("gone", JobState::Queued, "Queued");
+    queued.owner = Some(owner_of(&object));
+    pending.insert("gone".to_owned(), object);
+    cluster
+        .rt
+        .block_on(
+            cluster
+                .admin_api("default")
+                .delete("gone", &DeleteParams::default()),
+        )
+        .expect("deleted");
+    let refused = store
+        .write_batch(&[upsert("gone", &native("gone", 1, 0), &queued)], &[])
+        .expect_err("the object is gone: the job must not be taken in");
+    assert!(refused.to_string().contains("deleted before"), "{refused}");
+    assert!(!store.holds_object("gone", "any"));
+    let again = status("gone", JobState::Queued, "Queued");
+    store
+        .write_batch(&[upsert("gone", &native("gone", 1, 0), &again)], &[])
+        .expect("a new job of the name gets an object of its own");
+    assert_eq!(
+        stored_status(&cluster.get("default", "gone").expect("made anew")),
+        again
     );
 }
 
