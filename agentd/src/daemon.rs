@@ -407,6 +407,11 @@ fn start_cluster_core(
     // Jobs submitted on followers or applied with kubectl: the leader takes them in from a
     // watch, and its store writes their status onto the objects they are.
     let pending = crate::store::kube::PendingObjects::default();
+    // The key that vouches for who submitted a job, shared by every agent through a Secret.
+    let keys = crate::cluster::jobs::SubmitterKeys::new(
+        cluster.client().clone(),
+        config.cluster.namespace.clone(),
+    );
     if cluster.leader_eligible {
         tokio::spawn(crate::cluster::jobs::run_admission(
             cluster.watch_client().clone(),
@@ -417,12 +422,17 @@ fn start_cluster_core(
                 config.jobs.max_replicas_per_job,
             )),
             pending.clone(),
+            Arc::clone(&keys),
             cluster.leadership(),
             config.cluster.retry_period,
             stop.clone(),
         ));
     }
-    let desk = crate::cluster::jobs::FollowerJobs::new(cluster.client().clone(), node_name.clone());
+    let desk = crate::cluster::jobs::FollowerJobs::new(
+        cluster.client().clone(),
+        node_name.clone(),
+        Arc::clone(&keys),
+    );
     // Only an agent that may lead places, and only its role may watch every pod and Node.
     let nodes = if cluster.leader_eligible {
         crate::cluster::feed::spawn(&cluster, stop.clone())
@@ -445,7 +455,8 @@ fn start_cluster_core(
                 local,
             )?
             .fenced_by(cluster.leadership())
-            .admitting(pending.clone());
+            .admitting(pending.clone())
+            .signing(Arc::clone(&keys));
             let executor = crate::exec::pods::PodExecutor::new(
                 cluster.client().clone(),
                 cluster.watch_client(),

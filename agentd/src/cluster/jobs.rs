@@ -31,13 +31,15 @@ use tokio::sync::watch;
 use super::election::Leadership;
 use crate::core::{Command, CoreError, CoreHandle, JobRecord, Now};
 use crate::job::{self, Admission, SpecError};
+use crate::store::StoreError;
+use crate::store::kube::signing::KEY_SECRET;
+pub use crate::store::kube::signing::{SubmitterKey, SubmitterKeys};
 use crate::store::kube::{
     DEFAULT_NAMESPACE, PendingObjects, SOURCE_KIND_ANNOTATION, agentd_status, api_error,
     list_training_jobs, manifest_of, object_from_manifest, training_job_resource,
 };
 pub use crate::store::kube::{
-    KUBERNETES_OWNER_PREFIX, OWNER_ANNOTATION, SUBMITTED_ON_ANNOTATION, owner_of,
-    submitter_annotations,
+    KUBERNETES_OWNER_PREFIX, OWNER_ANNOTATION, SUBMITTED_ON_ANNOTATION, owner_of, sign_submitter,
 };
 
 /// A cancel asked for on a follower: the user who asked. The leader cancels the job if it is
@@ -48,8 +50,8 @@ pub const CANCEL_ANNOTATION: &str = "agentd.io/cancel";
 pub const REMOVE_ANNOTATION: &str = "agentd.io/remove";
 
 /// The job an object holds, as `agentctl` shows it: the status an agent wrote, or, for one
-/// not admitted yet, a queued status made from its manifest.
-pub fn status_of(object: &DynamicObject) -> Option<JobStatus> {
+/// not admitted yet, a queued status made from its manifest, its owner as `key` vouches.
+pub fn status_of(object: &DynamicObject, key: Option<&SubmitterKey>) -> Option<JobStatus> {
     let name = object.metadata.name.clone()?;
     if let Some(status) =
         agentd_status(object).and_then(|s| serde_json::from_value::<JobStatus>(s.clone()).ok())
@@ -103,7 +105,7 @@ pub fn status_of(object: &DynamicObject) -> Option<JobStatus> {
     }
     "NotAdmitted".clone_into(&mut status.reason);
     "waiting for the leader to admit it".clone_into(&mut status.message);
-    status.owner = Some(owner_of(object));
+    status.owner = Some(owner_of(object, key));
     Some(status)
 }
 
@@ -121,15 +123,32 @@ async fn list_jobs(
     Ok(objects)
 }
 
+/// How often, and how long apart, a follower looks for the signing key before it refuses a
+/// submission for want of it.
+const KEY_WAITS: u32 = 10;
+const KEY_WAIT: Duration = Duration::from_millis(500);
+
 /// What a follower answers job requests with: the `TrainingJob` objects.
 pub struct FollowerJobs {
     client: kube::Client,
     node: String,
+    keys: Arc<SubmitterKeys>,
 }
 
 impl FollowerJobs {
-    pub fn new(client: kube::Client, node: String) -> Arc<Self> {
-        Arc::new(Self { client, node })
+    pub fn new(client: kube::Client, node: String, keys: Arc<SubmitterKeys>) -> Arc<Self> {
+        Arc::new(Self { client, node, keys })
+    }
+
+    /// The key that vouches for submitters, once a leader has made it.
+    async fn key(&self) -> Option<SubmitterKey> {
+        match self.keys.load(false).await {
+            Ok(key) => key,
+            Err(e) => {
+                tracing::warn!("{e}");
+                None
+            }
+        }
     }
 
     /// Answers `command` from the objects, on a task of its own, if it is one a follower can
@@ -159,8 +178,10 @@ impl FollowerJobs {
             }
             Command::Get { name, reply, .. } => {
                 tokio::spawn(async move {
+                    let key = this.key().await;
                     let found = this.find(&name).await.and_then(|object| {
-                        status_of(&object).ok_or_else(|| CoreError::NotFound(name.clone()))
+                        status_of(&object, key.as_ref())
+                            .ok_or_else(|| CoreError::NotFound(name.clone()))
                     });
                     let _ = reply.send(found);
                 });
@@ -186,7 +207,7 @@ impl FollowerJobs {
     ) -> Result<JobStatus, CoreError> {
         const API: &str = "create trainingjobs";
         if let Some(existing) = self.find_opt(&job.name).await? {
-            let state = status_of(&existing).map_or(JobState::Queued, |s| s.state);
+            let state = status_of(&existing, None).map_or(JobState::Queued, |s| s.state);
             return Err(CoreError::Conflict(format!(
                 "a job named {:?} already exists ({state}, in namespace {}); remove it with \
                  `agentctl cancel {}`{} or choose another name",
@@ -206,11 +227,30 @@ impl FollowerJobs {
         }
         let (namespace, mut object, _) =
             object_from_manifest(manifest).map_err(|e| CoreError::Conflict(e.clone()))?;
-        object
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .extend(submitter_annotations(owner, Some(&self.node)));
+        let no_key = |message: String| {
+            CoreError::Store(StoreError::Kube {
+                api: "get secrets",
+                object: KEY_SECRET.to_owned(),
+                message,
+            })
+        };
+        // A leader makes the key as its term starts: give one just elected a moment.
+        let mut key = None;
+        for _ in 0..KEY_WAITS {
+            key = self.keys.load(false).await.map_err(no_key)?;
+            if key.is_some() {
+                break;
+            }
+            tokio::time::sleep(KEY_WAIT).await;
+        }
+        let key = key.ok_or_else(|| {
+            no_key(
+                "no leader has made the key that vouches for submitters yet; try again once a \
+                 leader runs (agentctl status names it)"
+                    .to_owned(),
+            )
+        })?;
+        sign_submitter(&mut object, owner, Some(&self.node), Some(&key));
         let at = format!("{namespace}/{}", job.name);
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &namespace, &training_job_resource());
@@ -224,7 +264,7 @@ impl FollowerJobs {
                 )),
                 _ => CoreError::Store(api_error(API, &at, &e)),
             })?;
-        status_of(&created).ok_or_else(|| CoreError::NotFound(job.name.clone()))
+        status_of(&created, Some(&key)).ok_or_else(|| CoreError::NotFound(job.name.clone()))
     }
 
     async fn list(
@@ -233,10 +273,11 @@ impl FollowerJobs {
         state: Option<JobState>,
         user: Option<String>,
     ) -> Result<JobList, CoreError> {
+        let key = self.key().await;
         let mut jobs: Vec<JobStatus> = list_jobs(&self.client, None)
             .await?
             .iter()
-            .filter_map(status_of)
+            .filter_map(|o| status_of(o, key.as_ref()))
             .filter(|s| queue.as_ref().is_none_or(|q| &s.queue == q))
             .filter(|s| state.is_none_or(|st| s.state == st))
             .filter(|s| {
@@ -279,11 +320,13 @@ impl FollowerJobs {
         leader: Option<&str>,
     ) -> Result<JobStatus, CoreError> {
         const API: &str = "patch trainingjobs";
+        let key = self.key().await;
         let mut tries = 0;
         let (mut status, api, at) = loop {
             tries += 1;
             let object = self.find(name).await?;
-            let status = status_of(&object).ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
+            let status = status_of(&object, key.as_ref())
+                .ok_or_else(|| CoreError::NotFound(name.to_owned()))?;
             let namespace = object
                 .metadata
                 .namespace
@@ -339,11 +382,13 @@ impl FollowerJobs {
 /// the one the job is stored in. Each object is taken in on a task of its own, so one that
 /// cannot be written yet holds up no other. Watches, never polls; each term starts from a
 /// fresh list.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_admission(
     client: kube::Client,
     core: CoreHandle,
     rules: Arc<Admission>,
     pending: PendingObjects,
+    keys: Arc<SubmitterKeys>,
     mut leadership: watch::Receiver<Leadership>,
     retry: Duration,
     mut stop: watch::Receiver<bool>,
@@ -353,7 +398,23 @@ pub async fn run_admission(
             led = leadership.wait_for(|l| l.term.is_some()) => if led.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
         }
+        // Owners are believed only as the key vouches for them: without it, admitting would
+        // take every job submitted on another node for its Kubernetes client's.
+        let key = loop {
+            match keys.load(true).await {
+                Ok(Some(key)) => break Some(key),
+                Ok(None) => tracing::warn!("jobs are not admitted until the key is made"),
+                Err(e) => tracing::warn!("jobs are not admitted until the key is read: {e}"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                _ = leadership.wait_for(|l| l.term.is_none()) => break None,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        };
+        let Some(key) = key else { continue };
         let desk = Arc::new(Admissions {
+            key,
             client: client.clone(),
             core: core.clone(),
             rules: Arc::clone(&rules),
@@ -412,6 +473,7 @@ pub async fn run_admission(
 
 /// What one term's admission has done, so an object is taken in once.
 struct Admissions {
+    key: SubmitterKey,
     client: kube::Client,
     core: CoreHandle,
     rules: Arc<Admission>,
@@ -594,7 +656,7 @@ impl Admissions {
     /// job taken in or refused, or the object gone or taken by another).
     async fn submit(&self, name: String, object: DynamicObject) -> bool {
         let manifest = manifest_of(&object);
-        let owner = owner_of(&object);
+        let owner = owner_of(&object, Some(&self.key));
         let rules = Arc::clone(&self.rules);
         let text = manifest.clone();
         let admitted = tokio::task::spawn_blocking(move || job::admit(text.as_bytes(), &rules))
@@ -691,7 +753,7 @@ impl Admissions {
     /// Sets status Failed, reason `Invalid`, on the version of the object that was read: a
     /// change since (someone fixed it, or another leader took it) wins.
     async fn invalid(&self, object: &DynamicObject, problems: &str) {
-        let Some(mut status) = status_of(object) else {
+        let Some(mut status) = status_of(object, Some(&self.key)) else {
             return;
         };
         if !self.leadership.borrow().leads(std::time::Instant::now()) {

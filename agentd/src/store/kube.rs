@@ -20,6 +20,7 @@
 //! maps it to objects.
 
 mod kubeflow;
+pub mod signing;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -35,6 +36,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use super::{Event, JobStore, JobWrite, NewEvent, Store, StoreError, StoredJob};
 use crate::cluster::election::Leadership;
 use crate::job;
+use signing::{SIGNATURE_ANNOTATION, SubmitterKey, SubmitterKeys};
 
 /// The submitter of a job submitted through an agent: its [`Owner`] as JSON.
 pub const OWNER_ANNOTATION: &str = "agentd.io/owner";
@@ -153,6 +155,8 @@ pub struct KubeStore {
     fence: Option<tokio::sync::watch::Receiver<Leadership>>,
     /// Objects being admitted, which the first write of their job finds.
     pending: PendingObjects,
+    /// The key the submitters of the objects this store makes are signed with.
+    keys: Option<Arc<SubmitterKeys>>,
 }
 
 impl KubeStore {
@@ -171,6 +175,7 @@ impl KubeStore {
             known: RefCell::new(BTreeMap::new()),
             fence: None,
             pending: PendingObjects::default(),
+            keys: None,
         })
     }
 
@@ -188,6 +193,34 @@ impl KubeStore {
     pub fn admitting(mut self, pending: PendingObjects) -> Self {
         self.pending = pending;
         self
+    }
+
+    /// Signs the submitters of the objects it makes with the key of `keys` (made if there is
+    /// none: only a leader writes jobs), and believes only owners signed with it.
+    #[must_use]
+    pub fn signing(mut self, keys: Arc<SubmitterKeys>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The signing key, read (or made) on first use.
+    fn key(&self) -> Result<Option<SubmitterKey>, StoreError> {
+        const API: &str = "get secrets";
+        let Some(keys) = self.keys.clone() else {
+            return Ok(None);
+        };
+        if let Some(key) = keys.cached() {
+            return Ok(Some(key));
+        }
+        self.call(API, signing::KEY_SECRET, async move {
+            Ok::<_, kube::Error>(keys.load(true).await)
+        })?
+        .unwrap_or_else(|e| Err(e.to_string()))
+        .map_err(|message| StoreError::Kube {
+            api: API,
+            object: signing::KEY_SECRET.to_owned(),
+            message,
+        })
     }
 
     fn check_fence(&self) -> Result<(), StoreError> {
@@ -281,7 +314,8 @@ impl KubeStore {
                 // The object being admitted, if this is its job: a job of the same name
                 // submitted here meanwhile is another, and must not take that object over.
                 Some(object)
-                    if agentd_status(&object).is_none() && holds(&object, manifest, owner) =>
+                    if agentd_status(&object).is_none()
+                        && holds(&object, manifest, owner, self.key()?.as_ref()) =>
                 {
                     (Known::from_object(&object), false)
                 }
@@ -341,12 +375,9 @@ impl KubeStore {
                     "the job's manifest does not parse, so no TrainingJob can be made of it: {e}"
                 ),
             })?;
+        let key = self.key()?;
         if let Some(owner) = status.and_then(|s| s.owner.as_ref()) {
-            object
-                .metadata
-                .annotations
-                .get_or_insert_default()
-                .extend(submitter_annotations(owner, None));
+            sign_submitter(&mut object, owner, None, key.as_ref());
         }
         let at = format!("{namespace}/{name}");
         let api = self.api(&namespace);
@@ -373,7 +404,8 @@ impl KubeStore {
                 }
                 // Without a status it is either this job's own object, made by a write whose
                 // answer was lost, or another job waiting for admission under the same name.
-                if !holds(&existing, manifest, status.and_then(|s| s.owner.as_ref())) {
+                let owner = status.and_then(|s| s.owner.as_ref());
+                if !holds(&existing, manifest, owner, key.as_ref()) {
                     return Err(StoreError::Kube {
                         api: API,
                         object: at,
@@ -759,14 +791,16 @@ pub(crate) async fn list_training_jobs(
     Ok(objects)
 }
 
-/// Who submitted `object`: the owner an agent recorded, or else the Kubernetes field manager
-/// that created it (`kubectl-client-side-apply`), as `kubernetes:<manager>`, or else
-/// `kubernetes:unknown`.
-pub fn owner_of(object: &DynamicObject) -> Owner {
+/// Who submitted `object`: the owner an agent recorded and signed with `key` (see
+/// [`signing`]), or else the Kubernetes field manager that created it
+/// (`kubectl-client-side-apply`), as `kubernetes:<manager>`, or else `kubernetes:unknown`.
+pub fn owner_of(object: &DynamicObject, key: Option<&SubmitterKey>) -> Owner {
     let annotations = object.metadata.annotations.as_ref();
-    if let Some(owner) = annotations
-        .and_then(|a| a.get(OWNER_ANNOTATION))
-        .and_then(|text| serde_json::from_str::<Owner>(text).ok())
+    if let Some(a) = annotations
+        && let Some(text) = a.get(OWNER_ANNOTATION)
+        && let Some(signature) = a.get(SIGNATURE_ANNOTATION)
+        && key.is_some_and(|k| k.verify(object, text, signature))
+        && let Ok(owner) = serde_json::from_str::<Owner>(text)
     {
         return owner;
     }
@@ -788,27 +822,41 @@ pub fn owner_of(object: &DynamicObject) -> Owner {
 
 /// Whether `object` is the job `manifest` describes, submitted by `owner`: the same job once
 /// both are read (the API server may reorder or default what it stores), the same submitter.
-fn holds(object: &DynamicObject, manifest: &str, owner: Option<&Owner>) -> bool {
+fn holds(
+    object: &DynamicObject,
+    manifest: &str,
+    owner: Option<&Owner>,
+    key: Option<&SubmitterKey>,
+) -> bool {
     let spec = |text: &str| {
         job::parse(text.as_bytes())
             .ok()
             .map(|j| job::to_manifest(&j)["spec"].clone())
     };
     let theirs = spec(&manifest_of(object));
-    theirs.is_some() && theirs == spec(manifest) && owner.is_none_or(|o| *o == owner_of(object))
+    theirs.is_some()
+        && theirs == spec(manifest)
+        && owner.is_none_or(|o| *o == owner_of(object, key))
 }
 
-/// The annotations of a job made from a submission on `node` by `owner`.
-pub fn submitter_annotations(owner: &Owner, node: Option<&str>) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::new();
-    annotations.insert(
-        OWNER_ANNOTATION.to_owned(),
-        serde_json::to_string(owner).unwrap_or_default(),
-    );
+/// Records on a job's `object` that `owner` submitted it on `node`, signed with `key` (an
+/// object without a signature is believed to be its Kubernetes client's).
+pub fn sign_submitter(
+    object: &mut DynamicObject,
+    owner: &Owner,
+    node: Option<&str>,
+    key: Option<&SubmitterKey>,
+) {
+    let text = serde_json::to_string(owner).unwrap_or_default();
+    let signature = key.and_then(|k| k.sign(object, &text));
+    let annotations = object.metadata.annotations.get_or_insert_default();
+    annotations.insert(OWNER_ANNOTATION.to_owned(), text);
     if let Some(node) = node {
         annotations.insert(SUBMITTED_ON_ANNOTATION.to_owned(), node.to_owned());
     }
-    annotations
+    if let Some(signature) = signature {
+        annotations.insert(SIGNATURE_ANNOTATION.to_owned(), signature);
+    }
 }
 
 #[cfg(test)]

@@ -150,6 +150,7 @@ pub fn builtins() -> Vec<ResourceType> {
         builtin("", "v1", "services", "Service", true, &["svc"], &["status"]),
         builtin("", "v1", "events", "Event", true, &["ev"], &[]),
         builtin("", "v1", "configmaps", "ConfigMap", true, &["cm"], &[]),
+        builtin("", "v1", "secrets", "Secret", true, &[], &[]),
         builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"], &[]),
         builtin(
             "coordination.k8s.io",

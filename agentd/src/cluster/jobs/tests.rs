@@ -53,6 +53,15 @@ fn rules() -> Arc<Admission> {
     ))
 }
 
+/// The signing key as the leader sees it (it makes it) and as a node agent does.
+fn leader_keys(cluster: &Cluster) -> Arc<SubmitterKeys> {
+    SubmitterKeys::new(cluster.leader.clone(), "agentd-system".to_owned())
+}
+
+fn node_keys(cluster: &Cluster) -> Arc<SubmitterKeys> {
+    SubmitterKeys::new(cluster.node.clone(), "agentd-system".to_owned())
+}
+
 fn leading() -> Leadership {
     Leadership {
         leader: Some(LEADER.to_owned()),
@@ -156,8 +165,21 @@ fn state(object: &DynamicObject) -> Option<&str> {
 #[test]
 fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
     let cluster = Cluster::start();
-    let desk = FollowerJobs::new(cluster.node.clone(), "node-b".to_owned());
+    let desk = FollowerJobs::new(
+        cluster.node.clone(),
+        "node-b".to_owned(),
+        node_keys(&cluster),
+    );
     cluster.rt.block_on(async {
+        let early = submit(&desk, &manifest("mnist"))
+            .await
+            .expect_err("no leader has made the signing key yet");
+        assert!(early.to_string().contains("agentd-submitters"), "{early}");
+        assert!(early.to_string().contains("no leader has made"), "{early}");
+        leader_keys(&cluster)
+            .load(true)
+            .await
+            .expect("the leader makes the key");
         let submitted = submit(&desk, &manifest("mnist")).await.expect("created");
         assert_eq!(submitted.state, JobState::Queued);
         assert_eq!(submitted.reason, "NotAdmitted");
@@ -234,8 +256,16 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
 fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
     let cluster = Cluster::start();
     let pending = PendingObjects::default();
-    let store = cluster.store().admitting(pending.clone());
-    let desk = FollowerJobs::new(cluster.node.clone(), "node-b".to_owned());
+    let keys = leader_keys(&cluster);
+    let store = cluster
+        .store()
+        .admitting(pending.clone())
+        .signing(Arc::clone(&keys));
+    let desk = FollowerJobs::new(
+        cluster.node.clone(),
+        "node-b".to_owned(),
+        node_keys(&cluster),
+    );
     let leader = cluster.leader.clone();
     let admin = cluster.admin.clone();
     let follower_uid = with_core(&cluster, store, async |core| {
@@ -246,10 +276,12 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
             core.clone(),
             rules(),
             pending,
+            Arc::clone(&keys),
             leadership,
             Duration::from_millis(20),
             stop,
         ));
+        keys.load(true).await.expect("the leader makes the key");
         submit(&desk, &manifest("from-node-b"))
             .await
             .expect("created");
@@ -258,6 +290,20 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
             .replace("queue: slow", "queue: nosuch")
             .replace("replicas: 2", "replicas: -1");
         kubectl_apply(&admin, &invalid).await;
+        // Anyone who may create TrainingJobs can write an owner annotation; unsigned (or
+        // signed for another object), it is not believed.
+        let signed = object_until(&admin, "from-node-b", |_| true).await;
+        let annotations = signed.metadata.annotations.clone().unwrap_or_default();
+        let root = r#"{"uid":0,"gid":0,"user":"root"}"#;
+        let forged = manifest("forged").replace(
+            "metadata: {name: forged}",
+            &format!(
+                "metadata:\n  name: forged\n  annotations: {{{OWNER_ANNOTATION:?}: {root:?}, {:?}: {:?}}}",
+                crate::store::kube::signing::SIGNATURE_ANNOTATION,
+                annotations[crate::store::kube::signing::SIGNATURE_ANNOTATION]
+            ),
+        );
+        kubectl_apply(&admin, &forged).await;
 
         let from_node = object_until(&admin, "from-node-b", |o| state(o) == Some("Queued")).await;
         let admitted = core
@@ -282,6 +328,13 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         assert_eq!(
             applied.data["status"]["owner"]["user"],
             json!("kubernetes:kubectl-client-side-apply")
+        );
+
+        let forged = object_until(&admin, "forged", |o| state(o) == Some("Queued")).await;
+        assert_eq!(
+            forged.data["status"]["owner"]["user"],
+            json!("kubernetes:kubectl-client-side-apply"),
+            "an owner nobody vouches for is not believed"
         );
 
         let refused = object_until(&admin, "invalid", |o| state(o).is_some()).await;
@@ -347,8 +400,16 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
         ))
         .expect("namespace created");
     let pending = PendingObjects::default();
-    let store = cluster.store().admitting(pending.clone());
-    let desk = FollowerJobs::new(cluster.node.clone(), "node-b".to_owned());
+    let keys = leader_keys(&cluster);
+    let store = cluster
+        .store()
+        .admitting(pending.clone())
+        .signing(Arc::clone(&keys));
+    let desk = FollowerJobs::new(
+        cluster.node.clone(),
+        "node-b".to_owned(),
+        node_keys(&cluster),
+    );
     let leader = cluster.leader.clone();
     let admin = cluster.admin.clone();
     with_core(&cluster, store, async |core| {
@@ -359,10 +420,12 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
             core.clone(),
             rules(),
             pending,
+            Arc::clone(&keys),
             leadership,
             Duration::from_millis(20),
             stop,
         ));
+        keys.load(true).await.expect("the leader makes the key");
         submit(&desk, &manifest("shared")).await.expect("created");
         object_until(&admin, "shared", |o| state(o) == Some("Queued")).await;
         kubectl_apply(

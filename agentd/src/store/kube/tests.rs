@@ -697,14 +697,20 @@ fn an_applied_job_without_status_is_left_to_admission_then_written() {
     // This job's own object, made by a create whose answer was lost (the submitter's
     // annotation on it): taken over.
     let owner = later.owner.clone().expect("the test status has an owner");
-    let annotations = submitter_annotations(&owner, None);
-    cluster.apply(&native("lost", 1, 0).replace(
-        "  labels: {team: vision}",
-        &format!(
-            "  labels: {{team: vision}}\n  annotations: {{{:?}: {:?}}}",
-            OWNER_ANNOTATION, annotations[OWNER_ANNOTATION]
-        ),
-    ));
+    let keys = signing::SubmitterKeys::new(cluster.leader.clone(), "agentd-system".to_owned());
+    let key = cluster.rt.block_on(keys.load(true)).expect("key made");
+    drop(store);
+    let mut store = cluster.store().signing(keys);
+    let (_, mut object, _) = object_from_manifest(&native("lost", 1, 0)).expect("object");
+    sign_submitter(&mut object, &owner, None, key.as_ref());
+    cluster
+        .rt
+        .block_on(
+            cluster
+                .admin_api("default")
+                .create(&PostParams::default(), &object),
+        )
+        .expect("created");
     let lost = status("lost", JobState::Queued, "Queued");
     store
         .write_batch(&[upsert("lost", &native("lost", 1, 0), &lost)], &[])
@@ -726,7 +732,7 @@ fn an_object_deleted_before_its_first_write_fails_that_write_and_is_forgotten() 
     let pending = PendingObjects::default();
     let mut store = cluster.store().admitting(pending.clone());
     let mut queued = status("gone", JobState::Queued, "Queued");
-    queued.owner = Some(owner_of(&object));
+    queued.owner = Some(owner_of(&object, None));
     pending.insert("gone".to_owned(), object);
     cluster
         .rt
