@@ -51,16 +51,26 @@ patched = v1.patch_namespaced_pod(
 c = patched.spec.containers[0]
 print(f"patched py-0 image={c.image} env={','.join(e.name for e in c.env)}")
 
-w = watch.Watch()
+# A watch from the version the create answered sees every change since, however soon the
+# kubelet ran the pod: the patch above, then the pod running.
 seen = set()
-for event in w.stream(v1.list_namespaced_pod, "default", field_selector="metadata.name=py-0", timeout_seconds=20):
-    obj = event["object"]
-    key = f"watch {event['type']} {obj.metadata.name}"
-    if key not in seen:
-        seen.add(key)
-        print(key)
-    if event["type"] == "MODIFIED" and obj.status.phase == "Running":
-        w.stop()
+
+
+def watch_py0(**args):
+    w = watch.Watch()
+    for event in w.stream(v1.list_namespaced_pod, "default", field_selector="metadata.name=py-0", **args):
+        obj = event["object"]
+        key = f"watch {event['type']} {obj.metadata.name}"
+        if key not in seen:
+            seen.add(key)
+            print(key)
+        if event["type"] == "ADDED" or obj.status.phase == "Running":
+            w.stop()
+
+
+watch_py0(resource_version=created.metadata.resource_version, timeout_seconds=20)
+# A watch from no version starts with the object as it is now, as ADDED.
+watch_py0(timeout_seconds=20)
 
 print(f"phase py-0 {v1.read_namespaced_pod('py-0', 'default').status.phase}")
 print("log py-0 " + v1.read_namespaced_pod_log("py-0", "default").splitlines()[0])
