@@ -754,6 +754,7 @@ impl Starter {
                 name: cgroup::name(&spec.job, &spec.replica, spec.generation),
                 memory_max: spec.memory_bytes,
             }),
+            oom_in_own_cgroup: matches!(self.runner, Runner::Units { .. }),
         }
     }
 

@@ -82,6 +82,10 @@ pub struct ShimSpec {
     /// The memory cgroup the replica gets; `None`: none (the agent could not make one here).
     #[serde(default)]
     pub cgroup: Option<ShimCgroup>,
+    /// The replica shares the shim's own cgroup, its unit's, which holds its memory limit:
+    /// OOM kills are counted there.
+    #[serde(default)]
+    pub oom_in_own_cgroup: bool,
 }
 
 /// A replica's memory cgroup, made by the shim.
@@ -414,11 +418,15 @@ fn supervise(dir: &Path, started: Started) {
     // Any process of the replica killed by the OOM killer, the replica itself or not: a
     // trainer whose data loader was killed fails for the same reason. A replica that still
     // exited 0 succeeded all the same (it retried what was killed).
-    let oom_kills = cgroup.map_or(0, |cgroup| {
-        let kills = cgroup.oom_kills().unwrap_or(0);
-        cgroup.remove();
-        kills
-    });
+    let oom_kills = match cgroup {
+        Some(cgroup) => {
+            let kills = cgroup.oom_kills().unwrap_or(0);
+            cgroup.remove();
+            kills
+        }
+        None if spec.oom_in_own_cgroup => super::cgroup::own_oom_kills().unwrap_or(0),
+        None => 0,
+    };
     outcome.oom_killed = oom_kills > 0 && outcome.code != Some(0);
     if let Ok(mut log) = copier.join() {
         log.finish(&format!(
@@ -501,6 +509,7 @@ mod tests {
             title: "worker-0 generation 1".into(),
             user: None,
             cgroup: None,
+            oom_in_own_cgroup: false,
         };
         let run = run_dir(dir.path(), "mnist", "worker-0", 1);
         prepare(&run, &spec).unwrap();
