@@ -702,7 +702,7 @@ impl Starter {
                 let systemctl = systemctl.clone();
                 tokio::spawn(async move {
                     let (name, argv) = argv;
-                    match start_unit(&argv, &dir, &systemctl, &name).await {
+                    match start_unit(&argv, &spec.job, &dir, &systemctl, &name).await {
                         Ok((pid, watch)) => {
                             // Before `Started`: a stop that follows it reaches the unit.
                             units.lock().expect("not poisoned").insert(pid, name);
@@ -816,14 +816,16 @@ fn forget_run_dir(dir: &Path) {
 /// included.
 async fn start_unit(
     argv: &[OsString],
+    job: &str,
     dir: &Path,
     systemctl: &Path,
     unit: &str,
 ) -> std::io::Result<(u32, ShimWatch)> {
     let forget = |why: String| async move {
-        // A unit that ended in failure stays loaded until reset; one that runs is stopped.
+        // One that runs is stopped; one that ended in failure stays loaded until it is reset,
+        // once systemd has seen it end.
         run_quietly(&crate::systemd::stop_unit_argv(systemctl, unit)).await;
-        run_quietly(&crate::systemd::reset_failed_argv(systemctl, unit)).await;
+        let _ = unit_outcome(systemctl, unit).await;
         forget_run_dir(dir);
         std::io::Error::other(why)
     };
@@ -853,14 +855,9 @@ async fn start_unit(
         Err(why) => return Err(forget(why).await),
     };
     let unit = Some((unit.to_owned(), systemctl.to_owned()));
-    let job = dir
-        .parent()
-        .and_then(Path::file_name)
-        .map(|j| j.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let watch = ShimWatch::new(
         None,
-        (state.pid, job),
+        (state.pid, job.to_owned()),
         supervisor_pidfd(&state),
         dir.to_owned(),
         unit,
@@ -869,8 +866,7 @@ async fn start_unit(
         Ok(watch) => Ok((state.pid, watch)),
         Err(e) => {
             // Unwatched, it could not be reported: it must not run at all.
-            let name = e.to_string();
-            Err(forget(format!("cannot watch its supervisor: {name}")).await)
+            Err(forget(format!("cannot watch its supervisor: {e}")).await)
         }
     }
 }
