@@ -1,6 +1,7 @@
 //! Everything the agent says to and takes from systemd: readiness, status and stopping
 //! notifications, the watchdog, the API socket systemd may have bound for it (socket activation),
-//! and the `systemd-run` command that starts one job replica as its own transient unit.
+//! the `systemd-run` command that starts one job replica's supervisor as its own transient
+//! unit, and what `systemctl show` says of how such a unit ended.
 //!
 //! Every call here is a no-op that returns `Ok` when systemd did not start the agent, so the core
 //! can call them unconditionally. This module decides nothing about jobs: the executor asks it for

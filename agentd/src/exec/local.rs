@@ -847,7 +847,13 @@ async fn start_unit(
         }
         Err(e) => {
             let why = format!("cannot run {}: {e}", argv[0].to_string_lossy());
-            return Err(forget(why).await);
+            let forgotten = forget(why).await;
+            // A moment's shortage (EAGAIN, EMFILE) stays what it is: the start may be retried.
+            return Err(if e.raw_os_error().is_some() {
+                e
+            } else {
+                forgotten
+            });
         }
     }
     let state = match recorded_start(dir, systemctl, unit).await {

@@ -17,7 +17,7 @@
 //!
 //! Under systemd the shim is the main process of the replica's transient unit, started by
 //! systemd rather than by the agent: its standard output then goes to the journal, so the
-//! agent reads `shim.json` or `failed` instead. A stop of the unit sends SIGTERM to the shim,
+//! agent reads `shim.json` or `failed.json` instead. A stop of the unit sends SIGTERM to the shim,
 //! which passes it to the replica's process group and goes on supervising, so the replica gets
 //! its grace to write a checkpoint and its end is recorded as always.
 
