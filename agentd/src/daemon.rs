@@ -536,7 +536,7 @@ fn announce_ready(
                 metrics.set_up(false);
             }
             let _ = crate::systemd::notify_stopping();
-            let _ = crate::systemd::notify_status("stopping: ending jobs");
+            let _ = crate::systemd::notify_status("stopping; running jobs keep running");
         }
     })
 }

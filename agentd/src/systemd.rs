@@ -1,6 +1,7 @@
 //! Everything the agent says to and takes from systemd: readiness, status and stopping
 //! notifications, the watchdog, the API socket systemd may have bound for it (socket activation),
-//! and the `systemd-run` command that starts one job replica as its own transient unit.
+//! the `systemd-run` command that starts one job replica's supervisor as its own transient
+//! unit, and what `systemctl show` says of how such a unit ended.
 //!
 //! Every call here is a no-op that returns `Ok` when systemd did not start the agent, so the core
 //! can call them unconditionally. This module decides nothing about jobs: the executor asks it for
@@ -9,7 +10,7 @@
 use std::ffi::OsString;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -221,22 +222,19 @@ fn check_unix_listener(fd: RawFd) -> Result<(), SystemdError> {
     Ok(())
 }
 
-/// The unit this process runs in (`agentd.service`), read from `/proc/self/cgroup`; `None`
-/// outside a systemd service (a shell, a container without systemd).
-pub fn own_unit() -> Option<String> {
-    let cgroup = fs_err::read_to_string("/proc/self/cgroup").ok()?;
-    unit_from_cgroup(&cgroup)
-}
-
-fn unit_from_cgroup(cgroup: &str) -> Option<String> {
-    // cgroup v2: a single line "0::/system.slice/agentd.service".
-    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    path.rsplit('/')
-        .find(|part| part.ends_with(".service"))
-        .map(str::to_owned)
-}
-
-/// One replica to start as its own transient service unit.
+/// One replica to start as its own transient service unit, whose main process is the
+/// replica's supervisor (`agentd shim DIR`, see [`crate::exec::shim`]).
+///
+/// The unit outlives the agent: it is not `PartOf=` the agent's unit, and `systemd-run` neither
+/// waits for it nor carries its output, so stopping, restarting or killing the agent leaves it
+/// running and the next agent adopts it through its run directory.
+///
+/// The supervisor runs as root, with no `User=`, no environment and no working directory from
+/// the job: the job's owner controls nothing that runs as root. It drops to the owner's
+/// credentials (`spawn`) before it executes the replica, exactly as without systemd, and it
+/// reads the replica's environment from its root-only run directory. Putting the job's
+/// environment on the unit (`EnvironmentFile=`) would hand a root process the owner's
+/// `LD_PRELOAD`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaUnit {
     pub job: String,
@@ -251,18 +249,11 @@ pub struct ReplicaUnit {
     pub cpu_milli: u64,
     /// Memory limit in bytes; 0 means no limit.
     pub memory_bytes: u64,
-    pub working_directory: Option<PathBuf>,
-    /// The replica's whole environment, as a file for `EnvironmentFile=` (see
-    /// [`environment_file`]): the unit inherits nothing from the agent, and nothing of the
-    /// environment is put on a command line, where every user could read it.
-    pub environment_file: Option<PathBuf>,
-    /// Whom the replica runs as (`User=`, `Group=`, `SupplementaryGroups=`); `None`: root.
-    pub user: Option<crate::exec::spawn::Credentials>,
-    /// Program and arguments.
-    pub command: Vec<String>,
-    /// The agent's own unit (see [`own_unit`]). The replica is made `PartOf=` it, so
-    /// `systemctl stop agentd` (or restart) stops the replica too.
-    pub part_of: Option<String>,
+    /// The supervisor: an absolute program path (systemd resolves nothing against the agent's
+    /// `PATH` or `/proc/self`) and its arguments, the run directory last.
+    pub supervisor: Vec<String>,
+    /// The supervisor's own environment (the agent's settings, never the job's).
+    pub supervisor_env: Vec<(String, String)>,
     /// Between SIGTERM and SIGKILL when the unit is stopped (`jobs.kill_grace`).
     pub kill_grace: Duration,
 }
@@ -273,25 +264,28 @@ impl ReplicaUnit {
         unit_name(&self.job, &self.replica, self.generation)
     }
 
-    /// The `systemd-run` argv that starts the replica, waits for it and returns its exit status
-    /// (so the executor treats `systemd-run` like the replica's own process). `--pipe` hands the
-    /// replica the executor's stdout and stderr, so log capture is the same on both paths.
-    pub fn systemd_run_argv(&self) -> Result<Vec<OsString>, SystemdError> {
+    /// The `systemd-run` argv (after `program`, the `systemd-run` to run) that starts the
+    /// replica's unit and returns once its supervisor runs (`--service-type=exec`).
+    pub fn systemd_run_argv(&self, program: &Path) -> Result<Vec<OsString>, SystemdError> {
         let unit = self.unit_name()?;
-        if self.command.is_empty() {
+        if !self.supervisor.first().is_some_and(|p| p.starts_with('/')) {
             return Err(SystemdError::Replica {
-                field: "command",
-                reason: "is empty; a replica needs a program to run".into(),
+                field: "supervisor",
+                reason: format!(
+                    "{:?} does not start with an absolute program path, which systemd needs",
+                    self.supervisor
+                ),
             });
         }
         let mut argv: Vec<OsString> = vec![
-            "systemd-run".into(),
+            program.into(),
             format!("--unit={unit}").into(),
-            "--description=agentd replica".into(),
+            format!(
+                "--description=agentd replica {} of job {} generation {}",
+                self.replica, self.job, self.generation
+            )
+            .into(),
             "--slice=agentd.slice".into(),
-            "--collect".into(),
-            "--wait".into(),
-            "--pipe".into(),
             "--quiet".into(),
             "--service-type=exec".into(),
         ];
@@ -316,35 +310,23 @@ impl ReplicaUnit {
             // CPUQuota is a percentage of one CPU: 1500 millicores = 150%.
             property(format!("CPUQuota={}%", self.cpu_milli.div_ceil(10)));
         }
-        // SIGTERM first, and time for TensorFlow to write a checkpoint before SIGKILL.
+        // An OOM kill in the unit ends the process it chose; the supervisor records it and
+        // the job's restart policy decides, as without systemd. systemd's default would stop
+        // the whole unit at the first kill of any helper process.
+        property("OOMPolicy=continue".into());
+        // A stop sends SIGTERM to the supervisor, which passes it to the replica and waits;
+        // whatever still runs after the grace is killed, the whole cgroup. The grace is time
+        // for TensorFlow to write a checkpoint.
         property("KillMode=mixed".into());
         property(format!(
             "TimeoutStopSec={}ms",
             self.kill_grace.as_millis().max(1)
         ));
-        if let Some(agent) = &self.part_of {
-            property(format!("PartOf={agent}"));
-        }
-        if let Some(dir) = &self.working_directory {
-            let mut arg = OsString::from("--working-directory=");
-            arg.push(dir);
-            argv.push(arg);
-        }
-        if let Some(user) = &self.user {
-            argv.push(format!("--property=User={}", user.uid).into());
-            argv.push(format!("--property=Group={}", user.gid).into());
-            let groups: Vec<String> = user.groups.iter().map(u32::to_string).collect();
-            if !groups.is_empty() {
-                argv.push(format!("--property=SupplementaryGroups={}", groups.join(" ")).into());
-            }
-        }
-        if let Some(file) = &self.environment_file {
-            let mut arg = OsString::from("--property=EnvironmentFile=");
-            arg.push(file);
-            argv.push(arg);
+        for (key, value) in &self.supervisor_env {
+            argv.push(format!("--setenv={key}={value}").into());
         }
         argv.push("--".into());
-        argv.extend(self.command.iter().map(OsString::from));
+        argv.extend(self.supervisor.iter().map(OsString::from));
         Ok(argv)
     }
 }
@@ -357,49 +339,112 @@ pub fn unit_name(job: &str, replica: &str, generation: u32) -> Result<String, Sy
     Ok(format!("agentd-{job}-{replica}-{generation}.service"))
 }
 
-/// The text of an environment file (`EnvironmentFile=`, systemd.exec(5)) that sets exactly
-/// these variables: each value in double quotes, with `"`, `\`, `` ` `` and `$` escaped, so
-/// that JSON, newlines and shell characters arrive unchanged.
-pub fn environment_file<'a>(
-    env: impl Iterator<Item = (&'a String, &'a String)>,
-) -> Result<String, SystemdError> {
-    let mut text = String::new();
-    for (key, value) in env {
-        let valid = key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(SystemdError::Replica {
-                field: "env",
-                reason: format!(
-                    "name {key:?} is not a valid variable name; use letters, digits and '_', \
-                     not starting with a digit"
-                ),
-            });
-        }
-        text.push_str(key);
-        text.push_str("=\"");
-        for c in value.chars() {
-            if matches!(c, '"' | '\\' | '`' | '$') {
-                text.push('\\');
-            }
-            text.push(c);
-        }
-        text.push_str("\"\n");
-    }
-    Ok(text)
-}
-
-/// The `systemctl` argv that stops a replica's unit (what cancelling a job runs).
-pub fn stop_unit_argv(unit: &str) -> Vec<OsString> {
+/// The `systemctl` argv (after `program`, the `systemctl` to run) that stops a replica's unit,
+/// every process in its cgroup (what cancelling a job runs).
+pub fn stop_unit_argv(program: &Path, unit: &str) -> Vec<OsString> {
     vec![
-        "systemctl".into(),
+        program.into(),
         "stop".into(),
         "--no-block".into(),
         unit.into(),
     ]
+}
+
+/// The `systemctl` argv that prints what [`UnitStatus::parse`] reads about a unit.
+pub fn show_unit_argv(program: &Path, unit: &str) -> Vec<OsString> {
+    vec![
+        program.into(),
+        "show".into(),
+        "--property=LoadState,ActiveState,Result,ExecMainCode,ExecMainStatus".into(),
+        unit.into(),
+    ]
+}
+
+/// The `systemctl` argv that unloads a unit that ended in failure (a replica unit is not
+/// `--collect`ed, so that its result can be read; this forgets it once it has been).
+pub fn reset_failed_argv(program: &Path, unit: &str) -> Vec<OsString> {
+    vec![program.into(), "reset-failed".into(), unit.into()]
+}
+
+/// `ExecMainCode` of a main process that was killed (`CLD_KILLED`) or dumped core
+/// (`CLD_DUMPED`); one that exited is `CLD_EXITED`, 1.
+const CLD_KILLED: i32 = 2;
+const CLD_DUMPED: i32 = 3;
+
+/// What `systemctl show` says about a replica's unit: whether systemd knows it, whether it
+/// still runs, and how its main process (the replica's supervisor) ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitStatus {
+    /// `loaded`; `not-found` once a unit that ended has been unloaded (or was never there).
+    pub load_state: String,
+    /// `active`, `activating`, `deactivating`, `inactive`, `failed`.
+    pub active_state: String,
+    /// `success`, `exit-code`, `signal`, `core-dump`, `timeout`, `oom-kill`, ...
+    pub result: String,
+    /// How the main process ended (`CLD_*`); 0 while it runs.
+    pub main_code: i32,
+    /// Its exit code, or the signal that killed it.
+    pub main_status: i32,
+}
+
+impl UnitStatus {
+    /// Reads `KEY=VALUE` lines of `systemctl show` (in whatever order systemd prints them);
+    /// other properties are ignored.
+    pub fn parse(text: &str) -> Result<Self, SystemdError> {
+        let mut status = Self::default();
+        let number = |field: &'static str, value: &str| {
+            value
+                .trim()
+                .parse::<i32>()
+                .map_err(|_| SystemdError::Replica {
+                    field,
+                    reason: format!("is {value:?} in systemctl show, not a number"),
+                })
+        };
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            match key {
+                "LoadState" => value.clone_into(&mut status.load_state),
+                "ActiveState" => value.clone_into(&mut status.active_state),
+                "Result" => value.clone_into(&mut status.result),
+                "ExecMainCode" => status.main_code = number("ExecMainCode", value)?,
+                "ExecMainStatus" => status.main_status = number("ExecMainStatus", value)?,
+                _ => {}
+            }
+        }
+        Ok(status)
+    }
+
+    /// Whether systemd still knows the unit: one that ended well is unloaded at once.
+    pub fn known(&self) -> bool {
+        self.load_state != "not-found"
+    }
+
+    /// Whether the unit's main process has ended, so that the rest of what it says is final.
+    pub fn main_ended(&self) -> bool {
+        !self.known()
+            || self.main_code != 0
+            || matches!(self.active_state.as_str(), "inactive" | "failed")
+    }
+
+    /// How the replica ended, for a supervisor that left no record of it: killed with its
+    /// supervisor when a signal killed the unit's main process (`systemctl kill`, the stop
+    /// timeout's SIGKILL, the OOM killer; the replica dies with its supervisor), otherwise
+    /// unknown. `None` when systemd no longer knows the unit.
+    pub fn replica_outcome(&self) -> Option<crate::job::ExitOutcome> {
+        if !self.known() {
+            return None;
+        }
+        let signal = matches!(self.main_code, CLD_KILLED | CLD_DUMPED).then_some(self.main_status);
+        // A supervisor that exited by itself says nothing about the replica's exit code.
+        Some(crate::job::ExitOutcome {
+            code: None,
+            signal,
+            oom_killed: self.result == "oom-kill",
+        })
+    }
 }
 
 fn check_unit_part(field: &'static str, value: &str) -> Result<(), SystemdError> {
@@ -432,15 +477,12 @@ mod tests {
             gpus: vec![2, 5],
             cpu_milli: 1500,
             memory_bytes: 8 * 1024 * 1024 * 1024,
-            working_directory: Some("/data/mnist".into()),
-            environment_file: Some("/var/lib/agentd/replicas/mnist/worker-1.2/env".into()),
-            user: Some(crate::exec::spawn::Credentials {
-                uid: 1000,
-                gid: 1000,
-                groups: vec![1000, 44],
-            }),
-            command: vec!["python3".into(), "train.py".into(), "--epochs=3".into()],
-            part_of: Some("agentd.service".into()),
+            supervisor: vec![
+                "/usr/bin/agentd".into(),
+                "shim".into(),
+                "/var/lib/agentd/replicas/mnist/worker-1.2".into(),
+            ],
+            supervisor_env: Vec::new(),
             kill_grace: Duration::from_secs(30),
         }
     }
@@ -449,15 +491,18 @@ mod tests {
         argv.into_iter().map(|a| a.into_string().unwrap()).collect()
     }
 
+    fn systemd_run() -> &'static Path {
+        Path::new("systemd-run")
+    }
+
     #[test]
     fn the_replica_unit_gets_its_limits_and_exactly_its_gpus() {
-        let argv = strings(replica().systemd_run_argv().unwrap());
+        let argv = strings(replica().systemd_run_argv(systemd_run()).unwrap());
         assert_eq!(argv[0], "systemd-run");
         assert!(argv.contains(&"--unit=agentd-mnist-worker-1-2.service".into()));
-        for flag in ["--collect", "--wait", "--pipe"] {
-            assert!(argv.contains(&flag.into()), "{flag} missing from {argv:?}");
-        }
+        assert!(argv.contains(&"--service-type=exec".into()));
         assert!(argv.contains(&"--property=MemoryMax=8589934592".into()));
+        assert!(argv.contains(&"--property=MemorySwapMax=0".into()));
         assert!(argv.contains(&"--property=CPUQuota=150%".into()));
         assert!(argv.contains(&"--property=DevicePolicy=closed".into()));
         let gpus: Vec<&String> = argv
@@ -471,17 +516,104 @@ mod tests {
                 .iter()
                 .any(|a| a == "--property=DeviceAllow=/dev/nvidia0 rw")
         );
-        assert!(argv.contains(&"--property=PartOf=agentd.service".into()));
-        assert!(argv.contains(&"--working-directory=/data/mnist".into()));
-        assert!(argv.contains(
-            &"--property=EnvironmentFile=/var/lib/agentd/replicas/mnist/worker-1.2/env".into()
-        ));
-        assert!(!argv.iter().any(|a| a.starts_with("--setenv")), "{argv:?}");
-        assert!(argv.contains(&"--property=User=1000".into()));
-        assert!(argv.contains(&"--property=Group=1000".into()));
-        assert!(argv.contains(&"--property=SupplementaryGroups=1000 44".into()));
+        assert!(argv.contains(&"--property=KillMode=mixed".into()));
+        assert!(argv.contains(&"--property=TimeoutStopSec=30000ms".into()));
+        assert!(argv.contains(&"--property=OOMPolicy=continue".into()));
         let dashdash = argv.iter().position(|a| a == "--").unwrap();
-        assert_eq!(&argv[dashdash + 1..], ["python3", "train.py", "--epochs=3"]);
+        assert_eq!(
+            &argv[dashdash + 1..],
+            [
+                "/usr/bin/agentd",
+                "shim",
+                "/var/lib/agentd/replicas/mnist/worker-1.2"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_replica_unit_outlives_the_agent_and_runs_nothing_of_the_owners_as_root() {
+        let argv = strings(replica().systemd_run_argv(systemd_run()).unwrap());
+        // The client neither waits for the unit nor carries its output, and the unit is bound
+        // to nothing of the agent's: stopping or killing the agent leaves it running.
+        for gone in [
+            "--wait",
+            "--pipe",
+            "--collect",
+            "--scope",
+            "PartOf=",
+            "BindsTo=",
+        ] {
+            assert!(!argv.iter().any(|a| a.contains(gone)), "{gone} in {argv:?}");
+        }
+        // The supervisor is root's; nothing the job's owner controls reaches it: no user, no
+        // environment file (an LD_PRELOAD there would run as root), no working directory.
+        for owners in [
+            "User=",
+            "Group=",
+            "EnvironmentFile=",
+            "--working-directory",
+            "--setenv",
+            "--uid",
+        ] {
+            assert!(
+                !argv.iter().any(|a| a.contains(owners)),
+                "{owners} in {argv:?}"
+            );
+        }
+        let mut relative = replica();
+        relative.supervisor[0] = "agentd".into();
+        let error = relative
+            .systemd_run_argv(systemd_run())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("supervisor"), "{error}");
+    }
+
+    /// `systemctl show --property=LoadState,ActiveState,Result,ExecMainCode,ExecMainStatus`
+    /// as systemd 252 prints it (in its own order, not the order asked for).
+    const SHOW_KILLED: &str = "Result=signal\nExecMainCode=2\nExecMainStatus=9\n\
+                               LoadState=loaded\nActiveState=failed\n";
+    const SHOW_OOM: &str = "Result=oom-kill\nExecMainCode=2\nExecMainStatus=9\n\
+                            LoadState=loaded\nActiveState=failed\n";
+    const SHOW_STOP_TIMEOUT: &str = "Result=timeout\nExecMainCode=2\nExecMainStatus=9\n\
+                                     LoadState=loaded\nActiveState=failed\n";
+    const SHOW_RUNNING: &str = "Result=success\nExecMainCode=0\nExecMainStatus=0\n\
+                                LoadState=loaded\nActiveState=active\n";
+    const SHOW_GONE: &str = "Result=success\nExecMainCode=0\nExecMainStatus=0\n\
+                             LoadState=not-found\nActiveState=inactive\n";
+    const SHOW_SUPERVISOR_EXITED: &str = "Result=exit-code\nExecMainCode=1\n\
+                                          ExecMainStatus=1\nLoadState=loaded\n\
+                                          ActiveState=failed\n";
+
+    #[test]
+    fn systemctl_show_says_how_a_unit_without_an_exit_record_ended() {
+        let outcome = |text| UnitStatus::parse(text).unwrap().replica_outcome();
+        let killed = outcome(SHOW_KILLED).unwrap();
+        assert_eq!(
+            (killed.code, killed.signal, killed.oom_killed),
+            (None, Some(9), false)
+        );
+        let oom = outcome(SHOW_OOM).unwrap();
+        assert_eq!((oom.signal, oom.oom_killed), (Some(9), true));
+        let timeout = outcome(SHOW_STOP_TIMEOUT).unwrap();
+        assert_eq!((timeout.signal, timeout.oom_killed), (Some(9), false));
+        // A supervisor that exited by itself tells nothing of the replica's exit code.
+        let exited = outcome(SHOW_SUPERVISOR_EXITED).unwrap();
+        assert_eq!((exited.code, exited.signal), (None, None));
+        assert_eq!(outcome(SHOW_GONE), None, "systemd no longer knows it");
+
+        let running = UnitStatus::parse(SHOW_RUNNING).unwrap();
+        assert!(running.known() && !running.main_ended(), "{running:?}");
+        for ended in [SHOW_KILLED, SHOW_GONE, SHOW_SUPERVISOR_EXITED] {
+            assert!(UnitStatus::parse(ended).unwrap().main_ended(), "{ended}");
+        }
+        let error = UnitStatus::parse("ExecMainCode=killed\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("ExecMainCode") && error.contains("killed"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -501,7 +633,7 @@ mod tests {
         r.gpus.clear();
         r.cpu_milli = 0;
         r.memory_bytes = 0;
-        let argv = strings(r.systemd_run_argv().unwrap());
+        let argv = strings(r.systemd_run_argv(systemd_run()).unwrap());
         assert!(argv.contains(&"--property=DevicePolicy=closed".into()));
         assert!(!argv.iter().any(|a| a.contains("DeviceAllow")), "{argv:?}");
         assert!(
@@ -512,54 +644,15 @@ mod tests {
     }
 
     #[test]
-    fn bad_names_and_empty_commands_are_refused_with_the_field() {
+    fn bad_names_and_empty_supervisors_are_refused_with_the_field() {
         let mut r = replica();
         r.job = "my job/../x".into();
-        let error = r.systemd_run_argv().unwrap_err().to_string();
+        let error = r.systemd_run_argv(systemd_run()).unwrap_err().to_string();
         assert!(error.contains("job") && error.contains("my job"), "{error}");
         let mut r = replica();
-        r.command.clear();
-        assert!(
-            r.systemd_run_argv()
-                .unwrap_err()
-                .to_string()
-                .contains("command")
-        );
-        let bad = ("A=B".to_owned(), "c".to_owned());
-        let error = environment_file(std::iter::once((&bad.0, &bad.1)))
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("env") && error.contains("A=B"), "{error}");
-    }
-
-    #[test]
-    fn the_environment_file_carries_every_value_unchanged() {
-        let env: Vec<(String, String)> = vec![
-            (
-                "TF_CONFIG".into(),
-                r#"{"cluster":{"worker":["localhost:1"]},"task":{"type":"worker"}}"#.into(),
-            ),
-            (
-                "TRICKY".into(),
-                "a \"b\" \\c `d` $HOME ${X} 'e'\nline two".into(),
-            ),
-            ("EMPTY".into(), String::new()),
-        ];
-        let text = environment_file(env.iter().map(|(k, v)| (k, v))).unwrap();
-        // systemd reads double-quoted values as sh does: source it and print each back.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("env");
-        std::fs::write(&path, &text).unwrap();
-        for (key, value) in &env {
-            let out = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!(". \"$0\"; printf %s \"${key}\""))
-                .arg(&path)
-                .env_clear()
-                .output()
-                .unwrap();
-            assert_eq!(&String::from_utf8(out.stdout).unwrap(), value, "{text}");
-        }
+        r.supervisor.clear();
+        let error = r.systemd_run_argv(systemd_run()).unwrap_err().to_string();
+        assert!(error.contains("supervisor"), "{error}");
     }
 
     #[test]
@@ -590,19 +683,6 @@ mod tests {
         check_unix_listener(std::os::fd::AsRawFd::as_raw_fd(&unix)).unwrap();
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(check_unix_listener(std::os::fd::AsRawFd::as_raw_fd(&a)).is_err());
-    }
-
-    #[test]
-    fn the_own_unit_is_read_from_the_cgroup_path() {
-        assert_eq!(
-            unit_from_cgroup("0::/system.slice/agentd.service\n").as_deref(),
-            Some("agentd.service")
-        );
-        assert_eq!(
-            unit_from_cgroup("0::/user.slice/user-0.slice/session-3.scope\n"),
-            None
-        );
-        assert_eq!(unit_from_cgroup("0::/\n"), None);
     }
 
     /// Runs in a child process (see below) with NOTIFY_SOCKET pointing at the parent's socket;

@@ -562,9 +562,9 @@ impl Core {
         self.lifecycle.step(input, now);
     }
 
-    /// Writes the final state. Replicas under their own supervisors run on, for the next agent
-    /// to adopt; transient units stop with the agent's unit, so their gangs are stopped here
-    /// (and restarted when the agent comes back).
+    /// Writes the final state. Replicas under their own supervisors (processes, or transient
+    /// units under systemd) and pods run on, for the next agent to adopt; an executor whose
+    /// replicas would not has its gangs stopped here (restarted when the agent comes back).
     async fn shutdown(&mut self) {
         let mut stops = Vec::new();
         if !self.executor.replicas_outlive_agent() {
@@ -1293,10 +1293,7 @@ fn runner(config: &Config) -> Result<local::Runner, CoreError> {
         }
     };
     let runner = if units {
-        local::Runner::Units {
-            part_of: crate::systemd::own_unit(),
-            kill_grace: config.jobs.kill_grace,
-        }
+        local::Runner::units(config.jobs.kill_grace)
     } else {
         local::Runner::Processes
     };

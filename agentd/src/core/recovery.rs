@@ -1,9 +1,10 @@
 //! Start-up after a stop or a crash: every stored job comes back. A running gang whose
-//! replicas all still run under their supervisors (or have recorded how they ended) is adopted
-//! as it is: same processes, same GPUs, same restart count. A gang that cannot be adopted (its
-//! replicas were transient units, or the gang was still starting) has whatever is left of it
-//! stopped and is restarted without charging its `backoffLimit`: the agent, not the job, is
-//! why it stopped. What that means for each job is the lifecycle's to decide
+//! replicas all still run under their supervisors (processes, or transient units under
+//! systemd), or have recorded how they ended (or, for a unit that was killed, systemd knows
+//! how), is adopted as it is: same processes, same GPUs, same restart count. A gang that
+//! cannot be adopted (it was still starting, or a supervisor was killed and nothing says how
+//! its replica ended) has whatever is left of it stopped and is restarted without charging
+//! its `backoffLimit`: the agent, not the job, is why it stopped. What that means for each job is the lifecycle's to decide
 //! ([`Input::Restored`], [`Input::Unreadable`]); this part reads the store and asks the
 //! executor.
 

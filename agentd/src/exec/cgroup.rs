@@ -221,6 +221,42 @@ impl ReplicaCgroup {
     }
 }
 
+/// How many processes the OOM killer has killed in the memory cgroup this process runs in,
+/// its descendants included: for a supervisor that is the main process of a replica's unit,
+/// the unit's whole cgroup. `None` where this process is in no mounted memory hierarchy.
+pub fn own_oom_kills() -> Option<u64> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    own_oom_kills_in(&membership, &mounts, Path::new("/"))
+}
+
+/// [`own_oom_kills`] on given `/proc/self/cgroup` and `/proc/self/mountinfo` texts, with the
+/// file system under `root`.
+fn own_oom_kills_in(membership: &str, mounts: &str, root: &Path) -> Option<u64> {
+    membership.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            return None;
+        };
+        let v2 = controllers.is_empty();
+        if !v2 && !controllers.split(',').any(|c| c == "memory") {
+            return None;
+        }
+        let dir = mounted_dir(mounts, v2, path)?;
+        let dir = root.join(dir.strip_prefix("/").unwrap_or(&dir));
+        let name = if v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .map(|text| oom_kill_count(&text))
+    })
+}
+
 /// The `oom_kill N` line of `memory.events` or `memory.oom_control`; 0 when there is none.
 fn oom_kill_count(text: &str) -> u64 {
     text.lines()
@@ -307,6 +343,29 @@ mod tests {
         assert!(e.contains(&dir.display().to_string()), "{e}");
         let e = find_parent_in("", mounts, root.path()).unwrap_err();
         assert!(e.contains("no memory cgroup hierarchy"), "{e}");
+    }
+
+    #[test]
+    fn the_oom_kills_of_the_own_cgroup_are_read_where_it_is_mounted() {
+        let root = tempfile::tempdir().unwrap();
+        let unit = root
+            .path()
+            .join("sys/fs/cgroup/agentd.slice/agentd-mnist-worker-0-1.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        std::fs::write(unit.join("memory.events"), "low 0\noom 2\noom_kill 2\n").unwrap();
+        let mounts = "30 23 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let membership = "0::/agentd.slice/agentd-mnist-worker-0-1.service\n";
+        assert_eq!(own_oom_kills_in(membership, mounts, root.path()), Some(2));
+        // cgroup v1: the memory hierarchy's line, not the unified one.
+        let v1 = root.path().join("sys/fs/cgroup/memory/box/7");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.oom_control"), "under_oom 0\noom_kill 1\n").unwrap();
+        let membership = "4:memory:/box/7\n1:cpu:/\n0::/\n";
+        assert_eq!(
+            own_oom_kills_in(membership, V1_MOUNTS, root.path()),
+            Some(1)
+        );
+        assert_eq!(own_oom_kills_in("1:cpu:/\n", V1_MOUNTS, root.path()), None);
     }
 
     #[test]

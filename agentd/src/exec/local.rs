@@ -1,11 +1,14 @@
-//! Replicas on this machine. Each replica is a child in its own process group (so a stop
-//! reaches everything it started), with its output in a size-bounded log file, and dies with
-//! the agent (`PR_SET_PDEATHSIG`); under systemd the child is the `systemd-run` client of a
-//! transient unit that holds the replica and its cgroup limits. Process group ids are recorded
-//! by the core so that an agent that was killed can, on its next start, stop whatever its
-//! replicas left behind. Nothing here decides what runs: the core does.
+//! Replicas on this machine. Each replica runs under a supervisor of its own (`agentd shim`,
+//! see [`shim`]) in its own process group (so a stop reaches everything it started), with its
+//! output in a size-bounded log file. The supervisor is started by the agent in a session of
+//! its own, or, under systemd, by systemd as the main process of a transient unit that holds
+//! the replica's cgroup limits; either way it outlives the agent, and the next agent adopts it
+//! through its run directory. Process group ids are recorded by the core so that an agent can,
+//! on its next start, stop whatever a gang it does not adopt left behind. Nothing here decides
+//! what runs: the core does.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -225,17 +228,37 @@ pub enum ReplicaEvent {
 /// How replicas are made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Runner {
-    /// Child processes of the agent.
+    /// Supervisors started by the agent, each in a session of its own.
     Processes,
-    /// Transient systemd units (`systemd-run --wait --pipe`, whose client process is the
-    /// agent's child and carries the unit's output and exit status), each with the cgroup
-    /// limits of what the replica was given. Stopped with `systemctl stop`.
+    /// Transient systemd units whose main process is the supervisor, each with the cgroup
+    /// limits of what the replica was given (see [`crate::systemd::ReplicaUnit`]). Stopped
+    /// with `systemctl stop`, which stops everything in the unit's cgroup.
     Units {
-        /// The agent's own unit: replicas are `PartOf=` it.
-        part_of: Option<String>,
         /// The unit's `TimeoutStopSec`: SIGTERM, then SIGKILL after this.
         kill_grace: Duration,
+        /// The `systemd-run` and `systemctl` to run: found on `PATH`, or stand-ins in tests.
+        systemd_run: PathBuf,
+        systemctl: PathBuf,
     },
+}
+
+impl Runner {
+    /// Transient units, made and stopped with the `systemd-run` and `systemctl` on `PATH`.
+    pub fn units(kill_grace: Duration) -> Self {
+        Self::Units {
+            kill_grace,
+            systemd_run: "systemd-run".into(),
+            systemctl: "systemctl".into(),
+        }
+    }
+
+    /// The `systemctl` to run, when replicas are units.
+    fn systemctl(&self) -> Option<&Path> {
+        match self {
+            Self::Processes => None,
+            Self::Units { systemctl, .. } => Some(systemctl),
+        }
+    }
 }
 
 /// Starts replicas and reports what becomes of them on a channel. Starting happens on one
@@ -270,6 +293,23 @@ impl ShimCommand {
             env: Vec::new(),
         }
     }
+
+    /// The same command for systemd to run as a unit's main process: systemd would read
+    /// `/proc/self/exe` as its own, so the agent's executable is named by its path. A file
+    /// that an upgrade has replaced since the agent started reads `... (deleted)`; the path
+    /// then names the new binary, which reads the same run directories.
+    fn for_unit(&self) -> Self {
+        let mut command = self.clone();
+        if command.argv.first().is_some_and(|p| p == "/proc/self/exe")
+            && let Ok(exe) = std::fs::read_link("/proc/self/exe")
+        {
+            let exe = exe.to_string_lossy();
+            exe.strip_suffix(" (deleted)")
+                .unwrap_or(&exe)
+                .clone_into(&mut command.argv[0]);
+        }
+        command
+    }
 }
 
 /// A replica a previous agent left running (or ended while no agent was there), checked and
@@ -282,8 +322,11 @@ pub struct Adoptable {
     /// The replica's pid, also its process group id.
     pid: u32,
     dir: PathBuf,
-    /// The supervisor's pidfd; `None` when it has already ended and left an exit status.
+    /// The supervisor's pidfd; `None` when it has already ended (and left an exit status, or
+    /// its unit's end is known to systemd).
     pidfd: Option<OwnedFd>,
+    /// The unit the supervisor is the main process of, when replicas are units.
+    unit: Option<String>,
 }
 
 impl LocalExecutor {
@@ -301,6 +344,10 @@ impl LocalExecutor {
         let cgroups = (runner == Runner::Processes)
             .then(replica_cgroups)
             .flatten();
+        let shim = match runner {
+            Runner::Processes => shim,
+            Runner::Units { .. } => shim.for_unit(),
+        };
         let starter = Starter {
             reports: reports.clone(),
             log_max_bytes,
@@ -329,20 +376,23 @@ impl LocalExecutor {
         }
     }
 
-    /// Whether replicas keep running when the agent stops (each under its own supervisor), to
-    /// be adopted by the next agent. Transient units are stopped with the agent.
+    /// Whether replicas keep running when the agent stops, to be adopted by the next agent:
+    /// they always do, each under its own supervisor, a unit of its own under systemd.
     pub fn replicas_outlive_agent(&self) -> bool {
-        self.runner == Runner::Processes
+        true
     }
 
-    /// After a crash: stops exactly the named units a previous agent left running (their
-    /// clients died with it, the units did not). Nothing to do when replicas are processes:
-    /// [`LocalExecutor::discard`] finds those.
+    /// Stops exactly the named units, of gangs the agent does not adopt (their names come
+    /// from the job store or from run directories, never from a pattern). Nothing to do when
+    /// replicas are processes: [`LocalExecutor::discard`] finds those.
     pub fn stop_leftover_units(&self, units: &[String]) {
-        if self.runner == Runner::Processes || units.is_empty() {
+        let Some(systemctl) = self.runner.systemctl() else {
+            return;
+        };
+        if units.is_empty() {
             return;
         }
-        match std::process::Command::new("systemctl")
+        match std::process::Command::new(systemctl)
             .arg("stop")
             .args(units)
             .status()
@@ -355,7 +405,8 @@ impl LocalExecutor {
 
     /// Checks that replica `replica` (generation `generation`, process group `pid`) of `job`,
     /// started by a previous agent, can be watched again: its supervisor still runs, or has
-    /// recorded how the replica ended. Says why not otherwise.
+    /// recorded how the replica ended, or (a unit) systemd knows how its unit ended. Says why
+    /// not otherwise.
     pub fn adoptable(
         &self,
         job: &str,
@@ -374,15 +425,35 @@ impl LocalExecutor {
                 state.pid
             ));
         }
-        // The pidfd first, then the start time: a pidfd taken on a pid that was reused would
-        // show a different start time, so a match means this pidfd is the supervisor's.
-        let pidfd = pidfd_open(state.shim_pid)
-            .filter(|_| shim::start_time(state.shim_pid) == Some(state.shim_start));
+        let unit = match self.runner {
+            Runner::Processes => None,
+            Runner::Units { .. } => Some(
+                crate::systemd::unit_name(job, replica, generation).map_err(|e| e.to_string())?,
+            ),
+        };
+        let pidfd = supervisor_pidfd(&state);
         if pidfd.is_none() && !dir.join(shim::EXIT_FILE).exists() {
-            return Err(format!(
+            let gone = format!(
                 "its supervisor (pid {}) is gone and left no exit status",
                 state.shim_pid
-            ));
+            );
+            let (Some(unit), Some(systemctl)) = (&unit, self.runner.systemctl()) else {
+                return Err(gone);
+            };
+            // The unit was killed: systemd says how, once it has seen its main process end.
+            match unit_end_blocking(systemctl, unit) {
+                Some(status) if !status.known() => {
+                    return Err(format!("{gone}, and systemd no longer knows {unit}"));
+                }
+                Some(status) if status.main_ended() => {}
+                Some(status) => {
+                    return Err(format!(
+                        "{gone}, yet systemd says {unit} is {}",
+                        status.active_state
+                    ));
+                }
+                None => return Err(format!("{gone}, and systemd cannot tell how {unit} ended")),
+            }
         }
         Ok(Adoptable {
             job: job.to_owned(),
@@ -391,6 +462,7 @@ impl LocalExecutor {
             pid,
             dir,
             pidfd,
+            unit,
         })
     }
 
@@ -403,27 +475,23 @@ impl LocalExecutor {
             pid,
             dir,
             pidfd,
+            unit,
         } = adoptable;
-        let pidfd = pidfd
-            // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
-            // which is when the AsyncFd is.
-            .map(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) })
-            .transpose()
-            .map_err(|e| {
-                format!(
-                    "cannot watch the supervisor of {replica}: {}",
-                    std::io::Error::from(e)
-                )
-            })?;
-        let watch = ShimWatch {
-            pid: None,
-            replica: (pid, job.clone()),
-            pidfd,
-            dir,
-        };
+        let unit = unit.zip(self.runner.systemctl().map(Path::to_owned));
+        let watch = ShimWatch::new(None, (pid, job.clone()), pidfd, dir, unit.clone())
+            .map_err(|e| format!("cannot watch the supervisor of {replica}: {e}"))?;
+        if let Some((name, _)) = &unit {
+            // A cancel stops the whole unit, as for a replica this agent started.
+            self.units
+                .lock()
+                .expect("not poisoned")
+                .insert(pid, name.clone());
+        }
         let reports = self.reports.clone();
+        let units = Arc::clone(&self.units);
         tokio::spawn(async move {
             let outcome = watch.wait().await;
+            units.lock().expect("not poisoned").remove(&pid);
             let _ = reports.send(ReplicaReport {
                 job,
                 replica,
@@ -434,14 +502,32 @@ impl LocalExecutor {
         Ok(())
     }
 
-    /// Stops whatever a previous agent's replicas of `job` left running and forgets their run
-    /// directories: the gang could not be adopted. Returns how many processes were killed.
+    /// Stops whatever a previous agent's replicas of `job` left running (their units by their
+    /// exact names, their processes by process group) and forgets their run directories: the
+    /// gang could not be adopted. Returns how many processes were killed.
     pub fn discard(&self, job: &str) -> usize {
         let job_dir = self.run_root.join(job);
+        let runs: Vec<PathBuf> = std::fs::read_dir(&job_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        if self.runner.systemctl().is_some() {
+            // Run directories are `<replica>.<generation>`, one per unit.
+            let units: Vec<String> = runs
+                .iter()
+                .filter_map(|run| {
+                    let name = run.file_name()?.to_str()?;
+                    let (replica, generation) = name.rsplit_once('.')?;
+                    crate::systemd::unit_name(job, replica, generation.parse().ok()?).ok()
+                })
+                .collect();
+            self.stop_leftover_units(&units);
+        }
         let mut killed = 0;
-        for entry in std::fs::read_dir(&job_dir).into_iter().flatten().flatten() {
-            if let Ok(Some(state)) = shim::read::<shim::ShimState>(&entry.path(), shim::STATE_FILE)
-            {
+        for run in &runs {
+            if let Ok(Some(state)) = shim::read::<shim::ShimState>(run, shim::STATE_FILE) {
                 killed += kill_leftovers(state.pid, job);
             }
         }
@@ -467,8 +553,9 @@ impl LocalExecutor {
     }
 
     /// Stops replicas by process group: SIGTERM now, SIGKILL to whatever is left after
-    /// `grace`. A replica that is a unit is stopped through systemd instead, which applies the
-    /// same grace inside the unit; its client process then ends by itself.
+    /// `grace`. A replica that is a unit is stopped through systemd instead, which sends
+    /// SIGTERM to its supervisor (passed on to the replica) and, after the same grace,
+    /// SIGKILL to everything in the unit's cgroup.
     pub fn stop(
         &self,
         pgids: Vec<u32>,
@@ -481,30 +568,33 @@ impl LocalExecutor {
                 .filter_map(|p| map.get(p).map(|u| (*p, u.clone())))
                 .collect()
         };
+        let systemctl = self.runner.systemctl().map(Path::to_owned);
         async move {
-            for unit in units.values() {
-                let argv = crate::systemd::stop_unit_argv(unit);
+            let mut term: Vec<u32> = pgids
+                .iter()
+                .copied()
+                .filter(|p| !units.contains_key(p))
+                .collect();
+            for (pgid, unit) in &units {
+                let Some(systemctl) = &systemctl else { break };
+                let argv = crate::systemd::stop_unit_argv(systemctl, unit);
                 let status = tokio::process::Command::new(&argv[0])
                     .args(&argv[1..])
                     .status()
                     .await;
                 if !status.is_ok_and(|s| s.success()) {
-                    tracing::warn!(unit, "systemctl stop failed; the unit's client is killed");
+                    tracing::warn!(unit, "systemctl stop failed; the replica is signalled");
+                    term.push(*pgid);
                 }
             }
-            let processes = pgids
-                .iter()
-                .copied()
-                .filter(|p| !units.contains_key(p))
-                .collect();
-            // systemd kills a unit at the end of its own grace; its client ends a moment
-            // later, so it gets that moment before it is killed too.
+            // systemd kills a unit at the end of its own grace; the replica's group is given
+            // a moment more before it is killed from here.
             let wait = if units.is_empty() {
                 grace
             } else {
                 grace + Duration::from_secs(5)
             };
-            stop_groups_after(processes, pgids, wait).await;
+            stop_groups_after(term, pgids, wait).await;
         }
     }
 }
@@ -525,107 +615,113 @@ impl Starter {
     /// Starts one replica and reports `Started` (then, from its watcher, `Exited`) or
     /// `StartFailed`.
     fn start(&self, spec: LaunchSpec) {
-        let report = |spec: &LaunchSpec, event| {
-            let _ = self.reports.send(ReplicaReport {
+        let start_failed = |spec: &LaunchSpec, source: std::io::Error| {
+            let e = ExecError::Spawn {
+                job: spec.job.clone(),
+                replica: spec.replica.clone(),
+                program: spec.argv.first().cloned().unwrap_or_default(),
+                source,
+            };
+            ReplicaEvent::StartFailed {
+                message: e.to_string(),
+                transient: e.is_transient(),
+            }
+        };
+        let reports = self.reports.clone();
+        let report = move |spec: &LaunchSpec, event| {
+            let _ = reports.send(ReplicaReport {
                 job: spec.job.clone(),
                 replica: spec.replica.clone(),
                 generation: spec.generation,
                 event,
             });
         };
-        let start_failed = |e: &ExecError| ReplicaEvent::StartFailed {
-            message: e.to_string(),
-            transient: e.is_transient(),
-        };
-        if self.runner == Runner::Processes {
-            match self.start_shim(&spec) {
+        let dir = shim::run_dir(&self.run_root, &spec.job, &spec.replica, spec.generation);
+        if let Err(e) = shim::prepare(&dir, &self.shim_spec(&spec)) {
+            report(
+                &spec,
+                start_failed(&spec, std::io::Error::other(e.to_string())),
+            );
+            return;
+        }
+        match &self.runner {
+            Runner::Processes => match self.start_shim(&spec, dir) {
                 // The supervisor says on its pipe whether the replica runs; that is waited
                 // for on the runtime, so this thread goes on to start the next supervisor.
                 Ok(pending) => {
-                    let reports = self.reports.clone();
                     tokio::spawn(async move {
-                        let report = |event| {
-                            let _ = reports.send(ReplicaReport {
-                                job: spec.job.clone(),
-                                replica: spec.replica.clone(),
-                                generation: spec.generation,
-                                event,
-                            });
-                        };
                         match pending.started().await {
                             Ok((pid, watch)) => {
-                                report(ReplicaEvent::Started { pid });
+                                report(&spec, ReplicaEvent::Started { pid });
                                 let outcome = watch.wait().await;
-                                report(ReplicaEvent::Exited { outcome });
+                                report(&spec, ReplicaEvent::Exited { outcome });
                             }
-                            Err(source) => report(start_failed(&ExecError::Spawn {
-                                job: spec.job.clone(),
-                                replica: spec.replica.clone(),
-                                program: spec.argv.first().cloned().unwrap_or_default(),
-                                source,
-                            })),
+                            Err(source) => report(&spec, start_failed(&spec, source)),
                         }
                     });
                 }
-                Err(e) => report(&spec, start_failed(&e)),
-            }
-            return;
-        }
-        match spawn_unit(&spec, &self.runner, &self.run_root) {
-            Ok((pid, watch, unit)) => {
-                report(&spec, ReplicaEvent::Started { pid });
-                if let Some(unit) = unit {
-                    self.units.lock().expect("not poisoned").insert(pid, unit);
-                }
-                let mut log = LogFile::new(
-                    &spec.log_path,
-                    self.log_max_bytes,
-                    format!(
-                        "agentd: {} generation {} starting: {}",
-                        spec.replica,
-                        spec.generation,
-                        spec.argv.join(" ")
-                    ),
-                );
-                if let Some(user) = spec.user {
-                    log = log.owned_by(user.uid, user.gid);
-                }
-                let reports = self.reports.clone();
+                Err(e) => report(&spec, start_failed(&spec, e)),
+            },
+            Runner::Units {
+                kill_grace,
+                systemd_run,
+                systemctl,
+            } => {
+                let unit = crate::systemd::ReplicaUnit {
+                    job: spec.job.clone(),
+                    replica: spec.replica.clone(),
+                    generation: spec.generation,
+                    gpus: spec.gpu_devices.clone(),
+                    cpu_milli: spec.cpu_milli,
+                    memory_bytes: spec.memory_bytes,
+                    supervisor: self
+                        .shim
+                        .argv
+                        .iter()
+                        .cloned()
+                        .chain([dir.to_string_lossy().into_owned()])
+                        .collect(),
+                    supervisor_env: self.shim.env.clone(),
+                    kill_grace: *kill_grace,
+                };
+                let argv = match unit
+                    .systemd_run_argv(systemd_run)
+                    .and_then(|argv| unit.unit_name().map(|name| (name, argv)))
+                {
+                    Ok(argv) => argv,
+                    Err(e) => {
+                        forget_run_dir(&dir);
+                        report(
+                            &spec,
+                            start_failed(&spec, std::io::Error::other(e.to_string())),
+                        );
+                        return;
+                    }
+                };
                 let units = Arc::clone(&self.units);
-                let dir = shim::run_dir(&self.run_root, &spec.job, &spec.replica, spec.generation);
+                let systemctl = systemctl.clone();
                 tokio::spawn(async move {
-                    let (outcome, mut log) = watch.run(log).await;
-                    units.lock().expect("not poisoned").remove(&pid);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    log.finish(&format!(
-                        "agentd: {} generation {} ended: {}",
-                        spec.replica,
-                        spec.generation,
-                        describe(outcome)
-                    ));
-                    let _ = reports.send(ReplicaReport {
-                        job: spec.job,
-                        replica: spec.replica,
-                        generation: spec.generation,
-                        event: ReplicaEvent::Exited { outcome },
-                    });
+                    let (name, argv) = argv;
+                    match start_unit(&argv, &spec.job, &dir, &systemctl, &name).await {
+                        Ok((pid, watch)) => {
+                            // Before `Started`: a stop that follows it reaches the unit.
+                            units.lock().expect("not poisoned").insert(pid, name);
+                            report(&spec, ReplicaEvent::Started { pid });
+                            let outcome = watch.wait().await;
+                            units.lock().expect("not poisoned").remove(&pid);
+                            report(&spec, ReplicaEvent::Exited { outcome });
+                        }
+                        Err(source) => report(&spec, start_failed(&spec, source)),
+                    }
                 });
             }
-            Err(e) => report(&spec, start_failed(&e)),
         }
     }
-}
 
-impl Starter {
-    /// Writes the replica's run directory and starts its supervisor, which starts the replica
-    /// and says so (or why it could not) on a pipe, read by [`PendingShim::started`].
-    fn start_shim(&self, spec: &LaunchSpec) -> Result<PendingShim, ExecError> {
-        let spawn_err = |source| ExecError::Spawn {
-            job: spec.job.clone(),
-            replica: spec.replica.clone(),
-            program: spec.argv.first().cloned().unwrap_or_default(),
-            source,
-        };
+    /// What the replica's supervisor runs: the replica's whole environment (the agent's
+    /// login-like variables, the user's identity, then the job's own), its user, its log and,
+    /// where the agent can make one and the replica is not a unit, its memory cgroup.
+    fn shim_spec(&self, spec: &LaunchSpec) -> shim::ShimSpec {
         let user = spec.user.map(RunAs::resolve);
         // The user's own identity and home, unless the manifest says otherwise.
         let identity: Vec<(String, String)> = user
@@ -645,28 +741,30 @@ impl Starter {
             .chain(identity.iter().cloned())
             .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
             .collect();
-        let dir = shim::run_dir(&self.run_root, &spec.job, &spec.replica, spec.generation);
-        shim::prepare(
-            &dir,
-            &shim::ShimSpec {
-                argv: spec.argv.clone(),
-                env,
-                working_dir: spec.working_dir.clone(),
-                log_path: spec.log_path.clone(),
-                log_max_bytes: self.log_max_bytes,
-                title: format!("{} generation {}", spec.replica, spec.generation),
-                user: user.map(|(credentials, _, _)| credentials),
-                cgroup: self.cgroups.as_ref().map(|parent| shim::ShimCgroup {
-                    parent: parent.clone(),
-                    name: cgroup::name(&spec.job, &spec.replica, spec.generation),
-                    memory_max: spec.memory_bytes,
-                }),
-            },
-        )
-        .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
+        shim::ShimSpec {
+            argv: spec.argv.clone(),
+            env,
+            working_dir: spec.working_dir.clone(),
+            log_path: spec.log_path.clone(),
+            log_max_bytes: self.log_max_bytes,
+            title: format!("{} generation {}", spec.replica, spec.generation),
+            user: user.map(|(credentials, _, _)| credentials),
+            cgroup: self.cgroups.as_ref().map(|parent| shim::ShimCgroup {
+                parent: parent.clone(),
+                name: cgroup::name(&spec.job, &spec.replica, spec.generation),
+                memory_max: spec.memory_bytes,
+            }),
+            oom_in_own_cgroup: matches!(self.runner, Runner::Units { .. }),
+        }
+    }
+
+    /// Starts the supervisor of the replica whose run directory `dir` is prepared; it starts
+    /// the replica and says so (or why it could not) on a pipe, read by
+    /// [`PendingShim::started`].
+    fn start_shim(&self, spec: &LaunchSpec, dir: PathBuf) -> std::io::Result<PendingShim> {
         let forget = |e: std::io::Error| {
-            let _ = std::fs::remove_dir_all(&dir);
-            spawn_err(e)
+            forget_run_dir(&dir);
+            e
         };
         let (said, said_write) = pipe().map_err(forget)?;
         let mut argv = self.shim.argv.clone();
@@ -701,6 +799,193 @@ impl Starter {
             dir,
         })
     }
+}
+
+/// Removes a replica's run directory, and its job's once that is empty (the job's other
+/// replicas may still run).
+fn forget_run_dir(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    if let Some(job_dir) = dir.parent() {
+        let _ = std::fs::remove_dir(job_dir);
+    }
+}
+
+/// Starts the replica's unit (`argv`, the `systemd-run` command line) and waits until its
+/// supervisor has recorded in `dir` that the replica runs. Returns the replica's pid and a
+/// watcher of the supervisor; on failure nothing of it is left, unit and run directory
+/// included.
+async fn start_unit(
+    argv: &[OsString],
+    job: &str,
+    dir: &Path,
+    systemctl: &Path,
+    unit: &str,
+) -> std::io::Result<(u32, ShimWatch)> {
+    let forget = |why: String| async move {
+        // One that runs is stopped; one that ended in failure stays loaded until it is reset,
+        // once systemd has seen it end.
+        run_quietly(&crate::systemd::stop_unit_argv(systemctl, unit)).await;
+        let _ = unit_outcome(systemctl, unit).await;
+        forget_run_dir(dir);
+        std::io::Error::other(why)
+    };
+    let output = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match output {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            let why = format!(
+                "{} failed ({}): {}",
+                argv[0].to_string_lossy(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return Err(forget(why).await);
+        }
+        Err(e) => {
+            let why = format!("cannot run {}: {e}", argv[0].to_string_lossy());
+            let forgotten = forget(why).await;
+            // A moment's shortage (EAGAIN, EMFILE) stays what it is: the start may be retried.
+            return Err(if e.raw_os_error().is_some() {
+                e
+            } else {
+                forgotten
+            });
+        }
+    }
+    let state = match recorded_start(dir, systemctl, unit).await {
+        Ok(state) => state,
+        Err(why) => return Err(forget(why).await),
+    };
+    let unit = Some((unit.to_owned(), systemctl.to_owned()));
+    let watch = ShimWatch::new(
+        None,
+        (state.pid, job.to_owned()),
+        supervisor_pidfd(&state),
+        dir.to_owned(),
+        unit,
+    );
+    match watch {
+        Ok(watch) => Ok((state.pid, watch)),
+        Err(e) => {
+            // Unwatched, it could not be reported: it must not run at all.
+            Err(forget(format!("cannot watch its supervisor: {e}")).await)
+        }
+    }
+}
+
+/// Waits until the supervisor in `dir` has recorded that the replica runs, or why it could not
+/// start, or until its unit has ended without a word; says why in the last two cases.
+async fn recorded_start(
+    dir: &Path,
+    systemctl: &Path,
+    unit: &str,
+) -> Result<shim::ShimState, String> {
+    let look = || -> Result<Option<shim::ShimState>, String> {
+        if let Some(state) = shim::read(dir, shim::STATE_FILE).map_err(|e| e.to_string())? {
+            return Ok(Some(state));
+        }
+        match shim::read::<String>(dir, shim::FAILED_FILE) {
+            Ok(Some(why)) => Err(why),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(state) = look()? {
+            return Ok(state);
+        }
+        // Ask systemd only about a supervisor slow to say anything: was it ever run?
+        if started.elapsed() >= Duration::from_millis(500)
+            && let Some(status) = unit_status(systemctl, unit).await
+            && status.main_ended()
+        {
+            // It may have written just before it ended.
+            return look()?.ok_or_else(|| {
+                format!(
+                    "its supervisor ended before it started the replica (unit {unit}: {}, \
+                     result {})",
+                    status.active_state, status.result
+                )
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// What systemd says about `unit` now; `None` when `systemctl` cannot be run or read.
+async fn unit_status(systemctl: &Path, unit: &str) -> Option<crate::systemd::UnitStatus> {
+    let argv = crate::systemd::show_unit_argv(systemctl, unit);
+    let out = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    read_unit_status(unit, out)
+}
+
+/// [`unit_status`] for a caller that is not async (adoption at start-up), waiting (a few
+/// seconds at most) until systemd has seen the unit's main process end.
+fn unit_end_blocking(systemctl: &Path, unit: &str) -> Option<crate::systemd::UnitStatus> {
+    let argv = crate::systemd::show_unit_argv(systemctl, unit);
+    let mut status = None;
+    for _ in 0..50 {
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .output();
+        status = read_unit_status(unit, out);
+        if status
+            .as_ref()
+            .is_none_or(crate::systemd::UnitStatus::main_ended)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    status
+}
+
+fn read_unit_status(
+    unit: &str,
+    out: std::io::Result<std::process::Output>,
+) -> Option<crate::systemd::UnitStatus> {
+    let text = match out {
+        Ok(out) if out.status.success() => out.stdout,
+        Ok(out) => {
+            tracing::warn!(
+                unit,
+                "systemctl show ended with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(unit, "cannot run systemctl show: {e}");
+            return None;
+        }
+    };
+    crate::systemd::UnitStatus::parse(&String::from_utf8_lossy(&text))
+        .inspect_err(|e| tracing::warn!(unit, "{e}"))
+        .ok()
+}
+
+/// Runs a `systemctl` command whose failure changes nothing (the unit is already gone).
+async fn run_quietly(argv: &[OsString]) {
+    let _ = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await;
 }
 
 /// Where replicas' memory cgroups can be made on this machine, checked by making and removing
@@ -760,10 +1045,7 @@ impl PendingShim {
             .find_map(|l| l.split_once(shim::STARTED).map(|(_, pid)| pid))
             .and_then(|pid| pid.trim().parse::<u32>().ok());
         let forget = |e: std::io::Error| {
-            let _ = std::fs::remove_dir_all(&dir);
-            if let Some(job_dir) = dir.parent() {
-                let _ = std::fs::remove_dir(job_dir);
-            }
+            forget_run_dir(&dir);
             e
         };
         let Some(pid) = started else {
@@ -777,23 +1059,18 @@ impl PendingShim {
                 );
             return Err(forget(std::io::Error::other(message)));
         };
-        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
-        // which is when the AsyncFd is.
-        let pidfd = unsafe { AsyncFd::register_with_interest(spawned.pidfd, Interest::READABLE) };
-        match pidfd {
-            Ok(pidfd) => Ok((
-                pid,
-                ShimWatch {
-                    pid: Some(spawned.pid),
-                    replica: (pid, job),
-                    pidfd: Some(pidfd),
-                    dir,
-                },
-            )),
+        match ShimWatch::new(
+            Some(spawned.pid),
+            (pid, job),
+            Some(spawned.pidfd),
+            dir.clone(),
+            None,
+        ) {
+            Ok(watch) => Ok((pid, watch)),
             Err(e) => {
                 // Unwatched, it could not be reported: it must not run at all.
                 signal_group(pid, Signal::SIGKILL);
-                Err(forget(e.into()))
+                Err(forget(e))
             }
         }
     }
@@ -809,11 +1086,36 @@ struct ShimWatch {
     /// `None` when it has already ended.
     pidfd: Option<AsyncFd<OwnedFd>>,
     dir: PathBuf,
+    /// The unit the supervisor is the main process of, and the `systemctl` that asks about
+    /// it; `None` when replicas are processes.
+    unit: Option<(String, PathBuf)>,
 }
 
 impl ShimWatch {
-    /// Waits for the supervisor to end and returns how the replica ended (an unknown end when
-    /// it left no record), then forgets the run directory.
+    fn new(
+        pid: Option<u32>,
+        replica: (u32, String),
+        pidfd: Option<OwnedFd>,
+        dir: PathBuf,
+        unit: Option<(String, PathBuf)>,
+    ) -> std::io::Result<Self> {
+        let pidfd = pidfd
+            // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
+            // which is when the AsyncFd is.
+            .map(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) })
+            .transpose()?;
+        Ok(Self {
+            pid,
+            replica,
+            pidfd,
+            dir,
+            unit,
+        })
+    }
+
+    /// Waits for the supervisor to end and returns how the replica ended (for a unit whose
+    /// supervisor left no record, what systemd says of it; otherwise an unknown end when it
+    /// left none), then forgets the run directory.
     async fn wait(self) -> ExitOutcome {
         if let Some(pidfd) = &self.pidfd {
             // A pidfd only ever turns readable, when the process has exited.
@@ -827,26 +1129,59 @@ impl ShimWatch {
             Ok(None) => {
                 let (pgid, job) = &self.replica;
                 let killed = kill_leftovers(*pgid, job);
+                let outcome = match &self.unit {
+                    Some((unit, systemctl)) => unit_outcome(systemctl, unit).await,
+                    None => None,
+                };
                 tracing::warn!(
                     dir = %self.dir.display(),
                     killed,
                     "a replica's supervisor ended without recording its exit; \
                      stopped what was left of the replica"
                 );
-                ExitOutcome::default()
+                outcome.unwrap_or_default()
             }
             Err(e) => {
                 tracing::warn!("{e}");
                 ExitOutcome::default()
             }
         };
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some(job_dir) = self.dir.parent() {
-            // Only once it is empty: the job's other replicas may still run.
-            let _ = std::fs::remove_dir(job_dir);
-        }
+        forget_run_dir(&self.dir);
         outcome
     }
+}
+
+/// How the replica of a unit whose supervisor left no record ended, from systemd, once it
+/// has seen the supervisor end (a while at most); then the unit, which stays loaded when it
+/// failed, is forgotten. `None` when systemd cannot say.
+async fn unit_outcome(systemctl: &Path, unit: &str) -> Option<ExitOutcome> {
+    let mut pause = Duration::from_millis(10);
+    let mut status = None;
+    for _ in 0..40 {
+        status = unit_status(systemctl, unit).await;
+        if status
+            .as_ref()
+            .is_none_or(crate::systemd::UnitStatus::main_ended)
+        {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+    let status = status?;
+    if !status.main_ended() {
+        // The supervisor is gone but systemd has not said so: what is left of the unit goes.
+        run_quietly(&crate::systemd::stop_unit_argv(systemctl, unit)).await;
+    }
+    run_quietly(&crate::systemd::reset_failed_argv(systemctl, unit)).await;
+    tracing::info!(
+        unit,
+        result = status.result,
+        main_code = status.main_code,
+        main_status = status.main_status,
+        "systemd says how the unit ended"
+    );
+    status.replica_outcome()
 }
 
 /// A pidfd for `pid`, which need not be a child; `None` when it is gone.
@@ -857,157 +1192,12 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
 }
 
-/// Starts the `systemd-run` client of the replica's unit and sets up its watcher. The
-/// replica's environment goes to the unit through a file in its run directory (readable by
-/// root only), never on a command line. Returns the client's pid, the watcher and the unit's
-/// name.
-fn spawn_unit(
-    spec: &LaunchSpec,
-    runner: &Runner,
-    run_root: &Path,
-) -> Result<(u32, Replica, Option<String>), ExecError> {
-    let spawn_err = |source| ExecError::Spawn {
-        job: spec.job.clone(),
-        replica: spec.replica.clone(),
-        program: spec.argv.first().cloned().unwrap_or_default(),
-        source,
-    };
-    let Runner::Units {
-        part_of,
-        kill_grace,
-    } = runner
-    else {
-        return Err(spawn_err(std::io::Error::other(
-            "replicas are not units on this agent",
-        )));
-    };
-    let user = spec.user.map(RunAs::resolve);
-    let identity = user.iter().flat_map(|(_, name, home)| {
-        [
-            ("HOME".to_owned(), home.clone()),
-            ("USER".to_owned(), name.clone()),
-            ("LOGNAME".to_owned(), name.clone()),
-        ]
-    });
-    let mut env: BTreeMap<String, String> = inherited_env().chain(identity).collect();
-    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let to_io = |e: crate::systemd::SystemdError| std::io::Error::other(e.to_string());
-    let dir = shim::run_dir(run_root, &spec.job, &spec.replica, spec.generation);
-    let env_file = dir.join("env");
-    let contents = crate::systemd::environment_file(env.iter()).map_err(|e| spawn_err(to_io(e)))?;
-    shim::prepare_dir(&dir)
-        .and_then(|()| shim::write_text(&dir, "env", &contents))
-        .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
-    let unit = crate::systemd::ReplicaUnit {
-        job: spec.job.clone(),
-        replica: spec.replica.clone(),
-        generation: spec.generation,
-        gpus: spec.gpu_devices.clone(),
-        cpu_milli: spec.cpu_milli,
-        memory_bytes: spec.memory_bytes,
-        working_directory: spec.working_dir.clone(),
-        environment_file: Some(env_file),
-        user: user.map(|(credentials, _, _)| credentials),
-        command: spec.argv.clone(),
-        part_of: part_of.clone(),
-        kill_grace: *kill_grace,
-    };
-    let unit_name = unit.unit_name().map_err(|e| spawn_err(to_io(e)))?;
-    let argv: Vec<String> = unit
-        .systemd_run_argv()
-        .map_err(|e| spawn_err(to_io(e)))?
-        .into_iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    // The client needs only to find systemd-run.
-    let env: Vec<(String, String)> = inherited_env().filter(|(k, _)| k == "PATH").collect();
-    let working_dir = None;
-    let unit = Some(unit_name);
-    // One pipe for both streams: they end up in one log, and one pipe keeps their lines in
-    // the order the replica wrote them.
-    let (output, output_write) = pipe().map_err(spawn_err)?;
-    let spawned = spawn::spawn(&spawn::Command {
-        argv: &argv,
-        env: &env,
-        working_dir,
-        stdout: &output_write,
-        stderr: &output_write,
-        detach: spawn::Detach::DiesWithParent,
-        user: None,
-        cgroup_procs: None,
-    })
-    .map_err(spawn_err)?;
-    // Only the replica holds the write ends now: end of file means it (and everything it
-    // started) closed its output.
-    drop(output_write);
-    let pid = spawned.pid;
-    match Replica::new(spawned, output) {
-        Ok(watch) => Ok((pid, watch, unit)),
-        Err(e) => {
-            // Unwatched, it could not be stopped or reported: it must not run at all.
-            signal_group(pid, Signal::SIGKILL);
-            spawn::reap(pid.cast_signed());
-            Err(spawn_err(e))
-        }
-    }
-}
-
-/// A started replica as the runtime sees it: its pidfd and the read end of its output.
-struct Replica {
-    pid: u32,
-    pidfd: AsyncFd<OwnedFd>,
-    output: pipe::Receiver,
-}
-
-impl Replica {
-    fn new(spawned: spawn::Spawned, output: OwnedFd) -> std::io::Result<Self> {
-        Ok(Self {
-            pid: spawned.pid,
-            // SAFETY: an OwnedFd keeps its descriptor open and unchanged until it is dropped,
-            // which is when the AsyncFd is.
-            pidfd: unsafe { AsyncFd::register_with_interest(spawned.pidfd, Interest::READABLE) }?,
-            output: pipe::Receiver::from_owned_fd(output)?,
-        })
-    }
-
-    /// Copies the replica's output into its log until the pipe closes, and collects its exit
-    /// status once its pidfd turns readable. Log writes go straight to the file: a local log
-    /// file takes a small write into the page cache without waiting on the disk.
-    async fn run(self, mut log: LogFile) -> (ExitOutcome, LogFile) {
-        let Self {
-            pid,
-            pidfd,
-            mut output,
-        } = self;
-        let copy = async {
-            let mut buf = vec![0u8; 16 * 1024];
-            while let Ok(n) = output.read(&mut buf).await
-                && n > 0
-            {
-                log.write(&buf[..n]);
-            }
-        };
-        let exit = async {
-            // A pidfd only ever turns readable, when the process has exited.
-            let _ = pidfd.readable().await;
-            spawn::reap(pid.cast_signed())
-        };
-        let ((), status) = tokio::join!(copy, exit);
-        let outcome = match status {
-            Some(status) if libc::WIFEXITED(status) => ExitOutcome {
-                code: Some(libc::WEXITSTATUS(status)),
-                signal: None,
-                oom_killed: false,
-            },
-            Some(status) if libc::WIFSIGNALED(status) => ExitOutcome {
-                code: None,
-                signal: Some(libc::WTERMSIG(status)),
-                oom_killed: false,
-            },
-            _ => ExitOutcome::default(),
-        };
-        (outcome, log)
-    }
+/// A pidfd for the supervisor recorded in `state`; `None` when it has ended. The pidfd is
+/// taken first, then the start time read: a pidfd taken on a pid that was reused would show a
+/// different start time, so a match means this pidfd is the supervisor's.
+fn supervisor_pidfd(state: &shim::ShimState) -> Option<OwnedFd> {
+    pidfd_open(state.shim_pid)
+        .filter(|_| shim::start_time(state.shim_pid) == Some(state.shim_start))
 }
 
 /// A close-on-exec pipe: (read end, write end).
@@ -1329,13 +1519,102 @@ mod tests {
     }
 
     fn executor(dir: &Path, tx: mpsc::UnboundedSender<ReplicaReport>) -> LocalExecutor {
-        LocalExecutor::new(
-            tx,
-            1 << 20,
-            Runner::Processes,
-            dir.join("replicas"),
-            test_shim(),
+        executor_with(dir, tx, Runner::Processes)
+    }
+
+    fn executor_with(
+        dir: &Path,
+        tx: mpsc::UnboundedSender<ReplicaReport>,
+        runner: Runner,
+    ) -> LocalExecutor {
+        LocalExecutor::new(tx, 1 << 20, runner, dir.join("replicas"), test_shim())
+    }
+
+    /// Replicas as units, made and stopped by stand-ins for `systemd-run` and `systemctl` in
+    /// `dir/systemd` (these machines run without systemd). `systemd-run` starts the unit's
+    /// main process outside the agent, in a session of its own, as systemd does, and records
+    /// its pid; `systemctl stop` sends it SIGTERM (`KillMode=mixed`); `systemctl show` prints
+    /// `<unit>.show` when a test recorded what systemd would say, else a running unit while
+    /// the main process lives, else an unknown one. Every call is logged in `calls`.
+    fn fake_units(dir: &Path) -> Runner {
+        use std::os::unix::fs::PermissionsExt;
+        let fake = dir.join("systemd");
+        std::fs::create_dir_all(&fake).unwrap();
+        let quoted = format!("'{}'", fake.display());
+        let systemd_run = fake.join("systemd-run");
+        std::fs::write(
+            &systemd_run,
+            format!(
+                r#"#!/bin/sh
+fake={quoted}
+echo "systemd-run $*" >> "$fake/calls"
+unit=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --unit=*) unit=${{1#--unit=}} ;;
+        --setenv=*) export "${{1#--setenv=}}" ;;
+        --) shift; break ;;
+    esac
+    shift
+done
+setsid "$@" > "$fake/$unit.out" 2>&1 < /dev/null &
+echo $! > "$fake/$unit.pid"
+"#
+            ),
         )
+        .unwrap();
+        let systemctl = fake.join("systemctl");
+        std::fs::write(
+            &systemctl,
+            format!(
+                r#"#!/bin/sh
+fake={quoted}
+echo "systemctl $*" >> "$fake/calls"
+command=$1
+shift
+for unit in "$@"; do
+    case "$unit" in --*) continue ;; esac
+    pid=$(cat "$fake/$unit.pid" 2>/dev/null)
+    case "$command" in
+        stop) [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null ;;
+        show)
+            if [ -f "$fake/$unit.show" ]; then
+                cat "$fake/$unit.show"
+            elif [ -n "$pid" ] && [ -d "/proc/$pid" ] && ! grep -q '^State:.Z' "/proc/$pid/status"; then
+                printf 'LoadState=loaded
+ActiveState=active
+Result=success
+ExecMainCode=0
+ExecMainStatus=0
+'
+            else
+                printf 'LoadState=not-found
+ActiveState=inactive
+Result=success
+ExecMainCode=0
+ExecMainStatus=0
+'
+            fi ;;
+    esac
+done
+exit 0
+"#
+            ),
+        )
+        .unwrap();
+        for script in [&systemd_run, &systemctl] {
+            std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Runner::Units {
+            kill_grace: Duration::from_secs(10),
+            systemd_run,
+            systemctl,
+        }
+    }
+
+    /// What the stand-ins were asked, one call a line.
+    fn systemd_calls(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("systemd/calls")).unwrap_or_default()
     }
 
     /// Replica `replica` of job `j`, generation 1, running `argv`, logging under `dir`.
@@ -1581,6 +1860,14 @@ mod tests {
     /// Starts a replica with an executor whose runtime (and with it every task watching the
     /// replica) then ends, as when the agent is stopped or killed. Returns the replica's pid.
     fn start_with_an_agent_that_goes_away(dir: &Path, replica: LaunchSpec) -> u32 {
+        start_with_an_agent_that_goes_away_as(dir, replica, Runner::Processes)
+    }
+
+    fn start_with_an_agent_that_goes_away_as(
+        dir: &Path,
+        replica: LaunchSpec,
+        runner: Runner,
+    ) -> u32 {
         let dir = dir.to_owned();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1589,10 +1876,11 @@ mod tests {
                 .unwrap();
             runtime.block_on(async {
                 let (tx, mut rx) = mpsc::unbounded_channel();
-                let executor = executor(&dir, tx);
+                let executor = executor_with(&dir, tx, runner);
                 executor.launch(replica);
-                let ReplicaEvent::Started { pid } = rx.recv().await.unwrap().event else {
-                    panic!("not started");
+                let report = rx.recv().await.unwrap();
+                let ReplicaEvent::Started { pid } = report.event else {
+                    panic!("not started: {report:?}");
                 };
                 pid
             })
@@ -1620,6 +1908,197 @@ mod tests {
             matches!(exit, ReplicaEvent::Exited { outcome } if outcome.code == Some(7)),
             "{exit:?}"
         );
+    }
+
+    /// The supervisor's record of where a replica runs.
+    fn shim_state(dir: &Path, job: &str, replica: &str) -> shim::ShimState {
+        let run = shim::run_dir(&dir.join("replicas"), job, replica, 1);
+        shim::read(&run, shim::STATE_FILE).unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_unit_replica_outlives_its_agent_and_is_adopted_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let go = dir.path().join("go");
+        let mut replica = spec(
+            dir.path(),
+            "worker-0",
+            &[
+                "sh",
+                "-c",
+                "echo before; while [ ! -e \"$GO\" ]; do sleep 0.05; done; echo after; exit 4",
+            ],
+        );
+        replica
+            .env
+            .insert("GO".into(), go.to_string_lossy().into_owned());
+        let log_path = replica.log_path.clone();
+        let runner = fake_units(dir.path());
+        let first = start_with_an_agent_that_goes_away_as(dir.path(), replica, runner.clone());
+        assert!(group_alive(first), "the replica runs on without its agent");
+        let calls = systemd_calls(dir.path());
+        assert!(
+            calls.contains("--unit=agentd-j-worker-0-1.service") && !calls.contains("--wait"),
+            "{calls}"
+        );
+        // The unit's main process is the supervisor, which runs the replica.
+        let state = shim_state(dir.path(), "j", "worker-0");
+        let main: u32 =
+            std::fs::read_to_string(dir.path().join("systemd/agentd-j-worker-0-1.service.pid"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+        assert_eq!((state.shim_pid, state.pid), (main, first));
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let second = executor_with(dir.path(), tx, runner);
+        let adoptable = second.adoptable("j", "worker-0", 1, first).unwrap();
+        second.adopt(adoptable).unwrap();
+        std::fs::write(&go, "").unwrap();
+        let exit = rx.recv().await.unwrap();
+        assert!(
+            matches!(exit.event, ReplicaEvent::Exited { outcome } if outcome.code == Some(4)),
+            "{exit:?}"
+        );
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(log.contains("before\nafter\n"), "{log}");
+        assert!(log.contains("ended: exit code 4"), "{log}");
+        assert!(second.jobs_with_replicas().is_empty());
+        assert!(
+            !systemd_calls(dir.path()).contains("systemctl stop"),
+            "an adopted unit is not stopped"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_unit_killed_while_no_agent_ran_is_reported_as_systemd_saw_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = fake_units(dir.path());
+        let pid = start_with_an_agent_that_goes_away_as(
+            dir.path(),
+            spec(dir.path(), "worker-0", &["sleep", "300"]),
+            runner.clone(),
+        );
+        // The whole unit is killed (here its supervisor; the replica dies with it): no exit
+        // record is left.
+        let state = shim_state(dir.path(), "j", "worker-0");
+        // SAFETY: a plain signal to the supervisor this test started.
+        unsafe { libc::kill(state.shim_pid.cast_signed(), libc::SIGKILL) };
+        for _ in 0..400 {
+            if !group_alive(pid) && shim::start_time(state.shim_pid).is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(!group_alive(pid));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let second = executor_with(dir.path(), tx, runner);
+        // systemd no longer knows the unit: nothing says how the replica ended.
+        let error = second.adoptable("j", "worker-0", 1, pid).unwrap_err();
+        assert!(error.contains("no longer knows"), "{error}");
+        // systemd saw the OOM killer end it.
+        std::fs::write(
+            dir.path().join("systemd/agentd-j-worker-0-1.service.show"),
+            "Result=oom-kill\nExecMainCode=2\nExecMainStatus=9\nLoadState=loaded\n\
+             ActiveState=failed\n",
+        )
+        .unwrap();
+        second
+            .adopt(second.adoptable("j", "worker-0", 1, pid).unwrap())
+            .unwrap();
+        let exit = rx.recv().await.unwrap().event;
+        assert!(
+            matches!(exit, ReplicaEvent::Exited { outcome }
+                if outcome.signal == Some(9) && outcome.oom_killed),
+            "{exit:?}"
+        );
+        let calls = systemd_calls(dir.path());
+        assert!(
+            calls.contains("systemctl reset-failed agentd-j-worker-0-1.service"),
+            "the failed unit is forgotten once read: {calls}"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_unit_replica_stops_its_unit_and_gives_the_replica_its_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = executor_with(dir.path(), tx, fake_units(dir.path()));
+        executor.launch(spec(dir.path(), "ps-0", &["sleep", "300"]));
+        let report = rx.recv().await.unwrap();
+        let ReplicaEvent::Started { pid } = report.event else {
+            panic!("not started: {report:?}");
+        };
+        executor.stop(vec![pid], Duration::from_secs(10)).await;
+        let calls = systemd_calls(dir.path());
+        assert!(
+            calls.contains("systemctl stop --no-block agentd-j-ps-0-1.service"),
+            "{calls}"
+        );
+        // systemd's SIGTERM goes to the unit's main process, the supervisor, which passes it
+        // to the replica and records how it ended.
+        let exit = rx.recv().await.unwrap().event;
+        assert!(
+            matches!(exit, ReplicaEvent::Exited { outcome } if outcome.signal == Some(15)),
+            "{exit:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_unit_replica_that_cannot_start_is_reported_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let executor = executor_with(dir.path(), tx, fake_units(dir.path()));
+        let mut replica = spec(dir.path(), "chief-0", &["no-such-trainer"]);
+        replica.env.insert("PATH".into(), "/usr/bin".into());
+        executor.launch(replica);
+        let report = rx.recv().await.unwrap();
+        let ReplicaEvent::StartFailed { message, .. } = report.event else {
+            panic!("{report:?}");
+        };
+        assert!(
+            message.contains("\"no-such-trainer\" is not an executable file in PATH=/usr/bin"),
+            "{message}"
+        );
+        assert!(executor.jobs_with_replicas().is_empty());
+        let calls = systemd_calls(dir.path());
+        assert!(
+            calls.contains("systemctl reset-failed agentd-j-chief-0-1.service"),
+            "{calls}"
+        );
+    }
+
+    #[tokio::test]
+    async fn discarding_a_job_stops_exactly_its_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = fake_units(dir.path());
+        let mut pids = BTreeMap::new();
+        for job in ["mnist", "mnist-2"] {
+            let mut replica = spec(dir.path(), "worker-0", &["sleep", "300"]);
+            replica.job = job.into();
+            replica.env.insert("AGENTD_JOB".into(), job.into());
+            let pid = start_with_an_agent_that_goes_away_as(dir.path(), replica, runner.clone());
+            pids.insert(job, pid);
+        }
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let second = executor_with(dir.path(), tx, runner);
+        second.discard("mnist");
+        let calls = systemd_calls(dir.path());
+        assert!(
+            calls.contains("systemctl stop agentd-mnist-worker-0-1.service\n"),
+            "{calls}"
+        );
+        assert!(!calls.contains("stop agentd-mnist-2"), "{calls}");
+        assert!(group_alive(pids["mnist-2"]));
+        second.discard("mnist-2");
+        for _ in 0..400 {
+            if pids.values().all(|&p| !group_alive(p)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(pids.values().all(|&p| !group_alive(p)));
     }
 
     #[tokio::test]

@@ -12,13 +12,20 @@
 //!
 //! Run directory (`<state_dir>/replicas/<job>/<replica>.<generation>/`, mode 0700):
 //! `spec.json` (what to run, written by the agent, mode 0600: it holds the environment),
-//! `shim.json` (the shim's and the replica's pids, written once the replica runs) and
-//! `exit.json` (how it ended, written last).
+//! `shim.json` (the shim's and the replica's pids, written once the replica runs),
+//! `exit.json` (how it ended, written last), or `failed.json` (why the replica could not start).
+//!
+//! Under systemd the shim is the main process of the replica's transient unit, started by
+//! systemd rather than by the agent: its standard output then goes to the journal, so the
+//! agent reads `shim.json` or `failed.json` instead. A stop of the unit sends SIGTERM to the shim,
+//! which passes it to the replica's process group and goes on supervising, so the replica gets
+//! its grace to write a checkpoint and its end is recorded as always.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -34,6 +41,9 @@ pub const SPEC_FILE: &str = "spec.json";
 pub const STATE_FILE: &str = "shim.json";
 /// How the replica ended, written by the shim last.
 pub const EXIT_FILE: &str = "exit.json";
+/// Why the replica could not be started (a JSON string), written by the shim instead of
+/// [`STATE_FILE`].
+pub const FAILED_FILE: &str = "failed.json";
 /// The line the shim prints on its standard output once the replica runs (then the pid).
 pub const STARTED: &str = "agentd-shim: started ";
 /// The line it prints instead when the replica could not be started (then the reason).
@@ -72,6 +82,10 @@ pub struct ShimSpec {
     /// The memory cgroup the replica gets; `None`: none (the agent could not make one here).
     #[serde(default)]
     pub cgroup: Option<ShimCgroup>,
+    /// The replica shares the shim's own cgroup, its unit's, which holds its memory limit:
+    /// OOM kills are counted there.
+    #[serde(default)]
+    pub oom_in_own_cgroup: bool,
 }
 
 /// A replica's memory cgroup, made by the shim.
@@ -168,23 +182,10 @@ pub fn prepare_dir(dir: &Path) -> Result<(), ShimError> {
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
-    for stale in [STATE_FILE, EXIT_FILE] {
+    for stale in [STATE_FILE, EXIT_FILE, FAILED_FILE] {
         let _ = std::fs::remove_file(dir.join(stale));
     }
     Ok(())
-}
-
-/// Writes a text file into a run directory, readable by root only.
-pub fn write_text(dir: &Path, name: &str, text: &str) -> Result<(), ShimError> {
-    let path = dir.join(name);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-        .map_err(|source| ShimError::Io { path, source })
 }
 
 /// A process's start time (clock ticks after boot), or `None` when it is gone (a zombie, which
@@ -214,6 +215,9 @@ pub fn main(dir: &Path) -> i32 {
         }
         Err(message) => {
             let _ = writeln!(std::io::stdout(), "{FAILED}{}", message.replace('\n', " "));
+            // Where nobody reads the output (a unit's goes to the journal), the agent reads
+            // the reason here.
+            let _ = write(dir, FAILED_FILE, &message);
             1
         }
     }
@@ -234,6 +238,7 @@ fn start(dir: &Path) -> Result<Started, String> {
     let spec: ShimSpec = read(dir, SPEC_FILE)
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("{} is missing", dir.join(SPEC_FILE).display()))?;
+    pass_stops_to_the_replica()?;
     // SAFETY: prctl with an integer argument only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
         return Err(format!(
@@ -286,6 +291,7 @@ fn start(dir: &Path) -> Result<Started, String> {
         }
     };
     drop(output_write);
+    replica_started(spawned.pid);
     let shim_pid = std::process::id();
     let state = ShimState {
         shim_pid,
@@ -307,6 +313,45 @@ fn start(dir: &Path) -> Result<Started, String> {
         output,
         cgroup,
     })
+}
+
+/// The replica's process group, once it runs (0 before).
+static REPLICA_GROUP: AtomicI32 = AtomicI32::new(0);
+/// Whether a stop (SIGTERM) came before the replica ran.
+static STOP_ASKED: AtomicBool = AtomicBool::new(false);
+
+/// The SIGTERM handler: the stop is the replica's, and the shim stays to record its end.
+extern "C" fn pass_stop(_: libc::c_int) {
+    STOP_ASKED.store(true, Ordering::SeqCst);
+    let group = REPLICA_GROUP.load(Ordering::SeqCst);
+    if group > 1 {
+        // SAFETY: kill is async-signal-safe; a group that is gone is fine.
+        unsafe { libc::kill(-group, libc::SIGTERM) };
+    }
+}
+
+/// Makes SIGTERM to the shim (what `systemctl stop` sends to a unit's main process) a
+/// SIGTERM to the replica's process group. The replica starts with default handlers.
+fn pass_stops_to_the_replica() -> Result<(), String> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(pass_stop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only touches atomics and calls kill, both async-signal-safe.
+    unsafe { sigaction(Signal::SIGTERM, &action) }
+        .map(drop)
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))
+}
+
+/// Records the replica's process group for [`pass_stop`], and passes on a stop that came
+/// while it was being started.
+fn replica_started(pgid: u32) {
+    REPLICA_GROUP.store(pgid.cast_signed(), Ordering::SeqCst);
+    if STOP_ASKED.load(Ordering::SeqCst) {
+        signal_group(pgid, Signal::SIGTERM);
+    }
 }
 
 /// Standard input, output and error to /dev/null: the agent's pipe closes, and the shim never
@@ -373,11 +418,15 @@ fn supervise(dir: &Path, started: Started) {
     // Any process of the replica killed by the OOM killer, the replica itself or not: a
     // trainer whose data loader was killed fails for the same reason. A replica that still
     // exited 0 succeeded all the same (it retried what was killed).
-    let oom_kills = cgroup.map_or(0, |cgroup| {
-        let kills = cgroup.oom_kills().unwrap_or(0);
-        cgroup.remove();
-        kills
-    });
+    let oom_kills = match cgroup {
+        Some(cgroup) => {
+            let kills = cgroup.oom_kills().unwrap_or(0);
+            cgroup.remove();
+            kills
+        }
+        None if spec.oom_in_own_cgroup => super::cgroup::own_oom_kills().unwrap_or(0),
+        None => 0,
+    };
     outcome.oom_killed = oom_kills > 0 && outcome.code != Some(0);
     if let Ok(mut log) = copier.join() {
         log.finish(&format!(
@@ -460,6 +509,7 @@ mod tests {
             title: "worker-0 generation 1".into(),
             user: None,
             cgroup: None,
+            oom_in_own_cgroup: false,
         };
         let run = run_dir(dir.path(), "mnist", "worker-0", 1);
         prepare(&run, &spec).unwrap();
