@@ -118,6 +118,7 @@ pub fn status_of(object: &DynamicObject) -> Option<JobStatus> {
             backoff_limit: 0,
             generation: 0,
             owner: None,
+            template: None,
             replicas: Vec::new(),
             events: Vec::new(),
         },
