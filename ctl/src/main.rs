@@ -227,15 +227,18 @@ fn main() -> ExitCode {
                 set,
                 wait,
             } => {
+                // clap lets `--name` through beside a FILE (a requirement that conflicts with
+                // a given argument counts as met), so the combinations are checked here.
                 let submission = match (file, template, name) {
-                    (_, Some(template), Some(name)) => jobs::Submission::Template(
+                    (None, Some(template), Some(name)) => jobs::Submission::Template(
                         agentd_api::templates::TemplateSubmit { name, set },
                         template,
                     ),
-                    (Some(file), _, _) => jobs::Submission::File(file),
+                    (Some(file), None, None) if set.is_empty() => jobs::Submission::File(file),
                     _ => {
                         return Err(Failure::Usage(
-                            "submit needs a manifest FILE, or --template NAME with --name NEW"
+                            "submit takes a manifest FILE, or --template NAME --name NEW \
+                             [--set PATH=VALUE]... (not both)"
                                 .to_owned(),
                         ));
                     }
