@@ -76,12 +76,19 @@ impl Route {
                     drain: *action == "drain",
                 }
             }
-            (["v1", "nodes", _, "drain" | "resume"], _) => return Err(not_allowed("POST")),
+            (["v1", "templates", name, "jobs"], false) if method == Method::POST => {
+                Route::Template(TemplateRequest::Submit {
+                    name: decode(name)?,
+                })
+            }
+            (["v1", "nodes", _, "drain" | "resume"] | ["v1", "templates", _, "jobs"], _) => {
+                return Err(not_allowed("POST"));
+            }
             (
                 ["healthz" | "readyz"]
                 | [
                     "v1",
-                    "status" | "node" | "nodes" | "queues" | "events" | "history",
+                    "status" | "node" | "nodes" | "queues" | "events" | "history" | "templates",
                 ]
                 | ["v1", "jobs", _, "logs"],
                 false,
@@ -117,7 +124,6 @@ impl Route {
             },
             (["v1", "history"], true) => Route::History(super::history::parse(&query)?),
             (["v1", "templates"], true) => Route::Template(TemplateRequest::List),
-            (["v1", "templates"], false) => return Err(not_allowed("GET")),
             (["v1", "templates", name], true) => Route::Template(TemplateRequest::Get {
                 name: decode(name)?,
             }),
@@ -132,12 +138,6 @@ impl Route {
                 })
             }
             (["v1", "templates", _], false) => return Err(not_allowed("GET, PUT, DELETE")),
-            (["v1", "templates", name, "jobs"], false) if method == Method::POST => {
-                Route::Template(TemplateRequest::Submit {
-                    name: decode(name)?,
-                })
-            }
-            (["v1", "templates", _, "jobs"], _) => return Err(not_allowed("POST")),
             (["v1", "events"], true) => Route::Events {
                 after: query.number("after")?.unwrap_or(0),
                 limit: query.number("limit")?.map_or(Ok(1000), |n: i64| {

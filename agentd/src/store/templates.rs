@@ -119,49 +119,46 @@ impl Templates {
             )
             .optional()
             .map_err(self.sql())?;
-        let saved = match existing {
-            Some(current) => {
-                if !may_change(&current) {
-                    return Err(TemplateError::NotOwner {
-                        name: name.to_owned(),
-                        owner: current,
-                    });
-                }
-                tx.execute(
-                    "UPDATE templates SET manifest = ?2, updated = ?3 WHERE name = ?1",
-                    params![name, manifest, now],
+        let saved = if let Some(current) = existing {
+            if !may_change(&current) {
+                return Err(TemplateError::NotOwner {
+                    name: name.to_owned(),
+                    owner: current,
+                });
+            }
+            tx.execute(
+                "UPDATE templates SET manifest = ?2, updated = ?3 WHERE name = ?1",
+                params![name, manifest, now],
+            )
+            .map_err(self.sql())?;
+            Saved::Replaced
+        } else {
+            let (mine, all): (u32, u32) = tx
+                .query_row(
+                    "SELECT COALESCE(SUM(owner_user = ?1), 0), COUNT(*) FROM templates",
+                    params![owner.user],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(self.sql())?;
-                Saved::Replaced
+            if mine >= MAX_TEMPLATES_PER_USER {
+                return Err(TemplateError::TooManyForUser {
+                    user: owner.user.clone(),
+                    limit: MAX_TEMPLATES_PER_USER,
+                });
             }
-            None => {
-                let (mine, all): (u32, u32) = tx
-                    .query_row(
-                        "SELECT COALESCE(SUM(owner_user = ?1), 0), COUNT(*) FROM templates",
-                        params![owner.user],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .map_err(self.sql())?;
-                if mine >= MAX_TEMPLATES_PER_USER {
-                    return Err(TemplateError::TooManyForUser {
-                        user: owner.user.clone(),
-                        limit: MAX_TEMPLATES_PER_USER,
-                    });
-                }
-                if all >= MAX_TEMPLATES {
-                    return Err(TemplateError::TooMany {
-                        limit: MAX_TEMPLATES,
-                    });
-                }
-                tx.execute(
-                    "INSERT INTO templates
-                        (name, owner_uid, owner_gid, owner_user, manifest, created, updated)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-                    params![name, owner.uid, owner.gid, owner.user, manifest, now],
-                )
-                .map_err(self.sql())?;
-                Saved::Created
+            if all >= MAX_TEMPLATES {
+                return Err(TemplateError::TooMany {
+                    limit: MAX_TEMPLATES,
+                });
             }
+            tx.execute(
+                "INSERT INTO templates
+                    (name, owner_uid, owner_gid, owner_user, manifest, created, updated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![name, owner.uid, owner.gid, owner.user, manifest, now],
+            )
+            .map_err(self.sql())?;
+            Saved::Created
         };
         tx.commit().map_err(self.sql())?;
         Ok(saved)

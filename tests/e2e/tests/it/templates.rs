@@ -269,7 +269,7 @@ fn users_change_their_own_templates_and_make_jobs_from_everyones() {
 fn cluster_mode_refuses_templates_saying_why() {
     let sim = KubeSim::start(1, true);
     let kubeconfig = sim.dir.path().join("leader.kubeconfig");
-    sim.kubeconfig_for(Identity::Leader, &sim.addr(), &kubeconfig);
+    sim.kubeconfig_for(Identity::Leader, sim.addr(), &kubeconfig);
     let node = NodeAgent::start(&NodeAgentOptions {
         node: "node-0".to_owned(),
         gpus: 0,
