@@ -143,6 +143,12 @@ async fn run_with_socket(
     let node_name = config.node_name();
     keep_state_private(&config.state_dir);
     let store = open_store(config)?;
+    // Templates are a standalone feature in this release: in cluster mode the jobs live in the
+    // cluster, where a template kept by one agent would be missing on the next leader.
+    let templates = match config.mode {
+        crate::config::Mode::Standalone => Some(crate::store::Templates::open(store.path())?),
+        crate::config::Mode::Cluster => None,
+    };
     let InventoryFeed {
         watch: inventory,
         health,
@@ -210,6 +216,7 @@ async fn run_with_socket(
         admin_group: Arc::from(config.api.admin_group.as_str()),
         limits: Arc::new(api::ApiLimits::new("socket", &config.api, metrics.clone())),
         cluster,
+        templates,
     };
     let remote = remote.map(|door| serve_remote(door, config, &state, stop.clone()));
     let server = tokio::spawn(

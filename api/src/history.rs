@@ -43,6 +43,9 @@ pub struct HistoryEntry {
     /// The reason of each restart, in order.
     pub restart_reasons: Vec<String>,
     pub exit_codes: Vec<ReplicaEnd>,
+    /// The template the job was made from and the values it was made with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<crate::templates::TemplateUse>,
 }
 
 /// `GET /v1/history`: newest first.

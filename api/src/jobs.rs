@@ -128,6 +128,9 @@ pub struct JobStatus {
     /// Who submitted the job; `null` for jobs submitted before owners were recorded.
     #[serde(default)]
     pub owner: Option<Owner>,
+    /// The template the job was made from and the values it was made with, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<crate::templates::TemplateUse>,
     pub replicas: Vec<ReplicaStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<JobEvent>,

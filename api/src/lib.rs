@@ -9,6 +9,7 @@ pub mod inventory;
 pub mod jobs;
 pub mod nodes;
 pub mod status;
+pub mod templates;
 pub mod tokens;
 
 pub use client::{Client, ClientCertificate, ClientError};

@@ -1,10 +1,11 @@
 //! `agentctl submit`, `jobs`, `job`, `logs`, `cancel` and `queues`.
 
 use std::io::{IsTerminal, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentd_api::jobs::{JobList, JobState, JobStatus, QueueList};
+use agentd_api::templates::TemplateSubmit;
 use agentd_api::{Client, ClientError};
 use http_body_util::BodyExt;
 use hyper::Method;
@@ -14,7 +15,7 @@ use crate::Failure;
 use crate::output::{self, Format, Table};
 
 /// Reads a manifest from a file, or from standard input for `-`.
-fn read_manifest(file: &Path) -> Result<Vec<u8>, Failure> {
+pub(crate) fn read_manifest(file: &Path) -> Result<Vec<u8>, Failure> {
     if file == Path::new("-") {
         let mut bytes = Vec::new();
         std::io::stdin().read_to_end(&mut bytes)?;
@@ -23,25 +24,52 @@ fn read_manifest(file: &Path) -> Result<Vec<u8>, Failure> {
     fs_err::read(file).map_err(|e| Failure::Request(e.to_string()))
 }
 
+/// The content type of a manifest file: JSON by its extension, else YAML.
+pub(crate) fn content_type(file: &Path) -> &'static str {
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("json") => "application/json",
+        _ => "application/yaml",
+    }
+}
+
+/// What `agentctl submit` submits.
+pub enum Submission {
+    /// A manifest file (`-`: standard input).
+    File(PathBuf),
+    /// A job made from a template.
+    Template(TemplateSubmit, String),
+}
+
 pub async fn submit(
     client: &Client,
-    file: &Path,
+    submission: Submission,
     wait: bool,
     format: Format,
 ) -> Result<(), Failure> {
-    let manifest = read_manifest(file)?;
-    let content_type = match file.extension().and_then(|e| e.to_str()) {
-        Some("json") => "application/json",
-        _ => "application/yaml",
+    let bytes = match submission {
+        Submission::File(file) => {
+            let manifest = read_manifest(&file)?;
+            client
+                .request(
+                    Method::POST,
+                    "/v1/jobs",
+                    Some(content_type(&file)),
+                    Bytes::from(manifest),
+                )
+                .await?
+        }
+        Submission::Template(request, template) => {
+            let body = serde_json::to_vec(&request).map_err(|e| Failure::Request(e.to_string()))?;
+            client
+                .request(
+                    Method::POST,
+                    &format!("/v1/templates/{}/jobs", encode(&template)),
+                    Some("application/json"),
+                    Bytes::from(body),
+                )
+                .await?
+        }
     };
-    let bytes = client
-        .request(
-            Method::POST,
-            "/v1/jobs",
-            Some(content_type),
-            Bytes::from(manifest),
-        )
-        .await?;
     let value: serde_json::Value = agentd_api::client::decode(&bytes)?;
     let status: JobStatus = serde_json::from_value(value.clone())
         .map_err(|e| Failure::Request(format!("unexpected answer from the agent: {e}")))?;
@@ -192,6 +220,18 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
         serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
     println!("Name      {} ({})", j.name, j.kind);
     println!("Owner     {}", owner(&j));
+    if let Some(t) = &j.template {
+        let values: Vec<String> = t
+            .values
+            .iter()
+            .map(|v| format!("{}={}", v.path, v.value))
+            .collect();
+        if values.is_empty() {
+            println!("Template  {}", t.name);
+        } else {
+            println!("Template  {} with {}", t.name, values.join(" "));
+        }
+    }
     println!("Queue     {} (priority {})", j.queue, j.priority);
     println!("State     {}: {}", j.state, j.reason);
     println!("Message   {}", j.message);
@@ -332,7 +372,7 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
     Ok(())
 }
 
-fn now() -> f64 {
+pub(crate) fn now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

@@ -9,6 +9,7 @@ mod nodes;
 mod output;
 mod remote;
 mod status;
+mod templates;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,9 +66,22 @@ enum Command {
     Drain { node: String },
     /// Undo `drain`: NODE takes new placements again.
     Resume { node: String },
-    /// Submit a TrainingJob or Kubeflow TFJob manifest (YAML or JSON; `-` reads standard input).
+    /// Submit a TrainingJob or Kubeflow TFJob manifest (YAML or JSON; `-` reads standard input),
+    /// or a job made from a template (--template NAME --name NEW [--set PATH=VALUE]...).
     Submit {
-        file: PathBuf,
+        #[arg(required_unless_present = "template", conflicts_with = "template")]
+        file: Option<PathBuf>,
+        /// Make the job from this template (agentctl template list) instead of a file.
+        #[arg(long, requires = "name")]
+        template: Option<String>,
+        /// The name of the job made from the template.
+        #[arg(long, requires = "template")]
+        name: Option<String>,
+        /// PATH=VALUE: set a field of the template's manifest, PATH as validation errors print
+        /// it (spec.tfReplicaSpecs.Worker.replicas=8, metadata.labels.team=ads), VALUE a YAML
+        /// scalar (8 a number, true a boolean, '"8"' text). Repeat for more.
+        #[arg(long = "set", value_name = "PATH=VALUE", requires = "template")]
+        set: Vec<String>,
         /// Wait for the job to finish, showing its progress; exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
@@ -103,6 +117,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: remote::TokenCommand,
+    },
+    /// Job templates: saved manifests that jobs are made from (submit --template).
+    Template {
+        #[command(subcommand)]
+        command: templates::TemplateCommand,
     },
     /// Finished jobs with their accounting, newest first (-o csv too), or --summary by user or
     /// queue.
@@ -201,7 +220,34 @@ fn main() -> ExitCode {
             Command::Nodes => nodes::list(&client, cli.output).await,
             Command::Drain { node } => nodes::drain(&client, &node, true, cli.output).await,
             Command::Resume { node } => nodes::drain(&client, &node, false, cli.output).await,
-            Command::Submit { file, wait } => jobs::submit(&client, &file, wait, cli.output).await,
+            Command::Submit {
+                file,
+                template,
+                name,
+                set,
+                wait,
+            } => {
+                // clap lets `--name` through beside a FILE (a requirement that conflicts with
+                // a given argument counts as met), so the combinations are checked here.
+                let submission = match (file, template, name) {
+                    (None, Some(template), Some(name)) => jobs::Submission::Template(
+                        agentd_api::templates::TemplateSubmit { name, set },
+                        template,
+                    ),
+                    (Some(file), None, None) if set.is_empty() => jobs::Submission::File(file),
+                    _ => {
+                        return Err(Failure::Usage(
+                            "submit takes a manifest FILE, or --template NAME --name NEW \
+                             [--set PATH=VALUE]... (not both)"
+                                .to_owned(),
+                        ));
+                    }
+                };
+                jobs::submit(&client, submission, wait, cli.output).await
+            }
+            Command::Template { command } => {
+                templates::template(&client, command, cli.output).await
+            }
             Command::Jobs { queue, state, user } => {
                 jobs::list(
                     &client,

@@ -5,8 +5,11 @@
 //!
 //! - anyone who may connect reads status, nodes, queues, events and the job list;
 //! - a user submits jobs, which become theirs, and cancels and reads the logs of their own jobs;
-//! - root and members of the admin group (`api.admin_group`) act on every job, and alone drain
-//!   and resume nodes.
+//! - a user saves job templates, which become theirs, and replaces and deletes their own; every
+//!   caller lists and reads every template, and a user submits jobs from any of them (a
+//!   machine's templates are shared, as its job list is);
+//! - root and members of the admin group (`api.admin_group`) act on every job and template, and
+//!   alone drain and resume nodes.
 //!
 //! A refusal is a 403 naming the rule that refused it.
 //!
@@ -127,6 +130,23 @@ impl Caller {
                 owner.map_or("nobody (it predates job owners)", |o| o.user.as_str()),
             ),
         })
+    }
+
+    /// May this caller replace or delete a template owned by `owner`?
+    pub fn may_change_template(&self, owner: &Owner) -> bool {
+        self.admin || self.owns(owner)
+    }
+
+    /// The refusal of a change to template `name`, owned by `owner`, by this caller.
+    pub fn not_template_owner(&self, name: &str, owner: &Owner) -> ApiError {
+        ApiError::Forbidden {
+            rule: "own-templates",
+            message: format!(
+                "{} may only replace or delete their own templates; template {name:?} belongs \
+                 to {}; save yours under another name, or ask them or an admin",
+                self.owner.user, owner.user
+            ),
+        }
     }
 
     /// May this caller drain or resume a node? That decides for everyone's jobs, so only root

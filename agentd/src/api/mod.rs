@@ -14,6 +14,7 @@ mod logs;
 pub mod remote;
 mod routes;
 pub mod socket;
+mod templates;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -61,6 +62,8 @@ pub struct ApiState {
     pub limits: Arc<ApiLimits>,
     /// Cluster mode: the Kubernetes edge, for the node list, drain and status.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// The job templates, where the agent keeps them (standalone mode).
+    pub templates: Option<crate::store::Templates>,
 }
 
 /// The limits one listener of the API enforces (see [`limits`]).
@@ -422,6 +425,9 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &list))
         }
         Route::History(request) => history::respond(core, request).await,
+        Route::Template(request) => {
+            templates::respond(state, caller, request, body, content_type.as_deref()).await
+        }
         Route::JobLogs {
             name,
             replica,

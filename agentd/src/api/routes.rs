@@ -6,6 +6,7 @@ use agentd_api::jobs::JobState;
 use hyper::Method;
 
 use super::ApiError;
+use super::templates::TemplateRequest;
 
 /// Every request the API understands, with its parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,7 @@ pub enum Route {
         job: Option<String>,
     },
     History(super::history::HistoryRequest),
+    Template(super::templates::TemplateRequest),
 }
 
 impl Route {
@@ -74,12 +76,19 @@ impl Route {
                     drain: *action == "drain",
                 }
             }
-            (["v1", "nodes", _, "drain" | "resume"], _) => return Err(not_allowed("POST")),
+            (["v1", "templates", name, "jobs"], false) if method == Method::POST => {
+                Route::Template(TemplateRequest::Submit {
+                    name: decode(name)?,
+                })
+            }
+            (["v1", "nodes", _, "drain" | "resume"] | ["v1", "templates", _, "jobs"], _) => {
+                return Err(not_allowed("POST"));
+            }
             (
                 ["healthz" | "readyz"]
                 | [
                     "v1",
-                    "status" | "node" | "nodes" | "queues" | "events" | "history",
+                    "status" | "node" | "nodes" | "queues" | "events" | "history" | "templates",
                 ]
                 | ["v1", "jobs", _, "logs"],
                 false,
@@ -114,6 +123,21 @@ impl Route {
                 follow: query.flag("follow")?,
             },
             (["v1", "history"], true) => Route::History(super::history::parse(&query)?),
+            (["v1", "templates"], true) => Route::Template(TemplateRequest::List),
+            (["v1", "templates", name], true) => Route::Template(TemplateRequest::Get {
+                name: decode(name)?,
+            }),
+            (["v1", "templates", name], false) if method == Method::PUT => {
+                Route::Template(TemplateRequest::Save {
+                    name: decode(name)?,
+                })
+            }
+            (["v1", "templates", name], false) if method == Method::DELETE => {
+                Route::Template(TemplateRequest::Delete {
+                    name: decode(name)?,
+                })
+            }
+            (["v1", "templates", _], false) => return Err(not_allowed("GET, PUT, DELETE")),
             (["v1", "events"], true) => Route::Events {
                 after: query.number("after")?.unwrap_or(0),
                 limit: query.number("limit")?.map_or(Ok(1000), |n: i64| {
@@ -150,6 +174,7 @@ impl Route {
             Route::DrainNode { drain: false, .. } => "resume_node",
             Route::Events { .. } => "events",
             Route::History(_) => "history",
+            Route::Template(request) => request.name(),
         }
     }
 }
@@ -288,6 +313,49 @@ mod tests {
         assert!(matches!(
             Route::parse(&Method::POST, "/v1/nodes/gpu-7/reboot", None),
             Err(ApiError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn template_routes() {
+        let parse = |method: Method, path: &str| Route::parse(&method, path, None);
+        assert_eq!(
+            parse(Method::GET, "/v1/templates").unwrap(),
+            Route::Template(TemplateRequest::List)
+        );
+        assert_eq!(
+            parse(Method::PUT, "/v1/templates/tf2").unwrap(),
+            Route::Template(TemplateRequest::Save { name: "tf2".into() })
+        );
+        assert_eq!(
+            parse(Method::GET, "/v1/templates/tf2").unwrap(),
+            Route::Template(TemplateRequest::Get { name: "tf2".into() })
+        );
+        assert_eq!(
+            parse(Method::DELETE, "/v1/templates/tf2").unwrap(),
+            Route::Template(TemplateRequest::Delete { name: "tf2".into() })
+        );
+        assert_eq!(
+            parse(Method::POST, "/v1/templates/tf2/jobs").unwrap(),
+            Route::Template(TemplateRequest::Submit { name: "tf2".into() })
+        );
+        assert!(matches!(
+            parse(Method::POST, "/v1/templates"),
+            Err(ApiError::MethodNotAllowed { allowed: "GET", .. })
+        ));
+        assert!(matches!(
+            parse(Method::POST, "/v1/templates/tf2"),
+            Err(ApiError::MethodNotAllowed {
+                allowed: "GET, PUT, DELETE",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(Method::GET, "/v1/templates/tf2/jobs"),
+            Err(ApiError::MethodNotAllowed {
+                allowed: "POST",
+                ..
+            })
         ));
     }
 

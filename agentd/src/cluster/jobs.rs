@@ -90,6 +90,7 @@ pub fn status_of(object: &DynamicObject, key: Option<&SubmitterKey>) -> Option<J
             backoff_limit: 0,
             generation: 0,
             owner: None,
+            template: None,
             replicas: Vec::new(),
             events: Vec::new(),
         },

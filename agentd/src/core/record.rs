@@ -150,6 +150,9 @@ impl JobRecord {
             backoff_limit: job.spec.run_policy.effective_backoff_limit(),
             generation: 0,
             owner: None,
+            template: agentd_api::templates::TemplateUse::from_annotations(|key| {
+                job.annotations.get(key).map(String::as_str)
+            }),
             replicas,
             events: Vec::new(),
         };

@@ -352,7 +352,7 @@ pub const MAX_ALIASES: usize = 1_000;
 /// Reads the bytes as exactly one JSON or YAML document. A UTF-8 byte order mark and empty
 /// documents (a leading or trailing `---`) are ignored. JSON goes through the JSON parser so its
 /// syntax errors read as JSON errors; everything else is YAML (with `<<` merge keys applied).
-fn read_document(bytes: &[u8]) -> Result<serde_json::Value, SpecError> {
+pub(super) fn read_document(bytes: &[u8]) -> Result<serde_json::Value, SpecError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     let syntax = |message: String| SpecError::Syntax { message };

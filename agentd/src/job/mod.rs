@@ -19,6 +19,7 @@ mod expand;
 mod manifest;
 mod policy;
 mod quantity;
+pub mod template;
 mod tf_config;
 mod validate;
 

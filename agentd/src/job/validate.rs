@@ -73,7 +73,7 @@ pub(super) fn validate_into(
 }
 
 /// A DNS-1035 label: the rule for Kubernetes Service names, which replicas' names derive from.
-fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_NAME_LEN

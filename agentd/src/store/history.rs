@@ -30,10 +30,10 @@ pub const MAX_PAGE: u32 = 1000;
 
 /// Copies (or refreshes) the accounting row of a finished job from its row in `jobs`, in the
 /// caller's transaction. The same expressions upgraded the rows of an older database (migration
-/// 3), so that a row reads the same whichever wrote it.
+/// 3; the template came with migration 4), so that a row reads the same whichever wrote it.
 pub(super) const RECORD_FINISHED: &str = "
     INSERT INTO job_history (name, user, queue, state, reason, message, submitted, started,
-        finished, replicas, gpus, gpu_seconds, restarts, restart_reasons, exit_codes)
+        finished, replicas, gpus, gpu_seconds, restarts, restart_reasons, exit_codes, template)
     SELECT name,
         json_extract(status, '$.owner.user'),
         json_extract(status, '$.queue'),
@@ -57,14 +57,16 @@ pub(super) const RECORD_FINISHED: &str = "
             'replica', json_extract(r.value, '$.name'),
             'exit_code', json_extract(r.value, '$.exit_code'),
             'signal', json_extract(r.value, '$.signal')))
-           FROM json_each(status, '$.replicas') AS r)
+           FROM json_each(status, '$.replicas') AS r),
+        json_extract(status, '$.template')
     FROM jobs WHERE name = ?1 AND finished IS NOT NULL AND json_valid(status)
     ON CONFLICT (name, submitted) DO UPDATE SET
         user = excluded.user, queue = excluded.queue, state = excluded.state,
         reason = excluded.reason, message = excluded.message, started = excluded.started,
         finished = excluded.finished, replicas = excluded.replicas, gpus = excluded.gpus,
         gpu_seconds = excluded.gpu_seconds, restarts = excluded.restarts,
-        restart_reasons = excluded.restart_reasons, exit_codes = excluded.exit_codes";
+        restart_reasons = excluded.restart_reasons, exit_codes = excluded.exit_codes,
+        template = excluded.template";
 
 /// Writes the history row of a job whose `jobs` row says it is finished.
 pub(super) fn record_finished(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<()> {
@@ -219,7 +221,7 @@ impl History {
         values.push(Value::Integer(i64::from(limit)));
         let sql = format!(
             "SELECT id, name, user, queue, state, reason, message, submitted, started, finished,
-                    replicas, gpus, gpu_seconds, restarts, restart_reasons, exit_codes
+                    replicas, gpus, gpu_seconds, restarts, restart_reasons, exit_codes, template
              FROM job_history {} ORDER BY finished DESC, id DESC LIMIT ?",
             join_where(&clauses)
         );
@@ -484,6 +486,9 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<HistoryEntry> {
         restarts: r.get(13)?,
         restart_reasons,
         exit_codes,
+        template: r
+            .get::<_, Option<String>>(16)?
+            .and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
 
@@ -538,6 +543,7 @@ mod tests {
                 gid: 1000,
                 user: user.into(),
             }),
+            template: None,
             replicas: vec![replica(0), replica(1)],
             events: Vec::new(),
         }
@@ -595,6 +601,48 @@ mod tests {
                 &[],
             );
         }
+    }
+
+    #[test]
+    fn a_job_made_from_a_template_keeps_it_in_its_history_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, history) = open(dir.path());
+        let used = agentd_api::templates::TemplateUse {
+            name: "tf2".into(),
+            values: vec![agentd_api::templates::TemplateValue {
+                path: "spec.tfReplicaSpecs.Worker.replicas".into(),
+                value: serde_json::json!(8),
+            }],
+        };
+        let mut made = finished(
+            "run-1",
+            "alice",
+            "fast",
+            JobState::Succeeded,
+            "Succeeded",
+            10.0,
+            1,
+        );
+        made.template = Some(used.clone());
+        write(&mut store, &made, None, &[]);
+        write(
+            &mut store,
+            &finished(
+                "plain",
+                "alice",
+                "fast",
+                JobState::Succeeded,
+                "Succeeded",
+                20.0,
+                1,
+            ),
+            None,
+            &[],
+        );
+        let page = history.page(&HistoryFilter::default(), None, 10).unwrap();
+        assert_eq!(names(&page), ["plain", "run-1"]);
+        assert_eq!(page.jobs[0].template, None);
+        assert_eq!(page.jobs[1].template, Some(used));
     }
 
     #[test]
@@ -933,7 +981,10 @@ mod tests {
             tx.commit().unwrap();
         }
         let (store, history) = open(dir.path());
-        assert_eq!(store.schema_version().unwrap(), 3);
+        assert_eq!(
+            store.schema_version().unwrap(),
+            super::super::migrations::ALL.len() as i64
+        );
         let page = history.page(&HistoryFilter::default(), None, 10).unwrap();
         assert_eq!(names(&page), ["old"]);
         let job = &page.jobs[0];

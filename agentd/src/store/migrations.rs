@@ -83,4 +83,16 @@ pub const ALL: &[&str] = &[
             'signal', json_extract(r.value, '$.signal')))
            FROM json_each(status, '$.replicas') AS r)
      FROM jobs WHERE finished IS NOT NULL;",
+    // 4: job templates, and the template (with the values) a finished job was made from.
+    "CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        owner_uid INTEGER NOT NULL,
+        owner_gid INTEGER NOT NULL,
+        owner_user TEXT NOT NULL,
+        manifest TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+     );
+     CREATE INDEX templates_owner ON templates (owner_user);
+     ALTER TABLE job_history ADD COLUMN template TEXT;",
 ];

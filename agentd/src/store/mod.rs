@@ -1,6 +1,7 @@
 //! The embedded database: one SQLite file in the state directory, in WAL mode, with versioned
-//! migrations. It holds what must survive a restart: jobs and their transitions, events, and a
-//! bounded window of inventory samples. It is synchronous; the core loop owns the one connection.
+//! migrations. It holds what must survive a restart: jobs and their transitions, events, a
+//! bounded window of inventory samples, and the job templates (`templates`, on a connection of
+//! their own). It is synchronous; the core loop owns the one connection.
 //!
 //! The core sees a store through [`JobStore`] only: SQLite here, `TrainingJob` objects in
 //! cluster mode, an in-memory one (`memory`) in tests.
@@ -10,6 +11,7 @@ pub mod kube;
 #[cfg(test)]
 pub mod memory;
 mod migrations;
+pub mod templates;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use history::{Cursor, History, HistoryFilter, Pruned};
+pub use templates::{TemplateError, Templates};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -11,7 +11,7 @@ import ssl
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 DEFAULT_SOCKET = "/run/agentd/agentd.sock"
 FINISHED_STATES = frozenset({"Succeeded", "Failed", "Cancelled"})
@@ -162,20 +162,35 @@ class Client:
     def submit(self, manifest: Manifest) -> JSON:
         """Submits a TrainingJob or TFJob: a path to a YAML or JSON file, the manifest's text,
         or a dict. Returns the new job's status."""
-        if isinstance(manifest, Mapping):
-            body, kind = json.dumps(manifest).encode(), "application/json"
-        elif isinstance(manifest, bytes):
-            body, kind = manifest, "application/yaml"
-        elif isinstance(manifest, os.PathLike) or (
-                isinstance(manifest, str) and "\n" not in manifest and Path(manifest).is_file()):
-            path = Path(manifest)
-            body = path.read_bytes()
-            kind = "application/json" if path.suffix == ".json" else "application/yaml"
-        elif isinstance(manifest, str):
-            body, kind = manifest.encode(), "application/yaml"
-        else:
-            raise TypeError(f"a manifest is a path, text, bytes or a dict, not {type(manifest).__name__}")
+        body, kind = _manifest_body(manifest)
         return self._json("POST", "/v1/jobs", body, kind)
+
+    def templates(self) -> List[JSON]:
+        """Every job template on the agent, by name (without their manifests)."""
+        return self._json("GET", "/v1/templates")["templates"]
+
+    def template(self, name: str) -> JSON:
+        """One template: its name, owner, times and the manifest as saved."""
+        return self._json("GET", f"/v1/templates/{_quote(name)}")
+
+    def save_template(self, name: str, manifest: Manifest) -> JSON:
+        """Saves a manifest (as ``submit`` takes it) as template ``name``, or replaces your
+        template of that name. It is checked as a submitted manifest is."""
+        body, kind = _manifest_body(manifest)
+        return self._json("PUT", f"/v1/templates/{_quote(name)}", body, kind)
+
+    def delete_template(self, name: str) -> JSON:
+        return self._json("DELETE", f"/v1/templates/{_quote(name)}")
+
+    def submit_template(self, template: str, name: str,
+                        values: Optional[Mapping[str, object]] = None) -> JSON:
+        """Submits job ``name`` made from ``template`` with ``values`` put at their field paths
+        (``{"spec.tfReplicaSpecs.Worker.replicas": 8}``), each keeping its Python type (a str
+        stays text). Returns the new job's status."""
+        sets = [f"{path}={json.dumps(value)}" for path, value in (values or {}).items()]
+        body = json.dumps({"name": name, "set": sets}).encode()
+        return self._json("POST", f"/v1/templates/{_quote(template)}/jobs", body,
+                          "application/json")
 
     def cancel(self, name: str) -> JSON:
         """Cancels an active job; removes a finished one."""
@@ -219,6 +234,23 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {name} is still {job['state']} after {timeout} s")
             time.sleep(poll)
+
+
+def _manifest_body(manifest: Manifest) -> Tuple[bytes, str]:
+    """A manifest's bytes and content type: from a path to a YAML or JSON file, the manifest's
+    text, bytes or a dict."""
+    if isinstance(manifest, Mapping):
+        return json.dumps(manifest).encode(), "application/json"
+    if isinstance(manifest, bytes):
+        return manifest, "application/yaml"
+    if isinstance(manifest, os.PathLike) or (
+            isinstance(manifest, str) and "\n" not in manifest and Path(manifest).is_file()):
+        path = Path(manifest)
+        kind = "application/json" if path.suffix == ".json" else "application/yaml"
+        return path.read_bytes(), kind
+    if isinstance(manifest, str):
+        return manifest.encode(), "application/yaml"
+    raise TypeError(f"a manifest is a path, text, bytes or a dict, not {type(manifest).__name__}")
 
 
 def _quote(name: str) -> str:

@@ -83,6 +83,26 @@ class ClientTest(unittest.TestCase):
             self.client.jobs(state="sleeping")
         self.assertEqual((caught.exception.code, caught.exception.field), ("bad_request", "state"))
 
+    def test_templates(self) -> None:
+        saved = self.client.save_template("sdk-tpl", manifest("base", "echo from a template"))
+        self.assertEqual(saved["owner"]["uid"], os.getuid())
+        self.assertIn("sdk-tpl", [t["name"] for t in self.client.templates()])
+        self.assertIn("echo from a template", self.client.template("sdk-tpl")["manifest"])
+        job = self.client.submit_template("sdk-tpl", "sdk-from-tpl", {
+            "spec.replicaSpecs.Worker.replicas": 1, "metadata.labels.team": "sdk"})
+        self.assertEqual(job["template"]["name"], "sdk-tpl")
+        self.assertEqual(len(job["replicas"]), 1)
+        self.assertEqual(self.client.wait("sdk-from-tpl", timeout=60)["state"], "Succeeded")
+        with self.assertRaises(ApiError) as caught:
+            self.client.submit_template("sdk-tpl", "sdk-bad-tpl",
+                                        {"spec.replicaSpecs.Worker.replicas": -1})
+        self.assertEqual((caught.exception.code, caught.exception.field),
+                         ("invalid_spec", "spec.replicaSpecs.Worker.replicas"))
+        self.client.delete_template("sdk-tpl")
+        with self.assertRaises(ApiError) as caught:
+            self.client.template("sdk-tpl")
+        self.assertEqual(caught.exception.code, "not_found")
+
     def test_unreachable(self) -> None:
         with self.assertRaises(Unreachable):
             Client(socket="/nonexistent/agentd.sock").status()

@@ -195,6 +195,7 @@ fn status(name: &str, state: JobState, reason: &str) -> JobStatus {
             gid: 1000,
             user: "ada".to_owned(),
         }),
+        template: None,
         replicas: vec![ReplicaStatus {
             name: "worker-0".to_owned(),
             replica_type: "worker".to_owned(),

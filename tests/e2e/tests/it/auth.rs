@@ -17,7 +17,7 @@ const SOCKET_GROUP: &str = "agentd";
 pub(crate) const ADMIN_GROUP: &str = "agentd-test-admin";
 pub(crate) const ALICE: &str = "agentd-test-alice";
 pub(crate) const BOB: &str = "agentd-test-bob";
-const CAROL: &str = "agentd-test-carol";
+pub(crate) const CAROL: &str = "agentd-test-carol";
 
 /// Creates the test users and groups once (the tests run as root; `useradd` is idempotent here
 /// because an existing user or group is accepted).
@@ -59,7 +59,7 @@ pub(crate) fn users() {
     });
 }
 
-fn agent() -> Agent {
+pub(crate) fn agent() -> Agent {
     users();
     let agent = Agent::start(AgentOptions {
         config: format!("[api]\nadmin_group = \"{ADMIN_GROUP}\"\n[jobs]\nkill_grace = \"2s\"\n"),

@@ -13,4 +13,5 @@ mod owners;
 mod placement;
 mod remote;
 mod sdk;
+mod templates;
 mod tensorflow;

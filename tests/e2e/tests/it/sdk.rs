@@ -81,7 +81,7 @@ fn python_sdk_against_a_real_agent() {
         .env_remove("AGENTD_SERVER")
         .env("PYTHONPATH", &site));
     assert!(
-        report.contains("Ran 5 tests") && !report.contains("skipped"),
+        report.contains("Ran 6 tests") && !report.contains("skipped"),
         "{report}"
     );
 }
