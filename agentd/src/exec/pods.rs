@@ -117,6 +117,8 @@ struct State {
     stuck: HashMap<ReplicaKey, Stuck>,
     /// The latest `FailedMount` warning of each pod that had one.
     mount_failures: HashMap<PodRef, String>,
+    /// The nodes lost, as the core last said: their kubelets will not confirm a stop.
+    lost_nodes: BTreeSet<String>,
 }
 
 /// A gang generation: namespace, job, generation.
@@ -132,6 +134,8 @@ struct KnownPod {
     job: String,
     generation: u32,
     replica: String,
+    /// The node it is bound to.
+    node: String,
     /// Whether the watch has seen it (a pod only created may not have reached it yet).
     seen: bool,
     phase: Option<String>,
@@ -303,6 +307,11 @@ impl Shared {
                     job,
                     generation,
                     replica,
+                    node: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default(),
                     seen: true,
                     phase: phase(pod).map(str::to_owned),
                     deleting: pod.metadata.deletion_timestamp.is_some(),
@@ -476,16 +485,44 @@ impl Shared {
 
     /// Deletes the pods of one gang generation with `grace`, and ends when they are gone;
     /// those still there after the grace (and [`FORCE_AFTER_GRACE`]) are deleted at once.
+    /// Those on a lost node are deleted at once from the start: its kubelet will never confirm
+    /// a graceful stop, and the gang's restart must not wait for it. Should the node come
+    /// back, its kubelet finds the pod gone and kills what is left of it.
     async fn stop_generation(&self, job: &str, generation: u32, grace: Duration) {
         self.lock()
             .prepared
             .retain(|(_, j, g), _| !(j == job && *g == generation));
-        let pods = self.pods_where(|p| p.job == job && p.generation == generation);
+        // Each pod of the generation, and whether its node is lost.
+        let pods: Vec<(PodRef, bool)> = {
+            let state = self.lock();
+            state
+                .pods
+                .iter()
+                .filter(|(_, p)| p.job == job && p.generation == generation)
+                .map(|(r, p)| (r.clone(), state.lost_nodes.contains(&p.node)))
+                .collect()
+        };
         if pods.is_empty() {
             return;
         }
+        let (on_lost, graceful): (Vec<_>, Vec<_>) = pods.into_iter().partition(|(_, lost)| *lost);
+        let on_lost: Vec<PodRef> = on_lost.into_iter().map(|(r, _)| r).collect();
+        let graceful: Vec<PodRef> = graceful.into_iter().map(|(r, _)| r).collect();
+        if !on_lost.is_empty() {
+            tracing::warn!(
+                job,
+                generation,
+                pods = on_lost.len(),
+                "deleting the pods on lost nodes at once: their kubelets will not confirm a stop"
+            );
+        }
         let seconds = u32::try_from(grace.as_secs()).unwrap_or(u32::MAX);
-        self.delete_pods(&pods, seconds).await;
+        futures::future::join(
+            self.delete_pods(&on_lost, 0),
+            self.delete_pods(&graceful, seconds),
+        )
+        .await;
+        let pods: Vec<PodRef> = graceful.into_iter().chain(on_lost).collect();
         let deadline = tokio::time::Instant::now() + grace + FORCE_AFTER_GRACE;
         if tokio::time::timeout_at(deadline, self.gone(&pods))
             .await
@@ -603,6 +640,7 @@ impl Shared {
                 job: spec.job.clone(),
                 generation: spec.generation,
                 replica: spec.replica.clone(),
+                node: launch.node.clone(),
                 seen: false,
                 phase: None,
                 deleting: false,
@@ -1027,6 +1065,10 @@ impl Executor for PodExecutor {
         self.shared.lock().prepared.retain(|(_, j, _), _| j != job);
         let pods = self.shared.pods_where(|p| p.job == job);
         self.shared.delete_now(pods)
+    }
+
+    fn nodes_lost(&self, nodes: &BTreeSet<String>) {
+        self.shared.lock().lost_nodes.clone_from(nodes);
     }
 
     fn discard_all_but(&self, keep: &BTreeSet<String>) {
