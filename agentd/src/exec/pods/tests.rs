@@ -473,6 +473,35 @@ async fn a_stop_ends_when_the_generations_pods_are_gone() {
     sim.handle.shutdown();
 }
 
+/// A stop does not wait for the kubelet of a lost node: the pod there is deleted at once, the
+/// others with the stop's grace (longer than any test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_the_kubelet_of_a_lost_node() {
+    let sim = start_sim(3).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job("cut", &json!({}));
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    for _ in 0..3 {
+        let report = next_report(&mut rx).await;
+        assert!(
+            matches!(report.event, ReplicaEvent::Started { pid: 1 }),
+            "{report:?}"
+        );
+    }
+    assert!(sim.handle.stop_node("node-1"), "a simulated node");
+    executor.nodes_lost(&BTreeSet::from(["node-1".to_owned()]));
+    tokio::time::timeout(
+        PATIENCE,
+        executor.stop("cut", 1, vec![1, 1, 1], Duration::from_hours(1)),
+    )
+    .await
+    .expect("the stop ends without the lost node's kubelet");
+    assert!(sim.pods("cut").await.is_empty());
+    sim.handle.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_deleted_under_a_running_replica_is_a_failure_to_retry() {
     let sim = start_sim(3).await;
