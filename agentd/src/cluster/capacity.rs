@@ -366,10 +366,13 @@ fn judge_lost(
         else {
             continue;
         };
-        if age > objects.node_lost_grace {
+        let Some(left) = objects
+            .node_lost_grace
+            .checked_sub(age)
+            .filter(|left| !left.is_zero())
+        else {
             return (Some(sign.describe(name, objects.now)), None);
-        }
-        let left = objects.node_lost_grace - age;
+        };
         lost_in = Some(lost_in.map_or(left, |l| l.min(left)));
     }
     (None, lost_in)
