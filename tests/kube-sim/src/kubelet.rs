@@ -33,7 +33,7 @@ pub const LOG: &str = "sim.agentd.io/log";
 const NODE_GRACE: Duration = Duration::from_secs(40);
 const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The longest the kubelet waits before it retries a volume mount that failed.
-const MOUNT_BACKOFF_MAX: Duration = Duration::from_millis(122_000);
+const MOUNT_BACKOFF_MAX: Duration = Duration::from_secs(122);
 
 /// The failure classes a pod can be told to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
