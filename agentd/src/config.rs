@@ -45,6 +45,8 @@ pub const DEFAULT_MOUNT_TIMEOUT: Duration = Duration::from_mins(2);
 pub const DEFAULT_IMAGE_PULL_TIMEOUT: Duration = Duration::from_mins(5);
 /// `cluster.node_refusal_cooldown`'s default.
 pub const DEFAULT_NODE_REFUSAL_COOLDOWN: Duration = Duration::from_mins(5);
+/// `cluster.node_lost_grace`'s default: as long as Kubernetes' own node monitor grace period.
+pub const DEFAULT_NODE_LOST_GRACE: Duration = Duration::from_secs(40);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -146,6 +148,10 @@ pub struct ClusterConfig {
     /// replicas; `0s` keeps no node out.
     #[serde(with = "duration_text")]
     pub node_refusal_cooldown: Duration,
+    /// How long a node may be not Ready, or its kubelet's Lease (`kube-node-lease`) expired,
+    /// before it is lost: its gangs restart on other nodes with reason `NodeLost`.
+    #[serde(with = "duration_text")]
+    pub node_lost_grace: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -163,6 +169,7 @@ impl Default for ClusterConfig {
             mount_timeout: DEFAULT_MOUNT_TIMEOUT,
             image_pull_timeout: DEFAULT_IMAGE_PULL_TIMEOUT,
             node_refusal_cooldown: DEFAULT_NODE_REFUSAL_COOLDOWN,
+            node_lost_grace: DEFAULT_NODE_LOST_GRACE,
         }
     }
 }
@@ -539,6 +546,12 @@ impl Config {
             return Err(invalid(
                 "cluster.place_jobs",
                 "needs mode = \"cluster\": a standalone agent runs jobs on its own machine".into(),
+            ));
+        }
+        if c.node_lost_grace < Duration::from_secs(1) {
+            return Err(invalid(
+                "cluster.node_lost_grace",
+                "must be at least 1s (a kubelet that misses one status update is not lost)".into(),
             ));
         }
         for (field, timeout) in [
@@ -929,7 +942,8 @@ mod tests {
             "{err}"
         );
 
-        for key in ["mount_timeout", "image_pull_timeout"] {
+        assert_eq!(config.cluster.node_lost_grace, Duration::from_secs(40));
+        for key in ["mount_timeout", "image_pull_timeout", "node_lost_grace"] {
             let mut config =
                 Config::from_toml(&format!("mode = \"cluster\"\n[cluster]\n{key} = \"0s\"\n"))
                     .unwrap();

@@ -442,7 +442,7 @@ fn start_cluster_core(
     );
     // Only an agent that may lead places, and only its role may watch every pod and Node.
     let nodes = if cluster.leader_eligible {
-        crate::cluster::feed::spawn(&cluster, stop.clone())
+        crate::cluster::feed::spawn(&cluster, config.cluster.node_lost_grace, stop.clone())
     } else {
         watch::channel(Arc::default()).1
     };

@@ -7,8 +7,13 @@
 //! unhealthy are taken out: the usable GPUs are the fewer of allocatable and healthy, since a
 //! device plugin may already leave an unhealthy GPU out of allocatable and it must not count
 //! twice. A node that is cordoned, not Ready, drained (`agentd.io/drain`), tainted NoSchedule
-//! or NoExecute without a matching toleration, or whose agent's heartbeat Lease is stale or
-//! missing, takes no new replicas, and says why.
+//! or NoExecute without a matching toleration, whose kubelet's Lease (`kube-node-lease`) has
+//! expired, or whose agent's heartbeat Lease is stale or missing, takes no new replicas, and
+//! says why.
+//!
+//! A node not Ready, or whose kubelet's Lease expired, for longer than `cluster.node_lost_grace`
+//! is lost: its gangs restart elsewhere. A node whose agent alone is stale is closed, not lost:
+//! its kubelet still runs what it runs.
 //!
 //! Pure: the caller lists the objects and passes the time.
 
@@ -17,7 +22,7 @@ use std::time::Duration;
 
 use agentd_api::AgentState;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Container, Node, NodeCondition, Pod, PodSpec, Taint, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::Timestamp;
 
@@ -98,6 +103,8 @@ pub enum ClosedReason {
     Cordoned,
     /// Its `Ready` condition is not `True`.
     NotReady,
+    /// Its kubelet has not renewed its Lease in `kube-node-lease` within the Lease's duration.
+    KubeletStale,
     /// Labelled `agentd.io/drain=true` (`agentctl drain`).
     Drained,
     /// A NoSchedule or NoExecute taint the template does not tolerate.
@@ -131,6 +138,12 @@ pub struct NodeFree {
     pub free: Amount,
     /// Why it takes no new replicas; empty when it does.
     pub closed: Vec<Closed>,
+    /// What was seen, when the node is lost: not Ready, or its kubelet silent, past
+    /// `cluster.node_lost_grace`.
+    pub lost: Option<String>,
+    /// How long until it is lost, if nothing changes: for a node not Ready, or whose
+    /// kubelet's Lease expired, that is not lost yet.
+    pub lost_in: Option<Duration>,
 }
 
 impl NodeFree {
@@ -150,9 +163,13 @@ pub struct ClusterObjects<'a> {
     pub agents: &'a BTreeMap<String, AgentNodeStatus>,
     /// The agents' heartbeat Leases `agentd-node-<node>` (others are ignored).
     pub leases: &'a [Lease],
+    /// The kubelets' Leases in `kube-node-lease`, named after their nodes.
+    pub kubelet_leases: &'a [Lease],
     pub now: Timestamp,
     /// The heartbeat interval, for a Lease that does not state its duration.
     pub lease_interval: Duration,
+    /// `cluster.node_lost_grace`.
+    pub node_lost_grace: Duration,
 }
 
 /// Every listed node's free capacity, in name order, judged for a pod template with
@@ -177,6 +194,11 @@ pub fn free_capacity(objects: &ClusterObjects<'_>, tolerations: &[Toleration]) -
         .iter()
         .filter_map(|l| l.metadata.name.as_deref().map(|n| (n, l)))
         .collect();
+    let kubelet_leases: BTreeMap<&str, &Lease> = objects
+        .kubelet_leases
+        .iter()
+        .filter_map(|l| l.metadata.name.as_deref().map(|n| (n, l)))
+        .collect();
     let mut list: Vec<NodeFree> = objects
         .nodes
         .iter()
@@ -184,12 +206,13 @@ pub fn free_capacity(objects: &ClusterObjects<'_>, tolerations: &[Toleration]) -
             let name = node.metadata.name.clone()?;
             let requested = requested.get(name.as_str()).copied().unwrap_or_default();
             let lease = leases.get(lease_name(&name).as_str()).copied();
+            let kubelet = kubelet_leases.get(name.as_str()).copied();
             Some(node_free(
                 node,
                 name.clone(),
                 requested,
                 objects.agents.get(&name),
-                lease,
+                (lease, kubelet),
                 objects,
                 tolerations,
             ))
@@ -248,12 +271,119 @@ pub fn pod_requests(spec: &PodSpec) -> Amount {
         .plus(Amount::from_list(spec.overhead.as_ref(), None, unreadable))
 }
 
+/// A sign that a node no longer answers, and since when.
+enum Silence {
+    /// Its `Ready` condition is not `True` (since its last transition), with what it says.
+    NotReady { since: Timestamp, said: String },
+    /// Its kubelet's Lease expired: renewed last at `renewed`, lasting `lasts`.
+    KubeletLease { renewed: Timestamp, lasts: Duration },
+}
+
+impl Silence {
+    /// Since when it has been silent: a Lease counts from when it expired.
+    fn since(&self) -> Option<Timestamp> {
+        match self {
+            Self::NotReady { since, .. } => Some(*since),
+            Self::KubeletLease { renewed, lasts } => renewed.checked_add(*lasts).ok(),
+        }
+    }
+
+    fn describe(&self, node: &str, now: Timestamp) -> String {
+        let age =
+            |t: Timestamp| Duration::try_from(now.duration_since(t)).map_or(0, |d| d.as_secs());
+        match self {
+            Self::NotReady { since, said } if said.is_empty() => {
+                format!("node {node} not Ready for {}s", age(*since))
+            }
+            Self::NotReady { since, said } => {
+                format!("node {node} not Ready for {}s ({said})", age(*since))
+            }
+            Self::KubeletLease { renewed, lasts } => format!(
+                "node {node}: its kubelet has not renewed its Lease for {}s (it lasts {}s)",
+                age(*renewed),
+                lasts.as_secs()
+            ),
+        }
+    }
+}
+
+/// The kubelet's own default Lease duration, for a Lease that does not state one.
+const KUBELET_LEASE: Duration = Duration::from_secs(40);
+
+/// The signs that a node no longer answers: a Ready condition not True (with a transition
+/// time), a kubelet Lease past its duration (`now`).
+fn silences(
+    ready: Option<&NodeCondition>,
+    kubelet: Option<&Lease>,
+    now: Timestamp,
+) -> Vec<Silence> {
+    let mut silent = Vec::new();
+    if let Some(c) = ready.filter(|c| c.status != "True")
+        && let Some(since) = c.last_transition_time.as_ref()
+    {
+        let said = [c.reason.as_deref(), c.message.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        silent.push(Silence::NotReady {
+            since: since.0,
+            said,
+        });
+    }
+    if let Some(spec) = kubelet.and_then(|l| l.spec.as_ref())
+        && let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())
+    {
+        let lasts = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .filter(|s| *s > 0)
+            .map_or(KUBELET_LEASE, Duration::from_secs);
+        let lease = Silence::KubeletLease {
+            renewed: renewed.0,
+            lasts,
+        };
+        if lease.since().is_some_and(|expired| expired <= now) {
+            silent.push(lease);
+        }
+    }
+    silent
+}
+
+/// Whether a node is lost at `now` (what was seen, the first sign past the grace), and if
+/// not, how long until it will be.
+fn judge_lost(
+    name: &str,
+    silent: &[Silence],
+    objects: &ClusterObjects<'_>,
+) -> (Option<String>, Option<Duration>) {
+    let mut lost_in: Option<Duration> = None;
+    for sign in silent {
+        let Some(age) = sign
+            .since()
+            .and_then(|since| Duration::try_from(objects.now.duration_since(since)).ok())
+        else {
+            continue;
+        };
+        let Some(left) = objects
+            .node_lost_grace
+            .checked_sub(age)
+            .filter(|left| !left.is_zero())
+        else {
+            return (Some(sign.describe(name, objects.now)), None);
+        };
+        lost_in = Some(lost_in.map_or(left, |l| l.min(left)));
+    }
+    (None, lost_in)
+}
+
 fn node_free(
     node: &Node,
     name: String,
     requested: Amount,
     agent: Option<&AgentNodeStatus>,
-    lease: Option<&Lease>,
+    (lease, kubelet): (Option<&Lease>, Option<&Lease>),
     objects: &ClusterObjects<'_>,
     tolerations: &[Toleration],
 ) -> NodeFree {
@@ -332,6 +462,17 @@ fn node_free(
             );
         }
     }
+    let silent = silences(ready, kubelet, objects.now);
+    if let Some(lease) = silent
+        .iter()
+        .find(|s| matches!(s, Silence::KubeletLease { .. }))
+    {
+        close(
+            ClosedReason::KubeletStale,
+            lease.describe(&name, objects.now),
+        );
+    }
+    let (lost, lost_in) = judge_lost(&name, &silent, objects);
     let agent_presence = presence(lease, objects.now, objects.lease_interval);
     match agent_presence.state {
         AgentState::Fresh => {}
@@ -358,6 +499,8 @@ fn node_free(
         unhealthy_gpus,
         free: usable.minus(requested),
         closed,
+        lost,
+        lost_in,
     }
 }
 
@@ -386,7 +529,7 @@ pub(crate) mod tests {
     use k8s_openapi::api::core::v1::{
         NodeCondition, NodeSpec, NodeStatus, PodStatus, ResourceRequirements,
     };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
     use proptest::prelude::*;
 
     use super::super::inventory::AgentGpu;
@@ -495,8 +638,10 @@ pub(crate) mod tests {
                 pods,
                 agents,
                 leases: &leases,
+                kubelet_leases: &[],
                 now: NOW.parse().unwrap(),
                 lease_interval: Duration::from_secs(10),
+                node_lost_grace: Duration::from_secs(40),
             },
             tolerations,
         )
@@ -753,8 +898,10 @@ pub(crate) mod tests {
                 pods: &[],
                 agents: &BTreeMap::new(),
                 leases: &[stale],
+                kubelet_leases: &[],
                 now: NOW.parse().unwrap(),
                 lease_interval: Duration::from_secs(10),
+                node_lost_grace: Duration::from_secs(40),
             },
             &[],
         );
@@ -766,6 +913,84 @@ pub(crate) mod tests {
         );
         assert_eq!(reasons(&free[1]), [ClosedReason::NoAgent]);
         assert!(free[1].closed[0].message.contains("agentd-node-b"));
+        // The kubelet still runs what it runs: closed, not lost.
+        assert!(free.iter().all(|f| f.lost.is_none() && f.lost_in.is_none()));
+    }
+
+    /// A node not Ready, or whose kubelet's Lease expired, is closed at once and lost once that
+    /// has lasted past `cluster.node_lost_grace`; the message says what was seen, for how long.
+    #[test]
+    fn a_node_silent_past_the_grace_is_lost_and_says_what_was_seen() {
+        let not_ready = |name: &str, since: &str| {
+            let mut n = node(name, "8", "8Gi", "1");
+            let c = &mut n.status.as_mut().unwrap().conditions.as_mut().unwrap()[0];
+            c.status = "Unknown".into();
+            c.reason = Some("NodeStatusUnknown".into());
+            c.message = Some("Kubelet stopped posting node status.".into());
+            c.last_transition_time = Some(Time(since.parse().unwrap()));
+            n
+        };
+        let kubelet = |name: &str, renewed: &str| {
+            let mut l = crate::cluster::view::tests::lease(name, renewed.parse().unwrap(), 40);
+            l.metadata.name = Some(name.into());
+            l
+        };
+        let nodes = [
+            // Not Ready for 41 s (NOW is 00:01:00).
+            not_ready("a", "2026-01-01T00:00:19Z"),
+            // Not Ready for 30 s: closed, lost in 10 s.
+            not_ready("b", "2026-01-01T00:00:30Z"),
+            // Ready, but its kubelet renewed 85 s ago: expired 45 s ago.
+            node("c", "8", "8Gi", "1"),
+            // Renewed 50 s ago: expired 10 s ago; lost in 30 s.
+            node("d", "8", "8Gi", "1"),
+            // Renewed 5 s ago.
+            node("e", "8", "8Gi", "1"),
+        ];
+        let agent_leases: Vec<Lease> = ["a", "b", "c", "d", "e"].map(fresh_lease).to_vec();
+        let kubelet_leases = [
+            kubelet("a", "2026-01-01T00:00:55Z"),
+            kubelet("b", "2026-01-01T00:00:55Z"),
+            kubelet("c", "2025-12-31T23:59:35Z"),
+            kubelet("d", "2026-01-01T00:00:10Z"),
+            kubelet("e", "2026-01-01T00:00:55Z"),
+        ];
+        let free = free_capacity(
+            &ClusterObjects {
+                nodes: &nodes,
+                pods: &[],
+                agents: &BTreeMap::new(),
+                leases: &agent_leases,
+                kubelet_leases: &kubelet_leases,
+                now: NOW.parse().unwrap(),
+                lease_interval: Duration::from_secs(10),
+                node_lost_grace: Duration::from_secs(40),
+            },
+            &[],
+        );
+        let lost: Vec<Option<&str>> = free.iter().map(|f| f.lost.as_deref()).collect();
+        assert_eq!(
+            lost,
+            [
+                Some(
+                    "node a not Ready for 41s (NodeStatusUnknown: Kubelet stopped posting node \
+                     status.)"
+                ),
+                None,
+                Some("node c: its kubelet has not renewed its Lease for 85s (it lasts 40s)"),
+                None,
+                None,
+            ]
+        );
+        let lost_in: Vec<Option<u64>> = free
+            .iter()
+            .map(|f| f.lost_in.map(|d| d.as_secs()))
+            .collect();
+        assert_eq!(lost_in, [None, Some(10), None, Some(30), None]);
+        assert_eq!(reasons(&free[1]), [ClosedReason::NotReady]);
+        assert_eq!(reasons(&free[2]), [ClosedReason::KubeletStale]);
+        assert_eq!(reasons(&free[3]), [ClosedReason::KubeletStale]);
+        assert!(free[4].open(), "{:?}", free[4].closed);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Where the leader may place replicas: the cluster's nodes as the scheduler sees them, kept up
-//! to date from watches on Nodes, Pods, `AgentNode`s and the agents' heartbeat Leases (never
-//! from polling lists), and recomputed whenever one of them changes.
+//! to date from watches on Nodes, Pods, `AgentNode`s, the agents' heartbeat Leases and the
+//! kubelets' Leases (never from polling lists), and recomputed whenever one of them changes, and
+//! when a node that has gone silent reaches `cluster.node_lost_grace` (nothing changes then: it
+//! is the silence that counts). Lost nodes are published with the capacity, for the core to
+//! restart their gangs.
 //!
 //! The scheduler subtracts what agentd's own gangs hold (the core knows their placements,
 //! including those whose pods are not created yet), so a node's capacity here is what every
@@ -23,7 +26,11 @@ use tokio::sync::watch;
 use super::Cluster;
 use super::capacity::{ClusterObjects, NodeFree, free_capacity};
 use super::inventory::{AgentNodeStatus, LABEL_GPU_PRODUCT};
+use crate::core::{ClusterNodes, LostNode};
 use crate::sched::{GpuSlot, NodeCapacity};
+
+/// Where the kubelets keep their Leases.
+const KUBELET_LEASE_NAMESPACE: &str = "kube-node-lease";
 
 /// The label on every pod agentd creates, naming its job.
 pub const LABEL_JOB: &str = "agentd.io/job";
@@ -39,6 +46,27 @@ const SETTLE: Duration = Duration::from_millis(50);
 pub fn placement_nodes(objects: &ClusterObjects<'_>) -> Vec<NodeCapacity> {
     let free = free_capacity(objects, &[]);
     sched_nodes(&free, objects.agents)
+}
+
+/// The cluster's nodes for the core: their capacity and which are lost; and how long until
+/// the next silent node is lost, if one will be.
+pub fn cluster_nodes(objects: &ClusterObjects<'_>) -> (ClusterNodes, Option<Duration>) {
+    let free = free_capacity(objects, &[]);
+    let lost = free
+        .iter()
+        .filter_map(|n| {
+            Some(LostNode {
+                name: n.name.clone(),
+                message: n.lost.clone()?,
+            })
+        })
+        .collect();
+    let next = free.iter().filter_map(|n| n.lost_in).min();
+    let nodes = ClusterNodes {
+        capacity: Arc::new(sched_nodes(&free, objects.agents)),
+        lost,
+    };
+    (nodes, next)
 }
 
 /// The pods that are not agentd's.
@@ -96,25 +124,29 @@ fn is_agentd_pod(pod: &Pod) -> bool {
 
 /// Watches the cluster until `stop` turns true, and publishes its nodes on the returned channel
 /// after each change. Starts with no nodes: nothing is placed before the first lists are in.
+/// `node_lost_grace`: `cluster.node_lost_grace`.
 pub fn spawn(
     cluster: &Cluster,
+    node_lost_grace: Duration,
     stop: watch::Receiver<bool>,
-) -> watch::Receiver<Arc<Vec<NodeCapacity>>> {
-    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+) -> watch::Receiver<Arc<ClusterNodes>> {
+    let (tx, rx) = watch::channel(Arc::default());
     let cluster = cluster.clone();
-    tokio::spawn(async move { follow(cluster, tx, stop).await });
+    tokio::spawn(async move { follow(cluster, node_lost_grace, tx, stop).await });
     rx
 }
 
 async fn follow(
     cluster: Cluster,
-    tx: watch::Sender<Arc<Vec<NodeCapacity>>>,
+    node_lost_grace: Duration,
+    tx: watch::Sender<Arc<ClusterNodes>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let client = cluster.watch_client().clone();
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (pods, pods_w) = reflector::store::<Pod>();
     let (leases, leases_w) = reflector::store::<Lease>();
+    let (kubelet_leases, kubelet_leases_w) = reflector::store::<Lease>();
     let agents_w = reflector::store::Writer::<DynamicObject>::new(super::agent_node_resource());
     let agents = agents_w.as_reader();
     let config = watcher::Config::default;
@@ -135,6 +167,15 @@ async fn follow(
     )
     .default_backoff()
     .map(|e| e.map(|_| ()));
+    let kubelet_lease_events = reflector::reflector(
+        kubelet_leases_w,
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), KUBELET_LEASE_NAMESPACE),
+            config(),
+        ),
+    )
+    .default_backoff()
+    .map(|e| e.map(|_| ()));
     let agent_events =
         reflector::reflector(agents_w, watcher(cluster.agent_nodes_watch_api(), config()))
             .default_backoff()
@@ -143,12 +184,23 @@ async fn follow(
         node_events.boxed(),
         pod_events.boxed(),
         lease_events.boxed(),
+        kubelet_lease_events.boxed(),
         agent_events.boxed(),
     ]));
     let mut said_failing = false;
+    // When the next silent node reaches the grace, if one will.
+    let mut recheck: Option<tokio::time::Instant> = None;
     loop {
+        let at = recheck;
+        let at_recheck = async move {
+            match at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             next = events.next() => next,
+            () = at_recheck => Some(Ok(())),
             _ = stop.wait_for(|s| *s) => return,
         };
         match next {
@@ -175,12 +227,42 @@ async fn follow(
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
+        // Not the kubelets' Leases: without them (a role that may not read kube-node-lease)
+        // a node is judged by its Ready condition alone.
         if !(ready(&nodes) && ready(&pods) && ready(&leases) && ready(&agents)) {
             continue;
         }
-        let computed = compute(&cluster, &nodes, &pods, &leases, &agents);
-        tx.send_replace(Arc::new(computed));
+        let leases = Leases {
+            agents: &leases,
+            kubelets: &kubelet_leases,
+        };
+        let (mut computed, next) =
+            compute(&cluster, node_lost_grace, &nodes, &pods, &leases, &agents);
+        recheck = next.map(|d| tokio::time::Instant::now() + d + RECHECK_MARGIN);
+        tx.send_if_modified(|published| {
+            // A node stays lost with the words it was lost with (its age would change them
+            // every time).
+            for lost in &mut computed.lost {
+                if let Some(was) = published.lost.iter().find(|l| l.name == lost.name) {
+                    lost.message.clone_from(&was.message);
+                }
+            }
+            if **published == computed {
+                return false;
+            }
+            *published = Arc::new(computed);
+            true
+        });
     }
+}
+
+/// Past a silent node's grace before it is judged again: the timestamps are whole seconds.
+const RECHECK_MARGIN: Duration = Duration::from_millis(200);
+
+/// The Leases the nodes are judged by.
+struct Leases<'a> {
+    agents: &'a Store<Lease>,
+    kubelets: &'a Store<Lease>,
 }
 
 /// Whether a store has had its first list.
@@ -194,14 +276,26 @@ where
 
 fn compute(
     cluster: &Cluster,
+    node_lost_grace: Duration,
     nodes: &Store<Node>,
     pods: &Store<Pod>,
-    leases: &Store<Lease>,
+    leases: &Leases<'_>,
     agents: &Store<DynamicObject>,
-) -> Vec<NodeCapacity> {
+) -> (ClusterNodes, Option<Duration>) {
     let nodes: Vec<Node> = nodes.state().iter().map(|n| Node::clone(n)).collect();
     let pods = others(pods.state().iter().map(AsRef::as_ref));
-    let leases: Vec<Lease> = leases.state().iter().map(|l| Lease::clone(l)).collect();
+    let kubelet_leases: Vec<Lease> = leases
+        .kubelets
+        .state()
+        .iter()
+        .map(|l| Lease::clone(l))
+        .collect();
+    let leases: Vec<Lease> = leases
+        .agents
+        .state()
+        .iter()
+        .map(|l| Lease::clone(l))
+        .collect();
     let agents: BTreeMap<String, AgentNodeStatus> = agents
         .state()
         .iter()
@@ -210,13 +304,15 @@ fn compute(
             Some((a.metadata.name.clone()?, status))
         })
         .collect();
-    placement_nodes(&ClusterObjects {
+    cluster_nodes(&ClusterObjects {
         nodes: &nodes,
         pods: &pods,
         agents: &agents,
         leases: &leases,
+        kubelet_leases: &kubelet_leases,
         now: Timestamp::now(),
         lease_interval: cluster.interval,
+        node_lost_grace,
     })
 }
 
@@ -270,8 +366,10 @@ mod tests {
             pods: &pods,
             agents: &agents,
             leases: &leases,
+            kubelet_leases: &[],
             now: NOW.parse().unwrap(),
             lease_interval: Duration::from_secs(10),
+            node_lost_grace: Duration::from_secs(40),
         });
         let seen: Vec<(&str, usize, u64, u64, bool)> = placed
             .iter()

@@ -38,6 +38,7 @@ use crate::sched::{self, NodeCapacity, Policy, QueueConfig};
 use crate::store::{History, JobStore, StoreError};
 
 pub use clock::{Clock, ManualClock, Now, SystemClock};
+pub use lifecycle::LostNode;
 use lifecycle::{Effect, Input, Lifecycle, MetricUpdate, RequestId};
 pub use record::JobRecord;
 
@@ -224,27 +225,36 @@ impl CoreHandle {
     }
 }
 
+/// The cluster's nodes as the leader sees them (cluster mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterNodes {
+    /// Each node's capacity less what everything but agentd's own pods requests (the core
+    /// counts its gangs itself), closed where it takes no new replicas.
+    pub capacity: Arc<Vec<NodeCapacity>>,
+    /// The nodes lost (closed too): their gangs restart elsewhere.
+    pub lost: Vec<LostNode>,
+}
+
 /// Where the scheduler's nodes come from.
 pub enum Nodes {
     /// Standalone: this machine, from its inventory, with its configured labels.
     Local,
-    /// Cluster mode: the cluster's nodes, each with its capacity less what everything but
-    /// agentd's own pods requests (the core counts its gangs itself), and closed where it takes
-    /// no new replicas. Replicas go wherever the scheduler puts them, as pods.
-    Cluster(watch::Receiver<Arc<Vec<NodeCapacity>>>),
+    /// Cluster mode: the cluster's nodes. Replicas go wherever the scheduler puts them, as
+    /// pods.
+    Cluster(watch::Receiver<Arc<ClusterNodes>>),
 }
 
 impl Nodes {
     /// Ends when the cluster's nodes change; never for the local node, whose changes come
     /// with the inventory.
-    async fn changed(rx: &mut Option<watch::Receiver<Arc<Vec<NodeCapacity>>>>) -> bool {
+    async fn changed(rx: &mut Option<watch::Receiver<Arc<ClusterNodes>>>) -> bool {
         match rx {
             Some(rx) => rx.changed().await.is_ok(),
             None => std::future::pending().await,
         }
     }
 
-    fn receiver(&self) -> Option<watch::Receiver<Arc<Vec<NodeCapacity>>>> {
+    fn receiver(&self) -> Option<watch::Receiver<Arc<ClusterNodes>>> {
         match self {
             Self::Local => None,
             Self::Cluster(rx) => Some(rx.clone()),
@@ -507,7 +517,7 @@ impl Core {
                 Some(change) = inputs.health.recv() => self.gpu_health_changed(change),
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
                 Ok(()) = inventory.changed() => self.inventory_changed(),
-                true = Nodes::changed(&mut cluster_nodes) => self.step(Input::NodesChanged),
+                true = Nodes::changed(&mut cluster_nodes) => self.nodes_changed(),
                 _ = tick.tick() => {
                     // The watchdog hears from the core loop itself: a hung core stops pinging.
                     crate::systemd::watchdog_tick();
@@ -1000,6 +1010,21 @@ impl Core {
         });
     }
 
+    /// The cluster's nodes changed: the executor learns which are lost (a stop does not wait
+    /// for their kubelets), gangs on them restart, and a pass follows.
+    fn nodes_changed(&mut self) {
+        let lost = match &self.nodes {
+            Nodes::Local => Vec::new(),
+            Nodes::Cluster(nodes) => nodes.borrow().lost.clone(),
+        };
+        self.executor
+            .nodes_lost(&lost.iter().map(|l| l.name.clone()).collect());
+        if !lost.is_empty() {
+            self.step(Input::NodesLost(lost));
+        }
+        self.step(Input::NodesChanged);
+    }
+
     /// Drains or resumes the machine; the marker file keeps a drain across agent restarts.
     fn set_drained(&mut self, drained: bool) {
         let marker = self.state_dir.join(DRAINED_MARKER);
@@ -1033,7 +1058,7 @@ impl Core {
             // A cluster node is drained through its labels (the feed closes it); this
             // machine's own drain does not stop the cluster.
             Nodes::Cluster(nodes) => {
-                let mut nodes = nodes.borrow().clone();
+                let mut nodes = nodes.borrow().capacity.clone();
                 // A node that refused a pod lately is closed for a while.
                 let refused: BTreeSet<&str> =
                     self.lifecycle.refused_nodes(self.clock.now()).collect();

@@ -248,6 +248,14 @@ async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
     );
 }
 
+/// The cluster's nodes as the feed publishes them, none lost.
+fn capacity(nodes: Vec<NodeCapacity>) -> Arc<ClusterNodes> {
+    Arc::new(ClusterNodes {
+        capacity: Arc::new(nodes),
+        lost: Vec::new(),
+    })
+}
+
 /// A cluster node as the capacity feed gives it: `gpus` free GPUs, open or closed.
 fn cluster_node(name: &str, gpus: u32, schedulable: bool) -> NodeCapacity {
     NodeCapacity {
@@ -292,7 +300,7 @@ spec:
 async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let clock = ManualClock::new(1_000_000.0);
-    let (feed, nodes) = watch::channel(Arc::new(vec![
+    let (feed, nodes) = watch::channel(capacity(vec![
         cluster_node("gpu-1", 4, true),
         cluster_node("gpu-2", 2, true),
         cluster_node("gpu-3", 8, false),
@@ -322,7 +330,7 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
     );
     assert!(executor.take().started.is_empty());
 
-    feed.send_replace(Arc::new(vec![
+    feed.send_replace(capacity(vec![
         cluster_node("gpu-1", 4, true),
         cluster_node("gpu-2", 4, true),
         cluster_node("gpu-3", 8, false),
@@ -365,7 +373,7 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
 async fn in_cluster_mode_a_gang_a_node_refused_restarts_on_another_node() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let clock = ManualClock::new(1_000_000.0);
-    let (_feed, nodes) = watch::channel(Arc::new(vec![
+    let (_feed, nodes) = watch::channel(capacity(vec![
         cluster_node("gpu-1", 8, true),
         cluster_node("gpu-2", 8, true),
     ]));
@@ -420,6 +428,94 @@ async fn in_cluster_mode_a_gang_a_node_refused_restarts_on_another_node() {
     );
 }
 
+/// A node the feed reports lost restarts the gang that runs there on the other node, with the
+/// reason and what was seen, and the executor is told so that the stop does not wait for the
+/// node's kubelet. A node that is only closed (its agent stale, its kubelet fine) leaves the
+/// gang running there.
+#[tokio::test]
+async fn in_cluster_mode_a_gang_on_a_lost_node_restarts_on_another_node() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let (feed, nodes) = watch::channel(capacity(vec![
+        cluster_node("gpu-1", 8, true),
+        cluster_node("gpu-2", 8, true),
+    ]));
+    let (mut core, executor, mut inputs) = open_in_memory(
+        &config(dir.path()),
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(
+                Box::new(crate::store::memory::MemoryStore::default()),
+                NodeInventory::default(),
+                &clock,
+            )
+        },
+    );
+    let mut answer = submit(&mut core, TWO_BY_FOUR);
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    let first = executor.take().started;
+    let node_of = |spec: &crate::exec::LaunchSpec| spec.pod.as_ref().expect("a pod").node.clone();
+    let lost = node_of(&first[0]);
+    assert!(first.iter().all(|s| node_of(s) == lost), "{first:?}");
+    let other = if lost == "gpu-1" { "gpu-2" } else { "gpu-1" };
+    for spec in &first {
+        executor.report(spec, ReplicaEvent::Started { pid: 1 });
+    }
+    while let Ok(report) = inputs.replicas.try_recv() {
+        core.replica_report(report);
+    }
+    core.commit().expect("written");
+    assert_eq!(core.get("wide").expect("exists").state, JobState::Running);
+
+    // Its agent stale: closed, not lost. The gang runs on.
+    let closed = |name: &str| cluster_node(name, 0, false);
+    feed.send_replace(capacity(vec![closed(&lost), cluster_node(other, 8, true)]));
+    core.nodes_changed();
+    core.schedule();
+    core.commit().expect("written");
+    assert_eq!(core.get("wide").expect("exists").state, JobState::Running);
+    assert!(executor.take().stopped.is_empty());
+
+    // Lost: the gang restarts, and the restart goes to the other node.
+    let seen = format!("node {lost} not Ready for 41s (NodeStatusUnknown)");
+    feed.send_replace(Arc::new(ClusterNodes {
+        capacity: Arc::new(vec![closed(&lost), cluster_node(other, 8, true)]),
+        lost: vec![LostNode {
+            name: lost.clone(),
+            message: seen.clone(),
+        }],
+    }));
+    core.nodes_changed();
+    core.schedule();
+    core.commit().expect("written");
+    let status = core.get("wide").expect("exists");
+    assert_eq!(
+        (status.state, status.reason.as_str()),
+        (JobState::Restarting, "NodeLost"),
+        "{}",
+        status.message
+    );
+    assert!(status.message.contains(&seen), "{}", status.message);
+    assert_eq!(status.restarts, 1);
+    let asked = executor.take();
+    assert_eq!(asked.lost_nodes, BTreeSet::from([lost.clone()]));
+    for (job, generation, _) in asked.stopped {
+        core.step(Input::GangStopped { job, generation });
+    }
+    clock.advance(60.0);
+    core.step(Input::Tick);
+    core.schedule();
+    core.commit().expect("written");
+    let second = executor.take().started;
+    assert_eq!(second.len(), 2, "the gang is placed again");
+    assert!(
+        second.iter().all(|s| node_of(s) == other),
+        "on {other}, not on {lost}: {second:?}"
+    );
+}
+
 /// A job of `replicas` workers of `gpus` GPUs each, in `queue`, with a declared run time or
 /// none.
 fn sized_job(name: &str, queue: &str, replicas: u32, gpus: u32, deadline: Option<u32>) -> String {
@@ -459,7 +555,7 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
         cluster_node("gpu-2", 8, true),
         cluster_node("gpu-3", 4, true),
     ];
-    let (feed, receiver) = watch::channel(Arc::new(nodes.clone()));
+    let (feed, receiver) = watch::channel(capacity(nodes.clone()));
     let store = crate::store::memory::MemoryStore::default();
     let mut config = config(dir.path());
     config
@@ -552,7 +648,7 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
                     let gpus = [2, 4, 8][random(3) as usize];
                     nodes[n] = cluster_node(&nodes[n].name.clone(), gpus, nodes[n].schedulable);
                 }
-                feed.send_replace(Arc::new(nodes.clone()));
+                feed.send_replace(capacity(nodes.clone()));
                 core.step(Input::NodesChanged);
             }
             _ => clock.advance(30.0 + random(300) as f64),

@@ -16,6 +16,8 @@ pub struct Requests {
     pub started: Vec<LaunchSpec>,
     /// `(job, generation, pids)` of each stop.
     pub stopped: Vec<(String, u32, Vec<u32>)>,
+    /// The lost nodes it was last told of.
+    pub lost_nodes: BTreeSet<String>,
 }
 
 /// A shared handle: the core holds one, the test another.
@@ -110,4 +112,8 @@ impl Executor for MemoryExecutor {
     }
 
     fn discard_all_but(&self, _keep: &BTreeSet<String>) {}
+
+    fn nodes_lost(&self, nodes: &BTreeSet<String>) {
+        self.lock().lost_nodes.clone_from(nodes);
+    }
 }

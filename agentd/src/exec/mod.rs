@@ -72,6 +72,10 @@ pub trait Executor: Send {
     /// After an agent restart: stops what a previous agent left of every job not in `keep`
     /// (gangs that were not adopted, jobs no longer stored) and forgets it.
     fn discard_all_but(&self, keep: &std::collections::BTreeSet<String>);
+
+    /// Cluster mode: the nodes lost now. Their kubelets will never confirm a stop, so a stop
+    /// deletes what runs there at once rather than wait for them. Nothing to do elsewhere.
+    fn nodes_lost(&self, _nodes: &std::collections::BTreeSet<String>) {}
 }
 
 impl Executor for LocalExecutor {

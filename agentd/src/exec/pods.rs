@@ -115,8 +115,10 @@ struct State {
     prepared: HashMap<GenerationKey, Arc<OnceCell<Option<OwnerReference>>>>,
     /// Followed replicas whose pod waits for an image or volumes, timed.
     stuck: HashMap<ReplicaKey, Stuck>,
-    /// The latest `FailedMount` warning of each pod that had one.
-    mount_failures: HashMap<PodRef, String>,
+    /// The `FailedMount` warnings of each pod that had one lately, by pod uid.
+    mount_failures: stuck::MountWarnings,
+    /// The nodes lost, as the core last said: their kubelets will not confirm a stop.
+    lost_nodes: BTreeSet<String>,
 }
 
 /// A gang generation: namespace, job, generation.
@@ -132,6 +134,10 @@ struct KnownPod {
     job: String,
     generation: u32,
     replica: String,
+    /// The node it is bound to.
+    node: String,
+    /// Its uid, once the watch has seen it.
+    uid: Option<String>,
     /// Whether the watch has seen it (a pod only created may not have reached it yet).
     seen: bool,
     phase: Option<String>,
@@ -199,7 +205,7 @@ impl PodExecutor {
         let on_mount = shared.clone();
         let mounts = tokio::spawn(stuck::follow_mount_failures(
             Api::all(watch_client.clone()),
-            move |namespace, name, message| on_mount.mount_failed(namespace, name, message),
+            move |warning| on_mount.mount_failed(warning),
         ));
         let on_tick = shared.clone();
         let clock = tokio::spawn(async move {
@@ -303,6 +309,12 @@ impl Shared {
                     job,
                     generation,
                     replica,
+                    node: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default(),
+                    uid: pod.metadata.uid.clone(),
                     seen: true,
                     phase: phase(pod).map(str::to_owned),
                     deleting: pod.metadata.deletion_timestamp.is_some(),
@@ -312,10 +324,21 @@ impl Shared {
                 let (next, events) = observe(progress, pod, generation);
                 settle(&mut state, &key, next);
                 if next == Progress::Created {
-                    let mount = state.mount_failures.get(&pod_ref(pod)).cloned();
-                    let waiting =
-                        stuck::waiting_on(pod, training_container_status(pod), mount.as_deref());
-                    wait(&mut state, &key, pod_ref(pod), waiting);
+                    let now = tokio::time::Instant::now();
+                    let uid = pod.metadata.uid.clone();
+                    let mount = uid.as_deref().and_then(|uid| {
+                        state
+                            .mount_failures
+                            .recent(uid, now, self.timeouts.mount_window())
+                    });
+                    let since = mount.map_or(now, |(_, first)| first);
+                    let waiting = stuck::waiting_on(pod, mount.map(|(message, _)| message));
+                    let at = Waiting {
+                        pod: pod_ref(pod),
+                        uid,
+                        since,
+                    };
+                    wait(&mut state, &key, at, waiting);
                 }
                 self.report(&key, events);
             }
@@ -324,15 +347,31 @@ impl Shared {
     }
 
     /// The kubelet could not mount a pod's volumes (it will keep trying).
-    fn mount_failed(&self, namespace: String, name: String, message: String) {
+    fn mount_failed(&self, warning: stuck::MountWarning) {
+        let now = tokio::time::Instant::now();
         let mut state = self.lock();
-        let pod = (namespace, name);
+        let pod = (warning.namespace.clone(), warning.name.clone());
+        let uid = warning.uid.clone();
+        if !state.mount_failures.seen(warning, now) {
+            return;
+        }
+        let Some((message, first)) =
+            state
+                .mount_failures
+                .recent(&uid, now, self.timeouts.mount_window())
+        else {
+            return;
+        };
         let waiting = Some((
             PlatformFailure::VolumeMountFailed,
             format!("FailedMount: {message}"),
         ));
-        state.mount_failures.insert(pod.clone(), message);
-        let Some(known) = state.pods.get(&pod) else {
+        // Only the pod the warning is about: a pod of the same name made later is another.
+        let Some(known) = state
+            .pods
+            .get(&pod)
+            .filter(|p| p.uid.as_deref() == Some(uid.as_str()))
+        else {
             return;
         };
         let key = (known.job.clone(), known.generation, known.replica.clone());
@@ -347,12 +386,33 @@ impl Shared {
         {
             return;
         }
-        wait(&mut state, &key, pod, waiting);
+        let at = Waiting {
+            pod,
+            uid: Some(uid),
+            since: first,
+        };
+        wait(&mut state, &key, at, waiting);
     }
 
-    /// Ends the replicas whose pod has waited past its time.
+    /// Ends the replicas whose pod has waited past its time. A pod whose volumes had no new
+    /// warning lately no longer waits for them; warnings of pods no longer known are dropped.
     fn expire_stuck(&self, now: tokio::time::Instant) {
         let mut state = self.lock();
+        let state = &mut *state;
+        let window = self.timeouts.mount_window();
+        let warnings = &state.mount_failures;
+        state.stuck.retain(|_, s| {
+            s.failure != PlatformFailure::VolumeMountFailed
+                || s.uid
+                    .as_deref()
+                    .is_some_and(|uid| warnings.recent(uid, now, window).is_some())
+        });
+        let known: HashSet<&str> = state
+            .pods
+            .values()
+            .filter_map(|p| p.uid.as_deref())
+            .collect();
+        state.mount_failures.prune(|uid| known.contains(uid), now);
         let expired: Vec<(ReplicaKey, Stuck)> = state
             .stuck
             .iter()
@@ -360,7 +420,7 @@ impl Shared {
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect();
         for (key, stuck) in expired {
-            settle(&mut state, &key, Progress::Ended);
+            settle(state, &key, Progress::Ended);
             let end = PlatformEnd {
                 failure: stuck.failure,
                 message: stuck.message(&self.timeouts),
@@ -376,9 +436,9 @@ impl Shared {
         {
             let mut state = self.lock();
             state.pods.remove(&(namespace.clone(), name.clone()));
-            state
-                .mount_failures
-                .remove(&(namespace.clone(), name.clone()));
+            if let Some(uid) = pod.metadata.uid.as_deref() {
+                state.mount_failures.forget(uid);
+            }
             if let Some((job, generation, replica)) = replica_of(pod) {
                 let key = (job, generation, replica);
                 if let Some(progress) = state.followed.get(&key).copied() {
@@ -476,16 +536,44 @@ impl Shared {
 
     /// Deletes the pods of one gang generation with `grace`, and ends when they are gone;
     /// those still there after the grace (and [`FORCE_AFTER_GRACE`]) are deleted at once.
+    /// Those on a lost node are deleted at once from the start: its kubelet will never confirm
+    /// a graceful stop, and the gang's restart must not wait for it. Should the node come
+    /// back, its kubelet finds the pod gone and kills what is left of it.
     async fn stop_generation(&self, job: &str, generation: u32, grace: Duration) {
         self.lock()
             .prepared
             .retain(|(_, j, g), _| !(j == job && *g == generation));
-        let pods = self.pods_where(|p| p.job == job && p.generation == generation);
+        // Each pod of the generation, and whether its node is lost.
+        let pods: Vec<(PodRef, bool)> = {
+            let state = self.lock();
+            state
+                .pods
+                .iter()
+                .filter(|(_, p)| p.job == job && p.generation == generation)
+                .map(|(r, p)| (r.clone(), state.lost_nodes.contains(&p.node)))
+                .collect()
+        };
         if pods.is_empty() {
             return;
         }
+        let (on_lost, graceful): (Vec<_>, Vec<_>) = pods.into_iter().partition(|(_, lost)| *lost);
+        let on_lost: Vec<PodRef> = on_lost.into_iter().map(|(r, _)| r).collect();
+        let graceful: Vec<PodRef> = graceful.into_iter().map(|(r, _)| r).collect();
+        if !on_lost.is_empty() {
+            tracing::warn!(
+                job,
+                generation,
+                pods = on_lost.len(),
+                "deleting the pods on lost nodes at once: their kubelets will not confirm a stop"
+            );
+        }
         let seconds = u32::try_from(grace.as_secs()).unwrap_or(u32::MAX);
-        self.delete_pods(&pods, seconds).await;
+        futures::future::join(
+            self.delete_pods(&on_lost, 0),
+            self.delete_pods(&graceful, seconds),
+        )
+        .await;
+        let pods: Vec<PodRef> = graceful.into_iter().chain(on_lost).collect();
         let deadline = tokio::time::Instant::now() + grace + FORCE_AFTER_GRACE;
         if tokio::time::timeout_at(deadline, self.gone(&pods))
             .await
@@ -603,6 +691,8 @@ impl Shared {
                 job: spec.job.clone(),
                 generation: spec.generation,
                 replica: spec.replica.clone(),
+                node: launch.node.clone(),
+                uid: None,
                 seen: false,
                 phase: None,
                 deleting: false,
@@ -623,14 +713,22 @@ fn settle(state: &mut State, key: &ReplicaKey, progress: Progress) {
     }
 }
 
+/// A pod that may be waiting, and since when it would be (its first mount warning, or now).
+struct Waiting {
+    pod: PodRef,
+    uid: Option<String>,
+    since: tokio::time::Instant,
+}
+
 /// Records what a replica's pod, not yet running, waits for (`None`: nothing that may never
 /// come), timed from when it was first seen waiting for that.
 fn wait(
     state: &mut State,
     key: &ReplicaKey,
-    (namespace, name): PodRef,
+    at: Waiting,
     waiting: Option<(PlatformFailure, String)>,
 ) {
+    let (namespace, name) = at.pod;
     let Some((failure, message)) = waiting else {
         state.stuck.remove(key);
         return;
@@ -642,8 +740,9 @@ fn wait(
                 key.clone(),
                 Stuck {
                     failure,
-                    since: tokio::time::Instant::now(),
+                    since: at.since,
                     pod: format!("{namespace}/{name}"),
+                    uid: at.uid,
                     message,
                 },
             );
@@ -1027,6 +1126,10 @@ impl Executor for PodExecutor {
         self.shared.lock().prepared.retain(|(_, j, _), _| j != job);
         let pods = self.shared.pods_where(|p| p.job == job);
         self.shared.delete_now(pods)
+    }
+
+    fn nodes_lost(&self, nodes: &BTreeSet<String>) {
+        self.shared.lock().lost_nodes.clone_from(nodes);
     }
 
     fn discard_all_but(&self, keep: &BTreeSet<String>) {

@@ -60,14 +60,20 @@ pub enum PlatformFailure {
     /// The node's kubelet refused the pod at admission (`UnexpectedAdmissionError`,
     /// `OutOf<resource>`): the node could not give what it had said it had.
     NodeRefused,
+    /// Its node stopped answering: not Ready, or its kubelet's Lease expired, for longer than
+    /// `cluster.node_lost_grace`. Counted like an eviction: a job can take its own node down
+    /// (memory pressure that kills the kubelet, a driver fault), and the count stops it from
+    /// doing that to every node in turn.
+    NodeLost,
 }
 
 impl PlatformFailure {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::VolumeMountFailed,
         Self::ImagePullFailed,
         Self::Evicted,
         Self::NodeRefused,
+        Self::NodeLost,
     ];
 
     /// The job's reason code, and the metric's `reason` label.
@@ -77,6 +83,7 @@ impl PlatformFailure {
             Self::ImagePullFailed => "ImagePullFailed",
             Self::Evicted => "Evicted",
             Self::NodeRefused => "NodeRefused",
+            Self::NodeLost => "NodeLost",
         }
     }
 
@@ -96,6 +103,8 @@ impl PlatformFailure {
             // Not `NodeAffinity`: a template whose required affinity no node meets is the
             // job's doing, and must not close the nodes it was bound to.
             "UnexpectedAdmissionError" => Some(Self::NodeRefused),
+            // The node controller's word for a pod whose node stopped answering.
+            "NodeLost" => Some(Self::NodeLost),
             r if r.starts_with("OutOf") => Some(Self::NodeRefused),
             _ => None,
         }

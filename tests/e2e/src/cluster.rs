@@ -81,6 +81,12 @@ impl KubeSim {
     /// HTTPS, bearer tokens and RBAC as a real API server. Plain HTTP carries no tokens
     /// (kubectl will not send them there), so without `secure` everyone may do everything.
     pub fn start(nodes: usize, secure: bool) -> KubeSim {
+        Self::start_scaled(nodes, secure, 1.0)
+    }
+
+    /// As [`KubeSim::start`], with cluster time running `time_scale` times faster than real
+    /// time (`--time-scale`): a stopped node goes `Unknown` 40 s of cluster time later.
+    pub fn start_scaled(nodes: usize, secure: bool, time_scale: f64) -> KubeSim {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("admin.kubeconfig");
         let tokens = dir.path().join("tokens.csv");
@@ -94,6 +100,7 @@ impl KubeSim {
         }
         let mut child = cmd
             .args(["--listen", "127.0.0.1:0", "--nodes", &nodes.to_string()])
+            .args(["--time-scale", &time_scale.to_string()])
             .arg("--audit-log")
             .arg(dir.path().join("audit.jsonl"))
             .arg("--kubeconfig")
@@ -183,6 +190,17 @@ impl KubeSim {
     /// STATUS, as from an overloaded API server, until it ends or [`KubeSim::clear_fault`].
     pub fn fault(&self, status: u16, duration: &str) {
         self.control(&["fault", "--status", &status.to_string(), "--for", duration]);
+    }
+
+    /// `kube-sim stop-node NODE`: its kubelet stops, its Lease goes stale, and the node goes
+    /// `Unknown`.
+    pub fn stop_node(&self, node: &str) {
+        self.control(&["stop-node", node]);
+    }
+
+    /// `kube-sim restart-node NODE`.
+    pub fn restart_node(&self, node: &str) {
+        self.control(&["restart-node", node]);
     }
 
     /// `kube-sim fault --clear`.

@@ -32,6 +32,8 @@ pub const LOG: &str = "sim.agentd.io/log";
 /// How long a node may go without renewing its lease before it is `Unknown` (cluster time).
 const NODE_GRACE: Duration = Duration::from_secs(40);
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// The longest the kubelet waits before it retries a volume mount that failed.
+const MOUNT_BACKOFF_MAX: Duration = Duration::from_secs(122);
 
 /// The failure classes a pod can be told to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -918,14 +920,15 @@ impl Kubelets {
                 );
             })?;
             if failure == Some(Failure::FailedMount) {
+                // As the kubelet's volume manager: it retries with a back-off that doubles from
+                // half a second to 2m2s, and warns at each failure (one event, counted).
+                let mut backoff = Duration::from_millis(500);
                 loop {
                     self.event(&p, "Warning", "FailedMount", "MountVolume.SetUp failed for volume \"data\" : simulated mount failure (sim.agentd.io/fail=FailedMount)", node);
-                    if self
-                        .sleep_or_killed(Duration::from_mins(2), &mut kill)
-                        .await
-                    {
+                    if self.sleep_or_killed(backoff, &mut kill).await {
                         return self.kill_pod(ns, name, node, &containers).await;
                     }
+                    backoff = (backoff * 2).min(MOUNT_BACKOFF_MAX);
                 }
             }
             if self

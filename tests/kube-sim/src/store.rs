@@ -724,7 +724,13 @@ impl Store {
                 inner.types.push(t);
             }
         }
-        if deleting && finalizers(&new).is_empty() {
+        // As the API server's registry: an update removes a terminating object once nothing
+        // holds it, but not a pod whose graceful shutdown its kubelet has yet to finish.
+        let grace_left = new
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .is_some_and(|g| g > 0);
+        if deleting && finalizers(&new).is_empty() && !grace_left {
             inner.commit(&gr, ns, name, None, self.history);
             inner.collect_garbage(self.history);
             let mut gone = new;

@@ -119,6 +119,10 @@ pub enum Input {
     InventoryChanged(Arc<NodeInventory>),
     /// The cluster's nodes or their free capacity changed (cluster mode): a new pass.
     NodesChanged,
+    /// The cluster's lost nodes, as the feed sees them now (cluster mode): every gang with a
+    /// live replica on one restarts elsewhere. Fed after each change of the nodes; a gang
+    /// restarted once is not running there any more, so a node still listed costs nothing.
+    NodesLost(Vec<LostNode>),
     /// A scheduling pass's decision, taken on `inventory`, with the addresses the executor
     /// gave each placed gang's replicas (or why it could not).
     Scheduled {
@@ -146,6 +150,15 @@ pub enum Input {
         /// What is wrong with it, for its message.
         problems: String,
     },
+}
+
+/// A node that is gone as far as its replicas are concerned (cluster mode): not Ready, or its
+/// kubelet silent, for longer than `cluster.node_lost_grace`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostNode {
+    pub name: String,
+    /// What was seen, naming the node: "node gpu-7 not Ready for 52s (...)".
+    pub message: String,
 }
 
 /// One gang (generation) to stop: these process groups, then report it gone.
@@ -443,6 +456,7 @@ impl Lifecycle {
             }
             Input::InventoryChanged(inventory) => self.inventory_changed(&inventory, now),
             Input::NodesChanged => self.needs_pass = true,
+            Input::NodesLost(lost) => self.nodes_lost(&lost, now),
             Input::Scheduled {
                 inventory,
                 waiting,
@@ -861,6 +875,51 @@ impl Lifecycle {
             .collect();
         for (name, message) in hit {
             self.restart_gang(&name, "GpuUnhealthy", &message, now);
+        }
+        self.needs_pass = true;
+    }
+
+    /// Gangs with a live replica on a lost node restart elsewhere (the feed closes the node):
+    /// one restart per gang however many of its replicas were there, counted as a failure of
+    /// the platform's (`NodeLost`).
+    fn nodes_lost(&mut self, lost: &[LostNode], now: Now) {
+        if lost.is_empty() {
+            return;
+        }
+        let hit: Vec<(String, String)> = self
+            .jobs
+            .values()
+            .filter(|r| {
+                matches!(
+                    r.status.state,
+                    JobState::Placed | JobState::Starting | JobState::Running
+                )
+            })
+            .filter_map(|r| {
+                r.status
+                    .replicas
+                    .iter()
+                    .filter(|replica| {
+                        matches!(replica.state, ReplicaState::Pending | ReplicaState::Running)
+                    })
+                    .find_map(|replica| {
+                        let node = replica.node.as_deref()?;
+                        let lost = lost.iter().find(|l| l.name == node)?;
+                        Some((r.status.name.clone(), replica.name.clone(), lost))
+                    })
+                    .map(|(job, replica, lost)| (job, format!("{replica}: {}", lost.message)))
+            })
+            .collect();
+        for (name, message) in hit {
+            let reason = job::PlatformFailure::NodeLost.reason();
+            self.other
+                .push(Effect::Metric(MetricUpdate::JobFailure { reason }));
+            self.restart_gang(
+                &name,
+                reason,
+                &format!("{message}; the gang restarts on other nodes"),
+                now,
+            );
         }
         self.needs_pass = true;
     }

@@ -733,6 +733,53 @@ fn a_node_that_refuses_a_pod_gets_no_new_replicas_for_a_while() {
     assert_eq!(h.life.refused_nodes(h.now).count(), 0);
 }
 
+/// A lost node restarts every gang with a live replica there, once, counted and named; a
+/// node still listed as lost afterwards, or another node, costs nothing more.
+#[test]
+fn a_lost_node_restarts_its_gangs_once_counted_with_what_was_seen() {
+    let mut h = Harness::new();
+    h.running(&workers("a", 1, "Never", "{backoffLimit: 3}"));
+    let node = h.life.job("a").expect("exists").status.replicas[0]
+        .node
+        .clone()
+        .expect("placed on a node");
+    h.step(Input::NodesLost(vec![LostNode {
+        name: "elsewhere".to_owned(),
+        message: "node elsewhere not Ready for 41s".to_owned(),
+    }]));
+    let turn = h.turn();
+    assert_eq!(h.state("a").0, JobState::Running, "not its node");
+    assert!(turn.stops().is_empty());
+    let lost = vec![LostNode {
+        name: node.clone(),
+        message: format!("node {node} not Ready for 41s (NodeStatusUnknown)"),
+    }];
+    h.step(Input::NodesLost(lost.clone()));
+    let turn = h.turn();
+    assert_eq!(h.state("a"), (JobState::Restarting, "NodeLost".to_owned()));
+    let status = &h.life.job("a").expect("exists").status;
+    assert_eq!(status.restarts, 1, "counted against backoffLimit");
+    assert!(
+        status.message.starts_with(&format!(
+            "worker-0: node {node} not Ready for 41s (NodeStatusUnknown); the gang restarts on other nodes"
+        )),
+        "{}",
+        status.message
+    );
+    assert_eq!(turn.reasons(), ["NodeLost"]);
+    assert_eq!(turn.stops().len(), 1);
+    let failures: Vec<_> = turn
+        .metrics()
+        .into_iter()
+        .filter(|m| matches!(m, MetricUpdate::JobFailure { reason: "NodeLost" }))
+        .collect();
+    assert_eq!(failures.len(), 1, "one failure per gang");
+    h.step(Input::NodesLost(lost));
+    let turn = h.turn();
+    assert!(turn.stops().is_empty() && turn.reasons().is_empty());
+    assert_eq!(h.life.job("a").expect("exists").status.restarts, 1);
+}
+
 #[test]
 fn an_oom_kill_is_named_as_such() {
     let mut h = Harness::new();

@@ -4,20 +4,35 @@
 //! waiting past its time (`cluster.image_pull_timeout`, `cluster.mount_timeout`) ends its
 //! replica as a [`PlatformFailure`], quoting what Kubernetes said.
 //!
-//! An image pull shows in the pod's status (the container waits with `ErrImagePull` or
-//! `ImagePullBackOff`); a mount does not (the container waits with `ContainerCreating`, as
-//! every starting container does), so mount failures come from the kubelet's `FailedMount`
-//! events, watched with a field selector.
+//! An image pull shows in the pod's status (one of its containers, init containers included,
+//! waits with `ErrImagePull` or `ImagePullBackOff`); a mount does not (the container waits with
+//! `ContainerCreating`, as every starting container does), so mount failures come from the
+//! kubelet's `FailedMount` events, watched with a field selector.
+//!
+//! Only warnings seen lately count. The kubelet retries a mount that fails with a back-off
+//! that doubles from half a second to about two minutes, and warns at each failure (one event,
+//! its count and last time moving on), so a mount that keeps failing keeps warning. A pod with
+//! no new warning for half of `cluster.mount_timeout` ([`PodTimeouts::mount_window`]) no longer
+//! waits for its volumes (a transient failure followed by a long image pull or init container
+//! is not a missing volume); if a warning comes again the wait resumes, still timed from the
+//! first, so a mount that fails on and on fails its job at its next warning past the timeout.
+//!
+//! Warnings are kept per pod uid (the event's `involvedObject.uid`: a stale warning of a deleted
+//! pod never counts for a new pod of the same name), for as long as the pod exists, and for
+//! [`UNKNOWN_POD_KEPT`] for a pod agentd does not know (the kubelet's first warning can come
+//! before the pod's create is answered), so the map is bounded by agentd's own pods.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
 
-use crate::job::PlatformFailure;
+use crate::job::{PlatformFailure, TRAINING_CONTAINER};
 
 /// How long a pod may wait for each thing before its replica fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +51,12 @@ impl Default for PodTimeouts {
 }
 
 impl PodTimeouts {
+    /// How long a pod's mount wait lasts without a new `FailedMount` warning: half of
+    /// `cluster.mount_timeout`.
+    pub fn mount_window(&self) -> Duration {
+        self.mount / 2
+    }
+
     fn of(&self, failure: PlatformFailure) -> Duration {
         match failure {
             PlatformFailure::VolumeMountFailed => self.mount,
@@ -51,6 +72,8 @@ pub(super) struct Stuck {
     pub since: Instant,
     /// `<namespace>/<name>`.
     pub pod: String,
+    /// The pod's uid, where known: its mount warnings are kept by it.
+    pub uid: Option<String>,
     pub message: String,
 }
 
@@ -77,36 +100,44 @@ impl Stuck {
     }
 }
 
-/// What a pod that has not run waits for, if it is a wait that may never end: an image
-/// (from its training container's status) or its volumes (`mount`: the latest `FailedMount`
-/// message seen for it).
-pub(super) fn waiting_on(
-    pod: &Pod,
-    training: Option<&k8s_openapi::api::core::v1::ContainerStatus>,
-    mount: Option<&str>,
-) -> Option<(PlatformFailure, String)> {
-    let waiting = training
-        .and_then(|c| c.state.as_ref())
-        .and_then(|s| s.waiting.as_ref());
-    if let Some(w) = waiting
-        && let Some(reason) = w.reason.as_deref()
-        && matches!(
-            reason,
-            "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull"
-        )
-    {
-        let image = training
-            .map(|c| c.image.as_str())
-            .filter(|i| !i.is_empty())
-            .or_else(|| {
-                pod.spec
-                    .as_ref()
-                    .and_then(|s| s.containers.first())
-                    .and_then(|c| c.image.as_deref())
-            })
-            .unwrap_or("?");
-        let said = w.message.as_deref().unwrap_or("");
-        let message = format!("image {image:?}: {reason}: {said}")
+/// The reasons a container waits with when its image does not come.
+fn image_not_coming(reason: &str) -> bool {
+    matches!(
+        reason,
+        "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull"
+    )
+}
+
+/// What a pod that has not run waits for, if it is a wait that may never end: an image (of any
+/// of its containers, init containers and sidecars included: one image that never comes holds
+/// the whole gang) or its volumes (`mount`: the latest `FailedMount` message seen for it lately).
+pub(super) fn waiting_on(pod: &Pod, mount: Option<&str>) -> Option<(PlatformFailure, String)> {
+    let status = pod.status.as_ref();
+    let init = status
+        .and_then(|s| s.init_container_statuses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| (c, true));
+    let app = status
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| (c, false));
+    let pulling = init.chain(app).find_map(|(c, is_init)| {
+        let waiting = c.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref().filter(|r| image_not_coming(r))?;
+        Some((c, is_init, reason, waiting.message.as_deref().unwrap_or("")))
+    });
+    if let Some((c, is_init, reason, said)) = pulling {
+        let image = image_of(pod, c, is_init);
+        let whose = if c.name == TRAINING_CONTAINER {
+            String::new()
+        } else if is_init {
+            format!(" (init container {})", c.name)
+        } else {
+            format!(" (container {})", c.name)
+        };
+        let message = format!("image {image:?}{whose}: {reason}: {said}")
             .trim_end_matches([' ', ':'])
             .to_owned();
         return Some((PlatformFailure::ImagePullFailed, message));
@@ -118,9 +149,158 @@ pub(super) fn waiting_on(
     ))
 }
 
-/// Follows the kubelets' `FailedMount` warnings, in every namespace, calling `seen` with the
-/// pod's namespace, name and the warning's message. Runs until aborted; backs off on errors.
-pub(super) async fn follow_mount_failures(api: Api<Event>, seen: impl Fn(String, String, String)) {
+/// The image a container status names, else the one its spec names.
+fn image_of<'a>(pod: &'a Pod, status: &'a ContainerStatus, is_init: bool) -> &'a str {
+    if !status.image.is_empty() {
+        return &status.image;
+    }
+    let spec = pod.spec.as_ref();
+    let containers = if is_init {
+        spec.and_then(|s| s.init_containers.as_deref())
+    } else {
+        spec.map(|s| s.containers.as_slice())
+    };
+    containers
+        .unwrap_or_default()
+        .iter()
+        .find(|c| c.name == status.name)
+        .and_then(|c| c.image.as_deref())
+        .unwrap_or("?")
+}
+
+/// How long the warnings of a pod agentd does not know are kept: its create's answer may come
+/// after the kubelet's first warning, but not this much later.
+pub(super) const UNKNOWN_POD_KEPT: Duration = Duration::from_mins(1);
+
+/// One `FailedMount` warning as the watch delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct MountWarning {
+    /// The pod's uid (`involvedObject.uid`).
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub message: String,
+    /// What tells a new warning from one already seen (a relist delivers every event again):
+    /// the event's name, count and latest time, and its series'.
+    stamp: (String, i32, Option<Timestamp>),
+    /// How long ago the event's first and latest warnings were, by its own times.
+    first_age: Duration,
+    last_age: Duration,
+}
+
+impl MountWarning {
+    /// The warning an event is, if it is a pod's `FailedMount` with its uid; ages from `now`.
+    pub fn of(event: &Event, now: Timestamp) -> Option<Self> {
+        let object = &event.involved_object;
+        if object.kind.as_deref() != Some("Pod") {
+            return None;
+        }
+        let uid = object.uid.clone().filter(|u| !u.is_empty())?;
+        let series = event.series.as_ref();
+        let last = series
+            .and_then(|s| s.last_observed_time.as_ref())
+            .map(|t| t.0)
+            .or(event.last_timestamp.as_ref().map(|t| t.0))
+            .or(event.event_time.as_ref().map(|t| t.0));
+        let first = event
+            .first_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .or(event.event_time.as_ref().map(|t| t.0))
+            .or(last);
+        let count = series.and_then(|s| s.count).or(event.count).unwrap_or(1);
+        let age = |t: Option<Timestamp>| {
+            t.and_then(|t| Duration::try_from(now.duration_since(t)).ok())
+                .unwrap_or_default()
+        };
+        Some(Self {
+            uid,
+            namespace: object.namespace.clone()?,
+            name: object.name.clone()?,
+            message: event.message.clone().unwrap_or_default(),
+            stamp: (event.metadata.name.clone().unwrap_or_default(), count, last),
+            first_age: age(first),
+            last_age: age(last),
+        })
+    }
+}
+
+/// The `FailedMount` warnings of one pod, on the local clock.
+#[derive(Debug, Clone)]
+struct PodWarnings {
+    message: String,
+    first: Instant,
+    last: Instant,
+    stamp: (String, i32, Option<Timestamp>),
+}
+
+/// Every pod's `FailedMount` warnings, by pod uid; bounded (see the module's words).
+#[derive(Debug, Default)]
+pub(super) struct MountWarnings {
+    pods: HashMap<String, PodWarnings>,
+}
+
+/// Event times are whole seconds: a warning this fresh by them is taken as of now.
+const EVENT_TIME_GRAIN: Duration = Duration::from_secs(1);
+
+impl MountWarnings {
+    /// Records a warning the watch delivered at `now`; true if it is a new one (not one seen
+    /// before, delivered again).
+    pub fn seen(&mut self, warning: MountWarning, now: Instant) -> bool {
+        let at = |age: Duration| {
+            if age <= EVENT_TIME_GRAIN {
+                now
+            } else {
+                now.checked_sub(age).unwrap_or(now)
+            }
+        };
+        let last = at(warning.last_age);
+        match self.pods.get_mut(&warning.uid) {
+            Some(known) if known.stamp == warning.stamp => false,
+            Some(known) => {
+                known.stamp = warning.stamp;
+                known.message = warning.message;
+                known.last = known.last.max(last);
+                true
+            }
+            None => {
+                self.pods.insert(
+                    warning.uid,
+                    PodWarnings {
+                        message: warning.message,
+                        first: at(warning.first_age).min(last),
+                        last,
+                        stamp: warning.stamp,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// The pod's latest warning and when its warnings began, if one came within `window` of
+    /// `now`.
+    pub fn recent(&self, uid: &str, now: Instant, window: Duration) -> Option<(&str, Instant)> {
+        let w = self.pods.get(uid)?;
+        (now.saturating_duration_since(w.last) <= window).then_some((w.message.as_str(), w.first))
+    }
+
+    pub fn forget(&mut self, uid: &str) {
+        self.pods.remove(uid);
+    }
+
+    /// Drops the warnings of pods not `known` whose latest came over [`UNKNOWN_POD_KEPT`]
+    /// before `now`.
+    pub fn prune(&mut self, known: impl Fn(&str) -> bool, now: Instant) {
+        self.pods.retain(|uid, w| {
+            known(uid) || now.saturating_duration_since(w.last) <= UNKNOWN_POD_KEPT
+        });
+    }
+}
+
+/// Follows the kubelets' `FailedMount` warnings, in every namespace, calling `seen` with each
+/// pod's warning. Runs until aborted; backs off on errors.
+pub(super) async fn follow_mount_failures(api: Api<Event>, seen: impl Fn(MountWarning)) {
     let config = watcher::Config::default().fields("reason=FailedMount");
     let events = watcher(api, config).default_backoff().applied_objects();
     let mut events = std::pin::pin!(events);
@@ -129,18 +309,9 @@ pub(super) async fn follow_mount_failures(api: Api<Event>, seen: impl Fn(String,
         match event {
             Ok(event) => {
                 said_failing = false;
-                let object = &event.involved_object;
-                if object.kind.as_deref() != Some("Pod") {
-                    continue;
+                if let Some(warning) = MountWarning::of(&event, Timestamp::now()) {
+                    seen(warning);
                 }
-                let (Some(namespace), Some(name)) = (&object.namespace, &object.name) else {
-                    continue;
-                };
-                seen(
-                    namespace.clone(),
-                    name.clone(),
-                    event.message.unwrap_or_default(),
-                );
             }
             Err(e) => {
                 if !said_failing {

@@ -43,11 +43,16 @@ async fn client(path: &Path) -> kube::Client {
 /// A simulator with `nodes` nodes of 8 GPUs, HTTPS, tokens and RBAC, with agentd's namespace,
 /// CRDs and roles applied as packaging/kubernetes/ has them.
 async fn start_sim(nodes: usize) -> Sim {
+    start_sim_scaled(nodes, TIME_SCALE).await
+}
+
+/// As [`start_sim`], with cluster time `scale` times as fast as real time.
+async fn start_sim_scaled(nodes: usize, scale: f64) -> Sim {
     let dir = tempfile::tempdir().expect("tempdir");
     let handle = KubeSim::start(SimConfig {
         nodes,
         gpus_per_node: 8,
-        time_scale: TimeScale::new(TIME_SCALE).expect("a valid scale"),
+        time_scale: TimeScale::new(scale).expect("a valid scale"),
         kubeconfig: Some(dir.path().join("admin.kubeconfig")),
         tls: true,
         tokens: Some(Vec::new()),
@@ -473,6 +478,35 @@ async fn a_stop_ends_when_the_generations_pods_are_gone() {
     sim.handle.shutdown();
 }
 
+/// A stop does not wait for the kubelet of a lost node: the pod there is deleted at once, the
+/// others with the stop's grace (longer than any test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_the_kubelet_of_a_lost_node() {
+    let sim = start_sim(3).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job("cut", &json!({}));
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    for _ in 0..3 {
+        let report = next_report(&mut rx).await;
+        assert!(
+            matches!(report.event, ReplicaEvent::Started { pid: 1 }),
+            "{report:?}"
+        );
+    }
+    assert!(sim.handle.stop_node("node-1"), "a simulated node");
+    executor.nodes_lost(&BTreeSet::from(["node-1".to_owned()]));
+    tokio::time::timeout(
+        PATIENCE,
+        executor.stop("cut", 1, vec![1, 1, 1], Duration::from_hours(1)),
+    )
+    .await
+    .expect("the stop ends without the lost node's kubelet");
+    assert!(sim.pods("cut").await.is_empty());
+    sim.handle.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_deleted_under_a_running_replica_is_a_failure_to_retry() {
     let sim = start_sim(3).await;
@@ -725,4 +759,190 @@ async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
         assert!(end.message.contains(words), "{fail}: {}", end.message);
     }
     sim.handle.shutdown();
+}
+
+/// A `FailedMount` warning about pod `name` with `uid`, as a kubelet records it.
+async fn warn_failed_mount(sim: &Sim, name: &str, uid: &str) {
+    use k8s_openapi::api::core::v1::{Event, ObjectReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let event = Event {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("{name}.{uid}")),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("Pod".into()),
+            namespace: Some("default".into()),
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            ..Default::default()
+        },
+        reason: Some("FailedMount".into()),
+        type_: Some("Warning".into()),
+        message: Some(
+            "MountVolume.SetUp failed for volume \"cfg\" : configmap \"cfg\" not found".into(),
+        ),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Event>::namespaced(sim.admin.clone(), "default")
+        .create(&kube::api::PostParams::default(), &event)
+        .await
+        .expect("the event is recorded");
+}
+
+/// Only warnings seen lately count, and only for the pod they are about: a pod whose volumes
+/// failed to mount once (then mounted) and that then waits longer than `cluster.mount_timeout`
+/// for its image runs; so does a pod that shares its name with a deleted pod that had a
+/// warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_or_stale_mount_warning_does_not_fail_a_pod_that_waits_for_its_image() {
+    // Cluster time at a tenth of real time: each pod waits 3 s to start, then 10 s for its
+    // image, past the 2 s mount limit.
+    let sim = start_sim_scaled(2, 0.1).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job("slow", &json!({}));
+    let mut specs = launches(&executor, &job, 1);
+    specs.truncate(2);
+    for spec in specs {
+        executor.start(spec);
+    }
+    let api: Api<Pod> = Api::namespaced(sim.admin.clone(), "default");
+    let uid = |pod: Pod| pod.metadata.uid.expect("a uid");
+    let transient = loop {
+        if let Some(pod) = api.get_opt("slow-ps-0-g1").await.expect("pods read") {
+            break uid(pod);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    warn_failed_mount(&sim, "slow-ps-0-g1", &transient).await;
+    warn_failed_mount(&sim, "slow-worker-0-g1", "uid-of-a-deleted-pod").await;
+    let mut seen: BTreeMap<String, ReplicaEvent> = BTreeMap::new();
+    while seen.len() < 2 {
+        let report = next_report(&mut rx).await;
+        seen.entry(report.replica).or_insert(report.event);
+    }
+    for (replica, first) in &seen {
+        assert!(
+            matches!(first, ReplicaEvent::Started { .. }),
+            "{replica}: {first:?}"
+        );
+    }
+    sim.handle.shutdown();
+}
+
+fn waiting(name: &str, image: &str, reason: &str) -> k8s_openapi::api::core::v1::ContainerStatus {
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus};
+    ContainerStatus {
+        name: name.into(),
+        image: image.into(),
+        state: Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some(format!("{reason} for {image}")),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An image that never comes holds the gang whichever container it is for: an init container,
+/// a sidecar, as much as the training container.
+#[test]
+fn an_image_that_never_comes_is_seen_in_every_container_and_init_container() {
+    use k8s_openapi::api::core::v1::PodStatus;
+    let pod = |init: Vec<_>, app: Vec<_>| Pod {
+        status: Some(PodStatus {
+            init_container_statuses: Some(init),
+            container_statuses: Some(app),
+            ..PodStatus::default()
+        }),
+        ..Pod::default()
+    };
+    let creating = waiting(TRAINING_CONTAINER, "tf:2.16", "ContainerCreating");
+    let cases = [
+        (
+            pod(
+                vec![waiting("setup", "busybox:nope", "ErrImagePull")],
+                vec![creating.clone()],
+            ),
+            "image \"busybox:nope\" (init container setup): ErrImagePull",
+        ),
+        (
+            pod(
+                Vec::new(),
+                vec![
+                    creating.clone(),
+                    waiting("proxy", "envoy:nope", "ImagePullBackOff"),
+                ],
+            ),
+            "image \"envoy:nope\" (container proxy): ImagePullBackOff",
+        ),
+        (
+            pod(
+                Vec::new(),
+                vec![waiting(TRAINING_CONTAINER, "tf:nope", "InvalidImageName")],
+            ),
+            "image \"tf:nope\": InvalidImageName",
+        ),
+    ];
+    for (pod, words) in cases {
+        let (failure, message) = stuck::waiting_on(&pod, None).expect("a wait that never ends");
+        assert_eq!(failure, PlatformFailure::ImagePullFailed, "{message}");
+        assert!(message.starts_with(words), "{message}");
+    }
+    assert_eq!(
+        stuck::waiting_on(&pod(Vec::new(), vec![creating]), None),
+        None
+    );
+}
+
+/// Warnings are kept by pod uid and bounded: a pod agentd does not know loses its warnings a
+/// while after the last; a known pod's stay; one seen again is not new.
+#[test]
+fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
+    use k8s_openapi::api::core::v1::{Event, ObjectReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let at = k8s_openapi::jiff::Timestamp::now();
+    let event = |uid: &str, count: i32| Event {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("e-{uid}")),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("Pod".into()),
+            namespace: Some("default".into()),
+            name: Some(format!("pod-{uid}")),
+            uid: Some(uid.into()),
+            ..Default::default()
+        },
+        message: Some("MountVolume.SetUp failed".into()),
+        first_timestamp: Some(Time(at)),
+        last_timestamp: Some(Time(at)),
+        count: Some(count),
+        ..Default::default()
+    };
+    let warning = |uid, count| stuck::MountWarning::of(&event(uid, count), at).expect("a pod's");
+    let now = tokio::time::Instant::now();
+    let window = Duration::from_mins(1);
+    let mut warnings = stuck::MountWarnings::default();
+    assert!(warnings.seen(warning("known", 1), now));
+    assert!(warnings.seen(warning("unknown", 1), now));
+    assert!(!warnings.seen(warning("known", 1), now), "a replay");
+    let later = now + stuck::UNKNOWN_POD_KEPT + Duration::from_secs(1);
+    warnings.prune(|uid| uid == "known", later);
+    assert!(warnings.recent("unknown", now, window).is_none(), "dropped");
+    assert!(warnings.recent("known", now, window).is_some(), "kept");
+    assert!(
+        warnings.recent("known", later, window).is_none(),
+        "not lately"
+    );
+    assert!(warnings.seen(warning("known", 2), later), "a new warning");
+    let (_, first) = warnings.recent("known", later, window).expect("lately");
+    assert_eq!(first, now, "still timed from the first");
 }

@@ -27,11 +27,23 @@ fn cluster_with(
     metrics: bool,
 ) -> (KubeSim, Vec<NodeAgent>) {
     let sim = KubeSim::start(nodes, true);
+    let agents = agents_on(&sim, nodes, candidates, settings, metrics);
+    (sim, agents)
+}
+
+/// One agent per node of `sim`, as [`cluster_with`] starts them.
+fn agents_on(
+    sim: &KubeSim,
+    nodes: usize,
+    candidates: usize,
+    settings: &str,
+    metrics: bool,
+) -> Vec<NodeAgent> {
     let leader = sim.dir.path().join("leader.kubeconfig");
     sim.kubeconfig_for(Identity::Leader, sim.addr(), &leader);
     let worker = sim.dir.path().join("node.kubeconfig");
     sim.kubeconfig_for(Identity::Node, sim.addr(), &worker);
-    let agents = (0..nodes)
+    (0..nodes)
         .map(|i| {
             NodeAgent::start_with(
                 &NodeAgentOptions {
@@ -49,8 +61,7 @@ fn cluster_with(
                 settings,
             )
         })
-        .collect();
-    (sim, agents)
+        .collect()
 }
 
 /// A Kubeflow TFJob: a chief, a parameter server and two workers of one GPU each; its pods run
@@ -253,6 +264,122 @@ fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
         .filter(|r| r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201)
         .count();
     assert_eq!(created, 2, "each pod created once, by the first leader");
+}
+
+/// Two workers of one GPU whose pods run until they are deleted.
+const STAYS: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: stays}
+spec:
+  runPolicy: {backoffLimit: 2}
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      restartPolicy: Never
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              image: "tf:2.16"
+              command: [python, train.py]
+              resources: {limits: {nvidia.com/gpu: 1}}
+"#;
+
+/// Two workers of two GPUs: two whole nodes of this cluster.
+const TWO_NODES: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: two-nodes}
+spec:
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        spec:
+          containers:
+            - name: tensorflow
+              image: "tf:2.16"
+              command: [python, train.py]
+              resources: {limits: {nvidia.com/gpu: 2}}
+"#;
+
+/// A node whose kubelet stops (kube-sim marks it `Unknown`) is lost once
+/// `cluster.node_lost_grace` has passed: the gang that ran there runs again on another node,
+/// with reason `NodeLost` naming the node, counted; its pod on the lost node is deleted rather
+/// than left Terminating. Once the node is back, it takes replicas again.
+#[test]
+fn a_gang_on_a_lost_node_runs_again_on_another_node_and_the_node_comes_back() {
+    // Cluster time 20 times faster: a stopped node is Unknown after 2 s.
+    let sim = KubeSim::start_scaled(3, true, 20.0);
+    let settings =
+        format!("{SETTINGS}node_lost_grace = \"2s\"\n[jobs]\nrestart_backoff = \"1s\"\n");
+    let agents = agents_on(&sim, 3, 1, &settings, true);
+    let leader = &agents[0];
+    sim.wait_until("node-0 leads and takes requests", WAIT, || {
+        leader.agent.ctl(&["queues"]).status.success()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stays.yaml");
+    std::fs::write(&file, STAYS).unwrap();
+    leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    sim.wait_until("the gang runs", WAIT, || {
+        state(leader, "stays") == "Running"
+    });
+    let nodes_of = |status: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        status["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["node"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let first = nodes_of(&leader.agent.ctl_json(&["job", "stays"]));
+    assert_eq!(first.len(), 1, "packed onto one node: {first:?}");
+    let lost = first.first().unwrap().clone();
+
+    sim.stop_node(&lost);
+    sim.wait_until("the gang runs again", WAIT, || {
+        let status = leader.agent.ctl_json(&["job", "stays"]);
+        status["generation"] == 2 && status["state"] == "Running"
+    });
+    let status = leader.agent.ctl_json(&["job", "stays"]);
+    assert_eq!(status["restarts"], 1, "{status}");
+    let again = nodes_of(&status);
+    assert!(!again.contains(&lost), "not on {lost} again: {again:?}");
+    let event = status["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "NodeLost")
+        .unwrap_or_else(|| panic!("a NodeLost event: {status}"));
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("node {lost} not Ready for"))
+            && message.contains("NodeStatusUnknown"),
+        "{message}"
+    );
+    let metrics = leader.metrics();
+    let line = "agentd_job_failures_total{reason=\"NodeLost\"} 1";
+    assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    // Its pod on the lost node is not left Terminating there.
+    let first_generation =
+        sim.get_json(&["pods", "-l", "agentd.io/job=stays,agentd.io/generation=1"]);
+    assert_eq!(
+        first_generation["items"].as_array().map(Vec::len),
+        Some(0),
+        "{first_generation}"
+    );
+
+    // Back: a gang that needs two whole nodes fits only with it.
+    sim.restart_node(&lost);
+    let file = dir.path().join("two-nodes.yaml");
+    std::fs::write(&file, TWO_NODES).unwrap();
+    leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    sim.wait_until("the gang that needs the node back runs", WAIT, || {
+        state(leader, "two-nodes") == "Running"
+    });
+    let placed = nodes_of(&leader.agent.ctl_json(&["job", "two-nodes"]));
+    assert!(placed.contains(&lost), "{placed:?}");
+    assert_eq!(state(leader, "stays"), "Running");
 }
 
 /// One worker that runs no GPU, with this `sim.agentd.io/fail` and image.

@@ -40,6 +40,12 @@ const NODE: &[Check] = &[
         &["-n", "kube-node-lease"],
         false,
     ),
+    (
+        "watch",
+        "leases.coordination.k8s.io",
+        &["-n", "kube-node-lease"],
+        false,
+    ),
     ("create", "agentnodes.agentd.io", &["-n", "default"], false),
     (
         "update",
@@ -105,7 +111,26 @@ const LEADER: &[Check] = &[
         &["-n", NS, "--subresource", "status"],
         true,
     ),
+    // The kubelets' Leases, to tell a lost node.
+    (
+        "watch",
+        "leases.coordination.k8s.io",
+        &["-n", "kube-node-lease"],
+        true,
+    ),
+    (
+        "list",
+        "leases.coordination.k8s.io",
+        &["-n", "kube-node-lease"],
+        true,
+    ),
     // Not more.
+    (
+        "update",
+        "leases.coordination.k8s.io",
+        &["-n", "kube-node-lease"],
+        false,
+    ),
     ("delete", "nodes", &[], false),
     ("create", "nodes", &[], false),
     ("update", "nodes", &["--subresource", "status"], false),
