@@ -53,6 +53,68 @@ fn rules() -> Arc<Admission> {
     ))
 }
 
+/// What a leader admits with: the objects being admitted, the signing key, its client.
+struct Admitting {
+    client: kube::Client,
+    pending: PendingObjects,
+    keys: Arc<SubmitterKeys>,
+}
+
+/// Admission running for a core, leading until stopped.
+struct Running {
+    _leadership: watch::Sender<Leadership>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A leader's store that writes admitted jobs onto their objects, and its admission.
+fn leader_admitting(cluster: &Cluster) -> (crate::store::kube::KubeStore, Admitting) {
+    let admitting = Admitting {
+        client: cluster.leader.clone(),
+        pending: PendingObjects::default(),
+        keys: leader_keys(cluster),
+    };
+    let store = cluster
+        .store()
+        .admitting(admitting.pending.clone())
+        .signing(Arc::clone(&admitting.keys));
+    (store, admitting)
+}
+
+impl Admitting {
+    /// Starts admission into `core`, leading for an hour, once the key is made.
+    async fn start(&self, core: CoreHandle) -> Running {
+        let (leadership_tx, leadership) = watch::channel(leading());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run_admission(
+            self.client.clone(),
+            core,
+            rules(),
+            self.pending.clone(),
+            Arc::clone(&self.keys),
+            leadership,
+            Duration::from_millis(20),
+            stopped,
+        ));
+        self.keys
+            .load(true)
+            .await
+            .expect("the leader makes the key");
+        Running {
+            _leadership: leadership_tx,
+            stop,
+            task,
+        }
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        self.task.await.expect("admission stops");
+    }
+}
+
 /// The signing key as the leader sees it (it makes it) and as a node agent does.
 fn leader_keys(cluster: &Cluster) -> Arc<SubmitterKeys> {
     SubmitterKeys::new(cluster.leader.clone(), "agentd-system".to_owned())
@@ -255,33 +317,15 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
 #[test]
 fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
     let cluster = Cluster::start();
-    let pending = PendingObjects::default();
-    let keys = leader_keys(&cluster);
-    let store = cluster
-        .store()
-        .admitting(pending.clone())
-        .signing(Arc::clone(&keys));
+    let (store, admission) = leader_admitting(&cluster);
     let desk = FollowerJobs::new(
         cluster.node.clone(),
         "node-b".to_owned(),
         node_keys(&cluster),
     );
-    let leader = cluster.leader.clone();
     let admin = cluster.admin.clone();
     let follower_uid = with_core(&cluster, store, async |core| {
-        let (_leadership_tx, leadership) = watch::channel(leading());
-        let (stop_tx, stop) = watch::channel(false);
-        let admission = tokio::spawn(run_admission(
-            leader.clone(),
-            core.clone(),
-            rules(),
-            pending,
-            Arc::clone(&keys),
-            leadership,
-            Duration::from_millis(20),
-            stop,
-        ));
-        keys.load(true).await.expect("the leader makes the key");
+        let admitting = admission.start(core.clone()).await;
         submit(&desk, &manifest("from-node-b"))
             .await
             .expect("created");
@@ -371,8 +415,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
             .await
             .expect("still known");
         assert_eq!(cancelled.message, "cancelled by ada");
-        stop_tx.send_replace(true);
-        admission.await.expect("admission stops");
+        admitting.stop().await;
         from_node.metadata.uid
     });
     let object = cluster
@@ -391,41 +434,16 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
 #[test]
 fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_object() {
     let cluster = Cluster::start();
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.admin.clone());
-    cluster
-        .rt
-        .block_on(namespaces.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "other"}})).expect("namespace"),
-        ))
-        .expect("namespace created");
-    let pending = PendingObjects::default();
-    let keys = leader_keys(&cluster);
-    let store = cluster
-        .store()
-        .admitting(pending.clone())
-        .signing(Arc::clone(&keys));
+    cluster.create_namespace("other");
+    let (store, admission) = leader_admitting(&cluster);
     let desk = FollowerJobs::new(
         cluster.node.clone(),
         "node-b".to_owned(),
         node_keys(&cluster),
     );
-    let leader = cluster.leader.clone();
     let admin = cluster.admin.clone();
     with_core(&cluster, store, async |core| {
-        let (_leadership_tx, leadership) = watch::channel(leading());
-        let (stop_tx, stop) = watch::channel(false);
-        let admission = tokio::spawn(run_admission(
-            leader.clone(),
-            core.clone(),
-            rules(),
-            pending,
-            Arc::clone(&keys),
-            leadership,
-            Duration::from_millis(20),
-            stop,
-        ));
-        keys.load(true).await.expect("the leader makes the key");
+        let admitting = admission.start(core.clone()).await;
         submit(&desk, &manifest("shared")).await.expect("created");
         object_until(&admin, "shared", |o| state(o) == Some("Queued")).await;
         kubectl_apply(
@@ -464,7 +482,6 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
             state(&object_until(&admin, "shared", |_| true).await),
             Some("Queued")
         );
-        stop_tx.send_replace(true);
-        admission.await.expect("admission stops");
+        admitting.stop().await;
     });
 }

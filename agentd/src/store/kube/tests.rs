@@ -137,6 +137,17 @@ impl Cluster {
         self.rt.block_on(api.get_opt(name)).expect("get")
     }
 
+    /// Creates the namespace `name`.
+    pub(crate) fn create_namespace(&self, name: &str) {
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.admin.clone());
+        self.rt
+            .block_on(namespaces.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace"),
+            ))
+            .expect("namespace created");
+    }
+
     /// Creates an object as a person would with `kubectl apply` (no status).
     fn apply(&self, manifest: &str) {
         let doc: Value = serde_saphyr::from_str(manifest).expect("YAML");
@@ -761,14 +772,7 @@ fn an_object_deleted_before_its_first_write_fails_that_write_and_is_forgotten() 
 #[test]
 fn of_two_jobs_with_one_name_the_older_is_kept() {
     let cluster = Cluster::start();
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.admin.clone());
-    cluster
-        .rt
-        .block_on(namespaces.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "other"}})).expect("namespace"),
-        ))
-        .expect("namespace created");
+    cluster.create_namespace("other");
     let mut first = cluster.store();
     first
         .write_batch(
@@ -1080,14 +1084,7 @@ pub(crate) fn with_core<T: Send + 'static>(
 #[test]
 fn a_core_keeps_its_jobs_in_training_jobs_and_a_new_one_restores_them() {
     let cluster = Cluster::start();
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(cluster.admin.clone());
-    cluster
-        .rt
-        .block_on(namespaces.create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "team-a"}})).expect("namespace"),
-        ))
-        .expect("namespace created");
+    cluster.create_namespace("team-a");
     let rules = job::Admission::new(
         crate::config::default_queues().into_keys(),
         crate::config::DEFAULT_QUEUE,
