@@ -149,6 +149,24 @@ impl Caller {
         }
     }
 
+    /// May this caller make a job from template `name`, owned by `owner`? Anyone may, but
+    /// root only from templates root owns: a job of root's runs as root, and may run as
+    /// anyone, so what it runs must not be another user's to change.
+    pub fn may_run_template(&self, name: &str, owner: &Owner) -> Result<(), ApiError> {
+        if self.owner.uid != 0 || owner.uid == 0 {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden {
+            rule: "root-runs-root-templates",
+            message: format!(
+                "root makes jobs only from templates root owns: template {name:?} belongs to \
+                 {}, who can change what it runs at any time; save a copy as root \
+                 (agentctl template show {name} > FILE; agentctl template save NEW FILE)",
+                owner.user
+            ),
+        })
+    }
+
     /// May this caller drain or resume a node? That decides for everyone's jobs, so only root
     /// and the admin group may.
     pub fn may_manage_nodes(&self, node: &str) -> Result<(), ApiError> {

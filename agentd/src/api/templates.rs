@@ -191,8 +191,9 @@ async fn submit(
         ))
     })?;
     let admission = Arc::clone(&state.admission);
+    let template = blocking(move || Ok(templates.get(&name)?)).await?;
+    caller.may_run_template(&template.name, &template.owner)?;
     let made = blocking(move || {
-        let template = templates.get(&name)?;
         Ok(template::instantiate(
             &template.manifest,
             &template.name,

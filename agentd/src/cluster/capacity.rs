@@ -308,7 +308,7 @@ impl Silence {
 }
 
 /// The kubelet's own default Lease duration, for a Lease that does not state one.
-const KUBELET_LEASE: Duration = Duration::from_secs(40);
+pub(crate) const KUBELET_LEASE: Duration = Duration::from_secs(40);
 
 /// The signs that a node no longer answers: a Ready condition not True (with a transition
 /// time), a kubelet Lease past its duration (`now`).

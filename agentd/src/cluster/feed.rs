@@ -153,11 +153,11 @@ async fn follow(
     let node_events =
         reflector::reflector(nodes_w, watcher(Api::<Node>::all(client.clone()), config()))
             .default_backoff()
-            .map(|e| e.map(|_| ()));
+            .map(|e| (false, e.map(|_| ())));
     let pod_events =
         reflector::reflector(pods_w, watcher(Api::<Pod>::all(client.clone()), config()))
             .default_backoff()
-            .map(|e| e.map(|_| ()));
+            .map(|e| (false, e.map(|_| ())));
     let lease_events = reflector::reflector(
         leases_w,
         watcher(
@@ -166,7 +166,7 @@ async fn follow(
         ),
     )
     .default_backoff()
-    .map(|e| e.map(|_| ()));
+    .map(|e| (false, e.map(|_| ())));
     let kubelet_lease_events = reflector::reflector(
         kubelet_leases_w,
         watcher(
@@ -175,11 +175,11 @@ async fn follow(
         ),
     )
     .default_backoff()
-    .map(|e| e.map(|_| ()));
+    .map(|e| (true, e.map(|_| ())));
     let agent_events =
         reflector::reflector(agents_w, watcher(cluster.agent_nodes_watch_api(), config()))
             .default_backoff()
-            .map(|e| e.map(|_| ()));
+            .map(|e| (false, e.map(|_| ())));
     let mut events = std::pin::pin!(futures::stream::select_all([
         node_events.boxed(),
         pod_events.boxed(),
@@ -188,6 +188,7 @@ async fn follow(
         agent_events.boxed(),
     ]));
     let mut said_failing = false;
+    let mut kubelets = KubeletWatch::default();
     // When the next silent node reaches the grace, if one will.
     let mut recheck: Option<tokio::time::Instant> = None;
     loop {
@@ -200,9 +201,15 @@ async fn follow(
         };
         let next = tokio::select! {
             next = events.next() => next,
-            () = at_recheck => Some(Ok(())),
+            () = at_recheck => Some((false, Ok(()))),
             _ = stop.wait_for(|s| *s) => return,
         };
+        let next = next.map(|(kubelet, event)| {
+            if kubelet {
+                kubelets.heard(event.is_ok());
+            }
+            event
+        });
         match next {
             None => return,
             Some(Err(e)) => {
@@ -223,7 +230,11 @@ async fn follow(
         loop {
             tokio::select! {
                 () = &mut settle => break,
-                more = events.next() => if more.is_none() { return },
+                more = events.next() => match more {
+                    None => return,
+                    Some((true, event)) => kubelets.heard(event.is_ok()),
+                    Some((false, _)) => {}
+                },
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -232,9 +243,10 @@ async fn follow(
         if !(ready(&nodes) && ready(&pods) && ready(&leases) && ready(&agents)) {
             continue;
         }
+        let kubelet_leases = kubelets.judged(&kubelet_leases);
         let leases = Leases {
             agents: &leases,
-            kubelets: &kubelet_leases,
+            kubelets: kubelet_leases,
         };
         let (mut computed, next) =
             compute(&cluster, node_lost_grace, &nodes, &pods, &leases, &agents);
@@ -262,7 +274,68 @@ const RECHECK_MARGIN: Duration = Duration::from_millis(200);
 /// The Leases the nodes are judged by.
 struct Leases<'a> {
     agents: &'a Store<Lease>,
-    kubelets: &'a Store<Lease>,
+    /// As [`KubeletWatch::judged`] gives them.
+    kubelets: Vec<Lease>,
+}
+
+/// How the kubelets' Leases are read: renewed when this agent saw `renewTime` change, by its own
+/// clock (so a node whose clock lags is not taken for silent, as the node lifecycle controller
+/// does it), and only while their watch is sound: a watch that fails (a role that may not read
+/// `kube-node-lease`, say) or has heard nothing for a Lease's length leaves the store as it was
+/// last, which would make every node look silent. Nodes are then judged by `Ready` alone.
+#[derive(Default)]
+struct KubeletWatch {
+    /// Whether the last event of the watch was not an error.
+    sound: bool,
+    /// When the watch last delivered anything.
+    heard: Option<tokio::time::Instant>,
+    /// By Lease name: the `renewTime` last seen, and when this agent saw it first.
+    renewals: BTreeMap<String, (String, Timestamp)>,
+}
+
+impl KubeletWatch {
+    fn heard(&mut self, ok: bool) {
+        self.sound = ok;
+        if ok {
+            self.heard = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// The Leases to judge nodes by, each renewed when it was seen renewed; none while the
+    /// watch is not sound.
+    fn judged(&mut self, store: &Store<Lease>) -> Vec<Lease> {
+        let fresh = self
+            .heard
+            .is_some_and(|at| at.elapsed() <= super::capacity::KUBELET_LEASE);
+        if !self.sound || !fresh || !ready(store) {
+            return Vec::new();
+        }
+        let now = Timestamp::now();
+        let mut renewals = BTreeMap::new();
+        let leases = store
+            .state()
+            .iter()
+            .filter_map(|lease| {
+                let name = lease.metadata.name.clone()?;
+                let renewed = lease.spec.as_ref()?.renew_time.as_ref()?;
+                let text = renewed.0.to_string();
+                let seen = match self.renewals.remove(&name) {
+                    Some((was, seen)) if was == text => seen,
+                    _ => now,
+                };
+                renewals.insert(name, (text, seen));
+                let mut lease = Lease::clone(lease);
+                if let Some(spec) = lease.spec.as_mut() {
+                    spec.renew_time = Some(
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(seen),
+                    );
+                }
+                Some(lease)
+            })
+            .collect();
+        self.renewals = renewals;
+        leases
+    }
 }
 
 /// Whether a store has had its first list.
@@ -284,12 +357,7 @@ fn compute(
 ) -> (ClusterNodes, Option<Duration>) {
     let nodes: Vec<Node> = nodes.state().iter().map(|n| Node::clone(n)).collect();
     let pods = others(pods.state().iter().map(AsRef::as_ref));
-    let kubelet_leases: Vec<Lease> = leases
-        .kubelets
-        .state()
-        .iter()
-        .map(|l| Lease::clone(l))
-        .collect();
+    let kubelet_leases = &leases.kubelets;
     let leases: Vec<Lease> = leases
         .agents
         .state()
@@ -309,7 +377,7 @@ fn compute(
         pods: &pods,
         agents: &agents,
         leases: &leases,
-        kubelet_leases: &kubelet_leases,
+        kubelet_leases,
         now: Timestamp::now(),
         lease_interval: cluster.interval,
         node_lost_grace,
@@ -393,5 +461,52 @@ mod tests {
         );
         assert_eq!(placed[0].gpus[0].product, "NVIDIA H200");
         assert_eq!(placed[0].labels["kubernetes.io/hostname"], "gpu-1");
+    }
+
+    /// A kubelet Lease is renewed when this agent sees its `renewTime` change, by this agent's
+    /// clock: a node whose clock lags by an hour is not silent; and a watch that failed, or
+    /// has heard nothing for a Lease's length, judges no node by its Leases.
+    #[tokio::test]
+    async fn kubelet_leases_are_renewed_as_seen_and_not_judged_from_a_failed_watch() {
+        let (store, mut writer) = reflector::store::<Lease>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        // Written by a node whose clock is an hour behind.
+        writer.apply_watcher_event(&watcher::Event::InitApply(
+            crate::cluster::view::tests::lease(
+                "gpu-1",
+                "2026-01-01T00:00:00Z".parse().unwrap(),
+                40,
+            ),
+        ));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let renewed = |leases: &[Lease]| {
+            leases[0]
+                .spec
+                .as_ref()
+                .and_then(|s| s.renew_time.as_ref())
+                .map(|t| t.0)
+                .expect("renewed")
+        };
+        let mut watch = KubeletWatch::default();
+        assert!(watch.judged(&store).is_empty(), "nothing heard yet");
+        watch.heard(true);
+        let before = Timestamp::now();
+        let first = renewed(&watch.judged(&store));
+        assert!(first >= before, "seen renewed now, not an hour ago");
+        assert_eq!(renewed(&watch.judged(&store)), first, "unchanged: the same");
+        writer.apply_watcher_event(&watcher::Event::Apply(crate::cluster::view::tests::lease(
+            "gpu-1",
+            "2026-01-01T00:00:10Z".parse().unwrap(),
+            40,
+        )));
+        let second = renewed(&watch.judged(&store));
+        assert!(second > first, "renewed again when renewTime changed");
+        watch.heard(false);
+        assert!(
+            watch.judged(&store).is_empty(),
+            "a failed watch judges nothing"
+        );
+        watch.heard(true);
+        assert_eq!(watch.judged(&store).len(), 1);
     }
 }

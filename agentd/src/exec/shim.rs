@@ -404,6 +404,9 @@ fn supervise(dir: &Path, started: Started) {
     // The replica is gone; whatever it started goes with it. Each process killed here hands
     // its own children to the shim, so this ends when the whole tree is reaped.
     stop_tree(state.pid);
+    // Its group id is free now, for any process to take: a stop from here on is no longer
+    // the replica's to pass on.
+    REPLICA_GROUP.store(0, Ordering::SeqCst);
     let mut outcome = match status {
         Some(status) if libc::WIFEXITED(status) => ShimExit {
             code: Some(libc::WEXITSTATUS(status)),

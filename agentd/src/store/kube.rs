@@ -375,7 +375,15 @@ impl KubeStore {
                     "the job's manifest does not parse, so no TrainingJob can be made of it: {e}"
                 ),
             })?;
-        let key = self.key()?;
+        // Unsigned, the owner is still the status's once it is written; only an object left
+        // without one (a leader gone between the two writes) is then taken for its client's.
+        let key = self.key().unwrap_or_else(|e| {
+            tracing::warn!(
+                job = name,
+                "the job's submitter is recorded unsigned: {e} (apply packaging/kubernetes/20-rbac.yaml)"
+            );
+            None
+        });
         if let Some(owner) = status.and_then(|s| s.owner.as_ref()) {
             sign_submitter(&mut object, owner, None, key.as_ref());
         }

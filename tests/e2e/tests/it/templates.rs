@@ -258,6 +258,15 @@ fn users_change_their_own_templates_and_make_jobs_from_everyones() {
         ),
         TEMPLATE
     );
+    // Root makes jobs only from root's templates: Alice could change what hers runs, and a
+    // job of root's runs as root.
+    let refused = agent.ctl(&["submit", "--template", "alices", "--name", "roots"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("root-runs-root-templates") && message.contains(ALICE),
+        "{message}"
+    );
     // An admin acts on every template.
     ok(
         &ctl_as(&agent, CAROL, &["template", "delete", "alices"], ""),
