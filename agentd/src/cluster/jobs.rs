@@ -678,11 +678,20 @@ impl Admissions {
         let result = loop {
             // The object as it is now: deleted meanwhile (a cancel on another node), or taken
             // in by a write that was not answered, it is not submitted (again).
-            match self.current(&object).await {
-                Some(now)
+            match self.read(&object).await {
+                Ok(Some(now))
                     if now.metadata.uid == object.metadata.uid && agentd_status(&now).is_none() => {
                 }
-                _ => return true,
+                Ok(_) => return true,
+                // Not known: asked again while leading, or left for the object's next change.
+                Err(e) => {
+                    tracing::debug!(job = name, "TrainingJob not read: {e}");
+                    if self.leadership.borrow().term.is_none() {
+                        return false;
+                    }
+                    tokio::time::sleep(self.retry).await;
+                    continue;
+                }
             }
             self.pending.insert(name.clone(), object.clone());
             let answer = self
@@ -739,6 +748,11 @@ impl Admissions {
     }
 
     async fn current(&self, object: &DynamicObject) -> Option<DynamicObject> {
+        self.read(object).await.ok()?
+    }
+
+    /// The object as the API server has it now (`None`: deleted).
+    async fn read(&self, object: &DynamicObject) -> Result<Option<DynamicObject>, kube::Error> {
         let api: Api<DynamicObject> = Api::namespaced_with(
             self.client.clone(),
             object
@@ -748,7 +762,10 @@ impl Admissions {
                 .unwrap_or(DEFAULT_NAMESPACE),
             &training_job_resource(),
         );
-        api.get_opt(object.metadata.name.as_deref()?).await.ok()?
+        match object.metadata.name.as_deref() {
+            Some(name) => api.get_opt(name).await,
+            None => Ok(None),
+        }
     }
 
     /// Sets status Failed, reason `Invalid`, on the version of the object that was read: a
