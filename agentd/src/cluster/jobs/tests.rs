@@ -168,6 +168,16 @@ async fn get(desk: &Arc<FollowerJobs>, name: &str) -> Result<JobStatus, CoreErro
     .await
 }
 
+/// The job `name` as the leader's core holds it.
+async fn leaders_job(core: &CoreHandle, name: &str) -> Result<JobStatus, CoreError> {
+    core.ask(|reply| Command::Get {
+        name: name.to_owned(),
+        removed: false,
+        reply,
+    })
+    .await
+}
+
 /// Creates an object as `kubectl apply` does: no status, its field manager named.
 async fn kubectl_apply(client: &kube::Client, text: &str) -> DynamicObject {
     let doc: Value = serde_saphyr::from_str(text).expect("YAML");
@@ -350,12 +360,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         kubectl_apply(&admin, &forged).await;
 
         let from_node = object_until(&admin, "from-node-b", |o| state(o) == Some("Queued")).await;
-        let admitted = core
-            .ask(|reply| Command::Get {
-                name: "from-node-b".to_owned(),
-                removed: false,
-                reply,
-            })
+        let admitted = leaders_job(&core, "from-node-b")
             .await
             .expect("the leader's core has it");
         assert_eq!(admitted.owner, Some(ada()), "the submitter on the follower");
@@ -406,12 +411,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         .expect("asked");
         assert_eq!(asked.reason, "CancelRequested");
         object_until(&admin, "from-node-b", |o| state(o) == Some("Cancelled")).await;
-        let cancelled = core
-            .ask(|reply| Command::Get {
-                name: "from-node-b".to_owned(),
-                removed: false,
-                reply,
-            })
+        let cancelled = leaders_job(&core, "from-node-b")
             .await
             .expect("still known");
         assert_eq!(cancelled.message, "cancelled by ada");
@@ -469,12 +469,7 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
                 .expect("annotated");
         }
         object_in_until(&admin, "other", "shared", |o| o.is_none()).await;
-        let running = core
-            .ask(|reply| Command::Get {
-                name: "shared".to_owned(),
-                removed: false,
-                reply,
-            })
+        let running = leaders_job(&core, "shared")
             .await
             .expect("the leader's job is still there");
         assert_eq!(running.state, JobState::Queued, "{}", running.message);
