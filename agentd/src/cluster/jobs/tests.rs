@@ -360,7 +360,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         kubectl_apply(&admin, &forged).await;
 
         let from_node = object_until(&admin, "from-node-b", |o| state(o) == Some("Queued")).await;
-        let admitted = leaders_job(&core, "from-node-b")
+        let admitted = leaders_job(core, "from-node-b")
             .await
             .expect("the leader's core has it");
         assert_eq!(admitted.owner, Some(ada()), "the submitter on the follower");
@@ -411,9 +411,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         .expect("asked");
         assert_eq!(asked.reason, "CancelRequested");
         object_until(&admin, "from-node-b", |o| state(o) == Some("Cancelled")).await;
-        let cancelled = leaders_job(&core, "from-node-b")
-            .await
-            .expect("still known");
+        let cancelled = leaders_job(core, "from-node-b").await.expect("still known");
         assert_eq!(cancelled.message, "cancelled by ada");
         admitting.stop().await;
         from_node.metadata.uid
@@ -469,7 +467,7 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
                 .expect("annotated");
         }
         object_in_until(&admin, "other", "shared", |o| o.is_none()).await;
-        let running = leaders_job(&core, "shared")
+        let running = leaders_job(core, "shared")
             .await
             .expect("the leader's job is still there");
         assert_eq!(running.state, JobState::Queued, "{}", running.message);
