@@ -19,21 +19,38 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 AGENTD = os.path.join(RELEASE, "agentd")
+AGENTD_SHIM = os.path.join(RELEASE, "agentd-shim")
 AGENTCTL = os.path.join(RELEASE, "agentctl")
 FAKE_NVML = os.path.join(RELEASE, "libfake_nvml.so")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def build():
-    """Builds the three release artefacts unless BENCH_NO_BUILD=1 says they are already built."""
+    """Builds the release artefacts as the package has them (the replica supervisor linked
+    statically, packaging/build-shim) unless BENCH_NO_BUILD=1 says they are already built."""
     if os.environ.get("BENCH_NO_BUILD") == "1":
-        for path in (AGENTD, AGENTCTL, FAKE_NVML):
+        for path in (AGENTD, AGENTD_SHIM, AGENTCTL, FAKE_NVML):
             if not os.path.exists(path):
                 sys.exit(f"BENCH_NO_BUILD=1 but {path} does not exist; build it or unset BENCH_NO_BUILD")
         return
-    cmd = ["cargo", "build", "--release", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"]
-    print("== " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    for cmd in (["cargo", "build", "--release", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"],
+                [os.path.join(ROOT, "packaging", "build-shim"), "release"]):
+        print("== " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def shim_linking():
+    """'static' or 'dynamic': how target/release/agentd-shim is linked (an ELF with no
+    PT_INTERP program header needs no dynamic loader)."""
+    with open(AGENTD_SHIM, "rb") as f:
+        elf = f.read(1 << 16)
+    phoff = int.from_bytes(elf[0x20:0x28], "little")
+    phentsize = int.from_bytes(elf[0x36:0x38], "little")
+    phnum = int.from_bytes(elf[0x38:0x3A], "little")
+    for i in range(phnum):
+        if int.from_bytes(elf[phoff + i * phentsize:phoff + i * phentsize + 4], "little") == 3:
+            return "dynamic"
+    return "static"
 
 
 def free_port():

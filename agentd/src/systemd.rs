@@ -223,7 +223,7 @@ fn check_unix_listener(fd: RawFd) -> Result<(), SystemdError> {
 }
 
 /// One replica to start as its own transient service unit, whose main process is the
-/// replica's supervisor (`agentd shim DIR`, see [`crate::exec::shim`]).
+/// replica's supervisor (`agentd-shim DIR`, see [`crate::exec::shim`]).
 ///
 /// The unit outlives the agent: it is not `PartOf=` the agent's unit, and `systemd-run` neither
 /// waits for it nor carries its output, so stopping, restarting or killing the agent leaves it
@@ -478,8 +478,7 @@ mod tests {
             cpu_milli: 1500,
             memory_bytes: 8 * 1024 * 1024 * 1024,
             supervisor: vec![
-                "/usr/bin/agentd".into(),
-                "shim".into(),
+                "/usr/bin/agentd-shim".into(),
                 "/var/lib/agentd/replicas/mnist/worker-1.2".into(),
             ],
             supervisor_env: Vec::new(),
@@ -523,8 +522,7 @@ mod tests {
         assert_eq!(
             &argv[dashdash + 1..],
             [
-                "/usr/bin/agentd",
-                "shim",
+                "/usr/bin/agentd-shim",
                 "/var/lib/agentd/replicas/mnist/worker-1.2"
             ]
         );

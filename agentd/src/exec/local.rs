@@ -1,4 +1,4 @@
-//! Replicas on this machine. Each replica runs under a supervisor of its own (`agentd shim`,
+//! Replicas on this machine. Each replica runs under a supervisor of its own (`agentd-shim`,
 //! see [`shim`]) in its own process group (so a stop reaches everything it started), with its
 //! output in a size-bounded log file. The supervisor is started by the agent in a session of
 //! its own, or, under systemd, by systemd as the main process of a transient unit that holds
@@ -285,12 +285,34 @@ pub struct ShimCommand {
 }
 
 impl ShimCommand {
-    /// `agentd shim DIR`, from the agent's own executable: `/proc/self/exe` names the file the
-    /// agent was started from even after a package upgrade replaced it.
+    /// The supervisor's executable, installed beside the agent's.
+    pub const BINARY: &'static str = "agentd-shim";
+
+    /// `agentd-shim DIR`, the small executable installed beside the agent's: a supervisor
+    /// starts for every replica and lives as long as it, so it costs a fraction of the agent's
+    /// exec time and memory. An agent with no such file beside it (a lone binary copied
+    /// somewhere) runs `agentd shim DIR` from its own executable instead: `/proc/self/exe`
+    /// names the file the agent was started from even after a package upgrade replaced it.
     pub fn agentd() -> Self {
-        Self {
-            argv: vec!["/proc/self/exe".to_owned(), "shim".to_owned()],
-            env: Vec::new(),
+        let beside = std::fs::read_link("/proc/self/exe")
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join(Self::BINARY)))
+            .filter(|shim| is_executable(shim));
+        match beside {
+            Some(shim) => Self {
+                argv: vec![shim.to_string_lossy().into_owned()],
+                env: Vec::new(),
+            },
+            None => {
+                tracing::info!(
+                    "no {} beside the agent's executable: replicas are supervised by `agentd shim`",
+                    Self::BINARY
+                );
+                Self {
+                    argv: vec!["/proc/self/exe".to_owned(), "shim".to_owned()],
+                    env: Vec::new(),
+                }
+            }
         }
     }
 
@@ -310,6 +332,12 @@ impl ShimCommand {
         }
         command
     }
+}
+
+/// A regular file with an execute bit set.
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// A replica a previous agent left running (or ended while no agent was there), checked and

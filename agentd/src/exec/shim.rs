@@ -1,4 +1,5 @@
-//! The replica supervisor (`agentd shim DIR`), one per replica, which lets replicas outlive the
+//! The replica supervisor (`agentd-shim DIR`, or `agentd shim DIR` where that small executable
+//! is not installed beside the agent's), one per replica, which lets replicas outlive the
 //! agent as a container outlives containerd through its shim. The agent writes what to run
 //! into the replica's run directory and starts the shim in a session of its own; the shim
 //! starts the replica, copies its output into its log, waits for it, and writes how it ended

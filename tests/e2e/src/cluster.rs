@@ -399,7 +399,7 @@ impl NodeAgent {
                 l = o.leader_eligible,
             ),
             env,
-            state_dir: None,
+            ..AgentOptions::default()
         });
         NodeAgent {
             agent,

@@ -100,6 +100,8 @@ pub struct AgentOptions {
     pub env: Vec<(String, String)>,
     /// The state directory; a fresh one in the agent's temporary directory if `None`.
     pub state_dir: Option<PathBuf>,
+    /// The agent's executable; the built one if `None`.
+    pub binary: Option<PathBuf>,
 }
 
 /// An agent running in its own temporary directory; killed when dropped.
@@ -146,7 +148,7 @@ impl Agent {
 
     /// Starts (or starts again) the agent process and waits until it answers /readyz.
     pub fn spawn(&mut self) {
-        let mut cmd = Command::new(agentd_bin());
+        let mut cmd = Command::new(self.options.binary.clone().unwrap_or_else(agentd_bin));
         cmd.arg("--config")
             .arg(&self.config_path)
             .arg("--state-dir")
@@ -304,7 +306,7 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Replicas outlive the agent under their supervisors (`agentd shim DIR`); a test's
+        // Replicas outlive the agent under their supervisors (`agentd-shim DIR`); a test's
         // end takes them too: first each replica's process group (recorded in its run
         // directory), then the supervisors.
         let runs = std::fs::read_dir(self.state_dir.join("replicas"))
@@ -338,10 +340,15 @@ impl Drop for Agent {
             };
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args.get(1) == Some(&&b"shim"[..])
-                && args
-                    .get(2)
-                    .is_some_and(|dir| dir.starts_with(mine.as_bytes()))
+            // `agentd-shim DIR`, or `agentd shim DIR` where the small binary is missing.
+            let dir = if args.get(1) == Some(&&b"shim"[..]) {
+                args.get(2)
+            } else if args.first().is_some_and(|a| a.ends_with(b"agentd-shim")) {
+                args.get(1)
+            } else {
+                None
+            };
+            if dir.is_some_and(|dir| dir.starts_with(mine.as_bytes()))
             {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }

@@ -731,6 +731,13 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
         "agentd.toml is not a conffile"
     );
 
+    // The replica supervisor the agent finds beside itself.
+    let shim = run(Command::new("/usr/bin/agentd-shim"));
+    assert!(
+        shim.status.code() == Some(2) && text(&shim).contains("usage: agentd-shim DIR"),
+        "agentd-shim without arguments:\n{}",
+        text(&shim)
+    );
     for binary in ["/usr/bin/agentd", "/usr/bin/agentctl"] {
         let version = run(Command::new(binary).arg("--version"));
         assert!(

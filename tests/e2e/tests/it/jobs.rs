@@ -453,6 +453,20 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
     );
 }
 
+/// The command line of the supervisor of the replica `pid` (its parent), arguments split.
+fn supervisor_of(pid: u64) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The parent is the second field after the command name, which ends with the last ')'.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let parent = after_name.split(' ').nth(1).unwrap();
+    let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap();
+    cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
 /// The pids of a job's replicas, in order.
 fn replica_pids(job: &Value) -> Vec<u64> {
     job["replicas"]
@@ -482,6 +496,16 @@ fn replicas_survive_agent_restarts_and_are_adopted() {
     let job = wait_state(&agent, "survivor", "Running", Duration::from_secs(15));
     let pids = replica_pids(&job);
     assert_eq!(pids.len(), 2);
+    // Each replica's supervisor is the small `agentd-shim` installed beside the agent.
+    for &pid in &pids {
+        let supervisor = supervisor_of(pid);
+        assert_eq!(
+            std::path::Path::new(&supervisor[0]),
+            e2e::agentd_bin().with_file_name("agentd-shim"),
+            "{supervisor:?}"
+        );
+        assert_eq!(supervisor.len(), 2, "{supervisor:?}");
+    }
     // A graceful stop (systemctl restart, a package upgrade), then a crash.
     for signal in [15, 9] {
         agent.signal_and_wait(signal, Duration::from_secs(15));
@@ -525,6 +549,33 @@ fn replicas_survive_agent_restarts_and_are_adopted() {
         "{text}"
     );
     assert!(text.contains("ended: exit code 0"), "{text}");
+}
+
+#[test]
+fn an_agent_with_no_shim_beside_it_supervises_replicas_itself() {
+    // A lone agent binary (copied somewhere without `agentd-shim`) runs `agentd shim DIR`.
+    let lone = tempfile::tempdir().unwrap();
+    let binary = lone.path().join("agentd");
+    if std::fs::hard_link(e2e::agentd_bin(), &binary).is_err() {
+        std::fs::copy(e2e::agentd_bin(), &binary).unwrap();
+    }
+    let agent = Agent::start(AgentOptions {
+        config: FAST.into(),
+        binary: Some(binary.clone()),
+        ..AgentOptions::default()
+    });
+    let go = agent.dir.path().join("go");
+    let script = format!("while [ ! -e {} ]; do sleep 0.1; done", go.display());
+    submit_ok(
+        &agent,
+        &manifest("lone", "backoffLimit: 0", &[("Worker", 1, "Never", 0, &script)]),
+    );
+    let job = wait_state(&agent, "lone", "Running", Duration::from_secs(15));
+    let supervisor = supervisor_of(replica_pids(&job)[0]);
+    assert_eq!(supervisor[..2], [binary.to_string_lossy(), "shim".into()], "{supervisor:?}");
+    std::fs::write(&go, "").unwrap();
+    let job = wait_state(&agent, "lone", "Succeeded", Duration::from_secs(15));
+    assert_eq!(job["replicas"][0]["exit_code"], 0, "{job}");
 }
 
 #[test]
