@@ -113,6 +113,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    limit_malloc_arenas();
     if let Err(e) = init_logging(&config) {
         eprintln!("agentd: {e}");
         return ExitCode::from(2);
@@ -146,4 +147,19 @@ fn init_logging(config: &Config) -> Result<(), agentd::logging::LoggingError> {
         LogFormat::Json => agentd::logging::LogFormat::Json,
     };
     agentd::logging::init(format, Some(&config.log)).map(drop)
+}
+
+/// glibc's allocator gives each thread that meets contention an arena of its own (up to eight
+/// per core) and keeps what is freed in each for that arena's next use, so an agent's memory
+/// crept up job after job although it holds no more jobs (`bench/history`: 2.6 MiB more between
+/// the 10,000th and the 20,000th job with the default, 0.2 MiB with two arenas). Two arenas
+/// serve the runtime's two worker threads. A `MALLOC_ARENA_MAX` in the environment wins.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt sets one of the allocator's tunables; it takes the allocator's lock.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
 }

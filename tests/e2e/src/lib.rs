@@ -348,8 +348,7 @@ impl Drop for Agent {
             } else {
                 None
             };
-            if dir.is_some_and(|dir| dir.starts_with(mine.as_bytes()))
-            {
+            if dir.is_some_and(|dir| dir.starts_with(mine.as_bytes())) {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
         }

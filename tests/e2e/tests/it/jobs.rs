@@ -568,11 +568,19 @@ fn an_agent_with_no_shim_beside_it_supervises_replicas_itself() {
     let script = format!("while [ ! -e {} ]; do sleep 0.1; done", go.display());
     submit_ok(
         &agent,
-        &manifest("lone", "backoffLimit: 0", &[("Worker", 1, "Never", 0, &script)]),
+        &manifest(
+            "lone",
+            "backoffLimit: 0",
+            &[("Worker", 1, "Never", 0, &script)],
+        ),
     );
     let job = wait_state(&agent, "lone", "Running", Duration::from_secs(15));
     let supervisor = supervisor_of(replica_pids(&job)[0]);
-    assert_eq!(supervisor[..2], [binary.to_string_lossy(), "shim".into()], "{supervisor:?}");
+    assert_eq!(
+        supervisor[..2],
+        [binary.to_string_lossy(), "shim".into()],
+        "{supervisor:?}"
+    );
     std::fs::write(&go, "").unwrap();
     let job = wait_state(&agent, "lone", "Succeeded", Duration::from_secs(15));
     assert_eq!(job["replicas"][0]["exit_code"], 0, "{job}");
