@@ -453,18 +453,20 @@ fn a_gpu_going_bad_restarts_the_gang_on_healthy_gpus() {
     );
 }
 
-/// The command line of the supervisor of the replica `pid` (its parent), arguments split.
-fn supervisor_of(pid: u64) -> Vec<String> {
+/// The supervisor of the replica `pid` (its parent): the file it runs and its arguments.
+fn supervisor_of(pid: u64) -> (std::path::PathBuf, Vec<String>) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // The parent is the second field after the command name, which ends with the last ')'.
     let after_name = &stat[stat.rfind(')').unwrap() + 2..];
     let parent = after_name.split(' ').nth(1).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{parent}/exe")).unwrap();
     let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap();
-    cmdline
+    let args = cmdline
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
+        .collect();
+    (exe, args)
 }
 
 /// The pids of a job's replicas, in order.
@@ -497,14 +499,11 @@ fn replicas_survive_agent_restarts_and_are_adopted() {
     let pids = replica_pids(&job);
     assert_eq!(pids.len(), 2);
     // Each replica's supervisor is the small `agentd-shim` installed beside the agent.
+    let shim = std::fs::canonicalize(e2e::agentd_bin().with_file_name("agentd-shim")).unwrap();
     for &pid in &pids {
-        let supervisor = supervisor_of(pid);
-        assert_eq!(
-            std::path::Path::new(&supervisor[0]),
-            e2e::agentd_bin().with_file_name("agentd-shim"),
-            "{supervisor:?}"
-        );
-        assert_eq!(supervisor.len(), 2, "{supervisor:?}");
+        let (exe, args) = supervisor_of(pid);
+        assert_eq!(exe, shim, "{args:?}");
+        assert_eq!(args.len(), 2, "{args:?}");
     }
     // A graceful stop (systemctl restart, a package upgrade), then a crash.
     for signal in [15, 9] {
@@ -575,12 +574,9 @@ fn an_agent_with_no_shim_beside_it_supervises_replicas_itself() {
         ),
     );
     let job = wait_state(&agent, "lone", "Running", Duration::from_secs(15));
-    let supervisor = supervisor_of(replica_pids(&job)[0]);
-    assert_eq!(
-        supervisor[..2],
-        [binary.to_string_lossy(), "shim".into()],
-        "{supervisor:?}"
-    );
+    let (exe, args) = supervisor_of(replica_pids(&job)[0]);
+    assert_eq!(exe, std::fs::canonicalize(&binary).unwrap(), "{args:?}");
+    assert_eq!(args.get(1).map(String::as_str), Some("shim"), "{args:?}");
     std::fs::write(&go, "").unwrap();
     let job = wait_state(&agent, "lone", "Succeeded", Duration::from_secs(15));
     assert_eq!(job["replicas"][0]["exit_code"], 0, "{job}");
