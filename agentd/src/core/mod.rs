@@ -290,8 +290,9 @@ pub struct Core {
     /// Requests of this turn waiting for their answer, by the id the lifecycle knows them by.
     waiting: BTreeMap<RequestId, Reply<JobStatus>>,
     next_request: u64,
-    /// `jobs.logs_max_total_bytes`.
-    logs_budget: u64,
+    /// `jobs.logs_max_total_bytes`, checked off the core's task (a check that comes due while
+    /// the last one still runs is skipped).
+    logs_budget: Arc<Mutex<log_budget::LogBudget>>,
     ticks: u64,
     metrics: Option<Metrics>,
     /// Where the store keeps a history of finished jobs: its pruning.
@@ -485,7 +486,10 @@ impl Core {
             internal_tx: wiring.internal_tx.clone(),
             waiting: BTreeMap::new(),
             next_request: 0,
-            logs_budget: config.jobs.logs_max_total_bytes,
+            logs_budget: Arc::new(Mutex::new(log_budget::LogBudget::new(
+                config.state_dir.join("logs"),
+                config.jobs.logs_max_total_bytes,
+            ))),
             ticks: 0,
             metrics,
             pruning: history
@@ -897,15 +901,12 @@ impl Core {
     /// Keeps the job logs within their overall budget, off the core's task: the logs of the
     /// jobs that finished first go first; those of jobs with processes left never do.
     fn keep_logs_in_budget(&self) {
-        let mut finished: Vec<(f64, String)> = self
-            .lifecycle
-            .jobs()
-            .values()
-            .filter(|r| r.status.state.is_finished() && r.live_pgids().is_empty())
-            .map(|r| (r.status.finished_at.unwrap_or(0.0), r.status.name.clone()))
-            .collect();
-        finished.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut names: Vec<String> = finished.into_iter().map(|(_, n)| n).collect();
+        if matches!(
+            self.logs_budget.try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        ) {
+            return; // The last check is still running.
+        }
         // Active jobs, and finished ones with processes left, keep their logs.
         let busy: BTreeSet<String> = self
             .lifecycle
@@ -914,28 +915,33 @@ impl Core {
             .filter(|r| !r.status.state.is_finished() || !r.live_pgids().is_empty())
             .map(|r| r.status.name.clone())
             .collect();
+        let mut in_memory: Vec<(f64, String)> = self
+            .lifecycle
+            .jobs()
+            .values()
+            .filter(|r| r.status.state.is_finished() && r.live_pgids().is_empty())
+            .map(|r| (r.status.finished_at.unwrap_or(0.0), r.status.name.clone()))
+            .collect();
         let history = self.pruning.as_ref().map(|p| p.history().clone());
-        let root = self.lifecycle.settings().logs.clone();
-        let budget = self.logs_budget;
+        let budget = Arc::clone(&self.logs_budget);
         tokio::task::spawn_blocking(move || {
+            let mut budget = budget.lock().unwrap_or_else(PoisonError::into_inner);
             // Every finished job on disk, whether or not it is still in memory.
-            if let Some(history) = history {
-                match history.finished_oldest_first() {
-                    Ok(stored) => {
-                        names = stored.into_iter().filter(|n| !busy.contains(n)).collect();
-                    }
-                    Err(e) => {
-                        tracing::warn!("cannot list the finished jobs to bound their logs: {e}");
-                        return;
-                    }
+            let finished = || match &history {
+                Some(history) => history.finished_oldest_first(),
+                None => {
+                    in_memory.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    Ok(in_memory.into_iter().map(|(_, name)| name).collect())
                 }
-            }
-            let removed = log_budget::enforce(&root, &names, budget);
-            if !removed.is_empty() {
-                tracing::info!(
+            };
+            match budget.check(busy, finished) {
+                Ok(removed) if !removed.is_empty() => tracing::info!(
                     jobs = removed.join(", "),
-                    "deleted the logs of finished jobs: job logs were over jobs.logs_max_total_bytes ({budget} bytes)"
-                );
+                    "deleted the logs of finished jobs: job logs were over jobs.logs_max_total_bytes ({} bytes)",
+                    budget.budget()
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot list the finished jobs to bound their logs: {e}"),
             }
         });
     }
