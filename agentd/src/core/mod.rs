@@ -927,12 +927,12 @@ impl Core {
         tokio::task::spawn_blocking(move || {
             let mut budget = budget.lock().unwrap_or_else(PoisonError::into_inner);
             // Every finished job on disk, whether or not it is still in memory.
-            let finished = || match &history {
-                Some(history) => history.finished_oldest_first(),
-                None => {
-                    in_memory.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    Ok(in_memory.into_iter().map(|(_, name)| name).collect())
+            let finished = || {
+                if let Some(history) = &history {
+                    return history.finished_oldest_first();
                 }
+                in_memory.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Ok(in_memory.into_iter().map(|(_, name)| name).collect())
             };
             match budget.check(busy, finished) {
                 Ok(removed) if !removed.is_empty() => tracing::info!(

@@ -298,21 +298,19 @@ impl ShimCommand {
             .ok()
             .and_then(|exe| Some(exe.parent()?.join(Self::BINARY)))
             .filter(|shim| is_executable(shim));
-        match beside {
-            Some(shim) => Self {
+        if let Some(shim) = beside {
+            return Self {
                 argv: vec![shim.to_string_lossy().into_owned()],
                 env: Vec::new(),
-            },
-            None => {
-                tracing::info!(
-                    "no {} beside the agent's executable: replicas are supervised by `agentd shim`",
-                    Self::BINARY
-                );
-                Self {
-                    argv: vec!["/proc/self/exe".to_owned(), "shim".to_owned()],
-                    env: Vec::new(),
-                }
-            }
+            };
+        }
+        tracing::info!(
+            "no {} beside the agent's executable: replicas are supervised by `agentd shim`",
+            Self::BINARY
+        );
+        Self {
+            argv: vec!["/proc/self/exe".to_owned(), "shim".to_owned()],
+            env: Vec::new(),
         }
     }
 

@@ -732,7 +732,7 @@ fn the_deb_installs_runs_and_removes_cleanly_and_lintian_finds_no_errors() {
     );
 
     // The replica supervisor the agent finds beside itself.
-    let shim = run(Command::new("/usr/bin/agentd-shim"));
+    let shim = run(&mut Command::new("/usr/bin/agentd-shim"));
     assert!(
         shim.status.code() == Some(2) && text(&shim).contains("usage: agentd-shim DIR"),
         "agentd-shim without arguments:\n{}",
