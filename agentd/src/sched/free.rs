@@ -204,6 +204,18 @@ impl FreeState {
         self.reindex(node, before);
     }
 
+    /// Puts a node back as it was when `saved` was read from it, keeping the index up to date.
+    pub fn restore(&mut self, node: u32, saved: NodeFree) {
+        let i = node as usize;
+        let before = self.nodes[i].gpus.count_ones();
+        self.nodes[i] = saved;
+        if self.usable[i] {
+            self.free_gpus =
+                self.free_gpus - u64::from(before) + u64::from(saved.gpus.count_ones());
+        }
+        self.reindex(node, before);
+    }
+
     /// Removes the reservation overlay, leaving the free capacity as it is.
     pub fn unhold(&mut self) {
         for node in std::mem::take(&mut self.held) {

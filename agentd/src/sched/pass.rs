@@ -2,11 +2,12 @@
 //! head, backfill behind it, and say why everything else waits.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use super::explain::{never_fits_message, unschedulable_message};
-use super::free::{FreeState, GpuMask, Hold, Mode, Need, SelectorTable, Taken};
+use super::free::{FreeState, GpuMask, Hold, Mode, Need, NodeFree, SelectorTable, Taken};
 use super::{
     Assignment, Backfill, Decision, Gang, NodeCapacity, Order, Placement, Policy, QueueConfig,
     Reservation, Resources, Snapshot, Waiting, reason,
@@ -942,38 +943,42 @@ impl<'a> Pass<'a> {
                 .max()
                 .unwrap_or(0)
         };
-        let mut by_end: Vec<(usize, u32)> = (0..self.holders.len())
-            .map(|i| (i, busy(&self.holders[i])))
-            .collect();
-        by_end.sort_by(|&(a, busy_a), &(b, busy_b)| {
-            let (ha, hb) = (&self.holders[a], &self.holders[b]);
-            match (ha.end, hb.end) {
-                (Some(x), Some(y)) => x.total_cmp(&y),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => busy_a.cmp(&busy_b),
-            }
-            .then_with(|| {
-                if a < self.holders_by_id && b < self.holders_by_id {
-                    a.cmp(&b)
-                } else {
-                    ha.id.cmp(hb.id)
-                }
+        // Only the first few holders in that order are ever released, so they come off a heap
+        // (linear to build) rather than out of a sort of them all.
+        let by_id = self.holders_by_id;
+        let mut order: BinaryHeap<Reverse<Release<'_>>> = self
+            .holders
+            .iter()
+            .enumerate()
+            .map(|(at, h)| {
+                Reverse(Release {
+                    end: h.end,
+                    busy: if h.end.is_none() { busy(h) } else { 0 },
+                    id: h.id,
+                    at,
+                    by_id: at < by_id,
+                })
             })
-        });
-        let by_end: Vec<usize> = by_end.into_iter().map(|(i, _)| i).collect();
+            .collect();
+        let mut by_end = Vec::new();
         let mut taken = Vec::new();
         // Release holders one by one, in that order, until it fits: the fewest it waits for.
+        // They are released on the pass's own state and given back after; the nodes they free
+        // are saved first, so giving back restores them exactly.
         let needs = &self.cache.shape_needs[p.shape];
         let total: u64 = needs.iter().map(|n| u64::from(n.gpus)).sum();
-        let mut hyp = self.state.clone();
-        let mut hi = 0;
-        for (k, &h) in by_end.iter().enumerate() {
-            for a in self.holders[h].allocs.iter() {
-                hyp.release_indexed(a.node, a.gpus, a.cpu, a.mem);
+        let mut saved: BTreeMap<u32, NodeFree> = BTreeMap::new();
+        let mut fits = false;
+        while let Some(Reverse(next)) = order.pop() {
+            by_end.push(next.at);
+            for a in self.holders[next.at].allocs.iter() {
+                saved
+                    .entry(a.node)
+                    .or_insert(self.state.nodes[a.node as usize]);
+                self.state.release_indexed(a.node, a.gpus, a.cpu, a.mem);
             }
-            if hyp.free_gpus >= total
-                && hyp.place(
+            if self.state.free_gpus >= total
+                && self.state.place(
                     needs,
                     Mode::Any,
                     self.policy.fit,
@@ -981,20 +986,30 @@ impl<'a> Pass<'a> {
                     &mut taken,
                 )
             {
-                hi = k + 1;
+                fits = true;
                 break;
             }
         }
-        if hi == 0 {
+        // What the reservation's nodes would have left once it started: the slack it lends.
+        let slack: BTreeMap<u32, (u64, u64)> = taken
+            .iter()
+            .map(|t| {
+                let n = &self.state.nodes[t.node as usize];
+                (t.node, (n.cpu, n.mem))
+            })
+            .collect();
+        for t in taken.iter().rev() {
+            self.state.untake(t);
+        }
+        for (node, free) in saved {
+            self.state.restore(node, free);
+        }
+        if !fits {
             return None;
         }
-        let k = hi;
-        let start_at = if k == 0 {
-            Some(self.now)
-        } else {
-            self.holders[by_end[k - 1]].end
-        };
-        let after: Vec<String> = by_end[..k]
+        // It starts when the last of them ends.
+        let start_at = by_end.last().and_then(|&h| self.holders[h].end);
+        let after: Vec<String> = by_end
             .iter()
             .map(|&h| self.holders[h].id.to_owned())
             .collect();
@@ -1004,8 +1019,7 @@ impl<'a> Pass<'a> {
             h.gpus |= t.gpus;
         }
         for (node, h) in &mut holds {
-            h.slack_cpu = hyp.nodes[*node as usize].cpu;
-            h.slack_mem = hyp.nodes[*node as usize].mem;
+            (h.slack_cpu, h.slack_mem) = slack[node];
         }
         let holds: Vec<(u32, Hold)> = holds.into_iter().collect();
         self.state.hold(&holds);
@@ -1031,6 +1045,49 @@ impl<'a> Pass<'a> {
         })
     }
 }
+
+/// A holder's place in the order the reservation releases holders in: declared ends first,
+/// soonest first; then the rest, on the least busy nodes first; ties by id.
+struct Release<'a> {
+    end: Option<f64>,
+    busy: u32,
+    id: &'a str,
+    at: usize,
+    /// Among the first holders, which are in id order: comparing positions is comparing ids.
+    by_id: bool,
+}
+
+impl Ord for Release<'_> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self.end, other.end) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => self.busy.cmp(&other.busy),
+        }
+        .then_with(|| {
+            if self.by_id && other.by_id {
+                self.at.cmp(&other.at)
+            } else {
+                self.id.cmp(other.id)
+            }
+        })
+    }
+}
+
+impl PartialOrd for Release<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Release<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Release<'_> {}
 
 fn end_verb(n: usize) -> &'static str {
     if n == 1 { "ends" } else { "end" }
