@@ -32,6 +32,10 @@ def build():
         for path in (AGENTD, AGENTD_SHIM, AGENTCTL, FAKE_NVML):
             if not os.path.exists(path):
                 sys.exit(f"BENCH_NO_BUILD=1 but {path} does not exist; build it or unset BENCH_NO_BUILD")
+        if shim_linking() != "static":
+            # `cargo build --release` and `cargo bench` leave a dynamically linked one.
+            print(f"warning: {AGENTD_SHIM} is linked dynamically, unlike the package's; "
+                  "`packaging/build-shim release` links it as the package does", file=sys.stderr)
         return
     for cmd in (["cargo", "build", "--release", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"],
                 [os.path.join(ROOT, "packaging", "build-shim"), "release"]):

@@ -12,7 +12,7 @@ use hyper::Method;
 use hyper::body::Bytes;
 
 use crate::Failure;
-use crate::output::{self, Format, Table};
+use crate::output::{self, Format, Table, printable};
 
 /// Reads a manifest from a file, or from standard input for `-`.
 pub(crate) fn read_manifest(file: &Path) -> Result<Vec<u8>, Failure> {
@@ -219,7 +219,7 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
     let j: JobStatus =
         serde_json::from_value(value).map_err(|e| Failure::Request(e.to_string()))?;
     println!("Name      {} ({})", j.name, j.kind);
-    println!("Owner     {}", owner(&j));
+    println!("Owner     {}", printable(&owner(&j)));
     if let Some(t) = &j.template {
         let values: Vec<String> = t
             .values
@@ -227,14 +227,18 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
             .map(|v| format!("{}={}", v.path, v.value))
             .collect();
         if values.is_empty() {
-            println!("Template  {}", t.name);
+            println!("Template  {}", printable(&t.name));
         } else {
-            println!("Template  {} with {}", t.name, values.join(" "));
+            println!(
+                "Template  {} with {}",
+                printable(&t.name),
+                printable(&values.join(" "))
+            );
         }
     }
     println!("Queue     {} (priority {})", j.queue, j.priority);
-    println!("State     {}: {}", j.state, j.reason);
-    println!("Message   {}", j.message);
+    println!("State     {}: {}", j.state, printable(&j.reason));
+    println!("Message   {}", printable(&j.message));
     println!(
         "Restarts  {} of {} (generation {})",
         j.restarts, j.backoff_limit, j.generation

@@ -1,5 +1,6 @@
 //! Printing: JSON is the API's JSON unchanged, YAML the same value, tables for people.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use serde_json::Value;
@@ -43,8 +44,14 @@ impl Table {
         }
     }
 
+    /// Adds a row; control characters in its cells are shown escaped ([`printable`]).
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|c| printable(&c).into_owned())
+                .collect(),
+        );
     }
 
     pub fn render(&self, indent: &str) -> String {
@@ -73,6 +80,24 @@ impl Table {
         }
         text
     }
+}
+
+/// Text from the agent as it may be shown on a terminal: control characters are shown escaped
+/// (`\u{1b}`), so that what another user wrote into a job (a message, a value) cannot move the
+/// cursor, rewrite the screen or break a table's lines.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Bytes in binary units: `140.4 GiB`.
@@ -120,6 +145,21 @@ mod tests {
         assert_eq!(bytes(150_754_820_096), "140.4 GiB");
         assert_eq!(duration(3 * 3600 + 5 * 60), "3h05m");
         assert_eq!(duration(42), "42s");
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("plain text, ünïcode"), "plain text, ünïcode");
+        assert_eq!(
+            printable("a\u{1b}[2Jb\tc\nd\u{7f}"),
+            "a\\u{1b}[2Jb\\tc\\nd\\u{7f}"
+        );
+        let mut table = Table::new(["NAME", "MESSAGE"]);
+        table.row(vec!["x".into(), "one\ntwo\u{1b}]0;title\u{7}".into()]);
+        assert_eq!(
+            table.render(""),
+            "NAME  MESSAGE\nx     one\\ntwo\\u{1b}]0;title\\u{7}\n"
+        );
     }
 
     #[test]

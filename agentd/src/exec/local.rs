@@ -882,7 +882,7 @@ async fn start_unit(
             });
         }
     }
-    let state = match recorded_start(dir, systemctl, unit).await {
+    let state = match recorded_start(dir, systemctl, unit, UNIT_START_TIMEOUT).await {
         Ok(state) => state,
         Err(why) => return Err(forget(why).await),
     };
@@ -903,12 +903,19 @@ async fn start_unit(
     }
 }
 
+/// How long a unit's supervisor may take to say that its replica runs, or why not: it reads a
+/// small spec and starts one process, so only a supervisor that hangs (or a systemd that
+/// cannot say what became of the unit) comes near it.
+const UNIT_START_TIMEOUT: Duration = Duration::from_mins(1);
+
 /// Waits until the supervisor in `dir` has recorded that the replica runs, or why it could not
-/// start, or until its unit has ended without a word; says why in the last two cases.
+/// start, or until its unit has ended without a word, or `timeout` has passed; says why in the
+/// last three cases.
 async fn recorded_start(
     dir: &Path,
     systemctl: &Path,
     unit: &str,
+    timeout: Duration,
 ) -> Result<shim::ShimState, String> {
     let look = || -> Result<Option<shim::ShimState>, String> {
         if let Some(state) = shim::read(dir, shim::STATE_FILE).map_err(|e| e.to_string())? {
@@ -925,6 +932,19 @@ async fn recorded_start(
     loop {
         if let Some(state) = look()? {
             return Ok(state);
+        }
+        if started.elapsed() >= timeout {
+            let said = match unit_status(systemctl, unit).await {
+                Some(status) => format!(
+                    "unit {unit}: {}, result {}",
+                    status.active_state, status.result
+                ),
+                None => format!("unit {unit}: systemd cannot say"),
+            };
+            return Err(format!(
+                "its supervisor did not start the replica within {} s ({said})",
+                timeout.as_secs_f64()
+            ));
         }
         // Ask systemd only about a supervisor slow to say anything: was it ever run?
         if started.elapsed() >= Duration::from_millis(500)
@@ -2092,6 +2112,51 @@ exit 0
         assert!(
             calls.contains("systemctl reset-failed agentd-j-chief-0-1.service"),
             "{calls}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_unit_whose_supervisor_never_says_a_word_is_given_up_with_what_systemd_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let _runner = fake_units(dir.path());
+        let systemctl = dir.path().join("systemd").join("systemctl");
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        // The unit runs, its supervisor writes nothing: it hangs before it starts the replica.
+        std::fs::write(
+            dir.path().join("systemd").join("u.service.show"),
+            "LoadState=loaded\nActiveState=active\nResult=success\nExecMainCode=0\nExecMainStatus=0\n",
+        )
+        .unwrap();
+        let why = recorded_start(
+            &run_dir,
+            &systemctl,
+            "u.service",
+            Duration::from_millis(700),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            why,
+            "its supervisor did not start the replica within 0.7 s (unit u.service: active, result success)"
+        );
+        // And when systemd cannot say anything about it either.
+        std::fs::write(
+            dir.path().join("systemd").join("systemctl"),
+            "#!/bin/sh\nexit 1\n",
+        )
+        .unwrap();
+        let why = recorded_start(
+            &run_dir,
+            &systemctl,
+            "u.service",
+            Duration::from_millis(700),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            why.ends_with("(unit u.service: systemd cannot say)"),
+            "{why}"
         );
     }
 

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Container;
 
+use agentd_api::templates::{TEMPLATE_ANNOTATION, TEMPLATE_VALUES_ANNOTATION};
+
 use super::manifest;
 use super::validate::{Target, validate_into};
 use super::{FieldError, SpecError, TrainingJob, expand};
@@ -56,10 +58,42 @@ impl Admission {
 /// Reads and checks a manifest for standalone mode. Returns the job with its queue resolved, or
 /// every problem found, each at the path the manifest wrote.
 pub fn admit(bytes: &[u8], rules: &Admission) -> Result<TrainingJob, SpecError> {
+    admit_as(bytes, rules, Origin::Manifest)
+}
+
+/// [`admit`] for the manifest agentd made from a template: it alone may carry the annotations
+/// that record the template.
+pub(super) fn admit_made_from_template(
+    bytes: &[u8],
+    rules: &Admission,
+) -> Result<TrainingJob, SpecError> {
+    admit_as(bytes, rules, Origin::Template)
+}
+
+/// Who wrote the manifest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Manifest,
+    Template,
+}
+
+fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJob, SpecError> {
     let read = manifest::read(bytes)?;
     let mut job = read.job;
     let mut errors = read.problems;
     validate_into(&job, Target::Standalone, read.groups_complete, &mut errors);
+    if origin == Origin::Manifest {
+        // A job records the template it was made from; written by hand, the record would
+        // claim a template the job never came from.
+        for key in [TEMPLATE_ANNOTATION, TEMPLATE_VALUES_ANNOTATION] {
+            if job.annotations.contains_key(key) {
+                errors.push(FieldError::new(
+                    format!("metadata.annotations[\"{key}\"]"),
+                    "is written by agentd on a job made from a template; remove it, or make the job with `agentctl submit --template NAME`",
+                ));
+            }
+        }
+    }
     check_replica_bound(&job, rules, &mut errors);
     for (t, spec) in &job.spec.replica_specs {
         let Some(pod) = spec.template.spec.as_ref() else {

@@ -15,6 +15,7 @@ use agentd_api::templates::{
 };
 use serde_json::Value;
 
+use super::admit::admit_made_from_template;
 use super::manifest::read_document;
 use super::{Admission, FieldError, SpecError, TrainingJob, admit};
 
@@ -100,7 +101,7 @@ pub fn instantiate(
     };
     name_and_annotate(&mut document, job_name, &used);
     let manifest = String::from_utf8(to_bytes(&document)).unwrap_or_default();
-    let job = admit(manifest.as_bytes(), rules).map_err(|e| match e {
+    let job = admit_made_from_template(manifest.as_bytes(), rules).map_err(|e| match e {
         SpecError::Invalid(errors) => SpecError::Invalid(
             errors
                 .into_iter()
@@ -475,6 +476,36 @@ spec:
         let again = crate::job::parse(made.manifest.as_bytes()).unwrap();
         assert_eq!(again.spec.replica_specs, made.job.spec.replica_specs);
         assert_eq!(again.annotations, made.job.annotations);
+    }
+
+    #[test]
+    fn only_agentd_writes_the_template_record_into_a_job() {
+        // The manifest of a job made from a template, submitted as a plain manifest: it would
+        // claim a template it did not come from.
+        let made = made(&["spec.tfReplicaSpecs.Worker.replicas=3"]).unwrap();
+        let Err(SpecError::Invalid(errors)) = admit(made.manifest.as_bytes(), &rules()) else {
+            panic!("a hand-written template record must be refused");
+        };
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "metadata.annotations[\"agentd.io/template\"]",
+                "metadata.annotations[\"agentd.io/template-values\"]"
+            ]
+        );
+        assert!(errors[0].message.contains("--template"), "{errors:?}");
+        // A template that carries one is refused when saved, and other annotations are fine.
+        let claims = TEMPLATE.replace(
+            "  name: base\n",
+            "  name: base\n  annotations:\n    agentd.io/template: other\n    team: ads\n",
+        );
+        assert!(check(claims.as_bytes(), "tf2", &rules()).is_err());
+        let plain = TEMPLATE.replace(
+            "  name: base\n",
+            "  name: base\n  annotations:\n    team: ads\n",
+        );
+        check(plain.as_bytes(), "tf2", &rules()).unwrap();
     }
 
     #[test]
