@@ -97,8 +97,21 @@ fn print_page(page: &HistoryPage, value: &Value, format: Format) -> Result<(), F
             "restarts",
             "restart_reasons",
             "exit_codes",
+            "template",
+            "template_values",
         ]);
         for j in &page.jobs {
+            let (template, values) = j.template.as_ref().map_or_else(
+                || (String::new(), String::new()),
+                |t| {
+                    let values: Vec<String> = t
+                        .values
+                        .iter()
+                        .map(|v| format!("{}={}", v.path, v.value))
+                        .collect();
+                    (t.name.clone(), values.join(" "))
+                },
+            );
             out.push_str(&csv_line(&[
                 &j.name,
                 j.user.as_deref().unwrap_or(""),
@@ -116,6 +129,8 @@ fn print_page(page: &HistoryPage, value: &Value, format: Format) -> Result<(), F
                 &j.restarts.to_string(),
                 &j.restart_reasons.join(" "),
                 &exit_codes(j),
+                &template,
+                &values,
             ]));
         }
         print!("{out}");

@@ -240,6 +240,14 @@ pub(super) struct MountWarnings {
     pods: HashMap<String, PodWarnings>,
 }
 
+/// The most pods whose warnings are kept: a cluster whose other workloads fail to mount
+/// volumes by the thousand must not grow the agent without bound. Past it, the pod whose
+/// latest warning is oldest is forgotten first.
+pub(super) const MAX_PODS_WARNED: usize = 10_000;
+
+/// The longest warning message kept; the kubelet's run to a few hundred bytes.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
 /// Event times are whole seconds: a warning this fresh by them is taken as of now.
 const EVENT_TIME_GRAIN: Duration = Duration::from_secs(1);
 
@@ -255,6 +263,26 @@ impl MountWarnings {
             }
         };
         let last = at(warning.last_age);
+        let mut warning = warning;
+        if warning.message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !warning.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            warning.message.truncate(end);
+            warning.message.push('…');
+            warning.message.shrink_to_fit();
+        }
+        if self.pods.len() >= MAX_PODS_WARNED && !self.pods.contains_key(&warning.uid) {
+            let oldest = self
+                .pods
+                .iter()
+                .min_by_key(|(_, w)| w.last)
+                .map(|(uid, _)| uid.clone());
+            if let Some(uid) = oldest {
+                self.pods.remove(&uid);
+            }
+        }
         match self.pods.get_mut(&warning.uid) {
             Some(known) if known.stamp == warning.stamp => false,
             Some(known) => {

@@ -945,4 +945,24 @@ fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
     assert!(warnings.seen(warning("known", 2), later), "a new warning");
     let (_, first) = warnings.recent("known", later, window).expect("lately");
     assert_eq!(first, now, "still timed from the first");
+
+    // A flood of other pods' warnings is bounded in count and size: the pod warned longest ago
+    // goes first.
+    let mut flood = stuck::MountWarnings::default();
+    let start = tokio::time::Instant::now();
+    for i in 0..=stuck::MAX_PODS_WARNED {
+        let mut w = warning("x", 1);
+        w.uid = format!("pod-{i}");
+        w.message = "m".repeat(4 * 1024);
+        assert!(flood.seen(w, start + Duration::from_millis(i as u64)));
+    }
+    let late = start + Duration::from_secs(30);
+    assert!(
+        flood.recent("pod-0", late, window).is_none(),
+        "the oldest went"
+    );
+    let (message, _) = flood.recent("pod-1", late, window).expect("kept");
+    assert!(message.len() <= 1024 + '…'.len_utf8(), "{}", message.len());
+    let last = format!("pod-{}", stuck::MAX_PODS_WARNED);
+    assert!(flood.recent(&last, late, window).is_some());
 }

@@ -130,6 +130,20 @@ fn a_template_is_saved_shown_and_made_into_jobs_with_values_set() {
         history["jobs"][0]["template"]["values"][2]["value"], "ads",
         "{history}"
     );
+    let csv = ok(
+        &agent.ctl(&["history", "--name", "run-1", "-o", "csv"]),
+        "history -o csv",
+    );
+    let (header, row) = csv.split_once('\n').expect("a header and a row");
+    assert!(
+        header.trim_end().ends_with(",template,template_values"),
+        "{csv}"
+    );
+    assert!(
+        row.contains(",tf2,\"spec.tfReplicaSpecs.Worker.replicas=2 ")
+            && row.contains("metadata.labels.team=\"\"ads\"\"\""),
+        "{csv}"
+    );
 
     // A path past the end of a list, and a field the form does not have: refused by path.
     let past = agent.ctl(&[
