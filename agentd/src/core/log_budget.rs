@@ -5,11 +5,13 @@
 //! find it full again at once). Logs of jobs still running are never touched.
 //!
 //! A check costs what the running jobs' logs cost to measure, not the whole history: the logs
-//! of all finished jobs are counted once, then each job's once, when it finishes, and the whole
-//! count is made again only when that sum and the running logs together reach the budget.
-//! The sum only ever overstates (pruning and removals delete logs behind its back), so the
-//! budget is never exceeded unnoticed; at worst a whole count comes early. It walks the file
-//! system, so the core runs it off its own task.
+//! of all finished jobs are counted once, then each job's once, at the first check after it
+//! finished (the core tells it which jobs finished since the last check, so a job that started
+//! and ended between two checks is counted too), and the whole count is made again only when
+//! that sum and the running logs together reach the budget. The sum only ever overstates
+//! (pruning and removals delete logs behind its back), so the budget is never exceeded
+//! unnoticed; at worst a whole count comes early. It walks the file system, so the core runs it
+//! off its own task.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -59,19 +61,34 @@ impl LogBudget {
         self.budget
     }
 
+    /// How many checks counted every log.
+    #[cfg(test)]
+    pub fn whole_counts(&self) -> u64 {
+        self.whole_counts
+    }
+
     /// One check. `busy`: the jobs whose logs may still grow (active, or finished with processes
-    /// left). `finished_oldest_first` lists every finished job whose logs may be on disk; it is
-    /// called only for a whole count. Returns the jobs whose logs were deleted.
+    /// left). `finished_since`: the jobs that finished since the last check, or `None` when
+    /// there were too many to name (everything is counted again). `finished_oldest_first` lists
+    /// every finished job whose logs may be on disk; it is called only for a whole count.
+    /// Returns the jobs whose logs were deleted.
     pub fn check<E>(
         &mut self,
         busy: BTreeSet<String>,
+        finished_since: Option<Vec<String>>,
         finished_oldest_first: impl FnOnce() -> Result<Vec<String>, E>,
     ) -> Result<Vec<String>, E> {
         let running: u64 = busy.iter().map(|job| size_of(&self.root.join(job))).sum();
-        if let Some(finished) = &mut self.finished {
-            for done in self.busy.difference(&busy) {
-                *finished += size_of(&self.root.join(done));
+        match finished_since {
+            None => self.finished = None,
+            Some(names) if self.finished.is_some() => {
+                // Once each: a job may have been busy at the last check and be named here too.
+                let mut done: BTreeSet<&String> = self.busy.difference(&busy).collect();
+                done.extend(names.iter().filter(|name| !busy.contains(*name)));
+                let grown: u64 = done.iter().map(|job| size_of(&self.root.join(job))).sum();
+                self.finished = self.finished.map(|finished| finished + grown);
             }
+            Some(_) => {}
         }
         self.busy = busy;
         if self
@@ -195,33 +212,54 @@ mod tests {
         let listed = |jobs: &[&str]| Ok::<_, ()>(jobs.iter().map(|j| (*j).to_owned()).collect());
         let unlisted = || -> Result<Vec<String>, ()> { panic!("a whole count under the budget") };
 
+        let none = || Some(Vec::new());
         // The first check counts everything.
         assert_eq!(
-            budget.check(busy(&["r"]), || listed(&["a", "b"])),
+            budget.check(busy(&["r"]), none(), || listed(&["a", "b"])),
             Ok(vec![])
         );
         assert_eq!(budget.whole_counts, 1);
         // Then running logs are measured, finished ones not listed again.
-        assert_eq!(budget.check(busy(&["r"]), unlisted), Ok(vec![]));
+        assert_eq!(budget.check(busy(&["r"]), none(), unlisted), Ok(vec![]));
         log(root, "r", 9000);
-        assert_eq!(budget.check(busy(&["r"]), unlisted), Ok(vec![]));
-        // `r` finishes: its 9,000 bytes join the finished sum (17,000).
-        assert_eq!(budget.check(busy(&[]), unlisted), Ok(vec![]));
-        // A new job's 4,000 bytes make 21,000: a whole count deletes the oldest, down to 18,000.
+        assert_eq!(budget.check(busy(&["r"]), none(), unlisted), Ok(vec![]));
+        // `r` finishes (and is named as finished too): its 9,000 bytes join the finished sum
+        // once (17,000).
+        assert_eq!(
+            budget.check(busy(&[]), Some(vec!["r".to_owned()]), unlisted),
+            Ok(vec![])
+        );
+        // A job that ran and finished between two checks is counted from its name: 1,000 more
+        // make 18,000, still within the budget.
+        log(root, "q", 1000);
+        assert_eq!(
+            budget.check(busy(&[]), Some(vec!["q".to_owned()]), unlisted),
+            Ok(vec![])
+        );
+        // A new job's 4,000 bytes make 22,000: a whole count deletes the oldest, down to 18,000.
         log(root, "s", 4000);
         assert_eq!(
-            budget.check(busy(&["s"]), || listed(&["a", "b", "r"])),
+            budget.check(busy(&["s"]), none(), || listed(&["a", "b", "r", "q"])),
             Ok(vec!["a".to_owned()])
         );
         assert_eq!(budget.whole_counts, 2);
         assert!(!root.join("a").exists() && root.join("b").exists());
         // Logs deleted behind its back (the history's pruning) only make the sum an overstatement.
         std::fs::remove_dir_all(root.join("b")).unwrap();
-        assert_eq!(budget.check(busy(&["s"]), unlisted), Ok(vec![]));
+        assert_eq!(budget.check(busy(&["s"]), none(), unlisted), Ok(vec![]));
         // A failed listing is passed on, and the next check counts again.
         log(root, "s", 8000);
-        assert_eq!(budget.check(busy(&["s"]), || Err(())), Err(()));
-        assert_eq!(budget.check(busy(&["s"]), || listed(&["r"])), Ok(vec![]));
+        assert_eq!(budget.check(busy(&["s"]), none(), || Err(())), Err(()));
+        assert_eq!(
+            budget.check(busy(&["s"]), none(), || listed(&["r", "q"])),
+            Ok(vec![])
+        );
         assert_eq!(budget.whole_counts, 3);
+        // Too many finished to name: everything is counted again.
+        assert_eq!(
+            budget.check(busy(&["s"]), None, || listed(&["r", "q"])),
+            Ok(vec![])
+        );
+        assert_eq!(budget.whole_counts, 4);
     }
 }

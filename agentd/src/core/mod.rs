@@ -42,6 +42,10 @@ pub use lifecycle::LostNode;
 use lifecycle::{Effect, Input, Lifecycle, MetricUpdate, RequestId};
 pub use record::JobRecord;
 
+/// The most finished jobs named to the next check of the logs' budget; past it, the check
+/// counts every log again.
+const MAX_FINISHED_BETWEEN_CHECKS: usize = 50_000;
+
 /// Ticks between two checks of the job logs' overall size (10 s).
 const LOG_BUDGET_TICKS: u64 = 40;
 
@@ -293,6 +297,9 @@ pub struct Core {
     /// `jobs.logs_max_total_bytes`, checked off the core's task (a check that comes due while
     /// the last one still runs is skipped).
     logs_budget: Arc<Mutex<log_budget::LogBudget>>,
+    /// The jobs that finished since the last check of the logs' budget; `None` once there were
+    /// more than [`MAX_FINISHED_BETWEEN_CHECKS`] (the check then counts everything).
+    logs_finished: Option<Vec<String>>,
     ticks: u64,
     metrics: Option<Metrics>,
     /// Where the store keeps a history of finished jobs: its pruning.
@@ -486,6 +493,7 @@ impl Core {
             internal_tx: wiring.internal_tx.clone(),
             waiting: BTreeMap::new(),
             next_request: 0,
+            logs_finished: Some(Vec::new()),
             logs_budget: Arc::new(Mutex::new(log_budget::LogBudget::new(
                 config.state_dir.join("logs"),
                 config.jobs.logs_max_total_bytes,
@@ -900,13 +908,14 @@ impl Core {
 
     /// Keeps the job logs within their overall budget, off the core's task: the logs of the
     /// jobs that finished first go first; those of jobs with processes left never do.
-    fn keep_logs_in_budget(&self) {
+    fn keep_logs_in_budget(&mut self) {
         if matches!(
             self.logs_budget.try_lock(),
             Err(std::sync::TryLockError::WouldBlock)
         ) {
             return; // The last check is still running.
         }
+        let finished_since = self.logs_finished.replace(Vec::new());
         // Active jobs, and finished ones with processes left, keep their logs.
         let busy: BTreeSet<String> = self
             .lifecycle
@@ -934,7 +943,7 @@ impl Core {
                 in_memory.sort_by(|a, b| a.0.total_cmp(&b.0));
                 Ok(in_memory.into_iter().map(|(_, name)| name).collect())
             };
-            match budget.check(busy, finished) {
+            match budget.check(busy, finished_since, finished) {
                 Ok(removed) if !removed.is_empty() => tracing::info!(
                     jobs = removed.join(", "),
                     "deleted the logs of finished jobs: job logs were over jobs.logs_max_total_bytes ({} bytes)",
@@ -1224,6 +1233,12 @@ impl Core {
                     let _ = std::fs::remove_dir_all(self.log_dir(&job));
                 }
                 Effect::Metric(update) => {
+                    if let MetricUpdate::JobFinished(status) = &update {
+                        self.logs_finished = self.logs_finished.take().and_then(|mut names| {
+                            names.push(status.name.clone());
+                            (names.len() <= MAX_FINISHED_BETWEEN_CHECKS).then_some(names)
+                        });
+                    }
                     let Some(metrics) = &self.metrics else {
                         continue;
                     };

@@ -707,3 +707,84 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
     assert!(failed > 0, "no write failed");
     eprintln!("{checked} waiting answers checked, {placed} placements, {failed} failed writes");
 }
+
+/// Runs the job `name` (one worker, in memory) to success; its worker writes `log_bytes` of log.
+fn run_to_success(
+    core: &mut Core,
+    executor: &crate::exec::memory::MemoryExecutor,
+    inputs: &mut CoreInputs,
+    name: &str,
+    log_bytes: usize,
+) {
+    let manifest = String::from_utf8_lossy(FITS).replace("name: fits", &format!("name: {name}"));
+    let mut answer = submit(core, manifest.as_bytes());
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    let started = executor.take().started;
+    executor.report(&started[0], ReplicaEvent::Started { pid: 7 });
+    core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    core.commit().expect("written");
+    let logs = core.log_dir(name);
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("worker-0.log"), vec![b'x'; log_bytes]).unwrap();
+    executor.exited(&started[0], 0);
+    core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    core.commit().expect("written");
+    assert_eq!(core.get(name).expect("exists").state, JobState::Succeeded);
+}
+
+/// Waits for the log budget's check running off the core's task to have counted every log
+/// `counts` times.
+async fn whole_counts_reach(core: &Core, counts: u64) {
+    for _ in 0..500 {
+        if core
+            .logs_budget
+            .try_lock()
+            .is_ok_and(|budget| budget.whole_counts() >= counts)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the log budget was not counted {counts} times");
+}
+
+/// Jobs that start and finish between two checks of `jobs.logs_max_total_bytes` count towards
+/// it: the check after them finds the logs over the bound and deletes the oldest.
+#[tokio::test]
+async fn logs_of_jobs_that_ran_between_two_checks_count_towards_the_bound() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let mut config = config(dir.path());
+    config.jobs.logs_max_total_bytes = 10_000;
+    let node = NodeInventory {
+        name: "node-a".to_owned(),
+        cpu: agentd_api::CpuInfo {
+            logical_cores: 4,
+            ..Default::default()
+        },
+        memory: agentd_api::MemoryInfo {
+            total_bytes: 8 << 30,
+            ..Default::default()
+        },
+        ..NodeInventory::default()
+    };
+    let store = crate::store::memory::MemoryStore::default();
+    let (mut core, executor, mut inputs) =
+        open_in_memory(&config, parts(Box::new(store), node, &clock));
+    // The first check counts everything there is: nothing yet.
+    core.keep_logs_in_budget();
+    whole_counts_reach(&core, 1).await;
+    // Two jobs of 6,000 bytes of log each run and finish before the next check.
+    run_to_success(&mut core, &executor, &mut inputs, "first", 6_000);
+    clock.advance(1.0);
+    run_to_success(&mut core, &executor, &mut inputs, "second", 6_000);
+    core.keep_logs_in_budget();
+    whole_counts_reach(&core, 2).await;
+    assert!(
+        !core.log_dir("first").exists(),
+        "the oldest job's logs go: 12,000 bytes are over the bound"
+    );
+    assert!(core.log_dir("second").join("worker-0.log").exists());
+}
