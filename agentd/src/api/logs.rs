@@ -169,7 +169,7 @@ impl Tail {
             // At the end of the file held: has the log moved on to another file?
             match inode(&self.path) {
                 Some(now) if now != held => {
-                    let rotated = crate::exec::local::rotated_path(&self.path);
+                    let rotated = crate::exec::replica_log::rotated_path(&self.path);
                     match inode(&rotated) {
                         // Rotated twice: the part between is the rotated file.
                         Some(r) if r != held => {

@@ -851,7 +851,7 @@ impl Core {
         let current = self.log_dir(name).join(format!("{replica}.log"));
         Ok(LogFiles {
             replica,
-            files: vec![local::rotated_path(&current), current],
+            files: vec![crate::exec::replica_log::rotated_path(&current), current],
             complete: record.state.is_finished() && !live,
         })
     }

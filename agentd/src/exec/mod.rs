@@ -14,12 +14,16 @@ pub mod local;
 #[cfg(test)]
 pub mod memory;
 pub mod pods;
+pub mod replica_log;
 pub mod shim;
 pub mod spawn;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 
 pub use local::{
     AskedId, LaunchSpec, LocalExecutor, PodLaunch, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
@@ -97,7 +101,7 @@ impl Executor for LocalExecutor {
     }
 
     fn kill_stray(&self, _job: &str, _replica: &str, pid: u32) {
-        local::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+        signal_group(pid, Signal::SIGKILL);
     }
 
     fn replicas_outlive_agent(&self) -> bool {
@@ -158,5 +162,36 @@ impl Executor for LocalExecutor {
                 }
             }
         }
+    }
+}
+
+/// A short human description of how a process ended.
+pub fn describe(outcome: crate::job::ExitOutcome) -> String {
+    if outcome.oom_killed {
+        let how = match (outcome.code, outcome.signal) {
+            (Some(code), _) => format!("; it ended with exit code {code}"),
+            (None, Some(signal)) => format!(
+                "; it was killed by {}",
+                Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string())
+            ),
+            (None, None) => String::new(),
+        };
+        return format!("OOMKilled: the OOM killer ended a process of it{how}");
+    }
+    match (outcome.code, outcome.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => {
+            let name =
+                Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+            format!("killed by {name}")
+        }
+        (None, None) => "lost".to_owned(),
+    }
+}
+
+/// Sends `signal` to a replica's whole process group. A group that is already gone is fine.
+pub fn signal_group(pgid: u32, signal: Signal) {
+    if pgid > 1 {
+        let _ = killpg(Pid::from_raw(pgid as i32), signal);
     }
 }

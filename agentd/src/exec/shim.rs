@@ -32,8 +32,9 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::{CgroupParent, ReplicaCgroup};
-use super::local::{LogFile, describe, signal_group};
+use super::replica_log::LogFile;
 use super::spawn;
+use super::{describe, signal_group};
 use crate::job::ExitOutcome;
 
 /// What the shim runs, written by the agent.

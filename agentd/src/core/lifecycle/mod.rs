@@ -1211,7 +1211,7 @@ impl Lifecycle {
             self.platform_failed(&exit.job, &exit.replica, end, now);
             return;
         }
-        let described = crate::exec::local::describe(exit.outcome);
+        let described = crate::exec::describe(exit.outcome);
         // An OOM kill is named as such, as Kubernetes names it.
         let failed = if exit.outcome.oom_killed {
             if !matches!(outcome, ReplicaVerdict::Ignored) {
