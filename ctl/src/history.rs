@@ -103,14 +103,7 @@ fn print_page(page: &HistoryPage, value: &Value, format: Format) -> Result<(), F
         for j in &page.jobs {
             let (template, values) = j.template.as_ref().map_or_else(
                 || (String::new(), String::new()),
-                |t| {
-                    let values: Vec<String> = t
-                        .values
-                        .iter()
-                        .map(|v| format!("{}={}", v.path, v.value))
-                        .collect();
-                    (t.name.clone(), values.join(" "))
-                },
+                |t| (t.name.clone(), crate::templates::values_text(t)),
             );
             out.push_str(&csv_line(&[
                 &j.name,

@@ -221,18 +221,13 @@ pub async fn show(client: &Client, name: &str, format: Format) -> Result<(), Fai
     println!("Name      {} ({})", j.name, j.kind);
     println!("Owner     {}", printable(&owner(&j)));
     if let Some(t) = &j.template {
-        let values: Vec<String> = t
-            .values
-            .iter()
-            .map(|v| format!("{}={}", v.path, v.value))
-            .collect();
-        if values.is_empty() {
+        if t.values.is_empty() {
             println!("Template  {}", printable(&t.name));
         } else {
             println!(
                 "Template  {} with {}",
                 printable(&t.name),
-                printable(&values.join(" "))
+                printable(&crate::templates::values_text(t))
             );
         }
     }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use agentd_api::Client;
-use agentd_api::templates::{Template, TemplateList};
+use agentd_api::templates::{Template, TemplateList, TemplateUse};
 use clap::Subcommand;
 use hyper::Method;
 use hyper::body::Bytes;
@@ -12,6 +12,15 @@ use hyper::body::Bytes;
 use crate::Failure;
 use crate::jobs::{content_type, encode, now, read_manifest};
 use crate::output::{self, Format, Table};
+
+/// The values a job was made with, as `--set` takes them: `PATH=VALUE PATH=VALUE`.
+pub fn values_text(used: &TemplateUse) -> String {
+    used.values
+        .iter()
+        .map(|v| format!("{}={}", v.path, v.value))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {

@@ -79,16 +79,19 @@ impl LogBudget {
         finished_oldest_first: impl FnOnce() -> Result<Vec<String>, E>,
     ) -> Result<Vec<String>, E> {
         let running: u64 = busy.iter().map(|job| size_of(&self.root.join(job))).sum();
-        match finished_since {
-            None => self.finished = None,
-            Some(names) if self.finished.is_some() => {
+        match (finished_since, &mut self.finished) {
+            (None, _) => self.finished = None,
+            (Some(names), Some(finished)) => {
                 // Once each: a job may have been busy at the last check and be named here too.
                 let mut done: BTreeSet<&String> = self.busy.difference(&busy).collect();
                 done.extend(names.iter().filter(|name| !busy.contains(*name)));
-                let grown: u64 = done.iter().map(|job| size_of(&self.root.join(job))).sum();
-                self.finished = self.finished.map(|finished| finished + grown);
+                *finished += done
+                    .iter()
+                    .map(|job| size_of(&self.root.join(job)))
+                    .sum::<u64>();
             }
-            Some(_) => {}
+            // Not counted yet: this check counts everything.
+            (Some(_), None) => {}
         }
         self.busy = busy;
         if self

@@ -1233,6 +1233,8 @@ impl Core {
                     let _ = std::fs::remove_dir_all(self.log_dir(&job));
                 }
                 Effect::Metric(update) => {
+                    // Every job's end passes here once, metrics or not: the log bound's next
+                    // check counts the logs of the jobs named.
                     if let MetricUpdate::JobFinished(status) = &update {
                         self.logs_finished = self.logs_finished.take().and_then(|mut names| {
                             names.push(status.name.clone());

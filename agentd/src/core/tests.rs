@@ -184,15 +184,9 @@ spec:
       template: {spec: {containers: [{name: tensorflow, command: [\"true\"]}]}}
 ";
 
-/// The loop with the in-memory store and executor: a turn is written before its request is
-/// answered or its replicas started; one that cannot be written answers with the cause and
-/// starts nothing.
-#[tokio::test]
-async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let clock = ManualClock::new(1_000_000.0);
-    let store = crate::store::memory::MemoryStore::default();
-    let node = NodeInventory {
+/// A node with 4 CPUs, 8 GiB and no GPU: room for small CPU jobs.
+fn small_node() -> NodeInventory {
+    NodeInventory {
         name: "node-a".to_owned(),
         cpu: agentd_api::CpuInfo {
             logical_cores: 4,
@@ -203,7 +197,18 @@ async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
             ..Default::default()
         },
         ..NodeInventory::default()
-    };
+    }
+}
+
+/// The loop with the in-memory store and executor: a turn is written before its request is
+/// answered or its replicas started; one that cannot be written answers with the cause and
+/// starts nothing.
+#[tokio::test]
+async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let store = crate::store::memory::MemoryStore::default();
+    let node = small_node();
     let (mut core, executor, mut inputs) = open_in_memory(
         &config(dir.path()),
         parts(Box::new(store.clone()), node, &clock),
@@ -758,18 +763,7 @@ async fn logs_of_jobs_that_ran_between_two_checks_count_towards_the_bound() {
     let clock = ManualClock::new(1_000_000.0);
     let mut config = config(dir.path());
     config.jobs.logs_max_total_bytes = 10_000;
-    let node = NodeInventory {
-        name: "node-a".to_owned(),
-        cpu: agentd_api::CpuInfo {
-            logical_cores: 4,
-            ..Default::default()
-        },
-        memory: agentd_api::MemoryInfo {
-            total_bytes: 8 << 30,
-            ..Default::default()
-        },
-        ..NodeInventory::default()
-    };
+    let node = small_node();
     let store = crate::store::memory::MemoryStore::default();
     let (mut core, executor, mut inputs) =
         open_in_memory(&config, parts(Box::new(store), node, &clock));

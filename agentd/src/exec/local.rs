@@ -296,7 +296,7 @@ impl ShimCommand {
         let beside = std::fs::read_link("/proc/self/exe")
             .ok()
             .and_then(|exe| Some(exe.parent()?.join(Self::BINARY)))
-            .filter(|shim| is_executable(shim));
+            .filter(|shim| crate::job::is_executable_file(shim));
         if let Some(shim) = beside {
             return Self {
                 argv: vec![shim.to_string_lossy().into_owned()],
@@ -329,12 +329,6 @@ impl ShimCommand {
         }
         command
     }
-}
-
-/// A regular file with an execute bit set.
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// A replica a previous agent left running (or ended while no agent was there), checked and
@@ -1958,16 +1952,18 @@ exit 0
             "LoadState=loaded\nActiveState=active\nResult=success\nExecMainCode=0\nExecMainStatus=0\n",
         )
         .unwrap();
-        let why = recorded_start(
-            &run_dir,
-            &systemctl,
-            "u.service",
-            Duration::from_millis(700),
-        )
-        .await
-        .unwrap_err();
+        let give_up = || async {
+            recorded_start(
+                &run_dir,
+                &systemctl,
+                "u.service",
+                Duration::from_millis(700),
+            )
+            .await
+            .unwrap_err()
+        };
         assert_eq!(
-            why,
+            give_up().await,
             "its supervisor did not start the replica within 0.7 s (unit u.service: active, result success)"
         );
         // And when systemd cannot say anything about it either.
@@ -1976,14 +1972,7 @@ exit 0
             "#!/bin/sh\nexit 1\n",
         )
         .unwrap();
-        let why = recorded_start(
-            &run_dir,
-            &systemctl,
-            "u.service",
-            Duration::from_millis(700),
-        )
-        .await
-        .unwrap_err();
+        let why = give_up().await;
         assert!(
             why.ends_with("(unit u.service: systemd cannot say)"),
             "{why}"

@@ -336,7 +336,8 @@ fn check_program(
     }
 }
 
-fn is_executable_file(path: &Path) -> bool {
+/// A regular file with an execute bit set.
+pub(crate) fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 

@@ -31,6 +31,7 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 
+pub(crate) use admit::is_executable_file;
 pub use admit::{Admission, admit};
 pub use expand::expand;
 pub use manifest::{MAX_ALIASES, MAX_DEPTH, MAX_NODES, parse, to_manifest};
