@@ -85,6 +85,36 @@ pub struct Config {
     /// `standalone` (this machine is the whole cluster) or `cluster` (join a Kubernetes cluster).
     pub mode: Mode,
     pub cluster: ClusterConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+/// How the scheduler plans.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Plan reservations with run times learned from finished jobs for the jobs that declare
+    /// no `activeDeadlineSeconds`: the blocked head then knows when it starts, and backfill
+    /// takes what ends before then. An estimate never stops a job.
+    pub estimate_runtimes: bool,
+    /// The quantile of the finished run times taken as the estimate (above 0, at most 1):
+    /// high, so that a reservation is rarely planned on an end that comes too early.
+    pub estimate_quantile: f64,
+    /// Finished jobs a key (user and job, then queue and size, then queue) needs before its
+    /// estimate is used.
+    pub estimate_min_samples: u32,
+    /// Finished jobs kept per key: the estimate follows the latest of them.
+    pub estimate_window: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            estimate_runtimes: true,
+            estimate_quantile: crate::sched::ESTIMATE_QUANTILE,
+            estimate_min_samples: crate::sched::ESTIMATE_MIN_SAMPLES as u32,
+            estimate_window: crate::sched::ESTIMATE_WINDOW as u32,
+        }
+    }
 }
 
 /// Whether the agent runs alone or as one node of a Kubernetes cluster.
@@ -382,6 +412,7 @@ impl Default for Config {
             labels: BTreeMap::new(),
             mode: Mode::Standalone,
             cluster: ClusterConfig::default(),
+            scheduler: SchedulerConfig::default(),
         }
     }
 }
@@ -623,6 +654,25 @@ impl Config {
             return Err(invalid(
                 "jobs.history_retention",
                 "must be at least 1m (finished jobs are kept at least that long)",
+            ));
+        }
+        let s = &self.scheduler;
+        if !(s.estimate_quantile > 0.0 && s.estimate_quantile <= 1.0) {
+            return Err(invalid(
+                "scheduler.estimate_quantile",
+                "must be above 0 and at most 1 (0.9 plans on the 90th percentile)",
+            ));
+        }
+        if s.estimate_min_samples == 0 {
+            return Err(invalid(
+                "scheduler.estimate_min_samples",
+                "must be at least 1",
+            ));
+        }
+        if s.estimate_window < s.estimate_min_samples || s.estimate_window > 100_000 {
+            return Err(invalid(
+                "scheduler.estimate_window",
+                "must be at least scheduler.estimate_min_samples and at most 100000",
             ));
         }
         if self.api.max_connections == 0 {

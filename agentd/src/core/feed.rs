@@ -6,6 +6,9 @@
 //! with what it last told the scheduler, which is cheap per job: a gang is built only for a job
 //! that changed, so a pass over a deep queue costs what the scheduler's pass costs.
 //!
+//! It also tells the scheduler each job's run time: the declared one, else the estimate it
+//! gave the job ([`Estimates`]), when the configuration turns estimates on.
+//!
 //! It owns no job and decides nothing: the pass's decision is the scheduler's, and in debug
 //! builds the core checks it against the full pass ([`crate::sched::schedule`]).
 
@@ -15,8 +18,9 @@ use std::sync::Arc;
 use agentd_api::jobs::JobState;
 
 use super::clock::Now;
+use super::estimates::Estimates;
 use super::record::JobRecord;
-use crate::sched::{NodeCapacity, Policy, QueueConfig, Scheduler};
+use crate::sched::{Estimate, NodeCapacity, Policy, QueueConfig, Scheduler};
 
 /// Which record was queued, and since when: a job that leaves the queue and comes back (a
 /// restart, an undone placement) or a new job of the same name is queued again.
@@ -49,10 +53,12 @@ pub(super) struct Feed {
     cluster_nodes: Option<(Arc<Vec<NodeCapacity>>, bool)>,
     /// Whether this machine was drained at the last pass.
     drained: bool,
+    /// Run-time estimates, when on.
+    estimates: Option<Estimates>,
 }
 
 impl Feed {
-    pub fn new(policy: Policy, queues: Vec<QueueConfig>) -> Self {
+    pub fn new(policy: Policy, queues: Vec<QueueConfig>, estimates: Option<Estimates>) -> Self {
         Self {
             scheduler: Scheduler::new(policy, Vec::new(), queues),
             queued: HashMap::new(),
@@ -60,7 +66,24 @@ impl Feed {
             sweep: 0,
             cluster_nodes: None,
             drained: false,
+            estimates,
         }
+    }
+
+    /// The run-time estimates, when on: to learn from finished jobs.
+    pub fn estimates_mut(&mut self) -> Option<&mut Estimates> {
+        self.estimates.as_mut()
+    }
+
+    /// How many keys the estimates learned run times under.
+    #[cfg(test)]
+    pub fn learned_keys(&self) -> Option<usize> {
+        self.estimates.as_ref().map(Estimates::learned_keys)
+    }
+
+    /// The estimate a job's run time was planned on, if it declared none and got one.
+    pub fn estimate_of(&self, record: &JobRecord) -> Option<&Estimate> {
+        self.estimates.as_ref()?.given(record)
     }
 
     /// The core adds the drain to every waiting gang's message, so when it changes every
@@ -116,13 +139,17 @@ impl Feed {
         let sweep = self.sweep;
         for (name, record) in jobs {
             if let Some(allocation) = &record.allocation {
-                let end = record.expected_end(now);
+                let end = match (record.expected_end(), &mut self.estimates) {
+                    (None, Some(estimates)) => estimates.planned_end(record, now.wall),
+                    (end, _) => end,
+                };
                 let same = self.scheduler.running_gang(name).is_some_and(|g| {
                     g.expected_end == end
                         && g.queue == record.status.queue
                         && g.assignments == allocation.assignments
                 });
-                if !same && let Some(gang) = record.running_gang(now) {
+                if !same && let Some(mut gang) = record.running_gang() {
+                    gang.expected_end = end;
                     self.scheduler.start(gang);
                 }
                 match self.running.get_mut(name) {
@@ -136,7 +163,12 @@ impl Feed {
                 match self.queued.get_mut(name) {
                     Some((was, seen)) if *was == is => *seen = sweep,
                     _ => {
-                        if let Some(gang) = record.queued_gang() {
+                        if let Some(mut gang) = record.queued_gang() {
+                            if gang.declared_runtime_s.is_none()
+                                && let Some(estimates) = &mut self.estimates
+                            {
+                                gang.declared_runtime_s = estimates.give(record);
+                            }
                             self.scheduler.submit(gang);
                         }
                         self.queued.insert(name.clone(), (is, sweep));
@@ -145,10 +177,12 @@ impl Feed {
             }
         }
         let scheduler = &mut self.scheduler;
+        let mut gone = false;
         self.queued.retain(|name, (_, seen)| {
             let kept = *seen == sweep;
             if !kept {
                 scheduler.cancel(name);
+                gone = true;
             }
             kept
         });
@@ -156,9 +190,48 @@ impl Feed {
             let kept = *seen == sweep;
             if !kept {
                 scheduler.finish(name);
+                gone = true;
             }
             kept
         });
+        if gone && let Some(estimates) = &mut self.estimates {
+            let (queued, running) = (&self.queued, &self.running);
+            estimates.keep_only(|name| queued.contains_key(name) || running.contains_key(name));
+        }
+    }
+
+    /// The gangs as the scheduler was told them, worked out again from the jobs: for the debug
+    /// builds' check against the full pass.
+    #[cfg(debug_assertions)]
+    pub fn gangs(
+        &self,
+        jobs: &BTreeMap<String, JobRecord>,
+        now: Now,
+    ) -> (Vec<crate::sched::Gang>, Vec<crate::sched::RunningGang>) {
+        let estimates = self.estimates.as_ref();
+        let queued = jobs
+            .values()
+            .filter_map(|record| {
+                let mut gang = record.queued_gang()?;
+                if gang.declared_runtime_s.is_none() {
+                    gang.declared_runtime_s =
+                        estimates.and_then(|e| e.given(record)).map(|e| e.seconds);
+                }
+                Some(gang)
+            })
+            .collect();
+        let running = jobs
+            .values()
+            .filter_map(|record| {
+                let mut gang = record.running_gang()?;
+                if gang.expected_end.is_none() {
+                    gang.expected_end =
+                        estimates.and_then(|e| e.planned_end_given(record, now.wall));
+                }
+                Some(gang)
+            })
+            .collect();
+        (queued, running)
     }
 
     /// A pass placed these gangs: they left the queue and hold their resources.

@@ -9,6 +9,7 @@
 //! ([`crate::store::JobStore`], [`crate::exec::Executor`]).
 
 pub mod clock;
+mod estimates;
 mod feed;
 mod finished;
 pub mod lifecycle;
@@ -487,7 +488,11 @@ impl Core {
             clock,
             store,
             executor,
-            feed: feed::Feed::new(Policy::agentd(), queue_configs(&config.queues)),
+            feed: feed::Feed::new(
+                Policy::agentd(),
+                queue_configs(&config.queues),
+                estimates::Estimates::new(&config.scheduler),
+            ),
             inventory,
             nodes,
             internal_tx: wiring.internal_tx.clone(),
@@ -501,9 +506,18 @@ impl Core {
             ticks: 0,
             metrics,
             pruning: history
+                .clone()
                 .map(|history| finished::Pruning::new(config.jobs.history_retention, history)),
         };
         core.recover()?;
+        if let Some(estimates) = core.feed.estimates_mut() {
+            let finished = core
+                .lifecycle
+                .jobs()
+                .values()
+                .filter(|r| r.status.state.is_finished());
+            estimates.learn_past(history.as_ref(), finished);
+        }
         core.commit()?;
         Ok(core)
     }
@@ -1104,6 +1118,10 @@ impl Core {
             .placed(decision.placements.iter().map(|p| p.gang.as_str()));
         #[cfg(debug_assertions)]
         self.check_against_full_pass(&decision, now);
+        let mut waiting = decision.waiting;
+        estimates::explain(&mut waiting, decision.reservation.as_ref(), |name| {
+            self.feed.estimate_of(self.lifecycle.job(name)?)
+        });
         let placements = decision
             .placements
             .into_iter()
@@ -1117,7 +1135,7 @@ impl Core {
             .collect();
         self.step(Input::Scheduled {
             inventory,
-            waiting: decision.waiting,
+            waiting,
             placements,
         });
     }
@@ -1127,8 +1145,7 @@ impl Core {
     #[cfg(debug_assertions)]
     fn check_against_full_pass(&self, decision: &sched::Decision, now: Now) {
         let scheduler = self.feed.scheduler();
-        let queued = self.lifecycle.queued_gangs();
-        let running = self.lifecycle.running_gangs(now);
+        let (queued, running) = self.feed.gangs(self.lifecycle.jobs(), now);
         let full = sched::schedule(
             &sched::Snapshot {
                 now: now.wall,
@@ -1236,6 +1253,9 @@ impl Core {
                     // Every job's end passes here once, metrics or not: the log bound's next
                     // check counts the logs of the jobs named.
                     if let MetricUpdate::JobFinished(status) = &update {
+                        if let Some(estimates) = self.feed.estimates_mut() {
+                            estimates.learn(status);
+                        }
                         self.logs_finished = self.logs_finished.take().and_then(|mut names| {
                             names.push(status.name.clone());
                             (names.len() <= MAX_FINISHED_BETWEEN_CHECKS).then_some(names)

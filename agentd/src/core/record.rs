@@ -226,24 +226,22 @@ impl JobRecord {
 
     /// The gang as the scheduler sees it; its expected end is on the wall clock, as the
     /// scheduler's `now` is.
-    pub fn running_gang(&self, now: Now) -> Option<sched::RunningGang> {
+    pub fn running_gang(&self) -> Option<sched::RunningGang> {
         let allocation = self.allocation.as_ref()?;
         Some(sched::RunningGang {
             id: self.status.name.clone(),
             queue: self.status.queue.clone(),
             assignments: allocation.assignments.clone(),
-            expected_end: self.expected_end(now),
+            expected_end: self.expected_end(),
         })
     }
 
     /// When the gang is expected to end at the latest, on the wall clock: its start plus its
-    /// `activeDeadlineSeconds`, if it declared one.
-    pub fn expected_end(&self, now: Now) -> Option<f64> {
-        let deadline = self.job.spec.run_policy.active_deadline_seconds;
-        match (self.started_mono, deadline) {
-            (Some(start), Some(d)) => Some(now.wall_of(start + d as f64)),
-            _ => None,
-        }
+    /// `activeDeadlineSeconds`, if it declared one. Worked out from the recorded start, so it
+    /// is the same at every pass (the deadline itself is enforced on the monotonic clock).
+    pub fn expected_end(&self) -> Option<f64> {
+        let deadline = self.job.spec.run_policy.active_deadline_seconds?;
+        Some(self.status.started_at? + deadline as f64)
     }
 
     /// What the job's time limits say is to be done at `now`, all of them measured on the

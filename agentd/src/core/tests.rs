@@ -568,6 +568,9 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
         .get_mut("slow")
         .expect("a default queue")
         .max_running_jobs = Some(2);
+    // The full pass here is told the declared run times only; with estimates on, the debug
+    // builds' check inside every pass compares the two passes on the estimated ones.
+    config.scheduler.estimate_runtimes = false;
     let (mut core, executor, mut inputs) = open_in_memory(
         &config,
         CoreParts {
@@ -674,7 +677,7 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
             &sched::Snapshot {
                 now: now.wall,
                 nodes: &open,
-                running: &core.lifecycle.running_gangs(now),
+                running: &core.lifecycle.running_gangs(),
                 queued: &core.lifecycle.queued_gangs(),
                 queues: &queue_configs(&config.queues),
             },
@@ -781,4 +784,212 @@ async fn logs_of_jobs_that_ran_between_two_checks_count_towards_the_bound() {
         "the oldest job's logs go: 12,000 bytes are over the bound"
     );
     assert!(core.log_dir("second").join("worker-0.log").exists());
+}
+
+/// A cluster of one node with `gpus` GPUs, on the in-memory store and executor.
+fn one_node_cluster(
+    dir: &std::path::Path,
+    clock: &ManualClock,
+    store: crate::store::memory::MemoryStore,
+    gpus: u32,
+) -> (Core, crate::exec::memory::MemoryExecutor, CoreInputs) {
+    let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", gpus, true)]));
+    open_in_memory(
+        &config(dir),
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(Box::new(store), NodeInventory::default(), clock)
+        },
+    )
+}
+
+/// Submits `manifest` and runs a pass; returns the replicas it started.
+fn submit_and_pass(
+    core: &mut Core,
+    executor: &crate::exec::memory::MemoryExecutor,
+    manifest: &str,
+) -> Vec<crate::exec::LaunchSpec> {
+    let mut answer = submit(core, manifest.as_bytes());
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    executor.take().started
+}
+
+/// Reports the replicas started and, `seconds` later, succeeded.
+fn run_for(
+    core: &mut Core,
+    executor: &crate::exec::memory::MemoryExecutor,
+    inputs: &mut CoreInputs,
+    clock: &ManualClock,
+    started: &[crate::exec::LaunchSpec],
+    seconds: f64,
+) {
+    for spec in started {
+        executor.report(spec, ReplicaEvent::Started { pid: 7 });
+        core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    }
+    core.commit().expect("written");
+    clock.advance(seconds);
+    for spec in started {
+        executor.exited(spec, 0);
+        core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    }
+    core.commit().expect("written");
+    for (job, generation, _) in executor.take().stopped {
+        core.step(Input::GangStopped { job, generation });
+    }
+    core.commit().expect("written");
+}
+
+fn message(core: &Core, name: &str) -> (JobState, String, String) {
+    let status = core.get(name).expect("the job exists");
+    (status.state, status.reason, status.message)
+}
+
+/// Jobs that declare no run time get one learned from the user's earlier runs of the same job:
+/// the blocked head's reservation then says when it starts and where that end came from, a
+/// job estimated to end before then backfills, one estimated to end after is kept back and
+/// told its estimate, and an estimate that proves too short moves the reservation, never the
+/// running job. A core opened again on the same store learns the same from the finished jobs.
+#[tokio::test]
+async fn run_times_learned_from_finished_jobs_plan_the_reservation_and_backfill() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let store = crate::store::memory::MemoryStore::default();
+    let (mut core, executor, mut inputs) = one_node_cluster(dir.path(), &clock, store.clone(), 8);
+    // Five runs each of a 4-GPU job that takes 10 minutes, a 2-GPU one of 100 s and a 2-GPU
+    // one of 5,000 s: none declares a run time.
+    for i in 1..=5 {
+        for (job, gpus, seconds) in [
+            ("train", 4, 600.0),
+            ("quick", 2, 100.0),
+            ("slow", 2, 5000.0),
+        ] {
+            let name = format!("{job}-{i}");
+            let started = submit_and_pass(
+                &mut core,
+                &executor,
+                &sized_job(&name, "fast", 1, gpus, None),
+            );
+            assert_eq!(started.len(), 1, "{name} starts at once");
+            run_for(&mut core, &executor, &mut inputs, &clock, &started, seconds);
+            assert_eq!(core.get(&name).expect("exists").state, JobState::Succeeded);
+        }
+    }
+
+    let train = submit_and_pass(
+        &mut core,
+        &executor,
+        &sized_job("train-6", "fast", 1, 4, None),
+    );
+    assert_eq!(train.len(), 1);
+    for spec in &train {
+        executor.report(spec, ReplicaEvent::Started { pid: 8 });
+        core.replica_report(inputs.replicas.try_recv().expect("reported"));
+    }
+    core.commit().expect("written");
+    clock.advance(100.0);
+    let wide = submit_and_pass(&mut core, &executor, &sized_job("wide", "fast", 1, 8, None));
+    assert!(wide.is_empty(), "8 GPUs are not free while train-6 runs");
+    let (state, reason, said) = message(&core, "wide");
+    assert_eq!(
+        (state, reason.as_str()),
+        (JobState::Queued, "Unschedulable")
+    );
+    assert!(
+        said.contains("(in 500 s)"),
+        "train-6 is 100 s into 600: {said}"
+    );
+    assert!(
+        said.contains(
+            "train-6's end is estimated from the p90 of the last 5 finished jobs with user=root,job=train,queue=fast,gpus=4"
+        ),
+        "{said}"
+    );
+
+    // 100 s ends before the reservation's start: it backfills on the reserved GPUs.
+    clock.advance(1.0);
+    let quick = submit_and_pass(
+        &mut core,
+        &executor,
+        &sized_job("quick-6", "fast", 1, 2, None),
+    );
+    assert_eq!(quick.len(), 1, "{:?}", message(&core, "quick-6"));
+    // 5,000 s would delay the head: kept back, and told why.
+    clock.advance(1.0);
+    let slow = submit_and_pass(
+        &mut core,
+        &executor,
+        &sized_job("slow-6", "fast", 1, 2, None),
+    );
+    assert!(slow.is_empty(), "{:?}", message(&core, "wide"));
+    let (_, reason, said) = message(&core, "slow-6");
+    assert_eq!(reason, "Reserved", "{said}");
+    assert!(
+        said.contains("its run time is estimated at 1h23m from the p90 of the last 5 finished jobs with user=root,job=slow,queue=fast,gpus=2"),
+        "{said}"
+    );
+
+    // train-6 runs past its estimate: the reservation moves to the estimate doubled; the job
+    // runs on.
+    clock.advance(600.0);
+    core.tick();
+    core.schedule();
+    core.commit().expect("written");
+    assert_eq!(
+        core.get("train-6").expect("exists").state,
+        JobState::Running
+    );
+    let (_, _, said) = message(&core, "wide");
+    assert!(
+        said.contains("(in 498 s)"),
+        "1,200 s from its start: {said}"
+    );
+
+    // Opened again on the same store, the core learns from the finished jobs it restores.
+    drop(core);
+    let (core, _, _) = one_node_cluster(dir.path(), &clock, store, 8);
+    assert_eq!(
+        core.feed.learned_keys(),
+        Some(6),
+        "per job, per queue and size (two), per queue"
+    );
+}
+
+/// With `scheduler.estimate_runtimes` off, a job that declares no run time gives its
+/// reservation no start time, however many runs of it finished.
+#[tokio::test]
+async fn without_estimates_a_reservation_on_undeclared_run_times_has_no_start() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let mut config = config(dir.path());
+    config.scheduler.estimate_runtimes = false;
+    let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", 8, true)]));
+    let (mut core, executor, mut inputs) = open_in_memory(
+        &config,
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(
+                Box::new(crate::store::memory::MemoryStore::default()),
+                NodeInventory::default(),
+                &clock,
+            )
+        },
+    );
+    for i in 1..=5 {
+        let name = format!("train-{i}");
+        let started = submit_and_pass(&mut core, &executor, &sized_job(&name, "fast", 1, 4, None));
+        run_for(&mut core, &executor, &mut inputs, &clock, &started, 600.0);
+    }
+    let train = submit_and_pass(
+        &mut core,
+        &executor,
+        &sized_job("train-6", "fast", 1, 4, None),
+    );
+    assert_eq!(train.len(), 1);
+    submit_and_pass(&mut core, &executor, &sized_job("wide", "fast", 1, 8, None));
+    let (_, _, said) = message(&core, "wide");
+    assert!(said.contains("no start time is known"), "{said}");
+    assert!(!said.contains("estimated"), "{said}");
 }

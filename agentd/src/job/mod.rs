@@ -342,6 +342,18 @@ pub fn replica_names(job: &TrainingJob) -> Vec<(ReplicaType, u32)> {
         .collect()
 }
 
+/// The GPUs the whole gang asks for.
+pub fn total_gpus(job: &TrainingJob) -> u32 {
+    job.spec
+        .replica_specs
+        .values()
+        .map(|spec| {
+            let gpus = replica_resources(spec).map_or(0, |r| r.gpus);
+            spec.replicas.saturating_mul(gpus)
+        })
+        .fold(0, u32::saturating_add)
+}
+
 /// What the scheduler is asked to place for this job. Call it on a validated job: a resource
 /// quantity that does not parse counts as zero here, and [`validate`] reports it.
 ///

@@ -6,6 +6,14 @@
 
 use std::collections::{HashMap, VecDeque};
 
+/// The quantile of finished run times taken as the estimate: conservative, so that a
+/// reservation is rarely planned on an end that comes too early.
+pub const ESTIMATE_QUANTILE: f64 = 0.9;
+/// Finished jobs a key needs before its estimate is used.
+pub const ESTIMATE_MIN_SAMPLES: usize = 5;
+/// Finished jobs kept per key.
+pub const ESTIMATE_WINDOW: usize = 200;
+
 /// Errors from configuring the estimator.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EstimateError {
@@ -40,13 +48,31 @@ impl Estimate {
     }
 }
 
-/// Finished jobs' run times per key, the last `window` of each.
+/// When a gang that started at `start`, with its run time estimated at `estimate`, is to be
+/// planned to end, seen at `now`: at `start + estimate`, or, once that has passed, at the end
+/// of the estimate doubled as often as it takes to be ahead of `now`. An estimate that proves
+/// too short so moves the reservations planned on it (never the running gang), and does so at
+/// a few moments rather than at every pass.
+pub fn planned_end(start: f64, estimate: f64, now: f64) -> f64 {
+    // A run time under a second is planned as a second, so the doubling always gets ahead.
+    let estimate = estimate.max(1.0);
+    let mut span = estimate;
+    while start + span <= now && span.is_finite() {
+        span *= 2.0;
+    }
+    start + span
+}
+
+/// Finished jobs' run times per key, the last `window` of each, for at most `max_keys` keys.
 #[derive(Debug, Clone)]
 pub struct RuntimeEstimator {
     quantile: f64,
     min_samples: usize,
     window: usize,
-    by_key: HashMap<String, VecDeque<f64>>,
+    max_keys: usize,
+    /// Each key's run times and the record count when it was last recorded under.
+    by_key: HashMap<String, (VecDeque<f64>, u64)>,
+    records: u64,
 }
 
 impl RuntimeEstimator {
@@ -64,8 +90,22 @@ impl RuntimeEstimator {
             quantile,
             min_samples,
             window,
+            max_keys: usize::MAX,
             by_key: HashMap::new(),
+            records: 0,
         })
+    }
+
+    /// Keeps at most `max_keys` keys: a new key beyond them replaces the one recorded under
+    /// longest ago, so that jobs of ever new names cannot grow the estimator without bound.
+    pub fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
+    }
+
+    /// How many keys it holds run times for.
+    pub fn keys(&self) -> usize {
+        self.by_key.len()
     }
 
     /// Records a finished job's run time under each of its keys.
@@ -73,19 +113,32 @@ impl RuntimeEstimator {
         if !seconds.is_finite() || seconds < 0.0 {
             return;
         }
+        self.records += 1;
         for key in keys {
-            let runs = self.by_key.entry(key.clone()).or_default();
+            if !self.by_key.contains_key(key) && self.by_key.len() >= self.max_keys {
+                // Rare (a key not seen before with the bound reached), so a scan will do.
+                if let Some(oldest) = self
+                    .by_key
+                    .iter()
+                    .min_by_key(|(_, (_, last))| *last)
+                    .map(|(k, _)| k.clone())
+                {
+                    self.by_key.remove(&oldest);
+                }
+            }
+            let (runs, last) = self.by_key.entry(key.clone()).or_default();
             if runs.len() == self.window {
                 runs.pop_front();
             }
             runs.push_back(seconds);
+            *last = self.records;
         }
     }
 
     /// The estimate under the first key (most specific) with enough finished jobs.
     pub fn estimate(&self, keys: &[String]) -> Option<Estimate> {
         keys.iter().find_map(|key| {
-            let runs = self.by_key.get(key)?;
+            let (runs, _) = self.by_key.get(key)?;
             if runs.len() < self.min_samples {
                 return None;
             }
@@ -135,6 +188,34 @@ mod tests {
         // The window keeps the last 10: 200..=1100; p90 is the 9th of them.
         assert_eq!((est.seconds, est.samples), (1000.0, 10));
         assert_eq!(est.key, "queue=fast,gpus=8");
+    }
+
+    #[test]
+    fn the_key_recorded_under_longest_ago_goes_first_beyond_the_bound() {
+        let mut e = RuntimeEstimator::new(0.5, 1, 10)
+            .expect("valid")
+            .with_max_keys(2);
+        e.record(&keys(&["a"]), 1.0);
+        e.record(&keys(&["b"]), 2.0);
+        e.record(&keys(&["a"]), 3.0);
+        e.record(&keys(&["c"]), 4.0);
+        assert_eq!(e.keys(), 2);
+        assert!(
+            e.estimate(&keys(&["b"])).is_none(),
+            "b was recorded under longest ago"
+        );
+        assert_eq!(e.estimate(&keys(&["a"])).map(|e| e.samples), Some(2));
+        assert_eq!(e.estimate(&keys(&["c"])).map(|e| e.seconds), Some(4.0));
+    }
+
+    #[test]
+    fn an_estimate_that_proved_too_short_is_doubled_until_it_is_ahead() {
+        assert_eq!(planned_end(100.0, 50.0, 120.0), 150.0);
+        assert_eq!(planned_end(100.0, 50.0, 150.0), 200.0);
+        assert_eq!(planned_end(100.0, 50.0, 260.0), 300.0);
+        // A run time of nothing is planned as a second.
+        assert_eq!(planned_end(100.0, 0.0, 100.5), 101.0);
+        assert_eq!(planned_end(100.0, 0.0, 1e6), 100.0 + 1_048_576.0);
     }
 
     #[test]

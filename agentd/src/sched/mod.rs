@@ -20,7 +20,10 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use estimate::{Estimate, EstimateError, RuntimeEstimator};
+pub use estimate::{
+    ESTIMATE_MIN_SAMPLES, ESTIMATE_QUANTILE, ESTIMATE_WINDOW, Estimate, EstimateError,
+    RuntimeEstimator, planned_end,
+};
 pub use explain::never_fits;
 pub use free::MAX_GPUS_PER_NODE;
 pub use incremental::Scheduler;

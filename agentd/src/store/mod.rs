@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-pub use history::{Cursor, History, HistoryFilter, Pruned};
+pub use history::{Cursor, History, HistoryFilter, MAX_PAGE, Pruned};
 pub use templates::{TemplateError, Templates};
 
 #[derive(Debug, thiserror::Error)]

@@ -339,10 +339,10 @@ impl Lifecycle {
     }
 
     /// The gangs holding resources, for the scheduler.
-    pub fn running_gangs(&self, now: Now) -> Vec<sched::RunningGang> {
+    pub fn running_gangs(&self) -> Vec<sched::RunningGang> {
         self.jobs
             .values()
-            .filter_map(|r| r.running_gang(now))
+            .filter_map(JobRecord::running_gang)
             .collect()
     }
 

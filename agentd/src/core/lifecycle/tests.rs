@@ -484,9 +484,9 @@ fn worker_0_succeeding_completes_the_job_and_stops_the_rest() {
     assert_eq!(h.state("a"), (JobState::Succeeded, "Succeeded".to_owned()));
     assert_eq!(turn.stops().len(), 1);
     // The gang holds its GPUs until it is gone.
-    assert_eq!(h.life.running_gangs(h.now).len(), 1);
+    assert_eq!(h.life.running_gangs().len(), 1);
     h.stopped(&turn.stops()[0]);
-    assert!(h.life.running_gangs(h.now).is_empty());
+    assert!(h.life.running_gangs().is_empty());
 }
 
 #[test]
@@ -921,13 +921,13 @@ fn replicas_left_running_keep_their_gpus_until_they_end() {
     let turn = h.exit("a", "worker-0", 0);
     assert_eq!(h.state("a").0, JobState::Succeeded);
     assert!(turn.stops().is_empty(), "worker-1 is left running");
-    assert_eq!(h.life.running_gangs(h.now).len(), 1, "and keeps its GPU");
+    assert_eq!(h.life.running_gangs().len(), 1, "and keeps its GPU");
     let turn = h.exit("a", "worker-1", 0);
     assert_eq!(turn.reasons(), ["ReplicasEnded"]);
     let stops = turn.stops();
     assert_eq!(stops[0].pgids, [101]);
     h.stopped(&stops[0]);
-    assert!(h.life.running_gangs(h.now).is_empty());
+    assert!(h.life.running_gangs().is_empty());
 }
 
 #[test]
@@ -1012,7 +1012,7 @@ fn an_adopted_gang_runs_on_with_its_gpus_and_restarts() {
     let turn = h.turn();
     assert_eq!(turn.reasons(), ["Adopted"]);
     assert_eq!(h.state("a").0, JobState::Running);
-    let gangs = h.life.running_gangs(h.now);
+    let gangs = h.life.running_gangs();
     assert_eq!(gangs[0].assignments.len(), 2);
     assert_eq!(gangs[0].assignments[1].gpu_indices, [1]);
     // Its replicas' ends count as before.
