@@ -993,3 +993,49 @@ async fn without_estimates_a_reservation_on_undeclared_run_times_has_no_start() 
     assert!(said.contains("no start time is known"), "{said}");
     assert!(!said.contains("estimated"), "{said}");
 }
+
+/// Where the store keeps a history, a core opened again learns from it: every succeeded job,
+/// not only the finished ones it holds in memory (none here).
+#[tokio::test]
+async fn run_times_are_learned_again_from_the_history() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let mut config = config(dir.path());
+    config.jobs.finished_in_memory = 0;
+    let open = |config: &Config| {
+        let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", 8, true)]));
+        let store = crate::store::Store::open(dir.path()).expect("a store");
+        open_in_memory(
+            config,
+            CoreParts {
+                nodes: Nodes::Cluster(nodes),
+                ..parts(Box::new(store), NodeInventory::default(), &clock)
+            },
+        )
+    };
+    {
+        let (mut core, executor, mut inputs) = open(&config);
+        for i in 1..=5 {
+            let name = format!("train-{i}");
+            let started =
+                submit_and_pass(&mut core, &executor, &sized_job(&name, "fast", 1, 4, None));
+            run_for(&mut core, &executor, &mut inputs, &clock, &started, 600.0);
+        }
+        // A failed run says nothing of how long the job takes.
+        let started = submit_and_pass(
+            &mut core,
+            &executor,
+            &sized_job("other", "slow", 1, 1, None),
+        );
+        executor.report(&started[0], ReplicaEvent::Started { pid: 9 });
+        core.replica_report(inputs.replicas.try_recv().expect("reported"));
+        executor.exited(&started[0], 1);
+        core.replica_report(inputs.replicas.try_recv().expect("reported"));
+        core.commit().expect("written");
+        assert_eq!(core.get("other").expect("exists").state, JobState::Failed);
+        assert_eq!(core.feed.learned_keys(), Some(3));
+        core.store.close().expect("closed");
+    }
+    let (core, _, _) = open(&config);
+    assert_eq!(core.feed.learned_keys(), Some(3), "from the history");
+}
