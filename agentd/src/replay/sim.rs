@@ -8,17 +8,10 @@ use std::time::{Duration, Instant};
 
 use super::trace::TraceJob;
 use crate::sched::{
-    Decision, Gang, NodeCapacity, Policy, QueueConfig, ReplicaRequest, Resources, RunningGang,
-    RuntimeEstimator, Scheduler, Snapshot, reason, schedule,
+    Decision, ESTIMATE_MIN_SAMPLES, ESTIMATE_QUANTILE, ESTIMATE_WINDOW, Gang, NodeCapacity, Policy,
+    QueueConfig, ReplicaRequest, Resources, RunningGang, RuntimeEstimator, Scheduler, Snapshot,
+    planned_end, reason, schedule,
 };
-
-/// Quantile of finished run times used as the estimate: conservative, so that a reservation
-/// is rarely planned on an end that comes too early.
-pub const ESTIMATE_QUANTILE: f64 = 0.9;
-/// Finished jobs a key needs before its estimate is used.
-pub const ESTIMATE_MIN_SAMPLES: usize = 5;
-/// Finished jobs kept per key.
-pub const ESTIMATE_WINDOW: usize = 200;
 
 /// How a replay runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -172,6 +165,9 @@ pub fn simulate(
     // What the scheduler is told of each job's run time: declared, else estimated.
     let mut planned: Vec<Option<f64>> = jobs.iter().map(|j| j.limit_s).collect();
     let mut estimates = Vec::new();
+    // Running jobs planned on an estimate, by the end they are planned to reach: one that
+    // proves too short is planned again as the agent plans it (`planned_end`).
+    let mut estimated_ends: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
     let mut core = match opts.engine {
         Engine::Incremental => Core::Incremental(Box::new(Scheduler::new(
             policy.clone(),
@@ -264,6 +260,36 @@ pub fn simulate(
             queued_len += 1;
             next_arrival += 1;
         }
+        while let Some(Reverse((end, j))) = estimated_ends.peek().copied() {
+            if end > key(t) {
+                break;
+            }
+            estimated_ends.pop();
+            let (Some(start), Some(estimate)) = (outcomes[j].start_s, planned[j]) else {
+                continue;
+            };
+            if outcomes[j].end_s.is_some_and(|e| e <= t) {
+                continue;
+            }
+            let end = planned_end(start, estimate, t);
+            match &mut core {
+                Core::Incremental(s) => {
+                    if let Some(gang) = s.running_gang(&jobs[j].id) {
+                        let gang = RunningGang {
+                            expected_end: Some(end),
+                            ..gang.clone()
+                        };
+                        s.start(gang);
+                    }
+                }
+                Core::Full { running, .. } => {
+                    if let Some(gang) = running.iter_mut().find(|r| r.id == jobs[j].id) {
+                        gang.expected_end = Some(end);
+                    }
+                }
+            }
+            estimated_ends.push(Reverse((key(end), j)));
+        }
         let (mut any_wait, mut any_fit, mut any_res) = (false, false, false);
         if queued_len > 0 {
             let started = Instant::now();
@@ -299,6 +325,11 @@ pub fn simulate(
                     .map(|a| a.gpu_indices.len() as u64)
                     .sum::<u64>();
                 completions.push(Reverse((key(end), j)));
+                if job.limit_s.is_none()
+                    && let Some(estimate) = planned[j]
+                {
+                    estimated_ends.push(Reverse((key(t + estimate), j)));
+                }
                 if let Core::Full { running, .. } = &mut core {
                     running.push(RunningGang {
                         id: job.id.clone(),
