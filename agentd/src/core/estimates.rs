@@ -146,18 +146,14 @@ impl Estimates {
             &status.queue,
             crate::job::total_gpus(&record.job),
         );
-        match self.estimator.estimate(&keys) {
-            Some(estimate) => {
-                let seconds = estimate.seconds;
-                self.given
-                    .insert(status.name.clone(), (record.serial, estimate));
-                Some(seconds)
-            }
-            None => {
-                self.given.remove(&status.name);
-                None
-            }
-        }
+        let Some(estimate) = self.estimator.estimate(&keys) else {
+            self.given.remove(&status.name);
+            return None;
+        };
+        let seconds = estimate.seconds;
+        self.given
+            .insert(status.name.clone(), (record.serial, estimate));
+        Some(seconds)
     }
 
     /// The estimate this record was given, if any.

@@ -98,6 +98,7 @@ impl RuntimeEstimator {
 
     /// Keeps at most `max_keys` keys: a new key beyond them replaces the one recorded under
     /// longest ago, so that jobs of ever new names cannot grow the estimator without bound.
+    #[must_use]
     pub fn with_max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys.max(1);
         self
@@ -209,6 +210,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::float_cmp)] // whole numbers, exact in f64
     fn an_estimate_that_proved_too_short_is_doubled_until_it_is_ahead() {
         assert_eq!(planned_end(100.0, 50.0, 120.0), 150.0);
         assert_eq!(planned_end(100.0, 50.0, 150.0), 200.0);
