@@ -30,8 +30,9 @@ pub(super) const FROM_HISTORY: usize = 5_000;
 /// What the estimator learned, and the estimate each queued or running job was given.
 pub(super) struct Estimates {
     estimator: RuntimeEstimator,
-    /// By job: the record it was given to (its serial) and the estimate.
-    given: HashMap<String, (u64, Estimate)>,
+    /// By job: the record it was given to (its serial) and the estimate, or none if its keys
+    /// had too little history then.
+    given: HashMap<String, (u64, Option<Estimate>)>,
 }
 
 impl Estimates {
@@ -136,7 +137,7 @@ impl Estimates {
     }
 
     /// Gives a job that enters the queue its estimate, now; `None` when none of its keys has
-    /// enough history.
+    /// enough history, and the job then keeps none until it enters the queue again.
     pub fn give(&mut self, record: &JobRecord) -> Option<f64> {
         let status = &record.status;
         let keys = keys(
@@ -146,38 +147,39 @@ impl Estimates {
             &status.queue,
             crate::job::total_gpus(&record.job),
         );
-        let Some(estimate) = self.estimator.estimate(&keys) else {
-            self.given.remove(&status.name);
-            return None;
-        };
-        let seconds = estimate.seconds;
+        let estimate = self.estimator.estimate(&keys);
+        let seconds = estimate.as_ref().map(|e| e.seconds);
         self.given
             .insert(status.name.clone(), (record.serial, estimate));
-        Some(seconds)
+        seconds
+    }
+
+    /// What this record was given: `None` if it was never asked for, `Some(None)` if it got no
+    /// estimate.
+    fn asked(&self, record: &JobRecord) -> Option<Option<&Estimate>> {
+        self.given
+            .get(&record.status.name)
+            .filter(|(serial, _)| *serial == record.serial)
+            .map(|(_, e)| e.as_ref())
     }
 
     /// The estimate this record was given, if any.
     pub fn given(&self, record: &JobRecord) -> Option<&Estimate> {
-        self.given
-            .get(&record.status.name)
-            .filter(|(serial, _)| *serial == record.serial)
-            .map(|(_, e)| e)
+        self.asked(record).flatten()
     }
 
     /// When a running job that declared no run time is planned to end: from its estimate (given
-    /// now if it has none, as for a job found running when the agent started), doubled as often
-    /// as it has proved too short.
+    /// now if it was never asked for one, as for a job found running when the agent started,
+    /// so that a job without one is not looked up again at every pass), doubled as often as it
+    /// has proved too short.
     pub fn planned_end(&mut self, record: &JobRecord, now: f64) -> Option<f64> {
-        let started = record.status.started_at?;
-        let seconds = match self.given(record) {
-            Some(e) => e.seconds,
-            None => self.give(record)?,
-        };
-        Some(planned_end(started, seconds, now))
+        if self.asked(record).is_none() {
+            self.give(record);
+        }
+        self.planned_end_given(record, now)
     }
 
     /// [`Self::planned_end`] without giving an estimate: what the scheduler was told.
-    #[cfg(debug_assertions)]
     pub fn planned_end_given(&self, record: &JobRecord, now: f64) -> Option<f64> {
         let seconds = self.given(record)?.seconds;
         Some(planned_end(record.status.started_at?, seconds, now))

@@ -786,19 +786,19 @@ async fn logs_of_jobs_that_ran_between_two_checks_count_towards_the_bound() {
     assert!(core.log_dir("second").join("worker-0.log").exists());
 }
 
-/// A cluster of one node with `gpus` GPUs, on the in-memory store and executor.
+/// A cluster of one node with `gpus` GPUs, on `store` and the in-memory executor.
 fn one_node_cluster(
-    dir: &std::path::Path,
+    config: &Config,
     clock: &ManualClock,
-    store: crate::store::memory::MemoryStore,
+    store: Box<dyn JobStore>,
     gpus: u32,
 ) -> (Core, crate::exec::memory::MemoryExecutor, CoreInputs) {
     let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", gpus, true)]));
     open_in_memory(
-        &config(dir),
+        config,
         CoreParts {
             nodes: Nodes::Cluster(nodes),
-            ..parts(Box::new(store), NodeInventory::default(), clock)
+            ..parts(store, NodeInventory::default(), clock)
         },
     )
 }
@@ -857,7 +857,8 @@ async fn run_times_learned_from_finished_jobs_plan_the_reservation_and_backfill(
     let dir = tempfile::tempdir().expect("a temporary directory");
     let clock = ManualClock::new(1_000_000.0);
     let store = crate::store::memory::MemoryStore::default();
-    let (mut core, executor, mut inputs) = one_node_cluster(dir.path(), &clock, store.clone(), 8);
+    let (mut core, executor, mut inputs) =
+        one_node_cluster(&config(dir.path()), &clock, Box::new(store.clone()), 8);
     // Five runs each of a 4-GPU job that takes 10 minutes, a 2-GPU one of 100 s and a 2-GPU
     // one of 5,000 s: none declares a run time.
     for i in 1..=5 {
@@ -949,7 +950,7 @@ async fn run_times_learned_from_finished_jobs_plan_the_reservation_and_backfill(
 
     // Opened again on the same store, the core learns from the finished jobs it restores.
     drop(core);
-    let (core, _, _) = one_node_cluster(dir.path(), &clock, store, 8);
+    let (core, _, _) = one_node_cluster(&config(dir.path()), &clock, Box::new(store), 8);
     assert_eq!(
         core.feed.learned_keys(),
         Some(6),
@@ -965,18 +966,8 @@ async fn without_estimates_a_reservation_on_undeclared_run_times_has_no_start() 
     let clock = ManualClock::new(1_000_000.0);
     let mut config = config(dir.path());
     config.scheduler.estimate_runtimes = false;
-    let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", 8, true)]));
-    let (mut core, executor, mut inputs) = open_in_memory(
-        &config,
-        CoreParts {
-            nodes: Nodes::Cluster(nodes),
-            ..parts(
-                Box::new(crate::store::memory::MemoryStore::default()),
-                NodeInventory::default(),
-                &clock,
-            )
-        },
-    );
+    let store = Box::new(crate::store::memory::MemoryStore::default());
+    let (mut core, executor, mut inputs) = one_node_cluster(&config, &clock, store, 8);
     for i in 1..=5 {
         let name = format!("train-{i}");
         let started = submit_and_pass(&mut core, &executor, &sized_job(&name, "fast", 1, 4, None));
@@ -1003,15 +994,8 @@ async fn run_times_are_learned_again_from_the_history() {
     let mut config = config(dir.path());
     config.jobs.finished_in_memory = 0;
     let open = |config: &Config| {
-        let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", 8, true)]));
         let store = crate::store::Store::open(dir.path()).expect("a store");
-        open_in_memory(
-            config,
-            CoreParts {
-                nodes: Nodes::Cluster(nodes),
-                ..parts(Box::new(store), NodeInventory::default(), &clock)
-            },
-        )
+        one_node_cluster(config, &clock, Box::new(store), 8)
     };
     {
         let (mut core, executor, mut inputs) = open(&config);
