@@ -154,18 +154,16 @@ impl Estimates {
         seconds
     }
 
-    /// What this record was given: `None` if it was never asked for, `Some(None)` if it got no
-    /// estimate.
-    fn asked(&self, record: &JobRecord) -> Option<Option<&Estimate>> {
+    /// What this record was given (`None`: it got no estimate), if it was asked for one.
+    fn entry(&self, record: &JobRecord) -> Option<&(u64, Option<Estimate>)> {
         self.given
             .get(&record.status.name)
             .filter(|(serial, _)| *serial == record.serial)
-            .map(|(_, e)| e.as_ref())
     }
 
     /// The estimate this record was given, if any.
     pub fn given(&self, record: &JobRecord) -> Option<&Estimate> {
-        self.asked(record).flatten()
+        self.entry(record)?.1.as_ref()
     }
 
     /// When a running job that declared no run time is planned to end: from its estimate (given
@@ -173,7 +171,7 @@ impl Estimates {
     /// so that a job without one is not looked up again at every pass), doubled as often as it
     /// has proved too short.
     pub fn planned_end(&mut self, record: &JobRecord, now: f64) -> Option<f64> {
-        if self.asked(record).is_none() {
+        if self.entry(record).is_none() {
             self.give(record);
         }
         self.planned_end_given(record, now)
