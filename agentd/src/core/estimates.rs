@@ -198,15 +198,15 @@ impl Estimates {
 const NAMED_IN_REASON: usize = 3;
 
 /// Says in waiting jobs' reasons where the run times their wait was planned on came from, when
-/// they are estimates: the ends the blocked head's reservation waits for, and the run time of
-/// a job kept back so as not to delay it. `estimate_of` answers for a job by name.
+/// they are estimates: the ends each reservation waits for, and the run time of a job kept back
+/// so as not to delay one. `estimate_of` answers for a job by name.
 pub(super) fn explain<'a>(
     waiting: &mut [sched::Waiting],
-    reservation: Option<&sched::Reservation>,
+    reservations: &[sched::Reservation],
     estimate_of: impl Fn(&str) -> Option<&'a Estimate>,
 ) {
     for w in waiting {
-        if let Some(r) = reservation.filter(|r| r.gang == w.gang) {
+        if let Some(r) = reservations.iter().find(|r| r.gang == w.gang) {
             let estimated: Vec<(&str, &Estimate)> = r
                 .after
                 .iter()

@@ -489,7 +489,11 @@ impl Core {
             store,
             executor,
             feed: feed::Feed::new(
-                Policy::agentd(),
+                if config.scheduler.estimate_runtimes {
+                    Policy::agentd().with_runtime_estimates()
+                } else {
+                    Policy::agentd()
+                },
                 queue_configs(&config.queues),
                 estimates::Estimates::new(&config.scheduler),
             ),
@@ -1119,7 +1123,7 @@ impl Core {
         #[cfg(debug_assertions)]
         self.check_against_full_pass(&decision, now);
         let mut waiting = decision.waiting;
-        estimates::explain(&mut waiting, decision.reservation.as_ref(), |name| {
+        estimates::explain(&mut waiting, &decision.reservations, |name| {
             self.feed.estimate_of(self.lifecycle.job(name)?)
         });
         let placements = decision

@@ -131,6 +131,14 @@ pub fn simulate(
     queues: &[QueueConfig],
     opts: SimOptions,
 ) -> SimResult {
+    // With estimated run times the policy plans as the agent does with them.
+    let estimated;
+    let policy = if opts.estimate_runtimes {
+        estimated = policy.clone().with_runtime_estimates();
+        &estimated
+    } else {
+        policy
+    };
     let total_gpus: u64 = nodes.iter().map(|n| n.gpus.len() as u64).sum();
     let by_id: HashMap<&str, usize> = jobs
         .iter()

@@ -172,12 +172,7 @@ proptest! {
 
     #[test]
     fn incremental_decides_exactly_as_the_full_pass(story in arb_story()) {
-        for policy in [
-            Policy::fifo(),
-            Policy::first_fit(),
-            Policy::best_fit(),
-            Policy::agentd(),
-        ] {
+        for policy in super::proptests::policies() {
             play(&story, &policy)?;
         }
     }
@@ -261,6 +256,6 @@ fn a_gang_placed_in_the_pass_is_ordered_by_id_for_the_reservation() {
     }
     let d = inc.pass(10.0);
     assert_eq!(d, full, "the first pass lists every waiting gang");
-    let r = d.reservation.expect("h holds a reservation");
+    let r = d.reservations.into_iter().next().expect("h holds a reservation");
     assert_eq!(r.after, ["a-new", "y-run"]);
 }

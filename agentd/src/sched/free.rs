@@ -235,16 +235,21 @@ impl FreeState {
         self.fits(node, need, Mode::Any, selectors)
     }
 
-    /// Installs a reservation overlay and reindexes.
+    /// Installs (or replaces) the reservation overlay on these nodes.
     pub fn hold(&mut self, holds: &[(u32, Hold)]) {
         for &(node, hold) in holds {
-            self.nodes[node as usize].hold = Some(hold);
+            let i = node as usize;
+            let was_held = self.nodes[i].hold.replace(hold).is_some();
+            if !was_held && self.usable[i] {
+                self.buckets[self.nodes[i].gpus.count_ones() as usize].remove(&node);
+                let at = self.held.binary_search(&node).unwrap_or_else(|at| at);
+                self.held.insert(at, node);
+            }
         }
-        self.rebuild_index();
     }
 
     /// What a placement in `mode` may use on a node: GPUs, CPU, memory.
-    fn effective(&self, node: u32, mode: Mode) -> (GpuMask, u64, u64) {
+    pub fn effective(&self, node: u32, mode: Mode) -> (GpuMask, u64, u64) {
         let n = &self.nodes[node as usize];
         match (mode, n.hold) {
             (Mode::OutsideReservation, Some(h)) => (

@@ -28,7 +28,9 @@ pub use explain::never_fits;
 pub use free::MAX_GPUS_PER_NODE;
 pub use incremental::Scheduler;
 pub use pass::schedule;
-pub use policy::{Backfill, Fit, Order, Policy, SchedError};
+pub use policy::{
+    Backfill, ESTIMATED_RESERVATIONS, Fit, Order, Policy, ReleaseOrder, SchedError,
+};
 
 /// The `reason` classes of [`Waiting`].
 pub mod reason {
@@ -164,18 +166,19 @@ pub struct Decision {
     /// How many gangs wait for each reason (see [`reason`]); filled even when the policy does
     /// not list them one by one.
     pub waiting_counts: BTreeMap<&'static str, usize>,
-    /// The resources held for the blocked head, if the policy reserves and one could be planned.
-    pub reservation: Option<Reservation>,
+    /// The resources held for blocked gangs, the head of the order first, if the policy
+    /// reserves and they could be planned (at most [`Policy::reservations`]).
+    pub reservations: Vec<Reservation>,
 }
 
-/// Resources held for the blocked head of the queue: where it will go, and when.
+/// Resources held for a blocked gang: where it will go, and when.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
     pub gang: String,
-    /// When the head can start at the latest, from the running gangs' declared ends; `None` when
-    /// it waits on a gang that declared no run time.
+    /// When the gang can start at the latest, from the running gangs' declared ends; `None`
+    /// when it waits on a gang that declared no run time.
     pub start_at: Option<f64>,
-    /// Running gangs whose end the head waits for.
+    /// Running gangs whose end it waits for.
     pub after: Vec<String>,
     pub assignments: Vec<Assignment>,
 }

@@ -1,5 +1,6 @@
-//! One scheduling pass: order the queue, place what fits, hold a reservation for the blocked
-//! head, backfill behind it, and say why everything else waits.
+//! One scheduling pass: order the queue, place what fits, hold reservations for the blocked
+//! head (and, if the policy says so, the next blocked gangs), backfill behind them, and say why
+//! everything else waits.
 
 use std::borrow::Cow;
 use std::cmp::{Ordering, Reverse};
@@ -10,7 +11,7 @@ use super::explain::{never_fits_message, unschedulable_message};
 use super::free::{FreeState, GpuMask, Hold, Mode, Need, NodeFree, SelectorTable, Taken};
 use super::{
     Assignment, Backfill, Decision, Gang, NodeCapacity, Order, Placement, Policy, QueueConfig,
-    Reservation, Resources, Snapshot, Waiting, reason,
+    ReleaseOrder, Reservation, Resources, Snapshot, Waiting, reason,
 };
 
 /// FNV-1a: node and queue names are short, and SipHash dominated a pass with many running
@@ -241,7 +242,7 @@ struct ShapeMemo {
     fits_outside_at: Option<u64>,
 }
 
-/// The head's reservation, as later gangs are judged against it.
+/// A gang's reservation, as later gangs are judged against it.
 struct Head<'a> {
     id: &'a str,
     start_at: Option<f64>,
@@ -268,8 +269,9 @@ pub(crate) struct Pass<'a> {
     messages: FastMap<(usize, u64, u32), Arc<str>>,
     /// QueueLimit sentences by queue, its running jobs and GPUs, and the GPUs the gang asks.
     limit_messages: FastMap<(&'a str, u32, u64, u64), Arc<str>>,
-    /// The Reserved sentence of this pass's head.
-    reserved: Option<Arc<str>>,
+    /// The Reserved sentence of this pass, with how many gangs held reservations when it was
+    /// written.
+    reserved: Option<(usize, Arc<str>)>,
     /// The Blocked sentence of this pass's strict-FIFO head.
     blocked: Option<Arc<str>>,
     empty: Arc<str>,
@@ -449,7 +451,11 @@ impl<'a> Pass<'a> {
 
     pub fn run(&mut self, order: &[Prepared<'a>]) {
         let mut fifo_head: Option<&'a str> = None;
-        let mut head: Option<Head<'a>> = None;
+        // The gangs holding reservations, the head of the order first, and the earliest start
+        // among them (`None` when any has none): only a gang that ends before it may use what
+        // they hold.
+        let mut heads: Vec<Head<'a>> = Vec::new();
+        let mut start_by: Option<f64> = None;
         for (at, p) in order.iter().enumerate() {
             self.at = at;
             if p.gang.replicas.is_empty() {
@@ -472,52 +478,47 @@ impl<'a> Pass<'a> {
                 }
                 continue;
             }
-            let mode = match &head {
-                Some(h) if !Self::ends_before(p.gang, self.now, h.start_at) => {
-                    Mode::OutsideReservation
-                }
-                _ => Mode::Any,
+            let mode = if !heads.is_empty() && !Self::ends_before(p.gang, self.now, start_by) {
+                Mode::OutsideReservation
+            } else {
+                Mode::Any
             };
             if self.place(p, mode) || self.never_fits(p) {
                 continue;
             }
-            if let Some(h) = &head {
-                if mode == Mode::OutsideReservation && self.fits(p, Mode::Any) {
-                    let msg = self.reserved_message(h);
-                    self.wait(p, reason::RESERVED, || msg);
-                } else {
-                    let msg = self.unschedulable(p);
-                    self.wait(p, reason::UNSCHEDULABLE, || msg);
-                }
-                continue;
-            }
-            match self.policy.backfill {
-                Backfill::None => {
+            let (why, mut msg) = if heads.is_empty() {
+                if self.policy.backfill == Backfill::None {
                     fifo_head = Some(&p.gang.id);
-                    let msg = self.unschedulable(p);
-                    self.wait(p, reason::UNSCHEDULABLE, || msg);
                 }
-                Backfill::Greedy => {
-                    let msg = self.unschedulable(p);
-                    self.wait(p, reason::UNSCHEDULABLE, || msg);
+                (reason::UNSCHEDULABLE, self.unschedulable(p))
+            } else if mode == Mode::OutsideReservation && self.fits(p, Mode::Any) {
+                (reason::RESERVED, self.reserved_message(&heads, start_by))
+            } else {
+                (reason::UNSCHEDULABLE, self.unschedulable(p))
+            };
+            if self.policy.backfill == Backfill::Reservation
+                && heads.len() < self.policy.reservations
+                && (heads.is_empty()
+                    || !self.policy.later_reservations_multi_node
+                    || self.ideal_nodes(p).is_some_and(|n| n > 1))
+                && let Some(r) = self.reserve(p, !heads.is_empty())
+            {
+                if self.policy.explain {
+                    msg = format!("{msg}; {}", Self::reservation_clause(&r, self.now)).into();
                 }
-                Backfill::Reservation => {
-                    let mut msg = self.unschedulable(p);
-                    if let Some(r) = self.reserve(p) {
-                        if self.policy.explain {
-                            msg =
-                                format!("{msg}; {}", Self::reservation_clause(&r, self.now)).into();
-                        }
-                        head = Some(Head {
-                            id: &p.gang.id,
-                            start_at: r.start_at,
-                            after: r.after.clone(),
-                        });
-                        self.decision.reservation = Some(r);
-                    }
-                    self.wait(p, reason::UNSCHEDULABLE, || msg);
-                }
+                start_by = match (heads.is_empty(), start_by, r.start_at) {
+                    (true, _, t) => t,
+                    (false, Some(a), Some(b)) => Some(a.min(b)),
+                    _ => None,
+                };
+                heads.push(Head {
+                    id: &p.gang.id,
+                    start_at: r.start_at,
+                    after: r.after.clone(),
+                });
+                self.decision.reservations.push(r);
             }
+            self.wait(p, why, || msg);
         }
     }
 
@@ -614,14 +615,19 @@ impl<'a> Pass<'a> {
         msg
     }
 
-    fn reserved_message(&mut self, head: &Head<'_>) -> Arc<str> {
+    fn reserved_message(&mut self, heads: &[Head<'_>], start_by: Option<f64>) -> Arc<str> {
         if !self.policy.explain {
             return self.empty.clone();
         }
-        // One head per pass, so one sentence.
-        self.reserved
-            .get_or_insert_with(|| Self::reserved_sentence(head, self.now).into())
-            .clone()
+        // The sentence changes only when another gang takes a reservation.
+        if let Some((n, msg)) = &self.reserved
+            && *n == heads.len()
+        {
+            return msg.clone();
+        }
+        let msg: Arc<str> = Self::reserved_sentence(heads, start_by, self.now).into();
+        self.reserved = Some((heads.len(), msg.clone()));
+        msg
     }
 
     fn blocked_message(&mut self, blocker: &str) -> Arc<str> {
@@ -639,19 +645,34 @@ impl<'a> Pass<'a> {
             .clone()
     }
 
-    fn reserved_sentence(head: &Head<'_>, now: f64) -> String {
-        match head.start_at {
+    fn reserved_sentence(heads: &[Head<'_>], start_by: Option<f64>, now: f64) -> String {
+        if let [head] = heads {
+            return match head.start_at {
+                Some(t) => format!(
+                    "fits now, but would delay {}, which holds a reservation to start by t={t:.0}s (in {:.0} s); a declared run time (activeDeadlineSeconds) under {:.0} s would let it start now",
+                    head.id,
+                    t - now,
+                    t - now
+                ),
+                None => format!(
+                    "fits now, but would delay {}, which holds a reservation for the resources it needs until {} {}",
+                    head.id,
+                    list(&head.after),
+                    end_verb(head.after.len())
+                ),
+            };
+        }
+        let ids: Vec<&str> = heads.iter().map(|h| h.id).collect();
+        match start_by {
             Some(t) => format!(
-                "fits now, but would delay {}, which holds a reservation to start by t={t:.0}s (in {:.0} s); a declared run time (activeDeadlineSeconds) under {:.0} s would let it start now",
-                head.id,
+                "fits now, but would delay {}, which hold reservations, the first to start by t={t:.0}s (in {:.0} s); a declared run time (activeDeadlineSeconds) under {:.0} s would let it start now",
+                list_str(&ids),
                 t - now,
                 t - now
             ),
             None => format!(
-                "fits now, but would delay {}, which holds a reservation for the resources it needs until {} {}",
-                head.id,
-                list(&head.after),
-                end_verb(head.after.len())
+                "fits now, but would delay {}, which hold reservations for the resources they need until the gangs they wait for end",
+                list_str(&ids)
             ),
         }
     }
@@ -921,18 +942,25 @@ impl<'a> Pass<'a> {
         ok
     }
 
-    /// Plans the blocked head's reservation: the fewest holders (soonest declared end first)
+    /// Plans a blocked gang's reservation: the fewest holders (in the policy's release order)
     /// that must end before it fits, where it then goes, and installs the overlay that keeps
-    /// those resources from gangs that would still be running then. `None` if it would not fit
-    /// even with every holder gone (drained nodes, unhealthy GPUs).
-    fn reserve(&mut self, p: &Prepared<'a>) -> Option<Reservation> {
+    /// those resources from gangs that would still be running then. A `later` reservation (not
+    /// the head's) is planned around the ones before it: it takes none of their GPUs, and the
+    /// CPU and memory they leave is shared. `None` if it would not fit even with every holder
+    /// gone (drained nodes, unhealthy GPUs, earlier reservations).
+    fn reserve(&mut self, p: &Prepared<'a>, later: bool) -> Option<Reservation> {
         // Give up at once if it would not fit even with every holder gone.
         if !self.fits_when_all_end(p.shape) {
             return None;
         }
+        let mode = if later {
+            Mode::OutsideReservation
+        } else {
+            Mode::Any
+        };
         // Gangs with a declared end release in end order. For the others there is no end to go
         // by, so bet on the nodes closest to free: release first the gangs on nodes with the
-        // fewest busy GPUs, so the head waits on as few gangs as possible.
+        // fewest busy GPUs, so the gang waits on as few gangs as possible.
         let busy = |h: &Holder<'_>| -> u32 {
             h.allocs
                 .iter()
@@ -943,6 +971,7 @@ impl<'a> Pass<'a> {
                 .max()
                 .unwrap_or(0)
         };
+        let by_end = self.policy.release == ReleaseOrder::SoonestEnd;
         // Only the first few holders in that order are ever released, so they come off a heap
         // (linear to build) rather than out of a sort of them all.
         let by_id = self.holders_by_id;
@@ -951,16 +980,17 @@ impl<'a> Pass<'a> {
             .iter()
             .enumerate()
             .map(|(at, h)| {
+                let end = h.end.filter(|_| by_end);
                 Reverse(Release {
-                    end: h.end,
-                    busy: if h.end.is_none() { busy(h) } else { 0 },
+                    end,
+                    busy: if end.is_none() { busy(h) } else { 0 },
                     id: h.id,
                     at,
                     by_id: at < by_id,
                 })
             })
             .collect();
-        let mut by_end = Vec::new();
+        let mut released = Vec::new();
         let mut taken = Vec::new();
         // Release holders one by one, in that order, until it fits: the fewest it waits for.
         // They are released on the pass's own state and given back after; the nodes they free
@@ -970,7 +1000,7 @@ impl<'a> Pass<'a> {
         let mut saved: BTreeMap<u32, NodeFree> = BTreeMap::new();
         let mut fits = false;
         while let Some(Reverse(next)) = order.pop() {
-            by_end.push(next.at);
+            released.push(next.at);
             for a in self.holders[next.at].allocs.iter() {
                 saved
                     .entry(a.node)
@@ -980,7 +1010,7 @@ impl<'a> Pass<'a> {
             if self.state.free_gpus >= total
                 && self.state.place(
                     needs,
-                    Mode::Any,
+                    mode,
                     self.policy.fit,
                     &self.cache.selectors,
                     &mut taken,
@@ -990,12 +1020,13 @@ impl<'a> Pass<'a> {
                 break;
             }
         }
-        // What the reservation's nodes would have left once it started: the slack it lends.
+        // What the reservation's nodes would have left once it started (and the reservations
+        // before it, where they share a node): the slack it lends.
         let slack: BTreeMap<u32, (u64, u64)> = taken
             .iter()
             .map(|t| {
-                let n = &self.state.nodes[t.node as usize];
-                (t.node, (n.cpu, n.mem))
+                let (_, cpu, mem) = self.state.effective(t.node, Mode::OutsideReservation);
+                (t.node, (cpu, mem))
             })
             .collect();
         for t in taken.iter().rev() {
@@ -1008,14 +1039,24 @@ impl<'a> Pass<'a> {
             return None;
         }
         // It starts when the last of them ends.
-        let start_at = by_end.last().and_then(|&h| self.holders[h].end);
-        let after: Vec<String> = by_end
+        let start_at = released
+            .iter()
+            .map(|&h| self.holders[h].end)
+            .try_fold(None::<f64>, |latest, end| {
+                let end = end?;
+                Some(Some(latest.map_or(end, |l: f64| l.max(end))))
+            })
+            .flatten();
+        let after: Vec<String> = released
             .iter()
             .map(|&h| self.holders[h].id.to_owned())
             .collect();
         let mut holds: BTreeMap<u32, Hold> = BTreeMap::new();
         for t in &taken {
-            let h = holds.entry(t.node).or_default();
+            let h = holds.entry(t.node).or_insert_with(|| Hold {
+                gpus: self.state.nodes[t.node as usize].hold.map_or(0, |h| h.gpus),
+                ..Hold::default()
+            });
             h.gpus |= t.gpus;
         }
         for (node, h) in &mut holds {
@@ -1046,8 +1087,9 @@ impl<'a> Pass<'a> {
     }
 }
 
-/// A holder's place in the order the reservation releases holders in: declared ends first,
-/// soonest first; then the rest, on the least busy nodes first; ties by id.
+/// A holder's place in the order a reservation releases holders in: ends first, soonest first;
+/// then the rest (all of them under [`ReleaseOrder::LeastBusy`]), on the least busy nodes
+/// first; ties by id.
 struct Release<'a> {
     end: Option<f64>,
     busy: u32,

@@ -22,6 +22,18 @@ pub enum Backfill {
     Reservation,
 }
 
+/// In what order a reservation counts running gangs as ended, to find the fewest it waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOrder {
+    /// Declared ends first, soonest first; then the gangs that declared none, on the least busy
+    /// nodes first.
+    SoonestEnd,
+    /// The gangs on the least busy nodes first, whatever their ends. For ends that are only
+    /// estimates: in a heavy-tailed run-time distribution the soonest estimated end is the gang
+    /// that started longest ago, which is the one least likely to end soon.
+    LeastBusy,
+}
+
 /// How replicas are packed onto nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fit {
@@ -39,6 +51,14 @@ pub struct Policy {
     pub order: Order,
     pub backfill: Backfill,
     pub fit: Fit,
+    /// How many blocked gangs hold a reservation at once ([`Backfill::Reservation`] only): the
+    /// head of the order and then the next blocked gangs, each planned around those before it.
+    pub reservations: usize,
+    /// Whether gangs after the head get a reservation only when they need more than one node
+    /// (a gang that fits one node finds one free soon enough without).
+    pub later_reservations_multi_node: bool,
+    /// In what order reservations count running gangs as ended.
+    pub release: ReleaseOrder,
     /// Write a human message for every waiting gang. Replay turns it off: it only counts reasons.
     pub explain: bool,
     /// List every waiting gang in [`super::Decision::waiting`]; when false only
@@ -57,6 +77,10 @@ pub enum SchedError {
 /// default queues (`fast` 10, `slow` 1) a `slow` gang overtakes new `fast` ones after 2¼ hours.
 pub const DEFAULT_AGING_S: f64 = 900.0;
 
+/// How many blocked gangs hold a reservation at once when run times are estimated
+/// ([`Policy::with_runtime_estimates`]).
+pub const ESTIMATED_RESERVATIONS: usize = 8;
+
 impl Policy {
     /// The policy names, in the order replay runs them.
     pub const NAMES: [&'static str; 4] = ["fifo", "first-fit", "best-fit", "default"];
@@ -68,6 +92,9 @@ impl Policy {
             order: Order::Submit,
             backfill: Backfill::None,
             fit: Fit::FirstFit,
+            reservations: 1,
+            later_reservations_multi_node: false,
+            release: ReleaseOrder::SoonestEnd,
             explain: true,
             list_waiting: true,
         }
@@ -80,6 +107,9 @@ impl Policy {
             order: Order::Submit,
             backfill: Backfill::Greedy,
             fit: Fit::FirstFit,
+            reservations: 1,
+            later_reservations_multi_node: false,
+            release: ReleaseOrder::SoonestEnd,
             explain: true,
             list_waiting: true,
         }
@@ -92,6 +122,9 @@ impl Policy {
             order: Order::Submit,
             backfill: Backfill::Greedy,
             fit: Fit::BestFit,
+            reservations: 1,
+            later_reservations_multi_node: false,
+            release: ReleaseOrder::SoonestEnd,
             explain: true,
             list_waiting: true,
         }
@@ -107,9 +140,27 @@ impl Policy {
             },
             backfill: Backfill::Reservation,
             fit: Fit::BestFit,
+            reservations: 1,
+            later_reservations_multi_node: false,
+            release: ReleaseOrder::SoonestEnd,
             explain: true,
             list_waiting: true,
         }
+    }
+
+    /// The policy as run when running jobs' ends are estimated rather than declared: a
+    /// reservation for each of the first [`ESTIMATED_RESERVATIONS`] blocked gangs (after the
+    /// head only those wider than one node), each waiting on the least busy nodes. One
+    /// reservation protects only the head, and gangs of several nodes behind it can be passed
+    /// by one-node gangs for ever; with estimates, backfill is frequent enough for that to be
+    /// the long tail of the waits. Policies without reservations are returned unchanged.
+    pub fn with_runtime_estimates(mut self) -> Self {
+        if self.backfill == Backfill::Reservation {
+            self.reservations = ESTIMATED_RESERVATIONS;
+            self.later_reservations_multi_node = true;
+            self.release = ReleaseOrder::LeastBusy;
+        }
+        self
     }
 
     /// The policy with this name (see [`Policy::NAMES`]).

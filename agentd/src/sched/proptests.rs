@@ -1,6 +1,6 @@
 //! Invariants of every pass over generated clusters and queues: no over-commit, no partial gang,
-//! no unhealthy GPU or drained node used, the head's reservation never delayed by a backfilled
-//! gang, and the same decision whatever the order of the queue.
+//! no unhealthy GPU or drained node used, no reservation delayed by a backfilled gang or sharing
+//! a GPU with another, and the same decision whatever the order of the queue.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -252,9 +252,10 @@ fn check(case: &Case, policy: &Policy) -> Result<(), TestCaseError> {
         }
     }
 
-    // The reservation still fits at its start, once what it waits for has ended and gangs
+    // Each reservation still fits at its start, once what it waits for has ended and gangs
     // that declared an earlier end are gone: nothing placed now delays it.
-    if let Some(r) = &d.reservation {
+    prop_assert!(d.reservations.len() <= policy.reservations.max(1));
+    for r in &d.reservations {
         prop_assert_eq!(policy.backfill, Backfill::Reservation);
         let after: BTreeSet<&str> = r.after.iter().map(String::as_str).collect();
         let still_running = running
@@ -285,19 +286,62 @@ fn check(case: &Case, policy: &Policy) -> Result<(), TestCaseError> {
                 .chain(still_placed)
                 .chain(std::iter::once(r.assignments.as_slice())),
         )?;
-        let head = d.waiting.iter().find(|w| w.gang == r.gang);
-        prop_assert!(head.is_some(), "the reserved gang is not waiting");
+        let waiting = d.waiting.iter().find(|w| w.gang == r.gang);
+        prop_assert!(waiting.is_some(), "the reserved gang {} is not waiting", r.gang);
     }
+    // Reservations never share a GPU, and together they fit the nodes.
+    usage(
+        &case.nodes,
+        d.reservations.iter().map(|r| r.assignments.as_slice()),
+    )?;
     Ok(())
 }
 
-fn policies() -> [Policy; 4] {
+/// Every policy, and the default one as run on estimated run times (several reservations),
+/// also with three reservations and the soonest-end release.
+pub(crate) fn policies() -> [Policy; 6] {
+    let mut three = Policy::agentd().with_runtime_estimates();
+    three.reservations = 3;
+    three.later_reservations_multi_node = false;
+    three.release = ReleaseOrder::SoonestEnd;
     [
         Policy::fifo(),
         Policy::first_fit(),
         Policy::best_fit(),
         Policy::agentd(),
+        Policy::agentd().with_runtime_estimates(),
+        three,
     ]
+}
+
+/// The generated cases reach what the checks are for: passes where several gangs hold
+/// reservations at once.
+#[test]
+fn generated_cases_hold_several_reservations() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let policy = Policy::agentd().with_runtime_estimates();
+    let mut several = 0;
+    for _ in 0..400 {
+        let case = arb_case()
+            .new_tree(&mut runner)
+            .expect("a case")
+            .current();
+        let running = running_of(&case);
+        let d = schedule(
+            &Snapshot {
+                now: case.now,
+                nodes: &case.nodes,
+                running: &running,
+                queued: &case.queued,
+                queues: &case.queues,
+            },
+            &policy,
+        );
+        several += usize::from(d.reservations.len() > 1);
+    }
+    assert!(several >= 10, "only {several} of 400 cases held several reservations");
 }
 
 proptest! {

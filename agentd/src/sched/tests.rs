@@ -383,7 +383,7 @@ fn reservation_lets_only_gangs_that_do_not_delay_the_head_backfill() {
     long.declared_runtime_s = Some(1000.0);
     let queued = [gang("head", 1.0, 1, 8), long, short];
     let d = run(&nodes, &busy, &queued, &Policy::agentd());
-    let r = d.reservation.as_ref().expect("reservation");
+    let r = d.reservations.first().expect("reservation");
     assert_eq!(r.gang, "head");
     assert_eq!(r.start_at, Some(500.0));
     assert_eq!(r.after, ["r1"]);
@@ -416,7 +416,7 @@ fn backfill_may_use_what_the_reservation_does_not_need() {
         gang("one", 3.0, 1, 1),
     ];
     let d = run(&nodes, &busy, &queued, &Policy::agentd());
-    let r = d.reservation.as_ref().expect("reservation");
+    let r = d.reservations.first().expect("reservation");
     assert_eq!(r.assignments[0].gpu_indices, [0, 1, 2, 3, 4, 5]);
     assert_eq!(
         placed(&d, "two")
@@ -426,6 +426,90 @@ fn backfill_may_use_what_the_reservation_does_not_need() {
         [6, 7]
     );
     assert_eq!(waiting(&d, "one").reason, reason::RESERVED);
+}
+
+#[test]
+fn with_estimates_the_next_blocked_gangs_wider_than_a_node_hold_reservations_too() {
+    // Four nodes of 8, every GPU busy: a and b until t=500 and t=600, c and d until t=2000.
+    let nodes = [node("a", 8), node("b", 8), node("c", 8), node("d", 8)];
+    let all = [0, 1, 2, 3, 4, 5, 6, 7];
+    let busy = [
+        running("ra", "a", &all, Some(500.0)),
+        running("rb", "b", &all, Some(600.0)),
+        running("rc", "c", &all, Some(2000.0)),
+        running("rd", "d", &all, Some(2000.0)),
+    ];
+    let mut short = gang("short", 4.0, 1, 8);
+    short.declared_runtime_s = Some(100.0);
+    let queued = [
+        gang("head", 1.0, 1, 8),
+        gang("wide", 2.0, 2, 8),
+        gang("narrow", 3.0, 1, 8),
+        short,
+    ];
+    let one = run(&nodes, &busy, &queued, &Policy::agentd());
+    assert_eq!(one.reservations.len(), 1);
+    let policy = Policy::agentd().with_runtime_estimates();
+    let d = run(&nodes, &busy, &queued, &policy);
+    let held: Vec<(&str, Vec<&str>)> = d
+        .reservations
+        .iter()
+        .map(|r| (r.gang.as_str(), nodes_of_reservation(r)))
+        .collect();
+    // The head waits on one node; the two-node gang behind it on two others, not the head's;
+    // the one-node gang gets none.
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert_eq!(held[0].0, "head");
+    assert_eq!(held[1].0, "wide");
+    assert_eq!(held[0].1.len(), 1);
+    assert_eq!(held[1].1.len(), 2);
+    assert!(!held[1].1.contains(&held[0].1[0]), "{held:?}");
+    assert_eq!(waiting(&d, "narrow").reason, reason::UNSCHEDULABLE);
+    assert!(
+        waiting(&d, "wide").message.contains("holds a reservation on"),
+        "{}",
+        waiting(&d, "wide").message
+    );
+    // Nothing is free now, so the short gang waits too, and says nothing of reservations it
+    // cannot take part in.
+    assert_eq!(waiting(&d, "short").reason, reason::UNSCHEDULABLE);
+}
+
+#[test]
+fn a_gang_that_would_delay_several_reservations_names_them() {
+    // a is free but for 2 GPUs until t=300; b, c busy until t=1000 and t=1200.
+    let nodes = [node("a", 8), node("b", 8), node("c", 8)];
+    let all = [0, 1, 2, 3, 4, 5, 6, 7];
+    let busy = [
+        running("ra", "a", &[0, 1], Some(300.0)),
+        running("rb", "b", &all, Some(1000.0)),
+        running("rc", "c", &all, Some(1200.0)),
+    ];
+    let mut long = gang("long", 3.0, 1, 6);
+    long.declared_runtime_s = Some(5000.0);
+    let queued = [gang("head", 1.0, 1, 8), gang("wide", 2.0, 2, 8), long];
+    let mut policy = Policy::agentd().with_runtime_estimates();
+    policy.release = ReleaseOrder::SoonestEnd;
+    let d = run(&nodes, &busy, &queued, &policy);
+    assert_eq!(d.reservations.len(), 2);
+    assert_eq!(d.reservations[0].start_at, Some(300.0));
+    assert_eq!(d.reservations[1].start_at, Some(1200.0));
+    let w = waiting(&d, "long");
+    assert_eq!(w.reason, reason::RESERVED);
+    assert!(
+        w.message.starts_with(
+            "fits now, but would delay head and wide, which hold reservations, the first to start by t=300s (in 200 s)"
+        ),
+        "{}",
+        w.message
+    );
+}
+
+fn nodes_of_reservation(r: &Reservation) -> Vec<&str> {
+    let mut nodes: Vec<&str> = r.assignments.iter().map(|a| a.node.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
 }
 
 #[test]
