@@ -5,7 +5,8 @@
 //! Then the deep queue: 10,000 queued gangs on the full cluster, and the pass that follows one
 //! job's finish, by the full pass (the baseline), by the incremental scheduler listing every
 //! waiting gang (as it did before it handed back changes only), and by the incremental
-//! scheduler handing back only the waiting entries that changed, each policy.
+//! scheduler handing back only the waiting entries that changed, each policy and the default
+//! policy as run on estimated run times (`default+est`: several reservations).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -125,6 +126,16 @@ fn policies() -> Vec<Policy> {
         .collect()
 }
 
+/// Each policy by name, and the default policy as the agent runs it on estimated run times
+/// (several reservations), as `default+est`.
+fn deep_policies() -> Vec<(&'static str, Policy)> {
+    policies()
+        .into_iter()
+        .map(|p| (p.name, p))
+        .chain([("default+est", Policy::agentd().with_runtime_estimates())])
+        .collect()
+}
+
 fn main() {
     let nodes = nodes();
     let queued: Vec<Gang> = (0..GANGS).map(gang).collect();
@@ -196,12 +207,12 @@ fn main() {
         "{NODES} nodes x {GPUS} GPUs all busy, {DEEP} queued gangs; the pass after one job finishes (median of 30); the full pass is the baseline"
     );
     println!(
-        "{:<10} {:>12} {:>14} {:>14} {:>9} {:>8} {:>8}",
+        "{:<12} {:>12} {:>14} {:>14} {:>9} {:>8} {:>8}",
         "policy", "full_pass_ms", "listing_all_ms", "changes_ms", "speedup", "placed", "changed"
     );
     for row in deep {
         println!(
-            "{:<10} {:>12.2} {:>14.3} {:>14.3} {:>8.0}x {:>8} {:>8}",
+            "{:<12} {:>12.2} {:>14.3} {:>14.3} {:>8.0}x {:>8} {:>8}",
             row.policy,
             row.full_s * 1e3,
             row.listing_s * 1e3,
@@ -239,7 +250,7 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
         .collect();
     let mut rows = Vec::new();
     let mut group = c.benchmark_group("deep");
-    for policy in policies() {
+    for (name, policy) in deep_policies() {
         let mut warm = Scheduler::new(policy.clone(), nodes.to_vec(), queues.to_vec());
         for r in &running {
             warm.start(r.clone());
@@ -266,10 +277,10 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
             ..changes
         };
         assert_eq!(whole, full, "the two passes disagree");
-        group.bench_function(BenchmarkId::new("full_pass", policy.name), |b| {
+        group.bench_function(BenchmarkId::new("full_pass", name), |b| {
             b.iter(|| schedule(black_box(&snap), &policy));
         });
-        group.bench_function(BenchmarkId::new("listing_all", policy.name), |b| {
+        group.bench_function(BenchmarkId::new("listing_all", name), |b| {
             b.iter_batched_ref(
                 || warm.clone(),
                 |s| {
@@ -280,7 +291,7 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
                 BatchSize::LargeInput,
             );
         });
-        group.bench_function(BenchmarkId::new("incremental", policy.name), |b| {
+        group.bench_function(BenchmarkId::new("incremental", name), |b| {
             // By reference, so dropping the clone is not timed.
             b.iter_batched_ref(
                 || warm.clone(),
@@ -310,7 +321,7 @@ fn deep_queue(nodes: &[NodeCapacity], queues: &[QueueConfig], c: &mut Criterion)
             changes_times.push(started.elapsed().as_secs_f64());
         }
         rows.push(DeepRow {
-            policy: policy.name,
+            policy: name,
             full_s: median(full_times),
             listing_s: median(listing_times),
             incremental_s: median(changes_times),
