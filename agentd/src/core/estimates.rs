@@ -3,7 +3,7 @@
 //! backfill cannot take what would end before then. The agent learns what succeeded jobs took,
 //! per user and job, queue and size, and gives such a job the estimate of the most specific of
 //! those with enough history ([`RuntimeEstimator`]). An estimate plans; it never stops a job,
-//! and one that proves too short moves the reservations planned on it ([`planned_end`]).
+//! and once one proves too short the job is planned as one with no known end ([`planned_end`]).
 //!
 //! A job gets its estimate when it enters the queue (or, found holding resources after a
 //! restart of the agent, when first seen) and keeps it while it runs, so the scheduler is told
@@ -168,8 +168,8 @@ impl Estimates {
 
     /// When a running job that declared no run time is planned to end: from its estimate (given
     /// now if it was never asked for one, as for a job found running when the agent started,
-    /// so that a job without one is not looked up again at every pass), doubled as often as it
-    /// has proved too short.
+    /// so that a job without one is not looked up again at every pass); `None` once it has run
+    /// past it.
     pub fn planned_end(&mut self, record: &JobRecord, now: f64) -> Option<f64> {
         if self.entry(record).is_none() {
             self.give(record);
@@ -180,7 +180,7 @@ impl Estimates {
     /// [`Self::planned_end`] without giving an estimate: what the scheduler was told.
     pub fn planned_end_given(&self, record: &JobRecord, now: f64) -> Option<f64> {
         let seconds = self.given(record)?.seconds;
-        Some(planned_end(record.status.started_at?, seconds, now))
+        planned_end(record.status.started_at?, seconds, now)
     }
 
     /// Forgets the estimates of jobs that are neither queued nor running any more.
@@ -203,20 +203,29 @@ const NAMED_IN_REASON: usize = 3;
 pub(super) fn explain<'a>(
     waiting: &mut [sched::Waiting],
     reservations: &[sched::Reservation],
-    estimate_of: impl Fn(&str) -> Option<&'a Estimate>,
+    estimate_of: impl Fn(&str) -> Option<(&'a Estimate, Overran)>,
 ) {
     for w in waiting {
         if let Some(r) = reservations.iter().find(|r| r.gang == w.gang) {
-            let estimated: Vec<(&str, &Estimate)> = r
+            let estimated: Vec<(&str, &Estimate, Overran)> = r
                 .after
                 .iter()
-                .filter_map(|job| Some((job.as_str(), estimate_of(job)?)))
+                .filter_map(|job| {
+                    let (e, overran) = estimate_of(job)?;
+                    Some((job.as_str(), e, overran))
+                })
                 .collect();
-            for (job, e) in estimated.iter().take(NAMED_IN_REASON) {
-                w.message.push_str(&format!(
-                    "; {job}'s end is estimated from the {}",
-                    e.source()
-                ));
+            for (job, e, overran) in estimated.iter().take(NAMED_IN_REASON) {
+                let said = if *overran {
+                    format!(
+                        "; {job} has run past its estimate ({}, from the {}), so when it ends is not known",
+                        human(e.seconds),
+                        e.source()
+                    )
+                } else {
+                    format!("; {job}'s end is estimated from the {}", e.source())
+                };
+                w.message.push_str(&said);
             }
             if estimated.len() > NAMED_IN_REASON {
                 w.message.push_str(&format!(
@@ -225,7 +234,7 @@ pub(super) fn explain<'a>(
                 ));
             }
         } else if w.reason == sched::reason::RESERVED
-            && let Some(e) = estimate_of(&w.gang)
+            && let Some((e, _)) = estimate_of(&w.gang)
         {
             w.message.push_str(&format!(
                 "; its run time is estimated at {} from the {}",
@@ -235,6 +244,9 @@ pub(super) fn explain<'a>(
         }
     }
 }
+
+/// Whether a running job has run past its estimate.
+pub(super) type Overran = bool;
 
 /// A run time as a person reads it: `1h23m`, `10m00s`, `40s`.
 fn human(seconds: f64) -> String {

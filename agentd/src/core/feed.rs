@@ -81,9 +81,14 @@ impl Feed {
         self.estimates.as_ref().map(Estimates::learned_keys)
     }
 
-    /// The estimate a job's run time was planned on, if it declared none and got one.
-    pub fn estimate_of(&self, record: &JobRecord) -> Option<&Estimate> {
-        self.estimates.as_ref()?.given(record)
+    /// The estimate a job's run time was planned on, if it declared none and got one, and
+    /// whether it has run past it by `now`.
+    pub fn estimate_of(&self, record: &JobRecord, now: f64) -> Option<(&Estimate, bool)> {
+        let estimates = self.estimates.as_ref()?;
+        let estimate = estimates.given(record)?;
+        let overran = record.status.started_at.is_some()
+            && estimates.planned_end_given(record, now).is_none();
+        Some((estimate, overran))
     }
 
     /// The core adds the drain to every waiting gang's message, so when it changes every

@@ -1124,7 +1124,7 @@ impl Core {
         self.check_against_full_pass(&decision, now);
         let mut waiting = decision.waiting;
         estimates::explain(&mut waiting, &decision.reservations, |name| {
-            self.feed.estimate_of(self.lifecycle.job(name)?)
+            self.feed.estimate_of(self.lifecycle.job(name)?, now.wall)
         });
         let placements = decision
             .placements

@@ -850,8 +850,8 @@ fn message(core: &Core, name: &str) -> (JobState, String, String) {
 /// Jobs that declare no run time get one learned from the user's earlier runs of the same job:
 /// the blocked head's reservation then says when it starts and where that end came from, a
 /// job estimated to end before then backfills, one estimated to end after is kept back and
-/// told its estimate, and an estimate that proves too short moves the reservation, never the
-/// running job. A core opened again on the same store learns the same from the finished jobs.
+/// told its estimate, and an estimate that proves too short leaves the reservation with no
+/// start time (and nothing more backfills on it), never stops the running job. A core opened again on the same store learns the same from the finished jobs.
 #[tokio::test]
 async fn run_times_learned_from_finished_jobs_plan_the_reservation_and_backfill() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -932,8 +932,8 @@ async fn run_times_learned_from_finished_jobs_plan_the_reservation_and_backfill(
         "{said}"
     );
 
-    // train-6 runs past its estimate: the reservation moves to the estimate doubled; the job
-    // runs on.
+    // train-6 runs past its estimate: the reservation no longer has a start time, and says
+    // why; the job runs on.
     clock.advance(600.0);
     core.tick();
     core.schedule();
@@ -943,10 +943,19 @@ async fn run_times_learned_from_finished_jobs_plan_the_reservation_and_backfill(
         JobState::Running
     );
     let (_, _, said) = message(&core, "wide");
+    assert!(said.contains("no start time is known"), "{said}");
     assert!(
-        said.contains("(in 498 s)"),
-        "1,200 s from its start: {said}"
+        said.contains("train-6 has run past its estimate (10m00s, from the p90 of the last 5 finished jobs with user=root,job=train,queue=fast,gpus=4), so when it ends is not known"),
+        "{said}"
     );
+    // Nothing estimated is let onto the reserved GPUs any more.
+    clock.advance(1.0);
+    let quick = submit_and_pass(
+        &mut core,
+        &executor,
+        &sized_job("quick-7", "fast", 1, 2, None),
+    );
+    assert!(quick.is_empty(), "{:?}", message(&core, "quick-7"));
 
     // Opened again on the same store, the core learns from the finished jobs it restores.
     drop(core);

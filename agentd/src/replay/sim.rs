@@ -174,7 +174,7 @@ pub fn simulate(
     let mut planned: Vec<Option<f64>> = jobs.iter().map(|j| j.limit_s).collect();
     let mut estimates = Vec::new();
     // Running jobs planned on an estimate, by the end they are planned to reach: one that
-    // proves too short is planned again as the agent plans it (`planned_end`).
+    // proves too short is planned as the agent plans it (`planned_end`: no end known).
     let mut estimated_ends: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
     let mut core = match opts.engine {
         Engine::Incremental => Core::Incremental(Box::new(Scheduler::new(
@@ -284,7 +284,7 @@ pub fn simulate(
                 Core::Incremental(s) => {
                     if let Some(gang) = s.running_gang(&jobs[j].id) {
                         let gang = RunningGang {
-                            expected_end: Some(end),
+                            expected_end: end,
                             ..gang.clone()
                         };
                         s.start(gang);
@@ -292,11 +292,13 @@ pub fn simulate(
                 }
                 Core::Full { running, .. } => {
                     if let Some(gang) = running.iter_mut().find(|r| r.id == jobs[j].id) {
-                        gang.expected_end = Some(end);
+                        gang.expected_end = end;
                     }
                 }
             }
-            estimated_ends.push(Reverse((key(end), j)));
+            if let Some(end) = end {
+                estimated_ends.push(Reverse((key(end), j)));
+            }
         }
         let (mut any_wait, mut any_fit, mut any_res) = (false, false, false);
         if queued_len > 0 {

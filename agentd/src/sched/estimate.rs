@@ -49,18 +49,14 @@ impl Estimate {
 }
 
 /// When a gang that started at `start`, with its run time estimated at `estimate`, is to be
-/// planned to end, seen at `now`: at `start + estimate`, or, once that has passed, at the end
-/// of the estimate doubled as often as it takes to be ahead of `now`. An estimate that proves
-/// too short so moves the reservations planned on it (never the running gang), and does so at
-/// a few moments rather than at every pass.
-pub fn planned_end(start: f64, estimate: f64, now: f64) -> f64 {
-    // A run time under a second is planned as a second, so the doubling always gets ahead.
-    let estimate = estimate.max(1.0);
-    let mut span = estimate;
-    while start + span <= now && span.is_finite() {
-        span *= 2.0;
-    }
-    start + span
+/// planned to end, seen at `now`: at `start + estimate` while that is ahead, and not at all once
+/// it has passed. A gang that runs past its estimate is planned as one that declared no run
+/// time: the reservations waiting on it have no start time, so nothing is let onto their
+/// resources on the strength of an estimate that already proved too short (planning it at some
+/// later guess instead lets more in, and the gangs waiting on it pay for each miss).
+pub fn planned_end(start: f64, estimate: f64, now: f64) -> Option<f64> {
+    let end = start + estimate;
+    (end > now).then_some(end)
 }
 
 /// Finished jobs' run times per key, the last `window` of each, for at most `max_keys` keys.
@@ -211,13 +207,11 @@ mod tests {
 
     #[test]
     #[allow(clippy::float_cmp)] // whole numbers, exact in f64
-    fn an_estimate_that_proved_too_short_is_doubled_until_it_is_ahead() {
-        assert_eq!(planned_end(100.0, 50.0, 120.0), 150.0);
-        assert_eq!(planned_end(100.0, 50.0, 150.0), 200.0);
-        assert_eq!(planned_end(100.0, 50.0, 260.0), 300.0);
-        // A run time of nothing is planned as a second.
-        assert_eq!(planned_end(100.0, 0.0, 100.5), 101.0);
-        assert_eq!(planned_end(100.0, 0.0, 1e6), 100.0 + 1_048_576.0);
+    fn an_estimate_that_proved_too_short_plans_no_end() {
+        assert_eq!(planned_end(100.0, 50.0, 120.0), Some(150.0));
+        assert_eq!(planned_end(100.0, 50.0, 150.0), None);
+        assert_eq!(planned_end(100.0, 50.0, 260.0), None);
+        assert_eq!(planned_end(100.0, 0.0, 100.0), None);
     }
 
     #[test]
