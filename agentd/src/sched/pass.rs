@@ -240,6 +240,9 @@ struct ShapeMemo {
     /// The pass version at which a trial placement last succeeded, per mode.
     fits_any_at: Option<u64>,
     fits_outside_at: Option<u64>,
+    /// A reservation could not be planned for the shape, as the head or after another: during
+    /// a pass holders and holds only grow, so it cannot be planned later in the pass either.
+    unreservable: [bool; 2],
 }
 
 /// A gang's reservation, as later gangs are judged against it.
@@ -949,8 +952,10 @@ impl<'a> Pass<'a> {
     /// CPU and memory they leave is shared. `None` if it would not fit even with every holder
     /// gone (drained nodes, unhealthy GPUs, earlier reservations).
     fn reserve(&mut self, p: &Prepared<'a>, later: bool) -> Option<Reservation> {
-        // Give up at once if it would not fit even with every holder gone.
-        if !self.fits_when_all_end(p.shape) {
+        // Give up at once if it would not fit even with every holder gone, or if a gang of the
+        // same shape found that already (each try releases every holder).
+        if self.memo[p.shape].unreservable[usize::from(later)] || !self.fits_when_all_end(p.shape)
+        {
             return None;
         }
         let mode = if later {
@@ -1036,6 +1041,7 @@ impl<'a> Pass<'a> {
             self.state.restore(node, free);
         }
         if !fits {
+            self.memo[p.shape].unreservable[usize::from(later)] = true;
             return None;
         }
         // It starts when the last of them ends.
