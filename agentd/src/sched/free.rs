@@ -230,6 +230,11 @@ impl FreeState {
         self.first_fit(need, Mode::Any, selectors).is_none()
     }
 
+    /// Whether `node` could now hold `need` alone, placing in `mode`.
+    pub fn fits_in(&self, node: u32, need: &Need, mode: Mode, selectors: &SelectorTable) -> bool {
+        self.fits(node, need, mode, selectors)
+    }
+
     /// Whether `node` could now hold `need` alone.
     pub fn fits_alone(&self, node: u32, need: &Need, selectors: &SelectorTable) -> bool {
         self.fits(node, need, Mode::Any, selectors)

@@ -966,17 +966,25 @@ impl<'a> Pass<'a> {
         // Gangs with a declared end release in end order. For the others there is no end to go
         // by, so bet on the nodes closest to free: release first the gangs on nodes with the
         // fewest busy GPUs, so the gang waits on as few gangs as possible.
+        // Under `LeastBusy` a GPU that is not healthy counts as busy: it never frees, so a node
+        // with one is further from whole than its running gangs say.
+        let by_end = self.policy.release == ReleaseOrder::SoonestEnd;
         let busy = |h: &Holder<'_>| -> u32 {
             h.allocs
                 .iter()
                 .map(|a| {
                     let i = a.node as usize;
-                    (self.state.healthy[i] & !self.state.nodes[i].gpus).count_ones()
+                    let free = self.state.nodes[i].gpus.count_ones();
+                    if by_end {
+                        self.state.healthy[i].count_ones().saturating_sub(free)
+                    } else {
+                        (self.nodes[i].gpus.len().min(super::MAX_GPUS_PER_NODE) as u32)
+                            .saturating_sub(free)
+                    }
                 })
                 .max()
                 .unwrap_or(0)
         };
-        let by_end = self.policy.release == ReleaseOrder::SoonestEnd;
         // Only the first few holders in that order are ever released, so they come off a heap
         // (linear to build) rather than out of a sort of them all.
         let by_id = self.holders_by_id;
@@ -1012,7 +1020,29 @@ impl<'a> Pass<'a> {
                     .or_insert(self.state.nodes[a.node as usize]);
                 self.state.release_indexed(a.node, a.gpus, a.cpu, a.mem);
             }
-            if self.state.free_gpus >= total
+            // It did not fit before this release, so it fits after only if a node this release
+            // freed room on can now hold one of its replicas: otherwise every node it could use
+            // is as it was, and trying again would fail again.
+            let helps = self.holders[next.at].allocs.iter().any(|a| {
+                needs
+                    .iter()
+                    .any(|n| self.state.fits_in(a.node, n, mode, &self.cache.selectors))
+            });
+            #[cfg(test)]
+            if !helps {
+                let mut trial = Vec::new();
+                let placed = self.state.place(
+                    needs,
+                    mode,
+                    self.policy.fit,
+                    &self.cache.selectors,
+                    &mut trial,
+                );
+                self.state.undo(&mut trial);
+                assert!(!placed, "a release that frees no usable room made the gang fit");
+            }
+            if helps
+                && self.state.free_gpus >= total
                 && self.state.place(
                     needs,
                     mode,
