@@ -256,6 +256,10 @@ fn a_gang_placed_in_the_pass_is_ordered_by_id_for_the_reservation() {
     }
     let d = inc.pass(10.0);
     assert_eq!(d, full, "the first pass lists every waiting gang");
-    let r = d.reservations.into_iter().next().expect("h holds a reservation");
+    let r = d
+        .reservations
+        .into_iter()
+        .next()
+        .expect("h holds a reservation");
     assert_eq!(r.after, ["a-new", "y-run"]);
 }

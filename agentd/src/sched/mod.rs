@@ -28,9 +28,7 @@ pub use explain::never_fits;
 pub use free::MAX_GPUS_PER_NODE;
 pub use incremental::Scheduler;
 pub use pass::schedule;
-pub use policy::{
-    Backfill, ESTIMATED_RESERVATIONS, Fit, Order, Policy, ReleaseOrder, SchedError,
-};
+pub use policy::{Backfill, ESTIMATED_RESERVATIONS, Fit, Order, Policy, ReleaseOrder, SchedError};
 
 /// The `reason` classes of [`Waiting`].
 pub mod reason {

@@ -272,6 +272,9 @@ pub(crate) struct Pass<'a> {
     messages: FastMap<(usize, u64, u32), Arc<str>>,
     /// QueueLimit sentences by queue, its running jobs and GPUs, and the GPUs the gang asks.
     limit_messages: FastMap<(&'a str, u32, u64, u64), Arc<str>>,
+    /// The order the last reservation released holders in, and how many holders there were:
+    /// the next one reuses it while no placement came between.
+    release_order: Option<(usize, BinaryHeap<Reverse<Release<'a>>>)>,
     /// The Reserved sentence of this pass, with how many gangs held reservations when it was
     /// written.
     reserved: Option<(usize, Arc<str>)>,
@@ -399,6 +402,7 @@ impl<'a> Pass<'a> {
             scratch: Vec::new(),
             messages: FastMap::default(),
             limit_messages: FastMap::default(),
+            release_order: None,
             reserved: None,
             blocked: None,
             empty: Arc::from(""),
@@ -954,8 +958,7 @@ impl<'a> Pass<'a> {
     fn reserve(&mut self, p: &Prepared<'a>, later: bool) -> Option<Reservation> {
         // Give up at once if it would not fit even with every holder gone, or if a gang of the
         // same shape found that already (each try releases every holder).
-        if self.memo[p.shape].unreservable[usize::from(later)] || !self.fits_when_all_end(p.shape)
-        {
+        if self.memo[p.shape].unreservable[usize::from(later)] || !self.fits_when_all_end(p.shape) {
             return None;
         }
         let mode = if later {
@@ -986,23 +989,34 @@ impl<'a> Pass<'a> {
                 .unwrap_or(0)
         };
         // Only the first few holders in that order are ever released, so they come off a heap
-        // (linear to build) rather than out of a sort of them all.
-        let by_id = self.holders_by_id;
-        let mut order: BinaryHeap<Reverse<Release<'_>>> = self
-            .holders
-            .iter()
-            .enumerate()
-            .map(|(at, h)| {
-                let end = h.end.filter(|_| by_end);
-                Reverse(Release {
-                    end,
-                    busy: if end.is_none() { busy(h) } else { 0 },
-                    id: h.id,
-                    at,
-                    by_id: at < by_id,
-                })
-            })
-            .collect();
+        // (linear to build) rather than out of a sort of them all. The order changes only when
+        // a placement adds a holder (and takes GPUs): the next reservation of the pass reuses it
+        // until then.
+        let mut order = match &self.release_order {
+            Some((holders, heap)) if *holders == self.holders.len() => heap.clone(),
+            _ => {
+                let by_id = self.holders_by_id;
+                let heap: BinaryHeap<Reverse<Release<'a>>> = self
+                    .holders
+                    .iter()
+                    .enumerate()
+                    .map(|(at, h)| {
+                        let end = h.end.filter(|_| by_end);
+                        Reverse(Release {
+                            end,
+                            busy: if end.is_none() { busy(h) } else { 0 },
+                            id: h.id,
+                            at,
+                            by_id: at < by_id,
+                        })
+                    })
+                    .collect();
+                if self.policy.reservations > 1 {
+                    self.release_order = Some((self.holders.len(), heap.clone()));
+                }
+                heap
+            }
+        };
         let mut released = Vec::new();
         let mut taken = Vec::new();
         // Release holders one by one, in that order, until it fits: the fewest it waits for.
@@ -1039,7 +1053,10 @@ impl<'a> Pass<'a> {
                     &mut trial,
                 );
                 self.state.undo(&mut trial);
-                assert!(!placed, "a release that frees no usable room made the gang fit");
+                assert!(
+                    !placed,
+                    "a release that frees no usable room made the gang fit"
+                );
             }
             if helps
                 && self.state.free_gpus >= total
@@ -1126,6 +1143,7 @@ impl<'a> Pass<'a> {
 /// A holder's place in the order a reservation releases holders in: ends first, soonest first;
 /// then the rest (all of them under [`ReleaseOrder::LeastBusy`]), on the least busy nodes
 /// first; ties by id.
+#[derive(Clone, Copy)]
 struct Release<'a> {
     end: Option<f64>,
     busy: u32,

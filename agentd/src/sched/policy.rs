@@ -154,6 +154,7 @@ impl Policy {
     /// reservation protects only the head, and gangs of several nodes behind it can be passed
     /// by one-node gangs for ever; with estimates, backfill is frequent enough for that to be
     /// the long tail of the waits. Policies without reservations are returned unchanged.
+    #[must_use]
     pub fn with_runtime_estimates(mut self) -> Self {
         if self.backfill == Backfill::Reservation {
             self.reservations = ESTIMATED_RESERVATIONS;

@@ -287,7 +287,11 @@ fn check(case: &Case, policy: &Policy) -> Result<(), TestCaseError> {
                 .chain(std::iter::once(r.assignments.as_slice())),
         )?;
         let waiting = d.waiting.iter().find(|w| w.gang == r.gang);
-        prop_assert!(waiting.is_some(), "the reserved gang {} is not waiting", r.gang);
+        prop_assert!(
+            waiting.is_some(),
+            "the reserved gang {} is not waiting",
+            r.gang
+        );
     }
     // Reservations never share a GPU, and together they fit the nodes.
     usage(
@@ -324,10 +328,7 @@ fn generated_cases_hold_several_reservations() {
     let policy = Policy::agentd().with_runtime_estimates();
     let mut several = 0;
     for _ in 0..400 {
-        let case = arb_case()
-            .new_tree(&mut runner)
-            .expect("a case")
-            .current();
+        let case = arb_case().new_tree(&mut runner).expect("a case").current();
         let running = running_of(&case);
         let d = schedule(
             &Snapshot {
@@ -341,7 +342,10 @@ fn generated_cases_hold_several_reservations() {
         );
         several += usize::from(d.reservations.len() > 1);
     }
-    assert!(several >= 10, "only {several} of 400 cases held several reservations");
+    assert!(
+        several >= 10,
+        "only {several} of 400 cases held several reservations"
+    );
 }
 
 proptest! {

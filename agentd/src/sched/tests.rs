@@ -466,7 +466,9 @@ fn with_estimates_the_next_blocked_gangs_wider_than_a_node_hold_reservations_too
     assert!(!held[1].1.contains(&held[0].1[0]), "{held:?}");
     assert_eq!(waiting(&d, "narrow").reason, reason::UNSCHEDULABLE);
     assert!(
-        waiting(&d, "wide").message.contains("holds a reservation on"),
+        waiting(&d, "wide")
+            .message
+            .contains("holds a reservation on"),
         "{}",
         waiting(&d, "wide").message
     );
