@@ -113,7 +113,6 @@ fn connections_are_capped_and_idle_or_slow_clients_closed() {
     }
     let metrics = scrape(port);
     for series in [
-        "agentd_refusals_total{listener=\"socket\",reason=\"connection_limit\"} 1",
         "agentd_refusals_total{listener=\"socket\",reason=\"body_timeout\"} 1",
         "agentd_refusals_total{listener=\"metrics\",reason=\"connection_limit\"} 1",
     ] {
@@ -122,6 +121,18 @@ fn connections_are_capped_and_idle_or_slow_clients_closed() {
             "{series} missing from:\n{metrics}"
         );
     }
+    // At least the fifth: the connection the harness made to see the agent ready may still hold
+    // its place for a moment when the four idle ones arrive, and then one of them is refused too.
+    let socket = "agentd_refusals_total{listener=\"socket\",reason=\"connection_limit\"} ";
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(socket))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (1..=2).contains(&refused),
+        "{socket}is {refused}, not 1 or 2, in:\n{metrics}"
+    );
 }
 
 #[test]
