@@ -235,11 +235,6 @@ impl FreeState {
         self.fits(node, need, mode, selectors)
     }
 
-    /// Whether `node` could now hold `need` alone.
-    pub fn fits_alone(&self, node: u32, need: &Need, selectors: &SelectorTable) -> bool {
-        self.fits(node, need, Mode::Any, selectors)
-    }
-
     /// Installs (or replaces) the reservation overlay on these nodes.
     pub fn hold(&mut self, holds: &[(u32, Hold)]) {
         for &(node, hold) in holds {

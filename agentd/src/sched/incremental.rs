@@ -20,7 +20,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use super::free::FreeState;
+use super::free::{FreeState, Mode};
 use super::pass::{Alloc, Cache, FastMap, Holder, Pass, Prepared, Said, allocs_of, limited, score};
 use super::{Decision, Gang, NodeCapacity, Policy, QueueConfig, RunningGang, Waiting, reason};
 
@@ -242,9 +242,10 @@ impl Scheduler {
         // A node with more room may now hold a replica that fitted nowhere before.
         for cert in &mut self.cache.certs {
             if let Some(need) = cert
-                && r.allocs
-                    .iter()
-                    .any(|a| self.state.fits_alone(a.node, need, &self.cache.selectors))
+                && r.allocs.iter().any(|a| {
+                    self.state
+                        .fits_in(a.node, need, Mode::Any, &self.cache.selectors)
+                })
             {
                 *cert = None;
             }
