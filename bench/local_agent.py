@@ -151,15 +151,23 @@ class Agent:
         self.config = os.path.join(self.dir, "agentd.toml")
         with open(self.config, "w") as f:
             f.write(f'metrics_addr = "{metrics_addr}"\nlog = "warn"\n' + config)
+        self.log_path = os.path.join(self.dir, "agentd.log")
+        self._start()
+
+    def _start(self):
         env = dict(os.environ, AGENTD_NVML_LIBRARY=FAKE_NVML, FAKE_NVML_CONFIG=self.gpu_file)
         env.pop("AGENTD_SOCKET", None)
-        self.log_path = os.path.join(self.dir, "agentd.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = processes.start(
+        self.log = open(self.log_path, "ab")
+        self.proc = self.processes.start(
             [AGENTD, "--config", self.config, "--state-dir", self.state_dir, "--socket", self.socket],
             env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         self.pid = self.proc.pid
         self._wait_ready(30.0)
+
+    def restart(self):
+        """Stops the agent and starts it again on the same state directory."""
+        self.stop()
+        self._start()
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
