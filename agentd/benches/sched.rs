@@ -13,8 +13,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use agentd::sched::{
-    Assignment, Decision, Gang, GpuSlot, NodeCapacity, Policy, QueueConfig, ReplicaRequest,
-    Resources, RunningGang, Scheduler, Snapshot, schedule,
+    Assignment, Decision, Gang, GpuSlot, NodeCapacity, NodeRule, Policy, QueueConfig,
+    ReplicaRequest, Resources, RunningGang, Scheduler, Snapshot, schedule,
 };
 use criterion::{BatchSize, BenchmarkId, Criterion};
 
@@ -41,6 +41,7 @@ fn nodes() -> Vec<NodeCapacity> {
             cpu_milli: 128_000,
             memory_mib: 1_024_000,
             schedulable: !i.is_multiple_of(250),
+            taints: Vec::new(),
         })
         .collect()
 }
@@ -69,7 +70,7 @@ fn gang(i: usize) -> Gang {
                     cpu_milli: 4_000 * u64::from(gpus),
                     memory_mib: 32_000 * u64::from(gpus),
                 },
-                node_selector: BTreeMap::new(),
+                rule: NodeRule::default(),
             })
             .collect(),
         min_available: None,

@@ -30,6 +30,10 @@ pub struct NodeSummary {
     #[serde(default)]
     pub drained: bool,
     pub agent: AgentPresence,
+    /// Its NoSchedule and NoExecute taints (`key=value:Effect`): only replicas whose templates
+    /// tolerate them go there. Empty standalone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taints: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,6 +64,7 @@ pub fn render(list: &NodeList) -> String {
         "READY",
         "AGENT",
         "SCHEDULABLE",
+        "TAINTS",
     ]);
     for n in &list.nodes {
         table.row(vec![
@@ -92,6 +93,11 @@ pub fn render(list: &NodeList) -> String {
                 (Some(true), false) => "yes".to_owned(),
                 (Some(false), false) => "no (cordoned)".to_owned(),
                 (None, false) => "unknown".to_owned(),
+            },
+            if n.taints.is_empty() {
+                "-".to_owned()
+            } else {
+                n.taints.join(",")
             },
         ]);
     }
@@ -126,12 +132,20 @@ mod tests {
                 state,
                 age_seconds: age,
             },
+            taints: Vec::new(),
         };
         let text = render(&NodeList {
             nodes: vec![
                 node("a", AgentState::Fresh, Some(3), true, false),
                 node("b", AgentState::Stale, Some(95), false, true),
                 node("c", AgentState::None, None, false, false),
+                NodeSummary {
+                    taints: vec![
+                        "dedicated=ml:NoSchedule".into(),
+                        "maintenance:NoExecute".into(),
+                    ],
+                    ..node("e", AgentState::Fresh, Some(1), true, false)
+                },
             ],
             partial: None,
         });
@@ -149,7 +163,12 @@ mod tests {
             lines[3].contains("none") && lines[3].contains("no (cordoned)"),
             "{text}"
         );
-        assert_eq!(lines.len(), 4, "no footer for a full view: {text}");
+        assert!(lines[1].ends_with(" -"), "no taints: {text}");
+        assert!(
+            lines[4].ends_with("dedicated=ml:NoSchedule,maintenance:NoExecute"),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 5, "no footer for a full view: {text}");
 
         let mut unknown = node("d", AgentState::Fresh, Some(1), true, false);
         unknown.ready = "Unknown".into();
@@ -160,7 +179,8 @@ mod tests {
         });
         let lines: Vec<&str> = text.lines().collect();
         assert!(
-            lines[1].contains("Unknown") && lines[1].ends_with("unknown"),
+            lines[1].contains("Unknown")
+                && lines[1].trim_end_matches(['-', ' ']).ends_with("unknown"),
             "{text}"
         );
         assert_eq!(

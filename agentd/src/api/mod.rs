@@ -557,6 +557,7 @@ fn standalone_node(inventory: &NodeInventory, drained: bool) -> NodeSummary {
             state: AgentState::Fresh,
             age_seconds: Some((crate::inventory::unix_now() - started).max(0.0) as u64),
         },
+        taints: Vec::new(),
     }
 }
 

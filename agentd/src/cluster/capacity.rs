@@ -6,10 +6,10 @@
 //! init container runs alone, sidecars alongside; pod overhead on top). GPUs its agent reports
 //! unhealthy are taken out: the usable GPUs are the fewer of allocatable and healthy, since a
 //! device plugin may already leave an unhealthy GPU out of allocatable and it must not count
-//! twice. A node that is cordoned, not Ready, drained (`agentd.io/drain`), tainted NoSchedule
-//! or NoExecute without a matching toleration, whose kubelet's Lease (`kube-node-lease`) has
-//! expired, or whose agent's heartbeat Lease is stale or missing, takes no new replicas, and
-//! says why.
+//! twice. A node that is cordoned, not Ready, drained (`agentd.io/drain`), whose kubelet's
+//! Lease (`kube-node-lease`) has expired, or whose agent's heartbeat Lease is stale or missing,
+//! takes no new replicas, and says why. Its NoSchedule and NoExecute taints are kept for
+//! placement, which admits a replica only where its template tolerates each of them.
 //!
 //! A node not Ready, or whose kubelet's Lease expired, for longer than `cluster.node_lost_grace`
 //! is lost: its gangs restart elsewhere. A node whose agent alone is stale is closed, not lost:
@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use agentd_api::AgentState;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Container, Node, NodeCondition, Pod, PodSpec, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Container, Node, NodeCondition, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::Timestamp;
 
@@ -107,8 +107,6 @@ pub enum ClosedReason {
     KubeletStale,
     /// Labelled `agentd.io/drain=true` (`agentctl drain`).
     Drained,
-    /// A NoSchedule or NoExecute taint the template does not tolerate.
-    Tainted,
     /// Its agent's heartbeat Lease has not been renewed for four intervals.
     AgentStale,
     /// No agent has ever renewed a heartbeat Lease for it.
@@ -138,6 +136,9 @@ pub struct NodeFree {
     pub free: Amount,
     /// Why it takes no new replicas; empty when it does.
     pub closed: Vec<Closed>,
+    /// Its NoSchedule and NoExecute taints: only replicas whose templates tolerate them go
+    /// here (placement judges that per replica).
+    pub taints: Vec<crate::sched::Taint>,
     /// What was seen, when the node is lost: not Ready, or its kubelet silent, past
     /// `cluster.node_lost_grace`.
     pub lost: Option<String>,
@@ -172,9 +173,8 @@ pub struct ClusterObjects<'a> {
     pub node_lost_grace: Duration,
 }
 
-/// Every listed node's free capacity, in name order, judged for a pod template with
-/// `tolerations`.
-pub fn free_capacity(objects: &ClusterObjects<'_>, tolerations: &[Toleration]) -> Vec<NodeFree> {
+/// Every listed node's free capacity, in name order.
+pub fn free_capacity(objects: &ClusterObjects<'_>) -> Vec<NodeFree> {
     let mut requested: BTreeMap<&str, Amount> = BTreeMap::new();
     for pod in objects.pods {
         let Some(spec) = pod.spec.as_ref() else {
@@ -214,7 +214,6 @@ pub fn free_capacity(objects: &ClusterObjects<'_>, tolerations: &[Toleration]) -
                 objects.agents.get(&name),
                 (lease, kubelet),
                 objects,
-                tolerations,
             ))
         })
         .collect();
@@ -385,7 +384,6 @@ fn node_free(
     agent: Option<&AgentNodeStatus>,
     (lease, kubelet): (Option<&Lease>, Option<&Lease>),
     objects: &ClusterObjects<'_>,
-    tolerations: &[Toleration],
 ) -> NodeFree {
     let status = node.status.as_ref();
     // An allocatable quantity that does not parse counts as nothing.
@@ -436,32 +434,26 @@ fn node_free(
             format!("node {name} is drained ({LABEL_DRAIN}=true)"),
         );
     }
-    for taint in node
+    let taints = node
         .spec
         .as_ref()
         .and_then(|s| s.taints.as_ref())
         .into_iter()
         .flatten()
-    {
-        if matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute")
-            && !tolerations.iter().any(|t| tolerates(t, taint))
-        {
-            close(
-                ClosedReason::Tainted,
-                format!(
-                    "node {name} has the taint {}{}:{} and the template does not tolerate it",
-                    taint.key,
-                    taint
-                        .value
-                        .as_deref()
-                        .filter(|v| !v.is_empty())
-                        .map(|v| format!("={v}"))
-                        .unwrap_or_default(),
-                    taint.effect
-                ),
-            );
-        }
-    }
+        .filter_map(|t| {
+            let effect = match t.effect.as_str() {
+                "NoSchedule" => crate::sched::TaintEffect::NoSchedule,
+                "NoExecute" => crate::sched::TaintEffect::NoExecute,
+                // PreferNoSchedule is a preference, which placement does not weigh.
+                _ => return None,
+            };
+            Some(crate::sched::Taint {
+                key: t.key.clone(),
+                value: t.value.clone().unwrap_or_default(),
+                effect,
+            })
+        })
+        .collect();
     let silent = silences(ready, kubelet, objects.now);
     if let Some(lease) = silent
         .iter()
@@ -499,35 +491,16 @@ fn node_free(
         unhealthy_gpus,
         free: usable.minus(requested),
         closed,
+        taints,
         lost,
         lost_in,
-    }
-}
-
-/// Kubernetes' rule: an empty effect matches every effect, an empty key (with `Exists`) every
-/// key; `Exists` matches any value, `Equal` (the default) the same value.
-pub fn tolerates(toleration: &Toleration, taint: &Taint) -> bool {
-    let effect = toleration.effect.as_deref().unwrap_or("");
-    if !effect.is_empty() && effect != taint.effect {
-        return false;
-    }
-    let key = toleration.key.as_deref().unwrap_or("");
-    if !key.is_empty() && key != taint.key {
-        return false;
-    }
-    match toleration.operator.as_deref().unwrap_or("") {
-        "" | "Equal" => {
-            toleration.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("")
-        }
-        "Exists" => true,
-        _ => false,
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use k8s_openapi::api::core::v1::{
-        NodeCondition, NodeSpec, NodeStatus, PodStatus, ResourceRequirements,
+        NodeCondition, NodeSpec, NodeStatus, PodStatus, ResourceRequirements, Taint, Toleration,
     };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
     use proptest::prelude::*;
@@ -626,25 +599,21 @@ pub(crate) mod tests {
         nodes: &[Node],
         pods: &[Pod],
         agents: &BTreeMap<String, AgentNodeStatus>,
-        tolerations: &[Toleration],
     ) -> Vec<NodeFree> {
         let leases: Vec<Lease> = nodes
             .iter()
             .map(|n| fresh_lease(n.metadata.name.as_deref().unwrap()))
             .collect();
-        free_capacity(
-            &ClusterObjects {
-                nodes,
-                pods,
-                agents,
-                leases: &leases,
-                kubelet_leases: &[],
-                now: NOW.parse().unwrap(),
-                lease_interval: Duration::from_secs(10),
-                node_lost_grace: Duration::from_secs(40),
-            },
-            tolerations,
-        )
+        free_capacity(&ClusterObjects {
+            nodes,
+            pods,
+            agents,
+            leases: &leases,
+            kubelet_leases: &[],
+            now: NOW.parse().unwrap(),
+            lease_interval: Duration::from_secs(10),
+            node_lost_grace: Duration::from_secs(40),
+        })
     }
 
     fn amount(gpus: u32, cpu_milli: u64, memory_bytes: u64) -> Amount {
@@ -693,7 +662,7 @@ pub(crate) mod tests {
                 vec![container(("1", "1Gi", "1"), ("", "", ""))],
             ),
         ];
-        let free = compute(&nodes, &pods, &BTreeMap::new(), &[]);
+        let free = compute(&nodes, &pods, &BTreeMap::new());
         assert_eq!(free[0].name, "a");
         assert_eq!(free[0].allocatable, amount(8, 16_000, 64 << 30));
         assert_eq!(free[0].requested, amount(2, 2500, 5 << 30));
@@ -709,7 +678,7 @@ pub(crate) mod tests {
             "Running",
             vec![container(("", "", ""), ("2", "2Gi", "1"))],
         )];
-        let free = compute(&[node("a", "4", "4Gi", "2")], &pods, &BTreeMap::new(), &[]);
+        let free = compute(&[node("a", "4", "4Gi", "2")], &pods, &BTreeMap::new());
         assert_eq!(free[0].requested, amount(1, 2000, 2 << 30));
     }
 
@@ -751,11 +720,11 @@ pub(crate) mod tests {
         )];
         let agents = BTreeMap::from([("a".to_owned(), agent(&[true, true, false, true]))]);
         // Allocatable still says 4: 3 healthy, 2 requested.
-        let free = compute(&[node("a", "8", "8Gi", "4")], &pods, &agents, &[]);
+        let free = compute(&[node("a", "8", "8Gi", "4")], &pods, &agents);
         assert_eq!(free[0].unhealthy_gpus, 1);
         assert_eq!(free[0].free.gpus, 1);
         // The device plugin already dropped it from allocatable: still 1, not 0.
-        let free = compute(&[node("a", "8", "8Gi", "3")], &pods, &agents, &[]);
+        let free = compute(&[node("a", "8", "8Gi", "3")], &pods, &agents);
         assert_eq!(free[0].free.gpus, 1);
     }
 
@@ -766,14 +735,14 @@ pub(crate) mod tests {
             "Running",
             vec![container(("8", "16Gi", "4"), ("", "", ""))],
         )];
-        let free = compute(&[node("a", "4", "8Gi", "2")], &pods, &BTreeMap::new(), &[]);
+        let free = compute(&[node("a", "4", "8Gi", "2")], &pods, &BTreeMap::new());
         assert_eq!(free[0].free, Amount::default());
     }
 
     #[test]
     fn a_node_without_gpus_in_allocatable_has_none_free_whatever_its_agent_says() {
         let agents = BTreeMap::from([("a".to_owned(), agent(&[true, true]))]);
-        let free = compute(&[node("a", "8", "8Gi", "")], &[], &agents, &[]);
+        let free = compute(&[node("a", "8", "8Gi", "")], &[], &agents);
         assert_eq!(free[0].free.gpus, 0);
     }
 
@@ -803,7 +772,6 @@ pub(crate) mod tests {
             &[cordoned, not_ready, drained, no_condition],
             &[],
             &BTreeMap::new(),
-            &[],
         );
         assert_eq!(reasons(&free[0]), [ClosedReason::Cordoned]);
         assert_eq!(reasons(&free[1]), [ClosedReason::NotReady]);
@@ -840,50 +808,60 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn no_schedule_and_no_execute_taints_close_a_node_unless_tolerated() {
+    fn no_schedule_and_no_execute_taints_are_kept_for_placement_and_do_not_close_the_node() {
         let mut tainted = node("a", "8", "8Gi", "1");
         tainted.spec.as_mut().unwrap().taints = Some(vec![
             taint("gpu", "h200", "NoSchedule"),
             taint("maintenance", "", "NoExecute"),
             taint("soft", "", "PreferNoSchedule"),
         ]);
-        let nodes = [tainted];
-        let free = compute(&nodes, &[], &BTreeMap::new(), &[]);
+        let free = compute(&[tainted], &[], &BTreeMap::new());
+        assert!(free[0].open(), "{:?}", free[0].closed);
+        let shown: Vec<String> = free[0].taints.iter().map(ToString::to_string).collect();
         assert_eq!(
-            reasons(&free[0]),
-            [ClosedReason::Tainted, ClosedReason::Tainted],
-            "PreferNoSchedule does not close: {:?}",
-            free[0].closed
+            shown,
+            ["gpu=h200:NoSchedule", "maintenance:NoExecute"],
+            "PreferNoSchedule is a preference, not kept"
         );
-        assert!(free[0].closed[0].message.contains("gpu=h200:NoSchedule"));
+    }
 
-        let both = [
-            toleration("gpu", "Equal", "h200", "NoSchedule"),
-            toleration("maintenance", "Exists", "", ""),
-        ];
-        assert!(compute(&nodes, &[], &BTreeMap::new(), &both)[0].open());
-        let wrong_value = [
-            toleration("gpu", "", "a100", "NoSchedule"),
-            toleration("maintenance", "Exists", "", ""),
-        ];
-        assert_eq!(
-            reasons(&compute(&nodes, &[], &BTreeMap::new(), &wrong_value)[0]),
-            [ClosedReason::Tainted]
-        );
-        let everything = [toleration("", "Exists", "", "")];
-        assert!(compute(&nodes, &[], &BTreeMap::new(), &everything)[0].open());
+    /// A template's tolerations, read as placement reads them, against one taint.
+    fn template_tolerates(toleration: Toleration, taint: &Taint) -> bool {
+        let spec = PodSpec {
+            tolerations: Some(vec![toleration]),
+            ..PodSpec::default()
+        };
+        let mut node = node("a", "8", "8Gi", "1");
+        node.spec.as_mut().unwrap().taints = Some(vec![taint.clone()]);
+        let free = compute(&[node], &[], &BTreeMap::new());
+        let nodes = crate::cluster::feed::placement_nodes_of(&free, &BTreeMap::new());
+        crate::job::node_rule(&spec).admits(&nodes[0])
     }
 
     #[test]
     fn toleration_matching_follows_kubernetes() {
         let t = taint("k", "v", "NoSchedule");
-        assert!(tolerates(&toleration("k", "Equal", "v", "NoSchedule"), &t));
-        assert!(tolerates(&toleration("k", "", "v", ""), &t), "any effect");
-        assert!(!tolerates(&toleration("k", "Equal", "v", "NoExecute"), &t));
-        assert!(!tolerates(&toleration("other", "Exists", "", ""), &t));
-        assert!(tolerates(&toleration("k", "Exists", "", "NoSchedule"), &t));
-        assert!(!tolerates(&toleration("k", "Equal", "", ""), &t));
-        assert!(!tolerates(&toleration("k", "Gt", "v", ""), &t));
+        let tol = toleration;
+        assert!(template_tolerates(tol("k", "Equal", "v", "NoSchedule"), &t));
+        assert!(template_tolerates(tol("k", "", "v", ""), &t), "any effect");
+        assert!(!template_tolerates(tol("k", "Equal", "v", "NoExecute"), &t));
+        assert!(!template_tolerates(tol("other", "Exists", "", ""), &t));
+        assert!(template_tolerates(tol("k", "Exists", "", "NoSchedule"), &t));
+        assert!(!template_tolerates(tol("k", "Equal", "", ""), &t));
+        assert!(
+            template_tolerates(tol("", "Exists", "", ""), &t),
+            "everything"
+        );
+        let bare = taint("maintenance", "", "NoExecute");
+        assert!(template_tolerates(
+            tol("maintenance", "Exists", "", ""),
+            &bare
+        ));
+        assert!(template_tolerates(
+            tol("maintenance", "", "", "NoExecute"),
+            &bare
+        ));
+        assert!(!template_tolerates(tol("maintenance", "", "x", ""), &bare));
     }
 
     #[test]
@@ -892,19 +870,16 @@ pub(crate) mod tests {
         let mut stale = fresh_lease("a");
         stale.spec.as_mut().unwrap().renew_time =
             Some(MicroTime("2026-01-01T00:00:00Z".parse().unwrap()));
-        let free = free_capacity(
-            &ClusterObjects {
-                nodes: &nodes,
-                pods: &[],
-                agents: &BTreeMap::new(),
-                leases: &[stale],
-                kubelet_leases: &[],
-                now: NOW.parse().unwrap(),
-                lease_interval: Duration::from_secs(10),
-                node_lost_grace: Duration::from_secs(40),
-            },
-            &[],
-        );
+        let free = free_capacity(&ClusterObjects {
+            nodes: &nodes,
+            pods: &[],
+            agents: &BTreeMap::new(),
+            leases: &[stale],
+            kubelet_leases: &[],
+            now: NOW.parse().unwrap(),
+            lease_interval: Duration::from_secs(10),
+            node_lost_grace: Duration::from_secs(40),
+        });
         assert_eq!(reasons(&free[0]), [ClosedReason::AgentStale]);
         assert!(
             free[0].closed[0].message.contains("60s"),
@@ -955,19 +930,16 @@ pub(crate) mod tests {
             kubelet("d", "2026-01-01T00:00:10Z"),
             kubelet("e", "2026-01-01T00:00:55Z"),
         ];
-        let free = free_capacity(
-            &ClusterObjects {
-                nodes: &nodes,
-                pods: &[],
-                agents: &BTreeMap::new(),
-                leases: &agent_leases,
-                kubelet_leases: &kubelet_leases,
-                now: NOW.parse().unwrap(),
-                lease_interval: Duration::from_secs(10),
-                node_lost_grace: Duration::from_secs(40),
-            },
-            &[],
-        );
+        let free = free_capacity(&ClusterObjects {
+            nodes: &nodes,
+            pods: &[],
+            agents: &BTreeMap::new(),
+            leases: &agent_leases,
+            kubelet_leases: &kubelet_leases,
+            now: NOW.parse().unwrap(),
+            lease_interval: Duration::from_secs(10),
+            node_lost_grace: Duration::from_secs(40),
+        });
         let lost: Vec<Option<&str>> = free.iter().map(|f| f.lost.as_deref()).collect();
         assert_eq!(
             lost,
@@ -1000,10 +972,10 @@ pub(crate) mod tests {
             "Running",
             vec![container(("lots", "", ""), ("", "", ""))],
         )];
-        let free = compute(&[node("a", "8", "8Gi", "1")], &pods, &BTreeMap::new(), &[]);
+        let free = compute(&[node("a", "8", "8Gi", "1")], &pods, &BTreeMap::new());
         assert_eq!(free[0].free.cpu_milli, 0, "the safe side");
         assert_eq!(free[0].free.gpus, 1);
-        let free = compute(&[node("a", "many", "8Gi", "1")], &[], &BTreeMap::new(), &[]);
+        let free = compute(&[node("a", "many", "8Gi", "1")], &[], &BTreeMap::new());
         assert_eq!(free[0].allocatable.cpu_milli, 0);
     }
 
@@ -1070,7 +1042,7 @@ pub(crate) mod tests {
         ) {
             let nodes: Vec<Node> = (0..3).map(|i| node(&format!("n{i}"), "8", "16Gi", "8")).collect();
             let agents = BTreeMap::from([("n0".to_owned(), agent(&healthy))]);
-            let free = compute(&nodes, &pods, &agents, &[]);
+            let free = compute(&nodes, &pods, &agents);
             prop_assert_eq!(free.len(), 3);
             for f in &free {
                 let want = pods
@@ -1094,11 +1066,11 @@ pub(crate) mod tests {
             // The order the pods are listed in changes nothing.
             let mut reversed = pods.clone();
             reversed.reverse();
-            prop_assert_eq!(compute(&nodes, &reversed, &agents, &[]), free.clone());
+            prop_assert_eq!(compute(&nodes, &reversed, &agents), free.clone());
             // One more live pod never frees anything.
             let mut more = pods.clone();
             more.push(pod("n1", "Running", vec![container(("1", "1Gi", "1"), ("", "", ""))]));
-            let after = compute(&nodes, &more, &agents, &[]);
+            let after = compute(&nodes, &more, &agents);
             prop_assert!(after[1].free.cpu_milli <= free[1].free.cpu_milli);
             prop_assert!(after[1].free.gpus <= free[1].free.gpus);
         }

@@ -41,17 +41,16 @@ const SETTLE: Duration = Duration::from_millis(50);
 
 /// The scheduler's nodes: each node's free capacity, computed from `objects` (whose pods are
 /// everyone's but agentd's: see [`others`]), as free GPU slots, free CPU and memory, open or
-/// closed. Tolerations are not yet judged per template: a node tainted NoSchedule or NoExecute
-/// is closed to every gang.
+/// closed, with the taints each replica's template must tolerate.
 pub fn placement_nodes(objects: &ClusterObjects<'_>) -> Vec<NodeCapacity> {
-    let free = free_capacity(objects, &[]);
-    sched_nodes(&free, objects.agents)
+    let free = free_capacity(objects);
+    placement_nodes_of(&free, objects.agents)
 }
 
 /// The cluster's nodes for the core: their capacity and which are lost; and how long until
 /// the next silent node is lost, if one will be.
 pub fn cluster_nodes(objects: &ClusterObjects<'_>) -> (ClusterNodes, Option<Duration>) {
-    let free = free_capacity(objects, &[]);
+    let free = free_capacity(objects);
     let lost = free
         .iter()
         .filter_map(|n| {
@@ -63,7 +62,7 @@ pub fn cluster_nodes(objects: &ClusterObjects<'_>) -> (ClusterNodes, Option<Dura
         .collect();
     let next = free.iter().filter_map(|n| n.lost_in).min();
     let nodes = ClusterNodes {
-        capacity: Arc::new(sched_nodes(&free, objects.agents)),
+        capacity: Arc::new(placement_nodes_of(&free, objects.agents)),
         lost,
     };
     (nodes, next)
@@ -77,7 +76,11 @@ pub fn others<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<Pod> {
         .collect()
 }
 
-fn sched_nodes(free: &[NodeFree], agents: &BTreeMap<String, AgentNodeStatus>) -> Vec<NodeCapacity> {
+/// The scheduler's nodes from each node's free capacity.
+pub(crate) fn placement_nodes_of(
+    free: &[NodeFree],
+    agents: &BTreeMap<String, AgentNodeStatus>,
+) -> Vec<NodeCapacity> {
     free.iter()
         .map(|node| {
             let product = node
@@ -109,6 +112,7 @@ fn sched_nodes(free: &[NodeFree], agents: &BTreeMap<String, AgentNodeStatus>) ->
                 cpu_milli: node.free.cpu_milli,
                 memory_mib: node.free.memory_bytes / (1024 * 1024),
                 schedulable: node.open(),
+                taints: node.taints.clone(),
             }
         })
         .collect()

@@ -109,6 +109,7 @@ pub fn agent_list(
                 schedulable: drained.then_some(false),
                 drained,
                 agent: presence(lease, now, interval),
+                taints: Vec::new(),
             }
         })
         .collect();
@@ -189,6 +190,18 @@ fn summary(
         schedulable: Some(!cordoned && !drained),
         drained,
         agent: presence(lease, now, interval),
+        taints: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute"))
+            .map(|t| match t.value.as_deref().filter(|v| !v.is_empty()) {
+                Some(v) => format!("{}={v}:{}", t.key, t.effect),
+                None => format!("{}:{}", t.key, t.effect),
+            })
+            .collect(),
     }
 }
 

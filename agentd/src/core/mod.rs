@@ -1419,5 +1419,6 @@ pub fn node_capacity(inventory: &NodeInventory) -> NodeCapacity {
         cpu_milli: u64::from(inventory.cpu.logical_cores) * 1000,
         memory_mib: inventory.memory.total_bytes / (1024 * 1024),
         schedulable: true,
+        taints: Vec::new(),
     }
 }

@@ -278,6 +278,7 @@ fn cluster_node(name: &str, gpus: u32, schedulable: bool) -> NodeCapacity {
         cpu_milli: 64_000,
         memory_mib: 512 * 1024,
         schedulable,
+        taints: Vec::new(),
     }
 }
 

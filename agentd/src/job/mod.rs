@@ -354,6 +354,68 @@ pub fn total_gpus(job: &TrainingJob) -> u32 {
         .fold(0, u32::saturating_add)
 }
 
+/// Where a pod template lets its replicas go: its `nodeSelector`, its required node affinity
+/// and its tolerations of NoSchedule and NoExecute taints (PreferNoSchedule is a preference,
+/// which placement does not weigh). Call it on a validated template: an operator or effect
+/// [`validate`] would refuse is left out here.
+pub fn node_rule(spec: &k8s_openapi::api::core::v1::PodSpec) -> crate::sched::NodeRule {
+    use crate::sched::{Operator, Requirement, TaintEffect, Toleration};
+    let affinity = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|required| {
+            required
+                .node_selector_terms
+                .iter()
+                .map(|term| {
+                    let labels = term.match_expressions.iter().flatten().map(|e| (e, false));
+                    let fields = term.match_fields.iter().flatten().map(|e| (e, true));
+                    labels
+                        .chain(fields)
+                        .filter_map(|(e, field)| {
+                            Some(Requirement {
+                                key: e.key.clone(),
+                                field,
+                                operator: Operator::parse(&e.operator)?,
+                                values: e.values.clone().unwrap_or_default(),
+                            })
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let tolerations = spec
+        .tolerations
+        .iter()
+        .flatten()
+        .filter_map(|t| {
+            let effect = match t.effect.as_deref().unwrap_or("") {
+                "" => None,
+                "NoSchedule" => Some(TaintEffect::NoSchedule),
+                "NoExecute" => Some(TaintEffect::NoExecute),
+                _ => return None,
+            };
+            Some(Toleration {
+                key: t.key.clone().unwrap_or_default(),
+                exists: t.operator.as_deref() == Some("Exists"),
+                value: t.value.clone().unwrap_or_default(),
+                effect,
+            })
+        })
+        .collect();
+    crate::sched::NodeRule {
+        selector: spec.node_selector.clone().unwrap_or_default(),
+        affinity,
+        tolerations,
+    }
+}
+
 /// What the scheduler is asked to place for this job. Call it on a validated job: a resource
 /// quantity that does not parse counts as zero here, and [`validate`] reports it.
 ///
@@ -366,16 +428,16 @@ pub fn gang_request(job: &TrainingJob, submitted_at: f64) -> crate::sched::Gang 
         .iter()
         .flat_map(|(&t, spec)| {
             let resources = replica_resources(spec).unwrap_or_default();
-            let node_selector = spec
+            let rule = spec
                 .template
                 .spec
                 .as_ref()
-                .and_then(|s| s.node_selector.clone())
+                .map(node_rule)
                 .unwrap_or_default();
             (0..spec.replicas).map(move |i| crate::sched::ReplicaRequest {
                 name: replica_name(t, i),
                 resources,
-                node_selector: node_selector.clone(),
+                rule: rule.clone(),
             })
         })
         .collect();

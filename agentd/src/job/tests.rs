@@ -427,8 +427,129 @@ spec:
     validate_for_standalone(&job).unwrap();
     let gang = gang_request(&job, 0.0);
     assert_eq!(
-        gang.replicas[0].node_selector["agentd.io/gpu.product"],
+        gang.replicas[0].rule.selector["agentd.io/gpu.product"],
         "H200"
+    );
+}
+
+/// A one-worker job whose template spec also holds `extra` (YAML lines at the spec's indent).
+fn job_placed_by(extra: &str) -> String {
+    format!(
+        "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: placed}}\nspec:\n  \
+         replicaSpecs:\n    Worker:\n      template:\n        spec:\n          containers:\n          \
+         - {{name: tensorflow, command: [\"true\"]}}\n{extra}"
+    )
+}
+
+#[test]
+fn node_affinity_and_tolerations_reach_placement() {
+    let job = parse_str(&job_placed_by(
+        "          nodeSelector: {agentd.io/gpu.product: H200}
+          tolerations:
+          - {key: dedicated, operator: Exists, effect: NoSchedule}
+          - {key: zone, value: z1}
+          - {key: soft, operator: Exists, effect: PreferNoSchedule}
+          affinity:
+            nodeAffinity:
+              requiredDuringSchedulingIgnoredDuringExecution:
+                nodeSelectorTerms:
+                - matchExpressions:
+                  - {key: zone, operator: In, values: [z1, z2]}
+                  - {key: generation, operator: Gt, values: [\"4\"]}
+                - matchFields:
+                  - {key: metadata.name, operator: In, values: [gpu-7]}
+              preferredDuringSchedulingIgnoredDuringExecution:
+              - weight: 1
+                preference: {matchExpressions: [{key: x, operator: Exists}]}
+",
+    ))
+    .unwrap();
+    validate_for_standalone(&job).unwrap();
+    let rule = &gang_request(&job, 0.0).replicas[0].rule;
+    assert_eq!(rule.selector["agentd.io/gpu.product"], "H200");
+    assert_eq!(
+        rule.describe(),
+        "label agentd.io/gpu.product=H200 and node affinity zone in (z1,z2), generation > 4 \
+         or metadata.name=gpu-7"
+    );
+    assert!(rule.affinity[1][0].field);
+    // PreferNoSchedule is a preference: it is not kept.
+    assert_eq!(
+        rule.tolerations,
+        [
+            crate::sched::Toleration {
+                key: "dedicated".to_owned(),
+                exists: true,
+                value: String::new(),
+                effect: Some(crate::sched::TaintEffect::NoSchedule),
+            },
+            crate::sched::Toleration {
+                key: "zone".to_owned(),
+                exists: false,
+                value: "z1".to_owned(),
+                effect: None,
+            },
+        ]
+    );
+}
+
+#[test]
+fn bad_node_affinity_and_tolerations_are_refused_naming_the_field() {
+    let job = parse_str(&job_placed_by(
+        "          tolerations:
+          - {value: v}
+          - {key: k, operator: Exists, value: v}
+          - {key: k, operator: Gt}
+          - {key: k, effect: NoScheduleOften}
+          affinity:
+            nodeAffinity:
+              requiredDuringSchedulingIgnoredDuringExecution:
+                nodeSelectorTerms:
+                - matchExpressions:
+                  - {key: zone, operator: Within, values: [a]}
+                  - {key: zone, operator: In}
+                  - {key: zone, operator: Exists, values: [a]}
+                  - {key: gen, operator: Gt, values: [four]}
+                - {}
+                - matchFields:
+                  - {key: metadata.labels, operator: In, values: [a]}
+                  - {key: metadata.name, operator: Exists}
+",
+    ))
+    .unwrap();
+    let err = validate_for_standalone(&job).unwrap_err();
+    let at = "spec.replicaSpecs.Worker.template.spec";
+    let terms = format!(
+        "{at}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+    );
+    assert_eq!(
+        fields(Err::<(), _>(err.clone())),
+        [
+            format!("{terms}[0].matchExpressions[0].operator"),
+            format!("{terms}[0].matchExpressions[1].values"),
+            format!("{terms}[0].matchExpressions[2].values"),
+            format!("{terms}[0].matchExpressions[3].values"),
+            format!("{terms}[1]"),
+            format!("{terms}[2].matchFields[0].key"),
+            format!("{terms}[2].matchFields[1].operator"),
+            format!("{at}.tolerations[0].key"),
+            format!("{at}.tolerations[1].value"),
+            format!("{at}.tolerations[2].operator"),
+            format!("{at}.tolerations[3].effect"),
+        ]
+    );
+    assert_eq!(
+        message_for(&err, &format!("{terms}[0].matchExpressions[0].operator")),
+        "\"Within\" is not an operator; use one of In, NotIn, Exists, DoesNotExist, Gt, Lt"
+    );
+    assert_eq!(
+        message_for(&err, &format!("{terms}[0].matchExpressions[3].values")),
+        "must be one whole number with operator Gt (got [\"four\"])"
+    );
+    assert_eq!(
+        message_for(&err, &format!("{at}.tolerations[3].effect")),
+        "\"NoScheduleOften\" is not a taint effect; use NoSchedule, PreferNoSchedule or \
+         NoExecute, or leave it out for all"
     );
 }
 
@@ -842,7 +963,7 @@ spec:
             memory_mib: 1024
         }
     );
-    assert!(gang.replicas[0].node_selector.is_empty());
+    assert!(gang.replicas[0].rule.selector.is_empty());
     // Limits win over requests; containers add up; 1,000,000 bytes round up to 1 MiB.
     assert_eq!(
         gang.replicas[1].resources,
@@ -853,7 +974,7 @@ spec:
         }
     );
     assert_eq!(
-        gang.replicas[2].node_selector["agentd.io/gpu.product"],
+        gang.replicas[2].rule.selector["agentd.io/gpu.product"],
         "H200"
     );
 }

@@ -268,6 +268,148 @@ fn check_pod(spec: &ReplicaSpec, at: &str, target: Target, errors: &mut Vec<Fiel
     for (i, c) in init.iter().enumerate() {
         check_resources(c, &format!("{at}.initContainers[{i}].resources"), errors);
     }
+    if let Some(pod) = spec.template.spec.as_ref() {
+        check_node_affinity(pod, at, errors);
+        check_tolerations(pod, at, errors);
+    }
+}
+
+/// The required node affinity, as the API server checks it: placement honours it, so a term it
+/// would misread must be refused, not ignored.
+fn check_node_affinity(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    at: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    use crate::sched::Operator;
+    let Some(required) = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+    else {
+        return;
+    };
+    let terms_at = format!(
+        "{at}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+    );
+    if required.node_selector_terms.is_empty() {
+        errors.push(FieldError::new(
+            terms_at.clone(),
+            "must have at least one term (a node must meet every requirement of one of them)",
+        ));
+    }
+    for (i, term) in required.node_selector_terms.iter().enumerate() {
+        let exprs = term.match_expressions.as_deref().unwrap_or_default();
+        let fields = term.match_fields.as_deref().unwrap_or_default();
+        if exprs.is_empty() && fields.is_empty() {
+            errors.push(FieldError::new(
+                format!("{terms_at}[{i}]"),
+                "is empty and would match no node; give matchExpressions or matchFields",
+            ));
+        }
+        for (list, is_field, items) in [
+            ("matchExpressions", false, exprs),
+            ("matchFields", true, fields),
+        ] {
+            for (j, e) in items.iter().enumerate() {
+                let here = format!("{terms_at}[{i}].{list}[{j}]");
+                if is_field && e.key != "metadata.name" {
+                    errors.push(FieldError::new(
+                        format!("{here}.key"),
+                        format!("{:?} is not a node field that can be matched; the only one is \"metadata.name\"", e.key),
+                    ));
+                } else if e.key.is_empty() {
+                    errors.push(FieldError::new(
+                        format!("{here}.key"),
+                        "required: a node label's key",
+                    ));
+                }
+                let values = e.values.as_deref().unwrap_or_default();
+                match Operator::parse(&e.operator) {
+                    None => errors.push(FieldError::new(
+                        format!("{here}.operator"),
+                        format!(
+                            "{:?} is not an operator; use one of {}",
+                            e.operator,
+                            Operator::NAMES.join(", ")
+                        ),
+                    )),
+                    Some(op) if is_field && !matches!(op, Operator::In | Operator::NotIn) => {
+                        errors.push(FieldError::new(
+                            format!("{here}.operator"),
+                            format!("{:?} cannot match a field; use In or NotIn", e.operator),
+                        ));
+                    }
+                    Some(Operator::In | Operator::NotIn) if values.is_empty() => {
+                        errors.push(FieldError::new(
+                            format!("{here}.values"),
+                            format!("must not be empty with operator {}", e.operator),
+                        ));
+                    }
+                    Some(Operator::Exists | Operator::DoesNotExist) if !values.is_empty() => {
+                        errors.push(FieldError::new(
+                            format!("{here}.values"),
+                            format!("must be empty with operator {}", e.operator),
+                        ));
+                    }
+                    Some(Operator::Gt | Operator::Lt)
+                        if values.len() != 1 || values[0].parse::<i64>().is_err() =>
+                    {
+                        errors.push(FieldError::new(
+                            format!("{here}.values"),
+                            format!(
+                                "must be one whole number with operator {} (got {values:?})",
+                                e.operator
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Tolerations, as the API server checks them: placement honours them.
+fn check_tolerations(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    at: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    for (i, t) in pod.tolerations.iter().flatten().enumerate() {
+        let here = format!("{at}.tolerations[{i}]");
+        let operator = t.operator.as_deref().unwrap_or("");
+        let key = t.key.as_deref().unwrap_or("");
+        let value = t.value.as_deref().unwrap_or("");
+        match operator {
+            "" | "Equal" if key.is_empty() => errors.push(FieldError::new(
+                format!("{here}.key"),
+                "required with operator Equal; to tolerate every taint, leave the key out and use operator Exists",
+            )),
+            "Exists" if !value.is_empty() => errors.push(FieldError::new(
+                format!("{here}.value"),
+                "must be empty with operator Exists (it tolerates every value)",
+            )),
+            "" | "Equal" | "Exists" => {}
+            other => errors.push(FieldError::new(
+                format!("{here}.operator"),
+                format!("{other:?} is not an operator; use Equal (the default) or Exists"),
+            )),
+        }
+        let effect = t.effect.as_deref().unwrap_or("");
+        if !matches!(effect, "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            errors.push(FieldError::new(
+                format!("{here}.effect"),
+                format!(
+                    "{effect:?} is not a taint effect; use NoSchedule, PreferNoSchedule or NoExecute, or leave it out for all"
+                ),
+            ));
+        }
+    }
 }
 
 /// One resource amount in the unit the scheduler counts it in.

@@ -110,7 +110,7 @@ fn gang_of(job: &TraceJob) -> Gang {
                     cpu_milli: job.cpu_milli_per_replica,
                     memory_mib: job.memory_mib_per_replica,
                 },
-                node_selector: std::collections::BTreeMap::new(),
+                rule: crate::sched::NodeRule::default(),
             })
             .collect(),
         min_available: None,

@@ -283,6 +283,7 @@ fn incremental_and_full_pass_replay_identically() {
             cpu_milli: 32_000,
             memory_mib: 256_000,
             schedulable: true,
+            taints: Vec::new(),
         })
         .collect();
     // A small linear congruential generator: the trace is the same on every run.

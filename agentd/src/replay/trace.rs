@@ -149,6 +149,7 @@ fn gpu_node(name: String, gpus: u32, cpu_milli: u64, memory_mib: u64, model: &st
         cpu_milli,
         memory_mib,
         schedulable: true,
+        taints: Vec::new(),
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::free::{FreeState, Need, SelectorTable, Taken};
-use super::{Fit, Gang, NodeCapacity, ReplicaRequest};
+use super::{Fit, Gang, NodeCapacity, NodeRule, ReplicaRequest};
 
 /// "2 replicas x 8", "1 replica x 4", or "1 x 0 + 4 x 2" for mixed gangs.
 pub(crate) fn describe_replicas(gpus: &[u32]) -> String {
@@ -25,15 +25,18 @@ pub(crate) fn describe_replicas(gpus: &[u32]) -> String {
     parts.join(" + ")
 }
 
-pub(crate) fn describe_selector(selector: &BTreeMap<String, String>) -> String {
-    let parts: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    parts.join(",")
-}
-
-fn matches(node: &NodeCapacity, selector: &BTreeMap<String, String>) -> bool {
-    selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k).is_some_and(|have| have == v))
+/// " with label gpu=H100", " with node affinity zone=a", " without a taint it does not
+/// tolerate" (where only taints set nodes apart), or nothing: which nodes a replica may use,
+/// for sentences about them.
+fn scope(rule: &NodeRule, nodes: &[NodeCapacity]) -> String {
+    let described = rule.describe();
+    if !described.is_empty() {
+        format!(" with {described}")
+    } else if nodes.iter().any(|n| rule.untolerated(n).is_some()) {
+        " without a taint it does not tolerate".to_owned()
+    } else {
+        String::new()
+    }
 }
 
 fn cpu(milli: u64) -> String {
@@ -46,39 +49,105 @@ fn cpu(milli: u64) -> String {
     }
 }
 
-/// Why one replica fits no node, even an empty one; `None` if some node could hold it.
-fn replica_never_fits(replica: &ReplicaRequest, nodes: &[NodeCapacity]) -> Option<String> {
-    let r = &replica.resources;
-    let on = if replica.node_selector.is_empty() {
-        String::new()
-    } else {
-        format!(" with label {}", describe_selector(&replica.node_selector))
-    };
-    let matching: Vec<&NodeCapacity> = nodes
-        .iter()
-        .filter(|n| matches(n, &replica.node_selector))
-        .collect();
-    if matching.is_empty() {
-        if nodes.is_empty() {
-            return Some("the cluster has no nodes".to_owned());
-        }
+/// Why no node admits a replica: the first part of its rule that no node meets, in the
+/// order selector, affinity, taints.
+fn no_node_admits(replica: &ReplicaRequest, nodes: &[NodeCapacity]) -> String {
+    let rule = &replica.rule;
+    let name = &replica.name;
+    if nodes.is_empty() {
+        return "the cluster has no nodes".to_owned();
+    }
+    let labelled: Vec<&NodeCapacity> = nodes.iter().filter(|n| rule.labels_match(n)).collect();
+    if labelled.is_empty() {
         // Name the first label no node carries, so the fix is obvious.
-        for (k, v) in &replica.node_selector {
+        for (k, v) in &rule.selector {
             if !nodes
                 .iter()
                 .any(|n| n.labels.get(k).is_some_and(|have| have == v))
             {
-                return Some(format!(
-                    "replica {} asks for label {k}={v} and no node has it",
-                    replica.name
-                ));
+                return format!("replica {name} asks for label {k}={v} and no node has it");
             }
         }
-        return Some(format!(
-            "replica {} asks for labels {} and no node has all of them",
-            replica.name,
-            describe_selector(&replica.node_selector)
-        ));
+        let labels: Vec<String> = rule
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        return format!(
+            "replica {name} asks for labels {} and no node has all of them",
+            labels.join(",")
+        );
+    }
+    let of = |count: usize| {
+        let word = if count == 1 { "node" } else { "nodes" };
+        if rule.selector.is_empty() {
+            format!("the cluster's {count} {word}")
+        } else {
+            let labels: Vec<String> = rule
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("the {count} {word} with label {}", labels.join(","))
+        }
+    };
+    let affine: Vec<&NodeCapacity> = labelled
+        .iter()
+        .copied()
+        .filter(|n| rule.affinity_holds(n))
+        .collect();
+    if affine.is_empty() {
+        let only = NodeRule {
+            affinity: rule.affinity.clone(),
+            ..NodeRule::default()
+        };
+        return format!(
+            "replica {name} requires {} and none of {} meets it",
+            only.describe(),
+            of(labelled.len())
+        );
+    }
+    // Every node left has a taint the replica does not tolerate: name a few.
+    let mut seen: Vec<String> = Vec::new();
+    for node in &affine {
+        if let Some(taint) = rule.untolerated(node) {
+            let t = taint.to_string();
+            if !seen.contains(&t) {
+                seen.push(t);
+            }
+        }
+    }
+    let shown: Vec<&str> = seen.iter().take(3).map(String::as_str).collect();
+    let more = if seen.len() > 3 {
+        format!(" and {} more", seen.len() - 3)
+    } else {
+        String::new()
+    };
+    let whose = if affine.len() == labelled.len() {
+        of(affine.len())
+    } else {
+        format!(
+            "the {} of {} that meet its node affinity",
+            affine.len(),
+            of(labelled.len())
+        )
+    };
+    format!(
+        "{whose} {} taints the template does not tolerate ({}{more}); add a toleration to \
+         the replica's template to use them",
+        if affine.len() == 1 { "has" } else { "all have" },
+        shown.join(", ")
+    )
+}
+
+/// Why one replica fits no node, even an empty one; `None` if some node could hold it.
+fn replica_never_fits(replica: &ReplicaRequest, nodes: &[NodeCapacity]) -> Option<String> {
+    let r = &replica.resources;
+    let rule = &replica.rule;
+    let on = scope(rule, nodes);
+    let matching: Vec<&NodeCapacity> = nodes.iter().filter(|n| rule.admits(n)).collect();
+    if matching.is_empty() {
+        return Some(no_node_admits(replica, nodes));
     }
     if matching.iter().any(|n| {
         n.gpus.len().min(super::MAX_GPUS_PER_NODE) >= r.gpus as usize
@@ -193,19 +262,16 @@ fn describe_amounts(kind: Kind, values: &[u64]) -> String {
 }
 
 /// "the cluster's 2 nodes have" or "the 1 node with label gpu=H100 has".
-fn nodes_phrase(count: usize, selector: &BTreeMap<String, String>) -> String {
+fn nodes_phrase(count: usize, scope: &str) -> String {
     let (word, verb) = if count == 1 {
         ("node", "has")
     } else {
         ("nodes", "have")
     };
-    if selector.is_empty() {
+    if scope.is_empty() {
         format!("the cluster's {count} {word} {verb}")
     } else {
-        format!(
-            "the {count} {word} with label {} {verb}",
-            describe_selector(selector)
-        )
+        format!("the {count} {word}{scope} {verb}")
     }
 }
 
@@ -222,21 +288,16 @@ fn required_replicas(gang: &Gang) -> &[ReplicaRequest] {
 fn needs_of(replicas: &[ReplicaRequest], nodes: &[NodeCapacity]) -> (Vec<Need>, SelectorTable) {
     let mut table = SelectorTable::default();
     table.matches.push(Vec::new());
-    let mut ids: Vec<&BTreeMap<String, String>> = Vec::new();
+    let mut ids: Vec<&NodeRule> = Vec::new();
     let mut needs: Vec<Need> = Vec::with_capacity(replicas.len());
     for replica in replicas {
-        let selector = if replica.node_selector.is_empty() {
-            0
-        } else if let Some(i) = ids.iter().position(|s| **s == replica.node_selector) {
+        let selector = if let Some(i) = ids.iter().position(|s| **s == replica.rule) {
             (i + 1) as u32
         } else {
-            ids.push(&replica.node_selector);
-            table.matches.push(
-                nodes
-                    .iter()
-                    .map(|n| matches(n, &replica.node_selector))
-                    .collect(),
-            );
+            ids.push(&replica.rule);
+            table
+                .matches
+                .push(nodes.iter().map(|n| replica.rule.admits(n)).collect());
             ids.len() as u32
         };
         needs.push(Need {
@@ -290,18 +351,15 @@ fn never_fits_reason(replicas: &[ReplicaRequest], nodes: &[NodeCapacity]) -> Str
     }
     // Replicas that share a selector compete for the same nodes: too little of one resource
     // in all of those nodes together.
-    let mut groups: Vec<(&BTreeMap<String, String>, Vec<&ReplicaRequest>)> = Vec::new();
+    let mut groups: Vec<(&NodeRule, Vec<&ReplicaRequest>)> = Vec::new();
     for replica in replicas {
-        match groups
-            .iter_mut()
-            .find(|(s, _)| **s == replica.node_selector)
-        {
+        match groups.iter_mut().find(|(s, _)| **s == replica.rule) {
             Some((_, members)) => members.push(replica),
-            None => groups.push((&replica.node_selector, vec![replica])),
+            None => groups.push((&replica.rule, vec![replica])),
         }
     }
-    for (selector, members) in &groups {
-        let matching: Vec<&NodeCapacity> = nodes.iter().filter(|n| matches(n, selector)).collect();
+    for (rule, members) in &groups {
+        let matching: Vec<&NodeCapacity> = nodes.iter().filter(|n| rule.admits(n)).collect();
         for kind in Kind::ALL {
             let values: Vec<u64> = members
                 .iter()
@@ -314,7 +372,7 @@ fn never_fits_reason(replicas: &[ReplicaRequest], nodes: &[NodeCapacity]) -> Str
                     "needs {} in all ({}) but {} {} in all",
                     kind.amount(demand),
                     describe_amounts(kind, &values),
-                    nodes_phrase(matching.len(), selector),
+                    nodes_phrase(matching.len(), &scope(rule, nodes)),
                     kind.amount(capacity)
                 );
             }
@@ -403,17 +461,14 @@ pub(crate) fn unschedulable_message(
     let gpus: Vec<u32> = needs.iter().map(|n| n.gpus).collect();
     let total: u64 = gpus.iter().map(|&g| u64::from(g)).sum();
     let largest = needs.first().copied();
-    let selector = gang
+    let with = gang
         .replicas
         .iter()
         .max_by_key(|r| r.resources.gpus)
-        .map(|r| describe_selector(&r.node_selector))
+        .map(|r| r.rule.describe())
+        .filter(|d| !d.is_empty())
+        .map(|d| format!(" with {d}"))
         .unwrap_or_default();
-    let with = if selector.is_empty() {
-        String::new()
-    } else {
-        format!(" with label {selector}")
-    };
     let mut msg = String::new();
     if total == 0 {
         let (c, m) = largest.map_or((0, 0), |n| (n.cpu, n.mem));

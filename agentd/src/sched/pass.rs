@@ -10,8 +10,8 @@ use std::sync::Arc;
 use super::explain::{never_fits_message, unschedulable_message};
 use super::free::{FreeState, GpuMask, Hold, Mode, Need, NodeFree, SelectorTable, Taken};
 use super::{
-    Assignment, Backfill, Decision, Gang, NodeCapacity, Order, Placement, Policy, QueueConfig,
-    ReleaseOrder, Reservation, Resources, Snapshot, Waiting, reason,
+    Assignment, Backfill, Decision, Gang, NodeCapacity, NodeRule, Order, Placement, Policy,
+    QueueConfig, ReleaseOrder, Reservation, Resources, Snapshot, Waiting, reason,
 };
 
 /// FNV-1a: node and queue names are short, and SipHash dominated a pass with many running
@@ -95,7 +95,9 @@ impl Prepared<'_> {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Cache {
     pub selectors: SelectorTable,
-    selector_ids: HashMap<BTreeMap<String, String>, u32>,
+    selector_ids: HashMap<NodeRule, u32>,
+    /// The empty rule's id (not 0 where some node is tainted), once known.
+    empty_rule: Option<u32>,
     shapes: FastMap<Vec<Need>, usize>,
     pub shape_needs: Vec<Vec<Need>>,
     ideal: Option<FreeState>,
@@ -121,28 +123,26 @@ impl Cache {
         }
     }
 
-    pub fn selector_id(
-        &mut self,
-        nodes: &[NodeCapacity],
-        selector: &BTreeMap<String, String>,
-    ) -> u32 {
-        if selector.is_empty() {
-            return 0;
-        }
-        if let Some(&id) = self.selector_ids.get(selector) {
+    /// The interned id of a node rule: 0 for a rule that admits every node of this cluster.
+    pub fn selector_id(&mut self, nodes: &[NodeCapacity], rule: &NodeRule) -> u32 {
+        let empty = rule.is_empty();
+        if let Some(id) = self.empty_rule.filter(|_| empty) {
             return id;
         }
-        let table: Vec<bool> = nodes
-            .iter()
-            .map(|n| {
-                selector
-                    .iter()
-                    .all(|(k, v)| n.labels.get(k).is_some_and(|have| have == v))
-            })
-            .collect();
-        self.selectors.matches.push(table);
-        let id = (self.selectors.matches.len() - 1) as u32;
-        self.selector_ids.insert(selector.clone(), id);
+        if let Some(&id) = self.selector_ids.get(rule) {
+            return id;
+        }
+        let table: Vec<bool> = nodes.iter().map(|n| rule.admits(n)).collect();
+        let id = if table.iter().all(|&m| m) {
+            0
+        } else {
+            self.selectors.matches.push(table);
+            (self.selectors.matches.len() - 1) as u32
+        };
+        self.selector_ids.insert(rule.clone(), id);
+        if empty {
+            self.empty_rule = Some(id);
+        }
         id
     }
 
@@ -151,7 +151,7 @@ impl Cache {
             gpus: replica.resources.gpus,
             cpu: replica.resources.cpu_milli,
             mem: replica.resources.memory_mib,
-            selector: self.selector_id(nodes, &replica.node_selector),
+            selector: self.selector_id(nodes, &replica.rule),
         }
     }
 
@@ -604,7 +604,7 @@ impl<'a> Pass<'a> {
             .replicas
             .iter()
             .max_by_key(|r| r.resources.gpus)
-            .map_or(0, |r| self.cache.selector_id(self.nodes, &r.node_selector));
+            .map_or(0, |r| self.cache.selector_id(self.nodes, &r.rule));
         let key = (p.shape, self.version, largest);
         if let Some(msg) = self.messages.get(&key) {
             return msg.clone();

@@ -26,28 +26,40 @@ pub(crate) fn arb_node(i: usize) -> impl Strategy<Value = NodeCapacity> {
         prop::option::of(prop_oneof![Just("H100"), Just("A100")]),
         1u64..=16,
         1u64..=16,
+        prop::bool::weighted(0.1),
     )
-        .prop_map(move |(gpus, healthy, schedulable, label, cpu, mem)| {
-            let name = format!("n{i}");
-            NodeCapacity {
-                labels: label
-                    .map(|l| BTreeMap::from([("gpu".to_owned(), l.to_owned())]))
-                    .unwrap_or_default(),
-                gpus: (0..gpus)
-                    .map(|g| GpuSlot {
-                        index: g,
-                        uuid: format!("GPU-{name}-{g}"),
-                        product: "X".to_owned(),
-                        memory_mib: 1,
-                        healthy: healthy[g as usize],
-                    })
-                    .collect(),
-                name,
-                cpu_milli: cpu * 1000,
-                memory_mib: mem * 1024,
-                schedulable,
-            }
-        })
+        .prop_map(
+            move |(gpus, healthy, schedulable, label, cpu, mem, tainted)| {
+                let name = format!("n{i}");
+                NodeCapacity {
+                    labels: label
+                        .map(|l| BTreeMap::from([("gpu".to_owned(), l.to_owned())]))
+                        .unwrap_or_default(),
+                    gpus: (0..gpus)
+                        .map(|g| GpuSlot {
+                            index: g,
+                            uuid: format!("GPU-{name}-{g}"),
+                            product: "X".to_owned(),
+                            memory_mib: 1,
+                            healthy: healthy[g as usize],
+                        })
+                        .collect(),
+                    name,
+                    cpu_milli: cpu * 1000,
+                    memory_mib: mem * 1024,
+                    schedulable,
+                    taints: if tainted {
+                        vec![Taint {
+                            key: "dedicated".to_owned(),
+                            value: "ml".to_owned(),
+                            effect: TaintEffect::NoSchedule,
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            },
+        )
 }
 
 pub(crate) fn arb_gang(id: String) -> impl Strategy<Value = Gang> {
@@ -62,9 +74,22 @@ pub(crate) fn arb_gang(id: String) -> impl Strategy<Value = Gang> {
         0u32..1000,
         prop::option::of(1u32..2000),
         prop::option::of(1u32..=3),
+        (prop::bool::weighted(0.5), prop::bool::weighted(0.1)),
     )
         .prop_map(
-            move |(replicas, gpus, cpu, mem, label, queue, priority, submit, runtime, min)| Gang {
+            move |(
+                replicas,
+                gpus,
+                cpu,
+                mem,
+                label,
+                queue,
+                priority,
+                submit,
+                runtime,
+                min,
+                (tolerates, affine),
+            )| Gang {
                 id: id.clone(),
                 queue: queue.to_owned(),
                 priority,
@@ -77,9 +102,32 @@ pub(crate) fn arb_gang(id: String) -> impl Strategy<Value = Gang> {
                             cpu_milli: cpu * 1000,
                             memory_mib: mem * 1024,
                         },
-                        node_selector: label
-                            .map(|l| BTreeMap::from([("gpu".to_owned(), l.to_owned())]))
-                            .unwrap_or_default(),
+                        rule: NodeRule {
+                            selector: label
+                                .map(|l| BTreeMap::from([("gpu".to_owned(), l.to_owned())]))
+                                .unwrap_or_default(),
+                            // Not on A100 nodes (unlabelled ones are fine).
+                            affinity: if affine {
+                                vec![vec![Requirement {
+                                    key: "gpu".to_owned(),
+                                    field: false,
+                                    operator: Operator::NotIn,
+                                    values: vec!["A100".to_owned()],
+                                }]]
+                            } else {
+                                Vec::new()
+                            },
+                            tolerations: if tolerates {
+                                vec![Toleration {
+                                    key: "dedicated".to_owned(),
+                                    exists: true,
+                                    value: String::new(),
+                                    effect: None,
+                                }]
+                            } else {
+                                Vec::new()
+                            },
+                        },
                     })
                     .collect(),
                 min_available: min.filter(|&m| (m as usize) < replicas),
@@ -242,9 +290,11 @@ fn check(case: &Case, policy: &Policy) -> Result<(), TestCaseError> {
             prop_assert!(node.schedulable, "placed on drained node {}", node.name);
             prop_assert_eq!(a.gpu_indices.len() as u32, replica.resources.gpus);
             prop_assert_eq!(a.resources, replica.resources);
-            for (k, v) in &replica.node_selector {
-                prop_assert_eq!(node.labels.get(k), Some(v), "selector broken");
-            }
+            prop_assert!(
+                replica.rule.admits(node),
+                "node rule broken on {}",
+                node.name
+            );
             for g in &a.gpu_indices {
                 let slot = node.gpus.iter().find(|s| s.index == *g).expect("slot");
                 prop_assert!(slot.healthy, "unhealthy GPU {}:{} used", node.name, g);
@@ -327,7 +377,7 @@ fn generated_cases_hold_several_reservations() {
     let mut runner = TestRunner::deterministic();
     let policy = Policy::agentd().with_runtime_estimates();
     let mut several = 0;
-    for _ in 0..400 {
+    for _ in 0..1000 {
         let case = arb_case().new_tree(&mut runner).expect("a case").current();
         let running = running_of(&case);
         let d = schedule(
@@ -344,7 +394,7 @@ fn generated_cases_hold_several_reservations() {
     }
     assert!(
         several >= 10,
-        "only {several} of 400 cases held several reservations"
+        "only {several} of 1000 cases held several reservations"
     );
 }
 
@@ -385,4 +435,42 @@ proptest! {
             prop_assert_eq!(&a, &snap(&shuffled, &running_rev));
         }
     }
+}
+
+/// The generated cases reach tainted nodes: replicas that tolerate the taint placed there
+/// (the invariants check that only those are).
+#[test]
+fn generated_cases_place_tolerating_replicas_on_tainted_nodes() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let mut on_tainted = 0;
+    for _ in 0..400 {
+        let case = arb_case().new_tree(&mut runner).expect("a case").current();
+        let running = running_of(&case);
+        let d = schedule(
+            &Snapshot {
+                now: case.now,
+                nodes: &case.nodes,
+                running: &running,
+                queued: &case.queued,
+                queues: &case.queues,
+            },
+            &Policy::agentd(),
+        );
+        on_tainted += d
+            .placements
+            .iter()
+            .flat_map(|p| &p.assignments)
+            .filter(|a| {
+                case.nodes
+                    .iter()
+                    .any(|n| n.name == a.node && !n.taints.is_empty())
+            })
+            .count();
+    }
+    assert!(
+        on_tainted >= 10,
+        "only {on_tainted} replicas of 400 cases went to tainted nodes"
+    );
 }

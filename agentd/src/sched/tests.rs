@@ -20,6 +20,7 @@ pub(crate) fn node(name: &str, gpus: u32) -> NodeCapacity {
         cpu_milli: 64_000,
         memory_mib: 512_000,
         schedulable: true,
+        taints: Vec::new(),
     }
 }
 
@@ -37,7 +38,7 @@ pub(crate) fn gang(id: &str, submitted_at: f64, replicas: u32, gpus: u32) -> Gan
                     cpu_milli: 1000,
                     memory_mib: 1024,
                 },
-                node_selector: BTreeMap::new(),
+                rule: NodeRule::default(),
             })
             .collect(),
         min_available: None,
@@ -206,7 +207,8 @@ fn selector_that_no_node_has_never_fits() {
     nodes[1].labels.insert("gpu".to_owned(), "H100".to_owned());
     let mut g = gang("j", 1.0, 1, 1);
     g.replicas[0]
-        .node_selector
+        .rule
+        .selector
         .insert("gpu".to_owned(), "H200".to_owned());
     let d = run(&nodes, &[], &[g.clone()], &Policy::agentd());
     let w = waiting(&d, "j");
@@ -218,7 +220,8 @@ fn selector_that_no_node_has_never_fits() {
     );
     assert_eq!(never_fits(&g, &nodes), Some(w.message.clone()));
     g.replicas[0]
-        .node_selector
+        .rule
+        .selector
         .insert("gpu".to_owned(), "H100".to_owned());
     let d = run(&nodes, &[], &[g.clone()], &Policy::agentd());
     assert_eq!(nodes_of(placed(&d, "j").expect("placed")), ["b"]);
@@ -273,6 +276,153 @@ fn never_fits_reason(nodes: &[NodeCapacity], g: &Gang) -> String {
     w.message.clone()
 }
 
+fn taint(key: &str, value: &str, effect: TaintEffect) -> Taint {
+    Taint {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        effect,
+    }
+}
+
+fn tolerate(key: &str) -> Toleration {
+    Toleration {
+        key: key.to_owned(),
+        exists: true,
+        value: String::new(),
+        effect: None,
+    }
+}
+
+fn requirement(key: &str, operator: Operator, values: &[&str]) -> Requirement {
+    Requirement {
+        key: key.to_owned(),
+        field: false,
+        operator,
+        values: values.iter().map(|v| (*v).to_owned()).collect(),
+    }
+}
+
+#[test]
+fn a_tainted_node_takes_only_replicas_that_tolerate_its_taints() {
+    let mut nodes = [node("a", 8), node("b", 4)];
+    nodes[0].taints = vec![
+        taint("dedicated", "ml", TaintEffect::NoSchedule),
+        taint("maintenance", "", TaintEffect::NoExecute),
+    ];
+    let mut g = gang("wide", 1.0, 1, 8);
+    let message = never_fits_reason(&nodes, &g);
+    assert_eq!(
+        message,
+        "can never run on this cluster: replica worker-0 needs 8 GPUs on one node but the \
+         largest node without a taint it does not tolerate has 4"
+    );
+    // Tolerating one of two taints is not enough: the message names the one left.
+    g.replicas[0].rule.tolerations = vec![tolerate("dedicated")];
+    let message = never_fits_reason(&nodes, &g);
+    assert!(message.contains("has 4"), "{message}");
+    g.replicas[0].rule.tolerations.push(Toleration {
+        key: "maintenance".to_owned(),
+        exists: false,
+        value: String::new(),
+        effect: Some(TaintEffect::NoExecute),
+    });
+    let d = run(&nodes, &[], &[g.clone()], &Policy::agentd());
+    assert_eq!(nodes_of(placed(&d, "wide").expect("placed")), ["a"]);
+    // A small gang that tolerates nothing still goes to the untainted node.
+    let small = gang("small", 2.0, 1, 2);
+    let d = run(&nodes, &[], &[small], &Policy::agentd());
+    assert_eq!(nodes_of(placed(&d, "small").expect("placed")), ["b"]);
+}
+
+#[test]
+fn when_only_tainted_nodes_carry_the_label_the_reason_names_the_taints() {
+    let mut nodes = [node("a", 8), node("b", 8), node("c", 8)];
+    for n in &mut nodes[..2] {
+        n.labels.insert("gpu".to_owned(), "H200".to_owned());
+        n.taints = vec![taint("dedicated", "ml", TaintEffect::NoSchedule)];
+    }
+    let mut g = gang("j", 1.0, 1, 1);
+    g.replicas[0]
+        .rule
+        .selector
+        .insert("gpu".to_owned(), "H200".to_owned());
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: the 2 nodes with label gpu=H200 all have taints the \
+         template does not tolerate (dedicated=ml:NoSchedule); add a toleration to the \
+         replica's template to use them"
+    );
+    g.replicas[0].rule.tolerations = vec![tolerate("dedicated")];
+    let d = run(&nodes, &[], &[g], &Policy::agentd());
+    assert_eq!(nodes_of(placed(&d, "j").expect("placed")), ["a"]);
+}
+
+#[test]
+fn required_node_affinity_admits_nodes_that_meet_one_term() {
+    let mut nodes = [node("a", 8), node("b", 8), node("c", 8)];
+    for (n, zone) in nodes.iter_mut().zip(["z1", "z2", "z3"]) {
+        n.labels.insert("zone".to_owned(), zone.to_owned());
+    }
+    nodes[2]
+        .labels
+        .insert("generation".to_owned(), "5".to_owned());
+    let mut g = gang("j", 1.0, 2, 8);
+    // zone z2, or a generation above 4: nodes b and c.
+    g.replicas.iter_mut().for_each(|r| {
+        r.rule.affinity = vec![
+            vec![requirement("zone", Operator::In, &["z2"])],
+            vec![requirement("generation", Operator::Gt, &["4"])],
+        ];
+    });
+    let d = run(&nodes, &[], &[g.clone()], &Policy::agentd());
+    let mut on = nodes_of(placed(&d, "j").expect("placed"));
+    on.sort_unstable();
+    assert_eq!(on, ["b", "c"]);
+
+    // Every requirement of a term must hold.
+    g.replicas.iter_mut().for_each(|r| {
+        r.rule.affinity = vec![vec![
+            requirement("zone", Operator::NotIn, &["z1", "z2"]),
+            requirement("generation", Operator::Lt, &["5"]),
+        ]];
+    });
+    assert_eq!(
+        never_fits_reason(&nodes, &g),
+        "can never run on this cluster: replica worker-0 requires node affinity zone not in \
+         (z1,z2), generation < 5 and none of the cluster's 3 nodes meets it"
+    );
+    // DoesNotExist matches the nodes without the label; a node's name by matchFields.
+    let rule = |affinity| NodeRule {
+        affinity,
+        ..NodeRule::default()
+    };
+    let admitted = |r: &NodeRule| -> Vec<&str> {
+        nodes
+            .iter()
+            .filter(|n| r.admits(n))
+            .map(|n| n.name.as_str())
+            .collect()
+    };
+    let without = rule(vec![vec![requirement(
+        "generation",
+        Operator::DoesNotExist,
+        &[],
+    )]]);
+    assert_eq!(admitted(&without), ["a", "b"]);
+    let by_name = rule(vec![vec![Requirement {
+        field: true,
+        ..requirement("metadata.name", Operator::In, &["c"])
+    }]]);
+    assert_eq!(admitted(&by_name), ["c"]);
+    let empty_term = rule(vec![Vec::new()]);
+    assert!(
+        admitted(&empty_term).is_empty(),
+        "an empty term matches nothing"
+    );
+    let not_a_number = rule(vec![vec![requirement("zone", Operator::Gt, &["1"])]]);
+    assert!(admitted(&not_a_number).is_empty());
+}
+
 #[test]
 fn never_fits_names_cpu_when_replicas_together_need_more_than_the_node() {
     let nodes = [sized("a", 0, 2000, 8192)];
@@ -299,7 +449,7 @@ fn never_fits_counts_only_nodes_the_selector_allows() {
     nodes[0].labels.insert("gpu".to_owned(), "H100".to_owned());
     let mut g = shaped("sel", &[(3, 1000, 1024), (3, 1000, 1024)]);
     for r in &mut g.replicas {
-        r.node_selector.insert("gpu".to_owned(), "H100".to_owned());
+        r.rule.selector.insert("gpu".to_owned(), "H100".to_owned());
     }
     assert_eq!(
         never_fits_reason(&nodes, &g),
@@ -627,4 +777,25 @@ fn counts_without_listing_match_the_listing() {
     assert_eq!(counted.waiting_counts, by_reason);
     assert_eq!(counted.waiting_counts.get(reason::NEVER_FITS), Some(&1));
     assert_eq!(counted.waiting_counts.get(reason::RESERVED), Some(&1));
+}
+
+/// Nodes that gain taints while the scheduler runs: its interned node rules are worked out
+/// again, so a gang that tolerates nothing no longer goes there.
+#[test]
+fn taints_that_come_with_new_nodes_keep_gangs_off_at_once() {
+    let mut nodes = vec![node("node-0", 2), node("node-1", 2), node("node-2", 2)];
+    let mut s = Scheduler::new(
+        Policy::agentd().with_runtime_estimates(),
+        nodes.clone(),
+        queues(),
+    );
+    let d = s.pass(1.0);
+    assert!(d.placements.is_empty());
+    for n in &mut nodes[1..] {
+        n.taints = vec![taint("dedicated", "ml", TaintEffect::NoSchedule)];
+    }
+    s.set_nodes(nodes);
+    s.submit(gang("plain", 2.0, 2, 2));
+    let d = s.pass(3.0);
+    assert!(d.placements.is_empty(), "{d:#?}");
 }

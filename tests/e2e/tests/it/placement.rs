@@ -626,3 +626,129 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
             .is_some_and(Vec::is_empty)
     });
 }
+
+/// Two workers of two GPUs whose pods run 3 s and are kept when they end, with `extra` at the
+/// template spec's indent.
+fn pair(name: &str, extra: &str) -> String {
+    format!(
+        r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  runPolicy: {{scheduleTimeoutSeconds: 600, cleanPodPolicy: None}}
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        metadata: {{annotations: {{sim.agentd.io/run-seconds: "3"}}}}
+        spec:
+{extra}          containers:
+            - name: tensorflow
+              image: "tf:2.16"
+              command: [python, train.py]
+              resources: {{limits: {{nvidia.com/gpu: 2}}}}
+"#
+    )
+}
+
+/// Taints and required node affinity, judged per template: a gang that does not tolerate the
+/// tainted nodes waits and is told which taint keeps it off; one that tolerates them runs there
+/// (its pods keep the tolerations); a gang whose node affinity names one node runs only there.
+#[test]
+fn tainted_nodes_take_only_gangs_that_tolerate_them_and_affinity_chooses_nodes() {
+    // Tainted before the agents start: the leader places nothing before its first lists,
+    // so no gang can be placed on what it has not yet seen.
+    let sim = KubeSim::start(3, true);
+    for node in ["node-1", "node-2"] {
+        let out = sim.kubectl(&["taint", "nodes", node, "dedicated=ml:NoSchedule"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let agents = agents_on(&sim, 3, 1, SETTINGS, false);
+    let leader = &agents[0];
+    sim.wait_until("node-0 leads and takes requests", WAIT, || {
+        leader.agent.ctl(&["queues"]).status.success()
+    });
+    // `agentctl nodes` shows them, so a person sees why a node takes only some gangs.
+    sim.wait_until("agentctl nodes shows both taints", WAIT, || {
+        let out = leader.agent.ctl(&["nodes"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.ends_with("dedicated=ml:NoSchedule"))
+            .count()
+            == 2
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let submit = |name: &str, text: &str| {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    };
+    submit("plain", &pair("plain", ""));
+    let mut last = serde_json::Value::Null;
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        last = leader.agent.ctl_json(&["job", "plain"]);
+        if last["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("taint it does not tolerate"))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last["state"], "Queued", "{last}");
+    let message = last["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("without a taint it does not tolerate"),
+        "the plain gang is told which nodes it may use: {last}"
+    );
+
+    // Three workers of two GPUs need every node, the tainted ones too.
+    let tolerating =
+        "          tolerations: [{key: dedicated, operator: Exists, effect: NoSchedule}]\n";
+    submit(
+        "tolerant",
+        &pair("tolerant", tolerating).replace("replicas: 2", "replicas: 3"),
+    );
+    let mut nodes = Vec::new();
+    sim.wait_until("the tolerating gang's three pods are bound", WAIT, || {
+        let pods = sim.get_json(&["pods", "-l", "agentd.io/job=tolerant"]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        for pod in &items {
+            assert_eq!(pod["spec"]["tolerations"][0]["key"], "dedicated", "{pod}");
+        }
+        nodes = items
+            .iter()
+            .filter_map(|p| p["spec"]["nodeName"].as_str().map(str::to_owned))
+            .collect();
+        nodes.sort();
+        nodes.len() == 3
+    });
+    assert_eq!(nodes, ["node-0", "node-1", "node-2"]);
+    sim.wait_until("the tolerating gang succeeds", WAIT, || {
+        state(leader, "tolerant") == "Succeeded"
+    });
+
+    // Required node affinity on the node's name and label: node-2 only.
+    let affine = "          tolerations: [{key: dedicated, operator: Exists}]
+          affinity:
+            nodeAffinity:
+              requiredDuringSchedulingIgnoredDuringExecution:
+                nodeSelectorTerms:
+                - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [node-2]}]
+";
+    submit(
+        "affine",
+        &pair("affine", affine).replace("replicas: 2", "replicas: 1"),
+    );
+    sim.wait_until("the affine gang succeeds", WAIT, || {
+        state(leader, "affine") == "Succeeded"
+    });
+    let job = leader.agent.ctl_json(&["job", "affine"]);
+    assert_eq!(job["replicas"][0]["node"], "node-2", "{job}");
+    assert_eq!(state(leader, "plain"), "Queued");
+}
