@@ -59,6 +59,65 @@ pub async fn respond(
         .expect("static headers are valid"))
 }
 
+/// Cluster mode: the replica's pod log through the API server, on any agent whose role may
+/// read pod logs. The replica is checked against the job as `GET /v1/jobs/{name}` sees it.
+pub async fn respond_cluster(
+    core: &CoreHandle,
+    cluster: &crate::cluster::Cluster,
+    name: String,
+    replica: Option<String>,
+    follow: bool,
+) -> Result<Response<Body>, ApiError> {
+    let job = core
+        .ask(|reply| Command::Get {
+            name: name.clone(),
+            removed: false,
+            reply,
+        })
+        .await?;
+    let chosen = match &replica {
+        Some(r) => job.replicas.iter().find(|s| &s.name == r).ok_or_else(|| {
+            let names: Vec<&str> = job.replicas.iter().map(|s| s.name.as_str()).collect();
+            ApiError::BadRequest {
+                message: format!(
+                    "job {name} has no replica {r:?}; replicas: {}",
+                    names.join(", ")
+                ),
+                field: Some("replica".to_owned()),
+            }
+        })?,
+        None => job
+            .replicas
+            .first()
+            .ok_or_else(|| ApiError::NotFound(format!("job {name} has no replicas placed yet")))?,
+    };
+    let body: Body = match cluster
+        .replica_log(&name, &chosen.replica_type, chosen.index, follow)
+        .await?
+    {
+        crate::cluster::PodLog::Whole(bytes) => http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed(),
+        crate::cluster::PodLog::Follow(mut stream) => {
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                while let Some(Ok(bytes)) = stream.next().await {
+                    if tx.send(bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            ChannelBody(rx).boxed()
+        }
+    };
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(body)
+        .expect("static headers are valid"))
+}
+
 /// Sends the log so far, then whatever is appended, until the job is over or the client leaves.
 async fn follow_log(core: CoreHandle, name: String, mut files: LogFiles, tx: mpsc::Sender<Bytes>) {
     let current = files.files.last().cloned().unwrap_or_default();

@@ -434,7 +434,10 @@ async fn dispatch(
             follow,
         } => {
             authorize_job(core, caller, &name).await?;
-            logs::respond(core, name, replica, follow).await
+            match &state.cluster {
+                Some(cluster) => logs::respond_cluster(core, cluster, name, replica, follow).await,
+                None => logs::respond(core, name, replica, follow).await,
+            }
         }
     }
 }
@@ -565,7 +568,13 @@ impl From<crate::cluster::ClusterError> for ApiError {
     fn from(e: crate::cluster::ClusterError) -> Self {
         use crate::cluster::ClusterError as C;
         match e {
-            C::NoSuchNode(_) | C::Unregistered { .. } => ApiError::NotFound(e.to_string()),
+            C::NoSuchNode(_) | C::Unregistered { .. } | C::NotFound(_) => {
+                ApiError::NotFound(e.to_string())
+            }
+            C::Forbidden(message) => ApiError::Forbidden {
+                rule: "cluster-role",
+                message,
+            },
             C::Kubeconfig { .. } | C::NoKubeconfig(_) | C::Client { .. } | C::Request(_) => {
                 ApiError::Unavailable(format!("the cluster did not answer: {e}"))
             }

@@ -21,7 +21,10 @@ pub mod election;
 pub mod feed;
 pub mod inventory;
 pub mod jobs;
+mod logs;
 mod loops;
+
+pub use logs::PodLog;
 pub mod view;
 
 use std::collections::BTreeMap;
@@ -66,6 +69,12 @@ pub enum ClusterError {
     /// The API server could not be reached, refused, or answered with an error.
     #[error("{0}")]
     Request(String),
+    /// What was asked for does not exist (the sentence says what and why).
+    #[error("{0}")]
+    NotFound(String),
+    /// This agent's role may not do it (the sentence says where it can be done).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// The group, version and names of the `AgentNode` custom resource.
@@ -339,11 +348,24 @@ impl Cluster {
     /// which every authenticated user may create), so that a role without the right is never
     /// refused with a 403. `None` when the server did not answer the question.
     async fn may_on_nodes(&self, verb: &str, name: Option<&str>) -> Option<bool> {
+        self.may(verb, "nodes", None, name).await
+    }
+
+    /// Whether this agent may `verb` a core `resource` (and `subresource`), in any namespace:
+    /// one SelfSubjectAccessReview. `None` when the server did not answer the question.
+    async fn may(
+        &self,
+        verb: &str,
+        resource: &str,
+        subresource: Option<&str>,
+        name: Option<&str>,
+    ) -> Option<bool> {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
                     verb: Some(verb.to_owned()),
-                    resource: Some("nodes".to_owned()),
+                    resource: Some(resource.to_owned()),
+                    subresource: subresource.map(str::to_owned),
                     name: name.map(str::to_owned),
                     ..ResourceAttributes::default()
                 }),

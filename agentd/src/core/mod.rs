@@ -616,6 +616,7 @@ impl Core {
                         record.status.generation,
                         groups,
                         self.kill_grace,
+                        false,
                     ));
                 }
             }
@@ -1238,9 +1239,13 @@ impl Core {
                 Effect::StartReplica(spec) => self.executor.start(*spec),
                 Effect::StopGang(stop) => {
                     let done = self.internal_tx.clone();
-                    let stopping =
-                        self.executor
-                            .stop(&stop.job, stop.generation, stop.pgids, self.kill_grace);
+                    let stopping = self.executor.stop(
+                        &stop.job,
+                        stop.generation,
+                        stop.pgids,
+                        self.kill_grace,
+                        stop.keep_ended,
+                    );
                     let (job, generation) = (stop.job, stop.generation);
                     tokio::spawn(async move {
                         stopping.await;

@@ -56,6 +56,11 @@ impl Core {
             };
             let record = JobRecord::restore(parsed, manifest, status, now);
             let generation = record.status.generation;
+            if record.status.state.is_finished()
+                && record.job.spec.run_policy.clean_pod_policy != Some(job::CleanPodPolicy::All)
+            {
+                self.executor.keep_ended_of(&name);
+            }
             let running: Vec<StoredReplica> = record
                 .status
                 .replicas

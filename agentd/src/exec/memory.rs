@@ -82,7 +82,14 @@ impl Executor for MemoryExecutor {
         self.lock().started.push(spec);
     }
 
-    fn stop(&self, job: &str, generation: u32, pids: Vec<u32>, _grace: Duration) -> Stopping {
+    fn stop(
+        &self,
+        job: &str,
+        generation: u32,
+        pids: Vec<u32>,
+        _grace: Duration,
+        _keep_ended: bool,
+    ) -> Stopping {
         self.lock().stopped.push((job.to_owned(), generation, pids));
         Box::pin(std::future::ready(()))
     }

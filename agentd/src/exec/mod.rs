@@ -50,8 +50,17 @@ pub trait Executor: Send {
     fn start(&self, spec: LaunchSpec);
 
     /// Stops the replicas of a gang's generation (`pids`: their handles from `Started`): asks
-    /// them to end, and forces them after `grace`.
-    fn stop(&self, job: &str, generation: u32, pids: Vec<u32>, grace: Duration) -> Stopping;
+    /// them to end, and forces them after `grace`. With `keep_ended` (the job has ended and its
+    /// `cleanPodPolicy` is not `All`) replicas that have already ended are left as they are,
+    /// with their logs; otherwise every trace of the generation goes.
+    fn stop(
+        &self,
+        job: &str,
+        generation: u32,
+        pids: Vec<u32>,
+        grace: Duration,
+        keep_ended: bool,
+    ) -> Stopping;
 
     /// Ends at once a replica nobody waits for (started for a launch that was dropped).
     fn kill_stray(&self, job: &str, replica: &str, pid: u32);
@@ -77,6 +86,12 @@ pub trait Executor: Send {
     /// (gangs that were not adopted, jobs no longer stored) and forgets it.
     fn discard_all_but(&self, keep: &std::collections::BTreeSet<String>);
 
+    /// During a restart's recovery, before its replicas are stopped: `job` has ended and keeps
+    /// the replicas that ended (its `cleanPodPolicy` is not `All`), so what recovery stops of
+    /// it spares those, until [`Executor::discard_all_but`] ends the recovery. Nothing to keep
+    /// where an ended replica leaves nothing but its log.
+    fn keep_ended_of(&self, _job: &str) {}
+
     /// Cluster mode: the nodes lost now. Their kubelets will never confirm a stop, so a stop
     /// deletes what runs there at once rather than wait for them. Nothing to do elsewhere.
     fn nodes_lost(&self, _nodes: &std::collections::BTreeSet<String>) {}
@@ -96,7 +111,15 @@ impl Executor for LocalExecutor {
         self.launch(spec);
     }
 
-    fn stop(&self, _job: &str, _generation: u32, pids: Vec<u32>, grace: Duration) -> Stopping {
+    fn stop(
+        &self,
+        _job: &str,
+        _generation: u32,
+        pids: Vec<u32>,
+        grace: Duration,
+        _keep_ended: bool,
+    ) -> Stopping {
+        // An ended process leaves nothing behind but its log, which stays either way.
         Box::pin(LocalExecutor::stop(self, pids, grace))
     }
 

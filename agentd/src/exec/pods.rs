@@ -119,6 +119,8 @@ struct State {
     mount_failures: stuck::MountWarnings,
     /// The nodes lost, as the core last said: their kubelets will not confirm a stop.
     lost_nodes: BTreeSet<String>,
+    /// Ended jobs whose ended pods a restart's recovery keeps (see `keep_ended_of`).
+    ended_kept: BTreeSet<String>,
 }
 
 /// A gang generation: namespace, job, generation.
@@ -539,7 +541,9 @@ impl Shared {
     /// Those on a lost node are deleted at once from the start: its kubelet will never confirm
     /// a graceful stop, and the gang's restart must not wait for it. Should the node come
     /// back, its kubelet finds the pod gone and kills what is left of it.
-    async fn stop_generation(&self, job: &str, generation: u32, grace: Duration) {
+    /// Deletes the generation's pods (with `keep_ended`, only those that have not ended) and
+    /// waits until they are gone.
+    async fn stop_generation(&self, job: &str, generation: u32, grace: Duration, keep_ended: bool) {
         self.lock()
             .prepared
             .retain(|(_, j, g), _| !(j == job && *g == generation));
@@ -550,6 +554,7 @@ impl Shared {
                 .pods
                 .iter()
                 .filter(|(_, p)| p.job == job && p.generation == generation)
+                .filter(|(_, p)| !(keep_ended && is_terminal(p.phase.as_deref())))
                 .map(|(r, p)| (r.clone(), state.lost_nodes.contains(&p.node)))
                 .collect()
         };
@@ -1052,10 +1057,21 @@ impl Executor for PodExecutor {
         });
     }
 
-    fn stop(&self, job: &str, generation: u32, _pids: Vec<u32>, grace: Duration) -> Stopping {
+    fn stop(
+        &self,
+        job: &str,
+        generation: u32,
+        _pids: Vec<u32>,
+        grace: Duration,
+        keep_ended: bool,
+    ) -> Stopping {
         let shared = self.shared.clone();
         let job = job.to_owned();
-        Box::pin(async move { shared.stop_generation(&job, generation, grace).await })
+        Box::pin(async move {
+            shared
+                .stop_generation(&job, generation, grace, keep_ended)
+                .await;
+        })
     }
 
     fn kill_stray(&self, job: &str, replica: &str, pid: u32) {
@@ -1122,9 +1138,16 @@ impl Executor for PodExecutor {
         _generation: Option<u32>,
         _replicas: &[StoredReplica],
     ) -> usize {
-        // Every generation of a gang that is not adopted goes: none of its pods is wanted.
-        self.shared.lock().prepared.retain(|(_, j, _), _| j != job);
-        let pods = self.shared.pods_where(|p| p.job == job);
+        // Every generation of a gang that is not adopted goes: none of its pods is wanted,
+        // but the ended pods of an ended job that keeps them.
+        let keep_ended = {
+            let mut state = self.shared.lock();
+            state.prepared.retain(|(_, j, _), _| j != job);
+            state.ended_kept.contains(job)
+        };
+        let pods = self
+            .shared
+            .pods_where(|p| p.job == job && !(keep_ended && is_terminal(p.phase.as_deref())));
         self.shared.delete_now(pods)
     }
 
@@ -1132,12 +1155,21 @@ impl Executor for PodExecutor {
         self.shared.lock().lost_nodes.clone_from(nodes);
     }
 
+    fn keep_ended_of(&self, job: &str) {
+        self.shared.lock().ended_kept.insert(job.to_owned());
+    }
+
     fn discard_all_but(&self, keep: &BTreeSet<String>) {
-        self.shared
-            .lock()
-            .prepared
-            .retain(|(_, job, _), _| keep.contains(job));
-        let pods = self.shared.pods_where(|p| !keep.contains(&p.job));
+        let ended_kept = {
+            let mut state = self.shared.lock();
+            state.prepared.retain(|(_, job, _), _| keep.contains(job));
+            std::mem::take(&mut state.ended_kept)
+        };
+        let kept = |p: &KnownPod| {
+            keep.contains(&p.job)
+                || (ended_kept.contains(&p.job) && is_terminal(p.phase.as_deref()))
+        };
+        let pods = self.shared.pods_where(|p| !kept(p));
         let count = self.shared.delete_now(pods);
         if count > 0 {
             tracing::warn!(

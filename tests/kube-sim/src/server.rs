@@ -1407,11 +1407,56 @@ fn pod_log(
             out
         });
     }
-    Ok(bytes_response(
-        StatusCode::OK,
-        "text/plain",
-        Bytes::from(text),
-    ))
+    if !q.flag("follow") {
+        return Ok(bytes_response(
+            StatusCode::OK,
+            "text/plain",
+            Bytes::from(text),
+        ));
+    }
+    // Following, as the kubelet does: what there is, then what is added, until the container
+    // has terminated or the pod is gone.
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let (store, logs) = (state.store.clone(), state.logs.clone());
+    let (ty, ns, name) = (ty.clone(), ns.to_owned(), name.to_owned());
+    tokio::spawn(async move {
+        let mut sent = 0;
+        let mut text = text;
+        loop {
+            if text.len() > sent {
+                if tx.send(Bytes::from(text[sent..].to_owned())).await.is_err() {
+                    return;
+                }
+                sent = text.len();
+            }
+            let terminated = match store.get(&ty, &ns, &name) {
+                Err(_) => true,
+                Ok(pod) => pod
+                    .pointer("/status/containerStatuses")
+                    .and_then(Value::as_array)
+                    .and_then(|cs| cs.iter().find(|c| c.get("name") == Some(&json!(container))))
+                    .is_some_and(|c| c.pointer("/state/terminated").is_some()),
+            };
+            let latest = logs.get(&ns, &name, &container).unwrap_or_default();
+            if terminated {
+                if latest.len() > sent {
+                    let _ = tx.send(Bytes::from(latest[sent..].to_owned())).await;
+                }
+                return;
+            }
+            if tx.is_closed() {
+                return;
+            }
+            text = latest;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut r = Response::new(ApiBody::Stream(rx));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    Ok(r)
 }
 
 /// The object of an event as JSON in the requested version; the encoding is cached on the

@@ -167,6 +167,9 @@ pub struct GangStop {
     pub job: String,
     pub generation: u32,
     pub pgids: Vec<u32>,
+    /// The job has ended and its `cleanPodPolicy` is not `All`: replicas that have ended are
+    /// kept (pods, with their logs), as the Kubeflow training operator keeps them.
+    pub keep_ended: bool,
 }
 
 /// A metric the turn moved.
@@ -1346,10 +1349,15 @@ impl Lifecycle {
             record.pending_stop.get_or_insert_default().extend(pgids);
             return;
         }
+        let keep_ended = self.jobs.get(name).is_some_and(|r| {
+            r.status.state.is_finished()
+                && r.job.spec.run_policy.clean_pod_policy != Some(crate::job::CleanPodPolicy::All)
+        });
         self.stops.push(GangStop {
             job: name.to_owned(),
             generation,
             pgids,
+            keep_ended,
         });
     }
 

@@ -462,7 +462,7 @@ async fn a_stop_ends_when_the_generations_pods_are_gone() {
     assert_eq!(sim.pods("serve").await.len(), 3);
     tokio::time::timeout(
         PATIENCE,
-        executor.stop("serve", 1, vec![1, 1, 1], Duration::from_secs(30)),
+        executor.stop("serve", 1, vec![1, 1, 1], Duration::from_secs(30), false),
     )
     .await
     .expect("the stop ends");
@@ -475,6 +475,34 @@ async fn a_stop_ends_when_the_generations_pods_are_gone() {
         assert_eq!(exited(events), [Some(ExitOutcome::default())], "{replica}");
     }
 
+    sim.handle.shutdown();
+}
+
+/// The stop of a job that ended keeps the pods that ended (and their logs), unless its
+/// cleanPodPolicy is All; a restart's stop takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_after_the_job_ended_keeps_the_pods_that_ended() {
+    let sim = start_sim(3).await;
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let job = tf_job("done", &json!({"sim.agentd.io/run-seconds": "1"}));
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    reports_until_ended(&mut rx, &["ps-0", "worker-0", "worker-1"]).await;
+    tokio::time::timeout(
+        PATIENCE,
+        executor.stop("done", 1, Vec::new(), Duration::from_secs(30), true),
+    )
+    .await
+    .expect("the stop ends");
+    assert_eq!(sim.pods("done").await.len(), 3, "the ended pods are kept");
+    tokio::time::timeout(
+        PATIENCE,
+        executor.stop("done", 1, Vec::new(), Duration::from_secs(30), false),
+    )
+    .await
+    .expect("the stop ends");
+    assert!(sim.pods("done").await.is_empty());
     sim.handle.shutdown();
 }
 
@@ -499,7 +527,7 @@ async fn a_stop_does_not_wait_for_the_kubelet_of_a_lost_node() {
     executor.nodes_lost(&BTreeSet::from(["node-1".to_owned()]));
     tokio::time::timeout(
         PATIENCE,
-        executor.stop("cut", 1, vec![1, 1, 1], Duration::from_hours(1)),
+        executor.stop("cut", 1, vec![1, 1, 1], Duration::from_hours(1), false),
     )
     .await
     .expect("the stop ends without the lost node's kubelet");

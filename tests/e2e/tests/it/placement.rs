@@ -752,3 +752,89 @@ fn tainted_nodes_take_only_gangs_that_tolerate_them_and_affinity_chooses_nodes()
     assert_eq!(job["replicas"][0]["node"], "node-2", "{job}");
     assert_eq!(state(leader, "plain"), "Queued");
 }
+
+/// `agentctl logs` in cluster mode reads the replica's pod log through the API server: whole on
+/// the leader, followed until the container ends; a follower whose role may not read pod logs
+/// says where they can be read, with the kubectl command.
+#[test]
+fn logs_come_from_the_replicas_pods() {
+    let (sim, agents) = cluster(2, 1);
+    let (leader, follower) = (&agents[0], &agents[1]);
+    sim.wait_until("node-0 leads and takes requests", WAIT, || {
+        leader.agent.ctl(&["queues"]).status.success()
+    });
+    let text = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: talk, namespace: team}
+spec:
+  runPolicy: {cleanPodPolicy: None}
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        metadata:
+          annotations: {sim.agentd.io/run-seconds: "4", sim.agentd.io/log: "epoch 1\nepoch 2\n"}
+        spec:
+          containers:
+            - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let namespace = dir.path().join("team.yaml");
+    std::fs::write(
+        &namespace,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n",
+    )
+    .unwrap();
+    let out = sim.kubectl(&["apply", "-f", namespace.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = dir.path().join("talk.yaml");
+    std::fs::write(&file, text).unwrap();
+    leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    sim.wait_until("the gang runs", WAIT, || state(leader, "talk") == "Running");
+
+    // Followed: the stream ends when the container does, with the job's end.
+    let followed = leader
+        .agent
+        .ctl(&["logs", "talk", "--replica", "worker-1", "--follow"]);
+    assert!(
+        followed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    let ended = "epoch 1\nepoch 2\nkube-sim: container tensorflow exited with code 0\n";
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), ended);
+    sim.wait_until("the gang succeeds", WAIT, || {
+        state(leader, "talk") == "Succeeded"
+    });
+    // The pods stay when the job ends (cleanPodPolicy None; Running, the default, keeps them
+    // too), and so do their logs.
+    let whole = leader.agent.ctl(&["logs", "talk"]);
+    assert!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&whole.stdout), ended);
+
+    let unknown = leader.agent.ctl(&["logs", "talk", "--replica", "chief-0"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(said.contains("replicas: worker-0, worker-1"), "{said}");
+
+    // The node role may not read pods: the follower says where the log is.
+    let refused = follower.agent.ctl(&["logs", "talk"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("may not read pod logs")
+            && said.contains("(node-0)")
+            && said.contains(
+                "kubectl logs -n team -l agentd.io/job=talk,agentd.io/replica-type=worker,agentd.io/replica-index=0 -c tensorflow"
+            ),
+        "{said}"
+    );
+}
