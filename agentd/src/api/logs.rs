@@ -92,7 +92,13 @@ pub async fn respond_cluster(
             .ok_or_else(|| ApiError::NotFound(format!("job {name} has no replicas placed yet")))?,
     };
     let body: Body = match cluster
-        .replica_log(&name, &chosen.replica_type, chosen.index, follow)
+        .replica_log(
+            &name,
+            &chosen.replica_type,
+            chosen.index,
+            job.generation,
+            follow,
+        )
         .await?
     {
         crate::cluster::PodLog::Whole(bytes) => http_body_util::Full::new(bytes)
@@ -102,9 +108,24 @@ pub async fn respond_cluster(
             let (tx, rx) = mpsc::channel(16);
             tokio::spawn(async move {
                 use futures::StreamExt;
-                while let Some(Ok(bytes)) = stream.next().await {
-                    if tx.send(bytes).await.is_err() {
-                        return;
+                loop {
+                    // A client that left ends the follow even while the log is quiet.
+                    let next = tokio::select! {
+                        next = stream.next() => next,
+                        () = tx.closed() => return,
+                    };
+                    match next {
+                        Some(Ok(bytes)) => {
+                            if tx.send(bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let said = format!("\n[agentd: the log stream broke off: {e}]\n");
+                            let _ = tx.send(Bytes::from(said)).await;
+                            return;
+                        }
+                        None => return,
                     }
                 }
             });

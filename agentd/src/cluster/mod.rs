@@ -348,16 +348,17 @@ impl Cluster {
     /// which every authenticated user may create), so that a role without the right is never
     /// refused with a 403. `None` when the server did not answer the question.
     async fn may_on_nodes(&self, verb: &str, name: Option<&str>) -> Option<bool> {
-        self.may(verb, "nodes", None, name).await
+        self.may(verb, "nodes", None, None, name).await
     }
 
-    /// Whether this agent may `verb` a core `resource` (and `subresource`), in any namespace:
-    /// one SelfSubjectAccessReview. `None` when the server did not answer the question.
+    /// Whether this agent may `verb` a core `resource` (and `subresource`), in `namespace` (or
+    /// cluster-wide): one SelfSubjectAccessReview. `None` when the server did not answer.
     async fn may(
         &self,
         verb: &str,
         resource: &str,
         subresource: Option<&str>,
+        namespace: Option<&str>,
         name: Option<&str>,
     ) -> Option<bool> {
         let review = SelfSubjectAccessReview {
@@ -366,6 +367,7 @@ impl Cluster {
                     verb: Some(verb.to_owned()),
                     resource: Some(resource.to_owned()),
                     subresource: subresource.map(str::to_owned),
+                    namespace: namespace.map(str::to_owned),
                     name: name.map(str::to_owned),
                     ..ResourceAttributes::default()
                 }),

@@ -1257,6 +1257,7 @@ impl Core {
                 }
                 Effect::RemoveLogs { job } => {
                     let _ = std::fs::remove_dir_all(self.log_dir(&job));
+                    self.executor.forget_job(&job);
                 }
                 Effect::Metric(update) => {
                     // Every job's end passes here once, metrics or not: the log bound's next

@@ -92,6 +92,9 @@ pub trait Executor: Send {
     /// where an ended replica leaves nothing but its log.
     fn keep_ended_of(&self, _job: &str) {}
 
+    /// `job` was removed: what is left of it (replicas kept when it ended) goes.
+    fn forget_job(&self, _job: &str) {}
+
     /// Cluster mode: the nodes lost now. Their kubelets will never confirm a stop, so a stop
     /// deletes what runs there at once rather than wait for them. Nothing to do elsewhere.
     fn nodes_lost(&self, _nodes: &std::collections::BTreeSet<String>) {}

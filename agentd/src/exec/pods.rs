@@ -670,6 +670,7 @@ impl Shared {
             .prepare(&launch.namespace, &spec.job, spec.generation)
             .await
             .map_err(|e| start_failure("cannot prepare the job's Service", &e))?;
+        let owner_uid = owner.as_ref().map(|o| o.uid.clone());
         let pod =
             replica_pod(spec, launch, owner).map_err(|message| ReplicaEvent::StartFailed {
                 message,
@@ -683,6 +684,11 @@ impl Shared {
             // by an earlier try whose answer was lost. It is followed from what it is now,
             // since the watch may have shown all of it before the replica was followed.
             Err(kube::Error::Api(s)) if s.code == 409 => match api.get(&name).await {
+                // A pod of an earlier job of this name, kept when that job ended and not yet
+                // gone with it: it goes first.
+                Ok(existing) if foreign(&existing, owner_uid.as_deref()) => {
+                    replace(&api, &name, &pod).await?;
+                }
                 Ok(existing) => self.applied(&existing),
                 Err(e) => return Err(start_failure(&format!("cannot read pod {name}"), &e)),
             },
@@ -704,6 +710,41 @@ impl Shared {
             });
         Ok(())
     }
+}
+
+/// Whether `pod` belongs to another job than the one whose owner uid is `owner_uid`.
+fn foreign(pod: &Pod, owner_uid: Option<&str>) -> bool {
+    owner_uid.is_some_and(|uid| {
+        !pod.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == uid)
+    })
+}
+
+/// Deletes the pod `name` (at once), waits until it is gone, and creates `pod` in its place.
+async fn replace(api: &Api<Pod>, name: &str, pod: &Pod) -> Result<(), ReplicaEvent> {
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &now).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(start_failure(&format!("cannot delete pod {name}"), &e)),
+    }
+    for _ in 0..100 {
+        match api.get_opt(name).await {
+            Ok(None) => break,
+            Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(start_failure(&format!("cannot read pod {name}"), &e)),
+        }
+    }
+    api.create(&PostParams::default(), pod)
+        .await
+        .map(drop)
+        .map_err(|e| start_failure(&format!("cannot create pod {name}"), &e))
 }
 
 /// Forgets a replica that has ended; records its progress otherwise.
@@ -1153,6 +1194,11 @@ impl Executor for PodExecutor {
 
     fn nodes_lost(&self, nodes: &BTreeSet<String>) {
         self.shared.lock().lost_nodes.clone_from(nodes);
+    }
+
+    fn forget_job(&self, job: &str) {
+        let pods = self.shared.pods_where(|p| p.job == job);
+        self.shared.delete_now(pods);
     }
 
     fn keep_ended_of(&self, job: &str) {

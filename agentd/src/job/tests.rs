@@ -501,6 +501,7 @@ fn bad_node_affinity_and_tolerations_are_refused_naming_the_field() {
           - {key: k, operator: Exists, value: v}
           - {key: k, operator: Gt}
           - {key: k, effect: NoScheduleOften}
+          - {key: k, effect: NoSchedule, tolerationSeconds: 30}
           affinity:
             nodeAffinity:
               requiredDuringSchedulingIgnoredDuringExecution:
@@ -514,6 +515,7 @@ fn bad_node_affinity_and_tolerations_are_refused_naming_the_field() {
                 - matchFields:
                   - {key: metadata.labels, operator: In, values: [a]}
                   - {key: metadata.name, operator: Exists}
+                  - {key: metadata.name, operator: In, values: [a, b]}
 ",
     ))
     .unwrap();
@@ -532,10 +534,12 @@ fn bad_node_affinity_and_tolerations_are_refused_naming_the_field() {
             format!("{terms}[1]"),
             format!("{terms}[2].matchFields[0].key"),
             format!("{terms}[2].matchFields[1].operator"),
-            format!("{at}.tolerations[0].key"),
+            format!("{terms}[2].matchFields[2].values"),
+            format!("{at}.tolerations[0].operator"),
             format!("{at}.tolerations[1].value"),
             format!("{at}.tolerations[2].operator"),
             format!("{at}.tolerations[3].effect"),
+            format!("{at}.tolerations[4].tolerationSeconds"),
         ]
     );
     assert_eq!(

@@ -344,6 +344,15 @@ fn check_node_affinity(
                             format!("{:?} cannot match a field; use In or NotIn", e.operator),
                         ));
                     }
+                    Some(Operator::In | Operator::NotIn) if is_field && values.len() != 1 => {
+                        errors.push(FieldError::new(
+                            format!("{here}.values"),
+                            format!(
+                                "must hold exactly one node name with operator {} on a field",
+                                e.operator
+                            ),
+                        ));
+                    }
                     Some(Operator::In | Operator::NotIn) if values.is_empty() => {
                         errors.push(FieldError::new(
                             format!("{here}.values"),
@@ -387,8 +396,8 @@ fn check_tolerations(
         let value = t.value.as_deref().unwrap_or("");
         match operator {
             "" | "Equal" if key.is_empty() => errors.push(FieldError::new(
-                format!("{here}.key"),
-                "required with operator Equal; to tolerate every taint, leave the key out and use operator Exists",
+                format!("{here}.operator"),
+                "must be Exists when the key is empty (which tolerates every taint); give a key to tolerate one",
             )),
             "Exists" if !value.is_empty() => errors.push(FieldError::new(
                 format!("{here}.value"),
@@ -401,6 +410,12 @@ fn check_tolerations(
             )),
         }
         let effect = t.effect.as_deref().unwrap_or("");
+        if t.toleration_seconds.is_some() && effect != "NoExecute" {
+            errors.push(FieldError::new(
+                format!("{here}.tolerationSeconds"),
+                "applies only to effect NoExecute (how long the pod stays once the taint comes)",
+            ));
+        }
         if !matches!(effect, "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
             errors.push(FieldError::new(
                 format!("{here}.effect"),

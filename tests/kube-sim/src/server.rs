@@ -1419,16 +1419,16 @@ fn pod_log(
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     let (store, logs) = (state.store.clone(), state.logs.clone());
     let (ty, ns, name) = (ty.clone(), ns.to_owned(), name.to_owned());
+    // How much of the whole log has gone out (`text` may be its tail only).
+    let mut sent = state
+        .logs
+        .get(&ns, &name, &container)
+        .map_or(0, |l| l.len());
     tokio::spawn(async move {
-        let mut sent = 0;
-        let mut text = text;
+        if !text.is_empty() && tx.send(Bytes::from(text)).await.is_err() {
+            return;
+        }
         loop {
-            if text.len() > sent {
-                if tx.send(Bytes::from(text[sent..].to_owned())).await.is_err() {
-                    return;
-                }
-                sent = text.len();
-            }
             let terminated = match store.get(&ty, &ns, &name) {
                 Err(_) => true,
                 Ok(pod) => pod
@@ -1438,16 +1438,15 @@ fn pod_log(
                     .is_some_and(|c| c.pointer("/state/terminated").is_some()),
             };
             let latest = logs.get(&ns, &name, &container).unwrap_or_default();
-            if terminated {
-                if latest.len() > sent {
-                    let _ = tx.send(Bytes::from(latest[sent..].to_owned())).await;
-                }
+            // The log only grows while the pod exists; one that was replaced starts again.
+            let new = latest.get(sent..).unwrap_or(&latest).to_owned();
+            sent = latest.len();
+            if !new.is_empty() && tx.send(Bytes::from(new)).await.is_err() {
                 return;
             }
-            if tx.is_closed() {
+            if terminated || tx.is_closed() {
                 return;
             }
-            text = latest;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });

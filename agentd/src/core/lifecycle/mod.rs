@@ -207,7 +207,8 @@ pub enum Effect {
         replica: String,
         pid: u32,
     },
-    /// A removed job's replica logs.
+    /// A removed job's replica logs, and what is left of its replicas (pods kept when it
+    /// ended).
     RemoveLogs {
         job: String,
     },

@@ -837,4 +837,24 @@ spec:
             ),
         "{said}"
     );
+
+    // Removed, then submitted again at once: the new job's pods are its own, never the kept
+    // pods of the old one (same names, another owner).
+    let removed = leader.agent.ctl(&["cancel", "talk"]);
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
+    sim.wait_until("the new job succeeds", WAIT, || {
+        state(leader, "talk") == "Succeeded"
+    });
+    let uid = sim.get_json(&["trainingjob", "talk", "-n", "team"])["metadata"]["uid"].clone();
+    let pods = sim.get_json(&["pods", "-n", "team", "-l", "agentd.io/job=talk"]);
+    let pods = pods["items"].as_array().unwrap();
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    for pod in pods {
+        assert_eq!(pod["metadata"]["ownerReferences"][0]["uid"], uid, "{pod}");
+    }
 }
