@@ -360,14 +360,7 @@ pub fn total_gpus(job: &TrainingJob) -> u32 {
 /// [`validate`] would refuse is left out here.
 pub fn node_rule(spec: &k8s_openapi::api::core::v1::PodSpec) -> crate::sched::NodeRule {
     use crate::sched::{Operator, Requirement, TaintEffect, Toleration};
-    let affinity = spec
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
+    let affinity = required_node_affinity(spec)
         .map(|required| {
             required
                 .node_selector_terms
@@ -414,6 +407,18 @@ pub fn node_rule(spec: &k8s_openapi::api::core::v1::PodSpec) -> crate::sched::No
         affinity,
         tolerations,
     }
+}
+
+/// A pod template's required node affinity, if it has one.
+pub(crate) fn required_node_affinity(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> Option<&k8s_openapi::api::core::v1::NodeSelector> {
+    spec.affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
 }
 
 /// What the scheduler is asked to place for this job. Call it on a validated job: a resource

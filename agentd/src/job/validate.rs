@@ -282,15 +282,7 @@ fn check_node_affinity(
     errors: &mut Vec<FieldError>,
 ) {
     use crate::sched::Operator;
-    let Some(required) = pod
-        .affinity
-        .as_ref()
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|a| {
-            a.required_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
-    else {
+    let Some(required) = super::required_node_affinity(pod) else {
         return;
     };
     let terms_at = format!(

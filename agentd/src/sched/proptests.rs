@@ -368,6 +368,21 @@ pub(crate) fn policies() -> [Policy; 6] {
     ]
 }
 
+/// The full pass's decision on a generated case.
+fn decide(case: &Case, policy: &Policy) -> Decision {
+    let running = running_of(case);
+    schedule(
+        &Snapshot {
+            now: case.now,
+            nodes: &case.nodes,
+            running: &running,
+            queued: &case.queued,
+            queues: &case.queues,
+        },
+        policy,
+    )
+}
+
 /// The generated cases reach what the checks are for: passes where several gangs hold
 /// reservations at once.
 #[test]
@@ -379,17 +394,7 @@ fn generated_cases_hold_several_reservations() {
     let mut several = 0;
     for _ in 0..1000 {
         let case = arb_case().new_tree(&mut runner).expect("a case").current();
-        let running = running_of(&case);
-        let d = schedule(
-            &Snapshot {
-                now: case.now,
-                nodes: &case.nodes,
-                running: &running,
-                queued: &case.queued,
-                queues: &case.queues,
-            },
-            &policy,
-        );
+        let d = decide(&case, &policy);
         several += usize::from(d.reservations.len() > 1);
     }
     assert!(
@@ -447,17 +452,7 @@ fn generated_cases_place_tolerating_replicas_on_tainted_nodes() {
     let mut on_tainted = 0;
     for _ in 0..400 {
         let case = arb_case().new_tree(&mut runner).expect("a case").current();
-        let running = running_of(&case);
-        let d = schedule(
-            &Snapshot {
-                now: case.now,
-                nodes: &case.nodes,
-                running: &running,
-                queued: &case.queued,
-                queues: &case.queues,
-            },
-            &Policy::agentd(),
-        );
+        let d = decide(&case, &Policy::agentd());
         on_tainted += d
             .placements
             .iter()
