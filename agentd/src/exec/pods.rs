@@ -305,6 +305,9 @@ impl Shared {
         let key = (job.clone(), generation, replica.clone());
         {
             let mut state = self.lock();
+            if superseded(&state, pod, &job, generation) {
+                return;
+            }
             state.pods.insert(
                 pod_ref(pod),
                 KnownPod {
@@ -437,10 +440,25 @@ impl Shared {
         let (namespace, name) = pod_ref(pod);
         {
             let mut state = self.lock();
-            state.pods.remove(&(namespace.clone(), name.clone()));
             if let Some(uid) = pod.metadata.uid.as_deref() {
                 state.mount_failures.forget(uid);
             }
+            // The pod of an earlier job of this name: what is known under its name now may be
+            // the new job's pod.
+            if let Some((job, generation, _)) = replica_of(pod)
+                && superseded(&state, pod, &job, generation)
+            {
+                let same = |known: &KnownPod| known.uid == pod.metadata.uid;
+                if state
+                    .pods
+                    .get(&(namespace.clone(), name.clone()))
+                    .is_some_and(same)
+                {
+                    state.pods.remove(&(namespace, name));
+                }
+                return;
+            }
+            state.pods.remove(&(namespace.clone(), name.clone()));
             if let Some((job, generation, replica)) = replica_of(pod) {
                 let key = (job, generation, replica);
                 if let Some(progress) = state.followed.get(&key).copied() {
@@ -710,6 +728,18 @@ impl Shared {
             });
         Ok(())
     }
+}
+
+/// Whether `pod` is of an earlier job with this job's name (a pod kept when that job ended):
+/// the job's generation is prepared with an owner the pod does not name. Its events are not
+/// the new job's replicas'.
+fn superseded(state: &State, pod: &Pod, job: &str, generation: u32) -> bool {
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let owner = state
+        .prepared
+        .get(&(namespace, job.to_owned(), generation))
+        .and_then(|cell| cell.get().cloned().flatten());
+    owner.is_some_and(|o| foreign(pod, Some(&o.uid)))
 }
 
 /// Whether `pod` belongs to another job than the one whose owner uid is `owner_uid`.
