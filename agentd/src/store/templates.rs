@@ -110,7 +110,12 @@ impl Templates {
         may_change: impl FnOnce(&Owner) -> bool,
     ) -> Result<Saved, TemplateError> {
         let mut conn = self.lock();
-        let tx = conn.transaction().map_err(self.sql())?;
+        // Immediate: it reads, then writes. A deferred transaction that must turn from reading
+        // to writing after the agent's core wrote meanwhile fails at once with "database is
+        // locked", whatever the busy timeout; taking the write lock first waits for it instead.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(self.sql())?;
         let existing = tx
             .query_row(
                 "SELECT owner_uid, owner_gid, owner_user FROM templates WHERE name = ?1",

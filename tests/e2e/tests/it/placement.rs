@@ -465,12 +465,22 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
     ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
     }
-    // A failed job's pods are gone with it: nothing is left holding the nodes.
-    sim.wait_until("the failed gangs' pods are deleted", WAIT, || {
-        sim.get_json(&["pods", "-l", "agentd.io/job"])["items"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    // Nothing of a failed job is left holding the nodes: the pods that never ran (waiting on
+    // an image or volumes) are deleted; those that ended (evicted) stay, with their logs, as
+    // cleanPodPolicy Running (the default) keeps them.
+    sim.wait_until(
+        "the failed gangs' unfinished pods are deleted",
+        WAIT,
+        || {
+            sim.get_json(&["pods", "-l", "agentd.io/job"])["items"]
+                .as_array()
+                .is_some_and(|pods| {
+                    pods.iter().all(|p| {
+                        matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+                    })
+                })
+        },
+    );
 }
 
 /// Applied with kubectl: one worker without GPUs whose pod runs 60 s.
