@@ -75,22 +75,8 @@ pub async fn respond_cluster(
             reply,
         })
         .await?;
-    let chosen = match &replica {
-        Some(r) => job.replicas.iter().find(|s| &s.name == r).ok_or_else(|| {
-            let names: Vec<&str> = job.replicas.iter().map(|s| s.name.as_str()).collect();
-            ApiError::BadRequest {
-                message: format!(
-                    "job {name} has no replica {r:?}; replicas: {}",
-                    names.join(", ")
-                ),
-                field: Some("replica".to_owned()),
-            }
-        })?,
-        None => job
-            .replicas
-            .first()
-            .ok_or_else(|| ApiError::NotFound(format!("job {name} has no replicas placed yet")))?,
-    };
+    let chosen = crate::core::log_replica(&job, replica.as_deref())?
+        .ok_or_else(|| ApiError::NotFound(format!("job {name} has no replicas placed yet")))?;
     let body: Body = match cluster
         .replica_log(
             &name,
@@ -104,6 +90,8 @@ pub async fn respond_cluster(
         crate::cluster::PodLog::Whole(bytes) => http_body_util::Full::new(bytes)
             .map_err(|never| match never {})
             .boxed(),
+        // Forwarded by a task: the response body must be `Sync`, which the API server's
+        // stream is not.
         crate::cluster::PodLog::Follow(mut stream) => {
             let (tx, rx) = mpsc::channel(16);
             tokio::spawn(async move {

@@ -183,6 +183,32 @@ impl Command {
     }
 }
 
+/// The replica whose log is asked for: `replica`, which the job must have, or its first
+/// (`None` when it has none yet).
+pub fn log_replica<'a>(
+    job: &'a JobStatus,
+    replica: Option<&str>,
+) -> Result<Option<&'a agentd_api::jobs::ReplicaStatus>, CoreError> {
+    let Some(r) = replica else {
+        return Ok(job.replicas.first());
+    };
+    match job.replicas.iter().find(|s| s.name == r) {
+        Some(found) => Ok(Some(found)),
+        None => Err(CoreError::BadField {
+            field: "replica".to_owned(),
+            message: format!(
+                "job {} has no replica {r:?}; replicas: {}",
+                job.name,
+                job.replicas
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
 /// Where a replica's log is, and whether more can come.
 #[derive(Debug, Clone)]
 pub struct LogFiles {
@@ -843,30 +869,7 @@ impl Core {
             Some(record) => (record.status.clone(), !record.live_pgids().is_empty()),
             None => (finished::stored(self.store.as_ref(), name)?, false),
         };
-        let replica = match replica {
-            Some(r) => {
-                if !record.replicas.iter().any(|s| s.name == r) {
-                    return Err(CoreError::BadField {
-                        field: "replica".to_owned(),
-                        message: format!(
-                            "job {name} has no replica {r:?}; replicas: {}",
-                            record
-                                .replicas
-                                .iter()
-                                .map(|s| s.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    });
-                }
-                r.to_owned()
-            }
-            None => record
-                .replicas
-                .first()
-                .map(|s| s.name.clone())
-                .unwrap_or_default(),
-        };
+        let replica = log_replica(&record, replica)?.map_or_else(String::new, |s| s.name.clone());
         let current = self.log_dir(name).join(format!("{replica}.log"));
         Ok(LogFiles {
             replica,

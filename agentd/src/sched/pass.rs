@@ -96,8 +96,6 @@ impl Prepared<'_> {
 pub(crate) struct Cache {
     pub selectors: SelectorTable,
     selector_ids: HashMap<NodeRule, u32>,
-    /// The empty rule's id (not 0 where some node is tainted), once known.
-    empty_rule: Option<u32>,
     shapes: FastMap<Vec<Need>, usize>,
     pub shape_needs: Vec<Vec<Need>>,
     ideal: Option<FreeState>,
@@ -125,10 +123,6 @@ impl Cache {
 
     /// The interned id of a node rule: 0 for a rule that admits every node of this cluster.
     pub fn selector_id(&mut self, nodes: &[NodeCapacity], rule: &NodeRule) -> u32 {
-        let empty = rule.is_empty();
-        if let Some(id) = self.empty_rule.filter(|_| empty) {
-            return id;
-        }
         if let Some(&id) = self.selector_ids.get(rule) {
             return id;
         }
@@ -140,9 +134,6 @@ impl Cache {
             (self.selectors.matches.len() - 1) as u32
         };
         self.selector_ids.insert(rule.clone(), id);
-        if empty {
-            self.empty_rule = Some(id);
-        }
         id
     }
 
