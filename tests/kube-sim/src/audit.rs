@@ -22,10 +22,21 @@ impl AuditLog {
         })
     }
 
-    /// Appends one line: who did what to which object, and the response code.
-    pub fn record(&self, user: &str, method: &http::Method, uri: &str, a: &Attributes, code: u16) {
+    /// Appends one line: who did what to which object, and the response code. `name` is the
+    /// object's: for a create, whose URL names none, the name of the object created (as
+    /// kube-apiserver fills `objectRef.name` from the object).
+    pub fn record(
+        &self,
+        user: &str,
+        method: &http::Method,
+        uri: &str,
+        a: &Attributes,
+        name: &str,
+        code: u16,
+    ) {
         let line = json!({
-            "timestamp": crate::clock::now(),
+            // Microseconds, as kube-apiserver's `stageTimestamp`.
+            "timestamp": crate::clock::now_micros(),
             "user": user,
             "verb": a.verb,
             "method": method.as_str(),
@@ -34,7 +45,7 @@ impl AuditLog {
             "resource": a.resource,
             "subresource": a.subresource,
             "namespace": a.namespace,
-            "name": a.name,
+            "name": name,
             "code": code,
         });
         let mut text = line.to_string();

@@ -575,15 +575,40 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         Ok(Ok(user)) => authorize_and_serve(&state, user, &parts, body, route, &attrs, &q).await,
     };
     if let Some(audit) = &state.audit {
+        let created = (attrs.verb == "create" && attrs.name.is_empty())
+            .then(|| created_name(&resp))
+            .flatten();
         audit.record(
             &user,
             &parts.method,
             &parts.uri.to_string(),
             &attrs,
+            created.as_deref().unwrap_or(&attrs.name),
             resp.status().as_u16(),
         );
     }
     Ok(resp)
+}
+
+/// The name of the object a successful create answered with.
+fn created_name(resp: &Resp) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Object {
+        metadata: Metadata,
+    }
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        name: String,
+    }
+    if !resp.status().is_success() {
+        return None;
+    }
+    let ApiBody::Full(Some(bytes)) = resp.body() else {
+        return None;
+    };
+    serde_json::from_slice::<Object>(bytes)
+        .ok()
+        .map(|o| o.metadata.name)
 }
 
 /// A request answered by the fault switch: its `Status`, with `Retry-After` where
