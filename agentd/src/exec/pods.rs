@@ -336,8 +336,14 @@ impl Shared {
                             .mount_failures
                             .recent(uid, now, self.timeouts.mount_window())
                     });
-                    let since = mount.map_or(now, |(_, first)| first);
                     let waiting = stuck::waiting_on(pod, mount.map(|(message, _)| message));
+                    let since = match (&waiting, mount) {
+                        (Some((PlatformFailure::ImagePullFailed, _)), _) => {
+                            stuck::started(pod, k8s_openapi::jiff::Timestamp::now(), now)
+                        }
+                        (_, Some((_, first))) => first,
+                        _ => now,
+                    };
                     let at = Waiting {
                         pod: pod_ref(pod),
                         uid,

@@ -149,6 +149,24 @@ pub(super) fn waiting_on(pod: &Pod, mount: Option<&str>) -> Option<(PlatformFail
     ))
 }
 
+/// When `pod` started, on the local clock: its `status.startTime` (the kubelet took it up),
+/// else its creation, as the API server recorded them. An image wait is timed from it, so that a
+/// leader that sees the pod for the first time (a new term) does not give it a new full wait.
+/// `wall` and `now` are the same moment on the two clocks.
+pub(super) fn started(pod: &Pod, wall: Timestamp, now: Instant) -> Instant {
+    let at = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .or(pod.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0);
+    let age = at
+        .and_then(|t| Duration::try_from(wall.duration_since(t)).ok())
+        .unwrap_or_default();
+    // Only a pod older than this machine's monotonic clock fails the subtraction.
+    now.checked_sub(age).unwrap_or(now)
+}
+
 /// The image a container status names, else the one its spec names.
 fn image_of<'a>(pod: &'a Pod, status: &'a ContainerStatus, is_init: bool) -> &'a str {
     if !status.image.is_empty() {

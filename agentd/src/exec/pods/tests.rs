@@ -930,6 +930,52 @@ fn an_image_that_never_comes_is_seen_in_every_container_and_init_container() {
     );
 }
 
+/// An image wait is timed from the pod's start as the API server recorded it, not from when
+/// this leader first saw the pod: a new term does not give a pod that has waited for its image
+/// a new full wait.
+#[test]
+fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
+    use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let wall = Timestamp::now();
+    let now = tokio::time::Instant::now();
+    let ago = |minutes: i64| Time(wall - SignedDuration::from_mins(minutes));
+    let mut pod = Pod::default();
+    pod.metadata.creation_timestamp = Some(ago(9));
+    assert_eq!(
+        stuck::started(&pod, wall, now),
+        now - Duration::from_mins(9)
+    );
+    pod.status = Some(PodStatus {
+        start_time: Some(ago(7)),
+        ..PodStatus::default()
+    });
+    assert_eq!(
+        stuck::started(&pod, wall, now),
+        now - Duration::from_mins(7)
+    );
+    let timeouts = PodTimeouts {
+        image_pull: Duration::from_mins(5),
+        ..PodTimeouts::default()
+    };
+    let stuck = Stuck {
+        failure: PlatformFailure::ImagePullFailed,
+        since: stuck::started(&pod, wall, now),
+        pod: "default/p".into(),
+        uid: None,
+        message: String::new(),
+    };
+    assert!(
+        stuck.expired(&timeouts, now),
+        "7 minutes of a 5-minute wait"
+    );
+    // A start in the future (clocks apart) counts as now; no start at all too.
+    pod.status.as_mut().unwrap().start_time = Some(ago(-1));
+    assert_eq!(stuck::started(&pod, wall, now), now);
+    assert_eq!(stuck::started(&Pod::default(), wall, now), now);
+}
+
 /// Warnings are kept by pod uid and bounded: a pod agentd does not know loses its warnings a
 /// while after the last; a known pod's stay; one seen again is not new.
 #[test]
