@@ -58,11 +58,6 @@ const TICK: Duration = Duration::from_millis(250);
 /// replies.
 const MAX_BATCH: usize = 256;
 
-/// Replicas being started at once beyond which new submissions wait. Starting a process
-/// takes the machine a fraction of a millisecond; taking jobs in faster than that only moves
-/// the wait from the submission to the queue, where it is longer and nobody sees it.
-const MAX_IN_FLIGHT: u32 = 8;
-
 /// The file in the state directory that says the machine is drained.
 const DRAINED_MARKER: &str = "drained";
 
@@ -563,7 +558,8 @@ impl Core {
         let mut inventory = self.inventory.clone();
         let mut cluster_nodes = self.nodes.receiver();
         loop {
-            let taking_submits = self.lifecycle.in_flight() < MAX_IN_FLIGHT;
+            let max_starting = self.executor.max_starting();
+            let taking_submits = self.lifecycle.in_flight() < max_starting;
             tokio::select! {
                 Some(command) = inputs.commands.recv() => self.command(command),
                 Some(command) = inputs.submits.recv(), if taking_submits => {
@@ -602,7 +598,7 @@ impl Core {
                     self.command(command);
                     took = true;
                 }
-                if self.lifecycle.in_flight() < MAX_IN_FLIGHT
+                if self.lifecycle.in_flight() < max_starting
                     && let Ok(command) = inputs.submits.try_recv()
                 {
                     self.command(command);

@@ -68,6 +68,14 @@ pub trait Executor: Send {
     /// Whether replicas keep running when the agent stops, for the next agent to adopt.
     fn replicas_outlive_agent(&self) -> bool;
 
+    /// Replicas being started at once (launched, not yet reported started or failed) beyond
+    /// which the core takes in no new submission. Starting a process takes the machine a
+    /// fraction of a millisecond; taking jobs in faster than that only moves the wait from the
+    /// submission to the queue, where it is longer and nobody sees it.
+    fn max_starting(&self) -> u32 {
+        8
+    }
+
     /// After an agent restart: watches the running replicas of a gang again, all of them or
     /// none (then says why). Returns how many it adopted.
     fn adopt(&self, job: &str, generation: u32, running: &[StoredReplica])

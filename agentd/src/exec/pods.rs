@@ -1093,6 +1093,9 @@ fn replica_pod(
     })
 }
 
+/// Pods created and not yet running beyond which the leader takes in no new submission.
+const MAX_STARTING_PODS: u32 = 10_000;
+
 impl Executor for PodExecutor {
     fn addresses(&self, job: &TrainingJob) -> Result<ClusterHosts, String> {
         Ok(ClusterHosts::cluster(
@@ -1160,6 +1163,14 @@ impl Executor for PodExecutor {
 
     fn replicas_outlive_agent(&self) -> bool {
         true
+    }
+
+    /// A pod counts as starting until it runs, which takes its kubelet seconds (the sandbox,
+    /// the image) whatever the leader does: a bound as small as a machine's would hold every
+    /// submission in the cluster behind one gang's kubelets. This one bounds only what the
+    /// leader keeps in flight.
+    fn max_starting(&self) -> u32 {
+        MAX_STARTING_PODS
     }
 
     fn adopt(

@@ -120,6 +120,53 @@ impl Known {
     }
 }
 
+/// What of a job's status is written to its object as soon as it changes: the state and why,
+/// the generation and where its replicas are placed, restarts, the job's times, its queue and
+/// priority, and, once the job has finished, whether replicas are still being ended. Replica
+/// progress within a state (one pod of eight running, one worker done while the others work)
+/// is not: the leader keeps it (`agentctl job` on the leader shows it) and it reaches the
+/// object with the job's next milestone, so that a gang costs the API server a few status
+/// writes rather than one per pod event. A new leader rebuilds replica progress from the pods.
+#[derive(Debug, PartialEq)]
+struct Milestone<'a> {
+    state: agentd_api::jobs::JobState,
+    reason: &'a str,
+    message: &'a str,
+    generation: u32,
+    restarts: u32,
+    queue: &'a str,
+    priority: i32,
+    times: (Option<f64>, Option<f64>),
+    placement: Vec<(&'a str, Option<&'a str>)>,
+    settling: bool,
+}
+
+impl<'a> Milestone<'a> {
+    fn of(status: &'a JobStatus) -> Self {
+        use agentd_api::jobs::ReplicaState;
+        Self {
+            state: status.state,
+            reason: &status.reason,
+            message: &status.message,
+            generation: status.generation,
+            restarts: status.restarts,
+            queue: &status.queue,
+            priority: status.priority,
+            times: (status.started_at, status.finished_at),
+            placement: status
+                .replicas
+                .iter()
+                .map(|r| (r.name.as_str(), r.node.as_deref()))
+                .collect(),
+            settling: status.state.is_finished()
+                && status
+                    .replicas
+                    .iter()
+                    .any(|r| r.state == ReplicaState::Running),
+        }
+    }
+}
+
 /// Objects without an agentd status that the leader is admitting (submitted on another node,
 /// or with `kubectl apply`), by job name: the store's first write of such a job goes onto the
 /// object as it was read, instead of creating one.
@@ -331,6 +378,14 @@ impl KubeStore {
             known.gpus = job::parse(manifest.as_bytes())
                 .ok()
                 .map(|j| requested_gpus(&j));
+        }
+        if known.unconfirmed.is_none()
+            && let (Some(written), Some(now)) = (&known.written, &parsed)
+            && Milestone::of(written) == Milestone::of(now)
+        {
+            // Only replica progress changed: it goes with the job's next milestone.
+            self.known.borrow_mut().insert(name.to_owned(), known);
+            return Ok(());
         }
         let mut body = status;
         if let Some(fields) = body.as_object_mut() {

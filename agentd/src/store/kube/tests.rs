@@ -403,6 +403,75 @@ fn the_status_carries_kubeflows_conditions_and_replica_counts() {
     );
 }
 
+/// Replica progress within a state is not written on its own: a gang of eight pods costs a
+/// status write at each milestone (placed, running, finished, its last replicas ended), not one
+/// per pod event; the progress goes with the next milestone.
+#[test]
+fn replica_progress_waits_for_the_next_milestone() {
+    let cluster = Cluster::start();
+    let mut store = cluster.store();
+    let manifest = native("m", 1, 0);
+    let version = || {
+        cluster
+            .get("default", "m")
+            .expect("the object exists")
+            .metadata
+            .resource_version
+    };
+    let mut status = status("m", JobState::Starting, "Starting");
+    status.generation = 1;
+    status.replicas[0].node = Some("node-1".to_owned());
+    let mut second = status.replicas[0].clone();
+    second.name = "worker-1".to_owned();
+    second.index = 1;
+    status.replicas.push(second);
+    let mut write = |status: &JobStatus| {
+        store
+            .write_batch(&[upsert("m", &manifest, status)], &[])
+            .expect("written");
+    };
+    write(&status);
+    let placed = version();
+
+    // One replica of two runs: progress only.
+    status.replicas[0].state = ReplicaState::Running;
+    status.replicas[0].pid = Some(7);
+    write(&status);
+    assert_eq!(version(), placed, "progress alone is not written");
+
+    // Both run: the job runs, a milestone, written with the progress before it.
+    status.state = JobState::Running;
+    status.reason = "Running".to_owned();
+    status.replicas[1].state = ReplicaState::Running;
+    write(&status);
+    let running = cluster.get("default", "m").expect("the object exists");
+    assert_ne!(running.metadata.resource_version, placed);
+    assert_eq!(stored_status(&running), status);
+
+    // worker-1 done while the job runs on: progress; then worker-0 completes the job while
+    // worker-1's stop is still under way, then worker-1 is ended: two milestones.
+    status.replicas[1].state = ReplicaState::Succeeded;
+    write(&status);
+    assert_eq!(version(), running.metadata.resource_version);
+    status.replicas[1].state = ReplicaState::Running;
+    status.state = JobState::Succeeded;
+    status.reason = "Succeeded".to_owned();
+    status.replicas[0].state = ReplicaState::Succeeded;
+    write(&status);
+    let finished = version();
+    assert_ne!(finished, running.metadata.resource_version);
+    status.replicas[1].state = ReplicaState::Terminated;
+    write(&status);
+    let settled = cluster.get("default", "m").expect("the object exists");
+    assert_ne!(settled.metadata.resource_version, finished);
+    assert_eq!(stored_status(&settled), status);
+
+    // A new placement is a milestone whatever else stays.
+    status.replicas[1].node = Some("node-2".to_owned());
+    write(&status);
+    assert_ne!(version(), settled.metadata.resource_version);
+}
+
 #[test]
 fn a_tfjob_round_trips_as_a_training_job() {
     let cluster = Cluster::start();
