@@ -43,7 +43,7 @@ spec:
 "#;
 
 fn queues(agent: &NodeAgent) -> Value {
-    agent.agent.ctl_json(&["queues", "-o", "json"])
+    agent.agent.ctl_json(&["queues"])
 }
 
 fn queue<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
