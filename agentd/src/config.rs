@@ -60,6 +60,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// Text that is not TOML at all (the message says where).
+    #[error("{0}")]
+    Syntax(String),
 }
 
 /// The whole configuration, as `agentd --print-config` prints it.
@@ -470,6 +473,205 @@ pub fn default_queues() -> BTreeMap<String, QueueSettings> {
     ])
 }
 
+/// The one check of a set of queues, wherever they come from (agentd.toml, or the
+/// `queues.toml` of the cluster's ConfigMap): every problem, each naming its field.
+pub fn check_queues(
+    queues: &BTreeMap<String, QueueSettings>,
+    default_queue: &str,
+) -> Vec<ConfigError> {
+    let mut problems = Vec::new();
+    for (name, q) in queues {
+        if q.weight {
+            problems.push(ConfigError::Invalid {
+                field: format!("queues.{name}.weight"),
+                message: "is not a setting (it never had an effect): queues are served by priority, and within one priority by job priority, then submit time; remove the key".to_owned(),
+            });
+        }
+        if !is_queue_name(name) {
+            problems.push(ConfigError::Invalid {
+                field: format!("queues.{name}"),
+                message:
+                    "a queue name must be lower-case letters, digits and '-', at most 63 characters"
+                        .to_owned(),
+            });
+        }
+    }
+    if !queues.contains_key(default_queue) {
+        problems.push(ConfigError::Invalid {
+            field: "jobs.default_queue".to_owned(),
+            message: format!(
+                "names queue {default_queue:?}, which is not configured; configured queues: {}",
+                queues.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
+    problems
+}
+
+/// The name of the file of queue definitions in the cluster's ConfigMap (its one data key).
+pub const QUEUES_FILE: &str = "queues.toml";
+
+/// A set of queues and the default one: what agentd.toml configures, or what the cluster's
+/// ConfigMap defines in its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDefinitions {
+    pub queues: BTreeMap<String, QueueSettings>,
+    pub default_queue: String,
+}
+
+impl QueueDefinitions {
+    /// The queues of a checked configuration.
+    pub fn configured(config: &Config) -> Self {
+        Self {
+            queues: config.queues.clone(),
+            default_queue: config.jobs.default_queue.clone(),
+        }
+    }
+
+    /// Reads `queues.toml`: `[queues.NAME]` tables exactly as in agentd.toml, and optionally
+    /// `[jobs] default_queue` (else `configured_default`, agentd.toml's, which must then be
+    /// one of them). Every problem is returned at once, each naming its field.
+    pub fn from_queues_toml(
+        text: &str,
+        configured_default: &str,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let file: toml::Table = toml::from_str(text)
+            .map_err(|e| vec![ConfigError::Syntax(one_line(&e.to_string()))])?;
+        let invalid = |field: String, message: &str| ConfigError::Invalid {
+            field,
+            message: message.to_owned(),
+        };
+        let mut problems = Vec::new();
+        let mut queues = BTreeMap::new();
+        let mut default_queue = None;
+        for (key, value) in &file {
+            match (key.as_str(), value) {
+                ("queues", toml::Value::Table(tables)) => {
+                    for (name, table) in tables {
+                        match read_queue(name, table) {
+                            Ok(settings) => {
+                                queues.insert(name.clone(), settings);
+                            }
+                            Err(mut found) => problems.append(&mut found),
+                        }
+                    }
+                }
+                ("jobs", toml::Value::Table(jobs)) => {
+                    for (key, value) in jobs {
+                        match (key.as_str(), value) {
+                            ("default_queue", toml::Value::String(name)) => {
+                                default_queue = Some(name.clone());
+                            }
+                            ("default_queue", _) => problems.push(invalid(
+                                "jobs.default_queue".to_owned(),
+                                "must be a string: the name of one of the queues defined here",
+                            )),
+                            _ => problems.push(invalid(
+                                format!("jobs.{key}"),
+                                "is not read from this file, which takes only [jobs] default_queue; set it in agentd.toml",
+                            )),
+                        }
+                    }
+                }
+                ("queues" | "jobs", _) => problems.push(invalid(
+                    key.clone(),
+                    "must be a table: [queues.NAME] tables, or [jobs] with default_queue",
+                )),
+                _ => problems.push(invalid(
+                    key.clone(),
+                    "is not read from this file, which takes only [queues.NAME] tables and [jobs] default_queue; set it in agentd.toml",
+                )),
+            }
+        }
+        if problems.is_empty() && queues.is_empty() {
+            problems.push(invalid(
+                "queues".to_owned(),
+                "defines no queue: define at least one [queues.NAME], or delete the ConfigMap to use the queues in agentd.toml",
+            ));
+        }
+        let set_here = default_queue.is_some();
+        let default_queue = default_queue.unwrap_or_else(|| configured_default.to_owned());
+        if !queues.is_empty() {
+            for problem in check_queues(&queues, &default_queue) {
+                problems.push(match problem {
+                    ConfigError::Invalid { field, .. }
+                        if field == "jobs.default_queue" && !set_here =>
+                    {
+                        ConfigError::Invalid {
+                            field,
+                            message: format!(
+                                "is not set here, and agentd.toml's default queue {default_queue:?} is not one of the queues defined here ({}); set [jobs] default_queue",
+                                queues.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ),
+                        }
+                    }
+                    other => other,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                queues,
+                default_queue,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// One `[queues.NAME]` table, read as agentd.toml reads it ([`QueueSettings`]'s own reading).
+/// Where that fails, each key is read again on its own, so that every key at fault is named.
+fn read_queue(name: &str, value: &toml::Value) -> Result<QueueSettings, Vec<ConfigError>> {
+    let at = |key: &str| {
+        if key.is_empty() {
+            format!("queues.{name}")
+        } else {
+            format!("queues.{name}.{key}")
+        }
+    };
+    let whole = match value.clone().try_into::<QueueSettings>() {
+        Ok(settings) => return Ok(settings),
+        Err(e) => e,
+    };
+    let mut problems = Vec::new();
+    if let toml::Value::Table(table) = value {
+        for (key, value) in table {
+            // `priority` is required: a placeholder stands in for it while another key is read.
+            let mut alone =
+                toml::Table::from_iter([("priority".to_owned(), toml::Value::Integer(0))]);
+            alone.insert(key.clone(), value.clone());
+            if let Err(e) = toml::Value::Table(alone).try_into::<QueueSettings>() {
+                problems.push(ConfigError::Invalid {
+                    field: at(key),
+                    message: e.message().to_owned(),
+                });
+            }
+        }
+    }
+    if problems.is_empty() {
+        problems.push(ConfigError::Invalid {
+            field: at(""),
+            message: match value {
+                toml::Value::Table(_) => one_line(whole.message()),
+                _ => "must be a table: priority, and optionally max_running_jobs and max_gpus"
+                    .to_owned(),
+            },
+        });
+    }
+    Err(problems)
+}
+
+/// A toml error on one line: its message carries the key and a caret under it.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Values given on the command line or in the environment; each one set wins over the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -513,15 +715,7 @@ impl Config {
 
     /// Parses TOML text; the error names the offending key and says what is allowed.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| {
-            // toml's message carries the key and a caret under it; keep it on one line.
-            e.to_string()
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+        toml::from_str(text).map_err(|e| one_line(&e.to_string()))
     }
 
     fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
@@ -717,31 +911,13 @@ impl Config {
         if self.queues.is_empty() {
             self.queues = default_queues();
         }
-        for (name, q) in &self.queues {
-            if q.weight {
-                return Err(invalid(
-                    &format!("queues.{name}.weight"),
-                    "is not a setting (it never had an effect): queues are served by priority, and within one priority by job priority, then submit time; remove the key",
-                ));
-            }
-            if !is_queue_name(name) {
-                return Err(invalid(
-                    &format!("queues.{name}"),
-                    "a queue name must be lower-case letters, digits and '-', at most 63 characters",
-                ));
-            }
+        match check_queues(&self.queues, &self.jobs.default_queue)
+            .into_iter()
+            .next()
+        {
+            Some(first) => Err(first),
+            None => Ok(()),
         }
-        if !self.queues.contains_key(&self.jobs.default_queue) {
-            return Err(ConfigError::Invalid {
-                field: "jobs.default_queue".to_owned(),
-                message: format!(
-                    "names queue {:?}, which is not configured; configured queues: {}",
-                    self.jobs.default_queue,
-                    self.queues.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            });
-        }
-        Ok(())
     }
 
     /// The node name: configured, else the hostname.
@@ -875,6 +1051,112 @@ mod tests {
         let err = config.check().unwrap_err().to_string();
         assert!(err.contains("queues.batch.weight"), "{err}");
         assert!(err.contains("remove the key"), "{err}");
+    }
+
+    /// queues.toml: agentd.toml's `[queues.NAME]` tables and `[jobs] default_queue`, read
+    /// by the same code; the default queue is agentd.toml's when the file names none.
+    #[test]
+    fn queue_definitions_are_read_as_agentd_toml_reads_queues() {
+        let defs = QueueDefinitions::from_queues_toml(
+            "[queues.gpu]\npriority = 5\nmax_gpus = 8\nmax_running_jobs = 2\n[queues.cpu]\npriority = -1\n[jobs]\ndefault_queue = \"cpu\"\n",
+            "fast",
+        )
+        .unwrap();
+        assert_eq!(defs.default_queue, "cpu");
+        let gpu = &defs.queues["gpu"];
+        assert_eq!(
+            (gpu.priority, gpu.max_gpus, gpu.max_running_jobs),
+            (5, Some(8), Some(2))
+        );
+        assert_eq!(defs.queues["cpu"].priority, -1);
+        let defs =
+            QueueDefinitions::from_queues_toml("[queues.fast]\npriority = 3\n", "fast").unwrap();
+        assert_eq!(defs.default_queue, "fast");
+        // The same tables in agentd.toml read the same.
+        let mut config = Config::from_toml(
+            "[queues.gpu]\npriority = 5\nmax_gpus = 8\nmax_running_jobs = 2\n[queues.cpu]\npriority = -1\n[jobs]\ndefault_queue = \"cpu\"\n",
+        )
+        .unwrap();
+        config.check().unwrap();
+        let again = QueueDefinitions::from_queues_toml(
+            "[queues.gpu]\npriority = 5\nmax_gpus = 8\nmax_running_jobs = 2\n[queues.cpu]\npriority = -1\n[jobs]\ndefault_queue = \"cpu\"\n",
+            "fast",
+        )
+        .unwrap();
+        assert_eq!(QueueDefinitions::configured(&config), again);
+    }
+
+    /// Every problem at once, each naming its field and what is allowed.
+    #[test]
+    fn every_problem_of_queue_definitions_is_named_at_once() {
+        let text = "\
+scheduler = 1
+[jobs]
+default_queue = \"nosuch\"
+kill_grace = \"5s\"
+[queues.gpu]
+priority = 5
+max_gpus = -1
+prio = 3
+[queues.big]
+priority = \"high\"
+[queues.empty]
+[queues.old]
+priority = 1
+weight = 2
+[queues.Bad_Name]
+priority = 1
+[queues.flat]
+priority = 1
+";
+        let problems: Vec<String> = QueueDefinitions::from_queues_toml(text, "fast")
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let has = |field: &str, words: &str| {
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{field}: ")) && p.contains(words))
+        };
+        assert!(has("scheduler", "set it in agentd.toml"), "{problems:#?}");
+        assert!(
+            has("jobs.kill_grace", "only [jobs] default_queue"),
+            "{problems:#?}"
+        );
+        assert!(has("queues.gpu.max_gpus", "u32"), "{problems:#?}");
+        assert!(has("queues.gpu.prio", "priority"), "{problems:#?}");
+        assert!(has("queues.big.priority", "string"), "{problems:#?}");
+        assert!(has("queues.empty", "priority"), "{problems:#?}");
+        assert!(has("queues.old.weight", "remove the key"), "{problems:#?}");
+        assert!(has("queues.Bad_Name", "lower-case"), "{problems:#?}");
+        assert!(has("jobs.default_queue", "\"nosuch\""), "{problems:#?}");
+        assert_eq!(problems.len(), 9, "{problems:#?}");
+
+        let err = |text: &str| {
+            QueueDefinitions::from_queues_toml(text, "fast")
+                .unwrap_err()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let said = err("[queues.gpu]\npriority = 1\n");
+        assert!(
+            said.starts_with("jobs.default_queue: is not set here")
+                && said.contains("\"fast\"")
+                && said.contains("gpu"),
+            "{said}"
+        );
+        assert!(err("").starts_with("queues: defines no queue"));
+        assert!(err("queues = 3\n").starts_with("queues: must be a table"));
+        assert!(err("[queues]\ngpu = 1\n").starts_with("queues.gpu: must be a table"));
+        assert!(
+            err("[jobs]\ndefault_queue = 1\n[queues.fast]\npriority = 1\n")
+                .starts_with("jobs.default_queue: must be a string")
+        );
+        let syntax = err("[queues.gpu\npriority = 1\n");
+        assert!(syntax.contains("line 1"), "{syntax}");
     }
 
     #[test]

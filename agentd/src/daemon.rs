@@ -158,7 +158,7 @@ async fn run_with_socket(
     let metrics = exporter.as_ref().map(|e| e.metrics.clone());
     // What can fail on its configuration comes before the core, which restores the jobs and
     // starts their replicas: a failure after it would leave it running.
-    let (cluster, cluster_tasks) = start_cluster(
+    let (cluster, mut cluster_tasks) = start_cluster(
         config,
         &node_name,
         metrics.clone(),
@@ -166,6 +166,18 @@ async fn run_with_socket(
         stop.clone(),
     )
     .await?;
+    // The queues in force: the configured ones, which the cluster's ConfigMap may replace.
+    let (queues_tx, queues) =
+        watch::channel(Arc::new(crate::core::QueuesInForce::configured(config)));
+    if let Some(cluster) = &cluster {
+        cluster_tasks.push(crate::cluster::queues::spawn(
+            cluster,
+            crate::config::QueueDefinitions::configured(config),
+            queues_tx,
+            stop.clone(),
+        ));
+    }
+    let admission = admission_rules(config, queues.clone(), stop.clone());
     let remote = open_remote(config).await?;
     let (core, core_handle) = match &cluster {
         Some(cluster) if config.cluster.place_jobs => start_cluster_core(
@@ -174,6 +186,7 @@ async fn run_with_socket(
             cluster.clone(),
             store,
             (inventory.clone(), health),
+            (queues, admission.clone()),
             metrics.clone(),
             stop.clone(),
             halt,
@@ -184,6 +197,7 @@ async fn run_with_socket(
                 node_name.clone(),
                 store,
                 (inventory.clone(), health),
+                queues,
                 metrics.clone(),
                 stop.clone(),
                 halt,
@@ -207,11 +221,7 @@ async fn run_with_socket(
         inventory,
         ready: ready_rx,
         core: core_handle,
-        admission: Arc::new(crate::job::Admission::new(
-            config.queues.keys().cloned(),
-            &config.jobs.default_queue,
-            config.jobs.max_replicas_per_job,
-        )),
+        admission,
         metrics: metrics.clone(),
         admin_group: Arc::from(config.api.admin_group.as_str()),
         limits: Arc::new(api::ApiLimits::new("socket", &config.api, metrics.clone())),
@@ -248,6 +258,39 @@ async fn run_with_socket(
     core.await
         .map_err(|e| DaemonError::Runtime(format!("core loop failed: {e}")))?
         .map_err(DaemonError::Runtime)
+}
+
+/// What a submission must pass, following the queues in force: a task renews the rules each
+/// time the queues change, until the agent stops.
+fn admission_rules(
+    config: &Config,
+    mut queues: watch::Receiver<Arc<crate::core::QueuesInForce>>,
+    mut stop: watch::Receiver<bool>,
+) -> watch::Receiver<Arc<crate::job::Admission>> {
+    let base = crate::job::Admission::new(
+        config.queues.keys().cloned(),
+        &config.jobs.default_queue,
+        config.jobs.max_replicas_per_job,
+    );
+    let first = base.with_queues(&queues.borrow_and_update().definitions);
+    let (tx, rx) = watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = queues.changed() => if changed.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let rules = base.with_queues(&queues.borrow_and_update().definitions);
+            tx.send_if_modified(|held| {
+                let changed = **held != rules;
+                if changed {
+                    *held = Arc::new(rules);
+                }
+                changed
+            });
+        }
+    });
+    rx
 }
 
 /// How long a new leader waits for the list of agentd pods before it gives up the attempt.
@@ -344,6 +387,7 @@ async fn start_metrics(
 
 /// Opens the core (restoring the stored jobs) and runs its loop on a thread of its own: the
 /// loop writes to the database and walks /proc, which must not hold up an async worker.
+#[allow(clippy::too_many_arguments)]
 async fn start_core(
     config: &Config,
     node_name: String,
@@ -352,6 +396,7 @@ async fn start_core(
         watch::Receiver<Arc<agentd_api::NodeInventory>>,
         mpsc::UnboundedReceiver<crate::inventory::GpuHealthEvent>,
     ),
+    queues: watch::Receiver<Arc<crate::core::QueuesInForce>>,
     metrics: Option<crate::metrics::Metrics>,
     stop: watch::Receiver<bool>,
     halt: watch::Sender<bool>,
@@ -375,8 +420,9 @@ async fn start_core(
         .await
         .map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?
     };
-    let (core, core_handle, core_inputs) =
+    let (mut core, core_handle, core_inputs) =
         opened.map_err(|e| DaemonError::Runtime(format!("cannot restore jobs: {e}")))?;
+    core.follow_queues(queues);
     let runtime = tokio::runtime::Handle::current();
     let core = supervise_core(
         tokio::task::spawn_blocking(move || {
@@ -403,6 +449,10 @@ fn start_cluster_core(
         watch::Receiver<Arc<agentd_api::NodeInventory>>,
         mpsc::UnboundedReceiver<crate::inventory::GpuHealthEvent>,
     ),
+    (queues, admission): (
+        watch::Receiver<Arc<crate::core::QueuesInForce>>,
+        watch::Receiver<Arc<crate::job::Admission>>,
+    ),
     metrics: Option<crate::metrics::Metrics>,
     stop: watch::Receiver<bool>,
     halt: watch::Sender<bool>,
@@ -423,11 +473,7 @@ fn start_cluster_core(
         tokio::spawn(crate::cluster::jobs::run_admission(
             cluster.watch_client().clone(),
             handle.clone(),
-            Arc::new(crate::job::Admission::new(
-                config.queues.keys().cloned(),
-                &config.jobs.default_queue,
-                config.jobs.max_replicas_per_job,
-            )),
+            admission,
             pending.clone(),
             Arc::clone(&keys),
             cluster.leadership(),
@@ -439,6 +485,7 @@ fn start_cluster_core(
         cluster.client().clone(),
         node_name.clone(),
         Arc::clone(&keys),
+        queues.clone(),
     );
     // Only an agent that may lead places, and only its role may watch every pod and Node.
     let nodes = if cluster.leader_eligible {
@@ -486,7 +533,7 @@ fn start_cluster_core(
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Core::open_in(
+            let mut core = Core::open_in(
                 &config,
                 TermParts {
                     node: node_name.clone(),
@@ -498,7 +545,9 @@ fn start_cluster_core(
                 },
                 &wiring,
                 Box::new(executor),
-            )
+            )?;
+            core.follow_queues(queues.clone());
+            Ok(core)
         };
         let mut stop = stop;
         runtime.block_on(

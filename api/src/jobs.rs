@@ -170,11 +170,23 @@ pub struct QueueStatus {
     pub queued: u32,
     pub running: u32,
     pub gpus_in_use: u32,
+    /// The queue is no longer defined: it serves the unfinished jobs it still holds, with its
+    /// last settings, and takes no new job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueList {
     pub queues: Vec<QueueStatus>,
+    /// Cluster mode: where the queues come from when it is not the agent's configuration
+    /// (`ConfigMap agentd-system/agentd-queues`), or while that ConfigMap is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Why the cluster's queue ConfigMap is not in force (it is not valid); the queues listed
+    /// are those that stay in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// One entry of `GET /v1/events`.

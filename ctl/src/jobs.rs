@@ -353,6 +353,8 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
         table.row(vec![
             if q.default {
                 format!("{} (default)", q.name)
+            } else if q.removed {
+                format!("{} (removed)", q.name)
             } else {
                 q.name.clone()
             },
@@ -368,6 +370,15 @@ pub async fn queues(client: &Client, format: Format) -> Result<(), Failure> {
         ]);
     }
     print!("{}", table.render(""));
+    if list.queues.iter().any(|q| q.removed) {
+        println!("(removed): no longer defined; serves the jobs it holds, takes no new one");
+    }
+    if let Some(source) = &list.source {
+        println!("queues from {source}");
+    }
+    if let Some(problem) = &list.problem {
+        println!("{problem}");
+    }
     Ok(())
 }
 

@@ -54,8 +54,9 @@ pub struct ApiState {
     /// True once the agent is ready to take work (first inventory in, core running).
     pub ready: watch::Receiver<bool>,
     pub core: CoreHandle,
-    /// What a submitted manifest must pass before it reaches the core.
-    pub admission: Arc<crate::job::Admission>,
+    /// What a submitted manifest must pass before it reaches the core: the rules of the
+    /// moment (the queues change while the agent runs, in cluster mode).
+    pub admission: watch::Receiver<Arc<crate::job::Admission>>,
     pub metrics: Option<crate::metrics::Metrics>,
     /// Members of this group act on every job (`api.admin_group`).
     pub admin_group: Arc<str>,
@@ -344,7 +345,7 @@ async fn dispatch(
             }
             // Reading and checking a manifest is work in proportion to the manifest: it runs on
             // a blocking thread so that no request waits behind it, and the core receives a job.
-            let admission = Arc::clone(&state.admission);
+            let admission = Arc::clone(&state.admission.borrow());
             let job = tokio::task::spawn_blocking(move || {
                 crate::job::admit(&body, &admission).map(|job| {
                     let manifest = String::from_utf8_lossy(&body).into_owned();

@@ -153,7 +153,7 @@ async fn save(
     }
     let manifest = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::bad_request("the manifest is not UTF-8 text: send YAML or JSON"))?;
-    let admission = Arc::clone(&state.admission);
+    let admission = Arc::clone(&state.admission.borrow());
     let who = caller.clone();
     let (saved, template) = blocking(move || {
         template::check(manifest.as_bytes(), &name, &admission).map_err(CoreError::from)?;
@@ -190,7 +190,7 @@ async fn submit(
              ({{\"name\": \"NEW\", \"set\": [\"PATH=VALUE\", ...]}}): {e}"
         ))
     })?;
-    let admission = Arc::clone(&state.admission);
+    let admission = Arc::clone(&state.admission.borrow());
     let template = blocking(move || Ok(templates.get(&name)?)).await?;
     caller.may_run_template(&template.name, &template.owner)?;
     let made = blocking(move || {

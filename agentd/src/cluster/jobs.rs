@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::election::Leadership;
-use crate::core::{Command, CoreError, CoreHandle, JobRecord, Now};
+use crate::core::{Command, CoreError, CoreHandle, JobRecord, Now, QueuesInForce};
 use crate::job::{self, Admission, SpecError};
 use crate::store::StoreError;
 use crate::store::kube::signing::KEY_SECRET;
@@ -129,16 +129,28 @@ async fn list_jobs(
 const KEY_WAITS: u32 = 10;
 const KEY_WAIT: Duration = Duration::from_millis(500);
 
-/// What a follower answers job requests with: the `TrainingJob` objects.
+/// What a follower answers job requests with: the `TrainingJob` objects, and the queues in
+/// force (the leader's, as every agent watches the same ConfigMap).
 pub struct FollowerJobs {
     client: kube::Client,
     node: String,
     keys: Arc<SubmitterKeys>,
+    queues: watch::Receiver<Arc<QueuesInForce>>,
 }
 
 impl FollowerJobs {
-    pub fn new(client: kube::Client, node: String, keys: Arc<SubmitterKeys>) -> Arc<Self> {
-        Arc::new(Self { client, node, keys })
+    pub fn new(
+        client: kube::Client,
+        node: String,
+        keys: Arc<SubmitterKeys>,
+        queues: watch::Receiver<Arc<QueuesInForce>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            node,
+            keys,
+            queues,
+        })
     }
 
     /// The key that vouches for submitters, once a leader has made it.
@@ -192,6 +204,11 @@ impl FollowerJobs {
             } => {
                 tokio::spawn(async move {
                     let _ = reply.send(this.cancel(&name, &by, leader.as_deref()).await);
+                });
+            }
+            Command::Queues { reply } => {
+                tokio::spawn(async move {
+                    let _ = reply.send(this.queue_list().await);
                 });
             }
             other => return Some(other),
@@ -297,6 +314,18 @@ impl FollowerJobs {
         Ok(JobList { jobs })
     }
 
+    /// The queues in force with what the objects hold, counted as the leader counts its jobs.
+    async fn queue_list(&self) -> Result<agentd_api::jobs::QueueList, CoreError> {
+        let key = self.key().await;
+        let jobs: Vec<JobStatus> = list_jobs(&self.client, None)
+            .await?
+            .iter()
+            .filter_map(|o| status_of(o, key.as_ref()))
+            .collect();
+        let queues = Arc::clone(&self.queues.borrow());
+        Ok(crate::core::queues::queue_list(&queues, &jobs))
+    }
+
     async fn find_opt(&self, name: &str) -> Result<Option<DynamicObject>, CoreError> {
         Ok(list_jobs(&self.client, Some(name))
             .await?
@@ -387,7 +416,7 @@ impl FollowerJobs {
 pub async fn run_admission(
     client: kube::Client,
     core: CoreHandle,
-    rules: Arc<Admission>,
+    rules: watch::Receiver<Arc<Admission>>,
     pending: PendingObjects,
     keys: Arc<SubmitterKeys>,
     mut leadership: watch::Receiver<Leadership>,
@@ -418,7 +447,7 @@ pub async fn run_admission(
             key,
             client: client.clone(),
             core: core.clone(),
-            rules: Arc::clone(&rules),
+            rules: rules.clone(),
             pending: pending.clone(),
             leadership: leadership.clone(),
             retry,
@@ -477,7 +506,8 @@ struct Admissions {
     key: SubmitterKey,
     client: kube::Client,
     core: CoreHandle,
-    rules: Arc<Admission>,
+    /// The rules of the moment: the queues change while the agent runs.
+    rules: watch::Receiver<Arc<Admission>>,
     pending: PendingObjects,
     leadership: watch::Receiver<Leadership>,
     retry: Duration,
@@ -658,7 +688,7 @@ impl Admissions {
     async fn submit(&self, name: String, object: DynamicObject) -> bool {
         let manifest = manifest_of(&object);
         let owner = owner_of(&object, Some(&self.key));
-        let rules = Arc::clone(&self.rules);
+        let rules = Arc::clone(&self.rules.borrow());
         let text = manifest.clone();
         let admitted = tokio::task::spawn_blocking(move || job::admit(text.as_bytes(), &rules))
             .await

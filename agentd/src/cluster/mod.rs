@@ -23,6 +23,7 @@ pub mod inventory;
 pub mod jobs;
 mod logs;
 mod loops;
+pub mod queues;
 
 pub use logs::PodLog;
 pub mod view;

@@ -14,6 +14,7 @@ mod feed;
 mod finished;
 pub mod lifecycle;
 mod log_budget;
+pub mod queues;
 mod record;
 mod recovery;
 pub mod terms;
@@ -26,21 +27,22 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use agentd_api::NodeInventory;
-use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, Owner, QueueList, QueueStatus};
+use agentd_api::jobs::{EventList, JobList, JobState, JobStatus, Owner, QueueList};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::{Config, QueueSettings, ReplicaUnits};
+use crate::config::{Config, ReplicaUnits};
 use crate::exec::Executor;
 use crate::exec::local::{self, LocalExecutor, ReplicaEvent, ReplicaReport};
 use crate::inventory::GpuHealthEvent;
 use crate::job::{self, SpecError};
 use crate::metrics::{Metrics, NodeAllocation};
-use crate::sched::{self, NodeCapacity, Policy, QueueConfig};
+use crate::sched::{self, NodeCapacity, Policy};
 use crate::store::{History, JobStore, StoreError};
 
 pub use clock::{Clock, ManualClock, Now, SystemClock};
 pub use lifecycle::LostNode;
 use lifecycle::{Effect, Input, Lifecycle, MetricUpdate, RequestId};
+pub use queues::QueuesInForce;
 pub use record::JobRecord;
 
 /// The most finished jobs named to the next check of the logs' budget; past it, the check
@@ -300,8 +302,10 @@ pub struct Core {
     lifecycle: Lifecycle,
     labels: BTreeMap<String, String>,
     state_dir: PathBuf,
-    queues: BTreeMap<String, QueueSettings>,
-    default_queue: String,
+    /// The queues that take jobs, and those removed that still serve theirs.
+    queues: Arc<QueuesInForce>,
+    /// Where changes of the queues come from (cluster mode: the ConfigMap), if anywhere.
+    queue_changes: Option<watch::Receiver<Arc<QueuesInForce>>>,
     kill_grace: Duration,
     sample_retention: Duration,
     /// Wall clock for what people read, monotonic clock for every duration waited on.
@@ -502,8 +506,8 @@ impl Core {
             lifecycle: Lifecycle::new(settings, drained),
             labels: config.labels.clone(),
             state_dir: config.state_dir.clone(),
-            queues: config.queues.clone(),
-            default_queue: config.jobs.default_queue.clone(),
+            queues: Arc::new(QueuesInForce::configured(config)),
+            queue_changes: None,
             kill_grace: config.jobs.kill_grace,
             sample_retention: config.inventory.sample_retention,
             clock,
@@ -515,7 +519,7 @@ impl Core {
                 } else {
                     Policy::agentd()
                 },
-                queue_configs(&config.queues),
+                QueuesInForce::configured(config).scheduler_queues(),
                 estimates::Estimates::new(&config.scheduler),
             ),
             inventory,
@@ -547,6 +551,37 @@ impl Core {
         Ok(core)
     }
 
+    /// Takes the queues `changes` holds now, and each change of them while the core runs.
+    pub fn follow_queues(&mut self, changes: watch::Receiver<Arc<QueuesInForce>>) {
+        let now = changes.borrow().clone();
+        self.set_queues(now);
+        self.queue_changes = Some(changes);
+    }
+
+    /// Puts other queues in force at once: new ones take jobs, a removed one keeps serving
+    /// the jobs it holds with its last settings and takes no new job, the default queue is
+    /// the new one's. The scheduler gets the new priorities and limits on its next pass.
+    fn set_queues(&mut self, queues: Arc<QueuesInForce>) {
+        if queues.definitions == self.queues.definitions && queues.removed == self.queues.removed {
+            self.queues = queues;
+            return;
+        }
+        tracing::info!(
+            queues = %queues.definitions.queues.keys().cloned().collect::<Vec<_>>().join(","),
+            default = %queues.definitions.default_queue,
+            source = %queues.source,
+            "queues in force"
+        );
+        self.feed
+            .scheduler_mut()
+            .set_queues(queues.scheduler_queues());
+        self.lifecycle
+            .set_default_queue(&queues.definitions.default_queue);
+        self.queues = queues;
+        self.step(Input::QueuesChanged);
+        self.report_gauges();
+    }
+
     /// Runs until `stop` turns true; then stops every gang and writes the last changes.
     pub async fn run(
         mut self,
@@ -557,6 +592,7 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inventory = self.inventory.clone();
         let mut cluster_nodes = self.nodes.receiver();
+        let mut queue_changes = self.queue_changes.take();
         loop {
             let max_starting = self.executor.max_starting();
             let taking_submits = self.lifecycle.in_flight() < max_starting;
@@ -570,6 +606,7 @@ impl Core {
                 Some(internal) = inputs.internal.recv() => self.internal(internal),
                 Ok(()) = inventory.changed() => self.inventory_changed(),
                 true = Nodes::changed(&mut cluster_nodes) => self.nodes_changed(),
+                Some(queues) = queues_changed(&mut queue_changes) => self.set_queues(queues),
                 _ = tick.tick() => {
                     // The watchdog hears from the core loop itself: a hung core stops pinging.
                     crate::systemd::watchdog_tick();
@@ -668,6 +705,25 @@ impl Core {
                 owner,
                 reply,
             } => {
+                // Admission checked the queue against the queues of its moment; one removed
+                // since takes no new job.
+                let queue = job.spec.queue.as_deref().unwrap_or_default();
+                if !self.queues.takes(queue) {
+                    let _ = reply.send(Err(CoreError::BadField {
+                        field: "spec.queue".to_owned(),
+                        message: format!(
+                            "no queue named {queue:?} takes jobs (it was removed); queues: {}",
+                            self.queues
+                                .definitions
+                                .queues
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    }));
+                    return;
+                }
                 // A finished job that left memory still holds its name, until it is removed
                 // or pruned.
                 if self.lifecycle.job(&job.name).is_none() {
@@ -825,39 +881,10 @@ impl Core {
     }
 
     fn queue_list(&self) -> QueueList {
-        let queues = self
-            .queues
-            .iter()
-            .map(|(name, q)| {
-                let in_queue = self
-                    .lifecycle
-                    .jobs()
-                    .values()
-                    .filter(|r| &r.status.queue == name);
-                let (mut queued, mut running, mut gpus) = (0, 0, 0);
-                for r in in_queue {
-                    match r.status.state {
-                        JobState::Queued | JobState::Restarting => queued += 1,
-                        JobState::Placed | JobState::Starting | JobState::Running => {
-                            running += 1;
-                            gpus += r.allocated_gpus();
-                        }
-                        _ => {}
-                    }
-                }
-                QueueStatus {
-                    name: name.clone(),
-                    priority: q.priority,
-                    max_running_jobs: q.max_running_jobs,
-                    max_gpus: q.max_gpus,
-                    default: *name == self.default_queue,
-                    queued,
-                    running,
-                    gpus_in_use: gpus,
-                }
-            })
-            .collect();
-        QueueList { queues }
+        queues::queue_list(
+            &self.queues,
+            self.lifecycle.jobs().values().map(|r| &r.status),
+        )
     }
 
     fn logs(&self, name: &str, replica: Option<&str>) -> Result<LogFiles, CoreError> {
@@ -1294,13 +1321,11 @@ impl Core {
             return;
         };
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        let mut depth: BTreeMap<&str, u64> = self.queues.keys().map(|q| (q.as_str(), 0)).collect();
+        let defined = &self.queues.definitions.queues;
+        let mut depth: BTreeMap<&str, u64> = defined.keys().map(|q| (q.as_str(), 0)).collect();
         let mut allocated = sched::Resources::default();
-        let mut deadlines: BTreeMap<&str, Vec<std::time::Instant>> = self
-            .queues
-            .keys()
-            .map(|q| (q.as_str(), Vec::new()))
-            .collect();
+        let mut deadlines: BTreeMap<&str, Vec<std::time::Instant>> =
+            defined.keys().map(|q| (q.as_str(), Vec::new())).collect();
         let (now, mono) = (self.clock.now(), std::time::Instant::now());
         for record in self.lifecycle.jobs().values() {
             let queue = record.status.queue.as_str();
@@ -1386,17 +1411,18 @@ fn runner(config: &Config) -> Result<local::Runner, CoreError> {
     Ok(runner)
 }
 
-/// The queues as the scheduler sees them.
-fn queue_configs(queues: &BTreeMap<String, QueueSettings>) -> Vec<QueueConfig> {
-    queues
-        .iter()
-        .map(|(name, q)| QueueConfig {
-            name: name.clone(),
-            priority: q.priority,
-            max_running_jobs: q.max_running_jobs,
-            max_gpus: q.max_gpus,
-        })
-        .collect()
+/// The next queues `rx` holds, once they change; never without a receiver.
+async fn queues_changed(
+    rx: &mut Option<watch::Receiver<Arc<QueuesInForce>>>,
+) -> Option<Arc<QueuesInForce>> {
+    if let Some(r) = rx {
+        if r.changed().await.is_ok() {
+            return Some(r.borrow_and_update().clone());
+        }
+        // The sender is gone: the queues stay as they are.
+        *rx = None;
+    }
+    std::future::pending().await
 }
 
 /// The node as the scheduler sees it: every GPU with its health, all CPUs and memory.

@@ -92,7 +92,16 @@ fn submit(core: &mut Core, manifest: &[u8]) -> oneshot::Receiver<Result<JobStatu
         crate::config::DEFAULT_QUEUE,
         crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
     );
-    let job = job::admit(manifest, &rules).expect("a valid manifest");
+    submit_admitted(core, manifest, &rules)
+}
+
+/// [`submit`], admitted by `rules`.
+fn submit_admitted(
+    core: &mut Core,
+    manifest: &[u8],
+    rules: &job::Admission,
+) -> oneshot::Receiver<Result<JobStatus, CoreError>> {
+    let job = job::admit(manifest, rules).expect("a valid manifest");
     let text = String::from_utf8_lossy(manifest).into_owned();
     let root = agentd_api::Owner {
         uid: 0,
@@ -680,7 +689,7 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
                 nodes: &open,
                 running: &core.lifecycle.running_gangs(),
                 queued: &core.lifecycle.queued_gangs(),
-                queues: &queue_configs(&config.queues),
+                queues: &QueuesInForce::configured(&config).scheduler_queues(),
             },
             &Policy::agentd(),
         );
@@ -1032,4 +1041,107 @@ async fn run_times_are_learned_again_from_the_history() {
     }
     let (core, _, _) = open(&config);
     assert_eq!(core.feed.learned_keys(), Some(3), "from the history");
+}
+
+/// Other queues take effect in the running core: a new queue takes jobs at once and is the
+/// new default; a removed queue that holds a running job keeps serving it with its last
+/// settings, is listed as removed and takes no new job, then goes once the job ends; a removed
+/// queue with no job is gone at once.
+#[tokio::test]
+async fn queues_changed_while_the_core_runs_take_effect_and_lose_no_job() {
+    use crate::config::{QueueDefinitions, QueueSettings};
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let store = crate::store::memory::MemoryStore::default();
+    let (mut core, executor, mut inputs) =
+        one_node_cluster(&config(dir.path()), &clock, Box::new(store), 8);
+    let in_slow = submit_and_pass(
+        &mut core,
+        &executor,
+        &sized_job("in-slow", "slow", 2, 1, None),
+    );
+    assert_eq!(in_slow.len(), 2);
+
+    let settings = |priority, max_gpus| QueueSettings {
+        priority,
+        weight: false,
+        max_running_jobs: None,
+        max_gpus,
+    };
+    let definitions = QueueDefinitions {
+        queues: std::collections::BTreeMap::from([("gpu".to_owned(), settings(5, Some(4)))]),
+        default_queue: "gpu".to_owned(),
+    };
+    let replaced = core
+        .queues
+        .replaced_by(definitions.clone(), "ConfigMap ns/agentd-queues");
+    core.set_queues(Arc::new(replaced.clone()));
+    assert!(
+        core.lifecycle.needs_pass(),
+        "the scheduler sees the new limits"
+    );
+    assert_eq!(core.lifecycle.settings().default_queue, "gpu");
+    let listed: Vec<_> = core
+        .queue_list()
+        .queues
+        .into_iter()
+        .map(|q| (q.name, q.default, q.removed, q.running, q.priority))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("gpu".to_owned(), true, false, 0, 5),
+            ("slow".to_owned(), false, true, 1, 1),
+        ],
+        "fast held nothing and is gone; slow serves its job"
+    );
+
+    // The new queue takes jobs, within its limit of 4 GPUs; a job without a queue goes to the
+    // new default.
+    let rules = job::Admission::new(["gpu".to_owned()], "gpu", 100);
+    let mut answer = submit_admitted(
+        &mut core,
+        sized_job("in-gpu", "gpu", 2, 2, None).as_bytes(),
+        &rules,
+    );
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    assert_eq!(
+        executor.take().started.len(),
+        2,
+        "4 GPUs are within gpu's limit"
+    );
+    let unnamed = sized_job("unnamed", "gpu", 1, 1, None).replace("  queue: gpu\n", "");
+    let mut answer = submit_admitted(&mut core, unnamed.as_bytes(), &rules);
+    core.schedule();
+    core.commit().expect("written");
+    let status = answer.try_recv().expect("answered").expect("accepted");
+    assert_eq!(status.queue, "gpu");
+    assert!(
+        executor.take().started.is_empty(),
+        "a fifth GPU exceeds gpu's limit"
+    );
+    assert_eq!(core.get("unnamed").expect("exists").reason, "QueueLimit");
+
+    // The removed queue takes no new job, even one admitted before it went.
+    let mut late = submit(&mut core, sized_job("late", "slow", 1, 0, None).as_bytes());
+    core.commit().expect("written");
+    match late.try_recv().expect("answered") {
+        Err(CoreError::BadField { field, message }) => {
+            assert_eq!(field, "spec.queue");
+            assert!(message.contains("gpu"), "{message}");
+        }
+        other => panic!("a job for a removed queue: {other:?}"),
+    }
+
+    // Once its job ends, the removed queue is gone.
+    run_for(&mut core, &executor, &mut inputs, &clock, &in_slow, 10.0);
+    let names: Vec<_> = core
+        .queue_list()
+        .queues
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
+    assert_eq!(names, ["gpu"]);
 }

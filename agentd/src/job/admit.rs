@@ -55,6 +55,18 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// The same rules with other queues (the queues in force changed).
+    #[must_use]
+    pub fn with_queues(&self, definitions: &crate::config::QueueDefinitions) -> Self {
+        Self {
+            queues: definitions.queues.keys().cloned().collect(),
+            default_queue: definitions.default_queue.clone(),
+            ..self.clone()
+        }
+    }
+}
+
 /// Reads and checks a manifest for standalone mode. Returns the job with its queue resolved, or
 /// every problem found, each at the path the manifest wrote.
 pub fn admit(bytes: &[u8], rules: &Admission) -> Result<TrainingJob, SpecError> {

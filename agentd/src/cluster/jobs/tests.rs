@@ -45,12 +45,20 @@ fn ada() -> Owner {
     }
 }
 
-fn rules() -> Arc<Admission> {
-    Arc::new(Admission::new(
+fn rules() -> watch::Receiver<Arc<Admission>> {
+    watch::channel(Arc::new(Admission::new(
         crate::config::default_queues().into_keys(),
         crate::config::DEFAULT_QUEUE,
         crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
-    ))
+    )))
+    .1
+}
+
+/// The default queues, as an agent without a queue ConfigMap has them.
+fn queues() -> watch::Receiver<Arc<QueuesInForce>> {
+    let mut config = crate::config::Config::default();
+    config.queues = crate::config::default_queues();
+    watch::channel(Arc::new(QueuesInForce::configured(&config))).1
 }
 
 /// What a leader admits with: the objects being admitted, the signing key, its client.
@@ -149,7 +157,7 @@ async fn ask<T>(
 }
 
 async fn submit(desk: &Arc<FollowerJobs>, text: &str) -> Result<JobStatus, CoreError> {
-    let job = job::admit(text.as_bytes(), &rules()).expect("valid");
+    let job = job::admit(text.as_bytes(), &rules().borrow()).expect("valid");
     ask(desk, |reply| Command::Submit {
         job: Box::new(job),
         manifest: text.to_owned(),
@@ -241,6 +249,7 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
         cluster.node.clone(),
         "node-b".to_owned(),
         node_keys(&cluster),
+        queues(),
     );
     cluster.rt.block_on(async {
         let early = submit(&desk, &manifest("mnist"))
@@ -332,6 +341,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
         cluster.node.clone(),
         "node-b".to_owned(),
         node_keys(&cluster),
+        queues(),
     );
     let admin = cluster.admin.clone();
     let follower_uid = with_core(&cluster, store, async |core| {
@@ -438,6 +448,7 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
         cluster.node.clone(),
         "node-b".to_owned(),
         node_keys(&cluster),
+        queues(),
     );
     let admin = cluster.admin.clone();
     with_core(&cluster, store, async |core| {

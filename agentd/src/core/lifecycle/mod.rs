@@ -119,6 +119,8 @@ pub enum Input {
     InventoryChanged(Arc<NodeInventory>),
     /// The cluster's nodes or their free capacity changed (cluster mode): a new pass.
     NodesChanged,
+    /// The queues' priorities or limits changed: a new pass.
+    QueuesChanged,
     /// The cluster's lost nodes, as the feed sees them now (cluster mode): every gang with a
     /// live replica on one restarts elsewhere. Fed after each change of the nodes; a gang
     /// restarted once is not running there any more, so a node still listed costs nothing.
@@ -329,6 +331,11 @@ impl Lifecycle {
         &self.settings
     }
 
+    /// The queue a job falls back to when its stored form cannot be read, from now on.
+    pub fn set_default_queue(&mut self, queue: &str) {
+        queue.clone_into(&mut self.settings.default_queue);
+    }
+
     /// Whether something changed that a scheduling pass should see.
     pub fn needs_pass(&self) -> bool {
         self.needs_pass
@@ -459,7 +466,7 @@ impl Lifecycle {
                 self.needs_pass = true;
             }
             Input::InventoryChanged(inventory) => self.inventory_changed(&inventory, now),
-            Input::NodesChanged => self.needs_pass = true,
+            Input::NodesChanged | Input::QueuesChanged => self.needs_pass = true,
             Input::NodesLost(lost) => self.nodes_lost(&lost, now),
             Input::Scheduled {
                 inventory,

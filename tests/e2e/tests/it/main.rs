@@ -11,6 +11,7 @@ mod lifecycle;
 mod limits;
 mod owners;
 mod placement;
+mod queues;
 mod remote;
 mod sdk;
 mod templates;

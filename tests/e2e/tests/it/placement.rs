@@ -8,19 +8,19 @@ use std::time::Duration;
 
 use e2e::cluster::{Identity, KubeSim, NodeAgent, NodeAgentOptions};
 
-const WAIT: Duration = Duration::from_mins(1);
+pub(crate) const WAIT: Duration = Duration::from_mins(1);
 
 /// Quick election timings (lease 4 s, renew 3 s, retry 500 ms) and jobs on the cluster.
-const SETTINGS: &str = "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
+pub(crate) const SETTINGS: &str = "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
 
 /// kube-sim with `nodes` nodes of 2 healthy GPUs each; the agents of the first `candidates`
 /// may lead.
-fn cluster(nodes: usize, candidates: usize) -> (KubeSim, Vec<NodeAgent>) {
+pub(crate) fn cluster(nodes: usize, candidates: usize) -> (KubeSim, Vec<NodeAgent>) {
     cluster_with(nodes, candidates, SETTINGS, false)
 }
 
 /// As [`cluster`], with these `[cluster]` settings and, if `metrics`, a metrics port.
-fn cluster_with(
+pub(crate) fn cluster_with(
     nodes: usize,
     candidates: usize,
     settings: &str,
@@ -32,7 +32,7 @@ fn cluster_with(
 }
 
 /// One agent per node of `sim`, as [`cluster_with`] starts them.
-fn agents_on(
+pub(crate) fn agents_on(
     sim: &KubeSim,
     nodes: usize,
     candidates: usize,
@@ -133,7 +133,17 @@ spec:
               resources: {limits: {nvidia.com/gpu: 1}}
 "#;
 
-fn state(agent: &NodeAgent, job: &str) -> String {
+/// Whether `agent` is the elected leader and its core answers. (A follower answers
+/// `agentctl queues` too, from the objects, so leading is read from `agentctl status`.)
+pub(crate) fn leads(agent: &NodeAgent) -> bool {
+    let status = agent.agent.ctl(&["status", "-o", "json"]);
+    status.status.success()
+        && serde_json::from_slice::<serde_json::Value>(&status.stdout)
+            .is_ok_and(|s| s["cluster"]["leading"] == true)
+        && agent.agent.ctl(&["queues"]).status.success()
+}
+
+pub(crate) fn state(agent: &NodeAgent, job: &str) -> String {
     let status = agent.agent.ctl_json(&["job", job]);
     status["state"].as_str().unwrap_or_default().to_owned()
 }
@@ -142,15 +152,9 @@ fn state(agent: &NodeAgent, job: &str) -> String {
 fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
     let (sim, agents) = cluster(3, 1);
     let leader = &agents[0];
-    sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["queues"]).status.success()
-    });
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
 
-    // Queues are the leader's alone for now: a follower says who to ask.
-    let refused = agents[1].agent.ctl(&["queues"]);
-    assert_eq!(refused.status.code(), Some(1));
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(said.contains("does not lead"), "{said}");
+    assert!(!leads(&agents[1]), "node-1 may not lead");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mnist.yaml");
@@ -230,7 +234,6 @@ fn a_tfjob_is_placed_whole_onto_the_cluster_as_pods_and_succeeds() {
 #[test]
 fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
     let (sim, mut agents) = cluster(3, 2);
-    let leads = |a: &NodeAgent| a.agent.ctl(&["queues"]).status.success();
     sim.wait_until("one of the two candidates leads", WAIT, || {
         agents.iter().take(2).any(leads)
     });
@@ -314,9 +317,7 @@ fn a_gang_on_a_lost_node_runs_again_on_another_node_and_the_node_comes_back() {
         format!("{SETTINGS}node_lost_grace = \"2s\"\n[jobs]\nrestart_backoff = \"1s\"\n");
     let agents = agents_on(&sim, 3, 1, &settings, true);
     let leader = &agents[0];
-    sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["queues"]).status.success()
-    });
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("stays.yaml");
     std::fs::write(&file, STAYS).unwrap();
@@ -412,9 +413,7 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
     let settings = format!("{SETTINGS}mount_timeout = \"3s\"\nimage_pull_timeout = \"3s\"\n");
     let (sim, agents) = cluster_with(2, 1, &settings, true);
     let leader = &agents[0];
-    sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["queues"]).status.success()
-    });
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
     let dir = tempfile::tempdir().unwrap();
     for (name, fail, image) in [
         ("pull", "ImagePullBackOff", "registry.example/missing:1"),
@@ -521,9 +520,7 @@ spec:
 fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_them() {
     let (sim, agents) = cluster(2, 1);
     let (leader, follower) = (&agents[0], &agents[1]);
-    sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["queues"]).status.success()
-    });
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let file = dir.path().join(name);
@@ -679,9 +676,7 @@ fn tainted_nodes_take_only_gangs_that_tolerate_them_and_affinity_chooses_nodes()
     }
     let agents = agents_on(&sim, 3, 1, SETTINGS, false);
     let leader = &agents[0];
-    sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["queues"]).status.success()
-    });
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
     // `agentctl nodes` shows them, so a person sees why a node takes only some gangs.
     sim.wait_until("agentctl nodes shows both taints", WAIT, || {
         let out = leader.agent.ctl(&["nodes"]);
@@ -770,9 +765,7 @@ fn tainted_nodes_take_only_gangs_that_tolerate_them_and_affinity_chooses_nodes()
 fn logs_come_from_the_replicas_pods() {
     let (sim, agents) = cluster(2, 1);
     let (leader, follower) = (&agents[0], &agents[1]);
-    sim.wait_until("node-0 leads and takes requests", WAIT, || {
-        leader.agent.ctl(&["queues"]).status.success()
-    });
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
     let text = r#"apiVersion: agentd.io/v1alpha1
 kind: TrainingJob
 metadata: {name: talk, namespace: team}

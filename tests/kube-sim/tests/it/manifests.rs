@@ -57,6 +57,12 @@ const NODE: &[Check] = &[
     ("patch", "nodes", &[], false),
     ("create", "pods", &["-n", NS], false),
     ("get", "secrets", &["-n", NS], false),
+    // The queue ConfigMap, and no other.
+    ("get", "configmaps/agentd-queues", &["-n", NS], true),
+    ("watch", "configmaps/agentd-queues", &["-n", NS], true),
+    ("get", "configmaps/other", &["-n", NS], false),
+    ("list", "configmaps", &["-n", NS], false),
+    ("get", "configmaps/agentd-queues", &["-n", "default"], false),
     (
         "create",
         "rolebindings.rbac.authorization.k8s.io",
