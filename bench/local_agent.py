@@ -215,14 +215,19 @@ class Agent:
 
     def cpu_seconds(self):
         """utime + stime of the whole process (all threads, living and ended)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # After the comm field: state is fields[0], utime is field 14 of stat, i.e. fields[11].
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return process_cpu_seconds(self.pid)
 
     def stop(self):
         self.processes.stop(self.proc)
         self.log.close()
+
+
+def process_cpu_seconds(pid):
+    """utime + stime of process `pid` (all threads, living and ended)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the comm field: state is fields[0], utime is field 14 of stat, i.e. fields[11].
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def percentile(values, p):

@@ -452,6 +452,7 @@ pub async fn run_admission(
             leadership: leadership.clone(),
             retry,
             handled: Mutex::new(BTreeSet::new()),
+            requests: tokio::sync::Semaphore::new(super::REQUESTS_IN_FLIGHT),
         });
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &training_job_resource());
         let mut events = watcher(api, watcher::Config::default())
@@ -514,6 +515,8 @@ struct Admissions {
     /// (uid, what is being done or was done): `submit`, `cancel`, `remove`. An entry whose
     /// work failed is dropped, so the object's next change asks again.
     handled: Mutex<BTreeSet<(String, &'static str)>>,
+    /// One permit per request in flight (see [`super::REQUESTS_IN_FLIGHT`]).
+    requests: tokio::sync::Semaphore,
 }
 
 /// Errors of the core that say nothing of the job: asked again while this agent leads.
@@ -792,10 +795,15 @@ impl Admissions {
                 .unwrap_or(DEFAULT_NAMESPACE),
             &training_job_resource(),
         );
-        match object.metadata.name.as_deref() {
-            Some(name) => api.get_opt(name).await,
-            None => Ok(None),
-        }
+        let Some(name) = object.metadata.name.as_deref() else {
+            return Ok(None);
+        };
+        let _turn = self
+            .requests
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        api.get_opt(name).await
     }
 
     /// Sets status Failed, reason `Invalid`, on the version of the object that was read: a

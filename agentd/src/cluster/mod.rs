@@ -51,6 +51,14 @@ use crate::metrics::Metrics;
 
 pub use loops::spawn;
 
+/// Requests that one stream of work (the pods a leader creates and deletes, the jobs it takes
+/// in) keeps in flight to the API server at once. Without a bound, a burst of a thousand gangs
+/// is eight thousand requests at once, each on a connection of its own (the client speaks
+/// HTTP/1.1), each with a TLS handshake: the API server and the agent spend the burst on
+/// handshakes, and the agent's Lease renewal waits behind them until it loses the Lease. With
+/// it, the requests share a few kept-alive connections.
+pub const REQUESTS_IN_FLIGHT: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot read kubeconfig {}: {message}", path.display())]
