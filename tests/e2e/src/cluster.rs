@@ -55,6 +55,7 @@ pub fn kube_sim_bin() -> PathBuf {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.current_dir(&root)
                 .args(["build", "-p", "kube-sim", "--bin", "kube-sim"]);
+            crate::no_test_env(&mut cmd);
             if !cfg!(debug_assertions) {
                 cmd.arg("--release");
             }
