@@ -553,7 +553,7 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
     let (parts, body) = req.into_parts();
     let q = Query::parse(parts.uri.query());
     let route = route(&state.store, parts.uri.path());
-    let attrs = attributes(&route, &parts.method, &q, parts.uri.path());
+    let mut attrs = attributes(&route, &parts.method, &q, parts.uri.path());
     let authenticated = state
         .auth
         .authenticate(&parts.headers)
@@ -575,6 +575,9 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         Ok(Ok(user)) => authorize_and_serve(&state, user, &parts, body, route, &attrs, &q).await,
     };
     if let Some(audit) = &state.audit {
+        if attrs.verb == "create" && attrs.name.is_empty() {
+            attrs.name = created_name(&resp).unwrap_or_default();
+        }
         audit.record(
             &user,
             &parts.method,
@@ -584,6 +587,19 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         );
     }
     Ok(resp)
+}
+
+/// The name of the object a create made, from the answer: as kube-apiserver completes an
+/// audit event's `objectRef` from the request's object, so that the log says what was created.
+fn created_name(resp: &Resp) -> Option<String> {
+    if resp.status() != StatusCode::CREATED {
+        return None;
+    }
+    let ApiBody::Full(Some(body)) = resp.body() else {
+        return None;
+    };
+    let object: Value = serde_json::from_slice(body).ok()?;
+    Some(object.pointer("/metadata/name")?.as_str()?.to_owned())
 }
 
 /// A request answered by the fault switch: its `Status`, with `Retry-After` where
