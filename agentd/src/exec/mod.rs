@@ -77,7 +77,8 @@ pub trait Executor: Send {
     }
 
     /// After an agent restart: watches the running replicas of a gang again, all of them or
-    /// none (then says why). Returns how many it adopted.
+    /// none (then says why); one that ended meanwhile, in a way that can still be told, is
+    /// reported ended. Returns how many it adopted.
     fn adopt(&self, job: &str, generation: u32, running: &[StoredReplica])
     -> Result<usize, String>;
 

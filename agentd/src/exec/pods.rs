@@ -146,6 +146,9 @@ struct KnownPod {
     seen: bool,
     phase: Option<String>,
     deleting: bool,
+    /// Once it has ended: what a replica that was running learns of its end. A leader that
+    /// adopts the gang reports it, as the watch would have to the leader that created it.
+    ended: Option<Vec<ReplicaEvent>>,
 }
 
 /// What has been reported of a followed replica.
@@ -334,6 +337,8 @@ impl Shared {
                     seen: true,
                     phase: phase(pod).map(str::to_owned),
                     deleting: pod.metadata.deletion_timestamp.is_some(),
+                    ended: is_terminal(phase(pod))
+                        .then(|| observe(Progress::Started, pod, generation).1),
                 },
             );
             if let Some(progress) = state.followed.get(&key).copied() {
@@ -754,6 +759,7 @@ impl Shared {
                 seen: false,
                 phase: None,
                 deleting: false,
+                ended: None,
             });
         Ok(())
     }
@@ -1206,6 +1212,9 @@ impl Executor for PodExecutor {
             return Err("the agentd pods have not been listed yet".to_owned());
         }
         let mut state = self.shared.lock();
+        // The replicas whose pod ended while no agent followed it, with how: the pod says,
+        // so the gang is adopted all the same, and what ended is reported as ended.
+        let mut ended = Vec::new();
         for r in running {
             let pod = state
                 .pods
@@ -1224,21 +1233,22 @@ impl Executor for PodExecutor {
                         r.name
                     ));
                 }
-                Some(((namespace, name), p)) if is_terminal(p.phase.as_deref()) => {
-                    return Err(format!(
-                        "replica {}: pod {namespace}/{name} has ended ({})",
-                        r.name,
-                        p.phase.as_deref().unwrap_or_default()
-                    ));
+                Some((_, p)) => {
+                    if let Some(events) = &p.ended {
+                        ended.push(((job.to_owned(), generation, r.name.clone()), events.clone()));
+                    }
                 }
-                Some(_) => {}
             }
         }
         for r in running {
-            state.followed.insert(
-                (job.to_owned(), generation, r.name.clone()),
-                Progress::Started,
-            );
+            let key = (job.to_owned(), generation, r.name.clone());
+            if !ended.iter().any(|(k, _)| *k == key) {
+                state.followed.insert(key, Progress::Started);
+            }
+        }
+        drop(state);
+        for (key, events) in ended {
+            self.shared.report(&key, events);
         }
         Ok(running.len())
     }

@@ -55,6 +55,7 @@ pub fn kube_sim_bin() -> PathBuf {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.current_dir(&root)
                 .args(["build", "-p", "kube-sim", "--bin", "kube-sim"]);
+            crate::no_test_env(&mut cmd);
             if !cfg!(debug_assertions) {
                 cmd.arg("--release");
             }
@@ -238,6 +239,123 @@ impl KubeSim {
             assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// One event of a [`PodWatch`], with the moment it reached the test.
+#[derive(Debug, Clone)]
+pub struct PodEvent {
+    pub at: Instant,
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub kind: String,
+    pub pod: serde_json::Value,
+}
+
+impl PodEvent {
+    /// One of the pod's labels, or `""`.
+    pub fn label(&self, key: &str) -> &str {
+        self.pod["metadata"]["labels"][key]
+            .as_str()
+            .unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.pod["metadata"]["name"].as_str().unwrap_or_default()
+    }
+}
+
+/// `kubectl get pods --watch` on the pods of a label selector, in every namespace, each event
+/// kept with the time it arrived; the kubectl process ends when this is dropped.
+pub struct PodWatch {
+    child: Child,
+    events: Arc<Mutex<Vec<PodEvent>>>,
+}
+
+impl KubeSim {
+    /// Starts a [`PodWatch`] and returns once kube-sim has the watch request (its audit line),
+    /// so that every later change of those pods is seen.
+    pub fn watch_pods(&self, selector: &str) -> PodWatch {
+        let admin_watches = |sim: &KubeSim| {
+            sim.audit()
+                .iter()
+                .filter(|r| {
+                    r["user"] == "kube-sim-admin" && r["verb"] == "watch" && r["resource"] == "pods"
+                })
+                .count()
+        };
+        let before = admin_watches(self);
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["get", "pods", "--all-namespaces", "-l", selector])
+            .args(["--watch", "--output-watch-events", "-o", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("kubectl runs");
+        let stdout = child.stdout.take().expect("piped");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            let reader = std::io::BufReader::new(stdout);
+            for event in serde_json::Deserializer::from_reader(reader)
+                .into_iter::<serde_json::Value>()
+                .map_while(Result::ok)
+            {
+                let at = Instant::now();
+                sink.lock().unwrap().push(PodEvent {
+                    at,
+                    kind: event["type"].as_str().unwrap_or_default().to_owned(),
+                    pod: event["object"].clone(),
+                });
+            }
+        });
+        self.wait_until("kubectl watches the pods", Duration::from_secs(30), || {
+            admin_watches(self) > before
+        });
+        PodWatch { child, events }
+    }
+}
+
+impl PodWatch {
+    /// Every event so far.
+    pub fn events(&self) -> Vec<PodEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits for the first event from the `from`th on that `check` accepts, looking at each
+    /// within milliseconds of its arrival; returns its index and the event.
+    pub fn next_where(
+        &self,
+        from: usize,
+        timeout: Duration,
+        mut check: impl FnMut(&PodEvent) -> bool,
+    ) -> (usize, PodEvent) {
+        let deadline = Instant::now() + timeout;
+        let mut next = from;
+        loop {
+            {
+                let events = self.events.lock().unwrap();
+                while next < events.len() {
+                    if check(&events[next]) {
+                        return (next, events[next].clone());
+                    }
+                    next += 1;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such pod event within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -29,6 +29,7 @@ pub fn build_binaries() -> &'static Path {
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.current_dir(&root)
             .args(["build", "-p", "agentd", "-p", "agentctl", "-p", "fake-nvml"]);
+        no_test_env(&mut cmd);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -36,6 +37,29 @@ pub fn build_binaries() -> &'static Path {
         assert!(status.success(), "building the binaries failed");
         target_dir()
     })
+}
+
+/// Leaves out of a cargo command the variables `cargo test` sets for the package under test
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...): `ring`'s build script reruns when they
+/// change, so a build that saw them would rebuild `ring` and all that depends on it, and the
+/// next `cargo test` would rebuild them back.
+pub fn no_test_env(cmd: &mut Command) {
+    const SET_FOR_THE_PACKAGE: [&str; 7] = [
+        "CARGO_MANIFEST_",
+        "CARGO_PKG_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    for (name, _) in std::env::vars_os() {
+        if let Some(name) = name.to_str()
+            && SET_FOR_THE_PACKAGE.iter().any(|p| name.starts_with(p))
+        {
+            cmd.env_remove(name);
+        }
+    }
 }
 
 pub fn agentd_bin() -> PathBuf {

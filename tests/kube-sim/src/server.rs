@@ -590,7 +590,8 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
     Ok(resp)
 }
 
-/// The name of the object a successful create answered with.
+/// The name of the object a create made, from the answer: as kube-apiserver completes an
+/// audit event's `objectRef` from the request's object, so that the log says what was created.
 fn created_name(resp: &Resp) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Object {

@@ -600,6 +600,55 @@ async fn a_pod_deleted_under_a_running_replica_is_a_failure_to_retry() {
     sim.handle.shutdown();
 }
 
+/// A gang whose pods ended while no leader followed them (the leader was killed, the next
+/// one not yet elected) is adopted all the same: each replica's end is reported as its pod
+/// tells it, and nothing is started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_that_ended_while_nobody_followed_them_are_adopted_with_their_ends() {
+    let sim = start_sim(3).await;
+    let job = tf_job(
+        "done",
+        &annotations(&[(RUN_SECONDS, "1"), (EXIT_CODE, "3")]),
+    );
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    reports_until_ended(&mut rx, &["ps-0", "worker-0", "worker-1"]).await;
+    drop(executor);
+    let ended = async {
+        while !sim
+            .pods("done")
+            .await
+            .iter()
+            .all(|p| phase(p) == Some("Failed"))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, ended)
+        .await
+        .expect("the pods end");
+
+    let (adopter, mut adopted_rx) = sim.executor_as("agentd-leader").await;
+    let stored = |name: &str| StoredReplica {
+        name: name.to_owned(),
+        pid: Some(1),
+    };
+    let running = [stored("ps-0"), stored("worker-0"), stored("worker-1")];
+    assert_eq!(adopter.adopt("done", 1, &running), Ok(3));
+    let reports = reports_until_ended(&mut adopted_rx, &["ps-0", "worker-0", "worker-1"]).await;
+    for (replica, events) in &reports {
+        assert_eq!(
+            exited(events),
+            [Some(ExitOutcome::exited(3))],
+            "{replica}: its end, and no second start"
+        );
+    }
+    assert_eq!(sim.pods("done").await.len(), 3, "no pod made again");
+    sim.handle.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_the_role_refuses_is_a_permanent_start_failure() {
     let sim = start_sim(1).await;
