@@ -222,6 +222,41 @@ class Agent:
         self.log.close()
 
 
+def kubeconfig_with_token(admin, token, path):
+    """Writes a copy of kubeconfig `admin` that authenticates with `token`."""
+    with open(admin) as f, open(path, "w") as out:
+        for line in f:
+            if "token:" in line:
+                line = line.split("token:")[0] + f"token: {token}\n"
+            out.write(line)
+
+
+class Audit:
+    """Reads kube-sim's audit log incrementally; `records` keeps every line read."""
+
+    def __init__(self, path):
+        self.path = path
+        self.offset = 0
+        self.records = []
+
+    def read_new(self):
+        """The records written since the last call."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        new = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+        self.records.extend(new)
+        return new
+
+
+def audit_resource(record):
+    """`pods`, or `trainingjobs/status` where the request was to a subresource."""
+    sub = record.get("subresource")
+    return record.get("resource", "") + ("/" + sub if sub else "")
+
+
 def process_cpu_seconds(pid):
     """utime + stime of process `pid` (all threads, living and ended)."""
     with open(f"/proc/{pid}/stat") as f:

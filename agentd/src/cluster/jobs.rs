@@ -452,7 +452,7 @@ pub async fn run_admission(
             leadership: leadership.clone(),
             retry,
             handled: Mutex::new(BTreeSet::new()),
-            requests: tokio::sync::Semaphore::new(super::REQUESTS_IN_FLIGHT),
+            requests: super::RequestTurns::default(),
         });
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &training_job_resource());
         let mut events = watcher(api, watcher::Config::default())
@@ -515,8 +515,8 @@ struct Admissions {
     /// (uid, what is being done or was done): `submit`, `cancel`, `remove`. An entry whose
     /// work failed is dropped, so the object's next change asks again.
     handled: Mutex<BTreeSet<(String, &'static str)>>,
-    /// One permit per request in flight (see [`super::REQUESTS_IN_FLIGHT`]).
-    requests: tokio::sync::Semaphore,
+    /// The reads of objects before they are taken in, a bounded number at a time.
+    requests: super::RequestTurns,
 }
 
 /// Errors of the core that say nothing of the job: asked again while this agent leads.
@@ -798,12 +798,7 @@ impl Admissions {
         let Some(name) = object.metadata.name.as_deref() else {
             return Ok(None);
         };
-        let _turn = self
-            .requests
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        api.get_opt(name).await
+        self.requests.send(api.get_opt(name)).await
     }
 
     /// Sets status Failed, reason `Invalid`, on the version of the object that was read: a

@@ -59,6 +59,27 @@ pub use loops::spawn;
 /// it, the requests share a few kept-alive connections.
 pub const REQUESTS_IN_FLIGHT: usize = 64;
 
+/// Turns to send requests, [`REQUESTS_IN_FLIGHT`] at a time.
+pub struct RequestTurns(tokio::sync::Semaphore);
+
+impl Default for RequestTurns {
+    fn default() -> Self {
+        Self(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT))
+    }
+}
+
+impl RequestTurns {
+    /// Sends `request` in its turn and waits for its answer.
+    pub async fn send<F: Future>(&self, request: F) -> F::Output {
+        let _turn = self
+            .0
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        request.await
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot read kubeconfig {}: {message}", path.display())]

@@ -502,11 +502,12 @@ impl Core {
             node_refusal_cooldown: config.cluster.node_refusal_cooldown,
         };
         let drained = config.state_dir.join(DRAINED_MARKER).exists();
+        let queues = Arc::new(QueuesInForce::configured(config));
         let mut core = Core {
             lifecycle: Lifecycle::new(settings, drained),
             labels: config.labels.clone(),
             state_dir: config.state_dir.clone(),
-            queues: Arc::new(QueuesInForce::configured(config)),
+            queues: Arc::clone(&queues),
             queue_changes: None,
             kill_grace: config.jobs.kill_grace,
             sample_retention: config.inventory.sample_retention,
@@ -519,7 +520,7 @@ impl Core {
                 } else {
                     Policy::agentd()
                 },
-                QueuesInForce::configured(config).scheduler_queues(),
+                queues.scheduler_queues(),
                 estimates::Estimates::new(&config.scheduler),
             ),
             inventory,

@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::{OnceCell, Semaphore, SemaphorePermit, mpsc, watch};
+use tokio::sync::{OnceCell, mpsc, watch};
 
 use super::local::{LaunchSpec, PodLaunch, ReplicaEvent, ReplicaReport};
 use super::{Executor, Stopping, StoredReplica};
@@ -103,8 +103,8 @@ struct Shared {
     changed: watch::Sender<()>,
     /// True once the watch has listed every agentd pod.
     synced: watch::Sender<bool>,
-    /// One permit per request in flight (see [`crate::cluster::REQUESTS_IN_FLIGHT`]).
-    requests: Semaphore,
+    /// The pods' creates and deletes, a bounded number at a time.
+    requests: crate::cluster::RequestTurns,
 }
 
 #[derive(Default)]
@@ -207,7 +207,7 @@ impl PodExecutor {
             state: Mutex::new(State::default()),
             changed: watch::channel(()).0,
             synced: watch::channel(false).0,
-            requests: Semaphore::new(crate::cluster::REQUESTS_IN_FLIGHT),
+            requests: crate::cluster::RequestTurns::default(),
         });
         let pods = tokio::spawn(follow(shared.clone(), Api::all(watch_client.clone())));
         let on_mount = shared.clone();
@@ -288,14 +288,6 @@ async fn follow(shared: Arc<Shared>, api: Api<Pod>) {
 }
 
 impl Shared {
-    /// Waits for a turn to send a request to the API server.
-    async fn request_turn(&self) -> SemaphorePermit<'_> {
-        self.requests
-            .acquire()
-            .await
-            .expect("the semaphore is never closed")
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("not poisoned")
     }
@@ -543,10 +535,7 @@ impl Shared {
             let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
             let params = &params;
             async move {
-                let turn = self.request_turn().await;
-                let deleted = api.delete(name, params).await;
-                drop(turn);
-                match deleted {
+                match self.requests.send(api.delete(name, params)).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.code == 404 => {
                         self.lock().pods.remove(&(namespace.clone(), name.clone()));
@@ -673,10 +662,8 @@ impl Shared {
             let owner = self.owner(namespace, job).await?;
             let services: Api<Service> = Api::namespaced(self.client.clone(), namespace);
             let service = headless_service(namespace, job, owner.clone());
-            let turn = self.request_turn().await;
-            let created = services.create(&PostParams::default(), &service).await;
-            drop(turn);
-            match created {
+            let params = PostParams::default();
+            match self.requests.send(services.create(&params, &service)).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => return Err(e),
@@ -695,10 +682,7 @@ impl Shared {
     ) -> Result<Option<OwnerReference>, kube::Error> {
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), namespace, &training_job_resource());
-        let turn = self.request_turn().await;
-        let object = api.get_opt(job).await;
-        drop(turn);
-        let Some(object) = object? else {
+        let Some(object) = self.requests.send(api.get_opt(job)).await? else {
             return Ok(None);
         };
         let resource = training_job_resource();
@@ -727,10 +711,8 @@ impl Shared {
             })?;
         let name = pod.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &launch.namespace);
-        let turn = self.request_turn().await;
-        let created = api.create(&PostParams::default(), &pod).await;
-        drop(turn);
-        match created {
+        let params = PostParams::default();
+        match self.requests.send(api.create(&params, &pod)).await {
             Ok(_) => {}
             // The pod's name carries its generation: one that exists is this launch's, made
             // by an earlier try whose answer was lost. It is followed from what it is now,
