@@ -488,7 +488,7 @@ impl JobRecord {
                         replica_type: t,
                         index: i,
                         gpus: u32::try_from(a.gpu_indices.len()).unwrap_or(u32::MAX),
-                        template: spec.template.clone(),
+                        template: (*spec.template).clone(),
                     })
                 }),
             });

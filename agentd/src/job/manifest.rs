@@ -317,7 +317,7 @@ pub fn to_manifest(job: &TrainingJob) -> serde_json::Value {
                         let wire = ReplicaSpecWire {
                             replicas: Some(i64::from(s.replicas)),
                             restart_policy: Some(s.restart_policy),
-                            template: s.template.clone(),
+                            template: (*s.template).clone(),
                         };
                         (t.as_str().to_owned(), wire)
                     })
@@ -798,7 +798,7 @@ fn replica_specs_from_value(
             ReplicaSpec {
                 replicas,
                 restart_policy: wire.restart_policy.unwrap_or_default(),
-                template,
+                template: Box::new(template),
             },
         );
     }

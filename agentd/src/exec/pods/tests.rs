@@ -213,7 +213,7 @@ fn launches(executor: &PodExecutor, job: &TrainingJob, generation: u32) -> Vec<L
                     replica_type: t,
                     index,
                     gpus,
-                    template: job.spec.replica_specs[&t].template.clone(),
+                    template: (*job.spec.replica_specs[&t].template).clone(),
                 })),
             }
         })
@@ -713,9 +713,7 @@ fn a_template_with_no_training_container_is_refused_by_name() {
         replica_type: ReplicaType::Worker,
         index: 0,
         gpus: 1,
-        template: job.spec.replica_specs[&ReplicaType::Worker]
-            .template
-            .clone(),
+        template: (*job.spec.replica_specs[&ReplicaType::Worker].template).clone(),
     };
     let containers = &mut launch.template.spec.as_mut().unwrap().containers;
     containers[0].name = "main".into();
