@@ -158,10 +158,15 @@ async fn follow(
         reflector::reflector(nodes_w, watcher(Api::<Node>::all(client.clone()), config()))
             .default_backoff()
             .map(|e| (false, e.map(|_| ())));
-    let pod_events =
-        reflector::reflector(pods_w, watcher(Api::<Pod>::all(client.clone()), config()))
-            .default_backoff()
-            .map(|e| (false, e.map(|_| ())));
+    // Only the pods that are not agentd's: the core counts its own from their placements, and
+    // a burst of gangs must not be held here twice nor recount every node per pod event.
+    let others_only = config().labels(&format!("!{LABEL_JOB}"));
+    let pod_events = reflector::reflector(
+        pods_w,
+        watcher(Api::<Pod>::all(client.clone()), others_only),
+    )
+    .default_backoff()
+    .map(|e| (false, e.map(|_| ())));
     let lease_events = reflector::reflector(
         leases_w,
         watcher(

@@ -124,6 +124,9 @@ async fn list_jobs(
     Ok(objects)
 }
 
+/// Objects being taken in at once by a leader's admission.
+const ADMISSIONS_IN_FLIGHT: usize = 64;
+
 /// How often, and how long apart, a follower looks for the signing key before it refuses a
 /// submission for want of it.
 const KEY_WAITS: u32 = 10;
@@ -459,6 +462,7 @@ pub async fn run_admission(
             .default_backoff()
             .boxed();
         let mut tasks = tokio::task::JoinSet::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(ADMISSIONS_IN_FLIGHT));
         // The uids a relist found, to forget what was handled of objects deleted meanwhile.
         let mut listed = BTreeSet::new();
         loop {
@@ -495,7 +499,19 @@ pub async fn run_admission(
                 None => break,
             };
             if let Some(work) = Arc::clone(&desk).take(object) {
-                tasks.spawn(work);
+                // A bounded number at a time: each holds its object, its manifest and the
+                // job read from it, and 10,000 objects applied at once must not all be held
+                // in memory together (the watch waits meanwhile; nothing is lost).
+                let turn = tokio::select! {
+                    turn = Arc::clone(&slots).acquire_owned() => turn,
+                    _ = leadership.wait_for(|l| l.term.is_none()) => break,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let Ok(turn) = turn else { break };
+                tasks.spawn(async move {
+                    work.await;
+                    drop(turn);
+                });
             }
         }
         tasks.abort_all();

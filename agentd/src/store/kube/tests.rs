@@ -638,8 +638,8 @@ fn a_write_that_went_through_unanswered_is_not_taken_for_another_leaders() {
     // A write whose answer timed out (the store keeps what it sent) that the server applied.
     let placed = status("a", JobState::Placed, "Placed");
     store
-        .known
-        .borrow_mut()
+        .objects
+        .known()
         .get_mut("a")
         .expect("known")
         .unconfirmed = Some(placed.clone());
@@ -701,6 +701,78 @@ fn a_status_written_by_another_agent_fails_the_batch() {
     assert!(text.contains("another agent wrote its status"), "{text}");
     let object = cluster.get("default", "a").expect("exists");
     assert_eq!(stored_status(&object), theirs, "nothing overwritten");
+    assert!(
+        store.events(None, None, 0, 10).expect("events").is_empty(),
+        "a failed batch writes no event"
+    );
+}
+
+#[test]
+fn a_turns_writes_go_out_together_and_a_delete_stays_between_its_neighbours() {
+    let cluster = Cluster::start();
+    let mut store = cluster.store();
+    let names: Vec<String> = (0..40).map(|i| format!("j{i:02}")).collect();
+    let queued: Vec<JobWrite> = names
+        .iter()
+        .map(|n| upsert(n, &native(n, 1, 0), &status(n, JobState::Queued, "Queued")))
+        .collect();
+    store.write_batch(&queued, &[]).expect("all made");
+    for n in &names {
+        let object = cluster.get("default", n).expect("made");
+        assert_eq!(stored_status(&object).state, JobState::Queued, "{n}");
+    }
+
+    // Placed, then one removed mid-batch and made again after it; and one job whose status
+    // another agent wrote meanwhile.
+    let api = cluster.admin_api("default");
+    let theirs = status("j30", JobState::Failed, "Theirs");
+    cluster
+        .rt
+        .block_on(api.patch_status(
+            "j30",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": theirs})),
+        ))
+        .expect("another writer");
+    let mut writes: Vec<JobWrite> = names
+        .iter()
+        .map(|n| upsert(n, &native(n, 1, 0), &status(n, JobState::Placed, "Placed")))
+        .collect();
+    writes.insert(20, JobWrite::Delete { name: "j05".into() });
+    writes.insert(
+        21,
+        upsert(
+            "j05",
+            &native("j05", 1, 0),
+            &status("j05", JobState::Queued, "Again"),
+        ),
+    );
+    writes.remove(5); // j05's Placed write: the delete comes after the writes before it.
+    let err = store
+        .write_batch(&writes, &[event("j01", "Placed")])
+        .expect_err("j30's status is another agent's");
+    assert!(matches!(err, StoreError::KubeConflict { .. }), "{err:?}");
+    assert!(err.to_string().contains("default/j30"), "{err}");
+    let j05 = cluster.get("default", "j05").expect("made again");
+    assert_eq!(
+        stored_status(&j05).reason,
+        "Again",
+        "the write after the delete"
+    );
+    // Every other write went out: those before the delete, and those of the run that failed
+    // (they were sent together with the one that failed).
+    for n in names
+        .iter()
+        .filter(|n| !["j05", "j30"].contains(&n.as_str()))
+    {
+        let object = cluster.get("default", n).expect("exists");
+        assert_eq!(stored_status(&object).state, JobState::Placed, "{n}");
+    }
+    assert_eq!(
+        stored_status(&cluster.get("default", "j30").expect("exists")),
+        theirs,
+        "nothing overwritten"
+    );
     assert!(
         store.events(None, None, 0, 10).expect("events").is_empty(),
         "a failed batch writes no event"
