@@ -8,7 +8,7 @@
 //! ready and, after the eviction timeout, deletes them (they stay `Terminating` until the node
 //! returns, as on a real cluster).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -116,6 +116,9 @@ pub struct Kubelets {
     admission: std::sync::atomic::AtomicBool,
     /// Held while a pod is admitted, so two pods cannot both take the last free GPU.
     admitting: Mutex<()>,
+    /// The pods bound to each node, by (namespace, name), from the pod events: admission
+    /// looks at a node's pods, not at every pod of the cluster.
+    bound: Mutex<HashMap<String, HashSet<(String, String)>>>,
     pod_type: ResourceType,
     node_type: ResourceType,
     lease_type: ResourceType,
@@ -191,15 +194,18 @@ mod admission {
     pub fn requests(pod: &Value) -> Requests {
         let mut out = Requests::default();
         let containers = pod
-            .pointer("/spec/containers")
+            .get("spec")
+            .and_then(|s| s.get("containers"))
             .and_then(Value::as_array)
             .map_or(&[][..], Vec::as_slice);
         for c in containers {
+            let resources = c.get("resources");
+            let list = |which: &str| resources.and_then(|r| r.get(which));
+            let (requests, limits) = (list("requests"), list("limits"));
             for (i, r) in RESOURCES.iter().enumerate() {
-                let key = r.replace('/', "~1");
-                let v = c
-                    .pointer(&format!("/resources/requests/{key}"))
-                    .or_else(|| c.pointer(&format!("/resources/limits/{key}")));
+                let v = requests
+                    .and_then(|l| l.get(r))
+                    .or_else(|| limits.and_then(|l| l.get(r)));
                 if let Some(q) = v.and_then(|v| quantity(r, v)) {
                     out.0[i] += q;
                 }
@@ -239,6 +245,14 @@ mod admission {
     }
 }
 
+/// The string at `path` (object keys), or "".
+fn at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    path.iter()
+        .try_fold(v, |v, key| v.get(key))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
 fn s<'a>(v: &'a Value, p: &str) -> &'a str {
     v.pointer(p).and_then(Value::as_str).unwrap_or("")
 }
@@ -263,6 +277,7 @@ impl Kubelets {
             pods: Mutex::new(HashMap::new()),
             admission: std::sync::atomic::AtomicBool::new(false),
             admitting: Mutex::new(()),
+            bound: Mutex::new(HashMap::new()),
         })
     }
 
@@ -279,18 +294,24 @@ impl Kubelets {
     fn does_not_fit(&self, pod: &Value, node: &str) -> Option<(String, String)> {
         let node_obj = self.store.get(&self.node_type, "", node).ok()?;
         let uid = pod.pointer("/metadata/uid").cloned();
-        let admitted = self.store.list(
-            &self.pod_type,
-            None,
-            &|p| {
-                s(p, "/spec/nodeName") == node
-                    && p.pointer("/metadata/uid").cloned() != uid
-                    && !s(p, "/status/startTime").is_empty()
-                    && !matches!(s(p, "/status/phase"), "Succeeded" | "Failed")
-            },
-            None,
-            None,
-        );
+        let uid = uid.as_ref().and_then(Value::as_str).unwrap_or_default();
+        let on_node: Vec<(String, String)> = self
+            .bound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .map(|pods| pods.iter().cloned().collect())
+            .unwrap_or_default();
+        let admitted: Vec<Arc<Value>> = on_node
+            .iter()
+            .filter_map(|(ns, name)| self.store.get(&self.pod_type, ns, name).ok())
+            .filter(|p| {
+                at(p, &["spec", "nodeName"]) == node
+                    && at(p, &["metadata", "uid"]) != uid
+                    && !at(p, &["status", "startTime"]).is_empty()
+                    && !matches!(at(p, &["status", "phase"]), "Succeeded" | "Failed")
+            })
+            .collect();
         let want = admission::requests(pod);
         for resource in admission::RESOURCES {
             let requested = want.get(resource);
@@ -308,7 +329,6 @@ impl Kubelets {
             )
             .unwrap_or(0);
             let used: i128 = admitted
-                .items
                 .iter()
                 .map(|p| admission::requests(p).get(resource))
                 .sum();
@@ -707,6 +727,20 @@ impl Kubelets {
             s(pod, "/metadata/namespace").to_string(),
             s(pod, "/metadata/name").to_string(),
         );
+        {
+            let mut bound = self
+                .bound
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (ns.clone(), name.clone());
+            if kind == EventType::Deleted {
+                if let Some(pods) = bound.get_mut(&node) {
+                    pods.remove(&key);
+                }
+            } else if !node.is_empty() {
+                bound.entry(node.clone()).or_default().insert(key);
+            }
+        }
         if kind == EventType::Deleted {
             if let Some(t) = self.pods().remove(&uid) {
                 t.handle.abort();
