@@ -320,16 +320,12 @@ impl Scheduler {
         self.state = state;
         if !placed.is_empty() {
             let ids: HashSet<&str> = placed.iter().map(|(id, _, _)| id.as_str()).collect();
-            let mut moved: FastMap<String, Queued> = FastMap::default();
-            let mut kept = Vec::with_capacity(self.queued.len());
-            for q in self.queued.drain(..) {
-                if ids.contains(q.gang.id.as_str()) {
-                    moved.insert(q.gang.id.clone(), q);
-                } else {
-                    kept.push(q);
-                }
-            }
-            self.queued = kept;
+            // In place: the queue keeps its order and its allocation.
+            let mut moved: FastMap<String, Queued> = self
+                .queued
+                .extract_if(.., |q| ids.contains(q.gang.id.as_str()))
+                .map(|q| (q.gang.id.clone(), q))
+                .collect();
             for (p, (id, end, allocs)) in decision.placements.iter().zip(placed) {
                 debug_assert_eq!(p.gang, id);
                 let gang = moved.remove(&id).map(|q| q.gang);
