@@ -396,14 +396,11 @@ impl Objects {
                 });
             }
         });
-        results
-            .into_iter()
-            .map(|r| {
-                r.into_inner()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .unwrap_or(Ok(()))
-            })
-            .collect()
+        results.into_iter().try_for_each(|r| {
+            r.into_inner()
+                .unwrap_or_else(PoisonError::into_inner)
+                .unwrap_or(Ok(()))
+        })
     }
 
     fn upsert(&self, name: &str, manifest: &str, status: &str) -> Result<(), StoreError> {

@@ -150,6 +150,13 @@ class Client:
     def queues(self) -> List[JSON]:
         return self._json("GET", "/v1/queues")["queues"]
 
+    def queue_list(self) -> JSON:
+        """The whole answer: `queues` (each with `removed` in cluster mode while a queue taken
+        out of the cluster's ConfigMap still serves jobs), and in cluster mode `source` (where
+        the queues in force come from, when not the agent's configuration) and `problem` (why
+        the cluster's queue ConfigMap is not in force)."""
+        return self._json("GET", "/v1/queues")
+
     def jobs(self, queue: Optional[str] = None, state: Optional[str] = None,
              user: Optional[str] = None) -> List[JSON]:
         query = {k: v for k, v in (("queue", queue), ("state", state), ("user", user)) if v}

@@ -34,6 +34,12 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(len(nodes), 1)
         self.assertIn("gpus", nodes[0])
         self.assertEqual({q["name"] for q in self.client.queues()}, {"fast", "slow"})
+        whole = self.client.queue_list()
+        self.assertEqual([q["name"] for q in whole["queues"]],
+                         [q["name"] for q in self.client.queues()])
+        # Standalone: the queues are the agent's own configuration, and in force.
+        self.assertNotIn("source", whole)
+        self.assertNotIn("problem", whole)
 
     def test_submit_wait_logs(self) -> None:
         job = self.client.submit(manifest("sdk-text", "echo done"))
