@@ -132,6 +132,18 @@ impl Cluster {
         Api::namespaced_with(self.admin.clone(), namespace, &training_job_resource())
     }
 
+    /// Writes a job's status as another writer would (a leader before or after this one).
+    fn write_status_as_admin(&self, name: &str, status: &JobStatus) {
+        let api = self.admin_api("default");
+        self.rt
+            .block_on(api.patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            ))
+            .expect("status written");
+    }
+
     pub(crate) fn get(&self, namespace: &str, name: &str) -> Option<DynamicObject> {
         let api = self.admin_api(namespace);
         self.rt.block_on(api.get_opt(name)).expect("get")
@@ -643,15 +655,7 @@ fn a_write_that_went_through_unanswered_is_not_taken_for_another_leaders() {
         .get_mut("a")
         .expect("known")
         .unconfirmed = Some(placed.clone());
-    let api = cluster.admin_api("default");
-    cluster
-        .rt
-        .block_on(api.patch_status(
-            "a",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": placed})),
-        ))
-        .expect("the write that went through");
+    cluster.write_status_as_admin("a", &placed);
     let running = status("a", JobState::Running, "Running");
     store
         .write_batch(&[upsert("a", &native("a", 1, 0), &running)], &[])
@@ -678,15 +682,7 @@ fn a_status_written_by_another_agent_fails_the_batch() {
         .expect("created");
     // Another leader places the job in between.
     let theirs = status("a", JobState::Placed, "Placed");
-    let api = cluster.admin_api("default");
-    cluster
-        .rt
-        .block_on(api.patch_status(
-            "a",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": theirs})),
-        ))
-        .expect("another writer");
+    cluster.write_status_as_admin("a", &theirs);
 
     let late = status("a", JobState::Failed, "Unschedulable");
     let err = store
@@ -724,16 +720,8 @@ fn a_turns_writes_go_out_together_and_a_delete_stays_between_its_neighbours() {
 
     // Placed, then one removed mid-batch and made again after it; and one job whose status
     // another agent wrote meanwhile.
-    let api = cluster.admin_api("default");
     let theirs = status("j30", JobState::Failed, "Theirs");
-    cluster
-        .rt
-        .block_on(api.patch_status(
-            "j30",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": theirs})),
-        ))
-        .expect("another writer");
+    cluster.write_status_as_admin("j30", &theirs);
     let mut writes: Vec<JobWrite> = names
         .iter()
         .map(|n| upsert(n, &native(n, 1, 0), &status(n, JobState::Placed, "Placed")))
