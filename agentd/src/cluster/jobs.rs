@@ -124,8 +124,9 @@ async fn list_jobs(
     Ok(objects)
 }
 
-/// Objects being taken in at once by a leader's admission.
-const ADMISSIONS_IN_FLIGHT: usize = 64;
+/// Objects being taken in at once by a leader's admission. Each sends one request at a time,
+/// so this bounds their reads of the API server too.
+const ADMISSIONS_IN_FLIGHT: usize = super::REQUESTS_IN_FLIGHT;
 
 /// How often, and how long apart, a follower looks for the signing key before it refuses a
 /// submission for want of it.
@@ -455,7 +456,6 @@ pub async fn run_admission(
             leadership: leadership.clone(),
             retry,
             handled: Mutex::new(BTreeSet::new()),
-            requests: super::RequestTurns::default(),
         });
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &training_job_resource());
         let mut events = watcher(api, watcher::Config::default())
@@ -531,8 +531,6 @@ struct Admissions {
     /// (uid, what is being done or was done): `submit`, `cancel`, `remove`. An entry whose
     /// work failed is dropped, so the object's next change asks again.
     handled: Mutex<BTreeSet<(String, &'static str)>>,
-    /// The reads of objects before they are taken in, a bounded number at a time.
-    requests: super::RequestTurns,
 }
 
 /// Errors of the core that say nothing of the job: asked again while this agent leads.
@@ -814,7 +812,7 @@ impl Admissions {
         let Some(name) = object.metadata.name.as_deref() else {
             return Ok(None);
         };
-        self.requests.send(api.get_opt(name)).await
+        api.get_opt(name).await
     }
 
     /// Sets status Failed, reason `Invalid`, on the version of the object that was read: a

@@ -366,8 +366,8 @@ impl Objects {
 
     /// Writes these jobs (each named once), [`WRITERS`] at a time; the first error in their
     /// order, once every write has had its answer.
-    fn upsert_all(&self, writes: &[JobWrite]) -> Result<(), StoreError> {
-        let upsert = |write: &JobWrite| match write {
+    fn write_all(&self, writes: &[JobWrite]) -> Result<(), StoreError> {
+        let write = |write: &JobWrite| match write {
             JobWrite::Upsert {
                 name,
                 manifest,
@@ -377,7 +377,7 @@ impl Objects {
             JobWrite::Delete { name } => self.delete(name),
         };
         if writes.len() < 2 {
-            return writes.iter().try_for_each(upsert);
+            return writes.iter().try_for_each(write);
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let results: Vec<Mutex<Option<Result<(), StoreError>>>> =
@@ -387,10 +387,10 @@ impl Objects {
                 scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(write) = writes.get(i) else {
+                        let Some(job) = writes.get(i) else {
                             break;
                         };
-                        let result = upsert(write);
+                        let result = write(job);
                         *results[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(result);
                     }
                 });
@@ -741,26 +741,16 @@ impl JobStore for KubeStore {
             self.objects.check_fence()?;
         }
         let mut deleted = Vec::new();
-        let mut first_error = None;
         for run in jobs.split_inclusive(|w| matches!(w, JobWrite::Delete { .. })) {
             let (upserts, delete) = match run.split_last() {
                 Some((last @ JobWrite::Delete { .. }, upserts)) => (upserts, Some(last)),
                 _ => (run, None),
             };
-            if let Err(e) = self.objects.upsert_all(upserts) {
-                first_error.get_or_insert(e);
-                break;
+            self.objects.write_all(upserts)?;
+            if let Some(delete) = delete {
+                self.objects.write_all(std::slice::from_ref(delete))?;
+                deleted.push(delete.clone());
             }
-            if let Some(write @ JobWrite::Delete { name }) = delete {
-                if let Err(e) = self.objects.delete(name) {
-                    first_error.get_or_insert(e);
-                    break;
-                }
-                deleted.push(write.clone());
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
         }
         // The local database holds no jobs here: a delete there removes the job's events.
         self.local.write_batch(&deleted, events)
