@@ -269,6 +269,11 @@ impl PodEvent {
 pub struct PodWatch {
     child: Child,
     events: Arc<Mutex<Vec<PodEvent>>>,
+    /// Set when kubectl's output ended (the watch closed or kubectl exited).
+    ended: Arc<AtomicBool>,
+    /// What kubectl wrote to its standard error.
+    stderr: Arc<Mutex<String>>,
+    started: Instant,
 }
 
 impl KubeSim {
@@ -290,12 +295,22 @@ impl KubeSim {
             .args(["get", "pods", "--all-namespaces", "-l", selector])
             .args(["--watch", "--output-watch-events", "-o", "json"])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("kubectl runs");
+        let started = Instant::now();
         let stdout = child.stdout.take().expect("piped");
+        let mut err = child.stderr.take().expect("piped");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            err_sink.lock().unwrap().push_str(&text);
+        });
         let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
+        let ended = Arc::new(AtomicBool::new(false));
+        let (sink, end) = (events.clone(), ended.clone());
         std::thread::spawn(move || {
             let reader = std::io::BufReader::new(stdout);
             for event in serde_json::Deserializer::from_reader(reader)
@@ -309,11 +324,18 @@ impl KubeSim {
                     pod: event["object"].clone(),
                 });
             }
+            end.store(true, Ordering::SeqCst);
         });
         self.wait_until("kubectl watches the pods", Duration::from_secs(30), || {
             admin_watches(self) > before
         });
-        PodWatch { child, events }
+        PodWatch {
+            child,
+            events,
+            ended,
+            stderr,
+            started,
+        }
     }
 }
 
@@ -345,10 +367,57 @@ impl PodWatch {
             }
             assert!(
                 Instant::now() < deadline,
-                "no such pod event within {timeout:?}"
+                "no such pod event within {timeout:?}; {}",
+                self.account()
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// What the watch saw, for a failure's message: whether it still runs (and what kubectl
+    /// said if not) and, for each value of the `agentd.io/job` label, when its pods were
+    /// added, first ran and last ended, in seconds since the watch began.
+    fn account(&self) -> String {
+        let events = self.events();
+        let mut jobs: std::collections::BTreeMap<&str, [Option<f64>; 3]> = Default::default();
+        for e in &events {
+            let at = e.at.duration_since(self.started).as_secs_f64();
+            let seen = jobs.entry(e.label("agentd.io/job")).or_default();
+            let phase = &e.pod["status"]["phase"];
+            let slot = if e.kind == "ADDED" {
+                0
+            } else if phase == "Running" {
+                1
+            } else if phase == "Succeeded" || phase == "Failed" || e.kind == "DELETED" {
+                2
+            } else {
+                continue;
+            };
+            if slot == 2 || seen[slot].is_none() {
+                seen[slot] = Some(at);
+            }
+        }
+        let show = |t: Option<f64>| t.map_or("-".to_owned(), |t| format!("{t:.1}"));
+        let lines: Vec<String> = jobs
+            .iter()
+            .map(|(job, [added, ran, ended])| {
+                format!(
+                    "{job}: added {} ran {} ended {}",
+                    show(*added),
+                    show(*ran),
+                    show(*ended)
+                )
+            })
+            .collect();
+        let state = if self.ended.load(Ordering::SeqCst) {
+            format!(
+                "the watch ENDED; kubectl said: {:?}",
+                self.stderr.lock().unwrap()
+            )
+        } else {
+            "the watch is still open".to_owned()
+        };
+        format!("{} events; {state}\n{}", events.len(), lines.join("\n"))
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod agent;
 mod auth;
+mod chaos;
 mod cluster;
 mod gpus;
 mod history;

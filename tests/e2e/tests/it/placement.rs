@@ -13,7 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 pub(crate) const WAIT: Duration = Duration::from_mins(1);
 
 /// The label of every pod and Service of a job: its name.
-const JOB_LABEL: &str = "agentd.io/job";
+pub(crate) const JOB_LABEL: &str = "agentd.io/job";
 
 /// Quick election timings (lease 4 s, renew 3 s, retry 500 ms) and jobs on the cluster.
 pub(crate) const SETTINGS: &str = "lease_duration = \"4s\"\nrenew_deadline = \"3s\"\nretry_period = \"500ms\"\nplace_jobs = true\n";
@@ -870,8 +870,38 @@ spec:
 /// A TrainingJob of `workers` workers of one GPU each, with a chief and a parameter server
 /// (no GPUs) if asked, whose pods run `seconds` of cluster time; and the replica names its
 /// gang has.
-fn gang(name: &str, workers: u32, chief: bool, ps: bool, seconds: u32) -> (String, Vec<String>) {
+pub(crate) fn gang(
+    name: &str,
+    workers: u32,
+    chief: bool,
+    ps: bool,
+    seconds: u32,
+) -> (String, Vec<String>) {
+    gang_ending(name, workers, chief, ps, seconds, 0)
+}
+
+/// As [`gang`], with the workers exiting with `exit_code`; if not 0, the workers restart on
+/// failure and the job allows one restart (`backoffLimit: 1`), so it fails after two runs.
+pub(crate) fn gang_ending(
+    name: &str,
+    workers: u32,
+    chief: bool,
+    ps: bool,
+    seconds: u32,
+    exit_code: u8,
+) -> (String, Vec<String>) {
     let group = |kind: &str, replicas: u32, gpus: u32| {
+        let fails = gpus > 0 && exit_code != 0;
+        let policy = if fails {
+            "\n      restartPolicy: OnFailure"
+        } else {
+            ""
+        };
+        let exit = if fails {
+            format!(", sim.agentd.io/exit-code: \"{exit_code}\"")
+        } else {
+            String::new()
+        };
         let limits = if gpus > 0 {
             format!("\n              resources: {{limits: {{nvidia.com/gpu: {gpus}}}}}")
         } else {
@@ -879,9 +909,9 @@ fn gang(name: &str, workers: u32, chief: bool, ps: bool, seconds: u32) -> (Strin
         };
         format!(
             r#"    {kind}:
-      replicas: {replicas}
+      replicas: {replicas}{policy}
       template:
-        metadata: {{annotations: {{sim.agentd.io/run-seconds: "{seconds}"}}}}
+        metadata: {{annotations: {{sim.agentd.io/run-seconds: "{seconds}"{exit}}}}}
         spec:
           containers:
             - name: tensorflow
@@ -890,8 +920,13 @@ fn gang(name: &str, workers: u32, chief: bool, ps: bool, seconds: u32) -> (Strin
 "#
         )
     };
+    let run_policy = if exit_code != 0 {
+        "  runPolicy: {backoffLimit: 1}\n"
+    } else {
+        ""
+    };
     let mut text = format!(
-        "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n  replicaSpecs:\n"
+        "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}}}\nspec:\n{run_policy}  replicaSpecs:\n"
     );
     let mut replicas = Vec::new();
     if chief {
@@ -907,7 +942,7 @@ fn gang(name: &str, workers: u32, chief: bool, ps: bool, seconds: u32) -> (Strin
     (text, replicas)
 }
 
-fn submit(agent: &NodeAgent, manifest: &str) {
+pub(crate) fn submit(agent: &NodeAgent, manifest: &str) {
     let out = agent.agent.ctl_with_stdin(&["submit", "-"], manifest);
     assert!(
         out.status.success(),
@@ -917,7 +952,7 @@ fn submit(agent: &NodeAgent, manifest: &str) {
 }
 
 /// Every job the agent keeps, by name; `None` while it cannot say (not leading yet).
-fn jobs_by_name(agent: &NodeAgent) -> Option<BTreeMap<String, serde_json::Value>> {
+pub(crate) fn jobs_by_name(agent: &NodeAgent) -> Option<BTreeMap<String, serde_json::Value>> {
     let out = agent.agent.ctl(&["jobs", "-o", "json"]);
     if !out.status.success() {
         return None;
@@ -1033,7 +1068,7 @@ fn each_gang_generations_pods_appear_together_in_one_burst() {
 }
 
 /// The Lease `agentd-leader`: its holder, and the whole object.
-fn leader_lease(sim: &KubeSim) -> (String, serde_json::Value) {
+pub(crate) fn leader_lease(sim: &KubeSim) -> (String, serde_json::Value) {
     let lease = sim.get_json(&["lease", "agentd-leader", "-n", "agentd-system"]);
     let holder = lease["spec"]["holderIdentity"]
         .as_str()
@@ -1043,11 +1078,11 @@ fn leader_lease(sim: &KubeSim) -> (String, serde_json::Value) {
 }
 
 /// The election's timings in [`SETTINGS`].
-const LEASE_DURATION: SignedDuration = SignedDuration::from_secs(4);
-const RETRY_PERIOD: SignedDuration = SignedDuration::from_millis(500);
+pub(crate) const LEASE_DURATION: SignedDuration = SignedDuration::from_secs(4);
+pub(crate) const RETRY_PERIOD: SignedDuration = SignedDuration::from_millis(500);
 /// What the takeover may take beyond lease + retry: one read and one write of the Lease on a
 /// loaded test machine, as leader.rs allows.
-const REQUEST_ALLOWANCE: SignedDuration = SignedDuration::from_secs(2);
+pub(crate) const REQUEST_ALLOWANCE: SignedDuration = SignedDuration::from_secs(2);
 
 /// The job of the failover test that runs long: 150 s of cluster time, 15 s here.
 const LONG_JOB: &str = "f-20";

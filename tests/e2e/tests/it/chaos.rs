@@ -1,0 +1,407 @@
+//! Leader kills during a stream of jobs: `kill -9` of whichever agent leads, at random moments,
+//! while jobs of every gang size arrive, some failing and some cancelled. Every job ends as it
+//! would have without the kills, no pod is created twice, no gang is left partly created, no
+//! takeover adds to a job's restart count; each takeover is timed.
+//!
+//! Bounded here: `AGENTD_CHAOS_JOBS` jobs (60) and `AGENTD_CHAOS_KILLS` kills (4), at moments
+//! drawn from `AGENTD_CHAOS_SEED` (printed). `bench/cluster-chaos` runs it longer and prints the
+//! figures from the line this test writes, `chaos figures: {json}`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use e2e::cluster::{KubeSim, NodeAgent};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::placement::{
+    JOB_LABEL, LEASE_DURATION, REQUEST_ALLOWANCE, RETRY_PERIOD, SETTINGS, WAIT, agents_on,
+    gang_ending, jobs_by_name, leader_lease, leads,
+};
+
+/// Nodes of 2 GPUs; the first [`CANDIDATES`] may lead, the others take the jobs in.
+const NODES: usize = 6;
+const CANDIDATES: usize = 3;
+/// Between two submissions.
+const SUBMIT_EVERY: Duration = Duration::from_millis(400);
+
+/// What a job of the stream is made to do, and so how it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Runs 1.5 to 4.5 s and succeeds: `Succeeded`, no restart.
+    Succeeds,
+    /// Its workers exit 3 under `restartPolicy: OnFailure` and `backoffLimit: 1`: `Failed`
+    /// after exactly one restart. (No chief: a chief that completes completes the job.)
+    Fails,
+    /// Runs a minute, cancelled 0.5 to 6 s after it was submitted: `Cancelled`, or gone if
+    /// the cancel came before a leader took it in (the cancel deletes such an object).
+    Cancelled,
+}
+
+impl Fate {
+    fn state(self) -> &'static str {
+        match self {
+            Fate::Succeeds => "Succeeded",
+            Fate::Fails => "Failed",
+            Fate::Cancelled => "Cancelled",
+        }
+    }
+
+    fn restarts(self) -> u64 {
+        u64::from(self == Fate::Fails)
+    }
+}
+
+struct StreamJob {
+    name: String,
+    manifest: String,
+    replicas: Vec<String>,
+    fate: Fate,
+    /// For [`Fate::Cancelled`]: how long after its submission the cancel comes.
+    cancel_after: Duration,
+}
+
+/// xorshift64*: the same moments and jobs for the same seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.below(to - from))
+    }
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v:?} is not a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn stream(count: u64, rng: &mut Rng) -> Vec<StreamJob> {
+    (0..count)
+        .map(|i| {
+            let name = format!("c-{i:04}");
+            let fate = match i % 10 {
+                3 => Fate::Fails,
+                7 => Fate::Cancelled,
+                _ => Fate::Succeeds,
+            };
+            let seconds = match fate {
+                Fate::Cancelled => 600,
+                _ => 15 + rng.below(31) as u32,
+            };
+            let workers = 1 + rng.below(4) as u32;
+            let (chief, ps) = (rng.below(3) == 0 && fate != Fate::Fails, rng.below(4) == 0);
+            let exit_code = if fate == Fate::Fails { 3 } else { 0 };
+            let (manifest, replicas) = gang_ending(&name, workers, chief, ps, seconds, exit_code);
+            StreamJob {
+                name,
+                manifest,
+                replicas,
+                fate,
+                cancel_after: rng.millis(500, 6_000),
+            }
+        })
+        .collect()
+}
+
+/// Runs `agentctl args` (with `stdin`) on one of `agents` after another until it succeeds or
+/// says `done_if`; panics after [`WAIT`].
+fn until_done(agents: &[NodeAgent], args: &[&str], stdin: &str, done_if: &str) {
+    let deadline = Instant::now() + WAIT;
+    for agent in agents.iter().cycle() {
+        let out = agent.agent.ctl_with_stdin(args, stdin);
+        let said = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || said.contains(done_if) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "agentctl {args:?}: {said}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// One kill: when, and when the next leader took the Lease.
+struct Takeover {
+    killed_at: Timestamp,
+    acquired: Timestamp,
+}
+
+fn quantiles(mut values: Vec<f64>) -> serde_json::Value {
+    if values.is_empty() {
+        return serde_json::Value::Null;
+    }
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    serde_json::json!({"n": values.len(), "p50": at(0.5), "p99": at(0.99), "max": at(1.0)})
+}
+
+#[test]
+fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
+    let started = Instant::now();
+    let count = env_number("AGENTD_CHAOS_JOBS", 60);
+    let kills = env_number("AGENTD_CHAOS_KILLS", 4);
+    let seed = env_number(
+        "AGENTD_CHAOS_SEED",
+        Timestamp::now().subsec_nanosecond().unsigned_abs().into(),
+    )
+    .max(1);
+    eprintln!("chaos: {count} jobs, {kills} leader kills, AGENTD_CHAOS_SEED={seed}");
+    let mut rng = Rng(seed);
+    let jobs = stream(count, &mut rng);
+
+    // Cluster time 10 times faster: a job's 15 to 45 s run 1.5 to 4.5 s here.
+    let sim = KubeSim::start_scaled(NODES, true, 10.0);
+    let mut agents = agents_on(&sim, NODES, CANDIDATES, SETTINGS, false);
+    let (candidates, takers) = agents.split_at_mut(CANDIDATES);
+    sim.wait_until("one of the candidates leads", WAIT, || {
+        candidates.iter().any(leads)
+    });
+
+    // Jobs go in through the agents that never lead (so never through a killed one); each
+    // cancel is asked as soon as it is due.
+    let submitted = AtomicBool::new(false);
+    let takeovers = std::thread::scope(|s| {
+        let takers = &*takers;
+        let (jobs, submitted) = (&jobs, &submitted);
+        s.spawn(move || {
+            let start = Instant::now();
+            let mut cancels: Vec<(Instant, &str)> = Vec::new();
+            let cancel_due = |cancels: &mut Vec<(Instant, &str)>| {
+                let now = Instant::now();
+                for (_, name) in cancels.extract_if(.., |(due, _)| *due <= now) {
+                    until_done(takers, &["cancel", name], "", "already");
+                }
+            };
+            for (i, job) in jobs.iter().enumerate() {
+                let due = start + SUBMIT_EVERY * i as u32;
+                while Instant::now() < due {
+                    cancel_due(&mut cancels);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                until_done(takers, &["submit", "-"], &job.manifest, "already exists");
+                if job.fate == Fate::Cancelled {
+                    cancels.push((Instant::now() + job.cancel_after, &job.name));
+                }
+            }
+            submitted.store(true, Ordering::SeqCst);
+            while !cancels.is_empty() {
+                cancel_due(&mut cancels);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+
+        let mut takeovers = Vec::new();
+        for kill in 0..kills {
+            std::thread::sleep(rng.millis(500, 3_000));
+            let (holder, _) = leader_lease(&sim);
+            let victim = candidates
+                .iter()
+                .position(|a| a.node == holder)
+                .unwrap_or_else(|| panic!("the Lease is held by {holder:?}"));
+            let killed_at = Timestamp::now();
+            candidates[victim].agent.signal_and_wait(9, WAIT);
+            let mut lease = serde_json::Value::Null;
+            sim.wait_until("another candidate holds the Lease", WAIT, || {
+                let (now, object) = leader_lease(&sim);
+                lease = object;
+                now != holder && candidates.iter().any(|a| a.node == now)
+            });
+            let acquired: Timestamp = lease["spec"]["acquireTime"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            eprintln!(
+                "kill {}: {holder} killed{}; {} took over after {:?}",
+                kill + 1,
+                if submitted.load(Ordering::SeqCst) {
+                    " (every job submitted)"
+                } else {
+                    ""
+                },
+                lease["spec"]["holderIdentity"],
+                acquired.duration_since(killed_at)
+            );
+            takeovers.push(Takeover {
+                killed_at,
+                acquired,
+            });
+            // Back as a candidate, as systemd would restart it.
+            candidates[victim].agent.spawn();
+        }
+        takeovers
+    });
+
+    // Every job ends.
+    let deadline = Instant::now() + 5 * WAIT;
+    let terminal = |j: &serde_json::Value| {
+        matches!(
+            j["state"].as_str(),
+            Some("Succeeded" | "Failed" | "Cancelled")
+        )
+    };
+    let last = loop {
+        let last = jobs_by_name(&takers[0]).unwrap_or_default();
+        let open: Vec<&str> = jobs
+            .iter()
+            .filter(|j| match last.get(&j.name) {
+                Some(status) => !terminal(status),
+                // A cancel before admission deletes the object.
+                None => j.fate != Fate::Cancelled,
+            })
+            .map(|j| j.name.as_str())
+            .collect();
+        if open.is_empty() || Instant::now() > deadline {
+            break last;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+
+    // Against what each job was made to do.
+    let audit = sim.audit();
+    let deleted_by_cancel = |name: &str| {
+        audit.iter().any(|r| {
+            r["verb"] == "delete"
+                && r["resource"] == "trainingjobs"
+                && r["name"] == name
+                && r["code"] == 200
+                && r["user"] == "system:serviceaccount:agentd-system:agentd-node"
+        })
+    };
+    let mut lost = Vec::new();
+    let mut inflated = Vec::new();
+    let mut never_admitted = 0;
+    for job in &jobs {
+        let Some(status) = last.get(&job.name) else {
+            if job.fate == Fate::Cancelled && deleted_by_cancel(&job.name) {
+                never_admitted += 1;
+            } else {
+                lost.push(format!("{}: no status", job.name));
+            }
+            continue;
+        };
+        if status["state"] != job.fate.state() {
+            lost.push(format!("{}: {status}", job.name));
+        }
+        if status["restarts"].as_u64() != Some(job.fate.restarts()) {
+            inflated.push(format!("{}: {status}", job.name));
+        }
+    }
+
+    // Each pod name (job, replica, generation) was created once, and the last generation of
+    // every job that was not cancelled had all of its replicas.
+    let mut creates: BTreeMap<String, u32> = BTreeMap::new();
+    let mut create_times: Vec<Timestamp> = Vec::new();
+    for r in &audit {
+        if r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201 {
+            *creates
+                .entry(r["name"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+            if let Some(at) = r["timestamp"].as_str().and_then(|t| t.parse().ok()) {
+                create_times.push(at);
+            }
+        }
+    }
+    create_times.sort();
+    let duplicates: Vec<_> = creates.iter().filter(|(_, n)| **n > 1).collect();
+    let mut partial = Vec::new();
+    for job in jobs.iter().filter(|j| j.fate != Fate::Cancelled) {
+        let Some(generation) = last.get(&job.name).and_then(|s| s["generation"].as_u64()) else {
+            continue;
+        };
+        let missing: Vec<&String> = job
+            .replicas
+            .iter()
+            .filter(|r| !creates.contains_key(&format!("{}-{r}-g{generation}", job.name)))
+            .collect();
+        if !missing.is_empty() {
+            partial.push(format!(
+                "{} generation {generation} lacks {missing:?}",
+                job.name
+            ));
+        }
+    }
+    let left: Vec<String> = sim.get_json(&["pods", "-l", JOB_LABEL])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+        .map(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+
+    // Each takeover: kill to the next leader's acquireTime, and kill to the first pod it
+    // created (where it created one before the next kill).
+    let millis = |d: SignedDuration| d.as_secs_f64() * 1000.0;
+    let lease_ms: Vec<f64> = takeovers
+        .iter()
+        .map(|t| millis(t.acquired.duration_since(t.killed_at)))
+        .collect();
+    let placing_ms: Vec<f64> = takeovers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let next_kill = takeovers.get(i + 1).map(|n| n.killed_at);
+            create_times
+                .iter()
+                .find(|at| **at >= t.acquired)
+                .filter(|at| next_kill.is_none_or(|k| **at < k))
+                .map(|at| millis(at.duration_since(t.killed_at)))
+        })
+        .collect();
+    let figures = serde_json::json!({
+        "jobs": count,
+        "kills": takeovers.len(),
+        "seed": seed,
+        "takeover_lease_ms": quantiles(lease_ms.clone()),
+        "takeover_first_pod_ms": quantiles(placing_ms),
+        "jobs_lost": lost.len(),
+        "cancelled_before_admission": never_admitted,
+        "duplicate_pods": duplicates.len(),
+        "partial_gangs": partial.len() + left.len(),
+        "inflated_restarts": inflated.len(),
+        "pods_created": creates.len(),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    eprintln!("chaos figures: {figures}");
+
+    assert!(
+        lost.is_empty(),
+        "jobs that did not end as made to:\n{}",
+        lost.join("\n")
+    );
+    assert!(
+        inflated.is_empty(),
+        "restart counts off:\n{}",
+        inflated.join("\n")
+    );
+    assert!(duplicates.is_empty(), "pods created twice: {duplicates:?}");
+    assert!(partial.is_empty(), "gangs partly created: {partial:?}");
+    assert!(left.is_empty(), "pods left running or pending: {left:?}");
+    let bound = LEASE_DURATION + RETRY_PERIOD + REQUEST_ALLOWANCE;
+    for (i, ms) in lease_ms.iter().enumerate() {
+        assert!(
+            *ms <= millis(bound),
+            "takeover {} took {ms} ms; bound: lease + retry + {REQUEST_ALLOWANCE:?}",
+            i + 1
+        );
+    }
+}
