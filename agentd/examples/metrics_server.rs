@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         ("fast", "Queued", 2),
         ("slow", "Queued", 2),
     ]);
-    metrics.set_node_allocation(
+    metrics.set_node_allocations([(
         "bench-node",
         NodeAllocation {
             capacity: Resources {
@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             },
             schedulable: true,
         },
-    );
+    )]);
     for (from, to) in [
         ("Queued", "Placed"),
         ("Placed", "Starting"),

@@ -18,7 +18,7 @@
 //!
 //! This module must not decide anything: it records what the core tells it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -411,14 +411,27 @@ impl Metrics {
         state.jobs.retain(|(q, _), _| q != queue);
     }
 
-    /// Sets one node's capacity and allocation as the scheduler sees them.
-    pub fn set_node_allocation(&self, node: &str, allocation: NodeAllocation) {
-        self.write().nodes.insert(node.to_owned(), allocation);
-    }
-
-    /// Forgets a node that left the cluster.
-    pub fn remove_node(&self, node: &str) {
-        self.write().nodes.remove(node);
+    /// Sets the capacity and allocation of every node the scheduler places on, as it sees
+    /// them (one node standalone, the cluster's nodes on the leader); a node not among them
+    /// (one that left the cluster) is forgotten.
+    pub fn set_node_allocations<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = (&'a str, NodeAllocation)>,
+    ) {
+        let mut now: HashMap<&str, NodeAllocation> = nodes.into_iter().collect();
+        let mut state = self.write();
+        state
+            .nodes
+            .retain(|name, allocation| match now.remove(name.as_str()) {
+                Some(new) => {
+                    *allocation = new;
+                    true
+                }
+                None => false,
+            });
+        for (name, allocation) in now {
+            state.nodes.insert(name.to_owned(), allocation);
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, MetricsState> {
@@ -1283,7 +1296,7 @@ mod tests {
     #[test]
     fn node_allocation_is_in_cores_and_bytes() {
         let text = scrape(|m| {
-            m.set_node_allocation(
+            m.set_node_allocations([(
                 "node-a",
                 NodeAllocation {
                     capacity: Resources {
@@ -1298,7 +1311,7 @@ mod tests {
                     },
                     schedulable: true,
                 },
-            );
+            )]);
         });
         assert!(
             text.contains("agentd_node_capacity_gpus{node=\"node-a\"} 8\n"),
@@ -1307,6 +1320,30 @@ mod tests {
         assert!(text.contains("agentd_node_allocated_cpu_cores{node=\"node-a\"} 1.5\n"));
         assert!(text.contains("agentd_node_capacity_memory_bytes{node=\"node-a\"} 1073741824\n"));
         assert!(text.contains("agentd_node_schedulable{node=\"node-a\"} 1\n"));
+    }
+
+    #[test]
+    fn a_node_left_out_of_the_next_allocations_is_forgotten() {
+        let text = scrape(|m| {
+            let with = |gpus| NodeAllocation {
+                allocated: Resources {
+                    gpus,
+                    ..Resources::default()
+                },
+                ..NodeAllocation::default()
+            };
+            m.set_node_allocations([("node-a", with(1)), ("node-b", with(2))]);
+            m.set_node_allocations([("node-b", with(3)), ("node-c", with(4))]);
+        });
+        assert!(!text.contains("node=\"node-a\""), "{text}");
+        assert!(
+            text.contains("agentd_node_allocated_gpus{node=\"node-b\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agentd_node_allocated_gpus{node=\"node-c\"} 4\n"),
+            "{text}"
+        );
     }
 
     #[test]

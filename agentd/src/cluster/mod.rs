@@ -173,6 +173,11 @@ impl Cluster {
         // kube-rs would otherwise retry 429/503/504 inside one call, up to 15 times and for
         // minutes, out of sight of the agent's own backoff, link state and request counts.
         kube_config.default_retry = false;
+        // Which agent sent a request, in the API server's audit log: `agentd/0.9.0 (node-3)`.
+        let agent = format!("agentd/{} ({node})", env!("CARGO_PKG_VERSION"));
+        if let Ok(value) = http::HeaderValue::from_str(&agent) {
+            kube_config.headers.push((http::header::USER_AGENT, value));
+        }
         let mut watch_config = kube_config.clone();
         watch_config.read_timeout = None;
         kube_config.read_timeout = Some(bound);

@@ -106,6 +106,11 @@ impl Feed {
         &self.scheduler
     }
 
+    /// The nodes the scheduler places on.
+    pub fn nodes(&self) -> &[NodeCapacity] {
+        self.scheduler.nodes()
+    }
+
     pub fn scheduler_mut(&mut self) -> &mut Scheduler {
         &mut self.scheduler
     }

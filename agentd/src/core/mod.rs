@@ -653,6 +653,10 @@ impl Core {
             let _ = self.commit();
         }
         self.shutdown().await;
+        // The cluster's nodes are the leader's to report; the next term's leader reports them.
+        if let (Nodes::Cluster(_), Some(metrics)) = (&self.nodes, &self.metrics) {
+            metrics.set_node_allocations([]);
+        }
         self.store
     }
 
@@ -1324,7 +1328,7 @@ impl Core {
         let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let defined = &self.queues.definitions.queues;
         let mut depth: BTreeMap<&str, u64> = defined.keys().map(|q| (q.as_str(), 0)).collect();
-        let mut allocated = sched::Resources::default();
+        let mut allocated: BTreeMap<&str, sched::Resources> = BTreeMap::new();
         let mut deadlines: BTreeMap<&str, Vec<std::time::Instant>> =
             defined.keys().map(|q| (q.as_str(), Vec::new())).collect();
         let (now, mono) = (self.clock.now(), std::time::Instant::now());
@@ -1350,9 +1354,10 @@ impl Core {
                 *depth.entry(queue).or_default() += 1;
             }
             for a in record.allocation.iter().flat_map(|a| &a.assignments) {
-                allocated.gpus += a.gpu_indices.len() as u32;
-                allocated.cpu_milli += a.resources.cpu_milli;
-                allocated.memory_mib += a.resources.memory_mib;
+                let node = allocated.entry(a.node.as_str()).or_default();
+                node.gpus += a.gpu_indices.len() as u32;
+                node.cpu_milli += a.resources.cpu_milli;
+                node.memory_mib += a.resources.memory_mib;
             }
         }
         metrics.set_jobs(counts.iter().map(|(&(q, s), &n)| (q, s, n)));
@@ -1362,20 +1367,41 @@ impl Core {
         for (queue, d) in deadlines {
             metrics.set_queue_deadlines(queue, d);
         }
-        let node = node_capacity(&self.inventory.borrow());
-        let capacity = sched::Resources {
+        let of = |node: &NodeCapacity| sched::Resources {
             gpus: node.gpus.iter().filter(|g| g.healthy).count() as u32,
             cpu_milli: node.cpu_milli,
             memory_mib: node.memory_mib,
         };
-        metrics.set_node_allocation(
-            &self.lifecycle.settings().node,
-            NodeAllocation {
-                capacity,
-                allocated,
-                schedulable: node.schedulable && self.lifecycle.schedulable(),
-            },
-        );
+        match &self.nodes {
+            Nodes::Local => {
+                let node = node_capacity(&self.inventory.borrow());
+                let name = self.lifecycle.settings().node.as_str();
+                metrics.set_node_allocations([(
+                    name,
+                    NodeAllocation {
+                        capacity: of(&node),
+                        allocated: allocated.get(name).copied().unwrap_or_default(),
+                        schedulable: node.schedulable && self.lifecycle.schedulable(),
+                    },
+                )]);
+            }
+            // The leader: every node of the cluster it places on, as the scheduler has it.
+            Nodes::Cluster(_) => {
+                metrics.set_node_allocations(self.feed.nodes().iter().map(|node| {
+                    (
+                        node.name.as_str(),
+                        NodeAllocation {
+                            capacity: of(node),
+                            allocated: allocated
+                                .get(node.name.as_str())
+                                .copied()
+                                .unwrap_or_default(),
+                            schedulable: node.schedulable,
+                        },
+                    )
+                }));
+            }
+        }
     }
 }
 

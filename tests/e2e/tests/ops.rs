@@ -213,7 +213,7 @@ fn start_metrics_server(gpus: u32) -> FakeAgentMetrics {
     metrics.set_queue_depth("fast", 1);
     metrics.set_queue_depth("slow", 0);
     metrics.set_queue_overdue("fast", 0);
-    metrics.set_node_allocation(
+    metrics.set_node_allocations([(
         "e2e-node",
         NodeAllocation {
             capacity: Resources {
@@ -228,7 +228,7 @@ fn start_metrics_server(gpus: u32) -> FakeAgentMetrics {
             },
             schedulable: true,
         },
-    );
+    )]);
     metrics.job_state_changed("fast", "Queued", "Placed");
     let finished: agentd_api::jobs::JobStatus = serde_json::from_value(serde_json::json!({
         "name": "done", "kind": "TrainingJob", "queue": "fast", "priority": 0,

@@ -28,6 +28,7 @@ impl AuditLog {
     pub fn record(
         &self,
         user: &str,
+        user_agent: &str,
         method: &http::Method,
         uri: &str,
         a: &Attributes,
@@ -38,6 +39,8 @@ impl AuditLog {
             // Microseconds, as kube-apiserver's `stageTimestamp`.
             "timestamp": crate::clock::now_micros(),
             "user": user,
+            // The request's User-Agent header, as kube-apiserver's `userAgent`.
+            "userAgent": user_agent,
             "verb": a.verb,
             "method": method.as_str(),
             "uri": uri,

@@ -578,8 +578,14 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         let created = (attrs.verb == "create" && attrs.name.is_empty())
             .then(|| created_name(&resp))
             .flatten();
+        let user_agent = parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         audit.record(
             &user,
+            user_agent,
             &parts.method,
             &parts.uri.to_string(),
             &attrs,

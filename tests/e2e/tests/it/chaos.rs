@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::cluster::{KubeSim, NodeAgent};
+use e2e::cluster::{Fault, FaultProxy, Identity, KubeSim, NodeAgent, NodeAgentOptions};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::placement::{
@@ -404,4 +404,142 @@ fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
             i + 1
         );
     }
+}
+
+/// A leader cut off from the API server (the network between it and the server drops, and
+/// what it sent meanwhile arrives once the network heals) stops leading within its renew
+/// deadline; the other candidate takes over and its decisions stand; once healed, the old
+/// leader follows them without one successful write of its own from its stale view.
+#[test]
+fn a_leader_cut_off_from_the_api_server_stops_and_follows_the_new_leader_when_healed() {
+    let sim = KubeSim::start_scaled(4, true, 10.0);
+    let proxy = FaultProxy::start(sim.addr());
+    let (cut, direct) = (
+        sim.dir.path().join("cut.kubeconfig"),
+        sim.dir.path().join("leader.kubeconfig"),
+    );
+    sim.kubeconfig_for(Identity::Leader, &proxy.addr, &cut);
+    sim.kubeconfig_for(Identity::Leader, sim.addr(), &direct);
+    let worker = sim.dir.path().join("node.kubeconfig");
+    sim.kubeconfig_for(Identity::Node, sim.addr(), &worker);
+    let start = |i: usize, kubeconfig: &std::path::Path| {
+        NodeAgent::start_with(
+            &NodeAgentOptions {
+                node: format!("node-{i}"),
+                gpus: 2,
+                leader_eligible: i < 2,
+                kubeconfig: kubeconfig.to_owned(),
+                interval: "1s",
+                metrics: false,
+            },
+            SETTINGS,
+        )
+    };
+    // node-0, behind the proxy, leads first.
+    let old = start(0, &cut);
+    sim.wait_until("node-0 leads", WAIT, || leads(&old));
+    let next = start(1, &direct);
+    let takers = [start(2, &worker), start(3, &worker)];
+    let (before, _) = gang_ending("before", 2, false, false, 600, 0);
+    let (stays, _) = gang_ending("stays", 1, false, false, 600, 0);
+    until_done(&takers, &["submit", "-"], &before, "already exists");
+    until_done(&takers, &["submit", "-"], &stays, "already exists");
+    sim.wait_until("both gangs run", WAIT, || {
+        jobs_by_name(&old).is_some_and(|j| {
+            ["before", "stays"]
+                .iter()
+                .all(|n| j.get(*n).is_some_and(|s| s["state"] == "Running"))
+        })
+    });
+
+    // Cut off: it stops leading within the renew deadline, and node-1 takes over.
+    let cut_at = Instant::now();
+    let cut_time = Timestamp::now();
+    proxy.set(Fault::Blackhole);
+    let leading = |a: &NodeAgent| {
+        a.agent
+            .ctl_json(&["status"])
+            .get("cluster")
+            .is_some_and(|c| c["leading"] == true)
+    };
+    sim.wait_until("node-0 stops leading", WAIT, || !leading(&old));
+    let stopped = cut_at.elapsed();
+    eprintln!("node-0 stopped leading {stopped:?} after it was cut off");
+    let renew_deadline = Duration::from_secs(3);
+    assert!(
+        stopped <= renew_deadline + Duration::from_secs(2),
+        "stopped leading {stopped:?} after the cut; renew deadline {renew_deadline:?}"
+    );
+    sim.wait_until("node-1 leads", WAIT, || leads(&next));
+
+    // The new leader decides: one gang cancelled, one new gang started.
+    until_done(&takers, &["cancel", "before"], "", "already");
+    let (during, _) = gang_ending("during", 2, false, false, 600, 0);
+    until_done(&takers, &["submit", "-"], &during, "already exists");
+    sim.wait_until("node-1 cancels one and starts the other", WAIT, || {
+        jobs_by_name(&next).is_some_and(|j| {
+            j.get("before").is_some_and(|s| s["state"] == "Cancelled")
+                && j.get("during").is_some_and(|s| s["state"] == "Running")
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Healed: what node-0 sent meanwhile arrives; it follows.
+    proxy.set(Fault::Pass);
+    sim.wait_until("node-0 follows node-1", WAIT, || {
+        let status = old.agent.ctl_json(&["status"]);
+        status["cluster"]["leader"] == "node-1" && status["cluster"]["leading"] == false
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let jobs = jobs_by_name(&old).expect("node-0 lists the jobs");
+    let states: Vec<(&str, &serde_json::Value, &serde_json::Value)> = ["before", "stays", "during"]
+        .iter()
+        .map(|n| (*n, &jobs[*n]["state"], &jobs[*n]["generation"]))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("before", &"Cancelled".into(), &1.into()),
+            ("stays", &"Running".into(), &1.into()),
+            ("during", &"Running".into(), &1.into()),
+        ],
+        "node-1's decisions stand, as node-0 lists them"
+    );
+    assert!(leads(&next), "node-1 still leads");
+
+    // Not one write of the leader's kind from node-0 succeeded after the cut: its requests are
+    // in the audit log by its User-Agent.
+    let leaders_write = |r: &serde_json::Value| {
+        r["userAgent"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("agentd/") && a.ends_with("(node-0)"))
+            && matches!(
+                r["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete" | "deletecollection")
+            )
+            && r["code"].as_u64().is_some_and(|c| (200..300).contains(&c))
+            && (matches!(
+                r["resource"].as_str(),
+                Some("trainingjobs" | "pods" | "services" | "events")
+            ) || r["name"] == "agentd-leader")
+    };
+    let after_cut = |r: &serde_json::Value| {
+        r["timestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .is_some_and(|t| t >= cut_time)
+    };
+    let (stale, leading_writes): (Vec<serde_json::Value>, Vec<serde_json::Value>) = sim
+        .audit()
+        .into_iter()
+        .filter(leaders_write)
+        .partition(after_cut);
+    assert!(
+        stale.is_empty(),
+        "node-0 wrote after it was cut off: {stale:#?}"
+    );
+    assert!(
+        leading_writes.iter().any(|r| r["resource"] == "pods"),
+        "node-0's writes while it led are in the audit log by its User-Agent: {leading_writes:?}"
+    );
 }

@@ -10,6 +10,7 @@ mod jobs;
 mod leader;
 mod lifecycle;
 mod limits;
+mod lost_nodes;
 mod owners;
 mod placement;
 mod queues;
