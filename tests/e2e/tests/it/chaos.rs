@@ -320,7 +320,12 @@ fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
     let duplicates: Vec<_> = creates.iter().filter(|(_, n)| **n > 1).collect();
     let mut partial = Vec::new();
     for job in jobs.iter().filter(|j| j.fate != Fate::Cancelled) {
-        let Some(generation) = last.get(&job.name).and_then(|s| s["generation"].as_u64()) else {
+        // Generation 0: never started.
+        let Some(generation) = last
+            .get(&job.name)
+            .and_then(|s| s["generation"].as_u64())
+            .filter(|g| *g > 0)
+        else {
             continue;
         };
         let missing: Vec<&String> = job
@@ -383,6 +388,40 @@ fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
     });
     eprintln!("chaos figures: {figures}");
 
+    if !lost.is_empty() {
+        // What the cluster holds, and what the leader did last.
+        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in sim.get_json(&["pods", "-l", JOB_LABEL])["items"]
+            .as_array()
+            .unwrap()
+        {
+            let phase = p["status"]["phase"].as_str().unwrap_or_default();
+            if !matches!(phase, "Succeeded" | "Failed") {
+                by_node
+                    .entry(p["spec"]["nodeName"].as_str().unwrap_or("-").to_owned())
+                    .or_default()
+                    .push(format!(
+                        "{} {phase}",
+                        p["metadata"]["name"].as_str().unwrap_or("")
+                    ));
+            }
+        }
+        eprintln!("live pods by node: {by_node:#?}");
+        let (holder, _) = leader_lease(&sim);
+        if let Some(leader) = candidates.iter().find(|a| a.node == holder) {
+            let log = leader.agent.log();
+            let tail: Vec<&str> = log.lines().rev().take(200).collect();
+            eprintln!(
+                "the leader {holder}'s log, last lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            let out = leader.agent.ctl(&["jobs"]);
+            eprintln!(
+                "the leader's jobs:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
     assert!(
         lost.is_empty(),
         "jobs that did not end as made to:\n{}",
@@ -542,4 +581,141 @@ fn a_leader_cut_off_from_the_api_server_stops_and_follows_the_new_leader_when_he
         leading_writes.iter().any(|r| r["resource"] == "pods"),
         "node-0's writes while it led are in the audit log by its User-Agent: {leading_writes:?}"
     );
+}
+
+/// The API server away, then failing, then slow, under running gangs: unreachable for
+/// `AGENTD_OUTAGE_SECONDS` (20), then answering 503 for 5 s, then 2 s a request (1 s each
+/// way) for 10 s. No job is lost, no pod created twice, no gang restarted for it (the pods ran
+/// on, and a gang that ended meanwhile is seen to have succeeded), and once the server is well
+/// a leader schedules again within a retry period.
+#[test]
+fn an_api_server_away_then_failing_then_slow_loses_no_job_and_restarts_no_gang() {
+    let outage = Duration::from_secs(env_number("AGENTD_OUTAGE_SECONDS", 20));
+    let sim = KubeSim::start_scaled(3, true, 10.0);
+    let proxy = FaultProxy::start(sim.addr());
+    let leader = sim.dir.path().join("leader.kubeconfig");
+    sim.kubeconfig_for(Identity::Leader, &proxy.addr, &leader);
+    let worker = sim.dir.path().join("node.kubeconfig");
+    sim.kubeconfig_for(Identity::Node, &proxy.addr, &worker);
+    // Slower election timings than SETTINGS, so that a renewal fits in the renew deadline at
+    // 2 s a request.
+    let settings = "lease_duration = \"8s\"\nrenew_deadline = \"6s\"\nretry_period = \"1s\"\nplace_jobs = true\n";
+    let retry_period = Duration::from_secs(1);
+    let agents: Vec<NodeAgent> = (0..3)
+        .map(|i| {
+            NodeAgent::start_with(
+                &NodeAgentOptions {
+                    node: format!("node-{i}"),
+                    gpus: 2,
+                    leader_eligible: i < 2,
+                    kubeconfig: if i < 2 {
+                        leader.clone()
+                    } else {
+                        worker.clone()
+                    },
+                    interval: "1s",
+                    metrics: false,
+                },
+                settings,
+            )
+        })
+        .collect();
+    let (candidates, taker) = (&agents[..2], &agents[2..]);
+    sim.wait_until("a candidate leads", WAIT, || candidates.iter().any(leads));
+    // Two gangs that outlast the test, one that ends during the outage.
+    let (long_a, _) = gang_ending("long-a", 2, true, false, 1800, 0);
+    let (long_b, _) = gang_ending("long-b", 1, false, true, 1800, 0);
+    let (short, _) = gang_ending("short", 1, false, false, 100, 0);
+    for manifest in [&long_a, &long_b, &short] {
+        until_done(taker, &["submit", "-"], manifest, "already exists");
+    }
+    let states = || {
+        let leading = candidates.iter().find(|a| leads(a))?;
+        jobs_by_name(leading)
+    };
+    sim.wait_until("the three gangs run", WAIT, || {
+        states().is_some_and(|j| {
+            ["long-a", "long-b", "short"]
+                .iter()
+                .all(|n| j.get(*n).is_some_and(|s| s["state"] == "Running"))
+        })
+    });
+    let pods_before: BTreeMap<String, u32> = pod_creates(&sim);
+
+    eprintln!("unreachable for {outage:?}");
+    proxy.set(Fault::Blackhole);
+    std::thread::sleep(outage);
+    eprintln!("503 for 5 s");
+    sim.fault(503, "5s");
+    proxy.set(Fault::Pass);
+    std::thread::sleep(Duration::from_secs(5));
+    eprintln!("2 s a request for 10 s");
+    proxy.set(Fault::Delay(Duration::from_secs(1)));
+    std::thread::sleep(Duration::from_secs(10));
+    proxy.set(Fault::Pass);
+    let well = Instant::now();
+    sim.wait_until("a candidate leads again", WAIT, || {
+        candidates.iter().any(leads)
+    });
+    let leading_after = well.elapsed();
+    // What it knows comes from the objects and the pods: the short gang's end included.
+    sim.wait_until("the short gang is seen to have succeeded", WAIT, || {
+        states().is_some_and(|j| j.get("short").is_some_and(|s| s["state"] == "Succeeded"))
+    });
+    let submitted = Instant::now();
+    let (after, _) = gang_ending("after", 1, false, false, 20, 0);
+    until_done(taker, &["submit", "-"], &after, "already exists");
+    sim.wait_until("a gang submitted after it runs", WAIT, || {
+        pod_creates(&sim).contains_key("after-worker-0-g1")
+    });
+    eprintln!(
+        "the server well to a leader: {leading_after:?}; a new gang's pod created {:?} after \
+         its submission",
+        submitted.elapsed()
+    );
+
+    let jobs = states().expect("a leader lists the jobs");
+    for (name, state) in [
+        ("long-a", "Running"),
+        ("long-b", "Running"),
+        ("short", "Succeeded"),
+    ] {
+        let job = &jobs[name];
+        assert_eq!(
+            (&job["state"], &job["generation"], &job["restarts"]),
+            (&state.into(), &1.into(), &0.into()),
+            "{name}: {job}"
+        );
+    }
+    let creates = pod_creates(&sim);
+    let twice: Vec<_> = creates.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "pods created twice: {twice:?}");
+    let deleted: Vec<String> = sim
+        .audit()
+        .iter()
+        .filter(|r| r["verb"] == "delete" && r["resource"] == "pods")
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .filter(|p| pods_before.contains_key(p))
+        .collect();
+    assert!(
+        deleted.is_empty(),
+        "pods that ran before deleted: {deleted:?}"
+    );
+    assert!(
+        leading_after <= retry_period + REQUEST_ALLOWANCE.unsigned_abs(),
+        "a leader {leading_after:?} after the server was well; retry period {retry_period:?}"
+    );
+}
+
+/// How many times each pod name was created (201 in the audit log).
+fn pod_creates(sim: &KubeSim) -> BTreeMap<String, u32> {
+    let mut creates = BTreeMap::new();
+    for r in sim.audit() {
+        if r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201 {
+            *creates
+                .entry(r["name"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+    }
+    creates
 }

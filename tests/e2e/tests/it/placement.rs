@@ -1084,22 +1084,20 @@ pub(crate) const RETRY_PERIOD: SignedDuration = SignedDuration::from_millis(500)
 /// loaded test machine, as leader.rs allows.
 pub(crate) const REQUEST_ALLOWANCE: SignedDuration = SignedDuration::from_secs(2);
 
-/// The job of the failover test that runs long: 150 s of cluster time, 15 s here.
-const LONG_JOB: &str = "f-20";
+/// The jobs of the failover test that run long: 300 s of cluster time, 30 s here, so that
+/// gangs start while both run however slowly the machine places them.
+const LONG_JOBS: [&str; 2] = ["f-20", "f-21"];
 
 /// Fifty jobs of 1 to 4 workers of one GPU, some with a chief, some with a parameter server,
 /// whose pods run 15 to 35 s of cluster time (1.5 to 3.5 s here, less than the Lease takes
-/// to run out), but for [`LONG_JOB`]; and each one's replicas.
+/// to run out), but for [`LONG_JOBS`]; and each one's replicas.
 fn fifty_jobs() -> Vec<(String, String, Vec<String>)> {
     (0..50u32)
         .map(|i| {
             let name = format!("f-{i:02}");
-            let seconds = if name == LONG_JOB {
-                150
-            } else {
-                15 + 10 * (i % 3)
-            };
-            let workers = if name == LONG_JOB { 1 } else { 1 + i % 4 };
+            let long = LONG_JOBS.contains(&name.as_str());
+            let seconds = if long { 300 } else { 15 + 10 * (i % 3) };
+            let workers = if long { 1 } else { 1 + i % 4 };
             let (manifest, replicas) = gang(&name, workers, i % 3 == 0, i % 5 == 0, seconds);
             (name, manifest, replicas)
         })
@@ -1130,8 +1128,9 @@ fn fifty_jobs_all_succeed_across_a_killed_leader_and_no_pod_is_created_twice() {
     }
 
     // The kill comes at the first pod of a gang of several replicas (its status says
-    // Starting, and some of its pods may not exist yet) while the long gang and another run
-    // (the other's pods end before the Lease runs out) and the queue still holds jobs.
+    // Starting, and some of its pods may not exist yet) while the two long gangs run (and
+    // often a short one, whose pods end before the Lease runs out) and the queue still holds
+    // jobs.
     let several: BTreeSet<&str> = jobs
         .iter()
         .filter(|(_, _, replicas)| replicas.len() > 1)
@@ -1146,11 +1145,11 @@ fn fifty_jobs_all_succeed_across_a_killed_leader_and_no_pod_is_created_twice() {
         } else {
             pods.remove(e.name());
         }
-        let gangs = running.values().filter(|p| !p.is_empty()).count();
         e.kind == "ADDED"
             && several.contains(job)
-            && running.get(LONG_JOB).is_some_and(|p| !p.is_empty())
-            && gangs >= 2
+            && LONG_JOBS
+                .iter()
+                .all(|long| running.get(*long).is_some_and(|p| !p.is_empty()))
     });
     let killed_at = Timestamp::now();
     agents[l].agent.signal_and_wait(9, WAIT);
@@ -1179,8 +1178,10 @@ fn fifty_jobs_all_succeed_across_a_killed_leader_and_no_pod_is_created_twice() {
         count("Queued")
     );
     assert_eq!(at_kill.len(), jobs.len(), "every job has its object");
-    assert_eq!(at_kill[LONG_JOB].0, "Running", "{at_kill:?}");
-    assert!(count("Running") >= 2, "another gang runs: {at_kill:?}");
+    for long in LONG_JOBS {
+        assert_eq!(at_kill[long].0, "Running", "{long}: {at_kill:?}");
+    }
+    assert!(count("Running") >= 2, "the long gangs run: {at_kill:?}");
     assert!(count("Queued") > 0, "jobs still queued: {at_kill:?}");
 
     // The other candidate takes over once the Lease has run out, not much later.
