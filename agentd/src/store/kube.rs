@@ -89,8 +89,10 @@ struct Known {
     /// The status this store last wrote (or read at start-up), to tell a change by someone
     /// else from an edit that left the status alone.
     written: Option<JobStatus>,
-    /// A status sent without an answer (a timeout): it may have been written.
-    unconfirmed: Option<JobStatus>,
+    /// The statuses sent since the last confirmed write without a definite answer (a
+    /// timeout, a connection that broke after the request went out): any of them may have
+    /// been written. The latest [`UNCONFIRMED_KEPT`], each once.
+    unconfirmed: Vec<JobStatus>,
     /// The GPUs the gang asks for, shown by `kubectl get trainingjobs`.
     gpus: Option<u32>,
     /// Deleted by someone else (`kubectl delete trainingjob`): not written again, and not
@@ -109,7 +111,7 @@ impl Known {
             uid: object.metadata.uid.clone(),
             resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
             written: agentd_status(object).and_then(|s| serde_json::from_value(s.clone()).ok()),
-            unconfirmed: None,
+            unconfirmed: Vec::new(),
             gpus: None,
             gone: false,
         }
@@ -119,9 +121,31 @@ impl Known {
     fn wrote(&self, status: Option<&JobStatus>) -> bool {
         match status {
             None => true,
-            Some(s) => self.written.as_ref() == Some(s) || self.unconfirmed.as_ref() == Some(s),
+            Some(s) => self.written.as_ref() == Some(s) || self.unconfirmed.contains(s),
         }
     }
+
+    /// Remembers a status whose write may or may not have landed.
+    fn sent_unanswered(&mut self, status: Option<&JobStatus>) {
+        let Some(status) = status else { return };
+        if !self.unconfirmed.contains(status) {
+            if self.unconfirmed.len() == UNCONFIRMED_KEPT {
+                self.unconfirmed.remove(0);
+            }
+            self.unconfirmed.push(status.clone());
+        }
+    }
+}
+
+/// How many unanswered statuses of one job a store remembers (see [`Known::unconfirmed`]): a
+/// job's status changes little while its writes go unanswered, so a few cover an outage.
+const UNCONFIRMED_KEPT: usize = 16;
+
+/// Whether a request that failed this way may still have been carried out: anything but an
+/// answer from the API server (a connection refused before anything was sent is taken as
+/// possibly sent too; treating a write that never left as unconfirmed costs nothing).
+fn outcome_unknown(e: &kube::Error) -> bool {
+    !matches!(e, kube::Error::Api(_))
 }
 
 /// What of a job's status is written to its object as soon as it changes: the state and why,
@@ -437,7 +461,7 @@ impl Objects {
                 .ok()
                 .map(|j| requested_gpus(&j));
         }
-        if known.unconfirmed.is_none()
+        if known.unconfirmed.is_empty()
             && let (Some(written), Some(now)) = (&known.written, &parsed)
             && Milestone::of(written) == Milestone::of(now)
         {
@@ -455,7 +479,7 @@ impl Objects {
             }
         }
         let result = self.write_status(name, &mut known, &body, parsed);
-        if result.is_err() && known.written.is_none() && known.unconfirmed.is_none() {
+        if result.is_err() && known.written.is_none() && known.unconfirmed.is_empty() {
             // The job's first status did not land, so the turn that made the job is undone:
             // an object created for it must not stay behind for admission to run later.
             if made && let Err(e) = self.delete_object(name, &known) {
@@ -582,7 +606,7 @@ impl Objects {
             let written = match written {
                 Ok(written) => written,
                 Err(timeout) => {
-                    known.unconfirmed.clone_from(&parsed);
+                    known.sent_unanswered(parsed.as_ref());
                     return Err(timeout);
                 }
             };
@@ -590,7 +614,7 @@ impl Objects {
                 Ok(object) => {
                     known.resource_version = object.metadata.resource_version.unwrap_or_default();
                     known.written = parsed;
-                    known.unconfirmed = None;
+                    known.unconfirmed.clear();
                     return Ok(());
                 }
                 Err(e) if api_code(&e) == Some(404) && known.written.is_none() => {
@@ -629,7 +653,12 @@ impl Objects {
                     }
                     known.resource_version = current.metadata.resource_version.unwrap_or_default();
                 }
-                Err(e) => return Err(api_error(API, &at, &e)),
+                Err(e) => {
+                    if outcome_unknown(&e) {
+                        known.sent_unanswered(parsed.as_ref());
+                    }
+                    return Err(api_error(API, &at, &e));
+                }
             }
         }
         Err(StoreError::KubeConflict {

@@ -654,7 +654,7 @@ fn a_write_that_went_through_unanswered_is_not_taken_for_another_leaders() {
         .known()
         .get_mut("a")
         .expect("known")
-        .unconfirmed = Some(placed.clone());
+        .sent_unanswered(Some(&placed));
     cluster.write_status_as_admin("a", &placed);
     let running = status("a", JobState::Running, "Running");
     store
@@ -664,6 +664,54 @@ fn a_write_that_went_through_unanswered_is_not_taken_for_another_leaders() {
         stored_status(&cluster.get("default", "a").expect("exists")),
         running
     );
+}
+
+#[test]
+fn of_several_unanswered_writes_whichever_went_through_is_taken_for_its_own() {
+    let cluster = Cluster::start();
+    let mut store = cluster.store();
+    store
+        .write_batch(
+            &[upsert(
+                "a",
+                &native("a", 1, 0),
+                &status("a", JobState::Queued, "Queued"),
+            )],
+            &[],
+        )
+        .expect("created");
+    // Two writes in a row without an answer; the server applied the first only (the second,
+    // on the old version, would have been refused).
+    let placed = status("a", JobState::Placed, "Placed");
+    let waiting = status("a", JobState::Queued, "Unschedulable");
+    {
+        let mut known = store.objects.known();
+        let known = known.get_mut("a").expect("known");
+        known.sent_unanswered(Some(&placed));
+        known.sent_unanswered(Some(&waiting));
+        known.sent_unanswered(Some(&placed));
+        assert_eq!(known.unconfirmed.len(), 2, "each status once");
+    }
+    cluster.write_status_as_admin("a", &placed);
+    let running = status("a", JobState::Running, "Running");
+    store
+        .write_batch(&[upsert("a", &native("a", 1, 0), &running)], &[])
+        .expect("its own write is no conflict");
+    assert_eq!(
+        stored_status(&cluster.get("default", "a").expect("exists")),
+        running
+    );
+    assert!(store.objects.known()["a"].unconfirmed.is_empty());
+}
+
+#[test]
+fn only_an_answer_from_the_server_says_a_write_did_not_land() {
+    let refused = kube::Error::Api(Box::new(
+        kube::core::Status::failure("conflict", "Conflict").with_code(409),
+    ));
+    assert!(!outcome_unknown(&refused));
+    let broken = kube::Error::Service("connection error: timed out".into());
+    assert!(outcome_unknown(&broken));
 }
 
 #[test]
