@@ -379,7 +379,8 @@ impl PodWatch {
     /// added, first ran and last ended, in seconds since the watch began.
     fn account(&self) -> String {
         let events = self.events();
-        let mut jobs: std::collections::BTreeMap<&str, [Option<f64>; 3]> = Default::default();
+        let mut jobs: std::collections::BTreeMap<&str, [Option<f64>; 3]> =
+            std::collections::BTreeMap::new();
         for e in &events {
             let at = e.at.duration_since(self.started).as_secs_f64();
             let seen = jobs.entry(e.label("agentd.io/job")).or_default();

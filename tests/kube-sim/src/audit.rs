@@ -28,13 +28,16 @@ impl AuditLog {
     pub fn record(
         &self,
         user: &str,
-        user_agent: &str,
-        method: &http::Method,
-        uri: &str,
+        request: &http::request::Parts,
         a: &Attributes,
         name: &str,
         code: u16,
     ) {
+        let user_agent = request
+            .headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         let line = json!({
             // Microseconds, as kube-apiserver's `stageTimestamp`.
             "timestamp": crate::clock::now_micros(),
@@ -42,8 +45,8 @@ impl AuditLog {
             // The request's User-Agent header, as kube-apiserver's `userAgent`.
             "userAgent": user_agent,
             "verb": a.verb,
-            "method": method.as_str(),
-            "uri": uri,
+            "method": request.method.as_str(),
+            "uri": request.uri.to_string(),
             "apiGroup": a.group,
             "resource": a.resource,
             "subresource": a.subresource,

@@ -578,16 +578,9 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
         let created = (attrs.verb == "create" && attrs.name.is_empty())
             .then(|| created_name(&resp))
             .flatten();
-        let user_agent = parts
-            .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
         audit.record(
             &user,
-            user_agent,
-            &parts.method,
-            &parts.uri.to_string(),
+            &parts,
             &attrs,
             created.as_deref().unwrap_or(&attrs.name),
             resp.status().as_u16(),

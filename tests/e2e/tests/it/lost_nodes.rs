@@ -61,15 +61,15 @@ fn live_pods(sim: &KubeSim) -> BTreeMap<String, (String, String, String)> {
         .collect()
 }
 
-/// The value of `series{node="NODE"}` for every node in the agent's metrics.
-fn by_node(metrics: &str, series: &str) -> BTreeMap<String, f64> {
+/// The value of `series{node="NODE"}` for every node in the agent's metrics (whole numbers).
+fn by_node(metrics: &str, series: &str) -> BTreeMap<String, u64> {
     let prefix = format!("{series}{{node=\"");
     metrics
         .lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|l| {
             let (node, value) = l.split_once("\"} ")?;
-            Some((node.to_owned(), value.parse().ok()?))
+            Some((node.to_owned(), value.parse::<f64>().ok()?.round() as u64))
         })
         .collect()
 }
@@ -245,9 +245,9 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
     let deadline = Instant::now() + WAIT;
     loop {
         let pods = live_pods(&sim);
-        let mut held: BTreeMap<String, f64> = BTreeMap::new();
+        let mut held: BTreeMap<String, u64> = BTreeMap::new();
         for (_, _, node) in pods.values() {
-            *held.entry(node.clone()).or_default() += 1.0;
+            *held.entry(node.clone()).or_default() += 1;
         }
         let metrics = leader.metrics();
         let allocated = by_node(&metrics, "agentd_node_allocated_gpus");
@@ -259,13 +259,13 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .filter(|n| {
-                allocated.get(*n).copied().unwrap_or(0.0) != held.get(*n).copied().unwrap_or(0.0)
+                allocated.get(*n).copied().unwrap_or(0) != held.get(*n).copied().unwrap_or(0)
             })
             .map(|n| format!("{n}: leader {:?}, pods {:?}", allocated.get(n), held.get(n)))
             .collect();
         let open: Vec<&String> = lost
             .iter()
-            .filter(|n| schedulable.get(*n) != Some(&0.0))
+            .filter(|n| schedulable.get(*n) != Some(&0))
             .collect();
         if differ.is_empty() && open.is_empty() && on_lost == 0 && pods.len() == 2 * GANGS {
             break;
