@@ -647,41 +647,8 @@ fn a_write_that_went_through_unanswered_is_not_taken_for_another_leaders() {
             &[],
         )
         .expect("created");
-    // A write whose answer timed out (the store keeps what it sent) that the server applied.
-    let placed = status("a", JobState::Placed, "Placed");
-    store
-        .objects
-        .known()
-        .get_mut("a")
-        .expect("known")
-        .sent_unanswered(Some(&placed));
-    cluster.write_status_as_admin("a", &placed);
-    let running = status("a", JobState::Running, "Running");
-    store
-        .write_batch(&[upsert("a", &native("a", 1, 0), &running)], &[])
-        .expect("its own write is no conflict");
-    assert_eq!(
-        stored_status(&cluster.get("default", "a").expect("exists")),
-        running
-    );
-}
-
-#[test]
-fn of_several_unanswered_writes_whichever_went_through_is_taken_for_its_own() {
-    let cluster = Cluster::start();
-    let mut store = cluster.store();
-    store
-        .write_batch(
-            &[upsert(
-                "a",
-                &native("a", 1, 0),
-                &status("a", JobState::Queued, "Queued"),
-            )],
-            &[],
-        )
-        .expect("created");
-    // Two writes in a row without an answer; the server applied the first only (the second,
-    // on the old version, would have been refused).
+    // Writes in a row without an answer (a time-out, a broken connection), of which the
+    // server applied the first only (the next, on the old version, would have been refused).
     let placed = status("a", JobState::Placed, "Placed");
     let waiting = status("a", JobState::Queued, "Unschedulable");
     {
