@@ -663,7 +663,10 @@ impl Shared {
             let services: Api<Service> = Api::namespaced(self.client.clone(), namespace);
             let service = headless_service(namespace, job, owner.clone());
             let params = PostParams::default();
-            match self.requests.send(services.create(&params, &service)).await {
+            let created =
+                again_while_transient(|| self.requests.send(services.create(&params, &service)))
+                    .await;
+            match created {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => return Err(e),
@@ -682,7 +685,8 @@ impl Shared {
     ) -> Result<Option<OwnerReference>, kube::Error> {
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), namespace, &training_job_resource());
-        let Some(object) = self.requests.send(api.get_opt(job)).await? else {
+        let Some(object) = again_while_transient(|| self.requests.send(api.get_opt(job))).await?
+        else {
             return Ok(None);
         };
         let resource = training_job_resource();
@@ -712,7 +716,7 @@ impl Shared {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &launch.namespace);
         let params = PostParams::default();
-        match self.requests.send(api.create(&params, &pod)).await {
+        match again_while_transient(|| self.requests.send(api.create(&params, &pod))).await {
             Ok(_) => {}
             // The pod's name carries its generation: one that exists is this launch's, made
             // by an earlier try whose answer was lost. It is followed from what it is now,
@@ -849,13 +853,50 @@ fn start_failure(what: &str, e: &kube::Error) -> ReplicaEvent {
     match e {
         kube::Error::Api(s) => ReplicaEvent::StartFailed {
             message: format!("{what}: {} ({} {})", s.message, s.code, s.reason),
-            transient: s.code >= 500 || s.code == 429 || s.code == 408,
+            transient: transient(e),
         },
         other => ReplicaEvent::StartFailed {
             message: format!("{what}: {other}"),
             transient: true,
         },
     }
+}
+
+/// Whether a request failed for a reason of the moment: no answer (a broken connection, a
+/// time-out), or an answer that says to come back (5xx, 429, 408).
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 408,
+        _ => true,
+    }
+}
+
+/// Tries to send a request; how many times while it fails for a reason of the moment.
+const SEND_ATTEMPTS: u32 = 5;
+/// The pause before the second try, doubling before each next one (3 s over all five).
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Sends a request again, up to [`SEND_ATTEMPTS`] times with a doubling pause, while it fails
+/// [`transient`]ly: a create or read made here is safe to send twice (a pod or Service made
+/// by a try whose answer was lost answers the next with 409, which the caller takes as made).
+/// A platform that drops one connection does not fail a gang's start.
+async fn again_while_transient<T, F, Fut>(mut send: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut pause = FIRST_RETRY_PAUSE;
+    for _ in 1..SEND_ATTEMPTS {
+        match send().await {
+            Err(e) if transient(&e) => {
+                tracing::debug!("a request failed ({e}); trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            answered => return answered,
+        }
+    }
+    send().await
 }
 
 /// The next progress of a followed replica and what to report, given its pod as it is now.

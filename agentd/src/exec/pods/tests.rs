@@ -1087,3 +1087,44 @@ fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
     let last = format!("pod-{}", stuck::MAX_PODS_WARNED);
     assert!(flood.recent(&last, late, window).is_some());
 }
+
+#[tokio::test]
+async fn a_request_is_sent_again_while_it_fails_for_a_reason_of_the_moment() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let tries = AtomicU32::new(0);
+    // A broken connection, then a 503, then the answer.
+    let answer = again_while_transient(|| async {
+        match tries.fetch_add(1, Ordering::SeqCst) {
+            0 => Err(kube::Error::Service("connection error: timed out".into())),
+            1 => Err(kube::Error::Api(Box::new(
+                kube::core::Status::failure("overloaded", "ServiceUnavailable").with_code(503),
+            ))),
+            _ => Ok("made"),
+        }
+    })
+    .await;
+    assert_eq!(answer.unwrap(), "made");
+    assert_eq!(tries.load(Ordering::SeqCst), 3);
+
+    // An answer that says no is final at once.
+    tries.store(0, Ordering::SeqCst);
+    let answer: Result<(), _> = again_while_transient(|| async {
+        tries.fetch_add(1, Ordering::SeqCst);
+        Err(kube::Error::Api(Box::new(
+            kube::core::Status::failure("exists", "AlreadyExists").with_code(409),
+        )))
+    })
+    .await;
+    assert!(answer.is_err());
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+
+    // A failure that lasts ends the tries after SEND_ATTEMPTS.
+    tries.store(0, Ordering::SeqCst);
+    let answer: Result<(), _> = again_while_transient(|| async {
+        tries.fetch_add(1, Ordering::SeqCst);
+        Err(kube::Error::Service("connection refused".into()))
+    })
+    .await;
+    assert!(answer.is_err());
+    assert_eq!(tries.load(Ordering::SeqCst), SEND_ATTEMPTS);
+}
