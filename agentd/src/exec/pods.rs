@@ -873,25 +873,28 @@ fn transient(e: &kube::Error) -> bool {
 
 /// Tries to send a request; how many times while it fails for a reason of the moment.
 const SEND_ATTEMPTS: u32 = 5;
-/// The pause before the second try, doubling before each next one (3 s over all five).
+/// The first step of the backoff between tries; it doubles, with jitter (at most 3 s in all).
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
-/// Sends a request again, up to [`SEND_ATTEMPTS`] times with a doubling pause, while it fails
-/// [`transient`]ly: a create or read made here is safe to send twice (a pod or Service made
-/// by a try whose answer was lost answers the next with 409, which the caller takes as made).
-/// A platform that drops one connection does not fail a gang's start.
+/// Sends a request again, up to [`SEND_ATTEMPTS`] times with the cluster's jittered backoff,
+/// while it fails [`transient`]ly: a create or read made here is safe to send twice (a pod or
+/// Service made by a try whose answer was lost answers the next with 409, which the caller
+/// takes as made). A platform that drops one connection does not fail a gang's start.
 async fn again_while_transient<T, F, Fut>(mut send: F) -> Result<T, kube::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, kube::Error>>,
 {
-    let mut pause = FIRST_RETRY_PAUSE;
+    let mut backoff = crate::cluster::backoff::Backoff::new(
+        FIRST_RETRY_PAUSE,
+        FIRST_RETRY_PAUSE * 2u32.pow(SEND_ATTEMPTS - 2),
+    );
     for _ in 1..SEND_ATTEMPTS {
         match send().await {
             Err(e) if transient(&e) => {
+                let pause = backoff.wait();
                 tracing::debug!("a request failed ({e}); trying again in {pause:?}");
                 tokio::time::sleep(pause).await;
-                pause *= 2;
             }
             answered => return answered,
         }

@@ -232,6 +232,39 @@ impl KubeSim {
             .collect()
     }
 
+    /// The audit records of the pods created (answered 201), in the order served.
+    pub fn pod_creates(&self) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|r| r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201)
+            .collect()
+    }
+
+    /// How many times each pod name was created.
+    pub fn pod_create_counts(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut counts = std::collections::BTreeMap::new();
+        for r in self.pod_creates() {
+            *counts
+                .entry(r["name"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        counts
+    }
+
+    /// The pods of a label selector, in every namespace, that have not ended (neither
+    /// `Succeeded` nor `Failed`).
+    pub fn live_pods(&self, selector: &str) -> Vec<serde_json::Value> {
+        let mut pods = self.get_json(&["pods", "--all-namespaces", "-l", selector]);
+        let items = pods["items"].take();
+        let serde_json::Value::Array(items) = items else {
+            return Vec::new();
+        };
+        items
+            .into_iter()
+            .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+            .collect()
+    }
+
     /// Waits until `check` holds, polling; panics with `what` after `timeout`.
     pub fn wait_until(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;

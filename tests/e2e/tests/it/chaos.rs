@@ -301,18 +301,12 @@ fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
 
     // Each pod name (job, replica, generation) was created once, and the last generation of
     // every job that was not cancelled had all of its replicas.
-    let mut creates: BTreeMap<String, u32> = BTreeMap::new();
-    let mut create_times: Vec<Timestamp> = Vec::new();
-    for r in &audit {
-        if r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201 {
-            *creates
-                .entry(r["name"].as_str().unwrap_or_default().to_owned())
-                .or_default() += 1;
-            if let Some(at) = r["timestamp"].as_str().and_then(|t| t.parse().ok()) {
-                create_times.push(at);
-            }
-        }
-    }
+    let creates = sim.pod_create_counts();
+    let mut create_times: Vec<Timestamp> = sim
+        .pod_creates()
+        .iter()
+        .filter_map(|r| r["timestamp"].as_str()?.parse().ok())
+        .collect();
     create_times.sort();
     let duplicates: Vec<_> = creates.iter().filter(|(_, n)| **n > 1).collect();
     let mut partial = Vec::new();
@@ -337,11 +331,9 @@ fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
             ));
         }
     }
-    let left: Vec<String> = sim.get_json(&["pods", "-l", JOB_LABEL])["items"]
-        .as_array()
-        .unwrap()
+    let left: Vec<String> = sim
+        .live_pods(JOB_LABEL)
         .iter()
-        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
         .map(|p| {
             p["metadata"]["name"]
                 .as_str()
@@ -388,20 +380,15 @@ fn a_stream_of_jobs_ends_as_without_kills_across_repeated_leader_kills() {
     if !lost.is_empty() {
         // What the cluster holds, and what the leader did last.
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for p in sim.get_json(&["pods", "-l", JOB_LABEL])["items"]
-            .as_array()
-            .unwrap()
-        {
-            let phase = p["status"]["phase"].as_str().unwrap_or_default();
-            if !matches!(phase, "Succeeded" | "Failed") {
-                by_node
-                    .entry(p["spec"]["nodeName"].as_str().unwrap_or("-").to_owned())
-                    .or_default()
-                    .push(format!(
-                        "{} {phase}",
-                        p["metadata"]["name"].as_str().unwrap_or("")
-                    ));
-            }
+        for p in sim.live_pods(JOB_LABEL) {
+            by_node
+                .entry(p["spec"]["nodeName"].as_str().unwrap_or("-").to_owned())
+                .or_default()
+                .push(format!(
+                    "{} {}",
+                    p["metadata"]["name"].as_str().unwrap_or(""),
+                    p["status"]["phase"].as_str().unwrap_or("")
+                ));
         }
         eprintln!("live pods by node: {by_node:#?}");
         let (holder, _) = leader_lease(&sim);
@@ -637,7 +624,7 @@ fn an_api_server_away_then_failing_then_slow_loses_no_job_and_restarts_no_gang()
                 .all(|n| j.get(*n).is_some_and(|s| s["state"] == "Running"))
         })
     });
-    let pods_before: BTreeMap<String, u32> = pod_creates(&sim);
+    let pods_before: BTreeMap<String, u32> = sim.pod_create_counts();
 
     eprintln!("unreachable for {outage:?}");
     proxy.set(Fault::Blackhole);
@@ -663,7 +650,7 @@ fn an_api_server_away_then_failing_then_slow_loses_no_job_and_restarts_no_gang()
     let (after, _) = gang_ending("after", 1, false, false, 20, 0);
     until_done(taker, &["submit", "-"], &after, "already exists");
     sim.wait_until("a gang submitted after it runs", WAIT, || {
-        pod_creates(&sim).contains_key("after-worker-0-g1")
+        sim.pod_create_counts().contains_key("after-worker-0-g1")
     });
     eprintln!(
         "the server well to a leader: {leading_after:?}; a new gang's pod created {:?} after \
@@ -684,7 +671,7 @@ fn an_api_server_away_then_failing_then_slow_loses_no_job_and_restarts_no_gang()
             "{name}: {job}"
         );
     }
-    let creates = pod_creates(&sim);
+    let creates = sim.pod_create_counts();
     let twice: Vec<_> = creates.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "pods created twice: {twice:?}");
     let deleted: Vec<String> = sim
@@ -702,17 +689,4 @@ fn an_api_server_away_then_failing_then_slow_loses_no_job_and_restarts_no_gang()
         leading_after <= retry_period + REQUEST_ALLOWANCE.unsigned_abs(),
         "a leader {leading_after:?} after the server was well; retry period {retry_period:?}"
     );
-}
-
-/// How many times each pod name was created (201 in the audit log).
-fn pod_creates(sim: &KubeSim) -> BTreeMap<String, u32> {
-    let mut creates = BTreeMap::new();
-    for r in sim.audit() {
-        if r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201 {
-            *creates
-                .entry(r["name"].as_str().unwrap_or_default().to_owned())
-                .or_default() += 1;
-        }
-    }
-    creates
 }

@@ -8,49 +8,24 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster::{KubeSim, NodeAgent};
 
-use crate::placement::{JOB_LABEL, SETTINGS, WAIT, agents_on, jobs_by_name, leads};
+use crate::placement::{JOB_LABEL, SETTINGS, WAIT, agents_on, gang, jobs_by_name, leads};
 
 const NODES: usize = 200;
 const GANGS: usize = 150;
 const LOST: usize = 20;
 
-/// Two workers of one GPU each whose pods run 3,000 s of cluster time (5 minutes here).
-fn pair(name: &str) -> String {
-    format!(
-        r#"apiVersion: agentd.io/v1alpha1
-kind: TrainingJob
-metadata: {{name: {name}}}
-spec:
-  runPolicy: {{backoffLimit: 3}}
-  replicaSpecs:
-    Worker:
-      replicas: 2
-      template:
-        metadata: {{annotations: {{sim.agentd.io/run-seconds: "3000"}}}}
-        spec:
-          containers:
-            - name: tensorflow
-              image: "tf:2.16"
-              command: [python, train.py]
-              resources: {{limits: {{nvidia.com/gpu: 1}}}}
-"#
-    )
-}
-
-/// Each agentd pod that has not ended, by name: (job, generation, node).
-fn live_pods(sim: &KubeSim) -> BTreeMap<String, (String, String, String)> {
-    sim.get_json(&["pods", "-l", JOB_LABEL])["items"]
-        .as_array()
-        .unwrap()
+/// Each agentd pod that has not ended, by name: (job, node).
+fn live_pods(sim: &KubeSim) -> BTreeMap<String, (String, String)> {
+    sim.live_pods(JOB_LABEL)
         .iter()
-        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
         .map(|p| {
-            let labels = &p["metadata"]["labels"];
             (
                 p["metadata"]["name"].as_str().unwrap().to_owned(),
                 (
-                    labels[JOB_LABEL].as_str().unwrap().to_owned(),
-                    labels["agentd.io/generation"].as_str().unwrap().to_owned(),
+                    p["metadata"]["labels"][JOB_LABEL]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
                     p["spec"]["nodeName"]
                         .as_str()
                         .unwrap_or_default()
@@ -145,7 +120,11 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
     );
     let file = dir.path().join("gangs.yaml");
     let names: Vec<String> = (0..GANGS).map(|i| format!("g-{i:03}")).collect();
-    let text: Vec<String> = names.iter().map(|n| pair(n)).collect();
+    // Two workers of one GPU each whose pods run 3,000 s of cluster time (5 minutes here).
+    let text: Vec<String> = names
+        .iter()
+        .map(|n| gang(n, 2, false, false, 3000).0)
+        .collect();
     std::fs::write(&file, text.join("---\n")).unwrap();
     let out = sim.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     assert!(
@@ -160,7 +139,7 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
     // The twenty nodes that hold the most replicas (node-0, the leader's own, aside).
     let before = live_pods(&sim);
     let mut load: BTreeMap<&str, usize> = BTreeMap::new();
-    for (_, _, node) in before.values() {
+    for (_, node) in before.values() {
         *load.entry(node.as_str()).or_default() += 1;
     }
     let mut busiest: Vec<(&str, usize)> = load
@@ -177,8 +156,8 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
     assert_eq!(lost.len(), LOST, "gangs on enough nodes: {load:?}");
     let affected: BTreeSet<String> = before
         .values()
-        .filter(|(_, _, node)| lost.contains(node))
-        .map(|(job, _, _)| job.clone())
+        .filter(|(_, node)| lost.contains(node))
+        .map(|(job, _)| job.clone())
         .collect();
     eprintln!(
         "{} pods on {} nodes; stopping {lost:?}: {} of {GANGS} gangs have a replica there",
@@ -224,7 +203,7 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
         .filter(|r| r["verb"] == "delete" && r["resource"] == "pods")
         .map(|r| r["name"].as_str().unwrap_or_default().to_owned())
         .collect();
-    for (pod, (job, _, _)) in &before {
+    for (pod, (job, _)) in &before {
         if !affected.contains(job) {
             assert!(
                 !deleted.contains(pod),
@@ -246,13 +225,13 @@ fn twenty_of_two_hundred_nodes_lost_at_once_move_only_their_gangs() {
     loop {
         let pods = live_pods(&sim);
         let mut held: BTreeMap<String, u64> = BTreeMap::new();
-        for (_, _, node) in pods.values() {
+        for (_, node) in pods.values() {
             *held.entry(node.clone()).or_default() += 1;
         }
         let metrics = leader.metrics();
         let allocated = by_node(&metrics, "agentd_node_allocated_gpus");
         let schedulable = by_node(&metrics, "agentd_node_schedulable");
-        let on_lost = pods.values().filter(|(_, _, n)| lost.contains(n)).count();
+        let on_lost = pods.values().filter(|(_, n)| lost.contains(n)).count();
         let differ: Vec<String> = allocated
             .keys()
             .chain(held.keys())

@@ -266,11 +266,7 @@ fn a_killed_leaders_running_gang_is_adopted_by_the_next_leader_and_succeeds() {
         status["generation"], 1,
         "the gang was not restarted: {status}"
     );
-    let created = sim
-        .audit()
-        .iter()
-        .filter(|r| r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201)
-        .count();
+    let created = sim.pod_creates().len();
     assert_eq!(created, 2, "each pod created once, by the first leader");
 }
 
@@ -1235,14 +1231,7 @@ fn fifty_jobs_all_succeed_across_a_killed_leader_and_no_pod_is_created_twice() {
 
     // Each pod name was created once: a second create of a name succeeds only after the first
     // pod is gone, which would be a replica run twice.
-    let mut creates: BTreeMap<String, usize> = BTreeMap::new();
-    for r in sim.audit() {
-        if r["verb"] == "create" && r["resource"] == "pods" && r["code"] == 201 {
-            *creates
-                .entry(r["name"].as_str().unwrap_or_default().to_owned())
-                .or_default() += 1;
-        }
-    }
+    let creates = sim.pod_create_counts();
     let twice: Vec<_> = creates.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "pods created more than once: {twice:?}");
     let cut = trigger.label(JOB_LABEL);
