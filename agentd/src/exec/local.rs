@@ -550,7 +550,7 @@ impl LocalExecutor {
                 killed += kill_leftovers(state.pid, job);
             }
         }
-        let _ = std::fs::remove_dir_all(&job_dir);
+        remove_run_dirs(&job_dir);
         killed
     }
 
@@ -1288,6 +1288,22 @@ pub fn group_alive(pgid: u32) -> bool {
         let pgrp = fields.next().and_then(|f| f.parse::<u32>().ok());
         pgrp == Some(pgid) && state != Some("Z")
     })
+}
+
+/// Removes a discarded job's run directories. A replica's shim that outlives the replica it
+/// was told to kill writes the replica's exit into its run directory as the removal walks it, and
+/// a directory that gained a file since it was read is not empty when its turn comes: the removal
+/// is tried again until nothing is left or a second has passed.
+fn remove_run_dirs(job_dir: &Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(job_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound && job_dir.exists() => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return,
+        }
+    }
+    tracing::warn!(dir = %job_dir.display(), "a discarded job's run directory could not be removed");
 }
 
 /// Kills, after an agent crash, the processes of process group `pgid` that belong to `job`
