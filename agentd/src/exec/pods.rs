@@ -146,6 +146,9 @@ struct KnownPod {
     seen: bool,
     phase: Option<String>,
     deleting: bool,
+    /// Whether its volumes are mounted (its sandbox is ready): a mount warning that comes
+    /// after is stale.
+    mounted: bool,
     /// Once it has ended: what a replica that was running learns of its end. A leader that
     /// adopts the gang reports it, as the watch would have to the leader that created it.
     ended: Option<Vec<ReplicaEvent>>,
@@ -329,6 +332,7 @@ impl Shared {
                     seen: true,
                     phase: phase(pod).map(str::to_owned),
                     deleting: pod.metadata.deletion_timestamp.is_some(),
+                    mounted: stuck::volumes_mounted(pod),
                     ended: is_terminal(phase(pod))
                         .then(|| observe(Progress::Started, pod, generation).1),
                 },
@@ -389,7 +393,7 @@ impl Shared {
         let Some(known) = state
             .pods
             .get(&pod)
-            .filter(|p| p.uid.as_deref() == Some(uid.as_str()))
+            .filter(|p| p.uid.as_deref() == Some(uid.as_str()) && !p.mounted)
         else {
             return;
         };
@@ -745,6 +749,7 @@ impl Shared {
                 seen: false,
                 phase: None,
                 deleting: false,
+                mounted: false,
                 ended: None,
             });
         Ok(())

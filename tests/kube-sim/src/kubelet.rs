@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::{self, TimeScale};
+use crate::recorder::EVENT_API;
+use crate::recorder::{Occurrence, Recorder};
 use crate::resources::{GroupResource, ResourceType};
 use crate::store::{DeleteOptions, EventType, Store, StoreError, WriteMode};
 
@@ -122,6 +124,8 @@ pub struct Kubelets {
     pod_type: ResourceType,
     node_type: ResourceType,
     lease_type: ResourceType,
+    /// Records the events of pods annotated [`EVENT_API`] `events.k8s.io/v1`.
+    recorder: Recorder,
 }
 
 /// What pods request, in the units the kubelet compares.
@@ -269,6 +273,7 @@ impl Kubelets {
             pod_type: ty("", "pods"),
             node_type: ty("", "nodes"),
             lease_type: ty("coordination.k8s.io", "leases"),
+            recorder: Recorder::new(store.clone(), scale),
             store,
             logs,
             scale,
@@ -393,7 +398,15 @@ impl Kubelets {
                 me.check_nodes();
             }
         });
-        vec![dispatcher, heartbeat, lifecycle]
+        let me = self.clone();
+        let series = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(me.recorder.tick_period());
+            loop {
+                tick.tick().await;
+                me.recorder.tick();
+            }
+        });
+        vec![dispatcher, heartbeat, lifecycle, series]
     }
 
     /// Creates simulated nodes `node-<first>`.. with `gpus` GPUs each and their leases.
@@ -790,8 +803,26 @@ impl Kubelets {
     }
 
     fn event(&self, pod: &Value, type_: &str, reason: &str, message: &str, node: &str) {
-        self.store
-            .record_event(pod, type_, reason, message, "kubelet", node);
+        let api = pod
+            .pointer(&format!(
+                "/metadata/annotations/{}",
+                EVENT_API.replace('/', "~1")
+            ))
+            .and_then(Value::as_str);
+        if api == Some("events.k8s.io/v1") {
+            self.recorder.record(&Occurrence {
+                regarding: pod,
+                type_,
+                reason,
+                action: reason,
+                note: message,
+                controller: "kubelet",
+                instance: node,
+            });
+        } else {
+            self.store
+                .record_event(pod, type_, reason, message, "kubelet", node);
+        }
     }
 
     fn write_status(

@@ -15,6 +15,7 @@ pub mod fault;
 pub mod kubelet;
 pub mod patch;
 pub mod rbac;
+pub mod recorder;
 pub mod resources;
 pub mod selector;
 pub mod server;
@@ -38,6 +39,7 @@ pub use auth::{StaticToken, UserInfo};
 pub use clock::TimeScale;
 pub use kubelet::{EXIT_CODE, FAIL, Failure, LOG, RUN_SECONDS};
 pub use rbac::AuthorizationMode;
+pub use recorder::EVENT_API;
 pub use store::Store;
 
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,16 @@
 //! is not a missing volume); if a warning comes again the wait resumes, still timed from the
 //! first, so a mount that fails on and on fails its job at its next warning past the timeout.
 //!
+//! A component that records through `events.k8s.io/v1` (client-go's `tools/events`) warns
+//! differently: its first failure is an event, its second makes the event a series, and the
+//! failures after only count in its memory until the series is written again, every
+//! [`SERIES_REFRESH`] while it goes on and once when it has ended ([`SERIES_FINISH`] after its
+//! last failure). Silence then says nothing, so a warning whose series went on when it was written
+//! (its last failure less than [`SERIES_FINISH`] before) counts until the next write was due. A pod
+//! whose sandbox is ready (condition `PodReadyToStartContainers`, `PodHasNetwork` before
+//! Kubernetes 1.29) has its volumes: the kubelet mounts them before it makes the sandbox, so no
+//! warning counts for it whatever its form.
+//!
 //! Warnings are kept per pod uid (the event's `involvedObject.uid`: a stale warning of a deleted
 //! pod never counts for a new pod of the same name), for as long as the pod exists, and for
 //! [`UNKNOWN_POD_KEPT`] for a pod agentd does not know (the kubelet's first warning can come
@@ -142,7 +152,7 @@ pub(super) fn waiting_on(pod: &Pod, mount: Option<&str>) -> Option<(PlatformFail
             .to_owned();
         return Some((PlatformFailure::ImagePullFailed, message));
     }
-    let mount = mount?;
+    let mount = mount.filter(|_| !volumes_mounted(pod))?;
     Some((
         PlatformFailure::VolumeMountFailed,
         format!("FailedMount: {mount}"),
@@ -190,6 +200,24 @@ fn image_of<'a>(pod: &'a Pod, status: &'a ContainerStatus, is_init: bool) -> &'a
 /// after the kubelet's first warning, but not this much later.
 pub(super) const UNKNOWN_POD_KEPT: Duration = Duration::from_mins(1);
 
+/// How often an `events.k8s.io/v1` recorder writes a series that goes on.
+pub(super) const SERIES_REFRESH: Duration = Duration::from_mins(30);
+
+/// How long after its last failure such a recorder takes a series to have ended; the write that
+/// ends it comes at most as long again after.
+pub(super) const SERIES_FINISH: Duration = Duration::from_mins(6);
+
+/// Whether `pod`'s volumes are mounted: its sandbox is ready, which the kubelet makes only after.
+pub(super) fn volumes_mounted(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref());
+    conditions.unwrap_or_default().iter().any(|c| {
+        matches!(
+            c.type_.as_str(),
+            "PodReadyToStartContainers" | "PodHasNetwork"
+        ) && c.status == "True"
+    })
+}
+
 /// One `FailedMount` warning as the watch delivers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct MountWarning {
@@ -204,6 +232,8 @@ pub(super) struct MountWarning {
     /// How long ago the event's first and latest warnings were, by its own times.
     first_age: Duration,
     last_age: Duration,
+    /// Whether it is a series that went on when it was written (see the module's words).
+    series_goes_on: bool,
 }
 
 impl MountWarning {
@@ -231,6 +261,7 @@ impl MountWarning {
             t.and_then(|t| Duration::try_from(now.duration_since(t)).ok())
                 .unwrap_or_default()
         };
+        let last_age = age(last);
         Some(Self {
             uid,
             namespace: object.namespace.clone()?,
@@ -238,7 +269,8 @@ impl MountWarning {
             message: event.message.clone().unwrap_or_default(),
             stamp: (event.metadata.name.clone().unwrap_or_default(), count, last),
             first_age: age(first),
-            last_age: age(last),
+            last_age,
+            series_goes_on: series.is_some() && last_age < SERIES_FINISH,
         })
     }
 }
@@ -250,6 +282,7 @@ struct PodWarnings {
     first: Instant,
     last: Instant,
     stamp: (String, i32, Option<Timestamp>),
+    series_goes_on: bool,
 }
 
 /// Every pod's `FailedMount` warnings, by pod uid; bounded (see the module's words).
@@ -307,6 +340,7 @@ impl MountWarnings {
                 known.stamp = warning.stamp;
                 known.message = warning.message;
                 known.last = known.last.max(last);
+                known.series_goes_on = warning.series_goes_on;
                 true
             }
             None => {
@@ -317,6 +351,7 @@ impl MountWarnings {
                         first: at(warning.first_age).min(last),
                         last,
                         stamp: warning.stamp,
+                        series_goes_on: warning.series_goes_on,
                     },
                 );
                 true
@@ -325,9 +360,14 @@ impl MountWarnings {
     }
 
     /// The pod's latest warning and when its warnings began, if one came within `window` of
-    /// `now`.
+    /// `now`, or it is a series that went on and is not yet due to be written again.
     pub fn recent(&self, uid: &str, now: Instant, window: Duration) -> Option<(&str, Instant)> {
         let w = self.pods.get(uid)?;
+        let window = if w.series_goes_on {
+            window.max(SERIES_REFRESH + SERIES_FINISH)
+        } else {
+            window
+        };
         (now.saturating_duration_since(w.last) <= window).then_some((w.message.as_str(), w.first))
     }
 

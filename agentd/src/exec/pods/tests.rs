@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube_sim::{
-    AuthorizationMode, EXIT_CODE, FAIL, KubeSim, RUN_SECONDS, SimConfig, SimHandle, TimeScale,
+    AuthorizationMode, EVENT_API, EXIT_CODE, FAIL, KubeSim, RUN_SECONDS, SimConfig, SimHandle,
+    TimeScale,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -772,36 +773,55 @@ async fn a_launch_whose_pod_exists_follows_that_pod() {
 
 /// Each failure of the platform's is reported as its class, with what Kubernetes said: an
 /// eviction after the replica ran, a refusal at admission, and an image and volumes that never
-/// come, once the pod has waited past its limit.
+/// come, once the pod has waited past its limit; volumes whose kubelet warns through
+/// `events.k8s.io/v1` (two writes, then silence while the failures go on) as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
     let sim = start_sim(1).await;
     let (executor, mut rx) = sim.executor_as("agentd-leader").await;
     let job = tf_job("plat", &json!({}));
+    let mount_failed = "its volumes did not mount in 2s (cluster.mount_timeout): FailedMount: MountVolume.SetUp failed for volume \"data\"";
+    let series = Some((EVENT_API, "events.k8s.io/v1"));
     let cases = [
-        ("Evicted", PlatformFailure::Evicted, true, "failed: Evicted"),
+        (
+            "Evicted",
+            None,
+            PlatformFailure::Evicted,
+            true,
+            "failed: Evicted",
+        ),
         (
             "UnexpectedAdmissionError",
+            None,
             PlatformFailure::NodeRefused,
             false,
             "failed: UnexpectedAdmissionError",
         ),
         (
             "ImagePullBackOff",
+            None,
             PlatformFailure::ImagePullFailed,
             false,
             "its image was not pulled in 2s (cluster.image_pull_timeout): image \"tensorflow/tensorflow:2.16.1\"",
         ),
         (
             "FailedMount",
+            None,
             PlatformFailure::VolumeMountFailed,
             false,
-            "its volumes did not mount in 2s (cluster.mount_timeout): FailedMount: MountVolume.SetUp failed for volume \"data\"",
+            mount_failed,
+        ),
+        (
+            "FailedMount",
+            series,
+            PlatformFailure::VolumeMountFailed,
+            false,
+            mount_failed,
         ),
     ];
     let template = launches(&executor, &job, 1).remove(1);
     let mut replicas = Vec::new();
-    for (index, (fail, ..)) in cases.iter().enumerate() {
+    for (index, (fail, form, ..)) in cases.iter().enumerate() {
         let mut spec = template.clone();
         let index = u32::try_from(index).unwrap();
         spec.replica = job::replica_name(ReplicaType::Worker, index);
@@ -810,13 +830,15 @@ async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
         pod.index = index;
         pod.gpus = 0;
         let meta = pod.template.metadata.get_or_insert_default();
-        meta.annotations = Some(serde_json::from_value(annotations(&[(FAIL, fail)])).unwrap());
+        let mut said = vec![(FAIL, *fail)];
+        said.extend(*form);
+        meta.annotations = Some(serde_json::from_value(annotations(&said)).unwrap());
         replicas.push(spec.replica.clone());
         executor.start(spec);
     }
     let names: Vec<&str> = replicas.iter().map(String::as_str).collect();
     let reports = reports_until_ended(&mut rx, &names).await;
-    for (replica, (fail, failure, ran, words)) in replicas.iter().zip(&cases) {
+    for (replica, (fail, _, failure, ran, words)) in replicas.iter().zip(&cases) {
         let events = &reports[replica];
         let Some(ReplicaEvent::Ended(end)) = events.last() else {
             panic!("{fail}: expected an end of the platform's, got {events:?}");
@@ -1086,6 +1108,73 @@ fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
     assert!(message.len() <= 1024 + '…'.len_utf8(), "{}", message.len());
     let last = format!("pod-{}", stuck::MAX_PODS_WARNED);
     assert!(flood.recent(&last, late, window).is_some());
+}
+
+/// A warning of an `events.k8s.io/v1` series that went on when written counts until the series
+/// was due to be written again; one written when the series had ended does not; and a pod whose
+/// sandbox is ready waits for no volume whatever was said.
+#[test]
+fn a_mount_warning_series_counts_until_it_is_due_again_and_a_ready_sandbox_ends_it() {
+    use k8s_openapi::api::core::v1::{Event, EventSeries, ObjectReference, PodCondition};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let at = k8s_openapi::jiff::Timestamp::now();
+    let minutes = |m: i64| at - k8s_openapi::jiff::SignedDuration::from_mins(m);
+    // As the API server shows an `events.k8s.io/v1` series in core/v1: no count, no
+    // first or last timestamp.
+    let series = |uid: &str, first: i64, last: i64, count: i32| Event {
+        metadata: kube::api::ObjectMeta {
+            name: Some(format!("e-{uid}")),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("Pod".into()),
+            namespace: Some("default".into()),
+            name: Some(format!("pod-{uid}")),
+            uid: Some(uid.into()),
+            ..Default::default()
+        },
+        message: Some("MountVolume.SetUp failed".into()),
+        event_time: Some(MicroTime(minutes(first))),
+        series: Some(EventSeries {
+            count: Some(count),
+            last_observed_time: Some(MicroTime(minutes(last))),
+        }),
+        ..Default::default()
+    };
+    let warning = |e: &Event| stuck::MountWarning::of(e, at).expect("a pod's");
+    let now = tokio::time::Instant::now();
+    let window = Duration::from_mins(1);
+    let mut warnings = stuck::MountWarnings::default();
+    assert!(warnings.seen(warning(&series("on", 0, 0, 2)), now));
+    let (_, first) = warnings.recent("on", now, window).expect("now");
+    assert_eq!(first, now);
+    let quiet = now + Duration::from_mins(20);
+    assert!(
+        warnings.recent("on", quiet, window).is_some(),
+        "twenty quiet minutes do not end a series"
+    );
+    let due = now + stuck::SERIES_REFRESH + stuck::SERIES_FINISH + Duration::from_secs(1);
+    assert!(
+        warnings.recent("on", due, window).is_none(),
+        "a series not written again when due has ended"
+    );
+    // The write that ends a series: its last failure seven minutes before.
+    assert!(warnings.seen(warning(&series("ended", 9, 7, 5)), now));
+    assert!(warnings.recent("ended", now, window).is_none());
+    // A series that ends after going on is no longer counted from its earlier write.
+    let later = now + Duration::from_mins(8);
+    assert!(warnings.seen(warning(&series("on", 0, 7, 9)), later));
+    assert!(warnings.recent("on", later, window).is_none());
+
+    let mut pod = Pod::default();
+    assert!(stuck::waiting_on(&pod, Some("MountVolume.SetUp failed")).is_some());
+    pod.status.get_or_insert_default().conditions = Some(vec![PodCondition {
+        type_: "PodReadyToStartContainers".into(),
+        status: "True".into(),
+        ..Default::default()
+    }]);
+    assert!(stuck::volumes_mounted(&pod));
+    assert_eq!(stuck::waiting_on(&pod, Some("MountVolume.SetUp failed")), None);
 }
 
 #[tokio::test]

@@ -345,3 +345,84 @@ async fn without_admission_nodes_run_whatever_is_bound() {
     phase_is(&sim, "a", "Running").await;
     phase_is(&sim, "b", "Running").await;
 }
+
+/// The events of a pod annotated `sim.agentd.io/event-api: events.k8s.io/v1`, as
+/// `events.k8s.io/v1` shows them.
+async fn events_v1(sim: &common::Sim, pod: &str) -> Vec<Value> {
+    let (_, evs) = get(
+        sim,
+        &format!(
+            "/apis/events.k8s.io/v1/namespaces/default/events?fieldSelector=regarding.name%3D{pod}"
+        ),
+    )
+    .await;
+    evs["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_pod_can_have_its_events_recorded_as_an_events_k8s_io_recorder_records_them() {
+    let sim = common::start(kube_sim::SimConfig {
+        time_scale: kube_sim::TimeScale::new(60.0).unwrap(),
+        ..fast()
+    })
+    .await;
+    let ann =
+        json!({"sim.agentd.io/fail": "FailedMount", "sim.agentd.io/event-api": "events.k8s.io/v1"});
+    post(
+        &sim,
+        "/api/v1/namespaces/default/pods",
+        &common::pod("m", &ann),
+    )
+    .await;
+    bind(&sim, "m", "node-0").await;
+    let mount = |evs: Vec<Value>| evs.into_iter().find(|e| e["reason"] == "FailedMount");
+    // The first failure is created, the second makes it a series; none has the deprecated
+    // count and timestamps.
+    let event = eventually(20, "a FailedMount series", || async {
+        mount(events_v1(&sim, "m").await).filter(|e| e["series"]["count"] == 2)
+    })
+    .await;
+    assert_eq!(event["reportingController"], "kubelet");
+    assert_eq!(event["reportingInstance"], "node-0");
+    assert!(event["eventTime"].as_str().is_some(), "{event}");
+    for deprecated in [
+        "deprecatedCount",
+        "deprecatedFirstTimestamp",
+        "deprecatedLastTimestamp",
+    ] {
+        assert!(event.get(deprecated).is_none(), "{deprecated} in {event}");
+    }
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("MountVolume.SetUp failed")
+    );
+    // The kubelet fails on (its back-off reaches about two seconds here), but the series is
+    // not written again until it is refreshed or has ended.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let still = mount(events_v1(&sim, "m").await).unwrap();
+    assert_eq!(still["series"]["count"], 2, "{still}");
+    assert_eq!(
+        still["metadata"]["resourceVersion"],
+        event["metadata"]["resourceVersion"]
+    );
+    // The pod goes; six minutes of cluster time later the series has ended and is written
+    // with every failure counted.
+    let (code, _) = request(&sim, "DELETE", "/api/v1/namespaces/default/pods/m", "", "").await;
+    assert!(code == 200 || code == 202, "{code}");
+    let ended = eventually(20, "the ended series", || async {
+        mount(events_v1(&sim, "m").await).filter(|e| e["series"]["count"].as_i64() > Some(2))
+    })
+    .await;
+    assert!(ended["series"]["count"].as_i64().unwrap() >= 5, "{ended}");
+    // In its core/v1 form it is one event without a count.
+    let (_, core) = get(
+        &sim,
+        "/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dm,reason%3DFailedMount",
+    )
+    .await;
+    let items = core["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{core}");
+    assert!(items[0].get("count").is_none(), "{}", items[0]);
+}
