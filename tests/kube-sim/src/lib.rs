@@ -335,6 +335,12 @@ impl SimHandle {
         self.kubelets.restart_node(name)
     }
 
+    /// Compacts the history: every open watch ends with 410 `Expired` and its client must list
+    /// again.
+    pub fn compact(&self) {
+        self.store.compact();
+    }
+
     /// From now on every API request is answered with `spec`'s status (for its duration, or
     /// until [`SimHandle::clear_fault`]).
     pub fn set_fault(&self, spec: fault::FaultSpec) {

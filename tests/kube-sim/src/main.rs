@@ -62,6 +62,16 @@ enum Command {
     /// Answer every API request with an error status, as an overloaded or failing API server
     /// does (`Retry-After` on 429 and 503), for a while or until `--clear`.
     Fault(FaultArgs),
+    /// Compact the history, as etcd's compaction does: every open watch ends with 410 Expired
+    /// and no watch can resume from before now (its client must list again).
+    Compact(Server),
+}
+
+#[derive(clap::Args, Debug)]
+struct Server {
+    /// The kubeconfig the simulator wrote (its admin token and CA).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +150,10 @@ fn main() -> anyhow::Result<()> {
         Some(Command::StopNode(c)) => return control("stop", c),
         Some(Command::RestartNode(c)) => return control("restart", c),
         Some(Command::Fault(f)) => return fault(f),
+        Some(Command::Compact(c)) => {
+            return control_request(&c.kubeconfig, "POST", "/kube-sim/v1/compact", "")
+                .map_err(|e| anyhow::anyhow!("compact: {e}"));
+        }
         None => {}
     }
     tracing_subscriber::fmt()

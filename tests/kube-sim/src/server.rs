@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,7 +27,8 @@ use crate::rbac::{self, Attributes, AuthorizationMode};
 use crate::resources::{self, ResourceType};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
-    DeleteOptions, EventType, Propagation, Store, StoreError, WatchEvent, WatchFrom, WriteMode,
+    DeleteOptions, EventType, Propagation, Store, StoreError, WatchEnd, WatchEvent, WatchFrom,
+    WriteMode,
 };
 use crate::table::{self, IncludeObject};
 
@@ -263,6 +263,8 @@ enum Route {
     Control(String, String),
     /// `POST /kube-sim/v1/fault` (a [`FaultSpec`]) or `DELETE` it: the fault switch.
     Fault,
+    /// `POST /kube-sim/v1/compact`: [`Store::compact`].
+    Compact,
     Unknown,
 }
 
@@ -280,6 +282,7 @@ fn route(store: &Store, path: &str) -> Route {
             return Route::Control((*node).to_string(), (*action).to_string());
         }
         ["kube-sim", "v1", "fault"] => return Route::Fault,
+        ["kube-sim", "v1", "compact"] => return Route::Compact,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
         ["openapi", "v2"] => return Route::OpenApiV2,
         ["openapi", "v3"] => return Route::OpenApiRoot,
@@ -565,7 +568,7 @@ pub async fn handle(state: Arc<ApiState>, req: Request<Incoming>) -> Result<Resp
             let resp = forbidden(&attrs, &user);
             (user, resp)
         }
-        Ok(Ok(user)) if !matches!(route, Route::Control(..) | Route::Fault) => {
+        Ok(Ok(user)) if !matches!(route, Route::Control(..) | Route::Fault | Route::Compact) => {
             // An overloaded server answers before it authorizes or serves anything.
             match state.fault.active(std::time::Instant::now()) {
                 Some(f) => (user.name, fault_response(&f)),
@@ -634,7 +637,7 @@ async fn authorize_and_serve(
     q: &Query,
 ) -> (String, Resp) {
     let allowed = match &route {
-        Route::Control(..) | Route::Fault => user.is_master(),
+        Route::Control(..) | Route::Fault | Route::Compact => user.is_master(),
         _ => {
             state.authorization == AuthorizationMode::AlwaysAllow
                 || rbac::authorize(&state.store, &user, attrs).is_some()
@@ -768,6 +771,7 @@ async fn serve(
         Route::Unknown => not_found_path(),
         Route::Control(node, action) => control(state, &node, &action, &parts.method),
         Route::Fault => fault_control(state, &parts.method, &body),
+        Route::Compact => compact(state, &parts.method),
         Route::Resource(target, _) if target.ty.group == resources::AUTHORIZATION_GROUP => {
             match access_review(state, user, &parts.method, &target, &content_type, &body) {
                 Ok(r) => r,
@@ -837,6 +841,21 @@ fn fault_control(state: &ApiState, method: &Method, body: &Bytes) -> Resp {
         StatusCode::OK,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200,
                 "message": message}),
+    )
+}
+
+/// Compacts the store's history: every watch ends with 410 `Expired` and must list again.
+fn compact(state: &ApiState, method: &Method) -> Resp {
+    if method != Method::POST {
+        return error_response(&StoreError::MethodNotAllowed(format!(
+            "{method} is not allowed on the compact endpoint: use POST"
+        )));
+    }
+    state.store.compact();
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200,
+                "message": format!("compacted at resourceVersion {}", state.store.current_rv())}),
     )
 }
 
@@ -1647,8 +1666,14 @@ fn watch(
                     }
                     if !batch.is_empty() && tx.send(Bytes::from(batch)).await.is_err() { return; }
                 } else {
-                    if w.dropped.load(Ordering::SeqCst) {
-                        let _ = tx.send(error_event(410, "Gone", "the watch was dropped because the client did not keep up with events; start a new watch")).await;
+                    match WatchEnd::of(&w.ended) {
+                        WatchEnd::TooSlow => {
+                            let _ = tx.send(error_event(410, "Gone", "the watch was dropped because the client did not keep up with events; start a new watch")).await;
+                        }
+                        WatchEnd::Compacted => {
+                            let _ = tx.send(error_event(410, "Expired", "too old resource version: the history was compacted; list again")).await;
+                        }
+                        WatchEnd::No => {}
                     }
                     return;
                 },

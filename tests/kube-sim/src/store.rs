@@ -7,7 +7,7 @@
 //! 410 Gone) when it falls behind. The store knows nothing of HTTP.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Value, json};
@@ -106,15 +106,38 @@ pub enum WatchFrom {
 pub struct Watch {
     pub initial: Vec<Arc<WatchEvent>>,
     pub events: mpsc::Receiver<Arc<WatchEvent>>,
-    /// Set when the store dropped this watcher for falling behind.
-    pub dropped: Arc<AtomicBool>,
+    /// Why the store ended this watch, once it has: one of [`WatchEnd`]'s values.
+    pub ended: Arc<AtomicU8>,
     pub rv: u64,
+}
+
+/// Why the store ended a watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WatchEnd {
+    /// Not ended by the store (the client went, or the events came to an end).
+    No = 0,
+    /// The watcher fell behind: its channel was full.
+    TooSlow = 1,
+    /// The history was compacted ([`Store::compact`]): no resourceVersion before now can be
+    /// resumed from.
+    Compacted = 2,
+}
+
+impl WatchEnd {
+    pub fn of(ended: &AtomicU8) -> Self {
+        match ended.load(Ordering::SeqCst) {
+            1 => Self::TooSlow,
+            2 => Self::Compacted,
+            _ => Self::No,
+        }
+    }
 }
 
 struct Watcher {
     namespace: Option<String>,
     tx: mpsc::Sender<Arc<WatchEvent>>,
-    dropped: Arc<AtomicBool>,
+    ended: Arc<AtomicU8>,
 }
 
 #[derive(Default)]
@@ -420,16 +443,16 @@ impl Store {
             }
         };
         let (tx, events) = mpsc::channel(self.watch_buffer);
-        let dropped = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicU8::new(WatchEnd::No as u8));
         col.watchers.push(Watcher {
             namespace: ns.map(str::to_string),
             tx,
-            dropped: dropped.clone(),
+            ended: ended.clone(),
         });
         Ok(Watch {
             initial,
             events,
-            dropped,
+            ended,
             rv,
         })
     }
@@ -846,6 +869,21 @@ impl Store {
 
     /// Records a core/v1 event about `involved`, counting repeats as a real event recorder
     /// does.
+    /// Compacts the history, as etcd's compaction does under a real API server: every open
+    /// watch ends with 410 `Expired`, and no watch can resume from a resourceVersion before now
+    /// (its client must list again).
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        let rv = inner.rv;
+        for col in inner.collections.values_mut() {
+            col.history.clear();
+            col.floor = rv;
+            for w in col.watchers.drain(..) {
+                w.ended.store(WatchEnd::Compacted as u8, Ordering::SeqCst);
+            }
+        }
+    }
+
     pub fn record_event(
         &self,
         involved: &Value,
@@ -969,7 +1007,7 @@ impl Inner {
             match w.tx.try_send(event.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    w.dropped.store(true, Ordering::SeqCst);
+                    w.ended.store(WatchEnd::TooSlow as u8, Ordering::SeqCst);
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,

@@ -1174,7 +1174,10 @@ fn a_mount_warning_series_counts_until_it_is_due_again_and_a_ready_sandbox_ends_
         ..Default::default()
     }]);
     assert!(stuck::volumes_mounted(&pod));
-    assert_eq!(stuck::waiting_on(&pod, Some("MountVolume.SetUp failed")), None);
+    assert_eq!(
+        stuck::waiting_on(&pod, Some("MountVolume.SetUp failed")),
+        None
+    );
 }
 
 #[tokio::test]

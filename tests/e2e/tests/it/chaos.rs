@@ -571,7 +571,7 @@ fn a_leader_cut_off_from_the_api_server_stops_and_follows_the_new_leader_when_he
 }
 
 /// The API server away, then failing, then slow, under running gangs: unreachable for
-/// `AGENTD_OUTAGE_SECONDS` (20), then answering 503 for 5 s, then 2 s a request (1 s each
+/// `AGENTD_OUTAGE_SECONDS` (20), then answering 503 for 10 s, then 2 s a request (1 s each
 /// way) for 10 s. No job is lost, no pod created twice, no gang restarted for it (the pods ran
 /// on, and a gang that ended meanwhile is seen to have succeeded), and once the server is well
 /// a leader schedules again within a retry period.
@@ -632,10 +632,10 @@ fn an_api_server_away_then_failing_then_slow_loses_no_job_and_restarts_no_gang()
     eprintln!("unreachable for {outage:?}");
     proxy.set(Fault::Blackhole);
     std::thread::sleep(outage);
-    eprintln!("503 for 5 s");
-    sim.fault(503, "5s");
+    eprintln!("503 for 10 s");
+    sim.fault(503, "10s");
     proxy.set(Fault::Pass);
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(10));
     eprintln!("2 s a request for 10 s");
     proxy.set(Fault::Delay(Duration::from_secs(1)));
     std::thread::sleep(Duration::from_secs(10));
