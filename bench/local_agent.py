@@ -6,15 +6,21 @@ socket. Python standard library only, so the benchmarks run on a machine with ju
 Python installed.
 """
 
+import base64
 import http.client
 import json
 import os
+import queue
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from datetime import datetime, timezone
+from urllib.parse import urlparse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
@@ -270,3 +276,158 @@ def percentile(values, p):
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * p // 100))
     return ordered[int(rank) - 1]
+
+
+class Kube:
+    """HTTPS requests to kube-sim with a kubeconfig's server, CA and token; one connection per
+    thread, kept alive."""
+
+    def __init__(self, kubeconfig, clients=8):
+        server = ca = token = None
+        with open(kubeconfig) as f:
+            for line in f:
+                key, _, value = line.strip().partition(":")
+                value = value.strip().strip('"')
+                if key == "server":
+                    server = value
+                elif key == "certificate-authority-data":
+                    ca = base64.b64decode(value).decode()
+                elif key == "token":
+                    token = value
+        url = urlparse(server)
+        self.host, self.port = url.hostname, url.port
+        self.context = ssl.create_default_context(cadata=ca)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.local = threading.local()
+        self.clients = clients
+
+    def request(self, method, path, body=None):
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=60)
+            self.local.conn = conn
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers=self.headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            self.local.conn = None
+            conn.close()
+            raise
+
+    def create_all(self, path, objects):
+        """Creates every object from `clients` threads; raises on any answer but 201."""
+        work = queue.Queue()
+        for o in objects:
+            work.put(o)
+        errors = []
+
+        def run():
+            while True:
+                try:
+                    o = work.get_nowait()
+                except queue.Empty:
+                    return
+                status, body = self.request("POST", path(o), o)
+                if status != 201:
+                    errors.append(f"{o['metadata']['name']}: HTTP {status}: {body[:300]!r}")
+
+        threads = [threading.Thread(target=run) for _ in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"{len(errors)} creates failed, first: {errors[0]}")
+
+    def list_items(self, path):
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {status}: {body[:300]!r}")
+        return json.loads(body)["items"]
+
+
+def stamp(record):
+    """Seconds since the epoch of an audit record."""
+    return datetime.strptime(record["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=timezone.utc).timestamp()
+
+
+def micro_time(t):
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def wait(what, timeout, check, every=0.5):
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"{what}: not within {timeout}s")
+        time.sleep(every)
+    return time.monotonic() - start
+
+
+KUBE_SIM = os.path.join(RELEASE, "kube-sim")
+AGENTD_NAMESPACE = "agentd-system"
+LEADER_TOKENS = (
+    'leader-token,system:serviceaccount:agentd-system:agentd-leader,sa-leader,'
+    '"system:serviceaccounts,system:serviceaccounts:agentd-system"\n'
+)
+
+
+def build_kube_sim():
+    """Builds the release kube-sim unless BENCH_NO_BUILD=1."""
+    if os.environ.get("BENCH_NO_BUILD") != "1":
+        subprocess.run(["cargo", "build", "--release", "-p", "kube-sim", "--bin", "kube-sim"],
+                       cwd=ROOT, check=True)
+
+
+class Cluster:
+    """kube-sim (HTTPS, bearer tokens, RBAC, kubelet admission; packaging/kubernetes/ applied)
+    with `nodes` nodes of `gpus` GPUs, and one agent on node-0 that leads and places jobs, with
+    the agentd-leader ServiceAccount. The other nodes' agents are represented by their heartbeat
+    Leases, written once with a duration of `lease_seconds` (a thousand agent processes do not
+    fit on one small machine; bench/cluster-agents measures agents themselves)."""
+
+    def __init__(self, processes, work, nodes, gpus, clients=8, audit_path=None,
+                 lease_seconds=3600, sim_args=()):
+        tokens = os.path.join(work, "tokens.csv")
+        with open(tokens, "w") as f:
+            f.write(LEADER_TOKENS)
+        self.admin_kubeconfig = os.path.join(work, "admin.kubeconfig")
+        audit = ["--audit-log", audit_path] if audit_path else []
+        sim_log = open(os.path.join(work, "kube-sim.log"), "wb")
+        self.sim = processes.start(
+            [KUBE_SIM, "--listen", "127.0.0.1:0", "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+             "--tls", "--token-auth-file", tokens, "--authorization-mode", "RBAC",
+             "--kubelet-admission", *audit, *sim_args, "--kubeconfig", self.admin_kubeconfig],
+            stdout=subprocess.PIPE, stderr=sim_log, env=dict(os.environ, RUST_LOG="warn"))
+        self.sim.stdout.readline()
+        subprocess.run(["kubectl", "--kubeconfig", self.admin_kubeconfig, "apply", "-f",
+                        os.path.join(ROOT, "packaging", "kubernetes")],
+                       check=True, capture_output=True)
+        self.kube = Kube(self.admin_kubeconfig, clients=clients)
+        leader_kc = os.path.join(work, "leader.kubeconfig")
+        kubeconfig_with_token(self.admin_kubeconfig, "leader-token", leader_kc)
+        now = micro_time(time.time())
+        self.kube.create_all(
+            lambda _: f"/apis/coordination.k8s.io/v1/namespaces/{AGENTD_NAMESPACE}/leases", [
+                {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": f"agentd-node-node-{i}", "namespace": AGENTD_NAMESPACE},
+                 "spec": {"holderIdentity": f"node-{i}", "leaseDurationSeconds": lease_seconds,
+                          "renewTime": now}}
+                for i in range(1, nodes)])
+        config = (f'node_name = "node-0"\nmode = "cluster"\n'
+                  f'[cluster]\nkubeconfig = "{leader_kc}"\nleader_eligible = true\n'
+                  f'place_jobs = true\n')
+        self.leader = Agent(processes, gpus, config=config, label="leader")
+        wait("node-0 leads", 60, lambda: self.leader.request("GET", "/v1/queues")[0] == 200)
+        # Every node open to placement (the leader has seen every Lease).
+        wait("every node schedulable", 120, lambda: sum(
+            1 for n in self.leader.get_json("/v1/nodes")["nodes"]
+            if n.get("schedulable") and n["agent"]["state"] == "fresh") == nodes)
+
+    def sim_ctl(self, *args):
+        """Runs a kube-sim control command (`compact`, `stop-node NODE`, ...) on this simulator."""
+        return subprocess.run([KUBE_SIM, args[0], "--kubeconfig", self.admin_kubeconfig, *args[1:]],
+                              check=True, capture_output=True, text=True).stdout.strip()
