@@ -1,6 +1,6 @@
 //! The incremental scheduler against the full pass, its oracle: over generated clusters,
 //! queues and sequences of events (submits, cancels, finishes, nodes drained, healed or
-//! losing a GPU, passes at later times), both must make exactly the same placements,
+//! losing a GPU, queue priorities changed, passes at later times), both must make exactly the same placements,
 //! reservations and reasons at every pass. The incremental pass hands back only the waiting
 //! entries that changed; applied to the entries held from earlier passes they must give the
 //! full pass's list.
@@ -23,6 +23,8 @@ enum Event {
     Drain(usize),
     /// Flip the health of one GPU of a node.
     Health(usize, usize),
+    /// Swap the two queues' priorities (a queue configuration reloaded).
+    Requeue,
     /// A pass this many seconds after the previous one.
     Pass(u32),
 }
@@ -34,6 +36,7 @@ fn arb_event(i: usize) -> impl Strategy<Value = Event> {
         3 => any::<usize>().prop_map(Event::Finish),
         1 => any::<usize>().prop_map(Event::Drain),
         1 => (any::<usize>(), 0usize..8).prop_map(|(n, g)| Event::Health(n, g)),
+        1 => Just(Event::Requeue),
         4 => (0u32..3000).prop_map(Event::Pass),
     ]
 }
@@ -78,7 +81,7 @@ fn queues(limits: u8) -> Vec<QueueConfig> {
 
 /// Plays the story on both schedulers; the full pass gets a snapshot of the model each time.
 fn play(story: &Story, policy: &Policy) -> Result<usize, TestCaseError> {
-    let queues = queues(story.limits);
+    let mut queues = queues(story.limits);
     let mut nodes = story.nodes.clone();
     let mut queued: Vec<Gang> = Vec::new();
     let mut running: Vec<RunningGang> = Vec::new();
@@ -113,6 +116,11 @@ fn play(story: &Story, policy: &Policy) -> Result<usize, TestCaseError> {
                     slot.healthy = !slot.healthy;
                     inc.set_nodes(nodes.clone());
                 }
+            }
+            Event::Requeue => {
+                let (a, b) = (queues[0].priority, queues[1].priority);
+                (queues[0].priority, queues[1].priority) = (b, a);
+                inc.set_queues(queues.clone());
             }
             Event::Pass(dt) => {
                 now += f64::from(*dt);

@@ -40,8 +40,21 @@ struct Queued {
     shape: usize,
     gpus: u64,
     score: f64,
+    /// Its queue's priority, looked up when it is submitted or the queues change: ordering the
+    /// queue then reads nothing outside this struct.
+    queue_priority: Option<i32>,
     /// What the last pass said about it, if it waited.
     said: Said,
+}
+
+/// The priority of the queue named `name`; the last of that name wins, as in the full pass's
+/// lookup.
+fn queue_priority(queues: &[QueueConfig], name: &str) -> Option<i32> {
+    queues
+        .iter()
+        .rev()
+        .find(|q| q.name == name)
+        .map(|q| q.priority)
 }
 
 impl Queued {
@@ -178,6 +191,9 @@ impl Scheduler {
     /// Replaces the queue configuration.
     pub fn set_queues(&mut self, queues: Vec<QueueConfig>) {
         self.queues = queues;
+        for q in &mut self.queued {
+            q.queue_priority = queue_priority(&self.queues, &q.gang.queue);
+        }
         self.sorted_at = None;
     }
 
@@ -190,12 +206,14 @@ impl Scheduler {
             .iter()
             .map(|r| u64::from(r.resources.gpus))
             .sum();
+        let queue_priority = queue_priority(&self.queues, &gang.queue);
         self.queued.push(Queued {
             gang,
             required,
             shape,
             gpus,
             score: 0.0,
+            queue_priority,
             said: None,
         });
         self.sorted_at = None;
@@ -365,18 +383,8 @@ impl Scheduler {
         if self.sorted_at == Some(now) {
             return;
         }
-        let priority: FastMap<&str, i32> = self
-            .queues
-            .iter()
-            .map(|q| (q.name.as_str(), q.priority))
-            .collect();
         for q in &mut self.queued {
-            q.score = score(
-                &self.policy,
-                priority.get(q.gang.queue.as_str()).copied(),
-                now,
-                &q.gang,
-            );
+            q.score = score(&self.policy, q.queue_priority, now, &q.gang);
         }
         let sorted = self
             .queued
