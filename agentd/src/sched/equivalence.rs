@@ -1,7 +1,7 @@
 //! The incremental scheduler against the full pass, its oracle: over generated clusters,
 //! queues and sequences of events (submits, cancels, finishes, nodes drained, healed or
-//! losing a GPU, queue priorities changed, passes at later times), both must make exactly the same placements,
-//! reservations and reasons at every pass. The incremental pass hands back only the waiting
+//! losing a GPU, queue priorities changed, passes at later times), both must make exactly the
+//! same placements, reservations and reasons at every pass. The incremental pass hands back only the waiting
 //! entries that changed; applied to the entries held from earlier passes they must give the
 //! full pass's list.
 

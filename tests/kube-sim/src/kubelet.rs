@@ -17,8 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::{self, TimeScale};
-use crate::recorder::EVENT_API;
-use crate::recorder::{Occurrence, Recorder};
+use crate::recorder::{EVENT_API, Occurrence, Recorder};
 use crate::resources::{GroupResource, ResourceType};
 use crate::store::{DeleteOptions, EventType, Store, StoreError, WriteMode};
 

@@ -62,7 +62,7 @@ enum Command {
     /// Answer every API request with an error status, as an overloaded or failing API server
     /// does (`Retry-After` on 429 and 503), for a while or until `--clear`.
     Fault(FaultArgs),
-    /// Compact the history, as etcd's compaction does: every open watch ends with 410 Expired
+    /// Compact the history and end every watch: every open watch ends with 410 Expired
     /// and no watch can resume from before now (its client must list again).
     Compact(Server),
 }

@@ -867,11 +867,10 @@ impl Store {
         Ok((obj, false))
     }
 
-    /// Records a core/v1 event about `involved`, counting repeats as a real event recorder
-    /// does.
-    /// Compacts the history, as etcd's compaction does under a real API server: every open
-    /// watch ends with 410 `Expired`, and no watch can resume from a resourceVersion before now
-    /// (its client must list again).
+    /// Compacts the history (no resume from before, as after etcd's compaction) and ends every
+    /// watch (as an API server whose watch cache starts again does): every open watch ends with
+    /// 410 `Expired`, and no watch can resume from a resourceVersion before now (its client
+    /// must list again).
     pub fn compact(&self) {
         let mut inner = self.lock();
         let rv = inner.rv;
@@ -884,6 +883,8 @@ impl Store {
         }
     }
 
+    /// Records a core/v1 event about `involved`, counting repeats as a real event recorder
+    /// does.
     pub fn record_event(
         &self,
         involved: &Value,

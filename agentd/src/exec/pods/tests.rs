@@ -1045,19 +1045,14 @@ fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
     assert_eq!(stuck::started(&Pod::default(), wall, now), now);
 }
 
-/// Warnings are kept by pod uid and bounded: a pod agentd does not know loses its warnings a
-/// while after the last; a known pod's stay; one seen again is not new.
-#[test]
-fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
-    use k8s_openapi::api::core::v1::{Event, ObjectReference};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    let at = k8s_openapi::jiff::Timestamp::now();
-    let event = |uid: &str, count: i32| Event {
+/// A `FailedMount` warning about pod `pod-<uid>`, without its times and counts.
+fn mount_event(uid: &str) -> k8s_openapi::api::core::v1::Event {
+    k8s_openapi::api::core::v1::Event {
         metadata: kube::api::ObjectMeta {
             name: Some(format!("e-{uid}")),
             ..Default::default()
         },
-        involved_object: ObjectReference {
+        involved_object: k8s_openapi::api::core::v1::ObjectReference {
             kind: Some("Pod".into()),
             namespace: Some("default".into()),
             name: Some(format!("pod-{uid}")),
@@ -1065,10 +1060,22 @@ fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
             ..Default::default()
         },
         message: Some("MountVolume.SetUp failed".into()),
+        ..Default::default()
+    }
+}
+
+/// Warnings are kept by pod uid and bounded: a pod agentd does not know loses its warnings a
+/// while after the last; a known pod's stay; one seen again is not new.
+#[test]
+fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
+    use k8s_openapi::api::core::v1::Event;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let at = k8s_openapi::jiff::Timestamp::now();
+    let event = |uid: &str, count: i32| Event {
         first_timestamp: Some(Time(at)),
         last_timestamp: Some(Time(at)),
         count: Some(count),
-        ..Default::default()
+        ..mount_event(uid)
     };
     let warning = |uid, count| stuck::MountWarning::of(&event(uid, count), at).expect("a pod's");
     let now = tokio::time::Instant::now();
@@ -1115,31 +1122,19 @@ fn mount_warnings_of_unknown_pods_are_dropped_and_replays_are_not_new() {
 /// sandbox is ready waits for no volume whatever was said.
 #[test]
 fn a_mount_warning_series_counts_until_it_is_due_again_and_a_ready_sandbox_ends_it() {
-    use k8s_openapi::api::core::v1::{Event, EventSeries, ObjectReference, PodCondition};
+    use k8s_openapi::api::core::v1::{Event, EventSeries, PodCondition};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     let at = k8s_openapi::jiff::Timestamp::now();
     let minutes = |m: i64| at - k8s_openapi::jiff::SignedDuration::from_mins(m);
     // As the API server shows an `events.k8s.io/v1` series in core/v1: no count, no
     // first or last timestamp.
     let series = |uid: &str, first: i64, last: i64, count: i32| Event {
-        metadata: kube::api::ObjectMeta {
-            name: Some(format!("e-{uid}")),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: Some("default".into()),
-            name: Some(format!("pod-{uid}")),
-            uid: Some(uid.into()),
-            ..Default::default()
-        },
-        message: Some("MountVolume.SetUp failed".into()),
         event_time: Some(MicroTime(minutes(first))),
         series: Some(EventSeries {
             count: Some(count),
             last_observed_time: Some(MicroTime(minutes(last))),
         }),
-        ..Default::default()
+        ..mount_event(uid)
     };
     let warning = |e: &Event| stuck::MountWarning::of(e, at).expect("a pod's");
     let now = tokio::time::Instant::now();

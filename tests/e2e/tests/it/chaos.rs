@@ -4,8 +4,8 @@
 //! takeover adds to a job's restart count; each takeover is timed.
 //!
 //! The stream test runs `AGENTD_CHAOS_JOBS` jobs (60) and `AGENTD_CHAOS_KILLS` kills (4), at
-//! moments drawn from `AGENTD_CHAOS_SEED` (printed). `bench/cluster-chaos` runs it longer and prints the
-//! figures from the line this test writes, `chaos figures: {json}`.
+//! moments drawn from `AGENTD_CHAOS_SEED` (printed). `bench/cluster-chaos` runs it longer and
+//! prints the figures from the line this test writes, `chaos figures: {json}`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -269,31 +269,32 @@ async fn watch_resumes_from_resource_version_and_expires() {
     assert_eq!(ev["object"]["reason"], "Expired");
 }
 
-/// `POST /kube-sim/v1/compact` (`kube-sim compact`) compacts the history as etcd's compaction
-/// does: an open watch ends with 410 `Expired`, a resume from before it is refused the same way,
-/// and a watch from the current resourceVersion goes on.
+/// Creates ConfigMap `name` in `default`; its resourceVersion.
+async fn configmap(sim: &common::Sim, name: &str) -> String {
+    let (code, made) = post(
+        sim,
+        "/api/v1/namespaces/default/configmaps",
+        &json!({"metadata": {"name": name}}),
+    )
+    .await;
+    assert_eq!(code, 201, "{made}");
+    made["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `POST /kube-sim/v1/compact` (`kube-sim compact`) compacts the history and ends every watch:
+/// an open watch ends with 410 `Expired`, a resume from before it is refused the same way, and
+/// a watch from the current resourceVersion goes on.
 #[tokio::test]
 async fn compaction_expires_open_watches_and_earlier_resource_versions() {
     let sim = common::start_default().await;
-    let (_, first) = post(
-        &sim,
-        "/api/v1/namespaces/default/configmaps",
-        &json!({"metadata": {"name": "c0"}}),
-    )
-    .await;
-    let rv = first["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let rv = configmap(&sim, "c0").await;
     let path =
         |rv: &str| format!("/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={rv}");
     let mut open = watch_lines(&sim, &path(&rv)).await;
-    post(
-        &sim,
-        "/api/v1/namespaces/default/configmaps",
-        &json!({"metadata": {"name": "c-before"}}),
-    )
-    .await;
+    configmap(&sim, "c-before").await;
     assert_eq!(next_event(&mut open).await["type"], "ADDED");
     let (code, said) = post(&sim, "/kube-sim/v1/compact", &json!({})).await;
     assert_eq!(code, 200, "{said}");
@@ -315,12 +316,7 @@ async fn compaction_expires_open_watches_and_earlier_resource_versions() {
         .unwrap()
         .to_string();
     let mut fresh = watch_lines(&sim, &path(&now)).await;
-    post(
-        &sim,
-        "/api/v1/namespaces/default/configmaps",
-        &json!({"metadata": {"name": "c1"}}),
-    )
-    .await;
+    configmap(&sim, "c1").await;
     let ev = next_event(&mut fresh).await;
     assert_eq!(
         (&ev["type"], &ev["object"]["metadata"]["name"]),
