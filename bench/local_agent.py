@@ -213,11 +213,7 @@ class Agent:
         return subprocess.run([AGENTCTL, "--socket", self.socket, *args], capture_output=True, check=True)
 
     def rss_kib(self):
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise RuntimeError("no VmRSS line")
+        return rss_kib(self.pid)
 
     def cpu_seconds(self):
         """utime + stime of the whole process (all threads, living and ended)."""
@@ -261,6 +257,15 @@ def audit_resource(record):
     """`pods`, or `trainingjobs/status` where the request was to a subresource."""
     sub = record.get("subresource")
     return record.get("resource", "") + ("/" + sub if sub else "")
+
+
+def rss_kib(pid):
+    """The resident set of process `pid`, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS line")
 
 
 def process_cpu_seconds(pid):
@@ -431,3 +436,39 @@ class Cluster:
         """Runs a kube-sim control command (`compact`, `stop-node NODE`, ...) on this simulator."""
         return subprocess.run([KUBE_SIM, args[0], "--kubeconfig", self.admin_kubeconfig, *args[1:]],
                               check=True, capture_output=True, text=True).stdout.strip()
+
+
+def training_job(name, workers, run_seconds, ttl_seconds=None, namespace="default"):
+    """A TrainingJob of `workers` one-GPU workers whose pods run `run_seconds` of kube-sim's
+    cluster time. Done when every worker is (successPolicy AllWorkers): on the happy path each
+    pod ends by itself and none is deleted (with the default policy, worker 0's end ends the
+    job and cleanPodPolicy deletes the workers still running). `ttl_seconds`: the leader
+    deletes the job that long after it ends."""
+    spec = {"successPolicy": "AllWorkers", "replicaSpecs": {"Worker": {
+        "replicas": workers,
+        "restartPolicy": "Never",
+        "template": {
+            "metadata": {"annotations": {"sim.agentd.io/run-seconds": str(run_seconds)}},
+            "spec": {"containers": [{
+                "name": "tensorflow", "image": "tf:2.16", "command": ["python", "train.py"],
+                "resources": {"limits": {"nvidia.com/gpu": 1}}}]},
+        }}}}
+    if ttl_seconds is not None:
+        spec["runPolicy"] = {"ttlSecondsAfterFinished": ttl_seconds}
+    return {"apiVersion": "agentd.io/v1alpha1", "kind": "TrainingJob",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def job_of(record):
+    """The job an audit record is about, from the object's name: the TrainingJob and Service are
+    named after the job, its pods `<job>-<type>-<index>-g<generation>`, Kubernetes Events
+    `<job>.<suffix>`."""
+    name = record.get("name") or ""
+    resource = record.get("resource")
+    if resource in ("trainingjobs", "services"):
+        return name
+    if resource == "pods":
+        return name.rsplit("-", 3)[0]
+    if resource == "events":
+        return name.split(".", 1)[0]
+    return None

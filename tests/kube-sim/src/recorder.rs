@@ -34,6 +34,7 @@ struct Key {
     type_: String,
     action: String,
     reason: String,
+    controller: String,
     instance: String,
     regarding: String,
 }
@@ -103,6 +104,7 @@ impl Recorder {
             type_: o.type_.into(),
             action: o.action.into(),
             reason: o.reason.into(),
+            controller: o.controller.into(),
             instance: o.instance.into(),
             regarding: meta("uid").into(),
         };
