@@ -33,9 +33,11 @@ use crate::job::{
 };
 
 mod stuck;
+mod watched;
 
 pub use stuck::PodTimeouts;
 use stuck::Stuck;
+use watched::WatchedPod;
 
 /// The label every agentd pod and Service carries: the job's name.
 pub const JOB_LABEL: &str = "agentd.io/job";
@@ -166,7 +168,7 @@ enum Progress {
 }
 
 /// The replica a pod runs, from its labels; `None` for a pod without agentd's labels.
-fn replica_of(pod: &Pod) -> Option<(String, u32, String)> {
+fn replica_of(pod: &WatchedPod) -> Option<(String, u32, String)> {
     let labels = pod.metadata.labels.as_ref()?;
     let job = labels.get(JOB_LABEL)?.clone();
     let generation = labels.get(GENERATION_LABEL)?.parse().ok()?;
@@ -175,14 +177,14 @@ fn replica_of(pod: &Pod) -> Option<(String, u32, String)> {
     Some((job, generation, job::replica_name(replica_type, index)))
 }
 
-fn pod_ref(pod: &Pod) -> PodRef {
+fn pod_ref(pod: &WatchedPod) -> PodRef {
     (
         pod.metadata.namespace.clone().unwrap_or_default(),
         pod.metadata.name.clone().unwrap_or_default(),
     )
 }
 
-fn phase(pod: &Pod) -> Option<&str> {
+fn phase(pod: &WatchedPod) -> Option<&str> {
     pod.status.as_ref()?.phase.as_deref()
 }
 
@@ -257,7 +259,7 @@ impl Drop for PodExecutor {
 
 /// The pod watch: one `watcher` over every pod labelled `agentd.io/job`, in every namespace,
 /// for as long as the executor exists (it backs off and resumes after errors).
-async fn follow(shared: Arc<Shared>, api: Api<Pod>) {
+async fn follow(shared: Arc<Shared>, api: Api<WatchedPod>) {
     let config = watcher::Config::default().labels(JOB_LABEL);
     let events = watcher(api, config).default_backoff();
     let mut events = std::pin::pin!(events);
@@ -307,7 +309,7 @@ impl Shared {
     }
 
     /// A pod was added or changed.
-    fn applied(&self, pod: &Pod) {
+    fn applied(&self, pod: &WatchedPod) {
         let Some((job, generation, replica)) = replica_of(pod) else {
             return;
         };
@@ -454,7 +456,7 @@ impl Shared {
     }
 
     /// A pod is gone.
-    fn deleted(&self, pod: &Pod) {
+    fn deleted(&self, pod: &WatchedPod) {
         let (namespace, name) = pod_ref(pod);
         {
             let mut state = self.lock();
@@ -719,13 +721,21 @@ impl Shared {
             })?;
         let name = pod.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &launch.namespace);
-        let params = PostParams::default();
-        match again_while_transient(|| self.requests.send(api.create(&params, &pod))).await {
+        let read: Api<WatchedPod> = Api::namespaced(self.client.clone(), &launch.namespace);
+        let created = || async {
+            // As `Api::create`, but the answer is decoded as the watch decodes pods.
+            let body = serde_json::to_vec(&pod).map_err(kube::Error::SerdeError)?;
+            let request = kube::core::Request::new(read.resource_url())
+                .create(&PostParams::default(), body)
+                .map_err(kube::Error::BuildRequest)?;
+            self.client.request::<WatchedPod>(request).await
+        };
+        match again_while_transient(|| self.requests.send(created())).await {
             Ok(_) => {}
             // The pod's name carries its generation: one that exists is this launch's, made
             // by an earlier try whose answer was lost. It is followed from what it is now,
             // since the watch may have shown all of it before the replica was followed.
-            Err(kube::Error::Api(s)) if s.code == 409 => match api.get(&name).await {
+            Err(kube::Error::Api(s)) if s.code == 409 => match read.get(&name).await {
                 // A pod of an earlier job of this name, kept when that job ended and not yet
                 // gone with it: it goes first.
                 Ok(existing) if foreign(&existing, owner_uid.as_deref()) => {
@@ -759,7 +769,7 @@ impl Shared {
 /// Whether `pod` is of an earlier job with this job's name (a pod kept when that job ended):
 /// the job's generation is prepared with an owner the pod does not name. Its events are not
 /// the new job's replicas'.
-fn superseded(state: &State, pod: &Pod, job: &str, generation: u32) -> bool {
+fn superseded(state: &State, pod: &WatchedPod, job: &str, generation: u32) -> bool {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let owner = state
         .prepared
@@ -769,7 +779,7 @@ fn superseded(state: &State, pod: &Pod, job: &str, generation: u32) -> bool {
 }
 
 /// Whether `pod` belongs to another job than the one whose owner uid is `owner_uid`.
-fn foreign(pod: &Pod, owner_uid: Option<&str>) -> bool {
+fn foreign(pod: &WatchedPod, owner_uid: Option<&str>) -> bool {
     owner_uid.is_some_and(|uid| {
         !pod.metadata
             .owner_references
@@ -908,7 +918,7 @@ where
 }
 
 /// The next progress of a followed replica and what to report, given its pod as it is now.
-fn observe(progress: Progress, pod: &Pod, generation: u32) -> (Progress, Vec<ReplicaEvent>) {
+fn observe(progress: Progress, pod: &WatchedPod, generation: u32) -> (Progress, Vec<ReplicaEvent>) {
     if progress == Progress::Ended {
         return (progress, Vec::new());
     }
@@ -978,7 +988,7 @@ enum Ending {
 /// container's terminated state gives the outcome a local process would: `OOMKilled` is an
 /// OOM kill (SIGKILL), a signal is that signal, and the runtime's `128 + n` for a process
 /// killed by signal `n` is signal `n`.
-fn ending(pod: &Pod, progress: Progress) -> Ending {
+fn ending(pod: &WatchedPod, progress: Progress) -> Ending {
     let status = pod.status.as_ref();
     let container = training_container_status(pod);
     let terminated = container
@@ -1034,7 +1044,7 @@ fn ending(pod: &Pod, progress: Progress) -> Ending {
 
 /// The status of the container that runs the training code: the one named `tensorflow`, or
 /// the only one.
-fn training_container_status(pod: &Pod) -> Option<&ContainerStatus> {
+fn training_container_status(pod: &WatchedPod) -> Option<&ContainerStatus> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     statuses
         .iter()

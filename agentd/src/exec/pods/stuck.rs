@@ -36,12 +36,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Event};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
 
+use super::WatchedPod;
 use crate::job::{PlatformFailure, TRAINING_CONTAINER};
 
 /// How long a pod may wait for each thing before its replica fails.
@@ -121,7 +122,10 @@ fn image_not_coming(reason: &str) -> bool {
 /// What a pod that has not run waits for, if it is a wait that may never end: an image (of any
 /// of its containers, init containers and sidecars included: one image that never comes holds
 /// the whole gang) or its volumes (`mount`: the latest `FailedMount` message seen for it lately).
-pub(super) fn waiting_on(pod: &Pod, mount: Option<&str>) -> Option<(PlatformFailure, String)> {
+pub(super) fn waiting_on(
+    pod: &WatchedPod,
+    mount: Option<&str>,
+) -> Option<(PlatformFailure, String)> {
     let status = pod.status.as_ref();
     let init = status
         .and_then(|s| s.init_container_statuses.as_deref())
@@ -163,7 +167,7 @@ pub(super) fn waiting_on(pod: &Pod, mount: Option<&str>) -> Option<(PlatformFail
 /// else its creation, as the API server recorded them. An image wait is timed from it, so that a
 /// leader that sees the pod for the first time (a new term) does not give it a new full wait.
 /// `wall` and `now` are the same moment on the two clocks.
-pub(super) fn started(pod: &Pod, wall: Timestamp, now: Instant) -> Instant {
+pub(super) fn started(pod: &WatchedPod, wall: Timestamp, now: Instant) -> Instant {
     let at = pod
         .status
         .as_ref()
@@ -178,7 +182,7 @@ pub(super) fn started(pod: &Pod, wall: Timestamp, now: Instant) -> Instant {
 }
 
 /// The image a container status names, else the one its spec names.
-fn image_of<'a>(pod: &'a Pod, status: &'a ContainerStatus, is_init: bool) -> &'a str {
+fn image_of<'a>(pod: &'a WatchedPod, status: &'a ContainerStatus, is_init: bool) -> &'a str {
     if !status.image.is_empty() {
         return &status.image;
     }
@@ -208,7 +212,7 @@ pub(super) const SERIES_REFRESH: Duration = Duration::from_mins(30);
 pub(super) const SERIES_FINISH: Duration = Duration::from_mins(6);
 
 /// Whether `pod`'s volumes are mounted: its sandbox is ready, which the kubelet makes only after.
-pub(super) fn volumes_mounted(pod: &Pod) -> bool {
+pub(super) fn volumes_mounted(pod: &WatchedPod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref());
     conditions.unwrap_or_default().iter().any(|c| {
         matches!(

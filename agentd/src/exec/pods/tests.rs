@@ -19,6 +19,11 @@ use super::*;
 use crate::job::{RestartDecision, RestartPolicy, restart_decision};
 
 /// Cluster time runs this much faster: an image pull (1 s) takes 50 ms.
+/// A pod as the executor decodes it from the watch.
+fn watched(pod: &Pod) -> WatchedPod {
+    WatchedPod::from(pod.clone())
+}
+
 const TIME_SCALE: f64 = 20.0;
 /// How long a pod may wait for its image or volumes here.
 const WAIT_LIMIT: Duration = Duration::from_secs(2);
@@ -622,7 +627,7 @@ async fn pods_that_ended_while_nobody_followed_them_are_adopted_with_their_ends(
             .pods("done")
             .await
             .iter()
-            .all(|p| phase(p) == Some("Failed"))
+            .all(|p| phase(&watched(p)) == Some("Failed"))
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -989,12 +994,13 @@ fn an_image_that_never_comes_is_seen_in_every_container_and_init_container() {
         ),
     ];
     for (pod, words) in cases {
-        let (failure, message) = stuck::waiting_on(&pod, None).expect("a wait that never ends");
+        let (failure, message) =
+            stuck::waiting_on(&watched(&pod), None).expect("a wait that never ends");
         assert_eq!(failure, PlatformFailure::ImagePullFailed, "{message}");
         assert!(message.starts_with(words), "{message}");
     }
     assert_eq!(
-        stuck::waiting_on(&pod(Vec::new(), vec![creating]), None),
+        stuck::waiting_on(&watched(&pod(Vec::new(), vec![creating])), None),
         None
     );
 }
@@ -1013,7 +1019,7 @@ fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
     let mut pod = Pod::default();
     pod.metadata.creation_timestamp = Some(ago(9));
     assert_eq!(
-        stuck::started(&pod, wall, now),
+        stuck::started(&watched(&pod), wall, now),
         now - Duration::from_mins(9)
     );
     pod.status = Some(PodStatus {
@@ -1021,7 +1027,7 @@ fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
         ..PodStatus::default()
     });
     assert_eq!(
-        stuck::started(&pod, wall, now),
+        stuck::started(&watched(&pod), wall, now),
         now - Duration::from_mins(7)
     );
     let timeouts = PodTimeouts {
@@ -1030,7 +1036,7 @@ fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
     };
     let stuck = Stuck {
         failure: PlatformFailure::ImagePullFailed,
-        since: stuck::started(&pod, wall, now),
+        since: stuck::started(&watched(&pod), wall, now),
         pod: "default/p".into(),
         uid: None,
         message: String::new(),
@@ -1041,8 +1047,8 @@ fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
     );
     // A start in the future (clocks apart) counts as now; no start at all too.
     pod.status.as_mut().unwrap().start_time = Some(ago(-1));
-    assert_eq!(stuck::started(&pod, wall, now), now);
-    assert_eq!(stuck::started(&Pod::default(), wall, now), now);
+    assert_eq!(stuck::started(&watched(&pod), wall, now), now);
+    assert_eq!(stuck::started(&WatchedPod::default(), wall, now), now);
 }
 
 /// A `FailedMount` warning about pod `pod-<uid>`, without its times and counts.
@@ -1162,15 +1168,15 @@ fn a_mount_warning_series_counts_until_it_is_due_again_and_a_ready_sandbox_ends_
     assert!(warnings.recent("on", later, window).is_none());
 
     let mut pod = Pod::default();
-    assert!(stuck::waiting_on(&pod, Some("MountVolume.SetUp failed")).is_some());
+    assert!(stuck::waiting_on(&watched(&pod), Some("MountVolume.SetUp failed")).is_some());
     pod.status.get_or_insert_default().conditions = Some(vec![PodCondition {
         type_: "PodReadyToStartContainers".into(),
         status: "True".into(),
         ..Default::default()
     }]);
-    assert!(stuck::volumes_mounted(&pod));
+    assert!(stuck::volumes_mounted(&watched(&pod)));
     assert_eq!(
-        stuck::waiting_on(&pod, Some("MountVolume.SetUp failed")),
+        stuck::waiting_on(&watched(&pod), Some("MountVolume.SetUp failed")),
         None
     );
 }
