@@ -39,6 +39,9 @@ pub const LABEL_JOB: &str = "agentd.io/job";
 /// (a gang starting) costs one computation, not one per pod.
 const SETTLE: Duration = Duration::from_millis(50);
 
+/// The least time between two computations for kubelets' Lease renewals alone.
+const KUBELET_SETTLE: Duration = Duration::from_secs(1);
+
 /// The scheduler's nodes: each node's free capacity, computed from `objects` (whose pods are
 /// everyone's but agentd's: see [`others`]), as free GPU slots, free CPU and memory, open or
 /// closed, with the taints each replica's template must tolerate.
@@ -200,6 +203,7 @@ async fn follow(
     let mut kubelets = KubeletWatch::default();
     // When the next silent node reaches the grace, if one will.
     let mut recheck: Option<tokio::time::Instant> = None;
+    let mut last_computed: Option<tokio::time::Instant> = None;
     loop {
         let at = recheck;
         let at_recheck = async move {
@@ -213,6 +217,10 @@ async fn follow(
             () = at_recheck => Some((false, Ok(()))),
             _ = stop.wait_for(|s| *s) => return,
         };
+        // A kubelet's renewal changes no node's capacity: it counts only once a node nears its
+        // lost grace (tens of seconds), so batches of nothing else are computed at most once
+        // per KUBELET_SETTLE. A thousand kubelets renew 100 Leases a second.
+        let mut only_kubelets = matches!(next, Some((true, _)));
         let next = next.map(|(kubelet, event)| {
             if kubelet {
                 kubelets.heard(event.is_ok());
@@ -242,7 +250,7 @@ async fn follow(
                 more = events.next() => match more {
                     None => return,
                     Some((true, event)) => kubelets.heard(event.is_ok()),
-                    Some((false, _)) => {}
+                    Some((false, _)) => only_kubelets = false,
                 },
                 _ = stop.wait_for(|s| *s) => return,
             }
@@ -252,6 +260,14 @@ async fn follow(
         if !(ready(&nodes) && ready(&pods) && ready(&leases) && ready(&agents)) {
             continue;
         }
+        if let Some(due) = last_computed.map(|at| at + KUBELET_SETTLE)
+            && only_kubelets
+            && tokio::time::Instant::now() < due
+        {
+            recheck = Some(recheck.map_or(due, |at| at.min(due)));
+            continue;
+        }
+        last_computed = Some(tokio::time::Instant::now());
         let kubelet_leases = kubelets.judged(&kubelet_leases);
         let leases = Leases {
             agents: &leases,
