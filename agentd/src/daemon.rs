@@ -235,6 +235,7 @@ async fn run_with_socket(
     );
     ready_tx.send_replace(true);
     let stopping = announce_ready(started, metrics.as_ref(), stop.clone());
+    return_free_memory(stop.clone());
 
     let _ = server.await;
     if let Some(remote) = remote {
@@ -564,6 +565,43 @@ fn start_cluster_core(
         None
     });
     (supervise_core(task, halt), handle)
+}
+
+/// How often the allocator is asked to give back the memory it holds free.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks the C allocator, every [`TRIM_EVERY`] until `stop`, to hand back to the system the
+/// pages it holds free. A burst (a leader decoding thousands of pods, a relist of 10,000 jobs)
+/// leaves the freed memory scattered between live allocations in glibc's per-thread arenas,
+/// which return only what lies at their top: a leader holding 10,000 jobs in some 55 MiB of
+/// live heap kept an RSS of 200 MiB, 53 MiB of it free pages this gives back. A trim takes
+/// the arenas' locks for a few milliseconds; the pages are faulted in again when used.
+fn return_free_memory(mut stop: watch::Receiver<bool>) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(TRIM_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let trimmed = tokio::task::spawn_blocking(|| {
+                let started = Instant::now();
+                // SAFETY: `malloc_trim` only walks the allocator's own free lists, under its
+                // locks; it is safe to call from any thread at any time.
+                let released = unsafe { libc::malloc_trim(0) } == 1;
+                (released, started.elapsed())
+            })
+            .await;
+            if let Ok((released, took)) = trimmed {
+                tracing::trace!(released, ?took, "asked the allocator to return free pages");
+            }
+        }
+    });
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    drop(stop);
 }
 
 /// Tells systemd and the metrics that the agent is ready, and starts the task that tells
