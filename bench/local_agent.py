@@ -164,8 +164,11 @@ class Agent:
         env = dict(os.environ, AGENTD_NVML_LIBRARY=FAKE_NVML, FAKE_NVML_CONFIG=self.gpu_file)
         env.pop("AGENTD_SOCKET", None)
         self.log = open(self.log_path, "ab")
+        # BENCH_AGENT_PREFIX runs the agent under another command (`heaptrack -o FILE`, for a
+        # heap profile); its RSS figures are then the wrapper's, not the agent's.
+        prefix = os.environ.get("BENCH_AGENT_PREFIX", "").split()
         self.proc = self.processes.start(
-            [AGENTD, "--config", self.config, "--state-dir", self.state_dir, "--socket", self.socket],
+            prefix + [AGENTD, "--config", self.config, "--state-dir", self.state_dir, "--socket", self.socket],
             env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         self.pid = self.proc.pid
         self._wait_ready(30.0)
