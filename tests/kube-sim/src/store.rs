@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::clock;
@@ -250,13 +250,29 @@ fn finalizers(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn without_rv(obj: &Value) -> Value {
-    let mut v = obj.clone();
-    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("resourceVersion");
-        m.remove("managedFields");
-    }
-    v
+/// Whether two JSON objects are equal but for the fields `ignored`; compared in place, as the
+/// kubelets' status writes come by the thousand.
+fn same_but(a: &Map<String, Value>, b: &Map<String, Value>, ignored: &[&str]) -> bool {
+    let kept = |m: &Map<String, Value>| m.keys().filter(|k| !ignored.contains(&k.as_str())).count();
+    kept(a) == kept(b)
+        && a.iter()
+            .filter(|(k, _)| !ignored.contains(&k.as_str()))
+            .all(|(k, v)| b.get(k) == Some(v))
+}
+
+/// Whether two objects are the same but for `resourceVersion` and `managedFields`: a write
+/// that changes nothing else is no change.
+fn same_but_version(a: &Value, b: &Value) -> bool {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return a == b;
+    };
+    same_but(a, b, &["metadata"])
+        && match (a.get("metadata"), b.get("metadata")) {
+            (Some(Value::Object(ma)), Some(Value::Object(mb))) => {
+                same_but(ma, mb, &["resourceVersion", "managedFields"])
+            }
+            (ma, mb) => ma == mb,
+        }
 }
 
 impl Store {
@@ -690,16 +706,9 @@ impl Store {
                     }
                 }
             }
-            let spec_changed = {
-                let strip = |v: &Value| {
-                    let mut v = v.clone();
-                    if let Some(m) = v.as_object_mut() {
-                        m.remove("metadata");
-                        m.remove("status");
-                    }
-                    v
-                };
-                strip(&old) != strip(&new)
+            let spec_changed = match (old.as_object(), new.as_object()) {
+                (Some(old), Some(new)) => !same_but(old, new, &["metadata", "status"]),
+                _ => *old != new,
             };
             if spec_changed {
                 let g = old
@@ -720,7 +729,7 @@ impl Store {
         }
         new["apiVersion"] = json!(ty.storage_api_version());
         new["kind"] = json!(ty.kind);
-        if without_rv(&new) == without_rv(&old) {
+        if same_but_version(&new, &old) {
             return Ok(old);
         }
         let deleting = new.pointer("/metadata/deletionTimestamp").is_some();
@@ -1237,5 +1246,42 @@ impl Store {
     pub fn collect_garbage(&self) {
         let mut inner = self.lock();
         inner.collect_garbage(self.history);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::same_but_version;
+
+    #[test]
+    fn a_write_that_changes_only_the_version_or_managed_fields_is_no_change() {
+        let pod = json!({"metadata": {"name": "p", "resourceVersion": "1",
+                                      "managedFields": [{"manager": "a"}], "labels": {"a": "b"}},
+                         "spec": {"nodeName": "n"}, "status": {"phase": "Pending"}});
+        let mut same = pod.clone();
+        same["metadata"]["resourceVersion"] = json!("2");
+        same["metadata"]["managedFields"] = json!([{"manager": "b"}]);
+        assert!(same_but_version(&pod, &same));
+        let mut without = pod.clone();
+        without["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("managedFields");
+        assert!(same_but_version(&pod, &without));
+
+        let mut status = pod.clone();
+        status["status"]["phase"] = json!("Running");
+        let mut label = pod.clone();
+        label["metadata"]["labels"]["a"] = json!("c");
+        let mut extra = pod.clone();
+        extra["metadata"]["annotations"] = json!({"x": "y"});
+        let mut fewer = pod.clone();
+        fewer.as_object_mut().unwrap().remove("status");
+        for changed in [status, label, extra, fewer] {
+            assert!(!same_but_version(&pod, &changed), "{changed}");
+            assert!(!same_but_version(&changed, &pod), "{changed}");
+        }
     }
 }
