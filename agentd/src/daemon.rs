@@ -235,12 +235,13 @@ async fn run_with_socket(
     );
     ready_tx.send_replace(true);
     let stopping = announce_ready(started, metrics.as_ref(), stop.clone());
-    return_free_memory(stop.clone());
+    let trim = return_free_memory(stop.clone());
 
     let _ = server.await;
     if let Some(remote) = remote {
         let _ = remote.await;
     }
+    trim.abort();
     if *stop.borrow() {
         // Woken by the same stop that ended the server; let it finish saying so.
         let _ = stopping.await;
@@ -576,9 +577,11 @@ const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// which return only what lies at their top: a leader holding 10,000 jobs in some 55 MiB of
 /// live heap kept an RSS of 200 MiB, 53 MiB of it free pages this gives back. A trim takes
 /// the arenas' locks for a few milliseconds; the pages are faulted in again when used.
-fn return_free_memory(mut stop: watch::Receiver<bool>) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_free_memory(mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+            return;
+        }
         let mut ticks = tokio::time::interval(TRIM_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
@@ -589,19 +592,27 @@ fn return_free_memory(mut stop: watch::Receiver<bool>) {
             }
             let trimmed = tokio::task::spawn_blocking(|| {
                 let started = Instant::now();
-                // SAFETY: `malloc_trim` only walks the allocator's own free lists, under its
-                // locks; it is safe to call from any thread at any time.
-                let released = unsafe { libc::malloc_trim(0) } == 1;
-                (released, started.elapsed())
+                (trim_heap(), started.elapsed())
             })
             .await;
             if let Ok((released, took)) = trimmed {
                 tracing::trace!(released, ?took, "asked the allocator to return free pages");
             }
         }
-    });
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    drop(stop);
+    })
+}
+
+/// Whether glibc's allocator gave pages back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() -> bool {
+    // SAFETY: `malloc_trim` only walks the allocator's own free lists, under its locks; it is
+    // safe to call from any thread at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() -> bool {
+    false
 }
 
 /// Tells systemd and the metrics that the agent is ready, and starts the task that tells

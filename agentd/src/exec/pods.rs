@@ -723,12 +723,13 @@ impl Shared {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &launch.namespace);
         let read: Api<WatchedPod> = Api::namespaced(self.client.clone(), &launch.namespace);
         let created = || async {
-            // As `Api::create`, but the answer is decoded as the watch decodes pods.
+            // As `Api::create`, but the answer, which the watch brings again, is not decoded.
             let body = serde_json::to_vec(&pod).map_err(kube::Error::SerdeError)?;
-            let request = kube::core::Request::new(read.resource_url())
+            let mut request = kube::core::Request::new(read.resource_url())
                 .create(&PostParams::default(), body)
                 .map_err(kube::Error::BuildRequest)?;
-            self.client.request::<WatchedPod>(request).await
+            request.extensions_mut().insert("create");
+            self.client.request::<serde::de::IgnoredAny>(request).await
         };
         match again_while_transient(|| self.requests.send(created())).await {
             Ok(_) => {}

@@ -19,16 +19,16 @@ use super::*;
 use crate::job::{RestartDecision, RestartPolicy, restart_decision};
 
 /// Cluster time runs this much faster: an image pull (1 s) takes 50 ms.
-/// A pod as the executor decodes it from the watch.
-fn watched(pod: &Pod) -> WatchedPod {
-    WatchedPod::from(pod.clone())
-}
-
 const TIME_SCALE: f64 = 20.0;
 /// How long a pod may wait for its image or volumes here.
 const WAIT_LIMIT: Duration = Duration::from_secs(2);
 /// How long a test waits for something the cluster does before it fails.
 const PATIENCE: Duration = Duration::from_mins(1);
+
+/// A pod as the executor decodes it from the watch.
+fn watched(pod: &Pod) -> WatchedPod {
+    WatchedPod::from(pod.clone())
+}
 
 struct Sim {
     handle: SimHandle,
@@ -1013,7 +1013,8 @@ fn an_image_wait_is_timed_from_the_pods_start_whoever_sees_it_first() {
     use k8s_openapi::api::core::v1::PodStatus;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
-    let wall = Timestamp::now();
+    // Whole seconds, as the API server writes times.
+    let wall = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
     let now = tokio::time::Instant::now();
     let ago = |minutes: i64| Time(wall - SignedDuration::from_mins(minutes));
     let mut pod = Pod::default();

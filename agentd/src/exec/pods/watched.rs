@@ -1,8 +1,8 @@
-//! A pod as the executor reads it: its metadata but the managed fields, the node and the
-//! containers' names and images of its spec, and its status. A leader placing a burst of gangs
-//! decodes every pod several times (its create's answer, each change the watch brings); the
-//! rest of the spec (environment, volumes, resources, probes) and the managed fields were half
-//! of that work and are never read.
+//! A pod as the executor reads it: of its metadata the names, labels, owners and times (no
+//! managed fields, no annotations), of its spec the node and the containers' names and images,
+//! and its status. A leader placing a burst of gangs decodes every pod each time the watch
+//! brings a change; the rest of the spec (environment, volumes, resources, probes) and the
+//! managed fields were half of that work and are never read.
 
 use std::collections::BTreeMap;
 
@@ -94,25 +94,11 @@ impl k8s_openapi::Metadata for WatchedPod {
 }
 
 impl From<Pod> for WatchedPod {
+    /// As the watch decodes the same pod: through its JSON, so that both keep the same fields.
     fn from(pod: Pod) -> Self {
-        let container = |c: k8s_openapi::api::core::v1::Container| WatchedContainer {
-            name: c.name,
-            image: c.image,
-        };
-        Self {
-            metadata: ObjectMeta {
-                managed_fields: None,
-                ..pod.metadata
-            },
-            spec: pod.spec.map(|s| WatchedSpec {
-                node_name: s.node_name,
-                containers: s.containers.into_iter().map(container).collect(),
-                init_containers: s
-                    .init_containers
-                    .map(|c| c.into_iter().map(container).collect()),
-            }),
-            status: pod.status,
-        }
+        serde_json::to_value(pod)
+            .and_then(serde_json::from_value)
+            .unwrap_or_default()
     }
 }
 
@@ -155,6 +141,7 @@ mod tests {
         let whole: Pod = serde_json::from_value(json).unwrap();
         let converted = WatchedPod::from(whole.clone());
         for pod in [&watched, &converted] {
+            assert_eq!(pod.metadata.annotations, None);
             assert_eq!(pod.metadata.managed_fields, None);
             assert_eq!(pod.metadata.name, whole.metadata.name);
             assert_eq!(pod.metadata.namespace, whole.metadata.namespace);
