@@ -16,9 +16,7 @@ use serde::Deserialize;
 pub struct WatchedPod {
     #[serde(default, deserialize_with = "read_metadata")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
     pub spec: Option<WatchedSpec>,
-    #[serde(default)]
     pub status: Option<PodStatus>,
 }
 
@@ -26,11 +24,9 @@ pub struct WatchedPod {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WatchedSpec {
-    #[serde(default)]
     pub node_name: Option<String>,
     #[serde(default)]
     pub containers: Vec<WatchedContainer>,
-    #[serde(default)]
     pub init_containers: Option<Vec<WatchedContainer>>,
 }
 
@@ -38,7 +34,6 @@ pub struct WatchedSpec {
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct WatchedContainer {
     pub name: String,
-    #[serde(default)]
     pub image: Option<String>,
 }
 
@@ -93,20 +88,12 @@ impl k8s_openapi::Metadata for WatchedPod {
     }
 }
 
-impl From<Pod> for WatchedPod {
-    /// As the watch decodes the same pod: through its JSON, so that both keep the same fields.
-    fn from(pod: Pod) -> Self {
-        serde_json::to_value(pod)
-            .and_then(serde_json::from_value)
-            .unwrap_or_default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A pod decoded whole and decoded as watched give the executor the same fields.
+    /// A pod decoded whole and decoded as watched give the executor the same fields, and the
+    /// watched one leaves out the annotations and managed fields.
     #[test]
     fn a_watched_pod_reads_what_the_whole_pod_says() {
         let json = serde_json::json!({
@@ -137,39 +124,36 @@ mod tests {
                                               "imageID": "", "ready": true, "restartCount": 0,
                                               "state": {"running": {}}}]}
         });
-        let watched: WatchedPod = serde_json::from_value(json.clone()).unwrap();
+        let pod: WatchedPod = serde_json::from_value(json.clone()).unwrap();
         let whole: Pod = serde_json::from_value(json).unwrap();
-        let converted = WatchedPod::from(whole.clone());
-        for pod in [&watched, &converted] {
-            assert_eq!(pod.metadata.annotations, None);
-            assert_eq!(pod.metadata.managed_fields, None);
-            assert_eq!(pod.metadata.name, whole.metadata.name);
-            assert_eq!(pod.metadata.namespace, whole.metadata.namespace);
-            assert_eq!(pod.metadata.uid, whole.metadata.uid);
-            assert_eq!(
-                pod.metadata.resource_version,
-                whole.metadata.resource_version
-            );
-            assert_eq!(pod.metadata.labels, whole.metadata.labels);
-            assert_eq!(
-                pod.metadata.creation_timestamp,
-                whole.metadata.creation_timestamp
-            );
-            assert_eq!(
-                pod.metadata.deletion_timestamp,
-                whole.metadata.deletion_timestamp
-            );
-            assert_eq!(
-                pod.metadata.owner_references,
-                whole.metadata.owner_references
-            );
-            assert_eq!(pod.status, whole.status);
-            let spec = pod.spec.as_ref().unwrap();
-            assert_eq!(spec.node_name.as_deref(), Some("gpu-3"));
-            assert_eq!(spec.containers[0].name, "tensorflow");
-            assert_eq!(spec.containers[0].image.as_deref(), Some("tf:2.16"));
-            let init = spec.init_containers.as_ref().unwrap();
-            assert_eq!(init[0].image.as_deref(), Some("busybox"));
-        }
+        assert_eq!(pod.metadata.annotations, None);
+        assert_eq!(pod.metadata.managed_fields, None);
+        assert_eq!(pod.metadata.name, whole.metadata.name);
+        assert_eq!(pod.metadata.namespace, whole.metadata.namespace);
+        assert_eq!(pod.metadata.uid, whole.metadata.uid);
+        assert_eq!(
+            pod.metadata.resource_version,
+            whole.metadata.resource_version
+        );
+        assert_eq!(pod.metadata.labels, whole.metadata.labels);
+        assert_eq!(
+            pod.metadata.creation_timestamp,
+            whole.metadata.creation_timestamp
+        );
+        assert_eq!(
+            pod.metadata.deletion_timestamp,
+            whole.metadata.deletion_timestamp
+        );
+        assert_eq!(
+            pod.metadata.owner_references,
+            whole.metadata.owner_references
+        );
+        assert_eq!(pod.status, whole.status);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("gpu-3"));
+        assert_eq!(spec.containers[0].name, "tensorflow");
+        assert_eq!(spec.containers[0].image.as_deref(), Some("tf:2.16"));
+        let init = spec.init_containers.as_ref().unwrap();
+        assert_eq!(init[0].image.as_deref(), Some("busybox"));
     }
 }
