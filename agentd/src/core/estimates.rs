@@ -10,6 +10,7 @@
 //! one run time per start and the reason a person reads names where it came from.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 
 use agentd_api::history::HistoryEntry;
 use agentd_api::jobs::{JobState, JobStatus};
@@ -206,6 +207,7 @@ pub(super) fn explain<'a>(
     estimate_of: impl Fn(&str) -> Option<(&'a Estimate, Overran)>,
 ) {
     for w in waiting {
+        let mut message = String::new();
         if let Some(r) = reservations.iter().find(|r| r.gang == w.gang) {
             let estimated: Vec<(&str, &Estimate, Overran)> = r
                 .after
@@ -216,31 +218,40 @@ pub(super) fn explain<'a>(
                 })
                 .collect();
             for (job, e, overran) in estimated.iter().take(NAMED_IN_REASON) {
-                let said = if *overran {
-                    format!(
+                if *overran {
+                    let _ = write!(
+                        message,
                         "; {job} has run past its estimate ({}, from the {}), so when it ends is not known",
                         human(e.seconds),
                         e.source()
-                    )
+                    );
                 } else {
-                    format!("; {job}'s end is estimated from the {}", e.source())
-                };
-                w.message.push_str(&said);
+                    let _ = write!(
+                        message,
+                        "; {job}'s end is estimated from the {}",
+                        e.source()
+                    );
+                }
             }
             if estimated.len() > NAMED_IN_REASON {
-                w.message.push_str(&format!(
+                let _ = write!(
+                    message,
                     "; and the ends of {} more are estimated",
                     estimated.len() - NAMED_IN_REASON
-                ));
+                );
             }
         } else if w.reason == sched::reason::RESERVED
             && let Some((e, _)) = estimate_of(&w.gang)
         {
-            w.message.push_str(&format!(
+            let _ = write!(
+                message,
                 "; its run time is estimated at {} from the {}",
                 human(e.seconds),
                 e.source()
-            ));
+            );
+        }
+        if !message.is_empty() {
+            w.message = format!("{}{message}", w.message).into();
         }
     }
 }

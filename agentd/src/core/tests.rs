@@ -707,7 +707,7 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
                     status.reason.as_str(),
                     status.message.as_str()
                 ),
-                (JobState::Queued, w.reason.as_str(), w.message.as_str()),
+                (JobState::Queued, w.reason, &*w.message),
                 "turn {turn}: {}",
                 w.gang
             );

@@ -18,7 +18,7 @@
 //! Like the full pass it is pure: no I/O, no clock; time is an argument of [`Scheduler::pass`].
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::VecDeque;
 
 use super::free::{FreeState, Mode};
 use super::pass::{Alloc, Cache, FastMap, Holder, Pass, Prepared, Said, allocs_of, limited, score};
@@ -40,6 +40,8 @@ struct Queued {
     shape: usize,
     gpus: u64,
     score: f64,
+    /// The selector of its largest replica (see [`Prepared::named`]).
+    named: u32,
     /// Its queue's priority, looked up when it is submitted or the queues change: ordering the
     /// queue then reads nothing outside this struct.
     queue_priority: Option<i32>,
@@ -65,6 +67,7 @@ impl Queued {
             shape: self.shape,
             gpus: self.gpus,
             score: self.score,
+            named: self.named,
         }
     }
 }
@@ -84,7 +87,9 @@ pub struct Scheduler {
     /// Sorted by id, so the pass gets its holders in id order and need not compare ids to
     /// break ties when it orders them for the reservation.
     running: Vec<Running>,
-    queued: Vec<Queued>,
+    /// In policy order after [`Scheduler::order`]. A deque, because the gangs a pass places
+    /// are mostly near the head: taking them out moves the few before them, not the queue.
+    queued: VecDeque<Queued>,
     /// Whether `queued` is in policy order for `sorted_at`.
     sorted_at: Option<f64>,
 }
@@ -99,7 +104,7 @@ impl Scheduler {
             cache: Cache::new(),
             state: FreeState::empty(&[], false),
             running: Vec::new(),
-            queued: Vec::new(),
+            queued: VecDeque::new(),
             sorted_at: None,
         };
         s.set_nodes(nodes);
@@ -148,7 +153,8 @@ impl Scheduler {
         }
         self.state.rebuild_index();
         for q in &mut self.queued {
-            (q.required, q.shape) = self.cache.shape_of(&self.nodes, &q.gang);
+            let of = self.cache.shape_of(&self.nodes, &q.gang);
+            (q.required, q.shape, q.named) = (of.required, of.shape, of.named);
             // Why a gang can never fit is worked out from the nodes: say it again.
             if q.said
                 .as_ref()
@@ -176,8 +182,8 @@ impl Scheduler {
                 let (reason, message) = q.said.as_ref()?;
                 Some(Waiting {
                     gang: q.gang.id.clone(),
-                    reason: (*reason).to_owned(),
-                    message: message.to_string(),
+                    reason,
+                    message: message.clone(),
                 })
             })
             .collect()
@@ -200,19 +206,20 @@ impl Scheduler {
     /// Adds a gang to the queue, replacing a queued gang of the same id.
     pub fn submit(&mut self, gang: Gang) {
         self.cancel(&gang.id);
-        let (required, shape) = self.cache.shape_of(&self.nodes, &gang);
+        let of = self.cache.shape_of(&self.nodes, &gang);
         let gpus = gang
             .replicas
             .iter()
             .map(|r| u64::from(r.resources.gpus))
             .sum();
         let queue_priority = queue_priority(&self.queues, &gang.queue);
-        self.queued.push(Queued {
+        self.queued.push_back(Queued {
             gang,
-            required,
-            shape,
+            required: of.required,
+            shape: of.shape,
             gpus,
             score: 0.0,
+            named: of.named,
             queue_priority,
             said: None,
         });
@@ -321,12 +328,13 @@ impl Scheduler {
             holders,
             decision,
             said,
+            placed_at,
             ..
         } = pass;
         state.unhold();
-        let placed: Vec<(String, Option<f64>, Vec<Alloc>)> = holders[running..]
+        let placed: Vec<(Option<f64>, Vec<Alloc>)> = holders[running..]
             .iter()
-            .map(|h| (h.id.to_owned(), h.end, h.allocs.to_vec()))
+            .map(|h| (h.end, h.allocs.to_vec()))
             .collect();
         drop(order);
         if let Some(said) = said {
@@ -336,37 +344,35 @@ impl Scheduler {
         }
         self.cache = cache;
         self.state = state;
-        if !placed.is_empty() {
-            let ids: HashSet<&str> = placed.iter().map(|(id, _, _)| id.as_str()).collect();
-            // In place: the queue keeps its order and its allocation.
-            let mut moved: FastMap<String, Queued> = self
-                .queued
-                .extract_if(.., |q| ids.contains(q.gang.id.as_str()))
-                .map(|q| (q.gang.id.clone(), q))
-                .collect();
-            for (p, (id, end, allocs)) in decision.placements.iter().zip(placed) {
-                debug_assert_eq!(p.gang, id);
-                let gang = moved.remove(&id).map(|q| q.gang);
-                let queue = gang.map(|g| g.queue).unwrap_or_default();
-                let at = self.running_index(&id).unwrap_or_else(|at| at);
-                self.running.insert(
-                    at,
-                    Running {
-                        gpus: p
-                            .assignments
-                            .iter()
-                            .map(|a| a.gpu_indices.len() as u64)
-                            .sum(),
-                        allocs,
-                        gang: RunningGang {
-                            id,
-                            queue,
-                            assignments: p.assignments.clone(),
-                            expected_end: end,
-                        },
+        // Out of the queue by position, the last first so the earlier positions hold; the rest
+        // keeps its order.
+        let mut gangs: Vec<Gang> = placed_at
+            .iter()
+            .rev()
+            .filter_map(|&at| self.queued.remove(at))
+            .map(|q| q.gang)
+            .collect();
+        gangs.reverse();
+        for ((p, (end, allocs)), gang) in decision.placements.iter().zip(placed).zip(gangs) {
+            debug_assert_eq!(p.gang, gang.id);
+            let at = self.running_index(&gang.id).unwrap_or_else(|at| at);
+            self.running.insert(
+                at,
+                Running {
+                    gpus: p
+                        .assignments
+                        .iter()
+                        .map(|a| a.gpu_indices.len() as u64)
+                        .sum(),
+                    allocs,
+                    gang: RunningGang {
+                        id: gang.id,
+                        queue: gang.queue,
+                        assignments: p.assignments.clone(),
+                        expected_end: end,
                     },
-                );
-            }
+                },
+            );
         }
         decision
     }
@@ -386,13 +392,12 @@ impl Scheduler {
         for q in &mut self.queued {
             q.score = score(&self.policy, q.queue_priority, now, &q.gang);
         }
-        let sorted = self
-            .queued
+        let queued = self.queued.make_contiguous();
+        let sorted = queued
             .windows(2)
             .all(|w| w[0].prepared().order(&w[1].prepared()).is_le());
         if !sorted {
-            self.queued
-                .sort_by(|a, b| a.prepared().order(&b.prepared()));
+            queued.sort_by(|a, b| a.prepared().order(&b.prepared()));
         }
         self.sorted_at = Some(now);
     }

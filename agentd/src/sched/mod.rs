@@ -6,6 +6,7 @@
 //! deep queue costs little, and must decide exactly as [`schedule`] does.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[cfg(test)]
 mod equivalence;
@@ -359,10 +360,11 @@ pub struct Placement {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Waiting {
     pub gang: String,
-    /// Short machine-readable class, e.g. `Unschedulable`, `QueueLimit`, `Reserved`.
-    pub reason: String,
-    /// A sentence a person can act on.
-    pub message: String,
+    /// Short machine-readable class, one of [`reason`]: `Unschedulable`, `QueueLimit`,
+    /// `Reserved`, ...
+    pub reason: &'static str,
+    /// A sentence a person can act on; gangs a pass answers alike share one.
+    pub message: Arc<str>,
 }
 
 /// Everything one pass looks at.

@@ -76,6 +76,8 @@ pub(crate) struct Prepared<'a> {
     pub shape: usize,
     pub gpus: u64,
     pub score: f64,
+    /// The interned selector of its largest replica, which an Unschedulable sentence names.
+    pub named: u32,
 }
 
 impl Prepared<'_> {
@@ -146,9 +148,10 @@ impl Cache {
         }
     }
 
-    /// The gang's required replica count and its interned shape. Gangs with the same requests
-    /// share one shape, so a pass works out each shape's fit once per state.
-    pub fn shape_of(&mut self, nodes: &[NodeCapacity], gang: &Gang) -> (usize, usize) {
+    /// The gang's required replica count, its interned shape and the selector its sentences
+    /// name. Gangs with the same requests share one shape, so a pass works out each shape's fit
+    /// once per state.
+    pub fn shape_of(&mut self, nodes: &[NodeCapacity], gang: &Gang) -> ShapeOf {
         let n = gang.replicas.len();
         let required = gang
             .min_available
@@ -166,17 +169,36 @@ impl Cache {
             mem: 0,
             selector: u32::MAX,
         });
-        if let Some(&shape) = self.shapes.get(key.as_slice()) {
-            return (required, shape);
+        let named = gang
+            .replicas
+            .iter()
+            .max_by_key(|r| r.resources.gpus)
+            .map_or(0, |r| self.selector_id(nodes, &r.rule));
+        let shape = if let Some(&shape) = self.shapes.get(key.as_slice()) {
+            shape
+        } else {
+            let shape = self.shape_needs.len();
+            self.shape_needs.push(key[..key.len() - 1].to_vec());
+            self.shapes.insert(key, shape);
+            self.ideal_nodes.push(Ideal::NotTried);
+            self.fits_empty.push([None; 2]);
+            self.certs.push(None);
+            shape
+        };
+        ShapeOf {
+            required,
+            shape,
+            named,
         }
-        let shape = self.shape_needs.len();
-        self.shape_needs.push(key[..key.len() - 1].to_vec());
-        self.shapes.insert(key, shape);
-        self.ideal_nodes.push(Ideal::NotTried);
-        self.fits_empty.push([None; 2]);
-        self.certs.push(None);
-        (required, shape)
     }
+}
+
+/// What [`Cache::shape_of`] works out for a gang.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ShapeOf {
+    pub required: usize,
+    pub shape: usize,
+    pub named: u32,
 }
 
 /// How a shape fits the empty cluster.
@@ -263,9 +285,9 @@ pub(crate) struct Pass<'a> {
     messages: FastMap<(usize, u64, u32), Arc<str>>,
     /// QueueLimit sentences by queue, its running jobs and GPUs, and the GPUs the gang asks.
     limit_messages: FastMap<(&'a str, u32, u64, u64), Arc<str>>,
-    /// The order the last reservation released holders in, and how many holders there were:
-    /// the next one reuses it while no placement came between.
-    release_order: Option<(usize, BinaryHeap<Reverse<Release<'a>>>)>,
+    /// The order reservations release holders in, while no placement comes between them (it
+    /// changes only when a placement adds a holder and takes GPUs).
+    release_order: Option<Releases<'a>>,
     /// The Reserved sentence of this pass, with how many gangs held reservations when it was
     /// written.
     reserved: Option<(usize, Arc<str>)>,
@@ -278,6 +300,8 @@ pub(crate) struct Pass<'a> {
     pub said: Option<Vec<Said>>,
     /// The position in the order of the gang being decided.
     at: usize,
+    /// The positions in the order of the gangs placed, ascending (one per placement).
+    pub placed_at: Vec<usize>,
     pub decision: Decision,
 }
 
@@ -399,6 +423,7 @@ impl<'a> Pass<'a> {
             empty: Arc::from(""),
             said: None,
             at: 0,
+            placed_at: Vec::new(),
             decision: Decision::default(),
         }
     }
@@ -431,14 +456,15 @@ impl<'a> Pass<'a> {
     fn prepare(&mut self, queued: &'a [Gang]) -> Vec<Prepared<'a>> {
         let mut out = Vec::with_capacity(queued.len());
         for gang in queued {
-            let (required, shape) = self.cache.shape_of(self.nodes, gang);
+            let of = self.cache.shape_of(self.nodes, gang);
             let queue = self.queues.get(gang.queue.as_str()).map(|q| q.priority);
             out.push(Prepared {
                 gang,
-                required,
-                shape,
+                required: of.required,
+                shape: of.shape,
                 gpus: gang_gpus(gang),
                 score: score(self.policy, queue, self.now, gang),
+                named: of.named,
             });
         }
         self.memo
@@ -559,8 +585,8 @@ impl<'a> Pass<'a> {
         }
         self.decision.waiting.push(Waiting {
             gang: p.gang.id.clone(),
-            reason: reason.to_owned(),
-            message: message.to_string(),
+            reason,
+            message,
         });
     }
 
@@ -590,13 +616,7 @@ impl<'a> Pass<'a> {
         }
         // The sentence depends on the shape, the free capacity (the version) and the selector
         // it names; gangs alike in those share it.
-        let largest = p
-            .gang
-            .replicas
-            .iter()
-            .max_by_key(|r| r.resources.gpus)
-            .map_or(0, |r| self.cache.selector_id(self.nodes, &r.rule));
-        let key = (p.shape, self.version, largest);
+        let key = (p.shape, self.version, p.named);
         if let Some(msg) = self.messages.get(&key) {
             return msg.clone();
         }
@@ -886,6 +906,7 @@ impl<'a> Pass<'a> {
             gang: p.gang.id.clone(),
             assignments,
         });
+        self.placed_at.push(self.at);
         taken.clear();
         self.scratch = taken;
         true
@@ -980,14 +1001,14 @@ impl<'a> Pass<'a> {
                 .unwrap_or(0)
         };
         // Only the first few holders in that order are ever released, so they come off a heap
-        // (linear to build) rather than out of a sort of them all. The order changes only when
-        // a placement adds a holder (and takes GPUs): the next reservation of the pass reuses it
-        // until then.
-        let mut order = match &self.release_order {
-            Some((holders, heap)) if *holders == self.holders.len() => heap.clone(),
+        // (linear to build) rather than out of a sort of them all; the ones popped are kept, and
+        // the next reservation of the pass reads them before it pops more, until a placement
+        // adds a holder.
+        let mut order = match self.release_order.take() {
+            Some(order) if order.holders == self.holders.len() => order,
             _ => {
                 let by_id = self.holders_by_id;
-                let heap: BinaryHeap<Reverse<Release<'a>>> = self
+                let heap = self
                     .holders
                     .iter()
                     .enumerate()
@@ -1002,10 +1023,11 @@ impl<'a> Pass<'a> {
                         })
                     })
                     .collect();
-                if self.policy.reservations > 1 {
-                    self.release_order = Some((self.holders.len(), heap.clone()));
+                Releases {
+                    holders: self.holders.len(),
+                    heap,
+                    popped: Vec::new(),
                 }
-                heap
             }
         };
         let mut released = Vec::new();
@@ -1017,7 +1039,7 @@ impl<'a> Pass<'a> {
         let total: u64 = needs.iter().map(|n| u64::from(n.gpus)).sum();
         let mut saved: BTreeMap<u32, NodeFree> = BTreeMap::new();
         let mut fits = false;
-        while let Some(Reverse(next)) = order.pop() {
+        while let Some(next) = order.get(released.len()) {
             released.push(next.at);
             for a in self.holders[next.at].allocs.iter() {
                 saved
@@ -1078,6 +1100,7 @@ impl<'a> Pass<'a> {
         for (node, free) in saved {
             self.state.restore(node, free);
         }
+        self.release_order = Some(order);
         if !fits {
             self.memo[p.shape].unreservable[usize::from(later)] = true;
             return None;
@@ -1128,6 +1151,26 @@ impl<'a> Pass<'a> {
             after,
             assignments: assignments.into_iter().map(|(_, a)| a).collect(),
         })
+    }
+}
+
+/// The order reservations release holders in: the first ones, worked out so far, then the heap
+/// of the rest.
+struct Releases<'a> {
+    /// How many holders there were when it was built.
+    holders: usize,
+    heap: BinaryHeap<Reverse<Release<'a>>>,
+    popped: Vec<Release<'a>>,
+}
+
+impl<'a> Releases<'a> {
+    /// The `k`th holder to release, if there are that many.
+    fn get(&mut self, k: usize) -> Option<Release<'a>> {
+        while self.popped.len() <= k {
+            let Reverse(next) = self.heap.pop()?;
+            self.popped.push(next);
+        }
+        Some(self.popped[k])
     }
 }
 

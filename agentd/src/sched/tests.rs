@@ -171,7 +171,7 @@ fn unhealthy_gpus_are_never_used() {
     let w = waiting(&d, "k");
     assert_eq!(w.reason, reason::UNSCHEDULABLE);
     assert_eq!(
-        w.message,
+        &*w.message,
         "needs 3 GPUs (1 replica x 3) on at most 1 node; the best node has 2 free"
     );
 }
@@ -196,7 +196,7 @@ fn message_says_what_the_best_nodes_have() {
         &Policy::best_fit(),
     );
     assert_eq!(
-        waiting(&d, "j").message,
+        &*waiting(&d, "j").message,
         "needs 16 GPUs (2 replicas x 8) on at most 2 nodes; the best 2 nodes have 12 free"
     );
 }
@@ -218,7 +218,7 @@ fn selector_that_no_node_has_never_fits() {
         "{}",
         w.message
     );
-    assert_eq!(never_fits(&g, &nodes), Some(w.message.clone()));
+    assert_eq!(never_fits(&g, &nodes).as_deref(), Some(&*w.message));
     g.replicas[0]
         .rule
         .selector
@@ -272,8 +272,8 @@ fn never_fits_reason(nodes: &[NodeCapacity], g: &Gang) -> String {
     let d = run(nodes, &[], std::slice::from_ref(g), &Policy::agentd());
     let w = waiting(&d, &g.id);
     assert_eq!(w.reason, reason::NEVER_FITS, "{}", w.message);
-    assert_eq!(never_fits(g, nodes).as_ref(), Some(&w.message));
-    w.message.clone()
+    assert_eq!(never_fits(g, nodes).as_deref(), Some(&*w.message));
+    w.message.to_string()
 }
 
 fn taint(key: &str, value: &str, effect: TaintEffect) -> Taint {
@@ -772,7 +772,7 @@ fn counts_without_listing_match_the_listing() {
     assert_eq!(counted.placements, listed.placements);
     let mut by_reason = std::collections::BTreeMap::new();
     for w in &listed.waiting {
-        *by_reason.entry(w.reason.as_str()).or_insert(0) += 1;
+        *by_reason.entry(w.reason).or_insert(0) += 1;
     }
     assert_eq!(counted.waiting_counts, by_reason);
     assert_eq!(counted.waiting_counts.get(reason::NEVER_FITS), Some(&1));

@@ -10,6 +10,7 @@
 //! and no replica runs for a placement that is not. A turn that cannot be written is undone
 //! (see `undo`), so that memory says what the database says.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -980,22 +981,24 @@ impl Lifecycle {
 
     /// Why each gang that was not placed waits, as the scheduler said (and the drain).
     fn waiting(&mut self, waiting: Vec<sched::Waiting>, now: Now) {
-        for mut waiting in waiting {
+        for waiting in waiting {
             let Some(record) = self.jobs.get_mut(&waiting.gang) else {
                 continue;
             };
-            if self.drained {
+            let message: Cow<'_, str> = if self.drained {
                 let node = &self.settings.node;
-                waiting.message = format!(
+                Cow::Owned(format!(
                     "{}; node {node} is drained (agentctl resume {node} lets new work in)",
                     waiting.message
-                );
-            }
-            if record.status.reason != waiting.reason || record.status.message != waiting.message {
-                record.status.reason.clone_from(&waiting.reason);
-                record.status.message.clone_from(&waiting.message);
+                ))
+            } else {
+                Cow::Borrowed(&waiting.message)
+            };
+            if record.status.reason != waiting.reason || record.status.message != *message {
+                waiting.reason.clone_into(&mut record.status.reason);
+                message.as_ref().clone_into(&mut record.status.message);
                 self.dirty.insert(waiting.gang.clone());
-                self.event(&waiting.gang, &waiting.reason, waiting.message, now);
+                self.event(&waiting.gang, waiting.reason, message.into_owned(), now);
             }
         }
     }

@@ -363,8 +363,8 @@ fn a_waiting_job_carries_the_schedulers_reason_and_the_drain() {
     assert!(!h.life.schedulable());
     let waiting = || sched::Waiting {
         gang: "a".to_owned(),
-        reason: "Unschedulable".to_owned(),
-        message: "needs 1 GPU; 0 free".to_owned(),
+        reason: "Unschedulable",
+        message: "needs 1 GPU; 0 free".into(),
     };
     h.step(Input::Scheduled {
         inventory: Arc::clone(&h.inventory),
@@ -828,8 +828,8 @@ fn a_schedule_timeout_fails_a_queued_job_with_why_it_waited() {
         inventory: Arc::clone(&h.inventory),
         waiting: vec![sched::Waiting {
             gang: "a".to_owned(),
-            reason: "Unschedulable".to_owned(),
-            message: "needs 8 GPUs".to_owned(),
+            reason: "Unschedulable",
+            message: "needs 8 GPUs".into(),
         }],
         placements: Vec::new(),
     });
