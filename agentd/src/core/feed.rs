@@ -2,9 +2,10 @@
 //! each pass, tells it what changed among the jobs since the last one: gangs that entered the
 //! queue (submitted, requeued after a restart, a placement undone), left it (cancelled, timed
 //! out, removed), started holding resources or stopped (placed, adopted, stopped, finished),
-//! and the nodes (GPU health, drain, the cluster's nodes). It finds those by comparing each job
-//! with what it last told the scheduler, which is cheap per job: a gang is built only for a job
-//! that changed, so a pass over a deep queue costs what the scheduler's pass costs.
+//! and the nodes (GPU health, drain, the cluster's nodes). The lifecycle notes every job it
+//! changes; the feed compares only those with what it last told the scheduler, and builds a
+//! gang only for a job whose place changed: a pass over a deep queue costs what the
+//! scheduler's pass costs, not a look at every job.
 //!
 //! It also tells the scheduler each job's run time: the declared one, else the estimate it
 //! gave the job ([`Estimates`]), when the configuration turns estimates on.
@@ -12,7 +13,7 @@
 //! It owns no job and decides nothing: the pass's decision is the scheduler's, and in debug
 //! builds the core checks it against the full pass ([`crate::sched::schedule`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use agentd_api::jobs::JobState;
@@ -44,11 +45,10 @@ impl QueuedAs {
 /// The scheduler and what it has been told.
 pub(super) struct Feed {
     scheduler: Scheduler,
-    /// The queued gangs it holds, by job, with the sweep that last saw each.
-    queued: HashMap<String, (QueuedAs, u64)>,
-    /// The running gangs it holds, by job, with the sweep that last saw each.
-    running: HashMap<String, u64>,
-    sweep: u64,
+    /// The queued gangs it holds, by job.
+    queued: HashMap<String, QueuedAs>,
+    /// The running gangs it holds, by job.
+    running: HashSet<String>,
     /// The cluster's node list it was given, and whether writes were failing then.
     cluster_nodes: Option<(Arc<Vec<NodeCapacity>>, bool)>,
     /// Whether this machine was drained at the last pass.
@@ -62,8 +62,7 @@ impl Feed {
         Self {
             scheduler: Scheduler::new(policy, Vec::new(), queues),
             queued: HashMap::new(),
-            running: HashMap::new(),
-            sweep: 0,
+            running: HashSet::new(),
             cluster_nodes: None,
             drained: false,
             estimates,
@@ -143,17 +142,42 @@ impl Feed {
 
     /// Tells the scheduler what changed among the jobs since the last call: every job that
     /// waits to be placed is queued there, every job that holds resources is running there
-    /// with its current expected end, and nothing else is.
-    pub fn jobs(&mut self, jobs: &BTreeMap<String, JobRecord>, now: Now) {
-        self.sweep += 1;
-        let sweep = self.sweep;
-        for (name, record) in jobs {
-            if let Some(allocation) = &record.allocation {
+    /// with its current expected end, and nothing else is. `changed` names every job inserted,
+    /// changed or removed since the last call; with estimates on, the running gangs' expected
+    /// ends move with time, so each of them is looked at again too.
+    pub fn jobs(&mut self, jobs: &BTreeMap<String, JobRecord>, changed: HashSet<String>, now: Now) {
+        let mut gone = false;
+        for name in changed {
+            gone |= self.job(jobs.get(&name), name, now);
+        }
+        if self.estimates.is_some() {
+            let running: Vec<String> = self.running.iter().cloned().collect();
+            for name in running {
+                gone |= self.job(jobs.get(&name), name, now);
+            }
+        }
+        if gone && let Some(estimates) = &mut self.estimates {
+            let (queued, running) = (&self.queued, &self.running);
+            estimates.keep_only(|name| queued.contains_key(name) || running.contains(name));
+        }
+    }
+
+    /// Tells the scheduler where one job stands now (`None`: it is gone); true if a gang left
+    /// the scheduler.
+    fn job(&mut self, record: Option<&JobRecord>, name: String, now: Now) -> bool {
+        let mut gone = false;
+        match record {
+            Some(record) if record.allocation.is_some() => {
+                let allocation = record.allocation.as_ref().expect("matched");
+                if self.queued.remove(&name).is_some() {
+                    self.scheduler.cancel(&name);
+                    gone = true;
+                }
                 let end = match (record.expected_end(), &mut self.estimates) {
                     (None, Some(estimates)) => estimates.planned_end(record, now.wall),
                     (end, _) => end,
                 };
-                let same = self.scheduler.running_gang(name).is_some_and(|g| {
+                let same = self.scheduler.running_gang(&name).is_some_and(|g| {
                     g.expected_end == end
                         && g.queue == record.status.queue
                         && g.assignments == allocation.assignments
@@ -162,52 +186,38 @@ impl Feed {
                     gang.expected_end = end;
                     self.scheduler.start(gang);
                 }
-                match self.running.get_mut(name) {
-                    Some(seen) => *seen = sweep,
-                    None => {
-                        self.running.insert(name.clone(), sweep);
-                    }
+                self.running.insert(name);
+            }
+            Some(record) if record.status.state == JobState::Queued => {
+                if self.running.remove(&name) {
+                    self.scheduler.finish(&name);
+                    gone = true;
                 }
-            } else if record.status.state == JobState::Queued {
                 let is = QueuedAs::of(record);
-                match self.queued.get_mut(name) {
-                    Some((was, seen)) if *was == is => *seen = sweep,
-                    _ => {
-                        if let Some(mut gang) = record.queued_gang() {
-                            if gang.declared_runtime_s.is_none()
-                                && let Some(estimates) = &mut self.estimates
-                            {
-                                gang.declared_runtime_s = estimates.give(record);
-                            }
-                            self.scheduler.submit(gang);
+                if self.queued.get(&name) != Some(&is) {
+                    if let Some(mut gang) = record.queued_gang() {
+                        if gang.declared_runtime_s.is_none()
+                            && let Some(estimates) = &mut self.estimates
+                        {
+                            gang.declared_runtime_s = estimates.give(record);
                         }
-                        self.queued.insert(name.clone(), (is, sweep));
+                        self.scheduler.submit(gang);
                     }
+                    self.queued.insert(name, is);
+                }
+            }
+            _ => {
+                if self.queued.remove(&name).is_some() {
+                    self.scheduler.cancel(&name);
+                    gone = true;
+                }
+                if self.running.remove(&name) {
+                    self.scheduler.finish(&name);
+                    gone = true;
                 }
             }
         }
-        let scheduler = &mut self.scheduler;
-        let mut gone = false;
-        self.queued.retain(|name, (_, seen)| {
-            let kept = *seen == sweep;
-            if !kept {
-                scheduler.cancel(name);
-                gone = true;
-            }
-            kept
-        });
-        self.running.retain(|name, seen| {
-            let kept = *seen == sweep;
-            if !kept {
-                scheduler.finish(name);
-                gone = true;
-            }
-            kept
-        });
-        if gone && let Some(estimates) = &mut self.estimates {
-            let (queued, running) = (&self.queued, &self.running);
-            estimates.keep_only(|name| queued.contains_key(name) || running.contains_key(name));
-        }
+        gone
     }
 
     /// The gangs as the scheduler was told them, worked out again from the jobs: for the debug
@@ -248,7 +258,7 @@ impl Feed {
     pub fn placed<'a>(&mut self, gangs: impl IntoIterator<Item = &'a str>) {
         for name in gangs {
             self.queued.remove(name);
-            self.running.insert(name.to_owned(), self.sweep);
+            self.running.insert(name.to_owned());
         }
     }
 }

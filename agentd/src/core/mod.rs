@@ -1145,7 +1145,8 @@ impl Core {
         };
         let now = self.clock.now();
         self.feed.drained(self.lifecycle.drained());
-        self.feed.jobs(self.lifecycle.jobs(), now);
+        let changed = self.lifecycle.changed_jobs();
+        self.feed.jobs(self.lifecycle.jobs(), changed, now);
         let decision = self.feed.scheduler_mut().pass(now.wall);
         if let Some(metrics) = &self.metrics {
             metrics.scheduling_pass(pass_started.elapsed());

@@ -11,7 +11,7 @@
 //! (see `undo`), so that memory says what the database says.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,9 @@ use crate::inventory::GpuHealthEvent;
 use crate::job::{self, ClusterHosts, ExitOutcome, SpecError};
 use crate::sched;
 use crate::store::{JobWrite, NewEvent};
+
+mod jobs;
+use jobs::Jobs;
 
 /// How many removed jobs' last statuses are kept in memory for clients still waiting on them.
 const REMEMBER_REMOVED: usize = 256;
@@ -234,7 +237,7 @@ impl Persist {
 /// The jobs and the turn in progress.
 pub struct Lifecycle {
     settings: Settings,
-    jobs: BTreeMap<String, JobRecord>,
+    jobs: Jobs,
     /// `agentctl drain`: nothing new is placed here until `agentctl resume`.
     drained: bool,
     /// Why the last write failed, while writes fail: nothing new is placed meanwhile.
@@ -271,7 +274,7 @@ impl Lifecycle {
     pub fn new(settings: Settings, drained: bool) -> Self {
         Self {
             settings,
-            jobs: BTreeMap::new(),
+            jobs: Jobs::default(),
             drained,
             write_failure: None,
             removed: VecDeque::new(),
@@ -299,7 +302,13 @@ impl Lifecycle {
     }
 
     pub fn jobs(&self) -> &BTreeMap<String, JobRecord> {
-        &self.jobs
+        self.jobs.map()
+    }
+
+    /// The names of the jobs inserted, changed or removed since the last call (some may be
+    /// gone): what the scheduler's feed must look at again.
+    pub fn changed_jobs(&mut self) -> HashSet<String> {
+        self.jobs.take_changed()
     }
 
     pub fn job(&self, name: &str) -> Option<&JobRecord> {
@@ -945,7 +954,7 @@ impl Lifecycle {
         let mut expired = Vec::new();
         let mut requeue = Vec::new();
         let mut remove = Vec::new();
-        for (name, r) in &self.jobs {
+        for (name, r) in self.jobs.iter() {
             match r.due(now) {
                 Some(Due::Expire { reason, message }) => {
                     expired.push((name.clone(), reason, message));
