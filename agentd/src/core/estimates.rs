@@ -184,9 +184,9 @@ impl Estimates {
         planned_end(record.status.started_at?, seconds, now)
     }
 
-    /// Forgets the estimates of jobs that are neither queued nor running any more.
-    pub fn keep_only(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        self.given.retain(|name, _| keep(name));
+    /// Forgets the estimate of a job that is neither queued nor running any more.
+    pub fn forget(&mut self, name: &str) {
+        self.given.remove(name);
     }
 
     #[cfg(test)]

@@ -146,32 +146,25 @@ impl Feed {
     /// changed or removed since the last call; with estimates on, the running gangs' expected
     /// ends move with time, so each of them is looked at again too.
     pub fn jobs(&mut self, jobs: &BTreeMap<String, JobRecord>, changed: HashSet<String>, now: Now) {
-        let mut gone = false;
         for name in changed {
-            gone |= self.job(jobs.get(&name), name, now);
+            self.job(jobs.get(&name), name, now);
         }
         if self.estimates.is_some() {
             let running: Vec<String> = self.running.iter().cloned().collect();
             for name in running {
-                gone |= self.job(jobs.get(&name), name, now);
+                self.job(jobs.get(&name), name, now);
             }
-        }
-        if gone && let Some(estimates) = &mut self.estimates {
-            let (queued, running) = (&self.queued, &self.running);
-            estimates.keep_only(|name| queued.contains_key(name) || running.contains(name));
         }
     }
 
-    /// Tells the scheduler where one job stands now (`None`: it is gone); true if a gang left
-    /// the scheduler.
-    fn job(&mut self, record: Option<&JobRecord>, name: String, now: Now) -> bool {
-        let mut gone = false;
+    /// Tells the scheduler where one job stands now (`None`: it is gone). A job that leaves
+    /// the scheduler leaves the estimates too.
+    fn job(&mut self, record: Option<&JobRecord>, name: String, now: Now) {
         match record {
             Some(record) if record.allocation.is_some() => {
                 let allocation = record.allocation.as_ref().expect("matched");
                 if self.queued.remove(&name).is_some() {
                     self.scheduler.cancel(&name);
-                    gone = true;
                 }
                 let end = match (record.expected_end(), &mut self.estimates) {
                     (None, Some(estimates)) => estimates.planned_end(record, now.wall),
@@ -191,7 +184,6 @@ impl Feed {
             Some(record) if record.status.state == JobState::Queued => {
                 if self.running.remove(&name) {
                     self.scheduler.finish(&name);
-                    gone = true;
                 }
                 let is = QueuedAs::of(record);
                 if self.queued.get(&name) != Some(&is) {
@@ -209,15 +201,15 @@ impl Feed {
             _ => {
                 if self.queued.remove(&name).is_some() {
                     self.scheduler.cancel(&name);
-                    gone = true;
                 }
                 if self.running.remove(&name) {
                     self.scheduler.finish(&name);
-                    gone = true;
+                }
+                if let Some(estimates) = &mut self.estimates {
+                    estimates.forget(&name);
                 }
             }
         }
-        gone
     }
 
     /// The gangs as the scheduler was told them, worked out again from the jobs: for the debug

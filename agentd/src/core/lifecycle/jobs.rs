@@ -1,8 +1,11 @@
 //! The lifecycle's jobs, with a note of each one changed since the scheduler's feed last
 //! asked. Every change goes through [`Jobs::get_mut`], [`Jobs::insert`] or [`Jobs::remove`],
 //! which note the name, so the feed looks only at those jobs instead of every job each pass.
+//! The same notes keep the sums the lifecycle asks of every job (replicas held by unfinished
+//! jobs, finished jobs by age) up to date, each changed job counted again when one is asked.
 
-use std::collections::{BTreeMap, HashSet};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Index;
 
 use super::JobRecord;
@@ -12,7 +15,64 @@ pub struct Jobs {
     map: BTreeMap<String, JobRecord>,
     /// Inserted, removed, or handed out to be changed since [`Jobs::take_changed`].
     changed: HashSet<String>,
+    /// What each job counts for in the sums, as of the last count.
+    tallied: HashMap<String, Tally>,
+    /// Changed since the last count.
+    untallied: HashSet<String>,
+    /// Replicas of the unfinished jobs.
+    held: u64,
+    /// The finished jobs, oldest first.
+    finished: BTreeSet<(At, String)>,
 }
+
+/// What one job counts for.
+#[derive(Debug, Clone, Copy)]
+struct Tally {
+    /// Its replicas, while it is unfinished.
+    replicas: u64,
+    /// When it finished (0 if not recorded), once it has.
+    finished_at: Option<At>,
+}
+
+impl Tally {
+    fn of(record: &JobRecord) -> Self {
+        if record.is_active() {
+            Tally {
+                replicas: u64::from(record.job.total_replicas()),
+                finished_at: None,
+            }
+        } else {
+            Tally {
+                replicas: 0,
+                finished_at: Some(At(record.status.finished_at.unwrap_or(0.0))),
+            }
+        }
+    }
+}
+
+/// A finish time, ordered as `f64::total_cmp` orders it.
+#[derive(Debug, Clone, Copy)]
+struct At(f64);
+
+impl Ord for At {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl PartialOrd for At {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for At {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for At {}
 
 impl Jobs {
     pub fn map(&self) -> &BTreeMap<String, JobRecord> {
@@ -38,28 +98,69 @@ impl Jobs {
     /// The record to change; noted as changed whether or not it then is.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut JobRecord> {
         let record = self.map.get_mut(name)?;
-        if !self.changed.contains(name) {
-            self.changed.insert(name.to_owned());
-        }
+        note(&mut self.changed, &mut self.untallied, name);
         Some(record)
     }
 
     pub fn insert(&mut self, name: String, record: JobRecord) -> Option<JobRecord> {
-        self.changed.insert(name.clone());
+        note(&mut self.changed, &mut self.untallied, &name);
         self.map.insert(name, record)
     }
 
     pub fn remove(&mut self, name: &str) -> Option<JobRecord> {
         let record = self.map.remove(name)?;
-        if !self.changed.contains(name) {
-            self.changed.insert(name.to_owned());
-        }
+        note(&mut self.changed, &mut self.untallied, name);
         Some(record)
+    }
+
+    /// The replicas the unfinished jobs hold between them.
+    pub fn held_replicas(&mut self) -> u64 {
+        self.tally();
+        self.held
+    }
+
+    /// How many jobs have finished, and when the one that finished first did.
+    pub fn finished(&mut self) -> (usize, Option<f64>) {
+        self.tally();
+        (
+            self.finished.len(),
+            self.finished.first().map(|(at, _)| at.0),
+        )
+    }
+
+    /// Counts the changed jobs again.
+    fn tally(&mut self) {
+        for name in self.untallied.drain() {
+            if let Some(was) = self.tallied.remove(&name) {
+                self.held -= was.replicas;
+                if let Some(at) = was.finished_at {
+                    self.finished.remove(&(at, name.clone()));
+                }
+            }
+            let Some(record) = self.map.get(&name) else {
+                continue;
+            };
+            let now = Tally::of(record);
+            self.held += now.replicas;
+            if let Some(at) = now.finished_at {
+                self.finished.insert((at, name.clone()));
+            }
+            self.tallied.insert(name, now);
+        }
     }
 
     /// The names of the jobs changed since the last call (some may be gone).
     pub fn take_changed(&mut self) -> HashSet<String> {
         std::mem::take(&mut self.changed)
+    }
+}
+
+fn note(changed: &mut HashSet<String>, untallied: &mut HashSet<String>, name: &str) {
+    if !changed.contains(name) {
+        changed.insert(name.to_owned());
+    }
+    if !untallied.contains(name) {
+        untallied.insert(name.to_owned());
     }
 }
 
@@ -113,5 +214,36 @@ mod tests {
             ["a", "b"],
             "nothing is noted for a missing job"
         );
+    }
+
+    #[test]
+    fn the_sums_follow_every_change() {
+        let mut jobs = Jobs::default();
+        assert_eq!((jobs.held_replicas(), jobs.finished()), (0, (0, None)));
+        for name in ["a", "b", "c"] {
+            jobs.insert(name.to_owned(), record(name));
+        }
+        assert_eq!((jobs.held_replicas(), jobs.finished()), (3, (0, None)));
+
+        let finish = |jobs: &mut Jobs, name: &str, at: f64| {
+            let r = jobs.get_mut(name).expect("present");
+            r.status.state = agentd_api::jobs::JobState::Succeeded;
+            r.status.finished_at = Some(at);
+        };
+        finish(&mut jobs, "b", 20.0);
+        finish(&mut jobs, "c", 10.0);
+        assert_eq!(
+            (jobs.held_replicas(), jobs.finished()),
+            (1, (2, Some(10.0)))
+        );
+
+        jobs.remove("c");
+        assert_eq!(jobs.finished(), (1, Some(20.0)));
+        // Put back as it was (an undone turn): counted again.
+        jobs.insert("b".to_owned(), record("b"));
+        assert_eq!((jobs.held_replicas(), jobs.finished()), (2, (0, None)));
+        jobs.remove("a");
+        jobs.remove("b");
+        assert_eq!((jobs.held_replicas(), jobs.finished()), (0, (0, None)));
     }
 }

@@ -647,12 +647,7 @@ impl Lifecycle {
         owner: Owner,
         now: Now,
     ) -> Result<JobStatus, CoreError> {
-        let held: u64 = self
-            .jobs
-            .values()
-            .filter(|r| r.is_active())
-            .map(|r| u64::from(r.job.total_replicas()))
-            .sum();
+        let held = self.jobs.held_replicas();
         let wanted = held + u64::from(parsed.total_replicas());
         let most = self.settings.max_replicas_per_agent;
         if wanted > u64::from(most) {
@@ -780,6 +775,10 @@ impl Lifecycle {
             return 0;
         }
         let cutoff = now.wall - self.settings.history_retention.as_secs_f64();
+        let (count, first) = self.jobs.finished();
+        if count <= keep && first.is_none_or(|at| at >= cutoff) {
+            return 0;
+        }
         let mut finished: Vec<(f64, &str, bool)> = self
             .jobs
             .values()
