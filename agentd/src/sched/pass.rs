@@ -161,6 +161,18 @@ impl Cache {
             let need = self.need(nodes, replica);
             key.push(need);
         }
+        // The largest replica (the last of the most GPUs): its selector is the one just
+        // interned when it is a required replica, as it almost always is.
+        let named = match gang
+            .replicas
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, r)| r.resources.gpus)
+        {
+            Some((i, _)) if i < key.len() => key[i].selector,
+            Some((_, r)) => self.selector_id(nodes, &r.rule),
+            None => 0,
+        };
         key.sort_unstable_by(|a, b| b.cmp(a));
         // The count of optional replicas is part of the shape.
         key.push(Need {
@@ -169,11 +181,6 @@ impl Cache {
             mem: 0,
             selector: u32::MAX,
         });
-        let named = gang
-            .replicas
-            .iter()
-            .max_by_key(|r| r.resources.gpus)
-            .map_or(0, |r| self.selector_id(nodes, &r.rule));
         let shape = if let Some(&shape) = self.shapes.get(key.as_slice()) {
             shape
         } else {

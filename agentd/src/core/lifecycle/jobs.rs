@@ -4,7 +4,7 @@
 //! The same notes keep the sums the lifecycle asks of every job (replicas held by unfinished
 //! jobs, finished jobs by age) up to date, each changed job counted again when one is asked.
 
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Index;
 
@@ -21,8 +21,9 @@ pub struct Jobs {
     untallied: HashSet<String>,
     /// Replicas of the unfinished jobs.
     held: u64,
-    /// The finished jobs, oldest first.
-    finished: BTreeSet<(At, String)>,
+    /// The finished jobs, oldest first, those that finished at the same time by name from
+    /// last to first (so that newest first is by name).
+    finished: BTreeSet<(At, Reverse<String>)>,
 }
 
 /// What one job counts for.
@@ -128,13 +129,23 @@ impl Jobs {
         )
     }
 
+    /// The finished jobs, newest first (those that finished at the same time by name), with
+    /// when each finished.
+    pub fn finished_newest_first(&mut self) -> impl Iterator<Item = (f64, &str)> {
+        self.tally();
+        self.finished
+            .iter()
+            .rev()
+            .map(|(at, Reverse(name))| (at.0, name.as_str()))
+    }
+
     /// Counts the changed jobs again.
     fn tally(&mut self) {
         for name in self.untallied.drain() {
             if let Some(was) = self.tallied.remove(&name) {
                 self.held -= was.replicas;
                 if let Some(at) = was.finished_at {
-                    self.finished.remove(&(at, name.clone()));
+                    self.finished.remove(&(at, Reverse(name.clone())));
                 }
             }
             let Some(record) = self.map.get(&name) else {
@@ -143,7 +154,7 @@ impl Jobs {
             let now = Tally::of(record);
             self.held += now.replicas;
             if let Some(at) = now.finished_at {
-                self.finished.insert((at, name.clone()));
+                self.finished.insert((at, Reverse(name.clone())));
             }
             self.tallied.insert(name, now);
         }
@@ -236,6 +247,12 @@ mod tests {
             (jobs.held_replicas(), jobs.finished()),
             (1, (2, Some(10.0)))
         );
+
+        finish(&mut jobs, "a", 20.0);
+        let newest: Vec<(f64, &str)> = jobs.finished_newest_first().collect();
+        assert_eq!(newest, [(20.0, "a"), (20.0, "b"), (10.0, "c")]);
+        jobs.get_mut("a").expect("present").status.state = agentd_api::jobs::JobState::Running;
+        assert_eq!((jobs.held_replicas(), jobs.finished().0), (1, 2));
 
         jobs.remove("c");
         assert_eq!(jobs.finished(), (1, Some(20.0)));

@@ -779,25 +779,17 @@ impl Lifecycle {
         if count <= keep && first.is_none_or(|at| at >= cutoff) {
             return 0;
         }
-        let mut finished: Vec<(f64, &str, bool)> = self
-            .jobs
-            .values()
-            .filter(|r| r.status.state.is_finished())
-            .map(|r| {
-                let at = r.status.finished_at.unwrap_or(0.0);
-                (at, r.status.name.as_str(), holds_nothing(r))
-            })
-            .collect();
-        if finished.len() <= keep && finished.iter().all(|(at, ..)| *at >= cutoff) {
-            return 0;
-        }
         // Newest first: the first `keep` stay unless past the retention.
-        finished.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-        let leaving: Vec<String> = finished
-            .iter()
+        let leaving: Vec<String> = self
+            .jobs
+            .finished_newest_first()
             .enumerate()
-            .filter(|(i, (at, _, free))| *free && (*i >= keep || *at < cutoff))
-            .map(|(_, (_, name, _))| (*name).to_owned())
+            .filter(|(i, (at, _))| *i >= keep || *at < cutoff)
+            .map(|(_, (_, name))| name.to_owned())
+            .collect();
+        let leaving: Vec<String> = leaving
+            .into_iter()
+            .filter(|name| holds_nothing(&self.jobs[name.as_str()]))
             .collect();
         for name in &leaving {
             self.jobs.remove(name);
