@@ -28,6 +28,8 @@ AGENTD = os.path.join(RELEASE, "agentd")
 AGENTD_SHIM = os.path.join(RELEASE, "agentd-shim")
 AGENTCTL = os.path.join(RELEASE, "agentctl")
 FAKE_NVML = os.path.join(RELEASE, "libfake_nvml.so")
+# BENCH_LOG=debug: the agents log at that level (in their temporary directories).
+LOG_LEVEL = os.environ.get("BENCH_LOG", "warn")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -156,7 +158,7 @@ class Agent:
                        "gpus": [fake_gpu(i) for i in range(gpus)]}, f, indent=2)
         self.config = os.path.join(self.dir, "agentd.toml")
         with open(self.config, "w") as f:
-            f.write(f'metrics_addr = "{metrics_addr}"\nlog = "warn"\n' + config)
+            f.write(f'metrics_addr = "{metrics_addr}"\nlog = "{LOG_LEVEL}"\n' + config)
         self.log_path = os.path.join(self.dir, "agentd.log")
         self._start()
 

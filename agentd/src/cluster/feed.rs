@@ -65,6 +65,7 @@ pub fn cluster_nodes(objects: &ClusterObjects<'_>) -> (ClusterNodes, Option<Dura
         .collect();
     let next = free.iter().filter_map(|n| n.lost_in).min();
     let nodes = ClusterNodes {
+        listed: true,
         capacity: Arc::new(placement_nodes_of(&free, objects.agents)),
         lost,
     };
@@ -130,7 +131,8 @@ fn is_agentd_pod(pod: &Pod) -> bool {
 }
 
 /// Watches the cluster until `stop` turns true, and publishes its nodes on the returned channel
-/// after each change. Starts with no nodes: nothing is placed before the first lists are in.
+/// after each change. Starts unlisted ([`ClusterNodes::listed`]): the core places nothing
+/// before the first lists are in.
 /// `node_lost_grace`: `cluster.node_lost_grace`.
 pub fn spawn(
     cluster: &Cluster,

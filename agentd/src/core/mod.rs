@@ -256,6 +256,9 @@ impl CoreHandle {
 /// The cluster's nodes as the leader sees them (cluster mode).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterNodes {
+    /// Whether the first lists of the cluster's objects are in: until then the capacity is
+    /// not known (rather than none), and nothing is placed.
+    pub listed: bool,
     /// Each node's capacity less what everything but agentd's own pods requests (the core
     /// counts its gangs itself), closed where it takes no new replicas.
     pub capacity: Arc<Vec<NodeCapacity>>,
@@ -288,7 +291,25 @@ impl Nodes {
             Self::Cluster(rx) => Some(rx.clone()),
         }
     }
+
+    /// Whether the nodes are known: always for the local node; for the cluster's, once the
+    /// feed's first lists are in.
+    fn known(&self) -> bool {
+        match self {
+            Self::Local => true,
+            Self::Cluster(rx) => rx.borrow().listed,
+        }
+    }
 }
+
+/// How long a new term's submissions wait for the cluster's nodes to be listed (a fraction of
+/// a second, normally) before they are taken in all the same, to wait in the queue with the
+/// reason: a job taken in before its pass can place it costs a status write more, and a
+/// leader that cannot list the nodes must not leave its submitters without an answer.
+const NODES_LISTED_WAIT: Duration = Duration::from_secs(5);
+
+/// The reason of the jobs that wait because the leader has not listed the cluster's nodes.
+const NODES_NOT_LISTED: &str = "NodesNotListed";
 
 /// Something that happened inside the agent that the core must hear about.
 #[derive(Debug)]
@@ -330,6 +351,8 @@ pub struct Core {
     metrics: Option<Metrics>,
     /// Where the store keeps a history of finished jobs: its pruning.
     pruning: Option<finished::Pruning>,
+    /// When the core opened, on the monotonic clock.
+    opened: f64,
 }
 
 /// The channels a core is reached by: the API's handle, and the senders executors and stops
@@ -511,6 +534,7 @@ impl Core {
             queue_changes: None,
             kill_grace: config.jobs.kill_grace,
             sample_retention: config.inventory.sample_retention,
+            opened: clock.now().mono,
             clock,
             store,
             executor,
@@ -595,8 +619,7 @@ impl Core {
         let mut cluster_nodes = self.nodes.receiver();
         let mut queue_changes = self.queue_changes.take();
         loop {
-            let max_starting = self.executor.max_starting();
-            let taking_submits = self.lifecycle.in_flight() < max_starting;
+            let taking_submits = self.taking_submits();
             tokio::select! {
                 Some(command) = inputs.commands.recv() => self.command(command),
                 Some(command) = inputs.submits.recv(), if taking_submits => {
@@ -636,7 +659,7 @@ impl Core {
                     self.command(command);
                     took = true;
                 }
-                if self.lifecycle.in_flight() < max_starting
+                if self.taking_submits()
                     && let Ok(command) = inputs.submits.try_recv()
                 {
                     self.command(command);
@@ -658,6 +681,15 @@ impl Core {
             metrics.set_node_allocations([]);
         }
         self.store
+    }
+
+    /// Whether this turn takes new submissions: not while the executor has as many replicas
+    /// starting as it takes at once, nor, for a while, before the nodes are known, so that a
+    /// new leader's first submissions are placed in the turn that takes them in.
+    fn taking_submits(&self) -> bool {
+        self.lifecycle.in_flight() < self.executor.max_starting()
+            && (self.nodes.known()
+                || self.clock.now().mono - self.opened >= NODES_LISTED_WAIT.as_secs_f64())
     }
 
     /// Feeds one input to the lifecycle at the clock's time.
@@ -1122,6 +1154,7 @@ impl Core {
             }
             // A cluster node is drained through its labels (the feed closes it); this
             // machine's own drain does not stop the cluster.
+            Nodes::Cluster(_) if !self.nodes.known() => return self.wait_for_nodes(),
             Nodes::Cluster(nodes) => {
                 let mut nodes = nodes.borrow().capacity.clone();
                 // A node that refused a pod lately is closed for a while.
@@ -1174,6 +1207,35 @@ impl Core {
             inventory,
             waiting,
             placements,
+        });
+    }
+
+    /// No pass while the cluster's nodes are not listed (they are not known to be none); once
+    /// submissions are taken in regardless, the queued jobs say why they wait. The pass comes
+    /// with the nodes.
+    fn wait_for_nodes(&mut self) {
+        if self.clock.now().mono - self.opened < NODES_LISTED_WAIT.as_secs_f64() {
+            return;
+        }
+        let message: Arc<str> = Arc::from(
+            "the leader has not listed the cluster's nodes yet (see the agent's log for why); \
+             nothing is placed until it has",
+        );
+        let waiting = self
+            .lifecycle
+            .jobs()
+            .iter()
+            .filter(|(_, r)| r.status.state == JobState::Queued)
+            .map(|(name, _)| sched::Waiting {
+                gang: name.clone(),
+                reason: NODES_NOT_LISTED,
+                message: Arc::clone(&message),
+            })
+            .collect();
+        self.step(Input::Scheduled {
+            inventory: Arc::new(NodeInventory::default()),
+            waiting,
+            placements: Vec::new(),
         });
     }
 

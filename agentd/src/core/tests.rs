@@ -265,6 +265,7 @@ async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
 /// The cluster's nodes as the feed publishes them, none lost.
 fn capacity(nodes: Vec<NodeCapacity>) -> Arc<ClusterNodes> {
     Arc::new(ClusterNodes {
+        listed: true,
         capacity: Arc::new(nodes),
         lost: Vec::new(),
     })
@@ -382,6 +383,78 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
     assert_eq!(core.get("wide").expect("exists").state, JobState::Starting);
 }
 
+/// A new leader whose feed has not listed the cluster's nodes yet takes no submission and runs
+/// no pass: an empty list is not a cluster without nodes, and a job taken in before its pass
+/// can place it costs a status write more. The nodes listed, the job goes in and is placed in
+/// the same turn. A leader that cannot list them takes submissions after a while all the same,
+/// and its queued jobs say why they wait.
+#[tokio::test]
+async fn in_cluster_mode_nothing_is_taken_in_or_placed_before_the_nodes_are_listed() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let clock = ManualClock::new(1_000_000.0);
+    let (feed, nodes) = watch::channel(Arc::<ClusterNodes>::default());
+    let store = crate::store::memory::MemoryStore::default();
+    let (mut core, executor, _inputs) = open_in_memory(
+        &config(dir.path()),
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(Box::new(store.clone()), NodeInventory::default(), &clock)
+        },
+    );
+    assert!(!core.taking_submits(), "the nodes are not listed");
+
+    // Listed: the submission is taken in and placed in one turn, with one write of the job.
+    feed.send_replace(capacity(vec![
+        cluster_node("gpu-1", 4, true),
+        cluster_node("gpu-2", 4, true),
+    ]));
+    core.nodes_changed();
+    assert!(core.taking_submits());
+    let mut answer = submit(&mut core, TWO_BY_FOUR);
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    let status = core.get("wide").expect("exists");
+    assert_eq!(status.state, JobState::Starting, "{}", status.message);
+    assert_eq!(executor.take().started.len(), 2);
+    assert_eq!(
+        store.writes_of("wide"),
+        1,
+        "taken in and placed in one write"
+    );
+
+    // A leader that cannot list the nodes: submissions wait, then go in and say why.
+    let (_feed, nodes) = watch::channel(Arc::<ClusterNodes>::default());
+    let (mut core, executor, _inputs) = open_in_memory(
+        &config(dir.path()),
+        CoreParts {
+            nodes: Nodes::Cluster(nodes),
+            ..parts(
+                Box::new(crate::store::memory::MemoryStore::default()),
+                NodeInventory::default(),
+                &clock,
+            )
+        },
+    );
+    clock.advance(NODES_LISTED_WAIT.as_secs_f64() - 0.5);
+    assert!(!core.taking_submits());
+    clock.advance(0.5);
+    assert!(core.taking_submits(), "not forever");
+    let mut answer = submit(&mut core, TWO_BY_FOUR);
+    core.schedule();
+    core.commit().expect("written");
+    answer.try_recv().expect("answered").expect("accepted");
+    let status = core.get("wide").expect("exists");
+    assert_eq!(
+        (status.state, status.reason.as_str()),
+        (JobState::Queued, NODES_NOT_LISTED),
+        "not NeverFits: {}",
+        status.message
+    );
+    assert!(status.message.contains("not listed"), "{}", status.message);
+    assert!(executor.take().started.is_empty());
+}
+
 /// A node whose kubelet refused a replica's pod gets no new replicas for
 /// `cluster.node_refusal_cooldown`: the gang's restart goes to another node.
 #[tokio::test]
@@ -496,6 +569,7 @@ async fn in_cluster_mode_a_gang_on_a_lost_node_restarts_on_another_node() {
     // Lost: the gang restarts, and the restart goes to the other node.
     let seen = format!("node {lost} not Ready for 41s (NodeStatusUnknown)");
     feed.send_replace(Arc::new(ClusterNodes {
+        listed: true,
         capacity: Arc::new(vec![closed(&lost), cluster_node(other, 8, true)]),
         lost: vec![LostNode {
             name: lost.clone(),

@@ -15,6 +15,8 @@ struct Tables {
     events: Vec<Event>,
     /// The last event id given: ids are never reused, as SQLite's AUTOINCREMENT.
     last_event_id: i64,
+    /// How many times each job was written.
+    writes: BTreeMap<String, usize>,
 }
 
 /// A shared handle: the core holds one, the test another.
@@ -28,6 +30,11 @@ impl MemoryStore {
     /// Makes every write fail (`true`) or succeed again.
     pub fn fail_writes(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// How many writes of the job `name` the store took.
+    pub fn writes_of(&self, name: &str) -> usize {
+        self.lock().writes.get(name).copied().unwrap_or(0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -71,6 +78,7 @@ impl JobStore for MemoryStore {
                         .entry(name.clone())
                         .or_insert_with(|| (manifest.clone(), String::new()));
                     row.1.clone_from(status);
+                    *tables.writes.entry(name.clone()).or_default() += 1;
                 }
                 JobWrite::Delete { name } => {
                     tables.jobs.remove(name);
