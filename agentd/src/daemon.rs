@@ -513,6 +513,7 @@ fn start_cluster_core(
             .fenced_by(cluster.leadership())
             .admitting(pending.clone())
             .signing(Arc::clone(&keys));
+            let known = store.known_objects();
             let executor = crate::exec::pods::PodExecutor::new(
                 cluster.client().clone(),
                 cluster.watch_client(),
@@ -522,7 +523,8 @@ fn start_cluster_core(
                     image_pull: config.cluster.image_pull_timeout,
                 },
                 wiring.reports(),
-            );
+            )
+            .with_owners(known);
             // The term adopts what runs: it must know every agentd pod first. (Waited for
             // here, on the core's own thread, while the runtime's workers run the watch.)
             let deadline = Instant::now() + POD_LIST_BOUND;

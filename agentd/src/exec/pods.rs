@@ -31,6 +31,7 @@ use crate::job::{
     self, CLUSTER_PORT, ClusterHosts, ExitOutcome, PlatformEnd, PlatformFailure, ReplicaType,
     TFJOB_PORT_NAME, TRAINING_CONTAINER, TrainingJob,
 };
+use crate::store::kube::KnownObjects;
 
 mod stuck;
 mod watched;
@@ -107,6 +108,8 @@ struct Shared {
     synced: watch::Sender<bool>,
     /// The pods' creates and deletes, a bounded number at a time.
     requests: crate::cluster::RequestTurns,
+    /// Where the jobs' objects' uids are known without reading the objects, if anywhere.
+    owners: std::sync::OnceLock<KnownObjects>,
 }
 
 #[derive(Default)]
@@ -213,6 +216,7 @@ impl PodExecutor {
             changed: watch::channel(()).0,
             synced: watch::channel(false).0,
             requests: crate::cluster::RequestTurns::default(),
+            owners: std::sync::OnceLock::new(),
         });
         let pods = tokio::spawn(follow(shared.clone(), Api::all(watch_client.clone())));
         let on_mount = shared.clone();
@@ -235,6 +239,15 @@ impl PodExecutor {
             clock.abort_handle(),
         ];
         Self { shared, tasks }
+    }
+
+    /// Takes the uids of the jobs' objects, for their pods' owner references, from what the
+    /// job store knows: a read of each job's object less per gang.
+    #[must_use]
+    pub fn with_owners(self, known: KnownObjects) -> Self {
+        // Set once, before any launch; a second call changes nothing.
+        let _ = self.shared.owners.set(known);
+        self
     }
 
     /// Whether the pod watch has listed every agentd pod.
@@ -689,14 +702,20 @@ impl Shared {
         namespace: &str,
         job: &str,
     ) -> Result<Option<OwnerReference>, kube::Error> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), namespace, &training_job_resource());
-        let Some(object) = again_while_transient(|| self.requests.send(api.get_opt(job))).await?
-        else {
-            return Ok(None);
-        };
+        // What the job store knows, or else the object as it is.
+        let mut uid = self.owners.get().and_then(|k| k.uid(namespace, job));
+        if uid.is_none() {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), namespace, &training_job_resource());
+            let Some(object) =
+                again_while_transient(|| self.requests.send(api.get_opt(job))).await?
+            else {
+                return Ok(None);
+            };
+            uid = object.metadata.uid;
+        }
         let resource = training_job_resource();
-        Ok(object.metadata.uid.map(|uid| OwnerReference {
+        Ok(uid.map(|uid| OwnerReference {
             api_version: resource.api_version,
             kind: resource.kind,
             name: job.to_owned(),

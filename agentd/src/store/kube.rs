@@ -218,6 +218,29 @@ impl PendingObjects {
     }
 }
 
+/// What a store knows of each job's object, shared with the pod executor: the owner reference
+/// of a job's pods names the object's uid, which the store has read or written already.
+#[derive(Debug, Clone, Default)]
+pub struct KnownObjects(Arc<Mutex<BTreeMap<String, Known>>>);
+
+impl KnownObjects {
+    /// The uid of the object of job `name` in `namespace`, if the store knows it (and nobody
+    /// else deleted it).
+    pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
+        let known = self.lock();
+        let object = known.get(name)?;
+        if object.gone || object.namespace != namespace {
+            return None;
+        }
+        object.uid.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Known>> {
+        // Plain values, whole even if a holder panicked.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// Jobs as `TrainingJob` objects, events and inventory samples in the local database.
 pub struct KubeStore {
     objects: Objects,
@@ -231,7 +254,7 @@ struct Objects {
     runtime: Handle,
     bound: Duration,
     /// By job name (the core's key), every object this store has read or written.
-    known: Mutex<BTreeMap<String, Known>>,
+    known: KnownObjects,
     /// The election's view, when jobs may be written only while this agent leads.
     fence: Option<tokio::sync::watch::Receiver<Leadership>>,
     /// Objects being admitted, which the first write of their job finds.
@@ -253,7 +276,7 @@ impl KubeStore {
                 client,
                 runtime,
                 bound: REQUEST_BOUND,
-                known: Mutex::new(BTreeMap::new()),
+                known: KnownObjects::default(),
                 fence: None,
                 pending: PendingObjects::default(),
                 keys: None,
@@ -286,6 +309,11 @@ impl KubeStore {
         self
     }
 
+    /// What the store knows of the jobs' objects, as it learns it.
+    pub fn known_objects(&self) -> KnownObjects {
+        self.objects.known.clone()
+    }
+
     /// Changes how long one request may take (tests, slow API servers).
     #[must_use]
     pub fn with_request_bound(mut self, bound: Duration) -> Self {
@@ -297,7 +325,7 @@ impl KubeStore {
 impl Objects {
     /// What the store knows of each object.
     fn known(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Known>> {
-        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+        self.known.lock()
     }
 
     /// The signing key, read (or made) on first use.

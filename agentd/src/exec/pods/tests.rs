@@ -65,6 +65,7 @@ async fn start_sim_scaled(nodes: usize, scale: f64) -> Sim {
         tls: true,
         tokens: Some(Vec::new()),
         authorization: AuthorizationMode::Rbac,
+        audit_log: Some(dir.path().join("audit.jsonl")),
         ..SimConfig::default()
     })
     .await
@@ -140,6 +141,15 @@ impl Sim {
         (executor, rx)
     }
 
+    /// The requests served so far, as the audit log has them.
+    fn audit(&self) -> Vec<Value> {
+        fs_err::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     async fn pods(&self, job: &str) -> Vec<Pod> {
         let api: Api<Pod> = Api::all(self.admin.clone());
         api.list(&ListParams::default().labels(&format!("{JOB_LABEL}={job}")))
@@ -160,6 +170,11 @@ fn annotations(pairs: &[(&str, &str)]) -> Value {
 /// A TFJob of one PS (declaring `tfjob-port` 3333) and two GPU workers; `annotations` go on
 /// both templates (the simulated kubelets read them).
 fn tf_job(name: &str, annotations: &Value) -> TrainingJob {
+    job::parse(tf_job_manifest(name, annotations).as_bytes()).expect("the manifest is valid")
+}
+
+/// The manifest of [`tf_job`].
+fn tf_job_manifest(name: &str, annotations: &Value) -> String {
     let template = |port: &str| {
         json!({
             "metadata": {"labels": {"app": "mnist"}, "annotations": annotations},
@@ -184,7 +199,7 @@ fn tf_job(name: &str, annotations: &Value) -> TrainingJob {
             "Worker": {"replicas": 2, "template": template("")},
         }},
     });
-    job::parse(manifest.to_string().as_bytes()).expect("the manifest is valid")
+    manifest.to_string()
 }
 
 /// The launch of every replica of `job`, one per node (`node-0`, `node-1`, ...), each worker
@@ -404,6 +419,76 @@ async fn a_gang_runs_as_pods_on_its_nodes_behind_a_headless_service() {
     assert_eq!(spec.publish_not_ready_addresses, Some(true));
     assert_eq!(spec.selector.unwrap()[JOB_LABEL], "mnist");
     assert_eq!(service.metadata.owner_references.unwrap()[0].uid, owner_uid);
+    sim.handle.shutdown();
+}
+
+/// With the job store's knowledge of the objects, the pods' owner reference names the uid of
+/// the object the store wrote, and the executor reads no TrainingJob to learn it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_owner_is_the_object_the_job_store_wrote_with_no_read_of_it() {
+    let sim = start_sim(3).await;
+    let local = crate::store::Store::open(&sim.dir.path().join("state")).expect("a database");
+    let mut store = crate::store::kube::KubeStore::new(
+        sim.client_as("agentd-leader").await,
+        tokio::runtime::Handle::current(),
+        local,
+    )
+    .expect("a store");
+    let known = store.known_objects();
+    let manifest = tf_job_manifest("mnist", &annotations(&[(RUN_SECONDS, "1")]));
+    let write = crate::store::JobWrite::Upsert {
+        name: "mnist".to_owned(),
+        manifest: manifest.clone(),
+        status: "{}".to_owned(),
+        time: 1.0,
+        finished: None,
+        expires: None,
+    };
+    // As the core calls it: from a thread of its own, blocking.
+    tokio::task::spawn_blocking(move || {
+        crate::store::JobStore::write_batch(&mut store, &[write], &[])
+    })
+    .await
+    .expect("the write ran")
+    .expect("the object is made");
+    let object_uid = Api::<DynamicObject>::namespaced_with(
+        sim.admin.clone(),
+        "default",
+        &training_job_resource(),
+    )
+    .get("mnist")
+    .await
+    .expect("the TrainingJob exists")
+    .metadata
+    .uid
+    .expect("a uid");
+    assert_eq!(
+        known.uid("default", "mnist").as_deref(),
+        Some(object_uid.as_str())
+    );
+    assert_eq!(known.uid("other", "mnist"), None, "another namespace's job");
+
+    let (executor, mut rx) = sim.executor_as("agentd-leader").await;
+    let executor = executor.with_owners(known);
+    let job = job::parse(manifest.as_bytes()).expect("valid");
+    for spec in launches(&executor, &job, 1) {
+        executor.start(spec);
+    }
+    reports_until_ended(&mut rx, &["ps-0", "worker-0", "worker-1"]).await;
+    for pod in sim.pods("mnist").await {
+        let owner = &pod.metadata.owner_references.as_ref().expect("an owner")[0];
+        assert_eq!(owner.uid, object_uid, "{:?}", pod.metadata.name);
+    }
+    let reads: Vec<Value> = sim
+        .audit()
+        .into_iter()
+        .filter(|r| {
+            r["resource"] == "trainingjobs"
+                && r["verb"] == "get"
+                && r["user"] == "system:serviceaccount:agentd-system:agentd-leader"
+        })
+        .collect();
+    assert!(reads.is_empty(), "the object was read: {reads:?}");
     sim.handle.shutdown();
 }
 
