@@ -904,6 +904,41 @@ impl Kubelets {
         let host_ip = format!("10.0.{}.{}", node_index / 250, node_index % 250 + 1);
         let deleting_at_start = *kill.borrow();
 
+        // The first status of a pod that starts: the sandbox and containers being made.
+        let pending = |p: &mut Value| {
+            p["status"]["phase"] = json!("Pending");
+            p["status"]["hostIP"] = json!(host_ip);
+            p["status"]["hostIPs"] = json!([{"ip": host_ip}]);
+            p["status"]["startTime"] = json!(clock::now());
+            set_condition(p, "PodReadyToStartContainers", "False", "", "");
+            set_condition(p, "Initialized", "True", "", "");
+            set_condition(
+                p,
+                "Ready",
+                "False",
+                "ContainersNotReady",
+                &format!("containers with unready status: [{}]", names(&containers)),
+            );
+            set_condition(
+                p,
+                "ContainersReady",
+                "False",
+                "ContainersNotReady",
+                &format!("containers with unready status: [{}]", names(&containers)),
+            );
+            set_condition(p, "PodScheduled", "True", "", "");
+            p["status"]["containerStatuses"] = container_statuses(
+                &containers,
+                &json!({"waiting": {"reason": "ContainerCreating"}}),
+                false,
+                0,
+                None,
+            );
+        };
+        let starts = failure != Some(Failure::UnexpectedAdmissionError);
+        // Written under the admission lock when admission is on: its start time marks the pod
+        // as holding its requests, as the kubelet's first status after admitting it does.
+        let mut admitted = None;
         if !deleting_at_start && self.admission.load(std::sync::atomic::Ordering::SeqCst) {
             let refused = {
                 let _admitting = self
@@ -913,10 +948,13 @@ impl Kubelets {
                 let pod = self.store.get(&self.pod_type, ns, name)?;
                 let refused = self.does_not_fit(&pod, node);
                 if refused.is_none() {
-                    // Admitted: the start time marks it as holding its requests.
-                    self.write_status(ns, name, |p| {
-                        p["status"]["startTime"] = json!(clock::now());
-                    })?;
+                    admitted = Some(if starts {
+                        self.write_status(ns, name, pending)?
+                    } else {
+                        self.write_status(ns, name, |p| {
+                            p["status"]["startTime"] = json!(clock::now());
+                        })?
+                    });
                 }
                 refused
             };
@@ -929,7 +967,7 @@ impl Kubelets {
                 return Ok(());
             }
         }
-        if !deleting_at_start && failure == Some(Failure::UnexpectedAdmissionError) {
+        if !deleting_at_start && !starts {
             let gpus = pod
                 .pointer("/spec/containers")
                 .and_then(Value::as_array)
@@ -952,37 +990,10 @@ impl Kubelets {
             return Ok(());
         }
         if !deleting_at_start {
-            let start = clock::now();
-            let p = self.write_status(ns, name, |p| {
-                p["status"]["phase"] = json!("Pending");
-                p["status"]["hostIP"] = json!(host_ip);
-                p["status"]["hostIPs"] = json!([{"ip": host_ip}]);
-                p["status"]["startTime"] = json!(start);
-                set_condition(p, "PodReadyToStartContainers", "False", "", "");
-                set_condition(p, "Initialized", "True", "", "");
-                set_condition(
-                    p,
-                    "Ready",
-                    "False",
-                    "ContainersNotReady",
-                    &format!("containers with unready status: [{}]", names(&containers)),
-                );
-                set_condition(
-                    p,
-                    "ContainersReady",
-                    "False",
-                    "ContainersNotReady",
-                    &format!("containers with unready status: [{}]", names(&containers)),
-                );
-                set_condition(p, "PodScheduled", "True", "", "");
-                p["status"]["containerStatuses"] = container_statuses(
-                    &containers,
-                    &json!({"waiting": {"reason": "ContainerCreating"}}),
-                    false,
-                    0,
-                    None,
-                );
-            })?;
+            let p = match admitted {
+                Some(p) => p,
+                None => self.write_status(ns, name, pending)?,
+            };
             if failure == Some(Failure::FailedMount) {
                 // As the kubelet's volume manager: it retries with a back-off that doubles from
                 // half a second to 2m2s, and warns at each failure (one event, counted).
