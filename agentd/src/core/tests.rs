@@ -321,16 +321,11 @@ async fn in_cluster_mode_a_gang_is_placed_across_the_open_nodes_of_the_cluster()
         cluster_node("gpu-2", 2, true),
         cluster_node("gpu-3", 8, false),
     ]));
-    let (mut core, executor, _inputs) = open_in_memory(
+    let (mut core, executor, _inputs) = open_cluster(
         &config(dir.path()),
-        CoreParts {
-            nodes: Nodes::Cluster(nodes),
-            ..parts(
-                Box::new(crate::store::memory::MemoryStore::default()),
-                NodeInventory::default(),
-                &clock,
-            )
-        },
+        &clock,
+        Box::new(crate::store::memory::MemoryStore::default()),
+        nodes,
     );
 
     let mut answer = submit(&mut core, TWO_BY_FOUR);
@@ -394,13 +389,8 @@ async fn in_cluster_mode_nothing_is_taken_in_or_placed_before_the_nodes_are_list
     let clock = ManualClock::new(1_000_000.0);
     let (feed, nodes) = watch::channel(Arc::<ClusterNodes>::default());
     let store = crate::store::memory::MemoryStore::default();
-    let (mut core, executor, _inputs) = open_in_memory(
-        &config(dir.path()),
-        CoreParts {
-            nodes: Nodes::Cluster(nodes),
-            ..parts(Box::new(store.clone()), NodeInventory::default(), &clock)
-        },
-    );
+    let (mut core, executor, _inputs) =
+        open_cluster(&config(dir.path()), &clock, Box::new(store.clone()), nodes);
     assert!(!core.taking_submits(), "the nodes are not listed");
 
     // Listed: the submission is taken in and placed in one turn, with one write of the job.
@@ -425,16 +415,11 @@ async fn in_cluster_mode_nothing_is_taken_in_or_placed_before_the_nodes_are_list
 
     // A leader that cannot list the nodes: submissions wait, then go in and say why.
     let (_feed, nodes) = watch::channel(Arc::<ClusterNodes>::default());
-    let (mut core, executor, _inputs) = open_in_memory(
+    let (mut core, executor, _inputs) = open_cluster(
         &config(dir.path()),
-        CoreParts {
-            nodes: Nodes::Cluster(nodes),
-            ..parts(
-                Box::new(crate::store::memory::MemoryStore::default()),
-                NodeInventory::default(),
-                &clock,
-            )
-        },
+        &clock,
+        Box::new(crate::store::memory::MemoryStore::default()),
+        nodes,
     );
     clock.advance(NODES_LISTED_WAIT.as_secs_f64() - 0.5);
     assert!(!core.taking_submits());
@@ -465,16 +450,11 @@ async fn in_cluster_mode_a_gang_a_node_refused_restarts_on_another_node() {
         cluster_node("gpu-1", 8, true),
         cluster_node("gpu-2", 8, true),
     ]));
-    let (mut core, executor, mut inputs) = open_in_memory(
+    let (mut core, executor, mut inputs) = open_cluster(
         &config(dir.path()),
-        CoreParts {
-            nodes: Nodes::Cluster(nodes),
-            ..parts(
-                Box::new(crate::store::memory::MemoryStore::default()),
-                NodeInventory::default(),
-                &clock,
-            )
-        },
+        &clock,
+        Box::new(crate::store::memory::MemoryStore::default()),
+        nodes,
     );
     let mut answer = submit(&mut core, TWO_BY_FOUR);
     core.schedule();
@@ -528,16 +508,11 @@ async fn in_cluster_mode_a_gang_on_a_lost_node_restarts_on_another_node() {
         cluster_node("gpu-1", 8, true),
         cluster_node("gpu-2", 8, true),
     ]));
-    let (mut core, executor, mut inputs) = open_in_memory(
+    let (mut core, executor, mut inputs) = open_cluster(
         &config(dir.path()),
-        CoreParts {
-            nodes: Nodes::Cluster(nodes),
-            ..parts(
-                Box::new(crate::store::memory::MemoryStore::default()),
-                NodeInventory::default(),
-                &clock,
-            )
-        },
+        &clock,
+        Box::new(crate::store::memory::MemoryStore::default()),
+        nodes,
     );
     let mut answer = submit(&mut core, TWO_BY_FOUR);
     core.schedule();
@@ -655,13 +630,8 @@ async fn the_incremental_scheduler_leaves_every_job_as_the_full_pass_would() {
     // The full pass here is told the declared run times only; with estimates on, the debug
     // builds' check inside every pass compares the two passes on the estimated ones.
     config.scheduler.estimate_runtimes = false;
-    let (mut core, executor, mut inputs) = open_in_memory(
-        &config,
-        CoreParts {
-            nodes: Nodes::Cluster(receiver),
-            ..parts(Box::new(store.clone()), NodeInventory::default(), &clock)
-        },
-    );
+    let (mut core, executor, mut inputs) =
+        open_cluster(&config, &clock, Box::new(store.clone()), receiver);
     let rules = job::Admission::new(
         config.queues.keys().cloned(),
         crate::config::DEFAULT_QUEUE,
@@ -871,13 +841,14 @@ async fn logs_of_jobs_that_ran_between_two_checks_count_towards_the_bound() {
 }
 
 /// A cluster of one node with `gpus` GPUs, on `store` and the in-memory executor.
-fn one_node_cluster(
+/// Opens a core in cluster mode on `store`, the cluster's nodes from `nodes`, whose replicas go
+/// to an in-memory executor.
+fn open_cluster(
     config: &Config,
     clock: &ManualClock,
     store: Box<dyn JobStore>,
-    gpus: u32,
+    nodes: watch::Receiver<Arc<ClusterNodes>>,
 ) -> (Core, crate::exec::memory::MemoryExecutor, CoreInputs) {
-    let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", gpus, true)]));
     open_in_memory(
         config,
         CoreParts {
@@ -885,6 +856,16 @@ fn one_node_cluster(
             ..parts(store, NodeInventory::default(), clock)
         },
     )
+}
+
+fn one_node_cluster(
+    config: &Config,
+    clock: &ManualClock,
+    store: Box<dyn JobStore>,
+    gpus: u32,
+) -> (Core, crate::exec::memory::MemoryExecutor, CoreInputs) {
+    let (_feed, nodes) = watch::channel(capacity(vec![cluster_node("gpu-1", gpus, true)]));
+    open_cluster(config, clock, store, nodes)
 }
 
 /// Submits `manifest` and runs a pass; returns the replicas it started.

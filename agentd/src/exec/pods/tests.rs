@@ -141,6 +141,21 @@ impl Sim {
         (executor, rx)
     }
 
+    /// The uid of TrainingJob `name` in namespace `default`.
+    async fn training_job_uid(&self, name: &str) -> String {
+        Api::<DynamicObject>::namespaced_with(
+            self.admin.clone(),
+            "default",
+            &training_job_resource(),
+        )
+        .get(name)
+        .await
+        .expect("the TrainingJob exists")
+        .metadata
+        .uid
+        .expect("a uid")
+    }
+
     /// The requests served so far, as the audit log has them.
     fn audit(&self) -> Vec<Value> {
         fs_err::read_to_string(self.dir.path().join("audit.jsonl"))
@@ -298,17 +313,7 @@ async fn a_gang_runs_as_pods_on_its_nodes_behind_a_headless_service() {
                "metadata": {"name": "mnist", "namespace": "default"}, "spec": {}}),
     )
     .await;
-    let owner_uid = Api::<DynamicObject>::namespaced_with(
-        sim.admin.clone(),
-        "default",
-        &training_job_resource(),
-    )
-    .get("mnist")
-    .await
-    .expect("the TrainingJob exists")
-    .metadata
-    .uid
-    .expect("a uid");
+    let owner_uid = sim.training_job_uid("mnist").await;
     let (executor, mut rx) = sim.executor_as("agentd-leader").await;
     let job = tf_job(
         "mnist",
@@ -451,17 +456,7 @@ async fn the_pods_owner_is_the_object_the_job_store_wrote_with_no_read_of_it() {
     .await
     .expect("the write ran")
     .expect("the object is made");
-    let object_uid = Api::<DynamicObject>::namespaced_with(
-        sim.admin.clone(),
-        "default",
-        &training_job_resource(),
-    )
-    .get("mnist")
-    .await
-    .expect("the TrainingJob exists")
-    .metadata
-    .uid
-    .expect("a uid");
+    let object_uid = sim.training_job_uid("mnist").await;
     assert_eq!(
         known.uid("default", "mnist").as_deref(),
         Some(object_uid.as_str())
