@@ -201,7 +201,7 @@ async fn follow(
         kubelet_lease_events.boxed(),
         agent_events.boxed(),
     ]));
-    let mut said_failing = false;
+    let mut failures = Failures::default();
     let mut kubelets = KubeletWatch::default();
     // When the next silent node reaches the grace, if one will.
     let mut recheck: Option<tokio::time::Instant> = None;
@@ -232,16 +232,10 @@ async fn follow(
         match next {
             None => return,
             Some(Err(e)) => {
-                if !said_failing {
-                    tracing::warn!(
-                        "watching the cluster's nodes and pods failed ({e}); retrying with backoff"
-                    );
-                    said_failing = true;
-                }
-                cluster.count_watch_error(&e);
+                failures.failed(&cluster, &e);
                 continue;
             }
-            Some(Ok(())) => said_failing = false,
+            Some(Ok(())) => failures.heard(),
         }
         // Let the rest of a burst arrive, then compute once.
         let settle = tokio::time::sleep(SETTLE);
@@ -252,7 +246,12 @@ async fn follow(
                 more = events.next() => match more {
                     None => return,
                     Some((true, event)) => kubelets.heard(event.is_ok()),
-                    Some((false, _)) => only_kubelets = false,
+                    // A watch that fails while the others deliver is said too.
+                    Some((false, Err(e))) => failures.failed(&cluster, &e),
+                    Some((false, Ok(()))) => {
+                        only_kubelets = false;
+                        failures.heard();
+                    }
                 },
                 _ = stop.wait_for(|s| *s) => return,
             }
@@ -292,6 +291,29 @@ async fn follow(
             *published = Arc::new(computed);
             true
         });
+    }
+}
+
+/// The feed's watches failing: said once until one of them delivers again (each retry is
+/// logged by the watcher itself), and every error counted.
+#[derive(Default)]
+struct Failures {
+    said: bool,
+}
+
+impl Failures {
+    fn failed(&mut self, cluster: &Cluster, e: &watcher::Error) {
+        if !self.said {
+            tracing::warn!(
+                "watching the cluster's nodes and pods failed ({e}); retrying with backoff"
+            );
+            self.said = true;
+        }
+        cluster.count_watch_error(e);
+    }
+
+    fn heard(&mut self) {
+        self.said = false;
     }
 }
 

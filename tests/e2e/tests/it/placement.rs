@@ -1290,3 +1290,68 @@ fn fifty_jobs_all_succeed_across_a_killed_leader_and_no_pod_is_created_twice() {
         started.elapsed()
     );
 }
+
+/// A leader whose role may not list the cluster's Nodes cannot know where anything fits, and
+/// says so rather than calling a job unplaceable: a submission waits the few seconds a new
+/// leader gives its lists, is then taken in, and waits with reason `NodesNotListed`
+/// (`agentctl` and `kubectl get trainingjobs` both say it); the leader's log names the refusal.
+/// With the right given back, the job is placed and succeeds.
+#[test]
+fn a_leader_that_may_not_list_the_nodes_places_nothing_and_says_why() {
+    let sim = KubeSim::start(2, true);
+    let role_verbs = |verbs: &str| {
+        let patch = format!(r#"[{{"op": "replace", "path": "/rules/0/verbs", "value": {verbs}}}]"#);
+        let out = sim.kubectl(&[
+            "patch",
+            "clusterrole",
+            "agentd-leader",
+            "--type=json",
+            "-p",
+            &patch,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let rules = sim.get_json(&["clusterrole", "agentd-leader"]);
+    assert_eq!(
+        rules["rules"][0]["resources"][0], "nodes",
+        "the first rule is the Nodes' one: {rules}"
+    );
+    role_verbs(r#"["get", "patch"]"#);
+    let agents = agents_on(&sim, 1, 1, SETTINGS, false);
+    let leader = &agents[0];
+    sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
+
+    let (manifest, _) = gang("blind", 1, false, false, 2);
+    submit(leader, &manifest);
+    let job = leader.agent.ctl_json(&["job", "blind"]);
+    assert_eq!(
+        (job["state"].as_str(), job["reason"].as_str()),
+        (Some("Queued"), Some("NodesNotListed")),
+        "{job}"
+    );
+    let message = job["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("not listed the cluster's nodes"),
+        "{message}"
+    );
+    let object = sim.get_json(&["trainingjob", "blind"]);
+    assert_eq!(object["status"]["reason"], "NodesNotListed", "{object}");
+    let log = leader.agent.log();
+    assert!(
+        log.contains("watching the cluster's nodes and pods failed") && log.contains("403"),
+        "{log}"
+    );
+    assert!(
+        sim.live_pods(&format!("{JOB_LABEL}=blind")).is_empty(),
+        "nothing is placed"
+    );
+
+    role_verbs(r#"["get", "list", "watch", "patch"]"#);
+    sim.wait_until("the job succeeds once the Nodes are listed", WAIT, || {
+        state(leader, "blind") == "Succeeded"
+    });
+}
