@@ -524,7 +524,7 @@ fn start_cluster_core(
                 },
                 wiring.reports(),
             )
-            .with_owners(known);
+            .with_owners(Arc::new(move |namespace, job| known.uid(namespace, job)));
             // The term adopts what runs: it must know every agentd pod first. (Waited for
             // here, on the core's own thread, while the runtime's workers run the watch.)
             let deadline = Instant::now() + POD_LIST_BOUND;

@@ -31,7 +31,6 @@ use crate::job::{
     self, CLUSTER_PORT, ClusterHosts, ExitOutcome, PlatformEnd, PlatformFailure, ReplicaType,
     TFJOB_PORT_NAME, TRAINING_CONTAINER, TrainingJob,
 };
-use crate::store::kube::KnownObjects;
 
 mod stuck;
 mod watched;
@@ -109,7 +108,7 @@ struct Shared {
     /// The pods' creates and deletes, a bounded number at a time.
     requests: crate::cluster::RequestTurns,
     /// Where the jobs' objects' uids are known without reading the objects, if anywhere.
-    owners: std::sync::OnceLock<KnownObjects>,
+    owners: std::sync::OnceLock<OwnerUids>,
 }
 
 #[derive(Default)]
@@ -129,6 +128,10 @@ struct State {
     /// Ended jobs whose ended pods a restart's recovery keeps (see `keep_ended_of`).
     ended_kept: BTreeSet<String>,
 }
+
+/// The uid of the object of a job (namespace, name), where it is known without reading the
+/// object (the job store wrote or read it).
+pub type OwnerUids = Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
 
 /// A gang generation: namespace, job, generation.
 type GenerationKey = (String, String, u32);
@@ -241,12 +244,13 @@ impl PodExecutor {
         Self { shared, tasks }
     }
 
-    /// Takes the uids of the jobs' objects, for their pods' owner references, from what the
-    /// job store knows: a read of each job's object less per gang.
+    /// Takes the uids of the jobs' objects, for their pods' owner references, from `uids`
+    /// (what the job store knows): a read of each job's object less per gang. A job it does
+    /// not know is read.
     #[must_use]
-    pub fn with_owners(self, known: KnownObjects) -> Self {
+    pub fn with_owners(self, uids: OwnerUids) -> Self {
         // Set once, before any launch; a second call changes nothing.
-        let _ = self.shared.owners.set(known);
+        let _ = self.shared.owners.set(uids);
         self
     }
 
@@ -703,7 +707,7 @@ impl Shared {
         job: &str,
     ) -> Result<Option<OwnerReference>, kube::Error> {
         // What the job store knows, or else the object as it is.
-        let mut uid = self.owners.get().and_then(|k| k.uid(namespace, job));
+        let mut uid = self.owners.get().and_then(|uids| uids(namespace, job));
         if uid.is_none() {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), namespace, &training_job_resource());

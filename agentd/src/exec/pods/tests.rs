@@ -464,7 +464,7 @@ async fn the_pods_owner_is_the_object_the_job_store_wrote_with_no_read_of_it() {
     assert_eq!(known.uid("other", "mnist"), None, "another namespace's job");
 
     let (executor, mut rx) = sim.executor_as("agentd-leader").await;
-    let executor = executor.with_owners(known);
+    let executor = executor.with_owners(Arc::new(move |namespace, job| known.uid(namespace, job)));
     let job = job::parse(manifest.as_bytes()).expect("valid");
     for spec in launches(&executor, &job, 1) {
         executor.start(spec);
