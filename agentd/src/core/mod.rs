@@ -688,8 +688,12 @@ impl Core {
     /// new leader's first submissions are placed in the turn that takes them in.
     fn taking_submits(&self) -> bool {
         self.lifecycle.in_flight() < self.executor.max_starting()
-            && (self.nodes.known()
-                || self.clock.now().mono - self.opened >= NODES_LISTED_WAIT.as_secs_f64())
+            && (self.nodes.known() || self.waited_for_nodes())
+    }
+
+    /// Whether this term has waited [`NODES_LISTED_WAIT`] for the nodes to be listed.
+    fn waited_for_nodes(&self) -> bool {
+        self.clock.now().mono - self.opened >= NODES_LISTED_WAIT.as_secs_f64()
     }
 
     /// Feeds one input to the lifecycle at the clock's time.
@@ -1214,7 +1218,7 @@ impl Core {
     /// submissions are taken in regardless, the queued jobs say why they wait. The pass comes
     /// with the nodes.
     fn wait_for_nodes(&mut self) {
-        if self.clock.now().mono - self.opened < NODES_LISTED_WAIT.as_secs_f64() {
+        if !self.waited_for_nodes() {
             return;
         }
         let message: Arc<str> = Arc::from(

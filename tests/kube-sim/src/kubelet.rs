@@ -937,7 +937,8 @@ impl Kubelets {
         };
         let starts = failure != Some(Failure::UnexpectedAdmissionError);
         // Written under the admission lock when admission is on: its start time marks the pod
-        // as holding its requests, as the kubelet's first status after admitting it does.
+        // as holding its requests, as the kubelet's first status after admitting it does. A pod
+        // the device plugin then refuses holds nothing: its first status is its failure.
         let mut admitted = None;
         if !deleting_at_start && self.admission.load(std::sync::atomic::Ordering::SeqCst) {
             let refused = {
@@ -947,14 +948,8 @@ impl Kubelets {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let pod = self.store.get(&self.pod_type, ns, name)?;
                 let refused = self.does_not_fit(&pod, node);
-                if refused.is_none() {
-                    admitted = Some(if starts {
-                        self.write_status(ns, name, pending)?
-                    } else {
-                        self.write_status(ns, name, |p| {
-                            p["status"]["startTime"] = json!(clock::now());
-                        })?
-                    });
+                if refused.is_none() && starts {
+                    admitted = Some(self.write_status(ns, name, pending)?);
                 }
                 refused
             };

@@ -780,17 +780,14 @@ impl Lifecycle {
             return 0;
         }
         // Newest first: the first `keep` stay unless past the retention.
-        let leaving: Vec<String> = self
+        let mut leaving: Vec<String> = self
             .jobs
             .finished_newest_first()
             .enumerate()
             .filter(|(i, (at, _))| *i >= keep || *at < cutoff)
             .map(|(_, (_, name))| name.to_owned())
             .collect();
-        let leaving: Vec<String> = leaving
-            .into_iter()
-            .filter(|name| holds_nothing(&self.jobs[name.as_str()]))
-            .collect();
+        leaving.retain(|name| holds_nothing(&self.jobs[name.as_str()]));
         for name in &leaving {
             self.jobs.remove(name);
             self.reported.remove(name);
