@@ -50,7 +50,10 @@ pub const CANCEL_ANNOTATION: &str = "agentd.io/cancel";
 pub const REMOVE_ANNOTATION: &str = "agentd.io/remove";
 
 /// The job an object holds, as `agentctl` shows it: the status an agent wrote, or, for one
-/// not admitted yet, a queued status made from its manifest, its owner as `key` vouches.
+/// not admitted yet, a queued status made from its manifest, its owner as `key` vouches. That
+/// one lists the replicas as pending only while no type has more than the CRD allows: the
+/// object was checked by no agent, and a row per replica of `replicas: 4294967295` would take
+/// more memory than the machine has.
 pub fn status_of(object: &DynamicObject, key: Option<&SubmitterKey>) -> Option<JobStatus> {
     let name = object.metadata.name.clone()?;
     if let Some(status) =
@@ -65,15 +68,23 @@ pub fn status_of(object: &DynamicObject, key: Option<&SubmitterKey>) -> Option<J
         .map_or(0.0, |t| t.0.as_millisecond() as f64 / 1000.0);
     let mut status = match job::parse(manifest_of(object).as_bytes()) {
         Ok(parsed) => {
-            JobRecord::new(
+            let listed = parsed
+                .spec
+                .replica_specs
+                .values()
+                .all(|s| s.replicas <= job::MOST_REPLICAS_OF_A_TYPE);
+            let mut record = JobRecord::without_replicas(
                 parsed,
                 String::new(),
                 Now {
                     wall: submitted_at,
                     mono: 0.0,
                 },
-            )
-            .status
+            );
+            if listed {
+                record.status.replicas = crate::core::pending_replicas(&record.job);
+            }
+            record.status
         }
         Err(_) => JobStatus {
             name,
@@ -825,6 +836,8 @@ impl Admissions {
             return;
         }
         status.state = JobState::Failed;
+        // It was never taken in, so it has no replicas to show.
+        status.replicas.clear();
         "Invalid".clone_into(&mut status.reason);
         status.message = format!("the manifest is not valid: {problems}");
         status.finished_at = Some(

@@ -43,7 +43,7 @@ pub use clock::{Clock, ManualClock, Now, SystemClock};
 pub use lifecycle::LostNode;
 use lifecycle::{Effect, Input, Lifecycle, MetricUpdate, RequestId};
 pub use queues::QueuesInForce;
-pub use record::JobRecord;
+pub use record::{JobRecord, pending_replicas};
 
 /// The most finished jobs named to the next check of the logs' budget; past it, the check
 /// counts every log again.

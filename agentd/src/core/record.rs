@@ -111,26 +111,40 @@ fn next_serial() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Every replica of the job, pending. Call it on a job whose count was checked: it makes one row
+/// per replica, and a manifest may ask for billions.
+pub fn pending_replicas(job: &TrainingJob) -> Vec<ReplicaStatus> {
+    job::replica_names(job)
+        .into_iter()
+        .map(|(t, i)| ReplicaStatus {
+            name: job::replica_name(t, i),
+            replica_type: t.as_tf_key().to_owned(),
+            index: i,
+            state: ReplicaState::Pending,
+            node: None,
+            gpus: Vec::new(),
+            gpu_indices: Vec::new(),
+            address: None,
+            pid: None,
+            exit_code: None,
+            signal: None,
+            started_at: None,
+            finished_at: None,
+        })
+        .collect()
+}
+
 impl JobRecord {
+    /// The record of a job just taken in (validated), its replicas pending.
     pub fn new(job: TrainingJob, manifest: String, now: Now) -> Self {
-        let replicas = job::replica_names(&job)
-            .into_iter()
-            .map(|(t, i)| ReplicaStatus {
-                name: job::replica_name(t, i),
-                replica_type: t.as_tf_key().to_owned(),
-                index: i,
-                state: ReplicaState::Pending,
-                node: None,
-                gpus: Vec::new(),
-                gpu_indices: Vec::new(),
-                address: None,
-                pid: None,
-                exit_code: None,
-                signal: None,
-                started_at: None,
-                finished_at: None,
-            })
-            .collect();
+        let mut record = Self::without_replicas(job, manifest, now);
+        record.status.replicas = pending_replicas(&record.job);
+        record
+    }
+
+    /// The record of a job that was never taken in, so its status lists no replicas: a
+    /// job kept only to say why it cannot run, or one the leader has not admitted yet.
+    pub fn without_replicas(job: TrainingJob, manifest: String, now: Now) -> Self {
         let status = JobStatus {
             name: job.name.clone(),
             kind: match job.source {
@@ -153,7 +167,7 @@ impl JobRecord {
             template: agentd_api::templates::TemplateUse::from_annotations(|key| {
                 job.annotations.get(key).map(String::as_str)
             }),
-            replicas,
+            replicas: Vec::new(),
             events: Vec::new(),
         };
         Self {

@@ -278,6 +278,11 @@ impl TrainingJob {
     }
 }
 
+/// The most replicas of one type a TrainingJob object may have: the CRD's `maximum`
+/// (`packaging/kubernetes/11-crd-trainingjob.yaml`), which the API server enforces. An agent
+/// reading objects does not count on that.
+pub const MOST_REPLICAS_OF_A_TYPE: u32 = 1024;
+
 /// One problem with a manifest: where it is and what is allowed there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

@@ -435,6 +435,59 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
     );
 }
 
+/// An object past the CRD's `maximum` (which an API server enforcing an older or edited CRD,
+/// or none, lets through) costs an agent no row per replica: a follower reads and lists the
+/// job asking for 4,294,967,295 replicas before the leader has seen it, and the leader refuses
+/// it, and one of 100,000 replicas, with a status that fits in a request (a row per replica
+/// did not: 413).
+#[test]
+fn objects_asking_for_billions_of_replicas_are_read_and_refused_without_a_row_each() {
+    let cluster = Cluster::start();
+    let (store, admission) = leader_admitting(&cluster);
+    let desk = FollowerJobs::new(
+        cluster.node.clone(),
+        "node-b".to_owned(),
+        node_keys(&cluster),
+        queues(),
+    );
+    let admin = cluster.admin.clone();
+    with_core(&cluster, store, async |core| {
+        let most = manifest("most").replace("replicas: 2", "replicas: 4294967295");
+        kubectl_apply(&admin, &most).await;
+        let many = manifest("many").replace("replicas: 2", "replicas: 100000");
+        kubectl_apply(&admin, &many).await;
+        let read = get(&desk, "most").await.expect("read");
+        assert_eq!(
+            (read.state, read.reason.as_str()),
+            (JobState::Queued, "NotAdmitted")
+        );
+        assert!(read.replicas.is_empty(), "{} rows", read.replicas.len());
+        let listed = ask(&desk, |reply| Command::List {
+            queue: None,
+            state: None,
+            user: None,
+            reply,
+        })
+        .await
+        .expect("listed");
+        assert_eq!(listed.jobs.len(), 2, "{listed:?}");
+
+        let admitting = admission.start(core.clone()).await;
+        for name in ["most", "many"] {
+            let refused = object_until(&admin, name, |o| state(o).is_some()).await;
+            assert_eq!(state(&refused), Some("Failed"), "{name}");
+            assert_eq!(refused.data["status"]["reason"], json!("Invalid"), "{name}");
+            let message = refused.data["status"]["message"].as_str().expect("message");
+            assert!(
+                message.contains("spec.replicaSpecs.Worker.replicas"),
+                "{name}: {message}"
+            );
+            assert_eq!(refused.data["status"]["replicas"], json!([]), "{name}");
+        }
+        admitting.stop().await;
+    });
+}
+
 /// A cancel or removal request is carried out on the job stored in the object that asks,
 /// and no other: anyone who may create TrainingJobs in one namespace makes one of a running
 /// job's name there (refused, Invalid) and asks for its removal; the running job is untouched

@@ -1449,7 +1449,8 @@ impl Lifecycle {
         );
         let mut record = match status {
             Some(status) => JobRecord::restore(job, manifest, *status, now),
-            None => JobRecord::new(job, manifest, now),
+            // Its count was never checked against this agent's limits.
+            None => JobRecord::without_replicas(job, manifest, now),
         };
         record.mark_running_terminated();
         if !record.status.state.is_finished() {
