@@ -838,7 +838,7 @@ impl Admissions {
         status.state = JobState::Failed;
         // It was never taken in, so it has no replicas to show.
         status.replicas.clear();
-        "Invalid".clone_into(&mut status.reason);
+        crate::core::lifecycle::REFUSED_REASON.clone_into(&mut status.reason);
         status.message = format!("the manifest is not valid: {problems}");
         status.finished_at = Some(
             std::time::SystemTime::now()

@@ -1428,10 +1428,11 @@ impl Lifecycle {
         problems: &str,
         now: Now,
     ) {
-        let message = format!(
-            "{problems}; it is kept as failed: read it with `agentctl job {name}`, remove it with `agentctl cancel {name}`"
-        );
-        tracing::error!(job = name, "{message}");
+        // A job refused at admission (a TrainingJob someone applied) was never valid: its
+        // manifest not parsing is what its status already says, nothing to raise again.
+        let refused = status
+            .as_ref()
+            .is_some_and(|s| s.state == JobState::Failed && s.reason == REFUSED_REASON);
         let job = parsed.map_or_else(
             || job::TrainingJob {
                 name: name.to_owned(),
@@ -1452,6 +1453,14 @@ impl Lifecycle {
             // Its count was never checked against this agent's limits.
             None => JobRecord::without_replicas(job, manifest, now),
         };
+        if refused {
+            self.jobs.insert(name.to_owned(), record);
+            return;
+        }
+        let message = format!(
+            "{problems}; it is kept as failed: read it with `agentctl job {name}`, remove it with `agentctl cancel {name}`"
+        );
+        tracing::error!(job = name, "{message}");
         record.mark_running_terminated();
         if !record.status.state.is_finished() {
             record.finish(JobState::Failed, "Unreadable", &message, now);
@@ -1462,7 +1471,9 @@ impl Lifecycle {
     }
 }
 
-/// What an adopted gang holds: each placed replica's node, GPUs and requests.
+/// The reason of a job refused at admission: a TrainingJob object whose manifest is not valid.
+pub const REFUSED_REASON: &str = "Invalid";
+
 /// Whether a finished job holds nothing the lifecycle must still see to: it can live on disk
 /// alone.
 fn holds_nothing(r: &JobRecord) -> bool {
@@ -1475,6 +1486,7 @@ fn holds_nothing(r: &JobRecord) -> bool {
         && r.live_pgids().is_empty()
 }
 
+/// What an adopted gang holds: each placed replica's node, GPUs and requests.
 fn adopted_allocation(record: &JobRecord) -> Allocation {
     let requests: BTreeMap<String, sched::Resources> = job::gang_request(&record.job, 0.0)
         .replicas

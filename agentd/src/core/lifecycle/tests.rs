@@ -1081,6 +1081,32 @@ fn an_unreadable_job_is_kept_as_failed() {
     assert_eq!(h.life.job("broken").expect("kept").status.queue, "slow");
 }
 
+/// A TrainingJob refused at admission is stored with a manifest that does not parse; a new
+/// leader restores it as it is, with no second failure, event or write.
+#[test]
+fn a_job_refused_at_admission_is_restored_quietly() {
+    let mut h = Harness::new();
+    let mut status = stored_running(&workers("refused", 1, "Never", "{}")).status;
+    status.state = JobState::Failed;
+    REFUSED_REASON.clone_into(&mut status.reason);
+    "the manifest is not valid: spec.replicaSpecs.Worker.replicas: must be between 1 and \
+     4294967295; got -3"
+        .clone_into(&mut status.message);
+    status.replicas.clear();
+    let before = status.clone();
+    h.step(Input::Unreadable {
+        name: "refused".to_owned(),
+        manifest: "spec: {replicaSpecs: {Worker: {replicas: -3}}}".to_owned(),
+        status: Some(Box::new(status)),
+        parsed: None,
+        problems: "its manifest no longer parses (bad)".to_owned(),
+    });
+    let turn = h.turn();
+    assert!(turn.reasons().is_empty(), "{:?}", turn.reasons());
+    assert!(h.life.ready(h.now).is_empty(), "nothing to write");
+    assert_eq!(h.life.job("refused").expect("kept").status, before);
+}
+
 // Writes that fail
 
 #[test]
