@@ -269,11 +269,14 @@ fn admission_rules(
     mut queues: watch::Receiver<Arc<crate::core::QueuesInForce>>,
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<crate::job::Admission>> {
-    let base = crate::job::Admission::new(
+    let mut base = crate::job::Admission::new(
         config.queues.keys().cloned(),
         &config.jobs.default_queue,
         config.jobs.max_replicas_per_job,
     );
+    if config.mode == crate::config::Mode::Cluster {
+        base = base.for_cluster(&config.cluster.cluster_domain);
+    }
     let first = base.with_queues(&queues.borrow_and_update().definitions);
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {

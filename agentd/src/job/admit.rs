@@ -1,10 +1,12 @@
 //! Admission: everything a submitted manifest must pass before the core sees it, in one pass
-//! that reports every problem at once. Reading and the checks of [`super::validate`], then what
-//! only standalone mode needs (literal environment values, a program and a working directory
-//! that exist here, an environment the kernel can pass to a program), the agent's bounds, and the
-//! queue. The API runs it on a blocking thread; the core receives the admitted job.
+//! that reports every problem at once. Reading and the checks of [`super::validate`] for where
+//! the replicas run, what only standalone mode needs (literal environment values, a program
+//! and a working directory that exist here), an environment the kernel can pass to a program
+//! (`TF_CONFIG` included), the agent's bounds, and the queue. The API runs it on a blocking
+//! thread; the core receives the admitted job.
 //!
-//! It reads the file system (the program and the working directory) and nothing else.
+//! In standalone mode it reads the file system (the program and the working directory), and
+//! nothing else in either mode.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +18,10 @@ use agentd_api::templates::{TEMPLATE_ANNOTATION, TEMPLATE_VALUES_ANNOTATION};
 
 use super::manifest;
 use super::validate::{Target, validate_into};
-use super::{FieldError, SpecError, TrainingJob, expand};
+use super::{
+    CLUSTER_PORT, ClusterHosts, FieldError, SpecError, TrainingJob, expand, replica_names,
+    tf_config,
+};
 
 /// The longest single argument or environment entry Linux passes to a program
 /// (`MAX_ARG_STRLEN`, 32 pages).
@@ -37,6 +42,13 @@ pub struct Admission {
     pub max_replicas_per_job: u32,
     /// The `PATH` a replica gets when its environment sets none: the agent's own.
     pub path: String,
+    /// Where the replicas run. Standalone: as processes on this machine, so the program and
+    /// working directory a manifest names must be here, and every value must be literal.
+    /// Cluster: as pods, whose image holds the program and whose cluster resolves `valueFrom`.
+    pub target: Target,
+    /// Cluster mode: the DNS domain of the cluster's Services (`cluster.cluster_domain`), part
+    /// of every address in `TF_CONFIG`.
+    pub cluster_domain: String,
 }
 
 impl Admission {
@@ -51,6 +63,18 @@ impl Admission {
             default_queue: default_queue.to_owned(),
             max_replicas_per_job,
             path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+            target: Target::Standalone,
+            cluster_domain: String::new(),
+        }
+    }
+
+    /// The same rules for cluster mode, whose Services are named under `cluster_domain`.
+    #[must_use]
+    pub fn for_cluster(self, cluster_domain: &str) -> Self {
+        Self {
+            target: Target::Cluster,
+            cluster_domain: cluster_domain.to_owned(),
+            ..self
         }
     }
 }
@@ -67,8 +91,8 @@ impl Admission {
     }
 }
 
-/// Reads and checks a manifest for standalone mode. Returns the job with its queue resolved, or
-/// every problem found, each at the path the manifest wrote.
+/// Reads and checks a manifest for where `rules` run replicas. Returns the job with its queue
+/// resolved, or every problem found, each at the path the manifest wrote.
 pub fn admit(bytes: &[u8], rules: &Admission) -> Result<TrainingJob, SpecError> {
     admit_as(bytes, rules, Origin::Manifest)
 }
@@ -93,7 +117,7 @@ fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJ
     let read = manifest::read(bytes)?;
     let mut job = read.job;
     let mut errors = read.problems;
-    validate_into(&job, Target::Standalone, read.groups_complete, &mut errors);
+    validate_into(&job, rules.target, read.groups_complete, &mut errors);
     if origin == Origin::Manifest {
         // A job records the template it was made from; written by hand, the record would
         // claim a template the job never came from.
@@ -106,7 +130,8 @@ fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJ
             }
         }
     }
-    check_replica_bound(&job, rules, &mut errors);
+    let tf_config = check_replica_bound(&job, rules, &mut errors)
+        .then(|| check_tf_config(&job, rules, &mut errors));
     for (t, spec) in &job.spec.replica_specs {
         let Some(pod) = spec.template.spec.as_ref() else {
             continue;
@@ -115,9 +140,13 @@ fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJ
         let training = spec.training_container();
         for (i, container) in pod.containers.iter().enumerate() {
             let at = format!("{containers_at}[{i}]");
-            check_literal_env(container, &at, &mut errors);
-            if training.is_some_and(|c| std::ptr::eq(c, container)) {
-                check_startable(container, &at, job.total_replicas(), rules, &mut errors);
+            if rules.target == Target::Standalone {
+                check_literal_env(container, &at, &mut errors);
+            }
+            if let Some(tf_config) = tf_config
+                && training.is_some_and(|c| std::ptr::eq(c, container))
+            {
+                check_startable(container, &at, tf_config, rules, &mut errors);
             }
         }
     }
@@ -142,11 +171,12 @@ fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJ
     Ok(job)
 }
 
-fn check_replica_bound(job: &TrainingJob, rules: &Admission, errors: &mut Vec<FieldError>) {
+/// Whether the job has no more replicas than the agent runs in one job.
+fn check_replica_bound(job: &TrainingJob, rules: &Admission, errors: &mut Vec<FieldError>) -> bool {
     let max = rules.max_replicas_per_job;
     let total = job.total_replicas();
     if total <= max {
-        return;
+        return true;
     }
     let largest = job
         .spec
@@ -167,6 +197,49 @@ fn check_replica_bound(job: &TrainingJob, rules: &Admission, errors: &mut Vec<Fi
              (jobs.max_replicas_per_job in its configuration)"
         ),
     ));
+    false
+}
+
+/// `TF_CONFIG` lists every replica's address, so it grows with the gang (and, in cluster
+/// mode, with the job's name and namespace): it must fit in one environment variable. Returns
+/// the longest value any replica gets, measured on the addresses the job will have (the
+/// highest port in standalone mode, where ports are chosen at start).
+fn check_tf_config(job: &TrainingJob, rules: &Admission, errors: &mut Vec<FieldError>) -> usize {
+    let hosts = match rules.target {
+        Target::Standalone => ClusterHosts::standalone(
+            replica_names(job)
+                .into_iter()
+                .map(|replica| (replica, u16::MAX)),
+        ),
+        Target::Cluster => ClusterHosts::cluster(job, &rules.cluster_domain, CLUSTER_PORT),
+    };
+    // Replicas differ only in their own index; the highest is the longest.
+    let longest = job
+        .spec
+        .replica_specs
+        .iter()
+        .filter_map(|(&t, spec)| tf_config(job, &hosts, (t, spec.replicas.checked_sub(1)?)))
+        .map(|value| value.len())
+        .max()
+        .unwrap_or(0);
+    let entry = "TF_CONFIG=".len() + longest;
+    if entry >= MAX_ARG_STRLEN {
+        errors.push(FieldError::new(
+            format!("spec.{}", job.source.replica_specs_key()),
+            format!(
+                "TF_CONFIG, which lists the address of each of the job's {} replicas, would be \
+                 {entry} bytes; a program can be given at most {} bytes in one environment \
+                 variable; use fewer replicas{}",
+                job.total_replicas(),
+                MAX_ARG_STRLEN - 1,
+                match rules.target {
+                    Target::Standalone => "",
+                    Target::Cluster => ", or a shorter job name or namespace",
+                }
+            ),
+        ));
+    }
+    longest
 }
 
 /// Standalone mode has no cluster to resolve a value from a Secret, a ConfigMap or a field.
@@ -194,7 +267,7 @@ fn check_literal_env(container: &Container, at: &str, errors: &mut Vec<FieldErro
 fn check_startable(
     container: &Container,
     at: &str,
-    total_replicas: u32,
+    tf_config: usize,
     rules: &Admission,
     errors: &mut Vec<FieldError>,
 ) {
@@ -238,7 +311,9 @@ fn check_startable(
         let value = expand(value, |name| env.get(name).map(String::as_str));
         env.insert(e.name.clone(), value);
     }
-    let working_dir = container.working_dir.as_deref();
+    // In cluster mode the directory and program are the image's, not this machine's.
+    let local = rules.target == Target::Standalone;
+    let working_dir = container.working_dir.as_deref().filter(|_| local);
     let mut usable_dir = None;
     if let Some(dir) = working_dir {
         let field = format!("{at}.workingDir");
@@ -271,10 +346,10 @@ fn check_startable(
         .chain(args)
         .map(|a| expand(a, lookup))
         .collect();
-    if let Some(program) = argv.first() {
+    if let Some(program) = argv.first().filter(|_| local) {
         check_program(program, &env, usable_dir.as_deref(), rules, at, errors);
     }
-    check_exec_size(&argv, &env, total_replicas, at, errors);
+    check_exec_size(&argv, &env, tf_config, at, errors);
 }
 
 /// The program exists here and can be run, found as the executor finds it: a name with a `/`
@@ -358,7 +433,7 @@ pub(crate) fn is_executable_file(path: &Path) -> bool {
 fn check_exec_size(
     argv: &[String],
     env: &BTreeMap<String, String>,
-    total_replicas: u32,
+    tf_config: usize,
     at: &str,
     errors: &mut Vec<FieldError>,
 ) {
@@ -392,16 +467,15 @@ fn check_exec_size(
         }
         total += entry(len);
     }
-    // TF_CONFIG lists every replica's `host:port`.
-    total += ADDED_ENV_BYTES + 40 * total_replicas as usize;
+    total += ADDED_ENV_BYTES + entry("TF_CONFIG=".len() + tf_config);
     let arg_max = arg_max();
     if total > arg_max {
         errors.push(FieldError::new(
             at,
             format!(
                 "the command line and environment come to about {total} bytes with what agentd \
-                 adds; this machine starts a program with at most {arg_max}; pass large values \
-                 in a file"
+                 adds (TF_CONFIG included); a program is started with at most {arg_max} \
+                 (ARG_MAX on this machine); pass large values in a file"
             ),
         ));
     }

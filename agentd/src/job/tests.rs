@@ -1236,6 +1236,8 @@ fn rules() -> Admission {
         default_queue: "fast".to_owned(),
         max_replicas_per_job: 64,
         path: "/usr/bin:/bin".to_owned(),
+        target: Target::Standalone,
+        cluster_domain: String::new(),
     }
 }
 
@@ -1426,6 +1428,69 @@ fn env_from_is_refused_in_standalone_mode() {
         )
         .contains("not supported in standalone mode"),
         "{err}"
+    );
+}
+
+/// In cluster mode the replicas are pods: the program, working directory and entrypoint are
+/// the image's, and the cluster resolves `valueFrom` and `envFrom`; none of that is looked for
+/// on the machine that admits the job. What no container could start with is still refused.
+#[test]
+fn in_cluster_mode_the_image_and_the_cluster_supply_what_standalone_needs_here() {
+    let cluster = rules().for_cluster("cluster.local");
+    let container = "{name: tensorflow, image: registry.example.com/trainer:1.4, \
+         command: [/opt/trainer/bin/train], workingDir: /opt/trainer, \
+         env: [{name: KEY, valueFrom: {secretKeyRef: {name: wandb, key: key}}}], \
+         envFrom: [{configMapRef: {name: settings}}]}";
+    let text = tfjob_with_container(container);
+    admit(text.as_bytes(), &cluster).expect("admitted for the cluster");
+    let refused = fields(admit_str(&text));
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    let entrypoint = tfjob_with_container("{name: tensorflow, image: trainer:1.4}");
+    admit(entrypoint.as_bytes(), &cluster).expect("the image's entrypoint");
+    assert!(
+        fields(admit_str(&entrypoint))
+            .iter()
+            .any(|f| f.ends_with("containers[0].command")),
+        "standalone needs a command"
+    );
+    let nul = tfjob_with_container("{name: tensorflow, image: t, args: [\"a\\0b\"]}");
+    assert_eq!(
+        fields(admit(nul.as_bytes(), &cluster)),
+        ["spec.tfReplicaSpecs.Worker.template.spec.containers[0].args[0]"]
+    );
+}
+
+/// `TF_CONFIG` lists every replica's address: in cluster mode a pod's address carries the
+/// job's name twice and its namespace, so a large gang with long names cannot be given it in
+/// one environment variable, and is refused before it is placed; the same gang with short
+/// names is admitted.
+#[test]
+fn a_tf_config_too_long_for_one_environment_variable_is_refused() {
+    let cluster = Admission {
+        max_replicas_per_job: 1024,
+        ..rules().for_cluster("cluster.local")
+    };
+    let job = |name: &str, namespace: &str| {
+        format!(
+            "apiVersion: agentd.io/v1alpha1\nkind: TrainingJob\nmetadata: {{name: {name}, \
+             namespace: {namespace}}}\nspec:\n  replicaSpecs:\n    Worker:\n      replicas: \
+             1024\n      template:\n        spec:\n          containers: [{{name: tensorflow, \
+             image: t}}]\n"
+        )
+    };
+    admit(job("mnist", "default").as_bytes(), &cluster).expect("short names fit");
+    let long = job(&"n".repeat(40), &format!("{}x", "team-".repeat(8)));
+    let err = admit(long.as_bytes(), &cluster).unwrap_err();
+    assert_eq!(fields(Err::<(), _>(err.clone())), ["spec.replicaSpecs"]);
+    let message = message_for(&err, "spec.replicaSpecs");
+    assert!(
+        message.contains("TF_CONFIG, which lists the address of each of the job's 1024 replicas"),
+        "{message}"
+    );
+    assert!(message.contains("at most 131071 bytes"), "{message}");
+    assert!(
+        message.contains("shorter job name or namespace"),
+        "{message}"
     );
 }
 

@@ -46,11 +46,14 @@ fn ada() -> Owner {
 }
 
 fn rules() -> watch::Receiver<Arc<Admission>> {
-    watch::channel(Arc::new(Admission::new(
-        crate::config::default_queues().into_keys(),
-        crate::config::DEFAULT_QUEUE,
-        crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
-    )))
+    watch::channel(Arc::new(
+        Admission::new(
+            crate::config::default_queues().into_keys(),
+            crate::config::DEFAULT_QUEUE,
+            crate::config::DEFAULT_MAX_REPLICAS_PER_JOB,
+        )
+        .for_cluster("cluster.local"),
+    ))
     .1
 }
 
