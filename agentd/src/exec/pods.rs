@@ -51,6 +51,15 @@ pub const GENERATION_LABEL: &str = "agentd.io/generation";
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// The device plugin decides which GPUs a container sees: this is never passed on.
 const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+/// What agentd sets in a pod's training container, over any variable of the same name the
+/// template has (as in standalone mode). The template's own variables stay as written: the
+/// cluster resolves `valueFrom` and expands `$(VAR)`.
+const AGENTD_VARIABLES: [&str; 4] = [
+    "TF_CONFIG",
+    "AGENTD_JOB",
+    "AGENTD_REPLICA",
+    "AGENTD_GENERATION",
+];
 
 /// How long after a stop's grace the pods that are still there are deleted at once (grace
 /// period 0): long enough for a kubelet that stopped its containers in time to remove the pod
@@ -1145,16 +1154,16 @@ fn replica_pod(
         })?;
     let container = &mut pod_spec.containers[training];
     let env = container.env.get_or_insert_with(Vec::new);
-    for (name, value) in &spec.env {
-        if name == CUDA_VISIBLE_DEVICES {
+    for name in AGENTD_VARIABLES {
+        let Some(value) = spec.env.get(name) else {
             continue;
-        }
+        };
         let var = EnvVar {
-            name: name.clone(),
+            name: name.to_owned(),
             value: Some(value.clone()),
             value_from: None,
         };
-        match env.iter_mut().find(|e| &e.name == name) {
+        match env.iter_mut().find(|e| e.name == name) {
             Some(existing) => *existing = var,
             None => env.push(var),
         }

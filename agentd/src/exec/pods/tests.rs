@@ -199,7 +199,9 @@ fn tf_job_manifest(name: &str, annotations: &Value) -> String {
                     "name": "tensorflow",
                     "image": "tensorflow/tensorflow:2.16.1",
                     "command": ["python", "/train.py"],
-                    "env": [{"name": "MODEL_DIR", "value": "/models"}, {"name": "TF_CONFIG", "value": "stale"}],
+                    "env": [{"name": "MODEL_DIR", "value": "/models"}, {"name": "TF_CONFIG", "value": "stale"},
+                            {"name": "OUT", "value": "$(MODEL_DIR)/out"},
+                            {"name": "WANDB_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}}],
                     "ports": if port.is_empty() { json!([]) } else { json!([{"name": "tfjob-port", "containerPort": 3333}]) },
                 }],
             },
@@ -218,19 +220,36 @@ fn tf_job_manifest(name: &str, annotations: &Value) -> String {
 }
 
 /// The launch of every replica of `job`, one per node (`node-0`, `node-1`, ...), each worker
-/// with 2 GPUs, with `TF_CONFIG` from the executor's addresses.
+/// with 2 GPUs, with the environment the lifecycle gives it (`TF_CONFIG` from the executor's
+/// addresses).
 fn launches(executor: &PodExecutor, job: &TrainingJob, generation: u32) -> Vec<LaunchSpec> {
     let hosts = executor.addresses(job).expect("addresses");
+    let mut record = crate::core::JobRecord::new(
+        job.clone(),
+        String::new(),
+        crate::core::Now {
+            wall: 0.0,
+            mono: 0.0,
+        },
+    );
+    record.status.generation = generation;
+    let mut envs: BTreeMap<String, BTreeMap<String, String>> = record
+        .launch_specs(
+            Path::new("/"),
+            &agentd_api::NodeInventory::default(),
+            &hosts,
+        )
+        .expect("launch specs")
+        .into_iter()
+        .map(|spec| (spec.replica, spec.env))
+        .collect();
     job::replica_names(job)
         .into_iter()
         .enumerate()
         .map(|(n, (t, index))| {
-            let mut env = BTreeMap::new();
-            env.insert(
-                "TF_CONFIG".to_owned(),
-                job::tf_config(job, &hosts, (t, index)).expect("a TF_CONFIG"),
-            );
-            env.insert("AGENTD_JOB".to_owned(), job.name.clone());
+            let mut env = envs
+                .remove(&job::replica_name(t, index))
+                .expect("the replica's environment");
             env.insert(CUDA_VISIBLE_DEVICES.to_owned(), "0,1".to_owned());
             let gpus = if t == ReplicaType::Worker { 2 } else { 0 };
             LaunchSpec {
@@ -384,6 +403,18 @@ async fn a_gang_runs_as_pods_on_its_nodes_behind_a_headless_service() {
         );
         let env = env_of(pod);
         assert_eq!(env["MODEL_DIR"], "/models");
+        assert_eq!(env["OUT"], "$(MODEL_DIR)/out", "the cluster expands it");
+        let secret = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "WANDB_KEY")
+            .expect("the template's variable");
+        assert_eq!(
+            (secret.value.as_deref(), secret.value_from.is_some()),
+            (None, true),
+            "the cluster resolves it"
+        );
         assert_eq!(env["AGENTD_JOB"], "mnist");
         assert!(
             !env.contains_key(CUDA_VISIBLE_DEVICES),
