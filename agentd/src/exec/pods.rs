@@ -49,11 +49,10 @@ pub const GENERATION_LABEL: &str = "agentd.io/generation";
 
 /// The device plugin's GPU resource.
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// The device plugin decides which GPUs a container sees: this is never passed on.
-const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 /// What agentd sets in a pod's training container, over any variable of the same name the
 /// template has (as in standalone mode). The template's own variables stay as written: the
-/// cluster resolves `valueFrom` and expands `$(VAR)`.
+/// cluster resolves `valueFrom` and expands `$(VAR)`. `CUDA_VISIBLE_DEVICES` is never passed
+/// on: the device plugin decides which GPUs a container sees.
 const AGENTD_VARIABLES: [&str; 4] = [
     "TF_CONFIG",
     "AGENTD_JOB",

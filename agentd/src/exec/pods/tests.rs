@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::*;
+
+/// What a local replica is told of its GPUs; a pod never is.
+const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 use crate::job::{RestartDecision, RestartPolicy, restart_decision};
 
 /// Cluster time runs this much faster: an image pull (1 s) takes 50 ms.
