@@ -130,8 +130,13 @@ fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJ
             }
         }
     }
-    let tf_config = check_replica_bound(&job, rules, &mut errors)
-        .then(|| check_tf_config(&job, rules, &mut errors));
+    // Past the bound, TF_CONFIG is not built (a manifest may ask for billions of replicas);
+    // the job is refused already, and the other checks still say what else is wrong.
+    let tf_config = if check_replica_bound(&job, rules, &mut errors) {
+        check_tf_config(&job, rules, &mut errors)
+    } else {
+        0
+    };
     for (t, spec) in &job.spec.replica_specs {
         let Some(pod) = spec.template.spec.as_ref() else {
             continue;
@@ -143,9 +148,7 @@ fn admit_as(bytes: &[u8], rules: &Admission, origin: Origin) -> Result<TrainingJ
             if rules.target == Target::Standalone {
                 check_literal_env(container, &at, &mut errors);
             }
-            if let Some(tf_config) = tf_config
-                && training.is_some_and(|c| std::ptr::eq(c, container))
-            {
+            if training.is_some_and(|c| std::ptr::eq(c, container)) {
                 check_startable(container, &at, tf_config, rules, &mut errors);
             }
         }
