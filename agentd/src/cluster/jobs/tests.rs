@@ -146,6 +146,16 @@ fn leading() -> Leadership {
     }
 }
 
+/// The job desk of the agent on node-b, a follower.
+fn follower_desk(cluster: &Cluster) -> Arc<FollowerJobs> {
+    FollowerJobs::new(
+        cluster.node.clone(),
+        "node-b".to_owned(),
+        node_keys(cluster),
+        queues(),
+    )
+}
+
 /// Asks the follower's desk, as the API's handle would.
 async fn ask<T>(
     desk: &Arc<FollowerJobs>,
@@ -248,12 +258,7 @@ fn state(object: &DynamicObject) -> Option<&str> {
 #[test]
 fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
     let cluster = Cluster::start();
-    let desk = FollowerJobs::new(
-        cluster.node.clone(),
-        "node-b".to_owned(),
-        node_keys(&cluster),
-        queues(),
-    );
+    let desk = follower_desk(&cluster);
     cluster.rt.block_on(async {
         let early = submit(&desk, &manifest("mnist"))
             .await
@@ -340,12 +345,7 @@ fn a_follower_submits_reads_lists_and_cancels_from_the_objects() {
 fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
     let cluster = Cluster::start();
     let (store, admission) = leader_admitting(&cluster);
-    let desk = FollowerJobs::new(
-        cluster.node.clone(),
-        "node-b".to_owned(),
-        node_keys(&cluster),
-        queues(),
-    );
+    let desk = follower_desk(&cluster);
     let admin = cluster.admin.clone();
     let follower_uid = with_core(&cluster, store, async |core| {
         let admitting = admission.start(core.clone()).await;
@@ -447,12 +447,7 @@ fn the_leader_admits_objects_it_did_not_create_and_cancels_on_request() {
 fn objects_asking_for_billions_of_replicas_are_read_and_refused_without_a_row_each() {
     let cluster = Cluster::start();
     let (store, admission) = leader_admitting(&cluster);
-    let desk = FollowerJobs::new(
-        cluster.node.clone(),
-        "node-b".to_owned(),
-        node_keys(&cluster),
-        queues(),
-    );
+    let desk = follower_desk(&cluster);
     let admin = cluster.admin.clone();
     with_core(&cluster, store, async |core| {
         let most = manifest("most").replace("replicas: 2", "replicas: 4294967295");
@@ -500,12 +495,7 @@ fn a_request_on_another_namespaces_object_of_the_same_name_touches_only_that_obj
     let cluster = Cluster::start();
     cluster.create_namespace("other");
     let (store, admission) = leader_admitting(&cluster);
-    let desk = FollowerJobs::new(
-        cluster.node.clone(),
-        "node-b".to_owned(),
-        node_keys(&cluster),
-        queues(),
-    );
+    let desk = follower_desk(&cluster);
     let admin = cluster.admin.clone();
     with_core(&cluster, store, async |core| {
         let admitting = admission.start(core.clone()).await;
