@@ -170,7 +170,8 @@ pub struct ClusterConfig {
     /// standalone mode (false).
     pub place_jobs: bool,
     /// How long a replica's pod may wait for its volumes to mount before the job fails with
-    /// `VolumeMountFailed`.
+    /// `VolumeMountFailed`, or for a Secret or ConfigMap its environment names before it fails
+    /// with `ContainerConfigFailed`.
     #[serde(with = "duration_text")]
     pub mount_timeout: Duration,
     /// How long a replica's pod may fail to pull its image before the job fails with

@@ -172,7 +172,7 @@ impl Metrics {
         registry.register(
             "agentd_job_failures",
             "Replica failures by class: OOMKilled, and in cluster mode what the platform did \
-             (VolumeMountFailed, ImagePullFailed, Evicted, NodeRefused, NodeLost)",
+             (VolumeMountFailed, ImagePullFailed, ContainerConfigFailed, Evicted, NodeRefused, NodeLost)",
             job_failures.clone(),
         );
         registry.register(

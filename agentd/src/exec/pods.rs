@@ -377,9 +377,14 @@ impl Shared {
                     });
                     let waiting = stuck::waiting_on(pod, mount.map(|(message, _)| message));
                     let since = match (&waiting, mount) {
-                        (Some((PlatformFailure::ImagePullFailed, _)), _) => {
-                            stuck::started(pod, k8s_openapi::jiff::Timestamp::now(), now)
-                        }
+                        (
+                            Some((
+                                PlatformFailure::ImagePullFailed
+                                | PlatformFailure::ContainerConfigFailed,
+                                _,
+                            )),
+                            _,
+                        ) => stuck::started(pod, k8s_openapi::jiff::Timestamp::now(), now),
                         (_, Some((_, first))) => first,
                         _ => now,
                     };

@@ -55,6 +55,10 @@ pub enum PlatformFailure {
     VolumeMountFailed,
     /// Its image could not be pulled within `cluster.image_pull_timeout`.
     ImagePullFailed,
+    /// A container of its pod was not created within `cluster.mount_timeout` because its
+    /// environment names a Secret or ConfigMap, or a key of one, that does not exist (the
+    /// kubelet's `CreateContainerConfigError`): another node or a restart does not make it.
+    ContainerConfigFailed,
     /// Its pod was evicted or preempted by the node.
     Evicted,
     /// The node's kubelet refused the pod at admission (`UnexpectedAdmissionError`,
@@ -68,9 +72,10 @@ pub enum PlatformFailure {
 }
 
 impl PlatformFailure {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::VolumeMountFailed,
         Self::ImagePullFailed,
+        Self::ContainerConfigFailed,
         Self::Evicted,
         Self::NodeRefused,
         Self::NodeLost,
@@ -80,6 +85,7 @@ impl PlatformFailure {
     pub fn reason(self) -> &'static str {
         match self {
             Self::VolumeMountFailed => "VolumeMountFailed",
+            Self::ContainerConfigFailed => "ContainerConfigFailed",
             Self::ImagePullFailed => "ImagePullFailed",
             Self::Evicted => "Evicted",
             Self::NodeRefused => "NodeRefused",
@@ -91,7 +97,10 @@ impl PlatformFailure {
     /// Otherwise the gang restarts, counted against `backoffLimit`, under every restart policy
     /// (an eviction or a refusal is not the program's verdict, so `Never` does not apply).
     pub fn fails_job(self) -> bool {
-        matches!(self, Self::VolumeMountFailed | Self::ImagePullFailed)
+        matches!(
+            self,
+            Self::VolumeMountFailed | Self::ImagePullFailed | Self::ContainerConfigFailed
+        )
     }
 
     /// The class of a pod that failed as a whole (`status.reason`), if it is one of these.

@@ -35,6 +35,9 @@ const NODE_GRACE: Duration = Duration::from_secs(40);
 const HEARTBEAT: Duration = Duration::from_secs(10);
 /// The longest the kubelet waits before it retries a volume mount that failed.
 const MOUNT_BACKOFF_MAX: Duration = Duration::from_secs(122);
+/// How often a pod whose container's configuration is missing is tried again (its pod
+/// worker's resync).
+const CONFIG_RETRY: Duration = Duration::from_secs(10);
 
 /// The failure classes a pod can be told to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1056,8 +1059,26 @@ impl Kubelets {
                     backoff = (backoff * 2).min(Duration::from_mins(5));
                 }
             }
-            for (c, image) in &containers {
+            for (_, image) in &containers {
                 self.event(&p, "Normal", "Pulled", &format!("Successfully pulled image \"{image}\" in 1s (1s including waiting). Image size: 4269990 bytes."), node);
+            }
+            // As the kubelet's pod worker: a container whose environment names a Secret or
+            // ConfigMap (or a key of one) that does not exist is not created; the pod waits,
+            // retried at each sync, until it appears.
+            let mut said = None;
+            while let Some(message) = self.missing_config(&p) {
+                self.event(&p, "Warning", "Failed", &format!("Error: {message}"), node);
+                if said.as_ref() != Some(&message) {
+                    let _ = self.write_status(ns, name, |p| {
+                        p["status"]["containerStatuses"] = container_statuses(&containers, &json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}), false, 0, None);
+                    });
+                    said = Some(message);
+                }
+                if self.sleep_or_killed(CONFIG_RETRY, &mut kill).await {
+                    return self.kill_pod(ns, name, node, &containers).await;
+                }
+            }
+            for (c, _) in &containers {
                 self.event(
                     &p,
                     "Normal",
@@ -1278,6 +1299,72 @@ impl Kubelets {
         };
         self.store.delete(&self.pod_type, ns, name, &opts)?;
         Ok(())
+    }
+}
+
+impl Kubelets {
+    /// What the kubelet cannot make a container's environment from, as it says it (the
+    /// message of `CreateContainerConfigError`): a Secret or ConfigMap that a container's
+    /// `env[].valueFrom` or `envFrom` names and that does not exist, or a key it names that the
+    /// object lacks, unless the reference is `optional`.
+    fn missing_config(&self, pod: &Value) -> Option<String> {
+        let ns = s(pod, "/metadata/namespace");
+        let spec = pod.get("spec")?;
+        let containers = ["initContainers", "containers"]
+            .iter()
+            .filter_map(|k| spec.get(*k).and_then(Value::as_array))
+            .flatten();
+        for c in containers {
+            let refs = c
+                .get("env")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let from = e.get("valueFrom")?;
+                    [
+                        ("secretKeyRef", "secrets"),
+                        ("configMapKeyRef", "configmaps"),
+                    ]
+                    .iter()
+                    .find_map(|(k, plural)| Some((*plural, from.get(*k)?, true)))
+                })
+                .chain(
+                    c.get("envFrom")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|f| {
+                            [("secretRef", "secrets"), ("configMapRef", "configmaps")]
+                                .iter()
+                                .find_map(|(k, plural)| Some((*plural, f.get(*k)?, false)))
+                        }),
+                );
+            for (plural, r, keyed) in refs {
+                if r.get("optional").and_then(Value::as_bool) == Some(true) {
+                    continue;
+                }
+                let (kind, short) = if plural == "secrets" {
+                    ("Secret", "secret")
+                } else {
+                    ("ConfigMap", "configmap")
+                };
+                let object = s(r, "/name");
+                let found = self
+                    .store
+                    .resource_type("", "v1", plural)
+                    .and_then(|t| self.store.get(&t, ns, object).ok());
+                let Some(found) = found else {
+                    return Some(format!("{short} {object:?} not found"));
+                };
+                let key = s(r, "/key");
+                let has = |field: &str| found.get(field).and_then(|d| d.get(key)).is_some();
+                if keyed && !has("data") && !has("stringData") && !has("binaryData") {
+                    return Some(format!("couldn't find key {key} in {kind} {ns}/{object}"));
+                }
+            }
+        }
+        None
     }
 }
 

@@ -1,13 +1,16 @@
 //! Pods that wait for something that may never come: an image that cannot be pulled, volumes
-//! that do not mount. Kubernetes retries both for ever; a gang whose pod waits so holds its
-//! nodes and never runs. Each such wait is timed from when it was first seen, and a pod still
-//! waiting past its time (`cluster.image_pull_timeout`, `cluster.mount_timeout`) ends its
-//! replica as a [`PlatformFailure`], quoting what Kubernetes said.
+//! that do not mount, a Secret or ConfigMap that a container's environment names and that does
+//! not exist. Kubernetes retries all three for ever; a gang whose pod waits so holds its nodes
+//! and never runs. Each such wait is timed from when it was first seen, and a pod still waiting
+//! past its time (`cluster.image_pull_timeout`; `cluster.mount_timeout` for volumes and for
+//! Secrets and ConfigMaps) ends its replica as a [`PlatformFailure`], quoting what Kubernetes
+//! said.
 //!
 //! An image pull shows in the pod's status (one of its containers, init containers included,
-//! waits with `ErrImagePull` or `ImagePullBackOff`); a mount does not (the container waits with
-//! `ContainerCreating`, as every starting container does), so mount failures come from the
-//! kubelet's `FailedMount` events, watched with a field selector.
+//! waits with `ErrImagePull` or `ImagePullBackOff`), and so does a missing Secret or ConfigMap
+//! (`CreateContainerConfigError`); both are timed from the pod's start. A mount does not show
+//! there (the container waits with `ContainerCreating`, as every starting container does), so
+//! mount failures come from the kubelet's `FailedMount` events, watched with a field selector.
 //!
 //! Only warnings seen lately count. The kubelet retries a mount that fails with a back-off
 //! that doubles from half a second to about two minutes, and warns at each failure (one event,
@@ -70,7 +73,9 @@ impl PodTimeouts {
 
     fn of(&self, failure: PlatformFailure) -> Duration {
         match failure {
-            PlatformFailure::VolumeMountFailed => self.mount,
+            PlatformFailure::VolumeMountFailed | PlatformFailure::ContainerConfigFailed => {
+                self.mount
+            }
             _ => self.image_pull,
         }
     }
@@ -100,6 +105,10 @@ impl Stuck {
             PlatformFailure::VolumeMountFailed => {
                 ("its volumes did not mount", "cluster.mount_timeout")
             }
+            PlatformFailure::ContainerConfigFailed => (
+                "its container could not be made from its Secrets and ConfigMaps",
+                "cluster.mount_timeout",
+            ),
             _ => ("its image was not pulled", "cluster.image_pull_timeout"),
         };
         format!(
@@ -156,11 +165,38 @@ pub(super) fn waiting_on(
             .to_owned();
         return Some((PlatformFailure::ImagePullFailed, message));
     }
+    if let Some((c, said)) = config_missing(pod) {
+        let whose = if c == TRAINING_CONTAINER {
+            String::new()
+        } else {
+            format!("container {c}: ")
+        };
+        return Some((
+            PlatformFailure::ContainerConfigFailed,
+            format!("{whose}CreateContainerConfigError: {said}"),
+        ));
+    }
     let mount = mount.filter(|_| !volumes_mounted(pod))?;
     Some((
         PlatformFailure::VolumeMountFailed,
         format!("FailedMount: {mount}"),
     ))
+}
+
+/// A container that waits because its environment names a Secret or ConfigMap (or a key of
+/// one) that does not exist: its name and the kubelet's words (`secret "x" not found`).
+fn config_missing(pod: &WatchedPod) -> Option<(&str, &str)> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .chain(&status.container_statuses)
+        .flatten()
+        .find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            (waiting.reason.as_deref() == Some("CreateContainerConfigError"))
+                .then(|| (c.name.as_str(), waiting.message.as_deref().unwrap_or("")))
+        })
 }
 
 /// When `pod` started, on the local clock: its `status.startTime` (the kubelet took it up),

@@ -204,7 +204,7 @@ fn tf_job_manifest(name: &str, annotations: &Value) -> String {
                     "command": ["python", "/train.py"],
                     "env": [{"name": "MODEL_DIR", "value": "/models"}, {"name": "TF_CONFIG", "value": "stale"},
                             {"name": "OUT", "value": "$(MODEL_DIR)/out"},
-                            {"name": "WANDB_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}}],
+                            {"name": "WANDB_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key", "optional": true}}}],
                     "ports": if port.is_empty() { json!([]) } else { json!([{"name": "tfjob-port", "containerPort": 3333}]) },
                 }],
             },
@@ -893,8 +893,8 @@ async fn a_launch_whose_pod_exists_follows_that_pod() {
 }
 
 /// Each failure of the platform's is reported as its class, with what Kubernetes said: an
-/// eviction after the replica ran, a refusal at admission, and an image and volumes that never
-/// come, once the pod has waited past its limit; volumes whose kubelet warns through
+/// eviction after the replica ran, a refusal at admission, and an image, volumes and a Secret
+/// that never come, once the pod has waited past its limit; volumes whose kubelet warns through
 /// `events.k8s.io/v1` (two writes, then silence while the failures go on) as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
@@ -939,6 +939,15 @@ async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
             false,
             mount_failed,
         ),
+        // No failure asked of the simulator: the container's environment names a Secret that
+        // does not exist.
+        (
+            "",
+            None,
+            PlatformFailure::ContainerConfigFailed,
+            false,
+            "its container could not be made from its Secrets and ConfigMaps in 2s (cluster.mount_timeout): CreateContainerConfigError: secret \"absent\" not found",
+        ),
     ];
     let template = launches(&executor, &job, 1).remove(1);
     let mut replicas = Vec::new();
@@ -953,7 +962,14 @@ async fn what_the_platform_does_to_a_pod_is_classified_in_its_own_words() {
         let meta = pod.template.metadata.get_or_insert_default();
         let mut said = vec![(FAIL, *fail)];
         said.extend(*form);
+        said.retain(|(_, v)| !v.is_empty());
         meta.annotations = Some(serde_json::from_value(annotations(&said)).unwrap());
+        if fail.is_empty() {
+            let container = &mut pod.template.spec.as_mut().unwrap().containers[0];
+            container.env.get_or_insert_default().push(serde_json::from_value(
+                json!({"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}),
+            ).unwrap());
+        }
         replicas.push(spec.replica.clone());
         executor.start(spec);
     }

@@ -172,6 +172,74 @@ async fn failure_annotations_produce_each_failure_class() {
     assert_eq!(p["status"]["phase"], "Pending");
 }
 
+/// A container whose environment names a Secret that does not exist, or a key a ConfigMap
+/// lacks, waits with `CreateContainerConfigError` and the kubelet's words, warned at each try;
+/// once the Secret exists and the key is there, it runs. An optional reference never waits.
+#[tokio::test]
+async fn a_missing_secret_or_key_holds_the_container_until_it_is_there() {
+    let sim = common::start(fast()).await;
+    let with_env = |name: &str, env: Value, env_from: Value| {
+        let mut pod = common::pod(name, &json!({"sim.agentd.io/run-seconds": "1"}));
+        pod["spec"]["containers"][0]["env"] = env;
+        pod["spec"]["containers"][0]["envFrom"] = env_from;
+        pod
+    };
+    post(&sim, "/api/v1/namespaces/default/configmaps",
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"lr": "0.1"}})).await;
+    let cases = [
+        (
+            "secret",
+            json!([{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}}]),
+            json!([]),
+        ),
+        (
+            "key",
+            json!([{"name": "BATCH", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "batch"}}}]),
+            json!([]),
+        ),
+        (
+            "optional",
+            json!([{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "none", "key": "k", "optional": true}}}]),
+            json!([{"configMapRef": {"name": "settings"}}]),
+        ),
+    ];
+    for (name, env, env_from) in cases {
+        post(
+            &sim,
+            "/api/v1/namespaces/default/pods",
+            &with_env(name, env, env_from),
+        )
+        .await;
+        bind(&sim, name, "node-1").await;
+    }
+    let waiting = |pod: &'static str| {
+        let sim = &sim;
+        async move {
+            eventually(20, &format!("{pod} waits"), || async {
+                let (_, p) = get(sim, &format!("/api/v1/namespaces/default/pods/{pod}")).await;
+                let w = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+                (w["reason"] == "CreateContainerConfigError").then(|| w["message"].clone())
+            })
+            .await
+        }
+    };
+    assert_eq!(waiting("secret").await, json!("secret \"wandb\" not found"));
+    assert_eq!(
+        waiting("key").await,
+        json!("couldn't find key batch in ConfigMap default/settings")
+    );
+    phase_is(&sim, "optional", "Succeeded").await;
+    assert!(reasons(&sim, "secret").await.iter().any(|r| r == "Failed"));
+    let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/secret").await;
+    assert_eq!(p["status"]["phase"], "Pending");
+
+    post(&sim, "/api/v1/namespaces/default/secrets",
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "wandb"}, "data": {"key": "c2VjcmV0"}})).await;
+    phase_is(&sim, "secret", "Succeeded").await;
+    let (_, p) = get(&sim, "/api/v1/namespaces/default/pods/key").await;
+    assert_eq!(p["status"]["phase"], "Pending", "the key is still missing");
+}
+
 #[tokio::test]
 async fn restart_policy_always_goes_into_crash_loop_backoff() {
     let sim = common::start(fast()).await;
