@@ -498,6 +498,27 @@ spec:
             - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
 "#;
 
+/// [`LONG`] as people write it for a cluster: the image's entrypoint and working directory,
+/// and a key of a Secret in the environment. None of it is on the machine that admits it.
+const LONG_FROM_IMAGE: &str = r#"apiVersion: agentd.io/v1alpha1
+kind: TrainingJob
+metadata: {name: long}
+spec:
+  replicaSpecs:
+    Worker:
+      replicas: 2
+      template:
+        metadata: {annotations: {sim.agentd.io/run-seconds: "20"}}
+        spec:
+          containers:
+            - name: tensorflow
+              image: "registry.example.com/team/trainer:1.4"
+              workingDir: /opt/trainer
+              env:
+                - {name: WANDB_API_KEY, valueFrom: {secretKeyRef: {name: wandb, key: key}}}
+              resources: {limits: {nvidia.com/gpu: 1}}
+"#;
+
 /// Applied with kubectl, with two mistakes.
 const INVALID: &str = r#"apiVersion: agentd.io/v1alpha1
 kind: TrainingJob
@@ -513,7 +534,9 @@ spec:
             - {name: tensorflow, image: "tf:2.16", command: [python, train.py]}
 "#;
 
-/// Jobs from any node: a job submitted on a follower is admitted by the leader and placed; of
+/// Jobs from any node: a job submitted on a follower (with its image's entrypoint and a Secret
+/// in its environment, which its pods keep for the cluster to resolve) is admitted by the
+/// leader and placed; of
 /// two applied with kubectl the valid one runs (owned by its field manager) and the invalid one
 /// is Failed with every problem; a follower lists them all and cancels its job through the
 /// leader; `kubectl delete trainingjob` takes a running gang's pods with it.
@@ -542,9 +565,22 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
     );
     assert!(!sim.kubectl(&["get", "trainingjob", "bad"]).status.success());
 
+    let secret = sim.kubectl(&[
+        "apply",
+        "-f",
+        &write(
+            "secret.yaml",
+            "{apiVersion: v1, kind: Secret, metadata: {name: wandb}, stringData: {key: s3cret}}",
+        ),
+    ]);
+    assert!(
+        secret.status.success(),
+        "{}",
+        String::from_utf8_lossy(&secret.stderr)
+    );
     let submitted = follower
         .agent
-        .ctl_json(&["submit", &write("long.yaml", LONG)]);
+        .ctl_json(&["submit", &write("long.yaml", LONG_FROM_IMAGE)]);
     assert_eq!(submitted["state"], "Queued", "{submitted}");
     for (file, text) in [("applied.yaml", APPLIED), ("invalid.yaml", INVALID)] {
         let out = sim.kubectl(&["apply", "-f", &write(file, text)]);
@@ -558,6 +594,17 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
     sim.wait_until("the follower's job runs", WAIT, || {
         state(follower, "long") == "Running"
     });
+    let pod = sim.get_json(&["pod", "long-worker-0-g1"]);
+    let env = &pod["spec"]["containers"][0]["env"];
+    let key = env
+        .as_array()
+        .and_then(|vars| vars.iter().find(|v| v["name"] == "WANDB_API_KEY"))
+        .unwrap_or_else(|| panic!("the Secret's variable is in the pod: {env}"));
+    assert_eq!(key["valueFrom"]["secretKeyRef"]["name"], "wandb", "{key}");
+    assert!(
+        pod["spec"]["containers"][0].get("command").is_none(),
+        "{pod}"
+    );
     sim.wait_until("the applied job runs", WAIT, || {
         state(follower, "applied") == "Running"
     });
