@@ -85,8 +85,8 @@ pub enum CoreError {
         None => "run agentctl on the leader (agentctl status names it)".to_owned(),
     })]
     NotLeader { leader: Option<String> },
-    /// The change could not be written, so it was not made.
-    #[error("nothing was done: {0}; free space there (or fix the state directory) and try again")]
+    /// The change could not be written, so it was not made: why, and what to do about it.
+    #[error("nothing was done: {0}")]
     NotWritten(String),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -1305,7 +1305,11 @@ impl Core {
                         "cannot write job changes: {cause}; nothing new starts until writes succeed"
                     );
                 }
-                let effects = self.lifecycle.not_persisted(&cause);
+                let said = match e.remedy() {
+                    Some(remedy) => format!("{cause}; {remedy}"),
+                    None => cause,
+                };
+                let effects = self.lifecycle.not_persisted(&said);
                 self.report_gauges();
                 self.perform(effects);
                 Err(e.into())

@@ -230,6 +230,12 @@ async fn the_loop_writes_a_turn_before_it_answers_or_starts_anything() {
     assert!(core.commit().is_err());
     let refused = answer.try_recv().expect("answered").unwrap_err();
     assert!(matches!(refused, CoreError::NotWritten(_)), "{refused}");
+    assert!(
+        refused
+            .to_string()
+            .ends_with("; free space there (or fix the state directory) and try again"),
+        "the local store's remedy: {refused}"
+    );
     assert!(executor.take().started.is_empty(), "nothing starts");
     assert!(store.jobs().expect("readable").is_empty());
 

@@ -82,6 +82,28 @@ pub enum StoreError {
     NotLeading,
 }
 
+impl StoreError {
+    /// What a person does about a write that failed with this error: the state directory's,
+    /// for the local database; the API server's own words say it for the cluster's.
+    pub fn remedy(&self) -> Option<&'static str> {
+        match self {
+            Self::StateDir { .. }
+            | Self::Open { .. }
+            | Self::Empty { .. }
+            | Self::Locked { .. }
+            | Self::TooNew { .. }
+            | Self::Sql { .. } => {
+                Some("free space there (or fix the state directory) and try again")
+            }
+            Self::Kube { .. }
+            | Self::KubeTimeout { .. }
+            | Self::KubeConflict { .. }
+            | Self::SingleThreadedRuntime
+            | Self::NotLeading => None,
+        }
+    }
+}
+
 /// Something that happened to a node or a job: stored as the API shows it.
 pub use agentd_api::jobs::Event;
 
@@ -585,6 +607,26 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write the API server refused is told in its words alone: the state directory has
+    /// nothing to do with a namespace that does not exist.
+    #[test]
+    fn only_the_local_stores_failures_send_a_person_to_the_state_directory() {
+        let kube = StoreError::Kube {
+            api: "create trainingjobs",
+            object: "nosuch/lost".to_owned(),
+            message: "404 NotFound: namespaces \"nosuch\" not found".to_owned(),
+        };
+        assert_eq!(kube.remedy(), None);
+        let local = StoreError::Locked {
+            path: PathBuf::from("/var/lib/agentd"),
+        };
+        assert!(
+            local
+                .remedy()
+                .is_some_and(|r| r.contains("state directory"))
+        );
+    }
 
     #[test]
     fn reopening_keeps_events_and_schema() {
