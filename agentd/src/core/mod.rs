@@ -1108,6 +1108,12 @@ impl Core {
                 generation,
                 end,
             },
+            ReplicaEvent::Waiting { message } => Input::ReplicaWaiting {
+                job,
+                replica,
+                generation,
+                message,
+            },
         });
     }
 

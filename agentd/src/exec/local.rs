@@ -222,6 +222,13 @@ pub enum ReplicaEvent {
     /// The platform ended it, or never ran it (cluster mode): evicted, refused by the node,
     /// its volumes or image never ready. After `Started` when it had run.
     Ended(PlatformEnd),
+    /// It has not started and waits for something that may never come (cluster mode: its
+    /// image, its volumes, a Secret its environment names): what, in Kubernetes' words, and
+    /// when the wait ends it. Said when the wait begins, and again if it comes to wait for
+    /// something else.
+    Waiting {
+        message: String,
+    },
 }
 
 /// How replicas are made.

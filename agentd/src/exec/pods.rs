@@ -393,7 +393,10 @@ impl Shared {
                         uid,
                         since,
                     };
-                    wait(&mut state, &key, at, waiting);
+                    if let Some(stuck) = wait(&mut state, &key, at, waiting) {
+                        let message = stuck.waiting(&self.timeouts);
+                        self.report(&key, vec![ReplicaEvent::Waiting { message }]);
+                    }
                 }
                 self.report(&key, events);
             }
@@ -446,7 +449,10 @@ impl Shared {
             uid: Some(uid),
             since: first,
         };
-        wait(&mut state, &key, at, waiting);
+        if let Some(stuck) = wait(&mut state, &key, at, waiting) {
+            let message = stuck.waiting(&self.timeouts);
+            self.report(&key, vec![ReplicaEvent::Waiting { message }]);
+        }
     }
 
     /// Ends the replicas whose pod has waited past its time. A pod whose volumes had no new
@@ -870,20 +876,24 @@ struct Waiting {
 }
 
 /// Records what a replica's pod, not yet running, waits for (`None`: nothing that may never
-/// come), timed from when it was first seen waiting for that.
-fn wait(
-    state: &mut State,
+/// come), timed from when it was first seen waiting for that. Returns the wait when it has
+/// just begun (or now waits for something else), to be said.
+fn wait<'a>(
+    state: &'a mut State,
     key: &ReplicaKey,
     at: Waiting,
     waiting: Option<(PlatformFailure, String)>,
-) {
+) -> Option<&'a Stuck> {
     let (namespace, name) = at.pod;
     let Some((failure, message)) = waiting else {
         state.stuck.remove(key);
-        return;
+        return None;
     };
     match state.stuck.get_mut(key) {
-        Some(stuck) if stuck.failure == failure => stuck.message = message,
+        Some(stuck) if stuck.failure == failure => {
+            stuck.message = message;
+            None
+        }
         _ => {
             state.stuck.insert(
                 key.clone(),
@@ -895,6 +905,7 @@ fn wait(
                     message,
                 },
             );
+            state.stuck.get(key)
         }
     }
 }

@@ -94,6 +94,14 @@ pub enum Input {
         generation: u32,
         pid: u32,
     },
+    /// A replica not started yet waits for something that may never come (its executor ends
+    /// it if the wait lasts): what, to be said while the gang starts.
+    ReplicaWaiting {
+        job: String,
+        replica: String,
+        generation: u32,
+        message: String,
+    },
     ReplicaStartFailed {
         job: String,
         replica: String,
@@ -405,6 +413,12 @@ impl Lifecycle {
                 generation,
                 pid,
             } => self.replica_started(&job, &replica, generation, pid, now),
+            Input::ReplicaWaiting {
+                job,
+                replica,
+                generation,
+                message,
+            } => self.replica_waiting(&job, &replica, generation, &message, now),
             Input::ReplicaStartFailed {
                 job,
                 replica,
@@ -1062,6 +1076,32 @@ impl Lifecycle {
         }
         self.dirty.insert(job.to_owned());
         self.launch_settled(job, now);
+    }
+
+    /// The gang, still starting, says which replica waits and for what, in its message and
+    /// an event (one status write per wait).
+    fn replica_waiting(
+        &mut self,
+        job: &str,
+        replica: &str,
+        generation: u32,
+        message: &str,
+        now: Now,
+    ) {
+        let Some(record) = self.jobs.get_mut(job).filter(|r| {
+            r.status.generation == generation
+                && r.status.state == JobState::Starting
+                && r.pending_stop.is_none()
+        }) else {
+            return;
+        };
+        let said = format!("{replica} waits: {message}");
+        if record.status.message == said {
+            return;
+        }
+        record.status.message.clone_from(&said);
+        self.dirty.insert(job.to_owned());
+        self.event(job, "ReplicaWaiting", said, now);
     }
 
     fn replica_start_failed(

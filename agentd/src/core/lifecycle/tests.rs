@@ -626,6 +626,41 @@ fn a_transient_start_failure_restarts_and_a_permanent_one_fails() {
     }
 }
 
+/// A replica that waits for something that may never come is said in the starting gang's
+/// message and an event, once per wait; a wait of another generation, or once the gang runs,
+/// changes nothing.
+#[test]
+fn a_replica_waiting_while_its_gang_starts_is_said_once() {
+    let waiting = |generation: u32, message: &str| Input::ReplicaWaiting {
+        job: "a".to_owned(),
+        replica: "worker-1".to_owned(),
+        generation,
+        message: message.to_owned(),
+    };
+    let mut h = Harness::new();
+    h.submit(&workers("a", 2, "Never", "{}")).expect("accepted");
+    let specs = h.place("a", 0).starts();
+    let said = "pod default/a-worker-1-g1: CreateContainerConfigError: secret \"k\" not found";
+    h.step(waiting(1, said));
+    assert_eq!(h.state("a").0, JobState::Starting);
+    let message = h.life.job("a").expect("known").status.message.clone();
+    assert_eq!(message, format!("worker-1 waits: {said}"));
+    let turn = h.turn();
+    assert_eq!(turn.reasons(), ["ReplicaWaiting"]);
+    h.step(waiting(1, said));
+    assert!(h.turn().reasons().is_empty(), "said once");
+    h.step(waiting(2, "another generation's"));
+    assert_eq!(h.life.job("a").expect("known").status.message, message);
+    h.start(&specs);
+    assert_eq!(h.state("a").0, JobState::Running);
+    h.step(waiting(1, "late"));
+    assert!(h.turn().reasons().is_empty(), "the gang runs");
+    assert_ne!(
+        h.life.job("a").expect("known").status.message,
+        "worker-1 waits: late"
+    );
+}
+
 fn platform_end(failure: job::PlatformFailure, ran: bool) -> job::PlatformEnd {
     job::PlatformEnd {
         failure,

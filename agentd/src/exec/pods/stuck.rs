@@ -99,6 +99,32 @@ impl Stuck {
         now.duration_since(self.since) >= timeouts.of(self.failure)
     }
 
+    /// What the replica waits for, while it waits: the pod, what Kubernetes said, and when the
+    /// wait fails the job.
+    pub fn waiting(&self, timeouts: &PodTimeouts) -> String {
+        let from = match self.failure {
+            PlatformFailure::VolumeMountFailed => "the first warning",
+            _ => "the pod's start",
+        };
+        format!(
+            "pod {}: {}; the job fails if this lasts {} from {from} ({})",
+            self.pod,
+            self.message,
+            crate::config::format_duration(timeouts.of(self.failure)),
+            self.limit()
+        )
+    }
+
+    /// The setting that bounds the wait.
+    fn limit(&self) -> &'static str {
+        match self.failure {
+            PlatformFailure::VolumeMountFailed | PlatformFailure::ContainerConfigFailed => {
+                "cluster.mount_timeout"
+            }
+            _ => "cluster.image_pull_timeout",
+        }
+    }
+
     /// The replica's end message: the pod, how long it waited, and what Kubernetes said.
     pub fn message(&self, timeouts: &PodTimeouts) -> String {
         let (what, limit) = match self.failure {

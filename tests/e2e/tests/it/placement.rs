@@ -405,10 +405,11 @@ spec:
     )
 }
 
-/// What the platform does to a pod decides the job: an image that keeps failing to pull and
-/// volumes that never mount fail it once the pod has waited past its limit, with Kubernetes'
-/// words; an eviction restarts the gang, counted, even under restartPolicy Never. Each is
-/// counted by reason in `agentd_job_failures_total`.
+/// What the platform does to a pod decides the job: an image that keeps failing to pull,
+/// volumes that never mount and a Secret that does not exist fail it once the pod has waited
+/// past its limit, with Kubernetes' words, and the wait is said while it lasts; an eviction
+/// restarts the gang, counted, even under restartPolicy Never. Each is counted by reason in
+/// `agentd_job_failures_total`.
 #[test]
 fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() {
     let settings = format!("{SETTINGS}mount_timeout = \"3s\"\nimage_pull_timeout = \"3s\"\n");
@@ -416,16 +417,27 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
     let leader = &agents[0];
     sim.wait_until("node-0 leads and takes requests", WAIT, || leads(leader));
     let dir = tempfile::tempdir().unwrap();
-    for (name, fail, image) in [
-        ("pull", "ImagePullBackOff", "registry.example/missing:1"),
-        ("mount", "FailedMount", "tf:2.16"),
-        ("evicted", "Evicted", "tf:2.16"),
+    // Nothing asked of the simulator: the Secret the environment names does not exist.
+    let secret = failing("secret", "none", "tf:2.16")
+        .replace("sim.agentd.io/fail: none", "sim.agentd.io/run-seconds: \"60\"")
+        .replace(
+            "command: [python, train.py]}",
+            "command: [python, train.py], env: [{name: KEY, valueFrom: {secretKeyRef: {name: absent, key: k}}}]}",
+        );
+    for (name, manifest) in [
+        (
+            "pull",
+            failing("pull", "ImagePullBackOff", "registry.example/missing:1"),
+        ),
+        ("mount", failing("mount", "FailedMount", "tf:2.16")),
+        ("evicted", failing("evicted", "Evicted", "tf:2.16")),
+        ("secret", secret),
     ] {
         let file = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&file, failing(name, fail, image)).unwrap();
+        std::fs::write(&file, manifest).unwrap();
         leader.agent.ctl_json(&["submit", file.to_str().unwrap()]);
     }
-    for job in ["pull", "mount", "evicted"] {
+    for job in ["pull", "mount", "evicted", "secret"] {
         sim.wait_until(&format!("{job} fails"), WAIT, || {
             state(leader, job) == "Failed"
         });
@@ -438,6 +450,29 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
             && message.contains("\"registry.example/missing:1\"")
             && message.contains("cluster.image_pull_timeout"),
         "{message}"
+    );
+    let said = pull["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "ReplicaWaiting")
+        .unwrap_or_else(|| panic!("the wait was said: {pull}"));
+    assert!(
+        said["message"].as_str().unwrap().starts_with(
+            "worker-0 waits: pod default/pull-worker-0-g1: image \"registry.example/missing:1\""
+        ) && said["message"].as_str().unwrap().ends_with(
+            "; the job fails if this lasts 3s from the pod's start (cluster.image_pull_timeout)"
+        ),
+        "{said}"
+    );
+    let secret = leader.agent.ctl_json(&["job", "secret"]);
+    assert_eq!(secret["reason"], "ContainerConfigFailed", "{secret}");
+    assert!(
+        secret["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("CreateContainerConfigError: secret \"absent\" not found"),
+        "{secret}"
     );
     let mount = leader.agent.ctl_json(&["job", "mount"]);
     assert_eq!(mount["reason"], "VolumeMountFailed", "{mount}");
@@ -461,6 +496,7 @@ fn what_the_platform_does_to_a_pod_fails_or_restarts_its_gang_with_the_reason() 
     for line in [
         "agentd_job_failures_total{reason=\"ImagePullFailed\"} 1",
         "agentd_job_failures_total{reason=\"VolumeMountFailed\"} 1",
+        "agentd_job_failures_total{reason=\"ContainerConfigFailed\"} 1",
         "agentd_job_failures_total{reason=\"Evicted\"} 2",
     ] {
         assert!(metrics.contains(line), "{line} in:\n{metrics}");
