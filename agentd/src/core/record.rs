@@ -8,7 +8,9 @@ use std::path::Path;
 use agentd_api::NodeInventory;
 use agentd_api::jobs::{JobState, JobStatus, ReplicaState, ReplicaStatus};
 
-use crate::exec::{LaunchSpec, PodLaunch};
+use crate::exec::{
+    AGENTD_GENERATION, AGENTD_JOB, AGENTD_REPLICA, LaunchSpec, PodLaunch, TF_CONFIG,
+};
 use crate::job::{
     self, ClusterHosts, ExitOutcome, ReplicaType, RestartDecision, RestartPolicy, SourceKind,
     TrainingJob,
@@ -456,13 +458,13 @@ impl JobRecord {
                 .ok_or_else(|| format!("{name}: not in the job's status"))?;
             status.address = hosts.get(t, i).map(str::to_owned);
             if let Some(tf_config) = job::tf_config(&self.job, hosts, (t, i)) {
-                env.insert("TF_CONFIG".to_owned(), tf_config);
+                env.insert(TF_CONFIG.to_owned(), tf_config);
             }
             env.insert("CUDA_VISIBLE_DEVICES".to_owned(), status.gpus.join(","));
-            env.insert("AGENTD_JOB".to_owned(), self.status.name.clone());
-            env.insert("AGENTD_REPLICA".to_owned(), name.clone());
+            env.insert(AGENTD_JOB.to_owned(), self.status.name.clone());
+            env.insert(AGENTD_REPLICA.to_owned(), name.clone());
             env.insert(
-                "AGENTD_GENERATION".to_owned(),
+                AGENTD_GENERATION.to_owned(),
                 self.status.generation.to_string(),
             );
             let argv: Vec<String> = container

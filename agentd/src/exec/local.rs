@@ -52,6 +52,14 @@ impl ExecError {
     }
 }
 
+/// The variables agentd sets in every replica's environment, over any of the same name the
+/// manifest sets: the training cluster, and which job, replica and gang generation it is.
+pub const TF_CONFIG: &str = "TF_CONFIG";
+pub const AGENTD_JOB: &str = "AGENTD_JOB";
+pub const AGENTD_REPLICA: &str = "AGENTD_REPLICA";
+pub const AGENTD_GENERATION: &str = "AGENTD_GENERATION";
+pub const AGENTD_VARIABLES: [&str; 4] = [TF_CONFIG, AGENTD_JOB, AGENTD_REPLICA, AGENTD_GENERATION];
+
 /// Everything needed to start one replica.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {

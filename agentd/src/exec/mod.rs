@@ -26,7 +26,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 pub use local::{
-    AskedId, LaunchSpec, LocalExecutor, PodLaunch, ReplicaEvent, ReplicaReport, RunAs, ShimCommand,
+    AGENTD_GENERATION, AGENTD_JOB, AGENTD_REPLICA, AGENTD_VARIABLES, AskedId, LaunchSpec,
+    LocalExecutor, PodLaunch, ReplicaEvent, ReplicaReport, RunAs, ShimCommand, TF_CONFIG,
 };
 
 use crate::job::{self, ClusterHosts, TrainingJob};

@@ -26,7 +26,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{OnceCell, mpsc, watch};
 
 use super::local::{LaunchSpec, PodLaunch, ReplicaEvent, ReplicaReport};
-use super::{Executor, Stopping, StoredReplica};
+use super::{AGENTD_VARIABLES, Executor, Stopping, StoredReplica};
 use crate::job::{
     self, CLUSTER_PORT, ClusterHosts, ExitOutcome, PlatformEnd, PlatformFailure, ReplicaType,
     TFJOB_PORT_NAME, TRAINING_CONTAINER, TrainingJob,
@@ -49,16 +49,6 @@ pub const GENERATION_LABEL: &str = "agentd.io/generation";
 
 /// The device plugin's GPU resource.
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
-/// What agentd sets in a pod's training container, over any variable of the same name the
-/// template has (as in standalone mode). The template's own variables stay as written: the
-/// cluster resolves `valueFrom` and expands `$(VAR)`. `CUDA_VISIBLE_DEVICES` is never passed
-/// on: the device plugin decides which GPUs a container sees.
-const AGENTD_VARIABLES: [&str; 4] = [
-    "TF_CONFIG",
-    "AGENTD_JOB",
-    "AGENTD_REPLICA",
-    "AGENTD_GENERATION",
-];
 
 /// How long after a stop's grace the pods that are still there are deleted at once (grace
 /// period 0): long enough for a kubelet that stopped its containers in time to remove the pod
@@ -1168,6 +1158,10 @@ fn replica_pod(
             )
         })?;
     let container = &mut pod_spec.containers[training];
+    // agentd's variables are set over the template's of the same name (as in standalone mode);
+    // the template's own stay as written: the cluster resolves `valueFrom` and expands
+    // `$(VAR)`. `CUDA_VISIBLE_DEVICES` is never passed on: the device plugin decides which GPUs
+    // a container sees.
     let env = container.env.get_or_insert_with(Vec::new);
     for name in AGENTD_VARIABLES {
         let Some(value) = spec.env.get(name) else {
