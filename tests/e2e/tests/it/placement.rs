@@ -536,24 +536,18 @@ spec:
 
 /// [`LONG`] as people write it for a cluster: the image's entrypoint and working directory,
 /// and a key of a Secret in the environment. None of it is on the machine that admits it.
-const LONG_FROM_IMAGE: &str = r#"apiVersion: agentd.io/v1alpha1
-kind: TrainingJob
-metadata: {name: long}
-spec:
-  replicaSpecs:
-    Worker:
-      replicas: 2
-      template:
-        metadata: {annotations: {sim.agentd.io/run-seconds: "20"}}
-        spec:
-          containers:
-            - name: tensorflow
-              image: "registry.example.com/team/trainer:1.4"
+fn long_from_image() -> String {
+    let from_image = r#"image: "registry.example.com/team/trainer:1.4"
               workingDir: /opt/trainer
               env:
-                - {name: WANDB_API_KEY, valueFrom: {secretKeyRef: {name: wandb, key: key}}}
-              resources: {limits: {nvidia.com/gpu: 1}}
-"#;
+                - {name: WANDB_API_KEY, valueFrom: {secretKeyRef: {name: wandb, key: key}}}"#;
+    let long = LONG.replace(
+        "image: \"tf:2.16\"\n              command: [python, train.py]",
+        from_image,
+    );
+    assert_ne!(long, LONG, "LONG names an image and a command");
+    long
+}
 
 /// Applied with kubectl, with two mistakes.
 const INVALID: &str = r#"apiVersion: agentd.io/v1alpha1
@@ -616,7 +610,7 @@ fn jobs_come_from_any_node_and_from_kubectl_and_a_follower_reads_and_cancels_the
     );
     let submitted = follower
         .agent
-        .ctl_json(&["submit", &write("long.yaml", LONG_FROM_IMAGE)]);
+        .ctl_json(&["submit", &write("long.yaml", &long_from_image())]);
     assert_eq!(submitted["state"], "Queued", "{submitted}");
     for (file, text) in [("applied.yaml", APPLIED), ("invalid.yaml", INVALID)] {
         let out = sim.kubectl(&["apply", "-f", &write(file, text)]);
