@@ -127,20 +127,18 @@ impl Stuck {
 
     /// The replica's end message: the pod, how long it waited, and what Kubernetes said.
     pub fn message(&self, timeouts: &PodTimeouts) -> String {
-        let (what, limit) = match self.failure {
-            PlatformFailure::VolumeMountFailed => {
-                ("its volumes did not mount", "cluster.mount_timeout")
+        let what = match self.failure {
+            PlatformFailure::VolumeMountFailed => "its volumes did not mount",
+            PlatformFailure::ContainerConfigFailed => {
+                "its container could not be made from its Secrets and ConfigMaps"
             }
-            PlatformFailure::ContainerConfigFailed => (
-                "its container could not be made from its Secrets and ConfigMaps",
-                "cluster.mount_timeout",
-            ),
-            _ => ("its image was not pulled", "cluster.image_pull_timeout"),
+            _ => "its image was not pulled",
         };
         format!(
-            "pod {}: {what} in {} ({limit}): {}",
+            "pod {}: {what} in {} ({}): {}",
             self.pod,
             crate::config::format_duration(timeouts.of(self.failure)),
+            self.limit(),
             self.message
         )
     }
